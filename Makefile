@@ -1,0 +1,38 @@
+# pgjobs — every task a developer or CI runs has one target here. `make help` lists them.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.DEFAULT_GOAL := help
+
+help: ## list the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "pgjobs needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP) ## create .venv and install pgjobs with its dev tools
+
+run: $(STAMP) ## start the embedded Postgres, migrate, run demo workers and show their jobs live
+	$(PY) -m pgjobs demo
+
+test: $(STAMP) ## run the test suite against real PostgreSQL
+	$(PY) -m pytest
+
+lint: $(STAMP) ## ruff check + format check
+	$(PY) -m ruff check src tests
+	$(PY) -m ruff format --check src tests
+
+typecheck: $(STAMP) ## mypy --strict on src
+	$(PY) -m mypy
+
+clean: ## remove the virtualenv, caches and the embedded database under .pgjobs/
+	rm -rf $(VENV) .pgjobs .pytest_cache .mypy_cache .ruff_cache
+
+.PHONY: help install run test lint typecheck clean

@@ -1,0 +1,245 @@
+-- pgjobs initial schema.
+--
+-- Invariants live here, not in Python: status values, status <-> timestamp/lease
+-- consistency, and "every transition writes exactly one audit row and a NOTIFY" (the
+-- statement-level triggers at the bottom). Application code can forget things; the
+-- schema cannot.
+
+CREATE SCHEMA IF NOT EXISTS pgjobs;
+
+CREATE TABLE pgjobs.jobs (
+    id                uuid        PRIMARY KEY,
+    company_id        text        NOT NULL CHECK (length(company_id) BETWEEN 1 AND 200),
+    job_type          text        NOT NULL CHECK (length(job_type) BETWEEN 1 AND 200),
+    status            text        NOT NULL DEFAULT 'queued'
+                      CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+    input             jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    -- Higher runs first.
+    priority          integer     NOT NULL DEFAULT 0,
+    run_at            timestamptz NOT NULL DEFAULT now(),
+    attempts          integer     NOT NULL DEFAULT 0,
+    max_attempts      integer     NOT NULL DEFAULT 3 CHECK (max_attempts BETWEEN 1 AND 1000),
+    result            jsonb,
+    result_asset_id   uuid,       -- deliberately no FK: assets outlive pruned jobs and vice versa
+    error_message     text,
+    source_task_id    text,       -- the caller's task id; no FK, it lives in another system
+    progress_fraction real        CHECK (progress_fraction BETWEEN 0 AND 1),
+    progress_message  text,
+    -- Lease: the worker holding the job, until when, and a token bumped on every claim.
+    -- Every write made on behalf of a running attempt matches (id, status, lease_token);
+    -- a worker whose lease was rescued and re-claimed carries an old token and updates
+    -- zero rows (fencing).
+    worker_id         text,
+    lease_token       bigint      NOT NULL DEFAULT 0,
+    lease_expires_at  timestamptz,
+    -- Per-job event sequence: bumped by exactly one on every transition, under the row
+    -- lock, so it orders one job's events by commit order. last_event names the event the
+    -- transition writes (the trigger below copies it into pgjobs.job_events).
+    event_seq         integer     NOT NULL DEFAULT 1,
+    last_event        text        NOT NULL DEFAULT 'content_job.queued',
+    started_at        timestamptz,
+    finished_at       timestamptz,
+    created_at        timestamptz NOT NULL DEFAULT now(),
+    updated_at        timestamptz NOT NULL DEFAULT now(),
+
+    CONSTRAINT jobs_attempts_in_range CHECK (attempts BETWEEN 0 AND max_attempts),
+    -- A queued job always has an attempt left; manual retry raises max_attempts.
+    CONSTRAINT jobs_queued_has_attempt_left CHECK (status <> 'queued' OR attempts < max_attempts),
+    CONSTRAINT jobs_finished_iff_terminal
+        CHECK ((status IN ('done', 'failed', 'cancelled')) = (finished_at IS NOT NULL)),
+    CONSTRAINT jobs_running_has_lease
+        CHECK (status <> 'running'
+               OR (worker_id IS NOT NULL AND lease_expires_at IS NOT NULL AND started_at IS NOT NULL)),
+    CONSTRAINT jobs_lease_only_while_running CHECK (status = 'running' OR lease_expires_at IS NULL),
+    CONSTRAINT jobs_done_has_no_error CHECK (status <> 'done' OR error_message IS NULL),
+    CONSTRAINT jobs_failed_has_error CHECK (status <> 'failed' OR error_message IS NOT NULL),
+    CONSTRAINT jobs_last_event_known CHECK (last_event IN (
+        'content_job.queued', 'content_job.running', 'content_job.progress',
+        'content_job.retrying', 'content_job.done', 'content_job.failed',
+        'content_job.cancelled'))
+);
+
+-- The claim reads only queued rows, so its cost does not grow with finished ones.
+CREATE INDEX jobs_claim_idx ON pgjobs.jobs (priority DESC, run_at, id) WHERE status = 'queued';
+-- The rescuer reads only running rows whose lease is past.
+CREATE INDEX jobs_lease_idx ON pgjobs.jobs (lease_expires_at) WHERE status = 'running';
+CREATE INDEX jobs_company_created_idx ON pgjobs.jobs (company_id, created_at DESC, id DESC);
+CREATE INDEX jobs_company_status_idx ON pgjobs.jobs (company_id, status);
+
+CREATE TABLE pgjobs.job_events (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    job_id      uuid        NOT NULL,  -- no FK: the audit log outlives pruned jobs
+    company_id  text        NOT NULL,
+    seq         integer     NOT NULL,
+    type        text        NOT NULL CHECK (type IN (
+        'content_job.queued', 'content_job.running', 'content_job.progress',
+        'content_job.retrying', 'content_job.done', 'content_job.failed',
+        'content_job.cancelled')),
+    status      text        NOT NULL,
+    attempt     integer     NOT NULL,
+    worker_id   text,
+    payload     jsonb       NOT NULL DEFAULT '{}'::jsonb,
+    -- The writing transaction's id. ids are handed out at insert, not at commit, so a
+    -- reader paging by id alone can skip a row that commits late. Readers page by
+    -- (xid, id) and only read xids below their snapshot's xmin, which no transaction
+    -- still in flight can have (see pgjobs.events).
+    xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
+    created_at  timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (job_id, seq)
+);
+CREATE INDEX job_events_company_xid_idx ON pgjobs.job_events (company_id, xid, id);
+CREATE INDEX job_events_xid_idx ON pgjobs.job_events (xid, id);
+
+CREATE TABLE pgjobs.assets (
+    id                uuid        PRIMARY KEY,
+    company_id        text        NOT NULL,
+    namespace         text        NOT NULL CHECK (namespace IN ('generated')),
+    object_key        text        NOT NULL UNIQUE,
+    content_type      text        NOT NULL,
+    byte_size         bigint      NOT NULL CHECK (byte_size >= 0),
+    sha256            text        NOT NULL CHECK (sha256 ~ '^[0-9a-f]{64}$'),
+    original_filename text,
+    source_task_id    text,
+    source_job_id     uuid,
+    created_at        timestamptz NOT NULL DEFAULT now()
+);
+CREATE INDEX assets_company_idx ON pgjobs.assets (company_id, created_at DESC);
+CREATE INDEX assets_source_job_idx ON pgjobs.assets (source_job_id);
+CREATE INDEX assets_source_task_idx ON pgjobs.assets (company_id, source_task_id);
+
+CREATE TABLE pgjobs.workers (
+    id                text        PRIMARY KEY,
+    hostname          text        NOT NULL,
+    pid               integer     NOT NULL,
+    job_types         text[]      NOT NULL,
+    concurrency       integer     NOT NULL,
+    started_at        timestamptz NOT NULL DEFAULT now(),
+    last_heartbeat_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Publishing: one audit row per transition and NOTIFYs carrying those rows, in the
+-- transition's own transaction. Postgres delivers NOTIFY only at commit, so no listener
+-- can see an event before the row it describes. A statement may move many jobs; their
+-- events go out in as few NOTIFYs as fit under the 8000-byte payload limit, because a
+-- commit that carries NOTIFY takes a database-wide lock and fewer, fuller commits are
+-- what make throughput.
+CREATE FUNCTION pgjobs.publish_events() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bad_id uuid;
+    sent integer;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        -- A status or progress change without exactly one event_seq bump would be a
+        -- transition without its audit row: refuse it.
+        SELECT n.id INTO bad_id
+        FROM old_rows o JOIN new_rows n USING (id)
+        WHERE (n.event_seq <> o.event_seq AND n.event_seq <> o.event_seq + 1)
+           OR (n.event_seq = o.event_seq
+               AND (n.status <> o.status
+                    OR n.progress_fraction IS DISTINCT FROM o.progress_fraction
+                    OR n.progress_message IS DISTINCT FROM o.progress_message
+                    OR n.attempts <> o.attempts))
+        LIMIT 1;
+        IF bad_id IS NOT NULL THEN
+            RAISE EXCEPTION 'pgjobs: job % changed state without a transition (bump event_seq by one and set last_event)', bad_id
+                USING ERRCODE = 'check_violation';
+        END IF;
+
+        WITH changed AS (
+            SELECT n.* FROM new_rows n JOIN old_rows o USING (id) WHERE n.event_seq <> o.event_seq
+        ), inserted AS (
+            INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt, worker_id, payload)
+            SELECT c.id, c.company_id, c.event_seq, c.last_event, c.status, c.attempts, c.worker_id,
+                   pgjobs.event_payload(c.last_event, c.progress_fraction, c.progress_message,
+                                        c.result_asset_id, c.error_message, c.run_at)
+            FROM changed c
+            RETURNING job_events AS ev
+        )
+        SELECT pgjobs.notify_events(array_agg(ev ORDER BY (ev).id)) INTO sent FROM inserted;
+    ELSE
+        WITH inserted AS (
+            INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt, worker_id, payload)
+            SELECT n.id, n.company_id, n.event_seq, n.last_event, n.status, n.attempts, n.worker_id,
+                   '{}'::jsonb
+            FROM new_rows n
+            RETURNING job_events AS ev
+        )
+        SELECT pgjobs.notify_events(array_agg(ev ORDER BY (ev).id)) INTO sent FROM inserted;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+-- The small, event-type-specific part of an event row.
+CREATE FUNCTION pgjobs.event_payload(
+    event_type text, fraction real, message text, asset_id uuid, error text, run_at timestamptz
+) RETURNS jsonb
+LANGUAGE sql IMMUTABLE AS $$
+    SELECT CASE event_type
+        WHEN 'content_job.progress' THEN
+            jsonb_build_object('progress', jsonb_build_object('fraction', fraction, 'message', message))
+        WHEN 'content_job.done' THEN jsonb_strip_nulls(jsonb_build_object('resultAssetId', asset_id))
+        WHEN 'content_job.failed' THEN jsonb_build_object('errorMessage', left(error, 2000))
+        WHEN 'content_job.retrying' THEN
+            jsonb_strip_nulls(jsonb_build_object('errorMessage', left(error, 2000), 'runAt', run_at))
+        ELSE '{}'::jsonb
+    END
+$$;
+
+-- Sends events on channel pgjobs_events as {"events": [...]}, packing as many as fit in
+-- one payload (kept under 7,600 bytes; error messages are cut to 300 characters).
+-- Returns the number of NOTIFYs sent.
+CREATE FUNCTION pgjobs.notify_events(events pgjobs.job_events[]) RETURNS integer
+LANGUAGE plpgsql AS $$
+DECLARE
+    ev pgjobs.job_events;
+    item text;
+    batch text := '';
+    sent integer := 0;
+BEGIN
+    IF events IS NULL THEN
+        RETURN 0;
+    END IF;
+    FOREACH ev IN ARRAY events LOOP
+        item := jsonb_build_object(
+            'eventId', ev.id, 'jobId', ev.job_id, 'companyId', ev.company_id, 'seq', ev.seq,
+            'type', ev.type, 'status', ev.status, 'attempt', ev.attempt
+        ) || CASE
+            WHEN ev.payload ? 'errorMessage'
+            THEN ev.payload || jsonb_build_object('errorMessage', left(ev.payload ->> 'errorMessage', 300))
+            ELSE ev.payload
+        END;
+        IF length(batch) > 0 AND octet_length(batch) + octet_length(item) > 7600 THEN
+            PERFORM pg_notify('pgjobs_events', '{"events":[' || batch || ']}');
+            sent := sent + 1;
+            batch := '';
+        END IF;
+        batch := CASE WHEN batch = '' THEN item ELSE batch || ',' || item END;
+    END LOOP;
+    PERFORM pg_notify('pgjobs_events', '{"events":[' || batch || ']}');
+    RETURN sent + 1;
+END;
+$$;
+
+CREATE TRIGGER jobs_publish_insert
+    AFTER INSERT ON pgjobs.jobs
+    REFERENCING NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pgjobs.publish_events();
+
+CREATE TRIGGER jobs_publish_update
+    AFTER UPDATE ON pgjobs.jobs
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION pgjobs.publish_events();
+
+-- The audit log is append-only.
+CREATE FUNCTION pgjobs.forbid_event_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'pgjobs.job_events is append-only' USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+
+CREATE TRIGGER job_events_append_only
+    BEFORE UPDATE OR DELETE ON pgjobs.job_events
+    FOR EACH ROW EXECUTE FUNCTION pgjobs.forbid_event_change();

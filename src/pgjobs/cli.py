@@ -1,0 +1,375 @@
+"""The ``pgjobs`` command line.
+
+Every command takes ``--dsn`` (else PGJOBS_DSN, else the embedded server under
+./.pgjobs). Failures print one line saying what went wrong and what to do, and exit
+non-zero: 1 for a runtime error, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from datetime import datetime
+from typing import Any
+
+from pgjobs import db, migrate, registry
+from pgjobs.client import Client, parse_job_id
+from pgjobs.config import WorkerSettings
+from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError, PgjobsError
+from pgjobs.queries import QUERIES
+from pgjobs.types import Job
+from pgjobs.worker import Worker
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    def reject_constant(name: str) -> None:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        value = json.loads(text, parse_constant=reject_constant)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--input is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('--input must be a JSON object, e.g. \'{"title": "hi"}\'')
+    return value
+
+
+def _timestamp(text: str) -> datetime:
+    try:
+        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--run-at must be an ISO 8601 time, got {text!r}"
+        ) from None
+    if value.tzinfo is None:
+        raise argparse.ArgumentTypeError("--run-at needs a timezone, e.g. 2030-01-01T09:00:00Z")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pgjobs", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--dsn", help="PostgreSQL DSN (default: $PGJOBS_DSN, else embedded)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    sub.add_parser("migrate", parents=[common], help="create or upgrade the pgjobs schema")
+    sub.add_parser("dsn", parents=[common], help="print the DSN in use")
+    ps = sub.add_parser(
+        "psql", parents=[common], help="open psql on the pgjobs database (audit with SQL)"
+    )
+    ps.epilog = "Other arguments go to psql, e.g. pgjobs psql -c 'select count(*) from pgjobs.jobs'"
+
+    w = sub.add_parser("worker", parents=[common], help="run a worker until SIGTERM/SIGINT")
+    w.add_argument(
+        "--handlers",
+        required=True,
+        metavar="MODULE:REGISTRY",
+        help="the handler registry, e.g. pgjobs.demo:registry",
+    )
+    w.add_argument("--concurrency", type=_positive_int, help="jobs run at once (default 10)")
+    w.add_argument("--job-types", help="only claim these types, comma-separated (default: all)")
+    w.add_argument("--lease-seconds", type=_positive_float, help="job lease length (default 15)")
+    w.add_argument(
+        "--heartbeat-seconds", type=_positive_float, help="lease renewal interval (default 5)"
+    )
+    w.add_argument(
+        "--shutdown-grace",
+        type=float,
+        dest="grace",
+        help="seconds running jobs get to finish on shutdown (default 10)",
+    )
+    w.add_argument("--worker-id", help="identity shown in pgjobs.workers (default host:pid:random)")
+
+    e = sub.add_parser("enqueue", parents=[common], help="enqueue one job and print its id")
+    e.add_argument("company_id")
+    e.add_argument("job_type")
+    e.add_argument("--input", type=_json_object, default={}, help="JSON object")
+    e.add_argument("--source-task-id")
+    e.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    e.add_argument("--run-at", type=_timestamp, help="not before this ISO 8601 time")
+    e.add_argument("--max-attempts", type=_positive_int, default=3)
+
+    jobs = sub.add_parser("jobs", help="list or show jobs").add_subparsers(
+        dest="jobs_command", required=True
+    )
+    jl = jobs.add_parser("list", parents=[common], help="a company's jobs, newest first")
+    jl.add_argument("company_id")
+    jl.add_argument("--status", choices=["queued", "running", "done", "failed", "cancelled"])
+    jl.add_argument("--limit", type=_positive_int, default=20)
+    jl.add_argument("--cursor", help="next_cursor from the previous page")
+    jl.add_argument("--json", action="store_true", help="print JSON lines")
+    js = jobs.add_parser("show", parents=[common], help="one job and its event timeline")
+    js.add_argument("job_id")
+    js.add_argument("--json", action="store_true")
+
+    for name, text in (
+        ("cancel", "cancel a queued or running job"),
+        ("retry", "queue a failed or cancelled job again"),
+    ):
+        p = sub.add_parser(name, parents=[common], help=text)
+        p.add_argument("job_id")
+
+    d = sub.add_parser(
+        "demo", parents=[common], help="the `make run` demo: workers, jobs, live progress"
+    )
+    d.add_argument("--workers", type=_positive_int, default=2)
+    return parser
+
+
+def job_json(job: Job) -> dict[str, Any]:
+    return {
+        "id": str(job.id),
+        "companyId": job.company_id,
+        "jobType": job.job_type,
+        "status": job.status.value,
+        "input": job.input,
+        "result": job.result,
+        "resultAssetId": str(job.result_asset_id) if job.result_asset_id else None,
+        "errorMessage": job.error_message,
+        "sourceTaskId": job.source_task_id,
+        "attempts": job.attempts,
+        "maxAttempts": job.max_attempts,
+        "priority": job.priority,
+        "progress": None
+        if job.progress is None
+        else {"fraction": job.progress.fraction, "message": job.progress.message},
+        "runAt": job.run_at.isoformat(),
+        "workerId": job.worker_id,
+        "startedAt": job.started_at.isoformat() if job.started_at else None,
+        "finishedAt": job.finished_at.isoformat() if job.finished_at else None,
+        "createdAt": job.created_at.isoformat(),
+        "updatedAt": job.updated_at.isoformat(),
+    }
+
+
+async def _with_client(dsn: str | None, fn: Callable[[Client], Coroutine[Any, Any, int]]) -> int:
+    client = await Client.connect(dsn, max_size=2)
+    try:
+        return await fn(client)
+    finally:
+        await client.close()
+
+
+async def _company_of(client: Client, job_id: str) -> str:
+    jid = parse_job_id(job_id)
+    async with client.pool.connection() as conn:
+        row = await (await conn.execute(QUERIES["job_get_any_company"], {"id": jid})).fetchone()
+    if row is None:
+        raise JobNotFoundError(jid)
+    return str(row["company_id"])
+
+
+async def cmd_enqueue(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        job = await client.enqueue(
+            args.company_id,
+            args.job_type,
+            args.input,
+            source_task_id=args.source_task_id,
+            priority=args.priority,
+            run_at=args.run_at,
+            max_attempts=args.max_attempts,
+        )
+        print(job.id)
+        return 0
+
+    return await _with_client(args.dsn, go)
+
+
+async def cmd_jobs_list(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        page = await client.list(
+            args.company_id, status=args.status, limit=args.limit, cursor=args.cursor
+        )
+        for job in page.jobs:
+            if args.json:
+                print(json.dumps(job_json(job)))
+            else:
+                progress = (
+                    f"{job.progress.fraction:.0%}"
+                    if job.progress and job.progress.fraction is not None
+                    else ""
+                )
+                print(
+                    f"{job.id}  {job.status.value:<9} {job.job_type:<12} attempts {job.attempts}/"
+                    f"{job.max_attempts}  {progress:>4}  {job.created_at:%Y-%m-%d %H:%M:%S}"
+                )
+        if page.next_cursor:
+            print(f"more: --cursor {page.next_cursor}", file=sys.stderr)
+        return 0
+
+    return await _with_client(args.dsn, go)
+
+
+async def cmd_jobs_show(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        company = await _company_of(client, args.job_id)
+        job = await client.get(company, args.job_id)
+        events = await client.events(company, args.job_id)
+        if args.json:
+            out = job_json(job)
+            out["events"] = [
+                {
+                    "id": e.id,
+                    "seq": e.seq,
+                    "type": e.type.value,
+                    "status": e.status.value,
+                    "attempt": e.attempt,
+                    "workerId": e.worker_id,
+                    "payload": e.payload,
+                    "createdAt": e.created_at.isoformat(),
+                }
+                for e in events
+            ]
+            print(json.dumps(out, indent=2))
+            return 0
+        for key, value in job_json(job).items():
+            print(f"{key:>14}: {json.dumps(value) if isinstance(value, dict | list) else value}")
+        print("\n  seq  time                  event                  attempt  details")
+        for e in events:
+            details = json.dumps(e.payload) if e.payload else ""
+            print(
+                f"  {e.seq:>3}  {e.created_at:%Y-%m-%d %H:%M:%S.%f}"[:32]
+                + f"  {e.type.value:<22} {e.attempt:>7}  {details}"
+            )
+        return 0
+
+    return await _with_client(args.dsn, go)
+
+
+async def cmd_transition(args: argparse.Namespace) -> int:
+    async def go(client: Client) -> int:
+        company = await _company_of(client, args.job_id)
+        action = client.cancel if args.command == "cancel" else client.retry
+        job = await action(company, args.job_id)
+        print(f"{job.id} {job.status.value}")
+        return 0
+
+    return await _with_client(args.dsn, go)
+
+
+async def cmd_worker(args: argparse.Namespace) -> int:
+    handlers = registry.load(args.handlers)
+    settings = WorkerSettings.from_env(
+        concurrency=args.concurrency,
+        lease_seconds=args.lease_seconds,
+        heartbeat_seconds=args.heartbeat_seconds,
+        shutdown_grace_seconds=args.grace,
+        job_types=tuple(t.strip() for t in args.job_types.split(",") if t.strip())
+        if args.job_types
+        else None,
+    )
+    worker = Worker(db.resolve_dsn(args.dsn), handlers, settings, worker_id=args.worker_id)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    await worker.run()
+    return 0
+
+
+async def cmd_demo(args: argparse.Namespace) -> int:
+    from pgjobs import demo_run
+
+    return await demo_run.run(db.resolve_dsn(args.dsn), workers=args.workers)
+
+
+def cmd_psql(args: argparse.Namespace) -> int:
+    """psql against the configured database. With the embedded server this process keeps
+    it running while psql is open (it stops when the last pgjobs process exits)."""
+    dsn = db.resolve_dsn(args.dsn)
+    psql = shutil.which("psql")
+    if psql is None:
+        from pgjobs import embedded
+
+        psql = embedded.psql_path()
+    if psql is None:
+        raise ConfigurationError("psql not found: install the PostgreSQL client")
+    extra = [a for a in args.psql_args if a != "--"]
+    return subprocess.call([psql, dsn, *extra])  # noqa: S603 - argv list, no shell
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    dsn = db.resolve_dsn(args.dsn)
+    db.check_dsn(dsn)
+    applied = migrate.apply(dsn)
+    print(f"applied {', '.join(applied)}" if applied else "schema is up to date")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "psql":
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.psql_args = extra
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("psycopg.pool", "pgserver"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
+        "enqueue": cmd_enqueue,
+        "worker": cmd_worker,
+        "cancel": cmd_transition,
+        "retry": cmd_transition,
+        "demo": cmd_demo,
+    }
+    try:
+        if args.command == "migrate":
+            return cmd_migrate(args)
+        if args.command == "dsn":
+            print(db.resolve_dsn(args.dsn))
+            return 0
+        if args.command == "psql":
+            return cmd_psql(args)
+        if args.command == "jobs":
+            fn = cmd_jobs_list if args.jobs_command == "list" else cmd_jobs_show
+            return asyncio.run(fn(args))
+        return asyncio.run(commands[args.command](args))
+    except (ConfigurationError, InvalidJobError) as exc:
+        print(f"pgjobs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except PgjobsError as exc:
+        print(f"pgjobs: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,264 @@
+"""The producer API: enqueue, read, list, cancel and retry jobs.
+
+Async first. Every call takes an optional ``conn``: pass your own psycopg connection (in
+a transaction) and the job commits or rolls back with your writes; its NOTIFY, too, is
+delivered only if you commit. Without ``conn`` the client uses its pool and each call is
+its own transaction.
+
+The SQL and the mapping of rows live in ``_plan_*`` functions shared with the sync
+facade (``pgjobs.sync``), which only differs in how it awaits.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import builtins
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, LiteralString
+
+from psycopg_pool import AsyncConnectionPool
+
+from pgjobs import db
+from pgjobs.errors import InvalidJobError, InvalidTransitionError, JobNotFoundError
+from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec
+from pgjobs.queries import QUERIES
+from pgjobs.types import Asset, Job, JobEvent
+
+MAX_PAGE_SIZE = 500
+
+Params = dict[str, Any]
+
+
+@dataclass(frozen=True, slots=True)
+class JobPage:
+    jobs: list[Job]
+    next_cursor: str | None
+    """Pass as ``cursor`` to get the next (older) page; None on the last page."""
+
+
+def parse_job_id(job_id: uuid.UUID | str) -> uuid.UUID:
+    """A UUID, or JobNotFoundError: a malformed id names no job."""
+    if isinstance(job_id, uuid.UUID):
+        return job_id
+    try:
+        return uuid.UUID(str(job_id))
+    except ValueError:
+        raise JobNotFoundError(job_id) from None
+
+
+def encode_cursor(job: Job) -> str:
+    raw = f"{job.created_at.isoformat()}|{job.id}".encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        created, job_id = raw.split("|")
+        parsed = datetime.fromisoformat(created)
+        if parsed.tzinfo is None:
+            raise ValueError("naive timestamp")
+        return parsed, uuid.UUID(job_id)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidJobError("cursor is malformed; pass back a next_cursor unchanged") from None
+
+
+def plan_insert(
+    specs: Iterable[JobSpec], now: datetime | None = None
+) -> tuple[LiteralString, Params]:
+    specs = list(specs)
+    return QUERIES["job_insert_many"], {
+        "now": now,
+        "ids": [s.id for s in specs],
+        "company_ids": [s.company_id for s in specs],
+        "job_types": [s.job_type for s in specs],
+        "inputs": [s.input_json() for s in specs],
+        "source_task_ids": [s.source_task_id for s in specs],
+        "priorities": [s.priority for s in specs],
+        "run_ats": [s.run_at for s in specs],
+        "max_attempts": [s.max_attempts for s in specs],
+    }
+
+
+def order_like(specs: list[JobSpec], rows: list[dict[str, Any]]) -> list[Job]:
+    by_id = {row["id"]: Job.from_row(row) for row in rows}
+    return [by_id[s.id] for s in specs]
+
+
+def plan_list(
+    company_id: str, status: str | None, limit: int, cursor: str | None
+) -> tuple[LiteralString, Params]:
+    if not 1 <= limit <= MAX_PAGE_SIZE:
+        raise InvalidJobError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
+    before_created, before_id = decode_cursor(cursor) if cursor else (None, None)
+    return QUERIES["job_list_by_company"], {
+        "company_id": company_id,
+        "status": status,
+        "before_created_at": before_created,
+        "before_id": before_id,
+        # One extra row tells whether another page exists.
+        "limit": limit + 1,
+    }
+
+
+def page_of(rows: list[dict[str, Any]], limit: int) -> JobPage:
+    jobs = [Job.from_row(r) for r in rows[:limit]]
+    return JobPage(jobs, encode_cursor(jobs[-1]) if len(rows) > limit else None)
+
+
+def transition_error(action: str, job_id: uuid.UUID, current: Job | None) -> Exception:
+    if current is None:
+        return JobNotFoundError(job_id)
+    return InvalidTransitionError(job_id, action, current.status.value)
+
+
+class Client:
+    """Async producer API over a connection pool. Create with ``await Client.connect()``."""
+
+    def __init__(self, pool: AsyncConnectionPool[db.AsyncConn], *, owns_pool: bool = False):
+        self.pool = pool
+        self._owns_pool = owns_pool
+
+    @classmethod
+    async def connect(cls, dsn: str | None = None, *, max_size: int = 10) -> Client:
+        dsn = db.resolve_dsn(dsn)
+        pool = await db.open_pool(dsn, max_size=max_size, name="pgjobs-client")
+        try:
+            async with pool.connection() as conn:
+                await db.ensure_migrated(conn)
+        except BaseException:
+            await pool.close()
+            raise
+        return cls(pool, owns_pool=True)
+
+    async def close(self) -> None:
+        if self._owns_pool:
+            await self.pool.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def _fetch(
+        self, query: LiteralString, params: Params, conn: db.AsyncConn | None
+    ) -> list[dict[str, Any]]:
+        if conn is not None:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+        async with self.pool.connection() as pooled:
+            cur = await pooled.execute(query, params)
+            return await cur.fetchall() if cur.description else []
+
+    async def enqueue(
+        self,
+        company_id: str,
+        job_type: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        source_task_id: str | None = None,
+        priority: int = 0,
+        run_at: datetime | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        conn: db.AsyncConn | None = None,
+    ) -> Job:
+        spec = JobSpec(
+            company_id=company_id,
+            job_type=job_type,
+            input=input if input is not None else {},
+            source_task_id=source_task_id,
+            priority=priority,
+            run_at=run_at,
+            max_attempts=max_attempts,
+        )
+        (job,) = await self.enqueue_many([spec], conn=conn)
+        return job
+
+    async def enqueue_many(
+        self, specs: Iterable[JobSpec], *, conn: db.AsyncConn | None = None
+    ) -> list[Job]:
+        """Insert any number of jobs in one statement (one commit, one NOTIFY batch)."""
+        specs = list(specs)
+        if not specs:
+            return []
+        rows = await self._fetch(*plan_insert(specs), conn)
+        return order_like(specs, rows)
+
+    async def get(
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.AsyncConn | None = None
+    ) -> Job:
+        jid = parse_job_id(job_id)
+        rows = await self._fetch(QUERIES["job_get"], {"id": jid, "company_id": company_id}, conn)
+        if not rows:
+            raise JobNotFoundError(jid)
+        return Job.from_row(rows[0])
+
+    async def list(
+        self,
+        company_id: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+        conn: db.AsyncConn | None = None,
+    ) -> JobPage:
+        rows = await self._fetch(*plan_list(company_id, status, limit, cursor), conn)
+        return page_of(rows, limit)
+
+    async def _transition(
+        self,
+        name: LiteralString,
+        action: str,
+        company_id: str,
+        job_id: uuid.UUID | str,
+        conn: db.AsyncConn | None,
+    ) -> Job:
+        jid = parse_job_id(job_id)
+        params = {"id": jid, "company_id": company_id, "now": None}
+        rows = await self._fetch(QUERIES[name], params, conn)
+        if rows:
+            return Job.from_row(rows[0])
+        current = await self._fetch(QUERIES["job_get"], params, conn)
+        raise transition_error(action, jid, Job.from_row(current[0]) if current else None)
+
+    async def cancel(
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.AsyncConn | None = None
+    ) -> Job:
+        """Cancel a queued or running job. A running handler is told to stop, and any
+        result it still reports is discarded."""
+        return await self._transition("job_cancel", "cancel", company_id, job_id, conn)
+
+    async def retry(
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.AsyncConn | None = None
+    ) -> Job:
+        """Queue a failed or cancelled job again (granting one more attempt if needed)."""
+        return await self._transition("job_retry", "retry", company_id, job_id, conn)
+
+    async def events(
+        self,
+        company_id: str,
+        job_id: uuid.UUID | str,
+        *,
+        after_seq: int = 0,
+        conn: db.AsyncConn | None = None,
+    ) -> builtins.list[JobEvent]:
+        """The job's audit trail in order (all of it, or what came after ``after_seq``)."""
+        jid = parse_job_id(job_id)
+        params = {"job_id": jid, "company_id": company_id, "after_seq": after_seq}
+        rows = await self._fetch(QUERIES["job_events_for_job"], params, conn)
+        return [JobEvent.from_row(r) for r in rows]
+
+    async def get_asset(
+        self, company_id: str, asset_id: uuid.UUID | str, *, conn: db.AsyncConn | None = None
+    ) -> Asset | None:
+        try:
+            aid = parse_job_id(asset_id)
+        except JobNotFoundError:
+            return None
+        rows = await self._fetch(QUERIES["asset_get"], {"id": aid, "company_id": company_id}, conn)
+        return Asset.from_row(rows[0]) if rows else None

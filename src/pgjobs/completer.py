@@ -1,0 +1,171 @@
+"""Batched completion: many jobs' final transitions share one statement and one commit.
+
+A commit that carries NOTIFY takes a database-wide lock, so finishing jobs one commit at
+a time caps throughput. Handlers hand their outcome to the Completer and wait; it
+gathers whatever finished within a few milliseconds and writes it all with
+``job_finish_many_if_leased``, which only touches jobs whose lease the worker still
+holds. A job missing from the result was cancelled or rescued meanwhile: its outcome is
+discarded (logged) and any asset it produced is deleted, so a fenced-off attempt leaves
+neither a row nor a file.
+
+If the statement fails (connection killed, Postgres restarting) it is retried with the
+same arguments. That is safe: a retry of a batch that did commit matches zero rows, and
+an asset is only deleted once the database shows it is not linked to its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from pgjobs import db
+from pgjobs.assets import StoredAsset
+from pgjobs.queries import QUERIES
+from pgjobs.storage import Storage
+from pgjobs.types import Job
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 1000
+MAX_ERROR_LENGTH = 4000
+
+
+@dataclass(slots=True)
+class Outcome:
+    """How one attempt ended. kind: 'done', 'error' (retry if attempts are left) or
+    'fail' (failed now, no retry)."""
+
+    job: Job
+    kind: str
+    result: Any = None
+    error: str | None = None
+    retry_delay: float = 0.0
+    asset: StoredAsset | None = None
+    committed: asyncio.Future[bool] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
+
+class Completer:
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[db.AsyncConn],
+        storage: Storage,
+        *,
+        flush_interval: float,
+    ) -> None:
+        self.pool = pool
+        self.storage = storage
+        self.flush_interval = flush_interval
+        self._pending: list[Outcome] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self.batches = 0
+
+    async def finish(self, outcome: Outcome) -> bool:
+        """Queue an outcome and wait until it is committed. True if it took effect, False
+        if the attempt had lost the job (cancelled or rescued)."""
+        if outcome.error is not None:
+            outcome.error = outcome.error[:MAX_ERROR_LENGTH]
+        self._pending.append(outcome)
+        self._wakeup.set()
+        return await asyncio.shield(outcome.committed)
+
+    async def run(self) -> None:
+        """Flush loop; returns once close() was called and everything pending is written."""
+        while True:
+            await self._wakeup.wait()
+            if not self._closing and self.flush_interval > 0:
+                # Let other handlers that finish right now share this commit.
+                await asyncio.sleep(self.flush_interval)
+            self._wakeup.clear()
+            while self._pending:
+                batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
+                await self._write_with_retry(batch)
+            if self._closing:
+                return
+
+    def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+
+    async def _write_with_retry(self, batch: list[Outcome]) -> None:
+        attempt = 0
+        while True:
+            try:
+                finished = await self._write(batch)
+                break
+            except (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError) as exc:
+                attempt += 1
+                delay = min(5.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "could not record %d finished job(s) (%s); retrying in %.2fs",
+                    len(batch),
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        self.batches += 1
+        for outcome in batch:
+            took_effect = outcome.job.id in finished
+            if not took_effect:
+                took_effect = await self._discard(outcome, retried=attempt > 0)
+            if not outcome.committed.done():
+                outcome.committed.set_result(took_effect)
+
+    async def _write(self, batch: list[Outcome]) -> set[uuid.UUID]:
+        params = {
+            "now": None,
+            "ids": [o.job.id for o in batch],
+            "lease_tokens": [o.job.lease_token for o in batch],
+            "outcomes": [o.kind for o in batch],
+            "results": [None if o.result is None else json.dumps(o.result) for o in batch],
+            "errors": [o.error for o in batch],
+            "retry_delays": [o.retry_delay for o in batch],
+            "asset_ids": [o.asset.id if o.asset else None for o in batch],
+            "asset_keys": [o.asset.key if o.asset else None for o in batch],
+            "asset_content_types": [o.asset.content_type if o.asset else None for o in batch],
+            "asset_sizes": [o.asset.byte_size if o.asset else None for o in batch],
+            "asset_sha256s": [o.asset.sha256 if o.asset else None for o in batch],
+            "asset_filenames": [o.asset.filename if o.asset else None for o in batch],
+        }
+        async with self.pool.connection() as conn:
+            cur = await conn.execute(QUERIES["job_finish_many_if_leased"], params)
+            return {row["id"] for row in await cur.fetchall()}
+
+    async def _discard(self, outcome: Outcome, *, retried: bool) -> bool:
+        """Handle an outcome the batch did not apply. Returns True when it had in fact
+        been applied by an earlier try whose connection died before the reply."""
+        job = outcome.job
+        if retried:
+            async with self.pool.connection() as conn:
+                cur = await conn.execute(QUERIES["job_get_any_company"], {"id": job.id})
+                row = await cur.fetchone()
+            if (
+                row is not None
+                and row["lease_token"] == job.lease_token
+                and row["last_event"] in _FINISH_EVENTS
+                and (outcome.asset is None or row["result_asset_id"] == outcome.asset.id)
+            ):
+                log.info("job %s: finish had committed before the connection dropped", job.id)
+                return True
+        log.warning(
+            "job %s attempt %d: result discarded, this worker no longer holds the job "
+            "(cancelled, or its lease expired and it was rescued)",
+            job.id,
+            job.attempts,
+        )
+        if outcome.asset is not None:
+            await self.storage.delete(outcome.asset.key)
+        return False
+
+
+_FINISH_EVENTS = frozenset({"content_job.done", "content_job.failed", "content_job.retrying"})

@@ -1,0 +1,97 @@
+"""Settings, read from the environment with explicit defaults.
+
+Every number a production operator may want to change is here, with its environment
+variable; CLI flags override the environment.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pgjobs.errors import ConfigurationError
+
+MIB = 1024 * 1024
+MAX_GENERATED_ASSET_BYTES = 500 * MIB
+"""Default cap on one generated asset; PGJOBS_GENERATED_ASSET_MAX_BYTES overrides it."""
+
+
+def _env_int(name: str, default: int, *, minimum: int = 0) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a whole number, got {raw!r}") from None
+    if value < minimum:
+        raise ConfigurationError(f"{name} must be at least {minimum}, got {value}")
+    return value
+
+
+def _env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+    raw = os.environ.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigurationError(f"{name} must be a number, got {raw!r}") from None
+    if not value >= minimum:  # also rejects NaN
+        raise ConfigurationError(f"{name} must be at least {minimum}, got {raw!r}")
+    return value
+
+
+def state_dir() -> Path:
+    """Where pgjobs keeps local state (embedded database, local assets): ./.pgjobs."""
+    return Path(os.environ.get("PGJOBS_HOME", ".pgjobs")).resolve()
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    """How a worker claims, leases and retries. Defaults suit jobs of seconds to minutes."""
+
+    concurrency: int = 10
+    # A lease outlives a missed heartbeat or two; a dead worker's jobs are rescued this
+    # long after its last heartbeat at the latest.
+    lease_seconds: float = 15.0
+    heartbeat_seconds: float = 5.0
+    rescue_interval_seconds: float = 2.0
+    # Fallback poll when no NOTIFY arrives (listener down, PgBouncer, missed wake-up).
+    poll_interval_seconds: float = 1.0
+    # Completions wait at most this long to share one commit with others.
+    flush_interval_seconds: float = 0.005
+    shutdown_grace_seconds: float = 10.0
+    retry_base_seconds: float = 1.0
+    retry_max_seconds: float = 300.0
+    job_types: tuple[str, ...] | None = None
+    max_asset_bytes: int = MAX_GENERATED_ASSET_BYTES
+    storage_dir: Path = field(default_factory=lambda: state_dir() / "storage")
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> WorkerSettings:
+        values: dict[str, object] = {
+            "concurrency": _env_int("PGJOBS_CONCURRENCY", 10, minimum=1),
+            "lease_seconds": _env_float("PGJOBS_LEASE_SECONDS", 15.0, minimum=0.5),
+            "heartbeat_seconds": _env_float("PGJOBS_HEARTBEAT_SECONDS", 5.0, minimum=0.1),
+            "poll_interval_seconds": _env_float("PGJOBS_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
+            "shutdown_grace_seconds": _env_float("PGJOBS_SHUTDOWN_GRACE_SECONDS", 10.0),
+            "rescue_interval_seconds": _env_float(
+                "PGJOBS_RESCUE_INTERVAL_SECONDS", 2.0, minimum=0.05
+            ),
+            "retry_base_seconds": _env_float("PGJOBS_RETRY_BASE_SECONDS", 1.0),
+            "retry_max_seconds": _env_float("PGJOBS_RETRY_MAX_SECONDS", 300.0),
+            "max_asset_bytes": _env_int(
+                "PGJOBS_GENERATED_ASSET_MAX_BYTES", MAX_GENERATED_ASSET_BYTES, minimum=1
+            ),
+            "storage_dir": Path(os.environ.get("PGJOBS_STORAGE_DIR") or state_dir() / "storage"),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]  # keys are checked by the dataclass
+        if settings.heartbeat_seconds >= settings.lease_seconds:
+            raise ConfigurationError(
+                f"heartbeat interval ({settings.heartbeat_seconds}s) must be shorter than the "
+                f"lease ({settings.lease_seconds}s), or every job would be rescued while running"
+            )
+        return settings

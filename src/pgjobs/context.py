@@ -1,0 +1,84 @@
+"""What a handler receives: the job, its attempt, progress reporting, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from pgjobs.types import Job
+
+log = logging.getLogger("pgjobs.handler")
+
+ProgressWriter = Callable[[Job, float | None, str | None], Awaitable[bool]]
+
+
+class JobContext:
+    """Passed to every handler call.
+
+    ``progress()`` commits a ``content_job.progress`` event at once (call it at the
+    granularity a person watching would want, not per byte). ``cancelled`` turns true
+    when the job is cancelled or this worker lost its lease; async handlers are also
+    interrupted with CancelledError, sync handlers should poll ``cancelled``.
+    """
+
+    def __init__(
+        self, job: Job, write_progress: ProgressWriter, loop: asyncio.AbstractEventLoop
+    ) -> None:
+        self.job = job
+        self._write_progress = write_progress
+        self._loop = loop
+        self._cancelled = threading.Event()
+        self.cancel_reason: str | None = None
+        self.logger = logging.LoggerAdapter(
+            log, {"job_id": str(job.id), "job_type": job.job_type, "attempt": job.attempts}
+        )
+
+    @property
+    def job_id(self) -> uuid.UUID:
+        return self.job.id
+
+    @property
+    def company_id(self) -> str:
+        return self.job.company_id
+
+    @property
+    def job_type(self) -> str:
+        return self.job.job_type
+
+    @property
+    def input(self) -> Any:
+        return self.job.input
+
+    @property
+    def attempt(self) -> int:
+        return self.job.attempts
+
+    @property
+    def source_task_id(self) -> str | None:
+        return self.job.source_task_id
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()
+
+    def _cancel(self, reason: str) -> None:
+        self.cancel_reason = reason
+        self._cancelled.set()
+
+    async def progress(self, fraction: float | None, message: str | None = None) -> bool:
+        """Record progress (fraction in [0, 1]). Returns False, and changes nothing, when
+        this attempt no longer holds the job (cancelled, or the lease was lost)."""
+        if fraction is not None and not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"progress fraction must be between 0 and 1, got {fraction}")
+        if self.cancelled:
+            return False
+        return await self._write_progress(self.job, fraction, message)
+
+    def progress_sync(self, fraction: float | None, message: str | None = None) -> bool:
+        """progress() for sync handlers, which run in worker threads."""
+        future = asyncio.run_coroutine_threadsafe(self.progress(fraction, message), self._loop)
+        return future.result()

@@ -1,0 +1,116 @@
+"""Connections: where the DSN comes from, pools, and turning driver errors into one line.
+
+DSN precedence: an explicit ``--dsn``, then ``PGJOBS_DSN``, then the embedded server
+(see ``pgjobs.embedded``). Every connection is autocommit; a multi-statement transaction
+is always an explicit ``conn.transaction()`` block, so no transaction is left open by
+accident while a handler runs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Any
+
+import psycopg
+from psycopg.rows import DictRow, dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from pgjobs.errors import DatabaseUnavailableError, NotMigratedError
+from pgjobs.queries import QUERIES
+
+AsyncConn = psycopg.AsyncConnection[DictRow]
+SyncConn = psycopg.Connection[DictRow]
+
+
+def resolve_dsn(explicit: str | None = None) -> str:
+    """The DSN to use: --dsn, else PGJOBS_DSN, else start/join the embedded server."""
+    if explicit:
+        return explicit
+    env = os.environ.get("PGJOBS_DSN")
+    if env:
+        return env
+    from pgjobs import embedded
+
+    return embedded.start()
+
+
+def redact(dsn: str) -> str:
+    """The DSN with any password removed, for error messages and logs."""
+    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
+
+
+def unavailable(dsn: str, exc: Exception) -> DatabaseUnavailableError:
+    first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return DatabaseUnavailableError(f"cannot connect to PostgreSQL at {redact(dsn)}: {first_line}")
+
+
+def check_dsn(dsn: str) -> None:
+    """Reject a malformed DSN with a clear message before any connection is tried."""
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        raise DatabaseUnavailableError(f"invalid DSN {redact(dsn)!r}: {exc}") from None
+
+
+async def connect(dsn: str, **kwargs: Any) -> AsyncConn:
+    """A dedicated autocommit connection (listeners, one-off CLI commands)."""
+    check_dsn(dsn)
+    try:
+        return await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, row_factory=dict_row, **kwargs
+        )
+    except psycopg.OperationalError as exc:
+        raise unavailable(dsn, exc) from None
+
+
+def connect_sync(dsn: str, **kwargs: Any) -> SyncConn:
+    check_dsn(dsn)
+    try:
+        return psycopg.Connection.connect(dsn, autocommit=True, row_factory=dict_row, **kwargs)
+    except psycopg.OperationalError as exc:
+        raise unavailable(dsn, exc) from None
+
+
+async def ensure_migrated(conn: AsyncConn) -> None:
+    row = await (await conn.execute(QUERIES["schema_check"])).fetchone()
+    if not row or not row["migrated"]:
+        raise NotMigratedError()
+
+
+async def open_pool(
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    name: str = "pgjobs",
+    connect_timeout: float = 10.0,
+) -> AsyncConnectionPool[AsyncConn]:
+    """An opened pool of autocommit connections, checked on checkout so a connection the
+    server killed (restart, pg_terminate_backend) is replaced instead of handed out."""
+    check_dsn(dsn)
+    # Probe once first: a bad host or password then fails at once with the server's own
+    # message, instead of after the pool's retries with only "timeout".
+    try:
+        probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=int(connect_timeout))
+    except psycopg.OperationalError as exc:
+        raise unavailable(dsn, exc) from None
+    await probe.close()
+    pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        kwargs={"autocommit": True, "row_factory": dict_row, "application_name": name},
+        connection_class=psycopg.AsyncConnection[DictRow],
+        check=AsyncConnectionPool.check_connection,
+        reconnect_timeout=300.0,
+        name=name,
+        open=False,
+    )
+    try:
+        await pool.open(wait=True, timeout=connect_timeout)
+    except Exception as exc:
+        await pool.close()
+        raise unavailable(dsn, exc) from None
+    return pool

@@ -1,0 +1,55 @@
+"""Exceptions pgjobs raises. Every message says what happened and what to do next."""
+
+from __future__ import annotations
+
+
+class PgjobsError(Exception):
+    """Base class for every error pgjobs raises on purpose."""
+
+
+class ConfigurationError(PgjobsError):
+    """A setting (DSN, handler path, limit...) is missing or malformed."""
+
+
+class DatabaseUnavailableError(PgjobsError):
+    """The database cannot be reached or refused the connection."""
+
+
+class NotMigratedError(PgjobsError):
+    """The database is reachable but has no pgjobs schema."""
+
+    def __init__(self) -> None:
+        super().__init__("the database has no pgjobs schema: run `pgjobs migrate` first")
+
+
+class JobNotFoundError(PgjobsError):
+    """No job with that id exists for that company."""
+
+    def __init__(self, job_id: object) -> None:
+        super().__init__(f"job {job_id} not found")
+        self.job_id = job_id
+
+
+class InvalidTransitionError(PgjobsError):
+    """The job exists but its current status does not allow the requested change."""
+
+    def __init__(self, job_id: object, action: str, status: str) -> None:
+        super().__init__(f"cannot {action} job {job_id}: it is {status}")
+        self.job_id = job_id
+        self.action = action
+        self.status = status
+
+
+class InvalidJobError(PgjobsError, ValueError):
+    """Enqueue arguments that can never make a valid job (empty type, bad input...)."""
+
+
+class AssetTooLargeError(PgjobsError):
+    """A handler produced an asset larger than the configured limit."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"generated asset exceeds the limit of {limit} bytes "
+            "(raise PGJOBS_GENERATED_ASSET_MAX_BYTES to allow larger outputs)"
+        )
+        self.limit = limit

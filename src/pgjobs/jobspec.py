@@ -1,0 +1,104 @@
+"""What a producer asks for: one job to enqueue, validated before any SQL runs.
+
+Bad input is rejected here with a message naming the field, never half-written: jsonb
+refuses NUL characters and unpaired surrogates with an opaque error, and a job type or
+company id of any length would make every index on them pay for it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from pgjobs.errors import InvalidJobError
+
+MAX_TYPE_LENGTH = 200
+MAX_COMPANY_LENGTH = 200
+MAX_INPUT_DEPTH = 64
+MAX_ATTEMPTS_LIMIT = 1000
+DEFAULT_MAX_ATTEMPTS = 3
+INT32 = 2**31 - 1
+
+
+def check_json(value: Any, where: str, depth: int = 0) -> None:
+    """Raise InvalidJobError unless value is JSON that PostgreSQL's jsonb will store."""
+    if depth > MAX_INPUT_DEPTH:
+        raise InvalidJobError(f"{where} is nested deeper than {MAX_INPUT_DEPTH} levels")
+    if isinstance(value, str):
+        _check_text(value, where)
+    elif isinstance(value, bool) or value is None or isinstance(value, int):
+        return
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidJobError(f"{where} contains {value}, which JSON cannot represent")
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidJobError(f"{where} has a non-string key {key!r}")
+            _check_text(key, f"a key in {where}")
+            check_json(item, where, depth + 1)
+    elif isinstance(value, list | tuple):
+        for item in value:
+            check_json(item, where, depth + 1)
+    else:
+        raise InvalidJobError(f"{where} contains a {type(value).__name__}, which is not JSON")
+
+
+def _check_text(text: str, where: str) -> None:
+    if "\x00" in text:
+        raise InvalidJobError(f"{where} contains a NUL character, which PostgreSQL cannot store")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidJobError(f"{where} contains an unpaired surrogate (invalid Unicode)") from None
+
+
+def _check_name(value: object, field_name: str, limit: int) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise InvalidJobError(f"{field_name} is required")
+    if len(value) > limit:
+        raise InvalidJobError(f"{field_name} is longer than {limit} characters")
+    _check_text(value, field_name)
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class JobSpec:
+    company_id: str
+    job_type: str
+    input: Mapping[str, Any] = field(default_factory=dict)
+    source_task_id: str | None = None
+    priority: int = 0
+    run_at: datetime | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+    def __post_init__(self) -> None:
+        _check_name(self.company_id, "company_id", MAX_COMPANY_LENGTH)
+        _check_name(self.job_type, "job_type", MAX_TYPE_LENGTH)
+        if not isinstance(self.input, Mapping):
+            raise InvalidJobError("input must be a JSON object")
+        check_json(self.input, "input")
+        if self.source_task_id is not None:
+            _check_name(self.source_task_id, "source_task_id", MAX_TYPE_LENGTH)
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise InvalidJobError("priority must be an integer")
+        if not -INT32 <= self.priority <= INT32:
+            raise InvalidJobError("priority is out of range")
+        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+            raise InvalidJobError("max_attempts must be an integer")
+        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+            raise InvalidJobError(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}")
+        if self.run_at is not None:
+            if not isinstance(self.run_at, datetime):
+                raise InvalidJobError("run_at must be a datetime")
+            if self.run_at.tzinfo is None:
+                raise InvalidJobError("run_at must be timezone-aware (e.g. 2030-01-01T00:00:00Z)")
+
+    def input_json(self) -> str:
+        return json.dumps(self.input, allow_nan=False, separators=(",", ":"))

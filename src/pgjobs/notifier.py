@@ -1,0 +1,91 @@
+"""The LISTEN side: one dedicated connection, kept alive, re-LISTENed after any drop.
+
+NOTIFY is a doorbell, not a log: anything sent while this connection is down is gone. So
+after every (re)connect the listener first LISTENs and only then calls ``on_connect``,
+whose job is to catch up from the tables (a worker polls for work, a stream reads
+``pgjobs.job_events``); doing it the other way round would lose whatever is sent between
+the read and the LISTEN. A silent half-open socket is caught by a heartbeat query with a
+deadline. Reconnects back off exponentially with jitter, capped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Awaitable, Callable
+
+import psycopg
+
+from pgjobs import db
+
+log = logging.getLogger(__name__)
+
+CHANNEL = "pgjobs_events"
+
+
+class Listener:
+    def __init__(
+        self,
+        dsn: str,
+        on_notify: Callable[[str], None],
+        *,
+        on_connect: Callable[[], Awaitable[None]] | None = None,
+        channel: str = CHANNEL,
+        heartbeat_seconds: float = 5.0,
+        max_backoff_seconds: float = 5.0,
+        name: str = "pgjobs-listener",
+    ) -> None:
+        self.dsn = dsn
+        self.on_notify = on_notify
+        self.on_connect = on_connect
+        self.channel = channel
+        self.heartbeat_seconds = heartbeat_seconds
+        self.max_backoff_seconds = max_backoff_seconds
+        self.name = name
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._conn: db.AsyncConn | None = None
+
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting after any failure."""
+        failures = 0
+        while True:
+            try:
+                await self._session()
+            except asyncio.CancelledError:
+                raise
+            except (psycopg.Error, OSError, TimeoutError) as exc:
+                self.connected.clear()
+                failures += 1
+                delay = min(self.max_backoff_seconds, 0.05 * 2**failures)
+                delay = delay / 2 + random.uniform(0, delay / 2)
+                log.warning("listener connection lost (%s); reconnecting in %.2fs", exc, delay)
+                await asyncio.sleep(delay)
+                continue
+            finally:
+                self.connected.clear()
+                await self._close()
+            failures = 0
+
+    async def _session(self) -> None:
+        self._conn = conn = await db.connect(self.dsn, application_name=self.name)
+        await conn.execute(f"LISTEN {self.channel}")
+        if self.reconnects:
+            log.info("listener reconnected (reconnect #%d)", self.reconnects)
+        self.reconnects += 1
+        self.connected.set()
+        if self.on_connect is not None:
+            await self.on_connect()
+        while True:
+            async for notify in conn.notifies(timeout=self.heartbeat_seconds):
+                self.on_notify(notify.payload)
+            # Quiet for a heartbeat: prove the socket is alive, or fail and reconnect.
+            await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self.heartbeat_seconds)
+
+    async def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
+                await asyncio.wait_for(conn.close(), timeout=1.0)

@@ -1,0 +1,251 @@
+-- Every runtime query pgjobs runs, one named section each (`-- name: table_verb_guard`).
+-- Parameters are passed by name (%(name)s) and cast explicitly. Time-based queries take
+-- %(now)s and fall back to the server clock when it is NULL, so tests can move time.
+--
+-- Transitions bump event_seq by one and set last_event; the statement-level triggers in
+-- sql/0001_initial.sql turn that into the audit row and the NOTIFY, in the same
+-- transaction. Guards: every write on behalf of a running attempt matches
+-- (id, status = 'running', lease_token); zero rows back means "lost the race".
+
+-- name: job_insert_many
+-- Bulk enqueue: one statement, one NOTIFY batch, any number of jobs.
+INSERT INTO pgjobs.jobs (id, company_id, job_type, input, source_task_id, priority, run_at,
+                         max_attempts, created_at, updated_at)
+SELECT u.id, u.company_id, u.job_type, u.input, u.source_task_id, u.priority,
+       coalesce(u.run_at, coalesce(%(now)s::timestamptz, now())), u.max_attempts,
+       coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
+FROM unnest(%(ids)s::uuid[], %(company_ids)s::text[], %(job_types)s::text[], %(inputs)s::jsonb[],
+            %(source_task_ids)s::text[], %(priorities)s::int[], %(run_ats)s::timestamptz[],
+            %(max_attempts)s::int[])
+     AS u(id, company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
+RETURNING *;
+
+-- name: job_get
+SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text;
+
+-- name: job_get_any_company
+SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid;
+
+-- name: job_list_by_company
+-- Newest first, keyset-paginated on (created_at, id); status filter optional.
+SELECT * FROM pgjobs.jobs
+WHERE company_id = %(company_id)s::text
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(before_created_at)s::timestamptz IS NULL
+       OR (created_at, id) < (%(before_created_at)s::timestamptz, %(before_id)s::uuid))
+ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s::int;
+
+-- name: job_claim_batch
+-- SKIP LOCKED claim of up to %(limit)s due jobs, highest priority first. The CTE is an
+-- optimisation fence: the LIMIT applies before the UPDATE, so it never touches more rows.
+WITH next AS (
+    SELECT id FROM pgjobs.jobs
+    WHERE status = 'queued'
+      AND run_at <= coalesce(%(now)s::timestamptz, now())
+      AND (%(job_types)s::text[] IS NULL OR job_type = ANY(%(job_types)s::text[]))
+    ORDER BY priority DESC, run_at, id
+    LIMIT %(limit)s::int
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgjobs.jobs j
+SET status = 'running',
+    attempts = j.attempts + 1,
+    worker_id = %(worker_id)s::text,
+    lease_token = j.lease_token + 1,
+    lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8),
+    started_at = coalesce(%(now)s::timestamptz, now()),
+    progress_fraction = NULL,
+    progress_message = NULL,
+    event_seq = j.event_seq + 1,
+    last_event = 'content_job.running',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM next
+WHERE j.id = next.id AND j.status = 'queued'
+RETURNING j.*;
+
+-- name: job_finish_many_if_leased
+-- Batch completion: one statement ends many attempts, each only if its lease still holds.
+-- outcome is 'done', 'error' (retry if attempts are left, else failed) or 'fail' (failed
+-- now: unknown job type, asset too large, timeout on the last attempt...). Asset rows are
+-- inserted only for jobs whose guarded update went through, so a fenced-off worker leaves
+-- no row behind. Returns the jobs that were finished; anything missing lost its lease.
+WITH u AS (
+    SELECT * FROM unnest(
+        %(ids)s::uuid[], %(lease_tokens)s::bigint[], %(outcomes)s::text[], %(results)s::jsonb[],
+        %(errors)s::text[], %(retry_delays)s::float8[],
+        %(asset_ids)s::uuid[], %(asset_keys)s::text[], %(asset_content_types)s::text[],
+        %(asset_sizes)s::bigint[], %(asset_sha256s)s::text[], %(asset_filenames)s::text[])
+    AS u(id, lease_token, outcome, result, error, retry_delay,
+         asset_id, asset_key, asset_content_type, asset_size, asset_sha256, asset_filename)
+), plan AS (
+    -- Decide retry vs failed from the attempt the lease belongs to. Reading without a lock
+    -- is safe: attempts only changes together with lease_token, which the UPDATE re-checks.
+    SELECT u.*, CASE
+               WHEN u.outcome = 'done' THEN 'done'
+               WHEN u.outcome = 'error' AND j.attempts < j.max_attempts THEN 'queued'
+               ELSE 'failed' END AS next_status
+    FROM u JOIN pgjobs.jobs j ON j.id = u.id AND j.lease_token = u.lease_token
+), finished AS (
+    UPDATE pgjobs.jobs j
+    SET status = p.next_status,
+        result = CASE WHEN p.outcome = 'done' THEN p.result END,
+        result_asset_id = CASE WHEN p.outcome = 'done' THEN p.asset_id END,
+        error_message = CASE WHEN p.outcome = 'done' THEN NULL ELSE p.error END,
+        run_at = CASE WHEN p.next_status = 'queued'
+                      THEN coalesce(%(now)s::timestamptz, now()) + make_interval(secs => p.retry_delay)
+                      ELSE j.run_at END,
+        lease_expires_at = NULL,
+        finished_at = CASE WHEN p.next_status = 'queued' THEN NULL
+                           ELSE coalesce(%(now)s::timestamptz, now()) END,
+        event_seq = j.event_seq + 1,
+        last_event = CASE p.next_status WHEN 'done' THEN 'content_job.done'
+                                        WHEN 'queued' THEN 'content_job.retrying'
+                                        ELSE 'content_job.failed' END,
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM plan p
+    WHERE j.id = p.id AND j.status = 'running' AND j.lease_token = p.lease_token
+    RETURNING j.*
+), stored AS (
+    INSERT INTO pgjobs.assets (id, company_id, namespace, object_key, content_type, byte_size,
+                               sha256, original_filename, source_task_id, source_job_id, created_at)
+    SELECT u.asset_id, f.company_id, 'generated', u.asset_key, u.asset_content_type, u.asset_size,
+           u.asset_sha256, u.asset_filename, f.source_task_id, f.id,
+           coalesce(%(now)s::timestamptz, now())
+    FROM finished f JOIN u ON u.id = f.id
+    WHERE u.asset_id IS NOT NULL AND f.status = 'done'
+    RETURNING id
+)
+SELECT f.*, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
+
+-- name: job_progress_if_leased
+UPDATE pgjobs.jobs
+SET progress_fraction = %(fraction)s::real,
+    progress_message = %(message)s::text,
+    event_seq = event_seq + 1,
+    last_event = 'content_job.progress',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+WHERE id = %(id)s::uuid AND status = 'running' AND lease_token = %(lease_token)s::bigint
+RETURNING id, event_seq;
+
+-- name: job_extend_leases
+-- Heartbeat: one statement renews every lease this worker still holds. Not a transition
+-- (no event_seq bump, so no event row). Returns the jobs still held; one missing from the
+-- result was cancelled or rescued, and the worker stops working on it.
+UPDATE pgjobs.jobs j
+SET lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8)
+FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
+WHERE j.id = u.id AND j.status = 'running' AND j.lease_token = u.lease_token
+RETURNING j.id;
+
+-- name: job_rescue_expired
+-- Jobs whose lease ran out (worker killed, host gone, partitioned) go back to queued, or
+-- to failed when no attempt is left. Guarded twice: the CTE skips rows another session
+-- holds, and the UPDATE re-checks status and expiry on the row it locked, so a heartbeat
+-- or completion that committed first wins and the rescue touches nothing.
+WITH expired AS (
+    SELECT id FROM pgjobs.jobs
+    WHERE status = 'running' AND lease_expires_at < coalesce(%(now)s::timestamptz, now())
+    ORDER BY lease_expires_at
+    LIMIT %(limit)s::int
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgjobs.jobs j
+SET status = CASE WHEN j.attempts < j.max_attempts THEN 'queued' ELSE 'failed' END,
+    error_message = format('lease expired: worker %%s stopped renewing it (attempt %%s of %%s)',
+                           j.worker_id, j.attempts, j.max_attempts),
+    run_at = coalesce(%(now)s::timestamptz, now()),
+    lease_expires_at = NULL,
+    finished_at = CASE WHEN j.attempts < j.max_attempts THEN NULL
+                       ELSE coalesce(%(now)s::timestamptz, now()) END,
+    event_seq = j.event_seq + 1,
+    last_event = CASE WHEN j.attempts < j.max_attempts THEN 'content_job.retrying'
+                      ELSE 'content_job.failed' END,
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM expired
+WHERE j.id = expired.id AND j.status = 'running'
+  AND j.lease_expires_at < coalesce(%(now)s::timestamptz, now())
+RETURNING j.*;
+
+-- name: job_release_if_leased
+-- Graceful shutdown: jobs that did not finish within the grace period go back to queued
+-- without using up an attempt (the handler was interrupted, not wrong).
+UPDATE pgjobs.jobs j
+SET status = 'queued',
+    attempts = j.attempts - 1,
+    run_at = coalesce(%(now)s::timestamptz, now()),
+    lease_expires_at = NULL,
+    progress_fraction = NULL,
+    progress_message = NULL,
+    event_seq = j.event_seq + 1,
+    last_event = 'content_job.queued',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
+WHERE j.id = u.id AND j.status = 'running' AND j.lease_token = u.lease_token
+RETURNING j.*;
+
+-- name: job_cancel
+-- Queued or running jobs only. A running job's worker learns of it from the event (or its
+-- next heartbeat) and stops; its own completion is then fenced off by the status guard.
+UPDATE pgjobs.jobs
+SET status = 'cancelled',
+    lease_expires_at = NULL,
+    finished_at = coalesce(%(now)s::timestamptz, now()),
+    event_seq = event_seq + 1,
+    last_event = 'content_job.cancelled',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text AND status IN ('queued', 'running')
+RETURNING *;
+
+-- name: job_retry
+-- Failed or cancelled jobs go back to queued now, with one more attempt if none is left.
+UPDATE pgjobs.jobs
+SET status = 'queued',
+    max_attempts = greatest(max_attempts, attempts + 1),
+    run_at = coalesce(%(now)s::timestamptz, now()),
+    error_message = NULL,
+    result = NULL,
+    result_asset_id = NULL,
+    finished_at = NULL,
+    progress_fraction = NULL,
+    progress_message = NULL,
+    event_seq = event_seq + 1,
+    last_event = 'content_job.retrying',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text AND status IN ('failed', 'cancelled')
+RETURNING *;
+
+-- name: job_events_for_job
+SELECT * FROM pgjobs.job_events
+WHERE job_id = %(job_id)s::uuid AND company_id = %(company_id)s::text AND seq > %(after_seq)s::int
+ORDER BY seq;
+
+-- name: job_next_run_at
+-- When the next queued job becomes due, so an idle worker can sleep exactly that long.
+SELECT min(run_at) AS next_run_at FROM pgjobs.jobs
+WHERE status = 'queued' AND (%(job_types)s::text[] IS NULL OR job_type = ANY(%(job_types)s::text[]));
+
+-- name: asset_get
+SELECT * FROM pgjobs.assets WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text;
+
+-- name: worker_register
+INSERT INTO pgjobs.workers (id, hostname, pid, job_types, concurrency, started_at, last_heartbeat_at)
+VALUES (%(id)s::text, %(hostname)s::text, %(pid)s::int, %(job_types)s::text[], %(concurrency)s::int,
+        coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now()))
+ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = excluded.last_heartbeat_at;
+
+-- name: worker_heartbeat
+UPDATE pgjobs.workers SET last_heartbeat_at = coalesce(%(now)s::timestamptz, now())
+WHERE id = %(id)s::text;
+
+-- name: worker_deregister
+DELETE FROM pgjobs.workers WHERE id = %(id)s::text;
+
+-- name: worker_prune_stale
+-- Bookkeeping only: rescue is driven by job leases, never by this table, so pruning a
+-- worker row can never strand its jobs.
+DELETE FROM pgjobs.workers
+WHERE last_heartbeat_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(stale_seconds)s::float8);
+
+-- name: schema_check
+SELECT to_regclass('pgjobs.jobs') IS NOT NULL AND to_regclass('pgjobs.job_events') IS NOT NULL AS migrated;

@@ -1,0 +1,54 @@
+"""Rescue: jobs whose worker stopped renewing their lease go back to the queue.
+
+Every worker runs this loop; there is no leader, because the rescue statement is safe to
+run concurrently: it claims expired rows with SKIP LOCKED and re-checks status and expiry
+on the row it locked, so two rescuers never move the same job and a heartbeat or a
+completion that commits first always wins. Rescue is driven by the job's own lease, never
+by the workers table, so a pruned or re-registered worker row cannot strand a job.
+Each rescue is an audited transition (``content_job.retrying``, or ``content_job.failed``
+when no attempt is left) like any other.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import datetime
+
+from psycopg_pool import AsyncConnectionPool
+
+from pgjobs import db
+from pgjobs.queries import QUERIES
+from pgjobs.types import Job
+
+log = logging.getLogger(__name__)
+
+BATCH = 500
+STALE_WORKER_SECONDS = 300.0
+
+
+async def rescue_expired(
+    pool: AsyncConnectionPool[db.AsyncConn], *, now: datetime | None = None, limit: int = BATCH
+) -> list[Job]:
+    """One rescue pass: returns the jobs moved (to queued or failed)."""
+    async with pool.connection() as conn:
+        cur = await conn.execute(QUERIES["job_rescue_expired"], {"now": now, "limit": limit})
+        rescued = [Job.from_row(row) for row in await cur.fetchall()]
+    for job in rescued:
+        log.warning(
+            "rescued job %s from worker %s (lease expired, attempt %d of %d) -> %s",
+            job.id,
+            job.worker_id,
+            job.attempts,
+            job.max_attempts,
+            job.status.value,
+        )
+    return rescued
+
+
+async def prune_stale_workers(
+    pool: AsyncConnectionPool[db.AsyncConn], *, now: datetime | None = None
+) -> None:
+    async with pool.connection() as conn:
+        await conn.execute(
+            QUERIES["worker_prune_stale"], {"now": now, "stale_seconds": STALE_WORKER_SECONDS}
+        )

@@ -1,0 +1,148 @@
+"""A blocking facade over the producer API, for Django/Flask-style code.
+
+It reuses the client's query plans and row mapping (``pgjobs.client.plan_*``); only the
+I/O is synchronous. Pass ``conn=`` (a psycopg ``Connection``) to enqueue inside your own
+transaction: the job exists if, and only if, you commit.
+"""
+
+from __future__ import annotations
+
+import builtins
+import uuid
+from collections.abc import Iterable, Mapping
+from datetime import datetime
+from typing import Any, LiteralString
+
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from pgjobs import db
+from pgjobs.client import (
+    JobPage,
+    Params,
+    order_like,
+    page_of,
+    parse_job_id,
+    plan_insert,
+    plan_list,
+    transition_error,
+)
+from pgjobs.errors import JobNotFoundError, NotMigratedError
+from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec
+from pgjobs.queries import QUERIES
+from pgjobs.types import Job, JobEvent
+
+
+class SyncClient:
+    def __init__(self, dsn: str | None = None, *, max_size: int = 5) -> None:
+        dsn = db.resolve_dsn(dsn)
+        db.check_dsn(dsn)
+        self.pool: ConnectionPool[db.SyncConn] = ConnectionPool(
+            dsn,
+            max_size=max_size,
+            kwargs={"autocommit": True, "row_factory": dict_row},
+            check=ConnectionPool.check_connection,
+            open=False,
+        )
+        try:
+            self.pool.open(wait=True, timeout=10)
+        except Exception as exc:
+            self.pool.close()
+            raise db.unavailable(dsn, exc) from None
+        rows = self._fetch(QUERIES["schema_check"], {}, None)
+        if not rows[0]["migrated"]:
+            self.pool.close()
+            raise NotMigratedError()
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def __enter__(self) -> SyncClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _fetch(
+        self, query: LiteralString, params: Params, conn: db.SyncConn | None
+    ) -> list[dict[str, Any]]:
+        if conn is not None:
+            cur = conn.cursor(row_factory=dict_row).execute(query, params)
+            return cur.fetchall() if cur.description else []
+        with self.pool.connection() as pooled:
+            cur = pooled.execute(query, params)
+            return cur.fetchall() if cur.description else []
+
+    def enqueue(
+        self,
+        company_id: str,
+        job_type: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        source_task_id: str | None = None,
+        priority: int = 0,
+        run_at: datetime | None = None,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        conn: db.SyncConn | None = None,
+    ) -> Job:
+        spec = JobSpec(
+            company_id=company_id,
+            job_type=job_type,
+            input=input if input is not None else {},
+            source_task_id=source_task_id,
+            priority=priority,
+            run_at=run_at,
+            max_attempts=max_attempts,
+        )
+        (job,) = self.enqueue_many([spec], conn=conn)
+        return job
+
+    def enqueue_many(
+        self, specs: Iterable[JobSpec], *, conn: db.SyncConn | None = None
+    ) -> list[Job]:
+        specs = list(specs)
+        if not specs:
+            return []
+        return order_like(specs, self._fetch(*plan_insert(specs), conn))
+
+    def get(self, company_id: str, job_id: uuid.UUID | str) -> Job:
+        jid = parse_job_id(job_id)
+        rows = self._fetch(QUERIES["job_get"], {"id": jid, "company_id": company_id}, None)
+        if not rows:
+            raise JobNotFoundError(jid)
+        return Job.from_row(rows[0])
+
+    def list(
+        self,
+        company_id: str,
+        *,
+        status: str | None = None,
+        limit: int = 50,
+        cursor: str | None = None,
+    ) -> JobPage:
+        return page_of(self._fetch(*plan_list(company_id, status, limit, cursor), None), limit)
+
+    def _transition(
+        self, name: LiteralString, action: str, company_id: str, job_id: uuid.UUID | str
+    ) -> Job:
+        jid = parse_job_id(job_id)
+        params = {"id": jid, "company_id": company_id, "now": None}
+        rows = self._fetch(QUERIES[name], params, None)
+        if rows:
+            return Job.from_row(rows[0])
+        current = self._fetch(QUERIES["job_get"], params, None)
+        raise transition_error(action, jid, Job.from_row(current[0]) if current else None)
+
+    def cancel(self, company_id: str, job_id: uuid.UUID | str) -> Job:
+        return self._transition("job_cancel", "cancel", company_id, job_id)
+
+    def retry(self, company_id: str, job_id: uuid.UUID | str) -> Job:
+        return self._transition("job_retry", "retry", company_id, job_id)
+
+    def events(
+        self, company_id: str, job_id: uuid.UUID | str, *, after_seq: int = 0
+    ) -> builtins.list[JobEvent]:
+        params = {"job_id": parse_job_id(job_id), "company_id": company_id, "after_seq": after_seq}
+        return [
+            JobEvent.from_row(r) for r in self._fetch(QUERIES["job_events_for_job"], params, None)
+        ]

@@ -1,0 +1,143 @@
+"""The records pgjobs hands to callers: jobs, events and assets."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+JsonValue = Any
+"""A value that serialises to JSON (dict, list, str, int, float, bool or None)."""
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class EventType(StrEnum):
+    QUEUED = "content_job.queued"
+    RUNNING = "content_job.running"
+    PROGRESS = "content_job.progress"
+    RETRYING = "content_job.retrying"
+    DONE = "content_job.done"
+    FAILED = "content_job.failed"
+    CANCELLED = "content_job.cancelled"
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    fraction: float | None
+    message: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    id: uuid.UUID
+    company_id: str
+    job_type: str
+    status: JobStatus
+    input: JsonValue
+    priority: int
+    run_at: datetime
+    attempts: int
+    max_attempts: int
+    result: JsonValue
+    result_asset_id: uuid.UUID | None
+    error_message: str | None
+    source_task_id: str | None
+    progress: Progress | None
+    worker_id: str | None
+    lease_token: int
+    lease_expires_at: datetime | None
+    event_seq: int
+    started_at: datetime | None
+    finished_at: datetime | None
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Job:
+        fraction = row["progress_fraction"]
+        message = row["progress_message"]
+        return cls(
+            id=row["id"],
+            company_id=row["company_id"],
+            job_type=row["job_type"],
+            status=JobStatus(row["status"]),
+            input=row["input"],
+            priority=row["priority"],
+            run_at=row["run_at"],
+            attempts=row["attempts"],
+            max_attempts=row["max_attempts"],
+            result=row["result"],
+            result_asset_id=row["result_asset_id"],
+            error_message=row["error_message"],
+            source_task_id=row["source_task_id"],
+            progress=None if fraction is None and message is None else Progress(fraction, message),
+            worker_id=row["worker_id"],
+            lease_token=row["lease_token"],
+            lease_expires_at=row["lease_expires_at"],
+            event_seq=row["event_seq"],
+            started_at=row["started_at"],
+            finished_at=row["finished_at"],
+            created_at=row["created_at"],
+            updated_at=row["updated_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class JobEvent:
+    id: int
+    job_id: uuid.UUID
+    company_id: str
+    seq: int
+    type: EventType
+    status: JobStatus
+    attempt: int
+    worker_id: str | None
+    payload: dict[str, JsonValue]
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> JobEvent:
+        return cls(
+            id=row["id"],
+            job_id=row["job_id"],
+            company_id=row["company_id"],
+            seq=row["seq"],
+            type=EventType(row["type"]),
+            status=JobStatus(row["status"]),
+            attempt=row["attempt"],
+            worker_id=row["worker_id"],
+            payload=row["payload"],
+            created_at=row["created_at"],
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Asset:
+    id: uuid.UUID
+    company_id: str
+    namespace: str
+    object_key: str
+    content_type: str
+    byte_size: int
+    sha256: str
+    original_filename: str | None
+    source_task_id: str | None
+    source_job_id: uuid.UUID | None
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> Asset:
+        return cls(**{name: row[name] for name in cls.__slots__})

@@ -1,0 +1,430 @@
+"""The worker: claim jobs, run their handlers, record how each attempt ended.
+
+Guarantees (see the README's "Delivery guarantees"):
+
+* At-least-once execution. A job runs again if its worker dies or stalls past its lease,
+  so handlers should be idempotent.
+* Exactly one terminal transition per job. Every write made for an attempt is guarded
+  by (id, status = 'running', lease_token); a worker that lost its lease (paused,
+  partitioned, slow) updates zero rows, logs it, and its result is discarded.
+
+Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
+with SKIP LOCKED, woken by NOTIFY or a poll timer), one task per running job, the
+completer (batches final transitions into one commit), the heartbeat (renews every held
+lease in one statement and stops jobs this worker no longer holds), the rescuer (returns
+other workers' expired jobs to the queue) and the listener (wake-ups and cancellations).
+
+Shutdown (SIGTERM/SIGINT): stop claiming, give running jobs ``shutdown_grace_seconds`` to
+finish, then interrupt the rest and release them back to ``queued`` in one audited
+statement, without using up an attempt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import socket
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
+
+from pgjobs import assets, db, rescuer
+from pgjobs.assets import GeneratedAsset
+from pgjobs.completer import Completer, Outcome
+from pgjobs.config import WorkerSettings
+from pgjobs.context import JobContext
+from pgjobs.errors import AssetTooLargeError, InvalidJobError
+from pgjobs.jobspec import check_json
+from pgjobs.notifier import Listener
+from pgjobs.queries import QUERIES
+from pgjobs.registry import Handler, Registry
+from pgjobs.storage import LocalStorage, Storage
+from pgjobs.types import Job
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "the database is unreachable right now": back off and try again.
+TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
+MAX_CLAIM_BATCH = 100
+
+
+def retry_delay(attempt: int, settings: WorkerSettings) -> float:
+    """Exponential backoff with jitter: base * 2^(attempt-1), capped, times [0.5, 1)."""
+    delay = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempt - 1))
+    return float(delay * random.uniform(0.5, 1.0))
+
+
+def default_worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
+@dataclass(slots=True)
+class _Running:
+    job: Job
+    ctx: JobContext
+    task: asyncio.Task[None]
+    finishing: bool = False
+
+
+class Worker:
+    def __init__(
+        self,
+        dsn: str,
+        registry: Registry,
+        settings: WorkerSettings | None = None,
+        *,
+        storage: Storage | None = None,
+        worker_id: str | None = None,
+        burst: bool = False,
+    ) -> None:
+        """burst=True: run until no job is due and none is running, then stop (for
+        tests, cron-style draining, and pgjobs.testing)."""
+        self.dsn = dsn
+        self.registry = registry
+        self.settings = settings or WorkerSettings()
+        self.storage = storage or LocalStorage(self.settings.storage_dir)
+        self.id = worker_id or default_worker_id()
+        self._running: dict[uuid.UUID, _Running] = {}
+        self._wakeup = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._threads = ThreadPoolExecutor(
+            max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
+        )
+        self._pool: AsyncConnectionPool[db.AsyncConn] | None = None
+        self._completer: Completer | None = None
+        self.started = asyncio.Event()
+        self.listener: Listener | None = None
+        self.jobs_started = 0
+        self.burst = burst
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def stop(self) -> None:
+        """Begin a graceful shutdown (safe to call from a signal handler)."""
+        self._stopping.set()
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        settings = self.settings
+        pool = await db.open_pool(
+            self.dsn,
+            min_size=2,
+            max_size=min(settings.concurrency, 8) + 3,
+            name=f"pgjobs-worker {self.id}"[:63],
+        )
+        self._pool = pool
+        background: list[asyncio.Task[None]] = []
+        try:
+            async with pool.connection() as conn:
+                await db.ensure_migrated(conn)
+                await conn.execute(
+                    QUERIES["worker_register"],
+                    {
+                        "id": self.id,
+                        "hostname": socket.gethostname(),
+                        "pid": os.getpid(),
+                        "job_types": list(settings.job_types or self.registry.job_types),
+                        "concurrency": settings.concurrency,
+                        "now": None,
+                    },
+                )
+            self._completer = Completer(
+                pool, self.storage, flush_interval=settings.flush_interval_seconds
+            )
+            self.listener = Listener(
+                self.dsn,
+                self._on_notify,
+                on_connect=self._on_listener_connect,
+                heartbeat_seconds=max(settings.heartbeat_seconds, 1.0),
+                name=f"pgjobs-listen {self.id}"[:63],
+            )
+            completer_task = asyncio.create_task(self._completer.run(), name="pgjobs-completer")
+            background = [
+                asyncio.create_task(self.listener.run(), name="pgjobs-listener"),
+                asyncio.create_task(self._heartbeat_loop(), name="pgjobs-heartbeat"),
+                asyncio.create_task(self._rescue_loop(), name="pgjobs-rescuer"),
+            ]
+            log.info(
+                "worker %s started: concurrency %d, job types %s",
+                self.id,
+                settings.concurrency,
+                ", ".join(settings.job_types or ["(all)"]),
+            )
+            self.started.set()
+            await self._fetch_loop()
+            await self._drain()
+            self._completer.close()
+            await completer_task
+        finally:
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
+            with contextlib.suppress(*TRANSIENT):
+                async with pool.connection(timeout=2.0) as conn:
+                    await conn.execute(QUERIES["worker_deregister"], {"id": self.id})
+            await pool.close()
+            self._threads.shutdown(wait=False, cancel_futures=True)
+            log.info("worker %s stopped", self.id)
+
+    async def _drain(self) -> None:
+        """Graceful part of shutdown: wait for running jobs, then release the rest."""
+        if not self._running:
+            return
+        grace = self.settings.shutdown_grace_seconds
+        log.info("waiting up to %.1fs for %d running job(s)", grace, len(self._running))
+        tasks = [r.task for r in self._running.values()]
+        _, still_running = await asyncio.wait(tasks, timeout=grace)
+        interrupted = [r for r in list(self._running.values()) if not r.finishing]
+        for entry in interrupted:
+            entry.ctx._cancel("worker shutting down")
+            entry.task.cancel()
+        await asyncio.gather(*still_running, return_exceptions=True)
+        if interrupted:
+            await self._release([r.job for r in interrupted])
+
+    async def _release(self, jobs: list[Job]) -> None:
+        assert self._pool is not None
+        params = {
+            "now": None,
+            "ids": [j.id for j in jobs],
+            "lease_tokens": [j.lease_token for j in jobs],
+        }
+        for attempt in range(5):
+            try:
+                async with self._pool.connection() as conn:
+                    cur = await conn.execute(QUERIES["job_release_if_leased"], params)
+                    released = await cur.fetchall()
+                log.info("released %d unfinished job(s) back to the queue", len(released))
+                return
+            except TRANSIENT as exc:
+                log.warning("could not release jobs (%s); retry %d", exc, attempt + 1)
+                await asyncio.sleep(0.2 * 2**attempt)
+        log.error(
+            "gave up releasing %d job(s); they will be rescued when their lease expires", len(jobs)
+        )
+
+    # -- claiming ----------------------------------------------------------------------
+
+    async def _fetch_loop(self) -> None:
+        assert self._pool is not None
+        failures = 0
+        while not self._stopping.is_set():
+            self._wakeup.clear()
+            free = self.settings.concurrency - len(self._running)
+            if free > 0:
+                try:
+                    jobs = await self._claim(min(free, MAX_CLAIM_BATCH))
+                    failures = 0
+                except TRANSIENT as exc:
+                    failures += 1
+                    delay = min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
+                    log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
+                    await self._sleep_unless_stopping(delay)
+                    continue
+                for job in jobs:
+                    self._start(job)
+                if self.burst and not jobs and not self._running:
+                    break
+                if (
+                    len(jobs) == min(free, MAX_CLAIM_BATCH)
+                    and len(self._running) < self.settings.concurrency
+                ):
+                    continue  # the queue may hold more: claim again at once
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(
+                    self._wakeup.wait(), timeout=self.settings.poll_interval_seconds
+                )
+
+    async def _sleep_unless_stopping(self, delay: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+
+    async def _claim(self, limit: int) -> list[Job]:
+        assert self._pool is not None
+        params = {
+            "now": None,
+            "limit": limit,
+            "worker_id": self.id,
+            "lease_seconds": self.settings.lease_seconds,
+            "job_types": list(self.settings.job_types) if self.settings.job_types else None,
+        }
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(QUERIES["job_claim_batch"], params)
+            return [Job.from_row(row) for row in await cur.fetchall()]
+
+    def _on_notify(self, payload: str) -> None:
+        try:
+            events = json.loads(payload).get("events", [])
+        except (ValueError, AttributeError):
+            log.warning("ignoring malformed notification payload %.200r", payload)
+            return
+        for event in events:
+            if event.get("status") == "queued":
+                self._wakeup.set()
+            elif event.get("type") == "content_job.cancelled":
+                with contextlib.suppress(ValueError, TypeError):
+                    self._interrupt(uuid.UUID(event.get("jobId")), "job was cancelled")
+
+    async def _on_listener_connect(self) -> None:
+        # Anything announced while the listener was down is in the table: look now.
+        self._wakeup.set()
+
+    # -- running -----------------------------------------------------------------------
+
+    def _start(self, job: Job) -> None:
+        ctx = JobContext(job, self._write_progress, asyncio.get_running_loop())
+        task = asyncio.create_task(self._execute(job, ctx), name=f"pgjobs-job-{job.id}")
+        self._running[job.id] = _Running(job, ctx, task)
+        self.jobs_started += 1
+
+    def _interrupt(self, job_id: uuid.UUID, reason: str) -> None:
+        entry = self._running.get(job_id)
+        if entry is None or entry.finishing or entry.ctx.cancelled:
+            return
+        log.warning("job %s: stopping handler: %s", job_id, reason)
+        entry.ctx._cancel(reason)
+        entry.task.cancel()
+
+    async def _execute(self, job: Job, ctx: JobContext) -> None:
+        try:
+            outcome = await self._attempt(job, ctx)
+            if outcome is None:
+                return
+            entry = self._running.get(job.id)
+            if entry is not None:
+                entry.finishing = True
+            assert self._completer is not None
+            await self._completer.finish(outcome)
+        finally:
+            self._running.pop(job.id, None)
+            self._wakeup.set()
+
+    async def _attempt(self, job: Job, ctx: JobContext) -> Outcome | None:
+        """Run the handler; None when the attempt was abandoned (cancelled, lease lost,
+        shutdown), in which case nothing may be written for it."""
+        handler = self.registry.get(job.job_type)
+        if handler is None:
+            known = ", ".join(self.registry.job_types) or "none"
+            return Outcome(
+                job,
+                "fail",
+                error=f"unknown job type {job.job_type!r}: no handler is registered for it "
+                f"(this worker handles: {known}); start a worker whose --handlers registry "
+                "has it, then retry the job",
+            )
+        try:
+            result = await asyncio.wait_for(self._invoke(handler, ctx), handler.timeout)
+            asset = None
+            if isinstance(result, GeneratedAsset):
+                asset = await assets.store(
+                    self.storage, result, max_bytes=self.settings.max_asset_bytes
+                )
+                result = result.result
+            try:
+                check_json(result, "the handler's result")
+            except InvalidJobError as exc:
+                if asset is not None:
+                    await self.storage.delete(asset.key)
+                return Outcome(job, "fail", error=str(exc))
+            return Outcome(job, "done", result=result, asset=asset)
+        except asyncio.CancelledError:
+            if ctx.cancelled:
+                return None
+            raise
+        except AssetTooLargeError as exc:
+            return Outcome(job, "fail", error=str(exc))
+        except TimeoutError:
+            if handler.timeout is not None:
+                error = f"timed out after {handler.timeout:g}s (the {job.job_type!r} timeout)"
+            else:
+                error = "TimeoutError raised by the handler"
+            return Outcome(
+                job, "error", error=error, retry_delay=retry_delay(job.attempts, self.settings)
+            )
+        except Exception as exc:
+            ctx.logger.warning("attempt %d failed: %s: %s", job.attempts, type(exc).__name__, exc)
+            return Outcome(
+                job,
+                "error",
+                error=f"{type(exc).__name__}: {exc}",
+                retry_delay=retry_delay(job.attempts, self.settings),
+            )
+
+    async def _invoke(self, handler: Handler, ctx: JobContext) -> Any:
+        if handler.is_async:
+            return await handler.fn(ctx)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._threads, handler.fn, ctx)
+
+    async def _write_progress(self, job: Job, fraction: float | None, message: str | None) -> bool:
+        assert self._pool is not None
+        params = {
+            "id": job.id,
+            "lease_token": job.lease_token,
+            "fraction": fraction,
+            "message": message,
+            "now": None,
+        }
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
+                updated = await cur.fetchone()
+        except TRANSIENT as exc:
+            log.warning("job %s: progress not recorded (%s)", job.id, exc)
+            return False
+        if updated is None:
+            log.warning("job %s: progress rejected, this worker no longer holds the job", job.id)
+            return False
+        return True
+
+    # -- maintenance -------------------------------------------------------------------
+
+    async def _heartbeat_loop(self) -> None:
+        assert self._pool is not None
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_seconds)
+            held = [e.job for e in self._running.values()]
+            try:
+                async with self._pool.connection() as conn:
+                    await conn.execute(QUERIES["worker_heartbeat"], {"id": self.id, "now": None})
+                    if not held:
+                        continue
+                    cur = await conn.execute(
+                        QUERIES["job_extend_leases"],
+                        {
+                            "ids": [j.id for j in held],
+                            "lease_tokens": [j.lease_token for j in held],
+                            "lease_seconds": self.settings.lease_seconds,
+                            "now": None,
+                        },
+                    )
+                    still_held = {row["id"] for row in await cur.fetchall()}
+            except TRANSIENT as exc:
+                log.warning("heartbeat failed (%s); leases not renewed this round", exc)
+                continue
+            for job in held:
+                if job.id not in still_held:
+                    self._interrupt(job.id, "lease lost (cancelled or rescued by another worker)")
+
+    async def _rescue_loop(self) -> None:
+        assert self._pool is not None
+        passes = 0
+        while True:
+            await asyncio.sleep(self.settings.rescue_interval_seconds * random.uniform(0.5, 1.5))
+            try:
+                rescued = await rescuer.rescue_expired(self._pool)
+                if any(job.status.value == "queued" for job in rescued):
+                    self._wakeup.set()
+                passes += 1
+                if passes % 30 == 0:
+                    await rescuer.prune_stale_workers(self._pool)
+            except TRANSIENT as exc:
+                log.warning("rescue pass failed (%s)", exc)

@@ -1,0 +1,121 @@
+"""Shared test helpers: waiting on conditions, running workers in-process or as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from pgjobs.config import WorkerSettings
+from pgjobs.registry import Registry
+from pgjobs.worker import Worker
+
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
+
+# Fast settings so tests exercise leases and retries in seconds, not minutes.
+FAST = {
+    "lease_seconds": 2.0,
+    "heartbeat_seconds": 0.5,
+    "rescue_interval_seconds": 0.3,
+    "poll_interval_seconds": 0.5,
+    "retry_base_seconds": 0.1,
+    "retry_max_seconds": 1.0,
+    "shutdown_grace_seconds": 2.0,
+}
+
+
+def fast_settings(storage_dir: Path, **overrides: Any) -> WorkerSettings:
+    return WorkerSettings(**{**FAST, "storage_dir": storage_dir, **overrides})
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]],
+    *,
+    within: float = 20.0,
+    interval: float = 0.05,
+    message: str = "condition",
+) -> None:
+    """Poll predicate until it is true; fail after timeout. Never a bare sleep."""
+    deadline = time.monotonic() + within
+    while True:
+        if await predicate():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {within}s waiting for {message}")
+        await asyncio.sleep(interval)
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    dsn: str, registry: Registry, settings: WorkerSettings, **kwargs: Any
+) -> AsyncIterator[Worker]:
+    worker = Worker(dsn, registry, settings, **kwargs)
+    task = asyncio.create_task(worker.run())
+    started = asyncio.create_task(worker.started.wait())
+    await asyncio.wait({task, started}, timeout=20, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raise what went wrong
+    assert worker.listener is not None
+    await asyncio.wait_for(worker.listener.connected.wait(), timeout=10)
+    try:
+        yield worker
+    finally:
+        worker.stop()
+        await asyncio.wait_for(task, timeout=30)
+
+
+async def fetch(dsn: str, query: Any, params: Any = None) -> list[dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row
+    ) as conn:
+        cur = await conn.execute(query, params)
+        return await cur.fetchall() if cur.description else []
+
+
+async def job_status(dsn: str, job_id: Any) -> str:
+    rows = await fetch(dsn, "SELECT status FROM pgjobs.jobs WHERE id = %s", [job_id])
+    return str(rows[0]["status"])
+
+
+def start_worker_process(
+    dsn: str,
+    *,
+    handlers: str = "fault_handlers:registry",
+    worker_id: str,
+    extra: list[str] | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.Popen[bytes]:
+    """A real `pgjobs worker` process (for SIGKILL/SIGSTOP/SIGTERM tests)."""
+    full_env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")]),
+        "PGJOBS_DSN": dsn,
+        **(env or {}),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "pgjobs",
+            "worker",
+            "--handlers",
+            handlers,
+            "--worker-id",
+            worker_id,
+            *(extra or []),
+        ],
+        env=full_env,
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
