@@ -1,7 +1,9 @@
-"""Named SQL queries, loaded once from ``queries.sql``.
+"""Named SQL queries, loaded once from ``.sql`` files shipped in the package.
 
-Every runtime query lives in that file under a ``-- name: table_verb_guard`` header, so
-SQL is reviewed as SQL, and a test EXPLAINs each one against the migrated schema.
+Every runtime query lives in a ``.sql`` file under a ``-- name: table_verb_guard`` header
+(``pgjobs/queries.sql`` for the queue, ``pgjobs/gateway/queries.sql`` for the HTTP
+gateway), so SQL is reviewed as SQL, and a test EXPLAINs each one against the migrated
+schema.
 """
 
 from __future__ import annotations
@@ -14,17 +16,18 @@ from typing import LiteralString, cast
 _HEADER = re.compile(r"^-- name: (\w+)\s*$", re.MULTILINE)
 
 
-def _load() -> Mapping[str, LiteralString]:
-    text = resources.files("pgjobs").joinpath("queries.sql").read_text(encoding="utf-8")
+def load(package: str, filename: str = "queries.sql") -> Mapping[str, LiteralString]:
+    """Parse ``filename`` inside ``package`` into {name: query}."""
+    text = resources.files(package).joinpath(filename).read_text(encoding="utf-8")
     parts = _HEADER.split(text)
     queries: dict[str, LiteralString] = {}
     # parts = [preamble, name1, body1, name2, body2, ...]
     for name, body in zip(parts[1::2], parts[2::2], strict=True):
         if name in queries:
-            raise RuntimeError(f"queries.sql defines {name!r} twice")
+            raise RuntimeError(f"{package}/{filename} defines {name!r} twice")
         # The file ships with the package; its text is as trusted as a literal.
         queries[name] = cast(LiteralString, body.strip().rstrip(";"))
     return queries
 
 
-QUERIES: Mapping[str, LiteralString] = _load()
+QUERIES: Mapping[str, LiteralString] = load("pgjobs")

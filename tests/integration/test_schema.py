@@ -1,0 +1,105 @@
+"""The schema's own guarantees, checked with plain SQL as an operator would see them."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+import psycopg
+import pytest
+
+from pgjobs.client import Client
+from pgjobs.queries import QUERIES
+
+
+def _param_names(query: str) -> set[str]:
+    return set(re.findall(r"%\((\w+)\)s", query))
+
+
+@pytest.mark.parametrize("name", sorted(QUERIES))
+async def test_every_named_query_plans_against_the_schema(dsn: str, name: str) -> None:
+    query = QUERIES[name]
+    params = dict.fromkeys(_param_names(query))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("EXPLAIN " + query, params)  # type: ignore[operator]
+
+
+async def test_update_that_skips_the_event_is_refused(dsn: str, client: Client) -> None:
+    job = await client.enqueue("acme", "echo")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="without a transition"):
+            await conn.execute(
+                "UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now() WHERE id = %s",
+                [job.id],
+            )
+        with pytest.raises(psycopg.errors.CheckViolation, match="without a transition"):
+            await conn.execute(
+                "UPDATE pgjobs.jobs SET event_seq = event_seq + 2, last_event = 'content_job.cancelled',"
+                " status = 'cancelled', finished_at = now() WHERE id = %s",
+                [job.id],
+            )
+
+
+async def test_status_and_timestamps_must_agree(dsn: str, client: Client) -> None:
+    job = await client.enqueue("acme", "echo")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match="jobs_finished_iff_terminal"):
+            await conn.execute(
+                "UPDATE pgjobs.jobs SET status = 'done', event_seq = event_seq + 1,"
+                " last_event = 'content_job.done' WHERE id = %s",
+                [job.id],
+            )
+        with pytest.raises(psycopg.errors.CheckViolation, match="jobs_running_has_lease"):
+            await conn.execute(
+                "UPDATE pgjobs.jobs SET status = 'running', event_seq = event_seq + 1,"
+                " last_event = 'content_job.running', attempts = 1 WHERE id = %s",
+                [job.id],
+            )
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await conn.execute(
+                "INSERT INTO pgjobs.jobs (id, company_id, job_type, status) "
+                "VALUES (gen_random_uuid(), 'acme', 'echo', 'sleeping')"
+            )
+
+
+async def test_job_events_are_append_only(dsn: str, client: Client) -> None:
+    await client.enqueue("acme", "echo")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            await conn.execute("UPDATE pgjobs.job_events SET type = 'content_job.done'")
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+            await conn.execute("DELETE FROM pgjobs.job_events")
+
+
+async def test_events_survive_pruning_the_job_row(dsn: str, client: Client) -> None:
+    job = await client.enqueue("acme", "echo")
+    await client.cancel("acme", job.id)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("DELETE FROM pgjobs.jobs WHERE id = %s", [job.id])
+        cur = await conn.execute(
+            "SELECT type FROM pgjobs.job_events WHERE job_id = %s ORDER BY seq", [job.id]
+        )
+        assert [r[0] for r in await cur.fetchall()] == [
+            "content_job.queued",
+            "content_job.cancelled",
+        ]
+
+
+async def test_bulk_transition_notifies_in_few_payloads_each_under_8000_bytes(
+    dsn: str, client: Client
+) -> None:
+    from pgjobs.jobspec import JobSpec
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener:
+        await listener.execute("LISTEN pgjobs_events")
+        # A long error message must be cut in the payload, not break the NOTIFY.
+        jobs = await client.enqueue_many(JobSpec(f"company-{n % 7}", "echo") for n in range(500))
+        payloads = [n.payload async for n in listener.notifies(timeout=2.0)]
+    events = [e for p in payloads for e in json.loads(p)["events"]]
+    assert len(events) == 500
+    assert {uuid.UUID(e["jobId"]) for e in events} == {j.id for j in jobs}
+    assert all(len(p.encode()) < 8000 for p in payloads)
+    assert len(payloads) <= 500 * 200 // 7000 + 2, "events are packed, not one NOTIFY each"
+    first = events[0]
+    assert set(first) >= {"eventId", "jobId", "companyId", "seq", "type", "status", "attempt"}
