@@ -35,8 +35,9 @@ async def test_update_that_skips_the_event_is_refused(dsn: str, client: Client) 
             )
         with pytest.raises(psycopg.errors.CheckViolation, match="without a transition"):
             await conn.execute(
-                "UPDATE pgjobs.jobs SET event_seq = event_seq + 2, last_event = 'content_job.cancelled',"
-                " status = 'cancelled', finished_at = now() WHERE id = %s",
+                "UPDATE pgjobs.jobs SET event_seq = event_seq + 2,"
+                " last_event = 'content_job.cancelled', status = 'cancelled', finished_at = now()"
+                " WHERE id = %s",
                 [job.id],
             )
 
