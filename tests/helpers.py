@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import psycopg
 from psycopg.rows import dict_row
@@ -102,20 +104,35 @@ def start_worker_process(
         "PGJOBS_DSN": dsn,
         **(env or {}),
     }
-    return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "pgjobs",
-            "worker",
-            "--handlers",
-            handlers,
-            "--worker-id",
-            worker_id,
-            *(extra or []),
-        ],
+    # Output goes to a file, not a pipe: a chatty worker must never block on a full pipe.
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by stop_worker_process
+    argv = [sys.executable, "-m", "pgjobs", "worker", "--handlers", handlers]
+    proc = subprocess.Popen(
+        [*argv, "--worker-id", worker_id, *(extra or [])],
         env=full_env,
         cwd=ROOT,
-        stdout=subprocess.PIPE,
+        stdout=log,
         stderr=subprocess.STDOUT,
     )
+    _logs[proc.pid] = log
+    return proc
+
+
+_logs: dict[int, IO[bytes]] = {}
+
+
+def stop_worker_process(proc: subprocess.Popen[bytes]) -> str:
+    """Stop (SIGCONT, then SIGTERM, then SIGKILL) and return everything it printed."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGCONT)
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    log = _logs.pop(proc.pid)
+    log.seek(0)
+    text = log.read().decode(errors="replace")
+    log.close()
+    return text

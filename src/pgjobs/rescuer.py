@@ -52,3 +52,10 @@ async def prune_stale_workers(
         await conn.execute(
             QUERIES["worker_prune_stale"], {"now": now, "stale_seconds": STALE_WORKER_SECONDS}
         )
+
+
+async def rescue_expired_with(dsn: str, *, now: datetime | None = None) -> list[Job]:
+    """One rescue pass on a short-lived connection (operators' scripts, tests)."""
+    async with await db.connect(dsn) as conn:
+        cur = await conn.execute(QUERIES["job_rescue_expired"], {"now": now, "limit": BATCH})
+        return [Job.from_row(row) for row in await cur.fetchall()]

@@ -1,0 +1,265 @@
+"""Transactional enqueue, fencing, rescue and the core promise, at the SQL boundary."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from helpers import fast_settings, fetch, running_worker
+from pgjobs import demo, rescuer
+from pgjobs.client import Client
+from pgjobs.jobspec import JobSpec
+from pgjobs.queries import QUERIES
+from pgjobs.sync import SyncClient
+from pgjobs.types import EventType, JobStatus
+
+
+async def _notifications(conn: psycopg.AsyncConnection[object], seconds: float) -> list[str]:
+    return [n.payload async for n in conn.notifies(timeout=seconds)]
+
+
+async def test_enqueue_rolls_back_with_the_callers_transaction(dsn: str, client: Client) -> None:
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+        await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as app,
+    ):
+        await listener.execute("LISTEN pgjobs_events")
+        async with app.transaction(force_rollback=True):
+            job = await client.enqueue("acme", "echo", {"n": 1}, conn=app)
+            # Visible inside the caller's transaction...
+            assert (await client.get("acme", job.id, conn=app)).status is JobStatus.QUEUED
+        # ...and gone with it, with no notification ever sent.
+        assert await fetch(dsn, "SELECT id FROM pgjobs.jobs") == []
+        assert await fetch(dsn, "SELECT id FROM pgjobs.job_events") == []
+        assert await _notifications(listener, 0.5) == []
+
+
+async def test_enqueue_commits_with_the_callers_transaction(dsn: str, client: Client) -> None:
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+        await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as app,
+    ):
+        await listener.execute("LISTEN pgjobs_events")
+        async with app.transaction():
+            job = await client.enqueue("acme", "echo", {"n": 1}, conn=app)
+            await app.execute("SELECT pg_sleep(0.2)")
+            # Not visible (and not announced) before the caller commits.
+            assert await fetch(dsn, "SELECT id FROM pgjobs.jobs") == []
+        payloads = await _notifications(listener, 1.0)
+    assert len(payloads) == 1
+    (event,) = json.loads(payloads[0])["events"]
+    assert event["jobId"] == str(job.id)
+    assert event["type"] == "content_job.queued"
+    assert (await client.get("acme", job.id)).status is JobStatus.QUEUED
+
+
+def test_sync_client_enqueues_in_callers_transaction(dsn: str) -> None:
+    with SyncClient(dsn) as sync_client, psycopg.connect(dsn, row_factory=dict_row) as app:
+        with app.transaction(force_rollback=True):
+            sync_client.enqueue("acme", "echo", {"n": 1}, conn=app)
+        with app.transaction():
+            kept = sync_client.enqueue("acme", "echo", {"n": 2}, conn=app)
+        page = sync_client.list("acme")
+        assert [j.id for j in page.jobs] == [kept.id]
+        assert sync_client.get("acme", kept.id).input == {"n": 2}
+        cancelled = sync_client.cancel("acme", kept.id)
+        assert cancelled.status is JobStatus.CANCELLED
+        assert [e.type for e in sync_client.events("acme", kept.id)] == [
+            EventType.QUEUED,
+            EventType.CANCELLED,
+        ]
+
+
+async def _claim(dsn: str, worker: str, now: dt.datetime | None = None) -> dict[str, object]:
+    rows = await fetch(
+        dsn,
+        QUERIES["job_claim_batch"],
+        {"now": now, "limit": 1, "worker_id": worker, "lease_seconds": 10.0, "job_types": None},
+    )
+    assert len(rows) == 1
+    return rows[0]
+
+
+def _finish_params(job: dict[str, object], outcome: str = "done") -> dict[str, object]:
+    return {
+        "now": None,
+        "ids": [job["id"]],
+        "lease_tokens": [job["lease_token"]],
+        "outcomes": [outcome],
+        "results": [json.dumps({"by": job["worker_id"]})],
+        "errors": [None if outcome == "done" else "boom"],
+        "retry_delays": [0.0],
+        "asset_ids": [None],
+        "asset_keys": [None],
+        "asset_content_types": [None],
+        "asset_sizes": [None],
+        "asset_sha256s": [None],
+        "asset_filenames": [None],
+    }
+
+
+async def test_stale_lease_cannot_finish_or_report_progress(dsn: str, client: Client) -> None:
+    job = await client.enqueue("acme", "echo")
+    first = await _claim(dsn, "worker-a")
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    rescued = await rescuer.rescue_expired_with(dsn, now=later)
+    assert [j.id for j in rescued] == [job.id]
+    second = await _claim(dsn, "worker-b", later)
+    assert second["lease_token"] == first["lease_token"] + 1  # type: ignore[operator]
+
+    # The stale attempt: progress and completion both touch zero rows.
+    progress = await fetch(
+        dsn,
+        QUERIES["job_progress_if_leased"],
+        {
+            "id": job.id,
+            "lease_token": first["lease_token"],
+            "fraction": 0.5,
+            "message": "x",
+            "now": None,
+        },
+    )
+    assert progress == []
+    assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(first)) == []
+    # The current attempt wins.
+    done = await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(second))
+    assert [r["result"] for r in done] == [{"by": "worker-b"}]
+    types = [(e.type, e.attempt) for e in await client.events("acme", job.id)]
+    assert types == [
+        (EventType.QUEUED, 0),
+        (EventType.RUNNING, 1),
+        (EventType.RETRYING, 1),
+        (EventType.RUNNING, 2),
+        (EventType.DONE, 2),
+    ]
+
+
+async def test_rescue_respects_the_lease_horizon_and_attempts(dsn: str, client: Client) -> None:
+    fresh = await client.enqueue("acme", "echo", max_attempts=1)
+    await _claim(dsn, "worker-a")
+    now = dt.datetime.now(dt.UTC)
+    # Just inside the lease: not rescued.
+    assert await rescuer.rescue_expired_with(dsn, now=now + dt.timedelta(seconds=9)) == []
+    # Past it, with no attempt left: failed, with a message saying why.
+    (rescued,) = await rescuer.rescue_expired_with(dsn, now=now + dt.timedelta(seconds=11))
+    assert rescued.id == fresh.id
+    assert rescued.status is JobStatus.FAILED
+    assert rescued.error_message is not None
+    assert "lease expired: worker worker-a" in rescued.error_message
+    assert (await client.events("acme", fresh.id))[-1].type is EventType.FAILED
+
+
+async def test_rescue_after_completion_changes_nothing(dsn: str, client: Client) -> None:
+    # River #1302: a rescuer that read "running" must not overwrite a completion that
+    # committed in between.
+    job = await client.enqueue("acme", "echo")
+    claimed = await _claim(dsn, "worker-a")
+    await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(claimed))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
+    assert await rescuer.rescue_expired_with(dsn, now=later) == []
+    assert (await client.get("acme", job.id)).status is JobStatus.DONE
+
+
+async def test_concurrent_claimers_never_share_a_job(dsn: str, client: Client) -> None:
+    await client.enqueue_many(JobSpec("acme", "echo", {"n": n}) for n in range(400))
+
+    async def claimer(name: str) -> list[object]:
+        got: list[object] = []
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            while True:
+                cur = await conn.execute(
+                    QUERIES["job_claim_batch"],
+                    {
+                        "now": None,
+                        "limit": 7,
+                        "worker_id": name,
+                        "lease_seconds": 30.0,
+                        "job_types": None,
+                    },
+                )
+                rows = await cur.fetchall()
+                if not rows:
+                    return got
+                got.extend(r[0] for r in rows)
+
+    results = await asyncio.gather(*(claimer(f"c{n}") for n in range(8)))
+    claimed = [job_id for r in results for job_id in r]
+    assert len(claimed) == 400
+    assert len(set(claimed)) == 400
+    rows = await fetch(dsn, "SELECT max(attempts) AS a FROM pgjobs.jobs")
+    assert rows[0]["a"] == 1
+
+
+async def test_listener_never_sees_an_event_before_its_row(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """The core promise: on every notification, the job row read from another connection
+    is at least as new as the event."""
+    checked = 0
+    stale: list[tuple[object, int, int]] = []
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as reader,
+    ):
+        await listener.execute("LISTEN pgjobs_events")
+        jobs = await client.enqueue_many(
+            JobSpec(f"company-{n % 3}", "sleep", {"seconds": 0.05}) for n in range(60)
+        )
+        ids = {j.id for j in jobs}
+        settings = fast_settings(storage_dir, concurrency=8)
+        async with (
+            running_worker(dsn, demo.registry, settings),
+            running_worker(dsn, demo.registry, settings),
+        ):
+            terminal: set[object] = set()
+            async for note in listener.notifies(timeout=60):
+                for event in json.loads(note.payload)["events"]:
+                    cur = await reader.execute(
+                        "SELECT event_seq, status FROM pgjobs.jobs WHERE id = %s",
+                        [event["jobId"]],
+                    )
+                    row = await cur.fetchone()
+                    assert row is not None, "event for a job that is not visible"
+                    checked += 1
+                    if row["event_seq"] < event["seq"]:
+                        stale.append((event["jobId"], row["event_seq"], event["seq"]))
+                    if event["status"] == "done":
+                        terminal.add(event["jobId"])
+                if len(terminal) == len(ids):
+                    break
+    assert stale == []
+    assert checked == 60 * 13  # queued, running, 10 progress, done: each checked
+    assert len(terminal) == 60
+
+
+@pytest.mark.parametrize("status", ["running", "done"])
+async def test_cancel_and_retry_follow_the_state_machine(
+    dsn: str, client: Client, status: str
+) -> None:
+    from pgjobs.errors import InvalidTransitionError, JobNotFoundError
+
+    job = await client.enqueue("acme", "echo", max_attempts=1)
+    claimed = await _claim(dsn, "w")
+    if status == "done":
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(claimed))
+        with pytest.raises(InvalidTransitionError, match=r"cannot cancel job .* it is done"):
+            await client.cancel("acme", job.id)
+        with pytest.raises(InvalidTransitionError):
+            await client.retry("acme", job.id)
+    else:
+        with pytest.raises(InvalidTransitionError):
+            await client.retry("acme", job.id)
+        assert (await client.cancel("acme", job.id)).status is JobStatus.CANCELLED
+        again = await client.retry("acme", job.id)
+        assert again.status is JobStatus.QUEUED
+        assert again.max_attempts == 2, "a retry grants an attempt when none is left"
+    with pytest.raises(JobNotFoundError):
+        await client.cancel("other-company", job.id)
+    with pytest.raises(JobNotFoundError):
+        await client.get("acme", "not-a-uuid")
