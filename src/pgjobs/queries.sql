@@ -249,3 +249,14 @@ WHERE last_heartbeat_at < coalesce(%(now)s::timestamptz, now()) - make_interval(
 
 -- name: schema_check
 SELECT to_regclass('pgjobs.jobs') IS NOT NULL AND to_regclass('pgjobs.job_events') IS NOT NULL AS migrated;
+
+-- name: job_get_many
+SELECT * FROM pgjobs.jobs WHERE id = ANY(%(ids)s::uuid[]) ORDER BY started_at, id;
+
+-- name: job_find_matching
+-- pgjobs.testing: jobs of a company and type whose input contains %(input)s.
+SELECT * FROM pgjobs.jobs
+WHERE company_id = %(company_id)s::text AND job_type = %(job_type)s::text
+  AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(input)s::jsonb IS NULL OR input @> %(input)s::jsonb)
+ORDER BY created_at, id;

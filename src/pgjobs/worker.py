@@ -104,6 +104,7 @@ class Worker:
         self.listener: Listener | None = None
         self.jobs_started = 0
         self.burst = burst
+        self.ran: list[uuid.UUID] = []  # burst mode only: the jobs this run started
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -284,6 +285,8 @@ class Worker:
         task = asyncio.create_task(self._execute(job, ctx), name=f"pgjobs-job-{job.id}")
         self._running[job.id] = _Running(job, ctx, task)
         self.jobs_started += 1
+        if self.burst:
+            self.ran.append(job.id)
 
     def _interrupt(self, job_id: uuid.UUID, reason: str) -> None:
         entry = self._running.get(job_id)
