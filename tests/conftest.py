@@ -29,12 +29,22 @@ TESTS = Path(__file__).resolve().parent
 
 
 def _docker_engine_answers() -> bool:
-    try:
-        import docker
-
-        docker.from_env(timeout=3).ping()
-    except Exception:
+    """True when a Docker engine responds (the client alone is not enough)."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://") and not os.path.exists(host.removeprefix("unix://")):
         return False
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ResourceWarning)
+        try:
+            import docker
+
+            engine = docker.from_env(timeout=3)
+            try:
+                engine.ping()
+            finally:
+                engine.close()
+        except Exception:
+            return False
     return True
 
 

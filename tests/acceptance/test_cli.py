@@ -1,0 +1,141 @@
+"""The `pgjobs` command as a user types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pgjobs(
+    *args: str,
+    dsn: str | None = None,
+    cwd: Path = ROOT,
+    env: dict[str, str] | None = None,
+    timeout: float = 60,
+) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "PGJOBS_DSN"}
+    if dsn is not None:
+        full_env["PGJOBS_DSN"] = dsn
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "pgjobs", *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env=full_env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_enqueue_list_show_cancel_retry(dsn: str) -> None:
+    out = pgjobs(
+        "enqueue",
+        "acme",
+        "render",
+        "--input",
+        '{"title": "x"}',
+        "--source-task-id",
+        "t-1",
+        "--priority",
+        "3",
+        "--max-attempts",
+        "2",
+        dsn=dsn,
+    )
+    assert out.returncode == 0, out.stderr
+    job_id = out.stdout.strip()
+    uuid.UUID(job_id)
+
+    listed = pgjobs("jobs", "list", "acme", "--json", dsn=dsn)
+    assert listed.returncode == 0, listed.stderr
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert row["id"] == job_id
+    assert row["status"] == "queued"
+    assert row["sourceTaskId"] == "t-1"
+    assert row["priority"] == 3
+
+    cancelled = pgjobs("cancel", job_id, dsn=dsn)
+    assert cancelled.stdout.strip() == f"{job_id} cancelled"
+    again = pgjobs("cancel", job_id, dsn=dsn)
+    assert again.returncode == 1
+    assert again.stderr.strip() == f"pgjobs: error: cannot cancel job {job_id}: it is cancelled"
+    assert pgjobs("retry", job_id, dsn=dsn).stdout.strip() == f"{job_id} queued"
+
+    shown = pgjobs("jobs", "show", job_id, "--json", dsn=dsn)
+    timeline = [e["type"] for e in json.loads(shown.stdout)["events"]]
+    assert timeline == ["content_job.queued", "content_job.cancelled", "content_job.retrying"]
+    human = pgjobs("jobs", "show", job_id, dsn=dsn)
+    assert "content_job.cancelled" in human.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["enqueue", "acme", "render", "--input", "[1]"], "--input must be a JSON object"),
+        (["enqueue", "acme", "render", "--input", "{"], "--input is not valid JSON"),
+        (["enqueue", "acme", "render", "--input", '{"a": NaN}'], "NaN is not valid JSON"),
+        (["enqueue", "acme", "render", "--run-at", "tomorrow"], "must be an ISO 8601 time"),
+        (["enqueue", "acme", "render", "--run-at", "2030-01-01T00:00"], "needs a timezone"),
+        (["enqueue", "acme", "render", "--max-attempts", "0"], "expected a number >= 1"),
+        (["enqueue", "acme", " "], "job_type is required"),
+        (["jobs", "show", "not-a-uuid"], "job not-a-uuid not found"),
+        (["worker", "--handlers", "nowhere"], "must look like package.module:registry"),
+    ],
+)
+def test_bad_input_is_one_clear_line(dsn: str, args: list[str], message: str) -> None:
+    out = pgjobs(*args, dsn=dsn)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_unreachable_bad_and_unmigrated_databases(empty_dsn: str) -> None:
+    for dsn, message in [
+        ("postgresql://nobody@127.0.0.1:1/none", "cannot connect to PostgreSQL at"),
+        ("this is not a dsn", "invalid DSN"),
+        (empty_dsn, "no pgjobs schema: run `pgjobs migrate` first"),
+    ]:
+        out = pgjobs("jobs", "list", "acme", dsn=dsn)
+        assert out.returncode == 1
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, out.stderr
+        assert message in lines[0]
+    password = pgjobs("enqueue", "a", "b", "--dsn", "postgresql://u:hunter2@127.0.0.1:1/x")
+    assert "hunter2" not in password.stderr
+
+
+def test_migrate_is_idempotent(empty_dsn: str) -> None:
+    first = pgjobs("migrate", dsn=empty_dsn)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == "applied 0001_initial" or first.stdout.startswith("applied")
+    assert pgjobs("migrate", dsn=empty_dsn).stdout.strip() == "schema is up to date"
+
+
+def test_no_dsn_means_embedded_postgres_under_dot_pgjobs(tmp_path: Path) -> None:
+    env = {"PYTHONPATH": str(ROOT / "src")}
+    migrated = pgjobs("migrate", cwd=tmp_path, env=env, timeout=120)
+    assert migrated.returncode == 0, migrated.stderr
+    assert (tmp_path / ".pgjobs" / "pgdata" / "PG_VERSION").exists()
+    enq = pgjobs("enqueue", "acme", "echo", cwd=tmp_path, env=env, timeout=120)
+    assert enq.returncode == 0, enq.stderr
+    listed = pgjobs("jobs", "list", "acme", cwd=tmp_path, env=env, timeout=120)
+    assert enq.stdout.strip() in listed.stdout
+    audit = pgjobs(
+        "psql",
+        "-At",
+        "-c",
+        "select type from pgjobs.job_events",
+        cwd=tmp_path,
+        env=env,
+        timeout=120,
+    )
+    assert audit.stdout.strip() == "content_job.queued"

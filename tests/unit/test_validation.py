@@ -1,0 +1,133 @@
+"""Input validation and configuration: no database needed."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+
+import pytest
+
+from pgjobs import registry as registry_module
+from pgjobs.client import decode_cursor, encode_cursor, parse_job_id
+from pgjobs.config import WorkerSettings
+from pgjobs.db import redact
+from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError
+from pgjobs.jobspec import JobSpec
+from pgjobs.registry import Registry
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"job_type": ""}, "job_type is required"),
+        ({"job_type": "   "}, "job_type is required"),
+        ({"job_type": "x" * 201}, "longer than 200"),
+        ({"company_id": ""}, "company_id is required"),
+        ({"input": ["not", "an", "object"]}, "input must be a JSON object"),
+        ({"input": {"a": "nul\x00byte"}}, "NUL character"),
+        ({"input": {"k\x00": 1}}, "NUL character"),
+        ({"input": {"a": "\ud800"}}, "unpaired surrogate"),
+        ({"input": {"a": float("nan")}}, "JSON cannot represent"),
+        ({"input": {"a": float("inf")}}, "JSON cannot represent"),
+        ({"input": {"a": object()}}, "is not JSON"),
+        ({"input": {1: "x"}}, "non-string key"),
+        ({"priority": 2**40}, "priority is out of range"),
+        ({"priority": "high"}, "priority must be an integer"),
+        ({"max_attempts": 0}, "between 1 and 1000"),
+        ({"run_at": dt.datetime(2030, 1, 1)}, "timezone-aware"),
+    ],
+)
+def test_bad_job_specs_are_rejected_with_a_clear_message(
+    kwargs: dict[str, object], message: str
+) -> None:
+    args: dict[str, object] = {"company_id": "acme", "job_type": "echo", **kwargs}
+    with pytest.raises(InvalidJobError, match=message):
+        JobSpec(**args)  # type: ignore[arg-type]
+
+
+def test_deep_nesting_is_rejected() -> None:
+    value: dict[str, object] = {}
+    for _ in range(100):
+        value = {"a": value}
+    with pytest.raises(InvalidJobError, match="nested deeper"):
+        JobSpec("acme", "echo", value)
+
+
+def test_a_good_spec_serialises_compactly() -> None:
+    spec = JobSpec("acme", "echo", {"b": [1, 2.5, None, True], "a": "é"})
+    assert spec.input_json() == '{"b":[1,2.5,null,true],"a":"\\u00e9"}'
+
+
+def test_cursor_round_trip_and_garbage() -> None:
+    from pgjobs.types import Job, JobStatus
+
+    now = dt.datetime.now(dt.UTC)
+    job = Job(
+        id=uuid.uuid4(),
+        company_id="acme",
+        job_type="echo",
+        status=JobStatus.QUEUED,
+        input={},
+        priority=0,
+        run_at=now,
+        attempts=0,
+        max_attempts=3,
+        result=None,
+        result_asset_id=None,
+        error_message=None,
+        source_task_id=None,
+        progress=None,
+        worker_id=None,
+        lease_token=0,
+        lease_expires_at=None,
+        event_seq=1,
+        started_at=None,
+        finished_at=None,
+        created_at=now,
+        updated_at=now,
+    )
+    assert decode_cursor(encode_cursor(job)) == (now, job.id)
+    for garbage in ["", "!!!", "bm90IGEgY3Vyc29y", encode_cursor(job)[:-3]]:
+        with pytest.raises(InvalidJobError, match="cursor is malformed"):
+            decode_cursor(garbage)
+
+
+def test_malformed_job_id_is_not_found() -> None:
+    with pytest.raises(JobNotFoundError):
+        parse_job_id("../../etc/passwd")
+
+
+def test_registry_rejects_duplicates_and_loads_by_path() -> None:
+    registry = Registry()
+    registry.register("a", lambda ctx: None)
+    with pytest.raises(ConfigurationError, match="already has a handler"):
+        registry.register("a", lambda ctx: None)
+    assert registry_module.load("pgjobs.demo:registry").job_types == (
+        "echo",
+        "fail",
+        "render",
+        "sleep",
+        "sleep_sync",
+    )
+    for bad, message in [
+        ("pgjobs.demo", "must look like"),
+        ("no_such_module_xyz:registry", "cannot import handler module"),
+        ("pgjobs.demo:nothing", "is not a pgjobs Registry"),
+    ]:
+        with pytest.raises(ConfigurationError, match=message):
+            registry_module.load(bad)
+
+
+def test_settings_refuse_a_heartbeat_slower_than_the_lease(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGJOBS_LEASE_SECONDS", "5")
+    monkeypatch.setenv("PGJOBS_HEARTBEAT_SECONDS", "6")
+    with pytest.raises(ConfigurationError, match="must be shorter than the lease"):
+        WorkerSettings.from_env()
+    monkeypatch.setenv("PGJOBS_LEASE_SECONDS", "nan")
+    with pytest.raises(ConfigurationError, match="PGJOBS_LEASE_SECONDS"):
+        WorkerSettings.from_env()
+
+
+def test_passwords_never_reach_messages() -> None:
+    assert redact("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
+    assert "s3cret" not in redact("host=h password=s3cret dbname=x")
