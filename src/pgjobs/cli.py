@@ -146,6 +146,21 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="the `make run` demo: workers, jobs, live progress"
     )
     d.add_argument("--workers", type=_positive_int, default=2)
+
+    g = sub.add_parser("gateway", parents=[common], help="serve the HTTP + SSE gateway (uvicorn)")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+
+    tokens = sub.add_parser("token", help="create or revoke gateway API tokens").add_subparsers(
+        dest="token_command", required=True
+    )
+    tc = tokens.add_parser(
+        "create", parents=[common], help="print a new API token for a company (shown once)"
+    )
+    tc.add_argument("company_id")
+    tc.add_argument("--label", help="a note to recognise the token by")
+    tr = tokens.add_parser("revoke", parents=[common], help="revoke a token (by token or id)")
+    tr.add_argument("token_or_id")
     return parser
 
 
@@ -306,6 +321,34 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     return await demo_run.run(db.resolve_dsn(args.dsn), workers=args.workers)
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from pgjobs.gateway.app import serve
+
+    serve(args.dsn, host=args.host, port=args.port)
+    return 0
+
+
+async def cmd_token(args: argparse.Namespace) -> int:
+    from pgjobs.gateway import auth
+    from pgjobs.jobspec import MAX_COMPANY_LENGTH
+
+    dsn = db.resolve_dsn(args.dsn)
+    async with await db.connect(dsn) as conn:
+        await db.ensure_migrated(conn)
+        if args.token_command == "create":  # noqa: S105 - a subcommand name
+            company = args.company_id
+            if not company.strip() or len(company) > MAX_COMPANY_LENGTH or "\x00" in company:
+                raise InvalidJobError(f"company_id must be 1 to {MAX_COMPANY_LENGTH} characters")
+            print(await auth.create_token(conn, company, args.label))
+            return 0
+        revoked = await auth.revoke_token(conn, args.token_or_id)
+    if revoked is None:
+        print("pgjobs: error: no active token matches", file=sys.stderr)
+        return EXIT_ERROR
+    print(f"revoked {revoked}")
+    return 0
+
+
 def cmd_psql(args: argparse.Namespace) -> int:
     """psql against the configured database. With the embedded server this process keeps
     it running while psql is open (it stops when the last pgjobs process exits)."""
@@ -348,6 +391,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cancel": cmd_transition,
         "retry": cmd_transition,
         "demo": cmd_demo,
+        "token": cmd_token,
     }
     try:
         if args.command == "migrate":
@@ -357,6 +401,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "psql":
             return cmd_psql(args)
+        if args.command == "gateway":
+            return cmd_gateway(args)
         if args.command == "jobs":
             fn = cmd_jobs_list if args.jobs_command == "list" else cmd_jobs_show
             return asyncio.run(fn(args))

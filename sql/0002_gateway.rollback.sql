@@ -1,0 +1,1 @@
+DROP TABLE pgjobs.api_tokens;

@@ -1,0 +1,85 @@
+"""The Starlette app: routes, error mapping, CORS, and a lifespan that owns the pool, the
+LISTEN connection and the fan-out for as long as the server runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+
+from pgjobs import db
+from pgjobs.config import WorkerSettings
+from pgjobs.gateway.responses import EXCEPTION_HANDLERS
+from pgjobs.gateway.routes import Api, routes
+from pgjobs.gateway.settings import GatewaySettings
+from pgjobs.gateway.state import GatewayState
+from pgjobs.storage import LocalStorage, Storage
+
+
+def create_app(
+    dsn: str | None = None,
+    settings: GatewaySettings | None = None,
+    storage: Storage | None = None,
+) -> Starlette:
+    """The gateway as an ASGI app. Nothing connects until the lifespan starts."""
+    settings = settings or GatewaySettings.from_env()
+    if storage is None:
+        storage = LocalStorage(WorkerSettings.from_env().storage_dir)
+    state = GatewayState(db.resolve_dsn(dsn), settings, storage)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await state.start()
+        try:
+            yield
+        finally:
+            await state.stop()
+
+    middleware = []
+    if settings.cors_origins:
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=list(settings.cors_origins),
+                allow_methods=["GET", "POST"],
+                allow_headers=["Authorization", "Content-Type", "Last-Event-ID"],
+                expose_headers=["X-Next-Cursor", "Location", "ETag", "Retry-After"],
+                max_age=600,
+            )
+        )
+    app = Starlette(
+        routes=routes(Api(state)),
+        middleware=middleware,
+        exception_handlers=EXCEPTION_HANDLERS,
+        lifespan=lifespan,
+    )
+    app.state.gateway = state
+    return app
+
+
+def serve(
+    dsn: str | None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    settings: GatewaySettings | None = None,
+) -> None:
+    """Run the gateway with uvicorn until SIGINT/SIGTERM."""
+    import uvicorn
+
+    app = create_app(dsn, settings)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+        # Open event streams are told to end on shutdown (sse-starlette watches uvicorn's
+        # exit flag); this bounds how long a stuck one can delay the exit.
+        timeout_graceful_shutdown=5,
+        log_level="info",
+    )

@@ -1,0 +1,207 @@
+"""One LISTEN connection per process, fanned out to every event stream it serves.
+
+The gateway's single ``pgjobs.notifier.Listener`` hands each NOTIFY payload to
+``Fanout.on_notify``, which routes its events by job id (to per-job streams) and by
+company id (a wake-up for company streams, which read the table themselves). No stream
+holds a database connection while it waits.
+
+Contracts:
+
+* Bounded and non-blocking. Each job subscriber has a bounded queue; delivery is
+  ``put_nowait``. A subscriber whose queue is full is marked *overflowed* and its stream
+  ends (the browser reconnects with Last-Event-ID and resumes from the table); it never
+  delays anyone else.
+* A NOTIFY is a hint, never the record. Anything that might have been missed (the LISTEN
+  connection dropped and came back, a payload could not be parsed) becomes a *backfill*
+  marker for every job subscriber and a wake-up for every company subscriber, and the
+  streams re-read ``pgjobs.job_events`` after the last event they sent.
+* Tenant-bound. A subscriber only receives events whose company matches its own, checked
+  here on every event, even though a job id already implies its company.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any, Final, TypeVar
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class LiveEvent:
+    """One event as NOTIFY carried it (errorMessage cut to 300 characters)."""
+
+    event_id: int
+    job_id: uuid.UUID
+    company_id: str
+    seq: int
+    type: str
+    status: str
+    attempt: int
+    extra: dict[str, Any]
+    """progress / resultAssetId / errorMessage / runAt, when the event type has them."""
+
+
+class _Marker:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+BACKFILL: Final = _Marker("BACKFILL")
+"""Something may have been missed: re-read the table after the last event sent."""
+CLOSED: Final = _Marker("CLOSED")
+"""The gateway is shutting down: end the stream."""
+
+Item = LiveEvent | _Marker
+K = TypeVar("K")
+
+_EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
+
+
+class Subscription:
+    """One stream's place in the fan-out. A job subscription reads ``queue``; a company
+    subscription waits on ``wake`` and reads the table."""
+
+    def __init__(self, company_id: str, job_id: uuid.UUID | None, queue_size: int) -> None:
+        self.company_id = company_id
+        self.job_id = job_id
+        self.queue: asyncio.Queue[Item] = asyncio.Queue(queue_size)
+        self.wake = asyncio.Event()
+        self.overflowed = False
+        self.closed = False
+
+    def offer(self, item: Item) -> None:
+        if self.overflowed or self.closed:
+            return
+        try:
+            self.queue.put_nowait(item)
+        except asyncio.QueueFull:
+            self.overflowed = True
+        self.wake.set()
+
+    async def get(self) -> Item:
+        return await self.queue.get()
+
+    @property
+    def ended(self) -> bool:
+        return self.overflowed or self.closed
+
+
+class Fanout:
+    def __init__(self, queue_size: int = 256) -> None:
+        self.queue_size = queue_size
+        self._by_job: defaultdict[uuid.UUID, set[Subscription]] = defaultdict(set)
+        self._by_company: defaultdict[str, set[Subscription]] = defaultdict(set)
+        self.closed = False
+        self.notifies = 0
+        self.backfills = 0
+        self.overflows = 0
+
+    # -- subscribers ------------------------------------------------------------------
+
+    def subscribe_job(self, company_id: str, job_id: uuid.UUID) -> Subscription:
+        sub = Subscription(company_id, job_id, self.queue_size)
+        if self.closed:
+            sub.closed = True
+        self._by_job[job_id].add(sub)
+        return sub
+
+    def subscribe_company(self, company_id: str) -> Subscription:
+        sub = Subscription(company_id, None, 1)
+        if self.closed:
+            sub.closed = True
+        self._by_company[company_id].add(sub)
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        if sub.job_id is not None:
+            _discard(self._by_job, sub.job_id, sub)
+        else:
+            _discard(self._by_company, sub.company_id, sub)
+
+    @property
+    def job_subscribers(self) -> int:
+        return sum(len(s) for s in self._by_job.values())
+
+    @property
+    def company_subscribers(self) -> int:
+        return sum(len(s) for s in self._by_company.values())
+
+    @property
+    def subscribers(self) -> int:
+        return self.job_subscribers + self.company_subscribers
+
+    # -- listener callbacks -----------------------------------------------------------
+
+    def on_notify(self, payload: str) -> None:
+        self.notifies += 1
+        try:
+            events = [_parse_event(raw) for raw in json.loads(payload)["events"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            # We cannot tell whom this was for, so everyone re-reads the table.
+            log.warning("unreadable NOTIFY payload (%s); backfilling every stream", exc)
+            self._backfill_all()
+            return
+        woken: set[str] = set()
+        for event in events:
+            for sub in self._by_job.get(event.job_id, ()):
+                if sub.company_id == event.company_id and not sub.ended:
+                    sub.offer(event)
+                    self.overflows += sub.overflowed
+            woken.add(event.company_id)
+        for company_id in woken:
+            for sub in self._by_company.get(company_id, ()):
+                sub.wake.set()
+
+    async def on_connect(self) -> None:
+        """Called by the Listener after every (re)LISTEN: whatever was sent while it was
+        down is gone, so every stream catches up from the table."""
+        self._backfill_all()
+
+    def _backfill_all(self) -> None:
+        self.backfills += 1
+        for subs in self._by_job.values():
+            for sub in subs:
+                sub.offer(BACKFILL)
+        for subs in self._by_company.values():
+            for sub in subs:
+                sub.wake.set()
+
+    def close(self) -> None:
+        """End every stream (gateway shutdown)."""
+        self.closed = True
+        for index in (self._by_job, self._by_company):
+            for subs in index.values():
+                for sub in subs:
+                    sub.offer(CLOSED)
+                    sub.closed = True
+                    sub.wake.set()
+
+
+def _discard(index: dict[K, set[Subscription]], key: K, sub: Subscription) -> None:
+    subs = index.get(key)
+    if subs is not None:
+        subs.discard(sub)
+        if not subs:
+            del index[key]
+
+
+def _parse_event(raw: dict[str, Any]) -> LiveEvent:
+    return LiveEvent(
+        event_id=int(raw["eventId"]),
+        job_id=uuid.UUID(raw["jobId"]),
+        company_id=str(raw["companyId"]),
+        seq=int(raw["seq"]),
+        type=str(raw["type"]),
+        status=str(raw["status"]),
+        attempt=int(raw["attempt"]),
+        extra={k: raw[k] for k in _EXTRA_KEYS if k in raw},
+    )

@@ -1,0 +1,320 @@
+"""The OpenAPI 3.1 description served at /openapi.json, written by hand.
+
+A test compares its paths and methods with the app's routes, both ways, and the fuzz
+tests draw requests from it, so it cannot silently drift from what the gateway serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_NULLABLE_STR = {"type": ["string", "null"]}
+_TIME = {"type": "string", "format": "date-time"}
+_NULLABLE_TIME = {"type": ["string", "null"], "format": "date-time"}
+
+
+def _json(schema: dict[str, Any], description: str) -> dict[str, Any]:
+    return {"description": description, "content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {
+        400: "Malformed request (bad JSON, wrong field type, out-of-range parameter)",
+        401: "Missing or invalid token",
+        403: "The token belongs to another company (or another job, for a stream token)",
+        404: "Not found in this company",
+        409: "The job's status does not allow this",
+        413: "Request body or input too large",
+        422: "Input PostgreSQL cannot store, or a value out of range",
+        429: "Too many open event streams",
+        503: "Database busy or unavailable; see Retry-After",
+    }
+    return {str(code): _json(_ERROR, text[code]) for code in codes}
+
+
+_COMPANY = {"name": "companyId", "in": "path", "required": True, "schema": {"type": "string"}}
+_JOB = {"name": "jobId", "in": "path", "required": True, "schema": {"type": "string"}}
+_ASSET = {"name": "assetId", "in": "path", "required": True, "schema": {"type": "string"}}
+_LAST_EVENT_ID = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "Resume after this event id (sent by EventSource on reconnect)",
+}
+_STREAM_TOKEN = {
+    "name": "streamToken",
+    "in": "query",
+    "required": False,
+    "schema": {"type": "string"},
+    "description": "A token from POST .../stream-tokens, for clients that cannot send headers",
+}
+_SSE = {
+    "description": "text/event-stream",
+    "content": {"text/event-stream": {"schema": {"type": "string"}}},
+}
+_AUTH_ERRORS = (401, 403, 503)
+
+SCHEMA: dict[str, Any] = {
+    "openapi": "3.1.0",
+    "info": {
+        "title": "pgjobs gateway",
+        "version": "1",
+        "description": "Submit content jobs and watch them live over Server-Sent Events.",
+    },
+    "components": {
+        "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        "schemas": {
+            "Error": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}},
+            },
+            "EnqueueRequest": {
+                "type": "object",
+                "required": ["jobType"],
+                "additionalProperties": False,
+                "properties": {
+                    "jobType": {"type": "string", "minLength": 1, "maxLength": 200},
+                    "input": {"type": ["object", "null"]},
+                    "sourceTaskId": {"type": ["string", "null"], "maxLength": 200},
+                    "priority": {"type": ["integer", "null"]},
+                    "runAt": {"type": ["string", "null"], "format": "date-time"},
+                    "maxAttempts": {"type": ["integer", "null"], "minimum": 1, "maximum": 1000},
+                },
+            },
+            "Enqueued": {
+                "type": "object",
+                "required": ["jobId", "status", "createdAt"],
+                "properties": {
+                    "jobId": {"type": "string", "format": "uuid"},
+                    "status": {"const": "queued"},
+                    "createdAt": _TIME,
+                },
+            },
+            "Job": {
+                "type": "object",
+                "required": [
+                    "id",
+                    "companyId",
+                    "jobType",
+                    "status",
+                    "input",
+                    "result",
+                    "resultAssetId",
+                    "errorMessage",
+                    "sourceTaskId",
+                    "attempts",
+                    "maxAttempts",
+                    "progress",
+                    "startedAt",
+                    "finishedAt",
+                    "createdAt",
+                    "updatedAt",
+                ],
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "companyId": {"type": "string"},
+                    "jobType": {"type": "string"},
+                    "status": {"enum": ["queued", "running", "done", "failed", "cancelled"]},
+                    "input": {"type": "object"},
+                    "result": {},
+                    "resultAssetId": {"type": ["string", "null"], "format": "uuid"},
+                    "errorMessage": _NULLABLE_STR,
+                    "sourceTaskId": _NULLABLE_STR,
+                    "attempts": {"type": "integer"},
+                    "maxAttempts": {"type": "integer"},
+                    "progress": {
+                        "type": ["object", "null"],
+                        "properties": {
+                            "fraction": {"type": ["number", "null"]},
+                            "message": _NULLABLE_STR,
+                        },
+                    },
+                    "startedAt": _NULLABLE_TIME,
+                    "finishedAt": _NULLABLE_TIME,
+                    "createdAt": _TIME,
+                    "updatedAt": _TIME,
+                },
+            },
+            "Asset": {
+                "type": "object",
+                "required": [
+                    "id",
+                    "companyId",
+                    "contentType",
+                    "byteSize",
+                    "sha256",
+                    "originalFilename",
+                    "sourceTaskId",
+                    "sourceJobId",
+                    "createdAt",
+                ],
+                "properties": {
+                    "id": {"type": "string", "format": "uuid"},
+                    "companyId": {"type": "string"},
+                    "contentType": {"type": "string"},
+                    "byteSize": {"type": "integer"},
+                    "sha256": {"type": "string"},
+                    "originalFilename": _NULLABLE_STR,
+                    "sourceTaskId": _NULLABLE_STR,
+                    "sourceJobId": {"type": ["string", "null"], "format": "uuid"},
+                    "createdAt": _TIME,
+                },
+            },
+            "StreamTokenRequest": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "jobId": {"type": ["string", "null"], "format": "uuid"},
+                    "ttlSeconds": {"type": ["integer", "null"], "minimum": 1, "maximum": 300},
+                },
+            },
+            "StreamToken": {
+                "type": "object",
+                "required": ["token", "expiresAt"],
+                "properties": {"token": {"type": "string"}, "expiresAt": _TIME},
+            },
+        },
+    },
+    "security": [{"bearer": []}],
+    "paths": {
+        "/healthz": {
+            "get": {
+                "summary": "Liveness: the process answers",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "Alive")},
+            }
+        },
+        "/readyz": {
+            "get": {
+                "summary": "Readiness: the database answers and the LISTEN connection is up",
+                "security": [],
+                "responses": {
+                    "200": _json({"type": "object"}, "Ready"),
+                    "503": _json({"type": "object"}, "Not ready; see checks"),
+                },
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": _json({"type": "object"}, "OpenAPI 3.1")},
+            }
+        },
+        "/api/companies/{companyId}/content-jobs": {
+            "parameters": [_COMPANY],
+            "post": {
+                "summary": "Enqueue a job (committed before the response)",
+                "requestBody": {
+                    "required": True,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/EnqueueRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "202": _json({"$ref": "#/components/schemas/Enqueued"}, "Queued"),
+                    **_errors(400, 401, 403, 413, 422, 503),
+                },
+            },
+            "get": {
+                "summary": "The company's jobs, newest first",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "schema": {"enum": ["queued", "running", "done", "failed", "cancelled"]},
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 500, "default": 50},
+                    },
+                    {
+                        "name": "cursor",
+                        "in": "query",
+                        "schema": {"type": "string"},
+                        "description": "The X-Next-Cursor header of the previous page",
+                    },
+                ],
+                "responses": {
+                    "200": {
+                        **_json(
+                            {"type": "array", "items": {"$ref": "#/components/schemas/Job"}},
+                            "A page of jobs",
+                        ),
+                        "headers": {
+                            "X-Next-Cursor": {
+                                "description": "Present when an older page exists",
+                                "schema": {"type": "string"},
+                            }
+                        },
+                    },
+                    **_errors(400, *_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/companies/{companyId}/content-jobs/{jobId}": {
+            "parameters": [_COMPANY, _JOB],
+            "get": {
+                "summary": "One job",
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Job"}, "The job"),
+                    **_errors(404, *_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/companies/{companyId}/content-jobs/{jobId}/cancel": {
+            "parameters": [_COMPANY, _JOB],
+            "post": {
+                "summary": "Cancel a queued or running job",
+                "responses": {
+                    "202": _json({"$ref": "#/components/schemas/Job"}, "Cancelled"),
+                    **_errors(404, 409, *_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/companies/{companyId}/content-jobs/{jobId}/retry": {
+            "parameters": [_COMPANY, _JOB],
+            "post": {
+                "summary": "Queue a failed or cancelled job again",
+                "responses": {
+                    "202": _json({"$ref": "#/components/schemas/Job"}, "Queued again"),
+                    **_errors(404, 409, *_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/companies/{companyId}/assets/{assetId}": {
+            "parameters": [_COMPANY, _ASSET],
+            "get": {
+                "summary": "An asset's metadata",
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Asset"}, "The asset"),
+                    **_errors(404, *_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/companies/{companyId}/assets/{assetId}/content": {
+            "parameters": [_COMPANY, _ASSET],
+            "get": {
+                "summary": "An asset's bytes, with its content type, Content-Length and "
+                "ETag (its sha256)",
+                "parameters": [
+                    {"name": "If-None-Match", "in": "header", "schema": {"type": "string"}}
+                ],
+                "responses": {
+                    "200": {
+                        "description": "The bytes",
+                        "content": {"*/*": {"schema": {"type": "string", "format": "binary"}}},
+                    },
+                    "304": {"description": "Not modified"},
+                    **_errors(404, *_AUTH_ERRORS),
+                },
+            },
+        },
+    },
+}

@@ -1,0 +1,103 @@
+"""Request bodies: the camelCase JSON the API accepts, checked field by field.
+
+Shape errors (a missing or empty jobType, a field of the wrong JSON type, an unknown
+field, a malformed time) are 400 with the field's name. What the shape allows but
+PostgreSQL or the queue would refuse (NUL characters, unpaired surrogates, nesting deeper
+than 64, numbers out of range) is checked by ``pgjobs.jobspec``, the same code every
+producer goes through, and surfaces as 422.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from pgjobs.gateway.limits import ApiError, bad_request
+from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec
+
+ENQUEUE_FIELDS = frozenset({"jobType", "input", "sourceTaskId", "priority", "runAt", "maxAttempts"})
+STREAM_TOKEN_FIELDS = frozenset({"jobId", "ttlSeconds"})
+
+
+def _reject_unknown(body: dict[str, Any], allowed: frozenset[str]) -> None:
+    unknown = sorted(set(body) - allowed)
+    if unknown:
+        shown = json.dumps(unknown[0])[:80]
+        bad_request(f"unknown field {shown}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _optional_int(body: dict[str, Any], name: str, default: int) -> int:
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        bad_request(f"{name} must be an integer")
+    return value
+
+
+def _optional_str(body: dict[str, Any], name: str) -> str | None:
+    value = body.get(name)
+    if value is not None and not isinstance(value, str):
+        bad_request(f"{name} must be a string")
+    return value
+
+
+def parse_enqueue(body: dict[str, Any], company_id: str, max_input_bytes: int) -> JobSpec:
+    _reject_unknown(body, ENQUEUE_FIELDS)
+    job_type = body.get("jobType")
+    if job_type is None or (isinstance(job_type, str) and not job_type.strip()):
+        bad_request("jobType is required")
+    if not isinstance(job_type, str):
+        bad_request("jobType must be a string")
+    job_input = body.get("input")
+    if job_input is None:
+        job_input = {}
+    if not isinstance(job_input, dict):
+        bad_request("input must be a JSON object")
+    run_at: datetime | None = None
+    raw_run_at = _optional_str(body, "runAt")
+    if raw_run_at is not None:
+        try:
+            run_at = datetime.fromisoformat(raw_run_at)
+        except ValueError:
+            bad_request("runAt must be an ISO 8601 time, e.g. 2030-01-01T09:00:00Z")
+        if run_at.tzinfo is None:
+            bad_request("runAt needs a timezone, e.g. 2030-01-01T09:00:00Z")
+    # JobSpec checks everything jsonb and the schema would refuse (raises InvalidJobError,
+    # answered with 422).
+    spec = JobSpec(
+        company_id=company_id,
+        job_type=job_type,
+        input=job_input,
+        source_task_id=_optional_str(body, "sourceTaskId"),
+        priority=_optional_int(body, "priority", 0),
+        run_at=run_at,
+        max_attempts=_optional_int(body, "maxAttempts", DEFAULT_MAX_ATTEMPTS),
+    )
+    if len(spec.input_json().encode()) > max_input_bytes:
+        raise ApiError(413, f"input is larger than {max_input_bytes} bytes")
+    return spec
+
+
+@dataclass(frozen=True, slots=True)
+class StreamTokenRequest:
+    job_id: uuid.UUID | None
+    ttl_seconds: int
+
+
+def parse_stream_token_request(body: dict[str, Any], max_ttl: int) -> StreamTokenRequest:
+    _reject_unknown(body, STREAM_TOKEN_FIELDS)
+    raw_job = _optional_str(body, "jobId")
+    job_id: uuid.UUID | None = None
+    if raw_job is not None:
+        try:
+            job_id = uuid.UUID(raw_job)
+        except ValueError:
+            raise ApiError(404, "Job not found") from None
+    ttl = _optional_int(body, "ttlSeconds", max_ttl)
+    if not 1 <= ttl <= max_ttl:
+        bad_request(f"ttlSeconds must be between 1 and {max_ttl}")
+    return StreamTokenRequest(job_id, ttl)

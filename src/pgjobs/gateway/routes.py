@@ -1,0 +1,212 @@
+"""The HTTP API: every route, its authorisation and its JSON (see docs/gateway.md).
+
+Authorisation is the same three steps everywhere: a verified token (401 without one), the
+token's company equal to the path's company (403 otherwise), then every read and write
+scoped by that company in SQL, so another company's job or asset id is simply not found
+(404), exactly like an id that never existed.
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+from urllib.parse import quote
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import BaseRoute, Route
+
+from pgjobs.client import MAX_PAGE_SIZE
+from pgjobs.errors import InvalidJobError
+from pgjobs.gateway import auth, openapi, payloads
+from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
+from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
+from pgjobs.gateway.responses import asset_json, error, job_json
+from pgjobs.gateway.state import GatewayState
+from pgjobs.types import JobStatus
+
+DEFAULT_PAGE_SIZE = 50
+MAX_CURSOR_LENGTH = 200
+STATUSES = frozenset(s.value for s in JobStatus)
+
+
+class Api:
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+
+    # -- authorisation ----------------------------------------------------------------
+
+    async def authorize(
+        self, request: Request, *, stream_job: uuid.UUID | None = None, stream: bool = False
+    ) -> Principal:
+        """The caller, allowed to act for the path's company, or 401/403.
+
+        ``stream`` routes also accept ``?streamToken=`` (EventSource cannot send headers);
+        ``stream_job`` is the job whose events are asked for (None: the company stream).
+        """
+        company_id: str = request.path_params["companyId"]
+        principal: Principal | None = None
+        header = request.headers.get("authorization")
+        stream_token = request.query_params.get("streamToken") if stream else None
+        if header is not None:
+            scheme, _, token = header.partition(" ")
+            if scheme.lower() == "bearer" and token.strip():
+                async with self.state.pool.connection() as conn:
+                    principal = await auth.verify_api_token(conn, token.strip())
+        elif stream_token:
+            principal = auth.verify_stream_token(self.state.settings.secret, stream_token)
+        if principal is None:
+            raise ApiError(401, "missing or invalid token", {"WWW-Authenticate": "Bearer"})
+        if principal.company_id != company_id:
+            raise ApiError(403, "this token does not grant access to this company")
+        if principal.job_scope is not None and (not stream or principal.job_scope != stream_job):
+            raise ApiError(403, "this stream token is for another job")
+        return principal
+
+    # -- service ----------------------------------------------------------------------
+
+    async def healthz(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(self, request: Request) -> Response:
+        checks: dict[str, str] = {}
+        try:
+            async with self.state.pool.connection(timeout=2.0) as conn:
+                await conn.execute(GATEWAY_QUERIES["gateway_check_ready"])
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure means "not ready", and says why
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        checks["listener"] = "ok" if self.state.listener.connected.is_set() else "reconnecting"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse(
+            {"status": "ready" if ready else "unavailable", "checks": checks},
+            status_code=200 if ready else 503,
+            headers=None if ready else {"Retry-After": "1"},
+        )
+
+    async def openapi(self, request: Request) -> Response:
+        return JSONResponse(openapi.SCHEMA)
+
+    # -- jobs -------------------------------------------------------------------------
+
+    async def enqueue(self, request: Request) -> Response:
+        principal = await self.authorize(request)
+        settings = self.state.settings
+        body = parse_json_object(await read_body(request, settings.max_body_bytes))
+        spec = payloads.parse_enqueue(body, principal.company_id, settings.max_input_bytes)
+        await self._check_job_type(spec.job_type)
+        (job,) = await self.state.client.enqueue_many([spec])
+        location = f"/api/companies/{quote(job.company_id, safe='')}/content-jobs/{job.id}"
+        return JSONResponse(
+            {
+                "jobId": str(job.id),
+                "status": job.status.value,
+                "createdAt": job.created_at.isoformat(),
+            },
+            status_code=202,
+            headers={"Location": location},
+        )
+
+    async def _check_job_type(self, job_type: str) -> None:
+        settings = self.state.settings
+        if settings.job_types is not None and job_type not in settings.job_types:
+            raise ApiError(422, "jobType is not accepted by this gateway")
+        if settings.require_live_worker:
+            async with self.state.pool.connection() as conn:
+                cur = await conn.execute(
+                    GATEWAY_QUERIES["worker_job_type_live"],
+                    {
+                        "job_type": job_type,
+                        "within_seconds": settings.live_worker_seconds,
+                        "now": None,
+                    },
+                )
+                row = await cur.fetchone()
+            if not row or not row["live"]:
+                raise ApiError(422, "no live worker handles this jobType")
+
+    async def list_jobs(self, request: Request) -> Response:
+        principal = await self.authorize(request)
+        status = request.query_params.get("status") or None
+        if status is not None and status not in STATUSES:
+            bad_request(f"status must be one of {', '.join(sorted(STATUSES))}")
+        limit = query_int(request, "limit", DEFAULT_PAGE_SIZE, 1, MAX_PAGE_SIZE)
+        cursor = request.query_params.get("cursor") or None
+        if cursor is not None and len(cursor) > MAX_CURSOR_LENGTH:
+            bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")
+        try:
+            page = await self.state.client.list(
+                principal.company_id, status=status, limit=limit, cursor=cursor
+            )
+        except InvalidJobError:
+            bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")
+        headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None
+        return JSONResponse([job_json(j) for j in page.jobs], headers=headers)
+
+    async def get_job(self, request: Request) -> Response:
+        principal = await self.authorize(request)
+        job = await self.state.client.get(principal.company_id, request.path_params["jobId"])
+        return JSONResponse(job_json(job))
+
+    async def cancel(self, request: Request) -> Response:
+        principal = await self.authorize(request)
+        job = await self.state.client.cancel(principal.company_id, request.path_params["jobId"])
+        return JSONResponse(job_json(job), status_code=202)
+
+    async def retry(self, request: Request) -> Response:
+        principal = await self.authorize(request)
+        job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
+        return JSONResponse(job_json(job), status_code=202)
+
+    # -- assets -----------------------------------------------------------------------
+
+    async def _asset(self, request: Request) -> Any:
+        principal = await self.authorize(request)
+        asset = await self.state.client.get_asset(
+            principal.company_id, request.path_params["assetId"]
+        )
+        if asset is None:
+            raise ApiError(404, "Asset not found")
+        return asset
+
+    async def get_asset(self, request: Request) -> Response:
+        return JSONResponse(asset_json(await self._asset(request)))
+
+    async def get_asset_content(self, request: Request) -> Response:
+        asset = await self._asset(request)
+        etag = f'"{asset.sha256}"'
+        headers = {
+            "ETag": etag,
+            "Content-Length": str(asset.byte_size),
+            # Generated files (SVG!) could carry script; never let them run or be sniffed
+            # as something else on the API's origin.
+            "X-Content-Type-Options": "nosniff",
+            "Content-Security-Policy": "default-src 'none'; sandbox",
+            "Cache-Control": "private, max-age=31536000, immutable",
+        }
+        if etag in [t.strip() for t in request.headers.get("if-none-match", "").split(",")]:
+            return Response(status_code=304, headers={"ETag": etag})
+        if not await self.state.storage.exists(asset.object_key):
+            return error(404, "Asset content not found")
+        return StreamingResponse(
+            self.state.storage.read(asset.object_key),
+            media_type=asset.content_type,
+            headers=headers,
+        )
+
+
+def routes(api: Api) -> list[BaseRoute]:
+    company = "/api/companies/{companyId}"
+    job = company + "/content-jobs/{jobId}"
+    return [
+        Route("/healthz", api.healthz, methods=["GET"]),
+        Route("/readyz", api.readyz, methods=["GET"]),
+        Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route(company + "/content-jobs", api.enqueue, methods=["POST"]),
+        Route(company + "/content-jobs", api.list_jobs, methods=["GET"]),
+        Route(job, api.get_job, methods=["GET"]),
+        Route(job + "/cancel", api.cancel, methods=["POST"]),
+        Route(job + "/retry", api.retry, methods=["POST"]),
+        Route(company + "/assets/{assetId}", api.get_asset, methods=["GET"]),
+        Route(company + "/assets/{assetId}/content", api.get_asset_content, methods=["GET"]),
+    ]

@@ -1,0 +1,118 @@
+"""The gateway's settings, read from PGJOBS_GATEWAY_* environment variables.
+
+Every limit that protects the gateway (body size, stream caps, queue sizes, timeouts) is
+here with its default, so an operator can see in one place what a client may cost.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field
+
+from pgjobs.config import MIB, _env_float, _env_int
+from pgjobs.errors import ConfigurationError
+
+KIB = 1024
+
+
+def _env_list(name: str) -> tuple[str, ...] | None:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return None
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or not raw.strip():
+        return default
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name} must be true or false, got {raw!r}")
+
+
+def _env_secret() -> tuple[bytes, bool]:
+    raw = os.environ.get("PGJOBS_GATEWAY_SECRET")
+    if raw:
+        if len(raw) < 32:
+            raise ConfigurationError("PGJOBS_GATEWAY_SECRET must be at least 32 characters")
+        return raw.encode(), True
+    # Random per process: stream tokens then only work on the process that issued them.
+    # Several gateway processes behind one load balancer must share a configured secret.
+    return secrets.token_bytes(32), False
+
+
+@dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    # A request body is counted while it streams in; a larger one gets 413 before it is
+    # buffered, whatever Content-Length claims.
+    max_body_bytes: int = MIB + 64 * KIB
+    # The job's ``input`` object, re-encoded as compact JSON.
+    max_input_bytes: int = MIB
+    # None accepts any job type jobspec accepts (non-empty, up to 200 characters).
+    job_types: tuple[str, ...] | None = None
+    # Accept only types that some live worker registered (pgjobs.workers).
+    require_live_worker: bool = False
+    live_worker_seconds: float = 30.0
+    cors_origins: tuple[str, ...] = ()
+    pool_size: int = 10
+    # How long a request waits for a pool connection before 503 + Retry-After, and how
+    # many may wait at once before the rest get 503 immediately.
+    pool_timeout_seconds: float = 5.0
+    pool_max_waiting: int = 50
+    max_streams: int = 1000
+    max_streams_per_company: int = 100
+    subscriber_queue_size: int = 256
+    ping_seconds: float = 15.0
+    # A stream whose client does not take a chunk within this long is dropped (a frozen
+    # or vanished browser must not hold memory and a slot forever).
+    send_timeout_seconds: float = 10.0
+    # The company stream re-reads the table this often even without a NOTIFY, because
+    # its visibility horizon can advance without one.
+    company_poll_seconds: float = 1.0
+    stream_token_max_seconds: int = 300
+    listener_heartbeat_seconds: float = 5.0
+    secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
+    secret_configured: bool = False
+
+    @classmethod
+    def from_env(cls, **overrides: object) -> GatewaySettings:
+        secret, configured = _env_secret()
+        values: dict[str, object] = {
+            "max_body_bytes": _env_int("PGJOBS_GATEWAY_MAX_BODY_BYTES", MIB + 64 * KIB, minimum=1),
+            "max_input_bytes": _env_int("PGJOBS_GATEWAY_MAX_INPUT_BYTES", MIB, minimum=2),
+            "job_types": _env_list("PGJOBS_GATEWAY_JOB_TYPES"),
+            "require_live_worker": _env_bool("PGJOBS_GATEWAY_REQUIRE_LIVE_WORKER", False),
+            "live_worker_seconds": _env_float("PGJOBS_GATEWAY_LIVE_WORKER_SECONDS", 30.0),
+            "cors_origins": _env_list("PGJOBS_GATEWAY_CORS_ORIGINS") or (),
+            "pool_size": _env_int("PGJOBS_GATEWAY_POOL_SIZE", 10, minimum=1),
+            "pool_timeout_seconds": _env_float(
+                "PGJOBS_GATEWAY_POOL_TIMEOUT_SECONDS", 5.0, minimum=0.01
+            ),
+            "pool_max_waiting": _env_int("PGJOBS_GATEWAY_POOL_MAX_WAITING", 50),
+            "max_streams": _env_int("PGJOBS_GATEWAY_MAX_STREAMS", 1000, minimum=1),
+            "max_streams_per_company": _env_int(
+                "PGJOBS_GATEWAY_MAX_STREAMS_PER_COMPANY", 100, minimum=1
+            ),
+            "subscriber_queue_size": _env_int("PGJOBS_GATEWAY_QUEUE_SIZE", 256, minimum=1),
+            "ping_seconds": _env_float("PGJOBS_GATEWAY_PING_SECONDS", 15.0, minimum=0.1),
+            "send_timeout_seconds": _env_float(
+                "PGJOBS_GATEWAY_SEND_TIMEOUT_SECONDS", 10.0, minimum=0.1
+            ),
+            "company_poll_seconds": _env_float(
+                "PGJOBS_GATEWAY_COMPANY_POLL_SECONDS", 1.0, minimum=0.05
+            ),
+            "secret": secret,
+            "secret_configured": configured,
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)  # type: ignore[arg-type]  # keys are checked by the dataclass
+        if settings.max_body_bytes < settings.max_input_bytes:
+            raise ConfigurationError(
+                "PGJOBS_GATEWAY_MAX_BODY_BYTES must be at least PGJOBS_GATEWAY_MAX_INPUT_BYTES"
+            )
+        return settings

@@ -1,0 +1,88 @@
+"""What one gateway process holds while it runs: a pool, one LISTEN connection, the
+fan-out to its event streams, and the stream caps. Started and stopped by the app's
+lifespan (``pgjobs.gateway.app``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from psycopg_pool import AsyncConnectionPool
+
+from pgjobs import db
+from pgjobs.client import Client
+from pgjobs.errors import NotMigratedError
+from pgjobs.gateway.auth import GATEWAY_QUERIES
+from pgjobs.gateway.fanout import Fanout
+from pgjobs.gateway.limits import StreamSlots
+from pgjobs.gateway.settings import GatewaySettings
+from pgjobs.notifier import Listener
+from pgjobs.storage import Storage
+
+log = logging.getLogger(__name__)
+
+LISTENER_NAME = "pgjobs-gateway-listener"
+POOL_NAME = "pgjobs-gateway"
+
+
+class GatewayState:
+    def __init__(self, dsn: str, settings: GatewaySettings, storage: Storage) -> None:
+        self.dsn = dsn
+        self.settings = settings
+        self.storage = storage
+        self.slots = StreamSlots(settings.max_streams, settings.max_streams_per_company)
+        self.fanout = Fanout(settings.subscriber_queue_size)
+        self.listener = Listener(
+            dsn,
+            self.fanout.on_notify,
+            on_connect=self.fanout.on_connect,
+            heartbeat_seconds=settings.listener_heartbeat_seconds,
+            name=LISTENER_NAME,
+        )
+        self._pool: AsyncConnectionPool[db.AsyncConn] | None = None
+        self._client: Client | None = None
+        self._listener_task: asyncio.Task[None] | None = None
+
+    @property
+    def pool(self) -> AsyncConnectionPool[db.AsyncConn]:
+        if self._pool is None:
+            raise RuntimeError("the gateway is not started")
+        return self._pool
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            raise RuntimeError("the gateway is not started")
+        return self._client
+
+    async def start(self) -> None:
+        pool = await db.open_pool(self.dsn, max_size=self.settings.pool_size, name=POOL_NAME)
+        # Bounded waiting: a request that cannot get a connection soon is answered 503 +
+        # Retry-After instead of queueing without limit behind a slow database.
+        pool.timeout = self.settings.pool_timeout_seconds
+        pool.max_waiting = self.settings.pool_max_waiting
+        try:
+            async with pool.connection() as conn:
+                await db.ensure_migrated(conn)
+                row = await (await conn.execute(GATEWAY_QUERIES["gateway_check_ready"])).fetchone()
+                if not row or not row["migrated"]:
+                    raise NotMigratedError()
+        except BaseException:
+            await pool.close()
+            raise
+        self._pool = pool
+        self._client = Client(pool)
+        self._listener_task = asyncio.create_task(self.listener.run(), name=LISTENER_NAME)
+
+    async def stop(self) -> None:
+        self.fanout.close()
+        task, self._listener_task = self._listener_task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
