@@ -13,6 +13,8 @@ from pgjobs.types import Job
 
 log = logging.getLogger("pgjobs.handler")
 
+MAX_PROGRESS_MESSAGE = 1000  # the schema's limit; longer messages are cut, not refused
+
 ProgressWriter = Callable[[Job, float | None, str | None], Awaitable[bool]]
 
 
@@ -76,6 +78,8 @@ class JobContext:
             raise ValueError(f"progress fraction must be between 0 and 1, got {fraction}")
         if self.cancelled:
             return False
+        if message is not None:
+            message = message.replace("\x00", "")[:MAX_PROGRESS_MESSAGE]
         return await self._write_progress(self.job, fraction, message)
 
     def progress_sync(self, fraction: float | None, message: str | None = None) -> bool:

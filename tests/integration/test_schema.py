@@ -8,6 +8,7 @@ import uuid
 
 import psycopg
 import pytest
+from psycopg.rows import dict_row
 
 from pgjobs.client import Client
 from pgjobs.queries import QUERIES
@@ -101,6 +102,52 @@ async def test_bulk_transition_notifies_in_few_payloads_each_under_8000_bytes(
     assert len(events) == 500
     assert {uuid.UUID(e["jobId"]) for e in events} == {j.id for j in jobs}
     assert all(len(p.encode()) < 8000 for p in payloads)
-    assert len(payloads) <= 500 * 200 // 7000 + 2, "events are packed, not one NOTIFY each"
+    assert len(payloads) <= len(events) // 10, "events are packed, not one NOTIFY each"
     first = events[0]
     assert set(first) >= {"eventId", "jobId", "companyId", "seq", "type", "status", "attempt"}
+
+
+async def test_long_messages_are_cut_in_the_notify_but_kept_in_the_row(
+    dsn: str, client: Client
+) -> None:
+    from pgjobs.queries import QUERIES
+
+    job = await client.enqueue("acme", "echo", max_attempts=1)
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row
+    ) as conn:
+        cur = await conn.execute(
+            QUERIES["job_claim_batch"],
+            {
+                "now": None,
+                "limit": 1,
+                "worker_id": "w",
+                "lease_seconds": 30.0,
+                "job_types": None,
+            },
+        )
+        (claimed,) = await cur.fetchall()
+        await conn.execute("LISTEN pgjobs_events")
+        await conn.execute(
+            QUERIES["job_progress_if_leased"],
+            {
+                "id": job.id,
+                "lease_token": claimed["lease_token"],
+                "fraction": 0.5,
+                "message": "é" * 1000,
+                "now": None,
+            },
+        )
+        error = "boom " * 2000
+        await conn.execute(
+            "UPDATE pgjobs.jobs SET status = 'failed', error_message = %s, finished_at = now(),"
+            " lease_expires_at = NULL, event_seq = event_seq + 1,"
+            " last_event = 'content_job.failed' WHERE id = %s",
+            [error, job.id],
+        )
+        payloads = [n.payload async for n in conn.notifies(timeout=1.0)]
+    progress, failed = (json.loads(p)["events"][0] for p in payloads)
+    assert progress["progress"] == {"fraction": 0.5, "message": "é" * 300}
+    assert failed["errorMessage"] == error[:300]
+    row = await client.get("acme", job.id)
+    assert row.error_message == error
