@@ -81,11 +81,14 @@ WITH u AS (
 ), plan AS (
     -- Decide retry vs failed from the attempt the lease belongs to. Reading without a lock
     -- is safe: attempts only changes together with lease_token, which the UPDATE re-checks.
+    -- Rows are locked in id order, as the heartbeat does, so the two can never deadlock.
     SELECT u.*, CASE
                WHEN u.outcome = 'done' THEN 'done'
                WHEN u.outcome = 'error' AND j.attempts < j.max_attempts THEN 'queued'
                ELSE 'failed' END AS next_status
     FROM u JOIN pgjobs.jobs j ON j.id = u.id AND j.lease_token = u.lease_token
+    ORDER BY j.id
+    FOR UPDATE OF j
 ), finished AS (
     UPDATE pgjobs.jobs j
     SET status = p.next_status,
@@ -132,10 +135,19 @@ RETURNING id, event_seq;
 -- Heartbeat: one statement renews every lease this worker still holds. Not a transition
 -- (no event_seq bump, so no event row). Returns the jobs still held; one missing from the
 -- result was cancelled or rescued, and the worker stops working on it.
+WITH held AS (
+    -- Lock in id order, like job_finish_many_if_leased: no deadlock between the two.
+    SELECT j.id FROM pgjobs.jobs j
+    JOIN unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
+      ON j.id = u.id AND j.lease_token = u.lease_token
+    WHERE j.status = 'running'
+    ORDER BY j.id
+    FOR UPDATE OF j
+)
 UPDATE pgjobs.jobs j
 SET lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8)
-FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
-WHERE j.id = u.id AND j.status = 'running' AND j.lease_token = u.lease_token
+FROM held
+WHERE j.id = held.id AND j.status = 'running'
 RETURNING j.id;
 
 -- name: job_rescue_expired
