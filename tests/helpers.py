@@ -136,3 +136,14 @@ def stop_worker_process(proc: subprocess.Popen[bytes]) -> str:
     text = log.read().decode(errors="replace")
     log.close()
     return text
+
+
+async def assert_each_job_done_once(dsn: str, expected_jobs: int) -> None:
+    """The audit log shows exactly one done transition for each of the expected jobs."""
+    rows = await fetch(
+        dsn,
+        "SELECT job_id, count(*) FILTER (WHERE type = 'content_job.done') AS done "
+        "FROM pgjobs.job_events GROUP BY job_id",
+    )
+    assert len(rows) == expected_jobs
+    assert {r["done"] for r in rows} == {1}, "every job has exactly one done transition"

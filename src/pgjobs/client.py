@@ -167,15 +167,7 @@ class Client:
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
         conn: db.AsyncConn | None = None,
     ) -> Job:
-        spec = JobSpec(
-            company_id=company_id,
-            job_type=job_type,
-            input=input if input is not None else {},
-            source_task_id=source_task_id,
-            priority=priority,
-            run_at=run_at,
-            max_attempts=max_attempts,
-        )
+        spec = JobSpec(company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
         (job,) = await self.enqueue_many([spec], conn=conn)
         return job
 

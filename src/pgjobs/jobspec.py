@@ -71,7 +71,7 @@ def _check_name(value: object, field_name: str, limit: int) -> str:
 class JobSpec:
     company_id: str
     job_type: str
-    input: Mapping[str, Any] = field(default_factory=dict)
+    input: Mapping[str, Any] | None = None  # None means {}
     source_task_id: str | None = None
     priority: int = 0
     run_at: datetime | None = None
@@ -81,6 +81,8 @@ class JobSpec:
     def __post_init__(self) -> None:
         _check_name(self.company_id, "company_id", MAX_COMPANY_LENGTH)
         _check_name(self.job_type, "job_type", MAX_TYPE_LENGTH)
+        if self.input is None:
+            object.__setattr__(self, "input", {})  # frozen dataclass: normalise once, here
         if not isinstance(self.input, Mapping):
             raise InvalidJobError("input must be a JSON object")
         check_json(self.input, "input")

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 
 from helpers import (
+    assert_each_job_done_once,
     fast_settings,
     fetch,
     running_worker,
@@ -195,11 +196,4 @@ async def test_terminated_backends_lose_and_duplicate_nothing(
             await asyncio.sleep(0.4)
         await wait_until(done, within=60, message="all jobs done after the kills")
     assert kills >= 2, "the test must actually kill connections"
-    rows = await fetch(
-        dsn,
-        """
-        SELECT job_id, count(*) FILTER (WHERE type = 'content_job.done') AS done
-        FROM pgjobs.job_events GROUP BY job_id""",
-    )
-    assert len(rows) == len(jobs)
-    assert {r["done"] for r in rows} == {1}, "every job finished exactly once"
+    await assert_each_job_done_once(dsn, len(jobs))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fast_settings, fetch, running_worker, wait_until
+from helpers import assert_each_job_done_once, fast_settings, fetch, running_worker, wait_until
 from pgjobs import demo, migrate
 from pgjobs.client import Client
 from pgjobs.jobspec import JobSpec
@@ -70,14 +70,7 @@ async def test_worker_survives_postgres_restart(
             )
     finally:
         await client.close()
-    rows = await fetch(
-        dsn,
-        """
-        SELECT job_id, count(*) FILTER (WHERE type = 'content_job.done') AS done
-        FROM pgjobs.job_events GROUP BY job_id""",
-    )
-    assert len(rows) == len(jobs)
-    assert {r["done"] for r in rows} == {1}, "each job has exactly one terminal transition"
+    await assert_each_job_done_once(dsn, len(jobs))
 
 
 async def _ge(count: object, expected: int) -> bool:
