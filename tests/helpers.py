@@ -147,3 +147,61 @@ async def assert_each_job_done_once(dsn: str, expected_jobs: int) -> None:
     )
     assert len(rows) == expected_jobs
     assert {r["done"] for r in rows} == {1}, "every job has exactly one done transition"
+
+
+# Which event may follow a job's current status (the README's state machine).
+_ALLOWED = {
+    "queued": {"content_job.running", "content_job.cancelled"},
+    "running": {
+        "content_job.progress",
+        "content_job.retrying",
+        "content_job.done",
+        "content_job.failed",
+        "content_job.cancelled",
+        "content_job.queued",
+    },
+    "failed": {"content_job.retrying"},
+    "cancelled": {"content_job.retrying"},
+    "done": set(),
+}
+
+
+async def assert_histories_valid(dsn: str) -> int:
+    """Jepsen-lite check of the whole audit log: every job's events are numbered 1..n
+    with no gap, start with queued, only take edges of the state machine, count attempts
+    up by one per claim, and end in the job row's current state. Returns jobs checked."""
+    events = await fetch(
+        dsn, "SELECT job_id, seq, type, status, attempt FROM pgjobs.job_events ORDER BY job_id, seq"
+    )
+    jobs = {
+        r["id"]: r
+        for r in await fetch(dsn, "SELECT id, status, event_seq, attempts FROM pgjobs.jobs")
+    }
+    by_job: dict[Any, list[dict[str, Any]]] = {}
+    for event in events:
+        by_job.setdefault(event["job_id"], []).append(event)
+    problems: list[str] = []
+    for job_id, history in by_job.items():
+        if [e["seq"] for e in history] != list(range(1, len(history) + 1)):
+            problems.append(f"{job_id}: seqs {[e['seq'] for e in history]}")
+            continue
+        if history[0]["type"] != "content_job.queued":
+            problems.append(f"{job_id}: starts with {history[0]['type']}")
+        status, attempt = history[0]["status"], history[0]["attempt"]
+        for event in history[1:]:
+            if event["type"] not in _ALLOWED[status]:
+                problems.append(f"{job_id}: {event['type']} after {status} (seq {event['seq']})")
+            if event["type"] == "content_job.running" and event["attempt"] != attempt + 1:
+                problems.append(
+                    f"{job_id}: claim went from attempt {attempt} to {event['attempt']}"
+                )
+            status, attempt = event["status"], event["attempt"]
+        row = jobs.get(job_id)
+        if row is not None and (row["status"], row["event_seq"], row["attempts"]) != (
+            status,
+            len(history),
+            attempt,
+        ):
+            problems.append(f"{job_id}: row {row} disagrees with its last event")
+    assert not problems, "invalid histories:\n" + "\n".join(problems[:20])
+    return len(by_job)

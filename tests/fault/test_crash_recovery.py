@@ -11,6 +11,7 @@ import pytest
 
 from helpers import (
     assert_each_job_done_once,
+    assert_histories_valid,
     fast_settings,
     fetch,
     running_worker,
@@ -62,6 +63,7 @@ async def test_sigkilled_worker_job_is_rescued_and_completed_by_another(
         (EventType.RUNNING, 2, "survivor"),
         (EventType.DONE, 2, "survivor"),
     ]
+    assert await assert_histories_valid(dsn) == 1
 
 
 async def _exists(path: Path) -> bool:
@@ -111,6 +113,7 @@ async def test_frozen_worker_cannot_overwrite_the_newer_attempt(
     # Its handler's sleep ends before its next heartbeat is due, so on SIGCONT it tries to
     # record attempt 1 first: the guarded write matches no row and the result is dropped.
     assert "attempt 1: result discarded" in log, log
+    assert await assert_histories_valid(dsn) == 1
 
 
 async def _count(dsn: str, query: str, expected: int) -> bool:
@@ -138,6 +141,7 @@ async def test_sigterm_finishes_short_jobs_and_releases_long_ones(dsn: str, clie
     assert released.attempts == 0, "an interrupted attempt is given back"
     assert [e.type for e in await client.events("acme", long.id)][-1] is EventType.QUEUED
     assert await fetch(dsn, "SELECT id FROM pgjobs.workers") == [], "deregistered on exit"
+    assert await assert_histories_valid(dsn) == 2
 
 
 async def test_workers_processes_run_every_job_exactly_once(dsn: str, client: Client) -> None:
@@ -168,6 +172,7 @@ async def test_workers_processes_run_every_job_exactly_once(dsn: str, client: Cl
     )
     assert len(rows) == len(jobs)
     assert {(r["runs"], r["terminal"]) for r in rows} == {(1, 1)}
+    assert await assert_histories_valid(dsn) == 600
     per_worker = await fetch(dsn, "SELECT worker_id, count(*) AS n FROM pgjobs.jobs GROUP BY 1")
     assert sum(r["n"] for r in per_worker) == 600
 
@@ -197,3 +202,4 @@ async def test_terminated_backends_lose_and_duplicate_nothing(
         await wait_until(done, within=60, message="all jobs done after the kills")
     assert kills >= 2, "the test must actually kill connections"
     await assert_each_job_done_once(dsn, len(jobs))
+    assert await assert_histories_valid(dsn) == len(jobs)

@@ -14,7 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from helpers import assert_each_job_done_once, fast_settings, fetch, running_worker, wait_until
+from helpers import (
+    assert_each_job_done_once,
+    assert_histories_valid,
+    fast_settings,
+    fetch,
+    running_worker,
+    wait_until,
+)
 from pgjobs import demo, migrate
 from pgjobs.client import Client
 from pgjobs.jobspec import JobSpec
@@ -71,6 +78,7 @@ async def test_worker_survives_postgres_restart(
     finally:
         await client.close()
     await assert_each_job_done_once(dsn, len(jobs))
+    assert await assert_histories_valid(dsn) == len(jobs)
 
 
 async def _ge(count: object, expected: int) -> bool:

@@ -8,7 +8,7 @@ import hashlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from helpers import fast_settings, fetch, running_worker, wait_until
+from helpers import assert_histories_valid, fast_settings, fetch, running_worker, wait_until
 from pgjobs import demo
 from pgjobs.assets import GeneratedAsset
 from pgjobs.client import Client
@@ -66,6 +66,7 @@ async def test_failures_retry_with_growing_backoff_then_fail(
         if e.type is EventType.RETRYING
     ]
     assert all(run >= due for run, due in zip(runs[1:], retries, strict=True))
+    assert await assert_histories_valid(dsn) == 1
 
 
 def test_retry_delay_is_exponential_capped_and_jittered() -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import fast_settings, fetch, running_worker, wait_until
+from helpers import assert_histories_valid, fast_settings, fetch, running_worker, wait_until
 from pgjobs import demo
 from pgjobs.client import Client
 from pgjobs.context import JobContext
@@ -147,6 +147,7 @@ async def test_cancel_running_job_stops_handler_and_discards_result(
     assert final.status is JobStatus.CANCELLED
     types = [e.type for e in await client.events("acme", job.id)]
     assert types == [EventType.QUEUED, EventType.RUNNING, EventType.CANCELLED]
+    assert await assert_histories_valid(dsn) == 1
 
 
 @pytest.mark.parametrize("concurrency", [1, 8])
@@ -166,6 +167,7 @@ async def test_many_jobs_in_process(
         dsn, "SELECT result FROM pgjobs.jobs WHERE id = ANY(%s)", [[j.id for j in jobs]]
     )
     assert sorted(r["result"]["echo"]["n"] for r in rows) == list(range(200))
+    assert await assert_histories_valid(dsn) == 200
 
 
 async def _count_status(dsn: str, status: str, expected: int) -> bool:
