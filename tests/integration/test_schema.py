@@ -151,3 +151,12 @@ async def test_long_messages_are_cut_in_the_notify_but_kept_in_the_row(
     assert failed["errorMessage"] == error[:300]
     row = await client.get("acme", job.id)
     assert row.error_message == error
+
+
+async def test_a_large_job_input_still_notifies(dsn: str, client: Client) -> None:
+    # Payloads carry ids, never data: a 1 MiB input does not touch the 8000-byte limit.
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("LISTEN pgjobs_events")
+        job = await client.enqueue("acme", "render", {"blob": "x" * (1024 * 1024)})
+        payloads = [n.payload async for n in conn.notifies(timeout=1.0)]
+    assert [json.loads(p)["events"][0]["jobId"] for p in payloads] == [str(job.id)]
