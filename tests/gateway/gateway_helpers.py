@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
@@ -96,3 +97,60 @@ async def serve_gateway(
 
 def settings(**overrides: Any) -> GatewaySettings:
     return replace(TEST_SETTINGS, **overrides)
+
+
+@dataclass
+class Sse:
+    event: str
+    id: str | None
+    data: Any
+
+
+async def read_sse(response: httpx.Response) -> AsyncIterator[Sse]:
+    """Parse a text/event-stream response into events (comments are skipped)."""
+    event, event_id, data = "message", None, []
+    async for line in response.aiter_lines():
+        if line == "":
+            if data:
+                yield Sse(event, event_id, json.loads("\n".join(data)))
+            event, event_id, data = "message", None, []
+        elif line.startswith(":"):
+            continue
+        else:
+            name, _, value = line.partition(":")
+            value = value.removeprefix(" ")
+            if name == "event":
+                event = value
+            elif name == "id":
+                event_id = value
+            elif name == "data":
+                data.append(value)
+
+
+async def collect(
+    gateway: RunningGateway,
+    path: str,
+    *,
+    company: str = "acme",
+    last_event_id: str | None = None,
+    stop_after: int | None = None,
+    within: float = 30.0,
+    on_event: Any = None,
+) -> list[Sse]:
+    """Read a stream until it ends (or stop_after events), failing after `within` s."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    events: list[Sse] = []
+    async with (
+        asyncio.timeout(within),
+        gateway.http(company) as http,
+        http.stream("GET", path, headers=headers) as response,
+    ):
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async for ev in read_sse(response):
+            events.append(ev)
+            if on_event is not None:
+                await on_event(ev)
+            if stop_after is not None and len(events) >= stop_after:
+                break
+    return events

@@ -288,6 +288,46 @@ SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "/api/companies/{companyId}/content-jobs/{jobId}/events": {
+            "parameters": [_COMPANY, _JOB],
+            "get": {
+                "summary": "The job's events, live (SSE). id = the job's event seq; ends after a "
+                "terminal status",
+                "parameters": [_LAST_EVENT_ID, _STREAM_TOKEN],
+                "responses": {
+                    "200": _SSE,
+                    "204": {"description": "Resumed after the job's last event: nothing more"},
+                    **_errors(400, 404, 429, *_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/companies/{companyId}/events": {
+            "parameters": [_COMPANY],
+            "get": {
+                "summary": "All the company's job events, live (SSE), never ending. "
+                "id = '<xid>-<eventId>'",
+                "parameters": [_LAST_EVENT_ID, _STREAM_TOKEN],
+                "responses": {"200": _SSE, **_errors(400, 429, *_AUTH_ERRORS)},
+            },
+        },
+        "/api/companies/{companyId}/stream-tokens": {
+            "parameters": [_COMPANY],
+            "post": {
+                "summary": "A short-lived token for ?streamToken= on the event routes",
+                "requestBody": {
+                    "required": False,
+                    "content": {
+                        "application/json": {
+                            "schema": {"$ref": "#/components/schemas/StreamTokenRequest"}
+                        }
+                    },
+                },
+                "responses": {
+                    "201": _json({"$ref": "#/components/schemas/StreamToken"}, "Issued"),
+                    **_errors(400, 404, 413, *_AUTH_ERRORS),
+                },
+            },
+        },
         "/api/companies/{companyId}/assets/{assetId}": {
             "parameters": [_COMPANY, _ASSET],
             "get": {

@@ -9,16 +9,20 @@ scoped by that company in SQL, so another company's job or asset id is simply no
 from __future__ import annotations
 
 import uuid
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import quote
 
+from sse_starlette import EventSourceResponse
+from sse_starlette.event import ServerSentEvent
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
+from starlette.types import Receive, Scope, Send
 
 from pgjobs.client import MAX_PAGE_SIZE
 from pgjobs.errors import InvalidJobError
-from pgjobs.gateway import auth, openapi, payloads
+from pgjobs.gateway import auth, openapi, payloads, sse
 from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
 from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
 from pgjobs.gateway.responses import asset_json, error, job_json
@@ -28,6 +32,28 @@ from pgjobs.types import JobStatus
 DEFAULT_PAGE_SIZE = 50
 MAX_CURSOR_LENGTH = 200
 STATUSES = frozenset(s.value for s in JobStatus)
+
+
+class StreamResponse(EventSourceResponse):
+    """An event stream that gives back its fan-out subscription and its stream slot when
+    the response ends, however it ends (finished, client gone, send timeout, shutdown).
+
+    Both are taken before the response starts, so that an over-cap client gets a real 429
+    and the subscription exists before the job is read; a generator's ``finally`` would
+    not do, because a generator that never started never runs it.
+    """
+
+    def __init__(
+        self, content: AsyncIterator[ServerSentEvent], release: Callable[[], None], **kw: Any
+    ) -> None:
+        super().__init__(content, **kw)
+        self._release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._release()
 
 
 class Api:
@@ -158,6 +184,93 @@ class Api:
         job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
         return JSONResponse(job_json(job), status_code=202)
 
+    # -- event streams ----------------------------------------------------------------
+
+    def _stream(
+        self, content: AsyncIterator[ServerSentEvent], release: Callable[[], None]
+    ) -> Response:
+        settings = self.state.settings
+        return StreamResponse(
+            content,
+            release,
+            ping=settings.ping_seconds,
+            send_timeout=settings.send_timeout_seconds,
+        )
+
+    async def job_events(self, request: Request) -> Response:
+        try:
+            job_id: uuid.UUID | None = uuid.UUID(request.path_params["jobId"])
+        except ValueError:
+            job_id = None
+        principal = await self.authorize(request, stream=True, stream_job=job_id)
+        if job_id is None:
+            raise ApiError(404, "Job not found")
+        try:
+            last = sse.parse_job_cursor(request.headers.get("last-event-id"))
+        except ValueError as exc:
+            bad_request(str(exc))
+        company_id = principal.company_id
+        fanout, slots = self.state.fanout, self.state.slots
+        slots.acquire(company_id)
+        # Subscribe first, read second: an event committed after the read still reaches us.
+        sub = fanout.subscribe_job(company_id, job_id)
+
+        def release() -> None:
+            fanout.unsubscribe(sub)
+            slots.release(company_id)
+
+        try:
+            job = await sse.load_job(self.state, company_id, job_id)
+            if job is None:
+                raise ApiError(404, "Job not found")
+            if last is not None and last > job["event_seq"]:
+                last = None  # not an id this job has issued: start from its current state
+            if last == job["event_seq"] and job["status"] in sse.TERMINAL:
+                # The client has the final event; 204 tells EventSource not to reconnect.
+                release()
+                return Response(status_code=204)
+            return self._stream(sse.job_stream(self.state, sub, job, last), release)
+        except BaseException:
+            release()
+            raise
+
+    async def company_events(self, request: Request) -> Response:
+        principal = await self.authorize(request, stream=True)
+        try:
+            cursor = sse.parse_company_cursor(request.headers.get("last-event-id"))
+        except ValueError as exc:
+            bad_request(str(exc))
+        company_id = principal.company_id
+        fanout, slots = self.state.fanout, self.state.slots
+        slots.acquire(company_id)
+        sub = fanout.subscribe_company(company_id)
+
+        def release() -> None:
+            fanout.unsubscribe(sub)
+            slots.release(company_id)
+
+        try:
+            if cursor is None:
+                cursor = await sse.company_horizon(self.state)
+            return self._stream(sse.company_stream(self.state, sub, cursor), release)
+        except BaseException:
+            release()
+            raise
+
+    async def stream_token(self, request: Request) -> Response:
+        principal = await self.authorize(request)
+        settings = self.state.settings
+        body = parse_json_object(await read_body(request, 16 * 1024), empty_ok=True)
+        req = payloads.parse_stream_token_request(body, settings.stream_token_max_seconds)
+        if req.job_id is not None:
+            # Only for a job the caller can see: a token for another company's job id
+            # would be useless, but issuing it would confirm nothing either way.
+            await self.state.client.get(principal.company_id, req.job_id)
+        token, expires = auth.mint_stream_token(
+            settings.secret, principal.company_id, req.job_id, req.ttl_seconds
+        )
+        return JSONResponse({"token": token, "expiresAt": expires.isoformat()}, status_code=201)
+
     # -- assets -----------------------------------------------------------------------
 
     async def _asset(self, request: Request) -> Any:
@@ -207,6 +320,9 @@ def routes(api: Api) -> list[BaseRoute]:
         Route(job, api.get_job, methods=["GET"]),
         Route(job + "/cancel", api.cancel, methods=["POST"]),
         Route(job + "/retry", api.retry, methods=["POST"]),
+        Route(job + "/events", api.job_events, methods=["GET"]),
+        Route(company + "/events", api.company_events, methods=["GET"]),
+        Route(company + "/stream-tokens", api.stream_token, methods=["POST"]),
         Route(company + "/assets/{assetId}", api.get_asset, methods=["GET"]),
         Route(company + "/assets/{assetId}/content", api.get_asset_content, methods=["GET"]),
     ]

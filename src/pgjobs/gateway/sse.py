@@ -1,0 +1,253 @@
+"""Server-Sent-Event streams: one job's events, or all of a company's.
+
+Both streams promise the same two things: a browser never sees an event before a GET
+of the job would show it, and never misses one, across reconnects of the browser
+(Last-Event-ID) and of the gateway's own LISTEN connection.
+
+*Never ahead.* Events reach a stream only two ways: from a NOTIFY, which PostgreSQL
+delivers after the commit, or from a read of ``pgjobs.job_events``, which sees only
+committed rows. So any event sent has already committed.
+
+*Never missing, per job.* A stream subscribes to the fan-out first and reads the job
+second, so nothing committed after the read can slip past. The SSE id is the job's
+``seq``, bumped by exactly one per transition under the row lock: for one job commit
+order is seq order, and ``seq > last`` is a gap-free cursor. A live event that is not
+``last + 1`` (a NOTIFY was missed), or a backfill marker (the LISTEN connection came
+back), makes the stream read ``seq > last`` from the table before going on. A stream ends
+after a terminal status; a browser that reconnects after it gets 204, which tells
+EventSource to stop.
+
+*Never missing, per company.* Event ids come from an identity column, handed out at
+insert, not at commit: a transaction can commit a smaller id after a larger one was
+read, so ``id > last`` could skip it. The company stream's cursor is ``(xid, id)`` and it
+reads only rows whose transaction id is below the snapshot's ``xmin``: every transaction
+below that horizon has ended, and every later one gets a larger xid, so in (xid, id)
+order nothing can still appear behind the cursor. The SSE id is ``"<xid>-<id>"``. The
+table is read on every NOTIFY for the company, after every LISTEN reconnect, and on a
+timer (the horizon moves when an unrelated transaction ends, which sends no NOTIFY). The
+trade-off: a long-running write transaction anywhere in the database holds the horizon,
+and so every company stream, back until it ends.
+
+Data on every event: ``{jobId, status, type, attempt, seq, progress?, resultAssetId?,
+errorMessage?, runAt?}``, JSON on one ``data:`` line (sse-starlette strips line breaks
+from ``id``/``event``; ``json.dumps`` escapes them in data), so no field value can inject
+SSE lines.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import psycopg
+from psycopg_pool import PoolTimeout
+from sse_starlette.event import ServerSentEvent
+
+from pgjobs.gateway.auth import GATEWAY_QUERIES
+from pgjobs.gateway.fanout import BACKFILL, CLOSED, LiveEvent, Subscription
+from pgjobs.gateway.state import GatewayState
+
+log = logging.getLogger(__name__)
+
+TERMINAL = frozenset({"done", "failed", "cancelled"})
+PAGE = 500
+_EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
+_COMPANY_CURSOR = re.compile(r"^(\d{1,20})-(\d{1,19})$")
+
+
+def event_data(
+    job_id: object, status: str, type_: str, attempt: int, seq: int, extra: dict[str, Any]
+) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "jobId": str(job_id),
+        "status": status,
+        "type": type_,
+        "attempt": attempt,
+        "seq": seq,
+    }
+    data.update({k: extra[k] for k in _EXTRA_KEYS if extra.get(k) is not None})
+    return data
+
+
+def sse(event: str, data: dict[str, Any], event_id: str) -> ServerSentEvent:
+    # ensure_ascii: the data line is plain ASCII whatever a job's messages contain.
+    return ServerSentEvent(
+        data=json.dumps(data, separators=(",", ":"), allow_nan=False), event=event, id=event_id
+    )
+
+
+def row_event(row: dict[str, Any]) -> ServerSentEvent:
+    data = event_data(
+        row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], row["payload"]
+    )
+    return sse(row["type"], data, str(row["seq"]))
+
+
+def status_event(job: dict[str, Any]) -> ServerSentEvent:
+    extra: dict[str, Any] = {
+        "resultAssetId": str(job["result_asset_id"]) if job["result_asset_id"] else None,
+        "errorMessage": job["error_message"],
+    }
+    if job["progress_fraction"] is not None or job["progress_message"] is not None:
+        extra["progress"] = {
+            "fraction": job["progress_fraction"],
+            "message": job["progress_message"],
+        }
+    data = event_data(
+        job["id"], job["status"], job["last_event"], job["attempts"], job["event_seq"], extra
+    )
+    return sse("status", data, str(job["event_seq"]))
+
+
+def parse_job_cursor(raw: str | None) -> int | None:
+    """Last-Event-ID of a job stream: the seq of the last event the client has."""
+    if raw is None or raw == "":
+        return None
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 10 or int(raw) > 2**31 - 1:
+        raise ValueError("Last-Event-ID must be the id of an event from this stream")
+    return int(raw)
+
+
+def parse_company_cursor(raw: str | None) -> tuple[str, int] | None:
+    """Last-Event-ID of a company stream: ``"<xid>-<eventId>"``."""
+    if raw is None or raw == "":
+        return None
+    match = _COMPANY_CURSOR.match(raw)
+    if match is None or int(match.group(1)) >= 2**64:
+        raise ValueError("Last-Event-ID must be the id of an event from this stream")
+    return match.group(1), int(match.group(2))
+
+
+async def load_job(
+    state: GatewayState, company_id: str, job_id: uuid.UUID
+) -> dict[str, Any] | None:
+    async with state.pool.connection() as conn:
+        cur = await conn.execute(
+            GATEWAY_QUERIES["job_get_for_stream"], {"id": job_id, "company_id": company_id}
+        )
+        return await cur.fetchone()
+
+
+async def job_events_after(
+    state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int
+) -> list[dict[str, Any]]:
+    async with state.pool.connection() as conn:
+        cur = await conn.execute(
+            GATEWAY_QUERIES["job_events_after_seq"],
+            {"job_id": job_id, "company_id": company_id, "after_seq": after_seq, "limit": PAGE},
+        )
+        return await cur.fetchall()
+
+
+async def job_stream(
+    state: GatewayState, sub: Subscription, job: dict[str, Any], last: int | None
+) -> AsyncIterator[ServerSentEvent]:
+    """One job's events. ``sub`` was subscribed before ``job`` was read."""
+    company_id, job_id = sub.company_id, job["id"]
+
+    async def from_table(after: int) -> AsyncIterator[dict[str, Any]]:
+        while True:
+            rows = await job_events_after(state, company_id, job_id, after)
+            for row in rows:
+                yield row
+                after = row["seq"]
+            if len(rows) < PAGE:
+                return
+
+    try:
+        if last is None:
+            yield status_event(job)
+            last = job["event_seq"]
+            if job["status"] in TERMINAL:
+                return
+        else:
+            async for row in from_table(last):
+                yield row_event(row)
+                last = row["seq"]
+                if row["status"] in TERMINAL:
+                    return
+        while True:
+            item = await sub.get()
+            if item is CLOSED or sub.ended:
+                # Shutdown, or this client fell a queue behind: end the stream; the
+                # browser reconnects with Last-Event-ID and resumes from the table.
+                return
+            if item is BACKFILL or (isinstance(item, LiveEvent) and item.seq > last + 1):
+                async for row in from_table(last):
+                    yield row_event(row)
+                    last = row["seq"]
+                    if row["status"] in TERMINAL:
+                        return
+            elif isinstance(item, LiveEvent) and item.seq == last + 1:
+                yield sse(
+                    item.type,
+                    event_data(
+                        item.job_id, item.status, item.type, item.attempt, item.seq, item.extra
+                    ),
+                    str(item.seq),
+                )
+                last = item.seq
+                if item.status in TERMINAL:
+                    return
+            # else: an event this stream already sent (seq <= last); drop it.
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        # The database is busy or gone: end the stream; the browser resumes from its
+        # Last-Event-ID when it reconnects.
+        log.warning("job stream %s ended: %s", job_id, exc)
+
+
+async def company_horizon(state: GatewayState) -> tuple[str, int]:
+    async with state.pool.connection() as conn:
+        row = await (await conn.execute(GATEWAY_QUERIES["job_events_horizon"])).fetchone()
+    assert row is not None
+    return str(row["xid"]), 0
+
+
+async def company_events_after(
+    state: GatewayState, company_id: str, cursor: tuple[str, int]
+) -> list[dict[str, Any]]:
+    async with state.pool.connection() as conn:
+        cur = await conn.execute(
+            GATEWAY_QUERIES["job_events_company_after_cursor"],
+            {"company_id": company_id, "xid": cursor[0], "id": cursor[1], "limit": PAGE},
+        )
+        return await cur.fetchall()
+
+
+async def company_stream(
+    state: GatewayState, sub: Subscription, cursor: tuple[str, int]
+) -> AsyncIterator[ServerSentEvent]:
+    """All of a company's events, in (xid, id) order, until the client or server leaves."""
+    poll = state.settings.company_poll_seconds
+    while not sub.closed:
+        # Cleared before reading: a NOTIFY that arrives during the read wakes the next one.
+        sub.wake.clear()
+        try:
+            while True:
+                rows = await company_events_after(state, sub.company_id, cursor)
+                for row in rows:
+                    cursor = (row["xid"], row["id"])
+                    data = event_data(
+                        row["job_id"],
+                        row["status"],
+                        row["type"],
+                        row["attempt"],
+                        row["seq"],
+                        row["payload"],
+                    )
+                    yield sse(row["type"], data, f"{row['xid']}-{row['id']}")
+                if len(rows) < PAGE:
+                    break
+        except (PoolTimeout, psycopg.OperationalError) as exc:
+            # Keep the stream; the cursor has not moved, the next tick retries.
+            log.warning("company stream read failed, retrying: %s", exc)
+        try:
+            async with asyncio.timeout(poll):
+                await sub.wake.wait()
+        except TimeoutError:
+            pass

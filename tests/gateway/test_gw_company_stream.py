@@ -1,0 +1,203 @@
+"""The company stream's (xid, id) cursor: transactions committing out of order, a client
+resuming with Last-Event-ID, tenant isolation, and stream tokens."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import psycopg
+from gateway_helpers import RunningGateway, Sse, collect
+from psycopg.rows import dict_row
+
+from helpers import fetch
+from pgjobs.client import Client
+
+EVENTS = "/api/companies/acme/events"
+
+
+async def all_event_ids(dsn: str, company: str) -> list[int]:
+    rows = await fetch(
+        dsn, "SELECT id FROM pgjobs.job_events WHERE company_id = %s ORDER BY id", [company]
+    )
+    return [r["id"] for r in rows]
+
+
+async def test_late_committing_transaction_is_neither_skipped_nor_repeated(
+    gateway: RunningGateway, dsn: str
+) -> None:
+    client = gateway.state.client
+    await client.enqueue("acme", "echo", {"n": 0})
+    first = await collect(gateway, EVENTS, last_event_id="0-0", stop_after=1)
+    assert first[0].data["type"] == "content_job.queued"
+
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn_a,
+        await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn_b,
+    ):
+        # A inserts first (smaller event id) but commits last.
+        await client.enqueue("acme", "echo", {"tx": "A"}, conn=conn_a)
+        await client.enqueue("acme", "echo", {"tx": "B"}, conn=conn_b)
+        await conn_b.commit()
+        # B is committed, but A (an older xid) is still open: the stream holds B back
+        # rather than send it and later skip A.
+        held = await collect_for(gateway, last_event_id=first[0].id, seconds=1.5)
+        assert held == []
+        await conn_a.commit()
+    rest = await collect(gateway, EVENTS, last_event_id=first[0].id, stop_after=2)
+    got = [first[0].data["jobId"]] + [e.data["jobId"] for e in rest]
+    assert len(set(got)) == 3
+    ids = [int((e.id or "").split("-")[1]) for e in [*first, *rest]]
+    assert sorted(ids) == await all_event_ids(dsn, "acme")
+
+
+async def collect_for(gateway: RunningGateway, *, last_event_id: str, seconds: float) -> list[Sse]:
+    events: list[Sse] = []
+    try:
+        async with asyncio.timeout(seconds):
+            await collect(gateway, EVENTS, last_event_id=last_event_id, on_event=_append(events))
+    except TimeoutError:
+        pass
+    return events
+
+
+def _append(events: list[Sse]):  # type: ignore[no-untyped-def]
+    async def on_event(ev: Sse) -> None:
+        events.append(ev)
+
+    return on_event
+
+
+async def test_many_out_of_order_writers_and_a_resuming_client(
+    gateway: RunningGateway, dsn: str
+) -> None:
+    """Twenty writers each hold a transaction open for a random time and commit in random
+    order, while other companies write too; a client reads a few events at a time and
+    reconnects with Last-Event-ID. It ends with every acme event exactly once."""
+    client = gateway.state.client
+    rng = random.Random(7)
+
+    async def writer(i: int) -> None:
+        async with await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn:
+            await client.enqueue("acme", "echo", {"i": i}, conn=conn)
+            await client.enqueue("globex", "echo", {"i": i}, conn=conn)
+            await asyncio.sleep(rng.uniform(0, 0.6))
+            if i % 7 == 3:
+                await conn.rollback()  # aborted: its events never existed
+            else:
+                await conn.commit()
+
+    async def writers() -> None:
+        await asyncio.gather(*(writer(i) for i in range(20)))
+        await client.enqueue("acme", "echo", {"last": True})
+
+    seen: list[Sse] = []
+    task = asyncio.create_task(writers())
+    cursor = "0-0"
+    async with asyncio.timeout(60):
+        while True:
+            batch = await collect_for(gateway, last_event_id=cursor, seconds=0.7)
+            seen += batch[:3]  # keep only the first few, as if the client dropped then
+            if batch:
+                cursor = batch[: len(batch[:3])][-1].id or cursor
+            if task.done() and not batch:
+                break
+    await task
+    ids = [int((e.id or "").split("-")[1]) for e in seen]
+    assert len(ids) == len(set(ids)), "an event was delivered twice"
+    assert sorted(ids) == await all_event_ids(dsn, "acme"), "an event was skipped"
+    assert {e.data["jobId"] for e in seen} <= {
+        str(r["id"])
+        for r in await fetch(dsn, "SELECT id FROM pgjobs.jobs WHERE company_id = 'acme'")
+    }
+
+
+async def test_company_stream_is_live_and_tenant_bound(gateway: RunningGateway) -> None:
+    received: list[Sse] = []
+    done = asyncio.Event()
+
+    async def on_event(ev: Sse) -> None:
+        received.append(ev)
+        if ev.data["jobId"] == last_id:
+            done.set()
+
+    last_id = ""
+    reader = asyncio.create_task(collect(gateway, EVENTS, on_event=on_event))
+
+    async def subscribed() -> bool:
+        return gateway.state.fanout.company_subscribers == 1
+
+    from helpers import wait_until
+
+    await wait_until(subscribed, message="company stream open")
+    client: Client = gateway.state.client
+    await client.enqueue("globex", "echo", {"secret": "globex"})
+    last_id = str((await client.enqueue("acme", "echo", {})).id)
+    await asyncio.wait_for(done.wait(), 10)
+    reader.cancel()
+    await asyncio.gather(reader, return_exceptions=True)
+    assert all(e.data["jobId"] != "" for e in received)
+    assert "globex" not in str([e.data for e in received])
+    async with gateway.http() as http:
+        r = await http.get("/api/companies/globex/events")
+        assert r.status_code == 403
+        for bad in ("x", "1", "1-", "-1-2", "1-2-3", "99999999999999999999999-1"):
+            r = await http.get(EVENTS, headers={"Last-Event-ID": bad})
+            assert r.status_code == 400, bad
+
+
+async def test_stream_tokens_for_eventsource(gateway: RunningGateway) -> None:
+    client = gateway.state.client
+    job = await client.enqueue("acme", "echo", {})
+    other = await client.enqueue("acme", "echo", {})
+    await client.cancel("acme", job.id)
+    base = "/api/companies/acme"
+    async with gateway.http() as http:
+        r = await http.post(f"{base}/stream-tokens", json={"jobId": str(job.id)})
+        assert r.status_code == 201
+        job_token = r.json()["token"]
+        assert r.json()["expiresAt"]
+        r = await http.post(f"{base}/stream-tokens")
+        company_token = r.json()["token"]
+        for body in ({"ttlSeconds": 0}, {"ttlSeconds": 301}, {"jobId": 5}, {"x": 1}):
+            assert (await http.post(f"{base}/stream-tokens", json=body)).status_code == 400
+        globex_job = await client.enqueue("globex", "echo", {})
+        r = await http.post(f"{base}/stream-tokens", json={"jobId": str(globex_job.id)})
+        assert r.status_code == 404
+
+    async with gateway.http(None) as anon:
+        path = f"{base}/content-jobs/{job.id}/events"
+        async with anon.stream("GET", path, params={"streamToken": job_token}) as r:
+            assert r.status_code == 200
+            body = (await r.aread()).decode()
+            assert "cancelled" in body
+        # Only the job it was issued for, only on event routes, never as a Bearer token.
+        r = await anon.get(
+            f"{base}/content-jobs/{other.id}/events", params={"streamToken": job_token}
+        )
+        assert r.status_code == 403
+        r = await anon.get(EVENTS, params={"streamToken": job_token})
+        assert r.status_code == 403
+        r = await anon.get(f"{base}/content-jobs/{job.id}", params={"streamToken": job_token})
+        assert r.status_code == 401
+        r = await anon.get(
+            f"{base}/content-jobs", headers={"Authorization": f"Bearer {company_token}"}
+        )
+        assert r.status_code == 401
+        r = await anon.get("/api/companies/globex/events", params={"streamToken": company_token})
+        assert r.status_code == 403
+        tampered = company_token[:-2] + ("AA" if not company_token.endswith("AA") else "BB")
+        r = await anon.get(EVENTS, params={"streamToken": tampered})
+        assert r.status_code == 401
+        # A valid company token opens the company stream.
+        async with anon.stream("GET", EVENTS, params={"streamToken": company_token}) as r:
+            assert r.status_code == 200
+
+
+def test_expired_stream_token_is_refused() -> None:
+    from pgjobs.gateway import auth
+
+    token, _ = auth.mint_stream_token(b"k" * 32, "acme", None, 60, now=1000.0)
+    assert auth.verify_stream_token(b"k" * 32, token, now=1059.0) is not None
+    assert auth.verify_stream_token(b"k" * 32, token, now=1060.0) is None
+    assert auth.verify_stream_token(b"j" * 32, token, now=1000.0) is None

@@ -1,0 +1,229 @@
+"""Per-job event streams: first event, live events to the terminal one, resume with
+Last-Event-ID, never ahead of the database, and no gap when the gateway's LISTEN
+connection is killed mid-job."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from pathlib import Path
+
+from gateway_helpers import RunningGateway, Sse, collect
+
+from helpers import fast_settings, fetch, running_worker, wait_until
+from pgjobs import demo
+
+JOBS = "/api/companies/acme/content-jobs"
+
+
+async def enqueue(gateway: RunningGateway, job_type: str, input: dict[str, object]) -> str:
+    async with gateway.http() as http:
+        r = await http.post(JOBS, json={"jobType": job_type, "input": input})
+    assert r.status_code == 202, r.text
+    job_id: str = r.json()["jobId"]
+    return job_id
+
+
+def assert_gap_free(events: list[Sse], first_seq: int = 1) -> None:
+    seqs = [int(e.id or 0) for e in events]
+    assert seqs == list(range(first_seq, first_seq + len(seqs))), seqs
+    assert [e.data["seq"] for e in events] == seqs
+
+
+async def test_status_first_then_live_events_until_done(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    job_id = await enqueue(gateway, "sleep", {"seconds": 0.3})
+    path = f"{JOBS}/{job_id}/events"
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+        events = await collect(gateway, path)  # returns only because the stream ends
+    assert events[0].event == "status"
+    assert events[0].data["status"] in ("queued", "running")
+    assert_gap_free(events, int(events[0].id or 0))
+    assert events[-1].event == "content_job.done"
+    assert events[-1].data["status"] == "done"
+    kinds = {e.event for e in events[1:]}
+    assert "content_job.progress" in kinds or events[0].data["status"] == "running"
+    progress = [e.data["progress"] for e in events if e.event == "content_job.progress"]
+    assert all(0 <= p["fraction"] <= 1 for p in progress)
+    assert set(events[-1].data) >= {"jobId", "status", "type", "attempt", "seq"}
+    # The stream is done with; the slot and the subscription are given back.
+    assert gateway.state.fanout.subscribers == 0
+    assert gateway.state.slots.total == 0
+
+
+async def test_finished_job_gets_its_status_then_204_on_resume(gateway: RunningGateway) -> None:
+    job_id = await enqueue(gateway, "echo", {})
+    await gateway.state.client.cancel("acme", job_id)
+    path = f"{JOBS}/{job_id}/events"
+    (event,) = await collect(gateway, path)
+    assert event.event == "status"
+    assert event.data["status"] == "cancelled"
+    assert event.id == "2"
+    async with gateway.http() as http:
+        r = await http.get(path, headers={"Last-Event-ID": "2"})
+        assert r.status_code == 204
+        # An id the job never issued: treated like no id at all.
+        (again,) = await collect(gateway, path, last_event_id="99")
+        assert again.event == "status"
+
+
+async def test_unknown_job_and_bad_last_event_id(gateway: RunningGateway) -> None:
+    async with gateway.http() as http:
+        for job_id in (str(uuid.uuid4()), "nope"):
+            r = await http.get(f"{JOBS}/{job_id}/events")
+            assert r.status_code == 404
+            assert r.json() == {"error": "Job not found"}
+        job_id = await enqueue(gateway, "echo", {})
+        for bad in ("abc", "-1", "1.5", "99999999999999"):
+            r = await http.get(f"{JOBS}/{job_id}/events", headers={"Last-Event-ID": bad})
+            assert r.status_code == 400, bad
+    assert gateway.state.fanout.subscribers == 0
+    assert gateway.state.slots.total == 0
+
+
+async def test_resume_with_last_event_id_under_concurrent_workers(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    """Read a few events, drop the connection, resume from the last id: every event once,
+    in order, across several jobs and two workers."""
+    jobs = [await enqueue(gateway, "sleep", {"seconds": 0.4}) for _ in range(4)]
+    settings = fast_settings(storage_dir, concurrency=2)
+
+    async def follow(job_id: str) -> list[Sse]:
+        path = f"{JOBS}/{job_id}/events"
+        seen = await collect(gateway, path, last_event_id="0", stop_after=3)
+        for _ in range(20):
+            more = await collect(gateway, path, last_event_id=seen[-1].id, stop_after=4)
+            seen += more
+            if seen[-1].data["status"] == "done":
+                return seen
+        raise AssertionError("job never finished")
+
+    async with (
+        running_worker(dsn, demo.registry, settings, worker_id="w1"),
+        running_worker(dsn, demo.registry, settings, worker_id="w2"),
+    ):
+        streams = await asyncio.gather(*(follow(j) for j in jobs))
+    for job_id, events in zip(jobs, streams, strict=True):
+        assert_gap_free(events, 1)
+        rows = await fetch(dsn, "SELECT seq FROM pgjobs.job_events WHERE job_id = %s", [job_id])
+        assert len(events) == len(rows)
+
+
+async def test_an_event_is_never_ahead_of_the_database(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    """On every event received, a GET of the job already shows that state or a newer one."""
+    jobs = [await enqueue(gateway, "sleep", {"seconds": 0.2}) for _ in range(6)]
+    checked = 0
+
+    async def follow(job_id: str) -> list[Sse]:
+        async with gateway.http() as http:
+
+            async def check(ev: Sse) -> None:
+                nonlocal checked
+                r = await http.get(f"{JOBS}/{job_id}")
+                assert r.status_code == 200
+                (row,) = await fetch(
+                    dsn, "SELECT event_seq FROM pgjobs.jobs WHERE id = %s", [job_id]
+                )
+                assert row["event_seq"] >= ev.data["seq"]
+                if ev.data["status"] in ("done", "failed", "cancelled"):
+                    assert r.json()["status"] == ev.data["status"]
+                checked += 1
+
+            return await collect(gateway, f"{JOBS}/{job_id}/events", on_event=check)
+
+    settings = fast_settings(storage_dir, concurrency=3)
+    async with (
+        running_worker(dsn, demo.registry, settings, worker_id="w1"),
+        running_worker(dsn, demo.registry, settings, worker_id="w2"),
+    ):
+        streams = await asyncio.gather(*(follow(j) for j in jobs))
+    for events in streams:
+        assert_gap_free(events, int(events[0].id or 0))
+        assert events[-1].data["status"] == "done"
+    assert checked >= len(jobs) * 3
+
+
+async def test_listen_backend_terminated_mid_stream_loses_nothing(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    job_id = await enqueue(gateway, "sleep", {"seconds": 2.0})
+    terminated = 0
+
+    async def kill_listener_once(ev: Sse) -> None:
+        nonlocal terminated
+        if ev.event == "content_job.progress" and terminated == 0:
+            rows = await fetch(
+                dsn,
+                "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
+                " WHERE application_name = 'pgjobs-gateway-listener'"
+                " AND datname = current_database()",
+            )
+            terminated = len(rows)
+
+    reconnects = gateway.state.listener.reconnects
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+        events = await collect(gateway, f"{JOBS}/{job_id}/events", on_event=kill_listener_once)
+    assert terminated == 1
+    assert gateway.state.listener.reconnects > reconnects
+    assert_gap_free(events, int(events[0].id or 0))
+    assert events[-1].data["status"] == "done"
+    assert len([e for e in events if e.event == "content_job.progress"]) >= 5
+
+
+async def test_field_values_cannot_inject_sse_lines(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    evil = "boom\r\n\r\nevent: content_job.done\ndata: {}\rid: 999\n\n"
+    async with gateway.http() as http:
+        r = await http.post(
+            JOBS, json={"jobType": "fail", "input": {"message": evil}, "maxAttempts": 1}
+        )
+    job_id = r.json()["jobId"]
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+        events = await collect(gateway, f"{JOBS}/{job_id}/events")
+    assert_gap_free(events, int(events[0].id or 0))
+    assert events[-1].event == "content_job.failed"
+    assert evil in events[-1].data["errorMessage"]
+    assert [e.event for e in events].count("content_job.done") == 0
+
+
+async def test_cancel_ends_the_stream(gateway: RunningGateway) -> None:
+    job_id = await enqueue(gateway, "echo", {})
+
+    async def cancel_after_first(ev: Sse) -> None:
+        if ev.event == "status":
+            await gateway.state.client.cancel("acme", job_id)
+
+    events = await collect(gateway, f"{JOBS}/{job_id}/events", on_event=cancel_after_first)
+    assert [e.event for e in events] == ["status", "content_job.cancelled"]
+
+
+async def test_streams_close_cleanly_on_shutdown(dsn: str, storage_dir: Path) -> None:
+    from gateway_helpers import serve_gateway
+
+    async with serve_gateway(dsn, storage_dir) as gateway:
+        job_id = await enqueue(gateway, "echo", {})
+        opened = asyncio.Event()
+
+        async def mark(ev: Sse) -> None:
+            opened.set()
+
+        reader = asyncio.create_task(
+            collect(gateway, f"{JOBS}/{job_id}/events", on_event=mark, within=20)
+        )
+        await asyncio.wait_for(opened.wait(), 10)
+        gateway.server.should_exit = True
+        # The stream ends by itself (no cancellation from the test) once the server stops.
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(reader, 15)
+        assert reader.done()
+
+    async def gone() -> bool:
+        return gateway.state.fanout.subscribers == 0
+
+    await wait_until(gone, within=5, message="subscriptions released")
