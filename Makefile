@@ -32,7 +32,17 @@ lint: $(STAMP) ## ruff check + format check
 typecheck: $(STAMP) ## mypy --strict on src
 	$(PY) -m mypy
 
+BENCH_STAMP := $(VENV)/.installed-bench
+
+$(BENCH_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP) ## benchmarks vs procrastinate and pgqueuer into bench/results/ (ARGS=--quick: < 5 min)
+	$(PY) -m bench $(ARGS)
+
 clean: ## remove the virtualenv, caches and the embedded database under .pgjobs/
 	rm -rf $(VENV) .pgjobs .pytest_cache .mypy_cache .ruff_cache
 
 .PHONY: help install run test lint typecheck clean
+.PHONY: bench

@@ -1,0 +1,86 @@
+"""What every scenario gets: the server, the run's sizes, where to write, how to log."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Sizes:
+    drain_jobs: int
+    # procrastinate claims one job per round trip (~1k jobs/s here), so it drains a tenth
+    # of N: still tens of seconds per run, far above its start-up cost.
+    drain_jobs_procrastinate: int
+    enqueue_single: int
+    enqueue_bulk: int
+    wakeup_jobs: int
+    notify_jobs: int
+    pglimit_jobs: int
+    growth_rows: tuple[int, ...]
+    growth_jobs: int
+    churn_jobs: int
+
+
+FULL = Sizes(
+    drain_jobs=100_000,
+    drain_jobs_procrastinate=10_000,
+    enqueue_single=5_000,
+    enqueue_bulk=100_000,
+    wakeup_jobs=300,
+    notify_jobs=50_000,
+    pglimit_jobs=50_000,
+    growth_rows=(0, 1_000_000, 10_000_000),
+    growth_jobs=30_000,
+    churn_jobs=1_000_000,
+)
+QUICK = Sizes(
+    drain_jobs=20_000,
+    drain_jobs_procrastinate=2_000,
+    enqueue_single=1_000,
+    enqueue_bulk=20_000,
+    wakeup_jobs=60,
+    notify_jobs=10_000,
+    pglimit_jobs=10_000,
+    growth_rows=(0, 100_000, 1_000_000),
+    growth_jobs=10_000,
+    churn_jobs=20_000,
+)
+TINY = Sizes(
+    drain_jobs=200,
+    drain_jobs_procrastinate=100,
+    enqueue_single=50,
+    enqueue_bulk=200,
+    wakeup_jobs=5,
+    notify_jobs=200,
+    pglimit_jobs=200,
+    growth_rows=(0, 1_000),
+    growth_jobs=200,
+    churn_jobs=200,
+)
+
+
+@dataclass
+class Ctx:
+    server_dsn: str
+    sizes: Sizes
+    mode: str
+    repeat: int
+    out: Path
+    systems: tuple[str, ...]
+    started: float = field(default_factory=time.monotonic)
+    notes: list[str] = field(default_factory=list)
+
+    def log(self, msg: str) -> None:
+        elapsed = time.monotonic() - self.started
+        print(f"[bench {elapsed:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    @property
+    def logs(self) -> Path:
+        return self.out / "logs"
+
+    def meta(self) -> dict[str, Any]:
+        return {"mode": self.mode, "repeat": self.repeat, "sizes": self.sizes.__dict__}

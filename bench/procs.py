@@ -1,0 +1,130 @@
+"""Worker processes started by the harness and timed through the bench.worker protocol."""
+
+from __future__ import annotations
+
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench.systems import WorkerConfig, argv_for
+
+READY_TIMEOUT = 60.0
+
+
+class WorkerGroup:
+    """``processes`` worker processes of one queue. Always used as a context manager:
+    whatever happens, no process outlives it."""
+
+    def __init__(
+        self,
+        system: str,
+        dsn: str,
+        config: WorkerConfig,
+        processes: int,
+        *,
+        mode: str = "drain",
+        log_dir: Path,
+        stamps_dir: Path | None = None,
+    ) -> None:
+        self.system = system
+        self.dsn = dsn
+        self.config = config
+        self.n = processes
+        self.mode = mode
+        self.log_dir = log_dir
+        self.stamps_dir = stamps_dir
+        self.procs: list[subprocess.Popen[str]] = []
+        self.lines: list[queue.Queue[str]] = []
+        self.t0 = 0.0
+
+    def __enter__(self) -> WorkerGroup:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(self.n):
+            env = dict(os.environ)
+            env.pop("BENCH_STAMPS", None)
+            if self.stamps_dir is not None:
+                env["BENCH_STAMPS"] = str(self.stamps_dir / f"{self.system}-{i}.json")
+            log = (self.log_dir / f"{self.system}-worker-{i}.log").open("a")
+            cmd = [sys.executable, "-m", "bench.worker", self.system, self.dsn]
+            cmd += [*argv_for(self.config), "--mode", self.mode]
+            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                cmd,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+                env=env,
+                cwd=Path(__file__).resolve().parents[1],
+            )
+            log.close()
+            lines: queue.Queue[str] = queue.Queue()
+            threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
+            self.procs.append(proc)
+            self.lines.append(lines)
+        try:
+            for i in range(self.n):
+                self._expect(i, "ready", READY_TIMEOUT)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.kill()
+
+    def _expect(self, i: int, word: str, timeout: float) -> str:
+        try:
+            line = self.lines[i].get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(
+                f"{self.system} worker {i} did not say {word!r} within {timeout:.0f}s "
+                f"(see {self.log_dir})"
+            ) from None
+        if not line.startswith(word):
+            raise RuntimeError(f"{self.system} worker {i} said {line!r}, expected {word!r}")
+        return line
+
+    def go(self) -> float:
+        self.t0 = time.monotonic()
+        for proc in self.procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
+        return self.t0
+
+    def stop(self) -> None:
+        """serve mode: ask every process to shut down gracefully."""
+        for proc in self.procs:
+            if proc.stdin is not None and proc.poll() is None:
+                proc.stdin.write("stop\n")
+                proc.stdin.flush()
+
+    def wait(self, timeout: float) -> list[float]:
+        """The monotonic time at which each process's run call returned."""
+        deadline = time.monotonic() + timeout
+        done = []
+        for i in range(self.n):
+            line = self._expect(i, "done", max(0.1, deadline - time.monotonic()))
+            done.append(float(line.split()[1]))
+        for proc in self.procs:
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        return done
+
+    def kill(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            if proc.stdin is not None:
+                proc.stdin.close()
+
+
+def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        lines.put(line.strip())
+    lines.put("exited")

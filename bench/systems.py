@@ -1,0 +1,196 @@
+"""The three queues behind one small interface: install, enqueue, count finished jobs.
+
+Each queue is driven through its own public API, with the settings its documentation
+gives for throughput (see WORKER_DEFAULTS and docs/benchmarks.md):
+
+* pgjobs: ``pgjobs.client.Client.enqueue_many`` (one statement), ``pgjobs.worker.Worker``
+  in burst mode (the code ``pgjobs worker`` runs), asyncio's default loop as the CLI uses.
+* procrastinate: ``Task.batch_defer_async``, ``App.run_worker_async(wait=False)``.
+* pgqueuer: ``Queries.enqueue`` with lists (one statement), ``QueueManager.run`` in drain
+  mode over asyncpg, under uvloop as its CLI runs it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+SYSTEMS = ("pgjobs", "procrastinate", "pgqueuer")
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    """One worker process's settings. concurrency: jobs in flight; batch: pgqueuer's
+    batch_size (pgjobs sizes its claims from free slots, procrastinate claims one job)."""
+
+    concurrency: int
+    batch: int = 0
+    driver: str = ""
+
+    def label(self) -> str:
+        parts = [f"concurrency {self.concurrency or 'unbounded'}"]
+        if self.batch:
+            parts.append(f"batch {self.batch}")
+        if self.driver:
+            parts.append(self.driver)
+        return ", ".join(parts)
+
+
+# Chosen by a sweep on this machine (docs/benchmarks.md, "Settings"): each queue's fastest
+# configuration for no-op jobs.
+WORKER_DEFAULTS: dict[str, WorkerConfig] = {
+    "pgjobs": WorkerConfig(concurrency=200),
+    "procrastinate": WorkerConfig(concurrency=20),
+    "pgqueuer": WorkerConfig(concurrency=0, batch=100, driver="asyncpg"),
+}
+
+
+def asyncpg_uri(dsn: str) -> str:
+    """asyncpg takes URIs only; turn a libpq key=value DSN (Unix socket) into one."""
+    params = conninfo_to_dict(dsn)
+    user = params.get("user", "postgres")
+    query = f"host={params['host']}" if "host" in params else ""
+    if "port" in params:
+        query += f"&port={params['port']}"
+    return f"postgresql://{user}@/{params.get('dbname', 'postgres')}?{query}"
+
+
+class Producer(Protocol):
+    async def enqueue_one(self, key: str | None = None) -> None: ...
+    async def enqueue_bulk(self, n: int) -> None: ...
+
+
+@asynccontextmanager
+async def producer(system: str, dsn: str) -> AsyncIterator[Producer]:
+    if system == "pgjobs":
+        yield_ = _PgjobsProducer(dsn)
+    elif system == "procrastinate":
+        yield_ = _ProcrastinateProducer(dsn)  # type: ignore[assignment]
+    elif system == "pgqueuer":
+        yield_ = _PgqueuerProducer(dsn)  # type: ignore[assignment]
+    else:
+        raise ValueError(system)
+    await yield_.open()
+    try:
+        yield yield_
+    finally:
+        await yield_.close()
+
+
+class _PgjobsProducer:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.client: Any = None
+
+    async def open(self) -> None:
+        from pgjobs.client import Client
+
+        self.client = await Client.connect(self.dsn)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def enqueue_one(self, key: str | None = None) -> None:
+        await self.client.enqueue("bench", "noop", {"k": key} if key else None)
+
+    async def enqueue_bulk(self, n: int) -> None:
+        from pgjobs.jobspec import JobSpec
+
+        await self.client.enqueue_many(JobSpec("bench", "noop") for _ in range(n))
+
+
+class _ProcrastinateProducer:
+    def __init__(self, dsn: str) -> None:
+        from bench.handlers import procrastinate_app
+
+        self.app = procrastinate_app(dsn, pool_size=10)
+
+    async def open(self) -> None:
+        await self.app.open_async()
+
+    async def close(self) -> None:
+        await self.app.close_async()
+
+    async def enqueue_one(self, key: str | None = None) -> None:
+        await self.app.tasks["noop"].defer_async(k=key)
+
+    async def enqueue_bulk(self, n: int) -> None:
+        await self.app.tasks["noop"].batch_defer_async(*({} for _ in range(n)))
+
+
+class _PgqueuerProducer:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.pool: Any = None
+        self.queries: Any = None
+
+    async def open(self) -> None:
+        import asyncpg
+        from pgqueuer.adapters.drivers.asyncpg import AsyncpgPoolDriver
+        from pgqueuer.queries import Queries
+
+        self.pool = await asyncpg.create_pool(asyncpg_uri(self.dsn), min_size=1, max_size=10)
+        self.queries = Queries(AsyncpgPoolDriver(self.pool))
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    async def enqueue_one(self, key: str | None = None) -> None:
+        await self.queries.enqueue("noop", key.encode() if key else None)
+
+    async def enqueue_bulk(self, n: int) -> None:
+        await self.queries.enqueue(["noop"] * n, [None] * n, [0] * n)
+
+
+async def install(system: str, dsn: str) -> None:
+    """Create the queue's schema in a fresh database (pgjobs: already migrated)."""
+    if system == "procrastinate":
+        from bench.handlers import procrastinate_app
+
+        app = procrastinate_app(dsn, pool_size=2)
+        async with app.open_async():
+            await app.schema_manager.apply_schema_async()
+    elif system == "pgqueuer":
+        import asyncpg
+        from pgqueuer.adapters.drivers.asyncpg import AsyncpgDriver
+        from pgqueuer.queries import Queries
+
+        conn = await asyncpg.connect(asyncpg_uri(dsn))
+        try:
+            await Queries(AsyncpgDriver(conn)).install()
+        finally:
+            await conn.close()
+
+
+FINISHED_SQL = {
+    "pgjobs": "SELECT count(*) FROM pgjobs.jobs WHERE status = 'done'",
+    "procrastinate": "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'",
+    "pgqueuer": "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'",
+}
+LEFT_SQL = {
+    "pgjobs": "SELECT count(*) FROM pgjobs.jobs WHERE status IN ('queued', 'running')",
+    "procrastinate": "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')",
+    "pgqueuer": "SELECT count(*) FROM pgqueuer",
+}
+
+
+def counts(system: str, dsn: str) -> tuple[int, int]:
+    """(finished successfully, still queued or running)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        done = conn.execute(FINISHED_SQL[system]).fetchone()[0]  # type: ignore[index]
+        left = conn.execute(LEFT_SQL[system]).fetchone()[0]  # type: ignore[index]
+    return int(done), int(left)
+
+
+def argv_for(config: WorkerConfig) -> Sequence[str]:
+    argv = ["--concurrency", str(config.concurrency)]
+    if config.batch:
+        argv += ["--batch", str(config.batch)]
+    if config.driver:
+        argv += ["--driver", config.driver]
+    return argv

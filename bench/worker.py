@@ -1,0 +1,151 @@
+"""One worker process of one queue, started by the harness:
+
+    python -m bench.worker SYSTEM DSN [--concurrency N] [--batch B] [--driver D] [--mode M]
+
+Protocol on stdin/stdout, so that every queue is timed the same way: the process imports
+its library and builds its worker, prints ``ready``, waits for a ``go`` line, runs, and
+prints ``done <time.monotonic()>`` the moment the library's run call returns (before
+interpreter teardown). In ``drain`` mode the library stops by itself once nothing is left
+(pgjobs burst mode, procrastinate ``wait=False``, pgqueuer drain mode); in ``serve`` mode
+it runs until a ``stop`` line (or end of input) arrives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+from bench import stamps
+from bench.systems import asyncpg_uri
+
+
+def _say(line: str) -> None:
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
+def _wait_line(expected: str) -> None:
+    line = sys.stdin.readline().strip()
+    if line != expected:
+        raise SystemExit(f"bench.worker: expected {expected!r} on stdin, got {line!r}")
+
+
+def _watch_stdin(loop: asyncio.AbstractEventLoop, stop: Callable[[], None]) -> None:
+    """serve mode: call stop() in the loop when 'stop' or end of input arrives."""
+
+    def reader() -> None:
+        sys.stdin.readline()
+        loop.call_soon_threadsafe(stop)
+
+    threading.Thread(target=reader, daemon=True).start()
+
+
+async def run_pgjobs(args: argparse.Namespace) -> None:
+    from bench.handlers import registry
+    from pgjobs.config import WorkerSettings
+    from pgjobs.worker import Worker
+
+    settings = WorkerSettings.from_env(concurrency=args.concurrency)
+    worker = Worker(args.dsn, registry, settings, burst=args.mode == "drain")
+    _say("ready")
+    await asyncio.to_thread(_wait_line, "go")
+    if args.mode == "serve":
+        _watch_stdin(asyncio.get_running_loop(), worker.stop)
+    await worker.run()
+
+
+async def run_procrastinate(args: argparse.Namespace) -> None:
+    from bench.handlers import procrastinate_app
+
+    app = procrastinate_app(args.dsn, pool_size=args.concurrency + 2)
+    async with app.open_async():
+        _say("ready")
+        await asyncio.to_thread(_wait_line, "go")
+        task = asyncio.create_task(
+            app.run_worker_async(
+                concurrency=args.concurrency,
+                wait=args.mode == "serve",
+                install_signal_handlers=False,
+            )
+        )
+        if args.mode == "serve":
+            _watch_stdin(asyncio.get_running_loop(), task.cancel)
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+async def run_pgqueuer(args: argparse.Namespace) -> None:
+    from datetime import timedelta
+
+    import asyncpg
+    from pgqueuer.adapters.drivers.asyncpg import AsyncpgDriver, AsyncpgPoolDriver
+    from pgqueuer.core.qm import QueueManager
+    from pgqueuer.domain.types import QueueExecutionMode
+    from pgqueuer.queries import Queries
+
+    from bench.handlers import pgqueuer_register
+
+    uri = asyncpg_uri(args.dsn)
+    pool = None
+    if args.driver == "asyncpg-pool":
+        pool = await asyncpg.create_pool(uri, min_size=2, max_size=4)
+        driver: Any = AsyncpgPoolDriver(pool)
+    else:
+        conn = await asyncpg.connect(uri)
+        driver = AsyncpgDriver(conn)
+    qm = QueueManager(Queries(driver))
+    pgqueuer_register(qm)
+    _say("ready")
+    await asyncio.to_thread(_wait_line, "go")
+    if args.mode == "serve":
+        _watch_stdin(asyncio.get_running_loop(), qm.shutdown.set)
+    await qm.run(
+        batch_size=args.batch or 10,
+        mode=QueueExecutionMode.drain if args.mode == "drain" else QueueExecutionMode.continuous,
+        max_concurrent_tasks=args.concurrency or None,
+        dequeue_timeout=timedelta(seconds=30),
+    )
+    if pool is not None:
+        await pool.close()
+
+
+RUNNERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
+    "pgjobs": run_pgjobs,
+    "procrastinate": run_procrastinate,
+    "pgqueuer": run_pgqueuer,
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.worker")
+    parser.add_argument("system", choices=sorted(RUNNERS))
+    parser.add_argument("dsn")
+    parser.add_argument("--concurrency", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=0)
+    parser.add_argument("--driver", default="")
+    parser.add_argument("--mode", choices=("drain", "serve"), default="drain")
+    args = parser.parse_args()
+    os.environ.setdefault("PGJOBS_HOME", str(Path(tempfile.gettempdir()) / "pgjobs-bench-home"))
+    coro = RUNNERS[args.system](args)
+    if args.system == "pgqueuer":
+        # pgqueuer's own CLI runs on uvloop when it is installed (it is, as its dependency).
+        import uvloop
+
+        uvloop.run(coro)
+    else:
+        asyncio.run(coro)
+    _say(f"done {time.monotonic()!r}")
+    stamps.dump()
+
+
+if __name__ == "__main__":
+    main()

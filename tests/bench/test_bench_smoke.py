@@ -1,0 +1,52 @@
+"""The benchmark harness runs end to end in its tiny mode and writes what it promises.
+
+No timing is asserted: this only checks that ``python -m bench`` works and that its JSON
+and markdown are well formed. Skipped unless the ``bench`` extra is installed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+ROOT = Path(__file__).resolve().parents[2]
+SCENARIOS = ["drain"]
+
+
+@pytest.mark.timeout(60)
+def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--tiny",
+            "--systems",
+            "pgjobs",
+            "--only",
+            *SCENARIOS,
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in SCENARIOS:
+        result = json.loads((out / f"{name}.json").read_text())
+        assert "error" not in result, result
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["mode"] == "tiny"
+    summary = (out / "summary.md").read_text()
+    assert summary.startswith("# pgjobs benchmark results")
+    assert "## 1. Drain throughput" in summary
+    assert (out / "drain_throughput.png").stat().st_size > 1000
