@@ -1,0 +1,73 @@
+"""Scenario 2 — enqueue throughput: one job per transaction (one producer connection, and
+10 concurrent producers), and bulk (each queue's batch API, 1,000 jobs per statement)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from bench import pg, systems
+from bench.context import Ctx
+from bench.stats import fmt, summary
+
+BULK_CHUNK = 1_000
+CONCURRENT = 10
+MODES = ("single", "single_x10", "bulk")
+
+
+async def _measure(system: str, dsn: str, mode: str, n: int) -> float:
+    async with systems.producer(system, dsn) as prod:
+        await prod.enqueue_one()  # warm the pool
+        t = time.monotonic()
+        if mode == "single":
+            for _ in range(n):
+                await prod.enqueue_one()
+        elif mode == "single_x10":
+
+            async def one_producer(count: int) -> None:
+                for _ in range(count):
+                    await prod.enqueue_one()
+
+            await asyncio.gather(*(one_producer(n // CONCURRENT) for _ in range(CONCURRENT)))
+        else:
+            for _ in range(n // BULK_CHUNK):
+                await prod.enqueue_bulk(BULK_CHUNK)
+        return n / (time.monotonic() - t)
+
+
+def run(ctx: Ctx) -> dict[str, Any]:
+    out: dict[str, Any] = {"systems": {}, "bulk_chunk": BULK_CHUNK, "concurrent": CONCURRENT}
+    for system in ctx.systems:
+        res = {}
+        for mode in MODES:
+            n = ctx.sizes.enqueue_bulk if mode == "bulk" else ctx.sizes.enqueue_single
+            n = max(n, BULK_CHUNK) if mode == "bulk" else n
+            rates = []
+            for _ in range(ctx.repeat):
+                with pg.database(ctx.server_dsn, migrate=system == "pgjobs") as dsn:
+                    asyncio.run(systems.install(system, dsn))
+                    pg.checkpoint(dsn)
+                    rates.append(asyncio.run(_measure(system, dsn, mode, n)))
+            ctx.log(f"enqueue {system} {mode}: {summary(rates)['median']:,.0f} jobs/s")
+            res[mode] = {"jobs": n, "jobs_per_s": summary(rates)}
+        out["systems"][system] = res
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        "| queue | single, 1 producer (jobs/s) | single, 10 producers (jobs/s) "
+        f"| bulk, {res['bulk_chunk']:,} per statement (jobs/s) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for system, r in res["systems"].items():
+        cells = " | ".join(fmt(r[m]["jobs_per_s"]) for m in MODES)
+        lines.append(f"| {system} | {cells} |")
+    lines.append(
+        "\nSingle: one job per transaction, each a durable commit (fsync), so it measures "
+        "commit latency; 10 producers share commits through group commit. Bulk: "
+        "pgjobs `enqueue_many`, procrastinate `batch_defer_async`, pgqueuer `enqueue` "
+        "with lists."
+    )
+    return "\n".join(lines)

@@ -1,0 +1,95 @@
+"""Scenario 8 — NOTIFY cost: pgjobs' drain (2 worker processes) and concurrent single
+enqueues with its notifications as shipped (packed, a few per commit), one per
+transition, and none.
+
+A transaction that has called pg_notify takes a database-wide lock at commit
+(AccessExclusiveLock on object 0 of class pg_database, held across the commit's WAL
+flush), so committers that notify are serialised. The variants swap only the body of
+``pgjobs.notify_events`` in the benchmark's own database; triggers, event rows and the
+worker are untouched."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import psycopg
+
+from bench.context import Ctx
+from bench.drain import drain, queue_db, settle
+from bench.scenarios.enqueue import _measure
+from bench.stats import fmt, summary
+
+VARIANTS: dict[str, str | None] = {
+    "per commit (shipped)": None,
+    "per transition": """
+        CREATE OR REPLACE FUNCTION pgjobs.notify_events(events pgjobs.job_events[])
+        RETURNS bigint LANGUAGE sql AS $$
+            SELECT count(pg_notify('pgjobs_events', '{"events":[' || jsonb_build_object(
+                'eventId', e.id, 'jobId', e.job_id, 'companyId', e.company_id, 'seq', e.seq,
+                'type', e.type, 'status', e.status, 'attempt', e.attempt)::text || ']}'))
+            FROM unnest(events) AS e
+        $$""",
+    "off": """
+        CREATE OR REPLACE FUNCTION pgjobs.notify_events(events pgjobs.job_events[])
+        RETURNS bigint LANGUAGE sql AS $$ SELECT 0::bigint $$""",
+}
+PROCESSES = 2
+
+
+def _apply(dsn: str, ddl: str | None) -> None:
+    if ddl:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(ddl)  # type: ignore[arg-type]  # a constant above
+
+
+def run(ctx: Ctx) -> dict[str, Any]:
+    if "pgjobs" not in ctx.systems:
+        return {"skipped": "pgjobs not selected"}
+    n = ctx.sizes.notify_jobs
+    out: dict[str, Any] = {"jobs": n, "processes": PROCESSES, "variants": {}}
+    for name, ddl in VARIANTS.items():
+        drains, enq = [], []
+        for _ in range(ctx.repeat):
+            with queue_db(ctx, "pgjobs", 0) as dsn:
+                _apply(dsn, ddl)
+                single = ctx.sizes.enqueue_single
+                enq.append(asyncio.run(_measure("pgjobs", dsn, "single_x10", single)))
+            with queue_db(ctx, "pgjobs", 0) as dsn:
+                _apply(dsn, ddl)
+                asyncio.run(_fill(dsn, n))
+                settle(dsn)
+                drains.append(drain(ctx, "pgjobs", dsn, n, PROCESSES)["jobs_per_s"])
+        out["variants"][name] = {
+            "drain_jobs_per_s": summary(drains),
+            "enqueue_x10_jobs_per_s": summary(enq),
+        }
+        ctx.log(
+            f"notify {name}: drain {summary(drains)['median']:,.0f} jobs/s, "
+            f"enqueue x10 {summary(enq)['median']:,.0f} jobs/s"
+        )
+    return out
+
+
+async def _fill(dsn: str, n: int) -> None:
+    from bench.drain import _fill as fill
+
+    await fill("pgjobs", dsn, n)
+
+
+def markdown(res: dict[str, Any]) -> str:
+    base = res["variants"]["per commit (shipped)"]["drain_jobs_per_s"]["median"]
+    lines = [
+        f"pgjobs only; drain of {res['jobs']:,} jobs with {res['processes']} worker processes, "
+        "and single-job enqueues from 10 concurrent producers.",
+        "",
+        "| notifications | drain (jobs/s) | vs shipped | enqueue, 10 producers (jobs/s) |",
+        "| --- | ---: | ---: | ---: |",
+    ]
+    for name, r in res["variants"].items():
+        rel = r["drain_jobs_per_s"]["median"] / base
+        lines.append(
+            f"| {name} | {fmt(r['drain_jobs_per_s'])} | {rel:.2f}× "
+            f"| {fmt(r['enqueue_x10_jobs_per_s'])} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,182 @@
+"""Scenario 7 — physical limit: the two statements a pgjobs worker runs per batch
+(``job_claim_batch`` and ``job_finish_many_if_leased``, taken verbatim from
+pgjobs/queries.sql) executed by pgbench with no Python in the loop, on the same queued
+jobs, with the same triggers (event rows + NOTIFY); pgjobs' own drain of the same N as a
+fraction of the best pgbench figure.
+
+Each pgbench client is one loop of "claim B, then finish those B", each statement its own
+commit as in pgjobs; B is the batch size pgjobs reaches in the drain (100, read from the
+audit log's xids). Parameters pgjobs passes as NULL (now, job_types) are NULL here too;
+the claim's RETURNING rows are folded into arrays (``\\gset``) instead of being sent to
+Python, which is exactly the part the limit leaves out."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from psycopg.conninfo import conninfo_to_dict
+
+from bench import pg
+from bench.context import Ctx
+from bench.drain import drain, queue_db
+from bench.stats import fmt, summary
+
+BATCH = 100
+CLIENTS = (1, 2, 4)
+PROCESSES = 2
+
+CONSTANTS = {
+    "now": "NULL",
+    "job_types": "NULL",
+    "worker_id": "'pgbench'",
+    "lease_seconds": "30",
+    "limit": ":batch",
+    # finish: the claimed ids and tokens, every outcome 'done', everything else NULL
+    "ids": ":ids",
+    "lease_tokens": ":toks",
+    "outcomes": "array_fill('done'::text, ARRAY[:n::int])",
+    "retry_delays": "array_fill(0::float8, ARRAY[:n::int])",
+}
+NULL_ARRAYS = {
+    "results": "jsonb",
+    "errors": "text",
+    "asset_ids": "uuid",
+    "asset_keys": "text",
+    "asset_content_types": "text",
+    "asset_sizes": "bigint",
+    "asset_sha256s": "text",
+    "asset_filenames": "text",
+}
+
+
+def _bind(query: str) -> str:
+    values = dict(CONSTANTS)
+    for name, typ in NULL_ARRAYS.items():
+        values[name] = f"array_fill(NULL::{typ}, ARRAY[:n::int])"
+
+    def sub(m: re.Match[str]) -> str:
+        return values[m.group(1)]
+
+    body = "\n".join(line for line in query.splitlines() if not line.strip().startswith("--"))
+    body = re.sub(r"%\((\w+)\)s", sub, body)
+    return body.replace("%%", "%")
+
+
+def script() -> str:
+    from pgjobs.queries import QUERIES
+
+    claim = _bind(QUERIES["job_claim_batch"])
+    head, update = claim.split("\nUPDATE ", 1)
+    claim_gset = (
+        f"{head},\nclaimed AS (\nUPDATE {update}\n)\n"
+        "SELECT coalesce(array_agg(id), '{}') AS ids, "
+        "coalesce(array_agg(lease_token), '{}') AS toks, count(*) AS n FROM claimed\n\\gset"
+    )
+    finish = _bind(QUERIES["job_finish_many_if_leased"]) + ";"
+    return f"\\set batch {BATCH}\n{claim_gset}\n{finish}\n"
+
+
+def pgbench(dsn: str, script_path: Path, clients: int, transactions: int) -> dict[str, Any]:
+    params = conninfo_to_dict(dsn)
+    cmd = [
+        pg.bin_path("pgbench"),
+        "-n",  # no vacuum of pgbench's own tables
+        "-M", "prepared",
+        "-f", str(script_path),
+        "-c", str(clients),
+        "-j", str(min(clients, 2)),
+        "-t", str(transactions),
+        "-h", str(params.get("host", "")),
+        "-U", str(params.get("user", "postgres")),
+        str(params["dbname"]),
+    ]  # fmt: skip
+    if params.get("port"):
+        cmd[1:1] = ["-p", str(params["port"])]
+    t = time.monotonic()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=False)  # noqa: S603
+    wall = time.monotonic() - t
+    if proc.returncode != 0:
+        raise RuntimeError(f"pgbench failed: {proc.stderr[-2000:]}")
+    tps = re.search(r"tps = ([\d.]+) \(without initial connection time\)", proc.stdout)
+    lat = re.search(r"latency average = ([\d.]+) ms", proc.stdout)
+    return {
+        "wall_seconds": wall,
+        "tps": float(tps.group(1)) if tps else None,
+        "latency_ms": float(lat.group(1)) if lat else None,
+    }
+
+
+def run(ctx: Ctx) -> dict[str, Any]:
+    if "pgjobs" not in ctx.systems:
+        return {"skipped": "pgjobs not selected"}
+    n = ctx.sizes.pglimit_jobs
+    script_path = ctx.out / "pgjobs_batch.pgbench.sql"
+    script_path.write_text(script())
+    out: dict[str, Any] = {"jobs": n, "batch": BATCH, "script": script_path.name, "pgbench": {}}
+    for clients in CLIENTS:
+        rates = []
+        per_client = -(-n // (BATCH * clients))
+        for _ in range(ctx.repeat):
+            with queue_db(ctx, "pgjobs", n) as dsn:
+                r = pgbench(dsn, script_path, clients, per_client)
+                from bench import systems
+
+                done, left = systems.counts("pgjobs", dsn)
+                if done != n or left:
+                    raise RuntimeError(f"pgbench finished {done} of {n} jobs, {left} left")
+                rates.append(n / r["wall_seconds"])
+        out["pgbench"][str(clients)] = {"jobs_per_s": summary(rates)}
+        ctx.log(f"pglimit pgbench -c {clients}: {summary(rates)['median']:,.0f} jobs/s")
+    rates = []
+    for _ in range(ctx.repeat):
+        with queue_db(ctx, "pgjobs", n) as dsn:
+            rates.append(drain(ctx, "pgjobs", dsn, n, PROCESSES)["jobs_per_s"])
+    out["pgjobs"] = {"processes": PROCESSES, "jobs_per_s": summary(rates)}
+    best = max(out["pgbench"], key=lambda c: out["pgbench"][c]["jobs_per_s"]["median"])
+    out["best_clients"] = best
+    out["fraction"] = (
+        out["pgjobs"]["jobs_per_s"]["median"] / out["pgbench"][best]["jobs_per_s"]["median"]
+    )
+    ctx.log(
+        f"pglimit pgjobs x{PROCESSES}: {summary(rates)['median']:,.0f} jobs/s, "
+        f"{out['fraction']:.0%} of pgbench"
+    )
+    return out
+
+
+def markdown(res: dict[str, Any]) -> str:
+    lines = [
+        f"{res['jobs']:,} queued jobs; pgbench runs `{res['script']}` (claim {res['batch']}, "
+        "finish them, one commit each; the exact statements of pgjobs/queries.sql). "
+        "Wall-clock time including pgbench's connections.",
+        "",
+        "| runner | jobs/s |",
+        "| --- | ---: |",
+    ]
+    for clients, r in res["pgbench"].items():
+        lines.append(f"| pgbench, {clients} client(s) | {fmt(r['jobs_per_s'])} |")
+    lines.append(
+        f"| pgjobs, {res['pgjobs']['processes']} worker processes "
+        f"| {fmt(res['pgjobs']['jobs_per_s'])} |"
+    )
+    lines.append(
+        f"\npgjobs reaches **{res['fraction']:.0%}** of the best pgbench figure "
+        f"({res['best_clients']} clients)."
+    )
+    return "\n".join(lines)
+
+
+def targets(res: dict[str, Any]) -> list[dict[str, Any]]:
+    f = res["fraction"]
+    return [
+        {
+            "target": "drain ≥ 60% of the pgbench limit for the same SQL",
+            "measured": f"{f:.0%}",
+            "met": f >= 0.6,
+            "why": "" if f >= 0.6 else "see docs/benchmarks.md",
+        }
+    ]
