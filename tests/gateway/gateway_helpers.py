@@ -55,19 +55,26 @@ class RunningGateway:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=20.0, **kwargs)
 
 
-def free_socket() -> socket.socket:
+def free_socket(sndbuf: int | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if sndbuf is not None:
+        # Accepted connections inherit it: lets a test fill a slow client's pipe quickly.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.bind(("127.0.0.1", 0))
     return sock
 
 
 @contextlib.asynccontextmanager
 async def serve_gateway(
-    dsn: str, storage_dir: Path, settings: GatewaySettings = TEST_SETTINGS
+    dsn: str,
+    storage_dir: Path,
+    settings: GatewaySettings = TEST_SETTINGS,
+    *,
+    sndbuf: int | None = None,
 ) -> AsyncIterator[RunningGateway]:
     app = create_app(dsn, settings, LocalStorage(storage_dir))
-    sock = free_socket()
+    sock = free_socket(sndbuf)
     port = sock.getsockname()[1]
     config = uvicorn.Config(
         app, lifespan="on", log_level="warning", timeout_graceful_shutdown=5, ws="none"

@@ -8,6 +8,7 @@ scoped by that company in SQL, so another company's job or asset id is simply no
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -15,6 +16,7 @@ from urllib.parse import quote
 
 from sse_starlette import EventSourceResponse
 from sse_starlette.event import ServerSentEvent
+from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -28,6 +30,8 @@ from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, quer
 from pgjobs.gateway.responses import asset_json, error, job_json
 from pgjobs.gateway.state import GatewayState
 from pgjobs.types import JobStatus
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 MAX_CURSOR_LENGTH = 200
@@ -52,6 +56,10 @@ class StreamResponse(EventSourceResponse):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
             await super().__call__(scope, receive, send)
+        except SendTimeoutError:
+            # A client that stopped reading (frozen tab, dead network): dropping it is the
+            # point of the send timeout, not a server error.
+            log.info("dropped an event stream whose client stopped reading")
         finally:
             self._release()
 

@@ -1,0 +1,184 @@
+"""What streams may cost (reliability.md G10-G14): caps, keep-alives, slow consumers,
+overflow, and no leak after many connect/disconnect cycles."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import uuid
+from pathlib import Path
+
+from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings
+
+from helpers import wait_until
+from pgjobs.gateway.fanout import Fanout, LiveEvent
+from pgjobs.jobspec import JobSpec
+
+EVENTS = "/api/companies/{}/events"
+
+
+async def test_stream_caps_per_company_and_global_are_429(dsn: str, storage_dir: Path) -> None:
+    capped = settings(max_streams=3, max_streams_per_company=2)
+    async with serve_gateway(dsn, storage_dir, capped) as gateway:
+        readers = []
+
+        async def open_stream(company: str) -> None:
+            readers.append(
+                asyncio.create_task(
+                    collect(gateway, EVENTS.format(company), company=company, within=60)
+                )
+            )
+            n = len(readers)
+
+            async def opened() -> bool:
+                return gateway.state.slots.total == n
+
+            await wait_until(opened, within=10, message="stream open")
+
+        await open_stream("acme")
+        await open_stream("acme")
+        async with gateway.http() as http:
+            r = await http.get(EVENTS.format("acme"))
+            assert r.status_code == 429
+            assert r.headers["retry-after"] == "5"
+            assert "company" in r.json()["error"]
+            # The REST API stays usable while streams are capped.
+            assert (await http.get("/api/companies/acme/content-jobs")).status_code == 200
+        await open_stream("globex")
+        async with gateway.http("globex") as http:
+            r = await http.get(EVENTS.format("globex"))
+            assert r.status_code == 429
+            assert "server" in r.json()["error"]
+        for task in readers:
+            task.cancel()
+        await asyncio.gather(*readers, return_exceptions=True)
+
+        async def released() -> bool:
+            return gateway.state.slots.total == 0 and gateway.state.fanout.subscribers == 0
+
+        await wait_until(released, within=10, message="slots released")
+
+
+async def test_keep_alive_comments(dsn: str, storage_dir: Path) -> None:
+    async with serve_gateway(dsn, storage_dir, settings(ping_seconds=0.2)) as gateway:
+        async with gateway.http() as http, http.stream("GET", EVENTS.format("acme")) as r:
+            lines = []
+            async with asyncio.timeout(10):
+                async for line in r.aiter_lines():
+                    lines.append(line)
+                    if sum(1 for x in lines if x.startswith(":")) >= 2:
+                        break
+        assert any(x.startswith(": ping") for x in lines)
+
+
+async def test_slow_consumer_is_dropped_while_others_keep_receiving(
+    dsn: str, storage_dir: Path
+) -> None:
+    fast_timeout = settings(send_timeout_seconds=1.0, ping_seconds=0.5)
+    async with serve_gateway(dsn, storage_dir, fast_timeout, sndbuf=8192) as gateway:
+        host, port = gateway.url.removeprefix("http://").split(":")
+        # A client that asks for the stream and then never reads: tiny receive window.
+        frozen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        frozen.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+        frozen.connect((host, int(port)))
+        frozen.sendall(
+            f"GET /api/companies/acme/events HTTP/1.1\r\nHost: x\r\n"
+            f"Authorization: Bearer {gateway.tokens['acme']}\r\n\r\n".encode()
+        )
+
+        async def frozen_open() -> bool:
+            return gateway.state.fanout.company_subscribers == 1
+
+        await wait_until(frozen_open, message="frozen stream open")
+        healthy: list[Sse] = []
+        total = 4000
+        done = asyncio.Event()
+
+        async def on_event(ev: Sse) -> None:
+            healthy.append(ev)
+            if len(healthy) >= total:
+                done.set()
+
+        reader = asyncio.create_task(
+            collect(gateway, EVENTS.format("acme"), on_event=on_event, within=60)
+        )
+
+        async def both_open() -> bool:
+            return gateway.state.fanout.company_subscribers == 2
+
+        await wait_until(both_open, message="healthy stream open")
+        for _ in range(4):
+            specs = [JobSpec("acme", "echo", {"filler": "x" * 10}) for _ in range(total // 4)]
+            await gateway.state.client.enqueue_many(specs)
+        await asyncio.wait_for(done.wait(), 40)
+
+        async def frozen_dropped() -> bool:
+            return gateway.state.fanout.company_subscribers == 1
+
+        await wait_until(frozen_dropped, within=20, message="frozen client dropped")
+        assert len({e.id for e in healthy}) == total
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        frozen.close()
+
+
+def test_a_full_queue_ends_only_that_subscriber() -> None:
+    fanout = Fanout(queue_size=4)
+    job_id = uuid.uuid4()
+    slow = fanout.subscribe_job("acme", job_id)
+    fast = fanout.subscribe_job("acme", job_id)
+    spy = fanout.subscribe_job("globex", job_id)  # same id, other company: never fed
+    for seq in range(1, 6):
+        event = {
+            "eventId": seq, "jobId": str(job_id), "companyId": "acme", "seq": seq,
+            "type": "content_job.progress", "status": "running", "attempt": 1,
+        }  # fmt: skip
+        fanout.on_notify(json.dumps({"events": [event]}))
+        if seq <= 4:
+            item = fast.queue.get_nowait()
+            assert isinstance(item, LiveEvent)
+            assert item.seq == seq
+    assert slow.overflowed
+    assert not fast.overflowed
+    assert fast.queue.qsize() == 1
+    assert spy.queue.qsize() == 0
+    assert fanout.overflows == 1
+    fanout.on_notify("not json")  # unreadable: everyone backfills from the table
+    assert fast.queue.qsize() == 2
+    for sub in (slow, fast, spy):
+        fanout.unsubscribe(sub)
+    assert fanout.subscribers == 0
+
+
+async def test_a_thousand_connect_disconnect_cycles_leak_nothing(
+    gateway: RunningGateway,
+) -> None:
+    job = await gateway.state.client.enqueue("acme", "echo", {})
+    path = f"/api/companies/acme/content-jobs/{job.id}/events"
+
+    async def cycle(n: int) -> None:
+        async with gateway.http() as http:
+            for i in range(n):
+                url = path if i % 2 else EVENTS.format("acme")
+                async with http.stream("GET", url) as r:
+                    assert r.status_code == 200
+                    if url == path:
+                        async for line in r.aiter_lines():
+                            if line.startswith("data:"):
+                                break
+
+    await cycle(20)  # warm up: connection pools, lazily created tasks
+
+    async def at_baseline() -> bool:
+        return gateway.state.fanout.subscribers == 0 and gateway.state.slots.total == 0
+
+    await wait_until(at_baseline, message="warm-up streams released")
+    baseline_tasks = len(asyncio.all_tasks())
+    await asyncio.gather(*(cycle(100) for _ in range(10)))
+
+    async def back_to_baseline() -> bool:
+        return await at_baseline() and len(asyncio.all_tasks()) <= baseline_tasks
+
+    await wait_until(back_to_baseline, within=20, message="subscribers and tasks at baseline")
+    assert gateway.state.slots.by_company == {}
