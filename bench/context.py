@@ -22,20 +22,18 @@ class Sizes:
     pglimit_jobs: int
     growth_rows: tuple[int, ...]
     growth_jobs: int
-    churn_jobs: int
 
 
 FULL = Sizes(
     drain_jobs=100_000,
     drain_jobs_procrastinate=10_000,
-    enqueue_single=5_000,
+    enqueue_single=2_000,
     enqueue_bulk=100_000,
     wakeup_jobs=300,
     notify_jobs=50_000,
     pglimit_jobs=50_000,
     growth_rows=(0, 1_000_000, 10_000_000),
     growth_jobs=30_000,
-    churn_jobs=1_000_000,
 )
 QUICK = Sizes(
     drain_jobs=20_000,
@@ -45,9 +43,8 @@ QUICK = Sizes(
     wakeup_jobs=60,
     notify_jobs=10_000,
     pglimit_jobs=10_000,
-    growth_rows=(0, 100_000, 1_000_000),
+    growth_rows=(0, 50_000, 500_000),
     growth_jobs=10_000,
-    churn_jobs=20_000,
 )
 TINY = Sizes(
     drain_jobs=200,
@@ -57,9 +54,8 @@ TINY = Sizes(
     wakeup_jobs=5,
     notify_jobs=200,
     pglimit_jobs=200,
-    growth_rows=(0, 1_000),
+    growth_rows=(0, 500, 2_000),
     growth_jobs=200,
-    churn_jobs=200,
 )
 
 
