@@ -22,7 +22,10 @@ install: $(STAMP) ## create .venv and install pgjobs with its dev tools
 run: $(STAMP) ## start the embedded Postgres, migrate, run demo workers and show their jobs live
 	$(PY) -m pgjobs demo
 
-test: $(STAMP) ## run the test suite against real PostgreSQL
+chromium: ## install Debian's chromium for the gateway's browser test (skipped if present)
+	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
+
+test: $(STAMP) chromium ## run the test suite against real PostgreSQL
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff check + format check
@@ -44,5 +47,5 @@ bench: $(BENCH_STAMP) ## benchmarks vs procrastinate and pgqueuer into bench/res
 clean: ## remove the virtualenv, caches and the embedded database under .pgjobs/
 	rm -rf $(VENV) .pgjobs .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install run test lint typecheck clean
+.PHONY: help install chromium run test lint typecheck clean
 .PHONY: bench

@@ -1,0 +1,104 @@
+"""A real browser's EventSource on a job: queued -> running -> progress -> done, live,
+through the gateway losing its LISTEN connection mid-job, with no gap."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_helpers import RunningGateway
+
+from helpers import fast_settings, fetch, running_worker, wait_until
+from pgjobs import demo
+
+CHROMIUM = "/usr/bin/chromium"
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM), reason="needs Debian's chromium (make test installs it)"
+)
+
+OPEN_STREAM = """([url]) => {
+  window.seen = [];
+  window.es = new EventSource(url);
+  for (const t of ["status", "content_job.queued", "content_job.running",
+                   "content_job.progress", "content_job.retrying", "content_job.done",
+                   "content_job.failed", "content_job.cancelled"]) {
+    window.es.addEventListener(t, (e) => window.seen.push(
+      {event: e.type, id: e.lastEventId, data: JSON.parse(e.data)}));
+  }
+}"""
+
+
+async def test_eventsource_sees_the_job_live_through_a_listen_reconnect(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    from playwright.async_api import async_playwright
+
+    async with gateway.http() as http:
+        r = await http.post(
+            "/api/companies/acme/content-jobs",
+            json={"jobType": "sleep", "input": {"seconds": 2.5}},
+        )
+        job_id = r.json()["jobId"]
+        r = await http.post("/api/companies/acme/stream-tokens", json={"jobId": job_id})
+        token = r.json()["token"]
+    url = f"/api/companies/acme/content-jobs/{job_id}/events?streamToken={token}"
+
+    async with async_playwright() as p:
+        browser = await p.chromium.launch(
+            executable_path=CHROMIUM,
+            args=[
+                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run",
+            ],
+        )  # fmt: skip
+        try:
+            page = await browser.new_page()
+            await page.goto(gateway.url + "/healthz")  # same origin as the stream
+            await page.evaluate(OPEN_STREAM, [url])
+
+            async def seen() -> list[dict[str, Any]]:
+                events: list[dict[str, Any]] = await page.evaluate("window.seen")
+                return events
+
+            async def has(event: str) -> bool:
+                return any(e["event"] == event for e in await seen())
+
+            await wait_until(lambda: has("status"), message="the first event in the browser")
+            first = (await seen())[0]
+            assert first["data"]["status"] == "queued"
+            reconnects = gateway.state.listener.reconnects
+            async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+                await wait_until(
+                    lambda: has("content_job.progress"), message="progress in the browser"
+                )
+                killed = await fetch(
+                    dsn,
+                    "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                    " WHERE application_name = 'pgjobs-gateway-listener'"
+                    " AND datname = current_database()",
+                )
+                assert len(killed) == 1
+                await wait_until(
+                    lambda: has("content_job.done"), within=30, message="done in the browser"
+                )
+            assert gateway.state.listener.reconnects > reconnects
+
+            async def closed() -> bool:
+                state: int = await page.evaluate("window.es.readyState")
+                return state == 2  # reconnect after the final event got 204: EventSource stops
+
+            await wait_until(closed, within=15, message="EventSource closed")
+            events = await seen()
+        finally:
+            await browser.close()
+
+    kinds = [e["event"] for e in events]
+    assert kinds[0] == "status"
+    assert kinds[1] == "content_job.running"
+    assert kinds[-1] == "content_job.done"
+    assert kinds.count("content_job.progress") == 10
+    seqs = [int(e["id"]) for e in events]
+    assert seqs == list(range(1, len(seqs) + 1))
+    assert [e["data"]["seq"] for e in events] == seqs
