@@ -34,7 +34,7 @@ def jobs_for(ctx: Ctx, system: str) -> int:
 def sweep(ctx: Ctx) -> dict[str, Any]:
     results: dict[str, Any] = {}
     for system in ctx.systems:
-        n = min(jobs_for(ctx, system), 20_000)
+        n = min(jobs_for(ctx, system), 3_000 if system == "procrastinate" else 20_000)
         rows = []
         for config in SWEEP[system]:
             with queue_db(ctx, system, n) as dsn:
