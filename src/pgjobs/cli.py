@@ -165,28 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def job_json(job: Job) -> dict[str, Any]:
+    """The API's representation plus what an operator also wants to see."""
     return {
-        "id": str(job.id),
-        "companyId": job.company_id,
-        "jobType": job.job_type,
-        "status": job.status.value,
-        "input": job.input,
-        "result": job.result,
-        "resultAssetId": str(job.result_asset_id) if job.result_asset_id else None,
-        "errorMessage": job.error_message,
-        "sourceTaskId": job.source_task_id,
-        "attempts": job.attempts,
-        "maxAttempts": job.max_attempts,
+        **job.to_json(),
         "priority": job.priority,
-        "progress": None
-        if job.progress is None
-        else {"fraction": job.progress.fraction, "message": job.progress.message},
         "runAt": job.run_at.isoformat(),
         "workerId": job.worker_id,
-        "startedAt": job.started_at.isoformat() if job.started_at else None,
-        "finishedAt": job.finished_at.isoformat() if job.finished_at else None,
-        "createdAt": job.created_at.isoformat(),
-        "updatedAt": job.updated_at.isoformat(),
     }
 
 

@@ -17,7 +17,7 @@ MAX_GENERATED_ASSET_BYTES = 500 * MIB
 """Default cap on one generated asset; PGJOBS_GENERATED_ASSET_MAX_BYTES overrides it."""
 
 
-def _env_int(name: str, default: int, *, minimum: int = 0) -> int:
+def env_int(name: str, default: int, *, minimum: int = 0) -> int:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -30,7 +30,7 @@ def _env_int(name: str, default: int, *, minimum: int = 0) -> int:
     return value
 
 
-def _env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
+def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     raw = os.environ.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -72,17 +72,17 @@ class WorkerSettings:
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
         values: dict[str, object] = {
-            "concurrency": _env_int("PGJOBS_CONCURRENCY", 10, minimum=1),
-            "lease_seconds": _env_float("PGJOBS_LEASE_SECONDS", 15.0, minimum=0.5),
-            "heartbeat_seconds": _env_float("PGJOBS_HEARTBEAT_SECONDS", 5.0, minimum=0.1),
-            "poll_interval_seconds": _env_float("PGJOBS_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
-            "shutdown_grace_seconds": _env_float("PGJOBS_SHUTDOWN_GRACE_SECONDS", 10.0),
-            "rescue_interval_seconds": _env_float(
+            "concurrency": env_int("PGJOBS_CONCURRENCY", 10, minimum=1),
+            "lease_seconds": env_float("PGJOBS_LEASE_SECONDS", 15.0, minimum=0.5),
+            "heartbeat_seconds": env_float("PGJOBS_HEARTBEAT_SECONDS", 5.0, minimum=0.1),
+            "poll_interval_seconds": env_float("PGJOBS_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
+            "shutdown_grace_seconds": env_float("PGJOBS_SHUTDOWN_GRACE_SECONDS", 10.0),
+            "rescue_interval_seconds": env_float(
                 "PGJOBS_RESCUE_INTERVAL_SECONDS", 2.0, minimum=0.05
             ),
-            "retry_base_seconds": _env_float("PGJOBS_RETRY_BASE_SECONDS", 1.0),
-            "retry_max_seconds": _env_float("PGJOBS_RETRY_MAX_SECONDS", 300.0),
-            "max_asset_bytes": _env_int(
+            "retry_base_seconds": env_float("PGJOBS_RETRY_BASE_SECONDS", 1.0),
+            "retry_max_seconds": env_float("PGJOBS_RETRY_MAX_SECONDS", 300.0),
+            "max_asset_bytes": env_int(
                 "PGJOBS_GENERATED_ASSET_MAX_BYTES", MAX_GENERATED_ASSET_BYTES, minimum=1
             ),
             "storage_dir": Path(os.environ.get("PGJOBS_STORAGE_DIR") or state_dir() / "storage"),

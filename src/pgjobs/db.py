@@ -86,9 +86,13 @@ async def open_pool(
     max_size: int = 10,
     name: str = "pgjobs",
     connect_timeout: float = 10.0,
+    checkout_timeout: float = 30.0,
+    max_waiting: int = 0,
 ) -> AsyncConnectionPool[AsyncConn]:
     """An opened pool of autocommit connections, checked on checkout so a connection the
-    server killed (restart, pg_terminate_backend) is replaced instead of handed out."""
+    server killed (restart, pg_terminate_backend) is replaced instead of handed out.
+    ``checkout_timeout`` bounds the wait for a connection and ``max_waiting`` the queue of
+    waiters (0: unbounded); past either, the pool raises instead of queueing forever."""
     check_dsn(dsn)
     # Probe once first: a bad host or password then fails at once with the server's own
     # message, instead of after the pool's retries with only "timeout".
@@ -105,6 +109,8 @@ async def open_pool(
         connection_class=psycopg.AsyncConnection[DictRow],
         check=AsyncConnectionPool.check_connection,
         reconnect_timeout=300.0,
+        timeout=checkout_timeout,
+        max_waiting=max_waiting,
         name=name,
         open=False,
     )

@@ -65,6 +65,29 @@ class Job:
     created_at: datetime
     updated_at: datetime
 
+    def to_json(self) -> dict[str, Any]:
+        """The job as the HTTP API and `pgjobs jobs ... --json` show it (camelCase)."""
+        return {
+            "id": str(self.id),
+            "companyId": self.company_id,
+            "jobType": self.job_type,
+            "status": self.status.value,
+            "input": self.input,
+            "result": self.result,
+            "resultAssetId": str(self.result_asset_id) if self.result_asset_id else None,
+            "errorMessage": self.error_message,
+            "sourceTaskId": self.source_task_id,
+            "attempts": self.attempts,
+            "maxAttempts": self.max_attempts,
+            "progress": None
+            if self.progress is None
+            else {"fraction": self.progress.fraction, "message": self.progress.message},
+            "startedAt": _iso(self.started_at),
+            "finishedAt": _iso(self.finished_at),
+            "createdAt": _iso(self.created_at),
+            "updatedAt": _iso(self.updated_at),
+        }
+
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Job:
         fraction = row["progress_fraction"]
@@ -141,3 +164,7 @@ class Asset:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Asset:
         return cls(**{name: row[name] for name in cls.__slots__})
+
+
+def _iso(value: datetime | None) -> str | None:
+    return value.isoformat() if value is not None else None

@@ -48,26 +48,7 @@ def _iso(value: Any) -> str | None:
 
 
 def job_json(job: Job) -> dict[str, Any]:
-    return {
-        "id": str(job.id),
-        "companyId": job.company_id,
-        "jobType": job.job_type,
-        "status": job.status.value,
-        "input": job.input,
-        "result": job.result,
-        "resultAssetId": str(job.result_asset_id) if job.result_asset_id else None,
-        "errorMessage": job.error_message,
-        "sourceTaskId": job.source_task_id,
-        "attempts": job.attempts,
-        "maxAttempts": job.max_attempts,
-        "progress": None
-        if job.progress is None
-        else {"fraction": job.progress.fraction, "message": job.progress.message},
-        "startedAt": _iso(job.started_at),
-        "finishedAt": _iso(job.finished_at),
-        "createdAt": _iso(job.created_at),
-        "updatedAt": _iso(job.updated_at),
-    }
+    return job.to_json()
 
 
 def asset_json(asset: Asset) -> dict[str, Any]:

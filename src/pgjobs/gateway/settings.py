@@ -10,7 +10,7 @@ import os
 import secrets
 from dataclasses import dataclass, field
 
-from pgjobs.config import MIB, _env_float, _env_int
+from pgjobs.config import MIB, env_float, env_int
 from pgjobs.errors import ConfigurationError
 
 KIB = 1024
@@ -83,27 +83,27 @@ class GatewaySettings:
     def from_env(cls, **overrides: object) -> GatewaySettings:
         secret, configured = _env_secret()
         values: dict[str, object] = {
-            "max_body_bytes": _env_int("PGJOBS_GATEWAY_MAX_BODY_BYTES", MIB + 64 * KIB, minimum=1),
-            "max_input_bytes": _env_int("PGJOBS_GATEWAY_MAX_INPUT_BYTES", MIB, minimum=2),
+            "max_body_bytes": env_int("PGJOBS_GATEWAY_MAX_BODY_BYTES", MIB + 64 * KIB, minimum=1),
+            "max_input_bytes": env_int("PGJOBS_GATEWAY_MAX_INPUT_BYTES", MIB, minimum=2),
             "job_types": _env_list("PGJOBS_GATEWAY_JOB_TYPES"),
             "require_live_worker": _env_bool("PGJOBS_GATEWAY_REQUIRE_LIVE_WORKER", False),
-            "live_worker_seconds": _env_float("PGJOBS_GATEWAY_LIVE_WORKER_SECONDS", 30.0),
+            "live_worker_seconds": env_float("PGJOBS_GATEWAY_LIVE_WORKER_SECONDS", 30.0),
             "cors_origins": _env_list("PGJOBS_GATEWAY_CORS_ORIGINS") or (),
-            "pool_size": _env_int("PGJOBS_GATEWAY_POOL_SIZE", 10, minimum=1),
-            "pool_timeout_seconds": _env_float(
+            "pool_size": env_int("PGJOBS_GATEWAY_POOL_SIZE", 10, minimum=1),
+            "pool_timeout_seconds": env_float(
                 "PGJOBS_GATEWAY_POOL_TIMEOUT_SECONDS", 5.0, minimum=0.01
             ),
-            "pool_max_waiting": _env_int("PGJOBS_GATEWAY_POOL_MAX_WAITING", 50),
-            "max_streams": _env_int("PGJOBS_GATEWAY_MAX_STREAMS", 1000, minimum=1),
-            "max_streams_per_company": _env_int(
+            "pool_max_waiting": env_int("PGJOBS_GATEWAY_POOL_MAX_WAITING", 50),
+            "max_streams": env_int("PGJOBS_GATEWAY_MAX_STREAMS", 1000, minimum=1),
+            "max_streams_per_company": env_int(
                 "PGJOBS_GATEWAY_MAX_STREAMS_PER_COMPANY", 100, minimum=1
             ),
-            "subscriber_queue_size": _env_int("PGJOBS_GATEWAY_QUEUE_SIZE", 256, minimum=1),
-            "ping_seconds": _env_float("PGJOBS_GATEWAY_PING_SECONDS", 15.0, minimum=0.1),
-            "send_timeout_seconds": _env_float(
+            "subscriber_queue_size": env_int("PGJOBS_GATEWAY_QUEUE_SIZE", 256, minimum=1),
+            "ping_seconds": env_float("PGJOBS_GATEWAY_PING_SECONDS", 15.0, minimum=0.1),
+            "send_timeout_seconds": env_float(
                 "PGJOBS_GATEWAY_SEND_TIMEOUT_SECONDS", 10.0, minimum=0.1
             ),
-            "company_poll_seconds": _env_float(
+            "company_poll_seconds": env_float(
                 "PGJOBS_GATEWAY_COMPANY_POLL_SECONDS", 1.0, minimum=0.05
             ),
             "secret": secret,

@@ -58,11 +58,15 @@ class GatewayState:
         return self._client
 
     async def start(self) -> None:
-        pool = await db.open_pool(self.dsn, max_size=self.settings.pool_size, name=POOL_NAME)
         # Bounded waiting: a request that cannot get a connection soon is answered 503 +
         # Retry-After instead of queueing without limit behind a slow database.
-        pool.timeout = self.settings.pool_timeout_seconds
-        pool.max_waiting = self.settings.pool_max_waiting
+        pool = await db.open_pool(
+            self.dsn,
+            max_size=self.settings.pool_size,
+            name=POOL_NAME,
+            checkout_timeout=self.settings.pool_timeout_seconds,
+            max_waiting=self.settings.pool_max_waiting,
+        )
         try:
             async with pool.connection() as conn:
                 await db.ensure_migrated(conn)
