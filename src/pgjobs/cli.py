@@ -146,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="the `make run` demo: workers, jobs, live progress"
     )
     d.add_argument("--workers", type=_positive_int, default=2)
+    d.add_argument(
+        "--port", type=int, default=8000, help="gateway port (default 8000; 0: any free)"
+    )
+    d.add_argument(
+        "--exit-when-done",
+        action="store_true",
+        help="stop workers and gateway once the demo jobs finish",
+    )
 
     g = sub.add_parser("gateway", parents=[common], help="serve the HTTP + SSE gateway (uvicorn)")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
@@ -302,7 +310,12 @@ async def cmd_worker(args: argparse.Namespace) -> int:
 async def cmd_demo(args: argparse.Namespace) -> int:
     from pgjobs import demo_run
 
-    return await demo_run.run(db.resolve_dsn(args.dsn), workers=args.workers)
+    return await demo_run.run(
+        db.resolve_dsn(args.dsn),
+        workers=args.workers,
+        port=args.port,
+        exit_when_done=args.exit_when_done,
+    )
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

@@ -139,3 +139,24 @@ def test_no_dsn_means_embedded_postgres_under_dot_pgjobs(tmp_path: Path) -> None
         timeout=120,
     )
     assert audit.stdout.strip() == "content_job.queued"
+
+
+def test_make_run_demo_end_to_end(dsn: str, tmp_path: Path) -> None:
+    """What `make run` runs: workers + gateway, a job over HTTP, the rest in bulk."""
+    out = pgjobs(
+        "demo",
+        "--exit-when-done",
+        "--port",
+        "0",
+        dsn=dsn,
+        cwd=tmp_path,
+        env={"PGJOBS_STORAGE_DIR": str(tmp_path / "storage")},
+        timeout=180,
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    results = out.stdout.split("results:")[1]
+    assert "acme/render(http)  done" in results
+    assert results.count(" done ") == 5
+    assert "acme/fail          failed  attempts 2  error: RuntimeError: simulated outage" in results
+    assert "curl -N -H 'Authorization: Bearer pgj_" in out.stdout
+    assert out.stdout.rstrip().endswith("workers and gateway stopped")
