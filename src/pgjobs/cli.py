@@ -369,6 +369,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run(coro: Coroutine[Any, Any, int]) -> int:
+    """Run on uvloop when it is installed (a faster event loop), else asyncio's own."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(coro)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -402,8 +412,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return cmd_gateway(args)
         if args.command == "jobs":
             fn = cmd_jobs_list if args.jobs_command == "list" else cmd_jobs_show
-            return asyncio.run(fn(args))
-        return asyncio.run(commands[args.command](args))
+            return _run(fn(args))
+        return _run(commands[args.command](args))
     except (ConfigurationError, InvalidJobError) as exc:
         print(f"pgjobs: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import threading
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -33,9 +33,16 @@ class JobContext:
         self.job = job
         self._write_progress = write_progress
         self._loop = loop
-        self._cancelled = threading.Event()
+        # A plain bool: set on the event loop, read by handlers (async, or sync in worker
+        # threads, where reading an attribute is atomic); no per-job lock or Condition.
+        self._cancelled = False
         self.cancel_reason: str | None = None
-        self.logger = logging.LoggerAdapter(
+
+    @functools.cached_property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger that tags every record with the job id, type and attempt."""
+        job = self.job
+        return logging.LoggerAdapter(
             log, {"job_id": str(job.id), "job_type": job.job_type, "attempt": job.attempts}
         )
 
@@ -65,11 +72,11 @@ class JobContext:
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self._cancelled
 
     def _cancel(self, reason: str) -> None:
         self.cancel_reason = reason
-        self._cancelled.set()
+        self._cancelled = True
 
     async def progress(self, fraction: float | None, message: str | None = None) -> bool:
         """Record progress (fraction in [0, 1]). Returns False, and changes nothing, when

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 from typing import Any
 
 import psycopg
@@ -79,6 +80,26 @@ async def ensure_migrated(conn: AsyncConn) -> None:
         raise NotMigratedError()
 
 
+async def check_if_suspect(conn: AsyncConn) -> None:
+    """Pool checkout check without a round trip per checkout.
+
+    An idle connection has nothing to read. If its socket is readable, the server has
+    closed it or sent an error (a restart, pg_terminate_backend, idle timeout): only then
+    pay for a real check, which raises and makes the pool replace the connection. A
+    connection that dies silently (a cut network) still fails on first use, and every
+    pgjobs caller retries those failures.
+    """
+    if conn.closed or conn.broken:
+        await AsyncConnectionPool.check_connection(conn)  # raises: the pool discards it
+        return
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        readable = [True]
+    if readable:
+        await AsyncConnectionPool.check_connection(conn)
+
+
 async def open_pool(
     dsn: str,
     *,
@@ -107,7 +128,7 @@ async def open_pool(
         max_size=max_size,
         kwargs={"autocommit": True, "row_factory": dict_row, "application_name": name},
         connection_class=psycopg.AsyncConnection[DictRow],
-        check=AsyncConnectionPool.check_connection,
+        check=check_if_suspect,
         reconnect_timeout=300.0,
         timeout=checkout_timeout,
         max_waiting=max_waiting,

@@ -81,12 +81,15 @@ WITH u AS (
 ), plan AS (
     -- Decide retry vs failed from the attempt the lease belongs to. Reading without a lock
     -- is safe: attempts only changes together with lease_token, which the UPDATE re-checks.
-    -- Rows are locked in id order, as the heartbeat does, so the two can never deadlock.
+    -- The guard lives here: rows are locked in id order (as the heartbeat does, so the
+    -- two can never deadlock) and re-checked after the lock is granted; once locked, no
+    -- other session can change them before the UPDATE below, which only needs the id.
     SELECT u.*, CASE
                WHEN u.outcome = 'done' THEN 'done'
                WHEN u.outcome = 'error' AND j.attempts < j.max_attempts THEN 'queued'
                ELSE 'failed' END AS next_status
     FROM u JOIN pgjobs.jobs j ON j.id = u.id AND j.lease_token = u.lease_token
+    WHERE j.status = 'running'
     ORDER BY j.id
     FOR UPDATE OF j
 ), finished AS (
@@ -107,8 +110,10 @@ WITH u AS (
                                         ELSE 'content_job.failed' END,
         updated_at = coalesce(%(now)s::timestamptz, now())
     FROM plan p
-    WHERE j.id = p.id AND j.status = 'running' AND j.lease_token = p.lease_token
-    RETURNING j.*
+    -- Not "AND status = 'running'" here: that invites the planner to drive the join from
+    -- the partial index of running jobs (quadratic in batch x running jobs).
+    WHERE j.id = p.id
+    RETURNING j.id, j.company_id, j.source_task_id, j.status
 ), stored AS (
     INSERT INTO pgjobs.assets (id, company_id, namespace, object_key, content_type, byte_size,
                                sha256, original_filename, source_task_id, source_job_id, created_at)
@@ -119,7 +124,7 @@ WITH u AS (
     WHERE u.asset_id IS NOT NULL AND f.status = 'done'
     RETURNING id
 )
-SELECT f.*, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
+SELECT f.id, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
 
 -- name: job_progress_if_leased
 UPDATE pgjobs.jobs
@@ -147,7 +152,7 @@ WITH held AS (
 UPDATE pgjobs.jobs j
 SET lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8)
 FROM held
-WHERE j.id = held.id AND j.status = 'running'
+WHERE j.id = held.id  -- guarded and locked in the CTE
 RETURNING j.id;
 
 -- name: job_rescue_expired

@@ -129,7 +129,8 @@ async def test_stale_lease_cannot_finish_or_report_progress(dsn: str, client: Cl
     assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(first)) == []
     # The current attempt wins.
     done = await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(second))
-    assert [r["result"] for r in done] == [{"by": "worker-b"}]
+    assert [r["id"] for r in done] == [job.id]
+    assert (await client.get("acme", job.id)).result == {"by": "worker-b"}
     types = [(e.type, e.attempt) for e in await client.events("acme", job.id)]
     assert types == [
         (EventType.QUEUED, 0),
@@ -263,3 +264,29 @@ async def test_cancel_and_retry_follow_the_state_machine(
         await client.cancel("other-company", job.id)
     with pytest.raises(JobNotFoundError):
         await client.get("acme", "not-a-uuid")
+
+
+async def test_finish_waiting_on_a_heartbeat_still_finishes(dsn: str, client: Client) -> None:
+    # A heartbeat that renews the lease while the completion waits for the row lock makes
+    # a new row version; the completion must follow it, not lose the job.
+    job = await client.enqueue("acme", "echo")
+    claimed = await _claim(dsn, "w")
+    async with await psycopg.AsyncConnection.connect(dsn) as heartbeat:
+        await heartbeat.execute(
+            QUERIES["job_extend_leases"],
+            {
+                "ids": [job.id],
+                "lease_tokens": [claimed["lease_token"]],
+                "lease_seconds": 30.0,
+                "now": None,
+            },
+        )  # row locked and updated, not committed yet
+        finish = asyncio.create_task(
+            fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(claimed))
+        )
+        await asyncio.sleep(0.3)
+        assert not finish.done(), "the completion waits for the heartbeat's lock"
+        await heartbeat.commit()
+        finished = await asyncio.wait_for(finish, 10)
+    assert [r["id"] for r in finished] == [job.id]
+    assert (await client.get("acme", job.id)).status is JobStatus.DONE
