@@ -131,3 +131,16 @@ def test_settings_refuse_a_heartbeat_slower_than_the_lease(monkeypatch: pytest.M
 def test_passwords_never_reach_messages() -> None:
     assert redact("postgresql://u:s3cret@h/db") == "postgresql://u:***@h/db"
     assert "s3cret" not in redact("host=h password=s3cret dbname=x")
+
+
+def test_job_ids_are_time_ordered_uuid7() -> None:
+    from pgjobs.jobspec import new_job_id
+
+    ids = [new_job_id() for _ in range(2000)]
+    assert {i.version for i in ids} == {7}
+    assert {i.variant for i in ids} == {uuid.RFC_4122}
+    assert len(set(ids)) == 2000
+    millis = [i.int >> 80 for i in ids]
+    assert millis == sorted(millis), "ordered by creation time (to the millisecond)"
+    now = dt.datetime.now(dt.UTC).timestamp() * 1000
+    assert abs(millis[-1] - now) < 5000
