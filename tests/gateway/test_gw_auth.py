@@ -88,6 +88,20 @@ async def test_two_company_matrix_on_every_route(
             r = await acme.request(method, path.format(c="acme"), json=body)
             assert r.status_code == 404, (method, path, r.text)
             assert set(r.json()) == {"error"}
+    # The event streams: acme's token on globex's paths is 403; globex's job under acme's
+    # path gets exactly what a job that never existed gets.
+    async with gateway.http("acme") as acme:
+        for path in (
+            f"/api/companies/globex/content-jobs/{b_job}/events",
+            "/api/companies/globex/events",
+        ):
+            r = await acme.get(path)
+            assert r.status_code == 403, path
+        foreign = await acme.get(f"/api/companies/acme/content-jobs/{b_job}/events")
+        missing = await acme.get(f"/api/companies/acme/content-jobs/{uuid.uuid4()}/events")
+        assert foreign.status_code == missing.status_code == 200
+        assert foreign.text == missing.text
+        assert "event: error" in foreign.text
     # Nothing acme did touched globex's jobs.
     assert (await gateway.state.client.get("globex", b_job)).status.value == "queued"
     async with gateway.http("globex") as globex:

@@ -73,8 +73,12 @@ async def test_unknown_job_and_bad_last_event_id(gateway: RunningGateway) -> Non
     async with gateway.http() as http:
         for job_id in (str(uuid.uuid4()), "nope"):
             r = await http.get(f"{JOBS}/{job_id}/events")
-            assert r.status_code == 404
-            assert r.json() == {"error": "Job not found"}
+            assert r.status_code == 200
+            assert r.headers["content-type"].startswith("text/event-stream")
+            # One error event, a retry delay that stops EventSource, and the end.
+            assert "event: error" in r.text
+            assert 'data: {"error":"Job not found"}' in r.text
+            assert "retry: 86400000" in r.text
         job_id = await enqueue(gateway, "echo", {})
         for bad in ("abc", "-1", "1.5", "99999999999999"):
             r = await http.get(f"{JOBS}/{job_id}/events", headers={"Last-Event-ID": bad})

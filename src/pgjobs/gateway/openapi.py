@@ -295,9 +295,14 @@ SCHEMA: dict[str, Any] = {
                 "terminal status",
                 "parameters": [_LAST_EVENT_ID, _STREAM_TOKEN],
                 "responses": {
-                    "200": _SSE,
+                    "200": {
+                        **_SSE,
+                        "description": "text/event-stream. An unknown job (or another "
+                        'company\'s) gets one `event: error` with {"error": "Job not found"} '
+                        "and a one-day `retry:`, then the end.",
+                    },
                     "204": {"description": "Resumed after the job's last event: nothing more"},
-                    **_errors(400, 404, 429, *_AUTH_ERRORS),
+                    **_errors(400, 429, *_AUTH_ERRORS),
                 },
             },
         },

@@ -38,6 +38,23 @@ MAX_CURSOR_LENGTH = 200
 STATUSES = frozenset(s.value for s in JobStatus)
 
 
+# EventSource reconnects after a stream ends; a day's retry delay stops it in practice
+# for a job that does not exist (or belongs to another company: the same answer).
+NOT_FOUND_RETRY_MS = 86_400_000
+
+
+def job_not_found_stream() -> Response:
+    """The issue's contract for an unknown job: a stream with one `event: error`
+    carrying {"error": "Job not found"}, then the end."""
+
+    async def one_event() -> AsyncIterator[ServerSentEvent]:
+        yield ServerSentEvent(
+            data='{"error":"Job not found"}', event="error", retry=NOT_FOUND_RETRY_MS
+        )
+
+    return EventSourceResponse(one_event())
+
+
 class StreamResponse(EventSourceResponse):
     """An event stream that gives back its fan-out subscription and its stream slot when
     the response ends, however it ends (finished, client gone, send timeout, shutdown).
@@ -212,7 +229,7 @@ class Api:
             job_id = None
         principal = await self.authorize(request, stream=True, stream_job=job_id)
         if job_id is None:
-            raise ApiError(404, "Job not found")
+            return job_not_found_stream()
         try:
             last = sse.parse_job_cursor(request.headers.get("last-event-id"))
         except ValueError as exc:
@@ -230,7 +247,8 @@ class Api:
         try:
             job = await sse.load_job(self.state, company_id, job_id)
             if job is None:
-                raise ApiError(404, "Job not found")
+                release()
+                return job_not_found_stream()
             if last is not None and last > job["event_seq"]:
                 last = None  # not an id this job has issued: start from its current state
             if last == job["event_seq"] and job["status"] in sse.TERMINAL:
