@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 import psycopg
 
 from pgjobs import db
+from pgjobs.errors import DatabaseUnavailableError
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,8 @@ class Listener:
                 await self._session()
             except asyncio.CancelledError:
                 raise
-            except (psycopg.Error, OSError, TimeoutError) as exc:
+            except (psycopg.Error, OSError, TimeoutError, DatabaseUnavailableError) as exc:
+                # DatabaseUnavailableError: the reconnect itself failed (server down).
                 self.connected.clear()
                 failures += 1
                 delay = min(self.max_backoff_seconds, 0.05 * 2**failures)
@@ -82,7 +84,23 @@ class Listener:
             async for notify in conn.notifies(timeout=self.heartbeat_seconds):
                 self.on_notify(notify.payload)
             # Quiet for a heartbeat: prove the socket is alive, or fail and reconnect.
-            await asyncio.wait_for(conn.execute("SELECT 1"), timeout=self.heartbeat_seconds)
+            await self._ping(conn)
+
+    async def _ping(self, conn: db.AsyncConn) -> None:
+        query = asyncio.ensure_future(conn.execute("SELECT 1"))
+        done, _ = await asyncio.wait({query}, timeout=self.heartbeat_seconds)
+        if query in done:
+            query.result()
+            return
+        # No answer: a half-open socket (a dead peer, a silent firewall). Cancelled once,
+        # psycopg asks the server to cancel and waits up to 5 s for it; cancelled again, it
+        # drops the connection at once, which is what we want here.
+        query.cancel()
+        await asyncio.sleep(0)
+        query.cancel()
+        with contextlib.suppress(BaseException):
+            await query
+        raise TimeoutError(f"no answer to the listener heartbeat in {self.heartbeat_seconds}s")
 
     async def _close(self) -> None:
         conn, self._conn = self._conn, None

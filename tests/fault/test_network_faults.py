@@ -1,0 +1,133 @@
+"""The LISTEN connection under network faults: half-open sockets and outages."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import psycopg
+
+from helpers import (
+    assert_each_job_done_once,
+    assert_histories_valid,
+    fast_settings,
+    fetch,
+    running_worker,
+    wait_until,
+)
+from pgjobs import demo
+from pgjobs.client import Client
+from pgjobs.jobspec import JobSpec
+from pgjobs.notifier import Listener
+from proxy import proxied
+
+
+async def _notify(dsn: str, payload: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SELECT pg_notify('pgjobs_events', %s)", [payload])
+
+
+async def test_half_open_listener_is_detected_by_heartbeat_and_replaced(dsn: str) -> None:
+    received: list[str] = []
+    connects = 0
+
+    async def on_connect() -> None:
+        nonlocal connects
+        connects += 1
+
+    async with proxied(dsn) as proxy:
+        listener = Listener(
+            proxy.dsn,
+            received.append,
+            on_connect=on_connect,
+            heartbeat_seconds=0.5,
+            max_backoff_seconds=0.5,
+        )
+        task = asyncio.create_task(listener.run())
+        try:
+            await asyncio.wait_for(listener.connected.wait(), 10)
+            await _notify(dsn, "before")
+            await wait_until(lambda: _has(received, "before"), within=5, message="first notify")
+
+            proxy.freeze_existing()  # packets to and from the listener vanish; no RST, no FIN
+            frozen_at = time.monotonic()
+            await _notify(dsn, "lost-in-the-void")
+            await wait_until(lambda: _ge(connects, 2), within=10, message="listener reconnected")
+            detected_after = time.monotonic() - frozen_at
+            # The reconnect hook is where callers re-read the tables; after it, NOTIFY works.
+            await _notify(dsn, "after")
+            await wait_until(lambda: _has(received, "after"), within=5, message="notify after")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+    assert detected_after < 3.0, f"half-open socket noticed after {detected_after:.1f}s"
+    assert "lost-in-the-void" not in received, "a NOTIFY sent while half-open is gone..."
+    assert connects == 2, "...which is why on_connect ran again, to catch up from the tables"
+
+
+async def test_listener_rides_out_an_outage(dsn: str) -> None:
+    received: list[str] = []
+    async with proxied(dsn) as proxy:
+        listener = Listener(
+            proxy.dsn, received.append, heartbeat_seconds=0.5, max_backoff_seconds=0.3
+        )
+        task = asyncio.create_task(listener.run())
+        try:
+            await asyncio.wait_for(listener.connected.wait(), 10)
+            proxy.cut()
+            await wait_until(
+                lambda: _async(not listener.connected.is_set()),
+                within=5,
+                message="listener notices the outage",
+            )
+            await asyncio.sleep(1.0)  # several failed reconnect attempts
+            assert not listener.connected.is_set()
+            proxy.restore()
+            await asyncio.wait_for(listener.connected.wait(), 10)
+            await _notify(dsn, "back")
+            await wait_until(lambda: _has(received, "back"), within=5, message="notify after")
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+async def _has(items: list[str], value: str) -> bool:
+    return value in items
+
+
+async def _ge(value: int, minimum: int) -> bool:
+    return value >= minimum
+
+
+async def _async(value: bool) -> bool:
+    return value
+
+
+async def test_worker_survives_a_network_outage(dsn: str, storage_dir: Path) -> None:
+    """Every connection cut and refused for a few seconds mid-run (longer than the lease):
+    the worker keeps retrying, comes back, and every job ends exactly once."""
+    client = await Client.connect(dsn)
+    try:
+        jobs = await client.enqueue_many(
+            JobSpec("acme", "sleep", {"seconds": 0.2}) for _ in range(60)
+        )
+        async with proxied(dsn) as proxy:
+            settings = fast_settings(storage_dir, concurrency=10)
+            async with running_worker(proxy.dsn, demo.registry, settings):
+                await wait_until(lambda: _done_at_least(dsn, 10), within=30, message="some done")
+                proxy.cut()
+                await asyncio.sleep(3.0)  # > the 2 s lease: leases expire meanwhile
+                proxy.restore()
+                await wait_until(
+                    lambda: _done_at_least(dsn, 60), within=60, message="all done after the outage"
+                )
+    finally:
+        await client.close()
+    await assert_each_job_done_once(dsn, len(jobs))
+    assert await assert_histories_valid(dsn) == len(jobs)
+
+
+async def _done_at_least(dsn: str, expected: int) -> bool:
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'done'")
+    return int(rows[0]["n"]) >= expected
