@@ -14,10 +14,10 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || { echo "pgjobs needs Python >= 3.11 (found $$($(PYTHON) --version))"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -e '.[dev,bench]'
 	touch $(STAMP)
 
-install: $(STAMP) ## create .venv and install pgjobs with its dev tools
+install: $(STAMP) ## create .venv and install pgjobs with its dev and benchmark tools
 
 run: $(STAMP) ## start the embedded Postgres, migrate, run demo workers and show their jobs live
 	$(PY) -m pgjobs demo
@@ -35,13 +35,7 @@ lint: $(STAMP) ## ruff check + format check
 typecheck: $(STAMP) ## mypy --strict on src
 	$(PY) -m mypy
 
-BENCH_STAMP := $(VENV)/.installed-bench
-
-$(BENCH_STAMP): pyproject.toml $(STAMP)
-	$(PY) -m pip install --quiet -e '.[dev,bench]'
-	touch $(BENCH_STAMP)
-
-bench: $(BENCH_STAMP) ## benchmarks vs procrastinate and pgqueuer into bench/results/ (ARGS=--quick: < 5 min)
+bench: $(STAMP) ## benchmarks vs procrastinate and pgqueuer into bench/results/ (ARGS=--quick: < 5 min)
 	$(PY) -m bench $(ARGS)
 
 clean: ## remove the virtualenv, caches and the embedded database under .pgjobs/
