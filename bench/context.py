@@ -22,6 +22,15 @@ class Sizes:
     pglimit_jobs: int
     growth_rows: tuple[int, ...]
     growth_jobs: int
+    # gateway (scenarios 4-5): SSE clients per step, transitions measured per step and
+    # their rate, company-stream clients per step, POST submitters and POSTs each.
+    sse_clients: tuple[int, ...] = (1, 100, 1_000, 10_000)
+    sse_events: int = 300
+    sse_rate: float = 50.0
+    company_clients: tuple[int, ...] = (1, 100, 1_000)
+    company_events: int = 20
+    post_submitters: tuple[int, ...] = (10, 50)
+    posts_each: int = 100
 
 
 FULL = Sizes(
@@ -34,6 +43,12 @@ FULL = Sizes(
     pglimit_jobs=50_000,
     growth_rows=(0, 1_000_000, 10_000_000),
     growth_jobs=30_000,
+    sse_clients=(1, 100, 1_000, 10_000),
+    sse_events=250,
+    company_clients=(1, 100, 1_000),
+    company_events=12,
+    post_submitters=(10, 50),
+    posts_each=100,
 )
 QUICK = Sizes(
     drain_jobs=20_000,
@@ -45,6 +60,12 @@ QUICK = Sizes(
     pglimit_jobs=10_000,
     growth_rows=(0, 50_000, 500_000),
     growth_jobs=10_000,
+    sse_clients=(1, 100, 1_000),
+    sse_events=100,
+    company_clients=(1, 100),
+    company_events=10,
+    post_submitters=(10, 50),
+    posts_each=20,
 )
 TINY = Sizes(
     drain_jobs=200,
@@ -56,6 +77,12 @@ TINY = Sizes(
     pglimit_jobs=200,
     growth_rows=(0, 500, 2_000),
     growth_jobs=200,
+    sse_clients=(1, 10),
+    sse_events=10,
+    company_clients=(3,),
+    company_events=3,
+    post_submitters=(2,),
+    posts_each=5,
 )
 
 

@@ -50,3 +50,11 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     assert summary.startswith("# pgjobs benchmark results")
     assert "## 1. Drain throughput" in summary
     assert (out / "drain_throughput.png").stat().st_size > 1000
+    gateway = json.loads((out / "gateway.json").read_text())
+    assert "skipped" not in gateway, gateway
+    for step in gateway["runs"][0]["job"]:
+        assert step["opened"] == step["clients"], step
+        assert step["deliveries_measured"] == step["deliveries_expected"], step
+    assert all(s["statuses"] == {"202": s["posts"]} for s in gateway["runs"][0]["post"])
+    assert ". Gateway: commit" in summary
+    assert (out / "gateway_sse.png").stat().st_size > 1000
