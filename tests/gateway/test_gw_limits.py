@@ -88,7 +88,7 @@ async def test_slow_consumer_is_dropped_while_others_keep_receiving(
         )
 
         async def frozen_open() -> bool:
-            return gateway.state.fanout.company_subscribers == 1
+            return gateway.state.company_feeds.clients == 1
 
         await wait_until(frozen_open, message="frozen stream open")
         healthy: list[Sse] = []
@@ -105,7 +105,7 @@ async def test_slow_consumer_is_dropped_while_others_keep_receiving(
         )
 
         async def both_open() -> bool:
-            return gateway.state.fanout.company_subscribers == 2
+            return gateway.state.company_feeds.clients == 2
 
         await wait_until(both_open, message="healthy stream open")
         for _ in range(4):

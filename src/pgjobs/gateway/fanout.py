@@ -26,6 +26,7 @@ import json
 import logging
 import uuid
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
@@ -101,6 +102,9 @@ class Fanout:
         self._by_job: defaultdict[uuid.UUID, set[Subscription]] = defaultdict(set)
         self._by_company: defaultdict[str, set[Subscription]] = defaultdict(set)
         self.closed = False
+        # Set by the company feeds (pgjobs.gateway.sse): told which companies' events
+        # arrived, so one reader per company re-reads the table, not one per stream.
+        self.on_company_wake: Callable[[str], None] | None = None
         self.notifies = 0
         self.backfills = 0
         self.overflows = 0
@@ -158,8 +162,7 @@ class Fanout:
                     self.overflows += sub.overflowed
             woken.add(event.company_id)
         for company_id in woken:
-            for sub in self._by_company.get(company_id, ()):
-                sub.wake.set()
+            self._wake_company(company_id)
 
     async def on_connect(self) -> None:
         """Called by the Listener after every (re)LISTEN: whatever was sent while it was
@@ -171,9 +174,14 @@ class Fanout:
         for subs in self._by_job.values():
             for sub in subs:
                 sub.offer(BACKFILL)
-        for subs in self._by_company.values():
-            for sub in subs:
-                sub.wake.set()
+        for company_id in list(self._by_company):
+            self._wake_company(company_id)
+
+    def _wake_company(self, company_id: str) -> None:
+        for sub in self._by_company.get(company_id, ()):
+            sub.wake.set()
+        if self.on_company_wake is not None:
+            self.on_company_wake(company_id)
 
     def close(self) -> None:
         """End every stream (gateway shutdown)."""

@@ -37,12 +37,13 @@ SSE lines.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -50,7 +51,9 @@ from sse_starlette.event import ServerSentEvent
 
 from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.fanout import BACKFILL, CLOSED, LiveEvent, Subscription
-from pgjobs.gateway.state import GatewayState
+
+if TYPE_CHECKING:
+    from pgjobs.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
 
@@ -219,35 +222,175 @@ async def company_events_after(
         return await cur.fetchall()
 
 
+class FeedClient:
+    """One company stream's inbox from its company's feed: bounded; a client that falls
+    a whole queue behind is marked overflowed and its stream ends (it resumes with
+    Last-Event-ID), so it can never hold the feed or the other streams back."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[list[dict[str, Any]] | _Closed] = asyncio.Queue(size)
+        self.overflowed = False
+
+    def offer(self, rows: list[dict[str, Any]]) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(rows)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    def close(self) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(_CLOSED)
+
+
+class _Closed:
+    pass
+
+
+_CLOSED = _Closed()
+
+
+class CompanyFeed:
+    """The one reader of a company's events in this process.
+
+    Every company stream would otherwise re-read ``pgjobs.job_events`` on each NOTIFY
+    and each poll tick: N streams, N queries per event, and the pool runs dry at a few
+    hundred streams. The feed reads once, below the horizon, from its own (xid, id)
+    cursor, and hands the rows to every attached stream.
+    """
+
+    def __init__(self, state: GatewayState, company_id: str, cursor: tuple[str, int]) -> None:
+        self.state = state
+        self.company_id = company_id
+        self.cursor = cursor
+        self.clients: set[FeedClient] = set()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.reads = 0
+
+    async def run(self) -> None:
+        poll = self.state.settings.company_poll_seconds
+        while self.clients:
+            # Cleared before reading: a NOTIFY that arrives during the read wakes the next.
+            self.wake.clear()
+            try:
+                while True:
+                    rows = await company_events_after(self.state, self.company_id, self.cursor)
+                    self.reads += 1
+                    if rows:
+                        self.cursor = (rows[-1]["xid"], rows[-1]["id"])
+                        for client in list(self.clients):
+                            client.offer(rows)
+                    if len(rows) < PAGE:
+                        break
+            except (PoolTimeout, psycopg.OperationalError) as exc:
+                # The cursor has not moved: the next tick reads the same rows again.
+                log.warning("company feed %s: read failed, retrying: %s", self.company_id, exc)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll):
+                    await self.wake.wait()
+
+
+class CompanyFeeds:
+    """The company feeds of one gateway process, created with their first stream and
+    stopped with their last."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self._feeds: dict[str, CompanyFeed] = {}
+        state.fanout.on_company_wake = self.wake
+
+    def wake(self, company_id: str) -> None:
+        feed = self._feeds.get(company_id)
+        if feed is not None:
+            feed.wake.set()
+
+    async def attach(self, company_id: str) -> tuple[CompanyFeed, FeedClient]:
+        feed = self._feeds.get(company_id)
+        if feed is None:
+            # A new feed starts at the current horizon, read *before* the stream's own
+            # catch-up read: that read then reaches at least this far, and the feed
+            # covers everything after it, so between the two nothing is skipped.
+            cursor = await company_horizon(self.state)
+            feed = self._feeds.setdefault(company_id, CompanyFeed(self.state, company_id, cursor))
+        client = FeedClient(self.state.settings.subscriber_queue_size)
+        feed.clients.add(client)
+        if feed.task is None or feed.task.done():
+            feed.task = asyncio.create_task(feed.run(), name=f"pgjobs-feed-{company_id}"[:60])
+        return feed, client
+
+    def detach(self, feed: CompanyFeed, client: FeedClient) -> None:
+        feed.clients.discard(client)
+        if not feed.clients and self._feeds.get(feed.company_id) is feed:
+            del self._feeds[feed.company_id]
+            if feed.task is not None:
+                feed.task.cancel()
+
+    @property
+    def feeds(self) -> int:
+        return len(self._feeds)
+
+    @property
+    def clients(self) -> int:
+        return sum(len(feed.clients) for feed in self._feeds.values())
+
+    @property
+    def reads(self) -> int:
+        """Table reads made by the live feeds (for tests and metrics)."""
+        return sum(feed.reads for feed in self._feeds.values())
+
+    def close(self) -> None:
+        for feed in list(self._feeds.values()):
+            for client in feed.clients:
+                client.close()
+            if feed.task is not None:
+                feed.task.cancel()
+        self._feeds.clear()
+
+
+def _after(row: dict[str, Any], cursor: tuple[str, int]) -> bool:
+    return (int(row["xid"]), row["id"]) > (int(cursor[0]), cursor[1])
+
+
 async def company_stream(
     state: GatewayState, sub: Subscription, cursor: tuple[str, int]
 ) -> AsyncIterator[ServerSentEvent]:
-    """All of a company's events, in (xid, id) order, until the client or server leaves."""
-    poll = state.settings.company_poll_seconds
-    while not sub.closed:
-        # Cleared before reading: a NOTIFY that arrives during the read wakes the next one.
-        sub.wake.clear()
+    """All of a company's events, in (xid, id) order, until the client or server leaves.
+
+    Attach to the company's feed first, then catch up from the table on our own from the
+    client's cursor; then follow the feed, skipping what the catch-up already sent."""
+    feed, client = await state.company_feeds.attach(sub.company_id)
+    try:
         try:
             while True:
                 rows = await company_events_after(state, sub.company_id, cursor)
                 for row in rows:
                     cursor = (row["xid"], row["id"])
-                    data = event_data(
-                        row["job_id"],
-                        row["status"],
-                        row["type"],
-                        row["attempt"],
-                        row["seq"],
-                        row["payload"],
-                    )
-                    yield sse(row["type"], data, f"{row['xid']}-{row['id']}")
+                    yield _company_event(row)
                 if len(rows) < PAGE:
                     break
         except (PoolTimeout, psycopg.OperationalError) as exc:
-            # Keep the stream; the cursor has not moved, the next tick retries.
-            log.warning("company stream read failed, retrying: %s", exc)
-        try:
-            async with asyncio.timeout(poll):
-                await sub.wake.wait()
-        except TimeoutError:
-            pass
+            # Busy or unreachable database: end; the browser resumes from Last-Event-ID.
+            log.warning("company stream catch-up failed: %s", exc)
+            return
+        while not sub.closed:
+            item = await client.queue.get()
+            if isinstance(item, _Closed):
+                return
+            for row in item:
+                if _after(row, cursor):
+                    cursor = (row["xid"], row["id"])
+                    yield _company_event(row)
+            if client.overflowed and client.queue.empty():
+                return  # fell a whole queue behind: resume with Last-Event-ID
+    finally:
+        state.company_feeds.detach(feed, client)
+
+
+def _company_event(row: dict[str, Any]) -> ServerSentEvent:
+    data = event_data(
+        row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], row["payload"]
+    )
+    return sse(row["type"], data, f"{row['xid']}-{row['id']}")

@@ -18,6 +18,7 @@ from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.fanout import Fanout
 from pgjobs.gateway.limits import StreamSlots
 from pgjobs.gateway.settings import GatewaySettings
+from pgjobs.gateway.sse import CompanyFeeds
 from pgjobs.notifier import Listener
 from pgjobs.storage import Storage
 
@@ -41,6 +42,7 @@ class GatewayState:
             heartbeat_seconds=settings.listener_heartbeat_seconds,
             name=LISTENER_NAME,
         )
+        self.company_feeds = CompanyFeeds(self)
         self._pool: AsyncConnectionPool[db.AsyncConn] | None = None
         self._client: Client | None = None
         self._listener_task: asyncio.Task[None] | None = None
@@ -82,6 +84,7 @@ class GatewayState:
 
     async def stop(self) -> None:
         self.fanout.close()
+        self.company_feeds.close()
         task, self._listener_task = self._listener_task, None
         if task is not None:
             task.cancel()
