@@ -237,3 +237,25 @@ async def test_many_company_streams_share_one_reader(gateway: RunningGateway) ->
         return gateway.state.fanout.subscribers == 0 and gateway.state.company_feeds.feeds == 0
 
     await wait_until(all_closed, within=10, message="feeds stop with their last stream")
+
+
+async def test_a_burst_of_new_company_streams_needs_no_database_reads(
+    gateway: RunningGateway,
+) -> None:
+    """40 fresh streams at once on a 4-connection pool: each costs one read (its token);
+    they join the feed where it is, without a read of their own, so none is refused."""
+    from helpers import wait_until
+
+    streams = 40
+    readers = [
+        asyncio.create_task(collect(gateway, EVENTS, stop_after=1, within=60))
+        for _ in range(streams)
+    ]
+
+    async def all_open() -> bool:
+        return gateway.state.company_feeds.clients == streams
+
+    await wait_until(all_open, within=30, message="every stream joined the feed")
+    job = await gateway.state.client.enqueue("acme", "echo", {})
+    results = await asyncio.gather(*readers)
+    assert {r[0].data["jobId"] for r in results} == {str(job.id)}

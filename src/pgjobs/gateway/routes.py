@@ -276,8 +276,6 @@ class Api:
             slots.release(company_id)
 
         try:
-            if cursor is None:
-                cursor = await sse.company_horizon(self.state)
             return self._stream(sse.company_stream(self.state, sub, cursor), release)
         except BaseException:
             release()

@@ -300,6 +300,9 @@ class CompanyFeeds:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
         self._feeds: dict[str, CompanyFeed] = {}
+        # Serialises only the creation of a feed, so a burst of new streams for a company
+        # reads its starting horizon once, not once per stream.
+        self._creating = asyncio.Lock()
         state.fanout.on_company_wake = self.wake
 
     def wake(self, company_id: str) -> None:
@@ -307,19 +310,25 @@ class CompanyFeeds:
         if feed is not None:
             feed.wake.set()
 
-    async def attach(self, company_id: str) -> tuple[CompanyFeed, FeedClient]:
+    async def attach(self, company_id: str) -> tuple[CompanyFeed, FeedClient, tuple[str, int]]:
+        """Join the company's feed; returns it, this stream's inbox, and the feed's cursor
+        at the moment of joining: every row the inbox receives comes after it."""
         feed = self._feeds.get(company_id)
         if feed is None:
-            # A new feed starts at the current horizon, read *before* the stream's own
-            # catch-up read: that read then reaches at least this far, and the feed
-            # covers everything after it, so between the two nothing is skipped.
-            cursor = await company_horizon(self.state)
-            feed = self._feeds.setdefault(company_id, CompanyFeed(self.state, company_id, cursor))
+            async with self._creating:
+                feed = self._feeds.get(company_id)
+                if feed is None:
+                    # A new feed starts at the current horizon, read *before* the
+                    # stream's own catch-up read: that read then reaches at least this
+                    # far, and the feed covers everything after it.
+                    cursor = await company_horizon(self.state)
+                    feed = CompanyFeed(self.state, company_id, cursor)
+                    self._feeds[company_id] = feed
         client = FeedClient(self.state.settings.subscriber_queue_size)
         feed.clients.add(client)
         if feed.task is None or feed.task.done():
             feed.task = asyncio.create_task(feed.run(), name=f"pgjobs-feed-{company_id}"[:60])
-        return feed, client
+        return feed, client, feed.cursor
 
     def detach(self, feed: CompanyFeed, client: FeedClient) -> None:
         feed.clients.discard(client)
@@ -355,16 +364,22 @@ def _after(row: dict[str, Any], cursor: tuple[str, int]) -> bool:
 
 
 async def company_stream(
-    state: GatewayState, sub: Subscription, cursor: tuple[str, int]
+    state: GatewayState, sub: Subscription, cursor: tuple[str, int] | None
 ) -> AsyncIterator[ServerSentEvent]:
     """All of a company's events, in (xid, id) order, until the client or server leaves.
 
-    Attach to the company's feed first, then catch up from the table on our own from the
-    client's cursor; then follow the feed, skipping what the catch-up already sent."""
-    feed, client = await state.company_feeds.attach(sub.company_id)
+    Attach to the company's feed first. A new stream (no Last-Event-ID) starts where the
+    feed is, with no database read of its own, so a burst of connections costs nothing;
+    a resuming one catches up from the table from its cursor. Then follow the feed,
+    skipping what the catch-up already sent."""
+    try:
+        feed, client, feed_cursor = await state.company_feeds.attach(sub.company_id)
+    except (PoolTimeout, psycopg.OperationalError) as exc:
+        log.warning("company stream could not start: %s", exc)
+        return
     try:
         try:
-            while True:
+            while cursor is not None:
                 rows = await company_events_after(state, sub.company_id, cursor)
                 for row in rows:
                     cursor = (row["xid"], row["id"])
@@ -375,6 +390,8 @@ async def company_stream(
             # Busy or unreachable database: end; the browser resumes from Last-Event-ID.
             log.warning("company stream catch-up failed: %s", exc)
             return
+        if cursor is None:
+            cursor = feed_cursor
         while not sub.closed:
             item = await client.queue.get()
             if isinstance(item, _Closed):
