@@ -2,8 +2,8 @@
 
 The gateway's single ``pgjobs.notifier.Listener`` hands each NOTIFY payload to
 ``Fanout.on_notify``, which routes its events by job id (to per-job streams) and by
-company id (a wake-up for company streams, which read the table themselves). No stream
-holds a database connection while it waits.
+company id (a wake-up for that company's one reader, ``pgjobs.gateway.sse.CompanyFeed``).
+No stream holds a database connection while it waits.
 
 Contracts:
 
@@ -13,8 +13,8 @@ Contracts:
   delays anyone else.
 * A NOTIFY is a hint, never the record. Anything that might have been missed (the LISTEN
   connection dropped and came back, a payload could not be parsed) becomes a *backfill*
-  marker for every job subscriber and a wake-up for every company subscriber, and the
-  streams re-read ``pgjobs.job_events`` after the last event they sent.
+  marker for every job subscriber and a wake-up for every company feed, and both re-read
+  ``pgjobs.job_events`` after the last event they have.
 * Tenant-bound. A subscriber only receives events whose company matches its own, checked
   here on every event, even though a job id already implies its company.
 """
@@ -69,13 +69,13 @@ _EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
 
 class Subscription:
     """One stream's place in the fan-out. A job subscription reads ``queue``; a company
-    subscription waits on ``wake`` and reads the table."""
+    subscription only counts and closes the stream (its events come from the company's
+    feed)."""
 
     def __init__(self, company_id: str, job_id: uuid.UUID | None, queue_size: int) -> None:
         self.company_id = company_id
         self.job_id = job_id
         self.queue: asyncio.Queue[Item] = asyncio.Queue(queue_size)
-        self.wake = asyncio.Event()
         self.overflowed = False
         self.closed = False
 
@@ -86,7 +86,6 @@ class Subscription:
             self.queue.put_nowait(item)
         except asyncio.QueueFull:
             self.overflowed = True
-        self.wake.set()
 
     async def get(self) -> Item:
         return await self.queue.get()
@@ -178,8 +177,6 @@ class Fanout:
             self._wake_company(company_id)
 
     def _wake_company(self, company_id: str) -> None:
-        for sub in self._by_company.get(company_id, ()):
-            sub.wake.set()
         if self.on_company_wake is not None:
             self.on_company_wake(company_id)
 
@@ -191,7 +188,6 @@ class Fanout:
                 for sub in subs:
                     sub.offer(CLOSED)
                     sub.closed = True
-                    sub.wake.set()
 
 
 def _discard(index: dict[K, set[Subscription]], key: K, sub: Subscription) -> None:

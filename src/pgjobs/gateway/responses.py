@@ -24,7 +24,7 @@ from pgjobs.errors import (
     InvalidTransitionError,
     JobNotFoundError,
 )
-from pgjobs.types import Asset, Job
+from pgjobs.types import Asset
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +45,6 @@ def camel_message(message: str) -> str:
 
 def _iso(value: Any) -> str | None:
     return value.isoformat() if value is not None else None
-
-
-def job_json(job: Job) -> dict[str, Any]:
-    return job.to_json()
 
 
 def asset_json(asset: Asset) -> dict[str, Any]:

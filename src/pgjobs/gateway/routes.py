@@ -27,7 +27,7 @@ from pgjobs.errors import InvalidJobError
 from pgjobs.gateway import auth, openapi, payloads, sse
 from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
 from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
-from pgjobs.gateway.responses import asset_json, error, job_json
+from pgjobs.gateway.responses import asset_json, error
 from pgjobs.gateway.state import GatewayState
 from pgjobs.types import JobStatus
 
@@ -192,22 +192,22 @@ class Api:
         except InvalidJobError:
             bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")
         headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None
-        return JSONResponse([job_json(j) for j in page.jobs], headers=headers)
+        return JSONResponse([j.to_json() for j in page.jobs], headers=headers)
 
     async def get_job(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.get(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job_json(job))
+        return JSONResponse(job.to_json())
 
     async def cancel(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.cancel(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job_json(job), status_code=202)
+        return JSONResponse(job.to_json(), status_code=202)
 
     async def retry(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job_json(job), status_code=202)
+        return JSONResponse(job.to_json(), status_code=202)
 
     # -- event streams ----------------------------------------------------------------
 
