@@ -31,8 +31,7 @@ async def rescue_expired(
 ) -> list[Job]:
     """One rescue pass: returns the jobs moved (to queued or failed)."""
     async with pool.connection() as conn:
-        cur = await conn.execute(QUERIES["job_rescue_expired"], {"now": now, "limit": limit})
-        rescued = [Job.from_row(row) for row in await cur.fetchall()]
+        rescued = await _rescue(conn, now, limit)
     for job in rescued:
         log.warning(
             "rescued job %s from worker %s (lease expired, attempt %d of %d) -> %s",
@@ -57,5 +56,9 @@ async def prune_stale_workers(
 async def rescue_expired_with(dsn: str, *, now: datetime | None = None) -> list[Job]:
     """One rescue pass on a short-lived connection (operators' scripts, tests)."""
     async with await db.connect(dsn) as conn:
-        cur = await conn.execute(QUERIES["job_rescue_expired"], {"now": now, "limit": BATCH})
-        return [Job.from_row(row) for row in await cur.fetchall()]
+        return await _rescue(conn, now, BATCH)
+
+
+async def _rescue(conn: db.AsyncConn, now: datetime | None, limit: int) -> list[Job]:
+    cur = await conn.execute(QUERIES["job_rescue_expired"], {"now": now, "limit": limit})
+    return [Job.from_row(row) for row in await cur.fetchall()]
