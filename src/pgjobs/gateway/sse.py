@@ -334,8 +334,10 @@ class CompanyFeeds:
         feed.clients.discard(client)
         if not feed.clients and self._feeds.get(feed.company_id) is feed:
             del self._feeds[feed.company_id]
-            if feed.task is not None:
-                feed.task.cancel()
+            # Not cancelled: a cancelled query makes psycopg discard its pooled connection,
+            # and streams that come and go would churn the pool. Woken instead, the feed
+            # finishes any read in flight and returns, having no client left.
+            feed.wake.set()
 
     @property
     def feeds(self) -> int:
