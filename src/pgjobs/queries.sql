@@ -60,8 +60,9 @@ SET status = 'running',
     event_seq = j.event_seq + 1,
     last_event = 'content_job.running',
     updated_at = coalesce(%(now)s::timestamptz, now())
-FROM next
-WHERE j.id = next.id AND j.status = 'queued'
+-- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTE locked them
+-- (re-checking its WHERE on the newest version), so nobody changed them since.
+WHERE j.id = ANY(ARRAY(SELECT id FROM next))
 RETURNING j.*;
 
 -- name: job_finish_many_if_leased
@@ -89,7 +90,12 @@ WITH u AS (
                WHEN u.outcome = 'error' AND j.attempts < j.max_attempts THEN 'queued'
                ELSE 'failed' END AS next_status
     FROM u JOIN pgjobs.jobs j ON j.id = u.id AND j.lease_token = u.lease_token
-    WHERE j.status = 'running'
+    -- Reach the rows by primary key whatever the statistics say (a plan prepared once
+    -- for all parameters must not scan the table, or every running job through
+    -- jobs_lease_idx, per batch: that is batch x running comparisons). Hence the
+    -- explicit id list, and "running" spelled as the CHECKs define it, which no partial
+    -- index matches.
+    WHERE j.id = ANY(%(ids)s::uuid[]) AND j.lease_expires_at IS NOT NULL
     ORDER BY j.id
     FOR UPDATE OF j
 ), finished AS (
@@ -145,7 +151,8 @@ WITH held AS (
     SELECT j.id FROM pgjobs.jobs j
     JOIN unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
       ON j.id = u.id AND j.lease_token = u.lease_token
-    WHERE j.status = 'running'
+    -- i.e. running, by primary key: see job_finish_many_if_leased
+    WHERE j.id = ANY(%(ids)s::uuid[]) AND j.lease_expires_at IS NOT NULL
     ORDER BY j.id
     FOR UPDATE OF j
 )

@@ -11,6 +11,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from pgjobs.client import Client
+from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 
 
@@ -160,3 +161,37 @@ async def test_a_large_job_input_still_notifies(dsn: str, client: Client) -> Non
         job = await client.enqueue("acme", "render", {"blob": "x" * (1024 * 1024)})
         payloads = [n.payload async for n in conn.notifies(timeout=1.0)]
     assert [json.loads(p)["events"][0]["jobId"] for p in payloads] == [str(job.id)]
+
+
+@pytest.mark.parametrize(
+    "name", ["job_claim_batch", "job_finish_many_if_leased", "job_extend_leases"]
+)
+async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
+    dsn: str, client: Client, name: str
+) -> None:
+    """psycopg prepares a statement after a few runs and PostgreSQL may then plan it once
+    for any parameters. These plans must find the batch's rows by primary key: a plan
+    that scans the queued rows or every running job (through jobs_lease_idx, whose
+    statistics say few run) costs a sequential pass or batch x running comparisons per
+    call. Statistics as after a bulk enqueue: many queued jobs, none running."""
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(2000))
+    names: list[str] = []
+
+    def placeholder(m: re.Match[str]) -> str:
+        if m.group(1) not in names:
+            names.append(m.group(1))
+        return f"${names.index(m.group(1)) + 1}"
+
+    prepared = re.sub(r"%\((\w+)\)s", placeholder, QUERIES[name]).replace("%%", "%")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("ANALYZE pgjobs.jobs")
+        await conn.execute(f"PREPARE hot AS {prepared}".encode())
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        args = ", ".join(["NULL"] * len(names))
+        cur = await conn.execute(f"EXPLAIN EXECUTE hot({args})".encode())
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert "jobs_pkey" in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan
+    assert "jobs_lease_idx" not in plan, plan
+    if name == "job_claim_batch":
+        assert "Merge Join" not in plan, plan  # walks the whole primary key from its start
