@@ -1,0 +1,93 @@
+-- depends: 0002_gateway
+-- A cheaper publish trigger, same guarantees (one audit row per transition, refused
+-- state changes without one, NOTIFY at commit), measured in bench/ (issue 4):
+--
+-- * The NOTIFY items are built by string concatenation from the inserted rows' own
+--   columns instead of json_build_object over an array of whole job_events rows, and
+--   "progress", "errorMessage", "resultAssetId", "runAt" appear only on the events whose
+--   payload has them instead of as nulls on every event (every reader already treated
+--   a missing key as null).
+-- * The common events (running, queued, cancelled, done without an asset) skip
+--   event_payload(): their payload is '{}'.
+--
+-- pgbench on the worker's claim + completion (2 clients, 50,000 jobs): 19.3k -> 22.5k
+-- jobs/s.
+
+-- One event as a NOTIFY item (JSON object text); messages cut to 300 characters, the
+-- full text is in the row.
+CREATE FUNCTION pgjobs.notify_item(id bigint, job_id uuid, company_id text, seq int, type text, status text, attempt int, payload jsonb) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$
+    SELECT '{"eventId":' || id || ',"jobId":"' || job_id || '","companyId":' || to_json(company_id)
+           || ',"seq":' || seq || ',"type":"' || type || '","status":"' || status
+           || '","attempt":' || attempt
+           || CASE WHEN payload = '{}'::jsonb THEN '}' ELSE
+                  CASE WHEN payload ? 'progress' THEN ',"progress":' || json_build_object(
+                      'fraction', payload #> '{progress,fraction}',
+                      'message', left(payload #>> '{progress,message}', 300)) ELSE '' END
+               || CASE WHEN payload ? 'errorMessage'
+                       THEN ',"errorMessage":' || to_json(left(payload ->> 'errorMessage', 300)) ELSE '' END
+               || CASE WHEN payload ? 'resultAssetId'
+                       THEN ',"resultAssetId":' || to_json(payload ->> 'resultAssetId') ELSE '' END
+               || CASE WHEN payload ? 'runAt' THEN ',"runAt":' || to_json(payload ->> 'runAt') ELSE '' END
+               || '}' END
+$$;
+
+CREATE OR REPLACE FUNCTION pgjobs.publish_events() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    bad_id uuid;
+    sent bigint;
+BEGIN
+    IF TG_OP = 'UPDATE' THEN
+        WITH pairs AS (
+            SELECT n.*,
+                   n.event_seq <> o.event_seq AS is_transition,
+                   (n.event_seq <> o.event_seq AND n.event_seq <> o.event_seq + 1)
+                   OR (n.event_seq = o.event_seq
+                       AND (n.status <> o.status
+                            OR n.progress_fraction IS DISTINCT FROM o.progress_fraction
+                            OR n.progress_message IS DISTINCT FROM o.progress_message
+                            OR n.attempts <> o.attempts)) AS is_bad
+            FROM new_rows n JOIN old_rows o USING (id)
+        ), inserted AS (
+            INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt, worker_id, payload)
+            SELECT c.id, c.company_id, c.event_seq, c.last_event, c.status, c.attempts, c.worker_id,
+                   CASE WHEN c.last_event IN ('content_job.running', 'content_job.queued', 'content_job.cancelled')
+                             OR (c.last_event = 'content_job.done' AND c.result_asset_id IS NULL)
+                        THEN '{}'::jsonb
+                        ELSE pgjobs.event_payload(c.last_event, c.progress_fraction, c.progress_message,
+                                                  c.result_asset_id, c.error_message, c.run_at) END
+            FROM pairs c
+            WHERE c.is_transition AND NOT c.is_bad
+            RETURNING id, pgjobs.notify_item(id, job_id, company_id, seq, type, status, attempt, payload) AS item
+        ), chunks AS (
+            SELECT id, item, sum(octet_length(item) + 1) OVER (ORDER BY id) / 4000 AS chunk FROM inserted
+        ), notified AS (
+            SELECT pg_notify('pgjobs_events', '{"events":[' || string_agg(item, ',' ORDER BY id) || ']}') AS n
+            FROM chunks GROUP BY chunk
+        )
+        SELECT (SELECT count(n) FROM notified), (SELECT id FROM pairs WHERE is_bad LIMIT 1)
+        INTO sent, bad_id;
+        IF bad_id IS NOT NULL THEN
+            RAISE EXCEPTION 'pgjobs: job % changed state without a transition (bump event_seq by one and set last_event)', bad_id
+                USING ERRCODE = 'check_violation';
+        END IF;
+    ELSE
+        WITH inserted AS (
+            INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt, worker_id, payload)
+            SELECT n.id, n.company_id, n.event_seq, n.last_event, n.status, n.attempts, n.worker_id, '{}'::jsonb
+            FROM new_rows n
+            RETURNING id, pgjobs.notify_item(id, job_id, company_id, seq, type, status, attempt, payload) AS item
+        ), chunks AS (
+            SELECT id, item, sum(octet_length(item) + 1) OVER (ORDER BY id) / 4000 AS chunk FROM inserted
+        ), notified AS (
+            SELECT pg_notify('pgjobs_events', '{"events":[' || string_agg(item, ',' ORDER BY id) || ']}') AS n
+            FROM chunks GROUP BY chunk
+        )
+        SELECT count(n) INTO sent FROM notified;
+    END IF;
+    RETURN NULL;
+END;
+$$;
+
+DROP FUNCTION pgjobs.notify_events(pgjobs.job_events[]);
