@@ -37,9 +37,7 @@ def _apply(dsn: str, change: tuple[str, str] | None) -> None:
         return
     old, new = change
     with psycopg.connect(dsn, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT pg_get_functiondef('pgjobs.publish_events'::regproc)"
-        ).fetchone()
+        row = conn.execute("SELECT pg_get_functiondef('pgjobs.publish_events'::regproc)").fetchone()
         assert row is not None
         source: str = row[0]
         if source.count(old) != 2:  # the INSERT and the UPDATE branch
