@@ -61,10 +61,12 @@ class Completer:
         storage: Storage,
         *,
         flush_interval: float,
+        max_in_flight: int = 2,
     ) -> None:
         self.pool = pool
         self.storage = storage
         self.flush_interval = flush_interval
+        self.max_in_flight = max_in_flight
         self._pending: list[Outcome] = []
         self._wakeup = asyncio.Event()
         self._closing = False
@@ -77,10 +79,18 @@ class Completer:
             outcome.error = outcome.error[:MAX_ERROR_LENGTH]
         self._pending.append(outcome)
         self._wakeup.set()
-        return await asyncio.shield(outcome.committed)
+        # Not shielded: the worker never cancels a job that is finishing, and a
+        # cancelled future is skipped when the batch resolves (committed.done()).
+        return await outcome.committed
 
     async def run(self) -> None:
-        """Flush loop; returns once close() was called and everything pending is written."""
+        """Flush loop; returns once close() was called and everything pending is written.
+
+        Up to ``max_in_flight`` batches are written at once, on separate connections:
+        while one statement waits for PostgreSQL (and its commit for the disk), the next
+        batch gathers and starts, so the database is never idle between batches. Their
+        rows are disjoint and every writer locks in id order, so they cannot deadlock."""
+        in_flight: set[asyncio.Task[None]] = set()
         while True:
             await self._wakeup.wait()
             if not self._closing and self.flush_interval > 0:
@@ -88,16 +98,35 @@ class Completer:
                 await asyncio.sleep(self.flush_interval)
             self._wakeup.clear()
             while self._pending:
+                if len(in_flight) >= self.max_in_flight:
+                    await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+                    continue
                 batch, self._pending = self._pending[:MAX_BATCH], self._pending[MAX_BATCH:]
-                await self._write_with_retry(batch)
+                task = asyncio.create_task(self._write_with_retry(batch))
+                in_flight.add(task)
+                task.add_done_callback(in_flight.discard)
             if self._closing:
-                return
+                await asyncio.gather(*in_flight)
+                if not self._pending:
+                    return
 
     def close(self) -> None:
         self._closing = True
         self._wakeup.set()
 
     async def _write_with_retry(self, batch: list[Outcome]) -> None:
+        try:
+            await self._write_batch(batch)
+        except Exception as exc:
+            # Not a dropped connection (those are retried): a bug or a refused statement.
+            # Fail the waiting handlers instead of leaving them hanging; their jobs keep
+            # their leases until these run out, and are then rescued and run again.
+            log.exception("could not record %d finished job(s)", len(batch))
+            for outcome in batch:
+                if not outcome.committed.done():
+                    outcome.committed.set_exception(exc)
+
+    async def _write_batch(self, batch: list[Outcome]) -> None:
         attempt = 0
         while True:
             try:

@@ -30,7 +30,7 @@ import random
 import socket
 import uuid
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -68,9 +68,12 @@ def default_worker_id() -> str:
 
 @dataclass(slots=True)
 class _Running:
+    """A job this worker holds: in its handler, then waiting for its completion's commit."""
+
     job: Job
     ctx: JobContext
-    task: asyncio.Task[None]
+    task: asyncio.Task[None] = field(init=False)
+    in_handler: bool = True
     finishing: bool = False
 
 
@@ -92,7 +95,8 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.storage = storage or LocalStorage(self.settings.storage_dir)
         self.id = worker_id or default_worker_id()
-        self._running: dict[uuid.UUID, _Running] = {}
+        self._running: dict[uuid.UUID, _Running] = {}  # claimed and not yet recorded
+        self._active = 0  # of those, how many are still in their handler
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._threads = ThreadPoolExecutor(
@@ -219,7 +223,7 @@ class Worker:
         failures = 0
         while not self._stopping.is_set():
             self._wakeup.clear()
-            free = self.settings.concurrency - len(self._running)
+            free = self._free_slots()
             if free > 0:
                 try:
                     jobs = await self._claim(min(free, MAX_CLAIM_BATCH))
@@ -234,15 +238,19 @@ class Worker:
                     self._start(job)
                 if self.burst and not jobs and not self._running:
                     break
-                if (
-                    len(jobs) == min(free, MAX_CLAIM_BATCH)
-                    and len(self._running) < self.settings.concurrency
-                ):
+                if len(jobs) == min(free, MAX_CLAIM_BATCH) and self._free_slots() > 0:
                     continue  # the queue may hold more: claim again at once
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(
                     self._wakeup.wait(), timeout=self.settings.poll_interval_seconds
                 )
+
+    def _free_slots(self) -> int:
+        """How many jobs to claim now: handler slots free (``concurrency`` handlers at
+        most), and no more than ``concurrency`` jobs held beyond them while their
+        completions wait for a commit (their leases are held and renewed until then)."""
+        concurrency = self.settings.concurrency
+        return min(concurrency - self._active, 2 * concurrency - len(self._running))
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -262,6 +270,11 @@ class Worker:
             return [Job.from_row(row) for row in await cur.fetchall()]
 
     def _on_notify(self, payload: str) -> None:
+        # Most notifications are other jobs' running/done/progress events, which need
+        # nothing from this worker: skip parsing them (the items are written by the
+        # publish trigger with exactly these spellings, no spaces).
+        if '"status":"queued"' not in payload and '"content_job.cancelled"' not in payload:
+            return
         try:
             events = json.loads(payload).get("events", [])
         except (ValueError, AttributeError):
@@ -282,8 +295,11 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         ctx = JobContext(job, self._write_progress, asyncio.get_running_loop())
-        task = asyncio.create_task(self._execute(job, ctx), name=f"pgjobs-job-{job.id}")
-        self._running[job.id] = _Running(job, ctx, task)
+        entry = _Running(job, ctx)
+        self._active += 1
+        self._running[job.id] = entry
+        entry.task = asyncio.create_task(self._execute(entry))
+        entry.task.add_done_callback(lambda _: self._done(entry))
         self.jobs_started += 1
         if self.burst:
             self.ran.append(job.id)
@@ -296,19 +312,30 @@ class Worker:
         entry.ctx._cancel(reason)
         entry.task.cancel()
 
-    async def _execute(self, job: Job, ctx: JobContext) -> None:
-        try:
-            outcome = await self._attempt(job, ctx)
-            if outcome is None:
-                return
-            entry = self._running.get(job.id)
-            if entry is not None:
-                entry.finishing = True
-            assert self._completer is not None
-            await self._completer.finish(outcome)
-        finally:
-            self._running.pop(job.id, None)
+    async def _execute(self, entry: _Running) -> None:
+        outcome = await self._attempt(entry.job, entry.ctx)
+        if outcome is None:
+            return
+        # The handler's slot is free as soon as it returns: the fetch loop can claim the
+        # next job while this one's completion waits for its commit.
+        self._leave_handler(entry)
+        entry.finishing = True
+        assert self._completer is not None
+        await self._completer.finish(outcome)
+
+    def _leave_handler(self, entry: _Running) -> None:
+        if entry.in_handler:
+            entry.in_handler = False
+            self._active -= 1
             self._wakeup.set()
+
+    def _done(self, entry: _Running) -> None:
+        # A done callback rather than a finally: it also runs for a task cancelled
+        # before its first step, whose coroutine never starts.
+        self._leave_handler(entry)
+        if self._running.get(entry.job.id) is entry:
+            del self._running[entry.job.id]
+        self._wakeup.set()
 
     async def _attempt(self, job: Job, ctx: JobContext) -> Outcome | None:
         """Run the handler; None when the attempt was abandoned (cancelled, lease lost,
