@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
 from bench import pg
@@ -131,6 +132,19 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 rates.append(n / r["wall_seconds"])
         out["pgbench"][str(clients)] = {"jobs_per_s": summary(rates)}
         ctx.log(f"pglimit pgbench -c {clients}: {summary(rates)['median']:,.0f} jobs/s")
+    # The floor under the audit log: the same two statements with the publish triggers
+    # disabled (no event rows, no NOTIFY). Not a configuration pgjobs ships; it shows
+    # what the two UPDATEs alone cost on this machine.
+    rates = []
+    clients = 2
+    for _ in range(ctx.repeat):
+        with queue_db(ctx, "pgjobs", n) as dsn:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                conn.execute("ALTER TABLE pgjobs.jobs DISABLE TRIGGER USER")
+            r = pgbench(dsn, script_path, clients, -(-n // (BATCH * clients)))
+            rates.append(n / r["wall_seconds"])
+    out["triggers_off"] = {"clients": clients, "jobs_per_s": summary(rates)}
+    ctx.log(f"pglimit pgbench -c {clients}, triggers off: {summary(rates)['median']:,.0f} jobs/s")
     rates = []
     for _ in range(ctx.repeat):
         with queue_db(ctx, "pgjobs", n) as dsn:
@@ -159,6 +173,13 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for clients, r in res["pgbench"].items():
         lines.append(f"| pgbench, {clients} client(s) | {fmt(r['jobs_per_s'])} |")
+    if "triggers_off" in res:
+        off = res["triggers_off"]
+        lines.append(
+            f"| pgbench, {off['clients']} client(s), publish triggers disabled (no event "
+            f"rows, no NOTIFY: the floor, not a shipped configuration) "
+            f"| {fmt(off['jobs_per_s'])} |"
+        )
     lines.append(
         f"| pgjobs, {res['pgjobs']['processes']} worker processes "
         f"| {fmt(res['pgjobs']['jobs_per_s'])} |"
