@@ -40,7 +40,11 @@ DECLARE
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         WITH pairs AS (
-            SELECT n.*,
+            -- Only the columns an event needs: this CTE is materialised, and whole job
+            -- rows (input, result) would be copied for nothing.
+            SELECT n.id, n.company_id, n.event_seq, n.last_event, n.status, n.attempts,
+                   n.worker_id, n.progress_fraction, n.progress_message, n.result_asset_id,
+                   n.error_message, n.run_at,
                    n.event_seq <> o.event_seq AS is_transition,
                    (n.event_seq <> o.event_seq AND n.event_seq <> o.event_seq + 1)
                    OR (n.event_seq = o.event_seq
