@@ -71,21 +71,18 @@ RETURNING j.*;
 -- now: unknown job type, asset too large, timeout on the last attempt...). Asset rows are
 -- inserted only for jobs whose guarded update went through, so a fenced-off worker leaves
 -- no row behind. Returns the jobs that were finished; anything missing lost its lease.
+-- The per-job values travel as arrays and are read by position (u.i): the relations the
+-- lock and the UPDATE join stay three columns wide, because PostgreSQL copies each joined
+-- row whole (for its concurrent-update recheck), and wide ones cost more than the rest.
 WITH u AS (
-    SELECT * FROM unnest(
-        %(ids)s::uuid[], %(lease_tokens)s::bigint[], %(outcomes)s::text[], %(results)s::jsonb[],
-        %(errors)s::text[], %(retry_delays)s::float8[],
-        %(asset_ids)s::uuid[], %(asset_keys)s::text[], %(asset_content_types)s::text[],
-        %(asset_sizes)s::bigint[], %(asset_sha256s)s::text[], %(asset_filenames)s::text[])
-    AS u(id, lease_token, outcome, result, error, retry_delay,
-         asset_id, asset_key, asset_content_type, asset_size, asset_sha256, asset_filename)
+    SELECT * FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[], %(outcomes)s::text[])
+         WITH ORDINALITY AS u(id, lease_token, outcome, i)
 ), plan AS (
-    -- Decide retry vs failed from the attempt the lease belongs to. Reading without a lock
-    -- is safe: attempts only changes together with lease_token, which the UPDATE re-checks.
-    -- The guard lives here: rows are locked in id order (as the heartbeat does, so the
-    -- two can never deadlock) and re-checked after the lock is granted; once locked, no
-    -- other session can change them before the UPDATE below, which only needs the id.
-    SELECT u.*, CASE
+    -- Decide retry vs failed from the attempt the lease belongs to. The guard lives here:
+    -- rows are locked in id order (as the heartbeat does, so the two can never deadlock)
+    -- and re-checked after the lock is granted; once locked, no other session can change
+    -- them before the UPDATE below, which only needs the id.
+    SELECT j.id, u.i, u.outcome, CASE
                WHEN u.outcome = 'done' THEN 'done'
                WHEN u.outcome = 'error' AND j.attempts < j.max_attempts THEN 'queued'
                ELSE 'failed' END AS next_status
@@ -101,11 +98,12 @@ WITH u AS (
 ), finished AS (
     UPDATE pgjobs.jobs j
     SET status = p.next_status,
-        result = CASE WHEN p.outcome = 'done' THEN p.result END,
-        result_asset_id = CASE WHEN p.outcome = 'done' THEN p.asset_id END,
-        error_message = CASE WHEN p.outcome = 'done' THEN NULL ELSE p.error END,
+        result = CASE WHEN p.outcome = 'done' THEN (%(results)s::jsonb[])[p.i] END,
+        result_asset_id = CASE WHEN p.outcome = 'done' THEN (%(asset_ids)s::uuid[])[p.i] END,
+        error_message = CASE WHEN p.outcome <> 'done' THEN (%(errors)s::text[])[p.i] END,
         run_at = CASE WHEN p.next_status = 'queued'
-                      THEN coalesce(%(now)s::timestamptz, now()) + make_interval(secs => p.retry_delay)
+                      THEN coalesce(%(now)s::timestamptz, now())
+                           + make_interval(secs => (%(retry_delays)s::float8[])[p.i])
                       ELSE j.run_at END,
         lease_expires_at = NULL,
         finished_at = CASE WHEN p.next_status = 'queued' THEN NULL
@@ -119,15 +117,16 @@ WITH u AS (
     -- Not "AND status = 'running'" here: that invites the planner to drive the join from
     -- the partial index of running jobs (quadratic in batch x running jobs).
     WHERE j.id = p.id
-    RETURNING j.id, j.company_id, j.source_task_id, j.status
+    RETURNING j.id, j.company_id, j.source_task_id, j.status, p.i
 ), stored AS (
     INSERT INTO pgjobs.assets (id, company_id, namespace, object_key, content_type, byte_size,
                                sha256, original_filename, source_task_id, source_job_id, created_at)
-    SELECT u.asset_id, f.company_id, 'generated', u.asset_key, u.asset_content_type, u.asset_size,
-           u.asset_sha256, u.asset_filename, f.source_task_id, f.id,
-           coalesce(%(now)s::timestamptz, now())
-    FROM finished f JOIN u ON u.id = f.id
-    WHERE u.asset_id IS NOT NULL AND f.status = 'done'
+    SELECT (%(asset_ids)s::uuid[])[f.i], f.company_id, 'generated', (%(asset_keys)s::text[])[f.i],
+           (%(asset_content_types)s::text[])[f.i], (%(asset_sizes)s::bigint[])[f.i],
+           (%(asset_sha256s)s::text[])[f.i], (%(asset_filenames)s::text[])[f.i],
+           f.source_task_id, f.id, coalesce(%(now)s::timestamptz, now())
+    FROM finished f
+    WHERE f.status = 'done' AND (%(asset_ids)s::uuid[])[f.i] IS NOT NULL
     RETURNING id
 )
 SELECT f.id, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
