@@ -20,7 +20,8 @@ import json
 import logging
 import random
 import uuid
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -49,9 +50,16 @@ class Outcome:
     error: str | None = None
     retry_delay: float = 0.0
     asset: StoredAsset | None = None
-    committed: asyncio.Future[bool] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    on_recorded: Callable[[bool | Exception], None] | None = None
+    """Called once the batch is written: True if the outcome took effect, False if the
+    attempt had lost the job, or the exception that kept the batch from being written."""
+    recorded: bool = False
+
+    def _resolve(self, result: bool | Exception) -> None:
+        if not self.recorded:
+            self.recorded = True
+            if self.on_recorded is not None:
+                self.on_recorded(result)
 
 
 class Completer:
@@ -72,16 +80,30 @@ class Completer:
         self._closing = False
         self.batches = 0
 
-    async def finish(self, outcome: Outcome) -> bool:
-        """Queue an outcome and wait until it is committed. True if it took effect, False
-        if the attempt had lost the job (cancelled or rescued)."""
+    def submit(self, outcome: Outcome) -> None:
+        """Queue an outcome; its on_recorded runs once the batch holding it is written.
+        No future or task per job: at thousands of jobs a second those add up."""
         if outcome.error is not None:
             outcome.error = outcome.error[:MAX_ERROR_LENGTH]
         self._pending.append(outcome)
         self._wakeup.set()
-        # Not shielded: the worker never cancels a job that is finishing, and a
-        # cancelled future is skipped when the batch resolves (committed.done()).
-        return await outcome.committed
+
+    async def finish(self, outcome: Outcome) -> bool:
+        """submit() and wait: True if the outcome took effect, False if the attempt had
+        lost the job (cancelled or rescued)."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+
+        def resolve(result: bool | Exception) -> None:
+            if future.done():
+                return
+            if isinstance(result, Exception):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
+        outcome.on_recorded = resolve
+        self.submit(outcome)
+        return await future
 
     async def run(self) -> None:
         """Flush loop; returns once close() was called and everything pending is written.
@@ -123,8 +145,7 @@ class Completer:
             # their leases until these run out, and are then rescued and run again.
             log.exception("could not record %d finished job(s)", len(batch))
             for outcome in batch:
-                if not outcome.committed.done():
-                    outcome.committed.set_exception(exc)
+                outcome._resolve(exc)
 
     async def _write_batch(self, batch: list[Outcome]) -> None:
         attempt = 0
@@ -147,8 +168,7 @@ class Completer:
             took_effect = outcome.job.id in finished
             if not took_effect:
                 took_effect = await self._discard(outcome, retried=attempt > 0)
-            if not outcome.committed.done():
-                outcome.committed.set_result(took_effect)
+            outcome._resolve(took_effect)
 
     async def _write(self, batch: list[Outcome]) -> set[uuid.UUID]:
         params = {

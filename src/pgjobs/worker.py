@@ -317,11 +317,13 @@ class Worker:
         if outcome is None:
             return
         # The handler's slot is free as soon as it returns: the fetch loop can claim the
-        # next job while this one's completion waits for its commit.
+        # next job while this one's completion waits for its commit. The job stays held
+        # (its lease renewed) until the completer has written it.
         self._leave_handler(entry)
         entry.finishing = True
+        outcome.on_recorded = lambda _: self._forget(entry)
         assert self._completer is not None
-        await self._completer.finish(outcome)
+        self._completer.submit(outcome)
 
     def _leave_handler(self, entry: _Running) -> None:
         if entry.in_handler:
@@ -333,6 +335,10 @@ class Worker:
         # A done callback rather than a finally: it also runs for a task cancelled
         # before its first step, whose coroutine never starts.
         self._leave_handler(entry)
+        if not entry.finishing:
+            self._forget(entry)
+
+    def _forget(self, entry: _Running) -> None:
         if self._running.get(entry.job.id) is entry:
             del self._running[entry.job.id]
         self._wakeup.set()
