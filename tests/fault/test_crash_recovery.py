@@ -74,7 +74,9 @@ async def test_frozen_worker_cannot_overwrite_the_newer_attempt(
     dsn: str, client: Client, tmp_path: Path
 ) -> None:
     marker = tmp_path / "started"
-    job = await client.enqueue("acme", "slow_first", {"marker": str(marker), "seconds": 2.0})
+    # The sleep is well under the heartbeat interval (2.5 s), so that on SIGCONT the
+    # handler's timer is due before the heartbeat's even if the claim came late.
+    job = await client.enqueue("acme", "slow_first", {"marker": str(marker), "seconds": 1.0})
     stale = start_worker_process(
         dsn,
         worker_id="stale",

@@ -188,8 +188,19 @@ async def test_field_values_cannot_inject_sse_lines(
             JOBS, json={"jobType": "fail", "input": {"message": evil}, "maxAttempts": 1}
         )
     job_id = r.json()["jobId"]
-    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
-        events = await collect(gateway, f"{JOBS}/{job_id}/events")
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start_worker_once_subscribed(ev: Sse) -> None:
+            # Only now: a job that failed before the stream opened would arrive as one
+            # terminal "status" event, not as the live event under test.
+            if ev.event == "status":
+                await stack.enter_async_context(
+                    running_worker(dsn, demo.registry, fast_settings(storage_dir))
+                )
+
+        events = await collect(
+            gateway, f"{JOBS}/{job_id}/events", on_event=start_worker_once_subscribed
+        )
     assert_gap_free(events, int(events[0].id or 0))
     assert events[-1].event == "content_job.failed"
     assert evil in events[-1].data["errorMessage"]
