@@ -1,4 +1,5 @@
-"""summary.md and the PNG plots of one run, from the scenarios' JSON results.
+"""summary.md and the PNG plots of one run, from the scenarios' JSON results
+(``python -m bench.report bench/results/<run>`` renders a finished run again).
 
 Each scenario module may define ``markdown(result)``, ``targets(result)`` (rows of the
 targets table: target, measured, met, why) and ``plot(result, out, plt)`` (returns the
@@ -7,6 +8,7 @@ PNG file names it wrote)."""
 from __future__ import annotations
 
 import importlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -80,3 +82,17 @@ def write(out: Path, meta: dict[str, Any], results: dict[str, Any]) -> None:
             head.append(f"| {t['target']} | {t['measured']} | {met} | {t.get('why', '')} |")
         head.append("")
     (out / "summary.md").write_text("\n".join(head) + "\n" + "\n\n".join(sections) + "\n")
+
+
+def rerender(out: Path) -> None:
+    """Write summary.md and the plots of a finished run again from its JSON files (after
+    a change to how results are reported, never to what was measured)."""
+    meta = json.loads((out / "meta.json").read_text())
+    results = {name: json.loads((out / f"{name}.json").read_text()) for name in meta["scenarios"]}
+    write(out, meta, results)
+
+
+if __name__ == "__main__":
+    import sys
+
+    rerender(Path(sys.argv[1]))
