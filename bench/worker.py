@@ -136,8 +136,9 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("PGJOBS_HOME", str(Path(tempfile.gettempdir()) / "pgjobs-bench-home"))
     coro = RUNNERS[args.system](args)
-    if args.system == "pgqueuer":
-        # pgqueuer's own CLI runs on uvloop when it is installed (it is, as its dependency).
+    if args.system in ("pgqueuer", "pgjobs"):
+        # Both CLIs (`pgq run`, `pgjobs worker`) run on uvloop when it is installed, and
+        # both depend on it. procrastinate's runs on asyncio's own loop.
         import uvloop
 
         uvloop.run(coro)
