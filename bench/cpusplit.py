@@ -1,0 +1,95 @@
+"""Where a drain's CPU goes: PostgreSQL vs the worker processes, per job.
+
+``python -m bench.cpusplit [--system pgjobs] [--processes 2] [--jobs 100000]``
+
+Runs one drain (as scenario 1 does) while a thread reads ``/proc/<pid>/stat`` of every
+PostgreSQL process and every ``bench.worker`` process twice a second; prints the CPU
+seconds each side used during the drain divided by the jobs drained. Linux only. Used for
+the "CPU per job" table of docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from pathlib import Path
+
+from bench import pg, systems
+from bench.context import QUICK, Ctx
+from bench.drain import drain, queue_db
+
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds() -> dict[str, dict[int, float]]:
+    """{"postgres": {pid: seconds}, "worker": {pid: seconds}} for the live processes."""
+    out: dict[str, dict[int, float]] = {"postgres": {}, "worker": {}}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        seconds = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
+        if "bench.worker" in cmdline:
+            out["worker"][int(entry.name)] = seconds
+        elif stat.split(" ", 2)[1] == "(postgres)":
+            out["postgres"][int(entry.name)] = seconds
+    return out
+
+
+class _Sampler(threading.Thread):
+    """Keeps the last reading of every process seen, so that processes which exit during
+    the drain (the workers, at its end) still count."""
+
+    def __init__(self) -> None:
+        super().__init__(daemon=True)
+        self.first: dict[str, dict[int, float]] = _cpu_seconds()
+        self.last: dict[str, dict[int, float]] = {k: dict(v) for k, v in self.first.items()}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.5):
+            for kind, pids in _cpu_seconds().items():
+                self.last[kind].update(pids)
+
+    def used(self, kind: str) -> float:
+        return sum(t - self.first[kind].get(pid, 0.0) for pid, t in self.last[kind].items())
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.cpusplit")
+    p.add_argument("--system", default="pgjobs", choices=sorted(systems.WORKER_DEFAULTS))
+    p.add_argument("--processes", type=int, default=2)
+    p.add_argument("--jobs", type=int, default=100_000)
+    p.add_argument("--out", type=Path, default=Path("bench/results/cpusplit"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with pg.server() as server_dsn:
+        ctx = Ctx(server_dsn, QUICK, "cpusplit", 1, args.out, (args.system,))
+        ctx.logs.mkdir(exist_ok=True)
+        with queue_db(ctx, args.system, args.jobs) as dsn:
+            sampler = _Sampler()
+            sampler.start()
+            t = time.monotonic()
+            result = drain(ctx, args.system, dsn, args.jobs, args.processes)
+            wall = time.monotonic() - t
+            sampler.stop.set()
+            sampler.join()
+    n = args.jobs
+    pg_s, worker_s = sampler.used("postgres"), sampler.used("worker")
+    print(
+        f"{args.system}, {args.processes} process(es), {n:,} jobs: "
+        f"{result['jobs_per_s']:,.0f} jobs/s; CPU per job: PostgreSQL "
+        f"{pg_s / n * 1e6:.0f} µs, workers {worker_s / n * 1e6:.0f} µs; "
+        f"cores busy {(pg_s + worker_s) / wall:.2f} (includes start-up and queue checks)"
+    )
+
+
+if __name__ == "__main__":
+    main()
