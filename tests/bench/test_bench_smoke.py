@@ -58,3 +58,15 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     assert all(s["statuses"] == {"202": s["posts"]} for s in gateway["runs"][0]["post"])
     assert ". Gateway: commit" in summary
     assert (out / "gateway_sse.png").stat().st_size > 1000
+    # A finished run renders again from its JSON alone, to the same text.
+    (out / "summary.md").unlink()
+    rendered = subprocess.run(
+        [sys.executable, "-m", "bench.report", str(out)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert rendered.returncode == 0, rendered.stderr[-3000:]
+    assert (out / "summary.md").read_text() == summary

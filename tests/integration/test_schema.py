@@ -195,3 +195,50 @@ async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
     assert "jobs_lease_idx" not in plan, plan
     if name == "job_claim_batch":
         assert "Merge Join" not in plan, plan  # walks the whole primary key from its start
+
+
+async def test_notify_items_carry_only_the_keys_their_event_has(dsn: str, client: Client) -> None:
+    """The publish trigger builds NOTIFY items by hand (sql/0003): each must be valid JSON
+    with the same values as the row, and the optional keys only where the event has
+    them (a progress event keeps both of its keys, null or not)."""
+    job = await client.enqueue("acme", "echo", max_attempts=1)
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row
+    ) as conn:
+        await conn.execute("LISTEN pgjobs_events")
+        cur = await conn.execute(
+            QUERIES["job_claim_batch"],
+            {"now": None, "limit": 1, "worker_id": "w", "lease_seconds": 30.0, "job_types": None},
+        )
+        (claimed,) = await cur.fetchall()
+        params = {"id": job.id, "lease_token": claimed["lease_token"], "now": None}
+        await conn.execute(
+            QUERIES["job_progress_if_leased"], {**params, "fraction": None, "message": None}
+        )
+        await conn.execute(
+            QUERIES["job_progress_if_leased"], {**params, "fraction": 0.25, "message": 'a "q" \\'}
+        )
+        await conn.execute(
+            QUERIES["job_finish_many_if_leased"],
+            {
+                "now": None, "ids": [job.id], "lease_tokens": [claimed["lease_token"]],
+                "outcomes": ["error"], "results": [None], "errors": ["boom\n\"x\""],
+                "retry_delays": [0.0], "asset_ids": [None], "asset_keys": [None],
+                "asset_content_types": [None], "asset_sizes": [None], "asset_sha256s": [None],
+                "asset_filenames": [None],
+            },
+        )  # fmt: skip
+        payloads = [n.payload async for n in conn.notifies(timeout=1.0)]
+    running, empty, progress, failed = (json.loads(p)["events"][0] for p in payloads)
+    base = {"eventId", "jobId", "companyId", "seq", "type", "status", "attempt"}
+    assert set(running) == base
+    assert running["type"] == "content_job.running"
+    assert running["jobId"] == str(job.id)
+    assert running["companyId"] == "acme"
+    assert empty["progress"] == {"fraction": None, "message": None}
+    assert progress["progress"] == {"fraction": 0.25, "message": 'a "q" \\'}
+    assert set(failed) == base | {"errorMessage"}, "no runAt: failed is not a retry"
+    assert failed["errorMessage"] == 'boom\n"x"'
+    assert failed["status"] == "failed"
+    events = await client.events("acme", job.id)
+    assert [e.id for e in events[1:]] == [p["eventId"] for p in (running, empty, progress, failed)]
