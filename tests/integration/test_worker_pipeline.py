@@ -65,7 +65,6 @@ async def test_next_job_starts_while_previous_completion_waits_for_its_commit(
 async def test_concurrency_bounds_handlers_and_held_jobs(
     dsn: str, client: Client, storage_dir: Path
 ) -> None:
-    await client.enqueue_many(JobSpec("acme", "tick") for _ in range(150))
     in_handler = 0
     most_in_handler = 0
     most_held = 0
@@ -76,19 +75,24 @@ async def test_concurrency_bounds_handlers_and_held_jobs(
     async def tick(ctx: JobContext) -> None:
         nonlocal in_handler, most_in_handler, most_held
         in_handler += 1
-        most_in_handler = max(most_in_handler, in_handler)
-        most_held = max(most_held, len(worker_box[0]._running))
-        await asyncio.sleep(0.002)
-        in_handler -= 1
+        try:
+            most_in_handler = max(most_in_handler, in_handler)
+            most_held = max(most_held, len(worker_box[0]._running))
+            await asyncio.sleep(0.002)
+        finally:
+            in_handler -= 1
 
     async def all_done() -> bool:
         rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'done'")
         return bool(rows[0]["n"] == 150)
 
     async with running_worker(dsn, registry, fast_settings(storage_dir, concurrency=3)) as w:
-        worker_box.append(w)
+        worker_box.append(w)  # before any job exists: handlers read it
+        await client.enqueue_many(JobSpec("acme", "tick") for _ in range(150))
         await wait_until(all_done, message="150 jobs done")
     assert most_in_handler == 3
+    retried = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE attempts <> 1")
+    assert retried[0]["n"] == 0, "every job ran once, no handler failed"
     assert most_held <= 6  # handlers plus completions waiting for their commit
 
 
