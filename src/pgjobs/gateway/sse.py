@@ -42,8 +42,8 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncIterator, Coroutine
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -56,6 +56,7 @@ if TYPE_CHECKING:
     from pgjobs.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 PAGE = 500
@@ -136,7 +137,33 @@ async def load_job(
         return await cur.fetchone()
 
 
+_READS: set[asyncio.Task[Any]] = set()  # reads finishing after their stream was cancelled
+
+
+async def uncancelled(read: Coroutine[Any, Any, T]) -> T:
+    """Await a pool read that runs to its end even if the stream awaiting it is cancelled
+    (sse-starlette cancels a stream the moment its client disconnects). A query cancelled
+    mid-flight makes psycopg close its connection, so a burst of browsers leaving while
+    their streams start would empty the pool and refuse everyone else with 503."""
+    task = asyncio.ensure_future(read)
+    _READS.add(task)
+    task.add_done_callback(_read_done)
+    return await asyncio.shield(task)
+
+
+def _read_done(task: asyncio.Task[Any]) -> None:
+    _READS.discard(task)
+    if not task.cancelled():
+        task.exception()  # retrieved: nobody waits for the result of an abandoned read
+
+
 async def job_events_after(
+    state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int
+) -> list[dict[str, Any]]:
+    return await uncancelled(_job_events_after(state, company_id, job_id, after_seq))
+
+
+async def _job_events_after(
     state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int
 ) -> list[dict[str, Any]]:
     async with state.pool.connection() as conn:
@@ -205,6 +232,10 @@ async def job_stream(
 
 
 async def company_horizon(state: GatewayState) -> tuple[str, int]:
+    return await uncancelled(_company_horizon(state))
+
+
+async def _company_horizon(state: GatewayState) -> tuple[str, int]:
     async with state.pool.connection() as conn:
         row = await (await conn.execute(GATEWAY_QUERIES["job_events_horizon"])).fetchone()
     assert row is not None
@@ -212,6 +243,12 @@ async def company_horizon(state: GatewayState) -> tuple[str, int]:
 
 
 async def company_events_after(
+    state: GatewayState, company_id: str, cursor: tuple[str, int]
+) -> list[dict[str, Any]]:
+    return await uncancelled(_company_events_after(state, company_id, cursor))
+
+
+async def _company_events_after(
     state: GatewayState, company_id: str, cursor: tuple[str, int]
 ) -> list[dict[str, Any]]:
     async with state.pool.connection() as conn:
