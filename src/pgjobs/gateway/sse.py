@@ -42,8 +42,8 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Coroutine
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg_pool import PoolTimeout
@@ -56,7 +56,6 @@ if TYPE_CHECKING:
     from pgjobs.gateway.state import GatewayState
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 TERMINAL = frozenset({"done", "failed", "cancelled"})
 PAGE = 500
@@ -127,28 +126,29 @@ def parse_company_cursor(raw: str | None) -> tuple[str, int] | None:
     return match.group(1), int(match.group(2))
 
 
-async def load_job(
-    state: GatewayState, company_id: str, job_id: uuid.UUID
-) -> dict[str, Any] | None:
-    async with state.pool.connection() as conn:
-        cur = await conn.execute(
-            GATEWAY_QUERIES["job_get_for_stream"], {"id": job_id, "company_id": company_id}
-        )
-        return await cur.fetchone()
-
-
 _READS: set[asyncio.Task[Any]] = set()  # reads finishing after their stream was cancelled
 
 
-async def uncancelled(read: Coroutine[Any, Any, T]) -> T:
-    """Await a pool read that runs to its end even if the stream awaiting it is cancelled
-    (sse-starlette cancels a stream the moment its client disconnects). A query cancelled
-    mid-flight makes psycopg close its connection, so a burst of browsers leaving while
-    their streams start would empty the pool and refuse everyone else with 503."""
-    task = asyncio.ensure_future(read)
+async def read_rows(
+    state: GatewayState, query: str, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """Every database read of the streams: one named gateway query through the pool, run
+    to its end even if the stream awaiting it is cancelled (sse-starlette cancels a stream
+    the moment its client disconnects). A query cancelled mid-flight makes psycopg close
+    its connection, so a burst of browsers leaving while their streams start would empty
+    the pool and refuse everyone else with 503."""
+    task = asyncio.ensure_future(_fetch_all(state, query, params))
     _READS.add(task)
     task.add_done_callback(_read_done)
     return await asyncio.shield(task)
+
+
+async def _fetch_all(
+    state: GatewayState, query: str, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    async with state.pool.connection() as conn:
+        cur = await conn.execute(GATEWAY_QUERIES[query], params)
+        return await cur.fetchall()
 
 
 def _read_done(task: asyncio.Task[Any]) -> None:
@@ -157,21 +157,21 @@ def _read_done(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved: nobody waits for the result of an abandoned read
 
 
+async def load_job(
+    state: GatewayState, company_id: str, job_id: uuid.UUID
+) -> dict[str, Any] | None:
+    rows = await read_rows(state, "job_get_for_stream", {"id": job_id, "company_id": company_id})
+    return rows[0] if rows else None
+
+
 async def job_events_after(
     state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int
 ) -> list[dict[str, Any]]:
-    return await uncancelled(_job_events_after(state, company_id, job_id, after_seq))
-
-
-async def _job_events_after(
-    state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int
-) -> list[dict[str, Any]]:
-    async with state.pool.connection() as conn:
-        cur = await conn.execute(
-            GATEWAY_QUERIES["job_events_after_seq"],
-            {"job_id": job_id, "company_id": company_id, "after_seq": after_seq, "limit": PAGE},
-        )
-        return await cur.fetchall()
+    return await read_rows(
+        state,
+        "job_events_after_seq",
+        {"job_id": job_id, "company_id": company_id, "after_seq": after_seq, "limit": PAGE},
+    )
 
 
 async def job_stream(
@@ -232,31 +232,18 @@ async def job_stream(
 
 
 async def company_horizon(state: GatewayState) -> tuple[str, int]:
-    return await uncancelled(_company_horizon(state))
-
-
-async def _company_horizon(state: GatewayState) -> tuple[str, int]:
-    async with state.pool.connection() as conn:
-        row = await (await conn.execute(GATEWAY_QUERIES["job_events_horizon"])).fetchone()
-    assert row is not None
+    (row,) = await read_rows(state, "job_events_horizon", {})
     return str(row["xid"]), 0
 
 
 async def company_events_after(
     state: GatewayState, company_id: str, cursor: tuple[str, int]
 ) -> list[dict[str, Any]]:
-    return await uncancelled(_company_events_after(state, company_id, cursor))
-
-
-async def _company_events_after(
-    state: GatewayState, company_id: str, cursor: tuple[str, int]
-) -> list[dict[str, Any]]:
-    async with state.pool.connection() as conn:
-        cur = await conn.execute(
-            GATEWAY_QUERIES["job_events_company_after_cursor"],
-            {"company_id": company_id, "xid": cursor[0], "id": cursor[1], "limit": PAGE},
-        )
-        return await cur.fetchall()
+    return await read_rows(
+        state,
+        "job_events_company_after_cursor",
+        {"company_id": company_id, "xid": cursor[0], "id": cursor[1], "limit": PAGE},
+    )
 
 
 class FeedClient:
