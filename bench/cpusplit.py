@@ -11,7 +11,6 @@ the "CPU per job" table of docs/benchmarks.md.
 from __future__ import annotations
 
 import argparse
-import os
 import threading
 import time
 from pathlib import Path
@@ -19,8 +18,7 @@ from pathlib import Path
 from bench import pg, systems
 from bench.context import QUICK, Ctx
 from bench.drain import drain, queue_db
-
-_TICK = os.sysconf("SC_CLK_TCK")
+from bench.procs import cpu_seconds
 
 
 def _cpu_seconds() -> dict[str, dict[int, float]]:
@@ -30,16 +28,17 @@ def _cpu_seconds() -> dict[str, dict[int, float]]:
         if not entry.name.isdigit():
             continue
         try:
-            stat = (entry / "stat").read_text()
+            name = (entry / "comm").read_text().strip()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            if "bench.worker" in cmdline:
+                kind = "worker"
+            elif name == "postgres":
+                kind = "postgres"
+            else:
+                continue
+            out[kind][int(entry.name)] = cpu_seconds(int(entry.name))
         except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        seconds = (int(fields[11]) + int(fields[12])) / _TICK  # utime + stime
-        if "bench.worker" in cmdline:
-            out["worker"][int(entry.name)] = seconds
-        elif stat.split(" ", 2)[1] == "(postgres)":
-            out["postgres"][int(entry.name)] = seconds
+            continue  # exited meanwhile
     return out
 
 

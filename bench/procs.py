@@ -12,6 +12,13 @@ from pathlib import Path
 
 from bench.systems import WorkerConfig, argv_for
 
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) a process has used so far, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 READY_TIMEOUT = 60.0
 
 

@@ -49,6 +49,7 @@ from psycopg.rows import dict_row
 from bench import pg
 from bench.context import Ctx
 from bench.http_clients import post_load, raise_nofile
+from bench.procs import cpu_seconds
 from bench.stats import fmt, latency, summary
 
 COMPANY = "bench"
@@ -71,11 +72,6 @@ def _rss_kib(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1])
     return 0
-
-
-def _cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _free_port() -> int:
@@ -312,16 +308,16 @@ def _one_step(
         opened, failed, connect_s = clients.expect("ready", 300)
         time.sleep(settle)
         rss_open = _rss_kib(pid)
-        cpu0 = _cpu_seconds(pid)
+        cpu0 = cpu_seconds(pid)
         time.sleep(idle_s)
-        idle_cpu = (_cpu_seconds(pid) - cpu0) / idle_s
-        cpu0, t0 = _cpu_seconds(pid), time.monotonic()
+        idle_cpu = (cpu_seconds(pid) - cpu0) / idle_s
+        cpu0, t0 = cpu_seconds(pid), time.monotonic()
         if company:
             commits_c = asyncio.run(_enqueue_producer(dsn, events, rate))
         else:
             commits_j = asyncio.run(_progress_producer(dsn, jobs, events, rate))
         busy_s = time.monotonic() - t0
-        busy_cpu = (_cpu_seconds(pid) - cpu0) / busy_s
+        busy_cpu = (cpu_seconds(pid) - cpu0) / busy_s
         # Every company stream receives every event: give the last fan-out longer.
         time.sleep(grace * 3 if company else grace)
         client_rss = _rss_kib(clients.proc.pid)
@@ -399,7 +395,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                     )
                 one["post"] = []
                 for m in s.post_submitters:
-                    cpu0 = _cpu_seconds(pid)
+                    cpu0 = cpu_seconds(pid)
                     res = asyncio.run(post_load(port, api_token, COMPANY, m, s.posts_each))
                     lat = res.pop("latencies_ms")
                     step = {
@@ -407,7 +403,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                         "posts": len(lat),
                         "latency_ms": latency(lat),
                         "posts_per_s": len(lat) / res["seconds"],
-                        "gateway_cpu": (_cpu_seconds(pid) - cpu0) / res["seconds"],
+                        "gateway_cpu": (cpu_seconds(pid) - cpu0) / res["seconds"],
                         **res,
                     }
                     one["post"].append(step)
