@@ -321,8 +321,7 @@ async def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from pgjobs.gateway.app import serve
 
-    serve(args.dsn, host=args.host, port=args.port)
-    return 0
+    return serve(args.dsn, host=args.host, port=args.port)
 
 
 async def cmd_token(args: argparse.Namespace) -> int:

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from helpers import wait_until
 from pgjobs import db
 from pgjobs.gateway import auth
-from pgjobs.gateway.app import create_app
+from pgjobs.gateway.app import GatewayServer, create_app
 from pgjobs.gateway.settings import GatewaySettings
 from pgjobs.gateway.state import GatewayState
 from pgjobs.storage import LocalStorage
@@ -79,7 +79,7 @@ async def serve_gateway(
     config = uvicorn.Config(
         app, lifespan="on", log_level="warning", timeout_graceful_shutdown=5, ws="none"
     )
-    server = uvicorn.Server(config)
+    server = GatewayServer(config, app.state.gateway)
     task = asyncio.create_task(server.serve(sockets=[sock]))
 
     async def started() -> bool:

@@ -15,6 +15,7 @@ from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import demo
 
 JOBS = "/api/companies/acme/content-jobs"
+COMPANY_EVENTS = "/api/companies/acme/events"
 
 
 async def enqueue(gateway: RunningGateway, job_type: str, input: dict[str, object]) -> str:
@@ -228,17 +229,38 @@ async def test_streams_close_cleanly_on_shutdown(dsn: str, storage_dir: Path) ->
         async def mark(ev: Sse) -> None:
             opened.set()
 
-        reader = asyncio.create_task(
+        job_reader = asyncio.create_task(
             collect(gateway, f"{JOBS}/{job_id}/events", on_event=mark, within=20)
         )
-        await asyncio.wait_for(opened.wait(), 10)
+        company_reader = asyncio.create_task(collect(gateway, COMPANY_EVENTS, within=20))
+
+        async def both_open() -> bool:
+            return opened.is_set() and gateway.state.company_feeds.clients == 1
+
+        await wait_until(both_open, within=10, message="both streams open")
         gateway.server.should_exit = True
-        # The stream ends by itself (no cancellation from the test) once the server stops.
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(reader, 15)
-        assert reader.done()
+        # Both streams end by themselves as complete responses: the server tells them to
+        # end as shutdown begins. (Left to uvicorn, they would be cancelled after its
+        # grace period and the connection cut mid-response, which collect raises on.)
+        job_events = await asyncio.wait_for(job_reader, 15)
+        await asyncio.wait_for(company_reader, 15)
+        assert [e.event for e in job_events][:1] == ["status"]
 
     async def gone() -> bool:
         return gateway.state.fanout.subscribers == 0
 
     await wait_until(gone, within=5, message="subscriptions released")
+
+
+async def test_head_on_a_stream_answers_headers_and_ends(gateway: RunningGateway) -> None:
+    # Starlette answers HEAD on every GET route; a stream must not stay open for it.
+    async with gateway.http() as http:
+        r = await asyncio.wait_for(http.head(COMPANY_EVENTS), 5)
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/event-stream")
+    assert r.headers["cache-control"] == "no-store"
+
+    async def released() -> bool:
+        return gateway.state.slots.total == 0 and gateway.state.fanout.subscribers == 0
+
+    await wait_until(released, within=5, message="slot released")

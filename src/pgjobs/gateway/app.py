@@ -4,9 +4,11 @@ LISTEN connection and the fan-out for as long as the server runs.
 
 from __future__ import annotations
 
+import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import uvicorn
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -61,25 +63,43 @@ def create_app(
     return app
 
 
+class GatewayServer(uvicorn.Server):
+    """uvicorn's server, telling the event streams to end as it begins to shut down.
+
+    uvicorn waits for every open response before it runs the lifespan's shutdown, and an
+    event stream never ends by itself: without this, every shutdown would wait out
+    ``timeout_graceful_shutdown`` and then cancel the streams mid-write."""
+
+    def __init__(self, config: uvicorn.Config, state: GatewayState) -> None:
+        super().__init__(config)
+        self.gateway = state
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.gateway.end_streams()
+        await super().shutdown(sockets)
+
+
 def serve(
     dsn: str | None,
     host: str = "127.0.0.1",
     port: int = 8000,
     settings: GatewaySettings | None = None,
-) -> None:
-    """Run the gateway with uvicorn until SIGINT/SIGTERM."""
-    import uvicorn
-
+) -> int:
+    """Run the gateway with uvicorn until SIGINT/SIGTERM. Returns the exit status: 3 when
+    it could not start (the reason is in the log), as ``uvicorn`` does."""
     app = create_app(dsn, settings)
-    uvicorn.run(
+    config = uvicorn.Config(
         app,
         host=host,
         port=port,
         lifespan="on",
         proxy_headers=False,
         server_header=False,
-        # Open event streams are told to end on shutdown (sse-starlette watches uvicorn's
-        # exit flag); this bounds how long a stuck one can delay the exit.
+        # Streams are told to end when shutdown begins (GatewayServer); this bounds how
+        # long one stuck in a send can delay the exit.
         timeout_graceful_shutdown=5,
         log_level="info",
     )
+    server = GatewayServer(config, app.state.gateway)
+    server.run()
+    return 0 if server.started else 3

@@ -10,22 +10,19 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 from urllib.parse import quote
 
-from sse_starlette import EventSourceResponse
-from sse_starlette.event import ServerSentEvent
-from sse_starlette.sse import SendTimeoutError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
-from starlette.types import Receive, Scope, Send
 
 from pgjobs.client import MAX_PAGE_SIZE
 from pgjobs.errors import InvalidJobError
 from pgjobs.gateway import auth, openapi, payloads, sse
 from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
+from pgjobs.gateway.eventstream import EventStream
 from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
 from pgjobs.gateway.responses import asset_json, error
 from pgjobs.gateway.state import GatewayState
@@ -47,38 +44,12 @@ def job_not_found_stream() -> Response:
     """The issue's contract for an unknown job: a stream with one `event: error`
     carrying {"error": "Job not found"}, then the end."""
 
-    async def one_event() -> AsyncIterator[ServerSentEvent]:
-        yield ServerSentEvent(
-            data='{"error":"Job not found"}', event="error", retry=NOT_FOUND_RETRY_MS
+    async def one_event() -> AsyncGenerator[bytes, None]:
+        yield b'retry: %d\r\nevent: error\r\ndata: {"error":"Job not found"}\r\n\r\n' % (
+            NOT_FOUND_RETRY_MS
         )
 
-    return EventSourceResponse(one_event())
-
-
-class StreamResponse(EventSourceResponse):
-    """An event stream that gives back its fan-out subscription and its stream slot when
-    the response ends, however it ends (finished, client gone, send timeout, shutdown).
-
-    Both are taken before the response starts, so that an over-cap client gets a real 429
-    and the subscription exists before the job is read; a generator's ``finally`` would
-    not do, because a generator that never started never runs it.
-    """
-
-    def __init__(
-        self, content: AsyncIterator[ServerSentEvent], release: Callable[[], None], **kw: Any
-    ) -> None:
-        super().__init__(content, **kw)
-        self._release = release
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        except SendTimeoutError:
-            # A client that stopped reading (frozen tab, dead network): dropping it is the
-            # point of the send timeout, not a server error.
-            log.info("dropped an event stream whose client stopped reading")
-        finally:
-            self._release()
+    return EventStream(one_event(), ping_seconds=NOT_FOUND_RETRY_MS, send_timeout=10.0)
 
 
 class Api:
@@ -211,14 +182,15 @@ class Api:
 
     # -- event streams ----------------------------------------------------------------
 
-    def _stream(
-        self, content: AsyncIterator[ServerSentEvent], release: Callable[[], None]
-    ) -> Response:
+    def _stream(self, frames: AsyncGenerator[bytes, None], release: Callable[[], None]) -> Response:
+        # The stream slot and the fan-out subscription are taken before the response
+        # starts (an over-cap client gets a real 429; the subscription exists before the
+        # job is read) and given back by the response however it ends.
         settings = self.state.settings
-        return StreamResponse(
-            content,
+        return EventStream(
+            frames,
             release,
-            ping=settings.ping_seconds,
+            ping_seconds=settings.ping_seconds,
             send_timeout=settings.send_timeout_seconds,
         )
 

@@ -29,9 +29,10 @@ trade-off: a long-running write transaction anywhere in the database holds the h
 and so every company stream, back until it ends.
 
 Data on every event: ``{jobId, status, type, attempt, seq, progress?, resultAssetId?,
-errorMessage?, runAt?}``, JSON on one ``data:`` line (sse-starlette strips line breaks
-from ``id``/``event``; ``json.dumps`` escapes them in data), so no field value can inject
-SSE lines.
+errorMessage?, runAt?}``, JSON on one ``data:`` line (``frame`` drops line breaks from
+``id``/``event``; ``json.dumps`` escapes them in data), so no field value can inject SSE
+lines. The streams yield encoded frames (``pgjobs.gateway.eventstream`` sends them); a
+company's feed encodes each event once for all of that company's streams.
 """
 
 from __future__ import annotations
@@ -42,12 +43,11 @@ import json
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 from psycopg_pool import PoolTimeout
-from sse_starlette.event import ServerSentEvent
 
 from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.fanout import BACKFILL, CLOSED, LiveEvent, Subscription
@@ -61,6 +61,7 @@ TERMINAL = frozenset({"done", "failed", "cancelled"})
 PAGE = 500
 _EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
 _COMPANY_CURSOR = re.compile(r"^(\d{1,20})-(\d{1,19})$")
+_LINE_BREAK = re.compile(r"[\r\n]")
 
 
 def event_data(
@@ -77,21 +78,28 @@ def event_data(
     return data
 
 
-def sse(event: str, data: dict[str, Any], event_id: str) -> ServerSentEvent:
-    # ensure_ascii: the data line is plain ASCII whatever a job's messages contain.
-    return ServerSentEvent(
-        data=json.dumps(data, separators=(",", ":"), allow_nan=False), event=event, id=event_id
+def frame(event: str, data: dict[str, Any], event_id: str) -> bytes:
+    """One encoded SSE event. ``ensure_ascii``: the data line is plain ASCII whatever a
+    job's messages contain, and JSON escapes every line break in it."""
+    body = json.dumps(data, separators=(",", ":"), allow_nan=False)
+    return (
+        f"id: {_one_line(event_id)}\r\nevent: {_one_line(event)}\r\ndata: {body}\r\n\r\n".encode()
     )
 
 
-def row_event(row: dict[str, Any]) -> ServerSentEvent:
+def _one_line(value: str) -> str:
+    # A line break in an id or event name would start a field of the attacker's choosing.
+    return _LINE_BREAK.sub("", value) if "\r" in value or "\n" in value else value
+
+
+def row_event(row: dict[str, Any]) -> bytes:
     data = event_data(
         row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], row["payload"]
     )
-    return sse(row["type"], data, str(row["seq"]))
+    return frame(row["type"], data, str(row["seq"]))
 
 
-def status_event(job: dict[str, Any]) -> ServerSentEvent:
+def status_event(job: dict[str, Any]) -> bytes:
     extra: dict[str, Any] = {
         "resultAssetId": str(job["result_asset_id"]) if job["result_asset_id"] else None,
         "errorMessage": job["error_message"],
@@ -104,7 +112,7 @@ def status_event(job: dict[str, Any]) -> ServerSentEvent:
     data = event_data(
         job["id"], job["status"], job["last_event"], job["attempts"], job["event_seq"], extra
     )
-    return sse("status", data, str(job["event_seq"]))
+    return frame("status", data, str(job["event_seq"]))
 
 
 def parse_job_cursor(raw: str | None) -> int | None:
@@ -133,7 +141,7 @@ async def read_rows(
     state: GatewayState, query: str, params: dict[str, Any]
 ) -> list[dict[str, Any]]:
     """Every database read of the streams: one named gateway query through the pool, run
-    to its end even if the stream awaiting it is cancelled (sse-starlette cancels a stream
+    to its end even if the stream awaiting it is cancelled (an event stream is cancelled
     the moment its client disconnects). A query cancelled mid-flight makes psycopg close
     its connection, so a burst of browsers leaving while their streams start would empty
     the pool and refuse everyone else with 503."""
@@ -176,11 +184,11 @@ async def job_events_after(
 
 async def job_stream(
     state: GatewayState, sub: Subscription, job: dict[str, Any], last: int | None
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncGenerator[bytes, None]:
     """One job's events. ``sub`` was subscribed before ``job`` was read."""
     company_id, job_id = sub.company_id, job["id"]
 
-    async def from_table(after: int) -> AsyncIterator[dict[str, Any]]:
+    async def from_table(after: int) -> AsyncGenerator[dict[str, Any], None]:
         while True:
             rows = await job_events_after(state, company_id, job_id, after)
             for row in rows:
@@ -214,7 +222,7 @@ async def job_stream(
                     if row["status"] in TERMINAL:
                         return
             elif isinstance(item, LiveEvent) and item.seq == last + 1:
-                yield sse(
+                yield frame(
                     item.type,
                     event_data(
                         item.job_id, item.status, item.type, item.attempt, item.seq, item.extra
@@ -246,16 +254,28 @@ async def company_events_after(
     )
 
 
+class CompanyFrame(NamedTuple):
+    """One company event, encoded once for every stream that sends it."""
+
+    xid: int
+    id: int
+    data: bytes
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> CompanyFrame:
+        return cls(int(row["xid"]), row["id"], _company_event(row))
+
+
 class FeedClient:
     """One company stream's inbox from its company's feed: bounded; a client that falls
     a whole queue behind is marked overflowed and its stream ends (it resumes with
     Last-Event-ID), so it can never hold the feed or the other streams back."""
 
     def __init__(self, size: int) -> None:
-        self.queue: asyncio.Queue[list[dict[str, Any]] | _Closed] = asyncio.Queue(size)
+        self.queue: asyncio.Queue[list[CompanyFrame] | _Closed] = asyncio.Queue(size)
         self.overflowed = False
 
-    def offer(self, rows: list[dict[str, Any]]) -> None:
+    def offer(self, rows: list[CompanyFrame]) -> None:
         if self.overflowed:
             return
         try:
@@ -305,8 +325,9 @@ class CompanyFeed:
                     self.reads += 1
                     if rows:
                         self.cursor = (rows[-1]["xid"], rows[-1]["id"])
+                        frames = [CompanyFrame.of(row) for row in rows]
                         for client in list(self.clients):
-                            client.offer(rows)
+                            client.offer(frames)
                     if len(rows) < PAGE:
                         break
             except (PoolTimeout, psycopg.OperationalError) as exc:
@@ -385,13 +406,9 @@ class CompanyFeeds:
         self._feeds.clear()
 
 
-def _after(row: dict[str, Any], cursor: tuple[str, int]) -> bool:
-    return (int(row["xid"]), row["id"]) > (int(cursor[0]), cursor[1])
-
-
 async def company_stream(
     state: GatewayState, sub: Subscription, cursor: tuple[str, int] | None
-) -> AsyncIterator[ServerSentEvent]:
+) -> AsyncGenerator[bytes, None]:
     """All of a company's events, in (xid, id) order, until the client or server leaves.
 
     Attach to the company's feed first. A new stream (no Last-Event-ID) starts where the
@@ -418,22 +435,23 @@ async def company_stream(
             return
         if cursor is None:
             cursor = feed_cursor
+        sent = (int(cursor[0]), cursor[1])
         while not sub.closed:
             item = await client.queue.get()
             if isinstance(item, _Closed):
                 return
-            for row in item:
-                if _after(row, cursor):
-                    cursor = (row["xid"], row["id"])
-                    yield _company_event(row)
+            for event in item:
+                if (event.xid, event.id) > sent:
+                    sent = (event.xid, event.id)
+                    yield event.data
             if client.overflowed and client.queue.empty():
                 return  # fell a whole queue behind: resume with Last-Event-ID
     finally:
         state.company_feeds.detach(feed, client)
 
 
-def _company_event(row: dict[str, Any]) -> ServerSentEvent:
+def _company_event(row: dict[str, Any]) -> bytes:
     data = event_data(
         row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], row["payload"]
     )
-    return sse(row["type"], data, f"{row['xid']}-{row['id']}")
+    return frame(row["type"], data, f"{row['xid']}-{row['id']}")

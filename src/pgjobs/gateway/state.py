@@ -82,9 +82,14 @@ class GatewayState:
         self._client = Client(pool)
         self._listener_task = asyncio.create_task(self.listener.run(), name=LISTENER_NAME)
 
-    async def stop(self) -> None:
+    def end_streams(self) -> None:
+        """Tell every event stream to end (the server is shutting down); streams that
+        start afterwards end at once."""
         self.fanout.close()
         self.company_feeds.close()
+
+    async def stop(self) -> None:
+        self.end_streams()
         task, self._listener_task = self._listener_task, None
         if task is not None:
             task.cancel()
