@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import uuid
 from pathlib import Path
 
@@ -264,3 +265,20 @@ async def test_head_on_a_stream_answers_headers_and_ends(gateway: RunningGateway
         return gateway.state.slots.total == 0 and gateway.state.fanout.subscribers == 0
 
     await wait_until(released, within=5, message="slot released")
+
+
+async def test_served_gateway_keeps_start_up_objects_out_of_full_collections(
+    dsn: str, storage_dir: Path
+) -> None:
+    # `pgjobs gateway` freezes what exists once it has started, so a full collection
+    # (which stops the loop, mid fan-out) scans only the streams' own objects.
+    from gateway_helpers import serve_gateway
+
+    assert gc.get_freeze_count() == 0
+    try:
+        async with serve_gateway(dsn, storage_dir, freeze_gc=True) as gateway:
+            assert gc.get_freeze_count() > 10_000
+            async with gateway.http() as http:
+                assert (await http.get("/readyz")).status_code == 200
+    finally:
+        gc.unfreeze()
