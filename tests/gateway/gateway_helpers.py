@@ -72,7 +72,7 @@ async def serve_gateway(
     settings: GatewaySettings = TEST_SETTINGS,
     *,
     sndbuf: int | None = None,
-    freeze_gc: bool = False,
+    tune_gc: bool = False,
 ) -> AsyncIterator[RunningGateway]:
     app = create_app(dsn, settings, LocalStorage(storage_dir))
     sock = free_socket(sndbuf)
@@ -80,7 +80,7 @@ async def serve_gateway(
     config = uvicorn.Config(
         app, lifespan="on", log_level="warning", timeout_graceful_shutdown=5, ws="none"
     )
-    server = GatewayServer(config, app.state.gateway, freeze_gc=freeze_gc)
+    server = GatewayServer(config, app.state.gateway, tune_gc=tune_gc)
     task = asyncio.create_task(server.serve(sockets=[sock]))
 
     async def started() -> bool:

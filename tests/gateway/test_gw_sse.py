@@ -267,18 +267,23 @@ async def test_head_on_a_stream_answers_headers_and_ends(gateway: RunningGateway
     await wait_until(released, within=5, message="slot released")
 
 
-async def test_served_gateway_keeps_start_up_objects_out_of_full_collections(
+async def test_served_gateway_keeps_full_collections_out_of_the_streams_way(
     dsn: str, storage_dir: Path
 ) -> None:
-    # `pgjobs gateway` freezes what exists once it has started, so a full collection
-    # (which stops the loop, mid fan-out) scans only the streams' own objects.
+    # `pgjobs gateway` freezes what exists once it has started and makes full
+    # collections rarer: a full collection stops the loop, in the middle of a fan-out.
     from gateway_helpers import serve_gateway
 
+    from pgjobs.gateway.app import FULL_GC_EVERY
+
+    threshold = gc.get_threshold()
     assert gc.get_freeze_count() == 0
     try:
-        async with serve_gateway(dsn, storage_dir, freeze_gc=True) as gateway:
+        async with serve_gateway(dsn, storage_dir, tune_gc=True) as gateway:
             assert gc.get_freeze_count() > 10_000
+            assert gc.get_threshold()[2] == FULL_GC_EVERY != threshold[2]
             async with gateway.http() as http:
                 assert (await http.get("/readyz")).status_code == 200
     finally:
         gc.unfreeze()
+        gc.set_threshold(*threshold)
