@@ -4,8 +4,8 @@ on one gateway process and its memory; POST 202 latency under concurrent submiss
 The gateway runs as shipped, as its own process (``python -m pgjobs gateway``, uvicorn,
 info logging to a file), with only its stream caps raised (PGJOBS_GATEWAY_MAX_STREAMS and
 _MAX_STREAMS_PER_COMPANY) and RLIMIT_NOFILE raised to the hard limit, so its RSS and CPU
-are its own. Clients run in another process (bench.http_clients: raw asyncio streams,
-uvloop), all on 127.0.0.1.
+are its own. Clients run in another process (bench.http_clients: one asyncio protocol per
+connection, uvloop; each event stamped when its bytes arrive), all on 127.0.0.1.
 
 *Job streams* (what a browser watching its job sees): N running jobs, one client on each
 job's ``/events`` stream, authorised with a company stream token as a browser would be.
@@ -457,12 +457,13 @@ def _ms(s: dict[str, Any]) -> str:
 def markdown(res: dict[str, Any]) -> str:
     lines = [
         "One gateway process (`python -m pgjobs gateway`, as shipped; stream caps raised), "
-        "clients in one other process (raw asyncio streams), all on 127.0.0.1; RLIMIT_NOFILE "
+        "clients in one other process (an asyncio protocol per connection), all on 127.0.0.1; "
+        "RLIMIT_NOFILE "
         f"{res['nofile_limit']:,}. Baseline gateway RSS {fmt(res['baseline_rss_mib'])} MiB.",
         "",
         "**4a. Job streams** — one client per running job; progress transitions committed "
         "one per transaction at a fixed rate on jobs taken in random order; latency from "
-        "the producer's COMMIT returning to the client parsing the event (each transition "
+        "the producer's COMMIT returning to the event's bytes reaching the client (each transition "
         "is received by exactly one client). A negative latency means the event reached "
         "the client before the producer's COMMIT round trip returned to it (PostgreSQL "
         "sends the NOTIFY at commit): the commit instant lies between the statement's "
