@@ -356,8 +356,13 @@ class Worker:
                 f"(this worker handles: {known}); start a worker whose --handlers registry "
                 "has it, then retry the job",
             )
+        # asyncio.timeout, not wait_for: the handler runs in this task (wait_for wraps it in
+        # a second task per job), and the deadline is told apart from a TimeoutError the
+        # handler raised itself (an HTTP client's, say), which is an ordinary failure.
+        deadline = asyncio.timeout(handler.timeout)
         try:
-            result = await asyncio.wait_for(self._invoke(handler, ctx), handler.timeout)
+            async with deadline:
+                result = await self._invoke(handler, ctx)
             asset = None
             if isinstance(result, GeneratedAsset):
                 asset = await assets.store(
@@ -377,11 +382,11 @@ class Worker:
             raise
         except AssetTooLargeError as exc:
             return Outcome(job, "fail", error=str(exc))
-        except TimeoutError:
-            if handler.timeout is not None:
+        except TimeoutError as exc:
+            if deadline.expired():
                 error = f"timed out after {handler.timeout:g}s (the {job.job_type!r} timeout)"
             else:
-                error = "TimeoutError raised by the handler"
+                error = f"TimeoutError: {exc}" if str(exc) else "TimeoutError raised by the handler"
             return Outcome(
                 job, "error", error=error, retry_delay=retry_delay(job.attempts, self.settings)
             )

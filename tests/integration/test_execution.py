@@ -94,6 +94,34 @@ async def test_handler_timeout_fails_attempt_with_clear_message(
     ).error_message == "timed out after 0.2s (the 'slow' timeout)"
 
 
+async def test_a_timeout_raised_by_the_handler_is_not_reported_as_the_job_deadline(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    # An HTTP client's timeout inside a handler is an ordinary failure, reported as such:
+    # telling the operator the job ran past its 300 s budget would send them the wrong way.
+    registry = Registry()
+
+    @registry.handler("upstream", timeout=300)
+    async def upstream(ctx: JobContext) -> None:
+        raise TimeoutError("upstream did not answer within 10s")
+
+    @registry.handler("bare", timeout=300)
+    async def bare(ctx: JobContext) -> None:
+        raise TimeoutError
+
+    first = await client.enqueue("acme", "upstream", max_attempts=1)
+    second = await client.enqueue("acme", "bare", max_attempts=1)
+    async with running_worker(dsn, registry, fast_settings(storage_dir)):
+        for job in (first, second):
+            await wait_until(lambda j=job: _status(client, j.id, JobStatus.FAILED))
+    assert (await client.get("acme", first.id)).error_message == (
+        "TimeoutError: upstream did not answer within 10s"
+    )
+    assert (await client.get("acme", second.id)).error_message == (
+        "TimeoutError raised by the handler"
+    )
+
+
 async def test_render_stores_asset_linked_to_job_and_task(
     dsn: str, client: Client, storage_dir: Path
 ) -> None:
