@@ -83,11 +83,13 @@ class EventStream(Response):
             else:
                 await self._stream(receive, send)
         finally:
-            # Runs the source's own clean-up (a generator stopped at a yield while its
-            # frame was being sent); a no-op for one that already finished.
-            await self.frames.aclose()
-            if self._release is not None:
-                self._release()
+            try:
+                # Runs the source's own clean-up (a generator stopped at a yield while
+                # its frame was being sent); a no-op for one that already finished.
+                await self.frames.aclose()
+            finally:
+                if self._release is not None:
+                    self._release()
 
     async def _stream(self, receive: Receive, send: Send) -> None:
         loop = asyncio.get_running_loop()
@@ -146,16 +148,20 @@ class EventStream(Response):
         if self._finished:
             return
         now = loop.time()
-        due = self._last_write + self.ping_seconds
-        for since in (self._writer_since, self._ping_since):
-            if since is not None:
-                if now - since >= self.send_timeout:
-                    self._stop("stuck")
-                    return
-                due = min(due, since + self.send_timeout)
-        if self._writer_since is None and self._ping_task is None and now >= due:
-            self._ping_task = loop.create_task(self._ping(loop, send))
-            due = now + self.send_timeout  # and see that it got through
+        sending = [t for t in (self._writer_since, self._ping_since) if t is not None]
+        if sending:
+            # A keep-alive can wait for the send in progress; the only question is
+            # whether that send is stuck.
+            if now - min(sending) >= self.send_timeout:
+                self._stop("stuck")
+                return
+            due = min(sending) + self.send_timeout
+        else:
+            due = self._last_write + self.ping_seconds
+            if now >= due and self._ping_task is None:
+                self._ping_task = loop.create_task(self._ping(loop, send))
+                # The next keep-alive, or sooner to see that this one got through.
+                due = now + min(self.ping_seconds, self.send_timeout)
         self._timer = loop.call_at(max(due, now + 0.05), self._tick, loop, send)
 
     async def _ping(self, loop: asyncio.AbstractEventLoop, send: Send) -> None:
