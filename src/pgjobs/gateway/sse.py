@@ -275,11 +275,11 @@ class FeedClient:
         self.queue: asyncio.Queue[list[CompanyFrame] | _Closed] = asyncio.Queue(size)
         self.overflowed = False
 
-    def offer(self, rows: list[CompanyFrame]) -> None:
+    def offer(self, frames: list[CompanyFrame]) -> None:
         if self.overflowed:
             return
         try:
-            self.queue.put_nowait(rows)
+            self.queue.put_nowait(frames)
         except asyncio.QueueFull:
             self.overflowed = True
 
