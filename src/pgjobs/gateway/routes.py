@@ -40,16 +40,15 @@ STATUSES = frozenset(s.value for s in JobStatus)
 NOT_FOUND_RETRY_MS = 86_400_000
 
 
-def job_not_found_stream() -> Response:
-    """The issue's contract for an unknown job: a stream with one `event: error`
-    carrying {"error": "Job not found"}, then the end."""
+# The issue's contract for an unknown job: a stream with one `event: error` carrying
+# {"error": "Job not found"}, then the end.
+NOT_FOUND_FRAME = b'retry: %d\r\nevent: error\r\ndata: {"error":"Job not found"}\r\n\r\n' % (
+    NOT_FOUND_RETRY_MS
+)
 
-    async def one_event() -> AsyncGenerator[bytes, None]:
-        yield b'retry: %d\r\nevent: error\r\ndata: {"error":"Job not found"}\r\n\r\n' % (
-            NOT_FOUND_RETRY_MS
-        )
 
-    return EventStream(one_event(), ping_seconds=NOT_FOUND_RETRY_MS, send_timeout=10.0)
+async def _not_found_frames() -> AsyncGenerator[bytes, None]:
+    yield NOT_FOUND_FRAME
 
 
 class Api:
@@ -182,7 +181,9 @@ class Api:
 
     # -- event streams ----------------------------------------------------------------
 
-    def _stream(self, frames: AsyncGenerator[bytes, None], release: Callable[[], None]) -> Response:
+    def _stream(
+        self, frames: AsyncGenerator[bytes, None], release: Callable[[], None] | None = None
+    ) -> Response:
         # The stream slot and the fan-out subscription are taken before the response
         # starts (an over-cap client gets a real 429; the subscription exists before the
         # job is read) and given back by the response however it ends.
@@ -201,7 +202,7 @@ class Api:
             job_id = None
         principal = await self.authorize(request, stream=True, stream_job=job_id)
         if job_id is None:
-            return job_not_found_stream()
+            return self._stream(_not_found_frames())
         try:
             last = sse.parse_job_cursor(request.headers.get("last-event-id"))
         except ValueError as exc:
@@ -220,7 +221,7 @@ class Api:
             job = await sse.load_job(self.state, company_id, job_id)
             if job is None:
                 release()
-                return job_not_found_stream()
+                return self._stream(_not_found_frames())
             if last is not None and last > job["event_seq"]:
                 last = None  # not an id this job has issued: start from its current state
             if last == job["event_seq"] and job["status"] in sse.TERMINAL:
