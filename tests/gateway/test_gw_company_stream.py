@@ -206,6 +206,16 @@ def test_expired_stream_token_is_refused() -> None:
     assert auth.verify_stream_token(b"j" * 32, token, now=1000.0) is None
 
 
+def test_a_stream_token_with_non_ascii_characters_is_refused_not_an_error() -> None:
+    # Found by the route fuzzer: a 500 from hmac.compare_digest on non-ASCII text.
+    from pgjobs.gateway import auth
+
+    token, _ = auth.mint_stream_token(b"k" * 32, "acme", None, 60, now=1000.0)
+    payload, signature = token.split(".")
+    for forged in (f"{payload}.{signature[:-1]}é", f"{payload}é.{signature}", "é.é"):
+        assert auth.verify_stream_token(b"k" * 32, forged, now=1000.0) is None
+
+
 async def test_many_company_streams_share_one_reader(gateway: RunningGateway) -> None:
     """Fifty streams of one company: one feed reads the table for all of them, and each
     stream gets every event once. (One read per stream per event ran the pool dry at a

@@ -132,7 +132,9 @@ def mint_stream_token(
 
 
 def verify_stream_token(secret: bytes, token: str, *, now: float | None = None) -> Principal | None:
-    if len(token) > MAX_STREAM_TOKEN_LENGTH or token.count(".") != 1:
+    # Tokens are base64url: anything else is not one (and hmac.compare_digest raises
+    # TypeError on non-ASCII str, which would answer 500 instead of 401).
+    if len(token) > MAX_STREAM_TOKEN_LENGTH or token.count(".") != 1 or not token.isascii():
         return None
     payload, signature = token.split(".")
     if not hmac.compare_digest(_sign(secret, payload), signature):
