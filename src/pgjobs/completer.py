@@ -88,23 +88,6 @@ class Completer:
         self._pending.append(outcome)
         self._wakeup.set()
 
-    async def finish(self, outcome: Outcome) -> bool:
-        """submit() and wait: True if the outcome took effect, False if the attempt had
-        lost the job (cancelled or rescued)."""
-        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-
-        def resolve(result: bool | Exception) -> None:
-            if future.done():
-                return
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)
-
-        outcome.on_recorded = resolve
-        self.submit(outcome)
-        return await future
-
     async def run(self) -> None:
         """Flush loop; returns once close() was called and everything pending is written.
 

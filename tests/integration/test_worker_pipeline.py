@@ -8,7 +8,6 @@ import asyncio
 from pathlib import Path
 
 import psycopg
-import pytest
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db
@@ -107,10 +106,13 @@ async def test_a_completion_that_cannot_be_written_fails_its_handler_instead_of_
         raise RuntimeError("statement refused")
 
     completer._write = broken_write  # type: ignore[method-assign,assignment]
+    recorded: asyncio.Future[bool | Exception] = asyncio.get_running_loop().create_future()
     runner = asyncio.create_task(completer.run())
     try:
-        with pytest.raises(RuntimeError, match="statement refused"):
-            await asyncio.wait_for(completer.finish(Outcome(job, "done")), timeout=10)
+        completer.submit(Outcome(job, "done", on_recorded=recorded.set_result))
+        result = await asyncio.wait_for(recorded, timeout=10)
+        assert isinstance(result, RuntimeError)
+        assert str(result) == "statement refused"
     finally:
         completer.close()
         await asyncio.wait_for(runner, timeout=10)
