@@ -32,9 +32,11 @@ FROM ins CROSS JOIN (VALUES (1, 'content_job.queued', 'queued', 0),
 SIZES = """
 SELECT c.relname AS name, c.relkind AS kind, pg_relation_size(c.oid) AS bytes
 FROM pg_class c
-WHERE c.oid IN ('pgjobs.jobs'::regclass, 'pgjobs.job_events'::regclass)
+WHERE c.oid IN ('pgjobs.jobs'::regclass, 'pgjobs.job_events'::regclass,
+                'pgjobs.job_queue'::regclass)
    OR c.oid IN (SELECT indexrelid FROM pg_index
-                WHERE indrelid IN ('pgjobs.jobs'::regclass, 'pgjobs.job_events'::regclass))
+                WHERE indrelid IN ('pgjobs.jobs'::regclass, 'pgjobs.job_events'::regclass,
+                                   'pgjobs.job_queue'::regclass))
 ORDER BY c.relkind DESC, c.relname
 """
 

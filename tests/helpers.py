@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import json
 import os
 import signal
 import subprocess
@@ -18,6 +20,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from pgjobs.config import WorkerSettings
+from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 from pgjobs.worker import Worker
 
@@ -82,6 +85,40 @@ async def fetch(dsn: str, query: Any, params: Any = None) -> list[dict[str, Any]
     ) as conn:
         cur = await conn.execute(query, params)
         return await cur.fetchall() if cur.description else []
+
+
+async def claim_one(dsn: str, worker: str, now: dt.datetime | None = None) -> dict[str, object]:
+    """Claim the next due job for ``worker`` with the worker's own query."""
+    rows = await fetch(
+        dsn,
+        QUERIES["job_claim_batch"],
+        {"now": now, "limit": 1, "worker_id": worker, "lease_seconds": 10.0, "job_types": None},
+    )
+    assert len(rows) == 1
+    return rows[0]
+
+
+def finish_params(
+    job: dict[str, object] | list[dict[str, object]], outcome: str = "done"
+) -> dict[str, object]:
+    """Parameters of job_finish_many_if_leased ending claimed jobs with ``outcome``."""
+    jobs = job if isinstance(job, list) else [job]
+    nulls = [None] * len(jobs)
+    return {
+        "now": None,
+        "ids": [j["id"] for j in jobs],
+        "lease_tokens": [j["lease_token"] for j in jobs],
+        "outcomes": [outcome] * len(jobs),
+        "results": [json.dumps({"by": j["worker_id"]}) for j in jobs],
+        "errors": nulls if outcome == "done" else ["boom"] * len(jobs),
+        "retry_delays": [0.0] * len(jobs),
+        "asset_ids": nulls,
+        "asset_keys": nulls,
+        "asset_content_types": nulls,
+        "asset_sizes": nulls,
+        "asset_sha256s": nulls,
+        "asset_filenames": nulls,
+    }
 
 
 async def job_status(dsn: str, job_id: Any) -> str:
@@ -166,10 +203,31 @@ _ALLOWED = {
 }
 
 
+async def assert_queue_matches_jobs(dsn: str) -> None:
+    """pgjobs.job_queue (sql/0004) holds exactly the queued and running jobs, each with
+    its job row's claim fields: the claim and the rescuer see nothing else."""
+    wrong = await fetch(
+        dsn,
+        """
+        SELECT coalesce(j.id, q.job_id) AS id, j.status,
+               (q.job_type, q.priority, q.run_at, q.lease_expires_at)::text AS queue_row,
+               (j.job_type, j.priority, j.run_at, j.lease_expires_at)::text AS job_row
+        FROM pgjobs.job_queue q
+        FULL JOIN (SELECT * FROM pgjobs.jobs WHERE status IN ('queued', 'running')) j
+          ON j.id = q.job_id
+        WHERE (q.job_type, q.priority, q.run_at, q.lease_expires_at)
+              IS DISTINCT FROM (j.job_type, j.priority, j.run_at, j.lease_expires_at)
+        """,
+    )
+    assert not wrong, f"pgjobs.job_queue disagrees with pgjobs.jobs: {wrong[:5]}"
+
+
 async def assert_histories_valid(dsn: str) -> int:
     """Jepsen-lite check of the whole audit log: every job's events are numbered 1..n
     with no gap, start with queued, only take edges of the state machine, count attempts
-    up by one per claim, and end in the job row's current state. Returns jobs checked."""
+    up by one per claim, and end in the job row's current state; and the claim's view of
+    the jobs (pgjobs.job_queue) matches them. Returns jobs checked."""
+    await assert_queue_matches_jobs(dsn)
     events = await fetch(
         dsn, "SELECT job_id, seq, type, status, attempt FROM pgjobs.job_events ORDER BY job_id, seq"
     )

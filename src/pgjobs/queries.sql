@@ -3,8 +3,9 @@
 -- %(now)s and fall back to the server clock when it is NULL, so tests can move time.
 --
 -- Transitions bump event_seq by one and set last_event; the statement-level triggers in
--- sql/0001_initial.sql turn that into the audit row and the NOTIFY, in the same
--- transaction. Guards: every write on behalf of a running attempt matches
+-- sql/0001_initial.sql turn that into the audit row and the NOTIFY, and those in
+-- sql/0004_job_queue.sql keep pgjobs.job_queue (the claim's and rescuer's view of the
+-- queued and running jobs) in step, in the same transaction. Guards: every write on behalf of a running attempt matches
 -- (id, status = 'running', lease_token); zero rows back means "lost the race".
 
 -- name: job_insert_many
@@ -39,14 +40,18 @@ LIMIT %(limit)s::int;
 -- name: job_claim_batch
 -- SKIP LOCKED claim of up to %(limit)s due jobs, highest priority first. The CTE is an
 -- optimisation fence: the LIMIT applies before the UPDATE, so it never touches more rows.
+-- Candidates come from pgjobs.job_queue (sql/0004), but the lock is taken on the jobs row,
+-- as every other writer does; "j.status = 'queued'" is re-checked on the newest version
+-- once locked, so a job claimed by a session that committed meanwhile is passed over.
 WITH next AS (
-    SELECT id FROM pgjobs.jobs
-    WHERE status = 'queued'
-      AND run_at <= coalesce(%(now)s::timestamptz, now())
-      AND (%(job_types)s::text[] IS NULL OR job_type = ANY(%(job_types)s::text[]))
-    ORDER BY priority DESC, run_at, id
+    SELECT j.id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+    WHERE q.lease_expires_at IS NULL
+      AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+      AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+      AND j.status = 'queued'
+    ORDER BY q.priority DESC, q.run_at, q.job_id
     LIMIT %(limit)s::int
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE pgjobs.jobs j
 SET status = 'running',
@@ -88,11 +93,8 @@ WITH u AS (
                ELSE 'failed' END AS next_status
     FROM u JOIN pgjobs.jobs j ON j.id = u.id AND j.lease_token = u.lease_token
     -- Reach the rows by primary key whatever the statistics say (a plan prepared once
-    -- for all parameters must not scan the table, or every running job through
-    -- jobs_lease_idx, per batch: that is batch x running comparisons). Hence the
-    -- explicit id list, and "running" spelled as the CHECKs define it, which no partial
-    -- index matches.
-    WHERE j.id = ANY(%(ids)s::uuid[]) AND j.lease_expires_at IS NOT NULL
+    -- for all parameters must not scan the table per batch). Hence the explicit id list.
+    WHERE j.id = ANY(%(ids)s::uuid[]) AND j.status = 'running'
     ORDER BY j.id
     FOR UPDATE OF j
 ), finished AS (
@@ -114,9 +116,7 @@ WITH u AS (
                                         ELSE 'content_job.failed' END,
         updated_at = coalesce(%(now)s::timestamptz, now())
     FROM plan p
-    -- Not "AND status = 'running'" here: that invites the planner to drive the join from
-    -- the partial index of running jobs (quadratic in batch x running jobs).
-    WHERE j.id = p.id
+    WHERE j.id = p.id  -- guarded and locked in plan
     RETURNING j.id, j.company_id, j.source_task_id, j.status, p.i
 ), stored AS (
     INSERT INTO pgjobs.assets (id, company_id, namespace, object_key, content_type, byte_size,
@@ -150,8 +150,7 @@ WITH held AS (
     SELECT j.id FROM pgjobs.jobs j
     JOIN unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
       ON j.id = u.id AND j.lease_token = u.lease_token
-    -- i.e. running, by primary key: see job_finish_many_if_leased
-    WHERE j.id = ANY(%(ids)s::uuid[]) AND j.lease_expires_at IS NOT NULL
+    WHERE j.id = ANY(%(ids)s::uuid[]) AND j.status = 'running'
     ORDER BY j.id
     FOR UPDATE OF j
 )
@@ -167,11 +166,12 @@ RETURNING j.id;
 -- holds, and the UPDATE re-checks status and expiry on the row it locked, so a heartbeat
 -- or completion that committed first wins and the rescue touches nothing.
 WITH expired AS (
-    SELECT id FROM pgjobs.jobs
-    WHERE status = 'running' AND lease_expires_at < coalesce(%(now)s::timestamptz, now())
-    ORDER BY lease_expires_at
+    SELECT j.id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+    WHERE q.lease_expires_at < coalesce(%(now)s::timestamptz, now())
+      AND j.status = 'running' AND j.lease_expires_at < coalesce(%(now)s::timestamptz, now())
+    ORDER BY q.lease_expires_at
     LIMIT %(limit)s::int
-    FOR UPDATE SKIP LOCKED
+    FOR UPDATE OF j SKIP LOCKED
 )
 UPDATE pgjobs.jobs j
 SET status = CASE WHEN j.attempts < j.max_attempts THEN 'queued' ELSE 'failed' END,
@@ -245,8 +245,9 @@ ORDER BY seq;
 
 -- name: job_next_run_at
 -- When the next queued job becomes due, so an idle worker can sleep exactly that long.
-SELECT min(run_at) AS next_run_at FROM pgjobs.jobs
-WHERE status = 'queued' AND (%(job_types)s::text[] IS NULL OR job_type = ANY(%(job_types)s::text[]));
+SELECT min(run_at) AS next_run_at FROM pgjobs.job_queue
+WHERE lease_expires_at IS NULL
+  AND (%(job_types)s::text[] IS NULL OR job_type = ANY(%(job_types)s::text[]));
 
 -- name: asset_get
 SELECT * FROM pgjobs.assets WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text;

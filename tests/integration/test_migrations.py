@@ -1,5 +1,6 @@
 """Migrations apply, roll back and apply again, and the publish trigger works at each
-step (0003 replaced 0001's trigger functions; its rollback restores them)."""
+step (0003 replaced 0001's trigger functions; its rollback restores them). 0004 fills
+pgjobs.job_queue from the jobs already there, and its rollback restores the indexes."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import json
 import psycopg
 from yoyo import read_migrations
 
+from helpers import assert_queue_matches_jobs, fetch
 from pgjobs import migrate
 from pgjobs.client import Client
 
@@ -27,19 +29,65 @@ async def _enqueue_notifies(dsn: str) -> dict[str, object]:
 
 
 async def test_latest_migration_rolls_back_and_applies_again(empty_dsn: str) -> None:
-    assert migrate.apply(empty_dsn)[-1] == "0003_fast_publish"
+    assert migrate.apply(empty_dsn)[-1] == "0004_job_queue"
     assert "runAt" not in await _enqueue_notifies(empty_dsn)  # 0003: no null keys
 
-    backend = migrate._backend(empty_dsn)
-    try:
-        migrations = read_migrations(str(migrate.migrations_dir()))
-        with backend.lock():
-            latest = migrations.filter(lambda m: m.id == "0003_fast_publish")
-            backend.rollback_migrations(backend.to_rollback(latest))
-    finally:
-        backend.connection.close()
+    _roll_back(empty_dsn, "0004_job_queue", "0003_fast_publish")
     item = await _enqueue_notifies(empty_dsn)
     assert item["runAt"] is None  # 0001's trigger again: every key, null or not
 
-    assert migrate.apply(empty_dsn) == ["0003_fast_publish"]
+    assert migrate.apply(empty_dsn) == ["0003_fast_publish", "0004_job_queue"]
     assert "runAt" not in await _enqueue_notifies(empty_dsn)
+    await assert_queue_matches_jobs(empty_dsn)
+
+
+def _roll_back(dsn: str, *ids: str) -> None:
+    backend = migrate._backend(dsn)
+    try:
+        migrations = read_migrations(str(migrate.migrations_dir()))
+        with backend.lock():
+            chosen = migrations.filter(lambda m: m.id in ids)
+            backend.rollback_migrations(backend.to_rollback(chosen))
+    finally:
+        backend.connection.close()
+
+
+_JOBS_AT_0003 = """
+INSERT INTO pgjobs.jobs (id, company_id, job_type, status, priority, attempts, worker_id,
+                         lease_expires_at, started_at, finished_at, event_seq, last_event)
+VALUES (gen_random_uuid(), 'acme', 'echo', 'queued', 3, 0, NULL, NULL, NULL, NULL, 1,
+        'content_job.queued'),
+       (gen_random_uuid(), 'acme', 'echo', 'running', 0, 1, 'w1', now() + interval '1 min',
+        now(), NULL, 2, 'content_job.running'),
+       (gen_random_uuid(), 'acme', 'echo', 'done', 0, 1, 'w1', NULL, now(), now(), 3,
+        'content_job.done')
+RETURNING id
+"""
+
+
+async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    migrate.apply(empty_dsn)
+    _roll_back(empty_dsn, "0004_job_queue")
+    assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue') AS t") == [{"t": None}]
+    await fetch(empty_dsn, _JOBS_AT_0003)
+
+    assert migrate.apply(empty_dsn) == ["0004_job_queue"]
+    await assert_queue_matches_jobs(empty_dsn)
+    queued = await fetch(
+        empty_dsn, "SELECT lease_expires_at IS NULL AS queued FROM pgjobs.job_queue"
+    )
+    assert sorted(r["queued"] for r in queued) == [False, True]  # the done job stays out
+
+    _roll_back(empty_dsn, "0004_job_queue")
+    indexes = await fetch(
+        empty_dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs' ORDER BY 1"
+    )
+    assert [r["indexname"] for r in indexes] == [
+        "jobs_claim_idx",
+        "jobs_company_created_idx",
+        "jobs_company_status_idx",
+        "jobs_lease_idx",
+        "jobs_pkey",
+    ]

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from helpers import fast_settings, fetch, running_worker
+from helpers import claim_one, fast_settings, fetch, finish_params, running_worker
 from pgjobs import demo, rescuer
 from pgjobs.client import Client
 from pgjobs.jobspec import JobSpec
@@ -76,41 +76,13 @@ def test_sync_client_enqueues_in_callers_transaction(dsn: str) -> None:
         ]
 
 
-async def _claim(dsn: str, worker: str, now: dt.datetime | None = None) -> dict[str, object]:
-    rows = await fetch(
-        dsn,
-        QUERIES["job_claim_batch"],
-        {"now": now, "limit": 1, "worker_id": worker, "lease_seconds": 10.0, "job_types": None},
-    )
-    assert len(rows) == 1
-    return rows[0]
-
-
-def _finish_params(job: dict[str, object], outcome: str = "done") -> dict[str, object]:
-    return {
-        "now": None,
-        "ids": [job["id"]],
-        "lease_tokens": [job["lease_token"]],
-        "outcomes": [outcome],
-        "results": [json.dumps({"by": job["worker_id"]})],
-        "errors": [None if outcome == "done" else "boom"],
-        "retry_delays": [0.0],
-        "asset_ids": [None],
-        "asset_keys": [None],
-        "asset_content_types": [None],
-        "asset_sizes": [None],
-        "asset_sha256s": [None],
-        "asset_filenames": [None],
-    }
-
-
 async def test_stale_lease_cannot_finish_or_report_progress(dsn: str, client: Client) -> None:
     job = await client.enqueue("acme", "echo")
-    first = await _claim(dsn, "worker-a")
+    first = await claim_one(dsn, "worker-a")
     later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     rescued = await rescuer.rescue_expired_with(dsn, now=later)
     assert [j.id for j in rescued] == [job.id]
-    second = await _claim(dsn, "worker-b", later)
+    second = await claim_one(dsn, "worker-b", later)
     assert second["lease_token"] == first["lease_token"] + 1  # type: ignore[operator]
 
     # The stale attempt: progress and completion both touch zero rows.
@@ -126,9 +98,9 @@ async def test_stale_lease_cannot_finish_or_report_progress(dsn: str, client: Cl
         },
     )
     assert progress == []
-    assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(first)) == []
+    assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(first)) == []
     # The current attempt wins.
-    done = await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(second))
+    done = await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(second))
     assert [r["id"] for r in done] == [job.id]
     assert (await client.get("acme", job.id)).result == {"by": "worker-b"}
     types = [(e.type, e.attempt) for e in await client.events("acme", job.id)]
@@ -143,7 +115,7 @@ async def test_stale_lease_cannot_finish_or_report_progress(dsn: str, client: Cl
 
 async def test_rescue_respects_the_lease_horizon_and_attempts(dsn: str, client: Client) -> None:
     fresh = await client.enqueue("acme", "echo", max_attempts=1)
-    await _claim(dsn, "worker-a")
+    await claim_one(dsn, "worker-a")
     now = dt.datetime.now(dt.UTC)
     # Just inside the lease: not rescued.
     assert await rescuer.rescue_expired_with(dsn, now=now + dt.timedelta(seconds=9)) == []
@@ -160,8 +132,8 @@ async def test_rescue_after_completion_changes_nothing(dsn: str, client: Client)
     # River #1302: a rescuer that read "running" must not overwrite a completion that
     # committed in between.
     job = await client.enqueue("acme", "echo")
-    claimed = await _claim(dsn, "worker-a")
-    await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(claimed))
+    claimed = await claim_one(dsn, "worker-a")
+    await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(claimed))
     later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
     assert await rescuer.rescue_expired_with(dsn, now=later) == []
     assert (await client.get("acme", job.id)).status is JobStatus.DONE
@@ -246,9 +218,9 @@ async def test_cancel_and_retry_follow_the_state_machine(
     from pgjobs.errors import InvalidTransitionError, JobNotFoundError
 
     job = await client.enqueue("acme", "echo", max_attempts=1)
-    claimed = await _claim(dsn, "w")
+    claimed = await claim_one(dsn, "w")
     if status == "done":
-        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(claimed))
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(claimed))
         with pytest.raises(InvalidTransitionError, match=r"cannot cancel job .* it is done"):
             await client.cancel("acme", job.id)
         with pytest.raises(InvalidTransitionError):
@@ -270,7 +242,7 @@ async def test_finish_waiting_on_a_heartbeat_still_finishes(dsn: str, client: Cl
     # A heartbeat that renews the lease while the completion waits for the row lock makes
     # a new row version; the completion must follow it, not lose the job.
     job = await client.enqueue("acme", "echo")
-    claimed = await _claim(dsn, "w")
+    claimed = await claim_one(dsn, "w")
     async with await psycopg.AsyncConnection.connect(dsn) as heartbeat:
         await heartbeat.execute(
             QUERIES["job_extend_leases"],
@@ -282,7 +254,7 @@ async def test_finish_waiting_on_a_heartbeat_still_finishes(dsn: str, client: Cl
             },
         )  # row locked and updated, not committed yet
         finish = asyncio.create_task(
-            fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish_params(claimed))
+            fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(claimed))
         )
         await asyncio.sleep(0.3)
         assert not finish.done(), "the completion waits for the heartbeat's lock"

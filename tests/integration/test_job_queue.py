@@ -1,0 +1,134 @@
+"""pgjobs.job_queue (sql/0004): the claim's and rescuer's narrow view of the queued and
+running jobs, kept in step with pgjobs.jobs by triggers whatever writes the job row."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from helpers import assert_queue_matches_jobs, claim_one, fetch, finish_params
+from pgjobs import rescuer
+from pgjobs.client import Client
+from pgjobs.queries import QUERIES
+from pgjobs.types import JobStatus
+
+
+async def _queue_ids(dsn: str) -> set[object]:
+    return {r["job_id"] for r in await fetch(dsn, "SELECT job_id FROM pgjobs.job_queue")}
+
+
+async def test_queue_follows_every_transition(dsn: str, client: Client) -> None:
+    now = dt.datetime.now(dt.UTC)
+    later = now + dt.timedelta(hours=1)
+    first = await client.enqueue("acme", "echo", priority=5)
+    future = await client.enqueue("acme", "echo", run_at=later)
+    third = await client.enqueue("acme", "echo", max_attempts=2)
+    fourth = await client.enqueue("acme", "echo")
+    await assert_queue_matches_jobs(dsn)
+    assert await _queue_ids(dsn) == {first.id, future.id, third.id, fourth.id}
+
+    # Claim (highest priority first), progress, heartbeat, completion.
+    claimed = await claim_one(dsn, "w1")
+    assert claimed["id"] == first.id
+    await assert_queue_matches_jobs(dsn)
+    progress = {"id": first.id, "lease_token": claimed["lease_token"], "now": None}
+    await fetch(
+        dsn, QUERIES["job_progress_if_leased"], {**progress, "fraction": 0.5, "message": "m"}
+    )
+    held = {"ids": [first.id], "lease_tokens": [claimed["lease_token"]], "now": None}
+    assert await fetch(dsn, QUERIES["job_extend_leases"], {**held, "lease_seconds": 600.0})
+    await assert_queue_matches_jobs(dsn)
+    assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(claimed))
+    await assert_queue_matches_jobs(dsn)
+    assert first.id not in await _queue_ids(dsn)
+
+    # An error with attempts left: back to queued, later; the claim does not see it now.
+    claimed = await claim_one(dsn, "w1")
+    assert claimed["id"] == third.id
+    errored = {**finish_params(claimed, "error"), "retry_delays": [3600.0]}
+    assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], errored)
+    await assert_queue_matches_jobs(dsn)
+    assert (await claim_one(dsn, "w1"))["id"] == fourth.id
+
+    # Release (graceful shutdown) of the running job.
+    running = await fetch(dsn, "SELECT id, lease_token FROM pgjobs.jobs WHERE status = 'running'")
+    released = {
+        "ids": [r["id"] for r in running],
+        "lease_tokens": [r["lease_token"] for r in running],
+        "now": None,
+    }
+    assert len(await fetch(dsn, QUERIES["job_release_if_leased"], released)) == 1
+    await assert_queue_matches_jobs(dsn)
+
+    await client.cancel("acme", fourth.id)
+    await assert_queue_matches_jobs(dsn)
+
+    # Rescue of expired leases: back to queued, or failed on the last attempt.
+    hours = [later + dt.timedelta(hours=n) for n in range(4)]
+    claimed_ids = {(await claim_one(dsn, "w1", now=hours[1]))["id"] for _ in range(2)}
+    assert claimed_ids == {future.id, third.id}
+    rescued = await rescuer.rescue_expired_with(dsn, now=hours[2])
+    assert {(j.id, j.status) for j in rescued} == {
+        (future.id, JobStatus.QUEUED),
+        (third.id, JobStatus.FAILED),
+    }
+    await assert_queue_matches_jobs(dsn)
+    assert await _queue_ids(dsn) == {future.id}
+
+    # Manual retry brings a failed job back; cancel takes a queued or running one out.
+    await client.retry("acme", third.id)
+    await assert_queue_matches_jobs(dsn)
+    assert await _queue_ids(dsn) == {future.id, third.id}
+    await client.cancel("acme", third.id)
+    claimed = await claim_one(dsn, "w1", now=hours[3])
+    await client.cancel("acme", claimed["id"])  # type: ignore[arg-type]
+    await assert_queue_matches_jobs(dsn)
+    assert await _queue_ids(dsn) == set()
+
+    # An operator's own UPDATE and DELETE with psql keep it in step too.
+    fifth = await client.enqueue("acme", "echo")
+    await fetch(dsn, "UPDATE pgjobs.jobs SET priority = 9 WHERE id = %s RETURNING id", [fifth.id])
+    await assert_queue_matches_jobs(dsn)
+    await fetch(dsn, "DELETE FROM pgjobs.jobs WHERE id = %s RETURNING id", [fifth.id])
+    await assert_queue_matches_jobs(dsn)
+    assert await _queue_ids(dsn) == set()
+
+
+async def test_job_id_cannot_change(dsn: str, client: Client) -> None:
+    job = await client.enqueue("acme", "echo")
+    with pytest.raises(psycopg.errors.CheckViolation, match="id cannot change"):
+        await fetch(
+            dsn,
+            "UPDATE pgjobs.jobs SET id = gen_random_uuid() WHERE id = %s RETURNING id",
+            [job.id],
+        )
+    await fetch(dsn, "UPDATE pgjobs.jobs SET id = id WHERE id = %s RETURNING id", [job.id])
+    await assert_queue_matches_jobs(dsn)
+
+
+async def test_claim_and_completion_are_hot_updates(dsn: str, client: Client) -> None:
+    """The point of sql/0004: no column an index of pgjobs.jobs covers changes in a
+    transition, so the claim and the completion rewrite each job row inside its page (a
+    HOT update: no index entry written) while the page has room."""
+    for _ in range(5):
+        await client.enqueue("acme", "echo")
+    counts = (
+        "SELECT pg_stat_get_xact_tuples_updated('pgjobs.jobs'::regclass) AS updated,"
+        " pg_stat_get_xact_tuples_hot_updated('pgjobs.jobs'::regclass) AS hot"
+    )
+    params = {"now": None, "limit": 5, "worker_id": "w", "lease_seconds": 60.0, "job_types": None}
+    async with await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn:
+        # Transaction-level counters: this session's own updates, before the stats flush.
+        claimed = await (await conn.execute(QUERIES["job_claim_batch"], params)).fetchall()
+        assert await (await conn.execute(counts)).fetchone() == {"updated": 5, "hot": 5}
+        finish = finish_params(claimed)
+        assert (
+            len(await (await conn.execute(QUERIES["job_finish_many_if_leased"], finish)).fetchall())
+            == 5
+        )
+        assert await (await conn.execute(counts)).fetchone() == {"updated": 10, "hot": 10}
+        await conn.commit()
+    await assert_queue_matches_jobs(dsn)
