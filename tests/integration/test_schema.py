@@ -171,9 +171,10 @@ async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
 ) -> None:
     """psycopg prepares a statement after a few runs and PostgreSQL may then plan it once
     for any parameters. These plans must find the batch's rows by primary key: a plan
-    that scans the queued rows or every running job (through jobs_lease_idx, whose
-    statistics say few run) costs a sequential pass or batch x running comparisons per
-    call. Statistics as after a bulk enqueue: many queued jobs, none running."""
+    that scans the table, or drives the batch's join from the job rows and rescans the
+    batch for each (the statistics say few jobs run), costs a sequential pass or
+    batch x batch comparisons per call. Statistics as after a bulk enqueue: many queued
+    jobs, none running."""
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(2000))
     names: list[str] = []
 
@@ -195,6 +196,9 @@ async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
     assert "jobs_lease_idx" not in plan, plan
     if name == "job_claim_batch":
         assert "Merge Join" not in plan, plan  # walks the whole primary key from its start
+    else:
+        # One lookup per entry of the batch, not the batch rescanned for every job row.
+        assert "Index Cond: (id = u.id)" in plan, plan
 
 
 async def test_notify_items_carry_only_the_keys_their_event_has(dsn: str, client: Client) -> None:
