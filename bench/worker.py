@@ -55,7 +55,8 @@ async def run_pgjobs(args: argparse.Namespace) -> None:
     from pgjobs.worker import Worker
 
     settings = WorkerSettings.from_env(concurrency=args.concurrency)
-    worker = Worker(args.dsn, registry, settings, burst=args.mode == "drain")
+    # As `pgjobs worker` runs it (collector settings included).
+    worker = Worker(args.dsn, registry, settings, burst=args.mode == "drain", tune_gc=True)
     _say("ready")
     await asyncio.to_thread(_wait_line, "go")
     if args.mode == "serve":

@@ -299,7 +299,10 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         if args.job_types
         else None,
     )
-    worker = Worker(db.resolve_dsn(args.dsn), handlers, settings, worker_id=args.worker_id)
+    # The process is the worker's own: collector settings for it (pgjobs.gcpolicy).
+    worker = Worker(
+        db.resolve_dsn(args.dsn), handlers, settings, worker_id=args.worker_id, tune_gc=True
+    )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, worker.stop)

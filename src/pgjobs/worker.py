@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import assets, db, rescuer
+from pgjobs import assets, db, gcpolicy, rescuer
 from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
@@ -87,14 +87,18 @@ class Worker:
         storage: Storage | None = None,
         worker_id: str | None = None,
         burst: bool = False,
+        tune_gc: bool = False,
     ) -> None:
         """burst=True: run until no job is due and none is running, then stop (for
-        tests, cron-style draining, and pgjobs.testing)."""
+        tests, cron-style draining, and pgjobs.testing). tune_gc=True: apply
+        pgjobs.gcpolicy once started; process-wide, so only where the worker owns the
+        process (``pgjobs worker``)."""
         self.dsn = dsn
         self.registry = registry
         self.settings = settings or WorkerSettings()
         self.storage = storage or LocalStorage(self.settings.storage_dir)
         self.id = worker_id or default_worker_id()
+        self.tune_gc = tune_gc
         self._running: dict[uuid.UUID, _Running] = {}  # claimed and not yet recorded
         self._active = 0  # of those, how many are still in their handler
         self._wakeup = asyncio.Event()
@@ -163,6 +167,8 @@ class Worker:
                 settings.concurrency,
                 ", ".join(settings.job_types or ["(all)"]),
             )
+            if self.tune_gc:
+                gcpolicy.tune_for_long_running_process()
             self.started.set()
             await self._fetch_loop()
             await self._drain()

@@ -274,7 +274,7 @@ async def test_served_gateway_keeps_full_collections_out_of_the_streams_way(
     # collections rarer: a full collection stops the loop, in the middle of a fan-out.
     from gateway_helpers import serve_gateway
 
-    from pgjobs.gateway.app import FULL_GC_EVERY
+    from pgjobs.gcpolicy import FULL_GC_EVERY
 
     threshold = gc.get_threshold()
     assert gc.get_freeze_count() == 0

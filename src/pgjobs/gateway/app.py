@@ -4,7 +4,6 @@ LISTEN connection and the fan-out for as long as the server runs.
 
 from __future__ import annotations
 
-import gc
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,16 +13,13 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 
-from pgjobs import db
+from pgjobs import db, gcpolicy
 from pgjobs.config import WorkerSettings
 from pgjobs.gateway.responses import EXCEPTION_HANDLERS
 from pgjobs.gateway.routes import Api, routes
 from pgjobs.gateway.settings import GatewaySettings
 from pgjobs.gateway.state import GatewayState
 from pgjobs.storage import LocalStorage, Storage
-
-# Middle-generation collections between two full ones (CPython's default: 10).
-FULL_GC_EVERY = 100
 
 
 def create_app(
@@ -84,32 +80,12 @@ class GatewayServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.tune_gc:
-            tune_gc_for_streams()
+            # A full collection stops the loop in the middle of a fan-out (gcpolicy).
+            gcpolicy.tune_for_long_running_process()
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         self.gateway.end_streams()
         await super().shutdown(sockets)
-
-
-def tune_gc_for_streams() -> None:
-    """Keep full garbage collections out of the event streams' way.
-
-    A full collection stops the event loop for as long as it takes to scan every tracked
-    object, ~120 per open stream: at 1,000 company streams 38-47 ms, and one landing in
-    an event's fan-out made that event late for everyone (bench, issue 4: p99 41-82 ms
-    instead of ~35). Two measures:
-
-    * Everything alive once the server has started (modules, the app, the pool, ~57,000
-      objects) lives as long as the process: ``gc.freeze()`` takes it out of every
-      collection. Full collections then took 7-29 ms.
-    * Full collections 10x rarer (``FULL_GC_EVERY``). Cycles are nearly always garbage
-      while young and are still collected then; only those that survived the younger
-      collections wait longer. In the benchmark
-      no full collection fell in the measured window any more: p99 34-35 ms.
-    """
-    gc.freeze()
-    young, middle, _ = gc.get_threshold()
-    gc.set_threshold(young, middle, FULL_GC_EVERY)
 
 
 def serve(
