@@ -246,3 +246,37 @@ async def test_notify_items_carry_only_the_keys_their_event_has(dsn: str, client
     assert failed["status"] == "failed"
     events = await client.events("acme", job.id)
     assert [e.id for e in events[1:]] == [p["eventId"] for p in (running, empty, progress, failed)]
+
+
+async def test_claim_stops_after_its_batch_among_many_finished_jobs(
+    dsn: str, client: Client
+) -> None:
+    """The claim walks pgjobs.job_queue in claim order and stops after its batch. With a
+    condition on the job row as well ("j.status = 'queued'", true for every queue row
+    but estimated from the whole table, where finished jobs are nearly all of it), the
+    planner expected to probe every queued job to find a batch, joined them all and
+    sorted them: ~300 ms per claim with 10M finished jobs (bench scenario 6)."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # Older jobs than any enqueued below: their uuid7 ids sort first, as these do.
+        await conn.execute(
+            """
+            INSERT INTO pgjobs.jobs (id, company_id, job_type, status, attempts, worker_id,
+                                     lease_token, event_seq, last_event, started_at,
+                                     finished_at)
+            SELECT overlay(md5(g::text) PLACING '00' FROM 1)::uuid, 'acme', 'echo', 'done', 1,
+                   'w', 1, 3, 'content_job.done', now(), now()
+            FROM generate_series(1, 50000) AS g
+            """
+        )
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(1000))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("ANALYZE pgjobs.jobs")
+        await conn.execute("ANALYZE pgjobs.job_queue")
+        params = {"now": None, "limit": 100, "worker_id": "w", "lease_seconds": 30.0}
+        cur = await conn.execute(
+            b"EXPLAIN " + QUERIES["job_claim_batch"].encode(), {**params, "job_types": None}
+        )
+        plan = "\n".join(row[0] for row in await cur.fetchall())
+    assert "job_queue_claim_idx" in plan, plan
+    assert "Sort" not in plan, plan
+    assert "Merge Join" not in plan, plan
