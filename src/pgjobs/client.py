@@ -26,7 +26,7 @@ from pgjobs import db
 from pgjobs.errors import InvalidJobError, InvalidTransitionError, JobNotFoundError
 from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec
 from pgjobs.queries import QUERIES
-from pgjobs.types import Asset, Job, JobEvent
+from pgjobs.types import Asset, Job, JobEvent, JobStatus
 
 MAX_PAGE_SIZE = 500
 
@@ -95,7 +95,9 @@ def plan_list(
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise InvalidJobError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
     before_created, before_id = decode_cursor(cursor) if cursor else (None, None)
-    return QUERIES["job_list_by_company"], {
+    active = status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+    query = QUERIES["job_list_by_company_active" if active else "job_list_by_company"]
+    return query, {
         "company_id": company_id,
         "status": status,
         "before_created_at": before_created,

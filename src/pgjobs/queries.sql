@@ -28,13 +28,28 @@ SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid AND company_id = %(company_id)
 SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid;
 
 -- name: job_list_by_company
--- Newest first, keyset-paginated on (created_at, id); status filter optional.
+-- Newest first, keyset-paginated on (created_at, id); status filter optional. A status
+-- filter is a filter on the company's jobs in that order: quick for common statuses, a
+-- walk over the company's jobs for a rare one (queued and running: see below).
 SELECT * FROM pgjobs.jobs
 WHERE company_id = %(company_id)s::text
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
   AND (%(before_created_at)s::timestamptz IS NULL
        OR (created_at, id) < (%(before_created_at)s::timestamptz, %(before_id)s::uuid))
 ORDER BY created_at DESC, id DESC
+LIMIT %(limit)s::int;
+
+-- name: job_list_by_company_active
+-- job_list_by_company for queued or running jobs. No index of pgjobs.jobs covers status
+-- (any would make transitions non-HOT, sql/0004), so these go through pgjobs.job_queue,
+-- which holds only the queued and running jobs, instead of walking every job the
+-- company ever had.
+SELECT j.* FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+WHERE j.company_id = %(company_id)s::text
+  AND j.status = %(status)s::text
+  AND (%(before_created_at)s::timestamptz IS NULL
+       OR (j.created_at, j.id) < (%(before_created_at)s::timestamptz, %(before_id)s::uuid))
+ORDER BY j.created_at DESC, j.id DESC
 LIMIT %(limit)s::int;
 
 -- name: job_claim_batch

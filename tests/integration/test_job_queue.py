@@ -132,3 +132,24 @@ async def test_claim_and_completion_are_hot_updates(dsn: str, client: Client) ->
         assert await (await conn.execute(counts)).fetchone() == {"updated": 10, "hot": 10}
         await conn.commit()
     await assert_queue_matches_jobs(dsn)
+
+
+async def test_listing_by_status_pages_through_each_status(dsn: str, client: Client) -> None:
+    # queued and running are listed through pgjobs.job_queue, the others by filtering
+    # the company's jobs: both keyset-paginated newest first, the same for the caller.
+    jobs = [await client.enqueue("acme", "echo", {"n": n}) for n in range(5)]
+    await client.enqueue("other", "echo")
+    running = await claim_one(dsn, "w1")
+    done = await claim_one(dsn, "w1")
+    assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(done))
+
+    queued_ids = [j.id for j in reversed(jobs) if j.id not in (running["id"], done["id"])]
+    first = await client.list("acme", status="queued", limit=2)
+    assert [j.id for j in first.jobs] == queued_ids[:2]
+    assert first.next_cursor is not None
+    rest = await client.list("acme", status="queued", limit=2, cursor=first.next_cursor)
+    assert [j.id for j in rest.jobs] == queued_ids[2:]
+    assert rest.next_cursor is None
+    assert [j.id for j in (await client.list("acme", status="running")).jobs] == [running["id"]]
+    assert [j.id for j in (await client.list("acme", status="done")).jobs] == [done["id"]]
+    assert (await client.list("acme", status="failed")).jobs == []
