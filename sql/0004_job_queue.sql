@@ -42,8 +42,18 @@ FROM pgjobs.jobs WHERE status IN ('queued', 'running');
 
 DROP INDEX pgjobs.jobs_claim_idx;
 DROP INDEX pgjobs.jobs_lease_idx;
--- Listing a company's jobs by status now walks jobs_company_created_idx and filters.
+-- Listing a company's jobs by status: queued and running ones through job_queue, failed
+-- and cancelled ones through the audit log's index below, done ones (the common case)
+-- by walking jobs_company_created_idx and filtering.
 DROP INDEX pgjobs.jobs_company_status_idx;
+-- The audit log never changes, so an index on it costs nothing at a transition but its
+-- own insert, and this one takes only the (rare) failed and cancelled events.
+CREATE INDEX job_events_ended_idx ON pgjobs.job_events (company_id, type, job_id)
+    WHERE type IN ('content_job.failed', 'content_job.cancelled');
+-- What that listing relies on: a failed or cancelled job's last event says so.
+ALTER TABLE pgjobs.jobs ADD CONSTRAINT jobs_ended_has_its_event CHECK (
+    (status = 'failed') = (last_event = 'content_job.failed')
+    AND (status = 'cancelled') = (last_event = 'content_job.cancelled'));
 -- Applies to pages written from now on; existing pages fill up as rows are updated.
 ALTER TABLE pgjobs.jobs SET (fillfactor = 50);
 

@@ -95,8 +95,13 @@ def plan_list(
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise InvalidJobError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
     before_created, before_id = decode_cursor(cursor) if cursor else (None, None)
-    active = status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
-    query = QUERIES["job_list_by_company_active" if active else "job_list_by_company"]
+    # No index of pgjobs.jobs covers status (sql/0004): each rare status has its own path.
+    if status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+        query = QUERIES["job_list_by_company_active"]
+    elif status in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+        query = QUERIES["job_list_by_company_ended"]
+    else:
+        query = QUERIES["job_list_by_company"]
     return query, {
         "company_id": company_id,
         "status": status,

@@ -29,8 +29,8 @@ SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid;
 
 -- name: job_list_by_company
 -- Newest first, keyset-paginated on (created_at, id); status filter optional. A status
--- filter is a filter on the company's jobs in that order: quick for common statuses, a
--- walk over the company's jobs for a rare one (queued and running: see below).
+-- filter is a filter on the company's jobs in that order: quick for done, the common
+-- status; the others have queries of their own below.
 SELECT * FROM pgjobs.jobs
 WHERE company_id = %(company_id)s::text
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
@@ -46,6 +46,22 @@ LIMIT %(limit)s::int;
 -- company ever had.
 SELECT j.* FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
 WHERE j.company_id = %(company_id)s::text
+  AND j.status = %(status)s::text
+  AND (%(before_created_at)s::timestamptz IS NULL
+       OR (j.created_at, j.id) < (%(before_created_at)s::timestamptz, %(before_id)s::uuid))
+ORDER BY j.created_at DESC, j.id DESC
+LIMIT %(limit)s::int;
+
+-- name: job_list_by_company_ended
+-- job_list_by_company for failed or cancelled jobs: the candidates are the company's jobs
+-- that ever had such an event (job_events_ended_idx); one retried since is filtered out
+-- by its current status (a CHECK ties a failed or cancelled status to its last event).
+SELECT j.* FROM pgjobs.jobs j
+WHERE j.id IN (SELECT e.job_id FROM pgjobs.job_events e
+               WHERE e.company_id = %(company_id)s::text
+                 AND e.type = 'content_job.' || %(status)s::text
+                 AND e.type IN ('content_job.failed', 'content_job.cancelled'))
+  AND j.company_id = %(company_id)s::text
   AND j.status = %(status)s::text
   AND (%(before_created_at)s::timestamptz IS NULL
        OR (j.created_at, j.id) < (%(before_created_at)s::timestamptz, %(before_id)s::uuid))

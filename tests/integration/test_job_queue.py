@@ -153,3 +153,31 @@ async def test_listing_by_status_pages_through_each_status(dsn: str, client: Cli
     assert [j.id for j in (await client.list("acme", status="running")).jobs] == [running["id"]]
     assert [j.id for j in (await client.list("acme", status="done")).jobs] == [done["id"]]
     assert (await client.list("acme", status="failed")).jobs == []
+
+    # failed and cancelled are listed through the audit log's failed/cancelled events;
+    # a job retried since has such an event but is no longer listed under it.
+    failed = await claim_one(dsn, "w1")
+    fail = finish_params(failed, "fail")
+    assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], fail)
+    retried = await claim_one(dsn, "w1")
+    assert await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(retried, "fail"))
+    await client.retry("acme", retried["id"])  # type: ignore[arg-type]
+    cancelled = await client.cancel("acme", queued_ids[0])
+    assert [j.id for j in (await client.list("acme", status="failed")).jobs] == [failed["id"]]
+    assert [j.id for j in (await client.list("acme", status="cancelled")).jobs] == [cancelled.id]
+    assert (await client.list("other", status="cancelled")).jobs == []
+    assert retried["id"] in [j.id for j in (await client.list("acme", status="queued")).jobs]
+
+
+async def test_failed_or_cancelled_status_needs_its_event(dsn: str, client: Client) -> None:
+    # The listing of failed and cancelled jobs finds them by their events: a job row
+    # cannot say failed (or cancelled) without its last event saying so.
+    job = await client.enqueue("acme", "echo")
+    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_ended_has_its_event"):
+        await fetch(
+            dsn,
+            "UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now(),"
+            " event_seq = event_seq + 1, last_event = 'content_job.failed',"
+            " error_message = 'x' WHERE id = %s RETURNING id",
+            [job.id],
+        )
