@@ -14,9 +14,10 @@
 -- invariant "job_queue holds exactly the queued and running jobs"). A fillfactor of 50
 -- leaves room in each page for the new versions, so the job row's updates stay HOT.
 --
--- Locking rule: every writer locks the pgjobs.jobs row; the job_queue row is only ever
--- written by the trigger, under that lock. So two sessions never wait on each other for
--- a job_queue row, and the claim (which finds rows through job_queue) locks the jobs row.
+-- Locking rule: every writer locks the pgjobs.jobs row first; the job_queue row is only
+-- ever written by the trigger, under that lock. The claim and the rescuer, which find
+-- their rows through job_queue, lock both rows SKIP LOCKED and so never wait: no lock
+-- cycle can form between them and the other writers (see pgjobs/queries.sql).
 --
 -- Deploying: stop the workers, migrate, start the new version. Older workers' claim would
 -- still be correct but would scan pgjobs.jobs, the index it used being gone.
