@@ -5,8 +5,9 @@
 -- Transitions bump event_seq by one and set last_event; the statement-level triggers in
 -- sql/0001_initial.sql turn that into the audit row and the NOTIFY, and those in
 -- sql/0004_job_queue.sql keep pgjobs.job_queue (the claim's and rescuer's view of the
--- queued and running jobs) in step, in the same transaction. Guards: every write on behalf of a running attempt matches
--- (id, status = 'running', lease_token); zero rows back means "lost the race".
+-- queued and running jobs) in step, in the same transaction. Guards: every write on
+-- behalf of a running attempt matches (id, status = 'running', lease_token); zero rows
+-- back means "lost the race".
 
 -- name: job_insert_many
 -- Bulk enqueue: one statement, one NOTIFY batch, any number of jobs.
@@ -60,6 +61,8 @@ SELECT j.* FROM pgjobs.jobs j
 WHERE j.id IN (SELECT e.job_id FROM pgjobs.job_events e
                WHERE e.company_id = %(company_id)s::text
                  AND e.type = 'content_job.' || %(status)s::text
+                 -- implied by the line above; spelled out so that the planner can prove
+                 -- the partial index's predicate for any parameter value
                  AND e.type IN ('content_job.failed', 'content_job.cancelled'))
   AND j.company_id = %(company_id)s::text
   AND j.status = %(status)s::text

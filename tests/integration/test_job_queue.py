@@ -29,6 +29,13 @@ async def _queue_ids(dsn: str) -> set[object]:
     return {r["job_id"] for r in await fetch(dsn, "SELECT job_id FROM pgjobs.job_queue")}
 
 
+async def _unfinished(dsn: str) -> int:
+    rows = await fetch(
+        dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status IN ('queued', 'running')"
+    )
+    return int(rows[0]["n"])
+
+
 async def test_queue_follows_every_transition(dsn: str, client: Client) -> None:
     now = dt.datetime.now(dt.UTC)
     later = now + dt.timedelta(hours=1)
@@ -241,17 +248,11 @@ async def test_claims_race_cancels_finishes_and_rescues_without_deadlock(
     async def until_settled() -> None:
         await canceller()
         for _ in range(500):
-            left = await fetch(
-                dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status IN ('queued', 'running')"
-            )
-            if left[0]["n"] == 0:
+            if await _unfinished(dsn) == 0:
                 break
             await asyncio.sleep(0.02)
         stop.set()
 
     await asyncio.gather(*(claimer(f"c{n}") for n in range(4)), rescuer_loop(), until_settled())
     assert await assert_histories_valid(dsn) == 300
-    left = await fetch(
-        dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status IN ('queued', 'running')"
-    )
-    assert left[0]["n"] == 0
+    assert await _unfinished(dsn) == 0
