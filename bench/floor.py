@@ -1,0 +1,315 @@
+"""The floor under pgjobs' SQL: the least any queue honouring pgjobs' contract writes.
+
+``python -m bench.floor [--jobs 100000] [--repeat 3]``
+
+The contract (README, "Delivery guarantees"): every transition of a job commits its job
+row, one append-only audit row and a NOTIFY together. A drain makes two transitions per
+job (claim, completion). The *floor* is that and nothing else, in the narrowest schema
+that still serves the reads pgjobs needs — job rows keyed by time-ordered UUIDs (as
+pgjobs' ids are), a queue table with the claim and lease indexes, audit rows keyed by
+(job_id, seq) with the company stream's (company_id, xid) index, one NOTIFY per commit
+naming the events — written by plain CTEs, run by pgbench with no Python in the loop.
+
+Then pgjobs' own choices are added to that floor one at a time (the job row's other
+columns, the audit row's id and columns, locking the job row in the claim, lock-then-update
+in the completion, the queue and the audit log kept by statement triggers), and the last
+row runs pgjobs' shipped statements on its real schema (scenario 7's script). Each row is
+a fresh database with the same N queued jobs, drained by 2 pgbench clients, each loop
+"claim 100, then finish those 100", one commit each; every row checks that all N jobs
+ended done and that every transition wrote its audit row.
+
+The model rows are approximations of pgjobs' features, written for this measurement; the
+gap between the last of them and the shipped row is what they leave out (the CHECK
+constraints, JSON NOTIFY payloads, the wider company index, the assets CTE). Scenario 7
+reports the floor's first row beside pgbench on the shipped SQL in every run.
+"""
+
+# The pgbench scripts and DDL are assembled from this module's own constants; nothing in
+# them comes from input.
+# ruff: noqa: S608
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+from pathlib import Path
+
+import psycopg
+
+from bench import pg
+from bench.stats import fmt, summary
+
+BATCH = 100
+CLIENTS = 2
+
+# Time-ordered ids in UUIDv7's layout (48 bits of milliseconds, version 7, random bits),
+# 300 per millisecond, as a bulk enqueue makes them (pgjobs.jobspec.new_job_id).
+_UUID7 = (
+    "(lpad(to_hex(1700000000000 + g / 300), 12, '0') || '7' || substr(md5(g::text), 1, 3)"
+    " || '8' || substr(md5(g::text), 4, 15))::uuid"
+)
+
+# The job row's other columns in pgjobs.jobs (sql/0001), with a small input document.
+_WIDE_JOB = """,
+    job_type text NOT NULL DEFAULT 'noop', input jsonb NOT NULL DEFAULT '{"n": 1}',
+    priority int NOT NULL DEFAULT 0, run_at timestamptz NOT NULL DEFAULT now(),
+    max_attempts int NOT NULL DEFAULT 3, result jsonb, result_asset_id uuid,
+    error_message text, source_task_id text, progress_fraction real, progress_message text,
+    lease_expires_at timestamptz, last_event text NOT NULL DEFAULT 'content_job.queued',
+    started_at timestamptz, finished_at timestamptz,
+    created_at timestamptz NOT NULL DEFAULT now()"""
+# The audit row's other columns in pgjobs.job_events, and its identity key.
+_WIDE_EVENT = """,
+    id bigint GENERATED ALWAYS AS IDENTITY UNIQUE, status text NOT NULL DEFAULT 'running',
+    attempt int NOT NULL DEFAULT 1, worker_id text, payload jsonb NOT NULL DEFAULT '{}'"""
+
+_QUEUE_TRIGGER = """
+CREATE FUNCTION sync_queue() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    WITH pairs AS (
+        SELECT n.id, n.status IN ('queued', 'running') AS active,
+               o.status IN ('queued', 'running') AS was_active, n.status = 'running' AS running
+        FROM new_rows n JOIN old_rows o USING (id)
+    ), gone AS (
+        DELETE FROM queue q USING pairs p WHERE q.job_id = p.id AND p.was_active AND NOT p.active
+    )
+    UPDATE queue q SET lease_expires_at = now() + interval '30 s'
+    FROM pairs p WHERE q.job_id = p.id AND p.active AND p.running;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER jobs_queue AFTER UPDATE ON jobs
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION sync_queue();
+"""
+_EVENT_TRIGGER = """
+CREATE FUNCTION publish() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE sent text;
+BEGIN
+    WITH pairs AS (
+        SELECT n.id, n.event_seq, n.company_id, n.status
+        FROM new_rows n JOIN old_rows o USING (id) WHERE n.event_seq <> o.event_seq
+    ), inserted AS (
+        INSERT INTO events (job_id, seq, company_id, type)
+        SELECT id, event_seq, company_id, status FROM pairs RETURNING job_id, seq
+    )
+    SELECT pg_notify('floor', string_agg(job_id::text || ':' || seq, ',')) INTO sent
+    FROM inserted;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER jobs_publish AFTER UPDATE ON jobs
+    REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows
+    FOR EACH STATEMENT EXECUTE FUNCTION publish();
+"""
+
+# (label, features), each row adding one of pgjobs' choices to the one above.
+STEPS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("the floor: job row + audit row + NOTIFY per transition", frozenset()),
+    ("+ the job row's other columns", frozenset({"wide"})),
+    ("+ the audit row's identity id and other columns", frozenset({"wide", "event"})),
+    ("+ the claim locks the job row too", frozenset({"wide", "event", "lock_job"})),
+    ("+ the completion locks, then updates", frozenset({"wide", "event", "lock_job", "lock_fin"})),
+    (
+        "+ the queue kept by a statement trigger",
+        frozenset({"wide", "event", "lock_job", "lock_fin", "trig_queue"}),
+    ),
+    (
+        "+ audit rows and NOTIFY by a statement trigger",
+        frozenset({"wide", "event", "lock_job", "lock_fin", "trig_queue", "trig_event"}),
+    ),
+)
+SHIPPED = "pgjobs as shipped (scenario 7's script)"
+
+
+def schema(features: frozenset[str]) -> str:
+    wide = _WIDE_JOB if "wide" in features else ""
+    event = _WIDE_EVENT if "event" in features else ""
+    ddl = f"""
+CREATE TABLE jobs (
+    id uuid PRIMARY KEY, company_id text NOT NULL, status text NOT NULL,
+    attempts int NOT NULL DEFAULT 0, lease_token int NOT NULL DEFAULT 0, worker_id text,
+    event_seq int NOT NULL DEFAULT 1, updated_at timestamptz{wide}
+) WITH (fillfactor = 50);
+CREATE TABLE queue (
+    job_id uuid PRIMARY KEY, priority int NOT NULL DEFAULT 0,
+    run_at timestamptz NOT NULL DEFAULT now(), lease_expires_at timestamptz
+);
+CREATE INDEX queue_claim ON queue (priority DESC, run_at, job_id) WHERE lease_expires_at IS NULL;
+CREATE INDEX queue_lease ON queue (lease_expires_at) WHERE lease_expires_at IS NOT NULL;
+CREATE TABLE events (
+    job_id uuid NOT NULL, seq int NOT NULL, company_id text NOT NULL, type text NOT NULL,
+    xid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+    created_at timestamptz NOT NULL DEFAULT now(){event},
+    PRIMARY KEY (job_id, seq)
+);
+CREATE INDEX events_company_xid ON events (company_id, xid);
+"""
+    if "trig_queue" in features:
+        ddl += _QUEUE_TRIGGER
+    if "trig_event" in features:
+        ddl += _EVENT_TRIGGER
+    return ddl
+
+
+def fill(jobs: int) -> str:
+    return f"""
+CREATE TEMP TABLE ids AS SELECT {_UUID7} AS id FROM generate_series(1, {jobs}) g;
+INSERT INTO jobs (id, company_id, status) SELECT id, 'company-1', 'queued' FROM ids;
+INSERT INTO queue (job_id) SELECT id FROM ids;
+INSERT INTO events (job_id, seq, company_id, type) SELECT id, 1, 'company-1', 'queued' FROM ids;
+"""
+
+
+def script(features: frozenset[str]) -> str:
+    """One pgbench transaction pair: claim BATCH (ids and tokens kept in pgbench
+    variables), then finish them. Parameters travel as in pgjobs (-M prepared)."""
+    wide = "wide" in features
+    claim_extra = (
+        ", lease_expires_at = now() + interval '30 s', started_at = now(),"
+        " last_event = 'content_job.running', progress_fraction = NULL, progress_message = NULL"
+        if wide
+        else ""
+    )
+    finish_extra = (
+        ", lease_expires_at = NULL, finished_at = now(), last_event = 'content_job.done',"
+        " result = NULL, error_message = NULL, result_asset_id = NULL"
+        if wide
+        else ""
+    )
+    returning = "jobs.*" if wide else "id, company_id, lease_token, event_seq"
+    if "lock_job" in features:
+        candidates = "queue JOIN jobs ON jobs.id = queue.job_id"
+        lock = "FOR UPDATE OF queue, jobs SKIP LOCKED"
+    else:
+        candidates, lock = "queue", "FOR UPDATE SKIP LOCKED"
+    by_trigger_q = "trig_queue" in features
+    by_trigger_e = "trig_event" in features
+    claim_queue = (
+        ""
+        if by_trigger_q
+        else "claimed AS (UPDATE queue SET lease_expires_at = now() + interval '30 s'"
+        " WHERE job_id IN (SELECT job_id FROM next) RETURNING job_id),\n"
+    )
+    finish_queue = (
+        "" if by_trigger_q else "gone AS (DELETE FROM queue WHERE job_id = ANY(:ids::uuid[])),\n"
+    )
+
+    def audit(kind: str) -> str:
+        if by_trigger_e:
+            return ""
+        return (
+            ",\naudit AS (INSERT INTO events (job_id, seq, company_id, type)"
+            f" SELECT id, event_seq, company_id, '{kind}' FROM j)"
+        )
+
+    notify = (
+        "1"
+        if by_trigger_e
+        else "pg_notify('floor', (SELECT string_agg(id::text || ':' || event_seq, ',') FROM j))"
+    )
+    if "lock_fin" in features:
+        finish = (
+            "locked AS (SELECT jobs.id FROM unnest(:ids::uuid[], :toks::int[]) u(id, tok)"
+            " JOIN jobs ON jobs.id = u.id AND jobs.lease_token = u.tok"
+            " WHERE jobs.status = 'running' ORDER BY jobs.id FOR UPDATE OF jobs),\n"
+            "j AS (UPDATE jobs SET status = 'done', event_seq = event_seq + 1,"
+            f" updated_at = now(){finish_extra} FROM locked WHERE jobs.id = locked.id"
+            " RETURNING jobs.id, company_id, event_seq)"
+        )
+    else:
+        finish = (
+            "j AS (UPDATE jobs SET status = 'done', event_seq = event_seq + 1,"
+            f" updated_at = now(){finish_extra}"
+            " FROM unnest(:ids::uuid[], :toks::int[]) u(id, tok)"
+            " WHERE jobs.id = u.id AND jobs.lease_token = u.tok AND jobs.status = 'running'"
+            " RETURNING jobs.id, company_id, event_seq)"
+        )
+    source = "next" if by_trigger_q else "claimed"
+    return (
+        f"\\set batch {BATCH}\n"
+        f"WITH next AS (SELECT queue.job_id FROM {candidates}"
+        " WHERE queue.lease_expires_at IS NULL"
+        " ORDER BY queue.priority DESC, queue.run_at, queue.job_id"
+        f" LIMIT :batch {lock}),\n"
+        f"{claim_queue}"
+        "j AS (UPDATE jobs SET status = 'running', attempts = attempts + 1,"
+        " lease_token = lease_token + 1, worker_id = 'pgbench', event_seq = event_seq + 1,"
+        f" updated_at = now(){claim_extra} WHERE id IN (SELECT job_id FROM {source})"
+        f" RETURNING {returning}){audit('content_job.running')}\n"
+        "SELECT coalesce(array_agg(id), '{}') AS ids,"
+        " coalesce(array_agg(lease_token), '{}') AS toks,"
+        f" {notify} AS notified FROM j\n"
+        "\\gset\n"
+        f"WITH {finish_queue}{finish}{audit('content_job.done')}\n"
+        f"SELECT count(*), {notify} FROM j;\n"
+    )
+
+
+def measure(server_dsn: str, features: frozenset[str], jobs: int, workdir: Path) -> float:
+    """Jobs/s of 2 pgbench clients draining ``jobs`` jobs in the model schema."""
+    from bench.scenarios import pglimit
+
+    path = workdir / "floor.pgbench.sql"
+    path.write_text(script(features))
+    with pg.database(server_dsn, migrate=False) as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute(schema(features).encode())
+            conn.execute(fill(jobs).encode())
+            conn.execute("VACUUM ANALYZE")
+            conn.execute("CHECKPOINT")
+        r = pglimit.pgbench(dsn, path, CLIENTS, -(-jobs // (BATCH * CLIENTS)))
+        with psycopg.connect(dsn) as conn:
+            row = conn.execute(
+                "SELECT (SELECT count(*) FROM jobs WHERE status = 'done'),"
+                " (SELECT count(*) FROM events), (SELECT count(*) FROM queue)"
+            ).fetchone()
+    assert row is not None
+    done, events, left = row
+    if (done, events, left) != (jobs, 3 * jobs, 0):
+        raise RuntimeError(
+            f"floor run ended with {done} of {jobs} jobs done, {events} audit rows "
+            f"(expected {3 * jobs}), {left} left in the queue"
+        )
+    return jobs / float(r["wall_seconds"])
+
+
+def shipped(server_dsn: str, jobs: int, workdir: Path) -> float:
+    """Scenario 7's pgbench run on pgjobs' own schema and statements, 2 clients."""
+    from bench.drain import _fill, settle
+    from bench.scenarios import pglimit
+
+    path = workdir / "pgjobs_batch.pgbench.sql"
+    path.write_text(pglimit.script())
+    with pg.database(server_dsn, migrate=True) as dsn:
+        asyncio.run(_fill("pgjobs", dsn, jobs))
+        settle(dsn)
+        r = pglimit.pgbench(dsn, path, CLIENTS, -(-jobs // (pglimit.BATCH * CLIENTS)))
+    return jobs / float(r["wall_seconds"])
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
+    parser.add_argument("--jobs", type=int, default=100_000)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args(argv)
+    rates: dict[str, list[float]] = {label: [] for label, _ in STEPS}
+    rates[SHIPPED] = []
+    workdir = Path(tempfile.mkdtemp(prefix="pgjobs-floor-"))
+    with pg.server() as server_dsn:
+        for rep in range(args.repeat):
+            for label, features in STEPS:
+                rates[label].append(measure(server_dsn, features, args.jobs, workdir))
+                print(f"[{rep + 1}/{args.repeat}] {label}: {rates[label][-1]:,.0f} jobs/s")
+            rates[SHIPPED].append(shipped(server_dsn, args.jobs, workdir))
+            print(f"[{rep + 1}/{args.repeat}] {SHIPPED}: {rates[SHIPPED][-1]:,.0f} jobs/s")
+    floor = summary(rates[STEPS[0][0]])["median"]
+    print(f"\n{args.jobs:,} jobs, {CLIENTS} pgbench clients, median (min–max) of {args.repeat}:\n")
+    print("| schema and statements | jobs/s | of the floor |")
+    print("| --- | ---: | ---: |")
+    for label, values in rates.items():
+        s = summary(values)
+        print(f"| {label} | {fmt(s)} | {s['median'] / floor:.0%} |")
+
+
+if __name__ == "__main__":
+    main()
