@@ -8,7 +8,11 @@ Each pgbench client is one loop of "claim B, then finish those B", each statemen
 commit as in pgjobs; B is the batch size pgjobs reaches in the drain (100, read from the
 audit log's xids). Parameters pgjobs passes as NULL (now, job_types) are NULL here too;
 the claim's RETURNING rows are folded into arrays (``\\gset``) instead of being sent to
-Python, which is exactly the part the limit leaves out."""
+Python, which is exactly the part the limit leaves out.
+
+Two reference rows frame it: the same statements with the publish triggers disabled (no
+audit rows, no NOTIFY), and the contract's floor from bench.floor (a job row, an audit row
+and a NOTIFY per transition in the narrowest schema that serves pgjobs' reads)."""
 
 from __future__ import annotations
 
@@ -21,7 +25,7 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from bench import pg
+from bench import floor, pg
 from bench.context import Ctx
 from bench.drain import drain, queue_db
 from bench.stats import fmt, summary
@@ -147,6 +151,12 @@ def run(ctx: Ctx) -> dict[str, Any]:
             rates.append(n / r["wall_seconds"])
     out["triggers_off"] = {"clients": clients, "jobs_per_s": summary(rates)}
     ctx.log(f"pglimit pgbench -c {clients}, triggers off: {summary(rates)['median']:,.0f} jobs/s")
+    # The contract's floor (bench.floor): a job row, an audit row and a NOTIFY per
+    # transition in the narrowest schema that serves pgjobs' reads. A model for scale,
+    # not pgjobs; `python -m bench.floor` adds pgjobs' choices to it one at a time.
+    rates = [floor.measure(ctx.server_dsn, frozenset(), n, ctx.out) for _ in range(ctx.repeat)]
+    out["floor"] = {"clients": floor.CLIENTS, "jobs_per_s": summary(rates)}
+    ctx.log(f"pglimit pgbench -c {floor.CLIENTS}, floor: {summary(rates)['median']:,.0f} jobs/s")
     rates = []
     for _ in range(ctx.repeat):
         with queue_db(ctx, "pgjobs", n) as dsn:
@@ -181,6 +191,13 @@ def markdown(res: dict[str, Any]) -> str:
             f"| pgbench, {off['clients']} client(s), publish triggers disabled (no event "
             f"rows, no NOTIFY: the floor, not a shipped configuration) "
             f"| {fmt(off['jobs_per_s'])} |"
+        )
+    if "floor" in res:
+        fl = res["floor"]
+        lines.append(
+            f"| pgbench, {fl['clients']} client(s), the contract's floor: job row + audit row "
+            "+ NOTIFY per transition in the narrowest schema (`floor.pgbench.sql`, a model "
+            f"for scale, not pgjobs; see `python -m bench.floor`) | {fmt(fl['jobs_per_s'])} |"
         )
     lines.append(
         f"| pgjobs, {res['pgjobs']['processes']} worker processes "

@@ -70,3 +70,24 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     )
     assert rendered.returncode == 0, rendered.stderr[-3000:]
     assert (out / "summary.md").read_text() == summary
+
+
+@pytest.mark.timeout(120)
+def test_floor_build_up_drains_every_job_in_every_model() -> None:
+    """bench.floor raises unless each model drains all jobs with an audit row per
+    transition and an empty queue, so a clean exit with every row printed is the check."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.floor", "--jobs", "1000", "--repeat", "1"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
+    # header, rule, the floor, six of pgjobs' choices added one by one, pgjobs as shipped
+    assert len(table) == 10, proc.stdout
+    assert table[2].startswith("| the floor: "), table[2]
+    assert table[2].endswith("| 100% |"), table[2]
+    assert table[-1].startswith("| pgjobs as shipped"), table[-1]
