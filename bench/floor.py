@@ -38,6 +38,7 @@ from pathlib import Path
 import psycopg
 
 from bench import pg
+from bench.drain import _fill, settle
 from bench.stats import fmt, summary
 
 BATCH = 100
@@ -247,7 +248,7 @@ def script(features: frozenset[str]) -> str:
 
 def measure(server_dsn: str, features: frozenset[str], jobs: int, workdir: Path) -> float:
     """Jobs/s of 2 pgbench clients draining ``jobs`` jobs in the model schema."""
-    from bench.scenarios import pglimit
+    from bench.scenarios import pglimit  # here: scenario 7 imports this module
 
     path = workdir / "floor.pgbench.sql"
     path.write_text(script(features))
@@ -275,8 +276,7 @@ def measure(server_dsn: str, features: frozenset[str], jobs: int, workdir: Path)
 
 def shipped(server_dsn: str, jobs: int, workdir: Path) -> float:
     """Scenario 7's pgbench run on pgjobs' own schema and statements, 2 clients."""
-    from bench.drain import _fill, settle
-    from bench.scenarios import pglimit
+    from bench.scenarios import pglimit  # here: scenario 7 imports this module
 
     path = workdir / "pgjobs_batch.pgbench.sql"
     path.write_text(pglimit.script())
