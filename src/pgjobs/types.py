@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import operator
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from psycopg._cursor_base import BaseCursor  # the type psycopg.rows uses for this
+    from psycopg.rows import RowMaker
 
 JsonValue = Any
 """A value that serialises to JSON (dict, list, str, int, float, bool or None)."""
@@ -22,6 +28,15 @@ class JobStatus(StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self in (JobStatus.DONE, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+_STATUSES = {status.value: status for status in JobStatus}
+
+
+def job_status(value: str) -> JobStatus:
+    """JobStatus(value), through a dict: the enum's own lookup costs ~0.35 µs a call,
+    paid for every job the claim decodes."""
+    return _STATUSES.get(value) or JobStatus(value)  # the enum call raises for unknowns
 
 
 class EventType(StrEnum):
@@ -96,7 +111,7 @@ class Job:
             id=row["id"],
             company_id=row["company_id"],
             job_type=row["job_type"],
-            status=JobStatus(row["status"]),
+            status=job_status(row["status"]),
             input=row["input"],
             priority=row["priority"],
             run_at=row["run_at"],
@@ -116,6 +131,45 @@ class Job:
             created_at=row["created_at"],
             updated_at=row["updated_at"],
         )
+
+
+# The pgjobs.jobs columns a Job is built from, in the order of Job's fields (progress
+# takes two columns).
+_JOB_COLUMNS = (
+    "id", "company_id", "job_type", "status", "input", "priority", "run_at", "attempts",
+    "max_attempts", "result", "result_asset_id", "error_message", "source_task_id",
+    "progress_fraction", "progress_message", "worker_id", "lease_token", "lease_expires_at",
+    "event_seq", "started_at", "finished_at", "created_at", "updated_at",
+)  # fmt: skip
+
+
+def job_rows(cursor: BaseCursor[Any, Any]) -> RowMaker[Job]:
+    """A psycopg row factory building Jobs from the result's tuples, for the claim: it
+    decodes a hundred rows per round trip on the worker's critical path, and a dict per
+    row plus Job.from_row's lookups cost a third more than this (~9.7 vs ~7.3 µs per row,
+    measured on claimed rows). The columns are found by name once per result."""
+    if cursor.description is None:
+        raise TypeError("job_rows needs a statement that returns rows")
+    positions = {column.name: i for i, column in enumerate(cursor.description)}
+    missing = [name for name in _JOB_COLUMNS if name not in positions]
+    if missing:
+        raise TypeError(f"job_rows: the result has no column(s) {', '.join(missing)}")
+    pick = operator.itemgetter(*(positions[name] for name in _JOB_COLUMNS))
+
+    def make(values: Sequence[Any]) -> Job:
+        (id_, company_id, job_type, status, input_, priority, run_at, attempts, max_attempts,
+         result, result_asset_id, error_message, source_task_id, fraction, message, worker_id,
+         lease_token, lease_expires_at, event_seq, started_at, finished_at, created_at,
+         updated_at) = pick(values)  # fmt: skip
+        return Job(
+            id_, company_id, job_type, job_status(status), input_, priority, run_at, attempts,
+            max_attempts, result, result_asset_id, error_message, source_task_id,
+            None if fraction is None and message is None else Progress(fraction, message),
+            worker_id, lease_token, lease_expires_at, event_seq, started_at, finished_at,
+            created_at, updated_at,
+        )  # fmt: skip
+
+    return make
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +193,7 @@ class JobEvent:
             company_id=row["company_id"],
             seq=row["seq"],
             type=EventType(row["type"]),
-            status=JobStatus(row["status"]),
+            status=job_status(row["status"]),
             attempt=row["attempt"],
             worker_id=row["worker_id"],
             payload=row["payload"],

@@ -47,7 +47,7 @@ from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Handler, Registry
 from pgjobs.storage import LocalStorage, Storage
-from pgjobs.types import Job
+from pgjobs.types import Job, job_rows
 
 log = logging.getLogger(__name__)
 
@@ -272,8 +272,9 @@ class Worker:
             "job_types": list(self.settings.job_types) if self.settings.job_types else None,
         }
         async with self._pool.connection() as conn:
-            cur = await conn.execute(QUERIES["job_claim_batch"], params)
-            return [Job.from_row(row) for row in await cur.fetchall()]
+            cur = conn.cursor(row_factory=job_rows)
+            await cur.execute(QUERIES["job_claim_batch"], params)
+            return await cur.fetchall()
 
     def _on_notify(self, payload: str) -> None:
         # Most notifications are other jobs' running/done/progress events, which need

@@ -5,19 +5,24 @@ completion that cannot be written fails loudly instead of hanging its job."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
+from psycopg.rows import dict_row
 
-from helpers import fast_settings, fetch, running_worker, wait_until
+from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
 from pgjobs import db
+from pgjobs.assets import StoredAsset
 from pgjobs.client import Client
 from pgjobs.completer import Completer, Outcome
 from pgjobs.context import JobContext
 from pgjobs.jobspec import JobSpec
+from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 from pgjobs.storage import LocalStorage
-from pgjobs.types import JobStatus
+from pgjobs.types import Job, JobStatus, Progress, job_rows, job_status
 from pgjobs.worker import Worker
 
 
@@ -117,3 +122,101 @@ async def test_a_completion_that_cannot_be_written_fails_its_handler_instead_of_
         completer.close()
         await asyncio.wait_for(runner, timeout=10)
         await pool.close()
+
+
+async def test_claim_rows_decode_to_the_jobs_from_row_builds(dsn: str, client: Client) -> None:
+    """The claim decodes its rows with job_rows (tuples, columns found by name) instead of
+    dicts and Job.from_row; both must give the same Job for every kind of row."""
+    await client.enqueue("acme", "echo", {"text": "queued"}, source_task_id="task-1", priority=3)
+    for _ in range(3):
+        await client.enqueue("acme", "echo", {"n": [1, 2]})
+    with_progress = await claim_one(dsn, "w1")
+    await fetch(
+        dsn,
+        QUERIES["job_progress_if_leased"],
+        {
+            "id": with_progress["id"],
+            "lease_token": with_progress["lease_token"],
+            "fraction": 0.5,
+            "message": "half",
+            "now": None,
+        },
+    )
+    finish = QUERIES["job_finish_many_if_leased"]
+    await fetch(dsn, finish, finish_params(await claim_one(dsn, "w1")))
+    await fetch(dsn, finish, finish_params(await claim_one(dsn, "w1"), "fail"))
+    async with await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn:
+        query = "SELECT * FROM pgjobs.jobs ORDER BY created_at, id"
+        expected = [Job.from_row(row) for row in await (await conn.execute(query)).fetchall()]
+        cur = conn.cursor(row_factory=job_rows)
+        await cur.execute(query)
+        decoded = await cur.fetchall()
+    assert decoded == expected
+    assert {job.status for job in decoded} == {
+        JobStatus.QUEUED,
+        JobStatus.RUNNING,
+        JobStatus.DONE,
+        JobStatus.FAILED,
+    }
+    assert Progress(0.5, "half") in [job.progress for job in decoded]
+    assert "task-1" in [job.source_task_id for job in decoded]
+
+
+async def test_job_rows_names_the_columns_a_result_lacks(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = conn.cursor(row_factory=job_rows)
+        with pytest.raises(TypeError, match=r"no column\(s\) company_id, job_type"):
+            await cur.execute("SELECT id FROM pgjobs.jobs")
+
+
+def test_job_status_reads_known_values_and_refuses_others() -> None:
+    assert job_status("running") is JobStatus.RUNNING
+    with pytest.raises(ValueError, match="'paused' is not a valid JobStatus"):
+        job_status("paused")
+
+
+async def test_one_batch_records_results_errors_and_assets_side_by_side(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """The completer sends an array that holds only NULLs as one NULL (the statement reads
+    each by position): a batch mixing outcomes must still record each one as given."""
+    jobs = [await client.enqueue("acme", "echo") for _ in range(4)]
+    claimed = [await claim_one(dsn, "w1") for _ in jobs]
+    pool = await db.open_pool(dsn, min_size=1, max_size=2, name="test-completer")
+    completer = Completer(pool, LocalStorage(storage_dir), flush_interval=0)
+    as_jobs = [Job.from_row(row) for row in claimed]
+    asset = StoredAsset(
+        id=uuid.uuid4(),
+        key="acme/report.txt",
+        content_type="text/plain",
+        byte_size=5,
+        sha256="0" * 64,
+        filename="report.txt",
+    )
+    outcomes = [
+        Outcome(as_jobs[0], "done", result={"words": 3}),
+        Outcome(as_jobs[1], "done"),
+        Outcome(as_jobs[2], "done", result={"file": True}, asset=asset),
+        Outcome(as_jobs[3], "fail", error="refused"),
+    ]
+    try:
+        assert await completer._write(outcomes) == {job.id for job in as_jobs}
+        only_nulls = [await client.enqueue("acme", "echo")]
+        bare = Job.from_row(await claim_one(dsn, "w1"))
+        assert bare.id == only_nulls[0].id
+        assert await completer._write([Outcome(bare, "done")]) == {bare.id}
+    finally:
+        await pool.close()
+    rows = {
+        row["id"]: row
+        for row in await fetch(
+            dsn, "SELECT id, status, result, error_message, result_asset_id FROM pgjobs.jobs"
+        )
+    }
+    assert rows[as_jobs[0].id]["result"] == {"words": 3}
+    assert rows[as_jobs[1].id]["result"] is None
+    assert rows[as_jobs[2].id]["result_asset_id"] == asset.id
+    assert rows[as_jobs[3].id]["status"] == "failed"
+    assert rows[as_jobs[3].id]["error_message"] == "refused"
+    assert rows[bare.id]["status"] == "done"
+    assert [a["id"] for a in await fetch(dsn, "SELECT id FROM pgjobs.assets")] == [asset.id]
