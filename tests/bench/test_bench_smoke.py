@@ -18,28 +18,25 @@ ROOT = Path(__file__).resolve().parents[2]
 SCENARIOS = ["drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway"]
 
 
-@pytest.mark.timeout(60)
-def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
-    out = tmp_path / "results"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench",
-            "--tiny",
-            "--systems",
-            "pgjobs",
-            "--only",
-            *SCENARIOS,
-            "--out",
-            str(out),
-        ],
+def python_m(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
+    """``python -m ARGS`` from the repository root, output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", *args],
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
         check=False,
     )
+
+
+@pytest.mark.timeout(60)
+def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
+    out = tmp_path / "results"
+    proc = python_m(
+        "bench", "--tiny", "--systems", "pgjobs", "--only", *SCENARIOS, "--out", str(out),
+        timeout=60,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in SCENARIOS:
         result = json.loads((out / f"{name}.json").read_text())
@@ -60,14 +57,7 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     assert (out / "gateway_sse.png").stat().st_size > 1000
     # A finished run renders again from its JSON alone, to the same text.
     (out / "summary.md").unlink()
-    rendered = subprocess.run(
-        [sys.executable, "-m", "bench.report", str(out)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    rendered = python_m("bench.report", str(out), timeout=60)
     assert rendered.returncode == 0, rendered.stderr[-3000:]
     assert (out / "summary.md").read_text() == summary
 
@@ -76,14 +66,7 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
 def test_floor_build_up_drains_every_job_in_every_model() -> None:
     """bench.floor raises unless each model drains all jobs with an audit row per
     transition and an empty queue, so a clean exit with every row printed is the check."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench.floor", "--jobs", "1000", "--repeat", "1"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    proc = python_m("bench.floor", "--jobs", "1000", "--repeat", "1", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     # header, rule, the floor, six of pgjobs' choices added one by one, pgjobs as shipped
