@@ -213,14 +213,20 @@ async def test_claims_race_cancels_finishes_and_rescues_without_deadlock(
 
     jobs = await client.enqueue_many(JobSpec("acme", "echo", max_attempts=2) for _ in range(300))
     ids = [j.id for j in jobs]
+    settling = asyncio.Event()  # the canceller is done: stop rescuing, claim what is left
     stop = asyncio.Event()
+    # The rescuer's clock runs 5 minutes ahead, and a rescue puts the job back with that
+    # run_at: while settling, claimers read the clock further ahead still, or a job rescued
+    # to queued would wait five minutes (the test failed 4 runs in 20 that way).
+    ahead = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
 
     async def claimer(name: str) -> None:
-        params = {"now": None, "limit": 5, "worker_id": name, "lease_seconds": 30.0}
+        params = {"limit": 5, "worker_id": name, "lease_seconds": 30.0, "job_types": None}
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             conn.row_factory = dict_row
             while not stop.is_set():
-                cur = await conn.execute(QUERIES["job_claim_batch"], {**params, "job_types": None})
+                now = ahead if settling.is_set() else None
+                cur = await conn.execute(QUERIES["job_claim_batch"], {**params, "now": now})
                 claimed = await cur.fetchall()
                 if claimed:
                     outcome = random.choice(["done", "error", "fail"])
@@ -240,13 +246,14 @@ async def test_claims_race_cancels_finishes_and_rescues_without_deadlock(
 
     async def rescuer_loop() -> None:
         # Every running lease looks expired to it: rescues race completions and claims.
-        while not stop.is_set():
+        while not settling.is_set():
             later = dt.datetime.now(dt.UTC) + dt.timedelta(minutes=5)
             await rescuer.rescue_expired_with(dsn, now=later)
             await asyncio.sleep(0.005)
 
     async def until_settled() -> None:
         await canceller()
+        settling.set()
         for _ in range(500):
             if await _unfinished(dsn) == 0:
                 break
