@@ -9,10 +9,11 @@ Guarantees (see the README's "Delivery guarantees"):
   partitioned, slow) updates zero rows, logs it, and its result is discarded.
 
 Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
-with SKIP LOCKED, woken by NOTIFY or a poll timer), one task per running job, the
-completer (batches final transitions into one commit), the heartbeat (renews every held
-lease in one statement and stops jobs this worker no longer holds), the rescuer (returns
-other workers' expired jobs to the queue) and the listener (wake-ups and cancellations).
+with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
+per claim and per running job, the completer (batches final transitions into one
+commit), the heartbeat (renews every held lease in one statement and stops jobs this
+worker no longer holds), the rescuer (returns other workers' expired jobs to the queue)
+and the listener (wake-ups and cancellations).
 
 Shutdown (SIGTERM/SIGINT): stop claiming, give running jobs ``shutdown_grace_seconds`` to
 finish, then interrupt the rest and release them back to ``queued`` in one audited
@@ -54,6 +55,7 @@ log = logging.getLogger(__name__)
 # Errors that mean "the database is unreachable right now": back off and try again.
 TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
 MAX_CLAIM_BATCH = 100
+CLAIMS_IN_FLIGHT = 2
 
 
 def retry_delay(attempt: int, settings: WorkerSettings) -> float:
@@ -103,6 +105,12 @@ class Worker:
         self._active = 0  # of those, how many are still in their handler
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._reserved = 0  # slots promised to claims in flight
+        self._claims = 0  # claims in flight
+        self._queue_empty = False  # the last claim came back short
+        self._look_again = False  # set by _wake()
+        self._claim_failures = 0  # consecutive failed claims, for the backoff
+        self._retry_at = 0.0  # loop time before which no claim is sent
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
         )
@@ -225,31 +233,82 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        assert self._pool is not None
-        failures = 0
+        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once.
+
+        One claim of a hundred jobs spends ~5 ms in PostgreSQL and decoding; one at a
+        time, a busy worker's claims form a chain and the cores idle between links. A
+        second claim, sent while the first is out, keeps them busy. Each claim reserves
+        its slots when sent, so the worker never holds more than its bounds. A claim that
+        comes back short means the queue looked empty: no claim is sent again until
+        something says to look (``_wake``: a NOTIFY, a freed slot, a reconnect) or the
+        poll timer fires."""
+        in_flight: set[asyncio.Task[None]] = set()
+        failed: list[BaseException] = []  # a claim's unexpected error ends the loop, as inline
+
+        def claim_done(task: asyncio.Task[None]) -> None:
+            in_flight.discard(task)
+            if not task.cancelled() and (exc := task.exception()) is not None:
+                failed.append(exc)
+                self._wakeup.set()
+
         while not self._stopping.is_set():
             self._wakeup.clear()
-            free = self._free_slots()
-            if free > 0:
-                try:
-                    jobs = await self._claim(min(free, MAX_CLAIM_BATCH))
-                    failures = 0
-                except TRANSIENT as exc:
-                    failures += 1
-                    delay = min(5.0, 0.1 * 2**failures) * random.uniform(0.5, 1.0)
-                    log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
-                    await self._sleep_unless_stopping(delay)
-                    continue
-                for job in jobs:
-                    self._start(job)
-                if self.burst and not jobs and not self._running:
-                    break
-                if len(jobs) == min(free, MAX_CLAIM_BATCH) and self._free_slots() > 0:
-                    continue  # the queue may hold more: claim again at once
-            with contextlib.suppress(TimeoutError):
+            if failed:
+                await asyncio.gather(*in_flight, return_exceptions=True)
+                raise failed[0]
+            if self._look_again:
+                self._look_again = False
+                self._queue_empty = False
+            loop_time = asyncio.get_running_loop().time()
+            if self._retry_at > loop_time:
+                await self._sleep_unless_stopping(self._retry_at - loop_time)
+                continue
+            free = self._free_slots() - self._reserved
+            while free > 0 and self._claims < CLAIMS_IN_FLIGHT and not self._queue_empty:
+                limit = min(free, MAX_CLAIM_BATCH)
+                free -= limit
+                self._reserved += limit
+                self._claims += 1
+                task = asyncio.create_task(self._claim_and_start(limit))
+                in_flight.add(task)
+                task.add_done_callback(claim_done)
+            if self.burst and self._queue_empty and not self._claims and not self._running:
+                break
+            try:
                 await asyncio.wait_for(
                     self._wakeup.wait(), timeout=self.settings.poll_interval_seconds
                 )
+            except TimeoutError:
+                self._queue_empty = False  # the poll: look again
+        # Jobs a claim still in flight takes are started, so shutdown drains or releases them.
+        await asyncio.gather(*in_flight, return_exceptions=True)
+        if failed:
+            raise failed[0]
+
+    async def _claim_and_start(self, limit: int) -> None:
+        try:
+            jobs = await self._claim(limit)
+            self._claim_failures = 0
+        except TRANSIENT as exc:
+            self._claim_failures += 1
+            delay = min(5.0, 0.1 * 2**self._claim_failures) * random.uniform(0.5, 1.0)
+            log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
+            self._retry_at = asyncio.get_running_loop().time() + delay
+            jobs = []
+        finally:
+            self._reserved -= limit
+            self._claims -= 1
+        for job in jobs:
+            self._start(job)
+        if len(jobs) < limit and not self._claim_failures:
+            self._queue_empty = True
+        self._wakeup.set()  # not _wake(): a claim's own end is no reason to look again
+
+    def _wake(self) -> None:
+        """Something may have changed (a job queued, a slot freed): claim again, even if
+        the last claim found the queue empty."""
+        self._look_again = True
+        self._wakeup.set()
 
     def _free_slots(self) -> int:
         """How many jobs to claim now: handler slots free (``concurrency`` handlers at
@@ -289,14 +348,14 @@ class Worker:
             return
         for event in events:
             if event.get("status") == "queued":
-                self._wakeup.set()
+                self._wake()
             elif event.get("type") == "content_job.cancelled":
                 with contextlib.suppress(ValueError, TypeError):
                     self._interrupt(uuid.UUID(event.get("jobId")), "job was cancelled")
 
     async def _on_listener_connect(self) -> None:
         # Anything announced while the listener was down is in the table: look now.
-        self._wakeup.set()
+        self._wake()
 
     # -- running -----------------------------------------------------------------------
 
@@ -336,7 +395,7 @@ class Worker:
         if entry.in_handler:
             entry.in_handler = False
             self._active -= 1
-            self._wakeup.set()
+            self._wake()
 
     def _done(self, entry: _Running) -> None:
         # A done callback rather than a finally: it also runs for a task cancelled
@@ -348,7 +407,7 @@ class Worker:
     def _forget(self, entry: _Running) -> None:
         if self._running.get(entry.job.id) is entry:
             del self._running[entry.job.id]
-        self._wakeup.set()
+        self._wake()
 
     async def _attempt(self, job: Job, ctx: JobContext) -> Outcome | None:
         """Run the handler; None when the attempt was abandoned (cancelled, lease lost,
@@ -470,7 +529,7 @@ class Worker:
             try:
                 rescued = await rescuer.rescue_expired(self._pool)
                 if any(job.status.value == "queued" for job in rescued):
-                    self._wakeup.set()
+                    self._wake()
                 passes += 1
                 if passes % 30 == 0:
                     await rescuer.prune_stale_workers(self._pool)

@@ -23,7 +23,7 @@ from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 from pgjobs.storage import LocalStorage
 from pgjobs.types import Job, JobStatus, Progress, job_rows, job_status
-from pgjobs.worker import Worker
+from pgjobs.worker import CLAIMS_IN_FLIGHT, Worker
 
 
 async def test_next_job_starts_while_previous_completion_waits_for_its_commit(
@@ -220,3 +220,52 @@ async def test_one_batch_records_results_errors_and_assets_side_by_side(
     assert rows[as_jobs[3].id]["error_message"] == "refused"
     assert rows[bare.id]["status"] == "done"
     assert [a["id"] for a in await fetch(dsn, "SELECT id FROM pgjobs.assets")] == [asset.id]
+
+
+async def test_claims_overlap_when_slots_allow_and_each_job_runs_once(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """With slots for two batches, a second claim goes out while the first is in
+    flight (never more than CLAIMS_IN_FLIGHT), and reserving slots at send time keeps
+    every job claimed once."""
+    registry = Registry()
+
+    @registry.handler("tick")
+    async def tick(ctx: JobContext) -> None:
+        await asyncio.sleep(0)
+
+    await client.enqueue_many(JobSpec("acme", "tick") for _ in range(1000))
+    worker = Worker(dsn, registry, fast_settings(storage_dir, concurrency=200), burst=True)
+    claim = worker._claim
+    in_flight = most_in_flight = 0
+
+    async def slow_claim(limit: int) -> list[Job]:
+        nonlocal in_flight, most_in_flight
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        try:
+            await asyncio.sleep(0.02)  # a claim that takes a while, as under load
+            return await claim(limit)
+        finally:
+            in_flight -= 1
+
+    worker._claim = slow_claim  # type: ignore[method-assign]
+    await asyncio.wait_for(worker.run(), timeout=60)
+    assert most_in_flight == CLAIMS_IN_FLIGHT == 2
+    rows = await fetch(dsn, "SELECT status, attempts, count(*) AS n FROM pgjobs.jobs GROUP BY 1, 2")
+    assert rows == [{"status": "done", "attempts": 1, "n": 1000}]
+
+
+async def test_a_claim_that_fails_unexpectedly_stops_the_worker_with_its_error(
+    dsn: str, storage_dir: Path
+) -> None:
+    """Claims run as tasks: an error that is not a lost connection must still end the
+    worker's run (as it did when the claim ran inline), not vanish into a task."""
+    worker = Worker(dsn, Registry(), fast_settings(storage_dir), burst=True)
+
+    async def broken_claim(limit: int) -> list[Job]:
+        raise RuntimeError("claim statement refused")
+
+    worker._claim = broken_claim  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="claim statement refused"):
+        await asyncio.wait_for(worker.run(), timeout=30)
