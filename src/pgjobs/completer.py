@@ -166,17 +166,10 @@ class Completer:
             "retry_delays": [o.retry_delay for o in batch],
         }
         assets = [o.asset for o in batch]
-        if any(a is not None for a in assets):
-            params |= {
-                "asset_ids": [a.id if a else None for a in assets],
-                "asset_keys": [a.key if a else None for a in assets],
-                "asset_content_types": [a.content_type if a else None for a in assets],
-                "asset_sizes": [a.byte_size if a else None for a in assets],
-                "asset_sha256s": [a.sha256 if a else None for a in assets],
-                "asset_filenames": [a.filename if a else None for a in assets],
-            }
-        else:
-            params |= dict.fromkeys(_ASSET_PARAMS)
+        any_asset = any(a is not None for a in assets)
+        for name, attribute in _ASSET_COLUMNS.items():
+            # Most batches hold no asset: six NULLs then, not six lists of NULLs.
+            params[name] = [getattr(a, attribute, None) for a in assets] if any_asset else None
         async with self.pool.connection() as conn:
             cur = await conn.execute(QUERIES["job_finish_many_if_leased"], params)
             return {row["id"] for row in await cur.fetchall()}
@@ -215,13 +208,14 @@ def _or_null(values: list[Any]) -> list[Any] | None:
     return None if all(v is None for v in values) else values
 
 
-_ASSET_PARAMS = (
-    "asset_ids",
-    "asset_keys",
-    "asset_content_types",
-    "asset_sizes",
-    "asset_sha256s",
-    "asset_filenames",
-)
+# job_finish_many_if_leased's asset parameters, and the StoredAsset attribute of each.
+_ASSET_COLUMNS = {
+    "asset_ids": "id",
+    "asset_keys": "key",
+    "asset_content_types": "content_type",
+    "asset_sizes": "byte_size",
+    "asset_sha256s": "sha256",
+    "asset_filenames": "filename",
+}
 
 _FINISH_EVENTS = frozenset({"content_job.done", "content_job.failed", "content_job.retrying"})

@@ -106,7 +106,9 @@ class Worker:
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
         self._reserved = 0  # slots promised to claims in flight
-        self._claims = 0  # claims in flight
+        # Claims in flight, counted by the claim itself: the loop can wake before a
+        # finished claim's task has left its set (done callbacks run later).
+        self._claims = 0
         self._queue_empty = False  # the last claim came back short
         self._look_again = False  # set by _wake()
         self._claim_failures = 0  # consecutive failed claims, for the backoff
