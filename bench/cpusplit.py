@@ -21,8 +21,9 @@ from bench.drain import drain, queue_db
 from bench.procs import cpu_seconds
 
 
-def _cpu_seconds() -> dict[str, dict[int, float]]:
-    """{"postgres": {pid: seconds}, "worker": {pid: seconds}} for the live processes."""
+def cpu_readings(marker: str) -> dict[str, dict[int, float]]:
+    """{"postgres": {pid: seconds}, "worker": {pid: seconds}} for the live processes; a
+    worker is a process whose command line contains ``marker``."""
     out: dict[str, dict[int, float]] = {"postgres": {}, "worker": {}}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -30,7 +31,7 @@ def _cpu_seconds() -> dict[str, dict[int, float]]:
         try:
             name = (entry / "comm").read_text().strip()
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            if "bench.worker" in cmdline:
+            if marker in cmdline:
                 kind = "worker"
             elif name == "postgres":
                 kind = "postgres"
@@ -42,19 +43,20 @@ def _cpu_seconds() -> dict[str, dict[int, float]]:
     return out
 
 
-class _Sampler(threading.Thread):
+class Sampler(threading.Thread):
     """Keeps the last reading of every process seen, so that processes which exit during
     the drain (the workers, at its end) still count."""
 
-    def __init__(self) -> None:
+    def __init__(self, marker: str = "bench.worker") -> None:
         super().__init__(daemon=True)
-        self.first: dict[str, dict[int, float]] = _cpu_seconds()
+        self.marker = marker
+        self.first: dict[str, dict[int, float]] = cpu_readings(marker)
         self.last: dict[str, dict[int, float]] = {k: dict(v) for k, v in self.first.items()}
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
-            for kind, pids in _cpu_seconds().items():
+            for kind, pids in cpu_readings(self.marker).items():
                 self.last[kind].update(pids)
 
     def used(self, kind: str) -> float:
@@ -73,7 +75,7 @@ def main() -> None:
         ctx = Ctx(server_dsn, QUICK, "cpusplit", 1, args.out, (args.system,))
         ctx.logs.mkdir(exist_ok=True)
         with queue_db(ctx, args.system, args.jobs) as dsn:
-            sampler = _Sampler()
+            sampler = Sampler()
             sampler.start()
             t = time.monotonic()
             result = drain(ctx, args.system, dsn, args.jobs, args.processes)

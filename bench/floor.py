@@ -1,6 +1,6 @@
 """The floor under pgjobs' SQL: the least any queue honouring pgjobs' contract writes.
 
-``python -m bench.floor [--jobs 100000] [--repeat 3]``
+``python -m bench.floor [--jobs 100000] [--repeat 3] [--python]``
 
 The contract (README, "Delivery guarantees"): every transition of a job commits its job
 row, one append-only audit row and a NOTIFY together. A drain makes two transitions per
@@ -22,6 +22,11 @@ The model rows are approximations of pgjobs' features, written for this measurem
 gap between the last of them and the shipped row is what they leave out (the CHECK
 constraints, JSON NOTIFY payloads, the wider company index, the assets CTE). Scenario 7
 reports the floor's first row beside pgbench on the shipped SQL in every run.
+
+``--python`` adds a second table: the floor's statements and pgjobs' own, each driven by
+the least Python worker (bench.leanworker: claim, a no-op handler per job, finish), with
+the CPU each side spends per job. It answers what pgbench cannot: how fast any Python
+worker could drain on that SQL, on the same two cores.
 """
 
 # The pgbench scripts and DDL are assembled from this module's own constants; nothing in
@@ -32,14 +37,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import subprocess
+import sys
 import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
 
-from bench import pg
+from bench import pg, systems
+from bench.cpusplit import cpu_readings
 from bench.drain import _fill, settle
 from bench.stats import fmt, summary
+
+ROOT = Path(__file__).resolve().parents[1]
 
 BATCH = 100
 CLIENTS = 2
@@ -246,19 +259,17 @@ def script(features: frozenset[str]) -> str:
     )
 
 
-def measure(server_dsn: str, features: frozenset[str], jobs: int, workdir: Path) -> float:
-    """Jobs/s of 2 pgbench clients draining ``jobs`` jobs in the model schema."""
-    from bench.scenarios import pglimit  # here: scenario 7 imports this module
-
-    path = workdir / "floor.pgbench.sql"
-    path.write_text(script(features))
+@contextmanager
+def floor_db(server_dsn: str, features: frozenset[str], jobs: int) -> Iterator[str]:
+    """A fresh database of the model schema holding ``jobs`` queued jobs; on leaving,
+    raises unless every job ended done with an audit row per transition."""
     with pg.database(server_dsn, migrate=False) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(schema(features).encode())
             conn.execute(fill(jobs).encode())
             conn.execute("VACUUM ANALYZE")
             conn.execute("CHECKPOINT")
-        r = pglimit.pgbench(dsn, path, CLIENTS, -(-jobs // (BATCH * CLIENTS)))
+        yield dsn
         with psycopg.connect(dsn) as conn:
             row = conn.execute(
                 "SELECT (SELECT count(*) FROM jobs WHERE status = 'done'),"
@@ -271,6 +282,28 @@ def measure(server_dsn: str, features: frozenset[str], jobs: int, workdir: Path)
             f"floor run ended with {done} of {jobs} jobs done, {events} audit rows "
             f"(expected {3 * jobs}), {left} left in the queue"
         )
+
+
+@contextmanager
+def pgjobs_db(server_dsn: str, jobs: int) -> Iterator[str]:
+    """The same for pgjobs' own schema, the jobs enqueued as the drain scenario does."""
+    with pg.database(server_dsn, migrate=True) as dsn:
+        asyncio.run(_fill("pgjobs", dsn, jobs))
+        settle(dsn)
+        yield dsn
+        done, left = systems.counts("pgjobs", dsn)
+    if (done, left) != (jobs, 0):
+        raise RuntimeError(f"pgjobs run ended with {done} of {jobs} jobs done, {left} left")
+
+
+def measure(server_dsn: str, features: frozenset[str], jobs: int, workdir: Path) -> float:
+    """Jobs/s of 2 pgbench clients draining ``jobs`` jobs in the model schema."""
+    from bench.scenarios import pglimit  # here: scenario 7 imports this module
+
+    path = workdir / "floor.pgbench.sql"
+    path.write_text(script(features))
+    with floor_db(server_dsn, features, jobs) as dsn:
+        r = pglimit.pgbench(dsn, path, CLIENTS, -(-jobs // (BATCH * CLIENTS)))
     return jobs / float(r["wall_seconds"])
 
 
@@ -280,20 +313,106 @@ def shipped(server_dsn: str, jobs: int, workdir: Path) -> float:
 
     path = workdir / "pgjobs_batch.pgbench.sql"
     path.write_text(pglimit.script())
-    with pg.database(server_dsn, migrate=True) as dsn:
-        asyncio.run(_fill("pgjobs", dsn, jobs))
-        settle(dsn)
+    with pgjobs_db(server_dsn, jobs) as dsn:
         r = pglimit.pgbench(dsn, path, CLIENTS, -(-jobs // (pglimit.BATCH * CLIENTS)))
     return jobs / float(r["wall_seconds"])
+
+
+LEAN_PROCESSES = 2
+LEAN_CONNECTIONS = 2
+LEAN_ROWS = {
+    "floor": "the floor's statements",
+    "pgjobs": "pgjobs' statements (job_claim_batch, job_finish_many_if_leased)",
+}
+
+
+def python_drain(
+    server_dsn: str,
+    sql: str,
+    jobs: int,
+    processes: int = LEAN_PROCESSES,
+    connections: int = LEAN_CONNECTIONS,
+    prepare: Callable[[str], None] | None = None,
+) -> dict[str, float]:
+    """Jobs/s and CPU per job (µs, PostgreSQL and Python) of ``bench.leanworker``, the
+    least Python worker, draining ``jobs`` jobs with ``sql`` ("floor": the contract's
+    floor; "pgjobs": pgjobs' statements). Each process connects, says ready and waits;
+    the clock and the CPU readings run from "go" to the last process's count, taken
+    while every process and its server backends are still alive. ``prepare(dsn)`` runs
+    on the filled database first (a variant's DDL, in experiments)."""
+    ready = (
+        floor_db(server_dsn, frozenset(), jobs) if sql == "floor" else pgjobs_db(server_dsn, jobs)
+    )
+    with ready as dsn:
+        if prepare is not None:
+            prepare(dsn)
+        argv = [sys.executable, "-m", "bench.leanworker", dsn, sql, str(connections)]
+        procs = [
+            subprocess.Popen(  # noqa: S603
+                argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+            )
+            for _ in range(processes)
+        ]
+        try:
+            for proc in procs:
+                _expect(proc, "ready")
+            before = cpu_readings(MARKER)
+            start = time.monotonic()
+            for proc in procs:
+                _say(proc, "go")
+            done = sum(int(_expect(proc, None)) for proc in procs)
+            wall = time.monotonic() - start
+            after = cpu_readings(MARKER)
+            for proc in procs:
+                _say(proc, "bye")
+                proc.wait(timeout=60)
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+    if done != jobs:
+        raise RuntimeError(f"the lean workers finished {done} of {jobs} jobs")
+
+    def per_job(kind: str) -> float:
+        used = sum(t - before[kind].get(pid, 0.0) for pid, t in after[kind].items())
+        return used / jobs * 1e6
+
+    return {"jobs_per_s": jobs / wall, "pg_us": per_job("postgres"), "py_us": per_job("worker")}
+
+
+MARKER = "bench.leanworker"
+
+
+def _say(proc: subprocess.Popen[str], word: str) -> None:
+    assert proc.stdin is not None
+    proc.stdin.write(word + "\n")
+    proc.stdin.flush()
+
+
+def _expect(proc: subprocess.Popen[str], word: str | None) -> str:
+    assert proc.stdout is not None
+    line = proc.stdout.readline().strip()
+    if not line or (word is not None and line != word):
+        proc.wait(timeout=60)
+        raise RuntimeError(f"bench.leanworker said {line!r}, exit status {proc.returncode}")
+    return line
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.floor", description=__doc__)
     parser.add_argument("--jobs", type=int, default=100_000)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument(
+        "--python",
+        action="store_true",
+        help="also drive the floor and pgjobs' statements by the least Python worker "
+        "(bench.leanworker), with CPU per job",
+    )
     args = parser.parse_args(argv)
     rates: dict[str, list[float]] = {label: [] for label, _ in STEPS}
     rates[SHIPPED] = []
+    lean: dict[str, list[dict[str, float]]] = {sql: [] for sql in LEAN_ROWS}
     workdir = Path(tempfile.mkdtemp(prefix="pgjobs-floor-"))
     with pg.server() as server_dsn:
         for rep in range(args.repeat):
@@ -302,6 +421,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"[{rep + 1}/{args.repeat}] {label}: {rates[label][-1]:,.0f} jobs/s")
             rates[SHIPPED].append(shipped(server_dsn, args.jobs, workdir))
             print(f"[{rep + 1}/{args.repeat}] {SHIPPED}: {rates[SHIPPED][-1]:,.0f} jobs/s")
+            for sql in lean if args.python else ():
+                lean[sql].append(python_drain(server_dsn, sql, args.jobs))
+                print(f"[{rep + 1}/{args.repeat}] {LEAN_ROWS[sql]}: {lean[sql][-1]}")
     floor = summary(rates[STEPS[0][0]])["median"]
     print(f"\n{args.jobs:,} jobs, {CLIENTS} pgbench clients, median (min–max) of {args.repeat}:\n")
     print("| schema and statements | jobs/s | of the floor |")
@@ -309,6 +431,19 @@ def main(argv: list[str] | None = None) -> None:
     for label, values in rates.items():
         s = summary(values)
         print(f"| {label} | {fmt(s)} | {s['median'] / floor:.0%} |")
+    if args.python:
+        print(
+            f"\nThe least Python worker (bench.leanworker), {LEAN_PROCESSES} processes x "
+            f"{LEAN_CONNECTIONS} connections, median (min–max) of {args.repeat}:\n"
+        )
+        print("| statements | jobs/s | PostgreSQL CPU per job | Python CPU per job |")
+        print("| --- | ---: | ---: | ---: |")
+        for sql, runs in lean.items():
+            cpu = {k: summary([r[k] for r in runs])["median"] for k in ("pg_us", "py_us")}
+            print(
+                f"| {LEAN_ROWS[sql]} | {fmt(summary([r['jobs_per_s'] for r in runs]))} "
+                f"| {cpu['pg_us']:.0f} µs | {cpu['py_us']:.0f} µs |"
+            )
 
 
 if __name__ == "__main__":

@@ -10,9 +10,11 @@ audit log's xids). Parameters pgjobs passes as NULL (now, job_types) are NULL he
 the claim's RETURNING rows are folded into arrays (``\\gset``) instead of being sent to
 Python, which is exactly the part the limit leaves out.
 
-Two reference rows frame it: the same statements with the publish triggers disabled (no
-audit rows, no NOTIFY), and the contract's floor from bench.floor (a job row, an audit row
-and a NOTIFY per transition in the narrowest schema that serves pgjobs' reads)."""
+Reference rows frame it: the same statements with the publish triggers disabled (no
+audit rows, no NOTIFY); the contract's floor from bench.floor (a job row, an audit row
+and a NOTIFY per transition in the narrowest schema that serves pgjobs' reads); and the
+least Python worker (bench.leanworker) on the floor's statements and on pgjobs', which
+bounds what any Python worker could drain on each."""
 
 from __future__ import annotations
 
@@ -157,6 +159,19 @@ def run(ctx: Ctx) -> dict[str, Any]:
     rates = [floor.measure(ctx.server_dsn, frozenset(), n, ctx.out) for _ in range(ctx.repeat)]
     out["floor"] = {"clients": floor.CLIENTS, "jobs_per_s": summary(rates)}
     ctx.log(f"pglimit pgbench -c {floor.CLIENTS}, floor: {summary(rates)['median']:,.0f} jobs/s")
+    # The least Python worker (bench.leanworker) on the floor's statements and on
+    # pgjobs': how fast any Python worker could go on each, and what it spends per job.
+    out["lean"] = {"processes": floor.LEAN_PROCESSES, "connections": floor.LEAN_CONNECTIONS}
+    for sql in floor.LEAN_ROWS:
+        runs = [floor.python_drain(ctx.server_dsn, sql, n) for _ in range(ctx.repeat)]
+        out["lean"][sql] = {
+            "jobs_per_s": summary([r["jobs_per_s"] for r in runs]),
+            "pg_us": summary([r["pg_us"] for r in runs])["median"],
+            "py_us": summary([r["py_us"] for r in runs])["median"],
+        }
+        ctx.log(
+            f"pglimit lean worker, {sql}: {out['lean'][sql]['jobs_per_s']['median']:,.0f} jobs/s"
+        )
     rates = []
     for _ in range(ctx.repeat):
         with queue_db(ctx, "pgjobs", n) as dsn:
@@ -199,6 +214,16 @@ def markdown(res: dict[str, Any]) -> str:
             "+ NOTIFY per transition in the narrowest schema (`floor.pgbench.sql`, a model "
             f"for scale, not pgjobs; see `python -m bench.floor`) | {fmt(fl['jobs_per_s'])} |"
         )
+    if "lean" in res:
+        lean = res["lean"]
+        for sql, label in floor.LEAN_ROWS.items():
+            r = lean[sql]
+            lines.append(
+                f"| the least Python worker (`bench.leanworker`: claim, no-op handler, "
+                f"finish; {lean['processes']} processes × {lean['connections']} connections) "
+                f"on {label}; CPU per job: PostgreSQL {r['pg_us']:.0f} µs, Python "
+                f"{r['py_us']:.0f} µs | {fmt(r['jobs_per_s'])} |"
+            )
     lines.append(
         f"| pgjobs, {res['pgjobs']['processes']} worker processes "
         f"| {fmt(res['pgjobs']['jobs_per_s'])} |"

@@ -54,6 +54,12 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
         assert step["deliveries_measured"] == step["deliveries_expected"], step
     assert all(s["statuses"] == {"202": s["posts"]} for s in gateway["runs"][0]["post"])
     assert ". Gateway: commit" in summary
+    lean = json.loads((out / "pglimit.json").read_text())["lean"]
+    assert lean["floor"]["jobs_per_s"]["median"] > 0, lean
+    # CPU is read in clock ticks (10 ms): a tiny run's 200 jobs may cost none.
+    assert lean["pgjobs"]["pg_us"] >= 0, lean
+    assert lean["pgjobs"]["py_us"] >= 0, lean
+    assert "the least Python worker" in summary
     assert (out / "gateway_sse.png").stat().st_size > 1000
     # A finished run renders again from its JSON alone, to the same text.
     (out / "summary.md").unlink()
@@ -65,12 +71,16 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
 @pytest.mark.timeout(120)
 def test_floor_build_up_drains_every_job_in_every_model() -> None:
     """bench.floor raises unless each model drains all jobs with an audit row per
-    transition and an empty queue, so a clean exit with every row printed is the check."""
-    proc = python_m("bench.floor", "--jobs", "1000", "--repeat", "1", timeout=120)
+    transition and an empty queue (and the lean workers finish every job), so a clean
+    exit with every row printed is the check."""
+    proc = python_m("bench.floor", "--jobs", "1000", "--repeat", "1", "--python", timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
-    # header, rule, the floor, six of pgjobs' choices added one by one, pgjobs as shipped
-    assert len(table) == 10, proc.stdout
+    # header, rule, the floor, six of pgjobs' choices added one by one, pgjobs as shipped;
+    # then the least Python worker's table: header, rule, the floor's SQL, pgjobs'
+    assert len(table) == 14, proc.stdout
     assert table[2].startswith("| the floor: "), table[2]
     assert table[2].endswith("| 100% |"), table[2]
-    assert table[-1].startswith("| pgjobs as shipped"), table[-1]
+    assert table[9].startswith("| pgjobs as shipped"), table[9]
+    assert table[12].startswith("| the floor's statements |"), table[12]
+    assert table[13].startswith("| pgjobs' statements "), table[13]
