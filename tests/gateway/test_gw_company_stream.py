@@ -269,3 +269,58 @@ async def test_a_burst_of_new_company_streams_needs_no_database_reads(
     job = await gateway.state.client.enqueue("acme", "echo", {})
     results = await asyncio.gather(*readers)
     assert {r[0].data["jobId"] for r in results} == {str(job.id)}
+
+
+async def test_an_idle_company_feed_does_not_read_the_table(gateway: RunningGateway) -> None:
+    """With nothing held back by the horizon, the feed waits for a NOTIFY instead of
+    polling (the test gateway's poll is 0.5 s, its idle poll the default 30 s)."""
+    from helpers import wait_until
+
+    reader = asyncio.create_task(collect(gateway, EVENTS, stop_after=2, within=30))
+
+    async def open_() -> bool:
+        return gateway.state.company_feeds.clients == 1
+
+    await wait_until(open_, within=20, message="stream open")
+    first = await gateway.state.client.enqueue("acme", "echo", {})
+
+    async def read_it() -> bool:
+        return gateway.state.company_feeds.reads >= 2  # the start, then the NOTIFY's
+
+    await wait_until(read_it, within=20, message="the feed read the first event")
+    reads = gateway.state.company_feeds.reads
+    await asyncio.sleep(4 * gateway.state.settings.company_poll_seconds)
+    assert gateway.state.company_feeds.reads == reads, "an idle feed polled the table"
+    second = await gateway.state.client.enqueue("acme", "echo", {})
+    events = await reader
+    assert [e.data["jobId"] for e in events] == [str(first.id), str(second.id)]
+
+
+async def test_a_row_held_back_by_the_horizon_arrives_without_another_notify(
+    gateway: RunningGateway, dsn: str
+) -> None:
+    """An unrelated open transaction holds the horizon: the committed event is announced
+    but cannot be read yet. The feed keeps polling while it knows rows are held back, so
+    the event arrives once that transaction ends, which sends no NOTIFY of its own."""
+    from helpers import wait_until
+
+    # Well inside the idle poll (30 s): only the held-back poll can deliver in time.
+    reader = asyncio.create_task(collect(gateway, EVENTS, stop_after=1, within=15))
+
+    async def open_() -> bool:
+        return gateway.state.company_feeds.clients == 1
+
+    await wait_until(open_, within=10, message="stream open")
+    async with await psycopg.AsyncConnection.connect(dsn) as holder:
+        await holder.execute("SELECT pg_current_xact_id()")  # an xid: holds the horizon
+        job = await gateway.state.client.enqueue("acme", "echo", {})
+
+        async def held() -> bool:
+            return any(f.held_back for f in gateway.state.company_feeds._feeds.values())
+
+        await wait_until(held, within=20, message="the feed saw the event held back")
+        await asyncio.sleep(2 * gateway.state.settings.company_poll_seconds)
+        assert not reader.done(), "sent before the horizon passed it"
+        await holder.commit()  # writes nothing: no NOTIFY
+    events = await reader
+    assert events[0].data["jobId"] == str(job.id)

@@ -51,6 +51,34 @@ WHERE company_id = %(company_id)s::text
 ORDER BY xid, id
 LIMIT %(limit)s::int;
 
+-- name: job_events_company_feed
+-- The company feed's read: job_events_company_after_cursor's page, plus whether rows of
+-- the company were held back by the horizon (committed, but with an xid at or above it).
+-- Only then does the feed need to read again without a NOTIFY, once the horizon has
+-- moved; every other new row comes with one. Both answers come from one snapshot: asked
+-- in a second statement, the horizon could have moved between the two, and rows it
+-- passed would be neither read nor reported. Always one row at least; the event columns
+-- are NULL when the page is empty.
+WITH h AS MATERIALIZED (
+    SELECT s.horizon, EXISTS (
+        SELECT 1 FROM pgjobs.job_events
+        WHERE company_id = %(company_id)s::text AND xid >= s.horizon
+          AND (xid, id) > (%(xid)s::xid8, %(id)s::bigint)
+    ) AS held_back
+    FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) s
+)
+SELECT e.id, e.job_id, e.seq, e.type, e.status, e.attempt, e.payload, e.xid::text AS xid,
+       h.held_back
+FROM h LEFT JOIN LATERAL (
+    SELECT * FROM pgjobs.job_events
+    WHERE company_id = %(company_id)s::text
+      AND (xid, id) > (%(xid)s::xid8, %(id)s::bigint)
+      AND xid < h.horizon
+    ORDER BY xid, id
+    LIMIT %(limit)s::int
+) e ON true
+ORDER BY e.xid, e.id;
+
 -- name: job_events_horizon
 -- Where a company stream without Last-Event-ID starts: everything from transactions that
 -- had not finished yet when it connected, and everything after.

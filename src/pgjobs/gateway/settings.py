@@ -71,9 +71,11 @@ class GatewaySettings:
     # A stream whose client does not take a chunk within this long is dropped (a frozen
     # or vanished browser must not hold memory and a slot forever).
     send_timeout_seconds: float = 10.0
-    # The company stream re-reads the table this often even without a NOTIFY, because
-    # its visibility horizon can advance without one.
+    # A company feed whose last read saw rows held back by the visibility horizon re-reads
+    # this often without a NOTIFY (the horizon advances without one); a feed with nothing
+    # held back only every company_idle_poll_seconds (see pgjobs.gateway.sse.CompanyFeed).
     company_poll_seconds: float = 1.0
+    company_idle_poll_seconds: float = 30.0
     stream_token_max_seconds: int = 300
     listener_heartbeat_seconds: float = 5.0
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
@@ -105,6 +107,9 @@ class GatewaySettings:
             ),
             "company_poll_seconds": env_float(
                 "PGJOBS_GATEWAY_COMPANY_POLL_SECONDS", 1.0, minimum=0.05
+            ),
+            "company_idle_poll_seconds": env_float(
+                "PGJOBS_GATEWAY_COMPANY_IDLE_POLL_SECONDS", 30.0, minimum=0.05
             ),
             "secret": secret,
             "secret_configured": configured,
