@@ -29,6 +29,11 @@ class Sizes:
     sse_rate: float = 50.0
     company_clients: tuple[int, ...] = (1, 100, 1_000)
     company_events: int = 20
+    # company streams spread over many companies: K per step, all clients, events, rate
+    spread_companies: tuple[int, ...] = ()
+    spread_clients: int = 1_000
+    spread_events: int = 300
+    spread_rate: float = 100.0
     post_submitters: tuple[int, ...] = (10, 50)
     posts_each: int = 100
 
@@ -47,6 +52,7 @@ FULL = Sizes(
     sse_events=250,
     company_clients=(1, 100, 1_000),
     company_events=12,
+    spread_companies=(10, 100, 1_000),
     post_submitters=(10, 50),
     posts_each=100,
 )
@@ -81,6 +87,10 @@ TINY = Sizes(
     sse_events=10,
     company_clients=(3,),
     company_events=3,
+    spread_companies=(2,),
+    spread_clients=4,
+    spread_events=4,
+    spread_rate=20.0,
     post_submitters=(2,),
     posts_each=5,
 )

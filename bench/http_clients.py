@@ -4,7 +4,8 @@ decoding), because httpx costs ~1 ms of CPU per request and event, which on a 2-
 machine would be measured as gateway latency.
 
 ``python -m bench.http_clients sse --port P --token T --path-file F --out O`` opens one
-stream per path in F (a JSON list), says ``ready <open> <failed>`` on stdout once every
+stream per path in F (a JSON list; T is sent as ``streamToken`` unless the path has its
+own), says ``ready <open> <failed>`` on stdout once every
 stream is open (and, on job streams, has its first event), then records every event it
 parses as ``[jobId, seq, time.time()]`` until ``stop`` on stdin or ``--deadline`` seconds,
 writes them to O, says ``done`` and exits. Only 127.0.0.1.
@@ -153,9 +154,10 @@ class SseClients:
 
     async def one(self, i: int, sem: asyncio.Semaphore) -> None:
         path = self.paths[i]
-        sep = "&" if "?" in path else "?"
+        if "streamToken=" not in path:  # a path may carry its own (another company's) token
+            path += f"{'&' if '?' in path else '?'}streamToken={self.token}"
         request = (
-            f"GET {path}{sep}streamToken={self.token} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
+            f"GET {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
             "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
         ).encode()
         loop = asyncio.get_running_loop()

@@ -20,6 +20,11 @@ while N streams are open on the same process.
 on ``/api/companies/{c}/events``; the producer enqueues one job at a time; each enqueue
 is received by all N clients, and every delivery is a sample.
 
+*Company streams over many companies* (full mode): the same number of company-stream
+clients spread evenly over 10, 100 and 1,000 companies, each with its own stream token;
+jobs enqueued round-robin over the companies, so each event reaches only its company's
+clients and the gateway runs one reader per company.
+
 *POST*: M keep-alive connections, each POSTing jobs one after another with an API token;
 latency from writing the request to reading the 202 body; throughput = POSTs / wall time.
 """
@@ -194,10 +199,10 @@ class ClientProcess:
                 self.proc.stdin.close()
 
 
-def _stream_token() -> str:
+def _stream_token(company: str = COMPANY) -> str:
     from pgjobs.gateway import auth
 
-    token, _ = auth.mint_stream_token(SECRET.encode(), COMPANY, None, 3600)
+    token, _ = auth.mint_stream_token(SECRET.encode(), company, None, 3600)
     return token
 
 
@@ -268,16 +273,20 @@ async def _progress_producer(
     return commits
 
 
-async def _enqueue_producer(dsn: str, events: int, rate: float) -> dict[str, float]:
-    """``events`` single-job enqueues at ``rate``/s; {jobId: commit time}."""
+async def _enqueue_producer(
+    dsn: str, events: int, rate: float, companies: list[str]
+) -> dict[str, tuple[str, float]]:
+    """``events`` single-job enqueues at ``rate``/s, round-robin over ``companies``;
+    {jobId: (company, commit time)}."""
     from pgjobs.client import Client
 
-    commits: dict[str, float] = {}
+    commits: dict[str, tuple[str, float]] = {}
     async with await Client.connect(dsn, max_size=1) as client:
         t0 = time.monotonic()
         for k in range(events):
-            job = await client.enqueue(COMPANY, "bench.company")
-            commits[str(job.id)] = time.time()
+            company = companies[k % len(companies)]
+            job = await client.enqueue(company, "bench.company")
+            commits[str(job.id)] = (company, time.time())
             delay = t0 + (k + 1) / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -290,13 +299,23 @@ def _one_step(
     pid: int,
     port: int,
     n: int,
-    company: bool,
+    companies: int,
     events: int,
     rate: float,
 ) -> dict[str, Any]:
+    """One measurement on a running gateway: n job streams (``companies`` 0), or n company
+    streams spread evenly over ``companies`` companies (1: all on one)."""
+    company = companies > 0
     tag = f"{'company' if company else 'job'}-{n}-{os.getpid()}-{time.monotonic_ns()}"
+    names = [COMPANY] if companies == 1 else [f"{COMPANY}-{i}" for i in range(companies)]
     if company:
-        paths = [f"/api/companies/{COMPANY}/events"] * n
+        # Each company's streams carry that company's token (a browser's EventSource
+        # sends it as ?streamToken=).
+        tokens = {c: _stream_token(c) for c in names}
+        paths = [
+            f"/api/companies/{c}/events?streamToken={tokens[c]}"
+            for c in (names[i % companies] for i in range(n))
+        ]
         jobs: list[tuple[str, int]] = []
     else:
         jobs = asyncio.run(_running_jobs(dsn, n))
@@ -313,7 +332,7 @@ def _one_step(
         idle_cpu = (cpu_seconds(pid) - cpu0) / idle_s
         cpu0, t0 = cpu_seconds(pid), time.monotonic()
         if company:
-            commits_c = asyncio.run(_enqueue_producer(dsn, events, rate))
+            commits_c = asyncio.run(_enqueue_producer(dsn, events, rate, names))
         else:
             commits_j = asyncio.run(_progress_producer(dsn, jobs, events, rate))
         busy_s = time.monotonic() - t0
@@ -329,8 +348,13 @@ def _one_step(
     if company:
         for job_id, _seq, t in data["events"]:
             if job_id in commits_c:
-                samples.append((t - commits_c[job_id]) * 1000)
-        expected = len(commits_c) * int(opened)
+                samples.append((t - commits_c[job_id][1]) * 1000)
+        # Every open stream of an event's company receives it (streams are spread evenly,
+        # so a share of them refused with 503 lowers each company's count alike).
+        per_company = {c: sum(1 for i in range(n) if names[i % companies] == c) for c in names}
+        expected = round(
+            sum(per_company[c] for c, _ in commits_c.values()) * int(opened) / max(n, 1)
+        )
     else:
         for job_id, seq, t in data["events"]:
             c = commits_j.get((job_id, seq))
@@ -339,6 +363,7 @@ def _one_step(
         expected = len(commits_j)
     return {
         "clients": n,
+        "companies": companies,
         "opened": int(opened),
         "failed": int(failed),
         "connect_seconds": float(connect_s),
@@ -364,7 +389,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         return {"skipped": "pgjobs not selected"}
     s = ctx.sizes
     nofile = raise_nofile()
-    max_streams = max((*s.sse_clients, *s.company_clients)) + 100
+    max_streams = max((*s.sse_clients, *s.company_clients, s.spread_clients)) + 100
     runs = []
     for r in range(ctx.repeat):
         with pg.database(ctx.server_dsn) as dsn:
@@ -373,7 +398,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 one: dict[str, Any] = {"baseline_rss_mib": _rss_kib(pid) / 1024}
                 one["job"] = []
                 for n in s.sse_clients:
-                    step = _one_step(ctx, dsn, pid, port, n, False, s.sse_events, s.sse_rate)
+                    step = _one_step(ctx, dsn, pid, port, n, 0, s.sse_events, s.sse_rate)
                     one["job"].append(step)
                     ctx.log(
                         f"gateway job streams, {n:,} clients ({step['opened']:,} open): p50 "
@@ -384,11 +409,24 @@ def run(ctx: Ctx) -> dict[str, Any]:
                     )
                 one["company"] = []
                 for n in s.company_clients:
-                    step = _one_step(ctx, dsn, pid, port, n, True, s.company_events, COMPANY_RATE)
+                    step = _one_step(ctx, dsn, pid, port, n, 1, s.company_events, COMPANY_RATE)
                     one["company"].append(step)
                     ctx.log(
                         f"gateway company streams, {n:,} clients: p50 "
                         f"{step['latency_ms']['p50']:.1f} ms, p99 "
+                        f"{step['latency_ms']['p99']:.1f} ms, idle CPU "
+                        f"{step['gateway_cpu_idle']:.0%}, "
+                        f"{step['deliveries_measured']}/{step['deliveries_expected']} deliveries"
+                    )
+                one["spread"] = []
+                for k in s.spread_companies:
+                    step = _one_step(
+                        ctx, dsn, pid, port, s.spread_clients, k, s.spread_events, s.spread_rate
+                    )
+                    one["spread"].append(step)
+                    ctx.log(
+                        f"gateway company streams over {k:,} companies, {s.spread_clients:,} "
+                        f"clients: p50 {step['latency_ms']['p50']:.1f} ms, p99 "
                         f"{step['latency_ms']['p99']:.1f} ms, idle CPU "
                         f"{step['gateway_cpu_idle']:.0%}, "
                         f"{step['deliveries_measured']}/{step['deliveries_expected']} deliveries"
@@ -419,6 +457,9 @@ def run(ctx: Ctx) -> dict[str, Any]:
         "connect_concurrency": CONNECT_CONCURRENCY,
         "job": _aggregate([r["job"] for r in runs], "clients"),
         "company": _aggregate([r["company"] for r in runs], "clients"),
+        "spread": _aggregate([r["spread"] for r in runs], "companies"),
+        "spread_clients": s.spread_clients,
+        "spread_rate": s.spread_rate,
         "post": _aggregate([r["post"] for r in runs], "submitters"),
         "baseline_rss_mib": summary([r["baseline_rss_mib"] for r in runs]),
         "runs": runs,
@@ -503,6 +544,28 @@ def markdown(res: dict[str, Any]) -> str:
             f"{_ms(r['p99_ms'])} | {_ms(r['max_ms'])} | {fmt(r['gateway_rss_mib_open'])} | "
             f"{r['gateway_cpu_idle']['median']:.0%} / {r['gateway_cpu_busy']['median']:.0%} |"
         )
+    if res.get("spread"):
+        lines += [
+            "",
+            f"**4c. Company streams over many companies** — {res['spread_clients']:,} "
+            "company-stream clients spread evenly over K companies (each company's feed "
+            "reads `pgjobs.job_events` for its own streams); jobs enqueued one at a time, "
+            f"{res['spread_rate']:g} per second, round-robin over the companies; each "
+            "event is received by its company's clients only.",
+            "",
+            "| companies | clients each | open (rest: 503) | deliveries | p50 (ms) | p99 (ms) "
+            "| max (ms) | gateway RSS open (MiB) | gateway CPU idle / busy |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for r in res["spread"]:
+            each = res["spread_clients"] / r["companies"]
+            lines.append(
+                f"| {r['companies']:,} | {each:,.0f} | {fmt(r['opened'])} | "
+                f"{fmt(r['deliveries_measured'])}/{r['deliveries_expected']['median']:,.0f} | "
+                f"{_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {_ms(r['max_ms'])} | "
+                f"{fmt(r['gateway_rss_mib_open'])} | {r['gateway_cpu_idle']['median']:.0%} / "
+                f"{r['gateway_cpu_busy']['median']:.0%} |"
+            )
     lines += [
         "",
         "**5. POST 202** — M keep-alive connections each POSTing jobs back to back with an "

@@ -52,6 +52,9 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     for step in gateway["runs"][0]["job"]:
         assert step["opened"] == step["clients"], step
         assert step["deliveries_measured"] == step["deliveries_expected"], step
+    for step in gateway["runs"][0]["spread"]:  # company streams over several companies
+        assert step["opened"] == step["clients"], step
+        assert step["deliveries_measured"] == step["deliveries_expected"] > 0, step
     assert all(s["statuses"] == {"202": s["posts"]} for s in gateway["runs"][0]["post"])
     assert ". Gateway: commit" in summary
     lean = json.loads((out / "pglimit.json").read_text())["lean"]
