@@ -3,6 +3,7 @@ through the gateway losing its LISTEN connection mid-job, with no gap."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,16 @@ OPEN_STREAM = """([url]) => {
 }"""
 
 
+async def launch(p: Any) -> Any:
+    return await p.chromium.launch(
+        executable_path=CHROMIUM,
+        args=[
+            "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync", "--no-first-run",
+        ],
+    )  # fmt: skip
+
+
 async def test_eventsource_sees_the_job_live_through_a_listen_reconnect(
     gateway: RunningGateway, dsn: str, storage_dir: Path
 ) -> None:
@@ -48,13 +59,7 @@ async def test_eventsource_sees_the_job_live_through_a_listen_reconnect(
     url = f"/api/companies/acme/content-jobs/{job_id}/events?streamToken={token}"
 
     async with async_playwright() as p:
-        browser = await p.chromium.launch(
-            executable_path=CHROMIUM,
-            args=[
-                "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run",
-            ],
-        )  # fmt: skip
+        browser = await launch(p)
         try:
             page = await browser.new_page()
             await page.goto(gateway.url + "/healthz")  # same origin as the stream
@@ -104,3 +109,52 @@ async def test_eventsource_sees_the_job_live_through_a_listen_reconnect(
     seqs = [int(e["id"]) for e in events]
     assert seqs == list(range(1, len(seqs) + 1))
     assert [e["data"]["seq"] for e in events] == seqs
+
+
+async def test_eventsource_comes_back_after_the_database_was_busy(
+    dsn: str, storage_dir: Path
+) -> None:
+    """The gateway's only pool connection is taken when the browser opens the stream. A
+    503 would close EventSource for good (readyState 2); the gateway's 200 with a
+    ``retry:`` makes it reconnect on its own, and the job's first event then arrives."""
+    from gateway_helpers import serve_gateway, settings
+    from playwright.async_api import async_playwright
+
+    tight = settings(pool_size=1, pool_timeout_seconds=0.3)
+    async with serve_gateway(dsn, storage_dir, tight) as gateway:
+        job = await gateway.state.client.enqueue("acme", "echo", {})
+        async with gateway.http() as http:
+            r = await http.post("/api/companies/acme/stream-tokens", json={"jobId": str(job.id)})
+            token = r.json()["token"]
+        url = f"/api/companies/acme/content-jobs/{job.id}/events?streamToken={token}"
+        async with async_playwright() as p:
+            browser = await launch(p)
+            try:
+                page = await browser.new_page()
+                await page.goto(gateway.url + "/healthz")
+                async with gateway.state.pool.connection():
+                    await page.evaluate(OPEN_STREAM, [url])
+                    await page.evaluate(
+                        "window.errors = 0; window.es.onerror = () => { window.errors += 1; }"
+                    )
+
+                    async def refused() -> bool:
+                        errors: int = await page.evaluate("window.errors")
+                        return errors >= 1
+
+                    await wait_until(refused, within=15, message="the busy answer")
+                    # After a 503 Chrome closes the EventSource (readyState 2) within a
+                    # few hundred ms of the first error; here it must keep reconnecting.
+                    states = []
+                    for _ in range(15):
+                        states.append(await page.evaluate("window.es.readyState"))
+                        await asyncio.sleep(0.1)
+                    assert 2 not in states, f"EventSource gave up: {states}"
+
+                async def got_status() -> bool:
+                    seen: list[dict[str, Any]] = await page.evaluate("window.seen")
+                    return any(e["event"] == "status" for e in seen)
+
+                await wait_until(got_status, within=15, message="the event after reconnecting")
+            finally:
+                await browser.close()

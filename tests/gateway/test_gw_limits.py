@@ -182,3 +182,40 @@ async def test_a_thousand_connect_disconnect_cycles_leak_nothing(
 
     await wait_until(back_to_baseline, within=20, message="subscribers and tasks at baseline")
     assert gateway.state.slots.by_company == {}
+
+
+async def test_a_stream_that_cannot_reach_the_database_asks_to_reconnect_later(
+    dsn: str, storage_dir: Path
+) -> None:
+    """No 503 for an event stream: EventSource never reconnects after a non-200 answer,
+    so a pool exhausted by a reconnect storm would end those browsers' streams for good.
+    Instead a 200 stream with a jittered ``retry:`` and no event, and then the end."""
+    import re
+
+    tight = settings(pool_size=1, pool_timeout_seconds=0.3)
+    async with serve_gateway(dsn, storage_dir, tight) as gateway:
+        job = await gateway.state.client.enqueue("acme", "echo", {})
+        base = "/api/companies/acme"
+        job_path = f"{base}/content-jobs/{job.id}/events"
+        async with gateway.http() as http:
+            r = await http.post(f"{base}/stream-tokens", json={"jobId": str(job.id)})
+            job_token = r.json()["token"]
+            company_token = (await http.post(f"{base}/stream-tokens")).json()["token"]
+        async with gateway.http(None) as anon:
+            async with gateway.state.pool.connection():  # the pool's only connection
+                for path, token in ((job_path, job_token), (EVENTS.format("acme"), company_token)):
+                    r = await anon.get(path, params={"streamToken": token})
+                    assert r.status_code == 200, r.text
+                    assert r.headers["content-type"].startswith("text/event-stream")
+                    delay = re.search(r"^retry: (\d+)\r?$", r.text, re.MULTILINE)
+                    assert delay is not None, r.text
+                    assert 1_000 <= int(delay.group(1)) <= 5_000
+                    assert "data:" not in r.text
+            assert gateway.state.fanout.subscribers == 0, "the refused streams let go"
+            # With the connection back, the same request streams the job.
+            async with anon.stream("GET", job_path, params={"streamToken": job_token}) as r:
+                assert r.status_code == 200
+                async for line in r.aiter_lines():
+                    if line.startswith("data:"):
+                        assert json.loads(line[5:])["jobId"] == str(job.id)
+                        break

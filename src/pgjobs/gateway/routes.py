@@ -14,6 +14,7 @@ from collections.abc import AsyncGenerator, Callable
 from typing import Any
 from urllib.parse import quote
 
+import psycopg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
@@ -218,7 +219,12 @@ class Api:
             slots.release(company_id)
 
         try:
-            job = await sse.load_job(self.state, company_id, job_id)
+            try:
+                job = await sse.load_job(self.state, company_id, job_id)
+            except psycopg.OperationalError as exc:  # pool exhausted or database down
+                log.warning("job stream %s could not start: %s", job_id, exc)
+                release()
+                return self._stream(sse.reconnect_frames())
             if job is None:
                 release()
                 return self._stream(_not_found_frames())

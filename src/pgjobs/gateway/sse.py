@@ -42,6 +42,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import random
 import re
 import uuid
 from collections.abc import AsyncGenerator
@@ -59,6 +60,13 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TERMINAL = frozenset({"done", "failed", "cancelled"})
+# A stream that cannot reach the database (pool exhausted, database down) ends with a
+# reconnect hint instead of an HTTP error: EventSource treats any answer but 200 as final
+# and never reconnects, so a 503 in a reconnect storm (a gateway restart: every browser
+# at once) or an outage would stop those browsers' streams for good. A 200 stream that
+# ends brings them back, with their Last-Event-ID, after the ``retry`` delay, spread at
+# random over this range (ms) so that the herd does not return in step.
+RECONNECT_MS = (1_000, 5_000)
 PAGE = 500
 _EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
 _COMPANY_CURSOR = re.compile(r"^(\d{1,20})-(\d{1,19})$")
@@ -91,6 +99,15 @@ def frame(event: str, data: dict[str, Any], event_id: str) -> bytes:
 def _one_line(value: str) -> str:
     # A line break in an id or event name would start a field of the attacker's choosing.
     return _LINE_BREAK.sub("", value) if "\r" in value or "\n" in value else value
+
+
+def reconnect_frame() -> bytes:
+    """Tell the client to reconnect later (the stream then ends)."""
+    return b": database busy, reconnect later\r\nretry: %d\r\n\r\n" % random.randint(*RECONNECT_MS)
+
+
+async def reconnect_frames() -> AsyncGenerator[bytes, None]:
+    yield reconnect_frame()
 
 
 def row_event(row: dict[str, Any]) -> bytes:
@@ -238,6 +255,7 @@ async def job_stream(
         # The database is busy or gone: end the stream; the browser resumes from its
         # Last-Event-ID when it reconnects.
         log.warning("job stream %s ended: %s", job_id, exc)
+        yield reconnect_frame()
 
 
 async def company_horizon(state: GatewayState) -> tuple[str, int]:
@@ -449,6 +467,7 @@ async def company_stream(
         feed, client, feed_cursor = await state.company_feeds.attach(sub.company_id)
     except (PoolTimeout, psycopg.OperationalError) as exc:
         log.warning("company stream could not start: %s", exc)
+        yield reconnect_frame()
         return
     try:
         try:
@@ -462,6 +481,7 @@ async def company_stream(
         except (PoolTimeout, psycopg.OperationalError) as exc:
             # Busy or unreachable database: end; the browser resumes from Last-Event-ID.
             log.warning("company stream catch-up failed: %s", exc)
+            yield reconnect_frame()
             return
         if cursor is None:
             cursor = feed_cursor
