@@ -12,6 +12,7 @@ from pathlib import Path
 from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings
 
 from helpers import wait_until
+from pgjobs.gateway import auth
 from pgjobs.gateway.fanout import Fanout, LiveEvent
 from pgjobs.jobspec import JobSpec
 
@@ -219,3 +220,30 @@ async def test_a_stream_that_cannot_reach_the_database_asks_to_reconnect_later(
                     if line.startswith("data:"):
                         assert json.loads(line[5:])["jobId"] == str(job.id)
                         break
+
+
+async def test_a_burst_of_job_streams_queues_for_the_pool_instead_of_being_sent_away(
+    dsn: str, storage_dir: Path
+) -> None:
+    """Thirty browsers open their job streams at once on a pool of 2 with one waiter
+    allowed: stream set-ups take turns (one at a time here) instead of overflowing the
+    pool's waiting line, so every stream starts with its job's state, none is told to
+    come back later."""
+    tight = settings(pool_size=2, pool_max_waiting=1, pool_timeout_seconds=5.0)
+    async with serve_gateway(dsn, storage_dir, tight) as gateway:
+        jobs = await gateway.state.client.enqueue_many([JobSpec("acme", "echo") for _ in range(30)])
+        # As EventSource opens them: a stream token, checked without the database.
+        token, _ = auth.mint_stream_token(gateway.state.settings.secret, "acme", None, 300)
+        results = await asyncio.gather(
+            *(
+                collect(
+                    gateway,
+                    f"/api/companies/acme/content-jobs/{j.id}/events?streamToken={token}",
+                    company=None,  # type: ignore[arg-type]
+                    stop_after=1,
+                )
+                for j in jobs
+            )
+        )
+    assert [r[0].data["jobId"] for r in results] == [str(j.id) for j in jobs]
+    assert all(r[0].event == "status" for r in results)

@@ -221,7 +221,7 @@ class Api:
         try:
             try:
                 job = await sse.load_job(self.state, company_id, job_id)
-            except psycopg.OperationalError as exc:  # pool exhausted or database down
+            except (psycopg.OperationalError, TimeoutError) as exc:  # pool busy, database down
                 log.warning("job stream %s could not start: %s", job_id, exc)
                 release()
                 return self._stream(sse.reconnect_frames())

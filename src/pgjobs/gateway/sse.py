@@ -67,6 +67,7 @@ TERMINAL = frozenset({"done", "failed", "cancelled"})
 # ends brings them back, with their Last-Event-ID, after the ``retry`` delay, spread at
 # random over this range (ms) so that the herd does not return in step.
 RECONNECT_MS = (1_000, 5_000)
+STREAM_SETUP_WAIT_SECONDS = 30.0
 PAGE = 500
 _EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
 _COMPANY_CURSOR = re.compile(r"^(\d{1,20})-(\d{1,19})$")
@@ -186,7 +187,17 @@ def _read_done(task: asyncio.Task[Any]) -> None:
 async def load_job(
     state: GatewayState, company_id: str, job_id: uuid.UUID
 ) -> dict[str, Any] | None:
-    rows = await read_rows(state, "job_get_for_stream", {"id": job_id, "company_id": company_id})
+    """The job a stream starts from. Stream set-ups take turns for the pool, at most half
+    of it at once (the REST API keeps the rest), each waiting up to
+    STREAM_SETUP_WAIT_SECONDS for its turn. In a reconnect storm (every browser back at
+    once after a gateway restart) they queue here at the cost of a coroutine each,
+    instead of overflowing the pool's waiting line and being sent away to retry: with
+    1-5 s retries and no queue, 10,000 browsers arriving together kept coming back faster
+    than one process set them up, and two minutes later some still had no stream."""
+    async with asyncio.timeout(STREAM_SETUP_WAIT_SECONDS), state.stream_setups:
+        rows = await read_rows(
+            state, "job_get_for_stream", {"id": job_id, "company_id": company_id}
+        )
     return rows[0] if rows else None
 
 
