@@ -34,6 +34,8 @@ class Sizes:
     spread_clients: int = 1_000
     spread_events: int = 300
     spread_rate: float = 100.0
+    # job streams opened all at once, reconnecting when told to (a gateway restart)
+    storm_clients: tuple[int, ...] = ()
     post_submitters: tuple[int, ...] = (10, 50)
     posts_each: int = 100
 
@@ -53,6 +55,7 @@ FULL = Sizes(
     company_clients=(1, 100, 1_000),
     company_events=12,
     spread_companies=(10, 100, 1_000),
+    storm_clients=(1_000, 5_000),
     post_submitters=(10, 50),
     posts_each=100,
 )
@@ -91,6 +94,7 @@ TINY = Sizes(
     spread_clients=4,
     spread_events=4,
     spread_rate=20.0,
+    storm_clients=(5,),
     post_submitters=(2,),
     posts_each=5,
 )

@@ -22,6 +22,7 @@ import time
 from typing import Any, cast
 
 HOST = "127.0.0.1"
+BROWSER_RETRY_MS = 3_000  # EventSource's reconnection time until a `retry:` says otherwise
 
 
 def raise_nofile() -> int:
@@ -69,6 +70,9 @@ class SseStream(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         self.head_read: asyncio.Future[None] = loop.create_future()
         self.done: asyncio.Future[None] = loop.create_future()
+        self.retry_ms: int | None = None  # the stream's last `retry:` field
+        self.status: int | None = None
+        self.got_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -88,7 +92,7 @@ class SseStream(asyncio.Protocol):
                 return
             head, data = self.head[:end], self.head[end + 4 :]
             lines = head.decode("latin-1").split("\r\n")
-            status = int(lines[0].split()[1])
+            status = self.status = int(lines[0].split()[1])
             if status != 200:
                 self.done.set_exception(ConnectionError(f"HTTP {status}"))
                 self.transport.close()
@@ -105,6 +109,9 @@ class SseStream(asyncio.Protocol):
                 if eol < 0:
                     break
                 size = int(self.raw[:eol].split(b";")[0], 16)
+                if size == 0:  # the response's last chunk: the stream ended
+                    self.transport.close()
+                    break
                 if len(self.raw) < eol + 2 + size + 2:
                     break
                 self.body += self.raw[eol + 2 : eol + 2 + size]
@@ -114,7 +121,10 @@ class SseStream(asyncio.Protocol):
         while b"\n" in self.body:
             line, _, self.body = self.body.partition(b"\n")
             if line.startswith(b"data:"):
+                self.got_data = True
                 self.owner.on_data(self.i, line[5:], t)
+            elif line.startswith(b"retry:"):
+                self.retry_ms = int(line[6:].strip())
 
 
 class SseClients:
@@ -130,6 +140,11 @@ class SseClients:
         self.errors: dict[str, int] = {}
         self.transports: list[asyncio.Transport] = []
         self.wait_first = True
+        # As EventSource does: a stream that ends without an event after a `retry:` field
+        # (the gateway's "database busy, reconnect later") is opened again after it.
+        self.reconnect = False
+        self.reconnects = 0
+        self.counted: set[int] = set()
 
     @property
     def events(self) -> list[list[Any]]:
@@ -144,7 +159,9 @@ class SseClients:
         self.errors[what] = self.errors.get(what, 0) + 1
 
     def on_open(self, i: int) -> None:
-        self.opened += 1
+        if i not in self.counted:
+            self.counted.add(i)
+            self.opened += 1
         if not self.wait_first:
             self.first[i].set()
 
@@ -162,13 +179,31 @@ class SseClients:
         ).encode()
         loop = asyncio.get_running_loop()
         try:
-            async with sem:  # bounds connections being set up, not open streams
-                transport, stream = await loop.create_connection(
-                    lambda: SseStream(self, i, request), HOST, self.port
-                )
-                self.transports.append(transport)
-                await asyncio.wait({stream.head_read, stream.done}, return_when="FIRST_COMPLETED")
-            await stream.done
+            retry_ms = BROWSER_RETRY_MS
+            while True:
+                stream: SseStream | None = None
+                try:
+                    async with sem:  # bounds connections being set up, not open streams
+                        transport, stream = await loop.create_connection(
+                            lambda: SseStream(self, i, request), HOST, self.port
+                        )
+                        self.transports.append(transport)
+                        await asyncio.wait(
+                            {stream.head_read, stream.done}, return_when="FIRST_COMPLETED"
+                        )
+                    await stream.done
+                    return
+                except (OSError, ConnectionError):
+                    # As EventSource: a network error, or a stream that ended before its
+                    # first event, is retried after the last `retry:` the server sent.
+                    if not self.reconnect or self.first[i].is_set():
+                        raise
+                    if stream is not None and stream.status not in (None, 200):
+                        raise  # EventSource gives up on any other status
+                    if stream is not None and stream.retry_ms:
+                        retry_ms = stream.retry_ms
+                    self.reconnects += 1
+                    await asyncio.sleep(retry_ms / 1000)
         except (OSError, ConnectionError, ValueError) as exc:
             self._error(f"{type(exc).__name__}: {exc}"[:120])
             if not self.first[i].is_set():
@@ -209,6 +244,7 @@ def main_sse(args: argparse.Namespace) -> None:
     nofile = raise_nofile()
     paths = json.loads(open(args.path_file).read())  # noqa: SIM115 - tiny file
     clients = SseClients(args.port, args.token, paths, args.concurrency)
+    clients.reconnect = args.reconnect
     try:
         import uvloop
 
@@ -223,6 +259,7 @@ def main_sse(args: argparse.Namespace) -> None:
                 "opened": clients.opened,
                 "failed": clients.failed,
                 "errors": clients.errors,
+                "reconnects": clients.reconnects,
                 "nofile": nofile,
             },
             f,
@@ -280,6 +317,9 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--concurrency", type=int, default=200, help="connections opened at once")
     s.add_argument("--connect-within", type=float, default=120.0)
     s.add_argument("--deadline", type=float, default=600.0)
+    s.add_argument(
+        "--reconnect", action="store_true", help="reopen a stream ended with retry: and no event"
+    )
     args = p.parse_args(argv)
     main_sse(args)
 

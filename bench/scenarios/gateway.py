@@ -143,7 +143,18 @@ def gateway_process(ctx: Ctx, dsn: str, max_streams: int, tag: str) -> Iterator[
 class ClientProcess:
     """bench.http_clients sse in its own process; killed on exit whatever happens."""
 
-    def __init__(self, ctx: Ctx, port: int, token: str, paths: list[str], tag: str, company: bool):
+    def __init__(
+        self,
+        ctx: Ctx,
+        port: int,
+        token: str,
+        paths: list[str],
+        tag: str,
+        company: bool,
+        *,
+        concurrency: int = CONNECT_CONCURRENCY,
+        reconnect: bool = False,
+    ):
         self.dir = ctx.logs
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path_file = self.dir / f"paths-{tag}.json"
@@ -151,9 +162,11 @@ class ClientProcess:
         self.out = self.dir / f"events-{tag}.json"
         cmd = [sys.executable, "-m", "bench.http_clients", "sse", "--port", str(port)]
         cmd += ["--token", token, "--path-file", str(self.path_file), "--out", str(self.out)]
-        cmd += ["--concurrency", str(CONNECT_CONCURRENCY), "--deadline", "600"]
+        cmd += ["--concurrency", str(concurrency), "--deadline", "600"]
         if company:
             cmd.append("--company")
+        if reconnect:
+            cmd.append("--reconnect")
         log = (self.dir / f"clients-{tag}.log").open("a")
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             cmd,
@@ -384,12 +397,39 @@ def _one_step(
     }
 
 
+def _storm_step(ctx: Ctx, dsn: str, port: int, n: int) -> dict[str, Any]:
+    """n browsers open their job streams at the same instant (a gateway restart), each
+    reconnecting as EventSource does when told to; how long until every one has its
+    first event, and how many were told to come back later."""
+    jobs = asyncio.run(_running_jobs(dsn, n))
+    paths = [f"/api/companies/{COMPANY}/content-jobs/{j}/events" for j, _ in jobs]
+    tag = f"storm-{n}-{os.getpid()}-{time.monotonic_ns()}"
+    clients = ClientProcess(
+        ctx, port, _stream_token(), paths, tag, False, concurrency=n, reconnect=True
+    )
+    try:
+        opened, failed, connect_s = clients.expect("ready", 300)
+        data = clients.stop(60)
+    finally:
+        clients.kill()
+        clients.path_file.unlink(missing_ok=True)
+    return {
+        "clients": n,
+        "opened": int(opened),
+        "failed": int(failed),
+        "connect_seconds": float(connect_s),
+        "reconnects": int(data["reconnects"]),
+        "client_errors": data["errors"],
+    }
+
+
 def run(ctx: Ctx) -> dict[str, Any]:
     if "pgjobs" not in ctx.systems:
         return {"skipped": "pgjobs not selected"}
     s = ctx.sizes
     nofile = raise_nofile()
-    max_streams = max((*s.sse_clients, *s.company_clients, s.spread_clients)) + 100
+    max_streams = max((*s.sse_clients, *s.company_clients, s.spread_clients, *s.storm_clients))
+    max_streams += 100
     runs = []
     for r in range(ctx.repeat):
         with pg.database(ctx.server_dsn) as dsn:
@@ -431,6 +471,15 @@ def run(ctx: Ctx) -> dict[str, Any]:
                         f"{step['gateway_cpu_idle']:.0%}, "
                         f"{step['deliveries_measured']}/{step['deliveries_expected']} deliveries"
                     )
+                one["storm"] = []
+                for n in s.storm_clients:
+                    step = _storm_step(ctx, dsn, port, n)
+                    one["storm"].append(step)
+                    ctx.log(
+                        f"gateway reconnect storm, {n:,} streams at once: all first events in "
+                        f"{step['connect_seconds']:.1f} s, {step['reconnects']:,} told to "
+                        f"reconnect, {step['failed']} failed"
+                    )
                 one["post"] = []
                 for m in s.post_submitters:
                     cpu0 = cpu_seconds(pid)
@@ -459,6 +508,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         "company": _aggregate([r["company"] for r in runs], "clients"),
         "spread": _aggregate([r["spread"] for r in runs], "companies"),
         "spread_clients": s.spread_clients,
+        "storm": _aggregate([r["storm"] for r in runs], "clients"),
         "spread_rate": s.spread_rate,
         "post": _aggregate([r["post"] for r in runs], "submitters"),
         "baseline_rss_mib": summary([r["baseline_rss_mib"] for r in runs]),
@@ -471,7 +521,7 @@ def _aggregate(per_run: list[list[dict[str, Any]]], key: str) -> list[dict[str, 
     out = []
     for steps in zip(*per_run, strict=True):
         row: dict[str, Any] = {key: steps[0][key]}
-        for name in ("p50", "p99", "max"):
+        for name in ("p50", "p99", "max") if "latency_ms" in steps[0] else ():
             row[f"{name}_ms"] = summary([st["latency_ms"][name] or 0 for st in steps])
         for name in (
             "opened",
@@ -484,6 +534,8 @@ def _aggregate(per_run: list[list[dict[str, Any]]], key: str) -> list[dict[str, 
             "gateway_cpu_busy",
             "posts_per_s",
             "gateway_cpu",
+            "reconnects",
+            "failed",
         ):
             if name in steps[0]:
                 row[name] = summary([st[name] for st in steps])
@@ -565,6 +617,23 @@ def markdown(res: dict[str, Any]) -> str:
                 f"{_ms(r['p50_ms'])} | {_ms(r['p99_ms'])} | {_ms(r['max_ms'])} | "
                 f"{fmt(r['gateway_rss_mib_open'])} | {r['gateway_cpu_idle']['median']:.0%} / "
                 f"{r['gateway_cpu_busy']['median']:.0%} |"
+            )
+    if res.get("storm"):
+        lines += [
+            "",
+            "**4d. Reconnect storm** — N browsers open their job streams at the same instant "
+            "(as after a gateway restart; no limit on connections being set up), each "
+            "reconnecting after the gateway's `retry:` when told the database is busy, as "
+            "EventSource does; time from the first connection until every stream has its "
+            "first event.",
+            "",
+            "| streams | all first events after (s) | told to reconnect | failed |",
+            "| ---: | ---: | ---: | ---: |",
+        ]
+        for r in res["storm"]:
+            lines.append(
+                f"| {r['clients']:,} | {fmt(r['connect_seconds'], digits=1)} | "
+                f"{fmt(r['reconnects'])} | {fmt(r['failed'])} |"
             )
     lines += [
         "",
