@@ -43,6 +43,19 @@ async def launch(p: Any) -> Any:
     )  # fmt: skip
 
 
+async def stream_url(gateway: RunningGateway, job_id: str) -> str:
+    """A job's event stream as a page opens it: with a stream token in the URL."""
+    async with gateway.http() as http:
+        r = await http.post("/api/companies/acme/stream-tokens", json={"jobId": job_id})
+    return f"/api/companies/acme/content-jobs/{job_id}/events?streamToken={r.json()['token']}"
+
+
+async def new_page(browser: Any, gateway: RunningGateway) -> Any:
+    page = await browser.new_page()
+    await page.goto(gateway.url + "/healthz")  # same origin as the stream
+    return page
+
+
 async def test_eventsource_sees_the_job_live_through_a_listen_reconnect(
     gateway: RunningGateway, dsn: str, storage_dir: Path
 ) -> None:
@@ -54,15 +67,12 @@ async def test_eventsource_sees_the_job_live_through_a_listen_reconnect(
             json={"jobType": "sleep", "input": {"seconds": 2.5}},
         )
         job_id = r.json()["jobId"]
-        r = await http.post("/api/companies/acme/stream-tokens", json={"jobId": job_id})
-        token = r.json()["token"]
-    url = f"/api/companies/acme/content-jobs/{job_id}/events?streamToken={token}"
+    url = await stream_url(gateway, job_id)
 
     async with async_playwright() as p:
         browser = await launch(p)
         try:
-            page = await browser.new_page()
-            await page.goto(gateway.url + "/healthz")  # same origin as the stream
+            page = await new_page(browser, gateway)
             await page.evaluate(OPEN_STREAM, [url])
 
             async def seen() -> list[dict[str, Any]]:
@@ -123,15 +133,11 @@ async def test_eventsource_comes_back_after_the_database_was_busy(
     tight = settings(pool_size=1, pool_timeout_seconds=0.3)
     async with serve_gateway(dsn, storage_dir, tight) as gateway:
         job = await gateway.state.client.enqueue("acme", "echo", {})
-        async with gateway.http() as http:
-            r = await http.post("/api/companies/acme/stream-tokens", json={"jobId": str(job.id)})
-            token = r.json()["token"]
-        url = f"/api/companies/acme/content-jobs/{job.id}/events?streamToken={token}"
+        url = await stream_url(gateway, str(job.id))
         async with async_playwright() as p:
             browser = await launch(p)
             try:
-                page = await browser.new_page()
-                await page.goto(gateway.url + "/healthz")
+                page = await new_page(browser, gateway)
                 async with gateway.state.pool.connection():
                     await page.evaluate(OPEN_STREAM, [url])
                     await page.evaluate(
