@@ -37,8 +37,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -50,9 +48,8 @@ import psycopg
 from bench import pg, systems
 from bench.cpusplit import cpu_readings
 from bench.drain import _fill, settle
+from bench.procs import WorkerGroup
 from bench.stats import fmt, summary
-
-ROOT = Path(__file__).resolve().parents[1]
 
 BATCH = 100
 CLIENTS = 2
@@ -343,36 +340,19 @@ def python_drain(
     ready = (
         floor_db(server_dsn, frozenset(), jobs) if sql == "floor" else pgjobs_db(server_dsn, jobs)
     )
-    with ready as dsn:
+    with ready as dsn, tempfile.TemporaryDirectory() as logs:
         if prepare is not None:
             prepare(dsn)
-        argv = [sys.executable, "-m", "bench.leanworker", dsn, sql, str(connections)]
-        procs = [
-            subprocess.Popen(  # noqa: S603
-                argv, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-            )
-            for _ in range(processes)
-        ]
-        try:
-            for proc in procs:
-                _expect(proc, "ready")
+        module = [MARKER, dsn, sql, str(connections)]
+        with WorkerGroup("lean", dsn, None, processes, log_dir=Path(logs), module=module) as group:
             before = cpu_readings(MARKER)
-            start = time.monotonic()
-            for proc in procs:
-                _say(proc, "go")
-            done = sum(int(_expect(proc, None)) for proc in procs)
+            start = group.go()
+            done = sum(group.results(900))
             wall = time.monotonic() - start
             after = cpu_readings(MARKER)
-            for proc in procs:
-                _say(proc, "bye")
-                proc.wait(timeout=60)
-        finally:
-            for proc in procs:
-                if proc.poll() is None:
-                    proc.kill()
-                    proc.wait()
+            group.stop()
     if done != jobs:
-        raise RuntimeError(f"the lean workers finished {done} of {jobs} jobs")
+        raise RuntimeError(f"the lean workers finished {done:.0f} of {jobs} jobs")
 
     def per_job(kind: str) -> float:
         used = sum(t - before[kind].get(pid, 0.0) for pid, t in after[kind].items())
@@ -382,21 +362,6 @@ def python_drain(
 
 
 MARKER = "bench.leanworker"
-
-
-def _say(proc: subprocess.Popen[str], word: str) -> None:
-    assert proc.stdin is not None
-    proc.stdin.write(word + "\n")
-    proc.stdin.flush()
-
-
-def _expect(proc: subprocess.Popen[str], word: str | None) -> str:
-    assert proc.stdout is not None
-    line = proc.stdout.readline().strip()
-    if not line or (word is not None and line != word):
-        proc.wait(timeout=60)
-        raise RuntimeError(f"bench.leanworker said {line!r}, exit status {proc.returncode}")
-    return line
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,8 +106,9 @@ async def _loop_pgjobs(conn: psycopg.AsyncConnection[Any]) -> int:
 
 
 async def run(dsn: str, sql: str, connections: int) -> None:
-    """Connect, say "ready", drain on "go", print the count, close on the next line: the
-    caller reads CPU times while the connections (and their backends) are still open."""
+    """bench.procs.WorkerGroup's protocol: connect, say "ready", drain on "go", say
+    "done <jobs>", close on the next line ("stop"): the caller reads CPU times while the
+    connections (and their backends) are still open."""
     loop = {"floor": _loop_floor, "pgjobs": _loop_pgjobs}[sql]
     conns = [
         await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(connections)
@@ -115,7 +116,8 @@ async def run(dsn: str, sql: str, connections: int) -> None:
     try:
         print("ready", flush=True)
         sys.stdin.readline()
-        print(sum(await asyncio.gather(*(loop(conn) for conn in conns))), flush=True)
+        done = sum(await asyncio.gather(*(loop(conn) for conn in conns)))
+        print(f"done {done}", flush=True)
         sys.stdin.readline()
     finally:
         for conn in conns:

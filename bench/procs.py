@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from bench.systems import WorkerConfig, argv_for
@@ -30,13 +31,16 @@ class WorkerGroup:
         self,
         system: str,
         dsn: str,
-        config: WorkerConfig,
+        config: WorkerConfig | None,
         processes: int,
         *,
         mode: str = "drain",
         log_dir: Path,
         stamps_dir: Path | None = None,
+        module: Sequence[str] | None = None,
     ) -> None:
+        """``module``: run ``python -m <module...>`` instead of bench.worker (same
+        ready / go / done protocol on stdin and stdout)."""
         self.system = system
         self.dsn = dsn
         self.config = config
@@ -44,6 +48,7 @@ class WorkerGroup:
         self.mode = mode
         self.log_dir = log_dir
         self.stamps_dir = stamps_dir
+        self.module = module
         self.procs: list[subprocess.Popen[str]] = []
         self.lines: list[queue.Queue[str]] = []
         self.t0 = 0.0
@@ -56,8 +61,12 @@ class WorkerGroup:
             if self.stamps_dir is not None:
                 env["BENCH_STAMPS"] = str(self.stamps_dir / f"{self.system}-{i}.json")
             log = (self.log_dir / f"{self.system}-worker-{i}.log").open("a")
-            cmd = [sys.executable, "-m", "bench.worker", self.system, self.dsn]
-            cmd += [*argv_for(self.config), "--mode", self.mode]
+            if self.module is not None:
+                cmd = [sys.executable, "-m", *self.module]
+            else:
+                assert self.config is not None, "bench.worker needs its queue's settings"
+                cmd = [sys.executable, "-m", "bench.worker", self.system, self.dsn]
+                cmd += [*argv_for(self.config), "--mode", self.mode]
             proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
                 cmd,
                 stdin=subprocess.PIPE,
@@ -110,13 +119,19 @@ class WorkerGroup:
                 proc.stdin.write("stop\n")
                 proc.stdin.flush()
 
+    def results(self, timeout: float) -> list[float]:
+        """The number each process reports with its "done" line (bench.worker: the
+        monotonic time its run call returned), the processes still running."""
+        deadline = time.monotonic() + timeout
+        return [
+            float(self._expect(i, "done", max(0.1, deadline - time.monotonic())).split()[1])
+            for i in range(self.n)
+        ]
+
     def wait(self, timeout: float) -> list[float]:
         """The monotonic time at which each process's run call returned."""
         deadline = time.monotonic() + timeout
-        done = []
-        for i in range(self.n):
-            line = self._expect(i, "done", max(0.1, deadline - time.monotonic()))
-            done.append(float(line.split()[1]))
+        done = self.results(timeout)
         for proc in self.procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         return done
