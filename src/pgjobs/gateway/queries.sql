@@ -35,7 +35,7 @@ WHERE job_id = %(job_id)s::uuid AND company_id = %(company_id)s::text AND seq > 
 ORDER BY seq
 LIMIT %(limit)s::int;
 
--- name: job_events_company_after_cursor
+-- name: job_events_company_feed
 -- A company's events after the cursor (xid, id), only from transactions that have ended.
 -- ids are assigned at insert, not at commit, so `id > last` could skip a row whose
 -- transaction commits after a later id was already read. Every transaction with an xid
@@ -43,22 +43,12 @@ LIMIT %(limit)s::int;
 -- that starts later gets a larger xid, so below that horizon the (xid, id) order is final:
 -- paging through it can neither skip nor repeat. The price: one long write transaction
 -- anywhere in the database holds the horizon, and these events, back until it ends.
-SELECT id, job_id, seq, type, status, attempt, payload, xid::text AS xid
-FROM pgjobs.job_events
-WHERE company_id = %(company_id)s::text
-  AND (xid, id) > (%(xid)s::xid8, %(id)s::bigint)
-  AND xid < pg_snapshot_xmin(pg_current_snapshot())
-ORDER BY xid, id
-LIMIT %(limit)s::int;
-
--- name: job_events_company_feed
--- The company feed's read: job_events_company_after_cursor's page, plus whether rows of
--- the company were held back by the horizon (committed, but with an xid at or above it).
--- Only then does the feed need to read again without a NOTIFY, once the horizon has
--- moved; every other new row comes with one. Both answers come from one snapshot: asked
--- in a second statement, the horizon could have moved between the two, and rows it
--- passed would be neither read nor reported. Always one row at least; the event columns
--- are NULL when the page is empty.
+-- held_back: whether rows of the company were held back by the horizon (committed, but
+-- with an xid at or above it). Only then does the company's feed need to read again
+-- without a NOTIFY, once the horizon has moved; every other new row comes with one. Both
+-- answers come from one snapshot: asked in a second statement, the horizon could have
+-- moved between the two, and rows it passed would be neither read nor reported. Always
+-- one row at least; the event columns are NULL when the page is empty.
 WITH h AS MATERIALIZED (
     SELECT s.horizon, EXISTS (
         SELECT 1 FROM pgjobs.job_events

@@ -274,21 +274,12 @@ async def company_horizon(state: GatewayState) -> tuple[str, int]:
     return str(row["xid"]), 0
 
 
-async def company_events_after(
-    state: GatewayState, company_id: str, cursor: tuple[str, int]
-) -> list[dict[str, Any]]:
-    return await read_rows(
-        state,
-        "job_events_company_after_cursor",
-        {"company_id": company_id, "xid": cursor[0], "id": cursor[1], "limit": PAGE},
-    )
-
-
 async def company_feed_page(
     state: GatewayState, company_id: str, cursor: tuple[str, int]
 ) -> tuple[list[dict[str, Any]], bool]:
-    """The next page after ``cursor``, and whether rows of the company were held back by
-    the horizon (committed, not yet readable) when it was read."""
+    """The company's next page after ``cursor`` below the horizon, and whether rows of
+    the company were held back by the horizon (committed, not yet readable) when it was
+    read. Read by the feed and by a resuming stream's catch-up."""
     rows = await read_rows(
         state,
         "job_events_company_feed",
@@ -483,7 +474,7 @@ async def company_stream(
     try:
         try:
             while cursor is not None:
-                rows = await company_events_after(state, sub.company_id, cursor)
+                rows, _ = await company_feed_page(state, sub.company_id, cursor)
                 for row in rows:
                     cursor = (row["xid"], row["id"])
                     yield _company_event(row)
