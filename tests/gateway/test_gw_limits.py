@@ -9,6 +9,7 @@ import socket
 import uuid
 from pathlib import Path
 
+import psycopg
 from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings
 
 from helpers import wait_until
@@ -247,3 +248,37 @@ async def test_a_burst_of_job_streams_queues_for_the_pool_instead_of_being_sent_
         )
     assert [r[0].data["jobId"] for r in results] == [str(j.id) for j in jobs]
     assert all(r[0].event == "status" for r in results)
+
+
+async def test_a_burst_of_resuming_company_streams_queues_for_the_pool(
+    dsn: str, storage_dir: Path
+) -> None:
+    """Thirty dashboards come back at once with a Last-Event-ID (a gateway restart): each
+    catches up from the table before following the feed. Those reads take turns like job
+    stream set-ups, so on a pool of 2 with one waiter allowed every stream gets the events
+    after its cursor, and none is told to come back later."""
+    tight = settings(pool_size=2, pool_max_waiting=1, pool_timeout_seconds=5.0)
+    async with serve_gateway(dsn, storage_dir, tight) as gateway:
+        await gateway.state.client.enqueue_many([JobSpec("acme", "echo") for _ in range(3)])
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT xid, id FROM pgjobs.job_events WHERE company_id = 'acme'"
+                " ORDER BY xid, id LIMIT 1"
+            )
+            first = await cur.fetchone()
+        assert first is not None
+        token, _ = auth.mint_stream_token(gateway.state.settings.secret, "acme", None, 300)
+        results = await asyncio.gather(
+            *(
+                collect(
+                    gateway,
+                    f"{EVENTS.format('acme')}?streamToken={token}",
+                    company=None,  # type: ignore[arg-type]
+                    last_event_id=f"{first[0]}-{first[1]}",
+                    stop_after=2,
+                )
+                for _ in range(30)
+            )
+        )
+    assert [len(r) for r in results] == [2] * 30
+    assert all(ev.event == "content_job.queued" for r in results for ev in r)

@@ -48,10 +48,6 @@ NOT_FOUND_FRAME = b'retry: %d\r\nevent: error\r\ndata: {"error":"Job not found"}
 )
 
 
-async def _not_found_frames() -> AsyncGenerator[bytes, None]:
-    yield NOT_FOUND_FRAME
-
-
 class Api:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
@@ -203,7 +199,7 @@ class Api:
             job_id = None
         principal = await self.authorize(request, stream=True, stream_job=job_id)
         if job_id is None:
-            return self._stream(_not_found_frames())
+            return self._stream(sse.only(NOT_FOUND_FRAME))
         try:
             last = sse.parse_job_cursor(request.headers.get("last-event-id"))
         except ValueError as exc:
@@ -224,10 +220,10 @@ class Api:
             except (psycopg.OperationalError, TimeoutError) as exc:  # pool busy, database down
                 log.warning("job stream %s could not start: %s", job_id, exc)
                 release()
-                return self._stream(sse.reconnect_frames())
+                return self._stream(sse.only(sse.reconnect_frame()))
             if job is None:
                 release()
-                return self._stream(_not_found_frames())
+                return self._stream(sse.only(NOT_FOUND_FRAME))
             if last is not None and last > job["event_seq"]:
                 last = None  # not an id this job has issued: start from its current state
             if last == job["event_seq"] and job["status"] in sse.TERMINAL:

@@ -49,7 +49,6 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
-from psycopg_pool import PoolTimeout
 
 from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.fanout import BACKFILL, CLOSED, LiveEvent, Subscription
@@ -107,8 +106,9 @@ def reconnect_frame() -> bytes:
     return b": database busy, reconnect later\r\nretry: %d\r\n\r\n" % random.randint(*RECONNECT_MS)
 
 
-async def reconnect_frames() -> AsyncGenerator[bytes, None]:
-    yield reconnect_frame()
+async def only(data: bytes) -> AsyncGenerator[bytes, None]:
+    """A stream of one frame."""
+    yield data
 
 
 def row_event(row: dict[str, Any]) -> bytes:
@@ -184,20 +184,27 @@ def _read_done(task: asyncio.Task[Any]) -> None:
         task.exception()  # retrieved: nobody waits for the result of an abandoned read
 
 
+async def setup_read(
+    state: GatewayState, query: str, params: dict[str, Any]
+) -> list[dict[str, Any]]:
+    """A stream set-up's read: the job a job stream starts from, or a page of a resuming
+    company stream's catch-up. Set-ups take turns for the pool, at most half of it at
+    once (the REST API and the company feeds keep the rest), each waiting up to
+    STREAM_SETUP_WAIT_SECONDS for its turn (then TimeoutError). In a reconnect storm
+    (every browser back at once after a gateway restart) they queue here at the cost of
+    a coroutine each, instead of overflowing the pool's waiting line and being sent away
+    to retry: with 1-5 s retries and no queue, 10,000 browsers arriving together kept
+    coming back faster than one process set them up, and two minutes later some still
+    had no stream."""
+    async with asyncio.timeout(STREAM_SETUP_WAIT_SECONDS), state.stream_setups:
+        return await read_rows(state, query, params)
+
+
 async def load_job(
     state: GatewayState, company_id: str, job_id: uuid.UUID
 ) -> dict[str, Any] | None:
-    """The job a stream starts from. Stream set-ups take turns for the pool, at most half
-    of it at once (the REST API keeps the rest), each waiting up to
-    STREAM_SETUP_WAIT_SECONDS for its turn. In a reconnect storm (every browser back at
-    once after a gateway restart) they queue here at the cost of a coroutine each,
-    instead of overflowing the pool's waiting line and being sent away to retry: with
-    1-5 s retries and no queue, 10,000 browsers arriving together kept coming back faster
-    than one process set them up, and two minutes later some still had no stream."""
-    async with asyncio.timeout(STREAM_SETUP_WAIT_SECONDS), state.stream_setups:
-        rows = await read_rows(
-            state, "job_get_for_stream", {"id": job_id, "company_id": company_id}
-        )
+    """The job a stream starts from (a set-up read: it takes its turn)."""
+    rows = await setup_read(state, "job_get_for_stream", {"id": job_id, "company_id": company_id})
     return rows[0] if rows else None
 
 
@@ -262,7 +269,7 @@ async def job_stream(
                 if item.status in TERMINAL:
                     return
             # else: an event this stream already sent (seq <= last); drop it.
-    except (PoolTimeout, psycopg.OperationalError) as exc:
+    except psycopg.OperationalError as exc:  # PoolTimeout included
         # The database is busy or gone: end the stream; the browser resumes from its
         # Last-Event-ID when it reconnects.
         log.warning("job stream %s ended: %s", job_id, exc)
@@ -275,12 +282,14 @@ async def company_horizon(state: GatewayState) -> tuple[str, int]:
 
 
 async def company_feed_page(
-    state: GatewayState, company_id: str, cursor: tuple[str, int]
+    state: GatewayState, company_id: str, cursor: tuple[str, int], *, setup: bool = False
 ) -> tuple[list[dict[str, Any]], bool]:
     """The company's next page after ``cursor`` below the horizon, and whether rows of
     the company were held back by the horizon (committed, not yet readable) when it was
-    read. Read by the feed and by a resuming stream's catch-up."""
-    rows = await read_rows(
+    read. Read by the feed, and by a resuming stream's catch-up (``setup``: it takes its
+    turn, see setup_read)."""
+    read = setup_read if setup else read_rows
+    rows = await read(
         state,
         "job_events_company_feed",
         {"company_id": company_id, "xid": cursor[0], "id": cursor[1], "limit": PAGE},
@@ -375,7 +384,7 @@ class CompanyFeed:
                             client.offer(frames)
                     if len(rows) < PAGE:
                         break
-            except (PoolTimeout, psycopg.OperationalError) as exc:
+            except psycopg.OperationalError as exc:  # PoolTimeout included
                 # The cursor has not moved: the next tick reads the same rows again.
                 log.warning("company feed %s: read failed, retrying: %s", self.company_id, exc)
                 held_back = True
@@ -467,21 +476,22 @@ async def company_stream(
     skipping what the catch-up already sent."""
     try:
         feed, client, feed_cursor = await state.company_feeds.attach(sub.company_id)
-    except (PoolTimeout, psycopg.OperationalError) as exc:
+    except psycopg.OperationalError as exc:  # PoolTimeout included
         log.warning("company stream could not start: %s", exc)
         yield reconnect_frame()
         return
     try:
         try:
             while cursor is not None:
-                rows, _ = await company_feed_page(state, sub.company_id, cursor)
+                rows, _ = await company_feed_page(state, sub.company_id, cursor, setup=True)
                 for row in rows:
                     cursor = (row["xid"], row["id"])
                     yield _company_event(row)
                 if len(rows) < PAGE:
                     break
-        except (PoolTimeout, psycopg.OperationalError) as exc:
-            # Busy or unreachable database: end; the browser resumes from Last-Event-ID.
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            # Busy or unreachable database, or no turn for the pool within
+            # STREAM_SETUP_WAIT_SECONDS: end; the browser resumes from Last-Event-ID.
             log.warning("company stream catch-up failed: %s", exc)
             yield reconnect_frame()
             return

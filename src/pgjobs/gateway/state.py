@@ -43,7 +43,7 @@ class GatewayState:
             name=LISTENER_NAME,
         )
         self.company_feeds = CompanyFeeds(self)
-        # Stream set-ups reading the database at once (pgjobs.gateway.sse.load_job).
+        # Stream set-ups reading the database at once (pgjobs.gateway.sse.setup_read).
         self.stream_setups = asyncio.Semaphore(max(1, settings.pool_size // 2))
         self._pool: AsyncConnectionPool[db.AsyncConn] | None = None
         self._client: Client | None = None
