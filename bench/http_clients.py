@@ -128,11 +128,20 @@ class SseStream(asyncio.Protocol):
 
 
 class SseClients:
-    def __init__(self, port: int, token: str, paths: list[str], concurrency: int) -> None:
+    def __init__(
+        self,
+        port: int,
+        token: str,
+        paths: list[str],
+        concurrency: int,
+        last_event_id: str | None = None,
+    ) -> None:
         self.port = port
         self.token = token
         self.paths = paths
         self.concurrency = concurrency
+        # Sent by every stream, as a browser resuming after a gateway restart does.
+        self.last_event_id = last_event_id
         self.raw_events: list[tuple[bytes, float]] = []
         self.first: list[asyncio.Event] = [asyncio.Event() for _ in paths]
         self.opened = 0
@@ -173,9 +182,10 @@ class SseClients:
         path = self.paths[i]
         if "streamToken=" not in path:  # a path may carry its own (another company's) token
             path += f"{'&' if '?' in path else '?'}streamToken={self.token}"
+        resume = f"Last-Event-ID: {self.last_event_id}\r\n" if self.last_event_id else ""
         request = (
             f"GET {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
-            "Accept: text/event-stream\r\nCache-Control: no-cache\r\n\r\n"
+            f"Accept: text/event-stream\r\nCache-Control: no-cache\r\n{resume}\r\n"
         ).encode()
         loop = asyncio.get_running_loop()
         try:
@@ -243,7 +253,7 @@ class SseClients:
 def main_sse(args: argparse.Namespace) -> None:
     nofile = raise_nofile()
     paths = json.loads(open(args.path_file).read())  # noqa: SIM115 - tiny file
-    clients = SseClients(args.port, args.token, paths, args.concurrency)
+    clients = SseClients(args.port, args.token, paths, args.concurrency, args.last_event_id)
     clients.reconnect = args.reconnect
     try:
         import uvloop
@@ -320,6 +330,7 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument(
         "--reconnect", action="store_true", help="reopen a stream ended with retry: and no event"
     )
+    s.add_argument("--last-event-id", help="sent by every stream (resuming company streams)")
     args = p.parse_args(argv)
     main_sse(args)
 

@@ -154,6 +154,7 @@ class ClientProcess:
         *,
         concurrency: int = CONNECT_CONCURRENCY,
         reconnect: bool = False,
+        last_event_id: str | None = None,
     ):
         self.dir = ctx.logs
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -167,6 +168,8 @@ class ClientProcess:
             cmd.append("--company")
         if reconnect:
             cmd.append("--reconnect")
+        if last_event_id:
+            cmd += ["--last-event-id", last_event_id]
         log = (self.dir / f"clients-{tag}.log").open("a")
         self.proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
             cmd,
@@ -397,15 +400,32 @@ def _one_step(
     }
 
 
-def _storm_step(ctx: Ctx, dsn: str, port: int, n: int) -> dict[str, Any]:
-    """n browsers open their job streams at the same instant (a gateway restart), each
+def _storm_step(ctx: Ctx, dsn: str, port: int, n: int, kind: str = "job") -> dict[str, Any]:
+    """n browsers open their streams at the same instant (a gateway restart), each
     reconnecting as EventSource does when told to; how long until every one has its
-    first event, and how many were told to come back later."""
-    jobs = asyncio.run(_running_jobs(dsn, n))
-    paths = [f"/api/companies/{COMPANY}/content-jobs/{j}/events" for j, _ in jobs]
-    tag = f"storm-{n}-{os.getpid()}-{time.monotonic_ns()}"
+    first event, and how many were told to come back later.
+
+    kind "job": each watches its own running job (its set-up reads the job). kind
+    "company": n dashboards of one company resume with the Last-Event-ID of the event
+    before the company's last RESUME_BEHIND, so each catches up from the table."""
+    last_event_id = None
+    if kind == "job":
+        jobs = asyncio.run(_running_jobs(dsn, n))
+        paths = [f"/api/companies/{COMPANY}/content-jobs/{j}/events" for j, _ in jobs]
+    else:
+        last_event_id = asyncio.run(_company_cursor_behind(dsn, RESUME_BEHIND))
+        paths = [f"/api/companies/{COMPANY}/events"] * n
+    tag = f"storm-{kind}-{n}-{os.getpid()}-{time.monotonic_ns()}"
     clients = ClientProcess(
-        ctx, port, _stream_token(), paths, tag, False, concurrency=n, reconnect=True
+        ctx,
+        port,
+        _stream_token(),
+        paths,
+        tag,
+        False,
+        concurrency=n,
+        reconnect=True,
+        last_event_id=last_event_id,
     )
     try:
         opened, failed, connect_s = clients.expect("ready", 300)
@@ -421,6 +441,29 @@ def _storm_step(ctx: Ctx, dsn: str, port: int, n: int) -> dict[str, Any]:
         "reconnects": int(data["reconnects"]),
         "client_errors": data["errors"],
     }
+
+
+# A resuming dashboard of the company storm is this many events behind.
+RESUME_BEHIND = 5
+
+
+async def _company_cursor_behind(dsn: str, behind: int) -> str:
+    """Enqueue ``behind`` jobs of COMPANY and return the company stream cursor (Last-Event-ID)
+    of the company's event just before their events."""
+    from pgjobs.client import Client
+    from pgjobs.jobspec import JobSpec
+
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT xid, id FROM pgjobs.job_events WHERE company_id = %s"
+            " ORDER BY xid DESC, id DESC LIMIT 1",
+            (COMPANY,),
+        )
+        row = await cur.fetchone()
+    assert row is not None, "the company has events from the steps before"
+    async with await Client.connect(dsn, max_size=1) as client:
+        await client.enqueue_many([JobSpec(COMPANY, "bench.sse") for _ in range(behind)])
+    return f"{row[0]}-{row[1]}"
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
@@ -480,6 +523,15 @@ def run(ctx: Ctx) -> dict[str, Any]:
                         f"{step['connect_seconds']:.1f} s, {step['reconnects']:,} told to "
                         f"reconnect, {step['failed']} failed"
                     )
+                one["company_storm"] = []
+                for n in s.storm_clients:
+                    step = _storm_step(ctx, dsn, port, n, "company")
+                    one["company_storm"].append(step)
+                    ctx.log(
+                        f"gateway reconnect storm, {n:,} resuming company streams at once: all "
+                        f"first events in {step['connect_seconds']:.1f} s, "
+                        f"{step['reconnects']:,} told to reconnect, {step['failed']} failed"
+                    )
                 one["post"] = []
                 for m in s.post_submitters:
                     cpu0 = cpu_seconds(pid)
@@ -509,6 +561,8 @@ def run(ctx: Ctx) -> dict[str, Any]:
         "spread": _aggregate([r["spread"] for r in runs], "companies"),
         "spread_clients": s.spread_clients,
         "storm": _aggregate([r["storm"] for r in runs], "clients"),
+        "company_storm": _aggregate([r.get("company_storm", []) for r in runs], "clients"),
+        "resume_behind": RESUME_BEHIND,
         "spread_rate": s.spread_rate,
         "post": _aggregate([r["post"] for r in runs], "submitters"),
         "baseline_rss_mib": summary([r["baseline_rss_mib"] for r in runs]),
@@ -621,18 +675,23 @@ def markdown(res: dict[str, Any]) -> str:
     if res.get("storm"):
         lines += [
             "",
-            "**4d. Reconnect storm** — N browsers open their job streams at the same instant "
+            "**4d. Reconnect storm** — N browsers open their streams at the same instant "
             "(as after a gateway restart; no limit on connections being set up), each "
             "reconnecting after the gateway's `retry:` when told the database is busy, as "
             "EventSource does; time from the first connection until every stream has its "
-            "first event.",
+            "first event. Job streams: each browser watches its own running job (the "
+            "set-up reads it). Resuming company streams: N dashboards of one company come "
+            f"back with the Last-Event-ID of the event {res.get('resume_behind', 5)} events "
+            "behind, so each catches up from the table.",
             "",
             "| streams | all first events after (s) | told to reconnect | failed |",
-            "| ---: | ---: | ---: | ---: |",
+            "| --- | ---: | ---: | ---: |",
         ]
-        for r in res["storm"]:
+        rows = [("job streams", r) for r in res["storm"]]
+        rows += [("resuming company streams", r) for r in res.get("company_storm", [])]
+        for kind, r in rows:
             lines.append(
-                f"| {r['clients']:,} | {fmt(r['connect_seconds'], digits=1)} | "
+                f"| {r['clients']:,} {kind} | {fmt(r['connect_seconds'], digits=1)} | "
                 f"{fmt(r['reconnects'])} | {fmt(r['failed'])} |"
             )
     lines += [
