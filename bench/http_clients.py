@@ -81,7 +81,8 @@ class SseStream(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.done.done():
             self.done.set_exception(exc or ConnectionError("connection closed"))
-        self.done.exception()  # retrieved: run() reports it, or it came after stop
+        if not self.done.cancelled():  # cancelled: its stream's task was, at stop
+            self.done.exception()  # retrieved: run() reports it, or it came after stop
 
     def data_received(self, data: bytes) -> None:
         t = time.time()

@@ -681,8 +681,8 @@ def markdown(res: dict[str, Any]) -> str:
             "EventSource does; time from the first connection until every stream has its "
             "first event. Job streams: each browser watches its own running job (the "
             "set-up reads it). Resuming company streams: N dashboards of one company come "
-            f"back with the Last-Event-ID of the event {res.get('resume_behind', 5)} events "
-            "behind, so each catches up from the table.",
+            "back with the Last-Event-ID of the event before the company's last "
+            f"{res.get('resume_behind', 5)}, so each catches those up from the table.",
             "",
             "| streams | all first events after (s) | told to reconnect | failed |",
             "| --- | ---: | ---: | ---: |",
