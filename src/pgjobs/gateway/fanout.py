@@ -2,7 +2,7 @@
 
 The gateway's single ``pgjobs.notifier.Listener`` hands each NOTIFY payload to
 ``Fanout.on_notify``, which routes its events by job id (to per-job streams) and by
-company id (a wake-up for that company's one reader, ``pgjobs.gateway.sse.CompanyFeed``).
+company id (a wake-up for that company's one reader, ``pgjobs.gateway.companystream.CompanyFeed``).
 No stream holds a database connection while it waits.
 
 Contracts:

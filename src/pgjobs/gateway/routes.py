@@ -21,7 +21,7 @@ from starlette.routing import BaseRoute, Route
 
 from pgjobs.client import MAX_PAGE_SIZE
 from pgjobs.errors import InvalidJobError
-from pgjobs.gateway import auth, openapi, payloads, sse
+from pgjobs.gateway import auth, companystream, openapi, payloads, sse
 from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
 from pgjobs.gateway.eventstream import EventStream
 from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
@@ -238,7 +238,7 @@ class Api:
     async def company_events(self, request: Request) -> Response:
         principal = await self.authorize(request, stream=True)
         try:
-            cursor = sse.parse_company_cursor(request.headers.get("last-event-id"))
+            cursor = companystream.parse_company_cursor(request.headers.get("last-event-id"))
         except ValueError as exc:
             bad_request(str(exc))
         company_id = principal.company_id
@@ -251,7 +251,7 @@ class Api:
             slots.release(company_id)
 
         try:
-            return self._stream(sse.company_stream(self.state, sub, cursor), release)
+            return self._stream(companystream.company_stream(self.state, sub, cursor), release)
         except BaseException:
             release()
             raise

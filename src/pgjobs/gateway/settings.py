@@ -73,7 +73,7 @@ class GatewaySettings:
     send_timeout_seconds: float = 10.0
     # A company feed whose last read saw rows held back by the visibility horizon re-reads
     # this often without a NOTIFY (the horizon advances without one); a feed with nothing
-    # held back only every company_idle_poll_seconds (see pgjobs.gateway.sse.CompanyFeed).
+    # held back only every company_idle_poll_seconds (see pgjobs.gateway.companystream.CompanyFeed).
     company_poll_seconds: float = 1.0
     company_idle_poll_seconds: float = 30.0
     stream_token_max_seconds: int = 300

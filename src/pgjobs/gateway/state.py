@@ -15,10 +15,10 @@ from pgjobs import db
 from pgjobs.client import Client
 from pgjobs.errors import NotMigratedError
 from pgjobs.gateway.auth import GATEWAY_QUERIES
+from pgjobs.gateway.companystream import CompanyFeeds
 from pgjobs.gateway.fanout import Fanout
 from pgjobs.gateway.limits import StreamSlots
 from pgjobs.gateway.settings import GatewaySettings
-from pgjobs.gateway.sse import CompanyFeeds
 from pgjobs.notifier import Listener
 from pgjobs.storage import Storage
 

@@ -1,0 +1,296 @@
+"""The company stream: all of a company's events, in commit-safe order, gap-free.
+
+*Never ahead* holds as for job streams (``pgjobs.gateway.sse``): events come from a
+NOTIFY, delivered after the commit, or from a read of committed rows.
+
+*Never missing, per company.* Event ids come from an identity column, handed out at
+insert, not at commit: a transaction can commit a smaller id after a larger one was
+read, so ``id > last`` could skip it. The company stream's cursor is ``(xid, id)`` and it
+reads only rows whose transaction id is below the snapshot's ``xmin``: every transaction
+below that horizon has ended, and every later one gets a larger xid, so in (xid, id)
+order nothing can still appear behind the cursor. The SSE id is ``"<xid>-<id>"``. The
+table is read on every NOTIFY for the company, after every LISTEN reconnect, and on a
+timer while rows are held back by the horizon (it moves when an unrelated transaction
+ends, which sends no NOTIFY; see ``CompanyFeed``). The trade-off: a long-running write
+transaction anywhere in the database holds the horizon, and so every company stream,
+back until it ends.
+
+One reader per company (``CompanyFeed``) reads the table for all of that company's
+streams in this process and encodes each event once for all of them; a resuming stream
+catches up from the table on its own first (a set-up read, which takes its turn for the
+pool), then follows the feed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import re
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import psycopg
+
+from pgjobs.gateway.fanout import Subscription
+from pgjobs.gateway.sse import PAGE, event_data, frame, read_rows, reconnect_frame, setup_read
+
+if TYPE_CHECKING:
+    from pgjobs.gateway.state import GatewayState
+
+log = logging.getLogger(__name__)
+
+_COMPANY_CURSOR = re.compile(r"^(\d{1,20})-(\d{1,19})$")
+
+
+def parse_company_cursor(raw: str | None) -> tuple[str, int] | None:
+    """Last-Event-ID of a company stream: ``"<xid>-<eventId>"``."""
+    if raw is None or raw == "":
+        return None
+    match = _COMPANY_CURSOR.match(raw)
+    if match is None or int(match.group(1)) >= 2**64:
+        raise ValueError("Last-Event-ID must be the id of an event from this stream")
+    return match.group(1), int(match.group(2))
+
+
+async def company_horizon(state: GatewayState) -> tuple[str, int]:
+    (row,) = await read_rows(state, "job_events_horizon", {})
+    return str(row["xid"]), 0
+
+
+async def company_feed_page(
+    state: GatewayState, company_id: str, cursor: tuple[str, int], *, setup: bool = False
+) -> tuple[list[dict[str, Any]], bool]:
+    """The company's next page after ``cursor`` below the horizon, and whether rows of
+    the company were held back by the horizon (committed, not yet readable) when it was
+    read. Read by the feed, and by a resuming stream's catch-up (``setup``: it takes its
+    turn, see setup_read)."""
+    read = setup_read if setup else read_rows
+    rows = await read(
+        state,
+        "job_events_company_feed",
+        {"company_id": company_id, "xid": cursor[0], "id": cursor[1], "limit": PAGE},
+    )
+    return [row for row in rows if row["id"] is not None], bool(rows[0]["held_back"])
+
+
+class CompanyFrame(NamedTuple):
+    """One company event, encoded once for every stream that sends it."""
+
+    xid: int
+    id: int
+    data: bytes
+
+    @classmethod
+    def of(cls, row: dict[str, Any]) -> CompanyFrame:
+        return cls(int(row["xid"]), row["id"], _company_event(row))
+
+
+class FeedClient:
+    """One company stream's inbox from its company's feed: bounded; a client that falls
+    a whole queue behind is marked overflowed and its stream ends (it resumes with
+    Last-Event-ID), so it can never hold the feed or the other streams back."""
+
+    def __init__(self, size: int) -> None:
+        self.queue: asyncio.Queue[list[CompanyFrame] | _Closed] = asyncio.Queue(size)
+        self.overflowed = False
+
+    def offer(self, frames: list[CompanyFrame]) -> None:
+        if self.overflowed:
+            return
+        try:
+            self.queue.put_nowait(frames)
+        except asyncio.QueueFull:
+            self.overflowed = True
+
+    def close(self) -> None:
+        while not self.queue.empty():
+            self.queue.get_nowait()
+        self.queue.put_nowait(_CLOSED)
+
+
+class _Closed:
+    pass
+
+
+_CLOSED = _Closed()
+
+
+class CompanyFeed:
+    """The one reader of a company's events in this process.
+
+    Every company stream would otherwise re-read ``pgjobs.job_events`` on each NOTIFY
+    and each poll tick: N streams, N queries per event, and the pool runs dry at a few
+    hundred streams. The feed reads once, below the horizon, from its own (xid, id)
+    cursor, and hands the rows to every attached stream.
+
+    It reads when a NOTIFY names its company (or the LISTEN connection came back), and
+    on a timer only while the last read saw rows held back by the horizon: those become
+    readable when some unrelated transaction ends, which sends no NOTIFY. Otherwise it
+    only re-reads every ``company_idle_poll_seconds``, in case a doorbell went missing
+    somewhere this code does not know of. (Polling every feed every second cost one
+    query per company per second: at 1,000 companies with a dashboard open, ~19% of
+    the gateway's core and 1,000 reads/s with nothing happening.)
+    """
+
+    def __init__(self, state: GatewayState, company_id: str, cursor: tuple[str, int]) -> None:
+        self.state = state
+        self.company_id = company_id
+        self.cursor = cursor
+        self.clients: set[FeedClient] = set()
+        self.wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+        self.reads = 0
+        self.held_back = False  # the last read saw rows the horizon still held back
+
+    async def run(self) -> None:
+        settings = self.state.settings
+        while self.clients:
+            # Cleared before reading: a NOTIFY that arrives during the read wakes the next.
+            self.wake.clear()
+            try:
+                while True:
+                    rows, held_back = await company_feed_page(
+                        self.state, self.company_id, self.cursor
+                    )
+                    self.reads += 1
+                    if rows:
+                        self.cursor = (rows[-1]["xid"], rows[-1]["id"])
+                        frames = [CompanyFrame.of(row) for row in rows]
+                        for client in list(self.clients):
+                            client.offer(frames)
+                    if len(rows) < PAGE:
+                        break
+            except psycopg.OperationalError as exc:  # PoolTimeout included
+                # The cursor has not moved: the next tick reads the same rows again.
+                log.warning("company feed %s: read failed, retrying: %s", self.company_id, exc)
+                held_back = True
+            self.held_back = held_back
+            poll = (
+                settings.company_poll_seconds if held_back else settings.company_idle_poll_seconds
+            )
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(poll):
+                    await self.wake.wait()
+
+
+class CompanyFeeds:
+    """The company feeds of one gateway process, created with their first stream and
+    stopped with their last."""
+
+    def __init__(self, state: GatewayState) -> None:
+        self.state = state
+        self._feeds: dict[str, CompanyFeed] = {}
+        # Serialises only the creation of a feed, so a burst of new streams for a company
+        # reads its starting horizon once, not once per stream.
+        self._creating = asyncio.Lock()
+        state.fanout.on_company_wake = self.wake
+
+    def wake(self, company_id: str) -> None:
+        feed = self._feeds.get(company_id)
+        if feed is not None:
+            feed.wake.set()
+
+    async def attach(self, company_id: str) -> tuple[CompanyFeed, FeedClient, tuple[str, int]]:
+        """Join the company's feed; returns it, this stream's inbox, and the feed's cursor
+        at the moment of joining: every row the inbox receives comes after it."""
+        feed = self._feeds.get(company_id)
+        if feed is None:
+            async with self._creating:
+                feed = self._feeds.get(company_id)
+                if feed is None:
+                    # A new feed starts at the current horizon, read *before* the
+                    # stream's own catch-up read: that read then reaches at least this
+                    # far, and the feed covers everything after it.
+                    cursor = await company_horizon(self.state)
+                    feed = CompanyFeed(self.state, company_id, cursor)
+                    self._feeds[company_id] = feed
+        client = FeedClient(self.state.settings.subscriber_queue_size)
+        feed.clients.add(client)
+        if feed.task is None or feed.task.done():
+            feed.task = asyncio.create_task(feed.run(), name=f"pgjobs-feed-{company_id}"[:60])
+        return feed, client, feed.cursor
+
+    def detach(self, feed: CompanyFeed, client: FeedClient) -> None:
+        feed.clients.discard(client)
+        if not feed.clients and self._feeds.get(feed.company_id) is feed:
+            del self._feeds[feed.company_id]
+            # Not cancelled: a cancelled query makes psycopg discard its pooled connection,
+            # and streams that come and go would churn the pool. Woken instead, the feed
+            # finishes any read in flight and returns, having no client left.
+            feed.wake.set()
+
+    @property
+    def feeds(self) -> int:
+        return len(self._feeds)
+
+    @property
+    def clients(self) -> int:
+        return sum(len(feed.clients) for feed in self._feeds.values())
+
+    @property
+    def reads(self) -> int:
+        """Table reads made by the live feeds (for tests and metrics)."""
+        return sum(feed.reads for feed in self._feeds.values())
+
+    def close(self) -> None:
+        for feed in list(self._feeds.values()):
+            for client in feed.clients:
+                client.close()
+            if feed.task is not None:
+                feed.task.cancel()
+        self._feeds.clear()
+
+
+async def company_stream(
+    state: GatewayState, sub: Subscription, cursor: tuple[str, int] | None
+) -> AsyncGenerator[bytes, None]:
+    """All of a company's events, in (xid, id) order, until the client or server leaves.
+
+    Attach to the company's feed first. A new stream (no Last-Event-ID) starts where the
+    feed is, with no database read of its own, so a burst of connections costs nothing;
+    a resuming one catches up from the table from its cursor. Then follow the feed,
+    skipping what the catch-up already sent."""
+    try:
+        feed, client, feed_cursor = await state.company_feeds.attach(sub.company_id)
+    except psycopg.OperationalError as exc:  # PoolTimeout included
+        log.warning("company stream could not start: %s", exc)
+        yield reconnect_frame()
+        return
+    try:
+        try:
+            while cursor is not None:
+                rows, _ = await company_feed_page(state, sub.company_id, cursor, setup=True)
+                for row in rows:
+                    cursor = (row["xid"], row["id"])
+                    yield _company_event(row)
+                if len(rows) < PAGE:
+                    break
+        except (psycopg.OperationalError, TimeoutError) as exc:
+            # Busy or unreachable database, or no turn for the pool within
+            # STREAM_SETUP_WAIT_SECONDS: end; the browser resumes from Last-Event-ID.
+            log.warning("company stream catch-up failed: %s", exc)
+            yield reconnect_frame()
+            return
+        if cursor is None:
+            cursor = feed_cursor
+        sent = (int(cursor[0]), cursor[1])
+        while not sub.closed:
+            item = await client.queue.get()
+            if isinstance(item, _Closed):
+                return
+            for event in item:
+                if (event.xid, event.id) > sent:
+                    sent = (event.xid, event.id)
+                    yield event.data
+            if client.overflowed and client.queue.empty():
+                return  # fell a whole queue behind: resume with Last-Event-ID
+    finally:
+        state.company_feeds.detach(feed, client)
+
+
+def _company_event(row: dict[str, Any]) -> bytes:
+    data = event_data(
+        row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], row["payload"]
+    )
+    return frame(row["type"], data, f"{row['xid']}-{row['id']}")
