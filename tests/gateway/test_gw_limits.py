@@ -8,6 +8,7 @@ import json
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings
@@ -223,6 +224,18 @@ async def test_a_stream_that_cannot_reach_the_database_asks_to_reconnect_later(
                         break
 
 
+async def open_at_once(gateway: RunningGateway, paths: list[str], **kwargs: Any) -> list[list[Sse]]:
+    """acme's streams opened all at once, as EventSource opens them: with a stream token,
+    which the gateway checks without the database."""
+    token, _ = auth.mint_stream_token(gateway.state.settings.secret, "acme", None, 300)
+    return await asyncio.gather(
+        *(
+            collect(gateway, f"{path}?streamToken={token}", company=None, **kwargs)  # type: ignore[arg-type]
+            for path in paths
+        )
+    )
+
+
 async def test_a_burst_of_job_streams_queues_for_the_pool_instead_of_being_sent_away(
     dsn: str, storage_dir: Path
 ) -> None:
@@ -233,19 +246,8 @@ async def test_a_burst_of_job_streams_queues_for_the_pool_instead_of_being_sent_
     tight = settings(pool_size=2, pool_max_waiting=1, pool_timeout_seconds=5.0)
     async with serve_gateway(dsn, storage_dir, tight) as gateway:
         jobs = await gateway.state.client.enqueue_many([JobSpec("acme", "echo") for _ in range(30)])
-        # As EventSource opens them: a stream token, checked without the database.
-        token, _ = auth.mint_stream_token(gateway.state.settings.secret, "acme", None, 300)
-        results = await asyncio.gather(
-            *(
-                collect(
-                    gateway,
-                    f"/api/companies/acme/content-jobs/{j.id}/events?streamToken={token}",
-                    company=None,  # type: ignore[arg-type]
-                    stop_after=1,
-                )
-                for j in jobs
-            )
-        )
+        paths = [f"/api/companies/acme/content-jobs/{j.id}/events" for j in jobs]
+        results = await open_at_once(gateway, paths, stop_after=1)
     assert [r[0].data["jobId"] for r in results] == [str(j.id) for j in jobs]
     assert all(r[0].event == "status" for r in results)
 
@@ -267,18 +269,11 @@ async def test_a_burst_of_resuming_company_streams_queues_for_the_pool(
             )
             first = await cur.fetchone()
         assert first is not None
-        token, _ = auth.mint_stream_token(gateway.state.settings.secret, "acme", None, 300)
-        results = await asyncio.gather(
-            *(
-                collect(
-                    gateway,
-                    f"{EVENTS.format('acme')}?streamToken={token}",
-                    company=None,  # type: ignore[arg-type]
-                    last_event_id=f"{first[0]}-{first[1]}",
-                    stop_after=2,
-                )
-                for _ in range(30)
-            )
+        results = await open_at_once(
+            gateway,
+            [EVENTS.format("acme")] * 30,
+            last_event_id=f"{first[0]}-{first[1]}",
+            stop_after=2,
         )
     assert [len(r) for r in results] == [2] * 30
     assert all(ev.event == "content_job.queued" for r in results for ev in r)
