@@ -75,7 +75,7 @@ async def test_frozen_worker_cannot_overwrite_the_newer_attempt(
 ) -> None:
     marker = tmp_path / "started"
     # The sleep is well under the heartbeat interval (2.5 s), so that on SIGCONT the
-    # handler's timer is due before the heartbeat's even if the claim came late.
+    # handler's timer is usually due before the heartbeat's (see the end).
     job = await client.enqueue("acme", "slow_first", {"marker": str(marker), "seconds": 1.0})
     stale = start_worker_process(
         dsn,
@@ -112,9 +112,13 @@ async def test_frozen_worker_cannot_overwrite_the_newer_attempt(
     terminal = [e for e in events if e.type in (EventType.DONE, EventType.FAILED)]
     assert [(e.type, e.worker_id) for e in terminal] == [(EventType.DONE, "fresh")]
     assert events[-1].type is EventType.DONE, "nothing was written after the terminal event"
-    # Its handler's sleep ends before its next heartbeat is due, so on SIGCONT it tries to
-    # record attempt 1 first: the guarded write matches no row and the result is dropped.
-    assert "attempt 1: result discarded" in log, log
+    # On SIGCONT two timers are overdue in the stale worker, and either fences it: the
+    # handler's (it records attempt 1, the guarded write matches no row, the result is
+    # dropped) or the heartbeat's (it finds the lease gone and stops the handler). Which
+    # runs first depends on how late the claim came after start-up: on a busy machine
+    # the heartbeat won. The discard path alone is pinned down in
+    # test_an_attempt_that_lost_its_job_leaves_neither_a_result_nor_a_file.
+    assert "attempt 1: result discarded" in log or "lease lost" in log, log
     assert await assert_histories_valid(dsn) == 1
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -13,8 +14,8 @@ import pytest
 from psycopg.rows import dict_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
-from pgjobs import db
-from pgjobs.assets import StoredAsset
+from pgjobs import db, rescuer
+from pgjobs.assets import GeneratedAsset, StoredAsset
 from pgjobs.client import Client
 from pgjobs.completer import Completer, Outcome
 from pgjobs.context import JobContext
@@ -22,7 +23,7 @@ from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 from pgjobs.storage import LocalStorage
-from pgjobs.types import Job, JobStatus, Progress, job_rows, job_status
+from pgjobs.types import EventType, Job, JobStatus, Progress, job_rows, job_status
 from pgjobs.worker import CLAIMS_IN_FLIGHT, Worker
 
 
@@ -269,3 +270,51 @@ async def test_a_claim_that_fails_unexpectedly_stops_the_worker_with_its_error(
     worker._claim = broken_claim  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="claim statement refused"):
         await asyncio.wait_for(worker.run(), timeout=30)
+
+
+async def test_an_attempt_that_lost_its_job_leaves_neither_a_result_nor_a_file(
+    dsn: str, client: Client, storage_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The worker's half of fencing, deterministically: the job is rescued while attempt
+    1's handler runs (the rescue pass is given a clock past the lease), then the handler
+    returns a generated file. The completion matches no row, so the result is dropped
+    and the stored file deleted: the job stays queued for attempt 2 with no asset."""
+    job = await client.enqueue("acme", "render")
+    started, release = asyncio.Event(), asyncio.Event()
+    registry = Registry()
+
+    @registry.handler("render")
+    async def render(ctx: JobContext) -> GeneratedAsset:
+        started.set()
+        await release.wait()
+        return GeneratedAsset(b"attempt 1", "out.txt", result={"attempt": ctx.attempt})
+
+    async def is_set() -> bool:
+        return started.is_set()
+
+    async def discarded() -> bool:
+        return "attempt 1: result discarded" in caplog.text
+
+    # No heartbeat or rescue of its own during the test: only the one below moves the job.
+    settings = fast_settings(
+        storage_dir, heartbeat_seconds=30, lease_seconds=60, rescue_interval_seconds=30
+    )
+    caplog.set_level("WARNING", logger="pgjobs.completer")
+    async with running_worker(dsn, registry, settings):
+        await wait_until(is_set, message="attempt 1 started")
+        later = datetime.now(UTC) + timedelta(seconds=120)
+        rescued = await rescuer.rescue_expired_with(dsn, now=later)
+        assert [j.id for j in rescued] == [job.id]
+        release.set()
+        await wait_until(discarded, message="attempt 1's result discarded")
+    after = await client.get("acme", job.id)
+    assert (after.status, after.attempts, after.result) == (JobStatus.QUEUED, 1, None)
+    assert after.result_asset_id is None
+    assert await fetch(dsn, "SELECT id FROM pgjobs.assets") == []
+    assert await asyncio.to_thread(_files, storage_dir) == [], "the file was deleted"
+    events = [e.type for e in await client.events("acme", job.id)]
+    assert events == [EventType.QUEUED, EventType.RUNNING, EventType.RETRYING]
+
+
+def _files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.is_file()]
