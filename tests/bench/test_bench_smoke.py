@@ -30,12 +30,14 @@ def python_m(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
     )
 
 
-@pytest.mark.timeout(60)
+# Hang guards, not timings: the run takes ~25 s alone, but CI machines are shared, and
+# with two other processes busy on its two cores it took over a minute.
+@pytest.mark.timeout(300)
 def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     out = tmp_path / "results"
     proc = python_m(
         "bench", "--tiny", "--systems", "pgjobs", "--only", *SCENARIOS, "--out", str(out),
-        timeout=60,
+        timeout=280,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in SCENARIOS:
