@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import psycopg
 
 from pgjobs.gateway.fanout import Subscription
-from pgjobs.gateway.sse import PAGE, event_data, frame, read_rows, reconnect_frame, setup_read
+from pgjobs.gateway.sse import PAGE, read_rows, reconnect_frame, row_event, setup_read
 
 if TYPE_CHECKING:
     from pgjobs.gateway.state import GatewayState
@@ -290,7 +290,4 @@ async def company_stream(
 
 
 def _company_event(row: dict[str, Any]) -> bytes:
-    data = event_data(
-        row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], row["payload"]
-    )
-    return frame(row["type"], data, f"{row['xid']}-{row['id']}")
+    return row_event(row, f"{row['xid']}-{row['id']}")

@@ -100,11 +100,13 @@ async def only(data: bytes) -> AsyncGenerator[bytes, None]:
     yield data
 
 
-def row_event(row: dict[str, Any]) -> bytes:
+def row_event(row: dict[str, Any], event_id: str | None = None) -> bytes:
+    """A ``pgjobs.job_events`` row as a frame; its SSE id is the job's seq unless given
+    (the company stream's is ``"<xid>-<id>"``)."""
     data = event_data(
         row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], row["payload"]
     )
-    return frame(row["type"], data, str(row["seq"]))
+    return frame(row["type"], data, str(row["seq"]) if event_id is None else event_id)
 
 
 def status_event(job: dict[str, Any]) -> bytes:
