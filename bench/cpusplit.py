@@ -63,6 +63,25 @@ class Sampler(threading.Thread):
         return sum(t - self.first[kind].get(pid, 0.0) for pid, t in self.last[kind].items())
 
 
+def drain_with_cpu(ctx: Ctx, system: str, dsn: str, jobs: int, processes: int) -> dict[str, float]:
+    """One drain (as scenario 1) while the Sampler reads every PostgreSQL and worker
+    process: its result, plus CPU per job (µs) on each side and the cores busy."""
+    sampler = Sampler()
+    sampler.start()
+    t = time.monotonic()
+    result = drain(ctx, system, dsn, jobs, processes)
+    wall = time.monotonic() - t
+    sampler.stop.set()
+    sampler.join()
+    pg_s, worker_s = sampler.used("postgres"), sampler.used("worker")
+    return {
+        **result,
+        "pg_cpu_us": pg_s / jobs * 1e6,
+        "worker_cpu_us": worker_s / jobs * 1e6,
+        "cores_busy": (pg_s + worker_s) / wall,
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(prog="python -m bench.cpusplit")
     p.add_argument("--system", default="pgjobs", choices=sorted(systems.WORKER_DEFAULTS))
@@ -75,20 +94,12 @@ def main() -> None:
         ctx = Ctx(server_dsn, QUICK, "cpusplit", 1, args.out, (args.system,))
         ctx.logs.mkdir(exist_ok=True)
         with queue_db(ctx, args.system, args.jobs) as dsn:
-            sampler = Sampler()
-            sampler.start()
-            t = time.monotonic()
-            result = drain(ctx, args.system, dsn, args.jobs, args.processes)
-            wall = time.monotonic() - t
-            sampler.stop.set()
-            sampler.join()
-    n = args.jobs
-    pg_s, worker_s = sampler.used("postgres"), sampler.used("worker")
+            r = drain_with_cpu(ctx, args.system, dsn, args.jobs, args.processes)
     print(
-        f"{args.system}, {args.processes} process(es), {n:,} jobs: "
-        f"{result['jobs_per_s']:,.0f} jobs/s; CPU per job: PostgreSQL "
-        f"{pg_s / n * 1e6:.0f} µs, workers {worker_s / n * 1e6:.0f} µs; "
-        f"cores busy {(pg_s + worker_s) / wall:.2f} (includes start-up and queue checks)"
+        f"{args.system}, {args.processes} process(es), {args.jobs:,} jobs: "
+        f"{r['jobs_per_s']:,.0f} jobs/s; CPU per job: PostgreSQL {r['pg_cpu_us']:.0f} µs, "
+        f"workers {r['worker_cpu_us']:.0f} µs; cores busy {r['cores_busy']:.2f} (includes "
+        "start-up and queue checks)"
     )
 
 

@@ -47,8 +47,8 @@ import psycopg
 
 from bench import pg
 from bench.context import QUICK, Ctx
-from bench.cpusplit import Sampler
-from bench.drain import drain, queue_db
+from bench.cpusplit import drain_with_cpu
+from bench.drain import queue_db
 from bench.stats import fmt, summary
 from pgjobs.queries import QUERIES
 
@@ -132,11 +132,7 @@ def profile(server_dsn: str, jobs: int, processes: int, out: Path) -> dict[str, 
             name = conn.execute("SELECT current_database()").fetchone()[0]  # type: ignore[index]
             conn.execute(f"ALTER DATABASE \"{name}\" SET pg_stat_statements.track = 'all'")
             conn.execute("SELECT pg_stat_statements_reset()")
-        sampler = Sampler()
-        sampler.start()
-        result = drain(ctx, "pgjobs", dsn, jobs, processes)
-        sampler.stop.set()
-        sampler.join()
+        result = drain_with_cpu(ctx, "pgjobs", dsn, jobs, processes)
         with psycopg.connect(dsn, autocommit=True) as conn:
             rows = conn.execute(
                 "SELECT toplevel, calls, rows, total_exec_time, total_plan_time, wal_bytes,"
@@ -163,8 +159,8 @@ def profile(server_dsn: str, jobs: int, processes: int, out: Path) -> dict[str, 
         "processes": processes,
         "jobs_per_s": result["jobs_per_s"],
         "server_version": server_version,
-        "pg_cpu_us": sampler.used("postgres") / jobs * 1e6,
-        "worker_cpu_us": sampler.used("worker") / jobs * 1e6,
+        "pg_cpu_us": result["pg_cpu_us"],
+        "worker_cpu_us": result["worker_cpu_us"],
         "statements": statements,
     }
 
