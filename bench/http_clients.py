@@ -72,7 +72,6 @@ class SseStream(asyncio.Protocol):
         self.done: asyncio.Future[None] = loop.create_future()
         self.retry_ms: int | None = None  # the stream's last `retry:` field
         self.status: int | None = None
-        self.got_data = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
@@ -122,7 +121,6 @@ class SseStream(asyncio.Protocol):
         while b"\n" in self.body:
             line, _, self.body = self.body.partition(b"\n")
             if line.startswith(b"data:"):
-                self.got_data = True
                 self.owner.on_data(self.i, line[5:], t)
             elif line.startswith(b"retry:"):
                 self.retry_ms = int(line[6:].strip())

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import psycopg
@@ -56,24 +57,39 @@ async def handler(_job: Any) -> None:
     return None
 
 
-async def _loop_floor(conn: psycopg.AsyncConnection[Any]) -> int:
-    claim, finish = floor_statements()
+Rows = list[tuple[Any, ...]]
+
+
+async def _loop(
+    conn: psycopg.AsyncConnection[Any],
+    claim: tuple[str, dict[str, Any]],
+    finish: Callable[[Rows], tuple[str, dict[str, Any]]],
+) -> int:
+    """Claim, await the handler per job, finish; until a claim finds nothing."""
     done = 0
     while True:
-        cur = await conn.execute(claim, {"limit": BATCH})
+        cur = await conn.execute(*claim)
         rows = await cur.fetchall()
         if not rows:
             return done
         for row in rows:
             await handler(row)
-        await conn.execute(finish, {"ids": [r[0] for r in rows], "toks": [r[1] for r in rows]})
+        await conn.execute(*finish(rows))
         done += len(rows)
+
+
+async def _loop_floor(conn: psycopg.AsyncConnection[Any]) -> int:
+    claim, finish = floor_statements()
+    return await _loop(
+        conn,
+        (claim, {"limit": BATCH}),
+        lambda rows: (finish, {"ids": [r[0] for r in rows], "toks": [r[1] for r in rows]}),
+    )
 
 
 async def _loop_pgjobs(conn: psycopg.AsyncConnection[Any]) -> int:
     from pgjobs.queries import QUERIES
 
-    done = 0
     cur = await conn.execute("SELECT * FROM pgjobs.jobs LIMIT 0")
     assert cur.description is not None
     names = [d.name for d in cur.description]
@@ -82,27 +98,20 @@ async def _loop_pgjobs(conn: psycopg.AsyncConnection[Any]) -> int:
         "now": None, "limit": BATCH, "worker_id": "lean", "lease_seconds": 30,
         "job_types": None,
     }  # fmt: skip
-    while True:
-        cur = await conn.execute(QUERIES["job_claim_batch"], claim)
-        rows = await cur.fetchall()
-        if not rows:
-            return done
-        for row in rows:
-            await handler(row)
+
+    def finish(rows: Rows) -> tuple[str, dict[str, Any]]:
         n = len(rows)
-        await conn.execute(
-            QUERIES["job_finish_many_if_leased"],
-            {
-                "now": None,
-                "ids": [r[id_at] for r in rows],
-                "lease_tokens": [r[token_at] for r in rows],
-                "outcomes": ["done"] * n,
-                "results": None, "errors": None, "retry_delays": [0.0] * n,
-                "asset_ids": None, "asset_keys": None, "asset_content_types": None,
-                "asset_sizes": None, "asset_sha256s": None, "asset_filenames": None,
-            },
-        )  # fmt: skip
-        done += n
+        return QUERIES["job_finish_many_if_leased"], {
+            "now": None,
+            "ids": [r[id_at] for r in rows],
+            "lease_tokens": [r[token_at] for r in rows],
+            "outcomes": ["done"] * n,
+            "results": None, "errors": None, "retry_delays": [0.0] * n,
+            "asset_ids": None, "asset_keys": None, "asset_content_types": None,
+            "asset_sizes": None, "asset_sha256s": None, "asset_filenames": None,
+        }  # fmt: skip
+
+    return await _loop(conn, (QUERIES["job_claim_batch"], claim), finish)
 
 
 async def run(dsn: str, sql: str, connections: int) -> None:

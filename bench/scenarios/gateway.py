@@ -32,6 +32,7 @@ latency from writing the request to reading the 202 body; throughput = POSTs / w
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import json
 import os
@@ -367,7 +368,7 @@ def _one_step(
                 samples.append((t - commits_c[job_id][1]) * 1000)
         # Every open stream of an event's company receives it (streams are spread evenly,
         # so a share of them told to reconnect later lowers each company's count alike).
-        per_company = {c: sum(1 for i in range(n) if names[i % companies] == c) for c in names}
+        per_company = collections.Counter(names[i % companies] for i in range(n))
         expected = round(
             sum(per_company[c] for c, _ in commits_c.values()) * int(opened) / max(n, 1)
         )
@@ -445,6 +446,8 @@ def _storm_step(ctx: Ctx, dsn: str, port: int, n: int, kind: str = "job") -> dic
 
 # A resuming dashboard of the company storm is this many events behind.
 RESUME_BEHIND = 5
+# The storms of step 4d: result key, _storm_step's kind, what the streams are.
+STORMS = (("storm", "job", "job streams"), ("company_storm", "company", "resuming company streams"))
 
 
 async def _company_cursor_behind(dsn: str, behind: int) -> str:
@@ -514,24 +517,16 @@ def run(ctx: Ctx) -> dict[str, Any]:
                         f"{step['gateway_cpu_idle']:.0%}, "
                         f"{step['deliveries_measured']}/{step['deliveries_expected']} deliveries"
                     )
-                one["storm"] = []
-                for n in s.storm_clients:
-                    step = _storm_step(ctx, dsn, port, n)
-                    one["storm"].append(step)
-                    ctx.log(
-                        f"gateway reconnect storm, {n:,} streams at once: all first events in "
-                        f"{step['connect_seconds']:.1f} s, {step['reconnects']:,} told to "
-                        f"reconnect, {step['failed']} failed"
-                    )
-                one["company_storm"] = []
-                for n in s.storm_clients:
-                    step = _storm_step(ctx, dsn, port, n, "company")
-                    one["company_storm"].append(step)
-                    ctx.log(
-                        f"gateway reconnect storm, {n:,} resuming company streams at once: all "
-                        f"first events in {step['connect_seconds']:.1f} s, "
-                        f"{step['reconnects']:,} told to reconnect, {step['failed']} failed"
-                    )
+                for key, kind, what in STORMS:
+                    one[key] = []
+                    for n in s.storm_clients:
+                        step = _storm_step(ctx, dsn, port, n, kind)
+                        one[key].append(step)
+                        ctx.log(
+                            f"gateway reconnect storm, {n:,} {what} at once: all first events "
+                            f"in {step['connect_seconds']:.1f} s, {step['reconnects']:,} told "
+                            f"to reconnect, {step['failed']} failed"
+                        )
                 one["post"] = []
                 for m in s.post_submitters:
                     cpu0 = cpu_seconds(pid)
