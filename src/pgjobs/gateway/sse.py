@@ -168,10 +168,11 @@ def _read_done(task: asyncio.Task[Any]) -> None:
 async def setup_read(
     state: GatewayState, query: str, params: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """A stream set-up's read: the job a job stream starts from, or a page of a resuming
-    company stream's catch-up. Set-ups take turns for the pool, at most half of it at
-    once (the REST API and the company feeds keep the rest), each waiting up to
-    STREAM_SETUP_WAIT_SECONDS for its turn (then TimeoutError). In a reconnect storm
+    """A stream set-up's read: the job a job stream starts from, the first page of a
+    resuming job stream's catch-up, or a page of a resuming company stream's catch-up.
+    Set-ups take turns for the pool, at most half of it at once (the REST API and the
+    company feeds keep the rest), each waiting up to STREAM_SETUP_WAIT_SECONDS for its
+    turn (then TimeoutError). In a reconnect storm
     (every browser back at once after a gateway restart) they queue here at the cost of
     a coroutine each, instead of overflowing the pool's waiting line and being sent away
     to retry: with 1-5 s retries and no queue, 10,000 browsers arriving together kept
@@ -190,9 +191,15 @@ async def load_job(
 
 
 async def job_events_after(
-    state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int
+    state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int, *, setup: bool
 ) -> list[dict[str, Any]]:
-    return await read_rows(
+    """A page of the job's events after ``after_seq``. The first page of a resuming
+    stream is part of its set-up (``setup``: it takes its turn, see setup_read): it is
+    the longer of the set-up's two reads, and in a reconnect storm of browsers that
+    were all watching, those pages filled the pool's waiting line and sent the rest
+    away."""
+    read = setup_read if setup else read_rows
+    return await read(
         state,
         "job_events_after_seq",
         {"job_id": job_id, "company_id": company_id, "after_seq": after_seq, "limit": PAGE},
@@ -205,9 +212,12 @@ async def job_stream(
     """One job's events. ``sub`` was subscribed before ``job`` was read."""
     company_id, job_id = sub.company_id, job["id"]
 
-    async def from_table(after: int) -> AsyncGenerator[dict[str, Any], None]:
+    async def from_table(
+        after: int, *, setup: bool = False
+    ) -> AsyncGenerator[dict[str, Any], None]:
         while True:
-            rows = await job_events_after(state, company_id, job_id, after)
+            rows = await job_events_after(state, company_id, job_id, after, setup=setup)
+            setup = False  # only the first page is the set-up's
             for row in rows:
                 yield row
                 after = row["seq"]
@@ -221,7 +231,7 @@ async def job_stream(
             if job["status"] in TERMINAL:
                 return
         else:
-            async for row in from_table(last):
+            async for row in from_table(last, setup=True):
                 yield row_event(row)
                 last = row["seq"]
                 if row["status"] in TERMINAL:
@@ -250,8 +260,9 @@ async def job_stream(
                 if item.status in TERMINAL:
                     return
             # else: an event this stream already sent (seq <= last); drop it.
-    except psycopg.OperationalError as exc:  # PoolTimeout included
-        # The database is busy or gone: end the stream; the browser resumes from its
+    except (psycopg.OperationalError, TimeoutError) as exc:  # PoolTimeout included
+        # The database is busy or gone, or the catch-up got no turn for the pool within
+        # STREAM_SETUP_WAIT_SECONDS: end the stream; the browser resumes from its
         # Last-Event-ID when it reconnects.
         log.warning("job stream %s ended: %s", job_id, exc)
         yield reconnect_frame()
