@@ -57,7 +57,7 @@ def drain(
 ) -> dict[str, Any]:
     config = config or systems.WORKER_DEFAULTS[system]
     done_before, _ = systems.counts(system, dsn)
-    with WorkerGroup(system, dsn, config, processes, log_dir=ctx.logs) as group:
+    with WorkerGroup.of_queue(system, dsn, config, processes, log_dir=ctx.logs) as group:
         t0 = group.go()
         finished = group.wait(timeout)
     seconds = max(finished) - t0

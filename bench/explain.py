@@ -104,7 +104,7 @@ def profile(ctx: Ctx, dsn: str, n: int, out: Path) -> dict[str, Any]:
     spy = shutil.which("py-spy") or str(Path(__import__("sys").executable).parent / "py-spy")
     raw = out / "pyspy-pgjobs-worker.txt"
     config = systems.WORKER_DEFAULTS["pgjobs"]
-    with WorkerGroup("pgjobs", dsn, config, 1, log_dir=ctx.logs) as group:
+    with WorkerGroup.of_queue("pgjobs", dsn, config, 1, log_dir=ctx.logs) as group:
         pid = group.procs[0].pid
         rec = subprocess.Popen(  # noqa: S603 - the venv's py-spy on our own child
             [spy, "record", "--pid", str(pid), "--format", "raw", "--rate", "250",

@@ -344,7 +344,7 @@ def python_drain(
         if prepare is not None:
             prepare(dsn)
         module = [MARKER, dsn, sql, str(connections)]
-        with WorkerGroup("lean", dsn, None, processes, log_dir=Path(logs), module=module) as group:
+        with WorkerGroup("lean", module, processes, log_dir=Path(logs)) as group:
             before = cpu_readings(MARKER)
             start = group.go()
             done = sum(group.results(900))

@@ -24,34 +24,44 @@ READY_TIMEOUT = 60.0
 
 
 class WorkerGroup:
-    """``processes`` worker processes of one queue. Always used as a context manager:
-    whatever happens, no process outlives it."""
+    """``processes`` processes running ``python -m <module...>``, each speaking the
+    bench.worker protocol (ready / go / done on stdin and stdout). Always used as a
+    context manager: whatever happens, no process outlives it. ``of_queue`` starts
+    bench.worker for one queue; the constructor any other module (bench.leanworker)."""
 
     def __init__(
         self,
+        name: str,
+        module: Sequence[str],
+        processes: int,
+        *,
+        log_dir: Path,
+        stamps_dir: Path | None = None,
+    ) -> None:
+        self.name = name
+        self.module = module
+        self.n = processes
+        self.log_dir = log_dir
+        self.stamps_dir = stamps_dir
+        self.procs: list[subprocess.Popen[str]] = []
+        self.lines: list[queue.Queue[str]] = []
+        self.t0 = 0.0
+
+    @classmethod
+    def of_queue(
+        cls,
         system: str,
         dsn: str,
-        config: WorkerConfig | None,
+        config: WorkerConfig,
         processes: int,
         *,
         mode: str = "drain",
         log_dir: Path,
         stamps_dir: Path | None = None,
-        module: Sequence[str] | None = None,
-    ) -> None:
-        """``module``: run ``python -m <module...>`` instead of bench.worker (same
-        ready / go / done protocol on stdin and stdout)."""
-        self.system = system
-        self.dsn = dsn
-        self.config = config
-        self.n = processes
-        self.mode = mode
-        self.log_dir = log_dir
-        self.stamps_dir = stamps_dir
-        self.module = module
-        self.procs: list[subprocess.Popen[str]] = []
-        self.lines: list[queue.Queue[str]] = []
-        self.t0 = 0.0
+    ) -> WorkerGroup:
+        """bench.worker processes of one queue, with its settings."""
+        module = ["bench.worker", system, dsn, *argv_for(config), "--mode", mode]
+        return cls(system, module, processes, log_dir=log_dir, stamps_dir=stamps_dir)
 
     def __enter__(self) -> WorkerGroup:
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -59,16 +69,10 @@ class WorkerGroup:
             env = dict(os.environ)
             env.pop("BENCH_STAMPS", None)
             if self.stamps_dir is not None:
-                env["BENCH_STAMPS"] = str(self.stamps_dir / f"{self.system}-{i}.json")
-            log = (self.log_dir / f"{self.system}-worker-{i}.log").open("a")
-            if self.module is not None:
-                cmd = [sys.executable, "-m", *self.module]
-            else:
-                assert self.config is not None, "bench.worker needs its queue's settings"
-                cmd = [sys.executable, "-m", "bench.worker", self.system, self.dsn]
-                cmd += [*argv_for(self.config), "--mode", self.mode]
+                env["BENCH_STAMPS"] = str(self.stamps_dir / f"{self.name}-{i}.json")
+            log = (self.log_dir / f"{self.name}-worker-{i}.log").open("a")
             proc = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                cmd,
+                [sys.executable, "-m", *self.module],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,
@@ -97,11 +101,11 @@ class WorkerGroup:
             line = self.lines[i].get(timeout=timeout)
         except queue.Empty:
             raise TimeoutError(
-                f"{self.system} worker {i} did not say {word!r} within {timeout:.0f}s "
+                f"{self.name} worker {i} did not say {word!r} within {timeout:.0f}s "
                 f"(see {self.log_dir})"
             ) from None
         if not line.startswith(word):
-            raise RuntimeError(f"{self.system} worker {i} said {line!r}, expected {word!r}")
+            raise RuntimeError(f"{self.name} worker {i} said {line!r}, expected {word!r}")
         return line
 
     def go(self) -> float:

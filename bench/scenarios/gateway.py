@@ -407,12 +407,16 @@ def _storm_step(ctx: Ctx, dsn: str, port: int, n: int, kind: str = "job") -> dic
     first event, and how many were told to come back later.
 
     kind "job": each watches its own running job (its set-up reads the job). kind
-    "company": n dashboards of one company resume with the Last-Event-ID of the event
-    before the company's last RESUME_BEHIND, so each catches up from the table."""
+    "job_resume": the same, but each comes back RESUME_BEHIND progress events behind
+    (Last-Event-ID: the claim's event), so its set-up also reads those from the table.
+    kind "company": n dashboards of one company resume with the Last-Event-ID of the
+    event before the company's last RESUME_BEHIND, so each catches up from the table."""
     last_event_id = None
-    if kind == "job":
+    if kind in ("job", "job_resume"):
         jobs = asyncio.run(_running_jobs(dsn, n))
         paths = [f"/api/companies/{COMPANY}/content-jobs/{j}/events" for j, _ in jobs]
+        if kind == "job_resume":
+            last_event_id = asyncio.run(_progress_behind(dsn, jobs, RESUME_BEHIND))
     else:
         last_event_id = asyncio.run(_company_cursor_behind(dsn, RESUME_BEHIND))
         paths = [f"/api/companies/{COMPANY}/events"] * n
@@ -444,10 +448,36 @@ def _storm_step(ctx: Ctx, dsn: str, port: int, n: int, kind: str = "job") -> dic
     }
 
 
-# A resuming dashboard of the company storm is this many events behind.
+# A resuming browser of a storm is this many events behind.
 RESUME_BEHIND = 5
 # The storms of step 4d: result key, _storm_step's kind, what the streams are.
-STORMS = (("storm", "job", "job streams"), ("company_storm", "company", "resuming company streams"))
+STORMS = (
+    ("storm", "job", "job streams"),
+    ("job_resume_storm", "job_resume", "resuming job streams"),
+    ("company_storm", "company", "resuming company streams"),
+)
+
+
+async def _progress_behind(dsn: str, jobs: list[tuple[str, int]], behind: int) -> str:
+    """``behind`` progress transitions on each of the running ``jobs`` (the worker's
+    job_progress_if_leased, set-based: one statement per round for all of them); returns
+    the job streams' Last-Event-ID from before them, the claim's seq, the same for every
+    job."""
+    ids = [j for j, _ in jobs]
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "SELECT DISTINCT event_seq FROM pgjobs.jobs WHERE id = ANY(%s::uuid[])", (ids,)
+        )
+        seqs = [row[0] for row in await cur.fetchall()]
+        assert len(seqs) == 1, seqs
+        for i in range(behind):
+            await conn.execute(
+                "UPDATE pgjobs.jobs SET progress_fraction = %s, event_seq = event_seq + 1,"
+                " last_event = 'content_job.progress', updated_at = now()"
+                " WHERE id = ANY(%s::uuid[]) AND status = 'running'",
+                ((i + 1) / behind, ids),
+            )
+    return str(seqs[0])
 
 
 async def _company_cursor_behind(dsn: str, behind: int) -> str:
@@ -556,6 +586,7 @@ def run(ctx: Ctx) -> dict[str, Any]:
         "spread": _aggregate([r["spread"] for r in runs], "companies"),
         "spread_clients": s.spread_clients,
         "storm": _aggregate([r["storm"] for r in runs], "clients"),
+        "job_resume_storm": _aggregate([r.get("job_resume_storm", []) for r in runs], "clients"),
         "company_storm": _aggregate([r.get("company_storm", []) for r in runs], "clients"),
         "resume_behind": RESUME_BEHIND,
         "spread_rate": s.spread_rate,
@@ -675,7 +706,9 @@ def markdown(res: dict[str, Any]) -> str:
             "reconnecting after the gateway's `retry:` when told the database is busy, as "
             "EventSource does; time from the first connection until every stream has its "
             "first event. Job streams: each browser watches its own running job (the "
-            "set-up reads it). Resuming company streams: N dashboards of one company come "
+            "set-up reads it). Resuming job streams: the same, each "
+            f"{res.get('resume_behind', 5)} progress events behind its job (the set-up "
+            "also reads those). Resuming company streams: N dashboards of one company come "
             "back with the Last-Event-ID of the event before the company's last "
             f"{res.get('resume_behind', 5)}, so each catches those up from the table.",
             "",
@@ -683,6 +716,7 @@ def markdown(res: dict[str, Any]) -> str:
             "| --- | ---: | ---: | ---: |",
         ]
         rows = [("job streams", r) for r in res["storm"]]
+        rows += [("resuming job streams", r) for r in res.get("job_resume_storm", [])]
         rows += [("resuming company streams", r) for r in res.get("company_storm", [])]
         for kind, r in rows:
             lines.append(

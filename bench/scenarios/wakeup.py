@@ -36,7 +36,7 @@ def measure(ctx: Ctx, system: str, n: int, stamp_dir: Path) -> list[float]:
         asyncio.run(systems.install(system, dsn))
         pg.checkpoint(dsn)
         config = systems.WORKER_DEFAULTS[system]
-        with WorkerGroup(
+        with WorkerGroup.of_queue(
             system, dsn, config, 1, mode="serve", log_dir=ctx.logs, stamps_dir=stamp_dir
         ) as group:
             group.go()
