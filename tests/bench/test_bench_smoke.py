@@ -57,12 +57,16 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     for step in gateway["runs"][0]["spread"]:  # company streams over several companies
         assert step["opened"] == step["clients"], step
         assert step["deliveries_measured"] == step["deliveries_expected"] > 0, step
-    # Reconnect storms: job streams, and resuming company streams (each with a catch-up).
-    storms = gateway["runs"][0]["storm"] + gateway["runs"][0]["company_storm"]
-    assert len(storms) == 2, storms
+    # Reconnect storms: job streams, and resuming job and company streams (each with a
+    # catch-up).
+    run = gateway["runs"][0]
+    storms = run["storm"] + run["job_resume_storm"] + run["company_storm"]
+    assert len(storms) == 3, storms
     for step in storms:
         assert (step["opened"], step["failed"]) == (step["clients"], 0), step
-    assert "resuming company streams" in (out / "summary.md").read_text()
+    table = (out / "summary.md").read_text()
+    assert "resuming job streams" in table
+    assert "resuming company streams" in table
     assert all(s["statuses"] == {"202": s["posts"]} for s in gateway["runs"][0]["post"])
     assert ". Gateway: commit" in summary
     lean = json.loads((out / "pglimit.json").read_text())["lean"]
