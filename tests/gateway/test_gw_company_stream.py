@@ -324,3 +324,39 @@ async def test_a_row_held_back_by_the_horizon_arrives_without_another_notify(
         await holder.commit()  # writes nothing: no NOTIFY
     events = await reader
     assert events[0].data["jobId"] == str(job.id)
+
+
+async def test_a_page_or_a_read_of_company_events_is_one_write(gateway: RunningGateway) -> None:
+    """A resuming dashboard's catch-up page goes out as one write, and so do the events
+    its company's feed read at once (here: one enqueue of five jobs); the frames are the
+    same, in (xid, id) order."""
+    from pgjobs.gateway import companystream
+    from pgjobs.jobspec import JobSpec
+
+    client = gateway.state.client
+    await client.enqueue_many([JobSpec("acme", "echo", {"n": i}) for i in range(30)])
+    state = gateway.state
+    sub = state.fanout.subscribe_company("acme")
+    try:
+        stream = companystream.company_stream(state, sub, ("0", 0))
+        caught_up = await anext(stream)
+        await client.enqueue_many([JobSpec("acme", "echo", {"n": i}) for i in range(5)])
+        live = await asyncio.wait_for(anext(stream), timeout=10)
+        await stream.aclose()
+    finally:
+        state.fanout.unsubscribe(sub)
+    frames = [chunk.split(b"\r\n\r\n")[:-1] for chunk in (caught_up, live)]
+    assert [len(f) for f in frames] == [30, 5]
+    ids = [f.split(b"\r\n")[0].removeprefix(b"id: ").decode() for f in frames[0] + frames[1]]
+    assert ids == sorted(ids, key=lambda i: tuple(map(int, i.split("-"))))
+    assert ids == await event_cursors(gateway, "acme")
+
+
+async def event_cursors(gateway: RunningGateway, company: str) -> list[str]:
+    rows = await fetch(
+        gateway.state.dsn,
+        "SELECT xid::text || '-' || id AS c FROM pgjobs.job_events WHERE company_id = %s"
+        " ORDER BY xid::text::numeric, id",
+        [company],
+    )
+    return [r["c"] for r in rows]

@@ -261,9 +261,10 @@ async def company_stream(
         try:
             while cursor is not None:
                 rows, _ = await company_feed_page(state, sub.company_id, cursor, setup=True)
-                for row in rows:
-                    cursor = (row["xid"], row["id"])
-                    yield _company_event(row)
+                if rows:
+                    # A page is one write, not one per event (see sse.job_stream).
+                    cursor = (rows[-1]["xid"], rows[-1]["id"])
+                    yield b"".join(_company_event(row) for row in rows)
                 if len(rows) < PAGE:
                     break
         except (psycopg.OperationalError, TimeoutError) as exc:
@@ -279,10 +280,11 @@ async def company_stream(
             item = await client.queue.get()
             if isinstance(item, _Closed):
                 return
-            for event in item:
-                if (event.xid, event.id) > sent:
-                    sent = (event.xid, event.id)
-                    yield event.data
+            # What the feed read at once goes out in one write.
+            fresh = [event for event in item if (event.xid, event.id) > sent]
+            if fresh:
+                sent = (fresh[-1].xid, fresh[-1].id)
+                yield fresh[0].data if len(fresh) == 1 else b"".join(e.data for e in fresh)
             if client.overflowed and client.queue.empty():
                 return  # fell a whole queue behind: resume with Last-Event-ID
     finally:

@@ -214,13 +214,22 @@ async def job_stream(
 
     async def from_table(
         after: int, *, setup: bool = False
-    ) -> AsyncGenerator[dict[str, Any], None]:
+    ) -> AsyncGenerator[tuple[bytes, int, bool], None]:
+        """The job's events after ``after`` from the table: per page, its frames as one
+        chunk (one write for the page, not one per event), the seq of its last event,
+        and whether that one was terminal (the chunk ends there)."""
         while True:
             rows = await job_events_after(state, company_id, job_id, after, setup=setup)
             setup = False  # only the first page is the set-up's
+            frames = []
             for row in rows:
-                yield row
+                frames.append(row_event(row))
                 after = row["seq"]
+                if row["status"] in TERMINAL:
+                    yield b"".join(frames), after, True
+                    return
+            if frames:
+                yield b"".join(frames), after, False
             if len(rows) < PAGE:
                 return
 
@@ -231,10 +240,10 @@ async def job_stream(
             if job["status"] in TERMINAL:
                 return
         else:
-            async for row in from_table(last, setup=True):
-                yield row_event(row)
-                last = row["seq"]
-                if row["status"] in TERMINAL:
+            async for chunk, seq, ended in from_table(last, setup=True):
+                yield chunk
+                last = seq
+                if ended:
                     return
         while True:
             item = await sub.get()
@@ -243,10 +252,10 @@ async def job_stream(
                 # browser reconnects with Last-Event-ID and resumes from the table.
                 return
             if item is BACKFILL or (isinstance(item, LiveEvent) and item.seq > last + 1):
-                async for row in from_table(last):
-                    yield row_event(row)
-                    last = row["seq"]
-                    if row["status"] in TERMINAL:
+                async for chunk, seq, ended in from_table(last):
+                    yield chunk
+                    last = seq
+                    if ended:
                         return
             elif isinstance(item, LiveEvent) and item.seq == last + 1:
                 yield frame(
