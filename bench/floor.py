@@ -319,6 +319,8 @@ LEAN_PROCESSES = 2
 LEAN_CONNECTIONS = 2
 LEAN_ROWS = {
     "floor": "the floor's statements",
+    "floor-tasks": "the floor's statements, each handler a task of its own with a deadline "
+    "(as a worker running handlers side by side must)",
     "pgjobs": "pgjobs' statements (job_claim_batch, job_finish_many_if_leased)",
 }
 
@@ -338,7 +340,7 @@ def python_drain(
     while every process and its server backends are still alive. ``prepare(dsn)`` runs
     on the filled database first (a variant's DDL, in experiments)."""
     ready = (
-        floor_db(server_dsn, frozenset(), jobs) if sql == "floor" else pgjobs_db(server_dsn, jobs)
+        pgjobs_db(server_dsn, jobs) if sql == "pgjobs" else floor_db(server_dsn, frozenset(), jobs)
     )
     with ready as dsn, tempfile.TemporaryDirectory() as logs:
         if prepare is not None:

@@ -1,19 +1,23 @@
 """The least Python worker: how fast any Python worker could drain, given the SQL.
 
-``python -m bench.leanworker DSN {floor,pgjobs} CONNECTIONS`` (started by
-``bench.floor.python_drain``, one process per worker process)
+``python -m bench.leanworker DSN {floor,floor-tasks,pgjobs} CONNECTIONS`` (started by
+``bench.floor.python_drain``, one process per worker process, on uvloop as the queues'
+own workers run)
 
 Each connection loops: claim 100 jobs (one statement, its own commit), await a no-op
 handler for each, finish them (one statement, its own commit), until a claim finds
 nothing; then the process prints how many jobs it finished. ``floor`` runs the contract's
 floor (bench.floor's narrowest schema, the claim returning id and lease token); ``pgjobs``
 runs pgjobs' own two statements from pgjobs/queries.sql with the parameters the worker
-sends, the claim returning whole job rows as the worker's does.
+sends, the claim returning whole job rows as the worker's does. ``floor-tasks`` is
+``floor`` with each handler run as a task of its own under a deadline
+(``asyncio.timeout``), all of a claim's at once: the least that a worker which runs
+handlers side by side and stops one that overruns, as every job queue's does, adds.
 
-What this leaves out is everything a product worker needs: a pool, a task and a context
-per job, leases renewed, completions batched across handlers, retries, cancellation,
-errors. So its throughput is a ceiling for a Python worker on that SQL and machine, and
-the distance from it to pgjobs' drain is what pgjobs' worker costs.
+What this leaves out is everything else a product worker needs: a pool, a context per
+job, leases renewed, completions batched across handlers, retries, cancellation, errors.
+So its throughput is a ceiling for a Python worker on that SQL and machine, and the
+distance from it to pgjobs' drain is what pgjobs' worker costs.
 """
 
 # The statements are bench.floor's constants, rearranged; nothing in them comes from input.
@@ -57,6 +61,14 @@ async def handler(_job: Any) -> None:
     return None
 
 
+HANDLER_TIMEOUT = 60.0
+
+
+async def _with_deadline(job: Any) -> None:
+    async with asyncio.timeout(HANDLER_TIMEOUT):
+        await handler(job)
+
+
 Rows = list[tuple[Any, ...]]
 
 
@@ -64,27 +76,38 @@ async def _loop(
     conn: psycopg.AsyncConnection[Any],
     claim: tuple[str, dict[str, Any]],
     finish: Callable[[Rows], tuple[str, dict[str, Any]]],
+    *,
+    tasks: bool = False,
 ) -> int:
-    """Claim, await the handler per job, finish; until a claim finds nothing."""
+    """Claim, await the handler per job (``tasks``: each in a task of its own with a
+    deadline, side by side), finish; until a claim finds nothing."""
     done = 0
     while True:
         cur = await conn.execute(*claim)
         rows = await cur.fetchall()
         if not rows:
             return done
-        for row in rows:
-            await handler(row)
+        if tasks:
+            await asyncio.gather(*(asyncio.create_task(_with_deadline(row)) for row in rows))
+        else:
+            for row in rows:
+                await handler(row)
         await conn.execute(*finish(rows))
         done += len(rows)
 
 
-async def _loop_floor(conn: psycopg.AsyncConnection[Any]) -> int:
+async def _loop_floor(conn: psycopg.AsyncConnection[Any], *, tasks: bool = False) -> int:
     claim, finish = floor_statements()
     return await _loop(
         conn,
         (claim, {"limit": BATCH}),
         lambda rows: (finish, {"ids": [r[0] for r in rows], "toks": [r[1] for r in rows]}),
+        tasks=tasks,
     )
+
+
+async def _loop_floor_tasks(conn: psycopg.AsyncConnection[Any]) -> int:
+    return await _loop_floor(conn, tasks=True)
 
 
 async def _loop_pgjobs(conn: psycopg.AsyncConnection[Any]) -> int:
@@ -118,7 +141,7 @@ async def run(dsn: str, sql: str, connections: int) -> None:
     """bench.procs.WorkerGroup's protocol: connect, say "ready", drain on "go", say
     "done <jobs>", close on the next line ("stop"): the caller reads CPU times while the
     connections (and their backends) are still open."""
-    loop = {"floor": _loop_floor, "pgjobs": _loop_pgjobs}[sql]
+    loop = {"floor": _loop_floor, "floor-tasks": _loop_floor_tasks, "pgjobs": _loop_pgjobs}[sql]
     conns = [
         await psycopg.AsyncConnection.connect(dsn, autocommit=True) for _ in range(connections)
     ]
@@ -134,4 +157,6 @@ async def run(dsn: str, sql: str, connections: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(run(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+    import uvloop
+
+    uvloop.run(run(sys.argv[1], sys.argv[2], int(sys.argv[3])))

@@ -71,6 +71,7 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     assert ". Gateway: commit" in summary
     lean = json.loads((out / "pglimit.json").read_text())["lean"]
     assert lean["floor"]["jobs_per_s"]["median"] > 0, lean
+    assert lean["floor-tasks"]["jobs_per_s"]["median"] > 0, lean
     # CPU is read in clock ticks (10 ms): a tiny run's 200 jobs may cost none.
     assert lean["pgjobs"]["pg_us"] >= 0, lean
     assert lean["pgjobs"]["py_us"] >= 0, lean
@@ -92,10 +93,12 @@ def test_floor_build_up_drains_every_job_in_every_model() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = [line for line in proc.stdout.splitlines() if line.startswith("| ")]
     # header, rule, the floor, six of pgjobs' choices added one by one, pgjobs as shipped;
-    # then the least Python worker's table: header, rule, the floor's SQL, pgjobs'
-    assert len(table) == 14, proc.stdout
+    # then the least Python worker's table: header, rule, the floor's SQL (handlers
+    # awaited in turn, then each in a task of its own), pgjobs'
+    assert len(table) == 15, proc.stdout
     assert table[2].startswith("| the floor: "), table[2]
     assert table[2].endswith("| 100% |"), table[2]
     assert table[9].startswith("| pgjobs as shipped"), table[9]
     assert table[12].startswith("| the floor's statements |"), table[12]
-    assert table[13].startswith("| pgjobs' statements "), table[13]
+    assert table[13].startswith("| the floor's statements, each handler a task"), table[13]
+    assert table[14].startswith("| pgjobs' statements "), table[14]
