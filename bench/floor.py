@@ -334,8 +334,9 @@ def python_drain(
     prepare: Callable[[str], None] | None = None,
 ) -> dict[str, float]:
     """Jobs/s and CPU per job (µs, PostgreSQL and Python) of ``bench.leanworker``, the
-    least Python worker, draining ``jobs`` jobs with ``sql`` ("floor": the contract's
-    floor; "pgjobs": pgjobs' statements). Each process connects, says ready and waits;
+    least Python worker, draining ``jobs`` jobs with ``sql`` (a key of LEAN_ROWS: the
+    contract's floor, the same with a task per handler, or pgjobs' statements). Each
+    process connects, says ready and waits;
     the clock and the CPU readings run from "go" to the last process's count, taken
     while every process and its server backends are still alive. ``prepare(dsn)`` runs
     on the filled database first (a variant's DDL, in experiments)."""

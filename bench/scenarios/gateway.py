@@ -459,10 +459,10 @@ STORMS = (
 
 
 async def _progress_behind(dsn: str, jobs: list[tuple[str, int]], behind: int) -> str:
-    """``behind`` progress transitions on each of the running ``jobs`` (the worker's
-    job_progress_if_leased, set-based: one statement per round for all of them); returns
-    the job streams' Last-Event-ID from before them, the claim's seq, the same for every
-    job."""
+    """``behind`` progress transitions on each of the running ``jobs``, written as the
+    worker's job_progress_if_leased writes them but one statement per round for all the
+    jobs; returns the job streams' Last-Event-ID from before them (the claim's seq, the
+    same for every job)."""
     ids = [j for j, _ in jobs]
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(

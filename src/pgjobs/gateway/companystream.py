@@ -284,7 +284,7 @@ async def company_stream(
             fresh = [event for event in item if (event.xid, event.id) > sent]
             if fresh:
                 sent = (fresh[-1].xid, fresh[-1].id)
-                yield fresh[0].data if len(fresh) == 1 else b"".join(e.data for e in fresh)
+                yield b"".join(event.data for event in fresh)
             if client.overflowed and client.queue.empty():
                 return  # fell a whole queue behind: resume with Last-Event-ID
     finally:

@@ -172,12 +172,11 @@ async def setup_read(
     resuming job stream's catch-up, or a page of a resuming company stream's catch-up.
     Set-ups take turns for the pool, at most half of it at once (the REST API and the
     company feeds keep the rest), each waiting up to STREAM_SETUP_WAIT_SECONDS for its
-    turn (then TimeoutError). In a reconnect storm
-    (every browser back at once after a gateway restart) they queue here at the cost of
-    a coroutine each, instead of overflowing the pool's waiting line and being sent away
-    to retry: with 1-5 s retries and no queue, 10,000 browsers arriving together kept
-    coming back faster than one process set them up, and two minutes later some still
-    had no stream."""
+    turn (then TimeoutError). In a reconnect storm (every browser back at once after a
+    gateway restart) they queue here at the cost of a coroutine each, instead of
+    overflowing the pool's waiting line and being sent away to retry: with 1-5 s
+    retries and no queue, 10,000 browsers arriving together kept coming back faster than
+    one process set them up, and two minutes later some still had no stream."""
     async with asyncio.timeout(STREAM_SETUP_WAIT_SECONDS), state.stream_setups:
         return await read_rows(state, query, params)
 
