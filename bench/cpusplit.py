@@ -4,8 +4,8 @@
 
 Runs one drain (as scenario 1 does) while a thread reads ``/proc/<pid>/stat`` of every
 PostgreSQL process and every ``bench.worker`` process twice a second; prints the CPU
-seconds each side used during the drain divided by the jobs drained. Linux only. Used for
-the "CPU per job" table of docs/benchmarks.md.
+seconds each side used during the drain divided by the jobs drained. Linux only. Behind
+docs/benchmarks.md's "Where the drain's time goes".
 """
 
 from __future__ import annotations

@@ -41,8 +41,8 @@ class WorkerConfig:
         return ", ".join(parts)
 
 
-# Chosen by a sweep on this machine (docs/benchmarks.md, "Settings"): each queue's fastest
-# configuration for no-op jobs.
+# Chosen by a sweep on this machine: each queue's fastest configuration for no-op jobs (a
+# full run sweeps again and reports the sweep in its summary.md).
 WORKER_DEFAULTS: dict[str, WorkerConfig] = {
     "pgjobs": WorkerConfig(concurrency=200),
     "procrastinate": WorkerConfig(concurrency=20),

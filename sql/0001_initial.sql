@@ -82,7 +82,7 @@ CREATE TABLE pgjobs.job_events (
     -- The writing transaction's id. ids are handed out at insert, not at commit, so a
     -- reader paging by id alone can skip a row that commits late. Readers page by
     -- (xid, id) and only read xids below their snapshot's xmin, which no transaction
-    -- still in flight can have (see pgjobs.events).
+    -- still in flight can have (see pgjobs.gateway.companystream).
     xid         xid8        NOT NULL DEFAULT pg_current_xact_id(),
     created_at  timestamptz NOT NULL DEFAULT now(),
     UNIQUE (job_id, seq)

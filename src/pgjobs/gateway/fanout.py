@@ -101,7 +101,7 @@ class Fanout:
         self._by_job: defaultdict[uuid.UUID, set[Subscription]] = defaultdict(set)
         self._by_company: defaultdict[str, set[Subscription]] = defaultdict(set)
         self.closed = False
-        # Set by the company feeds (pgjobs.gateway.sse): told which companies' events
+        # Set by the company feeds (pgjobs.gateway.companystream): told which companies' events
         # arrived, so one reader per company re-reads the table, not one per stream.
         self.on_company_wake: Callable[[str], None] | None = None
         self.notifies = 0

@@ -94,7 +94,7 @@ class StreamSlots:
 
     Checked and taken before a stream's response starts, so the client gets a real 429
     instead of a stream that ends at once; given back when the response ends however it
-    ends (see ``routes.StreamResponse``).
+    ends (see ``eventstream.EventStream``).
     """
 
     def __init__(self, max_total: int, max_per_company: int) -> None:
