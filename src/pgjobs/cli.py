@@ -78,7 +78,10 @@ def _positive_float(text: str) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="pgjobs", description=__doc__.splitlines()[0] if __doc__ else None
+        prog="pgjobs",
+        description="pgjobs, a durable job queue on PostgreSQL.",
+        epilog="Every command takes --dsn; else $PGJOBS_DSN; else the embedded server under "
+        "./.pgjobs, started if needed.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     common = argparse.ArgumentParser(add_help=False)
@@ -143,7 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job_id")
 
     d = sub.add_parser(
-        "demo", parents=[common], help="the `make run` demo: workers, jobs, live progress"
+        "demo", parents=[common], help="what make run runs: workers, jobs, live progress"
     )
     d.add_argument("--workers", type=_positive_int, default=2)
     d.add_argument(
@@ -392,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
-    for noisy in ("psycopg.pool", "pgserver"):
+    # yoyo logs each statement of each migration at INFO: ~45 lines on a first run.
+    for noisy in ("psycopg.pool", "pgserver", "yoyo"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     commands: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, int]]] = {
         "enqueue": cmd_enqueue,

@@ -87,7 +87,9 @@ async def run(dsn: str, *, workers: int = 2, port: int = 8000, exit_when_done: b
     state = f"migrated {', '.join(applied)}" if applied else "schema up to date"
     print(f"database: {db.redact(dsn)} ({state})")
     env = {**os.environ, "PGJOBS_DSN": dsn, "PGJOBS_RETRY_BASE_SECONDS": "0.5"}
-    port = _free_port(port)
+    wanted, port = port, _free_port(port)
+    if wanted and port != wanted:
+        print(f"port {wanted} is busy (another gateway or program?); using {port} instead")
     base = f"http://127.0.0.1:{port}"
     quiet = asyncio.subprocess.DEVNULL
     procs = [
@@ -184,17 +186,16 @@ async def run(dsn: str, *, workers: int = 2, port: int = 8000, exit_when_done: b
             "\naudit it yourself:  .venv/bin/pgjobs psql -c 'select job_id, seq, type, "
             "status, attempt, created_at from pgjobs.job_events order by id'"
         )
-        print(f"\ngateway {base}  (API token for company acme, shown once: {token})")
-        auth_header = f"-H 'Authorization: Bearer {token}'"
-        print(f"  curl {auth_header} {base}/api/companies/acme/content-jobs")
-        print(f"  curl -N {auth_header} {base}/api/companies/acme/events")
-        print(
-            f"  curl {auth_header} -H 'Content-Type: application/json' -d "
-            f'\'{{"jobType": "sleep", "input": {{"seconds": 5}}}}\' '
-            f"{base}/api/companies/acme/content-jobs"
-        )
         if not exit_when_done:
-            print("\nworkers and gateway keep running; press Ctrl-C to stop them")
+            print(f"\ngateway {base}  (API token for company acme, shown once: {token})")
+            auth_header = f"-H 'Authorization: Bearer {token}'"
+            print(f"  curl {auth_header} {base}/api/companies/acme/content-jobs")
+            print(f"  curl -N {auth_header} {base}/api/companies/acme/events")
+            print(
+                f"  curl {auth_header} -H 'Content-Type: application/json' -d "
+                f'\'{{"jobType": "sleep", "input": {{"seconds": 5}}}}\' '
+                f"{base}/api/companies/acme/content-jobs"
+            )
             await _until_interrupted()
         return 0
     finally:
@@ -213,6 +214,8 @@ async def _until_interrupted() -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # Said only once Ctrl-C is handled here, so whoever acts on it stops the demo cleanly.
+    print("\nworkers and gateway keep running; press Ctrl-C to stop them", flush=True)
     await stop.wait()
 
 

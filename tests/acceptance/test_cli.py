@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -117,6 +120,8 @@ def test_migrate_is_idempotent(empty_dsn: str) -> None:
     first = pgjobs("migrate", dsn=empty_dsn)
     assert first.returncode == 0, first.stderr
     assert first.stdout.strip() == "applied 0001_initial" or first.stdout.startswith("applied")
+    # yoyo's INFO line per statement is only for -v.
+    assert "INFO" not in first.stderr, first.stderr
     assert pgjobs("migrate", dsn=empty_dsn).stdout.strip() == "schema is up to date"
 
 
@@ -158,5 +163,49 @@ def test_make_run_demo_end_to_end(dsn: str, tmp_path: Path) -> None:
     assert "acme/render(http)  done" in results
     assert results.count(" done ") == 5
     assert "acme/fail          failed  attempts 2  error: RuntimeError: simulated outage" in results
-    assert "curl -N -H 'Authorization: Bearer pgj_" in out.stdout
+    # Nothing to try against a gateway that is being stopped.
+    assert "pgj_" not in out.stdout
+    assert "curl" not in out.stdout
     assert out.stdout.rstrip().endswith("workers and gateway stopped")
+
+
+def test_demo_says_its_port_was_busy_and_prints_how_to_try_the_gateway(
+    dsn: str, tmp_path: Path
+) -> None:
+    """Without --exit-when-done the demo keeps running, with a token and curl commands, until
+    Ctrl-C; a busy port is named before the one it took."""
+    env = {k: v for k, v in os.environ.items() if k != "PGJOBS_DSN"}
+    env.update(PGJOBS_DSN=dsn, PGJOBS_STORAGE_DIR=str(tmp_path / "storage"))
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "pgjobs", "demo", "--port", str(port)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            text=True,
+            cwd=tmp_path,
+            env=env,
+        )
+        lines: list[str] = []
+        try:
+            assert proc.stdout is not None
+            deadline = time.monotonic() + 180
+            for line in proc.stdout:
+                lines.append(line)
+                if "press Ctrl-C" in line or time.monotonic() > deadline:
+                    break
+            proc.send_signal(signal.SIGINT)
+            rest, _ = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    out = "".join(lines) + rest
+    assert proc.returncode == 0, out
+    busy_at = out.index(f"port {port} is busy")
+    started = out.index("the gateway at http://127.0.0.1:")
+    assert busy_at < started, out
+    assert f"http://127.0.0.1:{port}" not in out
+    assert "curl -N -H 'Authorization: Bearer pgj_" in out
+    assert out.rstrip().endswith("workers and gateway stopped")
