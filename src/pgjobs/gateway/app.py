@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from pgjobs import db, gcpolicy
 from pgjobs.config import WorkerSettings
+from pgjobs.gateway import dashboard
 from pgjobs.gateway.responses import EXCEPTION_HANDLERS
 from pgjobs.gateway.routes import Api, routes
 from pgjobs.gateway.settings import GatewaySettings
@@ -54,7 +55,7 @@ def create_app(
             )
         )
     app = Starlette(
-        routes=routes(Api(state)),
+        routes=[*routes(Api(state)), *dashboard.routes()],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

@@ -107,6 +107,7 @@ SCHEMA: dict[str, Any] = {
                     "sourceTaskId",
                     "attempts",
                     "maxAttempts",
+                    "seq",
                     "progress",
                     "startedAt",
                     "finishedAt",
@@ -125,6 +126,10 @@ SCHEMA: dict[str, Any] = {
                     "sourceTaskId": _NULLABLE_STR,
                     "attempts": {"type": "integer"},
                     "maxAttempts": {"type": "integer"},
+                    "seq": {
+                        "type": "integer",
+                        "description": "The seq of the last event this state reflects",
+                    },
                     "progress": {
                         "type": ["object", "null"],
                         "properties": {
@@ -180,6 +185,34 @@ SCHEMA: dict[str, Any] = {
     },
     "security": [{"bearer": []}],
     "paths": {
+        "/": {
+            "get": {
+                "summary": "The dashboard (an HTML page; its files are under /static/)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "text/html",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/api/whoami": {
+            "get": {
+                "summary": "The company this API token acts for",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["companyId"],
+                            "properties": {"companyId": {"type": "string"}},
+                        },
+                        "The token's company",
+                    ),
+                    **_errors(401, 503),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "Liveness: the process answers",

@@ -81,6 +81,19 @@ class Api:
             raise ApiError(403, "this stream token is for another job")
         return principal
 
+    async def bearer(self, request: Request) -> Principal:
+        """The caller of a route without a company in its path, by its API token (401
+        without a valid one)."""
+        header = request.headers.get("authorization") or ""
+        scheme, _, token = header.partition(" ")
+        principal: Principal | None = None
+        if scheme.lower() == "bearer" and token.strip():
+            async with self.state.pool.connection() as conn:
+                principal = await auth.verify_api_token(conn, token.strip())
+        if principal is None:
+            raise ApiError(401, "missing or invalid token", {"WWW-Authenticate": "Bearer"})
+        return principal
+
     # -- service ----------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
@@ -104,6 +117,12 @@ class Api:
 
     async def openapi(self, request: Request) -> Response:
         return JSONResponse(openapi.SCHEMA)
+
+    async def whoami(self, request: Request) -> Response:
+        """Which company an API token acts for: how the dashboard, given only a token,
+        learns the company its paths name."""
+        principal = await self.bearer(request)
+        return JSONResponse({"companyId": principal.company_id})
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -314,6 +333,7 @@ def routes(api: Api) -> list[BaseRoute]:
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/api/whoami", api.whoami, methods=["GET"]),
         Route(company + "/content-jobs", api.enqueue, methods=["POST"]),
         Route(company + "/content-jobs", api.list_jobs, methods=["GET"]),
         Route(job, api.get_job, methods=["GET"]),
