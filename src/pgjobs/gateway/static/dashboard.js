@@ -120,7 +120,9 @@
     return wrap;
   }
 
-  const shortId = (id) => id.slice(0, 8);
+  // The end of the id: ids are UUIDv7, whose first digits are the creation time and the
+  // same for every job created in the same moment.
+  const shortId = (id) => id.slice(-8);
 
   async function copy(text, button) {
     try {
@@ -347,7 +349,6 @@
       }
       this.dirty.clear();
       $("no-jobs").hidden = this.order.length > 0;
-      window.pgjobsRenders = (window.pgjobsRenders || 0) + 1;
     },
   };
 
@@ -376,8 +377,9 @@
     copyButton.addEventListener("click", () => copy(job.id, copyButton));
     const href = `#/jobs/${encodeURIComponent(job.companyId)}/${encodeURIComponent(job.id)}`;
     const attempt = `${job.attempts} / ${job.maxAttempts}`;
+    // One wrapper per cell: on a narrow screen a cell is a grid of its label and this.
     const cell = (label, cls, ...children) =>
-      el("td", { "data-label": label, class: cls }, ...children);
+      el("td", { "data-label": label, class: cls }, el("div", {}, ...children));
     const tr = el("tr", { "data-job-id": job.id, "data-status": job.status, "data-seq": String(job.seq) },
       cell("Id", "id-cell",
         el("a", { href, class: "mono", title: job.id, "aria-label": `Job ${job.id}`, text: shortId(job.id) }),
@@ -421,11 +423,16 @@
       const source = new EventSource(url);
       this.source = source;
       let resumable = false; // whether EventSource has a Last-Event-ID to resume from
-      source.addEventListener(EVENT_NAME, (e) => {
+      const onEvent = (e) => {
         if (this.source !== source) return;
         resumable = true;
         jobs.onEvent(JSON.parse(e.data));
-      });
+      };
+      source.addEventListener(EVENT_NAME, onEvent);
+      // TEMPORARY until the gateway names every frame `status` (the gwcontract branch):
+      for (const t of ["queued", "running", "progress", "retrying", "done", "failed", "cancelled"]) {
+        source.addEventListener(`content_job.${t}`, onEvent);
+      }
       source.onopen = () => {
         if (this.source !== source) return;
         setLive("live");
