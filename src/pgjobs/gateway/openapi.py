@@ -93,6 +93,38 @@ SCHEMA: dict[str, Any] = {
                     "createdAt": _TIME,
                 },
             },
+            "Stats": {
+                "type": "object",
+                "required": ["windowSeconds", "jobTypes", "totals"],
+                "properties": {
+                    "windowSeconds": {"type": "integer"},
+                    "jobTypes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": [
+                                "jobType",
+                                "queued",
+                                "scheduled",
+                                "running",
+                                "done",
+                                "failed",
+                                "oldestQueuedAt",
+                            ],
+                            "properties": {
+                                "jobType": {"type": "string"},
+                                "queued": {"type": "integer"},
+                                "scheduled": {"type": "integer"},
+                                "running": {"type": "integer"},
+                                "done": {"type": "integer"},
+                                "failed": {"type": "integer"},
+                                "oldestQueuedAt": _NULLABLE_TIME,
+                            },
+                        },
+                    },
+                    "totals": {"type": "object"},
+                },
+            },
             "Job": {
                 "type": "object",
                 "required": [
@@ -346,6 +378,17 @@ SCHEMA: dict[str, Any] = {
                 "id = '<xid>-<eventId>'",
                 "parameters": [_LAST_EVENT_ID, _STREAM_TOKEN],
                 "responses": {"200": _SSE, **_errors(400, 429, *_AUTH_ERRORS)},
+            },
+        },
+        "/api/companies/{companyId}/stats": {
+            "parameters": [_COMPANY],
+            "get": {
+                "summary": "The company's jobs per type: queued (due), scheduled, running, "
+                "and done and failed in the last hour",
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Stats"}, "Counts"),
+                    **_errors(*_AUTH_ERRORS),
+                },
             },
         },
         "/api/companies/{companyId}/stream-tokens": {

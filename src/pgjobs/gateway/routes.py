@@ -32,6 +32,7 @@ from pgjobs.types import JobStatus
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
+STATS_WINDOW_SECONDS = 3600  # "done / failed in the last hour"
 MAX_CURSOR_LENGTH = 200
 STATUSES = frozenset(s.value for s in JobStatus)
 
@@ -195,6 +196,41 @@ class Api:
         job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
         return JSONResponse(job.to_json(), status_code=202)
 
+    async def stats(self, request: Request) -> Response:
+        """The company's jobs per type: queued (due), scheduled, running, and done and
+        failed in the last hour (the query says what each costs)."""
+        principal = await self.authorize(request)
+        params: dict[str, Any] = {
+            "company_id": principal.company_id,
+            "window_seconds": STATS_WINDOW_SECONDS,
+            "now": None,
+        }
+        async with self.state.pool.connection() as conn:
+            cur = await conn.execute(GATEWAY_QUERIES["job_events_window_start_xid"], params)
+            start = await cur.fetchone()
+            assert start is not None  # coalesce(...): always one row
+            cur = await conn.execute(
+                GATEWAY_QUERIES["job_stats_by_company"], {**params, "since_xid": start["xid"]}
+            )
+            rows = await cur.fetchall()
+        counts = ("queued", "scheduled", "running", "done", "failed")
+        return JSONResponse(
+            {
+                "windowSeconds": STATS_WINDOW_SECONDS,
+                "jobTypes": [
+                    {
+                        "jobType": row["job_type"],
+                        **{name: row[name] for name in counts},
+                        "oldestQueuedAt": row["oldest_queued_at"].isoformat()
+                        if row["oldest_queued_at"]
+                        else None,
+                    }
+                    for row in rows
+                ],
+                "totals": {name: sum(row[name] for row in rows) for name in counts},
+            }
+        )
+
     # -- event streams ----------------------------------------------------------------
 
     def _stream(
@@ -341,6 +377,7 @@ def routes(api: Api) -> list[BaseRoute]:
         Route(job + "/retry", api.retry, methods=["POST"]),
         Route(job + "/events", api.job_events, methods=["GET"]),
         Route(company + "/events", api.company_events, methods=["GET"]),
+        Route(company + "/stats", api.stats, methods=["GET"]),
         Route(company + "/stream-tokens", api.stream_token, methods=["POST"]),
         Route(company + "/assets/{assetId}", api.get_asset, methods=["GET"]),
         Route(company + "/assets/{assetId}/content", api.get_asset_content, methods=["GET"]),
