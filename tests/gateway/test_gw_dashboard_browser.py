@@ -139,6 +139,14 @@ async def test_jobs_move_live_cancel_works_and_job_text_stays_text(
             assert "running" in seen, seen
             await wait_until(lambda: _status(page, str(xss.id), "failed"), message="failed")
 
+            # The overview follows: done and failed in the last hour, per job type.
+            async def overview(job_type: str, column: str, value: str) -> bool:
+                cell = page.locator(f"#overview-rows tr[data-job-type={job_type}] td.{column}")
+                return await cell.count() == 1 and await cell.text_content() == value
+
+            await wait_until(lambda: overview("render", "done", "1"), message="overview")
+            await wait_until(lambda: overview("fail", "failed", "1"), message="overview")
+
             # Cancel the long sleep from its row, through the confirmation.
             await wait_until(lambda: _status(page, str(long.id), "running"), message="running")
             long_row = page.locator(f"tr[data-job-id='{long.id}']")

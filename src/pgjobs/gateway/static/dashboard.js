@@ -396,6 +396,59 @@
     return tr;
   }
 
+  // -- the overview: counts per job type ---------------------------------------------
+
+  // Read again a moment after events arrive (at most every OVERVIEW_MS), and every
+  // OVERVIEW_IDLE_MS without any (scheduled jobs fall due with no event).
+  const OVERVIEW_MS = 2000;
+  const OVERVIEW_IDLE_MS = 15000;
+
+  function humanAge(iso) {
+    if (!iso) return "—";
+    const seconds = Math.max(0, (Date.now() - new Date(iso).getTime()) / 1000);
+    if (seconds < 90) return `${Math.round(seconds)} s`;
+    if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+    return `${(seconds / 3600).toFixed(1)} h`;
+  }
+
+  const overview = {
+    timer: null,
+    async refresh() {
+      clearTimeout(this.timer);
+      this.timer = setTimeout(() => this.refresh(), OVERVIEW_IDLE_MS);
+      if (!session.token) return;
+      let stats;
+      try {
+        ({ data: stats } = await api("GET", `${companyPath()}/stats`));
+      } catch {
+        return; // the table keeps the last figures; the next tick tries again
+      }
+      const rows = stats.jobTypes.map((t) => {
+        const tr = el("tr", { "data-job-type": t.jobType },
+          el("th", { scope: "row", text: t.jobType }));
+        const labels = { queued: "queued", scheduled: "scheduled", running: "running",
+          done: "done (1 h)", failed: "failed (1 h)" };
+        for (const [key, label] of Object.entries(labels)) {
+          tr.append(el("td", { "data-label": label, class: key, text: String(t[key]) }));
+        }
+        tr.append(el("td", { "data-label": "oldest queued", class: "oldest",
+          title: t.oldestQueuedAt || "", text: humanAge(t.oldestQueuedAt) }));
+        return tr;
+      });
+      $("overview-rows").replaceChildren(...rows);
+    },
+    poke() {
+      if (this.soon) return;
+      this.soon = setTimeout(() => { this.soon = null; this.refresh(); }, OVERVIEW_MS);
+    },
+    stop() {
+      clearTimeout(this.timer);
+      clearTimeout(this.soon);
+      this.soon = null;
+      $("overview-rows").replaceChildren();
+    },
+  };
+
   // -- the company stream ---------------------------------------------------------------
 
   const EVENT_NAME = "status"; // every frame of the company stream is named so
@@ -427,6 +480,7 @@
         if (this.source !== source) return;
         resumable = true;
         jobs.onEvent(JSON.parse(e.data));
+        overview.poke();
       };
       source.addEventListener(EVENT_NAME, onEvent);
       // TEMPORARY until the gateway names every frame `status` (the gwcontract branch):
@@ -659,6 +713,7 @@
     }
     $("company").textContent = session.company;
     if (!live.active) live.start();
+    if (!overview.timer) overview.refresh();
     if (jobs.loaded === 0) {
       // Also without a stream (refused, say): the list does not wait for it.
       jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
@@ -693,6 +748,8 @@
   function signOut(message) {
     session.clear();
     live.stop();
+    overview.stop();
+    overview.timer = null;
     detail.close();
     jobs.reset();
     $("company").textContent = "";
