@@ -42,7 +42,7 @@ from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
-from pgjobs.errors import AssetTooLargeError, InvalidJobError
+from pgjobs.errors import AssetTooLargeError, ConfigurationError, InvalidJobError
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
@@ -62,6 +62,23 @@ def retry_delay(attempt: int, settings: WorkerSettings) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, times [0.5, 1)."""
     delay = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempt - 1))
     return float(delay * random.uniform(0.5, 1.0))
+
+
+def claimable_types(registry: Registry, wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The job types a worker claims: its registry's, or the subset ``wanted`` names.
+
+    A worker never claims a job it has no handler for: another service's jobs, or jobs
+    whose handlers are only on other workers, stay queued for a worker that has them.
+    Naming a type the registry lacks is a configuration mistake and is refused."""
+    if not wanted:
+        return registry.job_types
+    missing = sorted(set(wanted) - set(registry.job_types))
+    if missing:
+        raise ConfigurationError(
+            f"--job-types names {', '.join(map(repr, missing))}, which the handler registry "
+            f"does not have (it has: {', '.join(registry.job_types) or 'no handlers'})"
+        )
+    return tuple(dict.fromkeys(wanted))
 
 
 def default_worker_id() -> str:
@@ -100,6 +117,7 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.storage = storage or LocalStorage(self.settings.storage_dir)
         self.id = worker_id or default_worker_id()
+        self.job_types = claimable_types(registry, self.settings.job_types)
         self.tune_gc = tune_gc
         self._running: dict[uuid.UUID, _Running] = {}  # claimed and not yet recorded
         self._active = 0  # of those, how many are still in their handler
@@ -150,7 +168,7 @@ class Worker:
                         "id": self.id,
                         "hostname": socket.gethostname(),
                         "pid": os.getpid(),
-                        "job_types": list(settings.job_types or self.registry.job_types),
+                        "job_types": list(self.job_types),
                         "concurrency": settings.concurrency,
                         "now": None,
                     },
@@ -175,7 +193,7 @@ class Worker:
                 "worker %s started: concurrency %d, job types %s",
                 self.id,
                 settings.concurrency,
-                ", ".join(settings.job_types or ["(all)"]),
+                ", ".join(self.job_types) or "(none: the registry is empty)",
             )
             if self.tune_gc:
                 gcpolicy.tune_for_long_running_process()
@@ -330,7 +348,7 @@ class Worker:
             "limit": limit,
             "worker_id": self.id,
             "lease_seconds": self.settings.lease_seconds,
-            "job_types": list(self.settings.job_types) if self.settings.job_types else None,
+            "job_types": list(self.job_types),
         }
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=job_rows)

@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,3 +161,42 @@ def test_make_run_demo_end_to_end(dsn: str, tmp_path: Path) -> None:
     assert "acme/fail          failed  attempts 2  error: RuntimeError: simulated outage" in results
     assert "curl -N -H 'Authorization: Bearer pgj_" in out.stdout
     assert out.stdout.rstrip().endswith("workers and gateway stopped")
+
+
+def test_worker_refuses_a_job_type_its_registry_lacks(dsn: str) -> None:
+    out = pgjobs(
+        "worker", "--handlers", "pgjobs.demo:registry", "--job-types", "echo,nosuch", dsn=dsn
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "--job-types names 'nosuch'" in lines[0]
+    assert "echo" in lines[0]  # says what the registry has
+
+
+def test_a_queued_job_no_live_worker_serves_is_marked(dsn: str) -> None:
+    job_id = pgjobs("enqueue", "acme", "render", dsn=dsn).stdout.strip()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A worker that stopped heartbeating an hour ago does not count as live.
+        conn.execute(
+            "insert into pgjobs.workers (id, hostname, pid, job_types, concurrency,"
+            " last_heartbeat_at) values ('gone', 'h', 1, '{render}', 1, now() - interval '1 hour')"
+        )
+        listed = pgjobs("jobs", "list", "acme", dsn=dsn)
+        assert "(no live worker serves render)" in listed.stdout
+        (row,) = [
+            json.loads(x)
+            for x in pgjobs("jobs", "list", "acme", "--json", dsn=dsn).stdout.splitlines()
+        ]
+        assert row["servedBy"] == 0
+        shown = pgjobs("jobs", "show", job_id, dsn=dsn)
+        assert "no live worker serves render" in shown.stdout
+        conn.execute(
+            "insert into pgjobs.workers (id, hostname, pid, job_types, concurrency)"
+            " values ('live', 'h', 2, '{echo,render}', 1)"
+        )
+        listed = pgjobs("jobs", "list", "acme", dsn=dsn)
+        assert "no live worker" not in listed.stdout
+        shown = json.loads(pgjobs("jobs", "show", job_id, "--json", dsn=dsn).stdout)
+        assert shown["servedBy"] == 1
+        assert "no live worker" not in pgjobs("jobs", "show", job_id, dsn=dsn).stdout
