@@ -144,6 +144,9 @@ WITH u AS (
         result = CASE WHEN p.outcome = 'done' THEN (%(results)s::jsonb[])[p.i] END,
         result_asset_id = CASE WHEN p.outcome = 'done' THEN (%(asset_ids)s::uuid[])[p.i] END,
         error_message = CASE WHEN p.outcome <> 'done' THEN (%(errors)s::text[])[p.i] END,
+        -- An exception's traceback (NULL for the batch when no attempt raised one); the
+        -- publish trigger copies it into this attempt's audit row (sql/0006).
+        error_traceback = CASE WHEN p.outcome <> 'done' THEN (%(tracebacks)s::text[])[p.i] END,
         run_at = CASE WHEN p.next_status = 'queued'
                       THEN coalesce(%(now)s::timestamptz, now())
                            + make_interval(secs => (%(retry_delays)s::float8[])[p.i])
@@ -219,6 +222,7 @@ UPDATE pgjobs.jobs j
 SET status = CASE WHEN j.attempts < j.max_attempts THEN 'queued' ELSE 'failed' END,
     error_message = format('lease expired: worker %%s stopped renewing it (attempt %%s of %%s)',
                            j.worker_id, j.attempts, j.max_attempts),
+    error_traceback = NULL,  -- not the previous attempt's: this one raised nothing
     run_at = coalesce(%(now)s::timestamptz, now()),
     lease_expires_at = NULL,
     finished_at = CASE WHEN j.attempts < j.max_attempts THEN NULL
@@ -269,6 +273,7 @@ SET status = 'queued',
     max_attempts = greatest(max_attempts, attempts + 1),
     run_at = coalesce(%(now)s::timestamptz, now()),
     error_message = NULL,
+    error_traceback = NULL,
     result = NULL,
     result_asset_id = NULL,
     finished_at = NULL,

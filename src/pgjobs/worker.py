@@ -29,8 +29,9 @@ import logging
 import os
 import random
 import socket
+import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,6 +63,19 @@ def retry_delay(attempt: int, settings: WorkerSettings) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, times [0.5, 1)."""
     delay = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempt - 1))
     return float(delay * random.uniform(0.5, 1.0))
+
+
+def _discard_late_result(ctx: JobContext, future: Future[Any]) -> None:
+    """A sync handler that was stopped (timeout, cancel, lost lease, shutdown) returned:
+    its attempt is already recorded, so its result or exception goes nowhere but here."""
+    exc = future.exception()
+    ctx.logger.warning(
+        "job %s attempt %d: sync handler returned after it was stopped (%s); its %s is discarded",
+        ctx.job_id,
+        ctx.attempt,
+        ctx.cancel_reason or "stopped",
+        "result" if exc is None else f"exception ({type(exc).__name__}: {exc})",
+    )
 
 
 def claimable_types(registry: Registry, wanted: tuple[str, ...] | None) -> tuple[str, ...]:
@@ -467,29 +481,60 @@ class Worker:
                 return None
             raise
         except AssetTooLargeError as exc:
-            return Outcome(job, "fail", error=str(exc))
+            return self._failed(job, ctx, "fail", str(exc))
         except TimeoutError as exc:
             if deadline.expired():
                 error = f"timed out after {handler.timeout:g}s (the {job.job_type!r} timeout)"
-            else:
-                error = f"TimeoutError: {exc}" if str(exc) else "TimeoutError raised by the handler"
-            return Outcome(
-                job, "error", error=error, retry_delay=retry_delay(job.attempts, self.settings)
-            )
+                # A sync handler's thread runs on: this tells it to stop (and makes its
+                # progress calls no-ops); the attempt is recorded now, not when it returns.
+                ctx._cancel(error)
+                return self._failed(job, ctx, "error", error)
+            error = f"TimeoutError: {exc}" if str(exc) else "TimeoutError raised by the handler"
+            return self._failed(job, ctx, "error", error, exc)
         except Exception as exc:
-            ctx.logger.warning("attempt %d failed: %s: %s", job.attempts, type(exc).__name__, exc)
-            return Outcome(
-                job,
-                "error",
-                error=f"{type(exc).__name__}: {exc}",
-                retry_delay=retry_delay(job.attempts, self.settings),
-            )
+            return self._failed(job, ctx, "error", f"{type(exc).__name__}: {exc}", exc)
+
+    def _failed(
+        self,
+        job: Job,
+        ctx: JobContext,
+        kind: str,
+        error: str,
+        exc: BaseException | None = None,
+    ) -> Outcome:
+        """A failed attempt's outcome, logged with its traceback: WARNING when the job
+        will be retried, ERROR when this was its last attempt (or ``kind`` is 'fail')."""
+        final = kind == "fail" or job.attempts >= job.max_attempts
+        ctx.logger.log(
+            logging.ERROR if final else logging.WARNING,
+            "attempt %d of %d failed%s: %s",
+            job.attempts,
+            job.max_attempts,
+            "" if final else ", will retry",
+            error,
+            exc_info=exc,
+        )
+        return Outcome(
+            job,
+            kind,
+            error=error,
+            traceback=None if exc is None else "".join(traceback.format_exception(exc)),
+            retry_delay=retry_delay(job.attempts, self.settings) if kind == "error" else 0.0,
+        )
 
     async def _invoke(self, handler: Handler, ctx: JobContext) -> Any:
         if handler.is_async:
             return await handler.fn(ctx)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, handler.fn, ctx)
+        future = self._threads.submit(handler.fn, ctx)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The deadline, a cancel, a lost lease or shutdown stopped the wait; a thread
+            # cannot be interrupted, so the handler runs on until it notices
+            # ctx.cancelled. Whatever it returns then is not this attempt's result.
+            if not future.cancel():
+                future.add_done_callback(lambda f: _discard_late_result(ctx, f))
+            raise
 
     async def _write_progress(self, job: Job, fraction: float | None, message: str | None) -> bool:
         assert self._pool is not None

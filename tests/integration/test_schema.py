@@ -228,7 +228,8 @@ async def test_notify_items_carry_only_the_keys_their_event_has(dsn: str, client
             {
                 "now": None, "ids": [job.id], "lease_tokens": [claimed["lease_token"]],
                 "outcomes": ["error"], "results": [None], "errors": ["boom\n\"x\""],
-                "retry_delays": [0.0], "asset_ids": [None], "asset_keys": [None],
+                "tracebacks": None, "retry_delays": [0.0], "asset_ids": [None],
+                "asset_keys": [None],
                 "asset_content_types": [None], "asset_sizes": [None], "asset_sha256s": [None],
                 "asset_filenames": [None],
             },
