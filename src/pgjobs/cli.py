@@ -215,7 +215,7 @@ def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
 
 def _cell(value: object) -> str:
     """A value as one table or field cell: ``-`` when missing, JSON for structures."""
-    if value is None or value == "" or value == {}:
+    if value is None or value == "":
         return "-"
     if isinstance(value, dict | list):
         return json.dumps(value)
@@ -320,7 +320,7 @@ async def cmd_jobs_show(args: argparse.Namespace) -> int:
                 str(e.attempt),
                 _cell(e.worker_id),
                 # The traceback is printed in full below, not squeezed into a cell.
-                _cell({k: v for k, v in e.payload.items() if k != "traceback"}),
+                _cell({k: v for k, v in e.payload.items() if k != "traceback"} or None),
             ]
             for e in events
         ]
