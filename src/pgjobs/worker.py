@@ -7,6 +7,11 @@ Guarantees (see the README's "Delivery guarantees"):
 * Exactly one terminal transition per job. Every write made for an attempt is guarded
   by (id, status = 'running', lease_token); a worker that lost its lease (paused,
   partitioned, slow) updates zero rows, logs it, and its result is discarded.
+* Only jobs it can run. A worker claims the job types its registry has handlers for (or
+  the subset ``WorkerSettings.job_types`` names); a job no live worker serves stays
+  queued rather than failing on a worker that happens to see it.
+* A failed attempt is recorded with its message and, for an exception, its traceback
+  (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
 Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
 with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
@@ -448,11 +453,14 @@ class Worker:
         shutdown), in which case nothing may be written for it."""
         handler = self.registry.get(job.job_type)
         if handler is None:
+            # Not reached through the claim, which takes only this registry's types; kept
+            # for a handler removed from the registry after the worker started.
             known = ", ".join(self.registry.job_types) or "none"
-            return Outcome(
+            return self._failed(
                 job,
+                ctx,
                 "fail",
-                error=f"unknown job type {job.job_type!r}: no handler is registered for it "
+                f"unknown job type {job.job_type!r}: no handler is registered for it "
                 f"(this worker handles: {known}); start a worker whose --handlers registry "
                 "has it, then retry the job",
             )
@@ -474,7 +482,7 @@ class Worker:
             except InvalidJobError as exc:
                 if asset is not None:
                     await self.storage.delete(asset.key)
-                return Outcome(job, "fail", error=str(exc))
+                return self._failed(job, ctx, "fail", str(exc))
             return Outcome(job, "done", result=result, asset=asset)
         except asyncio.CancelledError:
             if ctx.cancelled:
