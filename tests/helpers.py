@@ -111,6 +111,7 @@ def finish_params(
         "outcomes": [outcome] * len(jobs),
         "results": [json.dumps({"by": j["worker_id"]}) for j in jobs],
         "errors": nulls if outcome == "done" else ["boom"] * len(jobs),
+        "tracebacks": None,
         "retry_delays": [0.0] * len(jobs),
         "asset_ids": nulls,
         "asset_keys": nulls,

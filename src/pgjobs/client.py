@@ -261,3 +261,20 @@ class Client:
             return None
         rows = await self._fetch(QUERIES["asset_get"], {"id": aid, "company_id": company_id}, conn)
         return Asset.from_row(rows[0]) if rows else None
+
+    async def live_workers(
+        self,
+        job_types: Iterable[str],
+        *,
+        within_seconds: float,
+        conn: db.AsyncConn | None = None,
+    ) -> dict[str, int]:
+        """How many live workers (a heartbeat within ``within_seconds``) claim each type.
+        A worker claims only its registry's types, so a queued job of a type with 0 stays
+        queued until a worker that has its handler starts."""
+        types = sorted(set(job_types))
+        if not types:
+            return {}
+        params = {"job_types": types, "within_seconds": within_seconds, "now": None}
+        rows = await self._fetch(QUERIES["worker_count_live_by_type"], params, conn)
+        return {r["job_type"]: r["live_workers"] for r in rows}

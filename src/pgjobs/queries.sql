@@ -144,6 +144,9 @@ WITH u AS (
         result = CASE WHEN p.outcome = 'done' THEN (%(results)s::jsonb[])[p.i] END,
         result_asset_id = CASE WHEN p.outcome = 'done' THEN (%(asset_ids)s::uuid[])[p.i] END,
         error_message = CASE WHEN p.outcome <> 'done' THEN (%(errors)s::text[])[p.i] END,
+        -- An exception's traceback (NULL for the batch when no attempt raised one); the
+        -- publish trigger copies it into this attempt's audit row (sql/0006).
+        error_traceback = CASE WHEN p.outcome <> 'done' THEN (%(tracebacks)s::text[])[p.i] END,
         run_at = CASE WHEN p.next_status = 'queued'
                       THEN coalesce(%(now)s::timestamptz, now())
                            + make_interval(secs => (%(retry_delays)s::float8[])[p.i])
@@ -219,6 +222,7 @@ UPDATE pgjobs.jobs j
 SET status = CASE WHEN j.attempts < j.max_attempts THEN 'queued' ELSE 'failed' END,
     error_message = format('lease expired: worker %%s stopped renewing it (attempt %%s of %%s)',
                            j.worker_id, j.attempts, j.max_attempts),
+    error_traceback = NULL,  -- not the previous attempt's: this one raised nothing
     run_at = coalesce(%(now)s::timestamptz, now()),
     lease_expires_at = NULL,
     finished_at = CASE WHEN j.attempts < j.max_attempts THEN NULL
@@ -269,6 +273,7 @@ SET status = 'queued',
     max_attempts = greatest(max_attempts, attempts + 1),
     run_at = coalesce(%(now)s::timestamptz, now()),
     error_message = NULL,
+    error_traceback = NULL,
     result = NULL,
     result_asset_id = NULL,
     finished_at = NULL,
@@ -303,6 +308,18 @@ ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = excluded.last_heartbeat_at;
 -- name: worker_heartbeat
 UPDATE pgjobs.workers SET last_heartbeat_at = coalesce(%(now)s::timestamptz, now())
 WHERE id = %(id)s::text;
+
+-- name: worker_count_live_by_type
+-- For each of %(job_types)s, how many live workers claim it: registered with the type and
+-- a heartbeat within %(within_seconds)s (a worker heartbeats more often than its lease
+-- length). A queued job whose type has none stays queued until such a worker starts.
+SELECT t.job_type, count(w.id)::int AS live_workers
+FROM unnest(%(job_types)s::text[]) AS t(job_type)
+LEFT JOIN pgjobs.workers w
+       ON t.job_type = ANY(w.job_types)
+      AND w.last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
+                                - make_interval(secs => %(within_seconds)s::float8)
+GROUP BY t.job_type;
 
 -- name: worker_deregister
 DELETE FROM pgjobs.workers WHERE id = %(id)s::text;

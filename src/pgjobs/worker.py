@@ -7,6 +7,11 @@ Guarantees (see the README's "Delivery guarantees"):
 * Exactly one terminal transition per job. Every write made for an attempt is guarded
   by (id, status = 'running', lease_token); a worker that lost its lease (paused,
   partitioned, slow) updates zero rows, logs it, and its result is discarded.
+* Only jobs it can run. A worker claims the job types its registry has handlers for (or
+  the subset ``WorkerSettings.job_types`` names); a job no live worker serves stays
+  queued rather than failing on a worker that happens to see it.
+* A failed attempt is recorded with its message and, for an exception, its traceback
+  (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
 Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
 with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
@@ -29,8 +34,9 @@ import logging
 import os
 import random
 import socket
+import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,7 +48,7 @@ from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
-from pgjobs.errors import AssetTooLargeError, InvalidJobError
+from pgjobs.errors import AssetTooLargeError, ConfigurationError, InvalidJobError
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
@@ -62,6 +68,36 @@ def retry_delay(attempt: int, settings: WorkerSettings) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, times [0.5, 1)."""
     delay = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempt - 1))
     return float(delay * random.uniform(0.5, 1.0))
+
+
+def _discard_late_result(ctx: JobContext, future: Future[Any]) -> None:
+    """A sync handler that was stopped (timeout, cancel, lost lease, shutdown) returned:
+    its attempt is already recorded, so its result or exception goes nowhere but here."""
+    exc = future.exception()
+    ctx.logger.warning(
+        "job %s attempt %d: sync handler returned after it was stopped (%s); its %s is discarded",
+        ctx.job_id,
+        ctx.attempt,
+        ctx.cancel_reason or "stopped",
+        "result" if exc is None else f"exception ({type(exc).__name__}: {exc})",
+    )
+
+
+def claimable_types(registry: Registry, wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The job types a worker claims: its registry's, or the subset ``wanted`` names.
+
+    A worker never claims a job it has no handler for: another service's jobs, or jobs
+    whose handlers are only on other workers, stay queued for a worker that has them.
+    Naming a type the registry lacks is a configuration mistake and is refused."""
+    if not wanted:
+        return registry.job_types
+    missing = sorted(set(wanted) - set(registry.job_types))
+    if missing:
+        raise ConfigurationError(
+            f"--job-types names {', '.join(map(repr, missing))}, which the handler registry "
+            f"does not have (it has: {', '.join(registry.job_types) or 'no handlers'})"
+        )
+    return tuple(dict.fromkeys(wanted))
 
 
 def default_worker_id() -> str:
@@ -100,6 +136,7 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.storage = storage or LocalStorage(self.settings.storage_dir)
         self.id = worker_id or default_worker_id()
+        self.job_types = claimable_types(registry, self.settings.job_types)
         self.tune_gc = tune_gc
         self._running: dict[uuid.UUID, _Running] = {}  # claimed and not yet recorded
         self._active = 0  # of those, how many are still in their handler
@@ -150,7 +187,7 @@ class Worker:
                         "id": self.id,
                         "hostname": socket.gethostname(),
                         "pid": os.getpid(),
-                        "job_types": list(settings.job_types or self.registry.job_types),
+                        "job_types": list(self.job_types),
                         "concurrency": settings.concurrency,
                         "now": None,
                     },
@@ -175,7 +212,7 @@ class Worker:
                 "worker %s started: concurrency %d, job types %s",
                 self.id,
                 settings.concurrency,
-                ", ".join(settings.job_types or ["(all)"]),
+                ", ".join(self.job_types) or "(none: the registry is empty)",
             )
             if self.tune_gc:
                 gcpolicy.tune_for_long_running_process()
@@ -330,7 +367,7 @@ class Worker:
             "limit": limit,
             "worker_id": self.id,
             "lease_seconds": self.settings.lease_seconds,
-            "job_types": list(self.settings.job_types) if self.settings.job_types else None,
+            "job_types": list(self.job_types),
         }
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=job_rows)
@@ -416,11 +453,14 @@ class Worker:
         shutdown), in which case nothing may be written for it."""
         handler = self.registry.get(job.job_type)
         if handler is None:
+            # Not reached through the claim, which takes only this registry's types; kept
+            # for a handler removed from the registry after the worker started.
             known = ", ".join(self.registry.job_types) or "none"
-            return Outcome(
+            return self._failed(
                 job,
+                ctx,
                 "fail",
-                error=f"unknown job type {job.job_type!r}: no handler is registered for it "
+                f"unknown job type {job.job_type!r}: no handler is registered for it "
                 f"(this worker handles: {known}); start a worker whose --handlers registry "
                 "has it, then retry the job",
             )
@@ -442,36 +482,67 @@ class Worker:
             except InvalidJobError as exc:
                 if asset is not None:
                     await self.storage.delete(asset.key)
-                return Outcome(job, "fail", error=str(exc))
+                return self._failed(job, ctx, "fail", str(exc))
             return Outcome(job, "done", result=result, asset=asset)
         except asyncio.CancelledError:
             if ctx.cancelled:
                 return None
             raise
         except AssetTooLargeError as exc:
-            return Outcome(job, "fail", error=str(exc))
+            return self._failed(job, ctx, "fail", str(exc))
         except TimeoutError as exc:
             if deadline.expired():
                 error = f"timed out after {handler.timeout:g}s (the {job.job_type!r} timeout)"
-            else:
-                error = f"TimeoutError: {exc}" if str(exc) else "TimeoutError raised by the handler"
-            return Outcome(
-                job, "error", error=error, retry_delay=retry_delay(job.attempts, self.settings)
-            )
+                # A sync handler's thread runs on: this tells it to stop (and makes its
+                # progress calls no-ops); the attempt is recorded now, not when it returns.
+                ctx._cancel(error)
+                return self._failed(job, ctx, "error", error)
+            error = f"TimeoutError: {exc}" if str(exc) else "TimeoutError raised by the handler"
+            return self._failed(job, ctx, "error", error, exc)
         except Exception as exc:
-            ctx.logger.warning("attempt %d failed: %s: %s", job.attempts, type(exc).__name__, exc)
-            return Outcome(
-                job,
-                "error",
-                error=f"{type(exc).__name__}: {exc}",
-                retry_delay=retry_delay(job.attempts, self.settings),
-            )
+            return self._failed(job, ctx, "error", f"{type(exc).__name__}: {exc}", exc)
+
+    def _failed(
+        self,
+        job: Job,
+        ctx: JobContext,
+        kind: str,
+        error: str,
+        exc: BaseException | None = None,
+    ) -> Outcome:
+        """A failed attempt's outcome, logged with its traceback: WARNING when the job
+        will be retried, ERROR when this was its last attempt (or ``kind`` is 'fail')."""
+        final = kind == "fail" or job.attempts >= job.max_attempts
+        ctx.logger.log(
+            logging.ERROR if final else logging.WARNING,
+            "attempt %d of %d failed%s: %s",
+            job.attempts,
+            job.max_attempts,
+            "" if final else ", will retry",
+            error,
+            exc_info=exc,
+        )
+        return Outcome(
+            job,
+            kind,
+            error=error,
+            traceback=None if exc is None else "".join(traceback.format_exception(exc)),
+            retry_delay=retry_delay(job.attempts, self.settings) if kind == "error" else 0.0,
+        )
 
     async def _invoke(self, handler: Handler, ctx: JobContext) -> Any:
         if handler.is_async:
             return await handler.fn(ctx)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, handler.fn, ctx)
+        future = self._threads.submit(handler.fn, ctx)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The deadline, a cancel, a lost lease or shutdown stopped the wait; a thread
+            # cannot be interrupted, so the handler runs on until it notices
+            # ctx.cancelled. Whatever it returns then is not this attempt's result.
+            if not future.cancel():
+                future.add_done_callback(lambda f: _discard_late_result(ctx, f))
+            raise
 
     async def _write_progress(self, job: Job, fraction: float | None, message: str | None) -> bool:
         assert self._pool is not None

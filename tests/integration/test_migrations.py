@@ -29,14 +29,18 @@ async def _enqueue_notifies(dsn: str) -> dict[str, object]:
 
 
 async def test_latest_migration_rolls_back_and_applies_again(empty_dsn: str) -> None:
-    assert migrate.apply(empty_dsn)[-1] == "0004_job_queue"
+    assert migrate.apply(empty_dsn)[-1] == "0006_attempt_traceback"
     assert "runAt" not in await _enqueue_notifies(empty_dsn)  # 0003: no null keys
 
-    _roll_back(empty_dsn, "0004_job_queue", "0003_fast_publish")
+    _roll_back(empty_dsn, "0006_attempt_traceback", "0004_job_queue", "0003_fast_publish")
     item = await _enqueue_notifies(empty_dsn)
     assert item["runAt"] is None  # 0001's trigger again: every key, null or not
 
-    assert migrate.apply(empty_dsn) == ["0003_fast_publish", "0004_job_queue"]
+    assert migrate.apply(empty_dsn) == [
+        "0003_fast_publish",
+        "0004_job_queue",
+        "0006_attempt_traceback",
+    ]
     assert "runAt" not in await _enqueue_notifies(empty_dsn)
     await assert_queue_matches_jobs(empty_dsn)
 
@@ -69,18 +73,18 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
     empty_dsn: str,
 ) -> None:
     migrate.apply(empty_dsn)
-    _roll_back(empty_dsn, "0004_job_queue")
+    _roll_back(empty_dsn, "0006_attempt_traceback", "0004_job_queue")
     assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue') AS t") == [{"t": None}]
     await fetch(empty_dsn, _JOBS_AT_0003)
 
-    assert migrate.apply(empty_dsn) == ["0004_job_queue"]
+    assert migrate.apply(empty_dsn) == ["0004_job_queue", "0006_attempt_traceback"]
     await assert_queue_matches_jobs(empty_dsn)
     queued = await fetch(
         empty_dsn, "SELECT lease_expires_at IS NULL AS queued FROM pgjobs.job_queue"
     )
     assert sorted(r["queued"] for r in queued) == [False, True]  # the done job stays out
 
-    _roll_back(empty_dsn, "0004_job_queue")
+    _roll_back(empty_dsn, "0006_attempt_traceback", "0004_job_queue")
     indexes = await fetch(
         empty_dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs' ORDER BY 1"
     )
@@ -91,3 +95,21 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
         "jobs_lease_idx",
         "jobs_pkey",
     ]
+
+
+async def test_traceback_migration_rolls_back_to_0004s_trigger(empty_dsn: str) -> None:
+    """0006 adds pgjobs.jobs.error_traceback and a publish trigger that reads it; its
+    rollback drops the column and restores the trigger that does not."""
+    migrate.apply(empty_dsn)
+    column = (
+        "SELECT count(*) AS n FROM information_schema.columns WHERE column_name = 'error_traceback'"
+    )
+    assert await fetch(empty_dsn, column) == [{"n": 1}]
+    _roll_back(empty_dsn, "0006_attempt_traceback")
+    assert await fetch(empty_dsn, column) == [{"n": 0}]
+    await _enqueue_notifies(empty_dsn)
+    async with await Client.connect(empty_dsn) as client:  # a transition through the trigger
+        job = await client.enqueue("acme", "echo")
+        assert (await client.cancel("acme", job.id)).status.value == "cancelled"
+    assert migrate.apply(empty_dsn) == ["0006_attempt_traceback"]
+    await _enqueue_notifies(empty_dsn)

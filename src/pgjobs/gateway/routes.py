@@ -27,7 +27,7 @@ from pgjobs.gateway.eventstream import EventStream
 from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
 from pgjobs.gateway.responses import asset_json, error
 from pgjobs.gateway.state import GatewayState
-from pgjobs.types import JobStatus
+from pgjobs.types import Job, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -159,12 +159,27 @@ class Api:
         except InvalidJobError:
             bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")
         headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None
-        return JSONResponse([j.to_json() for j in page.jobs], headers=headers)
+        return JSONResponse(await self._jobs_json(page.jobs), headers=headers)
 
     async def get_job(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.get(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job.to_json())
+        return JSONResponse((await self._jobs_json([job]))[0])
+
+    async def _jobs_json(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """Jobs as JSON; a queued one also gets ``servedBy``, the number of live workers
+        that claim its type (0: it stays queued until a worker with its handler runs)."""
+        queued = [j.job_type for j in jobs if j.status is JobStatus.QUEUED]
+        served_by = await self.state.client.live_workers(
+            queued, within_seconds=self.state.settings.live_worker_seconds
+        )
+        out = []
+        for job in jobs:
+            data = job.to_json()
+            if job.status is JobStatus.QUEUED:
+                data["servedBy"] = served_by.get(job.job_type, 0)
+            out.append(data)
+        return out
 
     async def cancel(self, request: Request) -> Response:
         principal = await self.authorize(request)
@@ -174,7 +189,7 @@ class Api:
     async def retry(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job.to_json(), status_code=202)
+        return JSONResponse((await self._jobs_json([job]))[0], status_code=202)
 
     # -- event streams ----------------------------------------------------------------
 
