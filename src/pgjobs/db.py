@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import select
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
@@ -22,6 +23,33 @@ from pgjobs.queries import QUERIES
 
 AsyncConn = psycopg.AsyncConnection[DictRow]
 SyncConn = psycopg.Connection[DictRow]
+CallerAsyncConn = psycopg.AsyncConnection[Any]
+"""A connection a caller passes in (``conn=``): any row factory, autocommit or not."""
+CallerSyncConn = psycopg.Connection[Any]
+
+
+async def fetch_dicts(
+    conn: CallerAsyncConn, query: LiteralString, params: Mapping[str, Any]
+) -> list[DictRow]:
+    """Run ``query`` on any connection and return its rows as dicts.
+
+    The cursor is built here, with its own row factory and class, instead of by
+    ``conn.execute``: a caller's connection may return tuples, named tuples or its own
+    row type, or make client-side cursors, and it keeps all of that. The statement runs
+    in whatever transaction the connection is in (in autocommit mode it commits at once).
+    """
+    async with psycopg.AsyncCursor(conn, row_factory=dict_row) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall() if cur.description else []
+
+
+def fetch_dicts_sync(
+    conn: CallerSyncConn, query: LiteralString, params: Mapping[str, Any]
+) -> list[DictRow]:
+    """fetch_dicts() for a blocking connection."""
+    with psycopg.Cursor(conn, row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return cur.fetchall() if cur.description else []
 
 
 def resolve_dsn(explicit: str | None = None) -> str:
