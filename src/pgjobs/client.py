@@ -136,6 +136,8 @@ class Client:
 
     @classmethod
     async def connect(cls, dsn: str | None = None, *, max_size: int = 10) -> Client:
+        """A client with its own pool. With no ``dsn``: PGJOBS_DSN, else the embedded
+        server under ./.pgjobs (started if needed), as the ``pgjobs`` command does."""
         dsn = db.resolve_dsn(dsn)
         pool = await db.open_pool(dsn, max_size=max_size, name="pgjobs-client")
         try:

@@ -36,9 +36,12 @@ from pgjobs.types import Asset, Job, JobEvent
 
 
 class SyncClient:
+    """Blocking producer API over a connection pool. With no ``dsn``: PGJOBS_DSN, else the
+    embedded server under ./.pgjobs (started if needed), as the ``pgjobs`` command does."""
+
     def __init__(self, dsn: str | None = None, *, max_size: int = 5) -> None:
         dsn = db.resolve_dsn(dsn)
-        db.check_dsn(dsn)
+        db.probe_sync(dsn)
         self.pool: ConnectionPool[db.SyncConn] = ConnectionPool(
             dsn,
             max_size=max_size,
