@@ -11,7 +11,8 @@ from __future__ import annotations
 import os
 import re
 import select
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, LiteralString
 
 import psycopg
 from psycopg.rows import DictRow, dict_row
@@ -22,29 +23,76 @@ from pgjobs.queries import QUERIES
 
 AsyncConn = psycopg.AsyncConnection[DictRow]
 SyncConn = psycopg.Connection[DictRow]
+CallerAsyncConn = psycopg.AsyncConnection[Any]
+"""A connection a caller passes in (``conn=``): any row factory, autocommit or not."""
+CallerSyncConn = psycopg.Connection[Any]
+
+
+async def fetch_dicts(
+    conn: CallerAsyncConn, query: LiteralString, params: Mapping[str, Any]
+) -> list[DictRow]:
+    """Run ``query`` on any connection and return its rows as dicts.
+
+    The cursor is built here, with its own row factory and class, instead of by
+    ``conn.execute``: a caller's connection may return tuples, named tuples or its own
+    row type, or make client-side cursors, and it keeps all of that. The statement runs
+    in whatever transaction the connection is in (in autocommit mode it commits at once).
+    """
+    async with psycopg.AsyncCursor(conn, row_factory=dict_row) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall() if cur.description else []
+
+
+def fetch_dicts_sync(
+    conn: CallerSyncConn, query: LiteralString, params: Mapping[str, Any]
+) -> list[DictRow]:
+    """fetch_dicts() for a blocking connection."""
+    with psycopg.Cursor(conn, row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return cur.fetchall() if cur.description else []
 
 
 def resolve_dsn(explicit: str | None = None) -> str:
-    """The DSN to use: --dsn, else PGJOBS_DSN, else start/join the embedded server."""
-    if explicit:
-        return explicit
-    env = os.environ.get("PGJOBS_DSN")
-    if env:
-        return env
+    """The DSN to use: --dsn, else PGJOBS_DSN, else start/join the embedded server.
+
+    A DSN that names the embedded server (what ``pgjobs dsn`` prints) starts or joins it
+    too: the process that printed it may have stopped it on exit.
+    """
     from pgjobs import embedded
 
-    return embedded.start()
+    dsn = explicit or os.environ.get("PGJOBS_DSN")
+    if not dsn:
+        return embedded.start()
+    data = embedded.data_dir_of(dsn)
+    if data is not None:
+        embedded.start(data.parent)
+    return dsn
 
 
 def redact(dsn: str) -> str:
     """The DSN with any password removed, for error messages and logs."""
-    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    dsn = re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", dsn)
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
 
 
 def unavailable(dsn: str, exc: Exception) -> DatabaseUnavailableError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DatabaseUnavailableError(f"cannot connect to PostgreSQL at {redact(dsn)}: {first_line}")
+    return DatabaseUnavailableError(
+        f"cannot connect to PostgreSQL at {redact(dsn)}: {first_line.rstrip('.')}. "
+        "Start that server or fix the DSN (--dsn, PGJOBS_DSN); "
+        "with no DSN at all pgjobs starts its embedded server under $PGJOBS_HOME (./.pgjobs)"
+    )
+
+
+def probe_sync(dsn: str, *, connect_timeout: float = 10.0) -> None:
+    """Connect once and close: a bad host, a stopped server or a wrong password fails at
+    once with the server's own message, where a pool would retry until its timeout and
+    say only "timeout"."""
+    check_dsn(dsn)
+    try:
+        psycopg.Connection.connect(dsn, connect_timeout=max(1, int(connect_timeout))).close()
+    except psycopg.OperationalError as exc:
+        raise unavailable(dsn, exc) from None
 
 
 def check_dsn(dsn: str) -> None:
