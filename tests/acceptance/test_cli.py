@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -160,3 +161,36 @@ def test_make_run_demo_end_to_end(dsn: str, tmp_path: Path) -> None:
     assert "acme/fail          failed  attempts 2  error: RuntimeError: simulated outage" in results
     assert "curl -N -H 'Authorization: Bearer pgj_" in out.stdout
     assert out.stdout.rstrip().endswith("workers and gateway stopped")
+
+
+@pytest.mark.parametrize(
+    ("run_at", "message"),
+    [
+        ("0001-01-01T00:00:00+00:01", "--run-at must lie between"),
+        ("9999-12-31T23:59:59-00:01", "--run-at must lie between"),
+        ("9999-12-31T23:59:59-23:59", "--run-at has a UTC offset beyond ±14:00"),
+        ("2030-01-01T00:00:00+14:01", "--run-at has a UTC offset beyond ±14:00"),
+        ("2030-01-01T00:00:00", "--run-at needs a timezone"),
+    ],
+)
+def test_run_at_out_of_range_exits_2_and_stores_nothing(
+    dsn: str, run_at: str, message: str
+) -> None:
+    out = pgjobs("enqueue", "acme", "echo", "--run-at", run_at, dsn=dsn)
+    assert out.returncode == 2
+    assert message in out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr
+    assert pgjobs("jobs", "list", "acme", "--json", dsn=dsn).stdout == ""
+
+
+def test_run_at_with_an_edge_offset_is_stored_in_utc(dsn: str) -> None:
+    for run_at in ("2030-01-01T00:00:00+14:00", "2030-01-01T00:00:00-14:00", "2030-01-01T00:00Z"):
+        out = pgjobs("enqueue", "acme", "echo", "--run-at", run_at, dsn=dsn)
+        assert out.returncode == 0, out.stderr
+    lines = pgjobs("jobs", "list", "acme", "--json", dsn=dsn).stdout.splitlines()
+    run_ats = sorted(datetime.fromisoformat(json.loads(line)["runAt"]) for line in lines)
+    assert run_ats == [
+        datetime(2029, 12, 31, 10, tzinfo=UTC),
+        datetime(2030, 1, 1, tzinfo=UTC),
+        datetime(2030, 1, 1, 14, tzinfo=UTC),
+    ]
