@@ -19,60 +19,72 @@
 -- had; a finished one keeps its status. In both, each time out of range is clamped to
 -- the nearest bound, which is what lets the CHECKs be added validated.
 
+-- The range, once for the schema: the CHECKs below and pgjobs' queries that fail a job
+-- holding a time out of range (src/pgjobs/queries.sql) call these. Plain SQL expressions,
+-- so PostgreSQL inlines them where they are used.
+CREATE FUNCTION pgjobs.time_in_range(ts timestamptz) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT ts BETWEEN '1970-01-01 00:00:00+00'::timestamptz AND '9999-12-31 00:00:00+00'::timestamptz
+$$;
+
+-- ts moved to the nearest bound of the range (NULL stays NULL).
+CREATE FUNCTION pgjobs.clamp_time(ts timestamptz) RETURNS timestamptz
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT CASE WHEN ts < '1970-01-01 00:00:00+00'::timestamptz THEN '1970-01-01 00:00:00+00'::timestamptz
+                WHEN ts > '9999-12-31 00:00:00+00'::timestamptz THEN '9999-12-31 00:00:00+00'::timestamptz
+                ELSE ts END
+$$;
+
+-- Does any of a job's times lie outside the range?
+CREATE FUNCTION pgjobs.job_times_out_of_range(j pgjobs.jobs) RETURNS boolean
+LANGUAGE sql IMMUTABLE PARALLEL SAFE AS $$
+    SELECT NOT (pgjobs.time_in_range(j.run_at) AND pgjobs.time_in_range(j.created_at)
+                AND pgjobs.time_in_range(j.updated_at)
+                AND coalesce(pgjobs.time_in_range(j.started_at), true)
+                AND coalesce(pgjobs.time_in_range(j.finished_at), true)
+                AND coalesce(pgjobs.time_in_range(j.lease_expires_at), true))
+$$;
+
+-- What a job's times were, for the error message of a job failed for holding one out of
+-- range (the row's own are clamped, so that it satisfies the CHECKs).
+CREATE FUNCTION pgjobs.job_times_text(j pgjobs.jobs) RETURNS text
+LANGUAGE sql STABLE PARALLEL SAFE AS $$  -- STABLE: the text is in the session's time zone
+    SELECT format('run_at %s, created_at %s, updated_at %s, started_at %s, finished_at %s, '
+                  'lease_expires_at %s', j.run_at, j.created_at, j.updated_at, j.started_at,
+                  j.finished_at, j.lease_expires_at)
+$$;
+
+
 UPDATE pgjobs.jobs j
 SET status = CASE WHEN j.status IN ('queued', 'running') THEN 'failed' ELSE j.status END,
     error_message = CASE WHEN j.status IN ('queued', 'running')
-        THEN format('failed by migration 0005_time_bounds: a time is outside 1970-01-01 to '
-                    '9999-12-31 UTC (run_at %s, created_at %s, updated_at %s, started_at %s, '
-                    'finished_at %s, lease_expires_at %s)', j.run_at, j.created_at,
-                    j.updated_at, j.started_at, j.finished_at, j.lease_expires_at)
+        THEN 'failed by migration 0005_time_bounds: a time is outside 1970-01-01 to '
+             '9999-12-31 UTC (' || pgjobs.job_times_text(j) || ')'
         ELSE j.error_message END,
     lease_expires_at = CASE WHEN j.status IN ('queued', 'running') THEN NULL
-                            ELSE j.lease_expires_at END,
+                            ELSE pgjobs.clamp_time(j.lease_expires_at) END,
     finished_at = CASE WHEN j.status IN ('queued', 'running') THEN now()
-                       WHEN j.finished_at < '1970-01-01 00:00:00+00' THEN '1970-01-01 00:00:00+00'
-                       WHEN j.finished_at > '9999-12-31 00:00:00+00' THEN '9999-12-31 00:00:00+00'
-                       ELSE j.finished_at END,
+                       ELSE pgjobs.clamp_time(j.finished_at) END,
     event_seq = j.event_seq + CASE WHEN j.status IN ('queued', 'running') THEN 1 ELSE 0 END,
     last_event = CASE WHEN j.status IN ('queued', 'running') THEN 'content_job.failed'
                       ELSE j.last_event END,
-    run_at = CASE WHEN j.run_at < '1970-01-01 00:00:00+00' THEN '1970-01-01 00:00:00+00'
-                  WHEN j.run_at > '9999-12-31 00:00:00+00' THEN '9999-12-31 00:00:00+00'
-                  ELSE j.run_at END,
-    created_at = CASE WHEN j.created_at < '1970-01-01 00:00:00+00' THEN '1970-01-01 00:00:00+00'
-                      WHEN j.created_at > '9999-12-31 00:00:00+00' THEN '9999-12-31 00:00:00+00'
-                      ELSE j.created_at END,
+    run_at = pgjobs.clamp_time(j.run_at),
+    created_at = pgjobs.clamp_time(j.created_at),
     updated_at = CASE WHEN j.status IN ('queued', 'running') THEN now()
-                      WHEN j.updated_at < '1970-01-01 00:00:00+00' THEN '1970-01-01 00:00:00+00'
-                      WHEN j.updated_at > '9999-12-31 00:00:00+00' THEN '9999-12-31 00:00:00+00'
-                      ELSE j.updated_at END,
-    started_at = CASE WHEN j.started_at < '1970-01-01 00:00:00+00' THEN '1970-01-01 00:00:00+00'
-                      WHEN j.started_at > '9999-12-31 00:00:00+00' THEN '9999-12-31 00:00:00+00'
-                      ELSE j.started_at END
-WHERE NOT (j.run_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'
-           AND j.created_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'
-           AND j.updated_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'
-           AND coalesce(j.started_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00', true)
-           AND coalesce(j.finished_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00', true)
-           AND coalesce(j.lease_expires_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00', true));
+                      ELSE pgjobs.clamp_time(j.updated_at) END,
+    started_at = pgjobs.clamp_time(j.started_at)
+WHERE pgjobs.job_times_out_of_range(j);
 
 ALTER TABLE pgjobs.jobs
-    ADD CONSTRAINT jobs_run_at_in_range
-        CHECK (run_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'),
-    ADD CONSTRAINT jobs_created_at_in_range
-        CHECK (created_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'),
-    ADD CONSTRAINT jobs_updated_at_in_range
-        CHECK (updated_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'),
-    ADD CONSTRAINT jobs_started_at_in_range
-        CHECK (started_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'),
-    ADD CONSTRAINT jobs_finished_at_in_range
-        CHECK (finished_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'),
-    ADD CONSTRAINT jobs_lease_expires_at_in_range
-        CHECK (lease_expires_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00');
+    ADD CONSTRAINT jobs_run_at_in_range CHECK (pgjobs.time_in_range(run_at)),
+    ADD CONSTRAINT jobs_created_at_in_range CHECK (pgjobs.time_in_range(created_at)),
+    ADD CONSTRAINT jobs_updated_at_in_range CHECK (pgjobs.time_in_range(updated_at)),
+    ADD CONSTRAINT jobs_started_at_in_range CHECK (pgjobs.time_in_range(started_at)),
+    ADD CONSTRAINT jobs_finished_at_in_range CHECK (pgjobs.time_in_range(finished_at)),
+    ADD CONSTRAINT jobs_lease_expires_at_in_range CHECK (pgjobs.time_in_range(lease_expires_at));
 
 -- The queue's copies (the trigger that writes them has removed the failed jobs above).
 ALTER TABLE pgjobs.job_queue
-    ADD CONSTRAINT job_queue_run_at_in_range
-        CHECK (run_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00'),
+    ADD CONSTRAINT job_queue_run_at_in_range CHECK (pgjobs.time_in_range(run_at)),
     ADD CONSTRAINT job_queue_lease_expires_at_in_range
-        CHECK (lease_expires_at BETWEEN '1970-01-01 00:00:00+00' AND '9999-12-31 00:00:00+00');
+        CHECK (pgjobs.time_in_range(lease_expires_at));

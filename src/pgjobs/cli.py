@@ -25,7 +25,7 @@ from pgjobs.config import WorkerSettings
 from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError, PgjobsError
 from pgjobs.jobspec import parse_time
 from pgjobs.queries import QUERIES
-from pgjobs.types import Job
+from pgjobs.types import Job, iso
 from pgjobs.worker import Worker
 
 EXIT_ERROR = 1
@@ -174,7 +174,7 @@ def job_json(job: Job) -> dict[str, Any]:
     return {
         **job.to_json(),
         "priority": job.priority,
-        "runAt": job.run_at.isoformat(),
+        "runAt": iso(job.run_at),
         "workerId": job.worker_id,
     }
 

@@ -4,14 +4,16 @@ and a row that holds one anyway fails its own job, not the worker or the reads."
 from __future__ import annotations
 
 import datetime as dt
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from helpers import fetch
+from helpers import assert_histories_valid, fast_settings, fetch, running_worker, wait_until
+from pgjobs import demo
 from pgjobs.client import Client
 from pgjobs.errors import InvalidJobError
-from pgjobs.jobspec import TIME_MAX, TIME_MIN
+from pgjobs.jobspec import TIME_MAX, TIME_MIN, JobSpec
 
 ONE_US = dt.timedelta(microseconds=1)
 
@@ -51,3 +53,42 @@ async def test_the_schema_range_is_jobspecs(dsn: str) -> None:
             "UPDATE pgjobs.job_queue SET run_at = '0001-01-01T00:00:00Z' WHERE run_at = %s",
             (TIME_MIN,),
         )
+
+
+async def test_a_claim_that_fails_on_a_row_fails_that_job_and_the_worker_goes_on(
+    dsn: str, storage_dir: Path
+) -> None:
+    """Range CHECKs added NOT VALID over a row out of range: the claim's UPDATE of that
+    row violates them, so the whole claim statement fails and claims nothing."""
+    await fetch(dsn, "ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_run_at_in_range")
+    await fetch(
+        dsn,
+        "ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_run_at_in_range",
+    )
+    await fetch(
+        dsn,
+        "INSERT INTO pgjobs.jobs (id, company_id, job_type, run_at)"
+        " VALUES ('00000000-0000-0000-0000-00000000000b', 'acme', 'echo',"
+        " '0001-12-31 23:59:00+00 BC')",
+    )
+    await fetch(
+        dsn,
+        "ALTER TABLE pgjobs.jobs ADD CONSTRAINT jobs_run_at_in_range"
+        " CHECK (pgjobs.time_in_range(run_at)) NOT VALID",
+    )
+    async with await Client.connect(dsn) as client:
+        await client.enqueue_many(JobSpec("acme", "echo", {"n": n}) for n in range(10))
+        async with running_worker(dsn, demo.registry, fast_settings(storage_dir)) as worker:
+
+            async def settled() -> bool:
+                jobs = (await client.list("acme", limit=20)).jobs
+                return sorted(j.status.value for j in jobs) == ["done"] * 10 + ["failed"]
+
+            await wait_until(settled, message="10 done, the poisoned one failed")
+            assert worker.jobs_started == 10
+        bad = await client.get("acme", "00000000-0000-0000-0000-00000000000b")
+    assert bad.error_message is not None
+    assert "a time is outside 1970-01-01 to 9999-12-31 UTC" in bad.error_message
+    assert "run_at 0001-12-31 23:59:00+00 BC" in bad.error_message
+    assert bad.run_at == TIME_MIN  # clamped, so that the row meets the CHECK
+    await assert_histories_valid(dsn)
