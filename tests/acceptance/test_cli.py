@@ -10,6 +10,7 @@ import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -194,3 +195,21 @@ def test_run_at_with_an_edge_offset_is_stored_in_utc(dsn: str) -> None:
         datetime(2030, 1, 1, tzinfo=UTC),
         datetime(2030, 1, 1, 14, tzinfo=UTC),
     ]
+
+
+def test_jobs_list_and_show_read_a_time_python_cannot_represent(dsn: str) -> None:
+    job_id = "00000000-0000-0000-0000-00000000000b"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_run_at_in_range")
+        conn.execute("ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_run_at_in_range")
+        conn.execute(
+            "INSERT INTO pgjobs.jobs (id, company_id, job_type, run_at)"
+            " VALUES (%s, 'acme', 'echo', '10000-01-01 00:00:00+00')",
+            (job_id,),
+        )
+    listed = pgjobs("jobs", "list", "acme", "--json", dsn=dsn)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["runAt"] == "10000-01-01 00:00:00+00"
+    shown = pgjobs("jobs", "show", job_id, dsn=dsn)
+    assert shown.returncode == 0, shown.stderr
+    assert "Traceback" not in shown.stderr

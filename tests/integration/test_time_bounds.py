@@ -14,6 +14,8 @@ from pgjobs import demo
 from pgjobs.client import Client
 from pgjobs.errors import InvalidJobError
 from pgjobs.jobspec import TIME_MAX, TIME_MIN, JobSpec
+from pgjobs.sync import SyncClient
+from pgjobs.types import UnreadableTime, iso
 
 ONE_US = dt.timedelta(microseconds=1)
 
@@ -92,3 +94,27 @@ async def test_a_claim_that_fails_on_a_row_fails_that_job_and_the_worker_goes_on
     assert "run_at 0001-12-31 23:59:00+00 BC" in bad.error_message
     assert bad.run_at == TIME_MIN  # clamped, so that the row meets the CHECK
     await assert_histories_valid(dsn)
+
+
+async def test_reads_show_a_time_python_cannot_represent_as_postgresql_writes_it(
+    dsn: str,
+) -> None:
+    await fetch(dsn, "ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_created_at_in_range")
+    await fetch(
+        dsn,
+        "INSERT INTO pgjobs.jobs (id, company_id, job_type, created_at) VALUES"
+        " ('00000000-0000-0000-0000-00000000000b', 'acme', 'echo', '0001-12-31 23:59:00+00 BC'),"
+        " ('00000000-0000-0000-0000-00000000000c', 'acme', 'echo', 'infinity')",
+    )
+    async with await Client.connect(dsn) as client:
+        jobs = (await client.list("acme")).jobs
+    shown = {str(j.id)[-1]: j.to_json()["createdAt"] for j in jobs}
+    assert shown == {"b": "0001-12-31 23:59:00+00 BC", "c": "infinity"}
+    early, late = sorted(jobs, key=lambda j: j.created_at)
+    assert isinstance(early.created_at, UnreadableTime)
+    assert early.created_at == dt.datetime.min.replace(tzinfo=dt.UTC)
+    assert late.created_at == dt.datetime.max.replace(tzinfo=dt.UTC)
+
+    with SyncClient(dsn) as sync_client:
+        job = sync_client.get("acme", "00000000-0000-0000-0000-00000000000b")
+    assert iso(job.created_at) == "0001-12-31 23:59:00+00 BC"
