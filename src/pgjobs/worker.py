@@ -418,6 +418,7 @@ class Worker:
                 jobs.append(job)
         if unreadable:
             await self._fail_unreadable(conn, unreadable)
+            self._wake()  # the batch came back short for them, not for an empty queue
         return jobs
 
     async def _fail_unreadable(
