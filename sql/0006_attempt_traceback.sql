@@ -1,4 +1,4 @@
--- depends: 0004_job_queue
+-- depends: 0005_time_bounds
 -- A failed attempt keeps its traceback (issue 14).
 --
 -- pgjobs.jobs.error_traceback holds the traceback of the attempt that set error_message

@@ -23,8 +23,9 @@ from pgjobs import db, migrate, registry
 from pgjobs.client import Client, parse_job_id
 from pgjobs.config import DEFAULT_LEASE_SECONDS, WorkerSettings, env_float
 from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError, PgjobsError
+from pgjobs.jobspec import parse_time
 from pgjobs.queries import QUERIES
-from pgjobs.types import Job, JobStatus
+from pgjobs.types import Job, JobStatus, iso
 from pgjobs.worker import Worker, claimable_types
 
 EXIT_ERROR = 1
@@ -45,15 +46,11 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _timestamp(text: str) -> datetime:
+    """--run-at: parsed, range-checked and converted to UTC by pgjobs.jobspec."""
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--run-at must be an ISO 8601 time, got {text!r}"
-        ) from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError("--run-at needs a timezone, e.g. 2030-01-01T09:00:00Z")
-    return value
+        return parse_time(text, "--run-at")
+    except InvalidJobError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -185,7 +182,7 @@ def job_json(job: Job, served_by: dict[str, int] | None = None) -> dict[str, Any
     out = {
         **job.to_json(),
         "priority": job.priority,
-        "runAt": job.run_at.isoformat(),
+        "runAt": iso(job.run_at),
         "workerId": job.worker_id,
     }
     if served_by is not None and job.status is JobStatus.QUEUED:

@@ -343,3 +343,55 @@ WHERE company_id = %(company_id)s::text AND job_type = %(job_type)s::text
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
   AND (%(input)s::jsonb IS NULL OR input @> %(input)s::jsonb)
 ORDER BY created_at, id;
+
+-- name: job_fail_unreadable_if_leased
+-- Jobs a worker claimed but cannot read (a value Python cannot represent, such as a time
+-- before year 1): failed at once, each only if its lease still holds, with the reason
+-- in the error message and so in the audit row. Times out of range are clamped
+-- (sql/0005_time_bounds.sql) so that the row satisfies the range CHECKs even where they
+-- were added NOT VALID; the error message keeps what they were.
+UPDATE pgjobs.jobs j
+SET status = 'failed',
+    error_message = CASE WHEN pgjobs.job_times_out_of_range(j)
+                         THEN u.error || ' (' || pgjobs.job_times_text(j) || ')'
+                         ELSE u.error END,
+    run_at = pgjobs.clamp_time(j.run_at),
+    created_at = pgjobs.clamp_time(j.created_at),
+    started_at = pgjobs.clamp_time(j.started_at),
+    lease_expires_at = NULL,
+    error_traceback = NULL,  -- no handler ran: not an earlier attempt's traceback
+    finished_at = coalesce(%(now)s::timestamptz, now()),
+    event_seq = j.event_seq + 1,
+    last_event = 'content_job.failed',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[], %(errors)s::text[])
+     AS u(id, lease_token, error)
+WHERE j.id = u.id AND j.status = 'running' AND j.lease_token = u.lease_token
+RETURNING j.id;
+
+-- name: job_fail_out_of_range_if_queued
+-- After a claim statement failed on a data error (nothing was claimed): fail the queued
+-- jobs holding a time out of range, which the claim cannot move to running where the
+-- range CHECKs were added NOT VALID and a worker could not read if it did. Locked SKIP
+-- LOCKED like the claim; clamped and audited like job_fail_unreadable_if_leased.
+WITH bad AS (
+    SELECT j.id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+    WHERE q.lease_expires_at IS NULL AND pgjobs.job_times_out_of_range(j)
+    LIMIT %(limit)s::int
+    FOR UPDATE OF q, j SKIP LOCKED
+)
+UPDATE pgjobs.jobs j
+SET status = 'failed',
+    error_message = 'a time is outside 1970-01-01 to 9999-12-31 UTC, which pgjobs cannot '
+                    'read (' || pgjobs.job_times_text(j) || '); the job was not run',
+    run_at = pgjobs.clamp_time(j.run_at),
+    created_at = pgjobs.clamp_time(j.created_at),
+    started_at = pgjobs.clamp_time(j.started_at),
+    error_traceback = NULL,  -- no handler ran: not an earlier attempt's traceback
+    finished_at = coalesce(%(now)s::timestamptz, now()),
+    event_seq = j.event_seq + 1,
+    last_event = 'content_job.failed',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM bad
+WHERE j.id = bad.id AND j.status = 'queued'
+RETURNING j.id;

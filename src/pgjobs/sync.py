@@ -45,7 +45,7 @@ class SyncClient:
         self.pool: ConnectionPool[db.SyncConn] = ConnectionPool(
             dsn,
             max_size=max_size,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs={"autocommit": True, "row_factory": dict_row, "context": db.ADAPTERS},
             check=ConnectionPool.check_connection,
             open=False,
         )

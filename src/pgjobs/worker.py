@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import assets, db, gcpolicy, rescuer
@@ -98,6 +99,44 @@ def claimable_types(registry: Registry, wanted: tuple[str, ...] | None) -> tuple
             f"does not have (it has: {', '.join(registry.job_types) or 'no handlers'})"
         )
     return tuple(dict.fromkeys(wanted))
+
+
+def _unreadable_row(
+    cur: psycopg.AsyncCursor[Job], row: int, error: Exception
+) -> tuple[uuid.UUID, int, str] | None:
+    """(id, lease_token, what could not be read) of a claimed row that did not decode, or
+    None if even its id or lease token cannot be read (then its lease runs out and the
+    rescuer takes it back). Each column is loaded on its own, to name the ones at fault."""
+    result = cur.pgresult
+    if result is None or cur.description is None:
+        return None
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for col, column in enumerate(cur.description):
+        raw = result.get_value(row, col)
+        if raw is None:
+            values[column.name] = None
+            continue
+        fmt = Format(result.fformat(col))
+        loader = cur.adapters.get_loader(column.type_code, fmt)
+        try:
+            values[column.name] = loader(column.type_code, cur).load(raw) if loader else raw
+        except Exception as exc:  # named in the job's error message
+            shown = bytes(raw).decode(errors="replace") if fmt == Format.TEXT else bytes(raw).hex()
+            problems.append(f"{column.name} holds {shown[:100]!r} ({str(exc).strip()[:200]})")
+    job_id, lease_token = values.get("id"), values.get("lease_token")
+    if not isinstance(job_id, uuid.UUID) or not isinstance(lease_token, int):
+        log.error("a claimed row cannot be read, not even its id (%s)", error)
+        return None
+    reason = "; ".join(problems) or f"{type(error).__name__}: {str(error).strip()[:300]}"
+    return (
+        job_id,
+        lease_token,
+        (
+            f"pgjobs cannot read this job's row, so it was not run: {reason}; "
+            "fix the row, then retry the job"
+        ),
+    )
 
 
 def default_worker_id() -> str:
@@ -329,11 +368,21 @@ class Worker:
             jobs = await self._claim(limit)
             self._claim_failures = 0
         except TRANSIENT as exc:
-            self._claim_failures += 1
-            delay = min(5.0, 0.1 * 2**self._claim_failures) * random.uniform(0.5, 1.0)
-            log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
-            self._retry_at = asyncio.get_running_loop().time() + delay
+            self._back_off(f"claim failed ({exc})")
             jobs = []
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # The claim statement itself failed on a row (it rolled back: nothing was
+            # claimed). Fail the queued jobs whose times the schema's range refuses (what
+            # makes a claim fail where the CHECKs were added NOT VALID), then claim again;
+            # anything else backs off and is logged, and never stops the worker.
+            jobs = []
+            failed = await self._fail_out_of_range()
+            if failed:
+                log.error("claim failed (%s); failed %d job(s) holding a time out of range: %s",
+                          str(exc).strip(), len(failed), ", ".join(map(str, failed)))  # fmt: skip
+                self._wake()
+            else:
+                self._back_off(f"claim failed on a data error ({str(exc).strip()})", log.error)
         finally:
             self._reserved -= limit
             self._claims -= 1
@@ -342,6 +391,13 @@ class Worker:
         if len(jobs) < limit and not self._claim_failures:
             self._queue_empty = True
         self._wakeup.set()  # not _wake(): a claim's own end is no reason to look again
+
+    def _back_off(self, reason: str, say: Any = log.warning) -> None:
+        """No claim before an exponentially growing, jittered delay (at most 5 s)."""
+        self._claim_failures += 1
+        delay = min(5.0, 0.1 * 2**self._claim_failures) * random.uniform(0.5, 1.0)
+        say("%s; retrying in %.2fs", reason, delay)
+        self._retry_at = asyncio.get_running_loop().time() + delay
 
     def _wake(self) -> None:
         """Something may have changed (a job queued, a slot freed): claim again, even if
@@ -371,8 +427,66 @@ class Worker:
         }
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=job_rows)
+            db.strict_times(cur)  # a time Python cannot represent raises (handled below)
             await cur.execute(QUERIES["job_claim_batch"], params)
-            return await cur.fetchall()
+            try:
+                return await cur.fetchall()
+            except Exception as exc:  # any row that cannot become a Job
+                log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
+                return await self._decode_each(conn, cur)
+
+    async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
+        """The claimed rows that decode, as Jobs. The claim has committed: every row is
+        this worker's now, so one that cannot be read (a value Python cannot represent, a
+        status this version does not know...) is failed here with the reason, and the
+        rest run."""
+        jobs: list[Job] = []
+        unreadable: list[tuple[uuid.UUID, int, str]] = []
+        for row in range(cur.rowcount):
+            await cur.scroll(row, "absolute")
+            try:
+                job = await cur.fetchone()
+            except Exception as exc:  # reported in the job's error message
+                bad = _unreadable_row(cur, row, exc)
+                if bad is not None:
+                    unreadable.append(bad)
+                continue
+            if job is not None:
+                jobs.append(job)
+        if unreadable:
+            await self._fail_unreadable(conn, unreadable)
+            self._wake()  # the batch came back short for them, not for an empty queue
+        return jobs
+
+    async def _fail_unreadable(
+        self, conn: db.AsyncConn, unreadable: list[tuple[uuid.UUID, int, str]]
+    ) -> None:
+        ids, tokens, errors = (list(column) for column in zip(*unreadable, strict=True))
+        for job_id, _, error in unreadable:
+            log.error("job %s: cannot read its row, failing it: %s", job_id, error)
+        try:
+            cur = await conn.execute(
+                QUERIES["job_fail_unreadable_if_leased"],
+                {"ids": ids, "lease_tokens": tokens, "errors": errors, "now": None},
+            )
+            await cur.fetchall()
+        except (*TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
+            # Still leased to this worker, which never runs them: the rescuer returns them
+            # to the queue when the lease expires, and the next claim tries again.
+            log.warning("could not fail %d unreadable job(s) (%s)", len(unreadable), exc)
+
+    async def _fail_out_of_range(self) -> list[uuid.UUID]:
+        assert self._pool is not None
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    QUERIES["job_fail_out_of_range_if_queued"],
+                    {"limit": MAX_CLAIM_BATCH, "now": None},
+                )
+                return [row["id"] for row in await cur.fetchall()]
+        except (*TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
+            log.warning("could not look for jobs holding a time out of range (%s)", exc)
+            return []
 
     def _on_notify(self, payload: str) -> None:
         # Most notifications are other jobs' running/done/progress events, which need
@@ -606,5 +720,5 @@ class Worker:
                 passes += 1
                 if passes % 30 == 0:
                     await rescuer.prune_stale_workers(self._pool)
-            except TRANSIENT as exc:
+            except (*TRANSIENT, psycopg.DataError) as exc:
                 log.warning("rescue pass failed (%s)", exc)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
 import psycopg
@@ -310,3 +311,54 @@ def test_jobs_show_aligns_its_timeline_and_prints_the_last_traceback(dsn: str) -
 
     tail = out.stdout.split("last traceback (seq 3, attempt 1):\n", 1)[1]
     assert tail == traceback
+
+
+@pytest.mark.parametrize(
+    ("run_at", "message"),
+    [
+        ("0001-01-01T00:00:00+00:01", "--run-at must lie between"),
+        ("9999-12-31T23:59:59-00:01", "--run-at must lie between"),
+        ("9999-12-31T23:59:59-23:59", "--run-at has a UTC offset beyond ±14:00"),
+        ("2030-01-01T00:00:00+14:01", "--run-at has a UTC offset beyond ±14:00"),
+        ("2030-01-01T00:00:00", "--run-at needs a timezone"),
+    ],
+)
+def test_run_at_out_of_range_exits_2_and_stores_nothing(
+    dsn: str, run_at: str, message: str
+) -> None:
+    out = pgjobs("enqueue", "acme", "echo", "--run-at", run_at, dsn=dsn)
+    assert out.returncode == 2
+    assert message in out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr
+    assert pgjobs("jobs", "list", "acme", "--json", dsn=dsn).stdout == ""
+
+
+def test_run_at_with_an_edge_offset_is_stored_in_utc(dsn: str) -> None:
+    for run_at in ("2030-01-01T00:00:00+14:00", "2030-01-01T00:00:00-14:00", "2030-01-01T00:00Z"):
+        out = pgjobs("enqueue", "acme", "echo", "--run-at", run_at, dsn=dsn)
+        assert out.returncode == 0, out.stderr
+    lines = pgjobs("jobs", "list", "acme", "--json", dsn=dsn).stdout.splitlines()
+    run_ats = sorted(datetime.fromisoformat(json.loads(line)["runAt"]) for line in lines)
+    assert run_ats == [
+        datetime(2029, 12, 31, 10, tzinfo=UTC),
+        datetime(2030, 1, 1, tzinfo=UTC),
+        datetime(2030, 1, 1, 14, tzinfo=UTC),
+    ]
+
+
+def test_jobs_list_and_show_read_a_time_python_cannot_represent(dsn: str) -> None:
+    job_id = "00000000-0000-0000-0000-00000000000b"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_run_at_in_range")
+        conn.execute("ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_run_at_in_range")
+        conn.execute(
+            "INSERT INTO pgjobs.jobs (id, company_id, job_type, run_at)"
+            " VALUES (%s, 'acme', 'echo', '10000-01-01 00:00:00+00')",
+            (job_id,),
+        )
+    listed = pgjobs("jobs", "list", "acme", "--json", dsn=dsn)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["runAt"] == "10000-01-01 00:00:00+00"
+    shown = pgjobs("jobs", "show", job_id, dsn=dsn)
+    assert shown.returncode == 0, shown.stderr
+    assert "Traceback" not in shown.stderr
