@@ -66,6 +66,7 @@ async def test_headers_over_the_limit_get_431_and_a_closed_connection(
     writer.close()
     assert answer.startswith(b"HTTP/1.1 431 "), answer
     assert b"connection: close" in answer.lower()
+    assert answer.endswith(b'\r\n\r\n{"error":"request headers too large"}')
     assert len(cuts(caplog)) == 1
     assert "passed 16384 bytes" in cuts(caplog)[0].getMessage()
 
@@ -136,7 +137,9 @@ async def test_slow_headers_are_closed_after_the_deadline_and_streams_are_not(
     """With a 1 s header deadline: connections that send nothing, part of a request
     line, or a header byte every 0.2 s (which never completes) are all closed about 1 s
     after they started, without an answer; so is a kept-alive connection trickling its
-    second request. An event stream whose request was complete stays open past it."""
+    second request, and one whose second request began in the same write as the first
+    (uvicorn's keep-alive timeout, 5 s, would otherwise close it). An event stream whose
+    request was complete stays open past it."""
     caplog.set_level(logging.INFO, logger=PROTOCOL_LOG)
     async with serve_gateway(dsn, storage_dir, settings(header_timeout_seconds=1.0)) as gateway:
         stream = asyncio.create_task(
@@ -157,6 +160,12 @@ async def test_slow_headers_are_closed_after_the_deadline_and_streams_are_not(
             try:
                 if kind == "partial":
                     writer.write(b"GET /healthz HTT")
+                elif kind == "pipelined":
+                    # The next request's start in the same write as a whole request.
+                    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTT")
+                    answer = await answer_then_eof(reader, within=10)
+                    assert answer.startswith(b"HTTP/1.1 200 "), answer
+                    return time.monotonic() - started
                 elif kind == "keep-alive":
                     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                     await reader.readuntil(b'{"status":"ok"}')
@@ -179,7 +188,7 @@ async def test_slow_headers_are_closed_after_the_deadline_and_streams_are_not(
             finally:
                 writer.close()
 
-        kinds = ["silent", "partial", "trickle", "keep-alive"] * 5
+        kinds = ["silent", "partial", "trickle", "keep-alive", "pipelined"] * 4
         held = await asyncio.gather(*(slow(kind) for kind in kinds))
         assert all(0.9 <= seconds < 5 for seconds in held), held
         assert len(cuts(caplog)) == len(kinds)

@@ -15,8 +15,8 @@ checked, so anyone who can reach the port can do it. Two limits, per request:
   one are not counted, so the worst case there is twice the budget.)
 * *Time.* A request's headers must be complete within ``header_timeout`` of the
   connection opening, or of the first byte of the next request on a kept-alive
-  connection; otherwise the connection is closed (no response: the client is not
-  reading one). Between requests uvicorn's keep-alive timeout applies as before.
+  connection; otherwise the connection is closed, without an answer. Between requests
+  uvicorn's keep-alive timeout applies as before.
 
 Each connection cut is logged once, at INFO. The limits come from ``GatewaySettings``
 (``max_header_bytes``, ``header_timeout_seconds``); ``protocol_class`` binds them to a
@@ -32,11 +32,12 @@ from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 log = logging.getLogger(__name__)
 
-_TOO_LARGE = b"request headers too large"
+# JSON like every other error of the gateway (pgjobs.gateway.responses).
+_TOO_LARGE = b'{"error":"request headers too large"}'
 _RESPONSE_431 = b"".join(
     [
         STATUS_LINE[431],
-        b"content-type: text/plain; charset=utf-8\r\n",
+        b"content-type: application/json\r\n",
         b"content-length: %d\r\n" % len(_TOO_LARGE),
         b"connection: close\r\n",
         b"\r\n",
@@ -92,6 +93,13 @@ class LimitedHttpToolsProtocol(HttpToolsProtocol):
             piece, view = view[:room], view[room:]
             self._header_bytes += len(piece)
             super().data_received(piece)  # type: ignore[arg-type]
+
+    def on_message_begin(self) -> None:
+        super().on_message_begin()
+        if self._header_timer is None:
+            # The next request on a kept-alive connection, also one that came in the
+            # same piece as the end of the previous one (no data_received of its own).
+            self._arm_header_timer()
 
     def on_headers_complete(self) -> None:
         self._awaiting_headers = False
