@@ -12,10 +12,12 @@ import os
 import sys
 import time
 import uuid
+from pathlib import Path
 
-from gateway_helpers import RunningGateway, collect
+from gateway_helpers import RunningGateway, collect, serve_gateway, settings
 
 from helpers import ROOT, wait_until
+from pgjobs import db
 from pgjobs.gateway import auth
 
 BASE = "/api/companies/acme"
@@ -135,3 +137,28 @@ def test_a_stream_token_payload_without_a_parent_is_refused() -> None:
     payload = base64.urlsafe_b64encode(b'{"c":"acme","j":null,"e":2000}').decode().rstrip("=")
     forged = f"{payload}.{auth._sign(secret, payload)}"
     assert auth.verify_stream_token(secret, forged, now=1000.0) is None
+
+
+async def test_streams_still_end_after_a_revocation_check_failed(
+    dsn: str, storage_dir: Path
+) -> None:
+    """A check that cannot reach the database (here: the pool's only connection is
+    held) is retried at the next interval; the revocation is late, never lost."""
+    tight = settings(pool_size=1, pool_timeout_seconds=0.2, revocation_check_seconds=0.2)
+    async with serve_gateway(dsn, storage_dir, tight) as gateway:
+        stream = asyncio.create_task(collect(gateway, f"{BASE}/events"))
+        revocations = gateway.state.revocations
+
+        async def tracked() -> bool:
+            return revocations.tokens == 1
+
+        await wait_until(tracked, within=10, message="stream open")
+        async with gateway.state.pool.connection():
+
+            async def failed() -> bool:
+                return revocations.failures >= 1
+
+            await wait_until(failed, within=10, message="a failed check")
+        async with await db.connect(dsn) as conn:
+            assert await auth.revoke_token(conn, gateway.tokens["acme"]) is not None
+        await asyncio.wait_for(stream, timeout=5)

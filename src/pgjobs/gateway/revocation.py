@@ -54,6 +54,7 @@ class Revocations:
         self.state = state
         self._streams: defaultdict[uuid.UUID, set[EventStream]] = defaultdict(set)
         self.checks = 0
+        self.failures = 0
         self.ended = 0
 
     def track(self, token_id: uuid.UUID, stream: EventStream) -> None:
@@ -78,8 +79,10 @@ class Revocations:
             await asyncio.sleep(interval)
             try:
                 await self.check()
-            except (psycopg.OperationalError, TimeoutError) as exc:  # PoolTimeout included
-                # The next check asks again about every open stream's token.
+            except psycopg.Error as exc:  # PoolTimeout, a database down or restarting
+                # The next check asks again about every open stream's token: a check
+                # that failed delays revocation by an interval, it never loses one.
+                self.failures += 1
                 log.warning("could not check for revoked tokens: %s", exc)
 
     async def check(self) -> int:
