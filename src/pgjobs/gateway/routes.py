@@ -61,6 +61,10 @@ class Api:
 
         ``stream`` routes also accept ``?streamToken=`` (EventSource cannot send headers);
         ``stream_job`` is the job whose events are asked for (None: the company stream).
+        A stream token is good only while its parent API token is active: one primary-key
+        read, a stream set-up read (it takes its turn for the pool, see sse.setup_read).
+        A database it cannot reach raises psycopg.OperationalError or TimeoutError: a
+        503 on most routes, a reconnect hint on the stream routes (_authorize_stream).
         """
         company_id: str = request.path_params["companyId"]
         principal: Principal | None = None
@@ -73,6 +77,14 @@ class Api:
                     principal = await auth.verify_api_token(conn, token.strip())
         elif stream_token:
             principal = auth.verify_stream_token(self.state.settings.secret, stream_token)
+            if principal is not None:
+                parent = await sse.setup_read(
+                    self.state,
+                    "token_get_active_by_id",
+                    {"id": principal.token_id, "company_id": principal.company_id},
+                )
+                if not parent:
+                    principal = None  # its API token was revoked
         if principal is None:
             raise ApiError(401, "missing or invalid token", {"WWW-Authenticate": "Bearer"})
         if principal.company_id != company_id:
@@ -194,25 +206,57 @@ class Api:
     # -- event streams ----------------------------------------------------------------
 
     def _stream(
-        self, frames: AsyncGenerator[bytes, None], release: Callable[[], None] | None = None
+        self,
+        frames: AsyncGenerator[bytes, None],
+        release: Callable[[], None] | None = None,
+        principal: Principal | None = None,
     ) -> Response:
         # The stream slot and the fan-out subscription are taken before the response
         # starts (an over-cap client gets a real 429; the subscription exists before the
-        # job is read) and given back by the response however it ends.
+        # job is read) and given back by the response however it ends. A stream that
+        # follows events is tracked by its principal's API token, so that revoking the
+        # token ends it (pgjobs.gateway.revocation).
         settings = self.state.settings
-        return EventStream(
+        if principal is None:
+            done = release
+        else:
+            revocations, token_id = self.state.revocations, principal.token_id
+
+            def done() -> None:
+                revocations.untrack(token_id, stream)
+                if release is not None:
+                    release()
+
+        stream = EventStream(
             frames,
-            release,
+            done,
             ping_seconds=settings.ping_seconds,
             send_timeout=settings.send_timeout_seconds,
         )
+        if principal is not None:
+            revocations.track(token_id, stream)
+        return stream
+
+    async def _authorize_stream(
+        self, request: Request, stream_job: uuid.UUID | None = None
+    ) -> Principal | Response:
+        """authorize() for a stream route: a database it cannot reach to check a token
+        gets a 200 stream that asks the client to reconnect later, as the streams' own
+        reads do (EventSource never comes back after a 503)."""
+        try:
+            return await self.authorize(request, stream=True, stream_job=stream_job)
+        except (psycopg.OperationalError, TimeoutError) as exc:  # PoolTimeout included
+            log.warning("event stream could not check its token: %s", exc)
+            return self._stream(sse.only(sse.reconnect_frame()))
 
     async def job_events(self, request: Request) -> Response:
         try:
             job_id: uuid.UUID | None = uuid.UUID(request.path_params["jobId"])
         except ValueError:
             job_id = None
-        principal = await self.authorize(request, stream=True, stream_job=job_id)
+        principal = await self._authorize_stream(request, job_id)
+        if isinstance(principal, Response):
+            return principal
         if job_id is None:
             return self._stream(sse.only(NOT_FOUND_FRAME))
         try:
@@ -245,13 +289,15 @@ class Api:
                 # The client has the final event; 204 tells EventSource not to reconnect.
                 release()
                 return Response(status_code=204)
-            return self._stream(sse.job_stream(self.state, sub, job, last), release)
+            return self._stream(sse.job_stream(self.state, sub, job, last), release, principal)
         except BaseException:
             release()
             raise
 
     async def company_events(self, request: Request) -> Response:
-        principal = await self.authorize(request, stream=True)
+        principal = await self._authorize_stream(request)
+        if isinstance(principal, Response):
+            return principal
         try:
             cursor = companystream.parse_company_cursor(request.headers.get("last-event-id"))
         except ValueError as exc:
@@ -266,7 +312,9 @@ class Api:
             slots.release(company_id)
 
         try:
-            return self._stream(companystream.company_stream(self.state, sub, cursor), release)
+            return self._stream(
+                companystream.company_stream(self.state, sub, cursor), release, principal
+            )
         except BaseException:
             release()
             raise
@@ -281,7 +329,11 @@ class Api:
             # would be useless, but issuing it would confirm nothing either way.
             await self.state.client.get(principal.company_id, req.job_id)
         token, expires = auth.mint_stream_token(
-            settings.secret, principal.company_id, req.job_id, req.ttl_seconds
+            settings.secret,
+            principal.company_id,
+            req.job_id,
+            req.ttl_seconds,
+            parent=principal.token_id,
         )
         return JSONResponse({"token": token, "expiresAt": expires.isoformat()}, status_code=201)
 
