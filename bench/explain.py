@@ -42,7 +42,7 @@ def _finish_params(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "now": None, "ids": [r["id"] for r in rows],
         "lease_tokens": [r["lease_token"] for r in rows],
-        "outcomes": ["done"] * n, "results": [None] * n, "errors": [None] * n,
+        "outcomes": ["done"] * n, "results": [None] * n, "errors": [None] * n, "tracebacks": None,
         "retry_delays": [0.0] * n, "asset_ids": [None] * n, "asset_keys": [None] * n,
         "asset_content_types": [None] * n, "asset_sizes": [None] * n,
         "asset_sha256s": [None] * n, "asset_filenames": [None] * n,

@@ -129,7 +129,7 @@ async def _loop_pgjobs(conn: psycopg.AsyncConnection[Any]) -> int:
             "ids": [r[id_at] for r in rows],
             "lease_tokens": [r[token_at] for r in rows],
             "outcomes": ["done"] * n,
-            "results": None, "errors": None, "retry_delays": [0.0] * n,
+            "results": None, "errors": None, "tracebacks": None, "retry_delays": [0.0] * n,
             "asset_ids": None, "asset_keys": None, "asset_content_types": None,
             "asset_sizes": None, "asset_sha256s": None, "asset_filenames": None,
         }  # fmt: skip

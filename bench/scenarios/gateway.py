@@ -216,11 +216,31 @@ class ClientProcess:
                 self.proc.stdin.close()
 
 
-def _stream_token(company: str = COMPANY) -> str:
+def _stream_tokens(dsn: str, companies: list[str]) -> dict[str, str]:
+    """A company stream token per company, each minted from a new API token of that
+    company (a stream token works only while its parent API token is active)."""
+    return asyncio.run(_mint_stream_tokens(dsn, companies))
+
+
+def _stream_token(dsn: str, company: str = COMPANY) -> str:
+    return _stream_tokens(dsn, [company])[company]
+
+
+async def _mint_stream_tokens(dsn: str, companies: list[str]) -> dict[str, str]:
+    from pgjobs import db
     from pgjobs.gateway import auth
 
-    token, _ = auth.mint_stream_token(SECRET.encode(), company, None, 3600)
-    return token
+    tokens = {}
+    async with await db.connect(dsn) as conn:
+        for company in companies:
+            principal = await auth.verify_api_token(
+                conn, await auth.create_token(conn, company, "bench")
+            )
+            assert principal is not None
+            tokens[company], _ = auth.mint_stream_token(
+                SECRET.encode(), company, None, 3600, parent=principal.token_id
+            )
+    return tokens
 
 
 async def _api_token(dsn: str) -> str:
@@ -328,7 +348,7 @@ def _one_step(
     if company:
         # Each company's streams carry that company's token (a browser's EventSource
         # sends it as ?streamToken=).
-        tokens = {c: _stream_token(c) for c in names}
+        tokens = _stream_tokens(dsn, names)
         paths = [
             f"/api/companies/{c}/events?streamToken={tokens[c]}"
             for c in (names[i % companies] for i in range(n))
@@ -339,7 +359,7 @@ def _one_step(
         paths = [f"/api/companies/{COMPANY}/content-jobs/{j}/events" for j, _ in jobs]
     settle, idle_s, grace = PAUSES.get(ctx.mode, DEFAULT_PAUSES)
     rss_before = _rss_kib(pid)
-    clients = ClientProcess(ctx, port, _stream_token(), paths, tag, company)
+    clients = ClientProcess(ctx, port, _stream_token(dsn), paths, tag, company)
     try:
         opened, failed, connect_s = clients.expect("ready", 300)
         time.sleep(settle)
@@ -424,7 +444,7 @@ def _storm_step(ctx: Ctx, dsn: str, port: int, n: int, kind: str = "job") -> dic
     clients = ClientProcess(
         ctx,
         port,
-        _stream_token(),
+        _stream_token(dsn),
         paths,
         tag,
         False,

@@ -51,6 +51,7 @@ CONSTANTS = {
 NULL_ARRAYS = {
     "results": "jsonb",
     "errors": "text",
+    "tracebacks": "text",
     "asset_ids": "uuid",
     "asset_keys": "text",
     "asset_content_types": "text",

@@ -21,11 +21,12 @@ from typing import Any
 
 from pgjobs import db, migrate, registry
 from pgjobs.client import Client, parse_job_id
-from pgjobs.config import WorkerSettings
+from pgjobs.config import DEFAULT_LEASE_SECONDS, WorkerSettings, env_float
 from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError, PgjobsError
+from pgjobs.jobspec import parse_time
 from pgjobs.queries import QUERIES
-from pgjobs.types import Job
-from pgjobs.worker import Worker
+from pgjobs.types import Job, JobStatus, iso
+from pgjobs.worker import Worker, claimable_types
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -45,15 +46,11 @@ def _json_object(text: str) -> dict[str, Any]:
 
 
 def _timestamp(text: str) -> datetime:
+    """--run-at: parsed, range-checked and converted to UTC by pgjobs.jobspec."""
     try:
-        value = datetime.fromisoformat(text.replace("Z", "+00:00"))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--run-at must be an ISO 8601 time, got {text!r}"
-        ) from None
-    if value.tzinfo is None:
-        raise argparse.ArgumentTypeError("--run-at needs a timezone, e.g. 2030-01-01T09:00:00Z")
-    return value
+        return parse_time(text, "--run-at")
+    except InvalidJobError as exc:
+        raise argparse.ArgumentTypeError(f"{exc}, got {text!r}") from None
 
 
 def _positive_int(text: str) -> int:
@@ -103,7 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the handler registry, e.g. pgjobs.demo:registry",
     )
     w.add_argument("--concurrency", type=_positive_int, help="jobs run at once (default 10)")
-    w.add_argument("--job-types", help="only claim these types, comma-separated (default: all)")
+    w.add_argument(
+        "--job-types",
+        help="claim only these of the registry's types, comma-separated "
+        "(default: every type the registry has a handler for)",
+    )
     w.add_argument("--lease-seconds", type=_positive_float, help="job lease length (default 15)")
     w.add_argument(
         "--heartbeat-seconds", type=_positive_float, help="lease renewal interval (default 5)"
@@ -175,14 +176,50 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def job_json(job: Job) -> dict[str, Any]:
-    """The API's representation plus what an operator also wants to see."""
-    return {
+def job_json(job: Job, served_by: dict[str, int] | None = None) -> dict[str, Any]:
+    """The API's representation plus what an operator also wants to see. ``served_by``
+    (live workers per job type) adds ``servedBy`` to a queued job."""
+    out = {
         **job.to_json(),
         "priority": job.priority,
-        "runAt": job.run_at.isoformat(),
+        "runAt": iso(job.run_at),
         "workerId": job.worker_id,
     }
+    if served_by is not None and job.status is JobStatus.QUEUED:
+        out["servedBy"] = served_by.get(job.job_type, 0)
+    return out
+
+
+async def _served_by(client: Client, jobs: Sequence[Job]) -> dict[str, int]:
+    """Live workers per type of the queued jobs among ``jobs``. Live: a heartbeat within
+    one lease length, the time after which a silent worker's jobs are rescued."""
+    lease = env_float("PGJOBS_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=0.5)
+    queued = [j.job_type for j in jobs if j.status is JobStatus.QUEUED]
+    return await client.live_workers(queued, within_seconds=lease)
+
+
+def _unserved(job: Job, served_by: dict[str, int]) -> str | None:
+    if job.status is JobStatus.QUEUED and not served_by.get(job.job_type, 0):
+        return f"no live worker serves {job.job_type}"
+    return None
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """Left-aligned columns as wide as their widest cell, two spaces apart."""
+    widths = [max(len(cell) for cell in column) for column in zip(header, *rows, strict=True)]
+    return [
+        "  ".join(cell.ljust(width) for cell, width in zip(line, widths, strict=True)).rstrip()
+        for line in (header, *rows)
+    ]
+
+
+def _cell(value: object) -> str:
+    """A value as one table or field cell: ``-`` when missing, JSON for structures."""
+    if value is None or value == "":
+        return "-"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
 
 
 async def _with_client(dsn: str | None, fn: Callable[[Client], Coroutine[Any, Any, int]]) -> int:
@@ -224,18 +261,21 @@ async def cmd_jobs_list(args: argparse.Namespace) -> int:
         page = await client.list(
             args.company_id, status=args.status, limit=args.limit, cursor=args.cursor
         )
+        served_by = await _served_by(client, page.jobs)
         for job in page.jobs:
             if args.json:
-                print(json.dumps(job_json(job)))
+                print(json.dumps(job_json(job, served_by)))
             else:
                 progress = (
                     f"{job.progress.fraction:.0%}"
                     if job.progress and job.progress.fraction is not None
                     else ""
                 )
+                note = _unserved(job, served_by)
                 print(
                     f"{job.id}  {job.status.value:<9} {job.job_type:<12} attempts {job.attempts}/"
                     f"{job.max_attempts}  {progress:>4}  {job.created_at:%Y-%m-%d %H:%M:%S}"
+                    + (f"  ({note})" if note else "")
                 )
         if page.next_cursor:
             print(f"more: --cursor {page.next_cursor}", file=sys.stderr)
@@ -249,8 +289,9 @@ async def cmd_jobs_show(args: argparse.Namespace) -> int:
         company = await _company_of(client, args.job_id)
         job = await client.get(company, args.job_id)
         events = await client.events(company, args.job_id)
+        served_by = await _served_by(client, [job])
         if args.json:
-            out = job_json(job)
+            out = job_json(job, served_by)
             out["events"] = [
                 {
                     "id": e.id,
@@ -266,15 +307,31 @@ async def cmd_jobs_show(args: argparse.Namespace) -> int:
             ]
             print(json.dumps(out, indent=2))
             return 0
-        for key, value in job_json(job).items():
-            print(f"{key:>14}: {json.dumps(value) if isinstance(value, dict | list) else value}")
-        print("\n  seq  time                  event                  attempt  details")
-        for e in events:
-            details = json.dumps(e.payload) if e.payload else ""
-            print(
-                f"  {e.seq:>3}  {e.created_at:%Y-%m-%d %H:%M:%S.%f}"[:32]
-                + f"  {e.type.value:<22} {e.attempt:>7}  {details}"
-            )
+        for key, value in job_json(job, served_by).items():
+            print(f"{key:>14}: {_cell(value)}")
+        if note := _unserved(job, served_by):
+            print(f"{'note':>14}: {note}; it stays queued until a worker with its handler runs")
+        rows = [
+            [
+                str(e.seq),
+                f"{e.created_at:%Y-%m-%d %H:%M:%S.%f}"[:23],
+                e.type.value,
+                e.status.value,
+                str(e.attempt),
+                _cell(e.worker_id),
+                # The traceback is printed in full below, not squeezed into a cell.
+                _cell({k: v for k, v in e.payload.items() if k != "traceback"} or None),
+            ]
+            for e in events
+        ]
+        header = ["seq", "time", "event", "status", "attempt", "worker", "details"]
+        print()
+        for line in _table(header, rows):
+            print(f"  {line}")
+        last = next((e for e in reversed(events) if e.payload.get("traceback")), None)
+        if last is not None:
+            print(f"\nlast traceback (seq {last.seq}, attempt {last.attempt}):")
+            print(str(last.payload["traceback"]).rstrip("\n"))
         return 0
 
     return await _with_client(args.dsn, go)
@@ -302,6 +359,7 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         if args.job_types
         else None,
     )
+    claimable_types(handlers, settings.job_types)  # refuse a type it has no handler for
     # The process is the worker's own: collector settings for it (pgjobs.gcpolicy).
     worker = Worker(
         db.resolve_dsn(args.dsn), handlers, settings, worker_id=args.worker_id, tune_gc=True

@@ -2,8 +2,12 @@
 
 Async first. Every call takes an optional ``conn``: pass your own psycopg connection (in
 a transaction) and the job commits or rolls back with your writes; its NOTIFY, too, is
-delivered only if you commit. Without ``conn`` the client uses its pool and each call is
-its own transaction.
+delivered only if you commit. The connection may have any row factory; pgjobs reads its
+rows through a cursor of its own and leaves the connection's row factory, autocommit flag
+and transaction as they were. A connection in autocommit mode commits the job at once; a
+non-autocommit one with no transaction open begins one, as any psycopg statement does,
+and your ``commit()`` or ``rollback()`` ends it. Without ``conn`` the client uses its pool
+and each call is its own transaction.
 
 The SQL and the mapping of rows live in ``_plan_*`` functions shared with the sync
 facade (``pgjobs.sync``), which only differs in how it awaits.
@@ -132,6 +136,8 @@ class Client:
 
     @classmethod
     async def connect(cls, dsn: str | None = None, *, max_size: int = 10) -> Client:
+        """A client with its own pool. With no ``dsn``: PGJOBS_DSN, else the embedded
+        server under ./.pgjobs (started if needed), as the ``pgjobs`` command does."""
         dsn = db.resolve_dsn(dsn)
         pool = await db.open_pool(dsn, max_size=max_size, name="pgjobs-client")
         try:
@@ -153,14 +159,12 @@ class Client:
         await self.close()
 
     async def _fetch(
-        self, query: LiteralString, params: Params, conn: db.AsyncConn | None
+        self, query: LiteralString, params: Params, conn: db.CallerAsyncConn | None
     ) -> list[dict[str, Any]]:
         if conn is not None:
-            cur = await conn.execute(query, params)
-            return await cur.fetchall() if cur.description else []
+            return await db.fetch_dicts(conn, query, params)
         async with self.pool.connection() as pooled:
-            cur = await pooled.execute(query, params)
-            return await cur.fetchall() if cur.description else []
+            return await db.fetch_dicts(pooled, query, params)
 
     async def enqueue(
         self,
@@ -172,14 +176,14 @@ class Client:
         priority: int = 0,
         run_at: datetime | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        conn: db.AsyncConn | None = None,
+        conn: db.CallerAsyncConn | None = None,
     ) -> Job:
         spec = JobSpec(company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
         (job,) = await self.enqueue_many([spec], conn=conn)
         return job
 
     async def enqueue_many(
-        self, specs: Iterable[JobSpec], *, conn: db.AsyncConn | None = None
+        self, specs: Iterable[JobSpec], *, conn: db.CallerAsyncConn | None = None
     ) -> list[Job]:
         """Insert any number of jobs in one statement (one commit, one NOTIFY batch)."""
         specs = list(specs)
@@ -189,7 +193,7 @@ class Client:
         return order_like(specs, rows)
 
     async def get(
-        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.AsyncConn | None = None
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerAsyncConn | None = None
     ) -> Job:
         jid = parse_job_id(job_id)
         rows = await self._fetch(QUERIES["job_get"], {"id": jid, "company_id": company_id}, conn)
@@ -204,7 +208,7 @@ class Client:
         status: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
-        conn: db.AsyncConn | None = None,
+        conn: db.CallerAsyncConn | None = None,
     ) -> JobPage:
         rows = await self._fetch(*plan_list(company_id, status, limit, cursor), conn)
         return page_of(rows, limit)
@@ -215,7 +219,7 @@ class Client:
         action: str,
         company_id: str,
         job_id: uuid.UUID | str,
-        conn: db.AsyncConn | None,
+        conn: db.CallerAsyncConn | None,
     ) -> Job:
         jid = parse_job_id(job_id)
         params = {"id": jid, "company_id": company_id, "now": None}
@@ -226,14 +230,14 @@ class Client:
         raise transition_error(action, jid, Job.from_row(current[0]) if current else None)
 
     async def cancel(
-        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.AsyncConn | None = None
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerAsyncConn | None = None
     ) -> Job:
         """Cancel a queued or running job. A running handler is told to stop, and any
         result it still reports is discarded."""
         return await self._transition("job_cancel", "cancel", company_id, job_id, conn)
 
     async def retry(
-        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.AsyncConn | None = None
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerAsyncConn | None = None
     ) -> Job:
         """Queue a failed or cancelled job again (granting one more attempt if needed)."""
         return await self._transition("job_retry", "retry", company_id, job_id, conn)
@@ -244,7 +248,7 @@ class Client:
         job_id: uuid.UUID | str,
         *,
         after_seq: int = 0,
-        conn: db.AsyncConn | None = None,
+        conn: db.CallerAsyncConn | None = None,
     ) -> builtins.list[JobEvent]:
         """The job's audit trail in order (all of it, or what came after ``after_seq``)."""
         jid = parse_job_id(job_id)
@@ -253,7 +257,7 @@ class Client:
         return [JobEvent.from_row(r) for r in rows]
 
     async def get_asset(
-        self, company_id: str, asset_id: uuid.UUID | str, *, conn: db.AsyncConn | None = None
+        self, company_id: str, asset_id: uuid.UUID | str, *, conn: db.CallerAsyncConn | None = None
     ) -> Asset | None:
         try:
             aid = parse_job_id(asset_id)
@@ -261,3 +265,20 @@ class Client:
             return None
         rows = await self._fetch(QUERIES["asset_get"], {"id": aid, "company_id": company_id}, conn)
         return Asset.from_row(rows[0]) if rows else None
+
+    async def live_workers(
+        self,
+        job_types: Iterable[str],
+        *,
+        within_seconds: float,
+        conn: db.AsyncConn | None = None,
+    ) -> dict[str, int]:
+        """How many live workers (a heartbeat within ``within_seconds``) claim each type.
+        A worker claims only its registry's types, so a queued job of a type with 0 stays
+        queued until a worker that has its handler starts."""
+        types = sorted(set(job_types))
+        if not types:
+            return {}
+        params = {"job_types": types, "within_seconds": within_seconds, "now": None}
+        rows = await self._fetch(QUERIES["worker_count_live_by_type"], params, conn)
+        return {r["job_type"]: r["live_workers"] for r in rows}

@@ -37,6 +37,20 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 1000
 MAX_ERROR_LENGTH = 4000
+MAX_TRACEBACK_BYTES = 16 * 1024  # the schema's CHECK (sql/0006) holds the same bound
+_CUT = "(traceback cut to its last 16 KiB)\n"
+
+
+def bound_traceback(text: str) -> str:
+    """A traceback that fits MAX_TRACEBACK_BYTES in UTF-8, keeping its end: the innermost
+    frames and the exception are what an operator reads first. NUL characters, which a
+    PostgreSQL text value cannot hold, are dropped."""
+    text = text.replace("\x00", "")
+    encoded = text.encode()
+    if len(encoded) <= MAX_TRACEBACK_BYTES:
+        return text
+    keep = MAX_TRACEBACK_BYTES - len(_CUT.encode())
+    return _CUT + encoded[-keep:].decode("utf-8", "ignore")
 
 
 @dataclass(slots=True)
@@ -48,6 +62,8 @@ class Outcome:
     kind: str
     result: Any = None
     error: str | None = None
+    traceback: str | None = None
+    """The handler's exception as formatted by the traceback module, for the audit log."""
     retry_delay: float = 0.0
     asset: StoredAsset | None = None
     on_recorded: Callable[[bool | Exception], None] | None = None
@@ -85,6 +101,8 @@ class Completer:
         No future or task per job: at thousands of jobs a second those add up."""
         if outcome.error is not None:
             outcome.error = outcome.error[:MAX_ERROR_LENGTH]
+        if outcome.traceback is not None:
+            outcome.traceback = bound_traceback(outcome.traceback)
         self._pending.append(outcome)
         self._wakeup.set()
 
@@ -163,6 +181,7 @@ class Completer:
                 [None if o.result is None else json.dumps(o.result) for o in batch]
             ),
             "errors": _or_null([o.error for o in batch]),
+            "tracebacks": _or_null([o.traceback for o in batch]),
             "retry_delays": [o.retry_delay for o in batch],
         }
         assets = [o.asset for o in batch]

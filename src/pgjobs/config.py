@@ -13,6 +13,7 @@ from pathlib import Path
 from pgjobs.errors import ConfigurationError
 
 MIB = 1024 * 1024
+DEFAULT_LEASE_SECONDS = 15.0
 MAX_GENERATED_ASSET_BYTES = 500 * MIB
 """Default cap on one generated asset; PGJOBS_GENERATED_ASSET_MAX_BYTES overrides it."""
 
@@ -55,7 +56,7 @@ class WorkerSettings:
     concurrency: int = 10
     # A lease outlives a missed heartbeat or two; a dead worker's jobs are rescued this
     # long after its last heartbeat at the latest.
-    lease_seconds: float = 15.0
+    lease_seconds: float = DEFAULT_LEASE_SECONDS
     heartbeat_seconds: float = 5.0
     rescue_interval_seconds: float = 2.0
     # Fallback poll when no NOTIFY arrives (listener down, PgBouncer, missed wake-up).
@@ -73,7 +74,7 @@ class WorkerSettings:
     def from_env(cls, **overrides: object) -> WorkerSettings:
         values: dict[str, object] = {
             "concurrency": env_int("PGJOBS_CONCURRENCY", 10, minimum=1),
-            "lease_seconds": env_float("PGJOBS_LEASE_SECONDS", 15.0, minimum=0.5),
+            "lease_seconds": env_float("PGJOBS_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=0.5),
             "heartbeat_seconds": env_float("PGJOBS_HEARTBEAT_SECONDS", 5.0, minimum=0.1),
             "poll_interval_seconds": env_float("PGJOBS_POLL_INTERVAL_SECONDS", 1.0, minimum=0.01),
             "shutdown_grace_seconds": env_float("PGJOBS_SHUTDOWN_GRACE_SECONDS", 10.0),

@@ -23,8 +23,11 @@ class JobContext:
 
     ``progress()`` commits a ``content_job.progress`` event at once (call it at the
     granularity a person watching would want, not per byte). ``cancelled`` turns true
-    when the job is cancelled or this worker lost its lease; async handlers are also
-    interrupted with CancelledError, sync handlers should poll ``cancelled``.
+    when the job is cancelled, this worker lost its lease, the worker is shutting down
+    or the handler ran past its timeout (``cancel_reason`` says which); async handlers
+    are also interrupted with CancelledError, sync handlers should poll ``cancelled``:
+    their attempt is recorded without waiting for them, and what they return after
+    that is discarded.
     """
 
     def __init__(

@@ -4,6 +4,13 @@ DSN precedence: an explicit ``--dsn``, then ``PGJOBS_DSN``, then the embedded se
 (see ``pgjobs.embedded``). Every connection is autocommit; a multi-statement transaction
 is always an explicit ``conn.transaction()`` block, so no transaction is left open by
 accident while a handler runs.
+
+Every connection opened here loads a timestamptz Python cannot represent (before year 1,
+after 9999, infinity) as ``pgjobs.types.UnreadableTime`` instead of raising for the whole
+result (``ADAPTERS``): one such row, written by hand or before sql/0005_time_bounds.sql,
+must not make a company's job list, a job's page or its stream unreadable. The worker's
+claim opts back into the strict loaders (``strict_times``): there, a row it cannot read
+is failed rather than run.
 """
 
 from __future__ import annotations
@@ -11,40 +18,135 @@ from __future__ import annotations
 import os
 import re
 import select
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, LiteralString
 
 import psycopg
+from psycopg import abc
+from psycopg.abc import AdaptContext, Buffer
+from psycopg.adapt import AdaptersMap, Loader
+from psycopg.pq import Format
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from pgjobs.errors import DatabaseUnavailableError, NotMigratedError
 from pgjobs.queries import QUERIES
+from pgjobs.types import UnreadableTime
 
 AsyncConn = psycopg.AsyncConnection[DictRow]
 SyncConn = psycopg.Connection[DictRow]
+CallerAsyncConn = psycopg.AsyncConnection[Any]
+"""A connection a caller passes in (``conn=``): any row factory, autocommit or not."""
+CallerSyncConn = psycopg.Connection[Any]
+
+
+async def fetch_dicts(
+    conn: CallerAsyncConn, query: LiteralString, params: Mapping[str, Any]
+) -> list[DictRow]:
+    """Run ``query`` on any connection and return its rows as dicts.
+
+    The cursor is built here, with its own row factory and class, instead of by
+    ``conn.execute``: a caller's connection may return tuples, named tuples or its own
+    row type, or make client-side cursors, and it keeps all of that. The statement runs
+    in whatever transaction the connection is in (in autocommit mode it commits at once).
+    """
+    async with psycopg.AsyncCursor(conn, row_factory=dict_row) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall() if cur.description else []
+
+
+def fetch_dicts_sync(
+    conn: CallerSyncConn, query: LiteralString, params: Mapping[str, Any]
+) -> list[DictRow]:
+    """fetch_dicts() for a blocking connection."""
+    with psycopg.Cursor(conn, row_factory=dict_row) as cur:
+        cur.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+_TIMESTAMPTZ = psycopg.adapters.types["timestamptz"].oid
+
+
+def _loader(fmt: Format) -> type[abc.Loader]:
+    loader = psycopg.adapters.get_loader(_TIMESTAMPTZ, fmt)
+    assert loader is not None  # psycopg registers both formats of its built-in types
+    return loader
+
+
+_STRICT_TEXT = _loader(Format.TEXT)
+_STRICT_BINARY = _loader(Format.BINARY)
+
+
+class _TolerantTimestamptzLoader(Loader):
+    """psycopg's own loader, except that a value it cannot represent becomes an
+    UnreadableTime. Wraps rather than subclasses it: psycopg's C loaders are called
+    directly by the C row maker, bypassing a Python override of ``load``."""
+
+    def __init__(self, oid: int, context: AdaptContext | None = None):
+        super().__init__(oid, context)
+        self._strict = _STRICT_TEXT(oid, context)
+
+    def load(self, data: Buffer) -> Any:
+        try:
+            return self._strict.load(data)
+        except psycopg.DataError:
+            return UnreadableTime.from_text(bytes(data).decode())
+
+
+ADAPTERS = AdaptersMap(psycopg.adapters)
+ADAPTERS.register_loader("timestamptz", _TolerantTimestamptzLoader)
+# pgjobs reads results in text format. A binary-format reader gets the strict loader: the
+# text PostgreSQL would show is not at hand there.
+ADAPTERS.register_loader("timestamptz", _STRICT_BINARY)
+
+
+def strict_times(cursor: psycopg.AsyncCursor[Any]) -> None:
+    """Back to psycopg's own (C, ~0.3 µs a value faster) timestamptz loaders on this cursor:
+    a value Python cannot represent raises instead of loading as UnreadableTime."""
+    cursor.adapters.register_loader("timestamptz", _STRICT_TEXT)
 
 
 def resolve_dsn(explicit: str | None = None) -> str:
-    """The DSN to use: --dsn, else PGJOBS_DSN, else start/join the embedded server."""
-    if explicit:
-        return explicit
-    env = os.environ.get("PGJOBS_DSN")
-    if env:
-        return env
+    """The DSN to use: --dsn, else PGJOBS_DSN, else start/join the embedded server.
+
+    A DSN that names the embedded server (what ``pgjobs dsn`` prints) starts or joins it
+    too: the process that printed it may have stopped it on exit.
+    """
     from pgjobs import embedded
 
-    return embedded.start()
+    dsn = explicit or os.environ.get("PGJOBS_DSN")
+    if not dsn:
+        return embedded.start()
+    data = embedded.data_dir_of(dsn)
+    if data is not None:
+        embedded.start(data.parent)
+    return dsn
 
 
 def redact(dsn: str) -> str:
     """The DSN with any password removed, for error messages and logs."""
-    dsn = re.sub(r"(://[^:/@]*:)[^@]*@", r"\1***@", dsn)
+    dsn = re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", dsn)
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
 
 
 def unavailable(dsn: str, exc: Exception) -> DatabaseUnavailableError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return DatabaseUnavailableError(f"cannot connect to PostgreSQL at {redact(dsn)}: {first_line}")
+    return DatabaseUnavailableError(
+        f"cannot connect to PostgreSQL at {redact(dsn)}: {first_line.rstrip('.')}. "
+        "Start that server or fix the DSN (--dsn, PGJOBS_DSN); "
+        "with no DSN at all pgjobs starts its embedded server under $PGJOBS_HOME (./.pgjobs)"
+    )
+
+
+def probe_sync(dsn: str, *, connect_timeout: float = 10.0) -> None:
+    """Connect once and close: a bad host, a stopped server or a wrong password fails at
+    once with the server's own message, where a pool would retry until its timeout and
+    say only "timeout"."""
+    check_dsn(dsn)
+    try:
+        psycopg.Connection.connect(dsn, connect_timeout=max(1, int(connect_timeout))).close()
+    except psycopg.OperationalError as exc:
+        raise unavailable(dsn, exc) from None
 
 
 def check_dsn(dsn: str) -> None:
@@ -60,7 +162,7 @@ async def connect(dsn: str, **kwargs: Any) -> AsyncConn:
     check_dsn(dsn)
     try:
         return await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, row_factory=dict_row, **kwargs
+            dsn, autocommit=True, row_factory=dict_row, context=ADAPTERS, **kwargs
         )
     except psycopg.OperationalError as exc:
         raise unavailable(dsn, exc) from None
@@ -69,7 +171,9 @@ async def connect(dsn: str, **kwargs: Any) -> AsyncConn:
 def connect_sync(dsn: str, **kwargs: Any) -> SyncConn:
     check_dsn(dsn)
     try:
-        return psycopg.Connection.connect(dsn, autocommit=True, row_factory=dict_row, **kwargs)
+        return psycopg.Connection.connect(
+            dsn, autocommit=True, row_factory=dict_row, context=ADAPTERS, **kwargs
+        )
     except psycopg.OperationalError as exc:
         raise unavailable(dsn, exc) from None
 
@@ -126,7 +230,12 @@ async def open_pool(
         dsn,
         min_size=min_size,
         max_size=max_size,
-        kwargs={"autocommit": True, "row_factory": dict_row, "application_name": name},
+        kwargs={
+            "autocommit": True,
+            "row_factory": dict_row,
+            "application_name": name,
+            "context": ADAPTERS,
+        },
         connection_class=psycopg.AsyncConnection[DictRow],
         check=check_if_suspect,
         reconnect_timeout=300.0,

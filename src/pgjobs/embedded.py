@@ -4,6 +4,10 @@ A newcomer needs no database server: the first pgjobs process started in a direc
 starts a private PostgreSQL (from the ``pgserver`` package) with its data under
 ``.pgjobs/pgdata`` and a Unix socket only; every later pgjobs process started there
 shares it, and the last one to exit stops it. Production deployments set PGJOBS_DSN.
+
+The DSN it prints (``pgjobs dsn``) names the data directory as its socket directory, so a
+process given that DSN explicitly is recognised (``data_dir_of``) and starts or joins the
+server as well, instead of failing once the process that printed it has stopped it.
 """
 
 from __future__ import annotations
@@ -12,15 +16,22 @@ import logging
 import warnings
 from pathlib import Path
 
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
 from pgjobs.config import state_dir
 from pgjobs.errors import DatabaseUnavailableError
 
 log = logging.getLogger(__name__)
 
 
+DATA_DIR_NAME = "pgdata"
+
+
 def start(root: Path | None = None) -> str:
-    """Start (or join) the embedded server and return its DSN."""
-    data = (root or state_dir()) / "pgdata"
+    """Start (or join) the embedded server under ``root`` (default: PGJOBS_HOME, else
+    ./.pgjobs) and return its DSN. It runs at least as long as this process does."""
+    data = (root or state_dir()) / DATA_DIR_NAME
     data.parent.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset; it falls back correctly.
@@ -41,6 +52,22 @@ def start(root: Path | None = None) -> str:
     dsn: str = server.get_uri()
     log.debug("embedded PostgreSQL at %s", dsn)
     return dsn
+
+
+def data_dir_of(dsn: str) -> Path | None:
+    """The data directory of the embedded server ``dsn`` points at, or None for any other
+    DSN. The embedded server listens only on a Unix socket in its data directory
+    (``<PGJOBS_HOME>/pgdata``), so its DSN's host is that directory."""
+    try:
+        host = conninfo_to_dict(dsn).get("host")
+    except psycopg.ProgrammingError:
+        return None
+    if not isinstance(host, str) or not host.startswith("/") or "," in host:
+        return None
+    path = Path(host)
+    if path.name == DATA_DIR_NAME and (path / "PG_VERSION").is_file():
+        return path
+    return None
 
 
 def psql_path() -> str | None:

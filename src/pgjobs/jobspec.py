@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from pgjobs.errors import InvalidJobError
@@ -25,6 +25,17 @@ MAX_INPUT_DEPTH = 64
 MAX_ATTEMPTS_LIMIT = 1000
 DEFAULT_MAX_ATTEMPTS = 3
 INT32 = 2**31 - 1
+
+# The times a caller may supply (run_at), after conversion to UTC, and the offsets they may
+# carry. sql/0005_time_bounds.sql holds the schema's copy of the range (a test checks that
+# the two agree). The upper end stays a day short of year 10000 so that the value still
+# has a year below 10000 in any session time zone PostgreSQL hands it back in: Python's
+# datetime (and so psycopg) cannot represent year 0 or 10000, and a row it cannot read
+# used to stop every worker. Offsets: ISO 8601 and RFC 3339 allow any, real zones use
+# -12:00 to +14:00, PostgreSQL refuses some Python accepts (-23:59); ±14:00 is the rule.
+TIME_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+TIME_MAX = datetime(9999, 12, 31, tzinfo=UTC)
+MAX_UTC_OFFSET = timedelta(hours=14)
 
 
 def check_json(value: Any, where: str, depth: int = 0) -> None:
@@ -58,6 +69,44 @@ def _check_text(text: str, where: str) -> None:
         text.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidJobError(f"{where} contains an unpaired surrogate (invalid Unicode)") from None
+
+
+def check_time(value: object, where: str) -> datetime:
+    """value as a UTC datetime, or InvalidJobError (naming ``where``) unless it is an aware
+    datetime whose offset is within ±14:00 and whose UTC time is within TIME_MIN..TIME_MAX.
+
+    The result is always in UTC, so the offset the caller wrote never reaches PostgreSQL.
+    """
+    if not isinstance(value, datetime):
+        raise InvalidJobError(f"{where} must be a datetime")
+    offset = value.utcoffset()
+    if offset is None:
+        raise InvalidJobError(f"{where} must be timezone-aware (e.g. 2030-01-01T00:00:00Z)")
+    if abs(offset) > MAX_UTC_OFFSET:
+        raise InvalidJobError(f"{where} has a UTC offset beyond ±14:00")
+    try:
+        utc = value.astimezone(UTC)
+    except OverflowError:  # year 0 or 10000 once converted
+        utc = None
+    if utc is None or not TIME_MIN <= utc <= TIME_MAX:
+        raise InvalidJobError(
+            f"{where} must lie between {TIME_MIN:%Y-%m-%dT%H:%M:%SZ} and "
+            f"{TIME_MAX:%Y-%m-%dT%H:%M:%SZ} (UTC)"
+        )
+    return utc
+
+
+def parse_time(text: str, where: str) -> datetime:
+    """An ISO 8601 time with an offset (``Z`` included), checked by check_time."""
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise InvalidJobError(
+            f"{where} must be an ISO 8601 time, e.g. 2030-01-01T09:00:00Z"
+        ) from None
+    if value.tzinfo is None:
+        raise InvalidJobError(f"{where} needs a timezone, e.g. 2030-01-01T09:00:00Z")
+    return check_time(value, where)
 
 
 def _check_name(value: object, field_name: str, limit: int) -> str:
@@ -118,10 +167,7 @@ class JobSpec:
         if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
             raise InvalidJobError(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}")
         if self.run_at is not None:
-            if not isinstance(self.run_at, datetime):
-                raise InvalidJobError("run_at must be a datetime")
-            if self.run_at.tzinfo is None:
-                raise InvalidJobError("run_at must be timezone-aware (e.g. 2030-01-01T00:00:00Z)")
+            object.__setattr__(self, "run_at", check_time(self.run_at, "run_at"))
 
     def input_json(self) -> str:
         return json.dumps(self.input, allow_nan=False, separators=(",", ":"))

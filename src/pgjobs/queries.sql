@@ -144,6 +144,9 @@ WITH u AS (
         result = CASE WHEN p.outcome = 'done' THEN (%(results)s::jsonb[])[p.i] END,
         result_asset_id = CASE WHEN p.outcome = 'done' THEN (%(asset_ids)s::uuid[])[p.i] END,
         error_message = CASE WHEN p.outcome <> 'done' THEN (%(errors)s::text[])[p.i] END,
+        -- An exception's traceback (NULL for the batch when no attempt raised one); the
+        -- publish trigger copies it into this attempt's audit row (sql/0006).
+        error_traceback = CASE WHEN p.outcome <> 'done' THEN (%(tracebacks)s::text[])[p.i] END,
         run_at = CASE WHEN p.next_status = 'queued'
                       THEN coalesce(%(now)s::timestamptz, now())
                            + make_interval(secs => (%(retry_delays)s::float8[])[p.i])
@@ -219,6 +222,7 @@ UPDATE pgjobs.jobs j
 SET status = CASE WHEN j.attempts < j.max_attempts THEN 'queued' ELSE 'failed' END,
     error_message = format('lease expired: worker %%s stopped renewing it (attempt %%s of %%s)',
                            j.worker_id, j.attempts, j.max_attempts),
+    error_traceback = NULL,  -- not the previous attempt's: this one raised nothing
     run_at = coalesce(%(now)s::timestamptz, now()),
     lease_expires_at = NULL,
     finished_at = CASE WHEN j.attempts < j.max_attempts THEN NULL
@@ -269,6 +273,7 @@ SET status = 'queued',
     max_attempts = greatest(max_attempts, attempts + 1),
     run_at = coalesce(%(now)s::timestamptz, now()),
     error_message = NULL,
+    error_traceback = NULL,
     result = NULL,
     result_asset_id = NULL,
     finished_at = NULL,
@@ -304,6 +309,18 @@ ON CONFLICT (id) DO UPDATE SET last_heartbeat_at = excluded.last_heartbeat_at;
 UPDATE pgjobs.workers SET last_heartbeat_at = coalesce(%(now)s::timestamptz, now())
 WHERE id = %(id)s::text;
 
+-- name: worker_count_live_by_type
+-- For each of %(job_types)s, how many live workers claim it: registered with the type and
+-- a heartbeat within %(within_seconds)s (a worker heartbeats more often than its lease
+-- length). A queued job whose type has none stays queued until such a worker starts.
+SELECT t.job_type, count(w.id)::int AS live_workers
+FROM unnest(%(job_types)s::text[]) AS t(job_type)
+LEFT JOIN pgjobs.workers w
+       ON t.job_type = ANY(w.job_types)
+      AND w.last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
+                                - make_interval(secs => %(within_seconds)s::float8)
+GROUP BY t.job_type;
+
 -- name: worker_deregister
 DELETE FROM pgjobs.workers WHERE id = %(id)s::text;
 
@@ -326,3 +343,55 @@ WHERE company_id = %(company_id)s::text AND job_type = %(job_type)s::text
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
   AND (%(input)s::jsonb IS NULL OR input @> %(input)s::jsonb)
 ORDER BY created_at, id;
+
+-- name: job_fail_unreadable_if_leased
+-- Jobs a worker claimed but cannot read (a value Python cannot represent, such as a time
+-- before year 1): failed at once, each only if its lease still holds, with the reason
+-- in the error message and so in the audit row. Times out of range are clamped
+-- (sql/0005_time_bounds.sql) so that the row satisfies the range CHECKs even where they
+-- were added NOT VALID; the error message keeps what they were.
+UPDATE pgjobs.jobs j
+SET status = 'failed',
+    error_message = CASE WHEN pgjobs.job_times_out_of_range(j)
+                         THEN u.error || ' (' || pgjobs.job_times_text(j) || ')'
+                         ELSE u.error END,
+    run_at = pgjobs.clamp_time(j.run_at),
+    created_at = pgjobs.clamp_time(j.created_at),
+    started_at = pgjobs.clamp_time(j.started_at),
+    lease_expires_at = NULL,
+    error_traceback = NULL,  -- no handler ran: not an earlier attempt's traceback
+    finished_at = coalesce(%(now)s::timestamptz, now()),
+    event_seq = j.event_seq + 1,
+    last_event = 'content_job.failed',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[], %(errors)s::text[])
+     AS u(id, lease_token, error)
+WHERE j.id = u.id AND j.status = 'running' AND j.lease_token = u.lease_token
+RETURNING j.id;
+
+-- name: job_fail_out_of_range_if_queued
+-- After a claim statement failed on a data error (nothing was claimed): fail the queued
+-- jobs holding a time out of range, which the claim cannot move to running where the
+-- range CHECKs were added NOT VALID and a worker could not read if it did. Locked SKIP
+-- LOCKED like the claim; clamped and audited like job_fail_unreadable_if_leased.
+WITH bad AS (
+    SELECT j.id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+    WHERE q.lease_expires_at IS NULL AND pgjobs.job_times_out_of_range(j)
+    LIMIT %(limit)s::int
+    FOR UPDATE OF q, j SKIP LOCKED
+)
+UPDATE pgjobs.jobs j
+SET status = 'failed',
+    error_message = 'a time is outside 1970-01-01 to 9999-12-31 UTC, which pgjobs cannot '
+                    'read (' || pgjobs.job_times_text(j) || '); the job was not run',
+    run_at = pgjobs.clamp_time(j.run_at),
+    created_at = pgjobs.clamp_time(j.created_at),
+    started_at = pgjobs.clamp_time(j.started_at),
+    error_traceback = NULL,  -- no handler ran: not an earlier attempt's traceback
+    finished_at = coalesce(%(now)s::timestamptz, now()),
+    event_seq = j.event_seq + 1,
+    last_event = 'content_job.failed',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM bad
+WHERE j.id = bad.id AND j.status = 'queued'
+RETURNING j.id;

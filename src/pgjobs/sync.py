@@ -1,8 +1,10 @@
 """A blocking facade over the producer API, for Django/Flask-style code.
 
 It reuses the client's query plans and row mapping (``pgjobs.client.plan_*``); only the
-I/O is synchronous. Pass ``conn=`` (a psycopg ``Connection``) to enqueue inside your own
-transaction: the job exists if, and only if, you commit.
+I/O is synchronous. Every method takes ``conn=`` (a psycopg ``Connection``, any row
+factory) to run inside your own transaction: the job exists if, and only if, you commit.
+As with the async client, the connection's row factory, autocommit flag and transaction
+are left as they were (in autocommit mode the job commits at once).
 """
 
 from __future__ import annotations
@@ -30,17 +32,20 @@ from pgjobs.client import (
 from pgjobs.errors import JobNotFoundError, NotMigratedError
 from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec
 from pgjobs.queries import QUERIES
-from pgjobs.types import Job, JobEvent
+from pgjobs.types import Asset, Job, JobEvent
 
 
 class SyncClient:
+    """Blocking producer API over a connection pool. With no ``dsn``: PGJOBS_DSN, else the
+    embedded server under ./.pgjobs (started if needed), as the ``pgjobs`` command does."""
+
     def __init__(self, dsn: str | None = None, *, max_size: int = 5) -> None:
         dsn = db.resolve_dsn(dsn)
-        db.check_dsn(dsn)
+        db.probe_sync(dsn)
         self.pool: ConnectionPool[db.SyncConn] = ConnectionPool(
             dsn,
             max_size=max_size,
-            kwargs={"autocommit": True, "row_factory": dict_row},
+            kwargs={"autocommit": True, "row_factory": dict_row, "context": db.ADAPTERS},
             check=ConnectionPool.check_connection,
             open=False,
         )
@@ -64,14 +69,12 @@ class SyncClient:
         self.close()
 
     def _fetch(
-        self, query: LiteralString, params: Params, conn: db.SyncConn | None
+        self, query: LiteralString, params: Params, conn: db.CallerSyncConn | None
     ) -> list[dict[str, Any]]:
         if conn is not None:
-            cur = conn.cursor(row_factory=dict_row).execute(query, params)
-            return cur.fetchall() if cur.description else []
+            return db.fetch_dicts_sync(conn, query, params)
         with self.pool.connection() as pooled:
-            cur = pooled.execute(query, params)
-            return cur.fetchall() if cur.description else []
+            return db.fetch_dicts_sync(pooled, query, params)
 
     def enqueue(
         self,
@@ -83,23 +86,25 @@ class SyncClient:
         priority: int = 0,
         run_at: datetime | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
-        conn: db.SyncConn | None = None,
+        conn: db.CallerSyncConn | None = None,
     ) -> Job:
         spec = JobSpec(company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
         (job,) = self.enqueue_many([spec], conn=conn)
         return job
 
     def enqueue_many(
-        self, specs: Iterable[JobSpec], *, conn: db.SyncConn | None = None
+        self, specs: Iterable[JobSpec], *, conn: db.CallerSyncConn | None = None
     ) -> list[Job]:
         specs = list(specs)
         if not specs:
             return []
         return order_like(specs, self._fetch(*plan_insert(specs), conn))
 
-    def get(self, company_id: str, job_id: uuid.UUID | str) -> Job:
+    def get(
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerSyncConn | None = None
+    ) -> Job:
         jid = parse_job_id(job_id)
-        rows = self._fetch(QUERIES["job_get"], {"id": jid, "company_id": company_id}, None)
+        rows = self._fetch(QUERIES["job_get"], {"id": jid, "company_id": company_id}, conn)
         if not rows:
             raise JobNotFoundError(jid)
         return Job.from_row(rows[0])
@@ -111,30 +116,57 @@ class SyncClient:
         status: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        conn: db.CallerSyncConn | None = None,
     ) -> JobPage:
-        return page_of(self._fetch(*plan_list(company_id, status, limit, cursor), None), limit)
+        return page_of(self._fetch(*plan_list(company_id, status, limit, cursor), conn), limit)
 
     def _transition(
-        self, name: LiteralString, action: str, company_id: str, job_id: uuid.UUID | str
+        self,
+        name: LiteralString,
+        action: str,
+        company_id: str,
+        job_id: uuid.UUID | str,
+        conn: db.CallerSyncConn | None,
     ) -> Job:
         jid = parse_job_id(job_id)
         params = {"id": jid, "company_id": company_id, "now": None}
-        rows = self._fetch(QUERIES[name], params, None)
+        rows = self._fetch(QUERIES[name], params, conn)
         if rows:
             return Job.from_row(rows[0])
-        current = self._fetch(QUERIES["job_get"], params, None)
+        current = self._fetch(QUERIES["job_get"], params, conn)
         raise transition_error(action, jid, Job.from_row(current[0]) if current else None)
 
-    def cancel(self, company_id: str, job_id: uuid.UUID | str) -> Job:
-        return self._transition("job_cancel", "cancel", company_id, job_id)
+    def cancel(
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerSyncConn | None = None
+    ) -> Job:
+        """Cancel a queued or running job (see ``Client.cancel``)."""
+        return self._transition("job_cancel", "cancel", company_id, job_id, conn)
 
-    def retry(self, company_id: str, job_id: uuid.UUID | str) -> Job:
-        return self._transition("job_retry", "retry", company_id, job_id)
+    def retry(
+        self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerSyncConn | None = None
+    ) -> Job:
+        """Queue a failed or cancelled job again (see ``Client.retry``)."""
+        return self._transition("job_retry", "retry", company_id, job_id, conn)
 
     def events(
-        self, company_id: str, job_id: uuid.UUID | str, *, after_seq: int = 0
+        self,
+        company_id: str,
+        job_id: uuid.UUID | str,
+        *,
+        after_seq: int = 0,
+        conn: db.CallerSyncConn | None = None,
     ) -> builtins.list[JobEvent]:
         params = {"job_id": parse_job_id(job_id), "company_id": company_id, "after_seq": after_seq}
         return [
-            JobEvent.from_row(r) for r in self._fetch(QUERIES["job_events_for_job"], params, None)
+            JobEvent.from_row(r) for r in self._fetch(QUERIES["job_events_for_job"], params, conn)
         ]
+
+    def get_asset(
+        self, company_id: str, asset_id: uuid.UUID | str, *, conn: db.CallerSyncConn | None = None
+    ) -> Asset | None:
+        try:
+            aid = parse_job_id(asset_id)
+        except JobNotFoundError:
+            return None
+        rows = self._fetch(QUERIES["asset_get"], {"id": aid, "company_id": company_id}, conn)
+        return Asset.from_row(rows[0]) if rows else None

@@ -20,7 +20,7 @@ import json
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 from pgjobs import db
 from pgjobs.config import WorkerSettings
@@ -30,15 +30,37 @@ from pgjobs.types import Job, JobStatus
 from pgjobs.worker import Worker
 
 
+@overload
 async def run_queued(
-    dsn: str,
+    registry: Registry, /, *, settings: WorkerSettings | None = None, max_seconds: float = 60.0
+) -> list[Job]: ...
+
+
+@overload
+async def run_queued(
+    dsn: str | None,
     registry: Registry,
+    /,
+    *,
+    settings: WorkerSettings | None = None,
+    max_seconds: float = 60.0,
+) -> list[Job]: ...
+
+
+async def run_queued(
+    dsn_or_registry: str | Registry | None,
+    registry: Registry | None = None,
+    /,
     *,
     settings: WorkerSettings | None = None,
     max_seconds: float = 60.0,
 ) -> list[Job]:
     """Run every due job (and the jobs those enqueue) until none is left; returns the
-    jobs that ran, in their final state. Jobs rescheduled for a later retry stay queued."""
+    jobs that ran, in their final state. Jobs rescheduled for a later retry stay queued.
+
+    ``run_queued(dsn, registry)``, or ``run_queued(registry)`` for the database the
+    ``pgjobs`` command uses: PGJOBS_DSN, else the embedded server (started if needed)."""
+    dsn, registry = _dsn_and_registry(dsn_or_registry, registry)
     if settings is None:
         settings = WorkerSettings(
             concurrency=4,
@@ -54,33 +76,71 @@ async def run_queued(
         return [Job.from_row(row) for row in await cur.fetchall()]
 
 
-def run_queued_sync(dsn: str, registry: Registry, **kwargs: Any) -> list[Job]:
+def _dsn_and_registry(
+    dsn_or_registry: str | Registry | None, registry: Registry | None
+) -> tuple[str, Registry]:
+    if isinstance(dsn_or_registry, Registry):
+        if registry is not None:
+            raise TypeError("run_queued takes (registry) or (dsn, registry)")
+        return db.resolve_dsn(None), dsn_or_registry
+    if registry is None:
+        raise TypeError("run_queued needs a Registry of handlers")
+    return db.resolve_dsn(dsn_or_registry), registry
+
+
+@overload
+def run_queued_sync(
+    registry: Registry, /, *, settings: WorkerSettings | None = None, max_seconds: float = 60.0
+) -> list[Job]: ...
+
+
+@overload
+def run_queued_sync(
+    dsn: str | None,
+    registry: Registry,
+    /,
+    *,
+    settings: WorkerSettings | None = None,
+    max_seconds: float = 60.0,
+) -> list[Job]: ...
+
+
+def run_queued_sync(
+    dsn_or_registry: str | Registry | None,
+    registry: Registry | None = None,
+    /,
+    *,
+    settings: WorkerSettings | None = None,
+    max_seconds: float = 60.0,
+) -> list[Job]:
     """run_queued() for synchronous test suites."""
-    return asyncio.run(run_queued(dsn, registry, **kwargs))
+    dsn, registry = _dsn_and_registry(dsn_or_registry, registry)
+    return asyncio.run(run_queued(dsn, registry, settings=settings, max_seconds=max_seconds))
 
 
 async def find_jobs(
-    dsn: str,
+    dsn: str | None,
     company_id: str,
     job_type: str,
     *,
     input: Mapping[str, Any] | None = None,
     status: JobStatus | str | None = JobStatus.QUEUED,
 ) -> list[Job]:
-    """Jobs of that company and type whose input contains ``input`` (JSON containment)."""
+    """Jobs of that company and type whose input contains ``input`` (JSON containment).
+    ``dsn`` None: the database the ``pgjobs`` command uses."""
     params = {
         "company_id": company_id,
         "job_type": job_type,
         "status": None if status is None else str(status),
         "input": None if input is None else json.dumps(input),
     }
-    async with await db.connect(dsn) as conn:
+    async with await db.connect(db.resolve_dsn(dsn)) as conn:
         cur = await conn.execute(QUERIES["job_find_matching"], params)
         return [Job.from_row(row) for row in await cur.fetchall()]
 
 
 async def assert_enqueued(
-    dsn: str,
+    dsn: str | None,
     company_id: str,
     job_type: str,
     *,

@@ -6,7 +6,7 @@ import operator
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +16,43 @@ if TYPE_CHECKING:
 
 JsonValue = Any
 """A value that serialises to JSON (dict, list, str, int, float, bool or None)."""
+
+
+class UnreadableTime(datetime):
+    """A timestamptz PostgreSQL holds that Python cannot represent: before year 1, after
+    year 9999, or ±infinity (the schema refuses them since sql/0005_time_bounds.sql, but a
+    row written by hand before that, or with the CHECKs dropped, may hold one).
+
+    pgjobs' connections load such a value as this instead of failing the whole read
+    (``pgjobs.db``): it compares and sorts as the nearest time Python has (datetime.min
+    or max, UTC), and ``raw`` is PostgreSQL's own text of it, which is how pgjobs shows
+    it (``iso``). The worker's claim does not use it: a row it cannot read fails its job.
+    """
+
+    __slots__ = ("raw",)
+    raw: str
+
+    @classmethod
+    def from_text(cls, raw: str) -> UnreadableTime:
+        early = raw.endswith(" BC") or raw.startswith("-")
+        edge = datetime.min if early else datetime.max
+        value = cls(edge.year, edge.month, edge.day, edge.hour, edge.minute, edge.second,
+                    edge.microsecond, tzinfo=UTC)  # fmt: skip
+        value.raw = raw
+        return value
+
+    def __repr__(self) -> str:
+        return f"UnreadableTime({self.raw!r})"
+
+
+def iso(value: datetime | None) -> str | None:
+    """A time as the API and the CLI show it: ISO 8601, or PostgreSQL's own text of a time
+    Python cannot represent."""
+    if value is None:
+        return None
+    if isinstance(value, UnreadableTime):
+        return value.raw
+    return value.isoformat()
 
 
 class JobStatus(StrEnum):
@@ -100,10 +137,10 @@ class Job:
             "progress": None
             if self.progress is None
             else {"fraction": self.progress.fraction, "message": self.progress.message},
-            "startedAt": _iso(self.started_at),
-            "finishedAt": _iso(self.finished_at),
-            "createdAt": _iso(self.created_at),
-            "updatedAt": _iso(self.updated_at),
+            "startedAt": iso(self.started_at),
+            "finishedAt": iso(self.finished_at),
+            "createdAt": iso(self.created_at),
+            "updatedAt": iso(self.updated_at),
         }
 
     @classmethod
@@ -221,7 +258,3 @@ class Asset:
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> Asset:
         return cls(**{name: row[name] for name in cls.__slots__})
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None

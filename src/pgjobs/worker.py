@@ -7,6 +7,11 @@ Guarantees (see the README's "Delivery guarantees"):
 * Exactly one terminal transition per job. Every write made for an attempt is guarded
   by (id, status = 'running', lease_token); a worker that lost its lease (paused,
   partitioned, slow) updates zero rows, logs it, and its result is discarded.
+* Only jobs it can run. A worker claims the job types its registry has handlers for (or
+  the subset ``WorkerSettings.job_types`` names); a job no live worker serves stays
+  queued rather than failing on a worker that happens to see it.
+* A failed attempt is recorded with its message and, for an exception, its traceback
+  (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
 Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
 with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
@@ -29,12 +34,14 @@ import logging
 import os
 import random
 import socket
+import traceback
 import uuid
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
+from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import assets, db, gcpolicy, rescuer
@@ -42,7 +49,7 @@ from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
-from pgjobs.errors import AssetTooLargeError, InvalidJobError
+from pgjobs.errors import AssetTooLargeError, ConfigurationError, InvalidJobError
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
@@ -62,6 +69,74 @@ def retry_delay(attempt: int, settings: WorkerSettings) -> float:
     """Exponential backoff with jitter: base * 2^(attempt-1), capped, times [0.5, 1)."""
     delay = min(settings.retry_max_seconds, settings.retry_base_seconds * 2 ** max(0, attempt - 1))
     return float(delay * random.uniform(0.5, 1.0))
+
+
+def _discard_late_result(ctx: JobContext, future: Future[Any]) -> None:
+    """A sync handler that was stopped (timeout, cancel, lost lease, shutdown) returned:
+    its attempt is already recorded, so its result or exception goes nowhere but here."""
+    exc = future.exception()
+    ctx.logger.warning(
+        "job %s attempt %d: sync handler returned after it was stopped (%s); its %s is discarded",
+        ctx.job_id,
+        ctx.attempt,
+        ctx.cancel_reason or "stopped",
+        "result" if exc is None else f"exception ({type(exc).__name__}: {exc})",
+    )
+
+
+def claimable_types(registry: Registry, wanted: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The job types a worker claims: its registry's, or the subset ``wanted`` names.
+
+    A worker never claims a job it has no handler for: another service's jobs, or jobs
+    whose handlers are only on other workers, stay queued for a worker that has them.
+    Naming a type the registry lacks is a configuration mistake and is refused."""
+    if not wanted:
+        return registry.job_types
+    missing = sorted(set(wanted) - set(registry.job_types))
+    if missing:
+        raise ConfigurationError(
+            f"--job-types names {', '.join(map(repr, missing))}, which the handler registry "
+            f"does not have (it has: {', '.join(registry.job_types) or 'no handlers'})"
+        )
+    return tuple(dict.fromkeys(wanted))
+
+
+def _unreadable_row(
+    cur: psycopg.AsyncCursor[Job], row: int, error: Exception
+) -> tuple[uuid.UUID, int, str] | None:
+    """(id, lease_token, what could not be read) of a claimed row that did not decode, or
+    None if even its id or lease token cannot be read (then its lease runs out and the
+    rescuer takes it back). Each column is loaded on its own, to name the ones at fault."""
+    result = cur.pgresult
+    if result is None or cur.description is None:
+        return None
+    values: dict[str, Any] = {}
+    problems: list[str] = []
+    for col, column in enumerate(cur.description):
+        raw = result.get_value(row, col)
+        if raw is None:
+            values[column.name] = None
+            continue
+        fmt = Format(result.fformat(col))
+        loader = cur.adapters.get_loader(column.type_code, fmt)
+        try:
+            values[column.name] = loader(column.type_code, cur).load(raw) if loader else raw
+        except Exception as exc:  # named in the job's error message
+            shown = bytes(raw).decode(errors="replace") if fmt == Format.TEXT else bytes(raw).hex()
+            problems.append(f"{column.name} holds {shown[:100]!r} ({str(exc).strip()[:200]})")
+    job_id, lease_token = values.get("id"), values.get("lease_token")
+    if not isinstance(job_id, uuid.UUID) or not isinstance(lease_token, int):
+        log.error("a claimed row cannot be read, not even its id (%s)", error)
+        return None
+    reason = "; ".join(problems) or f"{type(error).__name__}: {str(error).strip()[:300]}"
+    return (
+        job_id,
+        lease_token,
+        (
+            f"pgjobs cannot read this job's row, so it was not run: {reason}; "
+            "fix the row, then retry the job"
+        ),
+    )
 
 
 def default_worker_id() -> str:
@@ -100,6 +175,7 @@ class Worker:
         self.settings = settings or WorkerSettings()
         self.storage = storage or LocalStorage(self.settings.storage_dir)
         self.id = worker_id or default_worker_id()
+        self.job_types = claimable_types(registry, self.settings.job_types)
         self.tune_gc = tune_gc
         self._running: dict[uuid.UUID, _Running] = {}  # claimed and not yet recorded
         self._active = 0  # of those, how many are still in their handler
@@ -150,7 +226,7 @@ class Worker:
                         "id": self.id,
                         "hostname": socket.gethostname(),
                         "pid": os.getpid(),
-                        "job_types": list(settings.job_types or self.registry.job_types),
+                        "job_types": list(self.job_types),
                         "concurrency": settings.concurrency,
                         "now": None,
                     },
@@ -175,7 +251,7 @@ class Worker:
                 "worker %s started: concurrency %d, job types %s",
                 self.id,
                 settings.concurrency,
-                ", ".join(settings.job_types or ["(all)"]),
+                ", ".join(self.job_types) or "(none: the registry is empty)",
             )
             if self.tune_gc:
                 gcpolicy.tune_for_long_running_process()
@@ -292,11 +368,21 @@ class Worker:
             jobs = await self._claim(limit)
             self._claim_failures = 0
         except TRANSIENT as exc:
-            self._claim_failures += 1
-            delay = min(5.0, 0.1 * 2**self._claim_failures) * random.uniform(0.5, 1.0)
-            log.warning("claim failed (%s); retrying in %.2fs", exc, delay)
-            self._retry_at = asyncio.get_running_loop().time() + delay
+            self._back_off(f"claim failed ({exc})")
             jobs = []
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # The claim statement itself failed on a row (it rolled back: nothing was
+            # claimed). Fail the queued jobs whose times the schema's range refuses (what
+            # makes a claim fail where the CHECKs were added NOT VALID), then claim again;
+            # anything else backs off and is logged, and never stops the worker.
+            jobs = []
+            failed = await self._fail_out_of_range()
+            if failed:
+                log.error("claim failed (%s); failed %d job(s) holding a time out of range: %s",
+                          str(exc).strip(), len(failed), ", ".join(map(str, failed)))  # fmt: skip
+                self._wake()
+            else:
+                self._back_off(f"claim failed on a data error ({str(exc).strip()})", log.error)
         finally:
             self._reserved -= limit
             self._claims -= 1
@@ -305,6 +391,13 @@ class Worker:
         if len(jobs) < limit and not self._claim_failures:
             self._queue_empty = True
         self._wakeup.set()  # not _wake(): a claim's own end is no reason to look again
+
+    def _back_off(self, reason: str, say: Any = log.warning) -> None:
+        """No claim before an exponentially growing, jittered delay (at most 5 s)."""
+        self._claim_failures += 1
+        delay = min(5.0, 0.1 * 2**self._claim_failures) * random.uniform(0.5, 1.0)
+        say("%s; retrying in %.2fs", reason, delay)
+        self._retry_at = asyncio.get_running_loop().time() + delay
 
     def _wake(self) -> None:
         """Something may have changed (a job queued, a slot freed): claim again, even if
@@ -330,12 +423,70 @@ class Worker:
             "limit": limit,
             "worker_id": self.id,
             "lease_seconds": self.settings.lease_seconds,
-            "job_types": list(self.settings.job_types) if self.settings.job_types else None,
+            "job_types": list(self.job_types),
         }
         async with self._pool.connection() as conn:
             cur = conn.cursor(row_factory=job_rows)
+            db.strict_times(cur)  # a time Python cannot represent raises (handled below)
             await cur.execute(QUERIES["job_claim_batch"], params)
-            return await cur.fetchall()
+            try:
+                return await cur.fetchall()
+            except Exception as exc:  # any row that cannot become a Job
+                log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
+                return await self._decode_each(conn, cur)
+
+    async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
+        """The claimed rows that decode, as Jobs. The claim has committed: every row is
+        this worker's now, so one that cannot be read (a value Python cannot represent, a
+        status this version does not know...) is failed here with the reason, and the
+        rest run."""
+        jobs: list[Job] = []
+        unreadable: list[tuple[uuid.UUID, int, str]] = []
+        for row in range(cur.rowcount):
+            await cur.scroll(row, "absolute")
+            try:
+                job = await cur.fetchone()
+            except Exception as exc:  # reported in the job's error message
+                bad = _unreadable_row(cur, row, exc)
+                if bad is not None:
+                    unreadable.append(bad)
+                continue
+            if job is not None:
+                jobs.append(job)
+        if unreadable:
+            await self._fail_unreadable(conn, unreadable)
+            self._wake()  # the batch came back short for them, not for an empty queue
+        return jobs
+
+    async def _fail_unreadable(
+        self, conn: db.AsyncConn, unreadable: list[tuple[uuid.UUID, int, str]]
+    ) -> None:
+        ids, tokens, errors = (list(column) for column in zip(*unreadable, strict=True))
+        for job_id, _, error in unreadable:
+            log.error("job %s: cannot read its row, failing it: %s", job_id, error)
+        try:
+            cur = await conn.execute(
+                QUERIES["job_fail_unreadable_if_leased"],
+                {"ids": ids, "lease_tokens": tokens, "errors": errors, "now": None},
+            )
+            await cur.fetchall()
+        except (*TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
+            # Still leased to this worker, which never runs them: the rescuer returns them
+            # to the queue when the lease expires, and the next claim tries again.
+            log.warning("could not fail %d unreadable job(s) (%s)", len(unreadable), exc)
+
+    async def _fail_out_of_range(self) -> list[uuid.UUID]:
+        assert self._pool is not None
+        try:
+            async with self._pool.connection() as conn:
+                cur = await conn.execute(
+                    QUERIES["job_fail_out_of_range_if_queued"],
+                    {"limit": MAX_CLAIM_BATCH, "now": None},
+                )
+                return [row["id"] for row in await cur.fetchall()]
+        except (*TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
+            log.warning("could not look for jobs holding a time out of range (%s)", exc)
+            return []
 
     def _on_notify(self, payload: str) -> None:
         # Most notifications are other jobs' running/done/progress events, which need
@@ -416,11 +567,14 @@ class Worker:
         shutdown), in which case nothing may be written for it."""
         handler = self.registry.get(job.job_type)
         if handler is None:
+            # Not reached through the claim, which takes only this registry's types; kept
+            # for a handler removed from the registry after the worker started.
             known = ", ".join(self.registry.job_types) or "none"
-            return Outcome(
+            return self._failed(
                 job,
+                ctx,
                 "fail",
-                error=f"unknown job type {job.job_type!r}: no handler is registered for it "
+                f"unknown job type {job.job_type!r}: no handler is registered for it "
                 f"(this worker handles: {known}); start a worker whose --handlers registry "
                 "has it, then retry the job",
             )
@@ -442,36 +596,67 @@ class Worker:
             except InvalidJobError as exc:
                 if asset is not None:
                     await self.storage.delete(asset.key)
-                return Outcome(job, "fail", error=str(exc))
+                return self._failed(job, ctx, "fail", str(exc))
             return Outcome(job, "done", result=result, asset=asset)
         except asyncio.CancelledError:
             if ctx.cancelled:
                 return None
             raise
         except AssetTooLargeError as exc:
-            return Outcome(job, "fail", error=str(exc))
+            return self._failed(job, ctx, "fail", str(exc))
         except TimeoutError as exc:
             if deadline.expired():
                 error = f"timed out after {handler.timeout:g}s (the {job.job_type!r} timeout)"
-            else:
-                error = f"TimeoutError: {exc}" if str(exc) else "TimeoutError raised by the handler"
-            return Outcome(
-                job, "error", error=error, retry_delay=retry_delay(job.attempts, self.settings)
-            )
+                # A sync handler's thread runs on: this tells it to stop (and makes its
+                # progress calls no-ops); the attempt is recorded now, not when it returns.
+                ctx._cancel(error)
+                return self._failed(job, ctx, "error", error)
+            error = f"TimeoutError: {exc}" if str(exc) else "TimeoutError raised by the handler"
+            return self._failed(job, ctx, "error", error, exc)
         except Exception as exc:
-            ctx.logger.warning("attempt %d failed: %s: %s", job.attempts, type(exc).__name__, exc)
-            return Outcome(
-                job,
-                "error",
-                error=f"{type(exc).__name__}: {exc}",
-                retry_delay=retry_delay(job.attempts, self.settings),
-            )
+            return self._failed(job, ctx, "error", f"{type(exc).__name__}: {exc}", exc)
+
+    def _failed(
+        self,
+        job: Job,
+        ctx: JobContext,
+        kind: str,
+        error: str,
+        exc: BaseException | None = None,
+    ) -> Outcome:
+        """A failed attempt's outcome, logged with its traceback: WARNING when the job
+        will be retried, ERROR when this was its last attempt (or ``kind`` is 'fail')."""
+        final = kind == "fail" or job.attempts >= job.max_attempts
+        ctx.logger.log(
+            logging.ERROR if final else logging.WARNING,
+            "attempt %d of %d failed%s: %s",
+            job.attempts,
+            job.max_attempts,
+            "" if final else ", will retry",
+            error,
+            exc_info=exc,
+        )
+        return Outcome(
+            job,
+            kind,
+            error=error,
+            traceback=None if exc is None else "".join(traceback.format_exception(exc)),
+            retry_delay=retry_delay(job.attempts, self.settings) if kind == "error" else 0.0,
+        )
 
     async def _invoke(self, handler: Handler, ctx: JobContext) -> Any:
         if handler.is_async:
             return await handler.fn(ctx)
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._threads, handler.fn, ctx)
+        future = self._threads.submit(handler.fn, ctx)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            # The deadline, a cancel, a lost lease or shutdown stopped the wait; a thread
+            # cannot be interrupted, so the handler runs on until it notices
+            # ctx.cancelled. Whatever it returns then is not this attempt's result.
+            if not future.cancel():
+                future.add_done_callback(lambda f: _discard_late_result(ctx, f))
+            raise
 
     async def _write_progress(self, job: Job, fraction: float | None, message: str | None) -> bool:
         assert self._pool is not None
@@ -535,5 +720,5 @@ class Worker:
                 passes += 1
                 if passes % 30 == 0:
                     await rescuer.prune_stale_workers(self._pool)
-            except TRANSIENT as exc:
+            except (*TRANSIENT, psycopg.DataError) as exc:
                 log.warning("rescue pass failed (%s)", exc)

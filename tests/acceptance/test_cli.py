@@ -12,9 +12,15 @@ import sys
 import time
 import urllib.request
 import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
+
+from helpers import finish_params
+from pgjobs.queries import QUERIES
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -224,3 +230,150 @@ def test_demo_says_its_port_was_busy_and_prints_how_to_try_the_gateway(
     assert token is not None, out
     assert out.index(dashboard.group(0)) < out.index(token.group(0))
     assert out.rstrip().endswith("workers and gateway stopped")
+
+
+def test_worker_refuses_a_job_type_its_registry_lacks(dsn: str) -> None:
+    out = pgjobs(
+        "worker", "--handlers", "pgjobs.demo:registry", "--job-types", "echo,nosuch", dsn=dsn
+    )
+    assert out.returncode == 2
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1, out.stderr
+    assert "--job-types names 'nosuch'" in lines[0]
+    assert "echo" in lines[0]  # says what the registry has
+
+
+def test_a_queued_job_no_live_worker_serves_is_marked(dsn: str) -> None:
+    job_id = pgjobs("enqueue", "acme", "render", dsn=dsn).stdout.strip()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        # A worker that stopped heartbeating an hour ago does not count as live.
+        conn.execute(
+            "insert into pgjobs.workers (id, hostname, pid, job_types, concurrency,"
+            " last_heartbeat_at) values ('gone', 'h', 1, '{render}', 1, now() - interval '1 hour')"
+        )
+        listed = pgjobs("jobs", "list", "acme", dsn=dsn)
+        assert "(no live worker serves render)" in listed.stdout
+        (row,) = [
+            json.loads(x)
+            for x in pgjobs("jobs", "list", "acme", "--json", dsn=dsn).stdout.splitlines()
+        ]
+        assert row["servedBy"] == 0
+        shown = pgjobs("jobs", "show", job_id, dsn=dsn)
+        assert "no live worker serves render" in shown.stdout
+        conn.execute(
+            "insert into pgjobs.workers (id, hostname, pid, job_types, concurrency)"
+            " values ('live', 'h', 2, '{echo,render}', 1)"
+        )
+        listed = pgjobs("jobs", "list", "acme", dsn=dsn)
+        assert "no live worker" not in listed.stdout
+        shown = json.loads(pgjobs("jobs", "show", job_id, "--json", dsn=dsn).stdout)
+        assert shown["servedBy"] == 1
+        assert "no live worker" not in pgjobs("jobs", "show", job_id, dsn=dsn).stdout
+
+
+def test_jobs_show_aligns_its_timeline_and_prints_the_last_traceback(dsn: str) -> None:
+    """Issue 14: the timeline's columns line up whatever their contents, a missing value
+    is `-` (never `None`), and the last failed attempt's traceback follows in full."""
+    job_id = pgjobs("enqueue", "acme", "render", dsn=dsn).stdout.strip()
+    traceback = (
+        'Traceback (most recent call last):\n  File "x.py", line 1, in f\nValueError: boom\n'
+    )
+    with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
+        claim = {"now": None, "limit": 1, "lease_seconds": 30.0, "job_types": None}
+        (first,) = conn.execute(
+            QUERIES["job_claim_batch"], {**claim, "worker_id": "host-a:4242:abcdef"}
+        ).fetchall()
+        params = {**finish_params(first, "error"), "errors": ["ValueError: boom"]}
+        conn.execute(QUERIES["job_finish_many_if_leased"], {**params, "tracebacks": [traceback]})
+        (second,) = conn.execute(QUERIES["job_claim_batch"], {**claim, "worker_id": "w"}).fetchall()
+        conn.execute(
+            QUERIES["job_progress_if_leased"],
+            {"id": second["id"], "lease_token": second["lease_token"], "now": None}
+            | {"fraction": 0.5, "message": "half"},
+        )
+    out = pgjobs("jobs", "show", job_id, dsn=dsn)
+    assert out.returncode == 0, out.stderr
+    assert "None" not in out.stdout, out.stdout
+    fields = dict(line.strip().split(": ", 1) for line in out.stdout.split("\n\n")[0].splitlines())
+    assert fields["resultAssetId"] == "-"
+    assert fields["errorMessage"] == "ValueError: boom"
+
+    lines = out.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.split()[:2] == ["seq", "time"])
+    header, rows = lines[start], lines[start + 1 : start + 6]
+    columns = ["seq", "time", "event", "status", "attempt", "worker", "details"]
+    at = [header.index(name) for name in columns]
+    assert at == sorted(at)
+    for row in rows:
+        # Every cell starts at its header's column, after a space.
+        cells = [row[a:b].strip() for a, b in zip(at, [*at[1:], None], strict=True)]
+        assert all(cells), (row, cells)
+        assert all(row[a - 1] == " " for a in at[1:]), row
+    assert [row[at[2] :].split()[0] for row in rows] == [
+        "content_job.queued",
+        "content_job.running",
+        "content_job.retrying",
+        "content_job.running",
+        "content_job.progress",
+    ]
+    queued, running, retrying = rows[:3]
+    assert queued[at[5] :].split() == ["-", "-"]  # no worker, no details
+    assert running[at[5] :].split() == ["host-a:4242:abcdef", "-"]
+    details = json.loads(retrying[at[6] :])
+    assert details["errorMessage"] == "ValueError: boom"
+    assert set(details) == {"errorMessage", "runAt"}
+    assert "Traceback" not in retrying  # not squeezed into a cell
+
+    tail = out.stdout.split("last traceback (seq 3, attempt 1):\n", 1)[1]
+    assert tail == traceback
+
+
+@pytest.mark.parametrize(
+    ("run_at", "message"),
+    [
+        ("0001-01-01T00:00:00+00:01", "--run-at must lie between"),
+        ("9999-12-31T23:59:59-00:01", "--run-at must lie between"),
+        ("9999-12-31T23:59:59-23:59", "--run-at has a UTC offset beyond ±14:00"),
+        ("2030-01-01T00:00:00+14:01", "--run-at has a UTC offset beyond ±14:00"),
+        ("2030-01-01T00:00:00", "--run-at needs a timezone"),
+    ],
+)
+def test_run_at_out_of_range_exits_2_and_stores_nothing(
+    dsn: str, run_at: str, message: str
+) -> None:
+    out = pgjobs("enqueue", "acme", "echo", "--run-at", run_at, dsn=dsn)
+    assert out.returncode == 2
+    assert message in out.stderr.strip().splitlines()[-1]
+    assert "Traceback" not in out.stderr
+    assert pgjobs("jobs", "list", "acme", "--json", dsn=dsn).stdout == ""
+
+
+def test_run_at_with_an_edge_offset_is_stored_in_utc(dsn: str) -> None:
+    for run_at in ("2030-01-01T00:00:00+14:00", "2030-01-01T00:00:00-14:00", "2030-01-01T00:00Z"):
+        out = pgjobs("enqueue", "acme", "echo", "--run-at", run_at, dsn=dsn)
+        assert out.returncode == 0, out.stderr
+    lines = pgjobs("jobs", "list", "acme", "--json", dsn=dsn).stdout.splitlines()
+    run_ats = sorted(datetime.fromisoformat(json.loads(line)["runAt"]) for line in lines)
+    assert run_ats == [
+        datetime(2029, 12, 31, 10, tzinfo=UTC),
+        datetime(2030, 1, 1, tzinfo=UTC),
+        datetime(2030, 1, 1, 14, tzinfo=UTC),
+    ]
+
+
+def test_jobs_list_and_show_read_a_time_python_cannot_represent(dsn: str) -> None:
+    job_id = "00000000-0000-0000-0000-00000000000b"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_run_at_in_range")
+        conn.execute("ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_run_at_in_range")
+        conn.execute(
+            "INSERT INTO pgjobs.jobs (id, company_id, job_type, run_at)"
+            " VALUES (%s, 'acme', 'echo', '10000-01-01 00:00:00+00')",
+            (job_id,),
+        )
+    listed = pgjobs("jobs", "list", "acme", "--json", dsn=dsn)
+    assert listed.returncode == 0, listed.stderr
+    assert json.loads(listed.stdout)["runAt"] == "10000-01-01 00:00:00+00"
+    shown = pgjobs("jobs", "show", job_id, dsn=dsn)
+    assert shown.returncode == 0, shown.stderr
+    assert "Traceback" not in shown.stderr

@@ -19,7 +19,7 @@ from starlette.applications import Starlette
 from helpers import wait_until
 from pgjobs import db
 from pgjobs.gateway import auth
-from pgjobs.gateway.app import GatewayServer, create_app
+from pgjobs.gateway.app import GatewayServer, create_app, server_config
 from pgjobs.gateway.settings import GatewaySettings
 from pgjobs.gateway.state import GatewayState
 from pgjobs.storage import LocalStorage
@@ -55,12 +55,15 @@ class RunningGateway:
         return httpx.AsyncClient(base_url=self.url, headers=headers, timeout=20.0, **kwargs)
 
 
-def free_socket(sndbuf: int | None = None) -> socket.socket:
+def free_socket(sndbuf: int | None = None, rcvbuf: int | None = None) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if sndbuf is not None:
         # Accepted connections inherit it: lets a test fill a slow client's pipe quickly.
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+    if rcvbuf is not None:
+        # Inherited too: bounds what the kernel holds for the server beyond what it read.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
     sock.bind(("127.0.0.1", 0))
     return sock
 
@@ -72,14 +75,14 @@ async def serve_gateway(
     settings: GatewaySettings = TEST_SETTINGS,
     *,
     sndbuf: int | None = None,
+    rcvbuf: int | None = None,
     tune_gc: bool = False,
 ) -> AsyncIterator[RunningGateway]:
     app = create_app(dsn, settings, LocalStorage(storage_dir))
-    sock = free_socket(sndbuf)
+    sock = free_socket(sndbuf, rcvbuf)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(
-        app, lifespan="on", log_level="warning", timeout_graceful_shutdown=5, ws="none"
-    )
+    # The server `pgjobs gateway` runs, with its HTTP protocol and limits.
+    config = server_config(app, log_level="warning")
     server = GatewayServer(config, app.state.gateway, tune_gc=tune_gc)
     task = asyncio.create_task(server.serve(sockets=[sock]))
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 
 import psycopg
 from gateway_helpers import RunningGateway, Sse, collect
@@ -197,10 +198,13 @@ async def test_stream_tokens_for_eventsource(gateway: RunningGateway) -> None:
             assert r.status_code == 200
 
 
+PARENT = uuid.UUID(int=1)  # the API token a stream token was minted with
+
+
 def test_expired_stream_token_is_refused() -> None:
     from pgjobs.gateway import auth
 
-    token, _ = auth.mint_stream_token(b"k" * 32, "acme", None, 60, now=1000.0)
+    token, _ = auth.mint_stream_token(b"k" * 32, "acme", None, 60, parent=PARENT, now=1000.0)
     assert auth.verify_stream_token(b"k" * 32, token, now=1059.0) is not None
     assert auth.verify_stream_token(b"k" * 32, token, now=1060.0) is None
     assert auth.verify_stream_token(b"j" * 32, token, now=1000.0) is None
@@ -210,7 +214,7 @@ def test_a_stream_token_with_non_ascii_characters_is_refused_not_an_error() -> N
     # Found by the route fuzzer: a 500 from hmac.compare_digest on non-ASCII text.
     from pgjobs.gateway import auth
 
-    token, _ = auth.mint_stream_token(b"k" * 32, "acme", None, 60, now=1000.0)
+    token, _ = auth.mint_stream_token(b"k" * 32, "acme", None, 60, parent=PARENT, now=1000.0)
     payload, signature = token.split(".")
     for forged in (f"{payload}.{signature[:-1]}é", f"{payload}é.{signature}", "é.é"):
         assert auth.verify_stream_token(b"k" * 32, forged, now=1000.0) is None

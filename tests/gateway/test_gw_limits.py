@@ -14,7 +14,6 @@ import psycopg
 from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings
 
 from helpers import wait_until
-from pgjobs.gateway import auth
 from pgjobs.gateway.fanout import Fanout, LiveEvent
 from pgjobs.jobspec import JobSpec
 
@@ -225,9 +224,10 @@ async def test_a_stream_that_cannot_reach_the_database_asks_to_reconnect_later(
 
 
 async def open_at_once(gateway: RunningGateway, paths: list[str], **kwargs: Any) -> list[list[Sse]]:
-    """acme's streams opened all at once, as EventSource opens them: with a stream token,
-    which the gateway checks without the database."""
-    token, _ = auth.mint_stream_token(gateway.state.settings.secret, "acme", None, 300)
+    """acme's streams opened all at once, as EventSource opens them: with a stream token
+    (whose parent API token each stream looks up as a set-up read)."""
+    async with gateway.http() as http:
+        token = (await http.post("/api/companies/acme/stream-tokens")).json()["token"]
     return await asyncio.gather(
         *(
             collect(gateway, f"{path}?streamToken={token}", company=None, **kwargs)  # type: ignore[arg-type]

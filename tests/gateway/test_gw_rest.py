@@ -50,7 +50,9 @@ async def test_enqueue_is_committed_before_the_202(gateway: RunningGateway) -> N
         r = await http.get(f"{JOBS}/{body['jobId']}")
         assert r.status_code == 200
         got = r.json()
-        assert set(got) == JOB_KEYS
+        # A queued job also says how many live workers claim its type (none here).
+        assert set(got) == JOB_KEYS | {"servedBy"}
+        assert got["servedBy"] == 0
         assert got["input"] == {"title": "hi", "nested": {"a": [1, 2.5, None, True]}}
         assert got["sourceTaskId"] == "task-1"
         assert got["maxAttempts"] == 7
@@ -85,11 +87,37 @@ async def test_cancel_and_retry_202_or_409(gateway: RunningGateway) -> None:
         r = await http.post(f"{JOBS}/{job_id}/cancel")
         assert r.status_code == 202
         assert r.json()["status"] == "cancelled"
+        assert set(r.json()) == JOB_KEYS, "servedBy is for queued jobs only"
         r = await http.post(f"{JOBS}/{job_id}/cancel")
         assert r.status_code == 409
         r = await http.post(f"{JOBS}/{job_id}/retry")
         assert r.status_code == 202
         assert r.json()["status"] == "queued"
+        assert r.json()["servedBy"] == 0
+
+
+async def test_queued_jobs_say_how_many_live_workers_serve_their_type(
+    gateway: RunningGateway,
+) -> None:
+    """Issue 14: a worker claims only its registry's types, so a queued job of a type no
+    live worker has stays queued; the API shows it as servedBy 0."""
+    async with gateway.http() as http:
+        render = (await http.post(JOBS, json={"jobType": "render"})).json()["jobId"]
+        echo = (await http.post(JOBS, json={"jobType": "echo"})).json()["jobId"]
+        async with gateway.state.pool.connection() as conn:
+            await conn.execute(
+                "INSERT INTO pgjobs.workers (id, hostname, pid, job_types, concurrency)"
+                " VALUES ('w1', 'h', 1, '{echo,resize}', 1), ('w2', 'h', 2, '{echo}', 1),"
+                " ('gone', 'h', 3, '{render}', 1)"
+            )
+            await conn.execute(
+                "UPDATE pgjobs.workers SET last_heartbeat_at = now() - interval '1 hour'"
+                " WHERE id = 'gone'"
+            )
+        listed = {j["id"]: j["servedBy"] for j in (await http.get(JOBS)).json()}
+        assert listed == {render: 0, echo: 2}
+        assert (await http.get(f"{JOBS}/{render}")).json()["servedBy"] == 0
+        assert (await http.get(f"{JOBS}/{echo}")).json()["servedBy"] == 2
 
 
 async def test_list_newest_first_with_filter_and_cursor(gateway: RunningGateway) -> None:

@@ -49,7 +49,8 @@ async def test_failures_retry_with_growing_backoff_then_fail(
     ]
     failed = await client.get("acme", job.id)
     assert failed.error_message == "RuntimeError: upstream 503"
-    assert events[-1].payload == {"errorMessage": "RuntimeError: upstream 503"}
+    assert events[-1].payload["errorMessage"] == "RuntimeError: upstream 503"
+    assert str(events[-1].payload["traceback"]).endswith("RuntimeError: upstream 503\n")
     # Backoff: each retry is scheduled base * 2^(attempt-1) * [0.5, 1) after it failed.
     delays = [
         dt.datetime.fromisoformat(e.payload["runAt"]) - e.created_at

@@ -103,21 +103,51 @@ async def _async(value: bool) -> bool:
     return value
 
 
-async def test_unknown_job_type_fails_job_and_worker_keeps_running(
+async def test_workers_claim_only_their_registrys_types(
     dsn: str, client: Client, storage_dir: Path
 ) -> None:
-    bad = await client.enqueue("acme", "no_such_type", {}, max_attempts=5)
-    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
-        await wait_until(
-            lambda: _is(client, bad.id, JobStatus.FAILED), message="unknown type failed"
-        )
-        good = await client.enqueue("acme", "echo", {"still": "alive"})
-        await wait_until(lambda: _is(client, good.id, JobStatus.DONE), message="worker still works")
-    failed = await client.get("acme", bad.id)
-    assert failed.attempts == 1, "an unknown type is not retried"
-    assert failed.error_message is not None
-    assert "unknown job type 'no_such_type'" in failed.error_message
-    assert "echo" in failed.error_message  # says what this worker can do
+    """Issue 14: two workers with different registries share one queue; each runs only
+    the jobs it has a handler for, and a job of a third type stays queued (not failed
+    with "unknown job type") and shows as served by no live worker."""
+    ran: dict[str, list[str]] = {"alpha": [], "beta": []}
+    registries = {"alpha": Registry(), "beta": Registry()}
+    for job_type, registry in registries.items():
+
+        async def handler(ctx: JobContext, job_type: str = job_type) -> None:
+            ran[job_type].append(str(ctx.job_id))
+
+        registry.register(job_type, handler)
+    jobs = {
+        job_type: [await client.enqueue("acme", job_type) for _ in range(5)]
+        for job_type in ("alpha", "beta", "gamma")
+    }
+
+    async def all_done() -> bool:
+        for job in jobs["alpha"] + jobs["beta"]:
+            if (await client.get("acme", job.id)).status is not JobStatus.DONE:
+                return False
+        return True
+
+    settings = fast_settings(storage_dir)
+    async with (
+        running_worker(dsn, registries["alpha"], settings, worker_id="wa") as wa,
+        running_worker(dsn, registries["beta"], settings, worker_id="wb") as wb,
+    ):
+        assert (wa.job_types, wb.job_types) == (("alpha",), ("beta",))
+        await wait_until(all_done, message="alpha and beta jobs done")
+        served = await client.live_workers(["alpha", "beta", "gamma"], within_seconds=2.0)
+        assert served == {"alpha": 1, "beta": 1, "gamma": 0}
+        # Both workers keep polling; the gamma jobs are still untouched.
+        for job in jobs["gamma"]:
+            left = await client.get("acme", job.id)
+            assert (left.status, left.attempts, left.error_message) == (JobStatus.QUEUED, 0, None)
+    for job_type, worker_id in (("alpha", "wa"), ("beta", "wb")):
+        assert sorted(ran[job_type]) == sorted(str(j.id) for j in jobs[job_type])
+        for job in jobs[job_type]:
+            done = await client.get("acme", job.id)
+            assert (done.worker_id, done.attempts) == (worker_id, 1)
+    rows = await fetch(dsn, "select id, job_types from pgjobs.workers")
+    assert rows == [], "both workers deregistered"
 
 
 async def test_cancel_running_job_stops_handler_and_discards_result(

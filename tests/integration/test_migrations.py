@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 
 import psycopg
+import pytest
 from yoyo import read_migrations
 
 from helpers import assert_queue_matches_jobs, fetch
@@ -29,14 +30,25 @@ async def _enqueue_notifies(dsn: str) -> dict[str, object]:
 
 
 async def test_latest_migration_rolls_back_and_applies_again(empty_dsn: str) -> None:
-    assert migrate.apply(empty_dsn)[-1] == "0004_job_queue"
+    assert migrate.apply(empty_dsn)[-1] == "0006_attempt_traceback"
     assert "runAt" not in await _enqueue_notifies(empty_dsn)  # 0003: no null keys
 
-    _roll_back(empty_dsn, "0004_job_queue", "0003_fast_publish")
+    _roll_back(
+        empty_dsn,
+        "0006_attempt_traceback",
+        "0005_time_bounds",
+        "0004_job_queue",
+        "0003_fast_publish",
+    )
     item = await _enqueue_notifies(empty_dsn)
     assert item["runAt"] is None  # 0001's trigger again: every key, null or not
 
-    assert migrate.apply(empty_dsn) == ["0003_fast_publish", "0004_job_queue"]
+    assert migrate.apply(empty_dsn) == [
+        "0003_fast_publish",
+        "0004_job_queue",
+        "0005_time_bounds",
+        "0006_attempt_traceback",
+    ]
     assert "runAt" not in await _enqueue_notifies(empty_dsn)
     await assert_queue_matches_jobs(empty_dsn)
 
@@ -69,18 +81,22 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
     empty_dsn: str,
 ) -> None:
     migrate.apply(empty_dsn)
-    _roll_back(empty_dsn, "0004_job_queue")
+    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue")
     assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue') AS t") == [{"t": None}]
     await fetch(empty_dsn, _JOBS_AT_0003)
 
-    assert migrate.apply(empty_dsn) == ["0004_job_queue"]
+    assert migrate.apply(empty_dsn) == [
+        "0004_job_queue",
+        "0005_time_bounds",
+        "0006_attempt_traceback",
+    ]
     await assert_queue_matches_jobs(empty_dsn)
     queued = await fetch(
         empty_dsn, "SELECT lease_expires_at IS NULL AS queued FROM pgjobs.job_queue"
     )
     assert sorted(r["queued"] for r in queued) == [False, True]  # the done job stays out
 
-    _roll_back(empty_dsn, "0004_job_queue")
+    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue")
     indexes = await fetch(
         empty_dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs' ORDER BY 1"
     )
@@ -91,3 +107,74 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
         "jobs_lease_idx",
         "jobs_pkey",
     ]
+
+
+async def test_traceback_migration_rolls_back_to_0004s_trigger(empty_dsn: str) -> None:
+    """0006 adds pgjobs.jobs.error_traceback and a publish trigger that reads it; its
+    rollback drops the column and restores the trigger that does not."""
+    migrate.apply(empty_dsn)
+    column = (
+        "SELECT count(*) AS n FROM information_schema.columns WHERE column_name = 'error_traceback'"
+    )
+    assert await fetch(empty_dsn, column) == [{"n": 1}]
+    _roll_back(empty_dsn, "0006_attempt_traceback")
+    assert await fetch(empty_dsn, column) == [{"n": 0}]
+    await _enqueue_notifies(empty_dsn)
+    async with await Client.connect(empty_dsn) as client:  # a transition through the trigger
+        job = await client.enqueue("acme", "echo")
+        assert (await client.cancel("acme", job.id)).status.value == "cancelled"
+    assert migrate.apply(empty_dsn) == ["0006_attempt_traceback"]
+    await _enqueue_notifies(empty_dsn)
+
+
+# Rows 0005 finds out of range: a queued job the issue's runAt produced, a running one
+# whose lease ends in year 10000, a done one created in year 1, and a good queued one.
+_JOBS_AT_0004 = """
+INSERT INTO pgjobs.jobs (id, company_id, job_type, status, attempts, worker_id, run_at,
+                         lease_expires_at, started_at, finished_at, created_at, event_seq,
+                         last_event)
+VALUES ('00000000-0000-0000-0000-000000000001', 'acme', 'echo', 'queued', 0, NULL,
+        '0001-01-01T00:00:00+00:01', NULL, NULL, NULL, now(), 1, 'content_job.queued'),
+       ('00000000-0000-0000-0000-000000000002', 'acme', 'echo', 'running', 1, 'w1', now(),
+        '10000-01-01T00:00:00Z', now(), NULL, now(), 2, 'content_job.running'),
+       ('00000000-0000-0000-0000-000000000003', 'acme', 'echo', 'done', 1, 'w1', now(),
+        NULL, now(), now(), '0001-06-01T00:00:00Z', 3, 'content_job.done'),
+       ('00000000-0000-0000-0000-000000000004', 'acme', 'echo', 'queued', 0, NULL,
+        '2030-01-01T00:00:00Z', NULL, NULL, NULL, now(), 1, 'content_job.queued')
+"""
+
+
+async def test_time_bounds_migration_fails_and_clamps_rows_out_of_range(empty_dsn: str) -> None:
+    migrate.apply(empty_dsn)
+    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds")
+    await fetch(empty_dsn, _JOBS_AT_0004)
+
+    assert migrate.apply(empty_dsn) == ["0005_time_bounds", "0006_attempt_traceback"]
+    rows = await fetch(
+        empty_dsn,
+        "SELECT id::text, status, run_at::text, created_at::text, lease_expires_at::text, "
+        "error_message, (SELECT array_agg(type ORDER BY seq) FROM pgjobs.job_events e "
+        "WHERE e.job_id = j.id) AS events FROM pgjobs.jobs j ORDER BY id",
+    )
+    queued, running, done, good = rows
+    assert queued["status"] == running["status"] == "failed"
+    assert queued["run_at"] == "1970-01-01 00:00:00+00"
+    assert "run_at 0001-12-31 23:59:00+00 BC" in queued["error_message"]
+    assert "lease_expires_at 10000-01-01 00:00:00+00" in running["error_message"]
+    assert running["lease_expires_at"] is None
+    # The trigger wrote each failure's audit row, as for any transition.
+    assert queued["events"] == ["content_job.queued", "content_job.failed"]
+    assert running["events"] == ["content_job.running", "content_job.failed"]
+    assert done["status"] == "done"
+    assert done["error_message"] is None
+    assert done["created_at"] == "1970-01-01 00:00:00+00"
+    assert good["status"] == "queued"
+    assert good["run_at"] == "2030-01-01 00:00:00+00"
+    await assert_queue_matches_jobs(empty_dsn)
+
+    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_run_at_in_range"):
+        await fetch(
+            empty_dsn,
+            "UPDATE pgjobs.jobs SET run_at = '0001-01-01T00:00:00Z' WHERE id = %s",
+            (good["id"],),
+        )

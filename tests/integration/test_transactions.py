@@ -3,21 +3,29 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import inspect
 import json
+import uuid
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
-from psycopg.rows import dict_row
+from psycopg.pq import TransactionStatus
+from psycopg.rows import dict_row, namedtuple_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker
 from pgjobs import demo, rescuer
 from pgjobs.client import Client
+from pgjobs.errors import JobNotFoundError
 from pgjobs.jobspec import JobSpec
+from pgjobs.notifier import CHANNEL
 from pgjobs.queries import QUERIES
 from pgjobs.sync import SyncClient
-from pgjobs.types import EventType, JobStatus
+from pgjobs.types import EventType, Job, JobStatus
 
 
 async def _notifications(conn: psycopg.AsyncConnection[object], seconds: float) -> list[str]:
@@ -262,3 +270,193 @@ async def test_finish_waiting_on_a_heartbeat_still_finishes(dsn: str, client: Cl
         finished = await asyncio.wait_for(finish, 10)
     assert [r["id"] for r in finished] == [job.id]
     assert (await client.get("acme", job.id)).status is JobStatus.DONE
+
+
+# --- The producer API on the caller's own connection, whatever its configuration ---------
+#
+# Issue 14: `Client.enqueue(..., conn=conn)` with a plain `psycopg.AsyncConnection` (tuple
+# rows) raised TypeError. Every method that takes `conn=` must work on a connection with any
+# row factory, inside `conn.transaction()` or a plain BEGIN, async or sync, and leave the
+# connection's autocommit flag, transaction status and row factory as they were.
+
+
+def _pairs_row(cursor: Any) -> Any:
+    """A custom row factory: each row as a list of (column, value) pairs."""
+    names = [c.name for c in cursor.description] if cursor.description else []
+
+    def make(values: Sequence[Any]) -> list[tuple[str, Any]]:
+        return list(zip(names, values, strict=True))
+
+    return make
+
+
+ROW_FACTORIES: dict[str, Any] = {
+    "tuple_row": None,  # psycopg's default
+    "dict_row": dict_row,
+    "namedtuple_row": namedtuple_row,
+    "custom": _pairs_row,
+}
+
+
+async def _maybe(value: Any) -> Any:
+    """The value itself for the sync client and connection, awaited for the async ones."""
+    return await value if inspect.isawaitable(value) else value
+
+
+@contextlib.asynccontextmanager
+async def _caller_connection(
+    dsn: str, flavour: str, row_factory: Any, *, autocommit: bool
+) -> AsyncIterator[Any]:
+    kwargs: dict[str, Any] = {"autocommit": autocommit}
+    if row_factory is not None:
+        kwargs["row_factory"] = row_factory
+    if flavour == "async":
+        async with await psycopg.AsyncConnection.connect(dsn, **kwargs) as conn:
+            yield conn
+    else:
+        with psycopg.Connection.connect(dsn, **kwargs) as conn:
+            yield conn
+
+
+@contextlib.asynccontextmanager
+async def _producer(dsn: str, flavour: str) -> AsyncIterator[Any]:
+    if flavour == "async":
+        async with await Client.connect(dsn) as client:
+            yield client
+    else:
+        with SyncClient(dsn) as sync_client:
+            yield sync_client
+
+
+@contextlib.asynccontextmanager
+async def _transaction(conn: Any) -> AsyncIterator[None]:
+    if isinstance(conn, psycopg.AsyncConnection):
+        async with conn.transaction():
+            yield
+    else:
+        with conn.transaction():
+            yield
+
+
+def _state(conn: Any) -> tuple[object, ...]:
+    return (conn.autocommit, conn.info.transaction_status, conn.row_factory, conn.cursor_factory)
+
+
+class _Rollback(Exception):
+    """Raised inside conn.transaction() to roll it back, as an application error would."""
+
+
+async def _job_ids_notified(listener: psycopg.AsyncConnection[Any], expected: set[str]) -> set[str]:
+    """Job ids in the pgjobs NOTIFYs that arrive until all of ``expected`` have (10 s at most)."""
+    seen: set[str] = set()
+    async for note in listener.notifies(timeout=10):
+        seen.update(e["jobId"] for e in json.loads(note.payload)["events"])
+        if expected <= seen:
+            break
+    return seen
+
+
+async def _notifications_before_marker(
+    dsn: str, listener: psycopg.AsyncConnection[Any]
+) -> list[str]:
+    """Commit a marker NOTIFY on the pgjobs channel and return every notification the
+    listener gets before it: a transaction that committed (or not) earlier would have been
+    delivered first, so this is a bounded wait, not a sleep."""
+    marker = f"marker-{uuid.uuid4()}"
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
+        await other.execute("SELECT pg_notify(%s, %s)", [CHANNEL, marker])
+    before: list[str] = []
+    async for note in listener.notifies(timeout=10):
+        if note.payload == marker:
+            return before
+        before.append(note.payload)
+    raise AssertionError("the marker NOTIFY never arrived")
+
+
+@pytest.mark.parametrize("outcome", ["commit", "rollback"])
+@pytest.mark.parametrize("style", ["conn.transaction()", "plain BEGIN"])
+@pytest.mark.parametrize("flavour", ["async", "sync"])
+@pytest.mark.parametrize("factory", list(ROW_FACTORIES))
+async def test_every_conn_method_works_on_the_callers_connection(
+    dsn: str, factory: str, flavour: str, style: str, outcome: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as setup:
+        await setup.execute("CREATE TABLE orders (id int PRIMARY KEY)")
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+        _producer(dsn, flavour) as producer,
+        _caller_connection(
+            dsn, flavour, ROW_FACTORIES[factory], autocommit=style == "conn.transaction()"
+        ) as app,
+    ):
+        await listener.execute(f"LISTEN {CHANNEL}")
+        initial = _state(app)
+
+        async def call(method: str, *args: Any, **kwargs: Any) -> Any:
+            before = _state(app)
+            result = await _maybe(getattr(producer, method)(*args, conn=app, **kwargs))
+            assert _state(app) == before, f"{method} changed the caller's connection"
+            return result
+
+        async def work() -> list[Job]:
+            await _maybe(app.execute("INSERT INTO orders VALUES (1)"))
+            job = await call("enqueue", "acme", "render", {"title": "Launch"}, priority=5)
+            more = await call("enqueue_many", [JobSpec("acme", "echo", {"n": n}) for n in range(3)])
+            assert [j.input for j in more] == [{"n": 0}, {"n": 1}, {"n": 2}]
+            assert (await call("get", "acme", job.id)).status is JobStatus.QUEUED
+            page = await call("list", "acme", status="queued", limit=10)
+            assert {j.id for j in page.jobs} == {job.id, *(j.id for j in more)}
+            cancelled = await call("cancel", "acme", more[0].id)
+            assert cancelled.status is JobStatus.CANCELLED
+            assert (await call("retry", "acme", more[0].id)).status is JobStatus.QUEUED
+            events = await call("events", "acme", more[0].id)
+            assert [e.type for e in events] == [
+                EventType.QUEUED,
+                EventType.CANCELLED,
+                EventType.RETRYING,
+            ]
+            assert await call("get_asset", "acme", uuid.uuid4()) is None
+            with pytest.raises(JobNotFoundError):
+                await call("get", "globex", job.id)
+            return [job, *more]
+
+        if style == "conn.transaction()":
+            with contextlib.suppress(_Rollback):
+                async with _transaction(app):
+                    jobs = await work()
+                    if outcome == "rollback":
+                        raise _Rollback
+        else:
+            jobs = await work()
+            assert app.info.transaction_status is TransactionStatus.INTRANS
+            await _maybe(app.commit() if outcome == "commit" else app.rollback())
+        assert _state(app) == initial
+
+        ids = {str(j.id) for j in jobs}
+        if outcome == "commit":
+            assert await _job_ids_notified(listener, ids) >= ids
+            assert {str(r["id"]) for r in await fetch(dsn, "SELECT id FROM pgjobs.jobs")} == ids
+            assert await fetch(dsn, "SELECT id FROM orders") == [{"id": 1}]
+        else:
+            assert await _notifications_before_marker(dsn, listener) == []
+            assert await fetch(dsn, "SELECT id FROM pgjobs.jobs") == []
+            assert await fetch(dsn, "SELECT id FROM pgjobs.job_events") == []
+            assert await fetch(dsn, "SELECT id FROM orders") == []
+
+
+@pytest.mark.parametrize("flavour", ["async", "sync"])
+async def test_a_caller_connection_in_autocommit_mode_commits_at_once(
+    dsn: str, flavour: str
+) -> None:
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+        _producer(dsn, flavour) as producer,
+        _caller_connection(dsn, flavour, None, autocommit=True) as app,
+    ):
+        await listener.execute(f"LISTEN {CHANNEL}")
+        job = await _maybe(producer.enqueue("acme", "echo", conn=app))
+        # No transaction was opened on the caller's connection, and none is left open:
+        # the job is committed and announced already.
+        assert app.info.transaction_status is TransactionStatus.IDLE
+        assert await _job_ids_notified(listener, {str(job.id)}) == {str(job.id)}
+        assert [r["id"] for r in await fetch(dsn, "SELECT id FROM pgjobs.jobs")] == [job.id]

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from helpers import wait_until
 from pgjobs.gateway.eventstream import PING, EventStream
 
 SCOPE = {"type": "http", "method": "GET"}
@@ -137,4 +138,32 @@ async def test_the_slot_is_released_even_if_the_source_fails_to_clean_up() -> No
     response = EventStream(broken(), lambda: released.append(1), ping_seconds=0.1, send_timeout=0.2)
     with pytest.raises(RuntimeError, match="clean-up failed"):
         await asyncio.wait_for(response(SCOPE, client.receive, client.send), 3)
+    assert released == [1]
+
+
+async def test_end_stops_a_waiting_stream_as_a_complete_response() -> None:
+    # What revoking the stream's token does (pgjobs.gateway.revocation).
+    client, released, source = Client(), [], Source([b"a"], then_wait=True)
+    response = stream(source, released)
+    task = asyncio.create_task(response(SCOPE, client.receive, client.send))
+
+    async def sent_a() -> bool:
+        return client.bodies == [b"a"]
+
+    await wait_until(sent_a, within=2, message="the first frame sent")
+    response.end()
+    await asyncio.wait_for(task, 2)
+    assert client.bodies == [b"a", b""]
+    assert client.sent[-1]["more_body"] is False
+    assert released == [1]
+    assert source.closed
+
+
+async def test_end_before_the_response_starts_sends_its_headers_and_ends() -> None:
+    client, released, source = Client(), [], Source([b"a"], then_wait=True)
+    response = stream(source, released)
+    response.end()
+    await asyncio.wait_for(response(SCOPE, client.receive, client.send), 2)
+    assert client.sent[0]["type"] == "http.response.start"
+    assert client.bodies == [b""]
     assert released == [1]

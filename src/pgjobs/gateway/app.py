@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -16,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from pgjobs import db, gcpolicy
 from pgjobs.config import WorkerSettings
 from pgjobs.gateway import dashboard
+from pgjobs.gateway.protocol import protocol_class
 from pgjobs.gateway.responses import EXCEPTION_HANDLERS
 from pgjobs.gateway.routes import Api, routes
 from pgjobs.gateway.settings import GatewaySettings
@@ -89,6 +91,25 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)
 
 
+def server_config(app: Starlette, **options: Any) -> uvicorn.Config:
+    """uvicorn's settings for the gateway (``serve`` and the tests' server use the same):
+    the HTTP protocol that limits what a client may send before it is authenticated
+    (``pgjobs.gateway.protocol``), and ``options`` (host, port, log level)."""
+    settings: GatewaySettings = app.state.gateway.settings
+    return uvicorn.Config(
+        app,
+        http=protocol_class(settings.max_header_bytes, settings.header_timeout_seconds),
+        ws="none",
+        lifespan="on",
+        proxy_headers=False,
+        server_header=False,
+        # Streams are told to end when shutdown begins (GatewayServer); this bounds how
+        # long one stuck in a send can delay the exit.
+        timeout_graceful_shutdown=5,
+        **options,
+    )
+
+
 def serve(
     dsn: str | None,
     host: str = "127.0.0.1",
@@ -98,18 +119,7 @@ def serve(
     """Run the gateway with uvicorn until SIGINT/SIGTERM. Returns the exit status: 3 when
     it could not start (the reason is in the log), as ``uvicorn`` does."""
     app = create_app(dsn, settings)
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        lifespan="on",
-        proxy_headers=False,
-        server_header=False,
-        # Streams are told to end when shutdown begins (GatewayServer); this bounds how
-        # long one stuck in a send can delay the exit.
-        timeout_graceful_shutdown=5,
-        log_level="info",
-    )
+    config = server_config(app, host=host, port=port, log_level="info")
     server = GatewayServer(config, app.state.gateway, tune_gc=True)
     server.run()
     return 0 if server.started else 3

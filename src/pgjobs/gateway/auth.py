@@ -7,11 +7,16 @@ only source of the caller's company: a body, header or Host never decides it.
 
 Browsers cannot put headers on an ``EventSource``, so a caller holding an API token can
 mint a *stream token*: ``<payload>.<signature>``, where the payload names the company, the
-scope (one job, or the whole company) and an expiry at most a few minutes away, signed
-with HMAC-SHA256. It is accepted as ``?streamToken=`` on the two event-stream routes only,
-so a token leaked in a URL (logs, history) can read one stream for minutes and do nothing
-else. The key is PGJOBS_GATEWAY_SECRET, else random per process: several gateway processes
-behind one load balancer must share a configured secret.
+scope (one job, or the whole company), the id of the API token it was minted with (its
+*parent*) and an expiry at most a few minutes away, signed with HMAC-SHA256. It is
+accepted as ``?streamToken=`` on the two event-stream routes only, so a token leaked in a
+URL (logs, history) can read one stream for minutes and do nothing else; and only while
+its parent is active (``pgjobs.gateway.routes.Api.authorize`` looks the parent up on each
+use, ``pgjobs.gateway.revocation`` ends open streams), so revoking an API token revokes
+its stream tokens too. Tokens of the first format, without a parent, were signed under
+another domain string and fail the signature check. The key is PGJOBS_GATEWAY_SECRET,
+else random per process: several gateway processes behind one load balancer must share
+a configured secret.
 """
 
 from __future__ import annotations
@@ -43,7 +48,9 @@ class Principal:
     """A verified caller: the company it acts for and, for a stream token, its scope."""
 
     company_id: str
-    token_id: uuid.UUID | None = None
+    token_id: uuid.UUID
+    """The API token the caller acts with: its own, or a stream token's parent. Revoking
+    it ends the caller's access, streams included."""
     job_scope: uuid.UUID | None = None
     """For a job-scoped stream token: the only job whose events it may read."""
 
@@ -113,7 +120,9 @@ def _unb64(text: str) -> bytes:
 
 
 def _sign(secret: bytes, payload: str) -> str:
-    return _b64(hmac.new(secret, b"pgjobs-stream-v1." + payload.encode(), hashlib.sha256).digest())
+    # v2: the payload carries the parent token ("t"). v1 tokens had none; signing under a
+    # new domain string refuses them without a format check that could be got wrong.
+    return _b64(hmac.new(secret, b"pgjobs-stream-v2." + payload.encode(), hashlib.sha256).digest())
 
 
 def mint_stream_token(
@@ -122,16 +131,20 @@ def mint_stream_token(
     job_id: uuid.UUID | None,
     ttl_seconds: int,
     *,
+    parent: uuid.UUID,
     now: float | None = None,
 ) -> tuple[str, datetime]:
-    """A signed stream token and its expiry."""
+    """A signed stream token and its expiry. ``parent``: the id of the API token it is
+    minted with; the stream token works only while that one is active."""
     expires = int((time.time() if now is None else now) + ttl_seconds)
-    body = {"c": company_id, "j": str(job_id) if job_id else None, "e": expires}
+    body = {"c": company_id, "j": str(job_id) if job_id else None, "t": str(parent), "e": expires}
     payload = _b64(json.dumps(body, separators=(",", ":")).encode())
     return f"{payload}.{_sign(secret, payload)}", datetime.fromtimestamp(expires, UTC)
 
 
 def verify_stream_token(secret: bytes, token: str, *, now: float | None = None) -> Principal | None:
+    """The stream token's principal if its signature and expiry are good. Whether its
+    parent is still active is the caller's question (a database read)."""
     # Tokens are base64url: anything else is not one (and hmac.compare_digest raises
     # TypeError on non-ASCII str, which would answer 500 instead of 401).
     if len(token) > MAX_STREAM_TOKEN_LENGTH or token.count(".") != 1 or not token.isascii():
@@ -143,6 +156,7 @@ def verify_stream_token(secret: bytes, token: str, *, now: float | None = None) 
         body: Any = json.loads(_unb64(payload))
         company = body["c"]
         job = uuid.UUID(body["j"]) if body["j"] is not None else None
+        parent = uuid.UUID(body["t"])
         expires = body["e"]
     except (ValueError, KeyError, TypeError, binascii.Error):
         return None
@@ -150,4 +164,4 @@ def verify_stream_token(secret: bytes, token: str, *, now: float | None = None) 
         return None
     if expires <= (time.time() if now is None else now):
         return None
-    return Principal(company_id=company, job_scope=job)
+    return Principal(company_id=company, token_id=parent, job_scope=job)

@@ -17,6 +17,10 @@ events once for all of its streams) and owns what a long-lived response needs:
   next thing due (not on a fixed tick: at 10,000 streams a 5 s tick was 4% of a core).
 * *Server shutdown.* Nothing here: the gateway ends its streams' sources
   (``GatewayState.end_streams``) before uvicorn waits for open responses.
+* *Ended from outside.* ``end()`` (the token the stream was opened with was revoked,
+  ``pgjobs.gateway.revocation``) stops the source where it waits, as a disconnect does,
+  and then sends the end of the response, so the client sees a complete response and
+  not a cut connection.
 
 ``release`` runs exactly once when the response ends, however it ends.
 """
@@ -24,6 +28,7 @@ events once for all of its streams) and owns what a long-lived response needs:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
 from typing import Final
@@ -99,10 +104,11 @@ class EventStream(Response):
         self._timer = loop.call_later(self.ping_seconds, self._tick, loop, send)
         try:
             await self._send(loop, send, self._start())
-            async for frame in self.frames:
-                await self._send(
-                    loop, send, {"type": "http.response.body", "body": frame, "more_body": True}
-                )
+            if self._stopped is None:  # else end() came before the response started
+                async for frame in self.frames:
+                    await self._send(
+                        loop, send, {"type": "http.response.body", "body": frame, "more_body": True}
+                    )
             await self._send(loop, send, _END)
         except asyncio.CancelledError:
             writer = self._writer
@@ -110,6 +116,12 @@ class EventStream(Response):
                 raise  # not ours (server shutdown after its grace period): let it through
             if self._stopped == "stuck":
                 log.info("dropped an event stream whose client stopped reading")
+            elif self._stopped == "ended":
+                # A client that does not take even this gets its connection cut by
+                # uvicorn when the response returns incomplete.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.send_timeout):
+                        await send(_END)
         finally:
             self._finished = True
             if self._timer is not None:
@@ -133,6 +145,15 @@ class EventStream(Response):
             if message["type"] == "http.disconnect":
                 self._stop("disconnect")
                 return
+
+    def end(self) -> None:
+        """End the stream now, as a complete response (its frames stop where they are)."""
+        if self._finished or self._stopped is not None:
+            return
+        if self._writer is None:
+            self._stopped = "ended"  # not started: it sends its headers and ends
+            return
+        self._stop("ended")
 
     def _stop(self, reason: str) -> None:
         if self._finished or self._stopped is not None or self._writer is None:

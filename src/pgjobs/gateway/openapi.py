@@ -173,6 +173,13 @@ SCHEMA: dict[str, Any] = {
                     "finishedAt": _NULLABLE_TIME,
                     "createdAt": _TIME,
                     "updatedAt": _TIME,
+                    "servedBy": {
+                        "type": "integer",
+                        "minimum": 0,
+                        "description": "Queued jobs only: live workers that claim this "
+                        "jobType. 0: no worker has its handler, and the job stays queued "
+                        "until one starts.",
+                    },
                 },
             },
             "Asset": {

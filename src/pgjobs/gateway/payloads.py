@@ -1,7 +1,8 @@
 """Request bodies: the camelCase JSON the API accepts, checked field by field.
 
 Shape errors (a missing or empty jobType, a field of the wrong JSON type, an unknown
-field, a malformed time) are 400 with the field's name. What the shape allows but
+field, a malformed time, a time outside ``pgjobs.jobspec``'s range or with an offset beyond
+±14:00) are 400 with the field's name. What the shape allows but
 PostgreSQL or the queue would refuse (NUL characters, unpaired surrogates, nesting deeper
 than 64, numbers out of range) is checked by ``pgjobs.jobspec``, the same code every
 producer goes through, and surfaces as 422.
@@ -15,8 +16,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from pgjobs.errors import InvalidJobError
 from pgjobs.gateway.limits import ApiError, bad_request
-from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec
+from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec, parse_time
 
 ENQUEUE_FIELDS = frozenset({"jobType", "input", "sourceTaskId", "priority", "runAt", "maxAttempts"})
 STREAM_TOKEN_FIELDS = frozenset({"jobId", "ttlSeconds"})
@@ -60,12 +62,11 @@ def parse_enqueue(body: dict[str, Any], company_id: str, max_input_bytes: int) -
     run_at: datetime | None = None
     raw_run_at = _optional_str(body, "runAt")
     if raw_run_at is not None:
+        # A time out of range is a malformed field here (400), like an unparseable one.
         try:
-            run_at = datetime.fromisoformat(raw_run_at)
-        except ValueError:
-            bad_request("runAt must be an ISO 8601 time, e.g. 2030-01-01T09:00:00Z")
-        if run_at.tzinfo is None:
-            bad_request("runAt needs a timezone, e.g. 2030-01-01T09:00:00Z")
+            run_at = parse_time(raw_run_at, "runAt")
+        except InvalidJobError as exc:
+            bad_request(str(exc))
     # JobSpec checks everything jsonb and the schema would refuse (raises InvalidJobError,
     # answered with 422).
     spec = JobSpec(

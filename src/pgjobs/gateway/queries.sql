@@ -12,6 +12,17 @@ RETURNING id, company_id, created_at;
 SELECT id, company_id, token_hash FROM pgjobs.api_tokens
 WHERE token_hash = %(token_hash)s::text AND revoked_at IS NULL;
 
+-- name: token_get_active_by_id
+-- A stream token's parent, on every use of the stream token: no row once it is revoked.
+SELECT id FROM pgjobs.api_tokens
+WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text AND revoked_at IS NULL;
+
+-- name: token_list_revoked_by_ids
+-- Which of the API tokens this gateway's open event streams were opened with are revoked:
+-- one query for every open stream of the process (pgjobs.gateway.revocation).
+SELECT id FROM pgjobs.api_tokens
+WHERE id = ANY (%(ids)s::uuid[]) AND revoked_at IS NOT NULL;
+
 -- name: token_revoke_by_hash_or_id
 -- One of the two parameters is NULL; a revoked token stays as an audit record.
 UPDATE pgjobs.api_tokens

@@ -24,7 +24,7 @@ from pgjobs.errors import (
     InvalidTransitionError,
     JobNotFoundError,
 )
-from pgjobs.types import Asset
+from pgjobs.types import Asset, iso
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ def camel_message(message: str) -> str:
     return _FIELD_RE.sub(lambda m: _FIELD_NAMES[m.group(1)], message)
 
 
-def _iso(value: Any) -> str | None:
-    return value.isoformat() if value is not None else None
-
-
 def asset_json(asset: Asset) -> dict[str, Any]:
     return {
         "id": str(asset.id),
@@ -57,7 +53,7 @@ def asset_json(asset: Asset) -> dict[str, Any]:
         "originalFilename": asset.original_filename,
         "sourceTaskId": asset.source_task_id,
         "sourceJobId": str(asset.source_job_id) if asset.source_job_id else None,
-        "createdAt": _iso(asset.created_at),
+        "createdAt": iso(asset.created_at),
     }
 
 

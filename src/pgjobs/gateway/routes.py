@@ -27,7 +27,7 @@ from pgjobs.gateway.eventstream import EventStream
 from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
 from pgjobs.gateway.responses import asset_json, error
 from pgjobs.gateway.state import GatewayState
-from pgjobs.types import JobStatus
+from pgjobs.types import Job, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -62,18 +62,27 @@ class Api:
 
         ``stream`` routes also accept ``?streamToken=`` (EventSource cannot send headers);
         ``stream_job`` is the job whose events are asked for (None: the company stream).
+        A stream token is good only while its parent API token is active: one primary-key
+        read, a stream set-up read (it takes its turn for the pool, see sse.setup_read).
+        A database it cannot reach raises psycopg.OperationalError or TimeoutError: a
+        503 on most routes, a reconnect hint on the stream routes (_authorize_stream).
         """
         company_id: str = request.path_params["companyId"]
         principal: Principal | None = None
         header = request.headers.get("authorization")
         stream_token = request.query_params.get("streamToken") if stream else None
         if header is not None:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                async with self.state.pool.connection() as conn:
-                    principal = await auth.verify_api_token(conn, token.strip())
+            principal = await self._api_token(header)
         elif stream_token:
             principal = auth.verify_stream_token(self.state.settings.secret, stream_token)
+            if principal is not None:
+                parent = await sse.setup_read(
+                    self.state,
+                    "token_get_active_by_id",
+                    {"id": principal.token_id, "company_id": principal.company_id},
+                )
+                if not parent:
+                    principal = None  # its API token was revoked
         if principal is None:
             raise ApiError(401, "missing or invalid token", {"WWW-Authenticate": "Bearer"})
         if principal.company_id != company_id:
@@ -82,15 +91,18 @@ class Api:
             raise ApiError(403, "this stream token is for another job")
         return principal
 
+    async def _api_token(self, header: str) -> Principal | None:
+        """The caller named by an ``Authorization: Bearer`` header, if its token is valid."""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        async with self.state.pool.connection() as conn:
+            return await auth.verify_api_token(conn, token.strip())
+
     async def bearer(self, request: Request) -> Principal:
         """The caller of a route without a company in its path, by its API token (401
         without a valid one)."""
-        header = request.headers.get("authorization") or ""
-        scheme, _, token = header.partition(" ")
-        principal: Principal | None = None
-        if scheme.lower() == "bearer" and token.strip():
-            async with self.state.pool.connection() as conn:
-                principal = await auth.verify_api_token(conn, token.strip())
+        principal = await self._api_token(request.headers.get("authorization") or "")
         if principal is None:
             raise ApiError(401, "missing or invalid token", {"WWW-Authenticate": "Bearer"})
         return principal
@@ -179,12 +191,27 @@ class Api:
         except InvalidJobError:
             bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")
         headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None
-        return JSONResponse([j.to_json() for j in page.jobs], headers=headers)
+        return JSONResponse(await self._jobs_json(page.jobs), headers=headers)
 
     async def get_job(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.get(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job.to_json())
+        return JSONResponse((await self._jobs_json([job]))[0])
+
+    async def _jobs_json(self, jobs: list[Job]) -> list[dict[str, Any]]:
+        """Jobs as JSON; a queued one also gets ``servedBy``, the number of live workers
+        that claim its type (0: it stays queued until a worker with its handler runs)."""
+        queued = [j.job_type for j in jobs if j.status is JobStatus.QUEUED]
+        served_by = await self.state.client.live_workers(
+            queued, within_seconds=self.state.settings.live_worker_seconds
+        )
+        out = []
+        for job in jobs:
+            data = job.to_json()
+            if job.status is JobStatus.QUEUED:
+                data["servedBy"] = served_by.get(job.job_type, 0)
+            out.append(data)
+        return out
 
     async def cancel(self, request: Request) -> Response:
         principal = await self.authorize(request)
@@ -194,7 +221,7 @@ class Api:
     async def retry(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job.to_json(), status_code=202)
+        return JSONResponse((await self._jobs_json([job]))[0], status_code=202)
 
     async def stats(self, request: Request) -> Response:
         """The company's jobs per type: queued (due), scheduled, running, and done and
@@ -234,25 +261,57 @@ class Api:
     # -- event streams ----------------------------------------------------------------
 
     def _stream(
-        self, frames: AsyncGenerator[bytes, None], release: Callable[[], None] | None = None
+        self,
+        frames: AsyncGenerator[bytes, None],
+        release: Callable[[], None] | None = None,
+        principal: Principal | None = None,
     ) -> Response:
         # The stream slot and the fan-out subscription are taken before the response
         # starts (an over-cap client gets a real 429; the subscription exists before the
-        # job is read) and given back by the response however it ends.
+        # job is read) and given back by the response however it ends. A stream that
+        # follows events is tracked by its principal's API token, so that revoking the
+        # token ends it (pgjobs.gateway.revocation).
         settings = self.state.settings
-        return EventStream(
+        if principal is None:
+            done = release
+        else:
+            revocations, token_id = self.state.revocations, principal.token_id
+
+            def done() -> None:
+                revocations.untrack(token_id, stream)
+                if release is not None:
+                    release()
+
+        stream = EventStream(
             frames,
-            release,
+            done,
             ping_seconds=settings.ping_seconds,
             send_timeout=settings.send_timeout_seconds,
         )
+        if principal is not None:
+            revocations.track(token_id, stream)
+        return stream
+
+    async def _authorize_stream(
+        self, request: Request, stream_job: uuid.UUID | None = None
+    ) -> Principal | Response:
+        """authorize() for a stream route: a database it cannot reach to check a token
+        gets a 200 stream that asks the client to reconnect later, as the streams' own
+        reads do (EventSource never comes back after a 503)."""
+        try:
+            return await self.authorize(request, stream=True, stream_job=stream_job)
+        except (psycopg.OperationalError, TimeoutError) as exc:  # PoolTimeout included
+            log.warning("event stream could not check its token: %s", exc)
+            return self._stream(sse.only(sse.reconnect_frame()))
 
     async def job_events(self, request: Request) -> Response:
         try:
             job_id: uuid.UUID | None = uuid.UUID(request.path_params["jobId"])
         except ValueError:
             job_id = None
-        principal = await self.authorize(request, stream=True, stream_job=job_id)
+        principal = await self._authorize_stream(request, job_id)
+        if isinstance(principal, Response):
+            return principal
         if job_id is None:
             return self._stream(sse.only(NOT_FOUND_FRAME))
         try:
@@ -285,13 +344,15 @@ class Api:
                 # The client has the final event; 204 tells EventSource not to reconnect.
                 release()
                 return Response(status_code=204)
-            return self._stream(sse.job_stream(self.state, sub, job, last), release)
+            return self._stream(sse.job_stream(self.state, sub, job, last), release, principal)
         except BaseException:
             release()
             raise
 
     async def company_events(self, request: Request) -> Response:
-        principal = await self.authorize(request, stream=True)
+        principal = await self._authorize_stream(request)
+        if isinstance(principal, Response):
+            return principal
         try:
             cursor = companystream.parse_company_cursor(request.headers.get("last-event-id"))
         except ValueError as exc:
@@ -306,7 +367,9 @@ class Api:
             slots.release(company_id)
 
         try:
-            return self._stream(companystream.company_stream(self.state, sub, cursor), release)
+            return self._stream(
+                companystream.company_stream(self.state, sub, cursor), release, principal
+            )
         except BaseException:
             release()
             raise
@@ -321,7 +384,11 @@ class Api:
             # would be useless, but issuing it would confirm nothing either way.
             await self.state.client.get(principal.company_id, req.job_id)
         token, expires = auth.mint_stream_token(
-            settings.secret, principal.company_id, req.job_id, req.ttl_seconds
+            settings.secret,
+            principal.company_id,
+            req.job_id,
+            req.ttl_seconds,
+            parent=principal.token_id,
         )
         return JSONResponse({"token": token, "expiresAt": expires.isoformat()}, status_code=201)
 

@@ -77,6 +77,14 @@ class GatewaySettings:
     company_poll_seconds: float = 1.0
     company_idle_poll_seconds: float = 30.0
     stream_token_max_seconds: int = 300
+    # Open event streams whose API token was revoked end within this (one query per
+    # interval for all of them, pgjobs.gateway.revocation).
+    revocation_check_seconds: float = 2.0
+    # Before a request is authenticated it may cost this much: its request line and
+    # headers must fit in max_header_bytes and arrive within header_timeout_seconds
+    # (pgjobs.gateway.protocol), or the connection is closed.
+    max_header_bytes: int = 16 * KIB
+    header_timeout_seconds: float = 10.0
     listener_heartbeat_seconds: float = 5.0
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     secret_configured: bool = False
@@ -110,6 +118,13 @@ class GatewaySettings:
             ),
             "company_idle_poll_seconds": env_float(
                 "PGJOBS_GATEWAY_COMPANY_IDLE_POLL_SECONDS", 30.0, minimum=0.05
+            ),
+            "max_header_bytes": env_int("PGJOBS_GATEWAY_MAX_HEADER_BYTES", 16 * KIB, minimum=1024),
+            "header_timeout_seconds": env_float(
+                "PGJOBS_GATEWAY_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.1
+            ),
+            "revocation_check_seconds": env_float(
+                "PGJOBS_GATEWAY_REVOCATION_CHECK_SECONDS", 2.0, minimum=0.1
             ),
             "secret": secret,
             "secret_configured": configured,

@@ -1,6 +1,6 @@
 """What one gateway process holds while it runs: a pool, one LISTEN connection, the
-fan-out to its event streams, and the stream caps. Started and stopped by the app's
-lifespan (``pgjobs.gateway.app``).
+fan-out to its event streams, the stream caps, and the check that ends the streams of
+revoked tokens. Started and stopped by the app's lifespan (``pgjobs.gateway.app``).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.companystream import CompanyFeeds
 from pgjobs.gateway.fanout import Fanout
 from pgjobs.gateway.limits import StreamSlots
+from pgjobs.gateway.revocation import Revocations
 from pgjobs.gateway.settings import GatewaySettings
 from pgjobs.notifier import Listener
 from pgjobs.storage import Storage
@@ -43,11 +44,13 @@ class GatewayState:
             name=LISTENER_NAME,
         )
         self.company_feeds = CompanyFeeds(self)
+        self.revocations = Revocations(self)
         # Stream set-ups reading the database at once (pgjobs.gateway.sse.setup_read).
         self.stream_setups = asyncio.Semaphore(max(1, settings.pool_size // 2))
         self._pool: AsyncConnectionPool[db.AsyncConn] | None = None
         self._client: Client | None = None
         self._listener_task: asyncio.Task[None] | None = None
+        self._revocation_task: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> AsyncConnectionPool[db.AsyncConn]:
@@ -83,6 +86,9 @@ class GatewayState:
         self._pool = pool
         self._client = Client(pool)
         self._listener_task = asyncio.create_task(self.listener.run(), name=LISTENER_NAME)
+        self._revocation_task = asyncio.create_task(
+            self.revocations.run(), name="pgjobs-gateway-revocations"
+        )
 
     def end_streams(self) -> None:
         """Tell every event stream to end (the server is shutting down); streams that
@@ -92,11 +98,12 @@ class GatewayState:
 
     async def stop(self) -> None:
         self.end_streams()
-        task, self._listener_task = self._listener_task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        for task in (self._listener_task, self._revocation_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        self._listener_task = self._revocation_task = None
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
