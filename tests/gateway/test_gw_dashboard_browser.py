@@ -335,6 +335,9 @@ async def test_narrow_dark_screen(gateway: RunningGateway) -> None:
         gateway, viewport={"width": 390, "height": 800}, color_scheme="dark"
     ) as page:
         await page.locator("#job-rows tr").first.wait_for()
+        # No worker runs: the queued job says that none serves its type.
+        status = page.locator("#job-rows tr .status")
+        assert await status.text_content() == "queuedno live worker for this type"
         # No sideways scrolling on a phone: the table becomes one card per job.
         width = await page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390

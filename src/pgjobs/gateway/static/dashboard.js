@@ -370,6 +370,14 @@
     order.splice(lo, 0, id);
   }
 
+  // A queued job whose type no live worker claims stays queued until one starts: say so.
+  // (`servedBy` comes with records, not events: a row moved back to queued by an event
+  // keeps what its record said.)
+  function unserved(job) {
+    if (job.status !== "queued" || job.servedBy !== 0) return null;
+    return el("small", { class: "unserved", text: "no live worker for this type" });
+  }
+
   function jobRow(job) {
     const copyButton = el("button", {
       type: "button", text: "copy", "aria-label": `Copy job id ${job.id}`,
@@ -385,7 +393,7 @@
         el("a", { href, class: "mono", title: job.id, "aria-label": `Job ${job.id}`, text: shortId(job.id) }),
         copyButton),
       cell("Type", "type", document.createTextNode(job.jobType)),
-      cell("Status", "status", badge(job.status)),
+      cell("Status", "status", badge(job.status), unserved(job)),
       cell("Attempt", "attempt", document.createTextNode(attempt)),
       cell("Progress", "progress-cell", progressEl(job.progress, job.status)),
       cell("Source task", "source", document.createTextNode(job.sourceTaskId || "—")),
