@@ -50,8 +50,13 @@ _STREAM_TOKEN = {
     "schema": {"type": "string"},
     "description": "A token from POST .../stream-tokens, for clients that cannot send headers",
 }
+_SSE_EVENTS = (
+    "text/event-stream. Every event is `event: status` with data {jobId, status, type, "
+    "attempt, seq, progress?, resultAssetId?, errorMessage?, runAt?}; `type` is the "
+    "transition (content_job.queued, content_job.progress, ...)"
+)
 _SSE = {
-    "description": "text/event-stream",
+    "description": _SSE_EVENTS,
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 _AUTH_ERRORS = (401, 403, 503)
@@ -297,7 +302,7 @@ SCHEMA: dict[str, Any] = {
                 "responses": {
                     "200": {
                         **_SSE,
-                        "description": "text/event-stream. An unknown job (or another "
+                        "description": _SSE_EVENTS + ". An unknown job (or another "
                         'company\'s) gets one `event: error` with {"error": "Job not found"} '
                         "and a one-day `retry:`, then the end.",
                     },

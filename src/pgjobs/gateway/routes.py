@@ -36,18 +36,6 @@ MAX_CURSOR_LENGTH = 200
 STATUSES = frozenset(s.value for s in JobStatus)
 
 
-# EventSource reconnects after a stream ends; a day's retry delay stops it in practice
-# for a job that does not exist (or belongs to another company: the same answer).
-NOT_FOUND_RETRY_MS = 86_400_000
-
-
-# The issue's contract for an unknown job: a stream with one `event: error` carrying
-# {"error": "Job not found"}, then the end.
-NOT_FOUND_FRAME = b'retry: %d\r\nevent: error\r\ndata: {"error":"Job not found"}\r\n\r\n' % (
-    NOT_FOUND_RETRY_MS
-)
-
-
 class Api:
     def __init__(self, state: GatewayState) -> None:
         self.state = state
@@ -199,7 +187,7 @@ class Api:
             job_id = None
         principal = await self.authorize(request, stream=True, stream_job=job_id)
         if job_id is None:
-            return self._stream(sse.only(NOT_FOUND_FRAME))
+            return self._stream(sse.only(sse.NOT_FOUND_FRAME))
         try:
             last = sse.parse_job_cursor(request.headers.get("last-event-id"))
         except ValueError as exc:
@@ -223,7 +211,7 @@ class Api:
                 return self._stream(sse.only(sse.reconnect_frame()))
             if job is None:
                 release()
-                return self._stream(sse.only(NOT_FOUND_FRAME))
+                return self._stream(sse.only(sse.NOT_FOUND_FRAME))
             if last is not None and last > job["event_seq"]:
                 last = None  # not an id this job has issued: start from its current state
             if last == job["event_seq"] and job["status"] in sse.TERMINAL:
