@@ -4,13 +4,17 @@ overflow, and no leak after many connect/disconnect cycles."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
 import socket
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings
 
 from helpers import wait_until
@@ -76,10 +80,16 @@ async def test_keep_alive_comments(dsn: str, storage_dir: Path) -> None:
 
 
 async def test_slow_consumer_is_dropped_while_others_keep_receiving(
-    dsn: str, storage_dir: Path
+    dsn: str, storage_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """...and the drop is one INFO line, not an ERROR from uvicorn for a response the
+    gateway ended without completing (it cannot: every send waits for the stuck client)."""
+    caplog.set_level(logging.INFO, logger="pgjobs.gateway.eventstream")
     fast_timeout = settings(send_timeout_seconds=1.0, ping_seconds=0.5)
-    async with serve_gateway(dsn, storage_dir, fast_timeout, sndbuf=8192) as gateway:
+    async with (
+        serve_gateway(dsn, storage_dir, fast_timeout, sndbuf=8192) as gateway,
+        uvicorn_log() as uvicorn_records,
+    ):
         host, port = gateway.url.removeprefix("http://").split(":")
         # A client that asks for the stream and then never reads: tiny receive window.
         frozen = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -123,7 +133,32 @@ async def test_slow_consumer_is_dropped_while_others_keep_receiving(
         assert len({e.id for e in healthy}) == total
         reader.cancel()
         await asyncio.gather(reader, return_exceptions=True)
+        # uvicorn closes the dropped client's connection once the response returns: read
+        # what is buffered up to the end, so its handling of the return is over.
+        frozen.setblocking(False)
+        loop = asyncio.get_running_loop()
+        async with asyncio.timeout(20):
+            while await loop.sock_recv(frozen, 65536):
+                pass
         frozen.close()
+    dropped = [r for r in caplog.records if "stopped reading" in r.getMessage()]
+    assert [r.levelno for r in dropped] == [logging.INFO]
+    assert [r.getMessage() for r in uvicorn_records if r.levelno >= logging.WARNING] == []
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_log() -> AsyncIterator[list[logging.LogRecord]]:
+    """What uvicorn logs about requests (its logger does not propagate to caplog's).
+    Entered after the server started: uvicorn's logging set-up drops earlier handlers."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def test_a_full_queue_ends_only_that_subscriber() -> None:

@@ -15,6 +15,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from pgjobs import db, gcpolicy
 from pgjobs.config import WorkerSettings
+from pgjobs.gateway.eventstream import quiet_dropped_streams
 from pgjobs.gateway.responses import EXCEPTION_HANDLERS
 from pgjobs.gateway.routes import Api, routes
 from pgjobs.gateway.settings import GatewaySettings
@@ -60,6 +61,8 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.gateway = state
+    # uvicorn would log each slow reader the streams drop as an ERROR (eventstream).
+    quiet_dropped_streams()
     return app
 
 
