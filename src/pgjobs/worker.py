@@ -42,7 +42,7 @@ from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
-from pgjobs.errors import AssetTooLargeError, InvalidJobError
+from pgjobs.errors import AssetTooLargeError, InvalidAssetError, InvalidJobError
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
@@ -448,7 +448,7 @@ class Worker:
             if ctx.cancelled:
                 return None
             raise
-        except AssetTooLargeError as exc:
+        except (AssetTooLargeError, InvalidAssetError) as exc:  # retrying cannot help
             return Outcome(job, "fail", error=str(exc))
         except TimeoutError as exc:
             if deadline.expired():
