@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
@@ -188,3 +189,18 @@ async def collect(
             if stop_after is not None and len(events) >= stop_after:
                 break
     return events
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_log() -> AsyncIterator[list[logging.LogRecord]]:
+    """What uvicorn logs about requests (its logger does not propagate to caplog's).
+    Entered after the server started: uvicorn's logging set-up drops earlier handlers."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

@@ -4,18 +4,16 @@ overflow, and no leak after many connect/disconnect cycles."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
 import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings
+from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings, uvicorn_log
 
 from helpers import wait_until
 from pgjobs.gateway import auth
@@ -144,21 +142,6 @@ async def test_slow_consumer_is_dropped_while_others_keep_receiving(
     dropped = [r for r in caplog.records if "stopped reading" in r.getMessage()]
     assert [r.levelno for r in dropped] == [logging.INFO]
     assert [r.getMessage() for r in uvicorn_records if r.levelno >= logging.WARNING] == []
-
-
-@contextlib.asynccontextmanager
-async def uvicorn_log() -> AsyncIterator[list[logging.LogRecord]]:
-    """What uvicorn logs about requests (its logger does not propagate to caplog's).
-    Entered after the server started: uvicorn's logging set-up drops earlier handlers."""
-    records: list[logging.LogRecord] = []
-    handler = logging.Handler()
-    handler.emit = records.append  # type: ignore[method-assign]
-    logger = logging.getLogger("uvicorn.error")
-    logger.addHandler(handler)
-    try:
-        yield records
-    finally:
-        logger.removeHandler(handler)
 
 
 def test_a_full_queue_ends_only_that_subscriber() -> None:
@@ -311,7 +294,8 @@ async def test_a_burst_of_resuming_company_streams_queues_for_the_pool(
             stop_after=2,
         )
     assert [len(r) for r in results] == [2] * 30
-    assert all(ev.event == "content_job.queued" for r in results for ev in r)
+    assert all(ev.event == "status" for r in results for ev in r)
+    assert all(ev.data["type"] == "content_job.queued" for r in results for ev in r)
 
 
 async def test_a_burst_of_resuming_job_streams_queues_for_the_pool(
@@ -339,4 +323,5 @@ async def test_a_burst_of_resuming_job_streams_queues_for_the_pool(
         paths = [f"/api/companies/acme/content-jobs/{j.id}/events" for j in jobs]
         results = await open_at_once(gateway, paths, last_event_id="1", stop_after=2)
     assert [[ev.id for ev in r] for r in results] == [["2", "3"]] * 30
-    assert all(ev.event == "content_job.progress" for r in results for ev in r)
+    assert all(ev.event == "status" for r in results for ev in r)
+    assert all(ev.data["type"] == "content_job.progress" for r in results for ev in r)
