@@ -26,6 +26,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "Not found in this company",
         409: "The job's status does not allow this",
         413: "Request body or input too large",
+        415: "A body whose Content-Type is not application/json (a UTF-8 charset is fine)",
         422: "Input PostgreSQL cannot store, or a value out of range",
         429: "Too many open event streams",
         503: "Database busy or unavailable; see Retry-After",
@@ -223,7 +224,7 @@ SCHEMA: dict[str, Any] = {
                 },
                 "responses": {
                     "202": _json({"$ref": "#/components/schemas/Enqueued"}, "Queued"),
-                    **_errors(400, 401, 403, 413, 422, 503),
+                    **_errors(400, 401, 403, 413, 415, 422, 503),
                 },
             },
             "get": {
@@ -334,7 +335,7 @@ SCHEMA: dict[str, Any] = {
                 },
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/StreamToken"}, "Issued"),
-                    **_errors(400, 404, 413, *_AUTH_ERRORS),
+                    **_errors(400, 404, 413, 415, *_AUTH_ERRORS),
                 },
             },
         },

@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import psycopg
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from pgjobs.client import MAX_PAGE_SIZE
@@ -24,8 +24,8 @@ from pgjobs.errors import InvalidJobError
 from pgjobs.gateway import auth, companystream, openapi, payloads, sse
 from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
 from pgjobs.gateway.eventstream import EventStream
-from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
-from pgjobs.gateway.responses import asset_json, error
+from pgjobs.gateway.limits import ApiError, bad_request, query_int, read_json_object
+from pgjobs.gateway.responses import ApiJSONResponse, asset_json, error
 from pgjobs.gateway.state import GatewayState
 from pgjobs.types import JobStatus
 
@@ -72,7 +72,7 @@ class Api:
     # -- service ----------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return ApiJSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
         checks: dict[str, str] = {}
@@ -84,26 +84,26 @@ class Api:
             checks["database"] = f"unavailable: {type(exc).__name__}"
         checks["listener"] = "ok" if self.state.listener.connected.is_set() else "reconnecting"
         ready = all(v == "ok" for v in checks.values())
-        return JSONResponse(
+        return ApiJSONResponse(
             {"status": "ready" if ready else "unavailable", "checks": checks},
             status_code=200 if ready else 503,
             headers=None if ready else {"Retry-After": "1"},
         )
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi.SCHEMA)
+        return ApiJSONResponse(openapi.SCHEMA)
 
     # -- jobs -------------------------------------------------------------------------
 
     async def enqueue(self, request: Request) -> Response:
         principal = await self.authorize(request)
         settings = self.state.settings
-        body = parse_json_object(await read_body(request, settings.max_body_bytes))
+        body = await read_json_object(request, settings.max_body_bytes)
         spec = payloads.parse_enqueue(body, principal.company_id, settings.max_input_bytes)
         await self._check_job_type(spec.job_type)
         (job,) = await self.state.client.enqueue_many([spec])
         location = f"/api/companies/{quote(job.company_id, safe='')}/content-jobs/{job.id}"
-        return JSONResponse(
+        return ApiJSONResponse(
             {
                 "jobId": str(job.id),
                 "status": job.status.value,
@@ -147,22 +147,22 @@ class Api:
         except InvalidJobError:
             bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")
         headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None
-        return JSONResponse([j.to_json() for j in page.jobs], headers=headers)
+        return ApiJSONResponse([j.to_json() for j in page.jobs], headers=headers)
 
     async def get_job(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.get(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job.to_json())
+        return ApiJSONResponse(job.to_json())
 
     async def cancel(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.cancel(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job.to_json(), status_code=202)
+        return ApiJSONResponse(job.to_json(), status_code=202)
 
     async def retry(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job.to_json(), status_code=202)
+        return ApiJSONResponse(job.to_json(), status_code=202)
 
     # -- event streams ----------------------------------------------------------------
 
@@ -247,7 +247,7 @@ class Api:
     async def stream_token(self, request: Request) -> Response:
         principal = await self.authorize(request)
         settings = self.state.settings
-        body = parse_json_object(await read_body(request, 16 * 1024), empty_ok=True)
+        body = await read_json_object(request, 16 * 1024, optional=True)
         req = payloads.parse_stream_token_request(body, settings.stream_token_max_seconds)
         if req.job_id is not None:
             # Only for a job the caller can see: a token for another company's job id
@@ -256,7 +256,7 @@ class Api:
         token, expires = auth.mint_stream_token(
             settings.secret, principal.company_id, req.job_id, req.ttl_seconds
         )
-        return JSONResponse({"token": token, "expiresAt": expires.isoformat()}, status_code=201)
+        return ApiJSONResponse({"token": token, "expiresAt": expires.isoformat()}, status_code=201)
 
     # -- assets -----------------------------------------------------------------------
 
@@ -270,7 +270,7 @@ class Api:
         return asset
 
     async def get_asset(self, request: Request) -> Response:
-        return JSONResponse(asset_json(await self._asset(request)))
+        return ApiJSONResponse(asset_json(await self._asset(request)))
 
     async def get_asset_content(self, request: Request) -> Response:
         asset = await self._asset(request)
