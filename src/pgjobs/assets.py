@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pgjobs.errors import InvalidAssetError
 from pgjobs.storage import CHUNK_SIZE, Storage
 
 NAMESPACE = "generated"
@@ -28,6 +29,26 @@ class GeneratedAsset:
     filename: str
     content_type: str = "application/octet-stream"
     result: Any = None
+
+    def __post_init__(self) -> None:
+        check_content_type(self.content_type)
+
+
+def check_content_type(content_type: object) -> None:
+    """Raise InvalidAssetError unless ``content_type`` is printable ASCII. It becomes the
+    download's Content-Type header: a CR or LF (or any other control character) there
+    would let a handler's output write headers of its choosing, and the server refuses
+    such a header only once the response has begun, so the download would end with no
+    bytes sent; a non-ASCII character cannot be sent as a header at all."""
+    if not isinstance(content_type, str) or not content_type.strip():
+        raise InvalidAssetError(
+            f"GeneratedAsset content_type must be a non-empty string, got {content_type!r}"
+        )
+    if not all(" " <= ch <= "~" for ch in content_type):
+        raise InvalidAssetError(
+            "GeneratedAsset content_type must be printable ASCII, without CR, LF or other "
+            f"control characters: {content_type[:200]!r}"
+        )
 
 
 @dataclass(frozen=True, slots=True)

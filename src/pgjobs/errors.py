@@ -53,3 +53,8 @@ class AssetTooLargeError(PgjobsError):
             "(raise PGJOBS_GENERATED_ASSET_MAX_BYTES to allow larger outputs)"
         )
         self.limit = limit
+
+
+class InvalidAssetError(PgjobsError, ValueError):
+    """A handler's GeneratedAsset that could never be served as given (a content type
+    that is not a valid HTTP header value). The job fails without a retry."""

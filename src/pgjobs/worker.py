@@ -49,7 +49,12 @@ from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
-from pgjobs.errors import AssetTooLargeError, ConfigurationError, InvalidJobError
+from pgjobs.errors import (
+    AssetTooLargeError,
+    ConfigurationError,
+    InvalidAssetError,
+    InvalidJobError,
+)
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
@@ -602,7 +607,7 @@ class Worker:
             if ctx.cancelled:
                 return None
             raise
-        except AssetTooLargeError as exc:
+        except (AssetTooLargeError, InvalidAssetError) as exc:  # retrying cannot help
             return self._failed(job, ctx, "fail", str(exc))
         except TimeoutError as exc:
             if deadline.expired():

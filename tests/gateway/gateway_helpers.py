@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import httpx
 import uvicorn
 from starlette.applications import Starlette
 
-from helpers import wait_until
+from helpers import fetch, wait_until
 from pgjobs import db
 from pgjobs.gateway import auth
 from pgjobs.gateway.app import GatewayServer, create_app, server_config
@@ -110,6 +111,32 @@ def settings(**overrides: Any) -> GatewaySettings:
     return replace(TEST_SETTINGS, **overrides)
 
 
+async def kill_listener(dsn: str) -> int:
+    """Terminate the gateway's LISTEN backend; returns how many were terminated."""
+    rows = await fetch(
+        dsn,
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE application_name = 'pgjobs-gateway-listener'"
+        " AND datname = current_database()",
+    )
+    return len(rows)
+
+
+@contextlib.contextmanager
+def notifies_lost(gateway: RunningGateway) -> Iterator[list[str]]:
+    """While open, the gateway's LISTEN connection drops every NOTIFY payload it receives
+    (into the list yielded), as if they had been sent while it was down: the events they
+    carried can then only reach a stream from the table, by a backfill."""
+    listener = gateway.state.listener
+    deliver = listener.on_notify
+    lost: list[str] = []
+    listener.on_notify = lost.append
+    try:
+        yield lost
+    finally:
+        listener.on_notify = deliver
+
+
 @dataclass
 class Sse:
     event: str
@@ -165,3 +192,18 @@ async def collect(
             if stop_after is not None and len(events) >= stop_after:
                 break
     return events
+
+
+@contextlib.asynccontextmanager
+async def uvicorn_log() -> AsyncIterator[list[logging.LogRecord]]:
+    """What uvicorn logs about requests (its logger does not propagate to caplog's).
+    Entered after the server started: uvicorn's logging set-up drops earlier handlers."""
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    logger = logging.getLogger("uvicorn.error")
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)

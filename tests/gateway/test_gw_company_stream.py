@@ -6,9 +6,18 @@ from __future__ import annotations
 import asyncio
 import random
 import uuid
+from pathlib import Path
 
 import psycopg
-from gateway_helpers import RunningGateway, Sse, collect
+from gateway_helpers import (
+    RunningGateway,
+    Sse,
+    collect,
+    kill_listener,
+    notifies_lost,
+    serve_gateway,
+    settings,
+)
 from psycopg.rows import dict_row
 
 from helpers import fetch
@@ -50,6 +59,8 @@ async def test_late_committing_transaction_is_neither_skipped_nor_repeated(
     assert len(set(got)) == 3
     ids = [int((e.id or "").split("-")[1]) for e in [*first, *rest]]
     assert sorted(ids) == await all_event_ids(dsn, "acme")
+    # Replayed after Last-Event-ID: `event: status`, as on the job streams.
+    assert {e.event for e in [*first, *rest]} == {"status"}
 
 
 async def collect_for(gateway: RunningGateway, *, last_event_id: str, seconds: float) -> list[Sse]:
@@ -141,6 +152,8 @@ async def test_company_stream_is_live_and_tenant_bound(gateway: RunningGateway) 
     reader.cancel()
     await asyncio.gather(reader, return_exceptions=True)
     assert all(e.data["jobId"] != "" for e in received)
+    assert {e.event for e in received} == {"status"}
+    assert {e.data["type"] for e in received} == {"content_job.queued"}
     assert "globex" not in str([e.data for e in received])
     async with gateway.http() as http:
         r = await http.get("/api/companies/globex/events")
@@ -364,3 +377,48 @@ async def event_cursors(gateway: RunningGateway, company: str) -> list[str]:
         [company],
     )
     return [r["c"] for r in rows]
+
+
+async def test_an_event_backfilled_after_a_listen_loss_is_a_status_event(
+    dsn: str, storage_dir: Path
+) -> None:
+    """An event whose NOTIFY was lost reaches the company stream from the table once the
+    LISTEN connection is back (the feed re-reads on every reconnect), as the same
+    `event: status` frame as a live one and as its replay after Last-Event-ID."""
+    from helpers import wait_until
+
+    # No idle re-read within the test: the lost event can only come by the backfill.
+    quiet = settings(company_idle_poll_seconds=600.0)
+    async with serve_gateway(dsn, storage_dir, quiet) as gateway:
+        client = gateway.state.client
+        received: list[Sse] = []
+        reader = asyncio.create_task(collect(gateway, EVENTS, on_event=_append(received)))
+
+        async def got(n: int) -> bool:
+            if reader.done():
+                reader.result()  # raise what ended it
+            return len(received) >= n
+
+        async def open_() -> bool:
+            return gateway.state.company_feeds.clients == 1
+
+        await wait_until(open_, message="company stream open")
+        live = await client.enqueue("acme", "echo", {})
+        await wait_until(lambda: got(1), message="the live event")
+        with notifies_lost(gateway) as lost:
+            missed = await client.enqueue("acme", "echo", {})
+
+            async def dropped() -> bool:
+                return bool(lost)
+
+            await wait_until(dropped, message="the NOTIFY, dropped")
+        assert await kill_listener(dsn) == 1
+        await wait_until(lambda: got(2), message="the lost event, backfilled")
+        reader.cancel()
+        await asyncio.gather(reader, return_exceptions=True)
+        replayed = await collect(gateway, EVENTS, last_event_id=received[0].id, stop_after=1)
+    assert [e.data["jobId"] for e in received] == [str(live.id), str(missed.id)]
+    assert [e.data["jobId"] for e in replayed] == [str(missed.id)]
+    for ev in [*received, *replayed]:
+        assert ev.event == "status"
+        assert ev.data["type"] == "content_job.queued"

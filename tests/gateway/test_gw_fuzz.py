@@ -80,6 +80,10 @@ async def test_no_route_answers_500(gateway: RunningGateway) -> None:
         params=queries,
         last_event_id=st.one_of(st.none(), st.text(max_size=30).filter(str.isprintable)),
         authorised=st.booleans(),
+        # Mostly declared JSON, so that the bodies reach the parser rather than a 415.
+        content_type=st.sampled_from(
+            ["application/json", "application/json; charset=utf-8", None, "text/plain"]
+        ),
     )
     def fuzz(
         route: tuple[str, str],
@@ -89,6 +93,7 @@ async def test_no_route_answers_500(gateway: RunningGateway) -> None:
         params: dict[str, str],
         last_event_id: str | None,
         authorised: bool,
+        content_type: str | None,
     ) -> None:
         path, method = route
         headers = {"Authorization": f"Bearer {token}"} if authorised else {}
@@ -99,6 +104,8 @@ async def test_no_route_answers_500(gateway: RunningGateway) -> None:
         if method == "post":
             # json.dumps allows NaN/Infinity by default: exactly what a sloppy client sends.
             kwargs["content"] = json.dumps(payload).encode() if kind == "json" else payload
+            if content_type is not None:
+                headers["Content-Type"] = content_type
         with httpx.Client(base_url=gateway.url, timeout=10) as http:
             try:
                 with http.stream(method.upper(), fill(path, company, ident), **kwargs) as r:

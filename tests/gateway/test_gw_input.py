@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
 import pytest
-from gateway_helpers import RunningGateway
+from gateway_helpers import RunningGateway, uvicorn_log
 
 from helpers import wait_until
 
@@ -122,7 +124,9 @@ async def test_oversized_body_is_413_without_content_length(gateway: RunningGate
 
     async with gateway.http() as http:
         try:
-            r = await http.post(JOBS, content=chunked())
+            r = await http.post(
+                JOBS, content=chunked(), headers={"Content-Type": "application/json"}
+            )
         except httpx.HTTPError:
             pass  # the server may close the connection while we are still sending
         else:
@@ -164,3 +168,108 @@ async def test_unknown_route_and_method_are_json(gateway: RunningGateway) -> Non
         r = await http.delete(JOBS)
         assert r.status_code == 405
         assert "error" in r.json()
+
+
+ENQUEUE = b'{"jobType": "echo"}'
+NOT_JSON = {"error": "Content-Type must be application/json"}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        None,
+        "text/plain",
+        "application/x-www-form-urlencoded",
+        "multipart/form-data; boundary=x",
+        "application/jsonp",
+        "application/json; charset=iso-8859-1",
+        "",
+    ],
+)
+async def test_a_body_not_sent_as_json_is_415(
+    gateway: RunningGateway, content_type: str | None
+) -> None:
+    """Issue 19: a body the client did not declare as JSON is refused, not parsed as JSON
+    all the same (nor, on the optional body of stream-tokens, ignored)."""
+    headers = {} if content_type is None else {"Content-Type": content_type}
+    async with gateway.http() as http:
+        r = await http.post(JOBS, content=ENQUEUE, headers=headers)
+        assert r.status_code == 415, r.text
+        assert r.json() == NOT_JSON
+        r = await http.post(
+            "/api/companies/acme/stream-tokens", content=b'{"ttlSeconds": 1}', headers=headers
+        )
+        assert r.status_code == 415, r.text
+        assert r.json() == NOT_JSON
+    await assert_nothing_written(gateway)
+
+
+async def test_a_submit_without_body_or_content_type_is_415(gateway: RunningGateway) -> None:
+    async with gateway.http() as http:
+        r = await http.post(JOBS)
+    assert r.status_code == 415
+    assert r.json() == NOT_JSON
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        'application/json; charset="utf-8"',
+    ],
+)
+async def test_json_with_or_without_a_utf8_charset_is_accepted(
+    gateway: RunningGateway, content_type: str
+) -> None:
+    async with gateway.http() as http:
+        r = await http.post(JOBS, content=ENQUEUE, headers={"Content-Type": content_type})
+        assert r.status_code == 202, r.text
+        r = await http.post(
+            "/api/companies/acme/stream-tokens",
+            content=b'{"ttlSeconds": 1}',
+            headers={"Content-Type": content_type},
+        )
+        assert r.status_code == 201, r.text
+
+
+async def test_posts_that_take_no_body_need_no_content_type(gateway: RunningGateway) -> None:
+    job = await gateway.state.client.enqueue("acme", "echo", {})
+    async with gateway.http() as http:
+        r = await http.post("/api/companies/acme/stream-tokens")  # the body is optional
+        assert r.status_code == 201, r.text
+        r = await http.post(f"{JOBS}/{job.id}/cancel")
+        assert r.status_code == 202, r.text
+        r = await http.post(f"{JOBS}/{job.id}/retry")
+        assert r.status_code == 202, r.text
+
+
+async def test_a_client_that_leaves_mid_upload_is_one_info_line(
+    gateway: RunningGateway, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 19: Starlette's ClientDisconnect was logged as an unhandled 500, with a
+    traceback, by the gateway and again by uvicorn."""
+    caplog.set_level(logging.INFO, logger="pgjobs")
+    host, port = gateway.url.removeprefix("http://").split(":")
+    async with uvicorn_log() as uvicorn_records:
+        _, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            f"POST {JOBS} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {gateway.tokens['acme']}\r\n"
+            "Content-Length: 100000\r\n\r\n".encode()
+            + b'{"jobType": "echo", "input": {"x": "'
+        )
+        await writer.drain()
+        writer.close()  # with 99,963 bytes of the body still to come
+        await writer.wait_closed()
+
+        async def logged() -> bool:
+            return any(JOBS in r.getMessage() for r in caplog.records)
+
+        await wait_until(logged, message="the disconnect logged")
+    gateway_lines = [r for r in caplog.records if r.name.startswith("pgjobs.gateway")]
+    assert [(r.levelno, r.exc_info) for r in gateway_lines] == [(logging.INFO, None)]
+    assert "left during POST /api/companies/acme/content-jobs" in gateway_lines[0].getMessage()
+    assert [r.getMessage() for r in uvicorn_records if r.levelno >= logging.WARNING] == []
+    await assert_nothing_written(gateway)

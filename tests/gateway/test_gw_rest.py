@@ -322,3 +322,55 @@ async def test_every_gateway_query_plans_against_the_schema(dsn: str, name: str)
     params = dict.fromkeys(re.findall(r"%\((\w+)\)s", query))
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute("EXPLAIN " + query, params)  # type: ignore[operator]
+
+
+async def test_a_trailing_slash_is_404_and_never_a_redirect_to_the_host_header(
+    gateway: RunningGateway,
+) -> None:
+    """Issue 19: Starlette redirected `/content-jobs/` to `http://<Host header>/...`."""
+    job = await gateway.state.client.enqueue("acme", "echo", {})
+    async with gateway.http(follow_redirects=False) as http:
+        for method, path in (
+            ("GET", JOBS + "/"),
+            ("POST", JOBS + "/"),
+            ("GET", f"{JOBS}/{job.id}/"),
+            ("POST", f"{JOBS}/{job.id}/cancel/"),
+            ("GET", "/healthz/"),
+        ):
+            r = await http.request(method, path, headers={"Host": "evil.example"})
+            assert r.status_code == 404, (method, path, r.status_code)
+            assert "location" not in r.headers
+            assert r.json() == {"error": "Not Found"}
+    assert (await gateway.state.client.get("acme", job.id)).status.value == "queued"
+
+
+async def test_every_json_answer_is_no_store_and_nosniff(gateway: RunningGateway) -> None:
+    """Issue 19: JSON answers, successes and errors alike, carry `Cache-Control:
+    no-store` and `X-Content-Type-Options: nosniff`."""
+    job = await gateway.state.client.enqueue("acme", "echo", {})
+    async with gateway.http() as http, gateway.http(None) as anon:
+        answers = [
+            await http.post(JOBS, json={"jobType": "echo"}),  # 202
+            await http.get(JOBS),  # 200 list
+            await http.get(f"{JOBS}/{job.id}"),  # 200 job
+            await http.post(f"{JOBS}/{job.id}/cancel"),  # 202
+            await http.post(f"{JOBS}/{job.id}/cancel"),  # 409
+            await http.post("/api/companies/acme/stream-tokens"),  # 201, a token
+            await http.get(f"{JOBS}/{uuid.uuid4()}"),  # 404
+            await http.get("/api/companies/globex/content-jobs"),  # 403
+            await anon.get(JOBS),  # 401
+            await http.post(JOBS, content=b"{"),  # 415
+            await http.post(JOBS, content=b"{", headers={"Content-Type": "application/json"}),
+            await http.delete(JOBS),  # 405
+            await http.get("/nowhere"),  # 404
+            await anon.get("/healthz"),
+            await anon.get("/readyz"),
+            await anon.get("/openapi.json"),
+        ]
+    assert [r.status_code for r in answers] == [
+        202, 200, 200, 202, 409, 201, 404, 403, 401, 415, 400, 405, 404, 200, 200, 200,
+    ]  # fmt: skip
+    for r in answers:
+        assert r.headers["content-type"] == "application/json", r.request.url
+        assert r.headers["cache-control"] == "no-store", r.request.url
+        assert r.headers["x-content-type-options"] == "nosniff", r.request.url

@@ -11,7 +11,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
-from gateway_helpers import RunningGateway, Sse, collect
+from gateway_helpers import RunningGateway, Sse, collect, kill_listener, notifies_lost
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import demo
@@ -34,6 +34,16 @@ def assert_gap_free(events: list[Sse], first_seq: int = 1) -> None:
     assert [e.data["seq"] for e in events] == seqs
 
 
+def assert_all_status(events: list[Sse]) -> None:
+    """The contract: every frame is `event: status`; `type` names the transition."""
+    assert events
+    assert {e.event for e in events} == {"status"}, [e.event for e in events]
+
+
+def types(events: list[Sse]) -> list[str]:
+    return [e.data["type"] for e in events]
+
+
 async def test_status_first_then_live_events_until_done(
     gateway: RunningGateway, dsn: str, storage_dir: Path
 ) -> None:
@@ -41,14 +51,14 @@ async def test_status_first_then_live_events_until_done(
     path = f"{JOBS}/{job_id}/events"
     async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
         events = await collect(gateway, path)  # returns only because the stream ends
-    assert events[0].event == "status"
+    # The first frame and every live one after it: `event: status`, whatever the type.
+    assert_all_status(events)
     assert events[0].data["status"] in ("queued", "running")
     assert_gap_free(events, int(events[0].id or 0))
-    assert events[-1].event == "content_job.done"
+    assert events[-1].data["type"] == "content_job.done"
     assert events[-1].data["status"] == "done"
-    kinds = {e.event for e in events[1:]}
-    assert "content_job.progress" in kinds or events[0].data["status"] == "running"
-    progress = [e.data["progress"] for e in events if e.event == "content_job.progress"]
+    assert "content_job.progress" in types(events[1:]) or events[0].data["status"] == "running"
+    progress = [e.data["progress"] for e in events if e.data["type"] == "content_job.progress"]
     assert all(0 <= p["fraction"] <= 1 for p in progress)
     assert set(events[-1].data) >= {"jobId", "status", "type", "attempt", "seq"}
     # The stream is done with; the slot and the subscription are given back.
@@ -80,6 +90,7 @@ async def test_unknown_job_and_bad_last_event_id(gateway: RunningGateway) -> Non
             assert r.headers["content-type"].startswith("text/event-stream")
             # One error event, a retry delay that stops EventSource, and the end.
             assert "event: error" in r.text
+            assert "event: status" not in r.text
             assert 'data: {"error":"Job not found"}' in r.text
             assert "retry: 86400000" in r.text
         job_id = await enqueue(gateway, "echo", {})
@@ -115,6 +126,10 @@ async def test_resume_with_last_event_id_under_concurrent_workers(
         streams = await asyncio.gather(*(follow(j) for j in jobs))
     for job_id, events in zip(jobs, streams, strict=True):
         assert_gap_free(events, 1)
+        # Replayed from the table after Last-Event-ID: `status` frames like live ones.
+        assert_all_status(events)
+        assert types(events)[0] == "content_job.queued"
+        assert types(events)[-1] == "content_job.done"
         rows = await fetch(dsn, "SELECT seq FROM pgjobs.job_events WHERE job_id = %s", [job_id])
         assert len(events) == len(rows)
 
@@ -163,14 +178,8 @@ async def test_listen_backend_terminated_mid_stream_loses_nothing(
 
     async def kill_listener_once(ev: Sse) -> None:
         nonlocal terminated
-        if ev.event == "content_job.progress" and terminated == 0:
-            rows = await fetch(
-                dsn,
-                "SELECT pg_terminate_backend(pid) AS ok FROM pg_stat_activity"
-                " WHERE application_name = 'pgjobs-gateway-listener'"
-                " AND datname = current_database()",
-            )
-            terminated = len(rows)
+        if ev.data["type"] == "content_job.progress" and terminated == 0:
+            terminated = await kill_listener(dsn)
 
     reconnects = gateway.state.listener.reconnects
     async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
@@ -179,7 +188,46 @@ async def test_listen_backend_terminated_mid_stream_loses_nothing(
     assert gateway.state.listener.reconnects > reconnects
     assert_gap_free(events, int(events[0].id or 0))
     assert events[-1].data["status"] == "done"
-    assert len([e for e in events if e.event == "content_job.progress"]) >= 5
+    assert_all_status(events)
+    assert types(events).count("content_job.progress") >= 5
+
+
+async def test_an_event_backfilled_after_a_listen_loss_is_a_status_event(
+    gateway: RunningGateway, dsn: str
+) -> None:
+    """An event whose NOTIFY was lost reaches the job stream from the table once the
+    LISTEN connection is back, as the same `event: status` frame a live one is."""
+    job_id = await enqueue(gateway, "echo", {})
+    received: list[Sse] = []
+
+    async def on_event(ev: Sse) -> None:
+        received.append(ev)
+
+    reader = asyncio.create_task(collect(gateway, f"{JOBS}/{job_id}/events", on_event=on_event))
+
+    async def got(n: int) -> bool:
+        if reader.done():
+            reader.result()  # raise what ended it
+        return len(received) >= n
+
+    await wait_until(lambda: got(1), message="the stream's first frame")
+    backfills = gateway.state.fanout.backfills
+    with notifies_lost(gateway) as lost:
+        await progress_transitions(dsn, uuid.UUID(job_id), 1)
+
+        async def dropped() -> bool:
+            return bool(lost)
+
+        await wait_until(dropped, message="the progress NOTIFY, dropped")
+    assert len(received) == 1  # nothing else could have sent it
+    assert await kill_listener(dsn) == 1
+    await wait_until(lambda: got(2), message="the progress event, backfilled")
+    assert gateway.state.fanout.backfills > backfills
+    await gateway.state.client.cancel("acme", job_id)
+    events = await asyncio.wait_for(reader, 10)
+    assert_all_status(events)
+    assert types(events) == ["content_job.queued", "content_job.progress", "content_job.cancelled"]
+    assert_gap_free(events)
 
 
 async def test_field_values_cannot_inject_sse_lines(
@@ -194,9 +242,9 @@ async def test_field_values_cannot_inject_sse_lines(
     async with contextlib.AsyncExitStack() as stack:
 
         async def start_worker_once_subscribed(ev: Sse) -> None:
-            # Only now: a job that failed before the stream opened would arrive as one
-            # terminal "status" event, not as the live event under test.
-            if ev.event == "status":
+            # Only now: a job that failed before the stream opened would arrive as the
+            # stream's first frame, not as the live event under test.
+            if ev.data["type"] == "content_job.queued":
                 await stack.enter_async_context(
                     running_worker(dsn, demo.registry, fast_settings(storage_dir))
                 )
@@ -205,20 +253,24 @@ async def test_field_values_cannot_inject_sse_lines(
             gateway, f"{JOBS}/{job_id}/events", on_event=start_worker_once_subscribed
         )
     assert_gap_free(events, int(events[0].id or 0))
-    assert events[-1].event == "content_job.failed"
+    assert_all_status(events)
+    assert events[-1].data["type"] == "content_job.failed"
     assert evil in events[-1].data["errorMessage"]
-    assert [e.event for e in events].count("content_job.done") == 0
+    assert types(events).count("content_job.done") == 0
 
 
 async def test_cancel_ends_the_stream(gateway: RunningGateway) -> None:
     job_id = await enqueue(gateway, "echo", {})
 
     async def cancel_after_first(ev: Sse) -> None:
-        if ev.event == "status":
+        if ev.data["status"] == "queued":
             await gateway.state.client.cancel("acme", job_id)
 
     events = await collect(gateway, f"{JOBS}/{job_id}/events", on_event=cancel_after_first)
-    assert [e.event for e in events] == ["status", "content_job.cancelled"]
+    assert [(e.event, e.data["type"]) for e in events] == [
+        ("status", "content_job.queued"),
+        ("status", "content_job.cancelled"),
+    ]
 
 
 async def test_streams_close_cleanly_on_shutdown(dsn: str, storage_dir: Path) -> None:

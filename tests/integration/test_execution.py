@@ -208,6 +208,50 @@ async def test_asset_over_the_limit_fails_job_and_leaves_nothing(
     assert await fetch(dsn, "SELECT id FROM pgjobs.assets") == []
 
 
+async def test_asset_with_a_line_break_in_its_content_type_fails_the_job(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """Issue 19: a content type with CR/LF would have been stored and then broken every
+    download of the asset (the server refuses the header after the response began). The
+    handler's asset is refused instead: the job fails at once, saying why, and nothing
+    is stored."""
+    registry = Registry()
+    types = [
+        "text/html; charset=utf-8",  # the one that is fine
+        "text/html\r\nSet-Cookie: session=stolen",
+        "text/plain\nX-Evil: 1",
+        "text/plain\x00",
+        "text/plain\x7f",
+        "text/plain; name=\u00e9t\u00e9",
+        "",
+    ]
+
+    @registry.handler("smuggle")
+    async def smuggle(ctx: JobContext) -> GeneratedAsset:
+        return GeneratedAsset(b"<p>hi</p>", "a.html", content_type=types[ctx.input["n"]])
+
+    fine, *jobs = [
+        await client.enqueue("acme", "smuggle", {"n": n}, max_attempts=3) for n in range(len(types))
+    ]
+
+    async def all_finished() -> bool:
+        return all(
+            [await _status(client, j.id, JobStatus.FAILED) for j in jobs]
+            + [await _status(client, fine.id, JobStatus.DONE)]
+        )
+
+    async with running_worker(dsn, registry, fast_settings(storage_dir)):
+        await wait_until(all_finished, message="six failed, one done")
+    for job in jobs:
+        failed = await client.get("acme", job.id)
+        assert failed.attempts == 1, "a content type that cannot be served is not retried"
+        assert failed.error_message is not None
+        assert "GeneratedAsset content_type must be" in failed.error_message
+    (asset,) = await fetch(dsn, "SELECT content_type FROM pgjobs.assets")
+    assert asset["content_type"] == "text/html; charset=utf-8"
+    assert len(_files(storage_dir)) == 1
+
+
 def test_asset_limit_comes_from_the_environment(monkeypatch: object) -> None:
     import pytest
 

@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import pytest
 
 from helpers import wait_until
-from pgjobs.gateway.eventstream import PING, EventStream
+from pgjobs.gateway.eventstream import (
+    PING,
+    UVICORN_INCOMPLETE,
+    DroppedStreamLogFilter,
+    EventStream,
+    quiet_dropped_streams,
+)
 
 SCOPE = {"type": "http", "method": "GET"}
 
@@ -167,3 +174,33 @@ async def test_end_before_the_response_starts_sends_its_headers_and_ends() -> No
     assert client.sent[0]["type"] == "http.response.start"
     assert client.bodies == [b""]
     assert released == [1]
+
+
+async def test_uvicorns_error_is_filtered_only_for_a_stream_dropped_as_stuck() -> None:
+    """uvicorn logs an unfinished response at ERROR from the request's task after the app
+    returns: the filter drops that line for a stuck client's stream, and for nothing else."""
+    line = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, UVICORN_INCOMPLETE, (), None)
+    other = logging.LogRecord("uvicorn.error", logging.ERROR, "", 0, "Exception in ASGI", (), None)
+    log_filter = DroppedStreamLogFilter()
+
+    async def request(stuck: bool) -> tuple[bool, bool]:
+        client, released = Client(stuck_after=1 if stuck else None), []
+        source = Source([b"a"], then_wait=not stuck)
+        response = stream(source, released, ping=0.1, timeout=0.2)
+        if not stuck:
+            client.gone.set()  # the client leaves: not a drop
+        async with asyncio.timeout(3):  # not wait_for: that would run it in another task
+            await response(SCOPE, client.receive, client.send)
+        return bool(log_filter.filter(line)), bool(log_filter.filter(other))
+
+    # Each in a task of its own, as uvicorn runs each request.
+    assert await asyncio.create_task(request(stuck=True)) == (False, True)
+    assert await asyncio.create_task(request(stuck=False)) == (True, True)
+    assert log_filter.filter(line)
+
+
+def test_the_filter_is_installed_once() -> None:
+    logger = logging.getLogger("pgjobs-test-uvicorn-error")
+    quiet_dropped_streams(logger)
+    quiet_dropped_streams(logger)
+    assert sum(isinstance(f, DroppedStreamLogFilter) for f in logger.filters) == 1

@@ -17,6 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from pgjobs import db, gcpolicy
 from pgjobs.config import WorkerSettings
 from pgjobs.gateway import dashboard
+from pgjobs.gateway.eventstream import quiet_dropped_streams
 from pgjobs.gateway.protocol import protocol_class
 from pgjobs.gateway.responses import EXCEPTION_HANDLERS
 from pgjobs.gateway.routes import Api, routes
@@ -62,7 +63,13 @@ def create_app(
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,
     )
+    # Starlette answers a path with a trailing slash (or without one) that matches no
+    # route with a redirect to the other form, its Location built from the request's Host
+    # header, which the client chose: one exact path per route instead, anything else 404.
+    app.router.redirect_slashes = False
     app.state.gateway = state
+    # uvicorn would log each slow reader the streams drop as an ERROR (eventstream).
+    quiet_dropped_streams()
     return app
 
 

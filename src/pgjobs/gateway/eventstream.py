@@ -11,7 +11,12 @@ events once for all of its streams) and owns what a long-lived response needs:
   stops it once a send has waited ``send_timeout`` (noticed within max(ping, send
   timeout)). Checking on a timer, not wrapping each send in a timeout, keeps the cost
   per event to two clock reads: a per-send cancel scope (what sse-starlette does) was
-  about a third of the gateway's CPU per delivery at 1,000 company streams.
+  about a third of the gateway's CPU per delivery at 1,000 company streams. The drop
+  is logged once at INFO, and the response returns unfinished: every later send would
+  wait for the same client, and ASGI has no message that aborts a response. uvicorn
+  then closes the connection, which is the point, but also logs ``ASGI callable
+  returned without completing response`` at ERROR; ``DroppedStreamLogFilter`` keeps
+  that line out of the log, for these responses only.
 * *Keep-alive.* A comment (``: ping``) when nothing was written for ``ping_seconds``,
   so proxies do not close an idle stream. The same timer, one per stream, armed for the
   next thing due (not on a fixed tick: at 10,000 streams a 5 s tick was 4% of a core).
@@ -31,6 +36,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncGenerator, Callable
+from contextvars import ContextVar
 from typing import Final
 
 from starlette.responses import Response
@@ -46,6 +52,30 @@ HEADERS: Final = {
 }
 PING: Final = b": ping\r\n\r\n"
 _END: Final[Message] = {"type": "http.response.body", "body": b"", "more_body": False}
+
+# Set in the task that runs the request (uvicorn runs each request in a task of its own,
+# and Starlette awaits the response in it) when its stream was dropped as stuck.
+_DROPPED: ContextVar[bool] = ContextVar("pgjobs_event_stream_dropped", default=False)
+UVICORN_INCOMPLETE: Final = "ASGI callable returned without completing response."
+
+
+class DroppedStreamLogFilter(logging.Filter):
+    """Drops uvicorn's ERROR for a response left incomplete, when the response is an
+    event stream this module dropped because its client stopped reading (see the module
+    docstring): the drop is an expected outcome, already logged at INFO. uvicorn logs it
+    in the request's own task after the app returns, so the record is matched by that
+    task's context, and by the message uvicorn uses for exactly this case; any other
+    incomplete response still logs its ERROR."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (_DROPPED.get() and record.msg == UVICORN_INCOMPLETE)
+
+
+def quiet_dropped_streams(logger: logging.Logger | None = None) -> None:
+    """Install ``DroppedStreamLogFilter`` on uvicorn's error logger, once."""
+    logger = logger or logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, DroppedStreamLogFilter) for f in logger.filters):
+        logger.addFilter(DroppedStreamLogFilter())
 
 
 class EventStream(Response):
@@ -115,6 +145,7 @@ class EventStream(Response):
             if self._stopped is None or writer is None or writer.uncancel() > 0:
                 raise  # not ours (server shutdown after its grace period): let it through
             if self._stopped == "stuck":
+                _DROPPED.set(True)
                 log.info("dropped an event stream whose client stopped reading")
             elif self._stopped == "ended":
                 # A client that does not take even this gets its connection cut by

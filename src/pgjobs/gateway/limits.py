@@ -1,7 +1,8 @@
 """What one client may cost: request bodies, JSON, query parameters, concurrent streams.
 
-Everything a client sends is bounded before it is trusted. A body is counted while it
-streams in (a small or missing Content-Length proves nothing); JSON is parsed strictly
+Everything a client sends is bounded before it is trusted. A body must say it is JSON
+(anything else would be parsed as JSON all the same, or ignored: 415); it is counted while
+it streams in (a small or missing Content-Length proves nothing); JSON is parsed strictly
 (no NaN/Infinity, no duplicate keys, no recursion blow-up); numbers in query strings must
 be in range. Each failure is a 4xx with ``{"error": ...}``, never a 500.
 """
@@ -43,6 +44,43 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
             raise ApiError(413, f"request body is larger than {max_bytes} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+JSON_MEDIA_TYPE = "application/json"
+_NOT_JSON = f"Content-Type must be {JSON_MEDIA_TYPE}"
+
+
+def is_json_content_type(value: str) -> bool:
+    """``application/json``, in any case, with any parameters but a charset other than
+    UTF-8 (JSON is UTF-8; the body is decoded as such)."""
+    media_type, *params = value.split(";")
+    if media_type.strip().lower() != JSON_MEDIA_TYPE:
+        return False
+    for param in params:
+        name, _, raw = param.partition("=")
+        if name.strip().lower() == "charset" and raw.strip().strip('"').lower() not in (
+            "utf-8",
+            "utf8",
+        ):
+            return False
+    return True
+
+
+async def read_json_object(
+    request: Request, max_bytes: int, *, optional: bool = False
+) -> dict[str, Any]:
+    """The request's body as a JSON object: 415 unless its Content-Type is JSON, 413 past
+    ``max_bytes``, 400 if it is not one JSON object. An ``optional`` body may be left out
+    altogether (no body, no Content-Type): it is then an empty object."""
+    content_type = request.headers.get("content-type")
+    if content_type is not None and not is_json_content_type(content_type):
+        raise ApiError(415, _NOT_JSON)
+    if content_type is None and not optional:
+        raise ApiError(415, _NOT_JSON)
+    body = await read_body(request, max_bytes)
+    if content_type is None and body.strip():
+        raise ApiError(415, _NOT_JSON)  # a body with no type is not taken for JSON
+    return parse_json_object(body, empty_ok=optional)
 
 
 def _reject_constant(name: str) -> NoReturn:

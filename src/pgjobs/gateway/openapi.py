@@ -26,6 +26,7 @@ def _errors(*codes: int) -> dict[str, Any]:
         404: "Not found in this company",
         409: "The job's status does not allow this",
         413: "Request body or input too large",
+        415: "A body whose Content-Type is not application/json (a UTF-8 charset is fine)",
         422: "Input PostgreSQL cannot store, or a value out of range",
         429: "Too many open event streams",
         503: "Database busy or unavailable; see Retry-After",
@@ -50,8 +51,13 @@ _STREAM_TOKEN = {
     "schema": {"type": "string"},
     "description": "A token from POST .../stream-tokens, for clients that cannot send headers",
 }
+_SSE_EVENTS = (
+    "text/event-stream. Every event is `event: status` with data {jobId, status, type, "
+    "attempt, seq, progress?, resultAssetId?, errorMessage?, runAt?}; `type` is the "
+    "transition (content_job.queued, content_job.progress, ...)"
+)
 _SSE = {
-    "description": "text/event-stream",
+    "description": _SSE_EVENTS,
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 _AUTH_ERRORS = (401, 403, 503)
@@ -290,7 +296,7 @@ SCHEMA: dict[str, Any] = {
                 },
                 "responses": {
                     "202": _json({"$ref": "#/components/schemas/Enqueued"}, "Queued"),
-                    **_errors(400, 401, 403, 413, 422, 503),
+                    **_errors(400, 401, 403, 413, 415, 422, 503),
                 },
             },
             "get": {
@@ -369,7 +375,7 @@ SCHEMA: dict[str, Any] = {
                 "responses": {
                     "200": {
                         **_SSE,
-                        "description": "text/event-stream. An unknown job (or another "
+                        "description": _SSE_EVENTS + ". An unknown job (or another "
                         'company\'s) gets one `event: error` with {"error": "Job not found"} '
                         "and a one-day `retry:`, then the end.",
                     },
@@ -412,7 +418,7 @@ SCHEMA: dict[str, Any] = {
                 },
                 "responses": {
                     "201": _json({"$ref": "#/components/schemas/StreamToken"}, "Issued"),
-                    **_errors(400, 404, 413, *_AUTH_ERRORS),
+                    **_errors(400, 404, 413, 415, *_AUTH_ERRORS),
                 },
             },
         },

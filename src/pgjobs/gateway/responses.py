@@ -1,21 +1,25 @@
 """The JSON the gateway speaks: camelCase records and ``{"error": ...}`` for every failure.
 
 The exception handlers here are the only place errors become HTTP statuses, so the
-mapping can be read in one screen: bad input 400/413/422, unknown 404, wrong state 409,
-too many streams 429, database busy or down 503 with Retry-After, anything unexpected
-500 with a generic message (the details go to the log, not to the client).
+mapping can be read in one screen: bad input 400/413/415/422, unknown 404, wrong state
+409, too many streams 429, database busy or down 503 with Retry-After, anything
+unexpected 500 with a generic message (the details go to the log, not to the client). A
+client that leaves while sending its body is not an error of the server's: one INFO line.
+
+Every JSON answer, errors included, is an ``ApiJSONResponse``.
 """
 
 from __future__ import annotations
 
 import logging
 import re
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Final
 
 import psycopg
 from psycopg_pool import PoolTimeout, TooManyRequests
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
 from pgjobs.errors import (
@@ -39,6 +43,20 @@ _FIELD_NAMES = {
 _FIELD_RE = re.compile(r"\b(" + "|".join(_FIELD_NAMES) + r")\b")
 
 
+JSON_HEADERS: Final = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
+
+
+class ApiJSONResponse(JSONResponse):
+    """A JSON answer of the API. Never stored by a cache on the way (it is one company's
+    data, or a stream token, fetched with a token) and never sniffed by a browser as
+    anything but JSON."""
+
+    def __init__(
+        self, content: Any, status_code: int = 200, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(content, status_code, {**JSON_HEADERS, **(headers or {})})
+
+
 def camel_message(message: str) -> str:
     return _FIELD_RE.sub(lambda m: _FIELD_NAMES[m.group(1)], message)
 
@@ -58,7 +76,7 @@ def asset_json(asset: Asset) -> dict[str, Any]:
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
+    return ApiJSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 async def on_http_exception(request: Request, exc: Exception) -> Response:
@@ -87,6 +105,13 @@ async def on_database_busy(request: Request, exc: Exception) -> Response:
     return error(503, "database unavailable, retry shortly", {"Retry-After": "1"})
 
 
+async def on_client_disconnect(request: Request, exc: Exception) -> Response:
+    # Starlette raises ClientDisconnect when the client closed the connection before its
+    # request body was complete. Nobody is left to read an answer (uvicorn discards it).
+    log.info("client left during %s %s before its body arrived", request.method, request.url.path)
+    return error(400, "the request body was incomplete")
+
+
 async def on_unexpected(request: Request, exc: Exception) -> Response:
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
     return error(500, "internal error")
@@ -103,5 +128,6 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     psycopg.OperationalError: on_database_busy,
     # SQLSTATE 25006: a failover left us on a read-only server.
     psycopg.errors.ReadOnlySqlTransaction: on_database_busy,
+    ClientDisconnect: on_client_disconnect,
     Exception: on_unexpected,
 }

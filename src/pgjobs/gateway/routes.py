@@ -16,7 +16,7 @@ from urllib.parse import quote
 
 import psycopg
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
 from pgjobs.client import MAX_PAGE_SIZE
@@ -24,8 +24,8 @@ from pgjobs.errors import InvalidJobError
 from pgjobs.gateway import auth, companystream, openapi, payloads, sse
 from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
 from pgjobs.gateway.eventstream import EventStream
-from pgjobs.gateway.limits import ApiError, bad_request, parse_json_object, query_int, read_body
-from pgjobs.gateway.responses import asset_json, error
+from pgjobs.gateway.limits import ApiError, bad_request, query_int, read_json_object
+from pgjobs.gateway.responses import ApiJSONResponse, asset_json, error
 from pgjobs.gateway.state import GatewayState
 from pgjobs.types import Job, JobStatus
 
@@ -35,18 +35,6 @@ DEFAULT_PAGE_SIZE = 50
 STATS_WINDOW_SECONDS = 3600  # "done / failed in the last hour"
 MAX_CURSOR_LENGTH = 200
 STATUSES = frozenset(s.value for s in JobStatus)
-
-
-# EventSource reconnects after a stream ends; a day's retry delay stops it in practice
-# for a job that does not exist (or belongs to another company: the same answer).
-NOT_FOUND_RETRY_MS = 86_400_000
-
-
-# The issue's contract for an unknown job: a stream with one `event: error` carrying
-# {"error": "Job not found"}, then the end.
-NOT_FOUND_FRAME = b'retry: %d\r\nevent: error\r\ndata: {"error":"Job not found"}\r\n\r\n' % (
-    NOT_FOUND_RETRY_MS
-)
 
 
 class Api:
@@ -110,7 +98,7 @@ class Api:
     # -- service ----------------------------------------------------------------------
 
     async def healthz(self, request: Request) -> Response:
-        return JSONResponse({"status": "ok"})
+        return ApiJSONResponse({"status": "ok"})
 
     async def readyz(self, request: Request) -> Response:
         checks: dict[str, str] = {}
@@ -122,32 +110,32 @@ class Api:
             checks["database"] = f"unavailable: {type(exc).__name__}"
         checks["listener"] = "ok" if self.state.listener.connected.is_set() else "reconnecting"
         ready = all(v == "ok" for v in checks.values())
-        return JSONResponse(
+        return ApiJSONResponse(
             {"status": "ready" if ready else "unavailable", "checks": checks},
             status_code=200 if ready else 503,
             headers=None if ready else {"Retry-After": "1"},
         )
 
     async def openapi(self, request: Request) -> Response:
-        return JSONResponse(openapi.SCHEMA)
+        return ApiJSONResponse(openapi.SCHEMA)
 
     async def whoami(self, request: Request) -> Response:
         """Which company an API token acts for: how the dashboard, given only a token,
         learns the company its paths name."""
         principal = await self.bearer(request)
-        return JSONResponse({"companyId": principal.company_id})
+        return ApiJSONResponse({"companyId": principal.company_id})
 
     # -- jobs -------------------------------------------------------------------------
 
     async def enqueue(self, request: Request) -> Response:
         principal = await self.authorize(request)
         settings = self.state.settings
-        body = parse_json_object(await read_body(request, settings.max_body_bytes))
+        body = await read_json_object(request, settings.max_body_bytes)
         spec = payloads.parse_enqueue(body, principal.company_id, settings.max_input_bytes)
         await self._check_job_type(spec.job_type)
         (job,) = await self.state.client.enqueue_many([spec])
         location = f"/api/companies/{quote(job.company_id, safe='')}/content-jobs/{job.id}"
-        return JSONResponse(
+        return ApiJSONResponse(
             {
                 "jobId": str(job.id),
                 "status": job.status.value,
@@ -191,12 +179,12 @@ class Api:
         except InvalidJobError:
             bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")
         headers = {"X-Next-Cursor": page.next_cursor} if page.next_cursor else None
-        return JSONResponse(await self._jobs_json(page.jobs), headers=headers)
+        return ApiJSONResponse(await self._jobs_json(page.jobs), headers=headers)
 
     async def get_job(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.get(principal.company_id, request.path_params["jobId"])
-        return JSONResponse((await self._jobs_json([job]))[0])
+        return ApiJSONResponse((await self._jobs_json([job]))[0])
 
     async def _jobs_json(self, jobs: list[Job]) -> list[dict[str, Any]]:
         """Jobs as JSON; a queued one also gets ``servedBy``, the number of live workers
@@ -216,12 +204,12 @@ class Api:
     async def cancel(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.cancel(principal.company_id, request.path_params["jobId"])
-        return JSONResponse(job.to_json(), status_code=202)
+        return ApiJSONResponse(job.to_json(), status_code=202)
 
     async def retry(self, request: Request) -> Response:
         principal = await self.authorize(request)
         job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
-        return JSONResponse((await self._jobs_json([job]))[0], status_code=202)
+        return ApiJSONResponse((await self._jobs_json([job]))[0], status_code=202)
 
     async def stats(self, request: Request) -> Response:
         """The company's jobs per type: queued (due), scheduled, running, and done and
@@ -241,7 +229,7 @@ class Api:
             )
             rows = await cur.fetchall()
         counts = ("queued", "scheduled", "running", "done", "failed")
-        return JSONResponse(
+        return ApiJSONResponse(
             {
                 "windowSeconds": STATS_WINDOW_SECONDS,
                 "jobTypes": [
@@ -313,7 +301,7 @@ class Api:
         if isinstance(principal, Response):
             return principal
         if job_id is None:
-            return self._stream(sse.only(NOT_FOUND_FRAME))
+            return self._stream(sse.only(sse.NOT_FOUND_FRAME))
         try:
             last = sse.parse_job_cursor(request.headers.get("last-event-id"))
         except ValueError as exc:
@@ -337,7 +325,7 @@ class Api:
                 return self._stream(sse.only(sse.reconnect_frame()))
             if job is None:
                 release()
-                return self._stream(sse.only(NOT_FOUND_FRAME))
+                return self._stream(sse.only(sse.NOT_FOUND_FRAME))
             if last is not None and last > job["event_seq"]:
                 last = None  # not an id this job has issued: start from its current state
             if last == job["event_seq"] and job["status"] in sse.TERMINAL:
@@ -377,7 +365,7 @@ class Api:
     async def stream_token(self, request: Request) -> Response:
         principal = await self.authorize(request)
         settings = self.state.settings
-        body = parse_json_object(await read_body(request, 16 * 1024), empty_ok=True)
+        body = await read_json_object(request, 16 * 1024, optional=True)
         req = payloads.parse_stream_token_request(body, settings.stream_token_max_seconds)
         if req.job_id is not None:
             # Only for a job the caller can see: a token for another company's job id
@@ -390,7 +378,7 @@ class Api:
             req.ttl_seconds,
             parent=principal.token_id,
         )
-        return JSONResponse({"token": token, "expiresAt": expires.isoformat()}, status_code=201)
+        return ApiJSONResponse({"token": token, "expiresAt": expires.isoformat()}, status_code=201)
 
     # -- assets -----------------------------------------------------------------------
 
@@ -404,7 +392,7 @@ class Api:
         return asset
 
     async def get_asset(self, request: Request) -> Response:
-        return JSONResponse(asset_json(await self._asset(request)))
+        return ApiJSONResponse(asset_json(await self._asset(request)))
 
     async def get_asset_content(self, request: Request) -> Response:
         asset = await self._asset(request)

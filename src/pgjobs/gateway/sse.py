@@ -18,9 +18,17 @@ back), makes the stream read ``seq > last`` from the table before going on. A st
 after a terminal status; a browser that reconnects after it gets 204, which tells
 EventSource to stop.
 
+*One event name.* This module owns the frame format of both kinds of stream. Every job
+event, whether it is a job stream's first frame, a live transition, a replay after
+Last-Event-ID or a backfill after a LISTEN loss, and on the company stream too, is
+``event: status`` (``EVENT``), as the content-jobs API this service replaces sends it and
+its browser code listens for it; the transition is the data's ``type``
+(``content_job.progress``, ...). Only an unknown job gets ``event: error``
+(``NOT_FOUND_FRAME``).
+
 Data on every event: ``{jobId, status, type, attempt, seq, progress?, resultAssetId?,
 errorMessage?, runAt?}``, JSON on one ``data:`` line (``frame`` drops line breaks from
-``id``/``event``; ``json.dumps`` escapes them in data), so no field value can inject SSE
+the ``id``; ``json.dumps`` escapes them in data), so no field value can inject SSE
 lines. The streams yield encoded frames (``pgjobs.gateway.eventstream`` sends them).
 
 Every database read of a stream goes through ``read_rows`` (never cancelled half-way),
@@ -36,7 +44,7 @@ import random
 import re
 import uuid
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
@@ -61,6 +69,17 @@ PAGE = 500
 _EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
 _LINE_BREAK = re.compile(r"[\r\n]")
 
+EVENT: Final = "status"
+"""The SSE event name of every job event on every stream (see the module docstring)."""
+# EventSource reconnects after a stream ends; a day's retry delay stops it in practice
+# for a job that does not exist (or belongs to another company: the same answer).
+NOT_FOUND_RETRY_MS: Final = 86_400_000
+NOT_FOUND_FRAME: Final = (
+    b'retry: %d\r\nevent: error\r\ndata: {"error":"Job not found"}\r\n\r\n' % NOT_FOUND_RETRY_MS
+)
+"""The whole stream of an unknown job (the contract: one ``event: error`` carrying
+``{"error": "Job not found"}``, then the end)."""
+
 
 def event_data(
     job_id: object, status: str, type_: str, attempt: int, seq: int, extra: dict[str, Any]
@@ -76,17 +95,16 @@ def event_data(
     return data
 
 
-def frame(event: str, data: dict[str, Any], event_id: str) -> bytes:
-    """One encoded SSE event. ``ensure_ascii``: the data line is plain ASCII whatever a
-    job's messages contain, and JSON escapes every line break in it."""
+def frame(data: dict[str, Any], event_id: str) -> bytes:
+    """One encoded job event (``event: status``). ``ensure_ascii``: the data line is
+    plain ASCII whatever a job's messages contain, and JSON escapes every line break in
+    it."""
     body = json.dumps(data, separators=(",", ":"), allow_nan=False)
-    return (
-        f"id: {_one_line(event_id)}\r\nevent: {_one_line(event)}\r\ndata: {body}\r\n\r\n".encode()
-    )
+    return f"id: {_one_line(event_id)}\r\nevent: {EVENT}\r\ndata: {body}\r\n\r\n".encode()
 
 
 def _one_line(value: str) -> str:
-    # A line break in an id or event name would start a field of the attacker's choosing.
+    # A line break in an id would start a field of the attacker's choosing.
     return _LINE_BREAK.sub("", value) if "\r" in value or "\n" in value else value
 
 
@@ -106,10 +124,18 @@ def row_event(row: dict[str, Any], event_id: str | None = None) -> bytes:
     data = event_data(
         row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], row["payload"]
     )
-    return frame(row["type"], data, str(row["seq"]) if event_id is None else event_id)
+    return frame(data, str(row["seq"]) if event_id is None else event_id)
+
+
+def live_event(event: LiveEvent) -> bytes:
+    """An event as NOTIFY carried it, as a frame; its SSE id is the job's seq."""
+    data = event_data(event.job_id, event.status, event.type, event.attempt, event.seq, event.extra)
+    return frame(data, str(event.seq))
 
 
 def status_event(job: dict[str, Any]) -> bytes:
+    """A job stream's first frame without Last-Event-ID: the job's current state, its
+    SSE id the seq of the job's last event."""
     extra: dict[str, Any] = {
         "resultAssetId": str(job["result_asset_id"]) if job["result_asset_id"] else None,
         "errorMessage": job["error_message"],
@@ -122,7 +148,7 @@ def status_event(job: dict[str, Any]) -> bytes:
     data = event_data(
         job["id"], job["status"], job["last_event"], job["attempts"], job["event_seq"], extra
     )
-    return frame("status", data, str(job["event_seq"]))
+    return frame(data, str(job["event_seq"]))
 
 
 def parse_job_cursor(raw: str | None) -> int | None:
@@ -257,13 +283,7 @@ async def job_stream(
                     if ended:
                         return
             elif isinstance(item, LiveEvent) and item.seq == last + 1:
-                yield frame(
-                    item.type,
-                    event_data(
-                        item.job_id, item.status, item.type, item.attempt, item.seq, item.extra
-                    ),
-                    str(item.seq),
-                )
+                yield live_event(item)
                 last = item.seq
                 if item.status in TERMINAL:
                     return

@@ -491,10 +491,6 @@
         overview.poke();
       };
       source.addEventListener(EVENT_NAME, onEvent);
-      // TEMPORARY until the gateway names every frame `status` (the gwcontract branch):
-      for (const t of ["queued", "running", "progress", "retrying", "done", "failed", "cancelled"]) {
-        source.addEventListener(`content_job.${t}`, onEvent);
-      }
       source.onopen = () => {
         if (this.source !== source) return;
         setLive("live");
