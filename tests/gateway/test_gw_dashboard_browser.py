@@ -5,6 +5,8 @@ its LISTEN connection. Screenshots go to tests/artifacts/ (git-ignored)."""
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import itertools
 import json
 import os
@@ -184,7 +186,25 @@ async def test_jobs_move_live_cancel_works_and_job_text_stays_text(
         await page.get_by_label("Status").select_option("")
         await wait_until(lambda: _shown(page, render_id, long.id, xss.id), message="all again")
 
-        # The detail view: input as JSON text, the timeline the audit log holds.
+        # The render job's detail view: its asset, downloaded, is the stored file.
+        await page.locator(f"tr[data-job-id='{render_id}'] .id-cell a").click()
+        download_button = page.locator("#d-asset button")
+        await download_button.wait_for()
+        (asset,) = await fetch(
+            dsn,
+            "SELECT a.sha256 FROM pgjobs.assets a JOIN pgjobs.jobs j"
+            " ON j.result_asset_id = a.id WHERE j.id = %s",
+            [render_id],
+        )
+        assert asset["sha256"] in (await page.locator("#d-asset").text_content() or "")
+        async with page.expect_download() as download_info:
+            await download_button.click()
+        download = await download_info.value
+        content = await asyncio.to_thread(Path(await download.path()).read_bytes)
+        assert hashlib.sha256(content).hexdigest() == asset["sha256"]
+        assert await page.locator("#d-status").text_content() == "done"
+
+        # The failed job's detail view: input as JSON text, the timeline the audit log holds.
         await page.goto(f"{gateway.url}/#/jobs/acme/{xss.id}")
         timeline = page.locator("#d-timeline li")
         events = await fetch(
