@@ -723,9 +723,13 @@
       jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
     }
     const match = /^#\/jobs\/([^/]+)\/([^/]+)$/.exec(location.hash);
-    if (match) {
+    let target = null;
+    try {
+      if (match) target = [decodeURIComponent(match[1]), decodeURIComponent(match[2])];
+    } catch { /* a malformed escape in a typed-in URL: show the jobs instead */ }
+    if (target) {
       show("detail-view");
-      detail.open(decodeURIComponent(match[1]), decodeURIComponent(match[2]));
+      detail.open(...target);
     } else {
       detail.close();
       show("jobs-view");
