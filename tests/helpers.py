@@ -265,3 +265,16 @@ async def assert_histories_valid(dsn: str) -> int:
             problems.append(f"{job_id}: row {row} disagrees with its last event")
     assert not problems, "invalid histories:\n" + "\n".join(problems[:20])
     return len(by_job)
+
+
+# Times a caller may send that pgjobs must refuse before writing anything (issue 19): the
+# security probe's three, offsets beyond ±14:00, no offset, and the range's edges.
+OUT_OF_RANGE_RUN_ATS = (
+    "0001-01-01T00:00:00+00:01",
+    "9999-12-31T23:59:59-00:01",
+    "9999-12-31T23:59:59-23:59",
+    "2030-01-01T00:00:00+14:01",
+    "2030-01-01T00:00:00-14:01",
+    "2030-01-01T00:00:00",
+    "1969-12-31T23:59:59Z",
+)

@@ -160,7 +160,7 @@ class Completer:
                 log.warning(
                     "could not record %d finished job(s) (%s); retrying in %.2fs",
                     len(batch),
-                    exc,
+                    db.describe_error(exc),
                     delay,
                 )
                 await asyncio.sleep(delay)

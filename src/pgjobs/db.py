@@ -129,6 +129,20 @@ def redact(dsn: str) -> str:
     return re.sub(r"(password\s*=\s*)\S+", r"\1***", dsn)
 
 
+def describe_error(exc: BaseException) -> str:
+    """An error as one log line: its class and the server's primary message.
+
+    A statement the server kills (``pg_terminate_backend``, a restart) while it runs inside
+    a trigger arrives with the trigger's whole SQL as CONTEXT lines, and a dropped
+    connection with libpq's indented explanation: ~40 lines for what is, to whoever reads
+    the log, "terminating connection due to administrator command; retrying".
+    """
+    primary = exc.diag.message_primary if isinstance(exc, psycopg.Error) else None
+    text = primary or str(exc).strip()
+    first = text.splitlines()[0].strip() if text else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
 def unavailable(dsn: str, exc: Exception) -> DatabaseUnavailableError:
     first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return DatabaseUnavailableError(

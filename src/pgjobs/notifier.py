@@ -63,7 +63,11 @@ class Listener:
                 failures += 1
                 delay = min(self.max_backoff_seconds, 0.05 * 2**failures)
                 delay = delay / 2 + random.uniform(0, delay / 2)
-                log.warning("listener connection lost (%s); reconnecting in %.2fs", exc, delay)
+                log.warning(
+                    "listener connection lost (%s); reconnecting in %.2fs",
+                    db.describe_error(exc),
+                    delay,
+                )
                 await asyncio.sleep(delay)
                 continue
             finally:

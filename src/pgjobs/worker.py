@@ -307,7 +307,9 @@ class Worker:
                 log.info("released %d unfinished job(s) back to the queue", len(released))
                 return
             except TRANSIENT as exc:
-                log.warning("could not release jobs (%s); retry %d", exc, attempt + 1)
+                log.warning(
+                    "could not release jobs (%s); retry %d", db.describe_error(exc), attempt + 1
+                )
                 await asyncio.sleep(0.2 * 2**attempt)
         log.error(
             "gave up releasing %d job(s); they will be rescued when their lease expires", len(jobs)
@@ -373,7 +375,7 @@ class Worker:
             jobs = await self._claim(limit)
             self._claim_failures = 0
         except TRANSIENT as exc:
-            self._back_off(f"claim failed ({exc})")
+            self._back_off(f"claim failed ({db.describe_error(exc)})")
             jobs = []
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # The claim statement itself failed on a row (it rolled back: nothing was
@@ -383,11 +385,17 @@ class Worker:
             jobs = []
             failed = await self._fail_out_of_range()
             if failed:
-                log.error("claim failed (%s); failed %d job(s) holding a time out of range: %s",
-                          str(exc).strip(), len(failed), ", ".join(map(str, failed)))  # fmt: skip
+                log.error(
+                    "claim failed (%s); failed %d job(s) holding a time out of range: %s",
+                    db.describe_error(exc),
+                    len(failed),
+                    ", ".join(map(str, failed)),
+                )
                 self._wake()
             else:
-                self._back_off(f"claim failed on a data error ({str(exc).strip()})", log.error)
+                self._back_off(
+                    f"claim failed on a data error ({db.describe_error(exc)})", log.error
+                )
         finally:
             self._reserved -= limit
             self._claims -= 1
@@ -478,7 +486,9 @@ class Worker:
         except (*TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
             # Still leased to this worker, which never runs them: the rescuer returns them
             # to the queue when the lease expires, and the next claim tries again.
-            log.warning("could not fail %d unreadable job(s) (%s)", len(unreadable), exc)
+            log.warning(
+                "could not fail %d unreadable job(s) (%s)", len(unreadable), db.describe_error(exc)
+            )
 
     async def _fail_out_of_range(self) -> list[uuid.UUID]:
         assert self._pool is not None
@@ -490,7 +500,9 @@ class Worker:
                 )
                 return [row["id"] for row in await cur.fetchall()]
         except (*TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
-            log.warning("could not look for jobs holding a time out of range (%s)", exc)
+            log.warning(
+                "could not look for jobs holding a time out of range (%s)", db.describe_error(exc)
+            )
             return []
 
     def _on_notify(self, payload: str) -> None:
@@ -677,7 +689,7 @@ class Worker:
                 cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
                 updated = await cur.fetchone()
         except TRANSIENT as exc:
-            log.warning("job %s: progress not recorded (%s)", job.id, exc)
+            log.warning("job %s: progress not recorded (%s)", job.id, db.describe_error(exc))
             return False
         if updated is None:
             log.warning("job %s: progress rejected, this worker no longer holds the job", job.id)
@@ -707,7 +719,9 @@ class Worker:
                     )
                     still_held = {row["id"] for row in await cur.fetchall()}
             except TRANSIENT as exc:
-                log.warning("heartbeat failed (%s); leases not renewed this round", exc)
+                log.warning(
+                    "heartbeat failed (%s); leases not renewed this round", db.describe_error(exc)
+                )
                 continue
             for job in held:
                 if job.id not in still_held:
@@ -726,4 +740,4 @@ class Worker:
                 if passes % 30 == 0:
                     await rescuer.prune_stale_workers(self._pool)
             except (*TRANSIENT, psycopg.DataError) as exc:
-                log.warning("rescue pass failed (%s)", exc)
+                log.warning("rescue pass failed (%s)", db.describe_error(exc))

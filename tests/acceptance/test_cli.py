@@ -377,3 +377,11 @@ def test_jobs_list_and_show_read_a_time_python_cannot_represent(dsn: str) -> Non
     shown = pgjobs("jobs", "show", job_id, dsn=dsn)
     assert shown.returncode == 0, shown.stderr
     assert "Traceback" not in shown.stderr
+
+
+def test_help_is_plain_text() -> None:
+    """--help is read in a terminal: no reST markup from docstrings."""
+    for args in (["--help"], ["worker", "--help"], ["demo", "--help"], ["jobs", "show", "--help"]):
+        out = pgjobs(*args)
+        assert out.returncode == 0, out.stderr
+        assert "`" not in out.stdout, out.stdout

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import signal
 from pathlib import Path
 
@@ -185,8 +186,9 @@ async def test_workers_processes_run_every_job_exactly_once(dsn: str, client: Cl
 
 @pytest.mark.parametrize("target", ["pgjobs-worker%", "pgjobs-listen%"])
 async def test_terminated_backends_lose_and_duplicate_nothing(
-    dsn: str, client: Client, storage_dir: Path, target: str
+    dsn: str, client: Client, storage_dir: Path, target: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="pgjobs")
     jobs = await client.enqueue_many(JobSpec("acme", "sleep", {"seconds": 0.2}) for _ in range(300))
     kills = 0
     async with (
@@ -209,3 +211,10 @@ async def test_terminated_backends_lose_and_duplicate_nothing(
     assert kills >= 2, "the test must actually kill connections"
     await assert_each_job_done_once(dsn, len(jobs))
     assert await assert_histories_valid(dsn) == len(jobs)
+    # Each statement the server killed is one WARNING line saying what is retried: no
+    # trigger SQL from the error's CONTEXT, no libpq explanation, no traceback.
+    said = [r for r in caplog.records if r.name.startswith("pgjobs")]
+    assert said, "the kills must have been logged"
+    for record in said:
+        assert "\n" not in record.getMessage(), record.getMessage()
+        assert record.exc_info is None, record.getMessage()

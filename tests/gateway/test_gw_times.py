@@ -10,6 +10,7 @@ from gateway_helpers import RunningGateway
 from test_gw_input import JOBS, assert_nothing_written, post_raw
 
 from helpers import (
+    OUT_OF_RANGE_RUN_ATS,
     assert_histories_valid,
     fetch,
     job_status,
@@ -19,18 +20,7 @@ from helpers import (
 )
 
 
-@pytest.mark.parametrize(
-    "run_at",
-    [
-        "0001-01-01T00:00:00+00:01",
-        "9999-12-31T23:59:59-00:01",
-        "9999-12-31T23:59:59-23:59",
-        "2030-01-01T00:00:00+14:01",
-        "2030-01-01T00:00:00-14:01",
-        "2030-01-01T00:00:00",
-        "1969-12-31T23:59:59Z",
-    ],
-)
+@pytest.mark.parametrize("run_at", OUT_OF_RANGE_RUN_ATS)
 async def test_run_at_out_of_range_is_400_and_nothing_is_stored(
     gateway: RunningGateway, run_at: str
 ) -> None:

@@ -10,6 +10,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from pgjobs import db
 from pgjobs.client import Client
 from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
@@ -284,3 +285,15 @@ async def test_claim_stops_after_its_batch_among_many_finished_jobs(
     assert "job_queue_claim_idx" in plan, plan
     assert "Sort" not in plan, plan
     assert "Merge Join" not in plan, plan
+
+
+async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:
+    """An error raised inside PL/pgSQL carries CONTEXT lines; a log line keeps its class and
+    primary message only."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        with pytest.raises(psycopg.Error) as raised:
+            await conn.execute("DO $$ BEGIN RAISE EXCEPTION 'boom: %', 42; END $$")
+    assert "\n" in str(raised.value)  # what a log line would otherwise carry
+    assert db.describe_error(raised.value) == "RaiseException: boom: 42"
+    assert db.describe_error(OSError("no route\nto host")) == "OSError: no route"
+    assert db.describe_error(TimeoutError()) == "TimeoutError"

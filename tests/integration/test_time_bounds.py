@@ -9,7 +9,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from helpers import assert_histories_valid, fast_settings, fetch, running_worker, wait_until
+from helpers import (
+    OUT_OF_RANGE_RUN_ATS,
+    assert_histories_valid,
+    fast_settings,
+    fetch,
+    running_worker,
+    wait_until,
+)
 from pgjobs import demo
 from pgjobs.client import Client
 from pgjobs.errors import InvalidJobError
@@ -20,16 +27,7 @@ from pgjobs.types import UnreadableTime, iso
 ONE_US = dt.timedelta(microseconds=1)
 
 
-@pytest.mark.parametrize(
-    "run_at",
-    [
-        "0001-01-01T00:00:00+00:01",
-        "9999-12-31T23:59:59-00:01",
-        "9999-12-31T23:59:59-23:59",
-        "2030-01-01T00:00:00+14:01",
-        "2030-01-01T00:00:00",
-    ],
-)
+@pytest.mark.parametrize("run_at", OUT_OF_RANGE_RUN_ATS)
 async def test_client_refuses_run_at_out_of_range_and_stores_nothing(
     client: Client, run_at: str
 ) -> None:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
 
+from pgjobs import db
 from pgjobs.gateway.fanout import Subscription
 from pgjobs.gateway.sse import PAGE, read_rows, reconnect_frame, row_event, setup_read
 
@@ -163,7 +164,11 @@ class CompanyFeed:
                         break
             except psycopg.OperationalError as exc:  # PoolTimeout included
                 # The cursor has not moved: the next tick reads the same rows again.
-                log.warning("company feed %s: read failed, retrying: %s", self.company_id, exc)
+                log.warning(
+                    "company feed %s: read failed, retrying: %s",
+                    self.company_id,
+                    db.describe_error(exc),
+                )
                 held_back = True
             self.held_back = held_back
             poll = (
@@ -254,7 +259,7 @@ async def company_stream(
     try:
         feed, client, feed_cursor = await state.company_feeds.attach(sub.company_id)
     except psycopg.OperationalError as exc:  # PoolTimeout included
-        log.warning("company stream could not start: %s", exc)
+        log.warning("company stream could not start: %s", db.describe_error(exc))
         yield reconnect_frame()
         return
     try:
@@ -270,7 +275,7 @@ async def company_stream(
         except (psycopg.OperationalError, TimeoutError) as exc:
             # Busy or unreachable database, or no turn for the pool within
             # STREAM_SETUP_WAIT_SECONDS: end; the browser resumes from Last-Event-ID.
-            log.warning("company stream catch-up failed: %s", exc)
+            log.warning("company stream catch-up failed: %s", db.describe_error(exc))
             yield reconnect_frame()
             return
         if cursor is None:

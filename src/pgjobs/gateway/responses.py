@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 
+from pgjobs import db
 from pgjobs.errors import (
     DatabaseUnavailableError,
     InvalidJobError,
@@ -101,7 +102,12 @@ async def on_invalid_transition(request: Request, exc: Exception) -> Response:
 async def on_database_busy(request: Request, exc: Exception) -> Response:
     # The pool is exhausted, or the database is unreachable, restarting or read-only
     # (failover): the request may well succeed in a moment.
-    log.warning("database unavailable for %s %s: %s", request.method, request.url.path, exc)
+    log.warning(
+        "database unavailable for %s %s: %s",
+        request.method,
+        request.url.path,
+        db.describe_error(exc),
+    )
     return error(503, "database unavailable, retry shortly", {"Retry-After": "1"})
 
 

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
+from pgjobs import db
 from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.eventstream import EventStream
 
@@ -83,7 +84,7 @@ class Revocations:
                 # The next check asks again about every open stream's token: a check
                 # that failed delays revocation by an interval, it never loses one.
                 self.failures += 1
-                log.warning("could not check for revoked tokens: %s", exc)
+                log.warning("could not check for revoked tokens: %s", db.describe_error(exc))
 
     async def check(self) -> int:
         """End the open streams whose token is revoked; returns how many were ended."""

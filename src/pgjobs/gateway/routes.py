@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
+from pgjobs import db
 from pgjobs.client import MAX_PAGE_SIZE
 from pgjobs.errors import InvalidJobError
 from pgjobs.gateway import auth, companystream, openapi, payloads, sse
@@ -289,7 +290,7 @@ class Api:
         try:
             return await self.authorize(request, stream=True, stream_job=stream_job)
         except (psycopg.OperationalError, TimeoutError) as exc:  # PoolTimeout included
-            log.warning("event stream could not check its token: %s", exc)
+            log.warning("event stream could not check its token: %s", db.describe_error(exc))
             return self._stream(sse.only(sse.reconnect_frame()))
 
     async def job_events(self, request: Request) -> Response:
@@ -320,7 +321,7 @@ class Api:
             try:
                 job = await sse.load_job(self.state, company_id, job_id)
             except (psycopg.OperationalError, TimeoutError) as exc:  # pool busy, database down
-                log.warning("job stream %s could not start: %s", job_id, exc)
+                log.warning("job stream %s could not start: %s", job_id, db.describe_error(exc))
                 release()
                 return self._stream(sse.only(sse.reconnect_frame()))
             if job is None:

@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
 
+from pgjobs import db
 from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.fanout import BACKFILL, CLOSED, LiveEvent, Subscription
 
@@ -292,5 +293,5 @@ async def job_stream(
         # The database is busy or gone, or the catch-up got no turn for the pool within
         # STREAM_SETUP_WAIT_SECONDS: end the stream; the browser resumes from its
         # Last-Event-ID when it reconnects.
-        log.warning("job stream %s ended: %s", job_id, exc)
+        log.warning("job stream %s ended: %s", job_id, db.describe_error(exc))
         yield reconnect_frame()
