@@ -161,6 +161,13 @@ async def test_jobs_move_live_cancel_works_and_job_text_stays_text(
             assert await long_row.locator("button.cancel").is_disabled()
             assert not await long_row.locator("button.retry").is_disabled()
 
+        # Retry it (no worker runs now): queued again, with one more attempt allowed.
+        await long_row.get_by_role("button", name=f"Retry job {str(long.id)[-8:]}").click()
+        await page.locator("#confirm").get_by_role("button", name="Retry job").click()
+        await wait_until(lambda: _status(page, str(long.id), "queued"), message="retried")
+        assert (await db_jobs(dsn))[str(long.id)]["status"] == "queued"
+        assert await long_row.locator(".attempt").text_content() == "1 / 3"
+
         # The job's text is shown as text: the markup is visible, nothing ran.
         shown = await row(page, str(xss.id))
         assert shown is not None
