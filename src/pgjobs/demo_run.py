@@ -3,8 +3,8 @@
 Migrates, starts worker processes with the demo handlers and the HTTP/SSE gateway,
 submits one job through the gateway's REST API and the rest in one bulk enqueue, and
 prints every event as the database commits it. Then it leaves the workers and the gateway
-running (with an API token and curl commands to try) until Ctrl-C, or, with
-``--exit-when-done``, shuts everything down gracefully.
+running (with the dashboard's URL, an API token to sign in with, and curl commands to
+try) until Ctrl-C, or, with ``--exit-when-done``, shuts everything down gracefully.
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ async def run(dsn: str, *, workers: int = 2, port: int = 8000, exit_when_done: b
             "status, attempt, created_at from pgjobs.job_events order by id'"
         )
         if not exit_when_done:
-            print(f"\ngateway {base}  (API token for company acme, shown once: {token})")
+            print(f"\ndashboard  {base}/  (open it and sign in with the API token below)")
+            print(f"gateway {base}  (API token for company acme, shown once: {token})")
             auth_header = f"-H 'Authorization: Bearer {token}'"
             print(f"  curl {auth_header} {base}/api/companies/acme/content-jobs")
             print(f"  curl -N {auth_header} {base}/api/companies/acme/events")

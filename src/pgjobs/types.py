@@ -131,6 +131,9 @@ class Job:
             "sourceTaskId": self.source_task_id,
             "attempts": self.attempts,
             "maxAttempts": self.max_attempts,
+            # The seq of the last event this state reflects: an event stream's `seq`, so a
+            # page holding this record applies only events with a larger one.
+            "seq": self.event_seq,
             "progress": None
             if self.progress is None
             else {"fraction": self.progress.fraction, "message": self.progress.message},

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
@@ -171,6 +173,7 @@ def test_make_run_demo_end_to_end(dsn: str, tmp_path: Path) -> None:
     assert "acme/fail          failed  attempts 2  error: RuntimeError: simulated outage" in results
     # Nothing to try against a gateway that is being stopped.
     assert "pgj_" not in out.stdout
+    assert "dashboard" not in out.stdout
     assert "curl" not in out.stdout
     assert out.stdout.rstrip().endswith("workers and gateway stopped")
 
@@ -202,6 +205,12 @@ def test_demo_says_its_port_was_busy_and_prints_how_to_try_the_gateway(
                 lines.append(line)
                 if "press Ctrl-C" in line or time.monotonic() > deadline:
                     break
+            # The dashboard it names is served there while it runs.
+            page = re.search(r"^dashboard  (\S+) ", "".join(lines), re.MULTILINE)
+            assert page is not None, lines
+            with urllib.request.urlopen(page.group(1), timeout=10) as response:  # noqa: S310
+                assert response.headers["Content-Type"].startswith("text/html")
+                assert b"API token" in response.read()
             proc.send_signal(signal.SIGINT)
             rest, _ = proc.communicate(timeout=60)
         finally:
@@ -214,6 +223,12 @@ def test_demo_says_its_port_was_busy_and_prints_how_to_try_the_gateway(
     assert busy_at < started, out
     assert f"http://127.0.0.1:{port}" not in out
     assert "curl -N -H 'Authorization: Bearer pgj_" in out
+    # The dashboard's address, with the token to sign in with right below it.
+    dashboard = re.search(r"^dashboard  (http://127\.0\.0\.1:\d+/) ", out, re.MULTILINE)
+    assert dashboard is not None, out
+    token = re.search(r"API token for company acme, shown once: (pgj_\S+)\)", out)
+    assert token is not None, out
+    assert out.index(dashboard.group(0)) < out.index(token.group(0))
     assert out.rstrip().endswith("workers and gateway stopped")
 
 

@@ -20,7 +20,7 @@ from pgjobs.storage import LocalStorage
 JOBS = "/api/companies/acme/content-jobs"
 JOB_KEYS = {
     "id", "companyId", "jobType", "status", "input", "result", "resultAssetId", "errorMessage",
-    "sourceTaskId", "attempts", "maxAttempts", "progress", "startedAt", "finishedAt",
+    "sourceTaskId", "attempts", "maxAttempts", "seq", "progress", "startedAt", "finishedAt",
     "createdAt", "updatedAt",
 }  # fmt: skip
 

@@ -16,6 +16,7 @@ from starlette.middleware.cors import CORSMiddleware
 
 from pgjobs import db, gcpolicy
 from pgjobs.config import WorkerSettings
+from pgjobs.gateway import dashboard
 from pgjobs.gateway.eventstream import quiet_dropped_streams
 from pgjobs.gateway.protocol import protocol_class
 from pgjobs.gateway.responses import EXCEPTION_HANDLERS
@@ -57,7 +58,7 @@ def create_app(
             )
         )
     app = Starlette(
-        routes=routes(Api(state)),
+        routes=[*routes(Api(state)), *dashboard.routes()],
         middleware=middleware,
         exception_handlers=EXCEPTION_HANDLERS,
         lifespan=lifespan,

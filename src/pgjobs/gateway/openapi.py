@@ -99,6 +99,38 @@ SCHEMA: dict[str, Any] = {
                     "createdAt": _TIME,
                 },
             },
+            "Stats": {
+                "type": "object",
+                "required": ["windowSeconds", "jobTypes", "totals"],
+                "properties": {
+                    "windowSeconds": {"type": "integer"},
+                    "jobTypes": {
+                        "type": "array",
+                        "items": {
+                            "type": "object",
+                            "required": [
+                                "jobType",
+                                "queued",
+                                "scheduled",
+                                "running",
+                                "done",
+                                "failed",
+                                "oldestQueuedAt",
+                            ],
+                            "properties": {
+                                "jobType": {"type": "string"},
+                                "queued": {"type": "integer"},
+                                "scheduled": {"type": "integer"},
+                                "running": {"type": "integer"},
+                                "done": {"type": "integer"},
+                                "failed": {"type": "integer"},
+                                "oldestQueuedAt": _NULLABLE_TIME,
+                            },
+                        },
+                    },
+                    "totals": {"type": "object"},
+                },
+            },
             "Job": {
                 "type": "object",
                 "required": [
@@ -113,6 +145,7 @@ SCHEMA: dict[str, Any] = {
                     "sourceTaskId",
                     "attempts",
                     "maxAttempts",
+                    "seq",
                     "progress",
                     "startedAt",
                     "finishedAt",
@@ -131,6 +164,10 @@ SCHEMA: dict[str, Any] = {
                     "sourceTaskId": _NULLABLE_STR,
                     "attempts": {"type": "integer"},
                     "maxAttempts": {"type": "integer"},
+                    "seq": {
+                        "type": "integer",
+                        "description": "The seq of the last event this state reflects",
+                    },
                     "progress": {
                         "type": ["object", "null"],
                         "properties": {
@@ -193,6 +230,34 @@ SCHEMA: dict[str, Any] = {
     },
     "security": [{"bearer": []}],
     "paths": {
+        "/": {
+            "get": {
+                "summary": "The dashboard (an HTML page; its files are under /static/)",
+                "security": [],
+                "responses": {
+                    "200": {
+                        "description": "text/html",
+                        "content": {"text/html": {"schema": {"type": "string"}}},
+                    }
+                },
+            }
+        },
+        "/api/whoami": {
+            "get": {
+                "summary": "The company this API token acts for",
+                "responses": {
+                    "200": _json(
+                        {
+                            "type": "object",
+                            "required": ["companyId"],
+                            "properties": {"companyId": {"type": "string"}},
+                        },
+                        "The token's company",
+                    ),
+                    **_errors(401, 503),
+                },
+            }
+        },
         "/healthz": {
             "get": {
                 "summary": "Liveness: the process answers",
@@ -326,6 +391,17 @@ SCHEMA: dict[str, Any] = {
                 "id = '<xid>-<eventId>'",
                 "parameters": [_LAST_EVENT_ID, _STREAM_TOKEN],
                 "responses": {"200": _SSE, **_errors(400, 429, *_AUTH_ERRORS)},
+            },
+        },
+        "/api/companies/{companyId}/stats": {
+            "parameters": [_COMPANY],
+            "get": {
+                "summary": "The company's jobs per type: queued (due), scheduled, running, "
+                "and done and failed in the last hour",
+                "responses": {
+                    "200": _json({"$ref": "#/components/schemas/Stats"}, "Counts"),
+                    **_errors(*_AUTH_ERRORS),
+                },
             },
         },
         "/api/companies/{companyId}/stream-tokens": {

@@ -96,3 +96,76 @@ SELECT EXISTS (
 
 -- name: gateway_check_ready
 SELECT to_regclass('pgjobs.api_tokens') IS NOT NULL AS migrated;
+
+-- name: job_events_window_start_xid
+-- Where the done/failed events of a company's last `window_seconds` begin in
+-- job_events_company_xid_idx (company_id, xid, id), which job_stats_by_company scans from
+-- there: pgjobs.job_events has no index on time. The xid of the company's newest (in xid
+-- order) done or failed event from before the window, found by walking that index
+-- backwards over the window's events; '0' if there is none. A done or failed event is
+-- written by one short statement (a completion, the rescuer, a cancel), whose xid is
+-- taken within moments of its created_at, so the window's events all have larger xids,
+-- but for a skew of one statement's duration at the window's start. A separate statement,
+-- so that the planner sees the bound's value when it plans the scan (a bound computed
+-- inside the same query is unknown at planning time, and the estimate for `xid >= ?`
+-- then makes it choose a scan of the whole table).
+SELECT coalesce((
+    SELECT e.xid FROM pgjobs.job_events e
+    WHERE e.company_id = %(company_id)s::text
+      AND e.type IN ('content_job.done', 'content_job.failed')
+      AND e.created_at < coalesce(%(now)s::timestamptz, now())
+                         - make_interval(secs => %(window_seconds)s::float8)
+    ORDER BY e.xid DESC, e.id DESC
+    LIMIT 1
+), '0'::xid8)::text AS xid;
+
+-- name: job_stats_by_company
+-- A company's jobs per job type: queued (due now), scheduled (run_at in the future),
+-- running, and done and failed within the last `window_seconds` before `now`. One row per
+-- job type that has any; oldest_queued_at is the earliest run_at of the due ones.
+-- Neither part reads the finished jobs' history:
+-- * queued / scheduled / running come from pgjobs.job_queue, which holds only the queued
+--   and running jobs. It has no company column: each row's company is looked up in
+--   pgjobs.jobs by primary key (a subquery per row, so that the planner cannot choose to
+--   scan pgjobs.jobs for the company instead); the cost is the whole queue's depth.
+-- * done / failed: the company's events from `since_xid` (job_events_window_start_xid)
+--   on, through job_events_company_xid_idx, each joined to its job for its type; the cost
+--   is the company's events in the window.
+WITH p AS MATERIALIZED (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now,
+           coalesce(%(now)s::timestamptz, now())
+               - make_interval(secs => %(window_seconds)s::float8) AS since
+), active AS (
+    SELECT q.job_type,
+           count(*) FILTER (WHERE q.lease_expires_at IS NULL AND q.run_at <= p.now) AS queued,
+           count(*) FILTER (WHERE q.lease_expires_at IS NULL AND q.run_at > p.now) AS scheduled,
+           count(*) FILTER (WHERE q.lease_expires_at IS NOT NULL) AS running,
+           min(q.run_at) FILTER (WHERE q.lease_expires_at IS NULL AND q.run_at <= p.now)
+               AS oldest_queued_at
+    FROM pgjobs.job_queue q
+    CROSS JOIN p
+    WHERE (SELECT j.company_id FROM pgjobs.jobs j WHERE j.id = q.job_id)
+          = %(company_id)s::text
+    GROUP BY q.job_type
+), ended AS (
+    SELECT j.job_type,
+           count(*) FILTER (WHERE e.type = 'content_job.done') AS done,
+           count(*) FILTER (WHERE e.type = 'content_job.failed') AS failed
+    FROM pgjobs.job_events e
+    JOIN pgjobs.jobs j ON j.id = e.job_id
+    CROSS JOIN p
+    WHERE e.company_id = %(company_id)s::text
+      AND e.xid >= %(since_xid)s::xid8
+      AND e.type IN ('content_job.done', 'content_job.failed')
+      AND e.created_at >= p.since AND e.created_at <= p.now
+    GROUP BY j.job_type
+)
+SELECT coalesce(a.job_type, d.job_type) AS job_type,
+       coalesce(a.queued, 0) AS queued,
+       coalesce(a.scheduled, 0) AS scheduled,
+       coalesce(a.running, 0) AS running,
+       coalesce(d.done, 0) AS done,
+       coalesce(d.failed, 0) AS failed,
+       a.oldest_queued_at
+FROM active a FULL JOIN ended d ON d.job_type = a.job_type
+ORDER BY 1;

@@ -33,6 +33,7 @@ from pgjobs.types import Job, JobStatus
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
+STATS_WINDOW_SECONDS = 3600  # "done / failed in the last hour"
 MAX_CURSOR_LENGTH = 200
 STATUSES = frozenset(s.value for s in JobStatus)
 
@@ -60,10 +61,7 @@ class Api:
         header = request.headers.get("authorization")
         stream_token = request.query_params.get("streamToken") if stream else None
         if header is not None:
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() == "bearer" and token.strip():
-                async with self.state.pool.connection() as conn:
-                    principal = await auth.verify_api_token(conn, token.strip())
+            principal = await self._api_token(header)
         elif stream_token:
             principal = auth.verify_stream_token(self.state.settings.secret, stream_token)
             if principal is not None:
@@ -80,6 +78,22 @@ class Api:
             raise ApiError(403, "this token does not grant access to this company")
         if principal.job_scope is not None and (not stream or principal.job_scope != stream_job):
             raise ApiError(403, "this stream token is for another job")
+        return principal
+
+    async def _api_token(self, header: str) -> Principal | None:
+        """The caller named by an ``Authorization: Bearer`` header, if its token is valid."""
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            return None
+        async with self.state.pool.connection() as conn:
+            return await auth.verify_api_token(conn, token.strip())
+
+    async def bearer(self, request: Request) -> Principal:
+        """The caller of a route without a company in its path, by its API token (401
+        without a valid one)."""
+        principal = await self._api_token(request.headers.get("authorization") or "")
+        if principal is None:
+            raise ApiError(401, "missing or invalid token", {"WWW-Authenticate": "Bearer"})
         return principal
 
     # -- service ----------------------------------------------------------------------
@@ -105,6 +119,12 @@ class Api:
 
     async def openapi(self, request: Request) -> Response:
         return ApiJSONResponse(openapi.SCHEMA)
+
+    async def whoami(self, request: Request) -> Response:
+        """Which company an API token acts for: how the dashboard, given only a token,
+        learns the company its paths name."""
+        principal = await self.bearer(request)
+        return ApiJSONResponse({"companyId": principal.company_id})
 
     # -- jobs -------------------------------------------------------------------------
 
@@ -191,6 +211,41 @@ class Api:
         principal = await self.authorize(request)
         job = await self.state.client.retry(principal.company_id, request.path_params["jobId"])
         return ApiJSONResponse((await self._jobs_json([job]))[0], status_code=202)
+
+    async def stats(self, request: Request) -> Response:
+        """The company's jobs per type: queued (due), scheduled, running, and done and
+        failed in the last hour (the query says what each costs)."""
+        principal = await self.authorize(request)
+        params: dict[str, Any] = {
+            "company_id": principal.company_id,
+            "window_seconds": STATS_WINDOW_SECONDS,
+            "now": None,
+        }
+        async with self.state.pool.connection() as conn:
+            cur = await conn.execute(GATEWAY_QUERIES["job_events_window_start_xid"], params)
+            start = await cur.fetchone()
+            assert start is not None  # coalesce(...): always one row
+            cur = await conn.execute(
+                GATEWAY_QUERIES["job_stats_by_company"], {**params, "since_xid": start["xid"]}
+            )
+            rows = await cur.fetchall()
+        counts = ("queued", "scheduled", "running", "done", "failed")
+        return ApiJSONResponse(
+            {
+                "windowSeconds": STATS_WINDOW_SECONDS,
+                "jobTypes": [
+                    {
+                        "jobType": row["job_type"],
+                        **{name: row[name] for name in counts},
+                        "oldestQueuedAt": row["oldest_queued_at"].isoformat()
+                        if row["oldest_queued_at"]
+                        else None,
+                    }
+                    for row in rows
+                ],
+                "totals": {name: sum(row[name] for row in rows) for name in counts},
+            }
+        )
 
     # -- event streams ----------------------------------------------------------------
 
@@ -370,6 +425,7 @@ def routes(api: Api) -> list[BaseRoute]:
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
+        Route("/api/whoami", api.whoami, methods=["GET"]),
         Route(company + "/content-jobs", api.enqueue, methods=["POST"]),
         Route(company + "/content-jobs", api.list_jobs, methods=["GET"]),
         Route(job, api.get_job, methods=["GET"]),
@@ -377,6 +433,7 @@ def routes(api: Api) -> list[BaseRoute]:
         Route(job + "/retry", api.retry, methods=["POST"]),
         Route(job + "/events", api.job_events, methods=["GET"]),
         Route(company + "/events", api.company_events, methods=["GET"]),
+        Route(company + "/stats", api.stats, methods=["GET"]),
         Route(company + "/stream-tokens", api.stream_token, methods=["POST"]),
         Route(company + "/assets/{assetId}", api.get_asset, methods=["GET"]),
         Route(company + "/assets/{assetId}/content", api.get_asset_content, methods=["GET"]),

@@ -1,0 +1,783 @@
+// The pgjobs dashboard: the company's jobs, live from its event stream.
+//
+// Data comes from the gateway's JSON API (Authorization: Bearer, with the token typed in
+// and held in sessionStorage) and its event streams (EventSource with a short-lived
+// stream token). Every value that came from a job is put in the page as text
+// (textContent), never as markup.
+//
+// Live rows: the company stream sends every transition of the company's jobs; each
+// carries the job's `seq`, and a row takes an event only if its seq is newer than the
+// row's (records from the list API carry `seq` too), so an event replayed after a
+// reconnect, or one older than a freshly listed record, never moves a row back. A job the
+// page has not listed yet is fetched once and inserted. EventSource resumes with
+// Last-Event-ID by itself; when it gives up (its stream token expired), a new stream
+// starts from now and the listed jobs are read again. Renders are coalesced to at most
+// one every RENDER_MS.
+"use strict";
+
+(() => {
+  const RENDER_MS = 100;
+  const PAGE_SIZE = 50;
+  const TERMINAL = new Set(["done", "failed", "cancelled"]);
+  const CAN_CANCEL = new Set(["queued", "running"]);
+  const CAN_RETRY = new Set(["failed", "cancelled"]);
+  const KEY_TOKEN = "pgjobs.token";
+  const KEY_COMPANY = "pgjobs.company";
+
+  const $ = (id) => document.getElementById(id);
+
+  // -- session ------------------------------------------------------------------------
+
+  const session = {
+    get token() { return sessionStorage.getItem(KEY_TOKEN); },
+    get company() { return sessionStorage.getItem(KEY_COMPANY); },
+    save(token, company) {
+      sessionStorage.setItem(KEY_TOKEN, token);
+      sessionStorage.setItem(KEY_COMPANY, company);
+    },
+    clear() {
+      sessionStorage.removeItem(KEY_TOKEN);
+      sessionStorage.removeItem(KEY_COMPANY);
+    },
+  };
+
+  class ApiError extends Error {
+    constructor(status, message) {
+      super(message);
+      this.status = status;
+    }
+  }
+
+  async function api(method, path, body, token = session.token) {
+    const headers = { Authorization: `Bearer ${token}` };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(path, {
+      method, headers, body: body === undefined ? undefined : JSON.stringify(body),
+      cache: "no-store",
+    });
+    let data = null;
+    if ((response.headers.get("content-type") || "").includes("json")) {
+      data = await response.json();
+    }
+    if (!response.ok) {
+      if (response.status === 401 && token === session.token) signOut("Your token was refused.");
+      throw new ApiError(response.status, (data && data.error) || response.statusText);
+    }
+    return { data, headers: response.headers };
+  }
+
+  const companyPath = (company = session.company) =>
+    `/api/companies/${encodeURIComponent(company)}`;
+  const jobPath = (jobId, company) =>
+    `${companyPath(company)}/content-jobs/${encodeURIComponent(jobId)}`;
+
+  async function streamToken(jobId) {
+    const body = jobId ? { jobId } : {};
+    const { data } = await api("POST", `${companyPath()}/stream-tokens`, body);
+    return data.token;
+  }
+
+  // -- small DOM helpers ----------------------------------------------------------------
+
+  function el(tag, props = {}, ...children) {
+    const node = document.createElement(tag);
+    for (const [key, value] of Object.entries(props)) {
+      if (key === "class") node.className = value;
+      else if (key === "text") node.textContent = value;
+      else if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+      else if (value !== undefined && value !== null && value !== false) node.setAttribute(key, value);
+    }
+    for (const child of children) if (child) node.append(child);
+    return node;
+  }
+
+  function badge(status) {
+    return el("span", { class: `badge ${status}`, text: status });
+  }
+
+  function timeEl(iso) {
+    if (!iso) return document.createTextNode("—");
+    const date = new Date(iso);
+    return el("time", { datetime: iso, title: iso, text: date.toLocaleString() });
+  }
+
+  function progressEl(progress, status) {
+    const wrap = el("div", { class: "progress" });
+    const fraction = progress && typeof progress.fraction === "number" ? progress.fraction : null;
+    if (fraction === null && status !== "running") {
+      wrap.textContent = status === "done" ? "100%" : "—";
+      return wrap;
+    }
+    const bar = el("progress", { max: "1", "aria-label": "Progress" });
+    if (fraction !== null) {
+      bar.value = fraction;
+      bar.setAttribute("aria-valuetext", `${Math.round(fraction * 100)}%`);
+    }
+    wrap.append(bar);
+    const text = [fraction !== null ? `${Math.round(fraction * 100)}%` : "", progress && progress.message]
+      .filter(Boolean).join(" · ");
+    if (text) wrap.append(el("small", { text }));
+    return wrap;
+  }
+
+  // The end of the id: ids are UUIDv7, whose first digits are the creation time and the
+  // same for every job created in the same moment.
+  const shortId = (id) => id.slice(-8);
+
+  async function copy(text, button) {
+    try {
+      await navigator.clipboard.writeText(text);
+      button.textContent = "copied";
+    } catch {
+      button.textContent = "copy failed";
+    }
+    setTimeout(() => { button.textContent = "copy"; }, 1500);
+  }
+
+  // -- confirmation -------------------------------------------------------------------
+
+  function confirmAction(text, label) {
+    const dialog = $("confirm");
+    $("confirm-text").textContent = text;
+    $("confirm-yes").textContent = label;
+    return new Promise((resolve) => {
+      dialog.addEventListener("close", () => resolve(dialog.returnValue === "yes"), { once: true });
+      dialog.returnValue = "";
+      dialog.showModal();
+      $("confirm-no").focus();
+    });
+  }
+
+  async function act(job, action) {
+    const verb = action === "cancel" ? "Cancel" : "Retry";
+    const ok = await confirmAction(`${verb} job ${shortId(job.id)} (${job.jobType})?`, `${verb} job`);
+    if (!ok) return;
+    try {
+      const { data } = await api("POST", `${jobPath(job.id, job.companyId)}/${action}`);
+      jobs.upsert(data);
+      if (detail.job && detail.job.id === data.id) detail.applyJob(data);
+      say(`${verb === "Cancel" ? "Cancelled" : "Retried"} ${shortId(job.id)}.`);
+    } catch (error) {
+      say(`${verb} failed: ${error.message}`);
+    }
+  }
+
+  function actionButtons(job) {
+    return el("div", { class: "actions" },
+      el("button", {
+        type: "button", class: "cancel", text: "Cancel",
+        "aria-label": `Cancel job ${shortId(job.id)}`,
+        disabled: !CAN_CANCEL.has(job.status),
+        onclick: () => act(job, "cancel"),
+      }),
+      el("button", {
+        type: "button", class: "retry", text: "Retry",
+        "aria-label": `Retry job ${shortId(job.id)}`,
+        disabled: !CAN_RETRY.has(job.status),
+        onclick: () => act(job, "retry"),
+      }),
+    );
+  }
+
+  function say(text) { $("jobs-message").textContent = text; }
+
+  // -- the live indicator -------------------------------------------------------------
+
+  function setLive(state) {
+    const node = $("live");
+    node.className = `live ${state === "live" ? "live-on" : state}`;
+    node.textContent = state === "reconnecting" ? "reconnecting…" : state;
+    node.dataset.state = state;
+  }
+
+  // -- applying an event to a job record -----------------------------------------------
+
+  // A record as the list API gives it, moved forward by one event of the stream (the
+  // same changes the transition made to the row; see src/pgjobs/queries.sql).
+  function advance(job, event) {
+    const next = { ...job, status: event.status, attempts: event.attempt, seq: event.seq };
+    const kind = event.type;
+    if (event.progress) next.progress = event.progress;
+    else if (kind !== "content_job.progress") next.progress = null;
+    const reopened = kind === "content_job.retrying" && TERMINAL.has(job.status);
+    if (event.errorMessage !== undefined) next.errorMessage = event.errorMessage;
+    else if (event.status === "done" || reopened) next.errorMessage = null;
+    if (event.resultAssetId) next.resultAssetId = event.resultAssetId;
+    else if (reopened) next.resultAssetId = null;
+    if (kind === "content_job.retrying") {
+      next.maxAttempts = Math.max(job.maxAttempts, event.attempt + 1);
+    }
+    return next;
+  }
+
+  // -- the jobs table -----------------------------------------------------------------
+
+  const jobs = {
+    rows: new Map(), // id -> {job, tr}
+    order: [], // ids, newest first
+    dirty: new Set(),
+    fetching: new Set(),
+    filter: "",
+    nextCursor: null,
+    loaded: 0,
+    renderTimer: null,
+    lastRender: 0,
+    generation: 0, // bumped on reset: answers for an older table are dropped
+
+    reset() {
+      this.generation += 1;
+      this.rows.clear();
+      this.order = [];
+      this.dirty.clear();
+      this.nextCursor = null;
+      this.loaded = 0;
+      $("job-rows").replaceChildren();
+    },
+
+    visible(job) {
+      return !this.filter || job.status === this.filter;
+    },
+
+    // Older than the oldest listed job while older pages exist: it will come with them.
+    beyondLoaded(job) {
+      if (this.nextCursor === null || this.order.length === 0) return false;
+      const last = this.rows.get(this.order[this.order.length - 1]).job;
+      return newer(last, job);
+    },
+
+    upsert(job) {
+      const row = this.rows.get(job.id);
+      if (row && row.job.seq >= job.seq) return;
+      if (!this.visible(job)) {
+        if (row) this.remove(job.id);
+        return;
+      }
+      if (row) {
+        row.job = job;
+      } else {
+        this.rows.set(job.id, { job, tr: null });
+        insertSorted(this.order, job.id, (id) => this.rows.get(id).job);
+      }
+      this.dirty.add(job.id);
+      this.schedule();
+    },
+
+    remove(id) {
+      const row = this.rows.get(id);
+      if (!row) return;
+      this.rows.delete(id);
+      this.order.splice(this.order.indexOf(id), 1);
+      if (row.tr) row.tr.remove();
+    },
+
+    onEvent(event) {
+      const row = this.rows.get(event.jobId);
+      if (row) {
+        if (event.seq <= row.job.seq) return; // already shown, or older than what is
+        this.upsert(advance(row.job, event));
+        return;
+      }
+      if (this.filter && event.status !== this.filter) return;
+      this.fetchOne(event.jobId);
+    },
+
+    async fetchOne(jobId) {
+      if (this.fetching.has(jobId)) return;
+      this.fetching.add(jobId);
+      const generation = this.generation;
+      try {
+        const { data } = await api("GET", jobPath(jobId));
+        if (generation === this.generation && !this.beyondLoaded(data)) this.upsert(data);
+      } catch (error) {
+        if (error.status !== 404) console.warn("job", jobId, error.message);
+      } finally {
+        this.fetching.delete(jobId);
+      }
+    },
+
+    async loadPage(cursor) {
+      const generation = this.generation;
+      const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
+      if (this.filter) params.set("status", this.filter);
+      if (cursor) params.set("cursor", cursor);
+      const { data, headers } = await api("GET", `${companyPath()}/content-jobs?${params}`);
+      if (generation !== this.generation) return;
+      if (cursor || this.loaded === 0) this.nextCursor = headers.get("X-Next-Cursor");
+      this.loaded += data.length;
+      for (const job of data) this.upsert(job);
+      $("no-jobs").hidden = this.order.length > 0 || data.length > 0;
+      $("load-older").hidden = !this.nextCursor;
+    },
+
+    // Read every listed job again (after the stream restarted without Last-Event-ID):
+    // the same pages, newest first, as far as the table reached.
+    async resync() {
+      const want = Math.max(this.loaded, PAGE_SIZE);
+      this.loaded = 0;
+      let cursor = null;
+      do {
+        await this.loadPage(cursor);
+        cursor = this.nextCursor;
+      } while (cursor && this.loaded < want);
+    },
+
+    schedule() {
+      if (this.renderTimer !== null) return;
+      const wait = Math.max(0, this.lastRender + RENDER_MS - performance.now());
+      this.renderTimer = setTimeout(() => this.render(), wait);
+    },
+
+    render() {
+      this.renderTimer = null;
+      this.lastRender = performance.now();
+      const tbody = $("job-rows");
+      for (const id of this.dirty) {
+        const row = this.rows.get(id);
+        if (!row) continue;
+        const tr = jobRow(row.job);
+        if (row.tr) row.tr.replaceWith(tr);
+        row.tr = tr;
+      }
+      // Place rows in order; only moved or new rows are touched.
+      let previous = null;
+      for (const id of this.order) {
+        const tr = this.rows.get(id).tr;
+        if (!tr) continue;
+        const expected = previous ? previous.nextSibling : tbody.firstChild;
+        if (expected !== tr) tbody.insertBefore(tr, expected);
+        previous = tr;
+      }
+      this.dirty.clear();
+      $("no-jobs").hidden = this.order.length > 0;
+    },
+  };
+
+  // Newest first: created_at, then id, descending (the list API's order).
+  function newer(a, b) {
+    if (a.createdAt !== b.createdAt) return a.createdAt > b.createdAt;
+    return a.id > b.id;
+  }
+
+  function insertSorted(order, id, get) {
+    const job = get(id);
+    let lo = 0;
+    let hi = order.length;
+    while (lo < hi) {
+      const mid = (lo + hi) >> 1;
+      if (newer(get(order[mid]), job)) lo = mid + 1;
+      else hi = mid;
+    }
+    order.splice(lo, 0, id);
+  }
+
+  // A queued job whose type no live worker claims stays queued until one starts: say so.
+  // (`servedBy` comes with records, not events: a row moved back to queued by an event
+  // keeps what its record said.)
+  function unserved(job) {
+    if (job.status !== "queued" || job.servedBy !== 0) return null;
+    return el("small", { class: "unserved", text: "no live worker for this type" });
+  }
+
+  function jobRow(job) {
+    const copyButton = el("button", {
+      type: "button", text: "copy", "aria-label": `Copy job id ${job.id}`,
+    });
+    copyButton.addEventListener("click", () => copy(job.id, copyButton));
+    const href = `#/jobs/${encodeURIComponent(job.companyId)}/${encodeURIComponent(job.id)}`;
+    const attempt = `${job.attempts} / ${job.maxAttempts}`;
+    // One wrapper per cell: on a narrow screen a cell is a grid of its label and this.
+    const cell = (label, cls, ...children) =>
+      el("td", { "data-label": label, class: cls }, el("div", {}, ...children));
+    const tr = el("tr", { "data-job-id": job.id, "data-status": job.status, "data-seq": String(job.seq) },
+      cell("Id", "id-cell",
+        el("a", { href, class: "mono", title: job.id, "aria-label": `Job ${job.id}`, text: shortId(job.id) }),
+        copyButton),
+      cell("Type", "type", document.createTextNode(job.jobType)),
+      cell("Status", "status", badge(job.status), unserved(job)),
+      cell("Attempt", "attempt", document.createTextNode(attempt)),
+      cell("Progress", "progress-cell", progressEl(job.progress, job.status)),
+      cell("Source task", "source", document.createTextNode(job.sourceTaskId || "—")),
+      cell("Created", "created", timeEl(job.createdAt)),
+      cell("Error", "error-cell", document.createTextNode(job.errorMessage || "")),
+      cell("Actions", "actions-cell", actionButtons(job)),
+    );
+    return tr;
+  }
+
+  // -- the overview: counts per job type ---------------------------------------------
+
+  // Read again a moment after events arrive (at most every OVERVIEW_MS), and every
+  // OVERVIEW_IDLE_MS without any (scheduled jobs fall due with no event).
+  const OVERVIEW_MS = 2000;
+  const OVERVIEW_IDLE_MS = 15000;
+
+  function humanAge(iso) {
+    if (!iso) return "—";
+    const seconds = Math.max(0, (Date.now() - new Date(iso).getTime()) / 1000);
+    if (seconds < 90) return `${Math.round(seconds)} s`;
+    if (seconds < 5400) return `${Math.round(seconds / 60)} min`;
+    return `${(seconds / 3600).toFixed(1)} h`;
+  }
+
+  const overview = {
+    timer: null,
+    async refresh() {
+      clearTimeout(this.timer);
+      this.timer = setTimeout(() => this.refresh(), OVERVIEW_IDLE_MS);
+      if (!session.token) return;
+      let stats;
+      try {
+        ({ data: stats } = await api("GET", `${companyPath()}/stats`));
+      } catch {
+        return; // the table keeps the last figures; the next tick tries again
+      }
+      const rows = stats.jobTypes.map((t) => {
+        const tr = el("tr", { "data-job-type": t.jobType },
+          el("th", { scope: "row", text: t.jobType }));
+        const labels = { queued: "queued", scheduled: "scheduled", running: "running",
+          done: "done (1 h)", failed: "failed (1 h)" };
+        for (const [key, label] of Object.entries(labels)) {
+          tr.append(el("td", { "data-label": label, class: key, text: String(t[key]) }));
+        }
+        tr.append(el("td", { "data-label": "oldest queued", class: "oldest",
+          title: t.oldestQueuedAt || "", text: humanAge(t.oldestQueuedAt) }));
+        return tr;
+      });
+      $("overview-rows").replaceChildren(...rows);
+    },
+    poke() {
+      if (this.soon) return;
+      this.soon = setTimeout(() => { this.soon = null; this.refresh(); }, OVERVIEW_MS);
+    },
+    stop() {
+      clearTimeout(this.timer);
+      clearTimeout(this.soon);
+      this.soon = null;
+      $("overview-rows").replaceChildren();
+    },
+  };
+
+  // -- the company stream ---------------------------------------------------------------
+
+  const EVENT_NAME = "status"; // every frame of the company stream is named so
+
+  const live = {
+    active: false,
+    run: 0, // bumped by every start and stop: a start that was overtaken gives up
+    source: null,
+    retryTimer: null,
+
+    async start() {
+      this.stop();
+      this.active = true;
+      const run = this.run;
+      setLive("reconnecting");
+      let token;
+      try {
+        token = await streamToken();
+      } catch (error) {
+        if (error.status !== 401 && run === this.run) this.later();
+        return;
+      }
+      if (run !== this.run) return; // signed out or restarted meanwhile
+      const url = `${companyPath()}/events?streamToken=${encodeURIComponent(token)}`;
+      const source = new EventSource(url);
+      this.source = source;
+      let resumable = false; // whether EventSource has a Last-Event-ID to resume from
+      const onEvent = (e) => {
+        if (this.source !== source) return;
+        resumable = true;
+        jobs.onEvent(JSON.parse(e.data));
+        overview.poke();
+      };
+      source.addEventListener(EVENT_NAME, onEvent);
+      source.onopen = () => {
+        if (this.source !== source) return;
+        setLive("live");
+        if (!resumable) {
+          // A stream without Last-Event-ID starts from now: read the listed jobs again;
+          // the seq check keeps whichever of a record and an event is newer.
+          jobs.resync().catch((error) => say(`Could not load jobs: ${error.message}`));
+        }
+      };
+      source.onerror = () => {
+        if (this.source !== source) return;
+        if (source.readyState === EventSource.CLOSED) {
+          // Refused (an expired stream token, most likely): start a new stream.
+          setLive("offline");
+          this.later();
+        } else {
+          setLive("reconnecting"); // EventSource resumes with Last-Event-ID itself
+        }
+      };
+    },
+
+    later() {
+      clearTimeout(this.retryTimer);
+      const run = this.run;
+      this.retryTimer = setTimeout(() => { if (run === this.run) this.start(); }, 2000);
+    },
+
+    stop() {
+      this.active = false;
+      this.run += 1;
+      clearTimeout(this.retryTimer);
+      if (this.source) this.source.close();
+      this.source = null;
+      setLive("offline");
+    },
+  };
+
+  // -- the job detail view --------------------------------------------------------------
+
+  // A job stream read with fetch (it can send Authorization and Last-Event-ID: 0, so the
+  // stream replays the whole history, then follows the job live until it ends).
+  function parseSse(text, onFrame) {
+    // Returns the unparsed tail; frames end with a blank line.
+    const parts = text.split(/\r\n\r\n|\n\n|\r\r/);
+    const tail = parts.pop();
+    for (const part of parts) {
+      const frame = { event: "message", id: null, data: [], retry: null };
+      for (const line of part.split(/\r\n|\n|\r/)) {
+        if (line.startsWith(":")) continue;
+        const colon = line.indexOf(":");
+        const name = colon < 0 ? line : line.slice(0, colon);
+        let value = colon < 0 ? "" : line.slice(colon + 1);
+        if (value.startsWith(" ")) value = value.slice(1);
+        if (name === "event") frame.event = value;
+        else if (name === "id") frame.id = value;
+        else if (name === "data") frame.data.push(value);
+        else if (name === "retry") frame.retry = Number(value);
+      }
+      onFrame(frame);
+    }
+    return tail;
+  }
+
+  const detail = {
+    job: null,
+    controller: null,
+    lastSeq: 0,
+    retryTimer: null,
+
+    async open(company, jobId) {
+      this.close();
+      for (const id of ["d-id", "d-type", "d-status", "d-attempt", "d-progress", "d-source",
+        "d-company", "d-created", "d-started", "d-finished", "d-error", "d-asset", "d-input",
+        "d-result", "d-actions", "d-timeline"]) $(id).replaceChildren();
+      $("d-id").textContent = jobId;
+      let job;
+      try {
+        ({ data: job } = await api("GET", jobPath(jobId, company)));
+      } catch (error) {
+        $("d-error").textContent = error.status === 404 ? "Job not found" : error.message;
+        return;
+      }
+      this.applyJob(job);
+      this.follow(job, 0);
+    },
+
+    applyJob(job) {
+      if (this.job && this.job.id === job.id && this.job.seq > job.seq) return;
+      this.job = job;
+      $("d-id").textContent = job.id;
+      $("d-type").textContent = job.jobType;
+      $("d-status").replaceChildren(badge(job.status));
+      $("d-attempt").textContent = `${job.attempts} / ${job.maxAttempts}`;
+      $("d-progress").replaceChildren(progressEl(job.progress, job.status));
+      $("d-source").textContent = job.sourceTaskId || "—";
+      $("d-company").textContent = job.companyId;
+      $("d-created").replaceChildren(timeEl(job.createdAt));
+      $("d-started").replaceChildren(timeEl(job.startedAt));
+      $("d-finished").replaceChildren(timeEl(job.finishedAt));
+      $("d-error").textContent = job.errorMessage || "—";
+      $("d-input").textContent = JSON.stringify(job.input, null, 2);
+      $("d-result").textContent = job.result === null ? "—" : JSON.stringify(job.result, null, 2);
+      $("d-actions").replaceChildren(actionButtons(job));
+      this.showAsset(job);
+    },
+
+    async showAsset(job) {
+      const target = $("d-asset");
+      if (!job.resultAssetId) { target.textContent = "—"; return; }
+      if (target.dataset.assetId === job.resultAssetId) return;
+      target.dataset.assetId = job.resultAssetId;
+      const path = `${companyPath(job.companyId)}/assets/${encodeURIComponent(job.resultAssetId)}`;
+      try {
+        const { data: asset } = await api("GET", path);
+        const button = el("button", {
+          type: "button", text: `Download ${asset.originalFilename || "asset"}`,
+        });
+        button.addEventListener("click", () => download(`${path}/content`, asset.originalFilename || asset.id));
+        target.replaceChildren(
+          button,
+          el("div", { class: "mono", text: `${asset.contentType}, ${asset.byteSize} bytes, sha256 ${asset.sha256}` }),
+        );
+      } catch (error) {
+        target.textContent = error.message;
+      }
+    },
+
+    async follow(job, after) {
+      this.lastSeq = after;
+      const controller = new AbortController();
+      this.controller = controller;
+      let ended = false;
+      let retryMs = 2000;
+      try {
+        const response = await fetch(`${jobPath(job.id, job.companyId)}/events`, {
+          headers: { Authorization: `Bearer ${session.token}`, "Last-Event-ID": String(after) },
+          signal: controller.signal,
+          cache: "no-store",
+        });
+        if (response.status === 204) return; // nothing after `after`, and the job has ended
+        if (!response.ok) throw new Error(`HTTP ${response.status}`);
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer = parseSse(buffer + decoder.decode(value, { stream: true }), (frame) => {
+            if (frame.retry) retryMs = frame.retry;
+            if (!frame.data.length) return;
+            const event = JSON.parse(frame.data.join("\n"));
+            if (event.error) { $("d-error").textContent = event.error; ended = true; return; }
+            if (event.seq <= this.lastSeq) return;
+            this.lastSeq = event.seq;
+            this.addTimeline(event);
+            if (this.job && event.seq > this.job.seq) this.applyJob(advance(this.job, event));
+            if (TERMINAL.has(event.status)) ended = true;
+          });
+        }
+      } catch (error) {
+        if (controller.signal.aborted) return;
+      }
+      if (controller.signal.aborted || this.controller !== controller) return;
+      if (ended) {
+        // The final record has what events do not carry (result, finishedAt).
+        try {
+          const { data } = await api("GET", jobPath(job.id, job.companyId));
+          this.applyJob(data);
+        } catch { /* the view keeps what the events said */ }
+        return;
+      }
+      this.retryTimer = setTimeout(() => this.follow(job, this.lastSeq), retryMs);
+    },
+
+    addTimeline(event) {
+      const parts = [`attempt ${event.attempt}`];
+      if (event.progress) {
+        const { fraction, message } = event.progress;
+        if (typeof fraction === "number") parts.push(`${Math.round(fraction * 100)}%`);
+        if (message) parts.push(message);
+      }
+      if (event.errorMessage) parts.push(`error: ${event.errorMessage}`);
+      if (event.resultAssetId) parts.push(`asset ${event.resultAssetId}`);
+      $("d-timeline").append(el("li", { "data-seq": String(event.seq) },
+        el("span", { class: "seq", text: `#${event.seq} ` }),
+        el("strong", { text: event.type.replace(/^content_job\./, "") }), " ",
+        badge(event.status), " ",
+        el("span", { text: parts.join(" · ") })));
+    },
+
+    close() {
+      clearTimeout(this.retryTimer);
+      if (this.controller) this.controller.abort();
+      this.controller = null;
+      this.job = null;
+      delete $("d-asset").dataset.assetId;
+    },
+  };
+
+  async function download(path, filename) {
+    const response = await fetch(path, { headers: { Authorization: `Bearer ${session.token}` } });
+    if (!response.ok) { say(`Download failed: HTTP ${response.status}`); return; }
+    const url = URL.createObjectURL(await response.blob());
+    const link = el("a", { href: url, download: filename });
+    document.body.append(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10_000);
+  }
+
+  // -- views and routing ----------------------------------------------------------------
+
+  function show(view) {
+    for (const id of ["sign-in-view", "jobs-view", "detail-view"]) $(id).hidden = id !== view;
+    $("sign-out").hidden = view === "sign-in-view";
+  }
+
+  function route() {
+    if (!session.token) {
+      detail.close();
+      show("sign-in-view");
+      $("token").focus();
+      return;
+    }
+    $("company").textContent = session.company;
+    if (!live.active) live.start();
+    if (!overview.timer) overview.refresh();
+    if (jobs.loaded === 0) {
+      // Also without a stream (refused, say): the list does not wait for it.
+      jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
+    }
+    const match = /^#\/jobs\/([^/]+)\/([^/]+)$/.exec(location.hash);
+    let target = null;
+    try {
+      if (match) target = [decodeURIComponent(match[1]), decodeURIComponent(match[2])];
+    } catch { /* a malformed escape in a typed-in URL: show the jobs instead */ }
+    if (target) {
+      show("detail-view");
+      detail.open(...target);
+    } else {
+      detail.close();
+      show("jobs-view");
+    }
+  }
+
+  async function signIn(event) {
+    event.preventDefault();
+    const token = $("token").value.trim();
+    $("sign-in-error").textContent = "";
+    try {
+      const { data } = await api("GET", "/api/whoami", undefined, token);
+      session.save(token, data.companyId);
+    } catch (error) {
+      $("sign-in-error").textContent =
+        error.status === 401 ? "This token was not accepted." : `Could not sign in: ${error.message}`;
+      return;
+    }
+    $("token").value = "";
+    jobs.reset();
+    route();
+  }
+
+  function signOut(message) {
+    session.clear();
+    live.stop();
+    overview.stop();
+    overview.timer = null;
+    detail.close();
+    jobs.reset();
+    $("company").textContent = "";
+    route();
+    if (typeof message === "string") $("sign-in-error").textContent = message;
+  }
+
+  document.addEventListener("DOMContentLoaded", () => {
+    $("sign-in").addEventListener("submit", signIn);
+    $("sign-out").addEventListener("click", () => signOut());
+    $("status-filter").addEventListener("change", (e) => {
+      jobs.filter = e.target.value;
+      jobs.reset();
+      jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
+    });
+    $("load-older").addEventListener("click", () => {
+      jobs.loadPage(jobs.nextCursor).catch((error) => say(`Could not load jobs: ${error.message}`));
+    });
+    window.addEventListener("hashchange", route);
+    window.addEventListener("offline", () => setLive("offline"));
+    route();
+  });
+})();

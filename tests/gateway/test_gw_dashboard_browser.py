@@ -1,0 +1,392 @@
+"""The dashboard in a real Chromium, on a real gateway, database and worker: sign in, see
+the jobs, watch rows change live, cancel a job, open a job's detail, text from a job
+never runs as markup, and every row ends in its database state after the gateway lost
+its LISTEN connection. Screenshots go to tests/artifacts/ (git-ignored)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from gateway_helpers import RunningGateway
+from test_gw_browser import CHROMIUM, launch
+
+from helpers import fast_settings, fetch, running_worker, wait_until
+from pgjobs import db, demo
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
+    reason="needs Debian's chromium (make test installs it)",
+)
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "dashboard"
+XSS = "<img src=x onerror=alert(1)>"
+
+# Every row as the page shows it, for the test to compare with the database.
+ROWS = """() => [...document.querySelectorAll('#job-rows tr')].map((tr) => ({
+  id: tr.dataset.jobId,
+  status: tr.dataset.status,
+  seq: Number(tr.dataset.seq),
+  type: tr.querySelector('.type').textContent,
+  source: tr.querySelector('.source').textContent,
+  error: tr.querySelector('.error-cell').textContent,
+  progress: tr.querySelector('.progress-cell').textContent,
+}))"""
+
+# Records each status a row is rendered with, in order (rows are re-rendered in place).
+WATCH_ROWS = """() => {
+  window.seenStatuses = {};
+  const note = (tr) => {
+    const list = window.seenStatuses[tr.dataset.jobId] ||= [];
+    if (list[list.length - 1] !== tr.dataset.status) list.push(tr.dataset.status);
+  };
+  document.querySelectorAll('#job-rows tr').forEach(note);
+  new MutationObserver((records) => {
+    for (const r of records) for (const n of r.addedNodes) if (n.tagName === 'TR') note(n);
+  }).observe(document.getElementById('job-rows'), {childList: true});
+}"""
+
+
+def shot(name: str) -> str:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return str(ARTIFACTS / f"{name}.png")
+
+
+@asynccontextmanager
+async def signed_in(gateway: RunningGateway, **context: Any) -> AsyncIterator[Any]:
+    """A page at / signed in as acme, its JavaScript dialogs and errors recorded."""
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await launch(p)
+        try:
+            ctx = await browser.new_context(**context)
+            page = await ctx.new_page()
+            page.dialogs = []  # type: ignore[attr-defined]
+            page.errors = []  # type: ignore[attr-defined]
+
+            async def on_dialog(dialog: Any) -> None:
+                page.dialogs.append(dialog.message)  # type: ignore[attr-defined]
+                await dialog.dismiss()
+
+            page.on("dialog", on_dialog)
+            page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
+            await page.goto(gateway.url + "/")
+            await page.get_by_label("API token").fill(gateway.tokens["acme"])
+            await page.get_by_role("button", name="Sign in").click()
+            await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
+            yield page
+            assert page.errors == []  # type: ignore[attr-defined]
+        finally:
+            await browser.close()
+
+
+async def rows(page: Any) -> list[dict[str, Any]]:
+    shown: list[dict[str, Any]] = await page.evaluate(ROWS)
+    return shown
+
+
+async def row(page: Any, job_id: str) -> dict[str, Any] | None:
+    return next((r for r in await rows(page) if r["id"] == job_id), None)
+
+
+async def db_jobs(dsn: str) -> dict[str, dict[str, Any]]:
+    found = await fetch(
+        dsn,
+        "SELECT id::text, status, event_seq FROM pgjobs.jobs WHERE company_id = 'acme'",
+    )
+    return {r["id"]: r for r in found}
+
+
+async def test_jobs_move_live_cancel_works_and_job_text_stays_text(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    client = gateway.state.client
+    xss = await client.enqueue(
+        "acme", "fail", {"message": XSS, "note": XSS}, source_task_id=XSS, max_attempts=1
+    )
+    long = await client.enqueue("acme", "sleep", {"seconds": 120})
+    other = await client.enqueue("globex", "echo", {})
+    async with signed_in(gateway) as page:
+        await wait_until(lambda: _shown(page, xss.id, long.id), message="the jobs listed")
+        assert await row(page, str(other.id)) is None, "another company's job is not listed"
+        await page.evaluate("window.notReloaded = true")
+        await page.evaluate(WATCH_ROWS)
+
+        # A job enqueued now appears at the top, queued, without a reload.
+        async with gateway.http() as http:
+            r = await http.post(
+                "/api/companies/acme/content-jobs",
+                json={"jobType": "render", "input": {"title": "Live", "steps": 4}},
+            )
+        render_id = r.json()["jobId"]
+        await wait_until(lambda: _status(page, render_id, "queued"), message="new row")
+        assert (await rows(page))[0]["id"] == render_id
+
+        async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+            await wait_until(
+                lambda: _status(page, render_id, "done"), within=30, message="render done"
+            )
+            seen = await page.evaluate(f"window.seenStatuses[{json.dumps(render_id)}]")
+            assert seen[0] == "queued", seen
+            assert seen[-1] == "done", seen
+            assert "running" in seen, seen
+            await wait_until(lambda: _status(page, str(xss.id), "failed"), message="failed")
+
+            # The overview follows: done and failed in the last hour, per job type.
+            async def overview(job_type: str, column: str, value: str) -> bool:
+                cell = page.locator(f"#overview-rows tr[data-job-type={job_type}] td.{column}")
+                return await cell.count() == 1 and await cell.text_content() == value
+
+            await wait_until(lambda: overview("render", "done", "1"), message="overview")
+            await wait_until(lambda: overview("fail", "failed", "1"), message="overview")
+
+            # Cancel the long sleep from its row, through the confirmation.
+            await wait_until(lambda: _status(page, str(long.id), "running"), message="running")
+            long_row = page.locator(f"tr[data-job-id='{long.id}']")
+            assert await long_row.locator("button.retry").is_disabled()
+            await long_row.get_by_role("button", name=f"Cancel job {str(long.id)[-8:]}").click()
+            await page.locator("#confirm").get_by_role("button", name="Cancel job").click()
+            await wait_until(lambda: _status(page, str(long.id), "cancelled"), message="cancel")
+            assert (await db_jobs(dsn))[str(long.id)]["status"] == "cancelled"
+            long_row = page.locator(f"tr[data-job-id='{long.id}']")
+            assert await long_row.locator("button.cancel").is_disabled()
+            assert not await long_row.locator("button.retry").is_disabled()
+
+        # Retry it (no worker runs now): queued again, with one more attempt allowed.
+        await long_row.get_by_role("button", name=f"Retry job {str(long.id)[-8:]}").click()
+        await page.locator("#confirm").get_by_role("button", name="Retry job").click()
+        await wait_until(lambda: _status(page, str(long.id), "queued"), message="retried")
+        assert (await db_jobs(dsn))[str(long.id)]["status"] == "queued"
+        assert await long_row.locator(".attempt").text_content() == "1 / 3"
+
+        # The job's text is shown as text: the markup is visible, nothing ran.
+        shown = await row(page, str(xss.id))
+        assert shown is not None
+        assert shown["source"] == XSS
+        assert shown["error"] == f"RuntimeError: {XSS}"
+        assert await page.locator("#job-rows img").count() == 0
+        assert page.dialogs == []  # type: ignore[attr-defined]
+        assert await page.evaluate("window.notReloaded") is True
+        ids = [r["id"] for r in await rows(page)]
+        assert sorted(ids) == sorted({render_id, str(xss.id), str(long.id)})
+        # Short ids tell apart jobs created in the same millisecond (UUIDv7 prefixes don't).
+        short = await page.locator("#job-rows .id-cell a").all_text_contents()
+        assert len(set(short)) == len(ids), short
+        await page.screenshot(path=shot("jobs"), full_page=True)
+
+        # The status filter lists only that status.
+        await page.get_by_label("Status").select_option("failed")
+
+        async def only_failed() -> bool:
+            return [r["id"] for r in await rows(page)] == [str(xss.id)]
+
+        await wait_until(only_failed, message="the failed job only")
+        await page.get_by_label("Status").select_option("")
+        await wait_until(lambda: _shown(page, render_id, long.id, xss.id), message="all again")
+
+        # The render job's detail view: its asset, downloaded, is the stored file.
+        await page.locator(f"tr[data-job-id='{render_id}'] .id-cell a").click()
+        download_button = page.locator("#d-asset button")
+        await download_button.wait_for()
+        (asset,) = await fetch(
+            dsn,
+            "SELECT a.sha256 FROM pgjobs.assets a JOIN pgjobs.jobs j"
+            " ON j.result_asset_id = a.id WHERE j.id = %s",
+            [render_id],
+        )
+        assert asset["sha256"] in (await page.locator("#d-asset").text_content() or "")
+        async with page.expect_download() as download_info:
+            await download_button.click()
+        download = await download_info.value
+        content = await asyncio.to_thread(Path(await download.path()).read_bytes)
+        assert hashlib.sha256(content).hexdigest() == asset["sha256"]
+        assert await page.locator("#d-status").text_content() == "done"
+
+        # The failed job's detail view: input as JSON text, the timeline the audit log holds.
+        await page.goto(f"{gateway.url}/#/jobs/acme/{xss.id}")
+        timeline = page.locator("#d-timeline li")
+        events = await fetch(
+            dsn, "SELECT seq, type FROM pgjobs.job_events WHERE job_id = %s ORDER BY seq", [xss.id]
+        )
+
+        async def full_timeline() -> bool:
+            return await timeline.count() == len(events)
+
+        await wait_until(full_timeline, message="the timeline")
+        seqs = await timeline.evaluate_all("items => items.map((li) => Number(li.dataset.seq))")
+        assert seqs == [e["seq"] for e in events]
+        assert json.loads(await page.locator("#d-input").text_content() or "") == {
+            "message": XSS,
+            "note": XSS,
+        }
+        assert await page.locator("#d-source").text_content() == XSS
+        assert await page.locator("#d-error").text_content() == f"RuntimeError: {XSS}"
+        assert await page.locator("#detail-view img").count() == 0
+        assert page.dialogs == []  # type: ignore[attr-defined]
+        await page.screenshot(path=shot("detail"), full_page=True)
+
+        # Sign out forgets the token.
+        await page.get_by_role("button", name="Sign out").click()
+        await page.get_by_label("API token").wait_for()
+        assert await page.evaluate("sessionStorage.length") == 0
+
+
+async def test_rows_end_in_their_database_state_after_the_listen_connection_dies(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    client = gateway.state.client
+    async with signed_in(gateway) as page:
+        jobs = [await client.enqueue("acme", "sleep", {"seconds": 1.0}) for _ in range(12)]
+        reconnects = gateway.state.listener.reconnects
+        settings = fast_settings(storage_dir, concurrency=4)
+        async with running_worker(dsn, demo.registry, settings):
+
+            async def some_running() -> bool:
+                return any(r["status"] == "running" for r in await rows(page))
+
+            await wait_until(some_running, within=30, message="jobs running in the page")
+            killed = await fetch(
+                dsn,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+                " WHERE application_name = 'pgjobs-gateway-listener'"
+                " AND datname = current_database()",
+            )
+            assert len(killed) == 1
+            # More jobs while the gateway is reconnecting: their rows must appear too.
+            jobs += [await client.enqueue("acme", "echo", {"n": n}) for n in range(5)]
+
+            async def all_done() -> bool:
+                return all(j["status"] == "done" for j in (await db_jobs(dsn)).values())
+
+            await wait_until(all_done, within=60, message="every job done in the database")
+        assert gateway.state.listener.reconnects > reconnects
+
+        async def page_matches_database() -> bool:
+            want = await db_jobs(dsn)
+            shown = await rows(page)
+            return {r["id"]: (r["status"], r["seq"]) for r in shown} == {
+                i: (j["status"], j["event_seq"]) for i, j in want.items()
+            }
+
+        await wait_until(page_matches_database, within=20, message="rows as in the database")
+        ids = [r["id"] for r in await rows(page)]
+        assert len(ids) == len(set(ids)) == len(jobs), "one row per job, no duplicate"
+        await page.screenshot(path=shot("after-listen-reconnect"), full_page=True)
+
+
+async def test_an_event_older_than_the_listed_record_never_moves_a_row_back(
+    gateway: RunningGateway, dsn: str
+) -> None:
+    """The company stream delivers a job's older events after the page listed the job in
+    a newer state: the row must keep the newer one.
+
+    Open write transactions hold the stream's horizon (it reads only events of
+    transactions below the oldest one still open). The job is cancelled (seq 2) while
+    ``first`` is open and retried (seq 3, queued) while ``second`` is open too; the page
+    lists it at seq 3. Ending ``first`` releases seq 1 and 2, and then a marker job
+    written in ``middle`` (a transaction that began between the two): once the marker's
+    row appears, the page has handled seq 1 and 2, and the row must still be at seq 3."""
+    client = gateway.state.client
+    first, middle, second = [await db.connect(dsn) for _ in range(3)]
+    try:
+        await first.execute("BEGIN")
+        await first.execute("SELECT pg_current_xact_id()")  # holds the horizon from here
+        job = await client.enqueue("acme", "sleep", {"seconds": 60})
+        await client.cancel("acme", job.id)
+        await middle.execute("BEGIN")
+        await middle.execute("SELECT pg_current_xact_id()")
+        await second.execute("BEGIN")
+        await second.execute("SELECT pg_current_xact_id()")
+        await client.retry("acme", job.id)
+        async with signed_in(gateway) as page:
+
+            async def listed_at_3() -> bool:
+                shown = await row(page, str(job.id))
+                return shown is not None and (shown["status"], shown["seq"]) == ("queued", 3)
+
+            await wait_until(listed_at_3, message="the job listed at seq 3")
+            await page.evaluate(WATCH_ROWS)
+            marker = await client.enqueue("acme", "echo", {}, conn=middle)
+            await middle.execute("COMMIT")
+            await first.execute("COMMIT")
+            await wait_until(lambda: _shown(page, marker.id), message="the marker row")
+            seen = await page.evaluate(f"window.seenStatuses[{json.dumps(str(job.id))}]")
+            assert seen == ["queued"]
+            shown = await row(page, str(job.id))
+            assert shown is not None
+            assert (shown["status"], shown["seq"]) == ("queued", 3)
+    finally:
+        for conn in (first, middle, second):
+            await conn.close()
+
+
+async def test_renders_are_coalesced(gateway: RunningGateway) -> None:
+    """A burst of events renders at most once every 100 ms (dashboard.js RENDER_MS)."""
+    client = gateway.state.client
+    jobs = [await client.enqueue("acme", "sleep", {"seconds": 60}) for _ in range(40)]
+    async with signed_in(gateway) as page:
+        await wait_until(lambda: _shown(page, *(j.id for j in jobs)), message="listed")
+        await page.evaluate(
+            """() => { window.renders = [];
+              new MutationObserver(() => window.renders.push(performance.now()))
+                .observe(document.getElementById('job-rows'), {childList: true}); }"""
+        )
+        for job in jobs:
+            await client.cancel("acme", job.id)
+
+        async def all_cancelled() -> bool:
+            return all(r["status"] == "cancelled" for r in await rows(page))
+
+        await wait_until(all_cancelled, message="every row cancelled")
+        times: list[float] = await page.evaluate("window.renders")
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert times
+    # Observed when each render's mutations are delivered, i.e. after the render: a
+    # render that took longer than the next one shortens the gap seen between them, so
+    # the bound here is looser than 100 ms. Rendering per event puts them ~0 ms apart.
+    assert all(gap >= 50 for gap in gaps), gaps
+
+
+async def test_narrow_dark_screen(gateway: RunningGateway) -> None:
+    await gateway.state.client.enqueue("acme", "echo", {"hello": "phone"}, source_task_id="t-1")
+    async with signed_in(
+        gateway, viewport={"width": 390, "height": 800}, color_scheme="dark"
+    ) as page:
+        await page.locator("#job-rows tr").first.wait_for()
+        # No worker runs: the queued job says that none serves its type.
+        status = page.locator("#job-rows tr .status")
+        assert await status.text_content() == "queuedno live worker for this type"
+        # No sideways scrolling on a phone: the table becomes one card per job.
+        width = await page.evaluate("document.documentElement.scrollWidth")
+        assert width <= 390
+        # Every control is reachable from the keyboard and named.
+        names = await page.evaluate(
+            """() => [...document.querySelectorAll('button, a[href], select, input')]
+                 .filter((e) => e.offsetParent !== null)
+                 .map((e) => e.getAttribute('aria-label') || e.labels?.[0]?.textContent
+                             || e.textContent.trim())"""
+        )
+        assert all(names), names
+        await page.keyboard.press("Tab")
+        focused = await page.evaluate("document.activeElement.tagName")
+        assert focused in ("A", "BUTTON", "SELECT", "INPUT")
+        await page.screenshot(path=shot("narrow-dark"), full_page=True)
+
+
+async def _shown(page: Any, *job_ids: object) -> bool:
+    ids = {r["id"] for r in await rows(page)}
+    return all(str(j) in ids for j in job_ids)
+
+
+async def _status(page: Any, job_id: str, status: str) -> bool:
+    shown = await row(page, job_id)
+    return shown is not None and shown["status"] == status

@@ -1,0 +1,112 @@
+"""GET /api/companies/{c}/stats and the query behind it (job_stats_by_company): counts per
+job type, only the company's, with the last-hour window taken from ``now``."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+from gateway_helpers import RunningGateway
+
+from helpers import claim_one, fast_settings, fetch, running_worker, wait_until
+from pgjobs import demo
+from pgjobs.gateway.auth import GATEWAY_QUERIES
+
+
+async def _drain(dsn: str, storage_dir: Path) -> None:
+    async def idle() -> bool:
+        rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue")
+        return rows[0]["n"] == 0
+
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+        await wait_until(idle, within=30, message="every job finished")
+
+
+async def _db_now(dsn: str) -> dt.datetime:
+    rows = await fetch(dsn, "SELECT now() AS now")
+    now: dt.datetime = rows[0]["now"]
+    return now
+
+
+async def _stats(
+    dsn: str, company: str, now: dt.datetime, window: float
+) -> dict[str, dict[str, Any]]:
+    params = {"company_id": company, "now": now, "window_seconds": window}
+    (start,) = await fetch(dsn, GATEWAY_QUERIES["job_events_window_start_xid"], params)
+    rows = await fetch(
+        dsn, GATEWAY_QUERIES["job_stats_by_company"], {**params, "since_xid": start["xid"]}
+    )
+    return {row.pop("job_type"): row for row in rows}
+
+
+def _counts(row: dict[str, Any]) -> tuple[int, ...]:
+    return tuple(row[k] for k in ("queued", "scheduled", "running", "done", "failed"))
+
+
+async def test_stats_count_each_state_per_job_type_for_the_company_only(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    client = gateway.state.client
+    # Finished before the window the query is asked about below ...
+    await client.enqueue("acme", "echo", {})
+    await client.enqueue("acme", "echo", {})
+    await client.enqueue("acme", "fail", {}, max_attempts=1)
+    await client.enqueue("globex", "echo", {})
+    await _drain(dsn, storage_dir)
+    between = await _db_now(dsn)
+    await wait_until(lambda: _later_than(dsn, between), message="the clock moved on")
+    # ... and inside it.
+    await client.enqueue("acme", "echo", {})
+    await client.enqueue("acme", "fail", {}, max_attempts=1)
+    await _drain(dsn, storage_dir)
+    # Now queued (due), scheduled, running.
+    await client.enqueue("acme", "render", {}, priority=10)
+    await claim_one(dsn, "w-1")  # the render job: the highest priority
+    await client.enqueue("acme", "echo", {})
+    await client.enqueue("acme", "echo", {})
+    now = await _db_now(dsn)
+    await client.enqueue("acme", "sleep", {}, run_at=now + dt.timedelta(hours=1))
+
+    window = (now - between).total_seconds()
+    stats = await _stats(dsn, "acme", now, window)
+    #                              queued scheduled running done failed
+    assert _counts(stats["echo"]) == (2, 0, 0, 1, 0)
+    assert _counts(stats["fail"]) == (0, 0, 0, 0, 1)
+    assert _counts(stats["render"]) == (0, 0, 1, 0, 0)
+    assert _counts(stats["sleep"]) == (0, 1, 0, 0, 0)
+    assert stats["echo"]["oldest_queued_at"] is not None
+    assert stats["sleep"]["oldest_queued_at"] is None
+
+    # Two hours on, nothing finished within the last hour; the scheduled job is due.
+    later = await _stats(dsn, "acme", now + dt.timedelta(hours=2), 3600)
+    assert _counts(later["sleep"]) == (1, 0, 0, 0, 0)
+    assert sum(row["done"] + row["failed"] for row in later.values()) == 0
+
+    # Over HTTP: the last hour, so both batches; globex sees only its own job.
+    async with gateway.http() as http:
+        r = await http.get("/api/companies/acme/stats")
+    assert r.status_code == 200
+    body = r.json()
+    assert body["windowSeconds"] == 3600
+    by_type = {t["jobType"]: t for t in body["jobTypes"]}
+    assert (by_type["echo"]["done"], by_type["fail"]["failed"]) == (3, 2)
+    assert body["totals"] == {"queued": 2, "scheduled": 1, "running": 1, "done": 3, "failed": 2}
+    async with gateway.http("globex") as http:
+        theirs = (await http.get("/api/companies/globex/stats")).json()
+        assert (await http.get("/api/companies/acme/stats")).status_code == 403
+    assert theirs["jobTypes"] == [
+        {
+            "jobType": "echo",
+            "queued": 0,
+            "scheduled": 0,
+            "running": 0,
+            "done": 1,
+            "failed": 0,
+            "oldestQueuedAt": None,
+        }
+    ]
+
+
+async def _later_than(dsn: str, moment: dt.datetime) -> bool:
+    return await _db_now(dsn) > moment
