@@ -354,13 +354,15 @@ async def test_a_page_or_a_read_of_company_events_is_one_write(gateway: RunningG
     await client.enqueue_many([JobSpec("acme", "echo", {"n": i}) for i in range(30)])
     state = gateway.state
     sub = state.fanout.subscribe_company("acme")
+    feed, inbox, feed_cursor = await state.company_feeds.attach("acme")
     try:
-        stream = companystream.company_stream(state, sub, ("0", 0))
+        stream = companystream.company_stream(state, sub, ("0", 0), inbox, feed_cursor)
         caught_up = await anext(stream)
         await client.enqueue_many([JobSpec("acme", "echo", {"n": i}) for i in range(5)])
         live = await asyncio.wait_for(anext(stream), timeout=10)
         await stream.aclose()
     finally:
+        state.company_feeds.detach(feed, inbox)
         state.fanout.unsubscribe(sub)
     frames = [chunk.split(b"\r\n\r\n")[:-1] for chunk in (caught_up, live)]
     assert [len(f) for f in frames] == [30, 5]
@@ -422,3 +424,27 @@ async def test_an_event_backfilled_after_a_listen_loss_is_a_status_event(
     for ev in [*received, *replayed]:
         assert ev.event == "status"
         assert ev.data["type"] == "content_job.queued"
+
+
+async def test_the_response_starts_only_once_the_stream_has_joined_its_feed(
+    gateway: RunningGateway,
+) -> None:
+    """A dashboard opens the company stream, then (re)reads the company's jobs once the
+    response has started: every event committed after that read must reach the stream.
+    That holds only if the stream's starting point was fixed before the response started;
+    here the feed's creation is held back to show that the headers wait for it."""
+    feeds = gateway.state.company_feeds
+    joined_at_headers: list[int] = []
+
+    async def open_stream() -> None:
+        async with gateway.http() as http, http.stream("GET", EVENTS) as response:
+            assert response.status_code == 200
+            joined_at_headers.append(feeds.clients)
+
+    async with feeds._creating:  # no feed can start: the stream cannot join one yet
+        opening = asyncio.create_task(open_stream())
+        # Long enough for a response that did not wait for its feed to start.
+        await asyncio.sleep(0.3)
+        assert not opening.done()
+    await asyncio.wait_for(opening, timeout=10)
+    assert joined_at_headers == [1]

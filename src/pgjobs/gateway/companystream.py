@@ -248,52 +248,49 @@ class CompanyFeeds:
 
 
 async def company_stream(
-    state: GatewayState, sub: Subscription, cursor: tuple[str, int] | None
+    state: GatewayState,
+    sub: Subscription,
+    cursor: tuple[str, int] | None,
+    client: FeedClient,
+    feed_cursor: tuple[str, int],
 ) -> AsyncGenerator[bytes, None]:
     """All of a company's events, in (xid, id) order, until the client or server leaves.
 
-    Attach to the company's feed first. A new stream (no Last-Event-ID) starts where the
-    feed is, with no database read of its own, so a burst of connections costs nothing;
-    a resuming one catches up from the table from its cursor. Then follow the feed,
-    skipping what the catch-up already sent."""
+    The caller has joined the company's feed (``CompanyFeeds.attach``, which gave
+    ``client`` and ``feed_cursor``) before the response started, so a client that sees the
+    response start and then reads the company's jobs misses nothing in between. A new
+    stream (no Last-Event-ID) starts where the feed is, with no database read of its own,
+    so a burst of connections costs nothing; a resuming one catches up from the table from
+    its cursor. Then follow the feed, skipping what the catch-up already sent."""
     try:
-        feed, client, feed_cursor = await state.company_feeds.attach(sub.company_id)
-    except psycopg.OperationalError as exc:  # PoolTimeout included
-        log.warning("company stream could not start: %s", db.describe_error(exc))
+        while cursor is not None:
+            rows, _ = await company_feed_page(state, sub.company_id, cursor, setup=True)
+            if rows:
+                # A page is one write, not one per event (see sse.job_stream).
+                cursor = (rows[-1]["xid"], rows[-1]["id"])
+                yield b"".join(_company_event(row) for row in rows)
+            if len(rows) < PAGE:
+                break
+    except (psycopg.OperationalError, TimeoutError) as exc:
+        # Busy or unreachable database, or no turn for the pool within
+        # STREAM_SETUP_WAIT_SECONDS: end; the browser resumes from Last-Event-ID.
+        log.warning("company stream catch-up failed: %s", db.describe_error(exc))
         yield reconnect_frame()
         return
-    try:
-        try:
-            while cursor is not None:
-                rows, _ = await company_feed_page(state, sub.company_id, cursor, setup=True)
-                if rows:
-                    # A page is one write, not one per event (see sse.job_stream).
-                    cursor = (rows[-1]["xid"], rows[-1]["id"])
-                    yield b"".join(_company_event(row) for row in rows)
-                if len(rows) < PAGE:
-                    break
-        except (psycopg.OperationalError, TimeoutError) as exc:
-            # Busy or unreachable database, or no turn for the pool within
-            # STREAM_SETUP_WAIT_SECONDS: end; the browser resumes from Last-Event-ID.
-            log.warning("company stream catch-up failed: %s", db.describe_error(exc))
-            yield reconnect_frame()
+    if cursor is None:
+        cursor = feed_cursor
+    sent = (int(cursor[0]), cursor[1])
+    while not sub.closed:
+        item = await client.queue.get()
+        if isinstance(item, _Closed):
             return
-        if cursor is None:
-            cursor = feed_cursor
-        sent = (int(cursor[0]), cursor[1])
-        while not sub.closed:
-            item = await client.queue.get()
-            if isinstance(item, _Closed):
-                return
-            # What the feed read at once goes out in one write.
-            fresh = [event for event in item if (event.xid, event.id) > sent]
-            if fresh:
-                sent = (fresh[-1].xid, fresh[-1].id)
-                yield b"".join(event.data for event in fresh)
-            if client.overflowed and client.queue.empty():
-                return  # fell a whole queue behind: resume with Last-Event-ID
-    finally:
-        state.company_feeds.detach(feed, client)
+        # What the feed read at once goes out in one write.
+        fresh = [event for event in item if (event.xid, event.id) > sent]
+        if fresh:
+            sent = (fresh[-1].xid, fresh[-1].id)
+            yield b"".join(event.data for event in fresh)
+        if client.overflowed and client.queue.empty():
+            return  # fell a whole queue behind: resume with Last-Event-ID
 
 
 def _company_event(row: dict[str, Any]) -> bytes:

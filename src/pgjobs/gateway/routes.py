@@ -347,18 +347,31 @@ class Api:
         except ValueError as exc:
             bad_request(str(exc))
         company_id = principal.company_id
-        fanout, slots = self.state.fanout, self.state.slots
+        fanout, slots, feeds = self.state.fanout, self.state.slots, self.state.company_feeds
         slots.acquire(company_id)
         sub = fanout.subscribe_company(company_id)
+        try:
+            # Join the company's feed before the response starts: a page that reads its
+            # jobs once the stream is open then misses no event committed in between.
+            feed, client, feed_cursor = await feeds.attach(company_id)
+        except psycopg.OperationalError as exc:  # PoolTimeout included
+            fanout.unsubscribe(sub)
+            slots.release(company_id)
+            log.warning("company stream could not start: %s", db.describe_error(exc))
+            return self._stream(sse.only(sse.reconnect_frame()))
+        except BaseException:
+            fanout.unsubscribe(sub)
+            slots.release(company_id)
+            raise
 
         def release() -> None:
+            feeds.detach(feed, client)
             fanout.unsubscribe(sub)
             slots.release(company_id)
 
         try:
-            return self._stream(
-                companystream.company_stream(self.state, sub, cursor), release, principal
-            )
+            stream = companystream.company_stream(self.state, sub, cursor, client, feed_cursor)
+            return self._stream(stream, release, principal)
         except BaseException:
             release()
             raise
