@@ -169,7 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     tc = tokens.add_parser(
         "create", parents=[common], help="print a new API token for a company (shown once)"
     )
-    tc.add_argument("company_id")
+    tc.add_argument("company_id", nargs="?", help="the company the token acts for")
+    tc.add_argument(
+        "--operator",
+        action="store_true",
+        help="a token for operators, acting for every company (give no COMPANY)",
+    )
     tc.add_argument("--label", help="a note to recognise the token by")
     tr = tokens.add_parser("revoke", parents=[common], help="revoke a token (by token or id)")
     tr.add_argument("token_or_id")
@@ -397,6 +402,16 @@ async def cmd_token(args: argparse.Namespace) -> int:
         await db.ensure_migrated(conn)
         if args.token_command == "create":  # noqa: S105 - a subcommand name
             company = args.company_id
+            if args.operator:
+                if company is not None:
+                    raise InvalidJobError(
+                        "an operator token acts for every company: give --operator or a "
+                        "company, not both"
+                    )
+                print(await auth.create_token(conn, None, args.label, operator=True))
+                return 0
+            if company is None:
+                raise InvalidJobError("give the company the token is for, or --operator")
             if not company.strip() or len(company) > MAX_COMPANY_LENGTH or "\x00" in company:
                 raise InvalidJobError(f"company_id must be 1 to {MAX_COMPANY_LENGTH} characters")
             print(await auth.create_token(conn, company, args.label))

@@ -9,6 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 from gateway_helpers import RunningGateway
 from test_gw_rest import make_asset
@@ -148,3 +149,57 @@ def test_cli_token_create_and_revoke(dsn: str) -> None:
     assert again.returncode == 1
     assert pgjobs("token", "revoke", str(uuid.uuid4())).returncode == 1
     assert pgjobs("token", "create", "").returncode == 2
+    operator = pgjobs("token", "create", "--operator", "--label", "on call")
+    assert operator.returncode == 0, operator.stderr
+    assert operator.stdout.strip().startswith("pgj_")
+    for args in (["token", "create"], ["token", "create", "acme", "--operator"]):
+        refused = pgjobs(*args)
+        assert refused.returncode == 2
+        assert len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+
+
+async def test_an_operator_token_acts_for_every_company_until_revoked(
+    gateway: RunningGateway,
+) -> None:
+    """`pgjobs token create --operator`: every company's paths (each request still names
+    its company), stream tokens minted for that company; revoked → 401 everywhere."""
+    async with await db.connect(gateway.state.dsn) as c:
+        operator = await auth.create_token(c, None, "ops", operator=True)
+    ops = {"Authorization": f"Bearer {operator}"}
+    async with httpx.AsyncClient(base_url=gateway.url, headers=ops, timeout=20.0) as http:
+        assert (await http.get("/api/whoami")).json() == {"companyId": None, "operator": True}
+        for company in ("acme", "globex"):
+            r = await http.post(f"/api/companies/{company}/content-jobs", json={"jobType": "echo"})
+            assert r.status_code == 202, r.text
+            job_id = r.json()["jobId"]
+            got = await http.get(f"/api/companies/{company}/content-jobs/{job_id}")
+            assert got.json()["companyId"] == company
+            listed = await http.get(f"/api/companies/{company}/content-jobs")
+            assert [j["id"] for j in listed.json()] == [job_id]
+            cancelled = await http.post(f"/api/companies/{company}/content-jobs/{job_id}/cancel")
+            assert cancelled.status_code == 202
+            minted = await http.post(f"/api/companies/{company}/stream-tokens", json={})
+            assert minted.status_code == 201, minted.text
+            stream_token = minted.json()["token"]
+            # The stream token is that company's alone.
+            other = "globex" if company == "acme" else "acme"
+            async with gateway.http(None) as anonymous:
+                own = await anonymous.get(
+                    f"/api/companies/{company}/content-jobs/{job_id}/events",
+                    params={"streamToken": stream_token},
+                )
+                assert own.status_code == 200
+                assert '"status":"cancelled"' in own.text
+                foreign = await anonymous.get(
+                    f"/api/companies/{other}/events", params={"streamToken": stream_token}
+                )
+                assert foreign.status_code == 403
+        # A company's own token still cannot reach another company.
+    async with gateway.http("acme") as acme:
+        assert (await acme.get("/api/companies/globex/content-jobs")).status_code == 403
+        assert (await acme.get("/api/whoami")).json() == {"companyId": "acme", "operator": False}
+    async with await db.connect(gateway.state.dsn) as c:
+        assert await auth.revoke_token(c, operator) is not None
+    async with httpx.AsyncClient(base_url=gateway.url, headers=ops, timeout=20.0) as http:
+        for path in ("/api/whoami", "/api/companies/acme/content-jobs"):
+            assert (await http.get(path)).status_code == 401

@@ -89,7 +89,7 @@ async def test_whoami_names_the_tokens_company(gateway: RunningGateway) -> None:
     async with gateway.http("globex") as http:
         r = await http.get("/api/whoami")
         assert r.status_code == 200
-        assert r.json() == {"companyId": "globex"}
+        assert r.json() == {"companyId": "globex", "operator": False}
     async with gateway.http(None) as http:
         r = await http.get("/api/whoami")
         assert r.status_code == 401

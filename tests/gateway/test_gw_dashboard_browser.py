@@ -61,8 +61,11 @@ def shot(name: str) -> str:
 
 
 @asynccontextmanager
-async def signed_in(gateway: RunningGateway, **context: Any) -> AsyncIterator[Any]:
-    """A page at / signed in as acme, its JavaScript dialogs and errors recorded."""
+async def signed_in(
+    gateway: RunningGateway, token: str | None = None, company: str | None = None, **context: Any
+) -> AsyncIterator[Any]:
+    """A page at / signed in (as acme unless another token is given; ``company`` for an
+    operator's token), its JavaScript dialogs and errors recorded."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
@@ -80,7 +83,9 @@ async def signed_in(gateway: RunningGateway, **context: Any) -> AsyncIterator[An
             page.on("dialog", on_dialog)
             page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
             await page.goto(gateway.url + "/")
-            await page.get_by_label("API token").fill(gateway.tokens["acme"])
+            await page.get_by_label("API token").fill(token or gateway.tokens["acme"])
+            if company is not None:
+                await page.get_by_label("Company").fill(company)
             await page.get_by_role("button", name="Sign in").click()
             await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
             yield page
@@ -390,3 +395,23 @@ async def _shown(page: Any, *job_ids: object) -> bool:
 async def _status(page: Any, job_id: str, status: str) -> bool:
     shown = await row(page, job_id)
     return shown is not None and shown["status"] == status
+
+
+async def test_an_operator_signs_in_to_any_company(gateway: RunningGateway) -> None:
+    """An operator's token opens whichever company it names at sign-in; a company's token
+    shows that company's jobs only."""
+    from pgjobs import db
+    from pgjobs.gateway import auth
+
+    async with await db.connect(gateway.state.dsn) as conn:
+        operator = await auth.create_token(conn, None, "ops", operator=True)
+    acme_job = await gateway.state.client.enqueue("acme", "echo", {})
+    globex_job = await gateway.state.client.enqueue("globex", "echo", {})
+    for company, job, other in (("acme", acme_job, globex_job), ("globex", globex_job, acme_job)):
+        async with signed_in(gateway, operator, company) as page:
+            await wait_until(lambda j=job: _shown(page, j.id), within=15, message="listed")
+            assert await page.locator("#company").text_content() == company
+            assert not await _shown(page, other.id)
+    async with signed_in(gateway) as page:  # acme's own token
+        await wait_until(lambda: _shown(page, acme_job.id), within=15, message="listed")
+        assert not await _shown(page, globex_job.id)

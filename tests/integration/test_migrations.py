@@ -14,6 +14,14 @@ from helpers import assert_queue_matches_jobs, fetch
 from pgjobs import migrate
 from pgjobs.client import Client
 
+# Every migration id, in the order they apply (each depends on the one before).
+ALL = sorted(p.stem for p in migrate.migrations_dir().glob("0*.sql") if ".rollback" not in p.name)
+
+
+def since(first: str) -> list[str]:
+    """``first`` and every migration after it: what rolling back to before it undoes."""
+    return ALL[ALL.index(first) :]
+
 
 async def _enqueue_notifies(dsn: str) -> dict[str, object]:
     """Enqueue one job; return its NOTIFY item (and check its audit row exists)."""
@@ -30,25 +38,14 @@ async def _enqueue_notifies(dsn: str) -> dict[str, object]:
 
 
 async def test_latest_migration_rolls_back_and_applies_again(empty_dsn: str) -> None:
-    assert migrate.apply(empty_dsn)[-1] == "0006_attempt_traceback"
+    assert migrate.apply(empty_dsn) == ALL
     assert "runAt" not in await _enqueue_notifies(empty_dsn)  # 0003: no null keys
 
-    _roll_back(
-        empty_dsn,
-        "0006_attempt_traceback",
-        "0005_time_bounds",
-        "0004_job_queue",
-        "0003_fast_publish",
-    )
+    _roll_back(empty_dsn, *since("0003_fast_publish"))
     item = await _enqueue_notifies(empty_dsn)
     assert item["runAt"] is None  # 0001's trigger again: every key, null or not
 
-    assert migrate.apply(empty_dsn) == [
-        "0003_fast_publish",
-        "0004_job_queue",
-        "0005_time_bounds",
-        "0006_attempt_traceback",
-    ]
+    assert migrate.apply(empty_dsn) == since("0003_fast_publish")
     assert "runAt" not in await _enqueue_notifies(empty_dsn)
     await assert_queue_matches_jobs(empty_dsn)
 
@@ -81,22 +78,18 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
     empty_dsn: str,
 ) -> None:
     migrate.apply(empty_dsn)
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue")
+    _roll_back(empty_dsn, *since("0004_job_queue"))
     assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue') AS t") == [{"t": None}]
     await fetch(empty_dsn, _JOBS_AT_0003)
 
-    assert migrate.apply(empty_dsn) == [
-        "0004_job_queue",
-        "0005_time_bounds",
-        "0006_attempt_traceback",
-    ]
+    assert migrate.apply(empty_dsn) == since("0004_job_queue")
     await assert_queue_matches_jobs(empty_dsn)
     queued = await fetch(
         empty_dsn, "SELECT lease_expires_at IS NULL AS queued FROM pgjobs.job_queue"
     )
     assert sorted(r["queued"] for r in queued) == [False, True]  # the done job stays out
 
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue")
+    _roll_back(empty_dsn, *since("0004_job_queue"))
     indexes = await fetch(
         empty_dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs' ORDER BY 1"
     )
@@ -117,13 +110,13 @@ async def test_traceback_migration_rolls_back_to_0004s_trigger(empty_dsn: str) -
         "SELECT count(*) AS n FROM information_schema.columns WHERE column_name = 'error_traceback'"
     )
     assert await fetch(empty_dsn, column) == [{"n": 1}]
-    _roll_back(empty_dsn, "0006_attempt_traceback")
+    _roll_back(empty_dsn, *since("0006_attempt_traceback"))
     assert await fetch(empty_dsn, column) == [{"n": 0}]
     await _enqueue_notifies(empty_dsn)
     async with await Client.connect(empty_dsn) as client:  # a transition through the trigger
         job = await client.enqueue("acme", "echo")
         assert (await client.cancel("acme", job.id)).status.value == "cancelled"
-    assert migrate.apply(empty_dsn) == ["0006_attempt_traceback"]
+    assert migrate.apply(empty_dsn) == since("0006_attempt_traceback")
     await _enqueue_notifies(empty_dsn)
 
 
@@ -146,10 +139,10 @@ VALUES ('00000000-0000-0000-0000-000000000001', 'acme', 'echo', 'queued', 0, NUL
 
 async def test_time_bounds_migration_fails_and_clamps_rows_out_of_range(empty_dsn: str) -> None:
     migrate.apply(empty_dsn)
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds")
+    _roll_back(empty_dsn, *since("0005_time_bounds"))
     await fetch(empty_dsn, _JOBS_AT_0004)
 
-    assert migrate.apply(empty_dsn) == ["0005_time_bounds", "0006_attempt_traceback"]
+    assert migrate.apply(empty_dsn) == since("0005_time_bounds")
     rows = await fetch(
         empty_dsn,
         "SELECT id::text, status, run_at::text, created_at::text, lease_expires_at::text, "
@@ -178,3 +171,23 @@ async def test_time_bounds_migration_fails_and_clamps_rows_out_of_range(empty_ds
             "UPDATE pgjobs.jobs SET run_at = '0001-01-01T00:00:00Z' WHERE id = %s",
             (good["id"],),
         )
+
+
+async def test_operator_tokens_migration_rolls_back(empty_dsn: str) -> None:
+    """0009 lets a token have no company (an operator's); its rollback removes those
+    tokens and makes a company required again."""
+    from pgjobs.gateway import auth
+
+    migrate.apply(empty_dsn)
+    async with await psycopg.AsyncConnection.connect(empty_dsn, autocommit=True) as conn:
+        await auth.create_token(conn, None, "ops", operator=True)
+        await auth.create_token(conn, "acme")
+        with pytest.raises(psycopg.errors.CheckViolation):
+            await conn.execute(
+                "INSERT INTO pgjobs.api_tokens (id, company_id, token_hash, operator)"
+                " VALUES (gen_random_uuid(), 'acme', repeat('a', 64), true)"
+            )
+    _roll_back(empty_dsn, *since("0009_operator_tokens"))
+    rows = await fetch(empty_dsn, "SELECT company_id FROM pgjobs.api_tokens")
+    assert rows == [{"company_id": "acme"}]
+    assert migrate.apply(empty_dsn) == since("0009_operator_tokens")

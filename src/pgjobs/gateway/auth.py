@@ -3,7 +3,9 @@
 API tokens are ``pgj_`` + 32 random bytes, url-safe. Only their SHA-256 is stored
 (``pgjobs.api_tokens``); a request's token is hashed and looked up by hash, and the stored
 hash is compared again in constant time. A token belongs to one company, and that is the
-only source of the caller's company: a body, header or Host never decides it.
+only source of the caller's company: a body, header or Host never decides it. An
+*operator* token belongs to none and may act for any: the company is then the one the
+request's path names, and nothing else changes (stream tokens it mints are that company's).
 
 Browsers cannot put headers on an ``EventSource``, so a caller holding an API token can
 mint a *stream token*: ``<payload>.<signature>``, where the payload names the company, the
@@ -53,6 +55,9 @@ class Principal:
     it ends the caller's access, streams included."""
     job_scope: uuid.UUID | None = None
     """For a job-scoped stream token: the only job whose events it may read."""
+    operator: bool = False
+    """An operator's API token: it may act for any company. Until a route binds it to the
+    company its path names, its ``company_id`` is empty."""
 
 
 def hash_token(token: str) -> str:
@@ -63,8 +68,13 @@ def new_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
 
 
-async def create_token(conn: db.AsyncConn, company_id: str, label: str | None = None) -> str:
-    """Store a new token's hash for company_id and return the token (shown once)."""
+async def create_token(
+    conn: db.AsyncConn, company_id: str | None, label: str | None = None, *, operator: bool = False
+) -> str:
+    """Store a new token's hash and return the token (shown once): a company's token, or
+    with ``operator`` (and no company) an operator's, which acts for every company."""
+    if operator != (company_id is None):
+        raise ValueError("a token is either one company's or an operator's")
     token = new_token()
     await conn.execute(
         GATEWAY_QUERIES["token_insert"],
@@ -73,6 +83,7 @@ async def create_token(conn: db.AsyncConn, company_id: str, label: str | None = 
             "company_id": company_id,
             "token_hash": hash_token(token),
             "label": label,
+            "operator": operator,
             "now": None,
         },
     )
@@ -108,7 +119,9 @@ async def verify_api_token(conn: db.AsyncConn, token: str) -> Principal | None:
     # decision itself free of timing differences whatever the index does.
     if row is None or not hmac.compare_digest(str(row["token_hash"]), presented):
         return None
-    return Principal(company_id=str(row["company_id"]), token_id=row["id"])
+    return Principal(
+        company_id=str(row["company_id"] or ""), token_id=row["id"], operator=row["operator"]
+    )
 
 
 def _b64(data: bytes) -> str:

@@ -3,19 +3,22 @@
 -- pgjobs.client, so it uses the same guarded transitions as every other producer.
 
 -- name: token_insert
-INSERT INTO pgjobs.api_tokens (id, company_id, token_hash, label, created_at)
+-- A company's token (company_id set), or an operator's (company_id NULL, operator true).
+INSERT INTO pgjobs.api_tokens (id, company_id, token_hash, label, operator, created_at)
 VALUES (%(id)s::uuid, %(company_id)s::text, %(token_hash)s::text, %(label)s::text,
-        coalesce(%(now)s::timestamptz, now()))
+        %(operator)s::boolean, coalesce(%(now)s::timestamptz, now()))
 RETURNING id, company_id, created_at;
 
 -- name: token_get_active_by_hash
-SELECT id, company_id, token_hash FROM pgjobs.api_tokens
+SELECT id, company_id, token_hash, operator FROM pgjobs.api_tokens
 WHERE token_hash = %(token_hash)s::text AND revoked_at IS NULL;
 
 -- name: token_get_active_by_id
 -- A stream token's parent, on every use of the stream token: no row once it is revoked.
+-- An operator's token may mint stream tokens for any company.
 SELECT id FROM pgjobs.api_tokens
-WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text AND revoked_at IS NULL;
+WHERE id = %(id)s::uuid AND (company_id = %(company_id)s::text OR operator)
+  AND revoked_at IS NULL;
 
 -- name: token_list_revoked_by_ids
 -- Which of the API tokens this gateway's open event streams were opened with are revoked:

@@ -8,6 +8,7 @@ scoped by that company in SQL, so another company's job or asset id is simply no
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import uuid
 from collections.abc import AsyncGenerator, Callable
@@ -74,6 +75,8 @@ class Api:
                     principal = None  # its API token was revoked
         if principal is None:
             raise ApiError(401, "missing or invalid token", {"WWW-Authenticate": "Bearer"})
+        if principal.operator:
+            return dataclasses.replace(principal, company_id=company_id)
         if principal.company_id != company_id:
             raise ApiError(403, "this token does not grant access to this company")
         if principal.job_scope is not None and (not stream or principal.job_scope != stream_job):
@@ -122,9 +125,11 @@ class Api:
 
     async def whoami(self, request: Request) -> Response:
         """Which company an API token acts for: how the dashboard, given only a token,
-        learns the company its paths name."""
+        learns the company its paths name (none for an operator, who picks one)."""
         principal = await self.bearer(request)
-        return ApiJSONResponse({"companyId": principal.company_id})
+        return ApiJSONResponse(
+            {"companyId": principal.company_id or None, "operator": principal.operator}
+        )
 
     # -- jobs -------------------------------------------------------------------------
 

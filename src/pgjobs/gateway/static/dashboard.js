@@ -742,13 +742,25 @@
     $("sign-in-error").textContent = "";
     try {
       const { data } = await api("GET", "/api/whoami", undefined, token);
-      session.save(token, data.companyId);
+      let company = data.companyId;
+      if (data.operator) {
+        // An operator's token acts for every company: the page shows the one named here
+        // (sign out to open another).
+        company = $("operator-company").value.trim();
+        if (!company) {
+          $("sign-in-error").textContent =
+            "This is an operator token: name the company to open.";
+          return;
+        }
+      }
+      session.save(token, company);
     } catch (error) {
       $("sign-in-error").textContent =
         error.status === 401 ? "This token was not accepted." : `Could not sign in: ${error.message}`;
       return;
     }
     $("token").value = "";
+    $("operator-company").value = "";
     jobs.reset();
     route();
   }
