@@ -249,10 +249,14 @@ SCHEMA: dict[str, Any] = {
                     "200": _json(
                         {
                             "type": "object",
-                            "required": ["companyId"],
-                            "properties": {"companyId": {"type": "string"}},
+                            "required": ["companyId", "operator"],
+                            "properties": {
+                                "companyId": {"type": ["string", "null"]},
+                                "operator": {"type": "boolean"},
+                            },
                         },
-                        "The token's company",
+                        "The token's company (null for an operator's token, which acts "
+                        "for every company)",
                     ),
                     **_errors(401, 503),
                 },
@@ -381,6 +385,43 @@ SCHEMA: dict[str, Any] = {
                     },
                     "204": {"description": "Resumed after the job's last event: nothing more"},
                     **_errors(400, 429, *_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/companies/{companyId}/content-jobs/{jobId}/timeline": {
+            "parameters": [_COMPANY, _JOB],
+            "get": {
+                "summary": "A page of the job's audit log, oldest first: each transition's "
+                "seq, type, status, attempt, workerId, createdAt and payload (a failed "
+                "attempt's traceback for operator tokens only). X-Next-Cursor: pass as "
+                "`after` for the next page",
+                "parameters": [
+                    {"name": "after", "in": "query", "schema": {"type": "integer"}},
+                    {"name": "limit", "in": "query", "schema": {"type": "integer"}},
+                ],
+                "responses": {
+                    "200": _json({"type": "array", "items": {"type": "object"}}, "Events"),
+                    **_errors(400, 404, *_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/companies/{companyId}/job-types": {
+            "parameters": [_COMPANY],
+            "get": {
+                "summary": "The job types some live worker serves",
+                "responses": {
+                    "200": _json({"type": "object"}, '{"jobTypes": [...]}'),
+                    **_errors(*_AUTH_ERRORS),
+                },
+            },
+        },
+        "/api/workers": {
+            "get": {
+                "summary": "The live workers: host, pid, concurrency, job types, heartbeat, "
+                "jobs running (operator tokens only)",
+                "responses": {
+                    "200": _json({"type": "array", "items": {"type": "object"}}, "Workers"),
+                    **_errors(401, 403, 503),
                 },
             },
         },

@@ -172,3 +172,34 @@ SELECT coalesce(a.job_type, d.job_type) AS job_type,
        a.oldest_queued_at
 FROM active a FULL JOIN ended d ON d.job_type = a.job_type
 ORDER BY 1;
+
+-- name: job_events_page_for_company
+-- A page of one job's audit rows after seq %(after_seq)s, for the REST timeline. The
+-- company in the WHERE keeps another company's job id from answering anything; the
+-- (job_id, seq) unique index serves it.
+SELECT seq, type, status, attempt, worker_id, payload, created_at
+FROM pgjobs.job_events
+WHERE job_id = %(job_id)s::uuid AND company_id = %(company_id)s::text
+  AND seq > %(after_seq)s::int
+ORDER BY seq
+LIMIT %(limit)s::int;
+
+-- name: worker_list_live
+-- Workers with a heartbeat within %(within_seconds)s, each with the jobs it holds now (its
+-- running jobs, found through the queue table, which holds only queued and running jobs).
+SELECT w.id, w.hostname, w.pid, w.job_types, w.concurrency, w.started_at,
+       w.last_heartbeat_at,
+       (SELECT count(*) FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        WHERE q.lease_expires_at IS NOT NULL AND j.worker_id = w.id)::int AS running
+FROM pgjobs.workers w
+WHERE w.last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
+                            - make_interval(secs => %(within_seconds)s::float8)
+ORDER BY w.hostname, w.pid, w.id;
+
+-- name: worker_job_types_live
+-- The job types some live worker serves: what a job can be submitted as and get run.
+SELECT DISTINCT unnest(job_types) AS job_type
+FROM pgjobs.workers
+WHERE last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
+                          - make_interval(secs => %(within_seconds)s::float8)
+ORDER BY 1;

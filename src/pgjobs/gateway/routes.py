@@ -29,12 +29,13 @@ from pgjobs.gateway.eventstream import EventStream
 from pgjobs.gateway.limits import ApiError, bad_request, query_int, read_json_object
 from pgjobs.gateway.responses import ApiJSONResponse, asset_json, error
 from pgjobs.gateway.state import GatewayState
-from pgjobs.types import Job, JobStatus
+from pgjobs.types import Job, JobStatus, iso
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
 STATS_WINDOW_SECONDS = 3600  # "done / failed in the last hour"
+TIMELINE_PAGE = 500  # audit rows per page of a job's timeline
 MAX_CURSOR_LENGTH = 200
 STATUSES = frozenset(s.value for s in JobStatus)
 
@@ -191,6 +192,78 @@ class Api:
         principal = await self.authorize(request)
         job = await self.state.client.get(principal.company_id, request.path_params["jobId"])
         return ApiJSONResponse((await self._jobs_json([job]))[0])
+
+    async def job_timeline(self, request: Request) -> Response:
+        """A page of the job's audit log: every transition with its time, worker and
+        payload, oldest first; ``X-Next-Cursor`` (a seq, passed back as ``after``) while
+        more remain. A failed attempt's traceback only for an operator's token: it shows
+        server internals."""
+        principal = await self.authorize(request)
+        job = await self.state.client.get(principal.company_id, request.path_params["jobId"])
+        after = query_int(request, "after", 0, 0, 2**31 - 1)
+        limit = query_int(request, "limit", TIMELINE_PAGE, 1, TIMELINE_PAGE)
+        params = {
+            "job_id": job.id,
+            "company_id": principal.company_id,
+            "after_seq": after,
+            "limit": limit + 1,  # one more tells whether another page exists
+        }
+        async with self.state.pool.connection() as conn:
+            cur = await conn.execute(GATEWAY_QUERIES["job_events_page_for_company"], params)
+            rows = await cur.fetchall()
+        events = []
+        for row in rows[:limit]:
+            payload = dict(row["payload"])
+            traceback = payload.pop("traceback", None)
+            event = {
+                "seq": row["seq"],
+                "type": row["type"],
+                "status": row["status"],
+                "attempt": row["attempt"],
+                "workerId": row["worker_id"],
+                "createdAt": iso(row["created_at"]),
+                "payload": payload,
+            }
+            if principal.operator and traceback is not None:
+                event["traceback"] = traceback
+            events.append(event)
+        headers = {"X-Next-Cursor": str(events[-1]["seq"])} if len(rows) > limit else None
+        return ApiJSONResponse(events, headers=headers)
+
+    async def job_types(self, request: Request) -> Response:
+        """The job types some live worker serves: what a job can be submitted as and run."""
+        await self.authorize(request)
+        params = {"within_seconds": self.state.settings.live_worker_seconds, "now": None}
+        async with self.state.pool.connection() as conn:
+            cur = await conn.execute(GATEWAY_QUERIES["worker_job_types_live"], params)
+            types = [row["job_type"] for row in await cur.fetchall()]
+        return ApiJSONResponse({"jobTypes": types})
+
+    async def workers(self, request: Request) -> Response:
+        """The live workers (host, pid, concurrency, job types, heartbeat, jobs held):
+        shared infrastructure, so for operator tokens only."""
+        principal = await self.bearer(request)
+        if not principal.operator:
+            raise ApiError(403, "only an operator token may list the workers")
+        params = {"within_seconds": self.state.settings.live_worker_seconds, "now": None}
+        async with self.state.pool.connection() as conn:
+            cur = await conn.execute(GATEWAY_QUERIES["worker_list_live"], params)
+            rows = await cur.fetchall()
+        return ApiJSONResponse(
+            [
+                {
+                    "id": row["id"],
+                    "hostname": row["hostname"],
+                    "pid": row["pid"],
+                    "jobTypes": list(row["job_types"]),
+                    "concurrency": row["concurrency"],
+                    "running": row["running"],
+                    "startedAt": iso(row["started_at"]),
+                    "lastHeartbeatAt": iso(row["last_heartbeat_at"]),
+                }
+                for row in rows
+            ]
+        )
 
     async def _jobs_json(self, jobs: list[Job]) -> list[dict[str, Any]]:
         """Jobs as JSON; a queued one also gets ``servedBy``, the number of live workers
@@ -444,12 +517,15 @@ def routes(api: Api) -> list[BaseRoute]:
         Route("/readyz", api.readyz, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/api/whoami", api.whoami, methods=["GET"]),
+        Route("/api/workers", api.workers, methods=["GET"]),
+        Route(company + "/job-types", api.job_types, methods=["GET"]),
         Route(company + "/content-jobs", api.enqueue, methods=["POST"]),
         Route(company + "/content-jobs", api.list_jobs, methods=["GET"]),
         Route(job, api.get_job, methods=["GET"]),
         Route(job + "/cancel", api.cancel, methods=["POST"]),
         Route(job + "/retry", api.retry, methods=["POST"]),
         Route(job + "/events", api.job_events, methods=["GET"]),
+        Route(job + "/timeline", api.job_timeline, methods=["GET"]),
         Route(company + "/events", api.company_events, methods=["GET"]),
         Route(company + "/stats", api.stats, methods=["GET"]),
         Route(company + "/stream-tokens", api.stream_token, methods=["POST"]),

@@ -1,0 +1,114 @@
+"""What the dashboard's operator views read: a job's timeline from the audit log (with
+tracebacks for operators only), the job types live workers serve, and the live workers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from gateway_helpers import RunningGateway
+
+from helpers import fast_settings, fetch, running_worker, wait_until
+from pgjobs import db, demo
+from pgjobs.gateway import auth
+from pgjobs.jobspec import JobSpec
+
+ACME = "/api/companies/acme"
+
+
+async def operator_client(gateway: RunningGateway) -> httpx.AsyncClient:
+    async with await db.connect(gateway.state.dsn) as conn:
+        token = await auth.create_token(conn, None, "ops", operator=True)
+    return httpx.AsyncClient(
+        base_url=gateway.url, headers={"Authorization": f"Bearer {token}"}, timeout=20.0
+    )
+
+
+async def test_a_jobs_timeline_is_its_audit_log_with_tracebacks_for_operators_only(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    client = gateway.state.client
+    job = await client.enqueue("acme", "fail", {"message": "kaput"}, max_attempts=2)
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+
+        async def failed() -> bool:
+            return (await client.get("acme", job.id)).status.value == "failed"
+
+        await wait_until(failed, within=30, message="the job failed twice")
+    audit = await fetch(
+        dsn,
+        "SELECT seq, type, status, attempt, worker_id, created_at FROM pgjobs.job_events"
+        " WHERE job_id = %s ORDER BY seq",
+        [job.id],
+    )
+    async with gateway.http() as acme:
+        r = await acme.get(f"{ACME}/content-jobs/{job.id}/timeline")
+    assert r.status_code == 200, r.text
+    events = r.json()
+    assert [(e["seq"], e["type"], e["status"], e["attempt"], e["workerId"]) for e in events] == [
+        (a["seq"], a["type"], a["status"], a["attempt"], a["worker_id"]) for a in audit
+    ]
+    assert [e["createdAt"] for e in events] == [a["created_at"].isoformat() for a in audit]
+    assert events[-1]["payload"]["errorMessage"] == "RuntimeError: kaput"
+    assert "traceback" not in r.text  # a company's token
+    assert "Traceback" not in r.text
+    async with await operator_client(gateway) as ops:
+        r = await ops.get(f"{ACME}/content-jobs/{job.id}/timeline")
+    ended = [e for e in r.json() if e["type"] in ("content_job.retrying", "content_job.failed")]
+    assert len(ended) == 2
+    assert all("RuntimeError: kaput" in e["traceback"] for e in ended)
+
+
+async def test_a_timeline_pages_and_is_the_companys_own(gateway: RunningGateway) -> None:
+    client = gateway.state.client
+    job = await client.enqueue("acme", "echo", {})
+    for _ in range(4):  # queued, cancelled, queued, cancelled, queued
+        await client.cancel("acme", job.id)
+        await client.retry("acme", job.id)
+    async with gateway.http() as acme:
+        first = await acme.get(f"{ACME}/content-jobs/{job.id}/timeline", params={"limit": 4})
+        assert [e["seq"] for e in first.json()] == [1, 2, 3, 4]
+        after = first.headers["X-Next-Cursor"]
+        rest = await acme.get(
+            f"{ACME}/content-jobs/{job.id}/timeline", params={"after": after, "limit": 500}
+        )
+        assert [e["seq"] for e in rest.json()] == list(range(5, 10))
+        assert "X-Next-Cursor" not in rest.headers
+        bad = await acme.get(f"{ACME}/content-jobs/{job.id}/timeline", params={"limit": 501})
+        assert bad.status_code == 400
+    async with gateway.http("globex") as globex:
+        foreign = await globex.get(f"/api/companies/globex/content-jobs/{job.id}/timeline")
+        assert foreign.status_code == 404
+        assert (await globex.get(f"{ACME}/content-jobs/{job.id}/timeline")).status_code == 403
+
+
+async def test_job_types_and_workers_are_the_live_ones(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    # A worker that stopped heartbeating an hour ago is not live.
+    await fetch(
+        dsn,
+        "INSERT INTO pgjobs.workers (id, hostname, pid, job_types, concurrency,"
+        " last_heartbeat_at) VALUES ('gone', 'old-host', 1, '{legacy}', 1,"
+        " now() - interval '1 hour')",
+    )
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir, concurrency=3)):
+        await gateway.state.client.enqueue_many(
+            JobSpec("acme", "sleep", {"seconds": 30}) for _ in range(2)
+        )
+        async with gateway.http() as acme:
+            types = (await acme.get(f"{ACME}/job-types")).json()["jobTypes"]
+            assert types == sorted(demo.registry.job_types)
+            assert "legacy" not in types
+            assert (await acme.get("/api/workers")).status_code == 403  # infrastructure
+        async with await operator_client(gateway) as ops:
+
+            async def both_running() -> bool:
+                workers = (await ops.get("/api/workers")).json()
+                return len(workers) == 1 and workers[0]["running"] == 2
+
+            await wait_until(both_running, within=20, message="two sleep jobs running")
+            (worker,) = (await ops.get("/api/workers")).json()
+        assert worker["concurrency"] == 3
+        assert sorted(worker["jobTypes"]) == sorted(demo.registry.job_types)
+        assert worker["hostname"] != "old-host"
