@@ -375,7 +375,7 @@ async def test_narrow_dark_screen(gateway: RunningGateway) -> None:
         assert width <= 390
         # Every control is reachable from the keyboard and named.
         names = await page.evaluate(
-            """() => [...document.querySelectorAll('button, a[href], select, input')]
+            """() => [...document.querySelectorAll('button, a[href], select, input, textarea, summary')]
                  .filter((e) => e.offsetParent !== null)
                  .map((e) => e.getAttribute('aria-label') || e.labels?.[0]?.textContent
                              || e.textContent.trim())"""
@@ -383,7 +383,7 @@ async def test_narrow_dark_screen(gateway: RunningGateway) -> None:
         assert all(names), names
         await page.keyboard.press("Tab")
         focused = await page.evaluate("document.activeElement.tagName")
-        assert focused in ("A", "BUTTON", "SELECT", "INPUT")
+        assert focused in ("A", "BUTTON", "SELECT", "INPUT", "TEXTAREA", "SUMMARY")
         await page.screenshot(path=shot("narrow-dark"), full_page=True)
 
 
@@ -397,21 +397,92 @@ async def _status(page: Any, job_id: str, status: str) -> bool:
     return shown is not None and shown["status"] == status
 
 
-async def test_an_operator_signs_in_to_any_company(gateway: RunningGateway) -> None:
+async def test_an_operator_signs_in_to_any_company_and_sees_tracebacks(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
     """An operator's token opens whichever company it names at sign-in; a company's token
-    shows that company's jobs only."""
+    shows that company's jobs only. A job's timeline shows each transition's time and
+    worker, and a failed attempt's traceback to the operator only."""
     from pgjobs import db
     from pgjobs.gateway import auth
 
     async with await db.connect(gateway.state.dsn) as conn:
         operator = await auth.create_token(conn, None, "ops", operator=True)
-    acme_job = await gateway.state.client.enqueue("acme", "echo", {})
-    globex_job = await gateway.state.client.enqueue("globex", "echo", {})
+    client = gateway.state.client
+    acme_job = await client.enqueue("acme", "fail", {"message": "kaput"}, max_attempts=1)
+    globex_job = await client.enqueue("globex", "echo", {})
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+
+        async def ended() -> bool:
+            jobs = [
+                await client.get("acme", acme_job.id),
+                await client.get("globex", globex_job.id),
+            ]
+            return all(j.status.value in ("done", "failed") for j in jobs)
+
+        await wait_until(ended, within=30, message="both jobs ended")
     for company, job, other in (("acme", acme_job, globex_job), ("globex", globex_job, acme_job)):
         async with signed_in(gateway, operator, company) as page:
             await wait_until(lambda j=job: _shown(page, j.id), within=15, message="listed")
             assert await page.locator("#company").text_content() == company
             assert not await _shown(page, other.id)
+            if company == "acme":
+                await page.goto(f"{gateway.url}/#/jobs/acme/{acme_job.id}")
+                traceback = page.locator("#d-timeline details.traceback pre")
+                await traceback.wait_for(state="attached", timeout=15_000)  # folded away
+                assert "RuntimeError: kaput" in (await traceback.text_content() or "")
+                first = page.locator("#d-timeline li").first
+                assert await first.locator("time").count() == 1
     async with signed_in(gateway) as page:  # acme's own token
         await wait_until(lambda: _shown(page, acme_job.id), within=15, message="listed")
         assert not await _shown(page, globex_job.id)
+        await page.goto(f"{gateway.url}/#/jobs/acme/{acme_job.id}")
+        items = page.locator("#d-timeline li")
+
+        async def full() -> bool:
+            return await items.count() == 3  # queued, running, failed
+
+        await wait_until(full, within=15, message="the timeline")
+        assert "worker " in (await items.nth(1).text_content() or "")
+        assert await page.locator("#d-timeline details.traceback").count() == 0
+
+
+async def test_a_job_submitted_from_the_page_appears_and_runs(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    """The submit form offers the types live workers serve, refuses input that is not a
+    JSON object with a message (nothing sent), and the job it submits appears and runs."""
+    async with (
+        running_worker(dsn, demo.registry, fast_settings(storage_dir)),
+        signed_in(gateway) as page,
+    ):
+        await page.get_by_text("Submit a job").click()
+        options = page.locator("#submit-type option")
+        await options.first.wait_for(state="attached", timeout=15_000)
+        offered = await options.evaluate_all("opts => opts.map((o) => o.value)")
+        assert offered == sorted(demo.registry.job_types)
+        await page.get_by_label("Job type").select_option("render")
+        await page.get_by_label("Input (a JSON object)").fill("[1, 2]")
+        await page.get_by_role("button", name="Submit", exact=True).click()
+        message = page.locator("#submit-message")
+        assert "JSON object" in (await message.text_content() or "")
+        await page.get_by_label("Input (a JSON object)").fill('{"title": "From the page"}')
+        await page.get_by_label("Source task id (optional)").fill("task-42")
+        await page.get_by_role("button", name="Submit", exact=True).click()
+
+        async def submitted() -> bool:
+            return (await message.text_content() or "").startswith("Submitted ")
+
+        await wait_until(submitted, within=15, message="the 202")
+        job_id = (await message.text_content() or "").removeprefix("Submitted ").rstrip(".")
+        await wait_until(lambda: _status(page, job_id, "done"), within=30, message="done, live")
+        (job,) = await fetch(
+            dsn, "SELECT job_type, input, source_task_id FROM pgjobs.jobs WHERE id = %s", [job_id]
+        )
+        assert job == {
+            "job_type": "render",
+            "input": {"title": "From the page"},
+            "source_task_id": "task-42",
+        }
+        (count,) = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs")
+        assert count["n"] == 1  # the refused input sent nothing

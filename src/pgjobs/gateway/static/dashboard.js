@@ -574,7 +574,42 @@
         return;
       }
       this.applyJob(job);
-      this.follow(job, 0);
+      await this.loadTimeline(job);
+      if (this.job && this.job.id === job.id) this.follow(job, this.shownSeq);
+    },
+
+    // The timeline is the audit log (GET …/timeline: each transition's time, worker and
+    // payload; a failed attempt's traceback for operator tokens). The job's event stream
+    // only says that more has happened; the rows come from the timeline, after the last
+    // one shown, so each appears once and in order.
+    shownSeq: 0,
+    loading: null,
+    loadingId: null,
+    again: false,
+
+    async loadTimeline(job) {
+      if (this.loading && this.loadingId === job.id) { this.again = true; return this.loading; }
+      const run = (async () => {
+        do {
+          this.again = false;
+          let more = true;
+          while (more && this.job && this.job.id === job.id) {
+            const path = `${jobPath(job.id, job.companyId)}/timeline?after=${this.shownSeq}`;
+            let response;
+            try {
+              response = await api("GET", path);
+            } catch {
+              return; // shown again on the next event, or when the view reopens
+            }
+            if (!this.job || this.job.id !== job.id) return;
+            for (const row of response.data) this.addTimeline(row);
+            more = response.headers.get("X-Next-Cursor") !== null;
+          }
+        } while (this.again && this.job && this.job.id === job.id);
+      })();
+      this.loading = run;
+      this.loadingId = job.id;
+      try { await run; } finally { if (this.loading === run) this.loading = null; }
     },
 
     applyJob(job) {
@@ -645,7 +680,7 @@
             if (event.error) { $("d-error").textContent = event.error; ended = true; return; }
             if (event.seq <= this.lastSeq) return;
             this.lastSeq = event.seq;
-            this.addTimeline(event);
+            if (event.seq > this.shownSeq) this.loadTimeline(job);
             if (this.job && event.seq > this.job.seq) this.applyJob(advance(this.job, event));
             if (TERMINAL.has(event.status)) ended = true;
           });
@@ -665,20 +700,31 @@
       this.retryTimer = setTimeout(() => this.follow(job, this.lastSeq), retryMs);
     },
 
-    addTimeline(event) {
-      const parts = [`attempt ${event.attempt}`];
-      if (event.progress) {
-        const { fraction, message } = event.progress;
+    addTimeline(row) {
+      if (row.seq <= this.shownSeq) return;
+      this.shownSeq = row.seq;
+      const payload = row.payload || {};
+      const parts = [`attempt ${row.attempt}`];
+      if (row.workerId) parts.push(`worker ${row.workerId}`);
+      if (payload.progress) {
+        const { fraction, message } = payload.progress;
         if (typeof fraction === "number") parts.push(`${Math.round(fraction * 100)}%`);
         if (message) parts.push(message);
       }
-      if (event.errorMessage) parts.push(`error: ${event.errorMessage}`);
-      if (event.resultAssetId) parts.push(`asset ${event.resultAssetId}`);
-      $("d-timeline").append(el("li", { "data-seq": String(event.seq) },
-        el("span", { class: "seq", text: `#${event.seq} ` }),
-        el("strong", { text: event.type.replace(/^content_job\./, "") }), " ",
-        badge(event.status), " ",
-        el("span", { text: parts.join(" · ") })));
+      if (payload.errorMessage) parts.push(`error: ${payload.errorMessage}`);
+      if (payload.resultAssetId) parts.push(`asset ${payload.resultAssetId}`);
+      const item = el("li", { "data-seq": String(row.seq) },
+        timeEl(row.createdAt), " ",
+        el("span", { class: "seq", text: `#${row.seq} ` }),
+        el("strong", { text: row.type.replace(/^content_job\./, "") }), " ",
+        badge(row.status), " ",
+        el("span", { text: parts.join(" · ") }));
+      if (row.traceback) {
+        item.append(el("details", { class: "traceback" },
+          el("summary", { text: "Traceback" }),
+          el("pre", { class: "mono", text: row.traceback })));
+      }
+      $("d-timeline").append(item);
     },
 
     close() {
@@ -686,6 +732,8 @@
       if (this.controller) this.controller.abort();
       this.controller = null;
       this.job = null;
+      this.shownSeq = 0;
+      this.again = false;
       delete $("d-asset").dataset.assetId;
     },
   };
@@ -700,6 +748,77 @@
     link.remove();
     setTimeout(() => URL.revokeObjectURL(url), 10_000);
   }
+
+  // -- submit -------------------------------------------------------------------------
+
+  // A job submitted here arrives in the table like any other: by its queued event on the
+  // company stream. The types offered are those some live worker serves.
+  const submit = {
+    async loadTypes() {
+      const select = $("submit-type");
+      let types = [];
+      try {
+        ({ data: { jobTypes: types } } = await api("GET", `${companyPath()}/job-types`));
+      } catch (error) {
+        $("submit-message").textContent = `Could not load job types: ${error.message}`;
+        return;
+      }
+      const chosen = select.value;
+      select.replaceChildren(...types.map((t) => el("option", { value: t, text: t })));
+      if (types.includes(chosen)) select.value = chosen;
+      if (!types.length) {
+        select.append(el("option", { value: "", text: "no live worker serves any job type" }));
+      }
+    },
+
+    parse() {
+      let input;
+      try {
+        input = JSON.parse($("submit-input").value.trim() || "{}");
+      } catch (error) {
+        throw new Error(`Input is not valid JSON: ${error.message}`);
+      }
+      if (input === null || typeof input !== "object" || Array.isArray(input)) {
+        throw new Error('Input must be a JSON object, e.g. {"title": "Launch"}');
+      }
+      const body = { jobType: $("submit-type").value, input };
+      if (!body.jobType) throw new Error("Choose a job type.");
+      const source = $("submit-source").value.trim();
+      if (source) body.sourceTaskId = source;
+      const priority = $("submit-priority").value.trim();
+      if (priority) {
+        if (!/^-?\d+$/.test(priority)) throw new Error("Priority must be a whole number.");
+        body.priority = Number(priority);
+      }
+      const runAt = $("submit-run-at").value;
+      if (runAt) {
+        const when = new Date(runAt);
+        if (Number.isNaN(when.getTime())) throw new Error("Run at is not a valid time.");
+        body.runAt = when.toISOString();
+      }
+      return body;
+    },
+
+    async send(event) {
+      event.preventDefault();
+      const message = $("submit-message");
+      let body;
+      try {
+        body = this.parse();
+      } catch (error) {
+        message.textContent = error.message;
+        $("submit-input").setAttribute("aria-invalid", "true");
+        return;
+      }
+      $("submit-input").removeAttribute("aria-invalid");
+      try {
+        const { data } = await api("POST", `${companyPath()}/content-jobs`, body);
+        message.textContent = `Submitted ${data.jobId}.`;
+      } catch (error) {
+        message.textContent = `Not submitted: ${error.message}`;
+      }
+    },
+  };
 
   // -- views and routing ----------------------------------------------------------------
 
@@ -779,6 +898,10 @@
 
   document.addEventListener("DOMContentLoaded", () => {
     $("sign-in").addEventListener("submit", signIn);
+    $("submit-form").addEventListener("submit", (e) => submit.send(e));
+    $("submit-panel").addEventListener("toggle", () => {
+      if ($("submit-panel").open) submit.loadTypes();
+    });
     $("sign-out").addEventListener("click", () => signOut());
     $("status-filter").addEventListener("change", (e) => {
       jobs.filter = e.target.value;
