@@ -375,7 +375,8 @@ async def test_narrow_dark_screen(gateway: RunningGateway) -> None:
         assert width <= 390
         # Every control is reachable from the keyboard and named.
         names = await page.evaluate(
-            """() => [...document.querySelectorAll('button, a[href], select, input, textarea, summary')]
+            """() => [...document.querySelectorAll(
+                     'button, a[href], select, input, textarea, summary')]
                  .filter((e) => e.offsetParent !== null)
                  .map((e) => e.getAttribute('aria-label') || e.labels?.[0]?.textContent
                              || e.textContent.trim())"""
