@@ -209,6 +209,16 @@ async def test_jobs_move_live_cancel_works_and_job_text_stays_text(
             [render_id],
         )
         assert asset["sha256"] in (await page.locator("#d-asset").text_content() or "")
+        # The SVG is previewed in an <img> (where it runs no script), under the page's CSP.
+        preview = page.locator("#d-asset img.preview")
+
+        async def previewed() -> bool:
+            loaded: bool = await preview.evaluate("i => i.complete && i.naturalWidth > 0")
+            return loaded
+
+        await preview.wait_for(timeout=15_000)
+        await wait_until(previewed, message="the asset previewed")
+        assert await preview.get_attribute("alt") == "Preview of card.svg"
         async with page.expect_download() as download_info:
             await download_button.click()
         download = await download_info.value

@@ -26,10 +26,11 @@ from starlette.types import Scope
 STATIC_DIR: Final = Path(__file__).parent / "static"
 
 # 'self' only: no CDN, no inline script or style attribute, no framing (clickjacking on
-# the cancel and retry buttons). Images: the page previews generated assets, which the
-# asset route serves with its own sandboxing CSP.
+# the cancel and retry buttons). Images: the page previews a generated image by fetching it
+# with the token (an <img> cannot send one) and showing it from a blob: URL; an image,
+# SVG included, runs no script inside an <img>.
 CONTENT_SECURITY_POLICY: Final = (
-    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' blob:; "
     "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; "
     "frame-ancestors 'none'"
 )

@@ -554,6 +554,9 @@
     return tail;
   }
 
+  const PREVIEWABLE = /^image\/(png|jpeg|gif|webp|svg\+xml)$/;
+  const PREVIEW_MAX_BYTES = 10 * 1024 * 1024;
+
   const detail = {
     job: null,
     controller: null,
@@ -648,9 +651,26 @@
           button,
           el("div", { class: "mono", text: `${asset.contentType}, ${asset.byteSize} bytes, sha256 ${asset.sha256}` }),
         );
+        if (PREVIEWABLE.test(asset.contentType) && asset.byteSize <= PREVIEW_MAX_BYTES) {
+          this.preview(`${path}/content`, asset, target);
+        }
       } catch (error) {
         target.textContent = error.message;
       }
+    },
+
+    // An image (SVG included) is shown in an <img>, where it runs no script; fetched with
+    // the token, since an <img> cannot send one, and shown from a blob: URL.
+    async preview(path, asset, target) {
+      const response = await fetch(path, { headers: { Authorization: `Bearer ${session.token}` } });
+      if (!response.ok || target.dataset.assetId !== asset.id) return;
+      const blob = await response.blob();
+      if (target.dataset.assetId !== asset.id) return;
+      if (this.previewUrl) URL.revokeObjectURL(this.previewUrl);
+      this.previewUrl = URL.createObjectURL(blob);
+      target.append(el("img", {
+        class: "preview", src: this.previewUrl, alt: `Preview of ${asset.originalFilename || asset.id}`,
+      }));
     },
 
     async follow(job, after) {
@@ -734,6 +754,8 @@
       this.job = null;
       this.shownSeq = 0;
       this.again = false;
+      if (this.previewUrl) URL.revokeObjectURL(this.previewUrl);
+      this.previewUrl = null;
       delete $("d-asset").dataset.assetId;
     },
   };
