@@ -497,3 +497,49 @@ async def test_a_job_submitted_from_the_page_appears_and_runs(
         }
         (count,) = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs")
         assert count["n"] == 1  # the refused input sent nothing
+
+
+async def test_the_overview_charts_completions_and_shows_operators_the_workers(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    """The overview draws the last hour's completions per minute, marks a queued type no
+    live worker serves, and lists the live workers for an operator (not for a company)."""
+    from pgjobs import db
+    from pgjobs.gateway import auth
+
+    async with await db.connect(gateway.state.dsn) as conn:
+        operator = await auth.create_token(conn, None, "ops", operator=True)
+    client = gateway.state.client
+    jobs = [await client.enqueue("acme", "echo", {}) for _ in range(3)]
+    await client.enqueue("acme", "transcode", {})  # no worker has this type
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir, concurrency=4)):
+
+        async def echoes_done() -> bool:
+            statuses = [(await client.get("acme", j.id)).status.value for j in jobs]
+            return statuses == ["done"] * len(jobs)
+
+        await wait_until(echoes_done, within=30, message="the echo jobs done")
+        async with signed_in(gateway, operator, "acme") as page:
+            chart = page.locator("#completions")
+
+            async def charted() -> bool:
+                return await chart.get_attribute("data-total") == "3"
+
+            await wait_until(charted, within=20, message="three completions charted")
+            assert await chart.locator("rect").count() == 60
+            unserved = page.locator("#overview-rows tr[data-job-type=transcode] .unserved-note")
+            await unserved.wait_for(timeout=15_000)
+            worker = page.locator("#worker-rows tr")
+            await worker.first.wait_for(timeout=15_000)
+            assert await worker.count() == 1
+            assert "0 / 4" in (await worker.first.text_content() or "")
+        async with signed_in(gateway) as page:  # acme's own token: no infrastructure
+            await wait_until(charted_total(page, "3"), within=20, message="charted")
+            assert await page.locator("#workers-panel").is_hidden()
+
+
+def charted_total(page: Any, total: str) -> Any:
+    async def charted() -> bool:
+        return await page.locator("#completions").get_attribute("data-total") == total
+
+    return charted

@@ -7,6 +7,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import psycopg
 from gateway_helpers import RunningGateway
 
 from helpers import claim_one, fast_settings, fetch, running_worker, wait_until
@@ -110,3 +111,38 @@ async def test_stats_count_each_state_per_job_type_for_the_company_only(
 
 async def _later_than(dsn: str, moment: dt.datetime) -> bool:
     return await _db_now(dsn) > moment
+
+
+async def test_completions_per_minute_over_the_last_hour(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    """Done events counted into the minute they happened in, oldest minute first, the
+    company's only; backdated events show where `now` puts them."""
+    client = gateway.state.client
+    for _ in range(3):
+        await client.enqueue("acme", "echo", {})
+    await client.enqueue("acme", "fail", {}, max_attempts=1)  # failed: not a completion
+    await client.enqueue("globex", "echo", {})
+    await _drain(dsn, storage_dir)
+    # One of acme's completions happened 10.5 minutes ago, one 2 hours ago (outside).
+    done = await fetch(
+        dsn,
+        "SELECT id FROM pgjobs.job_events WHERE company_id = 'acme'"
+        " AND type = 'content_job.done' ORDER BY id",
+    )
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        # The audit log refuses updates by design: backdate as its owner, triggers off.
+        await conn.execute("SET session_replication_role = replica")
+        for event, ago in ((done[0], "10 minutes 30 seconds"), (done[1], "2 hours")):
+            await conn.execute(
+                "UPDATE pgjobs.job_events SET created_at = now() - %s::interval WHERE id = %s",
+                [ago, event["id"]],
+            )
+    async with gateway.http() as http:
+        per_minute = (await http.get("/api/companies/acme/stats")).json()["completionsPerMinute"]
+    assert len(per_minute) == 60
+    assert sum(per_minute) == 2  # the third is two hours old
+    assert per_minute[-11] == 1  # 10 minutes ago counts into minute 10 before now
+    async with gateway.http("globex") as http:
+        theirs = (await http.get("/api/companies/globex/stats")).json()["completionsPerMinute"]
+    assert sum(theirs) == 1

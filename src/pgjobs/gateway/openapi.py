@@ -101,9 +101,14 @@ SCHEMA: dict[str, Any] = {
             },
             "Stats": {
                 "type": "object",
-                "required": ["windowSeconds", "jobTypes", "totals"],
+                "required": ["windowSeconds", "jobTypes", "totals", "completionsPerMinute"],
                 "properties": {
                     "windowSeconds": {"type": "integer"},
+                    "completionsPerMinute": {
+                        "type": "array",
+                        "items": {"type": "integer"},
+                        "description": "Done jobs in each minute of the window, oldest first",
+                    },
                     "jobTypes": {
                         "type": "array",
                         "items": {

@@ -173,6 +173,21 @@ SELECT coalesce(a.job_type, d.job_type) AS job_type,
 FROM active a FULL JOIN ended d ON d.job_type = a.job_type
 ORDER BY 1;
 
+-- name: job_completions_per_minute
+-- The company's done events in each minute of the last `window_seconds` before `now`
+-- (minutes_ago 0 is the newest), read as job_stats_by_company reads its done events: from
+-- `since_xid` on through job_events_company_xid_idx.
+SELECT floor(extract(epoch FROM (p.now - e.created_at)) / 60)::int AS minutes_ago,
+       count(*)::int AS completed
+FROM pgjobs.job_events e
+CROSS JOIN (SELECT coalesce(%(now)s::timestamptz, now()) AS now) p
+WHERE e.company_id = %(company_id)s::text
+  AND e.xid >= %(since_xid)s::xid8
+  AND e.type = 'content_job.done'
+  AND e.created_at > p.now - make_interval(secs => %(window_seconds)s::float8)
+  AND e.created_at <= p.now
+GROUP BY 1;
+
 -- name: job_events_page_for_company
 -- A page of one job's audit rows after seq %(after_seq)s, for the REST timeline. The
 -- company in the WHERE keeps another company's job id from answering anything; the

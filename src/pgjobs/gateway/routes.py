@@ -303,10 +303,14 @@ class Api:
             cur = await conn.execute(GATEWAY_QUERIES["job_events_window_start_xid"], params)
             start = await cur.fetchone()
             assert start is not None  # coalesce(...): always one row
-            cur = await conn.execute(
-                GATEWAY_QUERIES["job_stats_by_company"], {**params, "since_xid": start["xid"]}
-            )
+            params["since_xid"] = start["xid"]
+            cur = await conn.execute(GATEWAY_QUERIES["job_stats_by_company"], params)
             rows = await cur.fetchall()
+            cur = await conn.execute(GATEWAY_QUERIES["job_completions_per_minute"], params)
+            per_minute = [0] * (STATS_WINDOW_SECONDS // 60)
+            for minute in await cur.fetchall():
+                if 0 <= minute["minutes_ago"] < len(per_minute):
+                    per_minute[-1 - minute["minutes_ago"]] = minute["completed"]
         counts = ("queued", "scheduled", "running", "done", "failed")
         return ApiJSONResponse(
             {
@@ -322,6 +326,8 @@ class Api:
                     for row in rows
                 ],
                 "totals": {name: sum(row[name] for row in rows) for name in counts},
+                # Done jobs per minute over the window, oldest minute first.
+                "completionsPerMinute": per_minute,
             }
         )
 

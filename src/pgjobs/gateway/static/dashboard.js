@@ -23,6 +23,7 @@
   const CAN_RETRY = new Set(["failed", "cancelled"]);
   const KEY_TOKEN = "pgjobs.token";
   const KEY_COMPANY = "pgjobs.company";
+  const KEY_OPERATOR = "pgjobs.operator";
 
   const $ = (id) => document.getElementById(id);
 
@@ -31,13 +32,16 @@
   const session = {
     get token() { return sessionStorage.getItem(KEY_TOKEN); },
     get company() { return sessionStorage.getItem(KEY_COMPANY); },
-    save(token, company) {
+    get operator() { return sessionStorage.getItem(KEY_OPERATOR) === "1"; },
+    save(token, company, operator) {
       sessionStorage.setItem(KEY_TOKEN, token);
       sessionStorage.setItem(KEY_COMPANY, company);
+      sessionStorage.setItem(KEY_OPERATOR, operator ? "1" : "0");
     },
     clear() {
       sessionStorage.removeItem(KEY_TOKEN);
       sessionStorage.removeItem(KEY_COMPANY);
+      sessionStorage.removeItem(KEY_OPERATOR);
     },
   };
 
@@ -426,11 +430,15 @@
       this.timer = setTimeout(() => this.refresh(), OVERVIEW_IDLE_MS);
       if (!session.token) return;
       let stats;
+      let served;
       try {
         ({ data: stats } = await api("GET", `${companyPath()}/stats`));
+        ({ data: { jobTypes: served } } = await api("GET", `${companyPath()}/job-types`));
       } catch {
         return; // the table keeps the last figures; the next tick tries again
       }
+      this.chart(stats.completionsPerMinute);
+      if (session.operator) this.workers();
       const rows = stats.jobTypes.map((t) => {
         const tr = el("tr", { "data-job-type": t.jobType },
           el("th", { scope: "row", text: t.jobType }));
@@ -441,10 +449,57 @@
         }
         tr.append(el("td", { "data-label": "oldest queued", class: "oldest",
           title: t.oldestQueuedAt || "", text: humanAge(t.oldestQueuedAt) }));
+        if (t.queued + t.scheduled > 0 && !served.includes(t.jobType)) {
+          tr.classList.add("unserved");
+          tr.firstChild.append(el("div", { class: "unserved-note", text: "no live worker" }));
+        }
         return tr;
       });
       $("overview-rows").replaceChildren(...rows);
     },
+    // Bars drawn as SVG elements, so the chart needs no library and no inline style.
+    chart(perMinute) {
+      const svg = $("completions");
+      const ns = "http://www.w3.org/2000/svg";
+      const top = Math.max(1, ...perMinute);
+      const width = 600 / perMinute.length;
+      const bars = perMinute.map((n, i) => {
+        const height = (n / top) * 76;
+        const bar = document.createElementNS(ns, "rect");
+        bar.setAttribute("x", String(i * width + 1));
+        bar.setAttribute("y", String(80 - height));
+        bar.setAttribute("width", String(Math.max(1, width - 2)));
+        bar.setAttribute("height", String(height));
+        const title = document.createElementNS(ns, "title");
+        const ago = perMinute.length - 1 - i;
+        title.textContent = `${n} done ${ago === 0 ? "this minute" : `${ago} min ago`}`;
+        bar.append(title);
+        return bar;
+      });
+      svg.replaceChildren(...bars);
+      const total = perMinute.reduce((a, b) => a + b, 0);
+      svg.dataset.total = String(total);
+      $("completions-caption").textContent =
+        `Completions per minute, last hour: ${total} in all, at most ${Math.max(0, ...perMinute)} a minute`;
+    },
+
+    async workers() {
+      let workers;
+      try {
+        ({ data: workers } = await api("GET", "/api/workers"));
+      } catch {
+        return;
+      }
+      $("workers-panel").hidden = false;
+      $("worker-rows").replaceChildren(...workers.map((w) => el("tr", { "data-worker-id": w.id },
+        el("th", { scope: "row", text: w.hostname }),
+        el("td", { "data-label": "pid", text: String(w.pid) }),
+        el("td", { "data-label": "job types", text: w.jobTypes.join(", ") }),
+        el("td", { "data-label": "running", text: `${w.running} / ${w.concurrency}` }),
+        el("td", { "data-label": "heartbeat", title: w.lastHeartbeatAt,
+          text: `${humanAge(w.lastHeartbeatAt)} ago` }))));
+    },
+
     poke() {
       if (this.soon) return;
       this.soon = setTimeout(() => { this.soon = null; this.refresh(); }, OVERVIEW_MS);
@@ -454,6 +509,9 @@
       clearTimeout(this.soon);
       this.soon = null;
       $("overview-rows").replaceChildren();
+      $("worker-rows").replaceChildren();
+      $("workers-panel").hidden = true;
+      $("completions").replaceChildren();
     },
   };
 
@@ -894,7 +952,7 @@
           return;
         }
       }
-      session.save(token, company);
+      session.save(token, company, data.operator);
     } catch (error) {
       $("sign-in-error").textContent =
         error.status === 401 ? "This token was not accepted." : `Could not sign in: ${error.message}`;
