@@ -94,7 +94,12 @@ def order_like(specs: list[JobSpec], rows: list[dict[str, Any]]) -> list[Job]:
 
 
 def plan_list(
-    company_id: str, status: str | None, limit: int, cursor: str | None
+    company_id: str,
+    status: str | None,
+    limit: int,
+    cursor: str | None,
+    job_type: str | None = None,
+    source_task_id: str | None = None,
 ) -> tuple[LiteralString, Params]:
     if not 1 <= limit <= MAX_PAGE_SIZE:
         raise InvalidJobError(f"limit must be between 1 and {MAX_PAGE_SIZE}")
@@ -109,6 +114,8 @@ def plan_list(
     return query, {
         "company_id": company_id,
         "status": status,
+        "job_type": job_type,
+        "source_task_id": source_task_id,
         "before_created_at": before_created,
         "before_id": before_id,
         # One extra row tells whether another page exists.
@@ -208,10 +215,14 @@ class Client:
         status: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        job_type: str | None = None,
+        source_task_id: str | None = None,
         conn: db.CallerAsyncConn | None = None,
     ) -> JobPage:
-        rows = await self._fetch(*plan_list(company_id, status, limit, cursor), conn)
-        return page_of(rows, limit)
+        """The company's jobs, newest first, optionally only those of a status, a job type
+        and a source task id."""
+        plan = plan_list(company_id, status, limit, cursor, job_type, source_task_id)
+        return page_of(await self._fetch(*plan, conn), limit)
 
     async def _transition(
         self,

@@ -29,12 +29,15 @@ SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid AND company_id = %(company_id)
 SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid;
 
 -- name: job_list_by_company
--- Newest first, keyset-paginated on (created_at, id); status filter optional. A status
--- filter is a filter on the company's jobs in that order: quick for done, the common
--- status; the others have queries of their own below.
+-- Newest first, keyset-paginated on (created_at, id); status, job type and source task
+-- filters optional. A filter is a filter on the company's jobs in that order: quick for
+-- done, the common status, and for common types; rare statuses have queries of their own
+-- below. A rare type or a source task id reads the company's jobs until a page fills.
 SELECT * FROM pgjobs.jobs
 WHERE company_id = %(company_id)s::text
   AND (%(status)s::text IS NULL OR status = %(status)s::text)
+  AND (%(job_type)s::text IS NULL OR job_type = %(job_type)s::text)
+  AND (%(source_task_id)s::text IS NULL OR source_task_id = %(source_task_id)s::text)
   AND (%(before_created_at)s::timestamptz IS NULL
        OR (created_at, id) < (%(before_created_at)s::timestamptz, %(before_id)s::uuid))
 ORDER BY created_at DESC, id DESC
@@ -48,6 +51,8 @@ LIMIT %(limit)s::int;
 SELECT j.* FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
 WHERE j.company_id = %(company_id)s::text
   AND j.status = %(status)s::text
+  AND (%(job_type)s::text IS NULL OR j.job_type = %(job_type)s::text)
+  AND (%(source_task_id)s::text IS NULL OR j.source_task_id = %(source_task_id)s::text)
   AND (%(before_created_at)s::timestamptz IS NULL
        OR (j.created_at, j.id) < (%(before_created_at)s::timestamptz, %(before_id)s::uuid))
 ORDER BY j.created_at DESC, j.id DESC
@@ -66,6 +71,8 @@ WHERE j.id IN (SELECT e.job_id FROM pgjobs.job_events e
                  AND e.type IN ('content_job.failed', 'content_job.cancelled'))
   AND j.company_id = %(company_id)s::text
   AND j.status = %(status)s::text
+  AND (%(job_type)s::text IS NULL OR j.job_type = %(job_type)s::text)
+  AND (%(source_task_id)s::text IS NULL OR j.source_task_id = %(source_task_id)s::text)
   AND (%(before_created_at)s::timestamptz IS NULL
        OR (j.created_at, j.id) < (%(before_created_at)s::timestamptz, %(before_id)s::uuid))
 ORDER BY j.created_at DESC, j.id DESC

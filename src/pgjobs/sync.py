@@ -116,9 +116,12 @@ class SyncClient:
         status: str | None = None,
         limit: int = 50,
         cursor: str | None = None,
+        job_type: str | None = None,
+        source_task_id: str | None = None,
         conn: db.CallerSyncConn | None = None,
     ) -> JobPage:
-        return page_of(self._fetch(*plan_list(company_id, status, limit, cursor), conn), limit)
+        plan = plan_list(company_id, status, limit, cursor, job_type, source_task_id)
+        return page_of(self._fetch(*plan, conn), limit)
 
     def _transition(
         self,

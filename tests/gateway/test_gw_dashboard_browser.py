@@ -543,3 +543,42 @@ def charted_total(page: Any, total: str) -> Any:
         return await page.locator("#completions").get_attribute("data-total") == total
 
     return charted
+
+
+async def test_jobs_filter_by_type_and_source_task_and_a_job_id_opens_it(
+    gateway: RunningGateway,
+) -> None:
+    client = gateway.state.client
+    render = await client.enqueue("acme", "render", {}, source_task_id="task-7")
+    echo = await client.enqueue("acme", "echo", {}, source_task_id="task-7")
+    other = await client.enqueue("acme", "render", {}, source_task_id="task-8")
+    async with signed_in(gateway) as page:
+        await wait_until(lambda: _shown(page, render.id, echo.id, other.id), message="listed")
+        type_options = page.locator("#type-filter option")
+
+        async def types_offered() -> bool:
+            values = await type_options.evaluate_all("opts => opts.map((o) => o.value)")
+            return values == ["", "echo", "render"]
+
+        await wait_until(types_offered, within=20, message="the types from the overview")
+        await page.get_by_label("Type", exact=True).select_option("render")
+
+        async def only(*wanted: object) -> bool:
+            return sorted(r["id"] for r in await rows(page)) == sorted(map(str, wanted))
+
+        await wait_until(lambda: only(render.id, other.id), message="render jobs only")
+        # A job of another type arriving live stays out of the filtered table.
+        late = await client.enqueue("acme", "echo", {}, source_task_id="task-7")
+        late_render = await client.enqueue("acme", "render", {}, source_task_id="task-7")
+        await wait_until(lambda: only(render.id, other.id, late_render.id), message="live")
+        await page.get_by_label("Type", exact=True).select_option("")
+        search = page.get_by_label("Job id or source task")
+        await search.fill("task-7")
+        await page.get_by_role("button", name="Find").click()
+        await wait_until(
+            lambda: only(render.id, echo.id, late.id, late_render.id), message="task-7's jobs"
+        )
+        await search.fill(str(other.id).upper())
+        await page.get_by_role("button", name="Find").click()
+        await page.locator("#detail-view").wait_for()
+        assert await page.locator("#d-id").text_content() == str(other.id)

@@ -152,6 +152,28 @@ async def test_list_newest_first_with_filter_and_cursor(gateway: RunningGateway)
         assert [j["id"] for j in r.json()] == [ids[0]]
 
 
+async def test_list_filters_by_job_type_and_source_task(gateway: RunningGateway) -> None:
+    client = gateway.state.client
+    render = await client.enqueue("acme", "render", {}, source_task_id="task-1")
+    echo = await client.enqueue("acme", "echo", {}, source_task_id="task-1")
+    other = await client.enqueue("acme", "render", {}, source_task_id="task-2")
+    await client.cancel("acme", other.id)
+    await client.enqueue("globex", "render", {}, source_task_id="task-1")
+    async with gateway.http() as http:
+
+        async def ids(**params: str) -> list[str]:
+            r = await http.get(JOBS, params=params)
+            assert r.status_code == 200, r.text
+            return [j["id"] for j in r.json()]
+
+        assert await ids(jobType="render") == [str(other.id), str(render.id)]
+        assert await ids(sourceTaskId="task-1") == [str(echo.id), str(render.id)]
+        assert await ids(jobType="render", sourceTaskId="task-1") == [str(render.id)]
+        assert await ids(jobType="render", status="cancelled") == [str(other.id)]
+        assert await ids(jobType="render", status="queued") == [str(render.id)]
+        assert await ids(jobType="nosuch") == []
+
+
 @pytest.mark.parametrize(
     "params",
     [
@@ -165,6 +187,8 @@ async def test_list_newest_first_with_filter_and_cursor(gateway: RunningGateway)
         {"status": "sleeping"},
         {"cursor": "garbage"},
         {"cursor": "x" * 5000},
+        {"jobType": "x" * 201},
+        {"sourceTaskId": "a\x00b"},
     ],
 )
 async def test_bad_list_parameters_are_400(gateway: RunningGateway, params: dict[str, str]) -> None:

@@ -118,6 +118,17 @@ def parse_json_object(body: bytes, *, empty_ok: bool = False) -> dict[str, Any]:
     return value
 
 
+def query_text(request: Request, name: str, max_length: int = 200) -> str | None:
+    """An optional text filter: None when absent or empty; 400 when too long or holding a
+    character PostgreSQL cannot store."""
+    raw = request.query_params.get(name)
+    if not raw:
+        return None
+    if len(raw) > max_length or "\x00" in raw:
+        bad_request(f"{name} must be at most {max_length} characters, with no NUL")
+    return raw
+
+
 def query_int(request: Request, name: str, default: int, minimum: int, maximum: int) -> int:
     raw = request.query_params.get(name)
     if raw is None or raw == "":

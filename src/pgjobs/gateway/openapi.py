@@ -316,6 +316,8 @@ SCHEMA: dict[str, Any] = {
                         "in": "query",
                         "schema": {"enum": ["queued", "running", "done", "failed", "cancelled"]},
                     },
+                    {"name": "jobType", "in": "query", "schema": {"type": "string"}},
+                    {"name": "sourceTaskId", "in": "query", "schema": {"type": "string"}},
                     {
                         "name": "limit",
                         "in": "query",

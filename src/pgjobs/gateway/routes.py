@@ -26,7 +26,7 @@ from pgjobs.errors import InvalidJobError
 from pgjobs.gateway import auth, companystream, openapi, payloads, sse
 from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
 from pgjobs.gateway.eventstream import EventStream
-from pgjobs.gateway.limits import ApiError, bad_request, query_int, read_json_object
+from pgjobs.gateway.limits import ApiError, bad_request, query_int, query_text, read_json_object
 from pgjobs.gateway.responses import ApiJSONResponse, asset_json, error
 from pgjobs.gateway.state import GatewayState
 from pgjobs.types import Job, JobStatus, iso
@@ -181,7 +181,12 @@ class Api:
             bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")
         try:
             page = await self.state.client.list(
-                principal.company_id, status=status, limit=limit, cursor=cursor
+                principal.company_id,
+                status=status,
+                limit=limit,
+                cursor=cursor,
+                job_type=query_text(request, "jobType"),
+                source_task_id=query_text(request, "sourceTaskId"),
             )
         except InvalidJobError:
             bad_request("cursor is malformed; pass back an X-Next-Cursor value unchanged")

@@ -221,7 +221,9 @@
     order: [], // ids, newest first
     dirty: new Set(),
     fetching: new Set(),
-    filter: "",
+    filter: "", // a status, or "" for all
+    typeFilter: "", // a job type, or ""
+    sourceFilter: "", // a source task id, or ""
     nextCursor: null,
     loaded: 0,
     renderTimer: null,
@@ -239,7 +241,9 @@
     },
 
     visible(job) {
-      return !this.filter || job.status === this.filter;
+      return (!this.filter || job.status === this.filter)
+        && (!this.typeFilter || job.jobType === this.typeFilter)
+        && (!this.sourceFilter || job.sourceTaskId === this.sourceFilter);
     },
 
     // Older than the oldest listed job while older pages exist: it will come with them.
@@ -303,6 +307,8 @@
       const generation = this.generation;
       const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
       if (this.filter) params.set("status", this.filter);
+      if (this.typeFilter) params.set("jobType", this.typeFilter);
+      if (this.sourceFilter) params.set("sourceTaskId", this.sourceFilter);
       if (cursor) params.set("cursor", cursor);
       const { data, headers } = await api("GET", `${companyPath()}/content-jobs?${params}`);
       if (generation !== this.generation) return;
@@ -456,7 +462,19 @@
         return tr;
       });
       $("overview-rows").replaceChildren(...rows);
+      this.types(stats.jobTypes.map((t) => t.jobType).concat(served));
     },
+    // The job type filter offers every type the overview knows (and keeps the chosen one).
+    types(names) {
+      const select = $("type-filter");
+      const known = [...new Set(names.concat(jobs.typeFilter ? [jobs.typeFilter] : []))].sort();
+      const have = [...select.options].slice(1).map((o) => o.value);
+      if (have.join("\n") === known.join("\n")) return;
+      select.replaceChildren(el("option", { value: "", text: "all" }),
+        ...known.map((t) => el("option", { value: t, text: t })));
+      select.value = jobs.typeFilter;
+    },
+
     // Bars drawn as SVG elements, so the chart needs no library and no inline style.
     chart(perMinute) {
       const svg = $("completions");
@@ -612,6 +630,7 @@
     return tail;
   }
 
+  const UUID = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
   const PREVIEWABLE = /^image\/(png|jpeg|gif|webp|svg\+xml)$/;
   const PREVIEW_MAX_BYTES = 10 * 1024 * 1024;
 
@@ -983,10 +1002,29 @@
       if ($("submit-panel").open) submit.loadTypes();
     });
     $("sign-out").addEventListener("click", () => signOut());
-    $("status-filter").addEventListener("change", (e) => {
-      jobs.filter = e.target.value;
+    const reload = () => {
       jobs.reset();
       jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
+    };
+    $("status-filter").addEventListener("change", (e) => {
+      jobs.filter = e.target.value;
+      reload();
+    });
+    $("type-filter").addEventListener("change", (e) => {
+      jobs.typeFilter = e.target.value;
+      reload();
+    });
+    // A job id opens that job; anything else lists the jobs of that source task.
+    $("search").addEventListener("submit", (e) => {
+      e.preventDefault();
+      const text = $("search-text").value.trim();
+      if (UUID.test(text)) {
+        location.hash = `#/jobs/${encodeURIComponent(session.company)}/${text.toLowerCase()}`;
+        return;
+      }
+      jobs.sourceFilter = text;
+      say(text ? `Jobs of source task ${text}` : "");
+      reload();
     });
     $("load-older").addEventListener("click", () => {
       jobs.loadPage(jobs.nextCursor).catch((error) => say(`Could not load jobs: ${error.message}`));
