@@ -444,6 +444,15 @@ async def test_an_operator_signs_in_to_any_company_and_sees_tracebacks(
                 assert "RuntimeError: kaput" in (await traceback.text_content() or "")
                 first = page.locator("#d-timeline li").first
                 assert await first.locator("time").count() == 1
+                # Retry all failed: the count first, then one statement.
+                await page.goto(f"{gateway.url}/#/jobs")
+                await page.get_by_role("button", name="Retry all failed…").click()
+                confirm = page.locator("#confirm")
+                assert "Queue 1 failed job again?" in (await confirm.text_content() or "")
+                await confirm.get_by_role("button", name="Retry 1").click()
+                await wait_until(
+                    lambda: _status(page, str(acme_job.id), "queued"), message="queued again"
+                )
     async with signed_in(gateway) as page:  # acme's own token
         await wait_until(lambda: _shown(page, acme_job.id), within=15, message="listed")
         assert not await _shown(page, globex_job.id)
@@ -451,11 +460,12 @@ async def test_an_operator_signs_in_to_any_company_and_sees_tracebacks(
         items = page.locator("#d-timeline li")
 
         async def full() -> bool:
-            return await items.count() == 3  # queued, running, failed
+            return await items.count() == 4  # queued, running, failed, retrying (bulk)
 
         await wait_until(full, within=15, message="the timeline")
         assert "worker " in (await items.nth(1).text_content() or "")
         assert await page.locator("#d-timeline details.traceback").count() == 0
+        assert await page.locator("#retry-failed").is_hidden()  # operators only
 
 
 async def test_a_job_submitted_from_the_page_appears_and_runs(

@@ -112,3 +112,50 @@ async def test_job_types_and_workers_are_the_live_ones(
         assert worker["concurrency"] == 3
         assert sorted(worker["jobTypes"]) == sorted(demo.registry.job_types)
         assert worker["hostname"] != "old-host"
+
+
+async def test_an_operator_retries_failed_jobs_in_bulk_after_counting_them(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    client = gateway.state.client
+    failing = [
+        await client.enqueue("acme", kind, {}, source_task_id=task, max_attempts=1)
+        for kind, task in (("fail", "t-1"), ("fail", "t-1"), ("fail", "t-2"))
+    ]
+    await client.enqueue("globex", "fail", {}, max_attempts=1)
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+
+        async def all_failed() -> bool:
+            rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'failed'")
+            return bool(rows[0]["n"] == 4)
+
+        await wait_until(all_failed, within=30, message="every job failed")
+    path = f"{ACME}/retry-failed"
+    async with gateway.http() as acme:
+        refused = await acme.post(path, json={"dryRun": True})
+        assert refused.status_code == 403  # a company's token: one job at a time
+    async with await operator_client(gateway) as ops:
+        counted = await ops.post(path, json={"dryRun": True, "sourceTaskId": "t-1"})
+        assert counted.json() == {"failed": 2, "limit": 1000}
+        assert (await ops.post(path, json={"limit": 1001})).status_code == 400
+        assert (await ops.post(path, json={"jobTypo": "fail"})).status_code == 400
+        retried = await ops.post(path, json={"sourceTaskId": "t-1", "limit": 1})
+        assert retried.status_code == 202
+        assert retried.json()["retried"] == 1
+        rest = await ops.post(path, json={})
+        assert rest.json()["retried"] == 2  # the other t-1 job and t-2's; not globex's
+        assert (await ops.post(path, json={"dryRun": True})).json()["failed"] == 0
+    states = await fetch(
+        dsn,
+        "SELECT company_id, status, max_attempts, last_event FROM pgjobs.jobs ORDER BY company_id",
+    )
+    assert [s["status"] for s in states if s["company_id"] == "acme"] == ["queued"] * 3
+    assert all(s["max_attempts"] == 2 for s in states if s["company_id"] == "acme")
+    assert [s["status"] for s in states if s["company_id"] == "globex"] == ["failed"]
+    audit = await fetch(
+        dsn,
+        "SELECT count(*) AS n FROM pgjobs.job_events WHERE type = 'content_job.retrying'"
+        " AND job_id = ANY(%s)",
+        [[j.id for j in failing]],
+    )
+    assert audit[0]["n"] == 3  # each retry has its audit row

@@ -422,6 +422,23 @@ SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "/api/companies/{companyId}/retry-failed": {
+            "parameters": [_COMPANY],
+            "post": {
+                "summary": "Operator tokens: queue the company's failed jobs again (optionally "
+                "of one jobType and sourceTaskId), at most `limit` (default and most 1,000) in "
+                "one audited statement; with dryRun, only count them",
+                "requestBody": {
+                    "required": False,
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                "responses": {
+                    "200": _json({"type": "object"}, '{"failed": n, "limit": n} (dryRun)'),
+                    "202": _json({"type": "object"}, '{"retried": n, "jobIds": [...]}'),
+                    **_errors(400, 413, 415, *_AUTH_ERRORS),
+                },
+            },
+        },
         "/api/workers": {
             "get": {
                 "summary": "The live workers: host, pid, concurrency, job types, heartbeat, "

@@ -102,3 +102,29 @@ def parse_stream_token_request(body: dict[str, Any], max_ttl: int) -> StreamToke
     if not 1 <= ttl <= max_ttl:
         bad_request(f"ttlSeconds must be between 1 and {max_ttl}")
     return StreamTokenRequest(job_id, ttl)
+
+
+RETRY_FAILED_FIELDS = frozenset({"jobType", "sourceTaskId", "limit", "dryRun"})
+
+
+@dataclass(frozen=True, slots=True)
+class RetryFailedRequest:
+    job_type: str | None
+    source_task_id: str | None
+    limit: int
+    dry_run: bool
+
+
+def parse_retry_failed(body: dict[str, Any], max_limit: int) -> RetryFailedRequest:
+    _reject_unknown(body, RETRY_FAILED_FIELDS)
+    filters = {name: _optional_str(body, name) for name in ("jobType", "sourceTaskId")}
+    for name, value in filters.items():
+        if value is not None and (not value or len(value) > 200 or "\x00" in value):
+            bad_request(f"{name} must be 1 to 200 characters, with no NUL")
+    limit = _optional_int(body, "limit", max_limit)
+    if not 1 <= limit <= max_limit:
+        bad_request(f"limit must be between 1 and {max_limit}")
+    dry_run = body.get("dryRun", False)
+    if not isinstance(dry_run, bool):
+        bad_request("dryRun must be true or false")
+    return RetryFailedRequest(filters["jobType"], filters["sourceTaskId"], limit, dry_run)

@@ -218,3 +218,51 @@ FROM pgjobs.workers
 WHERE last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
                           - make_interval(secs => %(within_seconds)s::float8)
 ORDER BY 1;
+
+-- name: job_count_failed_matching
+-- How many of the company's failed jobs (optionally of one type and source task) a bulk
+-- retry would queue again: the count an operator confirms first. Candidates come through
+-- job_events_ended_idx, as a list of failed jobs does.
+SELECT count(*)::int AS n FROM pgjobs.jobs j
+WHERE j.id IN (SELECT e.job_id FROM pgjobs.job_events e
+               WHERE e.company_id = %(company_id)s::text AND e.type = 'content_job.failed')
+  AND j.company_id = %(company_id)s::text
+  AND j.status = 'failed'
+  AND (%(job_type)s::text IS NULL OR j.job_type = %(job_type)s::text)
+  AND (%(source_task_id)s::text IS NULL OR j.source_task_id = %(source_task_id)s::text);
+
+-- name: job_retry_failed_matching
+-- Up to %(limit)s of those failed jobs back to queued in one statement, as job_retry does
+-- for one (one more attempt if none is left; the trigger writes each its audit row and
+-- NOTIFY). Oldest first; rows another session holds are skipped, and the guard on status
+-- re-checks each row once locked.
+WITH chosen AS (
+    SELECT j.id FROM pgjobs.jobs j
+    WHERE j.id IN (SELECT e.job_id FROM pgjobs.job_events e
+                   WHERE e.company_id = %(company_id)s::text
+                     AND e.type = 'content_job.failed')
+      AND j.company_id = %(company_id)s::text
+      AND j.status = 'failed'
+      AND (%(job_type)s::text IS NULL OR j.job_type = %(job_type)s::text)
+      AND (%(source_task_id)s::text IS NULL OR j.source_task_id = %(source_task_id)s::text)
+    ORDER BY j.created_at, j.id
+    LIMIT %(limit)s::int
+    FOR UPDATE SKIP LOCKED
+)
+UPDATE pgjobs.jobs j
+SET status = 'queued',
+    max_attempts = greatest(j.max_attempts, j.attempts + 1),
+    run_at = coalesce(%(now)s::timestamptz, now()),
+    error_message = NULL,
+    error_traceback = NULL,
+    result = NULL,
+    result_asset_id = NULL,
+    finished_at = NULL,
+    progress_fraction = NULL,
+    progress_message = NULL,
+    event_seq = j.event_seq + 1,
+    last_event = 'content_job.retrying',
+    updated_at = coalesce(%(now)s::timestamptz, now())
+FROM chosen
+WHERE j.id = chosen.id AND j.status = 'failed'
+RETURNING j.id;

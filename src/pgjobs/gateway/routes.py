@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 DEFAULT_PAGE_SIZE = 50
 STATS_WINDOW_SECONDS = 3600  # "done / failed in the last hour"
 TIMELINE_PAGE = 500  # audit rows per page of a job's timeline
+MAX_BULK_RETRY = 1000  # failed jobs one bulk retry may queue again
 MAX_CURSOR_LENGTH = 200
 STATUSES = frozenset(s.value for s in JobStatus)
 
@@ -234,6 +235,33 @@ class Api:
             events.append(event)
         headers = {"X-Next-Cursor": str(events[-1]["seq"])} if len(rows) > limit else None
         return ApiJSONResponse(events, headers=headers)
+
+    async def retry_failed(self, request: Request) -> Response:
+        """Operators: queue the company's failed jobs again (optionally one job type's, one
+        source task's), at most ``limit`` (1 to 1,000) in one audited statement. With
+        ``dryRun`` only count them, so the count can be confirmed first."""
+        principal = await self.authorize(request)
+        if not principal.operator:
+            raise ApiError(403, "only an operator token may retry failed jobs in bulk")
+        body = await read_json_object(request, 16 * 1024, optional=True) or {}
+        req = payloads.parse_retry_failed(body, MAX_BULK_RETRY)
+        params = {
+            "company_id": principal.company_id,
+            "job_type": req.job_type,
+            "source_task_id": req.source_task_id,
+            "limit": req.limit,
+            "now": None,
+        }
+        async with self.state.pool.connection() as conn:
+            if req.dry_run:
+                cur = await conn.execute(GATEWAY_QUERIES["job_count_failed_matching"], params)
+                row = await cur.fetchone()
+                assert row is not None  # count(*): always one row
+                return ApiJSONResponse({"failed": row["n"], "limit": req.limit})
+            cur = await conn.execute(GATEWAY_QUERIES["job_retry_failed_matching"], params)
+            ids = [str(row["id"]) for row in await cur.fetchall()]
+        log.info("%d failed job(s) of %s queued again in bulk", len(ids), principal.company_id)
+        return ApiJSONResponse({"retried": len(ids), "jobIds": ids}, status_code=202)
 
     async def job_types(self, request: Request) -> Response:
         """The job types some live worker serves: what a job can be submitted as and run."""
@@ -530,6 +558,7 @@ def routes(api: Api) -> list[BaseRoute]:
         Route("/api/whoami", api.whoami, methods=["GET"]),
         Route("/api/workers", api.workers, methods=["GET"]),
         Route(company + "/job-types", api.job_types, methods=["GET"]),
+        Route(company + "/retry-failed", api.retry_failed, methods=["POST"]),
         Route(company + "/content-jobs", api.enqueue, methods=["POST"]),
         Route(company + "/content-jobs", api.list_jobs, methods=["GET"]),
         Route(job, api.get_job, methods=["GET"]),

@@ -166,6 +166,37 @@
     }
   }
 
+  // Operators: the failed jobs of the current type and source task filters, queued again
+  // in one audited statement (at most 1,000), once the count has been confirmed.
+  async function retryFailed() {
+    const filters = {};
+    if (jobs.typeFilter) filters.jobType = jobs.typeFilter;
+    if (jobs.sourceFilter) filters.sourceTaskId = jobs.sourceFilter;
+    const path = `${companyPath()}/retry-failed`;
+    let counted;
+    try {
+      ({ data: counted } = await api("POST", path, { ...filters, dryRun: true }));
+    } catch (error) {
+      say(`Could not count the failed jobs: ${error.message}`);
+      return;
+    }
+    if (counted.failed === 0) { say("No failed jobs match the filters."); return; }
+    const n = Math.min(counted.failed, counted.limit);
+    const scope = [filters.jobType, filters.sourceTaskId && `source task ${filters.sourceTaskId}`]
+      .filter(Boolean).join(", ");
+    const more = counted.failed > n ? ` (${counted.failed} match; the oldest ${n} now)` : "";
+    const ok = await confirmAction(
+      `Queue ${n} failed job${n === 1 ? "" : "s"}${scope ? ` (${scope})` : ""} again?${more}`,
+      `Retry ${n}`);
+    if (!ok) return;
+    try {
+      const { data } = await api("POST", path, filters);
+      say(`Queued ${data.retried} failed job${data.retried === 1 ? "" : "s"} again.`);
+    } catch (error) {
+      say(`Retry failed: ${error.message}`);
+    }
+  }
+
   function actionButtons(job) {
     return el("div", { class: "actions" },
       el("button", {
@@ -934,6 +965,7 @@
       return;
     }
     $("company").textContent = session.company;
+    $("retry-failed").hidden = !session.operator;
     if (!live.active) live.start();
     if (!overview.timer) overview.refresh();
     if (jobs.loaded === 0) {
@@ -1015,6 +1047,7 @@
       reload();
     });
     // A job id opens that job; anything else lists the jobs of that source task.
+    $("retry-failed").addEventListener("click", retryFailed);
     $("search").addEventListener("submit", (e) => {
       e.preventDefault();
       const text = $("search-text").value.trim();
