@@ -447,7 +447,8 @@ async def test_an_operator_signs_in_to_any_company_and_sees_tracebacks(
                 # Retry all failed: the count first, then one statement.
                 await page.goto(f"{gateway.url}/#/jobs")
                 await page.get_by_role("button", name="Retry all failed…").click()
-                confirm = page.locator("#confirm")
+                confirm = page.locator("#confirm[open]")  # once the count is in
+                await confirm.wait_for(timeout=15_000)
                 assert "Queue 1 failed job again?" in (await confirm.text_content() or "")
                 await confirm.get_by_role("button", name="Retry 1").click()
                 await wait_until(
