@@ -30,11 +30,12 @@ async def _enqueue_notifies(dsn: str) -> dict[str, object]:
 
 
 async def test_latest_migration_rolls_back_and_applies_again(empty_dsn: str) -> None:
-    assert migrate.apply(empty_dsn)[-1] == "0006_attempt_traceback"
+    assert migrate.apply(empty_dsn)[-1] == "0007_worker_channel"
     assert "runAt" not in await _enqueue_notifies(empty_dsn)  # 0003: no null keys
 
     _roll_back(
         empty_dsn,
+        "0007_worker_channel",
         "0006_attempt_traceback",
         "0005_time_bounds",
         "0004_job_queue",
@@ -48,6 +49,7 @@ async def test_latest_migration_rolls_back_and_applies_again(empty_dsn: str) -> 
         "0004_job_queue",
         "0005_time_bounds",
         "0006_attempt_traceback",
+        "0007_worker_channel",
     ]
     assert "runAt" not in await _enqueue_notifies(empty_dsn)
     await assert_queue_matches_jobs(empty_dsn)
@@ -81,7 +83,13 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
     empty_dsn: str,
 ) -> None:
     migrate.apply(empty_dsn)
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue")
+    _roll_back(
+        empty_dsn,
+        "0007_worker_channel",
+        "0006_attempt_traceback",
+        "0005_time_bounds",
+        "0004_job_queue",
+    )
     assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue') AS t") == [{"t": None}]
     await fetch(empty_dsn, _JOBS_AT_0003)
 
@@ -89,6 +97,7 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
         "0004_job_queue",
         "0005_time_bounds",
         "0006_attempt_traceback",
+        "0007_worker_channel",
     ]
     await assert_queue_matches_jobs(empty_dsn)
     queued = await fetch(
@@ -96,7 +105,13 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
     )
     assert sorted(r["queued"] for r in queued) == [False, True]  # the done job stays out
 
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue")
+    _roll_back(
+        empty_dsn,
+        "0007_worker_channel",
+        "0006_attempt_traceback",
+        "0005_time_bounds",
+        "0004_job_queue",
+    )
     indexes = await fetch(
         empty_dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs' ORDER BY 1"
     )
@@ -117,13 +132,13 @@ async def test_traceback_migration_rolls_back_to_0004s_trigger(empty_dsn: str) -
         "SELECT count(*) AS n FROM information_schema.columns WHERE column_name = 'error_traceback'"
     )
     assert await fetch(empty_dsn, column) == [{"n": 1}]
-    _roll_back(empty_dsn, "0006_attempt_traceback")
+    _roll_back(empty_dsn, "0007_worker_channel", "0006_attempt_traceback")
     assert await fetch(empty_dsn, column) == [{"n": 0}]
     await _enqueue_notifies(empty_dsn)
     async with await Client.connect(empty_dsn) as client:  # a transition through the trigger
         job = await client.enqueue("acme", "echo")
         assert (await client.cancel("acme", job.id)).status.value == "cancelled"
-    assert migrate.apply(empty_dsn) == ["0006_attempt_traceback"]
+    assert migrate.apply(empty_dsn) == ["0006_attempt_traceback", "0007_worker_channel"]
     await _enqueue_notifies(empty_dsn)
 
 
@@ -146,10 +161,14 @@ VALUES ('00000000-0000-0000-0000-000000000001', 'acme', 'echo', 'queued', 0, NUL
 
 async def test_time_bounds_migration_fails_and_clamps_rows_out_of_range(empty_dsn: str) -> None:
     migrate.apply(empty_dsn)
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds")
+    _roll_back(empty_dsn, "0007_worker_channel", "0006_attempt_traceback", "0005_time_bounds")
     await fetch(empty_dsn, _JOBS_AT_0004)
 
-    assert migrate.apply(empty_dsn) == ["0005_time_bounds", "0006_attempt_traceback"]
+    assert migrate.apply(empty_dsn) == [
+        "0005_time_bounds",
+        "0006_attempt_traceback",
+        "0007_worker_channel",
+    ]
     rows = await fetch(
         empty_dsn,
         "SELECT id::text, status, run_at::text, created_at::text, lease_expires_at::text, "
