@@ -197,3 +197,26 @@ async def test_time_bounds_migration_fails_and_clamps_rows_out_of_range(empty_ds
             "UPDATE pgjobs.jobs SET run_at = '0001-01-01T00:00:00Z' WHERE id = %s",
             (good["id"],),
         )
+
+
+async def _work_notifies(dsn: str) -> list[str]:
+    """Enqueue one job; return what pgjobs_work carried."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("LISTEN pgjobs_work")
+        async with await Client.connect(dsn) as client:
+            await client.enqueue("acme", "echo")
+        return [n.payload async for n in conn.notifies(timeout=1.0)]
+
+
+async def test_worker_channel_migration_rolls_back_to_0006s_trigger(empty_dsn: str) -> None:
+    """0007 adds the pgjobs_work NOTIFY; its rollback restores 0006's trigger, which
+    sends only pgjobs_events."""
+    migrate.apply(empty_dsn)
+    assert [json.loads(p) for p in await _work_notifies(empty_dsn)] == [
+        {"work": [{"status": "queued", "jobType": "echo"}]}
+    ]
+    _roll_back(empty_dsn, "0007_worker_channel")
+    assert await _work_notifies(empty_dsn) == []
+    await _enqueue_notifies(empty_dsn)
+    assert migrate.apply(empty_dsn) == ["0007_worker_channel"]
+    assert len(await _work_notifies(empty_dsn)) == 1
