@@ -19,6 +19,12 @@
 -- transitions give workers nothing to do (the claim, progress, completions: the hot
 -- path) sends no pgjobs_work NOTIFY; one that does sends one more, packed like the
 -- events under the 8000-byte limit. The traceback handling of 0006 is unchanged.
+--
+-- Cost, measured in one transaction on a shared 2-core machine (CPU per statement, no
+-- commit): a one-row progress update ~206 -> ~212 µs; with the workers' items built in
+-- the main statement instead of a statement of its own run only when needed, ~225 µs.
+-- A one-job enqueue pays for the second NOTIFY: ~+10-20 µs (of ~170); a 1000-job
+-- enqueue ~+1%, within noise.
 
 -- One worker-channel item (JSON object text). status: 'queued' (job_type, run_at: the
 -- earliest of the statement's jobs of that type) or 'cancelled' (job_id).
@@ -36,6 +42,7 @@ LANGUAGE plpgsql AS $$
 DECLARE
     bad_id uuid;
     sent bigint;
+    wake_workers boolean;
 BEGIN
     IF TG_OP = 'UPDATE' THEN
         WITH pairs AS (
@@ -43,8 +50,10 @@ BEGIN
             -- rows (input, result) would be copied for nothing.
             SELECT n.id, n.company_id, n.event_seq, n.last_event, n.status, n.attempts,
                    n.worker_id, n.progress_fraction, n.progress_message, n.result_asset_id,
-                   n.error_message, n.error_traceback, n.run_at, n.job_type,
-                   o.status AS old_status,
+                   n.error_message, n.error_traceback, n.run_at,
+                   -- Whether workers need to hear of it (see work_item).
+                   n.event_seq <> o.event_seq
+                   AND (n.status = 'queued' OR (n.status = 'cancelled' AND o.status = 'running')) AS for_workers,
                    n.event_seq <> o.event_seq AS is_transition,
                    (n.event_seq <> o.event_seq AND n.event_seq <> o.event_seq + 1)
                    OR (n.event_seq = o.event_seq
@@ -75,30 +84,35 @@ BEGIN
         ), notified AS (
             SELECT pg_notify('pgjobs_events', '{"events":[' || string_agg(item, ',' ORDER BY id) || ']}') AS n
             FROM chunks GROUP BY chunk
-        ), work AS (
-            -- The workers' channel: one item per job type with jobs made claimable, one
-            -- per running job cancelled; nothing (and no NOTIFY) for the rest.
-            SELECT pgjobs.work_item('queued', c.job_type, min(c.run_at), NULL) AS item
-            FROM pairs c
-            WHERE c.is_transition AND NOT c.is_bad AND c.status = 'queued'
-            GROUP BY c.job_type
-            UNION ALL
-            SELECT pgjobs.work_item('cancelled', NULL, NULL, c.id)
-            FROM pairs c
-            WHERE c.is_transition AND NOT c.is_bad AND c.status = 'cancelled' AND c.old_status = 'running'
-        ), work_chunks AS (
-            SELECT item, sum(octet_length(item) + 1) OVER (ORDER BY item ROWS UNBOUNDED PRECEDING) / 4000 AS chunk
-            FROM work
-        ), work_notified AS (
-            SELECT pg_notify('pgjobs_work', '{"work":[' || string_agg(item, ',') || ']}') AS n
-            FROM work_chunks GROUP BY chunk
         )
-        SELECT (SELECT count(n) FROM notified) + (SELECT count(n) FROM work_notified),
-               (SELECT id FROM pairs WHERE is_bad LIMIT 1)
-        INTO sent, bad_id;
+        SELECT (SELECT count(n) FROM notified), (SELECT id FROM pairs WHERE is_bad LIMIT 1),
+               (SELECT bool_or(for_workers) FROM pairs)
+        INTO sent, bad_id, wake_workers;
         IF bad_id IS NOT NULL THEN
             RAISE EXCEPTION 'pgjobs: job % changed state without a transition (bump event_seq by one and set last_event)', bad_id
                 USING ERRCODE = 'check_violation';
+        END IF;
+        IF wake_workers THEN
+            -- The workers' channel, in a statement of its own: most statements (the
+            -- claim, progress, completions) have nothing for workers and skip it.
+            WITH work AS (
+                SELECT n.id, n.job_type, n.run_at, n.status
+                FROM new_rows n JOIN old_rows o USING (id)
+                WHERE n.event_seq <> o.event_seq
+                  AND (n.status = 'queued' OR (n.status = 'cancelled' AND o.status = 'running'))
+            ), items AS (
+                SELECT pgjobs.work_item('queued', job_type, min(run_at), NULL) AS item
+                FROM work WHERE status = 'queued' GROUP BY job_type
+                UNION ALL
+                SELECT pgjobs.work_item('cancelled', NULL, NULL, id) FROM work WHERE status = 'cancelled'
+            ), chunks AS (
+                SELECT item, sum(octet_length(item) + 1) OVER (ORDER BY item ROWS UNBOUNDED PRECEDING) / 4000 AS chunk
+                FROM items
+            ), notified AS (
+                SELECT pg_notify('pgjobs_work', '{"work":[' || string_agg(item, ',') || ']}') AS n
+                FROM chunks GROUP BY chunk
+            )
+            SELECT count(n) INTO sent FROM notified;
         END IF;
     ELSE
         WITH inserted AS (

@@ -9,7 +9,7 @@ channels, each built by one SQL function; this module is their one Python readin
   built by ``pgjobs.notify_item``: ``{eventId, jobId, companyId, seq, type, status,
   attempt}`` plus the event's ``PUBLISHED_KEYS`` (``progress``, ``resultAssetId``,
   ``errorMessage``, ``runAt``) where its type has them, messages cut to 300 characters.
-  ``parse_events`` reads it into ``LiveEvent``\\ s.
+  ``parse_events`` reads it into ``LiveEvent`` objects.
 * ``WORK_CHANNEL`` (``pgjobs_work``), for workers: only what a worker acts on, as
   ``{"work": [item, ...]}`` built by ``pgjobs.work_item``. ``{"status": "queued",
   "jobType": t}``: jobs of type ``t`` became claimable (enqueued, retried, released,
@@ -21,11 +21,13 @@ channels, each built by one SQL function; this module is their one Python readin
 
 Both channels are doorbells, not logs: anything sent while a listener is down is gone,
 and the tables are the record (``pgjobs.notifier``). Each payload stays under
-PostgreSQL's 8000-byte NOTIFY limit; a statement sends as many as its items need, at
-most one per channel for the common case.
+PostgreSQL's 8000-byte NOTIFY limit: a statement sends as many per channel as its items
+need (one for most statements), and nothing on ``WORK_CHANNEL`` when it has nothing for
+workers (the claim, progress and completions: the hot path).
 
-The public form of an event (the SSE data of the gateway's streams) is ``event_data``:
-the same names, without the ids only the database and the fan-out use.
+The public form of an event (the SSE data of the gateway's streams, from a NOTIFY item,
+an audit row or a job row alike) is ``event_data``: the same names, without the ids
+only the database and the fan-out use.
 """
 
 from __future__ import annotations
