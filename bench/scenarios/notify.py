@@ -20,29 +20,34 @@ from bench.drain import drain, queue_db, settle
 from bench.scenarios.enqueue import _measure
 from bench.stats import fmt, summary
 
-# Each variant rewrites one expression of the shipped publish trigger (sql/0003): the
-# chunk every event is packed into, or the pg_notify call itself.
+# Each variant rewrites expressions of the shipped publish trigger (sql/0007): the chunk
+# every event is packed into, or the pg_notify calls themselves (pgjobs_events', and the
+# workers' pgjobs_work, sent only by statements that make jobs claimable or cancel
+# running ones).
 _CHUNK = "sum(octet_length(item) + 1) OVER (ORDER BY id) / 4000"
 _NOTIFY = "pg_notify('pgjobs_events', '{\"events\":[' || string_agg(item, ',' ORDER BY id) || ']}')"
-VARIANTS: dict[str, tuple[str, str] | None] = {
-    "per commit (shipped)": None,
-    "per transition": (_CHUNK, "id"),
-    "off": (_NOTIFY, "NULL::void"),
+_NOTIFY_WORK = "pg_notify('pgjobs_work', '{\"work\":[' || string_agg(item, ',') || ']}')"
+VARIANTS: dict[str, list[tuple[str, str]]] = {
+    "per commit (shipped)": [],
+    "per transition": [(_CHUNK, "id")],
+    "no worker channel": [(_NOTIFY_WORK, "NULL::void")],
+    "off": [(_NOTIFY, "NULL::void"), (_NOTIFY_WORK, "NULL::void")],
 }
 PROCESSES = 2
 
 
-def _apply(dsn: str, change: tuple[str, str] | None) -> None:
-    if change is None:
+def _apply(dsn: str, changes: list[tuple[str, str]]) -> None:
+    if not changes:
         return
-    old, new = change
     with psycopg.connect(dsn, autocommit=True) as conn:
         row = conn.execute("SELECT pg_get_functiondef('pgjobs.publish_events'::regproc)").fetchone()
         assert row is not None
         source: str = row[0]
-        if source.count(old) != 2:  # the INSERT and the UPDATE branch
-            raise RuntimeError(f"publish_events no longer contains {old!r}: update bench")
-        conn.execute(source.replace(old, new))  # type: ignore[arg-type]  # our own DDL
+        for old, new in changes:
+            if source.count(old) != 2:  # the INSERT and the UPDATE branch
+                raise RuntimeError(f"publish_events no longer contains {old!r}: update bench")
+            source = source.replace(old, new)
+        conn.execute(source)  # type: ignore[arg-type]  # our own DDL
 
 
 def run(ctx: Ctx) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import Any
 
 from pgjobs import db, migrate
 from pgjobs.client import Client
+from pgjobs.events import LiveEvent, parse_events
 from pgjobs.jobspec import JobSpec
 from pgjobs.notifier import Listener
 
@@ -128,13 +129,12 @@ async def run(dsn: str, *, workers: int = 2, port: int = 8000, exit_when_done: b
     names: dict[uuid.UUID, str] = {}
 
     def on_notify(payload: str) -> None:
-        for event in json.loads(payload).get("events", []):
-            job_id = uuid.UUID(event["jobId"])
-            if job_id not in names:
+        for event in parse_events(payload):
+            if event.job_id not in names:
                 continue
-            print(_describe(names[job_id], event))
-            if event["status"] in ("done", "failed", "cancelled"):
-                pending.discard(job_id)
+            print(_describe(names[event.job_id], event))
+            if event.status in ("done", "failed", "cancelled"):
+                pending.discard(event.job_id)
                 if not pending:
                     done.set()
 
@@ -236,14 +236,14 @@ async def _summary(client: Client, ids: list[uuid.UUID], names: dict[uuid.UUID, 
         print(line)
 
 
-def _describe(name: str, event: dict[str, Any]) -> str:
-    kind = event["type"].removeprefix("content_job.")
-    text = f"  {name:<18} #{event['seq']:<2} {kind:<9} attempt {event['attempt']}"
-    progress = event.get("progress")
+def _describe(name: str, event: LiveEvent) -> str:
+    kind = event.type.removeprefix("content_job.")
+    text = f"  {name:<18} #{event.seq:<2} {kind:<9} attempt {event.attempt}"
+    progress = event.extra.get("progress")
     if progress:
         text += f"  {_bar(progress.get('fraction'))} {progress.get('message') or ''}"
-    if event.get("errorMessage"):
-        text += f"  error: {event['errorMessage']}"
-    if event.get("resultAssetId"):
-        text += f"  asset {event['resultAssetId']}"
+    if event.extra.get("errorMessage"):
+        text += f"  error: {event.extra['errorMessage']}"
+    if event.extra.get("resultAssetId"):
+        text += f"  asset {event.extra['resultAssetId']}"
     return text

@@ -6,6 +6,9 @@ whose job is to catch up from the tables (a worker polls for work, a stream read
 ``pgjobs.job_events``); doing it the other way round would lose whatever is sent between
 the read and the LISTEN. A silent half-open socket is caught by a heartbeat query with a
 deadline. Reconnects back off exponentially with jitter, capped.
+
+A listener LISTENs on one channel (``pgjobs.events``): the gateway on ``EVENTS_CHANNEL``
+(every transition), a worker on ``WORK_CHANNEL`` (claimable jobs and cancellations only).
 """
 
 from __future__ import annotations
@@ -20,10 +23,9 @@ import psycopg
 
 from pgjobs import db
 from pgjobs.errors import DatabaseUnavailableError
+from pgjobs.events import EVENTS_CHANNEL
 
 log = logging.getLogger(__name__)
-
-CHANNEL = "pgjobs_events"
 
 
 class Listener:
@@ -33,7 +35,7 @@ class Listener:
         on_notify: Callable[[str], None],
         *,
         on_connect: Callable[[], Awaitable[None]] | None = None,
-        channel: str = CHANNEL,
+        channel: str = EVENTS_CHANNEL,
         heartbeat_seconds: float = 5.0,
         max_backoff_seconds: float = 5.0,
         name: str = "pgjobs-listener",

@@ -261,8 +261,8 @@ WHERE j.id = u.id AND j.status = 'running' AND j.lease_token = u.lease_token
 RETURNING j.*;
 
 -- name: job_cancel
--- Queued or running jobs only. A running job's worker learns of it from the event (or its
--- next heartbeat) and stops; its own completion is then fenced off by the status guard.
+-- Queued or running jobs only. A running job's worker learns of it from the workers'
+-- NOTIFY channel (sql/0007; or its next heartbeat) and stops; its own completion is then fenced off by the status guard.
 UPDATE pgjobs.jobs
 SET status = 'cancelled',
     lease_expires_at = NULL,

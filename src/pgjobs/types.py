@@ -10,6 +10,10 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
+# The event types are defined with the rest of the event contract; imported here for
+# JobEvent, and still importable from pgjobs.types.
+from pgjobs.events import EventType as EventType
+
 if TYPE_CHECKING:
     from psycopg._cursor_base import BaseCursor  # the type psycopg.rows uses for this
     from psycopg.rows import RowMaker
@@ -74,16 +78,6 @@ def job_status(value: str) -> JobStatus:
     """JobStatus(value), through a dict: the enum's own lookup costs ~0.35 µs a call,
     paid for every job the claim decodes."""
     return _STATUSES.get(value) or JobStatus(value)  # the enum call raises for unknowns
-
-
-class EventType(StrEnum):
-    QUEUED = "content_job.queued"
-    RUNNING = "content_job.running"
-    PROGRESS = "content_job.progress"
-    RETRYING = "content_job.retrying"
-    DONE = "content_job.done"
-    FAILED = "content_job.failed"
-    CANCELLED = "content_job.cancelled"
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,8 @@ with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), 
 per claim and per running job, the completer (batches final transitions into one
 commit), the heartbeat (renews every held lease in one statement and stops jobs this
 worker no longer holds), the rescuer (returns other workers' expired jobs to the queue)
-and the listener (wake-ups and cancellations).
+and the listener (wake-ups and cancellations, on the workers' own NOTIFY channel:
+``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or terminal events).
 
 Shutdown (SIGTERM/SIGINT): stop claiming, give running jobs ``shutdown_grace_seconds`` to
 finish, then interrupt the rest and release them back to ``queued`` in one audited
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import os
 import random
@@ -38,6 +38,7 @@ import traceback
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -55,6 +56,7 @@ from pgjobs.errors import (
     InvalidAssetError,
     InvalidJobError,
 )
+from pgjobs.events import WORK_CHANNEL, Cancelled, parse_work
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
@@ -181,6 +183,7 @@ class Worker:
         self.storage = storage or LocalStorage(self.settings.storage_dir)
         self.id = worker_id or default_worker_id()
         self.job_types = claimable_types(registry, self.settings.job_types)
+        self._claims_types = frozenset(self.job_types)
         self.tune_gc = tune_gc
         self._running: dict[uuid.UUID, _Running] = {}  # claimed and not yet recorded
         self._active = 0  # of those, how many are still in their handler
@@ -242,6 +245,7 @@ class Worker:
             self.listener = Listener(
                 self.dsn,
                 self._on_notify,
+                channel=WORK_CHANNEL,
                 on_connect=self._on_listener_connect,
                 heartbeat_seconds=max(settings.heartbeat_seconds, 1.0),
                 name=f"pgjobs-listen {self.id}"[:63],
@@ -506,22 +510,24 @@ class Worker:
             return []
 
     def _on_notify(self, payload: str) -> None:
-        # Most notifications are other jobs' running/done/progress events, which need
-        # nothing from this worker: skip parsing them (the items are written by the
-        # publish trigger with exactly these spellings, no spaces).
-        if '"status":"queued"' not in payload and '"content_job.cancelled"' not in payload:
-            return
+        """A NOTIFY on the worker channel (``pgjobs.events.WORK_CHANNEL``): jobs became
+        claimable, or a running job was cancelled. Claimable jobs of a type this worker
+        does not claim, or not due yet (the database said so, and it still holds by this
+        worker's clock), are no reason to claim: the poll finds them when due."""
         try:
-            events = json.loads(payload).get("events", [])
-        except (ValueError, AttributeError):
-            log.warning("ignoring malformed notification payload %.200r", payload)
+            items = parse_work(payload)
+        except ValueError as exc:
+            # Unreadable: it may have announced work, so look.
+            log.warning("unreadable %s NOTIFY payload (%s); claiming anyway", WORK_CHANNEL, exc)
+            self._wake()
             return
-        for event in events:
-            if event.get("status") == "queued":
+        for item in items:
+            if isinstance(item, Cancelled):
+                self._interrupt(item.job_id, "job was cancelled")
+            elif item.job_type in self._claims_types and (
+                item.run_at is None or item.run_at <= datetime.now(UTC)
+            ):
                 self._wake()
-            elif event.get("type") == "content_job.cancelled":
-                with contextlib.suppress(ValueError, TypeError):
-                    self._interrupt(uuid.UUID(event.get("jobId")), "job was cancelled")
 
     async def _on_listener_connect(self) -> None:
         # Anything announced while the listener was down is in the table: look now.

@@ -16,7 +16,8 @@ import pytest
 from gateway_helpers import RunningGateway, Sse, collect, serve_gateway, settings, uvicorn_log
 
 from helpers import wait_until
-from pgjobs.gateway.fanout import Fanout, LiveEvent
+from pgjobs.events import LiveEvent
+from pgjobs.gateway.fanout import Fanout
 from pgjobs.jobspec import JobSpec
 
 EVENTS = "/api/companies/{}/events"

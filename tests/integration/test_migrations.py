@@ -191,3 +191,26 @@ async def test_operator_tokens_migration_rolls_back(empty_dsn: str) -> None:
     rows = await fetch(empty_dsn, "SELECT company_id FROM pgjobs.api_tokens")
     assert rows == [{"company_id": "acme"}]
     assert migrate.apply(empty_dsn) == since("0009_operator_tokens")
+
+
+async def _work_notifies(dsn: str) -> list[str]:
+    """Enqueue one job; return what pgjobs_work carried."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("LISTEN pgjobs_work")
+        async with await Client.connect(dsn) as client:
+            await client.enqueue("acme", "echo")
+        return [n.payload async for n in conn.notifies(timeout=1.0)]
+
+
+async def test_worker_channel_migration_rolls_back_to_0006s_trigger(empty_dsn: str) -> None:
+    """0007 adds the pgjobs_work NOTIFY; its rollback restores 0006's trigger, which
+    sends only pgjobs_events."""
+    migrate.apply(empty_dsn)
+    assert [json.loads(p) for p in await _work_notifies(empty_dsn)] == [
+        {"work": [{"status": "queued", "jobType": "echo"}]}
+    ]
+    _roll_back(empty_dsn, *since("0007_worker_channel"))
+    assert await _work_notifies(empty_dsn) == []
+    await _enqueue_notifies(empty_dsn)
+    assert migrate.apply(empty_dsn) == since("0007_worker_channel")
+    assert len(await _work_notifies(empty_dsn)) == 1

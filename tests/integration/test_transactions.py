@@ -21,8 +21,8 @@ from helpers import claim_one, fast_settings, fetch, finish_params, running_work
 from pgjobs import demo, rescuer
 from pgjobs.client import Client
 from pgjobs.errors import JobNotFoundError
+from pgjobs.events import EVENTS_CHANNEL as CHANNEL
 from pgjobs.jobspec import JobSpec
-from pgjobs.notifier import CHANNEL
 from pgjobs.queries import QUERIES
 from pgjobs.sync import SyncClient
 from pgjobs.types import EventType, Job, JobStatus

@@ -1,8 +1,9 @@
 """One LISTEN connection per process, fanned out to every event stream it serves.
 
-The gateway's single ``pgjobs.notifier.Listener`` hands each NOTIFY payload to
-``Fanout.on_notify``, which routes its events by job id (to per-job streams) and by
-company id (a wake-up for that company's one reader, ``pgjobs.gateway.companystream.CompanyFeed``).
+The gateway's single ``pgjobs.notifier.Listener`` hands each NOTIFY payload of
+``pgjobs_events`` to ``Fanout.on_notify``, which reads it (``pgjobs.events.parse_events``)
+and routes its events by job id (to per-job streams) and by company id (a wake-up for
+that company's one reader, ``pgjobs.gateway.companystream.CompanyFeed``).
 No stream holds a database connection while it waits.
 
 Contracts:
@@ -22,30 +23,15 @@ Contracts:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import uuid
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Final, TypeVar
+
+from pgjobs.events import LiveEvent, parse_events
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class LiveEvent:
-    """One event as NOTIFY carried it (errorMessage cut to 300 characters)."""
-
-    event_id: int
-    job_id: uuid.UUID
-    company_id: str
-    seq: int
-    type: str
-    status: str
-    attempt: int
-    extra: dict[str, Any]
-    """progress / resultAssetId / errorMessage / runAt, when the event type has them."""
 
 
 class _Marker:
@@ -63,8 +49,6 @@ CLOSED: Final = _Marker("CLOSED")
 
 Item = LiveEvent | _Marker
 K = TypeVar("K")
-
-_EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
 
 
 class Subscription:
@@ -147,8 +131,8 @@ class Fanout:
     def on_notify(self, payload: str) -> None:
         self.notifies += 1
         try:
-            events = [_parse_event(raw) for raw in json.loads(payload)["events"]]
-        except (ValueError, KeyError, TypeError) as exc:
+            events = parse_events(payload)
+        except ValueError as exc:
             # We cannot tell whom this was for, so everyone re-reads the table.
             log.warning("unreadable NOTIFY payload (%s); backfilling every stream", exc)
             self._backfill_all()
@@ -196,16 +180,3 @@ def _discard(index: dict[K, set[Subscription]], key: K, sub: Subscription) -> No
         subs.discard(sub)
         if not subs:
             del index[key]
-
-
-def _parse_event(raw: dict[str, Any]) -> LiveEvent:
-    return LiveEvent(
-        event_id=int(raw["eventId"]),
-        job_id=uuid.UUID(raw["jobId"]),
-        company_id=str(raw["companyId"]),
-        seq=int(raw["seq"]),
-        type=str(raw["type"]),
-        status=str(raw["status"]),
-        attempt=int(raw["attempt"]),
-        extra={k: raw[k] for k in _EXTRA_KEYS if k in raw},
-    )

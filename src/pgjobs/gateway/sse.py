@@ -27,9 +27,11 @@ its browser code listens for it; the transition is the data's ``type``
 (``NOT_FOUND_FRAME``).
 
 Data on every event: ``{jobId, status, type, attempt, seq, progress?, resultAssetId?,
-errorMessage?, runAt?}``, JSON on one ``data:`` line (``frame`` drops line breaks from
-the ``id``; ``json.dumps`` escapes them in data), so no field value can inject SSE
-lines. The streams yield encoded frames (``pgjobs.gateway.eventstream`` sends them).
+errorMessage?, runAt?}`` (``pgjobs.events.event_data``, the event contract's public
+form, built alike from an audit row, a NOTIFY item and a job row), JSON on one ``data:``
+line (``frame`` drops line breaks from the ``id``; ``json.dumps`` escapes them in data),
+so no field value can inject SSE lines. The streams yield encoded frames
+(``pgjobs.gateway.eventstream`` sends them).
 
 Every database read of a stream goes through ``read_rows`` (never cancelled half-way),
 and a stream's set-up reads through ``setup_read`` (set-ups take turns for the pool).
@@ -49,8 +51,9 @@ from typing import TYPE_CHECKING, Any, Final
 import psycopg
 
 from pgjobs import db
+from pgjobs.events import LiveEvent, event_data
 from pgjobs.gateway.auth import GATEWAY_QUERIES
-from pgjobs.gateway.fanout import BACKFILL, CLOSED, LiveEvent, Subscription
+from pgjobs.gateway.fanout import BACKFILL, CLOSED, Subscription
 
 if TYPE_CHECKING:
     from pgjobs.gateway.state import GatewayState
@@ -67,7 +70,6 @@ TERMINAL = frozenset({"done", "failed", "cancelled"})
 RECONNECT_MS = (1_000, 5_000)
 STREAM_SETUP_WAIT_SECONDS = 30.0
 PAGE = 500
-_EXTRA_KEYS = ("progress", "resultAssetId", "errorMessage", "runAt")
 _LINE_BREAK = re.compile(r"[\r\n]")
 
 EVENT: Final = "status"
@@ -80,20 +82,6 @@ NOT_FOUND_FRAME: Final = (
 )
 """The whole stream of an unknown job (the contract: one ``event: error`` carrying
 ``{"error": "Job not found"}``, then the end)."""
-
-
-def event_data(
-    job_id: object, status: str, type_: str, attempt: int, seq: int, extra: dict[str, Any]
-) -> dict[str, Any]:
-    data: dict[str, Any] = {
-        "jobId": str(job_id),
-        "status": status,
-        "type": type_,
-        "attempt": attempt,
-        "seq": seq,
-    }
-    data.update({k: extra[k] for k in _EXTRA_KEYS if extra.get(k) is not None})
-    return data
 
 
 def frame(data: dict[str, Any], event_id: str) -> bytes:

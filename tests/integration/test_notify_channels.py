@@ -1,0 +1,351 @@
+"""The two NOTIFY channels as the database sends them, read with pgjobs.events.
+
+pgjobs_events carries every transition (for the gateway); pgjobs_work only what a worker
+acts on: jobs made claimable, one item per job type per statement, and cancellations of
+running jobs (sql/0007_worker_channel.sql). Each test reads the real trigger's output
+and parses it with the one Python definition of its format.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import uuid
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+
+from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
+from pgjobs import demo, events, rescuer
+from pgjobs.client import Client
+from pgjobs.context import JobContext
+from pgjobs.events import Cancelled, Claimable, EventType
+from pgjobs.jobspec import JobSpec
+from pgjobs.queries import QUERIES
+from pgjobs.registry import Registry
+from pgjobs.types import JobStatus
+from pgjobs.worker import Worker
+
+Conn = psycopg.AsyncConnection[Any]
+
+
+async def _listening(dsn: str, channel: str) -> Conn:
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    await conn.execute(f"LISTEN {channel}")
+    return conn
+
+
+async def _until_marker(dsn: str, listener: Conn, channel: str) -> list[str]:
+    """Every payload the listener gets on ``channel`` before a marker committed now: any
+    transaction that committed earlier was delivered first (a bounded wait, not a sleep)."""
+    marker = f"marker-{uuid.uuid4()}"
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as other:
+        await other.execute("SELECT pg_notify(%s, %s)", [channel, marker])
+    before: list[str] = []
+    async for note in listener.notifies(timeout=10):
+        if note.payload == marker:
+            return before
+        assert note.channel == channel
+        before.append(note.payload)
+    raise AssertionError("the marker NOTIFY never arrived")
+
+
+async def _work(dsn: str, listener: Conn) -> list[events.WorkItem]:
+    """The worker-channel items sent since the last call, parsed; each payload is checked
+    to round-trip through encode_work."""
+    items: list[events.WorkItem] = []
+    for payload in await _until_marker(dsn, listener, events.WORK_CHANNEL):
+        assert len(payload.encode()) < 8000
+        parsed = events.parse_work(payload)
+        assert events.parse_work(events.encode_work(parsed)) == parsed
+        items.extend(parsed)
+    return items
+
+
+async def _run(dsn: str, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    return await fetch(dsn, QUERIES[query], params)
+
+
+async def test_event_items_parse_into_what_the_audit_log_holds(dsn: str, client: Client) -> None:
+    """Every transition's NOTIFY item on pgjobs_events, parsed by pgjobs.events, has the
+    values of its audit row (messages cut to 300 characters), re-encodes to the same
+    events, and gives the same SSE data as the row."""
+    async with await _listening(dsn, events.EVENTS_CHANNEL) as listener:
+        job = await client.enqueue("acme", "echo", max_attempts=2)
+        claimed = await claim_one(dsn, "w1")
+        params = {"id": job.id, "lease_token": claimed["lease_token"], "now": None}
+        await _run(dsn, "job_progress_if_leased", {**params, "fraction": 0.5, "message": "é" * 400})
+        retry = {**finish_params(claimed, "error"), "retry_delays": [30.0]}
+        await _run(dsn, "job_finish_many_if_leased", retry)
+        await client.cancel("acme", job.id)
+        payloads = await _until_marker(dsn, listener, events.EVENTS_CHANNEL)
+    live = [e for p in payloads for e in events.parse_events(p)]
+    for payload in payloads:
+        parsed = events.parse_events(payload)
+        assert events.parse_events(events.encode_events(parsed)) == parsed
+    rows = await fetch(
+        dsn, "SELECT * FROM pgjobs.job_events WHERE job_id = %s ORDER BY seq", [job.id]
+    )
+    assert [e.type for e in live] == [
+        EventType.QUEUED,
+        EventType.RUNNING,
+        EventType.PROGRESS,
+        EventType.RETRYING,
+        EventType.CANCELLED,
+    ]
+    assert len(rows) == len(live)
+    for event, row in zip(live, rows, strict=True):
+        assert (event.event_id, event.job_id, event.company_id, event.seq) == (
+            row["id"],
+            row["job_id"],
+            row["company_id"],
+            row["seq"],
+        )
+        assert (event.type, event.status, event.attempt) == (
+            row["type"],
+            row["status"],
+            row["attempt"],
+        )
+        published = {k: row["payload"][k] for k in events.PUBLISHED_KEYS if k in row["payload"]}
+        assert set(event.extra) == set(published)
+        data = events.event_data(
+            event.job_id, event.status, event.type, event.attempt, event.seq, event.extra
+        )
+        from_row = events.event_data(
+            row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], published
+        )
+        if "progress" in published:  # the item's message is cut to 300 characters
+            assert data["progress"] == {"fraction": 0.5, "message": "é" * 300}
+            from_row["progress"] = data["progress"]
+        if "runAt" in published:  # the same time, whatever its text
+            assert dt.datetime.fromisoformat(data["runAt"]) == dt.datetime.fromisoformat(
+                from_row["runAt"]
+            )
+            from_row["runAt"] = data["runAt"]
+        assert data == from_row
+
+
+async def test_work_channel_carries_claimable_jobs_and_cancellations_only(
+    dsn: str, client: Client
+) -> None:
+    """What a worker acts on, and nothing else: an enqueue, a retry, a release, a rescue
+    and a manual retry make jobs claimable (one item per job type per statement, runAt
+    only when none is due yet); a running job's cancellation names it. The claim,
+    progress, completions and a queued job's cancellation send nothing on this channel."""
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    async with await _listening(dsn, events.WORK_CHANNEL) as listener:
+        await client.enqueue_many(
+            [JobSpec("acme", "echo") for _ in range(300)]
+            + [JobSpec("globex", "render", {"n": n}) for n in range(3)]
+            + [JobSpec("globex", "sleep", run_at=later)]
+        )
+        items = await _work(dsn, listener)
+        assert sorted(items, key=repr) == sorted(
+            [Claimable("echo"), Claimable("render"), Claimable("sleep", later)], key=repr
+        )
+
+        # The hot path: claim, progress, done. Nothing for workers.
+        jobs = await _run(
+            dsn,
+            "job_claim_batch",
+            {"now": None, "limit": 2, "worker_id": "w1", "lease_seconds": 30.0,
+             "job_types": ["render"]},
+        )  # fmt: skip
+        first, second = jobs
+        await _run(
+            dsn,
+            "job_progress_if_leased",
+            {"id": first["id"], "lease_token": first["lease_token"], "now": None,
+             "fraction": 0.5, "message": "half"},
+        )  # fmt: skip
+        await _run(dsn, "job_finish_many_if_leased", finish_params(first))
+        queued = await client.list("globex", status="queued", limit=10)
+        sleeper = next(j for j in queued.jobs if j.job_type == "sleep")
+        await client.cancel("globex", sleeper.id)  # queued: no worker runs it
+        assert await _work(dsn, listener) == []
+
+        # A failed attempt with a backoff: claimable again, not before its run_at.
+        retry = {**finish_params(second, "error"), "retry_delays": [60.0]}
+        await _run(dsn, "job_finish_many_if_leased", retry)
+        (retried,) = await _work(dsn, listener)
+        row = (await fetch(dsn, "SELECT run_at FROM pgjobs.jobs WHERE id = %s", [second["id"]]))[0]
+        assert retried == Claimable("render", row["run_at"])
+
+        # A release (worker shutdown) and a rescue (expired lease): claimable at once.
+        (held,) = await _run(
+            dsn,
+            "job_claim_batch",
+            {"now": None, "limit": 1, "worker_id": "w1", "lease_seconds": 30.0,
+             "job_types": ["echo"]},
+        )  # fmt: skip
+        await _run(
+            dsn,
+            "job_release_if_leased",
+            {"now": None, "ids": [held["id"]], "lease_tokens": [held["lease_token"]]},
+        )
+        assert await _work(dsn, listener) == [Claimable("echo")]
+        await _run(
+            dsn,
+            "job_claim_batch",
+            {"now": None, "limit": 1, "worker_id": "w2", "lease_seconds": 0.000001,
+             "job_types": ["echo"]},
+        )  # fmt: skip  # a lease over by the time the rescue runs
+        assert len(await rescuer.rescue_expired_with(dsn)) == 1
+        assert await _work(dsn, listener) == [Claimable("echo")]
+
+        # A running job's cancellation; then its manual retry makes it claimable.
+        running = await claim_one(dsn, "w3")
+        assert await _work(dsn, listener) == []
+        await client.cancel("acme", running["id"])
+        assert await _work(dsn, listener) == [Cancelled(running["id"])]
+        await client.retry("acme", running["id"])
+        assert await _work(dsn, listener) == [Claimable("echo")]
+
+
+async def test_many_cancellations_are_packed_under_the_notify_limit(
+    dsn: str, client: Client
+) -> None:
+    jobs = await client.enqueue_many(JobSpec("acme", "echo") for _ in range(400))
+    claimed = await _run(
+        dsn,
+        "job_claim_batch",
+        {"now": None, "limit": 400, "worker_id": "w1", "lease_seconds": 30.0, "job_types": None},
+    )
+    assert len(claimed) == 400
+    async with await _listening(dsn, events.WORK_CHANNEL) as listener:
+        await _cancel_all(dsn)
+        payloads = await _until_marker(dsn, listener, events.WORK_CHANNEL)
+    assert 1 < len(payloads) <= len(jobs) // 40, "packed, not one NOTIFY per job"
+    assert all(len(p.encode()) < 8000 for p in payloads)
+    cancelled = [i for p in payloads for i in events.parse_work(p)]
+    assert sorted(cancelled, key=repr) == sorted((Cancelled(j.id) for j in jobs), key=repr)
+
+
+async def _cancel_all(dsn: str) -> None:
+    # One statement, as an operator's psql would cancel a batch (with its transitions).
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row
+    ) as conn:
+        await conn.execute(
+            "UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now(),"
+            " lease_expires_at = NULL, event_seq = event_seq + 1,"
+            " last_event = 'content_job.cancelled' WHERE status = 'running'"
+        )
+
+
+# -- workers ----------------------------------------------------------------------------
+
+
+def _record_notifies(worker: Worker) -> list[str]:
+    """The payloads the worker's listener hands it from now on."""
+    assert worker.listener is not None
+    heard: list[str] = []
+    on_notify = worker.listener.on_notify
+
+    def record(payload: str) -> None:
+        heard.append(payload)
+        on_notify(payload)
+
+    worker.listener.on_notify = record
+    return heard
+
+
+async def test_a_worker_hears_only_claimable_jobs_not_their_progress(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """Jobs that report progress run to the end, and every NOTIFY the worker received
+    was a worker-channel payload of claimable jobs: none of the running, progress and
+    done events (which the gateway's channel carried)."""
+    settings = fast_settings(storage_dir, poll_interval_seconds=60.0, concurrency=4)
+    async with (
+        await _listening(dsn, events.EVENTS_CHANNEL) as gateway_side,
+        running_worker(dsn, demo.registry, settings) as worker,
+    ):
+        heard = _record_notifies(worker)
+        jobs = [
+            await client.enqueue("acme", "render", {"title": f"t{n}", "steps": 3}) for n in range(4)
+        ]
+        await wait_until(
+            lambda: _all_done(client, [j.id for j in jobs]), within=30, message="jobs done"
+        )
+        transitions = await _until_marker(dsn, gateway_side, events.EVENTS_CHANNEL)
+    kinds = {e.type for p in transitions for e in events.parse_events(p)}
+    assert {EventType.PROGRESS, EventType.DONE} <= kinds
+    items = [item for payload in heard for item in events.parse_work(payload)]
+    assert items == [Claimable("render")] * 4  # one per enqueue; nothing else
+
+
+async def _all_done(client: Client, ids: list[uuid.UUID]) -> bool:
+    for job_id in ids:
+        if (await client.get("acme", job_id)).status is not JobStatus.DONE:
+            return False
+    return True
+
+
+async def test_a_worker_is_not_woken_by_jobs_it_does_not_claim_or_not_due(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """Claimable jobs of a type outside the worker's registry, or due only later, do not
+    make it claim; a job it serves, due now, does (the poll is too slow to be what
+    starts it)."""
+    registry = Registry()
+
+    @registry.handler("alpha")
+    async def alpha(ctx: JobContext) -> None:
+        pass
+
+    settings = fast_settings(storage_dir, poll_interval_seconds=60.0)
+    async with running_worker(dsn, registry, settings) as worker:
+        heard = _record_notifies(worker)
+        wakes = 0
+        wake = worker._wake
+
+        def counting_wake() -> None:
+            nonlocal wakes
+            wakes += 1
+            wake()
+
+        worker._wake = counting_wake  # type: ignore[method-assign]
+        later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+        await client.enqueue("acme", "gamma")
+        await client.enqueue("acme", "alpha", run_at=later)
+        await wait_until(lambda: _at_least(heard, 2), within=10, message="two notifications")
+        items = [i for p in heard for i in events.parse_work(p)]
+        assert items == [Claimable("gamma"), Claimable("alpha", later)]
+        assert wakes == 0, "woken by a job it does not claim, or by one not due"
+        job = await client.enqueue("acme", "alpha")
+        await wait_until(lambda: _all_done(client, [job.id]), within=10, message="alpha done")
+        assert wakes >= 1
+
+
+async def _at_least(items: list[str], n: int) -> bool:
+    return len(items) >= n
+
+
+async def test_a_cancellation_reaches_the_worker_before_its_heartbeat(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """A heartbeat far longer than the test: only the worker channel's cancellation can
+    stop the handler in time."""
+    started = asyncio.Event()
+    stopped = asyncio.Event()
+    registry = Registry()
+
+    @registry.handler("long")
+    async def long(ctx: JobContext) -> None:
+        started.set()
+        try:
+            await asyncio.sleep(60)
+        except asyncio.CancelledError:
+            stopped.set()
+            raise
+
+    job = await client.enqueue("acme", "long")
+    settings = fast_settings(storage_dir, heartbeat_seconds=60.0, lease_seconds=120.0)
+    async with running_worker(dsn, registry, settings):
+        await asyncio.wait_for(started.wait(), 10)
+        await client.cancel("acme", job.id)
+        await asyncio.wait_for(stopped.wait(), 10)
+    assert (await client.get("acme", job.id)).status is JobStatus.CANCELLED

@@ -1,0 +1,83 @@
+"""pgjobs.events: the NOTIFY formats' parsing, and how a worker acts on its channel."""
+
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from pathlib import Path
+
+import pytest
+
+from pgjobs import events
+from pgjobs.config import WorkerSettings
+from pgjobs.events import Cancelled, Claimable
+from pgjobs.registry import Registry
+from pgjobs.worker import Worker
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        "not json",
+        "[]",
+        '{"work": 1}',
+        '{"work": [{"status": "running", "jobType": "echo"}]}',
+        '{"work": [{"status": "queued"}]}',
+        '{"work": [{"status": "cancelled", "jobId": "nope"}]}',
+        '{"work": [{"status": "queued", "jobType": "echo", "runAt": "2030-01-01T00:00:00"}]}',
+        '{"events": []}',
+    ],
+)
+def test_unreadable_work_payloads_raise_value_error(payload: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 -- the one error the readers catch
+        events.parse_work(payload)
+
+
+@pytest.mark.parametrize(
+    "payload", ["not json", '{"work": []}', '{"events": [{"jobId": "x"}]}', '{"events": 1}']
+)
+def test_unreadable_event_payloads_raise_value_error(payload: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 -- the one error the readers catch
+        events.parse_events(payload)
+
+
+def _worker(tmp_path: Path, *types: str) -> tuple[Worker, list[str]]:
+    registry = Registry()
+    for job_type in types:
+
+        async def handler(ctx: object) -> None:
+            pass
+
+        registry.register(job_type, handler)
+    worker = Worker("dbname=unused", registry, WorkerSettings(storage_dir=tmp_path))
+    calls: list[str] = []
+    worker._wake = lambda: calls.append("wake")  # type: ignore[method-assign]
+    worker._interrupt = lambda job_id, reason: calls.append(f"stop {job_id}")  # type: ignore[method-assign]
+    return worker, calls
+
+
+def test_worker_acts_on_what_it_claims_and_on_cancellations(tmp_path: Path) -> None:
+    worker, calls = _worker(tmp_path, "echo")
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    earlier = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=1)
+    job_id = uuid.uuid4()
+    worker._on_notify(
+        events.encode_work(
+            [
+                Claimable("render"),  # not in its registry
+                Claimable("echo", later),  # not due yet
+                Cancelled(job_id),
+            ]
+        )
+    )
+    assert calls == [f"stop {job_id}"]
+    worker._on_notify(events.encode_work([Claimable("echo", earlier)]))  # due by now
+    worker._on_notify(events.encode_work([Claimable("echo")]))
+    assert calls == [f"stop {job_id}", "wake", "wake"]
+
+
+def test_worker_claims_after_a_payload_it_cannot_read(tmp_path: Path) -> None:
+    """It may have announced work: look rather than wait for the poll."""
+    worker, calls = _worker(tmp_path, "echo")
+    worker._on_notify('{"events": []}')
+    assert calls == ["wake"]
