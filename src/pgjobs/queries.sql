@@ -275,6 +275,7 @@ RETURNING *;
 
 -- name: job_retry
 -- Failed or cancelled jobs go back to queued now, with one more attempt if none is left.
+-- The gateway's bulk retry (job_retry_failed_matching) sets the same columns.
 UPDATE pgjobs.jobs
 SET status = 'queued',
     max_attempts = greatest(max_attempts, attempts + 1),

@@ -232,9 +232,9 @@ WHERE j.id IN (SELECT e.job_id FROM pgjobs.job_events e
   AND (%(source_task_id)s::text IS NULL OR j.source_task_id = %(source_task_id)s::text);
 
 -- name: job_retry_failed_matching
--- Up to %(limit)s of those failed jobs back to queued in one statement, as job_retry does
--- for one (one more attempt if none is left; the trigger writes each its audit row and
--- NOTIFY). Oldest first; rows another session holds are skipped, and the guard on status
+-- Up to %(limit)s of those failed jobs back to queued in one statement, as job_retry
+-- (pgjobs/queries.sql) does for one: the same SET list, kept in step with it (one more
+-- attempt if none is left; the trigger writes each its audit row and NOTIFY). Oldest first; rows another session holds are skipped, and the guard on status
 -- re-checks each row once locked.
 WITH chosen AS (
     SELECT j.id FROM pgjobs.jobs j
