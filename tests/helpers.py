@@ -92,7 +92,14 @@ async def claim_one(dsn: str, worker: str, now: dt.datetime | None = None) -> di
     rows = await fetch(
         dsn,
         QUERIES["job_claim_batch"],
-        {"now": now, "limit": 1, "worker_id": worker, "lease_seconds": 10.0, "job_types": None},
+        {
+            "now": now,
+            "limit": 1,
+            "worker_id": worker,
+            "lease_seconds": 10.0,
+            "job_types": None,
+            "after_company": None,
+        },
     )
     assert len(rows) == 1
     return rows[0]
