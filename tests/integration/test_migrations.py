@@ -1,6 +1,7 @@
 """Migrations apply, roll back and apply again, and the publish trigger works at each
 step (0003 replaced 0001's trigger functions; its rollback restores them). 0004 fills
-pgjobs.job_queue from the jobs already there, and its rollback restores the indexes."""
+pgjobs.job_queue from the jobs already there, and its rollback restores the indexes; 0008
+gives the queue rows already there their company."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from yoyo import read_migrations
 from helpers import assert_queue_matches_jobs, fetch
 from pgjobs import migrate
 from pgjobs.client import Client
+from pgjobs.queries import QUERIES
 
 
 async def _enqueue_notifies(dsn: str) -> dict[str, object]:
@@ -30,11 +32,12 @@ async def _enqueue_notifies(dsn: str) -> dict[str, object]:
 
 
 async def test_latest_migration_rolls_back_and_applies_again(empty_dsn: str) -> None:
-    assert migrate.apply(empty_dsn)[-1] == "0006_attempt_traceback"
+    assert migrate.apply(empty_dsn)[-1] == "0008_fair_claim"
     assert "runAt" not in await _enqueue_notifies(empty_dsn)  # 0003: no null keys
 
     _roll_back(
         empty_dsn,
+        "0008_fair_claim",
         "0006_attempt_traceback",
         "0005_time_bounds",
         "0004_job_queue",
@@ -48,6 +51,7 @@ async def test_latest_migration_rolls_back_and_applies_again(empty_dsn: str) -> 
         "0004_job_queue",
         "0005_time_bounds",
         "0006_attempt_traceback",
+        "0008_fair_claim",
     ]
     assert "runAt" not in await _enqueue_notifies(empty_dsn)
     await assert_queue_matches_jobs(empty_dsn)
@@ -81,7 +85,9 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
     empty_dsn: str,
 ) -> None:
     migrate.apply(empty_dsn)
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue")
+    _roll_back(
+        empty_dsn, "0008_fair_claim", "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue"
+    )
     assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue') AS t") == [{"t": None}]
     await fetch(empty_dsn, _JOBS_AT_0003)
 
@@ -89,6 +95,7 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
         "0004_job_queue",
         "0005_time_bounds",
         "0006_attempt_traceback",
+        "0008_fair_claim",
     ]
     await assert_queue_matches_jobs(empty_dsn)
     queued = await fetch(
@@ -96,7 +103,9 @@ async def test_job_queue_migration_fills_from_existing_jobs_and_rolls_back(
     )
     assert sorted(r["queued"] for r in queued) == [False, True]  # the done job stays out
 
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue")
+    _roll_back(
+        empty_dsn, "0008_fair_claim", "0006_attempt_traceback", "0005_time_bounds", "0004_job_queue"
+    )
     indexes = await fetch(
         empty_dsn, "SELECT indexname FROM pg_indexes WHERE tablename = 'jobs' ORDER BY 1"
     )
@@ -117,13 +126,13 @@ async def test_traceback_migration_rolls_back_to_0004s_trigger(empty_dsn: str) -
         "SELECT count(*) AS n FROM information_schema.columns WHERE column_name = 'error_traceback'"
     )
     assert await fetch(empty_dsn, column) == [{"n": 1}]
-    _roll_back(empty_dsn, "0006_attempt_traceback")
+    _roll_back(empty_dsn, "0008_fair_claim", "0006_attempt_traceback")
     assert await fetch(empty_dsn, column) == [{"n": 0}]
     await _enqueue_notifies(empty_dsn)
     async with await Client.connect(empty_dsn) as client:  # a transition through the trigger
         job = await client.enqueue("acme", "echo")
         assert (await client.cancel("acme", job.id)).status.value == "cancelled"
-    assert migrate.apply(empty_dsn) == ["0006_attempt_traceback"]
+    assert migrate.apply(empty_dsn) == ["0006_attempt_traceback", "0008_fair_claim"]
     await _enqueue_notifies(empty_dsn)
 
 
@@ -146,10 +155,14 @@ VALUES ('00000000-0000-0000-0000-000000000001', 'acme', 'echo', 'queued', 0, NUL
 
 async def test_time_bounds_migration_fails_and_clamps_rows_out_of_range(empty_dsn: str) -> None:
     migrate.apply(empty_dsn)
-    _roll_back(empty_dsn, "0006_attempt_traceback", "0005_time_bounds")
+    _roll_back(empty_dsn, "0008_fair_claim", "0006_attempt_traceback", "0005_time_bounds")
     await fetch(empty_dsn, _JOBS_AT_0004)
 
-    assert migrate.apply(empty_dsn) == ["0005_time_bounds", "0006_attempt_traceback"]
+    assert migrate.apply(empty_dsn) == [
+        "0005_time_bounds",
+        "0006_attempt_traceback",
+        "0008_fair_claim",
+    ]
     rows = await fetch(
         empty_dsn,
         "SELECT id::text, status, run_at::text, created_at::text, lease_expires_at::text, "
@@ -178,3 +191,74 @@ async def test_time_bounds_migration_fails_and_clamps_rows_out_of_range(empty_ds
             "UPDATE pgjobs.jobs SET run_at = '0001-01-01T00:00:00Z' WHERE id = %s",
             (good["id"],),
         )
+
+
+_JOBS_AT_0006 = """
+INSERT INTO pgjobs.jobs (id, company_id, job_type, status, attempts, worker_id,
+                         lease_expires_at, started_at, finished_at, event_seq, last_event)
+SELECT gen_random_uuid(), c, 'echo', s, CASE s WHEN 'queued' THEN 0 ELSE 1 END,
+       CASE s WHEN 'queued' THEN NULL ELSE 'w1' END,
+       CASE s WHEN 'running' THEN now() + interval '1 min' END,
+       CASE s WHEN 'queued' THEN NULL ELSE now() END,
+       CASE s WHEN 'done' THEN now() END,
+       CASE s WHEN 'queued' THEN 1 WHEN 'running' THEN 2 ELSE 3 END,
+       CASE s WHEN 'queued' THEN 'content_job.queued' WHEN 'running' THEN 'content_job.running'
+              ELSE 'content_job.done' END
+FROM unnest(ARRAY['acme', 'globex']) AS c, unnest(ARRAY['queued', 'running', 'done']) AS s
+"""
+
+
+async def test_fair_claim_migration_gives_queue_rows_their_company_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    migrate.apply(empty_dsn)
+    _roll_back(empty_dsn, "0008_fair_claim")
+    await fetch(empty_dsn, _JOBS_AT_0006)
+
+    assert migrate.apply(empty_dsn) == ["0008_fair_claim"]
+    rows = await fetch(
+        empty_dsn,
+        "SELECT q.company_id, q.lease_expires_at IS NULL AS queued FROM pgjobs.job_queue q"
+        " ORDER BY 1, 2",
+    )
+    assert [(r["company_id"], r["queued"]) for r in rows] == [
+        ("acme", False),
+        ("acme", True),
+        ("globex", False),
+        ("globex", True),
+    ]
+    await assert_queue_matches_jobs(empty_dsn)
+    # The trigger fills it for new jobs; the fair claim takes one of each company.
+    async with await Client.connect(empty_dsn) as client:
+        await client.enqueue("initech", "echo")
+    await assert_queue_matches_jobs(empty_dsn)
+    claimed = await fetch(
+        empty_dsn,
+        QUERIES["job_claim_batch"],
+        {"now": None, "limit": 3, "worker_id": "w2", "lease_seconds": 30.0, "job_types": None,
+         "after_company": None},
+    )  # fmt: skip
+    assert sorted(r["company_id"] for r in claimed) == ["acme", "globex", "initech"]
+
+    _roll_back(empty_dsn, "0008_fair_claim")
+    columns = await fetch(
+        empty_dsn,
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = 'pgjobs' AND table_name = 'job_queue' ORDER BY 1",
+    )
+    assert [r["column_name"] for r in columns] == [
+        "job_id",
+        "job_type",
+        "lease_expires_at",
+        "priority",
+        "run_at",
+    ]
+    assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue_fair_idx') AS i") == [
+        {"i": None}
+    ]
+    async with await Client.connect(empty_dsn) as client:  # 0004's trigger again
+        job = await client.enqueue("acme", "echo")
+        await client.cancel("acme", job.id)
+    await assert_queue_matches_jobs(empty_dsn)
+    assert migrate.apply(empty_dsn) == ["0008_fair_claim"]
+    await assert_queue_matches_jobs(empty_dsn)
