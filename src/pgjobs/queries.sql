@@ -79,13 +79,17 @@ LIMIT %(limit)s::int;
 -- ring: the companies with queued work, by a loose index scan of job_queue_fair_idx (one
 -- probe per company), starting after %(after_company)s (the last company this worker
 -- served; NULL: from the first) and wrapping around, at most %(limit)s of them.
--- heads: each ring company's first due jobs in claim order, ceil(limit / companies) each.
+-- heads1: each ring company's first due jobs in claim order, ceil(limit / companies)
+-- each. heads2: what the companies with fewer jobs left of the batch, shared the same way
+-- among the companies that took their whole share (a second index walk each), so a
+-- batch is not left to the oldest company when small companies run out.
 -- fair: the heads by (priority DESC, rank within company and level, ring position),
--- limit at most. Priority stays strict: below the lowest level of a company that filled
--- its share (it may have more there) and, when the ring was cut short at %(limit)s
--- companies, below the highest due level anywhere (an unvisited company may hold it),
--- heads are left to fill.
+-- limit at most. Priority stays strict: below the lowest level of a company that took
+-- all it asked for (it may have more there) and, when the ring was cut short at
+-- %(limit)s companies, below the highest due level anywhere (an unvisited company may
+-- hold it), heads are left to fill.
 -- fill: what fair left of the batch, in the global claim order (job_queue_claim_idx).
+-- Rows read: at most %(limit)s ring probes, about 2 x %(limit)s heads, and fill's.
 --
 -- Locking, as before: candidates come from pgjobs.job_queue (sql/0004), and both the
 -- queue row and the job row are locked, both SKIP LOCKED, so the claim never waits: every
@@ -97,7 +101,8 @@ LIMIT %(limit)s::int;
 -- where the rows are found (in heads and fill, under their LIMITs), so a row another
 -- claim holds is skipped and the next one taken, rather than leaving the batch short.
 -- A head that fair leaves out stays locked until the claim commits, for a moment; fill
--- may take it (this transaction's own lock does not skip it). No condition on the job
+-- may take it (this transaction's own lock does not skip it), as heads2 would the heads1
+-- rows it passes over but for its "ours already" filter. No condition on the job
 -- row here: its selectivity (queued among millions of finished jobs) made the planner
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
 -- Returns the claimed jobs, each with after_company: what to pass next time.
@@ -134,11 +139,8 @@ WITH RECURSIVE ring (company_id, pos, wrapped) AS (
     SELECT count(*) AS companies,
            (%(limit)s::int + count(*) - 1) / greatest(count(*), 1) AS per_company
     FROM ring
-), heads AS (
-    SELECT h.job_id, h.priority, r.company_id, r.pos,
-           row_number() OVER (PARTITION BY r.pos, h.priority ORDER BY h.run_at, h.job_id) AS rank,
-           count(*) OVER (PARTITION BY r.pos) AS taken,
-           min(h.priority) OVER (PARTITION BY r.pos) AS lowest
+), heads1 AS (
+    SELECT h.job_id, h.priority, h.run_at, r.company_id, r.pos
     FROM ring r CROSS JOIN LATERAL (
         SELECT q.job_id, q.priority, q.run_at
         FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
@@ -155,9 +157,43 @@ WITH RECURSIVE ring (company_id, pos, wrapped) AS (
         LIMIT (SELECT per_company FROM share)
         FOR UPDATE OF q, j SKIP LOCKED
     ) h
+), whole AS (
+    -- The companies that took their whole share: they may have more.
+    SELECT company_id, pos FROM heads1 GROUP BY company_id, pos
+    HAVING count(*) = (SELECT per_company FROM share)
+), filled AS (
+    -- Each of them asked for a second share of what the others left of the batch.
+    SELECT w.company_id, w.pos,
+           (%(limit)s::int - (SELECT count(*) FROM heads1) + (SELECT count(*) FROM whole) - 1)
+           / greatest((SELECT count(*) FROM whole), 1) AS per_company
+    FROM whole w
+), heads2 AS (
+    SELECT h.job_id, h.priority, h.run_at, f.company_id, f.pos
+    FROM filled f CROSS JOIN LATERAL (
+        SELECT q.job_id, q.priority, q.run_at
+        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        WHERE q.company_id >= f.company_id AND q.company_id <= f.company_id  -- as in heads1
+          AND q.lease_expires_at IS NULL
+          AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+          AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+          AND q.job_id <> ALL(ARRAY(SELECT job_id FROM heads1))  -- ours already
+        ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id
+        LIMIT f.per_company
+        FOR UPDATE OF q, j SKIP LOCKED
+    ) h
+    WHERE f.per_company > 0
+), heads AS (
+    SELECT h.job_id, h.priority, h.company_id, h.pos,
+           row_number() OVER (PARTITION BY h.pos, h.priority ORDER BY h.run_at, h.job_id) AS rank,
+           count(*) OVER (PARTITION BY h.pos) AS taken,
+           min(h.priority) OVER (PARTITION BY h.pos) AS lowest
+    FROM (SELECT * FROM heads1 UNION ALL SELECT * FROM heads2) h
 ), cut AS (
     SELECT greatest(
-        (SELECT max(lowest) FROM heads WHERE taken = (SELECT per_company FROM share)),
+        -- the lowest level of a company that took all it was asked for
+        (SELECT max(h.lowest) FROM heads h
+         WHERE h.taken = (SELECT per_company FROM share)
+                         + coalesce((SELECT f.per_company FROM filled f WHERE f.pos = h.pos), 0)),
         CASE WHEN (SELECT companies FROM share) >= %(limit)s::int THEN (
             -- the highest due level anywhere (one probe of job_queue_claim_idx)
             SELECT q.priority FROM pgjobs.job_queue q

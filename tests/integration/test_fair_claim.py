@@ -120,6 +120,18 @@ async def test_rotation_serves_each_company_in_turn(client: Client, dsn: str) ->
     assert served == ["c1", "c2", "c3", "c1", "c2", "c3", "c1"]
 
 
+async def test_what_small_companies_leave_of_a_batch_is_shared(client: Client, dsn: str) -> None:
+    """Three companies with one job each and two with backlogs share a 20-job batch: the
+    slots the small ones cannot use go to both backlogs, not to the oldest."""
+    await client.enqueue_many(JobSpec("big1", "echo") for _ in range(50))
+    await client.enqueue_many(JobSpec("big2", "echo") for _ in range(50))
+    for company in ("s1", "s2", "s3"):
+        await client.enqueue(company, "echo")
+    batch = Counter(r["company_id"] for r in await _claim(dsn, 20))
+    assert batch["s1"] == batch["s2"] == batch["s3"] == 1
+    assert abs(batch["big1"] - batch["big2"]) <= 1, batch
+
+
 async def test_priority_still_wins_across_levels(client: Client, dsn: str) -> None:
     """A higher level goes first whichever company holds it, and whatever the rotation:
     a company that filled its share at the higher level may have more there, and a company
