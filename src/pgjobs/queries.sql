@@ -186,14 +186,14 @@ WITH RECURSIVE ring (company_id, pos, wrapped) AS (
     SELECT h.job_id, h.priority, h.company_id, h.pos,
            row_number() OVER (PARTITION BY h.pos, h.priority ORDER BY h.run_at, h.job_id) AS rank,
            count(*) OVER (PARTITION BY h.pos) AS taken,
+           (SELECT per_company FROM share) + coalesce(f.per_company, 0) AS asked,
            min(h.priority) OVER (PARTITION BY h.pos) AS lowest
     FROM (SELECT * FROM heads1 UNION ALL SELECT * FROM heads2) h
+    LEFT JOIN filled f ON f.pos = h.pos
 ), cut AS (
     SELECT greatest(
         -- the lowest level of a company that took all it was asked for
-        (SELECT max(h.lowest) FROM heads h
-         WHERE h.taken = (SELECT per_company FROM share)
-                         + coalesce((SELECT f.per_company FROM filled f WHERE f.pos = h.pos), 0)),
+        (SELECT max(lowest) FROM heads WHERE taken = asked),
         CASE WHEN (SELECT companies FROM share) >= %(limit)s::int THEN (
             -- the highest due level anywhere (one probe of job_queue_claim_idx)
             SELECT q.priority FROM pgjobs.job_queue q
