@@ -51,7 +51,9 @@
 --
 -- Deploying: workers of the previous version keep working during and after the migration
 -- (their claim does not read company_id, and the trigger fills it whoever writes the job
--- row), they just claim oldest-first.
+-- row), they just claim oldest-first. This version's workers need the migration first:
+-- their claim reads company_id. The migration rewrites job_queue (one row per queued or
+-- running job) under its lock, which holds up claims and transitions meanwhile.
 
 ALTER TABLE pgjobs.job_queue ADD COLUMN company_id text;
 UPDATE pgjobs.job_queue q SET company_id = j.company_id FROM pgjobs.jobs j WHERE j.id = q.job_id;
