@@ -76,18 +76,21 @@ LIMIT %(limit)s::int;
 -- priority level shared round-robin across the companies with queued work (sql/0008), so
 -- one company's backlog does not delay every other company's first job.
 --
--- ring: the companies with queued work, by a loose index scan of job_queue_fair_idx (one
--- probe per company), starting after %(after_company)s (the last company this worker
--- served; NULL: from the first) and wrapping around, at most %(limit)s of them.
--- heads1: each ring company's first due jobs in claim order, ceil(limit / companies)
--- each. heads2: what the companies with fewer jobs left of the batch, shared the same way
--- among the companies that took their whole share (a second index walk each), so a
--- batch is not left to the oldest company when small companies run out.
--- fair: the heads by (priority DESC, rank within company and level, ring position),
--- limit at most. Priority stays strict: below the lowest level of a company that took
--- all it asked for (it may have more there) and, when the ring was cut short at
--- %(limit)s companies, below the highest due level anywhere (an unvisited company may
--- hold it), heads are left to fill.
+-- ring: the (company, priority level) pairs with queued work, by a loose index scan of
+-- job_queue_fair_idx (one probe per pair), starting after %(after_company)s (the last
+-- company this worker served; NULL: from the first) and wrapping around, at most
+-- %(limit)s pairs.
+-- heads1: each pair's first due jobs in claim order, ceil(limit / companies) each; one
+-- pair's due jobs are one range of the index, so jobs not due yet (scheduled, retrying)
+-- end the walk instead of being walked past. heads2: what the pairs with fewer jobs left
+-- of the batch, shared the same way among the pairs that gave their whole share (a
+-- second index walk each), so a batch is not left to the oldest company when small
+-- companies run out.
+-- fair: the heads by (priority DESC, rank within the pair, company's ring position),
+-- limit at most. Priority stays strict: below the level of a pair that gave all it was
+-- asked for (it may have more there) and, when the ring was cut short at %(limit)s
+-- pairs, below the highest due level anywhere (an unvisited company may hold it), heads
+-- are left to fill.
 -- fill: what fair left of the batch, in the global claim order (job_queue_claim_idx).
 -- Rows read: at most %(limit)s ring probes, about 2 x %(limit)s heads, and fill's.
 --
@@ -106,95 +109,99 @@ LIMIT %(limit)s::int;
 -- row here: its selectivity (queued among millions of finished jobs) made the planner
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
 -- Returns the claimed jobs, each with after_company: what to pass next time.
-WITH RECURSIVE ring (company_id, pos, wrapped) AS (
-    SELECT first.company_id, 1, first.wrapped FROM (
-        (SELECT q.company_id, false AS wrapped FROM pgjobs.job_queue q
+WITH RECURSIVE ring (company_id, priority, cpos, n, wrapped) AS (
+    -- (company, level) pairs: cpos numbers the companies, n the pairs.
+    SELECT first.company_id, first.priority, 1, 1, first.wrapped FROM (
+        (SELECT q.company_id, q.priority, false AS wrapped FROM pgjobs.job_queue q
          WHERE q.lease_expires_at IS NULL AND q.company_id > %(after_company)s::text
-         ORDER BY q.company_id LIMIT 1)
+         ORDER BY q.company_id, q.priority DESC LIMIT 1)
         UNION ALL
-        (SELECT q.company_id, true FROM pgjobs.job_queue q
+        (SELECT q.company_id, q.priority, true FROM pgjobs.job_queue q
          WHERE q.lease_expires_at IS NULL
-         ORDER BY q.company_id LIMIT 1)
+         ORDER BY q.company_id, q.priority DESC LIMIT 1)
         LIMIT 1
     ) first
     UNION ALL
-    SELECT nx.company_id, r.pos + 1, nx.wrapped
+    SELECT nx.company_id, nx.priority, r.cpos + (nx.company_id <> r.company_id)::int, r.n + 1,
+           nx.wrapped
     FROM ring r CROSS JOIN LATERAL (
-        SELECT s.company_id, s.wrapped FROM (
-            (SELECT q.company_id, r.wrapped AS wrapped FROM pgjobs.job_queue q
+        SELECT s.company_id, s.priority, s.wrapped FROM (
+            -- the company's next level
+            (SELECT q.company_id, q.priority, r.wrapped AS wrapped FROM pgjobs.job_queue q
+             WHERE q.lease_expires_at IS NULL
+               AND q.company_id = r.company_id AND q.priority < r.priority
+             ORDER BY q.company_id, q.priority DESC LIMIT 1)
+            UNION ALL
+            -- the next company's first
+            (SELECT q.company_id, q.priority, r.wrapped FROM pgjobs.job_queue q
              WHERE q.lease_expires_at IS NULL AND q.company_id > r.company_id
-             ORDER BY q.company_id LIMIT 1)
+             ORDER BY q.company_id, q.priority DESC LIMIT 1)
             UNION ALL
             -- past the last company: wrap around to the first, once
-            (SELECT q.company_id, true FROM pgjobs.job_queue q
+            (SELECT q.company_id, q.priority, true FROM pgjobs.job_queue q
              WHERE q.lease_expires_at IS NULL AND NOT r.wrapped
-             ORDER BY q.company_id LIMIT 1)
+             ORDER BY q.company_id, q.priority DESC LIMIT 1)
             LIMIT 1
         ) s
     ) nx
-    WHERE r.pos < %(limit)s::int
+    WHERE r.n < %(limit)s::int
       -- wrapped round to the companies visited before wrapping: the ring is complete
       AND NOT coalesce(nx.wrapped AND nx.company_id > %(after_company)s::text, false)
 ), share AS (
-    SELECT count(*) AS companies,
-           (%(limit)s::int + count(*) - 1) / greatest(count(*), 1) AS per_company
+    SELECT max(cpos) AS companies, count(*) AS pairs,
+           (%(limit)s::int + max(cpos) - 1) / greatest(max(cpos), 1) AS per_company
     FROM ring
 ), heads1 AS (
-    SELECT h.job_id, h.priority, h.run_at, r.company_id, r.pos
+    SELECT h.job_id, h.run_at, r.company_id, r.priority, r.cpos, r.n
     FROM ring r CROSS JOIN LATERAL (
-        SELECT q.job_id, q.priority, q.run_at
+        -- One level of one company: due jobs are a contiguous range of the index, so the
+        -- walk ends at the first job not due yet (or of another level).
+        SELECT q.job_id, q.run_at
         FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
-        -- "company_id = r.company_id", written as a range so that the planner keeps
-        -- company_id in the ORDER BY below, which only job_queue_fair_idx provides: with
-        -- an equality it drops it, and statistics taken after one company's bulk enqueue
-        -- (every queued job is that company's) made it walk job_queue_claim_idx instead,
-        -- past the whole backlog to reach another company's job.
-        WHERE q.company_id >= r.company_id AND q.company_id <= r.company_id
+        WHERE q.company_id = r.company_id AND q.priority = r.priority
           AND q.lease_expires_at IS NULL
           AND q.run_at <= coalesce(%(now)s::timestamptz, now())
           AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
-        ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id
+        ORDER BY q.run_at, q.job_id
         LIMIT (SELECT per_company FROM share)
         FOR UPDATE OF q, j SKIP LOCKED
     ) h
 ), whole AS (
-    -- The companies that took their whole share: they may have more.
-    SELECT company_id, pos FROM heads1 GROUP BY company_id, pos
-    HAVING count(*) = (SELECT per_company FROM share)
+    -- The levels that gave their company's whole share: they may have more.
+    SELECT n FROM heads1 GROUP BY n HAVING count(*) = (SELECT per_company FROM share)
 ), filled AS (
     -- Each of them asked for a second share of what the others left of the batch.
-    SELECT w.company_id, w.pos,
+    SELECT r.company_id, r.priority, r.n,
            (%(limit)s::int - (SELECT count(*) FROM heads1) + (SELECT count(*) FROM whole) - 1)
            / greatest((SELECT count(*) FROM whole), 1) AS per_company
-    FROM whole w
+    FROM whole w JOIN ring r ON r.n = w.n
 ), heads2 AS (
-    SELECT h.job_id, h.priority, h.run_at, f.company_id, f.pos
-    FROM filled f CROSS JOIN LATERAL (
-        SELECT q.job_id, q.priority, q.run_at
+    SELECT h.job_id, h.run_at, f.company_id, f.priority, r.cpos, f.n
+    FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
+        SELECT q.job_id, q.run_at
         FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
-        WHERE q.company_id >= f.company_id AND q.company_id <= f.company_id  -- as in heads1
+        WHERE q.company_id = f.company_id AND q.priority = f.priority  -- as in heads1
           AND q.lease_expires_at IS NULL
           AND q.run_at <= coalesce(%(now)s::timestamptz, now())
           AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
           AND q.job_id <> ALL(ARRAY(SELECT job_id FROM heads1))  -- ours already
-        ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id
+        ORDER BY q.run_at, q.job_id
         LIMIT f.per_company
         FOR UPDATE OF q, j SKIP LOCKED
     ) h
     WHERE f.per_company > 0
 ), heads AS (
-    SELECT h.job_id, h.priority, h.company_id, h.pos,
-           row_number() OVER (PARTITION BY h.pos, h.priority ORDER BY h.run_at, h.job_id) AS rank,
-           count(*) OVER (PARTITION BY h.pos) AS taken,
-           (SELECT per_company FROM share) + coalesce(f.per_company, 0) AS asked,
-           min(h.priority) OVER (PARTITION BY h.pos) AS lowest
+    SELECT h.job_id, h.priority, h.company_id, h.cpos,
+           row_number() OVER (PARTITION BY h.n ORDER BY h.run_at, h.job_id) AS rank,
+           count(*) OVER (PARTITION BY h.n) AS taken,
+           (SELECT per_company FROM share) + coalesce(f.per_company, 0) AS asked
     FROM (SELECT * FROM heads1 UNION ALL SELECT * FROM heads2) h
-    LEFT JOIN filled f ON f.pos = h.pos
+    LEFT JOIN filled f ON f.n = h.n
 ), cut AS (
     SELECT greatest(
-        -- the lowest level of a company that took all it was asked for
-        (SELECT max(lowest) FROM heads WHERE taken = asked),
-        CASE WHEN (SELECT companies FROM share) >= %(limit)s::int THEN (
+        -- the level of a company that took all it asked for there
+        (SELECT max(priority) FROM heads WHERE taken = asked),
+        CASE WHEN (SELECT pairs FROM share) >= %(limit)s::int THEN (
             -- the highest due level anywhere (one probe of job_queue_claim_idx)
             SELECT q.priority FROM pgjobs.job_queue q
             WHERE q.lease_expires_at IS NULL
@@ -204,10 +211,10 @@ WITH RECURSIVE ring (company_id, pos, wrapped) AS (
             LIMIT 1) END) AS priority
 ), fair AS (
     SELECT h.job_id, h.company_id,
-           row_number() OVER (ORDER BY h.priority DESC, h.rank, h.pos) AS n
+           row_number() OVER (ORDER BY h.priority DESC, h.rank, h.cpos) AS n
     FROM heads h
     WHERE h.priority >= coalesce((SELECT priority FROM cut), h.priority)
-    ORDER BY h.priority DESC, h.rank, h.pos
+    ORDER BY h.priority DESC, h.rank, h.cpos
     LIMIT %(limit)s::int
 ), fill AS (
     SELECT q.job_id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
@@ -237,7 +244,7 @@ WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill
 RETURNING j.*,
     -- the company served last in the fair order (the ring's last if fair took none)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
-             (SELECT company_id FROM ring ORDER BY pos DESC LIMIT 1)) AS after_company;
+             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company;
 
 -- name: job_finish_many_if_leased
 -- Batch completion: one statement ends many attempts, each only if its lease still holds.
