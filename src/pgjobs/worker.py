@@ -10,6 +10,9 @@ Guarantees (see the README's "Delivery guarantees"):
 * Only jobs it can run. A worker claims the job types its registry has handlers for (or
   the subset ``WorkerSettings.job_types`` names); a job no live worker serves stays
   queued rather than failing on a worker that happens to see it.
+* Fair between companies. Within a priority level a claim shares its batch round-robin
+  across the companies with queued work, starting after the company this worker served
+  last (the rotation cursor the claim returns and the next claim passes back).
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
@@ -459,7 +462,7 @@ class Worker:
 
     def _claimed_rows(self, cursor: BaseCursor[Any, Any]) -> RowMaker[Job]:
         """job_rows for the claim, keeping the rotation cursor every claimed row carries
-        (read before the row is decoded, so a row that does not decode still moves it)."""
+        (taken before the Job is built, so a row that cannot become one still moves it)."""
         make = job_rows(cursor)
         assert cursor.description is not None
         at = [column.name for column in cursor.description].index("after_company")
