@@ -109,38 +109,44 @@ LIMIT %(limit)s::int;
 -- row here: its selectivity (queued among millions of finished jobs) made the planner
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
 -- Returns the claimed jobs, each with after_company: what to pass next time.
-WITH RECURSIVE ring (company_id, priority, cpos, n, wrapped) AS (
-    -- (company, level) pairs: cpos numbers the companies, n the pairs.
-    SELECT first.company_id, first.priority, 1, 1, first.wrapped FROM (
-        (SELECT q.company_id, q.priority, false AS wrapped FROM pgjobs.job_queue q
+WITH RECURSIVE ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS (
+    -- (company, level) pairs, each with its first queued job (where heads1 starts: the
+    -- index entries before it are of jobs claimed or finished since, which this walk has
+    -- passed already); cpos numbers the companies, n the pairs.
+    SELECT first.company_id, first.priority, first.run_at, first.job_id, 1, 1, first.wrapped
+    FROM (
+        (SELECT q.company_id, q.priority, q.run_at, q.job_id, false AS wrapped
+         FROM pgjobs.job_queue q
          WHERE q.lease_expires_at IS NULL AND q.company_id > %(after_company)s::text
-         ORDER BY q.company_id, q.priority DESC LIMIT 1)
+         ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
         UNION ALL
-        (SELECT q.company_id, q.priority, true FROM pgjobs.job_queue q
+        (SELECT q.company_id, q.priority, q.run_at, q.job_id, true FROM pgjobs.job_queue q
          WHERE q.lease_expires_at IS NULL
-         ORDER BY q.company_id, q.priority DESC LIMIT 1)
+         ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
         LIMIT 1
     ) first
     UNION ALL
-    SELECT nx.company_id, nx.priority, r.cpos + (nx.company_id <> r.company_id)::int, r.n + 1,
-           nx.wrapped
+    SELECT nx.company_id, nx.priority, nx.run_at, nx.job_id,
+           r.cpos + (nx.company_id <> r.company_id)::int, r.n + 1, nx.wrapped
     FROM ring r CROSS JOIN LATERAL (
-        SELECT s.company_id, s.priority, s.wrapped FROM (
+        SELECT s.company_id, s.priority, s.run_at, s.job_id, s.wrapped FROM (
             -- the company's next level
-            (SELECT q.company_id, q.priority, r.wrapped AS wrapped FROM pgjobs.job_queue q
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, r.wrapped AS wrapped
+             FROM pgjobs.job_queue q
              WHERE q.lease_expires_at IS NULL
                AND q.company_id = r.company_id AND q.priority < r.priority
-             ORDER BY q.company_id, q.priority DESC LIMIT 1)
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
             UNION ALL
             -- the next company's first
-            (SELECT q.company_id, q.priority, r.wrapped FROM pgjobs.job_queue q
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, r.wrapped
+             FROM pgjobs.job_queue q
              WHERE q.lease_expires_at IS NULL AND q.company_id > r.company_id
-             ORDER BY q.company_id, q.priority DESC LIMIT 1)
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
             UNION ALL
             -- past the last company: wrap around to the first, once
-            (SELECT q.company_id, q.priority, true FROM pgjobs.job_queue q
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, true FROM pgjobs.job_queue q
              WHERE q.lease_expires_at IS NULL AND NOT r.wrapped
-             ORDER BY q.company_id, q.priority DESC LIMIT 1)
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
             LIMIT 1
         ) s
     ) nx
@@ -159,6 +165,7 @@ WITH RECURSIVE ring (company_id, priority, cpos, n, wrapped) AS (
         SELECT q.job_id, q.run_at
         FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
         WHERE q.company_id = r.company_id AND q.priority = r.priority
+          AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
           AND q.lease_expires_at IS NULL
           AND q.run_at <= coalesce(%(now)s::timestamptz, now())
           AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
@@ -180,7 +187,8 @@ WITH RECURSIVE ring (company_id, priority, cpos, n, wrapped) AS (
     FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
         SELECT q.job_id, q.run_at
         FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
-        WHERE q.company_id = f.company_id AND q.priority = f.priority  -- as in heads1
+        WHERE q.company_id = r.company_id AND q.priority = r.priority  -- as in heads1
+          AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
           AND q.lease_expires_at IS NULL
           AND q.run_at <= coalesce(%(now)s::timestamptz, now())
           AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
