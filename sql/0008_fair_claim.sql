@@ -60,11 +60,11 @@ ALTER TABLE pgjobs.job_queue ALTER COLUMN company_id SET NOT NULL;
 -- the distinct companies with queued work.
 CREATE INDEX job_queue_fair_idx ON pgjobs.job_queue (company_id, priority DESC, run_at, job_id)
     WHERE lease_expires_at IS NULL;
--- The claim finds one company's jobs of one level by (company_id, priority) through this
--- index, whose walk ends at the first job not yet due. job_queue_claim_idx would find
--- them too, by filtering every company's jobs of that level, and statistics taken just
--- after one company's bulk enqueue (every queued job is that company's) made that look as
--- cheap: the claim then walked past the whole backlog to reach another company's job.
+-- The claim finds a company's next level, and its jobs of one level, by (company_id,
+-- priority) through this index. job_queue_claim_idx would find them too, by filtering
+-- every company's jobs by company, and statistics taken just after one company's bulk
+-- enqueue (every queued job is that company's) made that look as cheap: the claim then
+-- walked past the whole backlog to reach another company's jobs.
 -- So the planner is told what the queue holds in general: many companies, each a small
 -- part of the queued jobs (as many companies as a twentieth of the rows).
 ALTER TABLE pgjobs.job_queue ALTER COLUMN company_id SET (n_distinct = -0.05);
