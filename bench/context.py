@@ -38,6 +38,10 @@ class Sizes:
     storm_clients: tuple[int, ...] = ()
     post_submitters: tuple[int, ...] = (10, 50)
     posts_each: int = 100
+    # fairness (scenario 9): a's backlog, b's jobs behind it, the skewed backlogs' unit
+    fairness_backlog: int = 100_000
+    fairness_jobs: int = 50
+    fairness_skew_unit: int = 100
 
 
 FULL = Sizes(
@@ -75,6 +79,9 @@ QUICK = Sizes(
     company_events=4,
     post_submitters=(10, 50),
     posts_each=20,
+    fairness_backlog=30_000,
+    fairness_jobs=30,
+    fairness_skew_unit=30,
 )
 TINY = Sizes(
     drain_jobs=200,
@@ -97,6 +104,9 @@ TINY = Sizes(
     storm_clients=(5,),
     post_submitters=(2,),
     posts_each=5,
+    fairness_backlog=500,
+    fairness_jobs=5,
+    fairness_skew_unit=2,
 )
 
 

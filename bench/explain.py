@@ -34,7 +34,7 @@ BATCH = 100
 
 def _claim_params() -> dict[str, Any]:
     return {"now": None, "limit": BATCH, "worker_id": "explain", "lease_seconds": 30.0,
-            "job_types": None}  # fmt: skip
+            "job_types": None, "after_company": None}  # fmt: skip
 
 
 def _finish_params(rows: list[dict[str, Any]]) -> dict[str, Any]:

@@ -22,7 +22,9 @@ from bench.context import FULL, QUICK, TINY, Ctx
 from bench.systems import SYSTEMS
 
 # Run order; names are the --only choices and the JSON file names.
-SCENARIOS = ("drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway")
+SCENARIOS = (
+    "drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway", "fairness",
+)  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

@@ -119,7 +119,7 @@ async def _loop_pgjobs(conn: psycopg.AsyncConnection[Any]) -> int:
     id_at, token_at = names.index("id"), names.index("lease_token")
     claim = {
         "now": None, "limit": BATCH, "worker_id": "lean", "lease_seconds": 30,
-        "job_types": None,
+        "job_types": None, "after_company": None,
     }  # fmt: skip
 
     def finish(rows: Rows) -> tuple[str, dict[str, Any]]:

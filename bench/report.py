@@ -20,6 +20,7 @@ TITLES = {
     "growth": "6. Growth: claim + complete with finished rows in the tables",
     "pglimit": "7. Physical limit: pgjobs' SQL under pgbench",
     "notify": "8. NOTIFY cost",
+    "fairness": "9. Fairness between companies",
 }
 
 

@@ -1,4 +1,4 @@
--- depends: 0007_worker_channel
+-- depends: 0008_fair_claim
 -- Operator tokens (issue 15): an API token that acts for every company, for the people
 -- who run the queue. It has no company_id; the company is still named by each request's
 -- path, so every route, log line and stream token stays scoped to one company. Stored

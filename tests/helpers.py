@@ -92,7 +92,14 @@ async def claim_one(dsn: str, worker: str, now: dt.datetime | None = None) -> di
     rows = await fetch(
         dsn,
         QUERIES["job_claim_batch"],
-        {"now": now, "limit": 1, "worker_id": worker, "lease_seconds": 10.0, "job_types": None},
+        {
+            "now": now,
+            "limit": 1,
+            "worker_id": worker,
+            "lease_seconds": 10.0,
+            "job_types": None,
+            "after_company": None,
+        },
     )
     assert len(rows) == 1
     return rows[0]
@@ -205,6 +212,12 @@ _ALLOWED = {
 }
 
 
+_HAS_QUEUE_COMPANY = """
+SELECT 1 FROM information_schema.columns
+WHERE table_schema = 'pgjobs' AND table_name = 'job_queue' AND column_name = 'company_id'
+"""
+
+
 async def assert_queue_matches_jobs(dsn: str) -> None:
     """pgjobs.job_queue (sql/0004) holds exactly the queued and running jobs, each with
     its job row's claim fields: the claim and the rescuer see nothing else."""
@@ -219,7 +232,10 @@ async def assert_queue_matches_jobs(dsn: str) -> None:
           ON j.id = q.job_id
         WHERE (q.job_type, q.priority, q.run_at, q.lease_expires_at)
               IS DISTINCT FROM (j.job_type, j.priority, j.run_at, j.lease_expires_at)
+           OR (%(company)s AND (to_jsonb(q) ->> 'company_id') IS DISTINCT FROM j.company_id)
         """,
+        # company_id since sql/0008 (these checks also run on older schemas)
+        {"company": bool(await fetch(dsn, _HAS_QUEUE_COMPANY))},
     )
     assert not wrong, f"pgjobs.job_queue disagrees with pgjobs.jobs: {wrong[:5]}"
 

@@ -272,6 +272,7 @@ async def _running_jobs(dsn: str, n: int) -> list[tuple[str, int]]:
                 "worker_id": "bench-producer",
                 "lease_seconds": 3600.0,
                 "job_types": ["bench.sse"],
+                "after_company": None,
             },
         )
         rows = await cur.fetchall()

@@ -39,6 +39,7 @@ PROCESSES = 2
 CONSTANTS = {
     "now": "NULL",
     "job_types": "NULL",
+    "after_company": "NULL",
     "worker_id": "'pgbench'",
     "lease_seconds": "30",
     "limit": ":batch",

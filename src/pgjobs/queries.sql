@@ -79,24 +79,166 @@ ORDER BY j.created_at DESC, j.id DESC
 LIMIT %(limit)s::int;
 
 -- name: job_claim_batch
--- SKIP LOCKED claim of up to %(limit)s due jobs, highest priority first. The CTE is an
--- optimisation fence: the LIMIT applies before the UPDATE, so it never touches more rows.
--- Candidates come from pgjobs.job_queue (sql/0004), walked in claim order. Both the queue
--- row and the job row are locked, both SKIP LOCKED, so the claim never waits: every other
--- writer locks the job row first and then (through the trigger) the queue row, and a
--- claim waiting for a job row while holding its queue row could deadlock with them.
+-- SKIP LOCKED claim of up to %(limit)s due jobs: highest priority first, and within a
+-- priority level shared round-robin across the companies with queued work (sql/0008), so
+-- one company's backlog does not delay every other company's first job.
+--
+-- ring: the (company, priority level) pairs with queued work, by a loose index scan of
+-- job_queue_fair_idx (one probe per pair), starting after %(after_company)s (the last
+-- company this worker served; NULL: from the first) and wrapping around, at most
+-- %(limit)s pairs.
+-- heads1: each pair's first due jobs in claim order, ceil(limit / companies) each; one
+-- pair's due jobs are one range of the index, so jobs not due yet (scheduled, retrying)
+-- end the walk instead of being walked past. heads2: what the pairs with fewer jobs left
+-- of the batch, shared the same way among the pairs that gave their whole share (a
+-- second index walk each), so a batch is not left to the oldest company when small
+-- companies run out.
+-- fair: the heads by (priority DESC, rank within the pair, company's ring position),
+-- limit at most. Priority stays strict: below the level of a pair that gave all it was
+-- asked for (it may have more there) and, when the ring was cut short at %(limit)s
+-- pairs, below the highest due level anywhere (an unvisited company may hold it), heads
+-- are left to fill.
+-- fill: what fair left of the batch, in the global claim order (job_queue_claim_idx).
+-- Rows read: at most %(limit)s ring probes, about 2 x %(limit)s heads, and fill's.
+--
+-- Locking, as before: candidates come from pgjobs.job_queue (sql/0004), and both the
+-- queue row and the job row are locked, both SKIP LOCKED, so the claim never waits: every
+-- other writer locks the job row first and then (through the trigger) the queue row, and
+-- a claim waiting for a job row while holding its queue row could deadlock with them.
 -- Once locked, "q.lease_expires_at IS NULL" is re-checked on the newest version of the
 -- queue row, which changes in the same transaction as the job row: a job claimed or
--- finished by a session that committed meanwhile is passed over. No condition on the
--- job row here: its selectivity (queued among millions of finished jobs) made the planner
+-- finished by a session that committed meanwhile is passed over. The locks are taken
+-- where the rows are found (in heads and fill, under their LIMITs), so a row another
+-- claim holds is skipped and the next one taken, rather than leaving the batch short.
+-- A head that fair leaves out stays locked until the claim commits, for a moment; fill
+-- may take it (this transaction's own lock does not skip it), as heads2 would the heads1
+-- rows it passes over but for its "ours already" filter. No condition on the job
+-- row here: its selectivity (queued among millions of finished jobs) made the planner
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
-WITH next AS (
-    SELECT q.job_id AS id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+-- Returns the claimed jobs, each with after_company: what to pass next time.
+WITH RECURSIVE ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS (
+    -- (company, level) pairs, each with its first queued job (where heads1 starts: the
+    -- index entries before it are of jobs claimed or finished since, which this walk has
+    -- passed already); cpos numbers the companies, n the pairs.
+    SELECT first.company_id, first.priority, first.run_at, first.job_id, 1, 1, first.wrapped
+    FROM (
+        (SELECT q.company_id, q.priority, q.run_at, q.job_id, false AS wrapped
+         FROM pgjobs.job_queue q
+         WHERE q.lease_expires_at IS NULL AND q.company_id > %(after_company)s::text
+         ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+        UNION ALL
+        (SELECT q.company_id, q.priority, q.run_at, q.job_id, true FROM pgjobs.job_queue q
+         WHERE q.lease_expires_at IS NULL
+         ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+        LIMIT 1
+    ) first
+    UNION ALL
+    SELECT nx.company_id, nx.priority, nx.run_at, nx.job_id,
+           r.cpos + (nx.company_id <> r.company_id)::int, r.n + 1, nx.wrapped
+    FROM ring r CROSS JOIN LATERAL (
+        SELECT s.company_id, s.priority, s.run_at, s.job_id, s.wrapped FROM (
+            -- the company's next level
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, r.wrapped AS wrapped
+             FROM pgjobs.job_queue q
+             WHERE q.lease_expires_at IS NULL
+               AND q.company_id = r.company_id AND q.priority < r.priority
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+            UNION ALL
+            -- the next company's first
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, r.wrapped
+             FROM pgjobs.job_queue q
+             WHERE q.lease_expires_at IS NULL AND q.company_id > r.company_id
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+            UNION ALL
+            -- past the last company: wrap around to the first, once
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, true FROM pgjobs.job_queue q
+             WHERE q.lease_expires_at IS NULL AND NOT r.wrapped
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+            LIMIT 1
+        ) s
+    ) nx
+    WHERE r.n < %(limit)s::int
+      -- wrapped round to the companies visited before wrapping: the ring is complete
+      AND NOT coalesce(nx.wrapped AND nx.company_id > %(after_company)s::text, false)
+), share AS (
+    SELECT max(cpos) AS companies, count(*) AS pairs,
+           (%(limit)s::int + max(cpos) - 1) / greatest(max(cpos), 1) AS per_company
+    FROM ring
+), heads1 AS (
+    SELECT h.job_id, h.run_at, r.company_id, r.priority, r.cpos, r.n
+    FROM ring r CROSS JOIN LATERAL (
+        -- One level of one company: due jobs are a contiguous range of the index, so the
+        -- walk ends at the first job not due yet (or of another level).
+        SELECT q.job_id, q.run_at
+        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        WHERE q.company_id = r.company_id AND q.priority = r.priority
+          AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
+          AND q.lease_expires_at IS NULL
+          AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+          AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+        ORDER BY q.run_at, q.job_id
+        LIMIT (SELECT per_company FROM share)
+        FOR UPDATE OF q, j SKIP LOCKED
+    ) h
+), whole AS (
+    -- The levels that gave their company's whole share: they may have more.
+    SELECT n FROM heads1 GROUP BY n HAVING count(*) = (SELECT per_company FROM share)
+), filled AS (
+    -- Each of them asked for a second share of what the others left of the batch.
+    SELECT r.company_id, r.priority, r.n,
+           (%(limit)s::int - (SELECT count(*) FROM heads1) + (SELECT count(*) FROM whole) - 1)
+           / greatest((SELECT count(*) FROM whole), 1) AS per_company
+    FROM whole w JOIN ring r ON r.n = w.n
+), heads2 AS (
+    SELECT h.job_id, h.run_at, f.company_id, f.priority, r.cpos, f.n
+    FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
+        SELECT q.job_id, q.run_at
+        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        WHERE q.company_id = r.company_id AND q.priority = r.priority  -- as in heads1
+          AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
+          AND q.lease_expires_at IS NULL
+          AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+          AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+          AND q.job_id <> ALL(ARRAY(SELECT job_id FROM heads1))  -- ours already
+        ORDER BY q.run_at, q.job_id
+        LIMIT f.per_company
+        FOR UPDATE OF q, j SKIP LOCKED
+    ) h
+    WHERE f.per_company > 0
+), heads AS (
+    SELECT h.job_id, h.priority, h.company_id, h.cpos,
+           row_number() OVER (PARTITION BY h.n ORDER BY h.run_at, h.job_id) AS rank,
+           count(*) OVER (PARTITION BY h.n) AS taken,
+           (SELECT per_company FROM share) + coalesce(f.per_company, 0) AS asked
+    FROM (SELECT * FROM heads1 UNION ALL SELECT * FROM heads2) h
+    LEFT JOIN filled f ON f.n = h.n
+), cut AS (
+    SELECT greatest(
+        -- the level of a company that took all it asked for there
+        (SELECT max(priority) FROM heads WHERE taken = asked),
+        CASE WHEN (SELECT pairs FROM share) >= %(limit)s::int THEN (
+            -- the highest due level anywhere (one probe of job_queue_claim_idx)
+            SELECT q.priority FROM pgjobs.job_queue q
+            WHERE q.lease_expires_at IS NULL
+              AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+              AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+            ORDER BY q.priority DESC, q.run_at, q.job_id
+            LIMIT 1) END) AS priority
+), fair AS (
+    SELECT h.job_id, h.company_id,
+           row_number() OVER (ORDER BY h.priority DESC, h.rank, h.cpos) AS n
+    FROM heads h
+    WHERE h.priority >= coalesce((SELECT priority FROM cut), h.priority)
+    ORDER BY h.priority DESC, h.rank, h.cpos
+    LIMIT %(limit)s::int
+), fill AS (
+    SELECT q.job_id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
     WHERE q.lease_expires_at IS NULL
       AND q.run_at <= coalesce(%(now)s::timestamptz, now())
       AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+      AND q.job_id <> ALL(ARRAY(SELECT job_id FROM fair))
     ORDER BY q.priority DESC, q.run_at, q.job_id
-    LIMIT %(limit)s::int
+    LIMIT %(limit)s::int - (SELECT count(*) FROM fair)
     FOR UPDATE OF q, j SKIP LOCKED
 )
 UPDATE pgjobs.jobs j
@@ -111,10 +253,13 @@ SET status = 'running',
     event_seq = j.event_seq + 1,
     last_event = 'content_job.running',
     updated_at = coalesce(%(now)s::timestamptz, now())
--- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTE locked them
--- (re-checking its WHERE on the newest version), so nobody changed them since.
-WHERE j.id = ANY(ARRAY(SELECT id FROM next))
-RETURNING j.*;
+-- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
+-- (re-checking their WHERE on the newest version), so nobody changed them since.
+WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
+RETURNING j.*,
+    -- the company served last in the fair order (the ring's last if fair took none)
+    coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
+             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company;
 
 -- name: job_finish_many_if_leased
 -- Batch completion: one statement ends many attempts, each only if its lease still holds.

@@ -10,6 +10,9 @@ Guarantees (see the README's "Delivery guarantees"):
 * Only jobs it can run. A worker claims the job types its registry has handlers for (or
   the subset ``WorkerSettings.job_types`` names); a job no live worker serves stays
   queued rather than failing on a worker that happens to see it.
+* Fair between companies. Within a priority level a claim shares its batch round-robin
+  across the companies with queued work, starting after the company this worker served
+  last (the rotation cursor the claim returns and the next claim passes back).
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
@@ -36,10 +39,11 @@ import random
 import socket
 import traceback
 import uuid
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.pq import Format
@@ -63,6 +67,10 @@ from pgjobs.queries import QUERIES
 from pgjobs.registry import Handler, Registry
 from pgjobs.storage import LocalStorage, Storage
 from pgjobs.types import Job, job_rows
+
+if TYPE_CHECKING:
+    from psycopg._cursor_base import BaseCursor  # the type psycopg.rows uses for this
+    from psycopg.rows import RowMaker
 
 log = logging.getLogger(__name__)
 
@@ -197,6 +205,9 @@ class Worker:
         self._look_again = False  # set by _wake()
         self._claim_failures = 0  # consecutive failed claims, for the backoff
         self._retry_at = 0.0  # loop time before which no claim is sent
+        # The fair claim's rotation cursor: the company it served last, so the next claim
+        # starts its round-robin after it (job_claim_batch in queries.sql).
+        self._after_company: str | None = None
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
         )
@@ -441,9 +452,10 @@ class Worker:
             "worker_id": self.id,
             "lease_seconds": self.settings.lease_seconds,
             "job_types": list(self.job_types),
+            "after_company": self._after_company,
         }
         async with self._pool.connection() as conn:
-            cur = conn.cursor(row_factory=job_rows)
+            cur = conn.cursor(row_factory=self._claimed_rows)
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
             await cur.execute(QUERIES["job_claim_batch"], params)
             try:
@@ -451,6 +463,19 @@ class Worker:
             except Exception as exc:  # any row that cannot become a Job
                 log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
                 return await self._decode_each(conn, cur)
+
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any]) -> RowMaker[Job]:
+        """job_rows for the claim, keeping the rotation cursor every claimed row carries
+        (taken before the Job is built, so a row that cannot become one still moves it)."""
+        make = job_rows(cursor)
+        assert cursor.description is not None
+        at = [column.name for column in cursor.description].index("after_company")
+
+        def make_and_keep_cursor(values: Sequence[Any]) -> Job:
+            self._after_company = values[at]
+            return make(values)
+
+        return make_and_keep_cursor
 
     async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
         """The claimed rows that decode, as Jobs. The claim has committed: every row is

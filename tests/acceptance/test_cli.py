@@ -279,7 +279,13 @@ def test_jobs_show_aligns_its_timeline_and_prints_the_last_traceback(dsn: str) -
         'Traceback (most recent call last):\n  File "x.py", line 1, in f\nValueError: boom\n'
     )
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
-        claim = {"now": None, "limit": 1, "lease_seconds": 30.0, "job_types": None}
+        claim = {
+            "now": None,
+            "limit": 1,
+            "lease_seconds": 30.0,
+            "job_types": None,
+            "after_company": None,
+        }
         (first,) = conn.execute(
             QUERIES["job_claim_batch"], {**claim, "worker_id": "host-a:4242:abcdef"}
         ).fetchall()

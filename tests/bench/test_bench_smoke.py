@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ["drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway"]
+SCENARIOS = ["drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway", "fairness"]
 
 
 def python_m(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:

@@ -135,7 +135,14 @@ async def test_claim_and_completion_are_hot_updates(dsn: str, client: Client) ->
         "SELECT pg_stat_get_xact_tuples_updated('pgjobs.jobs'::regclass) AS updated,"
         " pg_stat_get_xact_tuples_hot_updated('pgjobs.jobs'::regclass) AS hot"
     )
-    params = {"now": None, "limit": 5, "worker_id": "w", "lease_seconds": 60.0, "job_types": None}
+    params = {
+        "now": None,
+        "limit": 5,
+        "worker_id": "w",
+        "lease_seconds": 60.0,
+        "job_types": None,
+        "after_company": None,
+    }
     async with await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn:
         # Transaction-level counters: this session's own updates, before the stats flush.
         claimed = await (await conn.execute(QUERIES["job_claim_batch"], params)).fetchall()
@@ -221,7 +228,13 @@ async def test_claims_race_cancels_finishes_and_rescues_without_deadlock(
     ahead = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
 
     async def claimer(name: str) -> None:
-        params = {"limit": 5, "worker_id": name, "lease_seconds": 30.0, "job_types": None}
+        params = {
+            "limit": 5,
+            "worker_id": name,
+            "lease_seconds": 30.0,
+            "job_types": None,
+            "after_company": None,
+        }
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
             conn.row_factory = dict_row
             while not stop.is_set():

@@ -1,6 +1,7 @@
 """Migrations apply, roll back and apply again, and the publish trigger works at each
 step (0003 replaced 0001's trigger functions; its rollback restores them). 0004 fills
-pgjobs.job_queue from the jobs already there, and its rollback restores the indexes."""
+pgjobs.job_queue from the jobs already there, and its rollback restores the indexes; 0008
+gives the queue rows already there their company."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from yoyo import read_migrations
 from helpers import assert_queue_matches_jobs, fetch
 from pgjobs import migrate
 from pgjobs.client import Client
+from pgjobs.queries import QUERIES
 
 # Every migration id, in the order they apply (each depends on the one before).
 ALL = sorted(p.stem for p in migrate.migrations_dir().glob("0*.sql") if ".rollback" not in p.name)
@@ -214,3 +216,74 @@ async def test_worker_channel_migration_rolls_back_to_0006s_trigger(empty_dsn: s
     await _enqueue_notifies(empty_dsn)
     assert migrate.apply(empty_dsn) == since("0007_worker_channel")
     assert len(await _work_notifies(empty_dsn)) == 1
+
+
+_JOBS_AT_0006 = """
+INSERT INTO pgjobs.jobs (id, company_id, job_type, status, attempts, worker_id,
+                         lease_expires_at, started_at, finished_at, event_seq, last_event)
+SELECT gen_random_uuid(), c, 'echo', s, CASE s WHEN 'queued' THEN 0 ELSE 1 END,
+       CASE s WHEN 'queued' THEN NULL ELSE 'w1' END,
+       CASE s WHEN 'running' THEN now() + interval '1 min' END,
+       CASE s WHEN 'queued' THEN NULL ELSE now() END,
+       CASE s WHEN 'done' THEN now() END,
+       CASE s WHEN 'queued' THEN 1 WHEN 'running' THEN 2 ELSE 3 END,
+       CASE s WHEN 'queued' THEN 'content_job.queued' WHEN 'running' THEN 'content_job.running'
+              ELSE 'content_job.done' END
+FROM unnest(ARRAY['acme', 'globex']) AS c, unnest(ARRAY['queued', 'running', 'done']) AS s
+"""
+
+
+async def test_fair_claim_migration_gives_queue_rows_their_company_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    migrate.apply(empty_dsn)
+    _roll_back(empty_dsn, *since("0008_fair_claim"))
+    await fetch(empty_dsn, _JOBS_AT_0006)
+
+    assert migrate.apply(empty_dsn) == since("0008_fair_claim")
+    rows = await fetch(
+        empty_dsn,
+        "SELECT q.company_id, q.lease_expires_at IS NULL AS queued FROM pgjobs.job_queue q"
+        " ORDER BY 1, 2",
+    )
+    assert [(r["company_id"], r["queued"]) for r in rows] == [
+        ("acme", False),
+        ("acme", True),
+        ("globex", False),
+        ("globex", True),
+    ]
+    await assert_queue_matches_jobs(empty_dsn)
+    # The trigger fills it for new jobs; the fair claim takes one of each company.
+    async with await Client.connect(empty_dsn) as client:
+        await client.enqueue("initech", "echo")
+    await assert_queue_matches_jobs(empty_dsn)
+    claimed = await fetch(
+        empty_dsn,
+        QUERIES["job_claim_batch"],
+        {"now": None, "limit": 3, "worker_id": "w2", "lease_seconds": 30.0, "job_types": None,
+         "after_company": None},
+    )  # fmt: skip
+    assert sorted(r["company_id"] for r in claimed) == ["acme", "globex", "initech"]
+
+    _roll_back(empty_dsn, *since("0008_fair_claim"))
+    columns = await fetch(
+        empty_dsn,
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = 'pgjobs' AND table_name = 'job_queue' ORDER BY 1",
+    )
+    assert [r["column_name"] for r in columns] == [
+        "job_id",
+        "job_type",
+        "lease_expires_at",
+        "priority",
+        "run_at",
+    ]
+    assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue_fair_idx') AS i") == [
+        {"i": None}
+    ]
+    async with await Client.connect(empty_dsn) as client:  # 0004's trigger again
+        job = await client.enqueue("acme", "echo")
+        await client.cancel("acme", job.id)
+    await assert_queue_matches_jobs(empty_dsn)
+    assert migrate.apply(empty_dsn) == since("0008_fair_claim")
+    await assert_queue_matches_jobs(empty_dsn)

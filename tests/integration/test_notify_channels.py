@@ -151,7 +151,7 @@ async def test_work_channel_carries_claimable_jobs_and_cancellations_only(
             dsn,
             "job_claim_batch",
             {"now": None, "limit": 2, "worker_id": "w1", "lease_seconds": 30.0,
-             "job_types": ["render"]},
+             "job_types": ["render"], "after_company": None},
         )  # fmt: skip
         first, second = jobs
         await _run(
@@ -178,7 +178,7 @@ async def test_work_channel_carries_claimable_jobs_and_cancellations_only(
             dsn,
             "job_claim_batch",
             {"now": None, "limit": 1, "worker_id": "w1", "lease_seconds": 30.0,
-             "job_types": ["echo"]},
+             "job_types": ["echo"], "after_company": None},
         )  # fmt: skip
         await _run(
             dsn,
@@ -190,7 +190,7 @@ async def test_work_channel_carries_claimable_jobs_and_cancellations_only(
             dsn,
             "job_claim_batch",
             {"now": None, "limit": 1, "worker_id": "w2", "lease_seconds": 0.000001,
-             "job_types": ["echo"]},
+             "job_types": ["echo"], "after_company": None},
         )  # fmt: skip  # a lease over by the time the rescue runs
         assert len(await rescuer.rescue_expired_with(dsn)) == 1
         assert await _work(dsn, listener) == [Claimable("echo")]
@@ -211,8 +211,9 @@ async def test_many_cancellations_are_packed_under_the_notify_limit(
     claimed = await _run(
         dsn,
         "job_claim_batch",
-        {"now": None, "limit": 400, "worker_id": "w1", "lease_seconds": 30.0, "job_types": None},
-    )
+        {"now": None, "limit": 400, "worker_id": "w1", "lease_seconds": 30.0, "job_types": None,
+         "after_company": None},
+    )  # fmt: skip
     assert len(claimed) == 400
     async with await _listening(dsn, events.WORK_CHANNEL) as listener:
         await _cancel_all(dsn)

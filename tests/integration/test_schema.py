@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import uuid
+from typing import Any
 
 import psycopg
 import pytest
@@ -127,6 +128,7 @@ async def test_long_messages_are_cut_in_the_notify_but_kept_in_the_row(
                 "worker_id": "w",
                 "lease_seconds": 30.0,
                 "job_types": None,
+                "after_company": None,
             },
         )
         (claimed,) = await cur.fetchall()
@@ -214,7 +216,14 @@ async def test_notify_items_carry_only_the_keys_their_event_has(dsn: str, client
         await conn.execute("LISTEN pgjobs_events")
         cur = await conn.execute(
             QUERIES["job_claim_batch"],
-            {"now": None, "limit": 1, "worker_id": "w", "lease_seconds": 30.0, "job_types": None},
+            {
+                "now": None,
+                "limit": 1,
+                "worker_id": "w",
+                "lease_seconds": 30.0,
+                "job_types": None,
+                "after_company": None,
+            },
         )
         (claimed,) = await cur.fetchall()
         params = {"id": job.id, "lease_token": claimed["lease_token"], "now": None}
@@ -251,16 +260,29 @@ async def test_notify_items_carry_only_the_keys_their_event_has(dsn: str, client
     assert [e.id for e in events[1:]] == [p["eventId"] for p in (running, empty, progress, failed)]
 
 
-@pytest.mark.parametrize("job_types", [None, ["echo", "render"]])
-async def test_claim_stops_after_its_batch_among_many_finished_jobs(
-    dsn: str, client: Client, job_types: list[str] | None
+def _rows_read(plan: dict[str, Any], relation: str) -> int:
+    """Rows the plan's scans of ``relation`` read (returned or filtered out), over all
+    their loops."""
+    scan = plan.get("Relation Name") == relation and plan["Node Type"].endswith("Scan")
+    read = plan["Actual Rows"] + plan.get("Rows Removed by Filter", 0)
+    own = read * plan["Actual Loops"] if scan else 0
+    return int(own) + sum(_rows_read(child, relation) for child in plan.get("Plans", []))
+
+
+@pytest.mark.parametrize(
+    ("job_types", "companies"), [(None, 1), (["echo", "render"], 1), (None, 500)]
+)
+async def test_claim_reads_about_its_batch_among_many_finished_jobs(
+    dsn: str, client: Client, job_types: list[str] | None, companies: int
 ) -> None:
-    """The claim walks pgjobs.job_queue in claim order and stops after its batch. With a
-    condition on the job row as well ("j.status = 'queued'", true for every queue row
-    but estimated from the whole table, where finished jobs are nearly all of it), the
-    planner expected to probe every queued job to find a batch, joined them all and
-    sorted them: ~300 ms per claim with 10M finished jobs (bench scenario 6). Workers
-    pass their registry's types, which the index walk filters on the way."""
+    """The claim reads pgjobs.job_queue in claim order and stops after its batch, whatever
+    else the tables hold. With a condition on the job row as well ("j.status = 'queued'",
+    true for every queue row but estimated from the whole table, where finished jobs are
+    nearly all of it), the planner expected to probe every queued job to find a batch,
+    joined them all and sorted them: ~300 ms per claim with 10M finished jobs (bench
+    scenario 6). Workers pass their registry's types, which the index walk filters on the
+    way. With many companies, the fair claim visits at most `limit` of them (one index
+    probe each) and takes a few jobs from each."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         # Older jobs than any enqueued below: their uuid7 ids sort first, as these do.
         await conn.execute(
@@ -273,18 +295,36 @@ async def test_claim_stops_after_its_batch_among_many_finished_jobs(
             FROM generate_series(1, 50000) AS g
             """
         )
-    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(1000))
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    await client.enqueue_many(JobSpec(f"company-{n % companies}", "echo") for n in range(2000))
+    params = {"now": None, "limit": 100, "worker_id": "w", "lease_seconds": 30.0}
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
         await conn.execute("ANALYZE pgjobs.jobs")
         await conn.execute("ANALYZE pgjobs.job_queue")
-        params = {"now": None, "limit": 100, "worker_id": "w", "lease_seconds": 30.0}
-        cur = await conn.execute(
-            b"EXPLAIN " + QUERIES["job_claim_batch"].encode(), {**params, "job_types": job_types}
+        # A company that enqueues after the statistics were taken (which then say every
+        # queued job is company-0's): its one job must not cost a walk past the others'.
+        # Two levels: the probe for its next level must not walk the others' jobs either.
+        await conn.execute(
+            "INSERT INTO pgjobs.jobs (id, company_id, job_type, priority)"
+            " VALUES (gen_random_uuid(), 'zz', 'echo', 5), (gen_random_uuid(), 'zz', 'echo', 0)"
         )
-        plan = "\n".join(row[0] for row in await cur.fetchall())
-    assert "job_queue_claim_idx" in plan, plan
-    assert "Sort" not in plan, plan
-    assert "Merge Join" not in plan, plan
+        cur = await conn.execute(
+            b"EXPLAIN (ANALYZE, FORMAT JSON) " + QUERIES["job_claim_batch"].encode(),
+            {**params, "job_types": job_types, "after_company": None},
+        )
+        row = await cur.fetchone()
+        await conn.rollback()
+    assert row is not None
+    plan = row[0][0]["Plan"]
+    text = json.dumps(plan)
+    assert "Seq Scan" not in text, text
+    assert "Merge Join" not in text, text
+    assert "job_queue_fair_idx" in text, text
+    # The batch's queue rows; with many companies one probe per company visited, and, as
+    # zz's level-5 job is not among them, the batch taken in the global order after the
+    # probe for the highest due level; their job rows by primary key when locked and
+    # again for the UPDATE.
+    assert _rows_read(plan, "job_queue") <= 3 * 100 + 2, text
+    assert _rows_read(plan, "jobs") <= 3 * 100, text
 
 
 async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:

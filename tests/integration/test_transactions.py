@@ -162,6 +162,7 @@ async def test_concurrent_claimers_never_share_a_job(dsn: str, client: Client) -
                         "worker_id": name,
                         "lease_seconds": 30.0,
                         "job_types": None,
+                        "after_company": None,
                     },
                 )
                 rows = await cur.fetchall()

@@ -128,9 +128,8 @@ SELECT coalesce((
 -- job type that has any; oldest_queued_at is the earliest run_at of the due ones.
 -- Neither part reads the finished jobs' history:
 -- * queued / scheduled / running come from pgjobs.job_queue, which holds only the queued
---   and running jobs. It has no company column: each row's company is looked up in
---   pgjobs.jobs by primary key (a subquery per row, so that the planner cannot choose to
---   scan pgjobs.jobs for the company instead); the cost is the whole queue's depth.
+--   and running jobs, each with its company (sql/0008); the cost is the company's queued
+--   and running jobs at most, never the finished ones.
 -- * done / failed: the company's events from `since_xid` (job_events_window_start_xid)
 --   on, through job_events_company_xid_idx, each joined to its job for its type; the cost
 --   is the company's events in the window.
@@ -147,8 +146,7 @@ WITH p AS MATERIALIZED (
                AS oldest_queued_at
     FROM pgjobs.job_queue q
     CROSS JOIN p
-    WHERE (SELECT j.company_id FROM pgjobs.jobs j WHERE j.id = q.job_id)
-          = %(company_id)s::text
+    WHERE q.company_id = %(company_id)s::text
     GROUP BY q.job_type
 ), ended AS (
     SELECT j.job_type,
