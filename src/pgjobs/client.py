@@ -282,7 +282,7 @@ class Client:
         job_types: Iterable[str],
         *,
         within_seconds: float,
-        conn: db.AsyncConn | None = None,
+        conn: db.CallerAsyncConn | None = None,
     ) -> dict[str, int]:
         """How many live workers (a heartbeat within ``within_seconds``) claim each type.
         A worker claims only its registry's types, so a queued job of a type with 0 stays
