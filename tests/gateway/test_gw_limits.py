@@ -303,15 +303,16 @@ async def test_a_burst_of_resuming_job_streams_queues_for_the_pool(
     dsn: str, storage_dir: Path
 ) -> None:
     """Thirty browsers come back at once to jobs they were watching (a gateway restart),
-    each 200 events behind. A resuming job stream reads its job, then its first page of
-    missed events: that page is the longer read, and it takes its turn with the set-ups,
-    so on a pool of 2 with one waiter allowed every stream gets the events after its
-    Last-Event-ID, and none is told to come back later."""
+    each 1,000 events behind (two pages). A resuming job stream reads its job, then its
+    pages of missed events: every page takes its turn with the set-ups (a second page
+    outside the turns once overflowed the pool's waiting line and sent a stream still
+    setting up away), so on a pool of 2 with one waiter allowed every stream gets the
+    events after its Last-Event-ID, and none is told to come back later."""
     tight = settings(pool_size=2, pool_max_waiting=1, pool_timeout_seconds=5.0)
     async with serve_gateway(dsn, storage_dir, tight) as gateway:
         jobs = await gateway.state.client.enqueue_many([JobSpec("acme", "echo") for _ in range(30)])
         async with await psycopg.AsyncConnection.connect(dsn) as conn:
-            # 200 progress transitions per job, each statement a transition of all 30
+            # 1,000 progress transitions per job, each statement a transition of all 30
             # (the publish trigger writes their audit rows).
             await conn.execute(
                 """DO $$ BEGIN FOR i IN 1..1000 LOOP
@@ -322,7 +323,7 @@ async def test_a_burst_of_resuming_job_streams_queues_for_the_pool(
             )
             await conn.commit()
         paths = [f"/api/companies/acme/content-jobs/{j.id}/events" for j in jobs]
-        results = await open_at_once(gateway, paths, last_event_id="1", stop_after=2)
-    assert [[ev.id for ev in r] for r in results] == [["2", "3"]] * 30
+        results = await open_at_once(gateway, paths, last_event_id="1", stop_after=1000)
+    assert [[ev.id for ev in r] for r in results] == [[str(s) for s in range(2, 1002)]] * 30
     assert all(ev.event == "status" for r in results for ev in r)
     assert all(ev.data["type"] == "content_job.progress" for r in results for ev in r)

@@ -34,7 +34,8 @@ so no field value can inject SSE lines. The streams yield encoded frames
 (``pgjobs.gateway.eventstream`` sends them).
 
 Every database read of a stream goes through ``read_rows`` (never cancelled half-way),
-and a stream's set-up reads through ``setup_read`` (set-ups take turns for the pool).
+and a stream's set-up and catch-up reads through ``setup_read`` (they take turns for the
+pool).
 """
 
 from __future__ import annotations
@@ -183,15 +184,16 @@ def _read_done(task: asyncio.Task[Any]) -> None:
 async def setup_read(
     state: GatewayState, query: str, params: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    """A stream set-up's read: the job a job stream starts from, the first page of a
-    resuming job stream's catch-up, or a page of a resuming company stream's catch-up.
-    Set-ups take turns for the pool, at most half of it at once (the REST API and the
-    company feeds keep the rest), each waiting up to STREAM_SETUP_WAIT_SECONDS for its
-    turn (then TimeoutError). In a reconnect storm (every browser back at once after a
-    gateway restart) they queue here at the cost of a coroutine each, instead of
-    overflowing the pool's waiting line and being sent away to retry: with 1-5 s
-    retries and no queue, 10,000 browsers arriving together kept coming back faster than
-    one process set them up, and two minutes later some still had no stream."""
+    """A stream's set-up or catch-up read: the job a job stream starts from, a page of a
+    job stream's catch-up (resuming, or backfilling a gap in the live feed), or a page of
+    a resuming company stream's catch-up. These reads take turns for the pool, at most
+    half of it at once (the REST API and the company feeds keep the rest), each waiting
+    up to STREAM_SETUP_WAIT_SECONDS for its turn (then TimeoutError). In a reconnect
+    storm (every browser back at once after a gateway restart) they queue here at the
+    cost of a coroutine each, instead of overflowing the pool's waiting line and being
+    sent away to retry: with 1-5 s retries and no queue, 10,000 browsers arriving
+    together kept coming back faster than one process set them up, and two minutes
+    later some still had no stream."""
     async with asyncio.timeout(STREAM_SETUP_WAIT_SECONDS), state.stream_setups:
         return await read_rows(state, query, params)
 
@@ -205,15 +207,13 @@ async def load_job(
 
 
 async def job_events_after(
-    state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int, *, setup: bool
+    state: GatewayState, company_id: str, job_id: uuid.UUID, after_seq: int
 ) -> list[dict[str, Any]]:
-    """A page of the job's events after ``after_seq``. The first page of a resuming
-    stream is part of its set-up (``setup``: it takes its turn, see setup_read): it is
-    the longer of the set-up's two reads, and in a reconnect storm of browsers that
-    were all watching, those pages filled the pool's waiting line and sent the rest
-    away."""
-    read = setup_read if setup else read_rows
-    return await read(
+    """A page of the job's events after ``after_seq``. Every page takes its turn (see
+    setup_read), not only a resuming stream's first: in a reconnect storm of browsers
+    that were all far behind, the later pages of the streams already set up filled the
+    pool's waiting line and sent the set-ups still queued away with a reconnect frame."""
+    return await setup_read(
         state,
         "job_events_after_seq",
         {"job_id": job_id, "company_id": company_id, "after_seq": after_seq, "limit": PAGE},
@@ -226,15 +226,12 @@ async def job_stream(
     """One job's events. ``sub`` was subscribed before ``job`` was read."""
     company_id, job_id = sub.company_id, job["id"]
 
-    async def from_table(
-        after: int, *, setup: bool = False
-    ) -> AsyncGenerator[tuple[bytes, int, bool], None]:
+    async def from_table(after: int) -> AsyncGenerator[tuple[bytes, int, bool], None]:
         """The job's events after ``after`` from the table: per page, its frames as one
         chunk (one write for the page, not one per event), the seq of its last event,
         and whether that one was terminal (the chunk ends there)."""
         while True:
-            rows = await job_events_after(state, company_id, job_id, after, setup=setup)
-            setup = False  # only the first page is the set-up's
+            rows = await job_events_after(state, company_id, job_id, after)
             frames = []
             for row in rows:
                 frames.append(row_event(row))
@@ -254,7 +251,7 @@ async def job_stream(
             if job["status"] in TERMINAL:
                 return
         else:
-            async for chunk, seq, ended in from_table(last, setup=True):
+            async for chunk, seq, ended in from_table(last):
                 yield chunk
                 last = seq
                 if ended:
