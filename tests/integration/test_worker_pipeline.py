@@ -54,7 +54,7 @@ async def test_next_job_starts_while_previous_completion_waits_for_its_commit(
             await blocker.execute("SELECT 1 FROM pgjobs.jobs WHERE id = %s FOR UPDATE", [first.id])
             release_first.set()
             await wait_until(
-                lambda: has_started("second"), within=5, message="second handler started"
+                lambda: has_started("second"), within=20, message="second handler started"
             )
             assert (await client.get("acme", first.id)).status is JobStatus.RUNNING
             await blocker.rollback()
