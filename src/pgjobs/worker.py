@@ -203,6 +203,7 @@ class Worker:
         self._claims = 0
         self._queue_empty = False  # the last claim came back short
         self._look_again = False  # set by _wake()
+        self._wakes = 0  # how many times _wake() was called: a claim compares before/after
         self._claim_failures = 0  # consecutive failed claims, for the backoff
         self._retry_at = 0.0  # loop time before which no claim is sent
         # The fair claim's rotation cursor: the company it served last, so the next claim
@@ -369,7 +370,7 @@ class Worker:
                 free -= limit
                 self._reserved += limit
                 self._claims += 1
-                task = asyncio.create_task(self._claim_and_start(limit))
+                task = asyncio.create_task(self._claim_and_start(limit, self._wakes))
                 in_flight.add(task)
                 task.add_done_callback(claim_done)
             if self.burst and self._queue_empty and not self._claims and not self._running:
@@ -385,7 +386,7 @@ class Worker:
         if failed:
             raise failed[0]
 
-    async def _claim_and_start(self, limit: int) -> None:
+    async def _claim_and_start(self, limit: int, wakes_when_sent: int) -> None:
         try:
             jobs = await self._claim(limit)
             self._claim_failures = 0
@@ -417,7 +418,15 @@ class Worker:
         for job in jobs:
             self._start(job)
         if len(jobs) < limit and not self._claim_failures:
-            self._queue_empty = True
+            if self._wakes == wakes_when_sent:
+                self._queue_empty = True
+            else:
+                # A wake came while this claim was out: its job may have committed after
+                # the claim's snapshot, and the loop may have had no slot to send another
+                # claim for it. "Empty" would lose that wake-up until the poll timer.
+                self._look_again = True
+        # The loop decides again with this claim's slots and jobs accounted for.
+        self._wakeup.set()
         self._wakeup.set()  # not _wake(): a claim's own end is no reason to look again
 
     def _back_off(self, reason: str, say: Any = log.warning) -> None:
@@ -431,6 +440,7 @@ class Worker:
         """Something may have changed (a job queued, a slot freed): claim again, even if
         the last claim found the queue empty."""
         self._look_again = True
+        self._wakes += 1
         self._wakeup.set()
 
     def _free_slots(self) -> int:

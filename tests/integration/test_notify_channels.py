@@ -350,3 +350,46 @@ async def test_a_cancellation_reaches_the_worker_before_its_heartbeat(
         await client.cancel("acme", job.id)
         await asyncio.wait_for(stopped.wait(), 10)
     assert (await client.get("acme", job.id)).status is JobStatus.CANCELLED
+
+
+async def test_a_wake_up_during_a_claim_that_holds_every_slot_is_not_lost(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: Any
+) -> None:
+    """The worker's claim holds all its free slots and was sent before a job committed;
+    the job's NOTIFY arrives while that claim is out, so no second claim can be sent for
+    it, and the claim comes back empty. The job still starts at once, not at the next poll
+    (60 s here): the claim that was out during a wake-up does not mark the queue empty.
+    (Seen on a loaded machine: four jobs enqueued during the worker's first claim waited
+    for the poll.)"""
+    registry = Registry()
+    started: list[str] = []
+
+    @registry.handler("alpha")
+    async def alpha(ctx: JobContext) -> None:
+        started.append(str(ctx.job.id))
+
+    held, gate = asyncio.Event(), asyncio.Event()
+    real_claim = Worker._claim
+
+    async def claim_then_wait(self: Worker, limit: int) -> Any:
+        jobs = await real_claim(self, limit)
+        if not gate.is_set():  # the first claim: comes back only after the wake-up
+            held.set()
+            await gate.wait()
+        return jobs
+
+    monkeypatch.setattr(Worker, "_claim", claim_then_wait)
+    settings = fast_settings(storage_dir, poll_interval_seconds=60.0, concurrency=1)
+    async with running_worker(dsn, registry, settings) as worker:
+        heard = _record_notifies(worker)
+        await asyncio.wait_for(held.wait(), 20)
+        job = await client.enqueue("acme", "alpha")
+        await wait_until(lambda: _at_least(heard, 1), message="the job's NOTIFY")
+        gate.set()
+        await wait_until(
+            lambda: _true(started == [str(job.id)]), message="the job started before the poll"
+        )
+
+
+async def _true(value: bool) -> bool:
+    return value
