@@ -25,7 +25,10 @@ run: $(STAMP) ## start the embedded Postgres, migrate, run demo workers and show
 chromium: ## install Debian's chromium for the gateway's browser test (skipped if present)
 	@test -x /usr/bin/chromium || { apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y chromium; }
 
-test: $(STAMP) chromium ## run the test suite against real PostgreSQL
+pgbouncer: ## install Debian's pgbouncer for the PgBouncer tests (skipped if present)
+	@test -x /usr/sbin/pgbouncer || { apt-get update < /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer < /dev/null; }
+
+test: $(STAMP) chromium pgbouncer ## run the test suite against real PostgreSQL
 	$(PY) -m pytest
 
 lint: $(STAMP) ## ruff check + format check
@@ -41,5 +44,5 @@ bench: $(STAMP) ## benchmarks vs procrastinate and pgqueuer into bench/results/ 
 clean: ## remove the virtualenv, caches and the embedded database under .pgjobs/
 	rm -rf $(VENV) .pgjobs .pytest_cache .mypy_cache .ruff_cache
 
-.PHONY: help install chromium run test lint typecheck clean
+.PHONY: help install chromium pgbouncer run test lint typecheck clean
 .PHONY: bench

@@ -22,6 +22,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
+from bouncer import Bouncer, run_pgbouncer
 from pgjobs import migrate
 from pgjobs.client import Client
 
@@ -130,3 +131,12 @@ def storage_dir(tmp_path: Path) -> Path:
     path = tmp_path / "storage"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="module")
+def pgbouncer(pg_server_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Bouncer]:
+    """PgBouncer in transaction pooling mode in front of the test server (tests/bouncer.py);
+    ``pgbouncer.dsn(dsn)`` is a test database through it. Skips without the binary, except
+    under CI=true, where it fails."""
+    with run_pgbouncer(pg_server_dsn, tmp_path_factory.mktemp("pgbouncer")) as bouncer:
+        yield bouncer

@@ -11,6 +11,16 @@ result (``ADAPTERS``): one such row, written by hand or before sql/0005_time_bou
 must not make a company's job list, a job's page or its stream unreadable. The worker's
 claim opts back into the strict loaders (``strict_times``): there, a row it cannot read
 is failed rather than run.
+
+Poolers. A connection through PgBouncer in transaction pooling mode may run each
+transaction on a different server connection, so nothing may depend on session state.
+pgjobs keeps none (no SET, no session advisory locks, no temporary tables, no cursor
+outliving its transaction), except two things handled here and in
+``pgjobs.notifier``: psycopg's prepared statements (a statement prepared on one server
+connection is missing on the next; PgBouncer tracks them only from 1.22 with
+``max_prepared_statements`` set) and LISTEN. Every connection opened here learns whether
+a pooler sits in between (``behind_pooler``) and, if so, turns prepared statements off
+(``PGJOBS_PREPARED_STATEMENTS``); anything that LISTENs connects to ``listen_dsn()``.
 """
 
 from __future__ import annotations
@@ -29,7 +39,7 @@ from psycopg.pq import Format
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs.errors import DatabaseUnavailableError, NotMigratedError
+from pgjobs.errors import ConfigurationError, DatabaseUnavailableError, NotMigratedError
 from pgjobs.queries import QUERIES
 from pgjobs.types import UnreadableTime
 
@@ -123,6 +133,55 @@ def resolve_dsn(explicit: str | None = None) -> str:
     return dsn
 
 
+def listen_dsn(dsn: str) -> str:
+    """Where to LISTEN: ``PGJOBS_LISTEN_DSN`` when set, else ``dsn``.
+
+    LISTEN needs a session of its own. Through PgBouncer in transaction pooling mode it
+    registers on a server connection the client gives back at once, and its
+    notifications never arrive: the LISTEN DSN then points at PostgreSQL directly (or at
+    a session-mode pool) while everything else goes through the bouncer."""
+    return os.environ.get("PGJOBS_LISTEN_DSN", "").strip() or dsn
+
+
+PREPARE_THRESHOLD = 5
+"""psycopg's default: a statement run this many times on a connection is prepared."""
+
+
+def prepare_threshold(behind_a_pooler: bool) -> int | None:
+    """psycopg's ``prepare_threshold`` for a connection (None: never prepare).
+
+    ``PGJOBS_PREPARED_STATEMENTS``: ``auto`` (the default) prepares on a direct connection
+    and not through a pooler, where a prepared statement may be missing on the server
+    connection the next transaction gets (PgBouncer before 1.22, or without
+    ``max_prepared_statements``); ``on`` prepares anyway (PgBouncer >= 1.22 with
+    ``max_prepared_statements`` set, which psycopg >= 3.2 supports); ``off`` never does.
+    """
+    setting = os.environ.get("PGJOBS_PREPARED_STATEMENTS", "").strip().lower() or "auto"
+    if setting not in ("auto", "on", "off"):
+        raise ConfigurationError(
+            f"PGJOBS_PREPARED_STATEMENTS must be auto, on or off, got {setting!r}"
+        )
+    if setting == "on" or (setting == "auto" and not behind_a_pooler):
+        return PREPARE_THRESHOLD
+    return None
+
+
+async def behind_pooler(conn: CallerAsyncConn) -> bool:
+    """True when ``conn`` reaches PostgreSQL through a pooler such as PgBouncer.
+
+    A server tells its client its process id at connect (BackendKeyData, used to cancel
+    a query); a pooler answers the client itself and sends a key of its own, so that pid
+    differs from the ``pg_backend_pid()`` a statement runs on."""
+    rows = await fetch_dicts(conn, QUERIES["connection_backend_pid"], {})
+    return bool(rows[0]["pid"] != conn.info.backend_pid)
+
+
+def behind_pooler_sync(conn: CallerSyncConn) -> bool:
+    """behind_pooler() for a blocking connection."""
+    rows = fetch_dicts_sync(conn, QUERIES["connection_backend_pid"], {})
+    return bool(rows[0]["pid"] != conn.info.backend_pid)
+
+
 def redact(dsn: str) -> str:
     """The DSN with any password removed, for error messages and logs."""
     dsn = re.sub(r"(://[^:/@]*:)[^@]+@", r"\1***@", dsn)
@@ -152,13 +211,16 @@ def unavailable(dsn: str, exc: Exception) -> DatabaseUnavailableError:
     )
 
 
-def probe_sync(dsn: str, *, connect_timeout: float = 10.0) -> None:
+def probe_sync(dsn: str, *, connect_timeout: float = 10.0) -> int | None:
     """Connect once and close: a bad host, a stopped server or a wrong password fails at
     once with the server's own message, where a pool would retry until its timeout and
-    say only "timeout"."""
+    say only "timeout". Returns the ``prepare_threshold`` for this DSN's connections."""
     check_dsn(dsn)
     try:
-        psycopg.Connection.connect(dsn, connect_timeout=max(1, int(connect_timeout))).close()
+        with psycopg.Connection.connect(
+            dsn, connect_timeout=max(1, int(connect_timeout)), autocommit=True
+        ) as probe:
+            return prepare_threshold(behind_pooler_sync(probe))
     except psycopg.OperationalError as exc:
         raise unavailable(dsn, exc) from None
 
@@ -172,24 +234,38 @@ def check_dsn(dsn: str) -> None:
 
 
 async def connect(dsn: str, **kwargs: Any) -> AsyncConn:
-    """A dedicated autocommit connection (listeners, one-off CLI commands)."""
+    """A dedicated autocommit connection (listeners, one-off CLI commands), with prepared
+    statements off when it goes through a pooler (``prepare_threshold``)."""
     check_dsn(dsn)
     try:
-        return await psycopg.AsyncConnection.connect(
+        conn = await psycopg.AsyncConnection.connect(
             dsn, autocommit=True, row_factory=dict_row, context=ADAPTERS, **kwargs
         )
     except psycopg.OperationalError as exc:
         raise unavailable(dsn, exc) from None
+    try:
+        conn.prepare_threshold = prepare_threshold(await behind_pooler(conn))
+    except BaseException:
+        await conn.close()
+        raise
+    return conn
 
 
 def connect_sync(dsn: str, **kwargs: Any) -> SyncConn:
+    """connect() for blocking code."""
     check_dsn(dsn)
     try:
-        return psycopg.Connection.connect(
+        conn = psycopg.Connection.connect(
             dsn, autocommit=True, row_factory=dict_row, context=ADAPTERS, **kwargs
         )
     except psycopg.OperationalError as exc:
         raise unavailable(dsn, exc) from None
+    try:
+        conn.prepare_threshold = prepare_threshold(behind_pooler_sync(conn))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 async def ensure_migrated(conn: AsyncConn) -> None:
@@ -231,15 +307,23 @@ async def open_pool(
     """An opened pool of autocommit connections, checked on checkout so a connection the
     server killed (restart, pg_terminate_backend) is replaced instead of handed out.
     ``checkout_timeout`` bounds the wait for a connection and ``max_waiting`` the queue of
-    waiters (0: unbounded); past either, the pool raises instead of queueing forever."""
+    waiters (0: unbounded); past either, the pool raises instead of queueing forever.
+    Through a pooler its connections do not prepare statements (``prepare_threshold``)."""
     check_dsn(dsn)
     # Probe once first: a bad host or password then fails at once with the server's own
     # message, instead of after the pool's retries with only "timeout".
     try:
-        probe = await psycopg.AsyncConnection.connect(dsn, connect_timeout=int(connect_timeout))
+        probe = await psycopg.AsyncConnection.connect(
+            dsn, connect_timeout=int(connect_timeout), autocommit=True
+        )
     except psycopg.OperationalError as exc:
         raise unavailable(dsn, exc) from None
-    await probe.close()
+    try:
+        threshold = prepare_threshold(await behind_pooler(probe))
+    except psycopg.OperationalError as exc:
+        raise unavailable(dsn, exc) from None
+    finally:
+        await probe.close()
     pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
         dsn,
         min_size=min_size,
@@ -249,6 +333,7 @@ async def open_pool(
             "row_factory": dict_row,
             "application_name": name,
             "context": ADAPTERS,
+            "prepare_threshold": threshold,
         },
         connection_class=psycopg.AsyncConnection[DictRow],
         check=check_if_suspect,

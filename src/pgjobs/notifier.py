@@ -9,6 +9,17 @@ deadline. Reconnects back off exponentially with jitter, capped.
 
 A listener LISTENs on one channel (``pgjobs.events``): the gateway on ``EVENTS_CHANNEL``
 (every transition), a worker on ``WORK_CHANNEL`` (claimable jobs and cancellations only).
+
+Through a pooler LISTEN may succeed and deliver nothing: PgBouncer in transaction mode
+runs it on a server connection it hands to other clients, and drops what arrives there
+in between. A connection that names a process other than the one its statements run on
+(``pgjobs.db.behind_pooler``) is therefore checked once per connect: it also LISTENs on a
+private probe channel and waits ``probe_seconds`` for a NOTIFY sent there from another
+connection. (A direct connection needs no check, so no timing can make a healthy
+listener look broken.) Nothing arriving, the listener is *unavailable*: it says so once
+at WARNING, with what its owner does instead (``when_unavailable``), holds no connection,
+and checks again every ``recheck_seconds`` in case the DSN is fixed behind it (a
+session-mode pool delivers).
 """
 
 from __future__ import annotations
@@ -17,15 +28,22 @@ import asyncio
 import contextlib
 import logging
 import random
+import uuid
 from collections.abc import Awaitable, Callable
 
 import psycopg
+from psycopg import sql
 
 from pgjobs import db
 from pgjobs.errors import DatabaseUnavailableError
 from pgjobs.events import EVENTS_CHANNEL
+from pgjobs.queries import QUERIES
 
 log = logging.getLogger(__name__)
+
+
+class ListenUndeliveredError(Exception):
+    """LISTEN succeeded but a NOTIFY sent from another connection never arrived."""
 
 
 class Listener:
@@ -39,6 +57,9 @@ class Listener:
         heartbeat_seconds: float = 5.0,
         max_backoff_seconds: float = 5.0,
         name: str = "pgjobs-listener",
+        probe_seconds: float = 5.0,
+        recheck_seconds: float = 60.0,
+        when_unavailable: str = "",
     ) -> None:
         self.dsn = dsn
         self.on_notify = on_notify
@@ -49,6 +70,12 @@ class Listener:
         self.name = name
         self.connected = asyncio.Event()
         self.reconnects = 0
+        self.probe_seconds = probe_seconds
+        self.recheck_seconds = recheck_seconds
+        self.when_unavailable = when_unavailable
+        # Why LISTEN cannot deliver on this DSN (None: it can, or it was not found out).
+        self.unavailable: str | None = None
+        self.undelivered_checks = 0  # delivery checks that received nothing, in all
         self._conn: db.AsyncConn | None = None
 
     async def run(self) -> None:
@@ -59,6 +86,14 @@ class Listener:
                 await self._session()
             except asyncio.CancelledError:
                 raise
+            except ListenUndeliveredError as exc:
+                self.undelivered_checks += 1
+                if self.unavailable is None:
+                    log.warning("%s; %s", exc, self.when_unavailable or "no live notifications")
+                self.unavailable = str(exc)
+                await self._close()  # hold no connection while waiting to check again
+                await asyncio.sleep(self.recheck_seconds)
+                continue
             except (psycopg.Error, OSError, TimeoutError, DatabaseUnavailableError) as exc:
                 # DatabaseUnavailableError: the reconnect itself failed (server down).
                 self.connected.clear()
@@ -80,6 +115,11 @@ class Listener:
     async def _session(self) -> None:
         self._conn = conn = await db.connect(self.dsn, application_name=self.name)
         await conn.execute(f"LISTEN {self.channel}")
+        if await db.behind_pooler(conn):
+            await self._check_delivery(conn)
+        if self.unavailable is not None:
+            log.info("LISTEN on %s delivers notifications again", db.redact(self.dsn))
+            self.unavailable = None
         if self.reconnects:
             log.info("listener reconnected (reconnect #%d)", self.reconnects)
         self.reconnects += 1
@@ -91,6 +131,27 @@ class Listener:
                 self.on_notify(notify.payload)
             # Quiet for a heartbeat: prove the socket is alive, or fail and reconnect.
             await self._ping(conn)
+
+    async def _check_delivery(self, conn: db.AsyncConn) -> None:
+        """Raise ListenUndeliveredError unless a NOTIFY sent from another connection
+        reaches ``conn`` within ``probe_seconds``. Notifications of the listener's own
+        channel that arrive meanwhile are handed on, and prove delivery as well."""
+        probe = f"pgjobs_probe_{uuid.uuid4().hex}"
+        await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
+        async with await db.connect(self.dsn, application_name=f"{self.name} probe"[:63]) as other:
+            await other.execute(QUERIES["listener_notify_probe"], {"channel": probe})
+        arrived = False
+        async for notify in conn.notifies(timeout=self.probe_seconds):
+            arrived = True
+            if notify.channel == probe:
+                break
+            self.on_notify(notify.payload)
+        if not arrived:
+            raise ListenUndeliveredError(
+                f"LISTEN through {db.redact(self.dsn)} receives no notifications (a pooler in "
+                "transaction mode, such as PgBouncer's pool_mode = transaction, in between)"
+            )
+        await conn.execute(sql.SQL("UNLISTEN {}").format(sql.Identifier(probe)))
 
     async def _ping(self, conn: db.AsyncConn) -> None:
         query = asyncio.ensure_future(conn.execute("SELECT 1"))

@@ -486,6 +486,17 @@ WHERE last_heartbeat_at < coalesce(%(now)s::timestamptz, now()) - make_interval(
 -- name: schema_check
 SELECT to_regclass('pgjobs.jobs') IS NOT NULL AND to_regclass('pgjobs.job_events') IS NOT NULL AS migrated;
 
+-- name: connection_backend_pid
+-- The server process this statement runs on. A connection whose BackendKeyData names
+-- another pid goes through a pooler (PgBouncer sends a key of its own): pgjobs.db then
+-- turns off prepared statements and the listener checks that LISTEN delivers.
+SELECT pg_backend_pid() AS pid;
+
+-- name: listener_notify_probe
+-- pgjobs.notifier: a NOTIFY on the listener's private probe channel, sent from another
+-- connection, to learn whether the LISTEN connection receives what others send.
+SELECT pg_notify(%(channel)s::text, 'probe');
+
 -- name: job_get_many
 SELECT * FROM pgjobs.jobs WHERE id = ANY(%(ids)s::uuid[]) ORDER BY started_at, id;
 

@@ -41,11 +41,17 @@ class SyncClient:
 
     def __init__(self, dsn: str | None = None, *, max_size: int = 5) -> None:
         dsn = db.resolve_dsn(dsn)
-        db.probe_sync(dsn)
+        # The probe also says whether a pooler sits in between (then: no prepared statements).
+        threshold = db.probe_sync(dsn)
         self.pool: ConnectionPool[db.SyncConn] = ConnectionPool(
             dsn,
             max_size=max_size,
-            kwargs={"autocommit": True, "row_factory": dict_row, "context": db.ADAPTERS},
+            kwargs={
+                "autocommit": True,
+                "row_factory": dict_row,
+                "context": db.ADAPTERS,
+                "prepare_threshold": threshold,
+            },
             check=ConnectionPool.check_connection,
             open=False,
         )

@@ -24,6 +24,12 @@ worker no longer holds), the rescuer (returns other workers' expired jobs to the
 and the listener (wake-ups and cancellations, on the workers' own NOTIFY channel:
 ``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or terminal events).
 
+The listener connects to ``PGJOBS_LISTEN_DSN`` when set (``pgjobs.db.listen_dsn``), so the
+rest can go through PgBouncer in transaction mode. Where LISTEN cannot deliver (that
+bouncer and no LISTEN DSN), the worker still works: the fetch loop claims every
+``poll_interval_seconds`` whatever happens, and a cancelled job's handler is stopped at
+the next heartbeat, which finds its lease gone.
+
 Shutdown (SIGTERM/SIGINT): stop claiming, give running jobs ``shutdown_grace_seconds`` to
 finish, then interrupt the rest and release them back to ``queued`` in one audited
 statement, without using up an attempt.
@@ -180,12 +186,15 @@ class Worker:
         worker_id: str | None = None,
         burst: bool = False,
         tune_gc: bool = False,
+        listen_dsn: str | None = None,
     ) -> None:
         """burst=True: run until no job is due and none is running, then stop (for
         tests, cron-style draining, and pgjobs.testing). tune_gc=True: apply
         pgjobs.gcpolicy once started; process-wide, so only where the worker owns the
-        process (``pgjobs worker``)."""
+        process (``pgjobs worker``). listen_dsn: where the listener connects (default:
+        PGJOBS_LISTEN_DSN, else ``dsn``)."""
         self.dsn = dsn
+        self.listen_dsn = listen_dsn or db.listen_dsn(dsn)
         self.registry = registry
         self.settings = settings or WorkerSettings()
         self.storage = storage or LocalStorage(self.settings.storage_dir)
@@ -255,12 +264,18 @@ class Worker:
                 pool, self.storage, flush_interval=settings.flush_interval_seconds
             )
             self.listener = Listener(
-                self.dsn,
+                self.listen_dsn,
                 self._on_notify,
                 channel=WORK_CHANNEL,
                 on_connect=self._on_listener_connect,
                 heartbeat_seconds=max(settings.heartbeat_seconds, 1.0),
                 name=f"pgjobs-listen {self.id}"[:63],
+                when_unavailable=(
+                    f"this worker falls back to polling for jobs every "
+                    f"{settings.poll_interval_seconds:g}s (PGJOBS_POLL_INTERVAL_SECONDS) and "
+                    "stops cancelled jobs at its next heartbeat; set PGJOBS_LISTEN_DSN to a "
+                    "direct connection to PostgreSQL for immediate wake-ups"
+                ),
             )
             completer_task = asyncio.create_task(self._completer.run(), name="pgjobs-completer")
             background = [

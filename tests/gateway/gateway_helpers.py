@@ -78,6 +78,7 @@ async def serve_gateway(
     sndbuf: int | None = None,
     rcvbuf: int | None = None,
     tune_gc: bool = False,
+    wait_for_listener: bool = True,
 ) -> AsyncIterator[RunningGateway]:
     app = create_app(dsn, settings, LocalStorage(storage_dir))
     sock = free_socket(sndbuf, rcvbuf)
@@ -99,7 +100,8 @@ async def serve_gateway(
             for company in ("acme", "globex"):
                 tokens[company] = await auth.create_token(conn, company, "test")
         gateway = RunningGateway(f"http://127.0.0.1:{port}", app, server, tokens)
-        await asyncio.wait_for(gateway.state.listener.connected.wait(), timeout=10)
+        if wait_for_listener:
+            await asyncio.wait_for(gateway.state.listener.connected.wait(), timeout=10)
         yield gateway
     finally:
         server.should_exit = True

@@ -30,12 +30,15 @@ def create_app(
     dsn: str | None = None,
     settings: GatewaySettings | None = None,
     storage: Storage | None = None,
+    *,
+    listen_dsn: str | None = None,
 ) -> Starlette:
-    """The gateway as an ASGI app. Nothing connects until the lifespan starts."""
+    """The gateway as an ASGI app. Nothing connects until the lifespan starts. Its LISTEN
+    connection goes to ``listen_dsn``, else PGJOBS_LISTEN_DSN, else the pool's DSN."""
     settings = settings or GatewaySettings.from_env()
     if storage is None:
         storage = LocalStorage(WorkerSettings.from_env().storage_dir)
-    state = GatewayState(db.resolve_dsn(dsn), settings, storage)
+    state = GatewayState(db.resolve_dsn(dsn), settings, storage, listen_dsn=listen_dsn)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -276,7 +276,11 @@ SCHEMA: dict[str, Any] = {
         },
         "/readyz": {
             "get": {
-                "summary": "Readiness: the database answers and the LISTEN connection is up",
+                "summary": (
+                    "Readiness: the database answers and the LISTEN connection is up "
+                    "(checks.listener says 'unavailable: ...' and what to set when LISTEN "
+                    "cannot deliver, as through PgBouncer's transaction mode)"
+                ),
                 "security": [],
                 "responses": {
                     "200": _json({"type": "object"}, "Ready"),

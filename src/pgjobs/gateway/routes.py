@@ -28,7 +28,7 @@ from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
 from pgjobs.gateway.eventstream import EventStream
 from pgjobs.gateway.limits import ApiError, bad_request, query_int, query_text, read_json_object
 from pgjobs.gateway.responses import ApiJSONResponse, asset_json, error
-from pgjobs.gateway.state import GatewayState
+from pgjobs.gateway.state import LISTEN_ADVICE, GatewayState
 from pgjobs.types import Job, JobStatus, iso
 
 log = logging.getLogger(__name__)
@@ -114,7 +114,14 @@ class Api:
             checks["database"] = "ok"
         except Exception as exc:  # any failure means "not ready", and says why
             checks["database"] = f"unavailable: {type(exc).__name__}"
-        checks["listener"] = "ok" if self.state.listener.connected.is_set() else "reconnecting"
+        listener = self.state.listener
+        if listener.connected.is_set():
+            checks["listener"] = "ok"
+        elif listener.unavailable is not None:
+            # Not a passing outage: streams stay silent until the operator fixes the DSN.
+            checks["listener"] = f"unavailable: {listener.unavailable}; {LISTEN_ADVICE}"
+        else:
+            checks["listener"] = "reconnecting"
         ready = all(v == "ok" for v in checks.values())
         return ApiJSONResponse(
             {"status": "ready" if ready else "unavailable", "checks": checks},

@@ -29,19 +29,36 @@ LISTENER_NAME = "pgjobs-gateway-listener"
 POOL_NAME = "pgjobs-gateway"
 
 
+LISTEN_ADVICE = (
+    "job and company streams need LISTEN to follow jobs live: set PGJOBS_LISTEN_DSN to a "
+    "direct connection to PostgreSQL (the pool may stay on PgBouncer's transaction mode)"
+)
+
+
 class GatewayState:
-    def __init__(self, dsn: str, settings: GatewaySettings, storage: Storage) -> None:
+    def __init__(
+        self,
+        dsn: str,
+        settings: GatewaySettings,
+        storage: Storage,
+        *,
+        listen_dsn: str | None = None,
+    ) -> None:
+        """listen_dsn: where the LISTEN connection goes (default: PGJOBS_LISTEN_DSN, else
+        ``dsn``, the pool's)."""
         self.dsn = dsn
+        self.listen_dsn = listen_dsn or db.listen_dsn(dsn)
         self.settings = settings
         self.storage = storage
         self.slots = StreamSlots(settings.max_streams, settings.max_streams_per_company)
         self.fanout = Fanout(settings.subscriber_queue_size)
         self.listener = Listener(
-            dsn,
+            self.listen_dsn,
             self.fanout.on_notify,
             on_connect=self.fanout.on_connect,
             heartbeat_seconds=settings.listener_heartbeat_seconds,
             name=LISTENER_NAME,
+            when_unavailable=LISTEN_ADVICE,
         )
         self.company_feeds = CompanyFeeds(self)
         self.revocations = Revocations(self)
