@@ -24,6 +24,7 @@ from psycopg.conninfo import make_conninfo
 
 from pgjobs import migrate
 from pgjobs.client import Client
+from s3_helpers import MotoServer, moto_server
 
 TESTS = Path(__file__).resolve().parent
 
@@ -130,3 +131,18 @@ def storage_dir(tmp_path: Path) -> Path:
     path = tmp_path / "storage"
     path.mkdir()
     return path
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoServer]:
+    """One S3-compatible server (moto, a subprocess on loopback) per test run."""
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def s3_bucket(s3_server: MotoServer) -> str:
+    """A fresh, empty bucket for this test."""
+    bucket = f"pgjobs-{uuid.uuid4().hex[:16]}"
+    await s3_server.create_bucket(bucket)
+    return bucket
