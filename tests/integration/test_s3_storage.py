@@ -6,11 +6,16 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
+from helpers import fast_settings, fetch, running_worker, wait_until
+from pgjobs import demo
+from pgjobs.client import Client
 from pgjobs.errors import AssetTooLargeError, ConfigurationError, StorageError
 from pgjobs.s3storage import MIB, S3Storage, parse_s3_url
+from pgjobs.types import JobStatus
 from s3_helpers import MotoServer, moto_server
 
 KEY = "generated/ab/abcdef"
@@ -128,3 +133,21 @@ def test_storage_url_gives_bucket_and_prefix() -> None:
     for bad in ("/var/assets", "s3://", "http://bucket/x", "s3://bucket/x?y=1"):
         with pytest.raises(ConfigurationError, match="PGJOBS_STORAGE_URL"):
             parse_s3_url(bad)
+
+
+async def test_worker_reports_a_missing_bucket_in_the_jobs_error(
+    dsn: str, client: Client, storage_dir: Path, s3_server: MotoServer
+) -> None:
+    job = await client.enqueue("acme", "render", {"step_seconds": 0.01}, max_attempts=1)
+    storage = s3_server.storage("pgjobs-no-such-bucket")
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir), storage=storage):
+
+        async def failed() -> bool:
+            return (await client.get("acme", job.id)).status is JobStatus.FAILED
+
+        await wait_until(failed, within=60, message="job failed")
+    error = (await client.get("acme", job.id)).error_message
+    assert error is not None
+    assert "StorageError" in error
+    assert "the bucket 'pgjobs-no-such-bucket' does not exist" in error
+    assert await fetch(dsn, "SELECT id FROM pgjobs.assets") == []
