@@ -151,3 +151,10 @@ async def test_worker_reports_a_missing_bucket_in_the_jobs_error(
     assert "StorageError" in error
     assert "the bucket 'pgjobs-no-such-bucket' does not exist" in error
     assert await fetch(dsn, "SELECT id FROM pgjobs.assets") == []
+
+
+def test_parts_grow_so_the_cap_fits_in_s3s_10000_parts(s3_server: MotoServer) -> None:
+    storage = s3_server.storage("pgjobs-any")
+    assert storage._part_size_for(500 * MIB) == 8 * MIB
+    big_cap = 200 * 1024 * MIB  # 200 GiB: 8 MiB parts would need 25,600
+    assert storage._part_size_for(big_cap) * 10_000 >= big_cap
