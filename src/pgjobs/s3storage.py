@@ -246,6 +246,15 @@ class S3Storage:
                 with self._errors("look up", object_key, missing_ok=True):
                     await client.head_object(Bucket=self.bucket, Key=object_key)
             except _Missing:
+                # HEAD answers a bare 404 for a missing bucket too: tell the two apart, so
+                # a wrong bucket name is an error that says so, not every asset "missing".
+                try:
+                    with self._errors("look up", object_key, missing_ok=True):
+                        await client.head_bucket(Bucket=self.bucket)
+                except _Missing:
+                    raise StorageError(
+                        self._describe("look up", object_key, "NoSuchBucket", "")
+                    ) from None
                 return False
             return True
 
@@ -259,7 +268,7 @@ class S3Storage:
             code = str(error.get("Code", ""))
             if missing_ok and code in _MISSING_KEY_CODES:
                 raise _Missing from exc
-            raise StorageError(self._describe(action, object_key, code, exc)) from exc
+            raise StorageError(self._describe(action, object_key, code, str(exc))) from exc
         except NoCredentialsError as exc:
             raise StorageError(
                 f"cannot {action} {object_key} in {self.where()}: no S3 credentials found; set "
@@ -273,7 +282,7 @@ class S3Storage:
         except BotoCoreError as exc:
             raise StorageError(f"cannot {action} {object_key} in {self.where()}: {exc}") from exc
 
-    def _describe(self, action: str, object_key: str, code: str, exc: ClientError) -> str:
+    def _describe(self, action: str, object_key: str, code: str, detail: str) -> str:
         head = f"cannot {action} {object_key} in {self.where()}"
         if code == "NoSuchBucket":
             return (
@@ -290,7 +299,7 @@ class S3Storage:
                 f"{head}: access denied ({code}); the credentials are wrong or lack "
                 "permission on this bucket"
             )
-        return f"{head}: {exc}"
+        return f"{head}: {detail}"
 
 
 class _Missing(Exception):

@@ -106,6 +106,8 @@ async def test_missing_bucket_is_named_in_the_error(s3_server: MotoServer) -> No
         await storage.write(KEY, _chunks(b"data"), max_bytes=100)
     with pytest.raises(StorageError, match="does not exist"):
         await _read(storage, KEY)
+    with pytest.raises(StorageError, match="does not exist"):
+        await storage.exists(KEY)
 
 
 async def test_wrong_credentials_are_named_in_the_error() -> None:
