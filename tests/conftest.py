@@ -25,6 +25,7 @@ from psycopg.conninfo import make_conninfo
 from bouncer import Bouncer, run_pgbouncer
 from pgjobs import migrate
 from pgjobs.client import Client
+from s3_helpers import MotoServer, moto_server
 
 TESTS = Path(__file__).resolve().parent
 
@@ -140,3 +141,18 @@ def pgbouncer(pg_server_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> I
     under CI=true, where it fails."""
     with run_pgbouncer(pg_server_dsn, tmp_path_factory.mktemp("pgbouncer")) as bouncer:
         yield bouncer
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[MotoServer]:
+    """One S3-compatible server (moto, a subprocess on loopback) per test run."""
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+async def s3_bucket(s3_server: MotoServer) -> str:
+    """A fresh, empty bucket for this test."""
+    bucket = f"pgjobs-{uuid.uuid4().hex[:16]}"
+    await s3_server.create_bucket(bucket)
+    return bucket

@@ -44,6 +44,15 @@ def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     return value
 
 
+def env_str(*names: str) -> str | None:
+    """The first of these variables that is set and not blank, else None."""
+    for name in names:
+        raw = os.environ.get(name, "").strip()
+        if raw:
+            return raw
+    return None
+
+
 def state_dir() -> Path:
     """Where pgjobs keeps local state (embedded database, local assets): ./.pgjobs."""
     return Path(os.environ.get("PGJOBS_HOME", ".pgjobs")).resolve()
@@ -69,6 +78,11 @@ class WorkerSettings:
     job_types: tuple[str, ...] | None = None
     max_asset_bytes: int = MAX_GENERATED_ASSET_BYTES
     storage_dir: Path = field(default_factory=lambda: state_dir() / "storage")
+    # s3://bucket/prefix puts assets in an S3-compatible bucket instead of storage_dir
+    # (pgjobs.storage.from_settings); credentials come from botocore's usual chain.
+    storage_url: str | None = None
+    s3_endpoint_url: str | None = None
+    s3_region: str | None = None
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -87,6 +101,11 @@ class WorkerSettings:
                 "PGJOBS_GENERATED_ASSET_MAX_BYTES", MAX_GENERATED_ASSET_BYTES, minimum=1
             ),
             "storage_dir": Path(os.environ.get("PGJOBS_STORAGE_DIR") or state_dir() / "storage"),
+            "storage_url": env_str("PGJOBS_STORAGE_URL"),
+            "s3_endpoint_url": env_str(
+                "PGJOBS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
+            ),
+            "s3_region": env_str("AWS_REGION", "AWS_DEFAULT_REGION"),
         }
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]  # keys are checked by the dataclass

@@ -58,3 +58,9 @@ class AssetTooLargeError(PgjobsError):
 class InvalidAssetError(PgjobsError, ValueError):
     """A handler's GeneratedAsset that could never be served as given (a content type
     that is not a valid HTTP header value). The job fails without a retry."""
+
+
+class StorageError(PgjobsError):
+    """The asset storage backend failed or refused a request (an S3 bucket missing,
+    credentials rejected, the endpoint unreachable). The message says which and what
+    to fix; a worker retries the job, the gateway answers 503."""

@@ -1,7 +1,8 @@
 """Where generated assets' bytes live.
 
-``Storage`` is the small interface a backend implements (a local directory ships here; an
-S3-compatible backend implements the same four methods). Writes are streamed, hashed and
+``Storage`` is the small interface a backend implements: a local directory (here) or an
+S3-compatible bucket (pgjobs.s3storage). ``from_settings`` picks one for workers and the
+gateway alike. Writes are streamed, hashed and
 size-checked chunk by chunk, so a 500 MiB output is never held in memory, and they are
 atomic: an error or an over-limit output leaves no file behind.
 """
@@ -15,9 +16,12 @@ import uuid
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
 from pgjobs.errors import AssetTooLargeError
+
+if TYPE_CHECKING:
+    from pgjobs.config import WorkerSettings
 
 CHUNK_SIZE = 1024 * 1024
 
@@ -100,3 +104,16 @@ class LocalStorage:
 def _flush_and_sync(handle: IO[bytes]) -> None:
     handle.flush()
     os.fsync(handle.fileno())
+
+
+def from_settings(settings: WorkerSettings) -> Storage:
+    """The backend the settings name: S3 when PGJOBS_STORAGE_URL is an s3:// URL, else
+    the local directory PGJOBS_STORAGE_DIR. Raises ConfigurationError for a malformed URL."""
+    if settings.storage_url is None:
+        return LocalStorage(settings.storage_dir)
+    # Imported here so a deployment on local storage never loads botocore.
+    from pgjobs.s3storage import S3Storage
+
+    return S3Storage.from_url(
+        settings.storage_url, endpoint_url=settings.s3_endpoint_url, region=settings.s3_region
+    )

@@ -71,7 +71,7 @@ from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Handler, Registry
-from pgjobs.storage import LocalStorage, Storage
+from pgjobs.storage import Storage, from_settings
 from pgjobs.types import Job, job_rows
 
 if TYPE_CHECKING:
@@ -197,7 +197,7 @@ class Worker:
         self.listen_dsn = listen_dsn or db.listen_dsn(dsn)
         self.registry = registry
         self.settings = settings or WorkerSettings()
-        self.storage = storage or LocalStorage(self.settings.storage_dir)
+        self.storage = storage or from_settings(self.settings)
         self.id = worker_id or default_worker_id()
         self.job_types = claimable_types(registry, self.settings.job_types)
         self._claims_types = frozenset(self.job_types)

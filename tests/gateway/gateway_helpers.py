@@ -23,7 +23,7 @@ from pgjobs.gateway import auth
 from pgjobs.gateway.app import GatewayServer, create_app, server_config
 from pgjobs.gateway.settings import GatewaySettings
 from pgjobs.gateway.state import GatewayState
-from pgjobs.storage import LocalStorage
+from pgjobs.storage import LocalStorage, Storage
 
 # Small, fast limits: tests reach every cap in milliseconds.
 TEST_SETTINGS = GatewaySettings(
@@ -79,8 +79,10 @@ async def serve_gateway(
     rcvbuf: int | None = None,
     tune_gc: bool = False,
     wait_for_listener: bool = True,
+    storage: Storage | None = None,
 ) -> AsyncIterator[RunningGateway]:
-    app = create_app(dsn, settings, LocalStorage(storage_dir))
+    """storage: the assets' backend; a LocalStorage on storage_dir unless given."""
+    app = create_app(dsn, settings, storage or LocalStorage(storage_dir))
     sock = free_socket(sndbuf, rcvbuf)
     port = sock.getsockname()[1]
     # The server `pgjobs gateway` runs, with its HTTP protocol and limits.

@@ -23,7 +23,7 @@ from pgjobs.gateway.responses import EXCEPTION_HANDLERS
 from pgjobs.gateway.routes import Api, routes
 from pgjobs.gateway.settings import GatewaySettings
 from pgjobs.gateway.state import GatewayState
-from pgjobs.storage import LocalStorage, Storage
+from pgjobs.storage import Storage, from_settings
 
 
 def create_app(
@@ -37,7 +37,7 @@ def create_app(
     connection goes to ``listen_dsn``, else PGJOBS_LISTEN_DSN, else the pool's DSN."""
     settings = settings or GatewaySettings.from_env()
     if storage is None:
-        storage = LocalStorage(WorkerSettings.from_env().storage_dir)
+        storage = from_settings(WorkerSettings.from_env())
     state = GatewayState(db.resolve_dsn(dsn), settings, storage, listen_dsn=listen_dsn)
 
     @asynccontextmanager

@@ -2,7 +2,7 @@
 
 The exception handlers here are the only place errors become HTTP statuses, so the
 mapping can be read in one screen: bad input 400/413/415/422, unknown 404, wrong state
-409, too many streams 429, database busy or down 503 with Retry-After, anything
+409, too many streams 429, database or asset storage busy or down 503 with Retry-After, anything
 unexpected 500 with a generic message (the details go to the log, not to the client). A
 client that leaves while sending its body is not an error of the server's: one INFO line.
 
@@ -28,6 +28,7 @@ from pgjobs.errors import (
     InvalidJobError,
     InvalidTransitionError,
     JobNotFoundError,
+    StorageError,
 )
 from pgjobs.types import Asset, iso
 
@@ -111,6 +112,13 @@ async def on_database_busy(request: Request, exc: Exception) -> Response:
     return error(503, "database unavailable, retry shortly", {"Retry-After": "1"})
 
 
+async def on_storage_unavailable(request: Request, exc: Exception) -> Response:
+    # The asset backend failed (an S3 bucket missing, credentials refused, the endpoint
+    # down): the operator's fix is in the log line, the client may retry later.
+    log.warning("asset storage unavailable for %s %s: %s", request.method, request.url.path, exc)
+    return error(503, "asset storage unavailable, retry shortly", {"Retry-After": "5"})
+
+
 async def on_client_disconnect(request: Request, exc: Exception) -> Response:
     # Starlette raises ClientDisconnect when the client closed the connection before its
     # request body was complete. Nobody is left to read an answer (uvicorn discards it).
@@ -134,6 +142,7 @@ EXCEPTION_HANDLERS: dict[Any, Any] = {
     psycopg.OperationalError: on_database_busy,
     # SQLSTATE 25006: a failover left us on a read-only server.
     psycopg.errors.ReadOnlySqlTransaction: on_database_busy,
+    StorageError: on_storage_unavailable,
     ClientDisconnect: on_client_disconnect,
     Exception: on_unexpected,
 }
