@@ -45,6 +45,7 @@ class SyncClient:
         threshold = db.probe_sync(dsn)
         self.pool: ConnectionPool[db.SyncConn] = ConnectionPool(
             dsn,
+            min_size=1,  # psycopg_pool's default (4) would refuse max_size < 4
             max_size=max_size,
             kwargs={
                 "autocommit": True,

@@ -461,3 +461,10 @@ async def test_a_caller_connection_in_autocommit_mode_commits_at_once(
         assert app.info.transaction_status is TransactionStatus.IDLE
         assert await _job_ids_notified(listener, {str(job.id)}) == {str(job.id)}
         assert [r["id"] for r in await fetch(dsn, "SELECT id FROM pgjobs.jobs")] == [job.id]
+
+
+def test_a_sync_client_with_a_pool_of_one(dsn: str) -> None:
+    """max_size below psycopg_pool's default min_size (4) is a pool, not a ValueError."""
+    with SyncClient(dsn, max_size=1) as sync_client:
+        job = sync_client.enqueue("acme", "echo", {})
+        assert sync_client.get("acme", job.id).id == job.id
