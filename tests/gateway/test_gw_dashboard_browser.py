@@ -21,6 +21,7 @@ from test_gw_browser import CHROMIUM, launch
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, demo
+from pgjobs.types import iso
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
@@ -593,3 +594,86 @@ async def test_jobs_filter_by_type_and_source_task_and_a_job_id_opens_it(
         await page.get_by_role("button", name="Find").click()
         await page.locator("#detail-view").wait_for()
         assert await page.locator("#d-id").text_content() == str(other.id)
+
+
+# A row's times as the page shows them: the exact ISO time (the hover title) of started and
+# finished, and the duration's text.
+TIMES = """(id) => {
+  const tr = document.querySelector(`#job-rows tr[data-job-id="${id}"]`);
+  if (!tr) return null;
+  const iso = (cls) => tr.querySelector(`td.${cls} time`)?.getAttribute('title') ?? null;
+  return {status: tr.dataset.status, created: iso('created'), started: iso('started'),
+          finished: iso('finished'), duration: tr.querySelector('td.duration').textContent};
+}"""
+
+
+async def test_rows_show_started_finished_and_duration_kept_live(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    """A listed row that events move to running, and then to an end, shows the times the
+    database holds for the job (exact ISO on hover) and its duration, without a reload: a
+    running job's duration grows, an ended one's is started to finished."""
+    client = gateway.state.client
+    # A blocking sleep reports no progress while it runs: no event re-renders its row.
+    long = await client.enqueue("acme", "sleep_sync", {"seconds": 120})
+    quick = await client.enqueue("acme", "echo", {})
+
+    async def database(job_id: object) -> dict[str, str | None]:
+        job = await client.get("acme", job_id)
+        return {
+            "status": job.status.value,
+            "created": iso(job.created_at),
+            "started": iso(job.started_at),
+            "finished": iso(job.finished_at),
+        }
+
+    async def shown(page: Any, job_id: object) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = await page.evaluate(TIMES, str(job_id))
+        return found
+
+    async with signed_in(gateway) as page:
+        await wait_until(lambda: _shown(page, long.id, quick.id), message="listed, queued")
+        before = await shown(page, long.id)
+        assert before is not None
+        assert (before["started"], before["finished"], before["duration"]) == (None, None, "—")
+        await page.evaluate("window.notReloaded = true")
+
+        async def as_in_database(job_id: object, status: str) -> bool:
+            row = await shown(page, job_id)
+            want = await database(job_id)
+            return (
+                row is not None
+                and want["status"] == status
+                and {k: row[k] for k in want} == want
+                and row["duration"] != "—"
+            )
+
+        async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+            await wait_until(lambda: as_in_database(quick.id, "done"), within=30, message="done")
+            await wait_until(
+                lambda: as_in_database(long.id, "running"), within=30, message="running"
+            )
+            # The same row element (not a re-render) shows a growing duration.
+            first = await page.evaluate(
+                """(id) => { window.longRow = document.querySelector(
+                               `#job-rows tr[data-job-id="${id}"]`);
+                             return window.longRow.querySelector('td.duration').textContent; }""",
+                str(long.id),
+            )
+
+            async def grew() -> bool:
+                now: str | None = await page.evaluate(
+                    """() => window.longRow.isConnected
+                             ? window.longRow.querySelector('td.duration').textContent : null"""
+                )
+                assert now is not None, "the running row was re-rendered"
+                return now != first
+
+            await wait_until(grew, within=20, message="the running duration growing")
+            await client.cancel("acme", long.id)
+            await wait_until(lambda: as_in_database(long.id, "cancelled"), message="cancelled")
+        done = await database(quick.id)
+        assert done["started"] is not None
+        assert done["finished"] is not None
+        assert await page.evaluate("window.notReloaded") is True
+        await page.screenshot(path=shot("times"), full_page=True)

@@ -13,6 +13,11 @@
 // Last-Event-ID by itself; when it gives up (its stream token expired), a new stream
 // starts from now and the listed jobs are read again. Renders are coalesced to at most
 // one every RENDER_MS.
+//
+// Times: events carry no time, and a job's startedAt / finishedAt are the times its
+// transition wrote to the row (which can differ from the event's own time). So a row that
+// an event moves to running or to an end is read again (once per job at a time, and only
+// for rows the table holds) for its times: the status changes at once, the times follow.
 "use strict";
 
 (() => {
@@ -103,6 +108,29 @@
     if (!iso) return document.createTextNode("—");
     const date = new Date(iso);
     return el("time", { datetime: iso, title: iso, text: date.toLocaleString() });
+  }
+
+  // A duration for people: "850 ms", "12.3 s", "4 min 5 s", "2 h 3 min".
+  function humanDuration(ms) {
+    if (!Number.isFinite(ms) || ms < 0) return "—";
+    if (ms < 1000) return `${Math.round(ms)} ms`;
+    const s = ms / 1000;
+    if (s < 60) return `${s < 10 ? s.toFixed(1) : Math.round(s)} s`;
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m} min ${Math.floor(s % 60)} s`;
+    const h = Math.floor(m / 60);
+    if (h < 48) return `${h} h ${m % 60} min`;
+    return `${Math.floor(h / 24)} d ${h % 24} h`;
+  }
+
+  // How long the job ran (started to finished), or has been running so far; "—" for a
+  // job that has not started, or whose start the row does not know yet.
+  function durationText(job, now = Date.now()) {
+    if (!job.startedAt) return "—";
+    const start = new Date(job.startedAt).getTime();
+    if (job.finishedAt) return humanDuration(new Date(job.finishedAt).getTime() - start);
+    if (job.status === "running") return humanDuration(now - start);
+    return "—";
   }
 
   function progressEl(progress, status) {
@@ -241,6 +269,12 @@
     else if (reopened) next.resultAssetId = null;
     if (kind === "content_job.retrying") {
       next.maxAttempts = Math.max(job.maxAttempts, event.attempt + 1);
+      next.finishedAt = null; // every way back to queued clears finished_at
+    }
+    if (kind === "content_job.running") {
+      // A new attempt: its start time comes with the record (jobs.refresh).
+      next.startedAt = null;
+      next.finishedAt = null;
     }
     return next;
   }
@@ -252,6 +286,8 @@
     order: [], // ids, newest first
     dirty: new Set(),
     fetching: new Set(),
+    refreshing: new Set(), // rows being read again for their times
+    refreshAgain: new Set(), // ... and moved again by an event meanwhile
     filter: "", // a status, or "" for all
     typeFilter: "", // a job type, or ""
     sourceFilter: "", // a source task id, or ""
@@ -314,6 +350,7 @@
       if (row) {
         if (event.seq <= row.job.seq) return; // already shown, or older than what is
         this.upsert(advance(row.job, event));
+        if (TIMED.has(event.status)) this.refresh(event.jobId);
         return;
       }
       if (this.filter && event.status !== this.filter) return;
@@ -331,6 +368,37 @@
         if (error.status !== 404) console.warn("job", jobId, error.message);
       } finally {
         this.fetching.delete(jobId);
+      }
+    },
+
+    // Read a listed job again for what its events do not carry (startedAt, finishedAt,
+    // result): one read per job at a time; an event that arrives meanwhile asks for one
+    // more. The record replaces the row if it is at least as new (same seq: the same
+    // state, with its times).
+    async refresh(jobId) {
+      if (this.refreshing.has(jobId)) { this.refreshAgain.add(jobId); return; }
+      this.refreshing.add(jobId);
+      const generation = this.generation;
+      try {
+        do {
+          this.refreshAgain.delete(jobId);
+          let data;
+          try {
+            ({ data } = await api("GET", jobPath(jobId)));
+          } catch (error) {
+            if (error.status !== 404) console.warn("job", jobId, error.message);
+            return;
+          }
+          if (generation !== this.generation) return;
+          const row = this.rows.get(jobId);
+          if (!row || row.job.seq > data.seq) continue;
+          if (!this.visible(data)) { this.remove(jobId); return; }
+          row.job = data;
+          this.dirty.add(jobId);
+          this.schedule();
+        } while (this.refreshAgain.has(jobId));
+      } finally {
+        this.refreshing.delete(jobId);
       }
     },
 
@@ -366,6 +434,16 @@
       if (this.renderTimer !== null) return;
       const wait = Math.max(0, this.lastRender + RENDER_MS - performance.now());
       this.renderTimer = setTimeout(() => this.render(), wait);
+    },
+
+    // A running job's duration grows: its cell is rewritten every second (text only).
+    tickDurations() {
+      const now = Date.now();
+      for (const tr of $("job-rows").querySelectorAll("tr[data-status=running]")) {
+        const row = this.rows.get(tr.dataset.jobId);
+        const cell = tr.querySelector("td.duration > div");
+        if (row && cell) cell.textContent = durationText(row.job, now);
+      }
     },
 
     render() {
@@ -419,6 +497,8 @@
     return el("small", { class: "unserved", text: "no live worker for this type" });
   }
 
+  const TIMED = new Set(["running", "done", "failed", "cancelled"]); // statuses that set a time
+
   function jobRow(job) {
     const copyButton = el("button", {
       type: "button", text: "copy", "aria-label": `Copy job id ${job.id}`,
@@ -439,6 +519,9 @@
       cell("Progress", "progress-cell", progressEl(job.progress, job.status)),
       cell("Source task", "source", document.createTextNode(job.sourceTaskId || "—")),
       cell("Created", "created", timeEl(job.createdAt)),
+      cell("Started", "started", timeEl(job.startedAt)),
+      cell("Finished", "finished", timeEl(job.finishedAt)),
+      cell("Duration", "duration", document.createTextNode(durationText(job))),
       cell("Error", "error-cell", document.createTextNode(job.errorMessage || "")),
       cell("Actions", "actions-cell", actionButtons(job)),
     );
@@ -1062,6 +1145,7 @@
     $("load-older").addEventListener("click", () => {
       jobs.loadPage(jobs.nextCursor).catch((error) => say(`Could not load jobs: ${error.message}`));
     });
+    setInterval(() => { if (session.token) jobs.tickDurations(); }, 1000);
     window.addEventListener("hashchange", route);
     window.addEventListener("offline", () => setLive("offline"));
     route();
