@@ -63,10 +63,16 @@ def shot(name: str) -> str:
 
 @asynccontextmanager
 async def signed_in(
-    gateway: RunningGateway, token: str | None = None, company: str | None = None, **context: Any
+    gateway: RunningGateway,
+    token: str | None = None,
+    company: str | None = None,
+    *,
+    live: bool = True,
+    **context: Any,
 ) -> AsyncIterator[Any]:
     """A page at / signed in (as acme unless another token is given; ``company`` for an
-    operator's token), its JavaScript dialogs and errors recorded."""
+    operator's token), its JavaScript dialogs and errors recorded; once its company stream
+    is live, unless ``live`` is false (an operator's every-company view has none)."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
@@ -88,7 +94,10 @@ async def signed_in(
             if company is not None:
                 await page.get_by_label("Company").fill(company)
             await page.get_by_role("button", name="Sign in").click()
-            await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
+            if live:
+                await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
+            else:
+                await page.locator("#jobs-view").wait_for(timeout=15_000)
             yield page
             assert page.errors == []  # type: ignore[attr-defined]
         finally:
@@ -677,3 +686,84 @@ async def test_rows_show_started_finished_and_duration_kept_live(
         assert done["finished"] is not None
         assert await page.evaluate("window.notReloaded") is True
         await page.screenshot(path=shot("times"), full_page=True)
+
+
+async def test_an_operator_sees_every_company_and_picks_one_a_company_sees_its_own(
+    gateway: RunningGateway,
+) -> None:
+    """An operator signed in without naming a company sees every company's figures (GET
+    /api/stats) and a picker of the companies; picking one lists and follows its jobs.
+    A company's token gets neither the picker nor the other companies."""
+    from pgjobs.gateway import auth
+
+    async with await db.connect(gateway.state.dsn) as conn:
+        operator = await auth.create_token(conn, None, "ops", operator=True)
+    client = gateway.state.client
+    acme_jobs = [await client.enqueue("acme", "echo", {}) for _ in range(2)]
+    globex_job = await client.enqueue("globex", "render", {})
+    picker_label = "Which companies to show"
+    async with signed_in(gateway, operator, live=False) as page:
+        companies = page.locator("#company-rows tr")
+
+        async def both_companies() -> bool:
+            return await companies.count() == 2
+
+        await wait_until(both_companies, within=20, message="both companies in the overview")
+        assert await companies.evaluate_all("rs => rs.map((r) => r.dataset.companyId)") == [
+            "acme",
+            "globex",
+        ]
+        assert (
+            await page.locator("#company-rows tr[data-company-id=acme] td.queued").text_content()
+            == "2"
+        )
+        assert (
+            await page.locator("#company-rows tr[data-company-id=globex] td.queued").text_content()
+            == "1"
+        )
+        by_type = page.locator("#overview-rows tr")
+        assert await by_type.evaluate_all("rs => rs.map((r) => r.dataset.jobType)") == [
+            "echo",
+            "render",
+        ]
+        picker = page.get_by_label(picker_label)
+        options = await picker.locator("option").evaluate_all("os => os.map((o) => o.value)")
+        assert options == ["", "acme", "globex"]
+        assert await picker.input_value() == ""
+        # No jobs table in this view (jobs are followed one company at a time), and it says so.
+        assert await page.locator("#company-jobs").is_hidden()
+        assert await page.locator("#all-companies-note").is_visible()
+        await page.screenshot(path=shot("all-companies"), full_page=True)
+
+        # Pick acme: its jobs, live, and none of globex's.
+        await picker.select_option("acme")
+        await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
+        await wait_until(lambda: _shown(page, *(j.id for j in acme_jobs)), message="acme's jobs")
+        assert not await _shown(page, globex_job.id)
+        late = await client.enqueue("acme", "echo", {"late": True})
+        await wait_until(lambda: _shown(page, late.id), message="a new acme job, live")
+        # A company's name in the every-company table opens it too.
+        await picker.select_option("")
+        await page.locator("#company-rows tr[data-company-id=globex] button").click()
+        await wait_until(lambda: _shown(page, globex_job.id), message="globex's job")
+        assert not await _shown(page, *(j.id for j in acme_jobs))
+        assert await picker.input_value() == "globex"
+
+    async with signed_in(gateway) as page:  # acme's own token
+        await wait_until(lambda: _shown(page, *(j.id for j in acme_jobs)), message="listed")
+        assert not await _shown(page, globex_job.id)
+        assert await page.get_by_label(picker_label).is_hidden()
+        assert await page.locator("#companies-panel").is_hidden()
+        status = await page.evaluate(
+            """async () => (await fetch('/api/stats', {headers: {Authorization:
+                 `Bearer ${sessionStorage.getItem('pgjobs.token')}`}})).status"""
+        )
+        assert status == 403
+        await page.goto(f"{gateway.url}/#/jobs/globex/{globex_job.id}")
+        error = page.locator("#d-error")
+
+        async def refused() -> bool:
+            return (await error.text_content() or "") != ""
+
+        await wait_until(refused, message="globex's job refused")
+        assert await page.locator("#d-type").text_content() == ""

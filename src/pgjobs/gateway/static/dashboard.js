@@ -38,6 +38,8 @@
     get token() { return sessionStorage.getItem(KEY_TOKEN); },
     get company() { return sessionStorage.getItem(KEY_COMPANY); },
     get operator() { return sessionStorage.getItem(KEY_OPERATOR) === "1"; },
+    // An operator looking at every company at once (no company chosen).
+    get all() { return this.operator && !this.company; },
     save(token, company, operator) {
       sessionStorage.setItem(KEY_TOKEN, token);
       sessionStorage.setItem(KEY_COMPANY, company);
@@ -552,13 +554,24 @@
       let stats;
       let served;
       try {
-        ({ data: stats } = await api("GET", `${companyPath()}/stats`));
-        ({ data: { jobTypes: served } } = await api("GET", `${companyPath()}/job-types`));
+        if (session.all) {
+          // Every company (operators): the types served are those of the live workers.
+          ({ data: stats } = await api("GET", "/api/stats"));
+          served = [...new Set((await this.workers()).flatMap((w) => w.jobTypes))];
+        } else {
+          ({ data: stats } = await api("GET", `${companyPath()}/stats`));
+          ({ data: { jobTypes: served } } = await api("GET", `${companyPath()}/job-types`));
+        }
       } catch {
         return; // the table keeps the last figures; the next tick tries again
       }
       this.chart(stats.completionsPerMinute);
-      if (session.operator) this.workers();
+      if (session.all) {
+        this.companies(stats.companies);
+        picker.fill(stats.companies.map((c) => c.companyId));
+      } else if (session.operator) {
+        this.workers();
+      }
       const rows = stats.jobTypes.map((t) => {
         const tr = el("tr", { "data-job-type": t.jobType },
           el("th", { scope: "row", text: t.jobType }));
@@ -615,12 +628,34 @@
         `Completions per minute, last hour: ${total} in all, at most ${Math.max(0, ...perMinute)} a minute`;
     },
 
+    // Every company's totals (operators, all companies), each name opening that company.
+    companies(list) {
+      $("companies-panel").hidden = false;
+      $("company-rows").replaceChildren(...list.map((c) => {
+        const tr = el("tr", { "data-company-id": c.companyId },
+          el("th", { scope: "row" }, el("button", {
+            type: "button", class: "link", text: c.companyId,
+            onclick: () => picker.choose(c.companyId),
+          })));
+        const labels = { queued: "queued", scheduled: "scheduled", running: "running",
+          done: "done (1 h)", failed: "failed (1 h)" };
+        for (const [key, label] of Object.entries(labels)) {
+          tr.append(el("td", { "data-label": label, class: key, text: String(c.totals[key]) }));
+        }
+        const oldest = c.jobTypes.map((t) => t.oldestQueuedAt).filter(Boolean).sort()[0] || null;
+        tr.append(el("td", { "data-label": "oldest queued", class: "oldest",
+          title: oldest || "", text: humanAge(oldest) }));
+        return tr;
+      }));
+    },
+
+    // The live workers (operators); also returned, for the types they serve.
     async workers() {
       let workers;
       try {
         ({ data: workers } = await api("GET", "/api/workers"));
       } catch {
-        return;
+        return [];
       }
       $("workers-panel").hidden = false;
       $("worker-rows").replaceChildren(...workers.map((w) => el("tr", { "data-worker-id": w.id },
@@ -630,6 +665,7 @@
         el("td", { "data-label": "running", text: `${w.running} / ${w.concurrency}` }),
         el("td", { "data-label": "heartbeat", title: w.lastHeartbeatAt,
           text: `${humanAge(w.lastHeartbeatAt)} ago` }))));
+      return workers;
     },
 
     poke() {
@@ -643,6 +679,8 @@
       $("overview-rows").replaceChildren();
       $("worker-rows").replaceChildren();
       $("workers-panel").hidden = true;
+      $("company-rows").replaceChildren();
+      $("companies-panel").hidden = true;
       $("completions").replaceChildren();
     },
   };
@@ -1033,6 +1071,48 @@
     },
   };
 
+  // -- the operators' company picker ------------------------------------------------------
+
+  // "All companies" and every company that has a job (from GET /api/stats). Choosing one
+  // opens it as if the operator had signed in to it: its jobs, live from its stream.
+  const picker = {
+    async load() {
+      try {
+        const { data } = await api("GET", "/api/stats");
+        this.fill(data.companies.map((c) => c.companyId));
+      } catch { /* the picker keeps what it has; "All companies" lists them again */ }
+    },
+
+    fill(companies) {
+      const select = $("company-picker");
+      const names = [...new Set(companies.concat(session.company ? [session.company] : []))]
+        .sort();
+      const have = [...select.options].slice(1).map((o) => o.value);
+      if (have.join("\n") !== names.join("\n")) {
+        select.replaceChildren(el("option", { value: "", text: "All companies" }),
+          ...names.map((c) => el("option", { value: c, text: c })));
+      }
+      select.value = session.company || "";
+    },
+
+    choose(company) {
+      if (company === (session.company || "")) return;
+      session.save(session.token, company, true);
+      live.stop();
+      overview.stop();
+      overview.timer = null;
+      detail.close();
+      jobs.reset();
+      jobs.typeFilter = "";
+      jobs.sourceFilter = "";
+      $("type-filter").value = "";
+      $("search-text").value = "";
+      say("");
+      if (location.hash !== "#/jobs") location.hash = "#/jobs"; // route() follows
+      else route();
+    },
+  };
+
   // -- views and routing ----------------------------------------------------------------
 
   function show(view) {
@@ -1047,11 +1127,20 @@
       $("token").focus();
       return;
     }
-    $("company").textContent = session.company;
+    $("company").textContent = session.all ? "All companies" : session.company;
+    $("company").hidden = session.operator; // the picker names it
+    $("company-picker").hidden = !session.operator;
+    if (session.operator) picker.fill([]);
     $("retry-failed").hidden = !session.operator;
-    if (!live.active) live.start();
+    // All companies: the figures only (read again every OVERVIEW_IDLE_MS), no jobs table
+    // and no stream (company streams are per company); the note says to pick a company.
+    $("company-jobs").hidden = session.all;
+    $("all-companies-note").hidden = !session.all;
+    $("live").hidden = session.all;
+    if (session.operator && !session.all) picker.load();
+    if (!live.active && !session.all) live.start();
     if (!overview.timer) overview.refresh();
-    if (jobs.loaded === 0) {
+    if (jobs.loaded === 0 && !session.all) {
       // Also without a stream (refused, say): the list does not wait for it.
       jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
     }
@@ -1077,14 +1166,9 @@
       const { data } = await api("GET", "/api/whoami", undefined, token);
       let company = data.companyId;
       if (data.operator) {
-        // An operator's token acts for every company: the page shows the one named here
-        // (sign out to open another).
+        // An operator's token acts for every company: the page opens the one named here,
+        // or every company's figures (the picker switches between them).
         company = $("operator-company").value.trim();
-        if (!company) {
-          $("sign-in-error").textContent =
-            "This is an operator token: name the company to open.";
-          return;
-        }
       }
       session.save(token, company, data.operator);
     } catch (error) {
@@ -1106,6 +1190,9 @@
     detail.close();
     jobs.reset();
     $("company").textContent = "";
+    $("company-picker").hidden = true;
+    $("company").hidden = false;
+    $("live").hidden = false;
     route();
     if (typeof message === "string") $("sign-in-error").textContent = message;
   }
@@ -1117,6 +1204,7 @@
       if ($("submit-panel").open) submit.loadTypes();
     });
     $("sign-out").addEventListener("click", () => signOut());
+    $("company-picker").addEventListener("change", (e) => picker.choose(e.target.value));
     const reload = () => {
       jobs.reset();
       jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
