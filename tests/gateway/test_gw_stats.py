@@ -224,3 +224,57 @@ async def test_all_companies_stats_are_each_companys_stats_for_operators_only(
         assert await auth.revoke_token(conn, operator) is not None
     async with httpx.AsyncClient(base_url=gateway.url, headers=ops, timeout=20.0) as http:
         assert (await http.get("/api/stats")).status_code == 401
+
+
+def _scans(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (node type, relation) of a JSON plan that reads a relation."""
+    found = []
+    if "Relation Name" in plan:
+        found.append((plan["Node Type"], plan["Relation Name"]))
+    for child in plan.get("Plans", []):
+        found += _scans(child)
+    return found
+
+
+async def test_all_companies_stats_read_each_companys_window_not_the_history(dsn: str) -> None:
+    """job_stats_all_companies and job_completions_per_minute_all_companies with 60,000
+    finished jobs a day old (one event each here) and a few in the last hour: the
+    companies come from a skip scan of the jobs' company index and each company's events
+    from its window's start in job_events_company_xid_idx; neither jobs nor job_events is
+    read whole. (Written as a plain join, the planner read every ended event and checked
+    each against its company's window start.)"""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("ALTER TABLE pgjobs.jobs DISABLE TRIGGER jobs_publish_insert")
+        for ago, n in (("1 day", 60_000), ("65 minutes", 30), ("10 minutes", 300)):
+            await conn.execute(
+                """
+                WITH ins AS (
+                    INSERT INTO pgjobs.jobs (id, company_id, job_type, status, attempts,
+                                             worker_id, lease_token, event_seq, last_event,
+                                             started_at, finished_at, created_at)
+                    SELECT gen_random_uuid(), 'company-' || (g %% 3), 'echo', 'done', 1, 'w',
+                           1, 1, 'content_job.done', now() - %(ago)s::interval,
+                           now() - %(ago)s::interval, now() - %(ago)s::interval
+                    FROM generate_series(1, %(n)s::int) AS g
+                    RETURNING id, company_id, created_at
+                )
+                INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt,
+                                               created_at)
+                SELECT id, company_id, 1, 'content_job.done', 'done', 1, created_at FROM ins
+                """,
+                {"ago": ago, "n": n},
+            )
+        await conn.execute("ANALYZE pgjobs.jobs, pgjobs.job_events")
+        params = {"now": None, "window_seconds": 3600}
+        for name in ("job_stats_all_companies", "job_completions_per_minute_all_companies"):
+            cur = await conn.execute(
+                "EXPLAIN (FORMAT JSON) " + GATEWAY_QUERIES[name],  # type: ignore[operator]
+                params,
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            scans = _scans(row[0][0]["Plan"])
+            assert ("Seq Scan", "job_events") not in scans, (name, scans)
+            assert ("Seq Scan", "jobs") not in scans, (name, scans)
+        stats = await fetch(dsn, GATEWAY_QUERIES["job_stats_all_companies"], params)
+    assert {r["company_id"]: r["done"] for r in stats} == {f"company-{c}": 100 for c in range(3)}
