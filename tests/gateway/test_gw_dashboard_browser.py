@@ -21,6 +21,7 @@ from test_gw_browser import CHROMIUM, launch
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, demo
+from pgjobs.jobspec import JobSpec
 from pgjobs.types import iso
 
 pytestmark = pytest.mark.skipif(
@@ -767,3 +768,33 @@ async def test_an_operator_sees_every_company_and_picks_one_a_company_sees_its_o
 
         await wait_until(refused, message="globex's job refused")
         assert await page.locator("#d-type").text_content() == ""
+
+
+async def test_a_burst_of_new_jobs_reads_pages_not_each_job(gateway: RunningGateway) -> None:
+    """300 jobs enqueued at once while the page is open: the page reads the newest page
+    again (a request or two) instead of each new job (300 requests), and the table keeps
+    one page of rows, the newest, as in the database."""
+    import re
+
+    client = gateway.state.client
+    first = await client.enqueue("acme", "echo", {})
+    async with signed_in(gateway) as page:
+        await wait_until(lambda: _shown(page, first.id), message="listed")
+        single = re.compile(r"/content-jobs/[0-9a-f-]{36}$")
+        singles: list[str] = []
+        page.on("request", lambda r: singles.append(r.url) if single.search(r.url) else None)
+        jobs = await client.enqueue_many(JobSpec("acme", "echo") for _ in range(300))
+        newest = await fetch(
+            gateway.state.dsn,
+            "SELECT id::text FROM pgjobs.jobs WHERE company_id = 'acme'"
+            " ORDER BY created_at DESC, id DESC LIMIT 50",
+        )
+
+        async def newest_page() -> bool:
+            return [r["id"] for r in await rows(page)] == [r["id"] for r in newest]
+
+        await wait_until(newest_page, within=30, message="the newest 50 jobs, in order")
+        assert len(jobs) == 300
+        # The first event of the burst may come alone (read one by one), the rest not.
+        assert len(singles) <= 10, len(singles)
+        assert await page.locator("#load-older").is_visible()

@@ -16,12 +16,20 @@
 //
 // Times: events carry no time, and a job's startedAt / finishedAt are the times its
 // transition wrote to the row (which can differ from the event's own time). So a row that
-// an event moves to running or to an end is read again (once per job at a time, and only
-// for rows the table holds) for its times: the status changes at once, the times follow.
+// an event moves to running or to an end is read again for its times: the status changes
+// at once, the times follow.
+//
+// Reads are batched: jobs the page needs a record of (new ones, and rows that need their
+// times) are gathered and read at most once every FLUSH_MS, one by one when they are a
+// few, and otherwise by reading the listed pages again (at most PAGE_SIZE per page
+// listed, whatever the number of events), so a burst of thousands of events a second
+// costs a request or two a second, not one per job.
 "use strict";
 
 (() => {
   const RENDER_MS = 100;
+  const FLUSH_MS = 1000; // reads of needed records, at most once every FLUSH_MS
+  const FETCH_EACH = 5; // more needed records than this: read the listed pages again
   const PAGE_SIZE = 50;
   const TERMINAL = new Set(["done", "failed", "cancelled"]);
   const CAN_CANCEL = new Set(["queued", "running"]);
@@ -188,7 +196,7 @@
     if (!ok) return;
     try {
       const { data } = await api("POST", `${jobPath(job.id, job.companyId)}/${action}`);
-      jobs.upsert(data);
+      jobs.upsert(data, true);
       if (detail.job && detail.job.id === data.id) detail.applyJob(data);
       say(`${verb === "Cancel" ? "Cancelled" : "Retried"} ${shortId(job.id)}.`);
     } catch (error) {
@@ -273,6 +281,7 @@
       next.maxAttempts = Math.max(job.maxAttempts, event.attempt + 1);
       next.finishedAt = null; // every way back to queued clears finished_at
     }
+    next.partial = true; // what events say; the record may have more (times, result)
     if (kind === "content_job.running") {
       // A new attempt: its start time comes with the record (jobs.refresh).
       next.startedAt = null;
@@ -290,6 +299,12 @@
     fetching: new Set(),
     refreshing: new Set(), // rows being read again for their times
     refreshAgain: new Set(), // ... and moved again by an event meanwhile
+    needs: new Set(), // jobs to read a record of at the next flush
+    needTimer: null,
+    lastFlush: -Infinity,
+    resyncing: false,
+    resyncAgain: false,
+    oldestListed: null, // the oldest record the last listing read
     filter: "", // a status, or "" for all
     typeFilter: "", // a job type, or ""
     sourceFilter: "", // a source task id, or ""
@@ -322,9 +337,13 @@
       return newer(last, job);
     },
 
-    upsert(job) {
+    // A job record (``record``: as the API gave it) or a row moved on by an event. A row
+    // takes only a newer state; a record of the same state replaces a row that events
+    // built (it has the times and the result they do not carry).
+    upsert(job, record = false) {
       const row = this.rows.get(job.id);
-      if (row && row.job.seq >= job.seq) return;
+      if (row && row.job.seq > job.seq) return;
+      if (row && row.job.seq === job.seq && !(record && row.job.partial)) return;
       if (!this.visible(job)) {
         if (row) this.remove(job.id);
         return;
@@ -352,11 +371,46 @@
       if (row) {
         if (event.seq <= row.job.seq) return; // already shown, or older than what is
         this.upsert(advance(row.job, event));
-        if (TIMED.has(event.status)) this.refresh(event.jobId);
+        if (TIMED.has(event.status)) this.need(event.jobId);
         return;
       }
       if (this.filter && event.status !== this.filter) return;
-      this.fetchOne(event.jobId);
+      this.need(event.jobId);
+    },
+
+    need(jobId) {
+      this.needs.add(jobId);
+      if (this.needTimer !== null) return;
+      const wait = Math.max(0, this.lastFlush + FLUSH_MS - performance.now());
+      this.needTimer = setTimeout(() => this.flushNeeds(), wait);
+    },
+
+    flushNeeds() {
+      this.needTimer = null;
+      this.lastFlush = performance.now();
+      const ids = [...this.needs];
+      this.needs.clear();
+      if (ids.length > FETCH_EACH) { this.resyncSoon(); return; }
+      for (const id of ids) {
+        if (this.rows.has(id)) this.refresh(id);
+        else this.fetchOne(id);
+      }
+    },
+
+    // One resync at a time; asked again meanwhile, one more after it.
+    async resyncSoon() {
+      if (this.resyncing) { this.resyncAgain = true; return; }
+      this.resyncing = true;
+      try {
+        do {
+          this.resyncAgain = false;
+          await this.resync();
+        } while (this.resyncAgain);
+      } catch (error) {
+        say(`Could not load jobs: ${error.message}`);
+      } finally {
+        this.resyncing = false;
+      }
     },
 
     async fetchOne(jobId) {
@@ -365,7 +419,7 @@
       const generation = this.generation;
       try {
         const { data } = await api("GET", jobPath(jobId));
-        if (generation === this.generation && !this.beyondLoaded(data)) this.upsert(data);
+        if (generation === this.generation && !this.beyondLoaded(data)) this.upsert(data, true);
       } catch (error) {
         if (error.status !== 404) console.warn("job", jobId, error.message);
       } finally {
@@ -392,12 +446,7 @@
             return;
           }
           if (generation !== this.generation) return;
-          const row = this.rows.get(jobId);
-          if (!row || row.job.seq > data.seq) continue;
-          if (!this.visible(data)) { this.remove(jobId); return; }
-          row.job = data;
-          this.dirty.add(jobId);
-          this.schedule();
+          if (this.rows.has(jobId)) this.upsert(data, true);
         } while (this.refreshAgain.has(jobId));
       } finally {
         this.refreshing.delete(jobId);
@@ -406,6 +455,7 @@
 
     async loadPage(cursor) {
       const generation = this.generation;
+      if (!cursor) this.oldestListed = null;
       const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
       if (this.filter) params.set("status", this.filter);
       if (this.typeFilter) params.set("jobType", this.typeFilter);
@@ -415,21 +465,31 @@
       if (generation !== this.generation) return;
       if (cursor || this.loaded === 0) this.nextCursor = headers.get("X-Next-Cursor");
       this.loaded += data.length;
-      for (const job of data) this.upsert(job);
+      if (data.length) this.oldestListed = data[data.length - 1];
+      for (const job of data) this.upsert(job, true);
       $("no-jobs").hidden = this.order.length > 0 || data.length > 0;
       $("load-older").hidden = !this.nextCursor;
     },
 
-    // Read every listed job again (after the stream restarted without Last-Event-ID):
-    // the same pages, newest first, as far as the table reached.
+    // Read every listed job again (after the stream restarted without Last-Event-ID, or
+    // for a burst of events): the same number of pages, newest first. Rows older than
+    // the oldest one read then leave the table while older pages exist (they come back
+    // with "Load older jobs"), so the table keeps the size it had, however many jobs
+    // arrive.
     async resync() {
       const want = Math.max(this.loaded, PAGE_SIZE);
+      const generation = this.generation;
       this.loaded = 0;
+      this.oldestListed = null;
       let cursor = null;
       do {
         await this.loadPage(cursor);
         cursor = this.nextCursor;
-      } while (cursor && this.loaded < want);
+      } while (cursor && this.loaded < want && generation === this.generation);
+      const oldest = this.oldestListed;
+      if (generation !== this.generation || !this.nextCursor || !oldest) return;
+      const older = this.order.filter((id) => newer(oldest, this.rows.get(id).job));
+      for (const id of older) this.remove(id);
     },
 
     schedule() {
@@ -725,7 +785,7 @@
         if (!resumable) {
           // A stream without Last-Event-ID starts from now: read the listed jobs again;
           // the seq check keeps whichever of a record and an event is newer.
-          jobs.resync().catch((error) => say(`Could not load jobs: ${error.message}`));
+          jobs.resyncSoon();
         }
       };
       source.onerror = () => {
