@@ -735,6 +735,13 @@ async def test_an_operator_sees_every_company_and_picks_one_a_company_sees_its_o
         assert await page.locator("#company-jobs").is_hidden()
         assert await page.locator("#all-companies-note").is_visible()
         await page.screenshot(path=shot("all-companies"), full_page=True)
+        # A job's detail and back: the picker still lists every company.
+        await page.goto(f"{gateway.url}/#/jobs/globex/{globex_job.id}")
+        await page.locator("#d-status .badge").wait_for()
+        await page.goto(f"{gateway.url}/#/jobs")
+        await page.locator("#all-companies-note").wait_for()
+        options = await picker.locator("option").evaluate_all("os => os.map((o) => o.value)")
+        assert options == ["", "acme", "globex"]
 
         # Pick acme: its jobs, live, and none of globex's.
         await picker.select_option("acme")

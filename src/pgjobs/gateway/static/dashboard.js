@@ -1143,11 +1143,12 @@
       } catch { /* the picker keeps what it has; "All companies" lists them again */ }
     },
 
+    // Adds to the companies listed (a company's jobs are never all gone at once).
     fill(companies) {
       const select = $("company-picker");
-      const names = [...new Set(companies.concat(session.company ? [session.company] : []))]
-        .sort();
       const have = [...select.options].slice(1).map((o) => o.value);
+      const names = [...new Set(have.concat(companies, session.company ? [session.company] : []))]
+        .sort();
       if (have.join("\n") !== names.join("\n")) {
         select.replaceChildren(el("option", { value: "", text: "All companies" }),
           ...names.map((c) => el("option", { value: c, text: c })));
@@ -1251,6 +1252,7 @@
     jobs.reset();
     $("company").textContent = "";
     $("company-picker").hidden = true;
+    $("company-picker").replaceChildren(el("option", { value: "", text: "All companies" }));
     $("company").hidden = false;
     $("live").hidden = false;
     route();
