@@ -102,3 +102,34 @@ def test_floor_build_up_drains_every_job_in_every_model() -> None:
     assert table[12].startswith("| the floor's statements |"), table[12]
     assert table[13].startswith("| the floor's statements, each handler a task"), table[13]
     assert table[14].startswith("| pgjobs' statements "), table[14]
+
+
+@pytest.mark.timeout(300)
+def test_stats_sql_times_both_stats_endpoints_without_a_full_scan(tmp_path: Path) -> None:
+    proc = python_m(
+        "bench.stats_sql", "--rows", "20000", "--recent", "1000", "--queued", "200",
+        "--repeat", "1", "--out", str(tmp_path), timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "stats_sql.json").read_text())
+    for endpoint in ("company", "all"):
+        assert report[endpoint]["full_scans"] == [], report[endpoint]
+        assert report[endpoint]["median_ms"] > 0
+    assert (tmp_path / "job_stats_all_companies.plan.txt").exists()
+
+
+@pytest.mark.timeout(300)
+def test_dashboard_bench_watches_a_drain_in_chromium(tmp_path: Path) -> None:
+    """The page stays one page of rows and reads in batches (not per job) while 1,000
+    jobs are enqueued and drained."""
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("needs Debian's chromium")
+    proc = python_m(
+        "bench.dashboard", "--jobs", "1000", "--repeat", "1", "--out", str(tmp_path),
+        timeout=280,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = json.loads((tmp_path / "dashboard.json").read_text())["runs"]
+    assert run["page_errors"] == []
+    assert run["rows_at_end"] == 50
+    assert run["requests"] < 200, run  # one per job before reads were batched

@@ -21,6 +21,8 @@ from test_gw_browser import CHROMIUM, launch
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, demo
+from pgjobs.jobspec import JobSpec
+from pgjobs.types import iso
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
@@ -62,10 +64,16 @@ def shot(name: str) -> str:
 
 @asynccontextmanager
 async def signed_in(
-    gateway: RunningGateway, token: str | None = None, company: str | None = None, **context: Any
+    gateway: RunningGateway,
+    token: str | None = None,
+    company: str | None = None,
+    *,
+    live: bool = True,
+    **context: Any,
 ) -> AsyncIterator[Any]:
     """A page at / signed in (as acme unless another token is given; ``company`` for an
-    operator's token), its JavaScript dialogs and errors recorded."""
+    operator's token), its JavaScript dialogs and errors recorded; once its company stream
+    is live, unless ``live`` is false (an operator's every-company view has none)."""
     from playwright.async_api import async_playwright
 
     async with async_playwright() as p:
@@ -87,7 +95,10 @@ async def signed_in(
             if company is not None:
                 await page.get_by_label("Company").fill(company)
             await page.get_by_role("button", name="Sign in").click()
-            await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
+            if live:
+                await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
+            else:
+                await page.locator("#jobs-view").wait_for(timeout=15_000)
             yield page
             assert page.errors == []  # type: ignore[attr-defined]
         finally:
@@ -593,3 +604,204 @@ async def test_jobs_filter_by_type_and_source_task_and_a_job_id_opens_it(
         await page.get_by_role("button", name="Find").click()
         await page.locator("#detail-view").wait_for()
         assert await page.locator("#d-id").text_content() == str(other.id)
+
+
+# A row's times as the page shows them: the exact ISO time (the hover title) of started and
+# finished, and the duration's text.
+TIMES = """(id) => {
+  const tr = document.querySelector(`#job-rows tr[data-job-id="${id}"]`);
+  if (!tr) return null;
+  const iso = (cls) => tr.querySelector(`td.${cls} time`)?.getAttribute('title') ?? null;
+  return {status: tr.dataset.status, created: iso('created'), started: iso('started'),
+          finished: iso('finished'), duration: tr.querySelector('td.duration').textContent};
+}"""
+
+
+async def test_rows_show_started_finished_and_duration_kept_live(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    """A listed row that events move to running, and then to an end, shows the times the
+    database holds for the job (exact ISO on hover) and its duration, without a reload: a
+    running job's duration grows, an ended one's is started to finished."""
+    client = gateway.state.client
+    # A blocking sleep reports no progress while it runs: no event re-renders its row.
+    long = await client.enqueue("acme", "sleep_sync", {"seconds": 120})
+    quick = await client.enqueue("acme", "echo", {})
+
+    async def database(job_id: object) -> dict[str, str | None]:
+        job = await client.get("acme", job_id)
+        return {
+            "status": job.status.value,
+            "created": iso(job.created_at),
+            "started": iso(job.started_at),
+            "finished": iso(job.finished_at),
+        }
+
+    async def shown(page: Any, job_id: object) -> dict[str, Any] | None:
+        found: dict[str, Any] | None = await page.evaluate(TIMES, str(job_id))
+        return found
+
+    async with signed_in(gateway) as page:
+        await wait_until(lambda: _shown(page, long.id, quick.id), message="listed, queued")
+        before = await shown(page, long.id)
+        assert before is not None
+        assert (before["started"], before["finished"], before["duration"]) == (None, None, "—")
+        await page.evaluate("window.notReloaded = true")
+
+        async def as_in_database(job_id: object, status: str) -> bool:
+            row = await shown(page, job_id)
+            want = await database(job_id)
+            return (
+                row is not None
+                and want["status"] == status
+                and {k: row[k] for k in want} == want
+                and row["duration"] != "—"
+            )
+
+        async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+            await wait_until(lambda: as_in_database(quick.id, "done"), within=30, message="done")
+            await wait_until(
+                lambda: as_in_database(long.id, "running"), within=30, message="running"
+            )
+            # The same row element (not a re-render) shows a growing duration.
+            first = await page.evaluate(
+                """(id) => { window.longRow = document.querySelector(
+                               `#job-rows tr[data-job-id="${id}"]`);
+                             return window.longRow.querySelector('td.duration').textContent; }""",
+                str(long.id),
+            )
+
+            async def grew() -> bool:
+                now: str | None = await page.evaluate(
+                    """() => window.longRow.isConnected
+                             ? window.longRow.querySelector('td.duration').textContent : null"""
+                )
+                assert now is not None, "the running row was re-rendered"
+                return now != first
+
+            await wait_until(grew, within=20, message="the running duration growing")
+            await client.cancel("acme", long.id)
+            await wait_until(lambda: as_in_database(long.id, "cancelled"), message="cancelled")
+        done = await database(quick.id)
+        assert done["started"] is not None
+        assert done["finished"] is not None
+        assert await page.evaluate("window.notReloaded") is True
+        await page.screenshot(path=shot("times"), full_page=True)
+
+
+async def test_an_operator_sees_every_company_and_picks_one_a_company_sees_its_own(
+    gateway: RunningGateway,
+) -> None:
+    """An operator signed in without naming a company sees every company's figures (GET
+    /api/stats) and a picker of the companies; picking one lists and follows its jobs.
+    A company's token gets neither the picker nor the other companies."""
+    from pgjobs.gateway import auth
+
+    async with await db.connect(gateway.state.dsn) as conn:
+        operator = await auth.create_token(conn, None, "ops", operator=True)
+    client = gateway.state.client
+    acme_jobs = [await client.enqueue("acme", "echo", {}) for _ in range(2)]
+    globex_job = await client.enqueue("globex", "render", {})
+    picker_label = "Which companies to show"
+    async with signed_in(gateway, operator, live=False) as page:
+        companies = page.locator("#company-rows tr")
+
+        async def both_companies() -> bool:
+            return await companies.count() == 2
+
+        await wait_until(both_companies, within=20, message="both companies in the overview")
+        assert await companies.evaluate_all("rs => rs.map((r) => r.dataset.companyId)") == [
+            "acme",
+            "globex",
+        ]
+        assert (
+            await page.locator("#company-rows tr[data-company-id=acme] td.queued").text_content()
+            == "2"
+        )
+        assert (
+            await page.locator("#company-rows tr[data-company-id=globex] td.queued").text_content()
+            == "1"
+        )
+        by_type = page.locator("#overview-rows tr")
+        assert await by_type.evaluate_all("rs => rs.map((r) => r.dataset.jobType)") == [
+            "echo",
+            "render",
+        ]
+        picker = page.get_by_label(picker_label)
+        options = await picker.locator("option").evaluate_all("os => os.map((o) => o.value)")
+        assert options == ["", "acme", "globex"]
+        assert await picker.input_value() == ""
+        # No jobs table in this view (jobs are followed one company at a time), and it says so.
+        assert await page.locator("#company-jobs").is_hidden()
+        assert await page.locator("#all-companies-note").is_visible()
+        await page.screenshot(path=shot("all-companies"), full_page=True)
+        # A job's detail and back: the picker still lists every company.
+        await page.goto(f"{gateway.url}/#/jobs/globex/{globex_job.id}")
+        await page.locator("#d-status .badge").wait_for()
+        await page.goto(f"{gateway.url}/#/jobs")
+        await page.locator("#all-companies-note").wait_for()
+        options = await picker.locator("option").evaluate_all("os => os.map((o) => o.value)")
+        assert options == ["", "acme", "globex"]
+
+        # Pick acme: its jobs, live, and none of globex's.
+        await picker.select_option("acme")
+        await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
+        await wait_until(lambda: _shown(page, *(j.id for j in acme_jobs)), message="acme's jobs")
+        assert not await _shown(page, globex_job.id)
+        late = await client.enqueue("acme", "echo", {"late": True})
+        await wait_until(lambda: _shown(page, late.id), message="a new acme job, live")
+        # A company's name in the every-company table opens it too.
+        await picker.select_option("")
+        await page.locator("#company-rows tr[data-company-id=globex] button").click()
+        await wait_until(lambda: _shown(page, globex_job.id), message="globex's job")
+        assert not await _shown(page, *(j.id for j in acme_jobs))
+        assert await picker.input_value() == "globex"
+
+    async with signed_in(gateway) as page:  # acme's own token
+        await wait_until(lambda: _shown(page, *(j.id for j in acme_jobs)), message="listed")
+        assert not await _shown(page, globex_job.id)
+        assert await page.get_by_label(picker_label).is_hidden()
+        assert await page.locator("#companies-panel").is_hidden()
+        status = await page.evaluate(
+            """async () => (await fetch('/api/stats', {headers: {Authorization:
+                 `Bearer ${sessionStorage.getItem('pgjobs.token')}`}})).status"""
+        )
+        assert status == 403
+        await page.goto(f"{gateway.url}/#/jobs/globex/{globex_job.id}")
+        error = page.locator("#d-error")
+
+        async def refused() -> bool:
+            return (await error.text_content() or "") != ""
+
+        await wait_until(refused, message="globex's job refused")
+        assert await page.locator("#d-type").text_content() == ""
+
+
+async def test_a_burst_of_new_jobs_reads_pages_not_each_job(gateway: RunningGateway) -> None:
+    """300 jobs enqueued at once while the page is open: the page reads the newest page
+    again (a request or two) instead of each new job (300 requests), and the table keeps
+    one page of rows, the newest, as in the database."""
+    import re
+
+    client = gateway.state.client
+    first = await client.enqueue("acme", "echo", {})
+    async with signed_in(gateway) as page:
+        await wait_until(lambda: _shown(page, first.id), message="listed")
+        single = re.compile(r"/content-jobs/[0-9a-f-]{36}$")
+        singles: list[str] = []
+        page.on("request", lambda r: singles.append(r.url) if single.search(r.url) else None)
+        jobs = await client.enqueue_many(JobSpec("acme", "echo") for _ in range(300))
+        newest = await fetch(
+            gateway.state.dsn,
+            "SELECT id::text FROM pgjobs.jobs WHERE company_id = 'acme'"
+            " ORDER BY created_at DESC, id DESC LIMIT 50",
+        )
+
+        async def newest_page() -> bool:
+            return [r["id"] for r in await rows(page)] == [r["id"] for r in newest]
+
+        await wait_until(newest_page, within=30, message="the newest 50 jobs, in order")
+        assert len(jobs) == 300
+        # The first event of the burst may come alone (read one by one), the rest not.
+        assert len(singles) <= 10, len(singles)
+        assert await page.locator("#load-older").is_visible()

@@ -7,6 +7,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 from gateway_helpers import RunningGateway
 
@@ -146,3 +147,134 @@ async def test_completions_per_minute_over_the_last_hour(
     async with gateway.http("globex") as http:
         theirs = (await http.get("/api/companies/globex/stats")).json()["completionsPerMinute"]
     assert sum(theirs) == 1
+
+
+async def test_all_companies_stats_are_each_companys_stats_for_operators_only(
+    gateway: RunningGateway, dsn: str, storage_dir: Path
+) -> None:
+    """GET /api/stats: every company that has a job, each with the figures its own
+    /api/companies/{c}/stats gives, and the same figures summed per job type; 401 without
+    a valid token, 403 for a company's token, 401 once the operator token is revoked."""
+    from pgjobs import db
+    from pgjobs.gateway import auth
+
+    client = gateway.state.client
+    await client.enqueue("acme", "echo", {})
+    await client.enqueue("acme", "fail", {}, max_attempts=1)
+    await client.enqueue("globex", "echo", {})
+    await client.enqueue("globex", "echo", {})
+    await _drain(dsn, storage_dir)
+    await client.enqueue("acme", "render", {}, priority=10)
+    await claim_one(dsn, "w-1")  # acme's render job: running
+    await client.enqueue("globex", "render", {})
+    now = await _db_now(dsn)
+    await client.enqueue("initech", "sleep", {}, run_at=now + dt.timedelta(hours=1))
+
+    async with await db.connect(gateway.state.dsn) as conn:
+        operator = await auth.create_token(conn, None, "ops", operator=True)
+    ops = {"Authorization": f"Bearer {operator}"}
+    async with httpx.AsyncClient(base_url=gateway.url, headers=ops, timeout=20.0) as http:
+        r = await http.get("/api/stats")
+        assert r.status_code == 200, r.text
+        body = r.json()
+        own = {
+            c: (await http.get(f"/api/companies/{c}/stats")).json()
+            for c in ("acme", "globex", "initech")
+        }
+    assert [c["companyId"] for c in body["companies"]] == ["acme", "globex", "initech"]
+    for company in body["companies"]:
+        theirs = own[company["companyId"]]
+        assert company["jobTypes"] == theirs["jobTypes"]
+        assert company["totals"] == theirs["totals"]
+    assert body["totals"] == {"queued": 1, "scheduled": 1, "running": 1, "done": 3, "failed": 1}
+    by_type = {t["jobType"]: t for t in body["jobTypes"]}
+    assert _counts(by_type["echo"]) == (0, 0, 0, 3, 0)
+    assert _counts(by_type["render"]) == (1, 0, 1, 0, 0)
+    assert by_type["render"]["oldestQueuedAt"] == own["globex"]["jobTypes"][1]["oldestQueuedAt"]
+    assert _counts(by_type["sleep"]) == (0, 1, 0, 0, 0)
+    assert sum(body["completionsPerMinute"]) == 3
+    assert body["completionsPerMinute"] == [
+        a + g
+        for a, g in zip(
+            own["acme"]["completionsPerMinute"], own["globex"]["completionsPerMinute"], strict=True
+        )
+    ]
+
+    # Two hours on, nothing is done or failed within the window; the companies remain.
+    params = {"now": now + dt.timedelta(hours=2), "window_seconds": 3600}
+    later = await fetch(dsn, GATEWAY_QUERIES["job_stats_all_companies"], params)
+    assert sum(row["done"] + row["failed"] for row in later) == 0
+    assert {(row["company_id"], row["job_type"]) for row in later} == {
+        ("acme", "render"),
+        ("globex", "render"),
+        ("initech", "sleep"),
+    }
+    listed = await fetch(dsn, GATEWAY_QUERIES["job_list_companies"])
+    assert [row["company_id"] for row in listed] == ["acme", "globex", "initech"]
+
+    # Who may ask.
+    async with gateway.http(None) as anonymous:
+        assert (await anonymous.get("/api/stats")).status_code == 401
+    for company in ("acme", "globex"):
+        async with gateway.http(company) as http:
+            refused = await http.get("/api/stats")
+            assert refused.status_code == 403
+            assert "companies" not in refused.json()
+    async with await db.connect(gateway.state.dsn) as conn:
+        assert await auth.revoke_token(conn, operator) is not None
+    async with httpx.AsyncClient(base_url=gateway.url, headers=ops, timeout=20.0) as http:
+        assert (await http.get("/api/stats")).status_code == 401
+
+
+def _scans(plan: dict[str, Any]) -> list[tuple[str, str]]:
+    """Every (node type, relation) of a JSON plan that reads a relation."""
+    found = []
+    if "Relation Name" in plan:
+        found.append((plan["Node Type"], plan["Relation Name"]))
+    for child in plan.get("Plans", []):
+        found += _scans(child)
+    return found
+
+
+async def test_all_companies_stats_read_each_companys_window_not_the_history(dsn: str) -> None:
+    """job_stats_all_companies and job_completions_per_minute_all_companies with 60,000
+    finished jobs a day old (one event each here) and a few in the last hour: the
+    companies come from a skip scan of the jobs' company index and each company's events
+    from its window's start in job_events_company_xid_idx; neither jobs nor job_events is
+    read whole. (Written as a plain join, the planner read every ended event and checked
+    each against its company's window start.)"""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("ALTER TABLE pgjobs.jobs DISABLE TRIGGER jobs_publish_insert")
+        for ago, n in (("1 day", 60_000), ("65 minutes", 30), ("10 minutes", 300)):
+            await conn.execute(
+                """
+                WITH ins AS (
+                    INSERT INTO pgjobs.jobs (id, company_id, job_type, status, attempts,
+                                             worker_id, lease_token, event_seq, last_event,
+                                             started_at, finished_at, created_at)
+                    SELECT gen_random_uuid(), 'company-' || (g %% 3), 'echo', 'done', 1, 'w',
+                           1, 1, 'content_job.done', now() - %(ago)s::interval,
+                           now() - %(ago)s::interval, now() - %(ago)s::interval
+                    FROM generate_series(1, %(n)s::int) AS g
+                    RETURNING id, company_id, created_at
+                )
+                INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt,
+                                               created_at)
+                SELECT id, company_id, 1, 'content_job.done', 'done', 1, created_at FROM ins
+                """,
+                {"ago": ago, "n": n},
+            )
+        await conn.execute("ANALYZE pgjobs.jobs, pgjobs.job_events")
+        params = {"now": None, "window_seconds": 3600}
+        for name in ("job_stats_all_companies", "job_completions_per_minute_all_companies"):
+            cur = await conn.execute(
+                "EXPLAIN (FORMAT JSON) " + GATEWAY_QUERIES[name],  # type: ignore[operator]
+                params,
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            scans = _scans(row[0][0]["Plan"])
+            assert ("Seq Scan", "job_events") not in scans, (name, scans)
+            assert ("Seq Scan", "jobs") not in scans, (name, scans)
+        stats = await fetch(dsn, GATEWAY_QUERIES["job_stats_all_companies"], params)
+    assert {r["company_id"]: r["done"] for r in stats} == {f"company-{c}": 100 for c in range(3)}

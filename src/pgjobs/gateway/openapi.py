@@ -453,6 +453,16 @@ SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        "/api/stats": {
+            "get": {
+                "summary": "Every company's stats, per company and job type, and summed per "
+                "job type (operator tokens only)",
+                "responses": {
+                    "200": _json({"type": "object"}, "Counts per company and over all"),
+                    **_errors(401, 403, 503),
+                },
+            },
+        },
         "/api/companies/{companyId}/events": {
             "parameters": [_COMPANY],
             "get": {

@@ -347,26 +347,55 @@ class Api:
             cur = await conn.execute(GATEWAY_QUERIES["job_stats_by_company"], params)
             rows = await cur.fetchall()
             cur = await conn.execute(GATEWAY_QUERIES["job_completions_per_minute"], params)
-            per_minute = [0] * (STATS_WINDOW_SECONDS // 60)
-            for minute in await cur.fetchall():
-                if 0 <= minute["minutes_ago"] < len(per_minute):
-                    per_minute[-1 - minute["minutes_ago"]] = minute["completed"]
-        counts = ("queued", "scheduled", "running", "done", "failed")
+            per_minute = _per_minute(await cur.fetchall())
         return ApiJSONResponse(
             {
                 "windowSeconds": STATS_WINDOW_SECONDS,
-                "jobTypes": [
-                    {
-                        "jobType": row["job_type"],
-                        **{name: row[name] for name in counts},
-                        "oldestQueuedAt": row["oldest_queued_at"].isoformat()
-                        if row["oldest_queued_at"]
-                        else None,
-                    }
-                    for row in rows
-                ],
-                "totals": {name: sum(row[name] for row in rows) for name in counts},
+                **_stats_json(rows),
                 # Done jobs per minute over the window, oldest minute first.
+                "completionsPerMinute": per_minute,
+            }
+        )
+
+    async def all_stats(self, request: Request) -> Response:
+        """Operators: the company stats of every company that has a job, per company and
+        job type, with the same figures summed per job type and over all."""
+        principal = await self.bearer(request)
+        if not principal.operator:
+            raise ApiError(403, "only an operator token may see every company")
+        params: dict[str, Any] = {"window_seconds": STATS_WINDOW_SECONDS, "now": None}
+        async with self.state.pool.connection() as conn:
+            cur = await conn.execute(GATEWAY_QUERIES["job_list_companies"])
+            companies = [row["company_id"] for row in await cur.fetchall()]
+            cur = await conn.execute(GATEWAY_QUERIES["job_stats_all_companies"], params)
+            rows = await cur.fetchall()
+            cur = await conn.execute(
+                GATEWAY_QUERIES["job_completions_per_minute_all_companies"], params
+            )
+            per_minute = _per_minute(await cur.fetchall())
+        by_company: dict[str, list[dict[str, Any]]] = {c: [] for c in companies}
+        by_type: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            # A company whose first job committed after the list was read: listed too.
+            by_company.setdefault(row["company_id"], []).append(row)
+            merged = by_type.setdefault(
+                row["job_type"], {"job_type": row["job_type"], "oldest_queued_at": None}
+            )
+            for name in _COUNTS:
+                merged[name] = merged.get(name, 0) + row[name]
+            oldest = row["oldest_queued_at"]
+            if oldest is not None and (
+                merged["oldest_queued_at"] is None or oldest < merged["oldest_queued_at"]
+            ):
+                merged["oldest_queued_at"] = oldest
+        return ApiJSONResponse(
+            {
+                "windowSeconds": STATS_WINDOW_SECONDS,
+                "companies": [
+                    {"companyId": company, **_stats_json(company_rows)}
+                    for company, company_rows in sorted(by_company.items())
+                ],
+                **_stats_json([by_type[t] for t in sorted(by_type)]),
                 "completionsPerMinute": per_minute,
             }
         )
@@ -555,6 +584,34 @@ class Api:
         )
 
 
+_COUNTS = ("queued", "scheduled", "running", "done", "failed")
+
+
+def _stats_json(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stats rows (one per job type) as the API shows them: per type, and the totals."""
+    return {
+        "jobTypes": [
+            {
+                "jobType": row["job_type"],
+                **{name: row[name] for name in _COUNTS},
+                "oldestQueuedAt": iso(row["oldest_queued_at"]),
+            }
+            for row in rows
+        ],
+        "totals": {name: sum(row[name] for row in rows) for name in _COUNTS},
+    }
+
+
+def _per_minute(rows: list[dict[str, Any]]) -> list[int]:
+    """Completions per minute over the stats window, oldest minute first, from rows of
+    (minutes_ago, completed)."""
+    per_minute = [0] * (STATS_WINDOW_SECONDS // 60)
+    for minute in rows:
+        if 0 <= minute["minutes_ago"] < len(per_minute):
+            per_minute[-1 - minute["minutes_ago"]] = minute["completed"]
+    return per_minute
+
+
 def routes(api: Api) -> list[BaseRoute]:
     company = "/api/companies/{companyId}"
     job = company + "/content-jobs/{jobId}"
@@ -575,6 +632,7 @@ def routes(api: Api) -> list[BaseRoute]:
         Route(job + "/timeline", api.job_timeline, methods=["GET"]),
         Route(company + "/events", api.company_events, methods=["GET"]),
         Route(company + "/stats", api.stats, methods=["GET"]),
+        Route("/api/stats", api.all_stats, methods=["GET"]),
         Route(company + "/stream-tokens", api.stream_token, methods=["POST"]),
         Route(company + "/assets/{assetId}", api.get_asset, methods=["GET"]),
         Route(company + "/assets/{assetId}/content", api.get_asset_content, methods=["GET"]),

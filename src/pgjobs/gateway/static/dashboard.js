@@ -13,10 +13,23 @@
 // Last-Event-ID by itself; when it gives up (its stream token expired), a new stream
 // starts from now and the listed jobs are read again. Renders are coalesced to at most
 // one every RENDER_MS.
+//
+// Times: events carry no time, and a job's startedAt / finishedAt are the times its
+// transition wrote to the row (which can differ from the event's own time). So a row that
+// an event moves to running or to an end is read again for its times: the status changes
+// at once, the times follow.
+//
+// Reads are batched: jobs the page needs a record of (new ones, and rows that need their
+// times) are gathered and read at most once every FLUSH_MS, one by one when they are a
+// few, and otherwise by reading the listed pages again (at most PAGE_SIZE per page
+// listed, whatever the number of events), so a burst of thousands of events a second
+// costs a request or two a second, not one per job.
 "use strict";
 
 (() => {
   const RENDER_MS = 100;
+  const FLUSH_MS = 1000; // reads of needed records, at most once every FLUSH_MS
+  const FETCH_EACH = 5; // more needed records than this: read the listed pages again
   const PAGE_SIZE = 50;
   const TERMINAL = new Set(["done", "failed", "cancelled"]);
   const CAN_CANCEL = new Set(["queued", "running"]);
@@ -33,6 +46,8 @@
     get token() { return sessionStorage.getItem(KEY_TOKEN); },
     get company() { return sessionStorage.getItem(KEY_COMPANY); },
     get operator() { return sessionStorage.getItem(KEY_OPERATOR) === "1"; },
+    // An operator looking at every company at once (no company chosen).
+    get all() { return this.operator && !this.company; },
     save(token, company, operator) {
       sessionStorage.setItem(KEY_TOKEN, token);
       sessionStorage.setItem(KEY_COMPANY, company);
@@ -105,6 +120,29 @@
     return el("time", { datetime: iso, title: iso, text: date.toLocaleString() });
   }
 
+  // A duration for people: "850 ms", "12.3 s", "4 min 5 s", "2 h 3 min".
+  function humanDuration(ms) {
+    if (!Number.isFinite(ms) || ms < 0) return "—";
+    if (ms < 1000) return `${Math.round(ms)} ms`;
+    const s = ms / 1000;
+    if (s < 60) return `${s < 10 ? s.toFixed(1) : Math.round(s)} s`;
+    const m = Math.floor(s / 60);
+    if (m < 60) return `${m} min ${Math.floor(s % 60)} s`;
+    const h = Math.floor(m / 60);
+    if (h < 48) return `${h} h ${m % 60} min`;
+    return `${Math.floor(h / 24)} d ${h % 24} h`;
+  }
+
+  // How long the job ran (started to finished), or has been running so far; "—" for a
+  // job that has not started, or whose start the row does not know yet.
+  function durationText(job, now = Date.now()) {
+    if (!job.startedAt) return "—";
+    const start = new Date(job.startedAt).getTime();
+    if (job.finishedAt) return humanDuration(new Date(job.finishedAt).getTime() - start);
+    if (job.status === "running") return humanDuration(now - start);
+    return "—";
+  }
+
   function progressEl(progress, status) {
     const wrap = el("div", { class: "progress" });
     const fraction = progress && typeof progress.fraction === "number" ? progress.fraction : null;
@@ -158,7 +196,7 @@
     if (!ok) return;
     try {
       const { data } = await api("POST", `${jobPath(job.id, job.companyId)}/${action}`);
-      jobs.upsert(data);
+      jobs.upsert(data, true);
       if (detail.job && detail.job.id === data.id) detail.applyJob(data);
       say(`${verb === "Cancel" ? "Cancelled" : "Retried"} ${shortId(job.id)}.`);
     } catch (error) {
@@ -241,6 +279,13 @@
     else if (reopened) next.resultAssetId = null;
     if (kind === "content_job.retrying") {
       next.maxAttempts = Math.max(job.maxAttempts, event.attempt + 1);
+      next.finishedAt = null; // every way back to queued clears finished_at
+    }
+    next.partial = true; // what events say; the record may have more (times, result)
+    if (kind === "content_job.running") {
+      // A new attempt: its start time comes with the record (jobs.refresh).
+      next.startedAt = null;
+      next.finishedAt = null;
     }
     return next;
   }
@@ -252,6 +297,14 @@
     order: [], // ids, newest first
     dirty: new Set(),
     fetching: new Set(),
+    refreshing: new Set(), // rows being read again for their times
+    refreshAgain: new Set(), // ... and moved again by an event meanwhile
+    needs: new Set(), // jobs to read a record of at the next flush
+    needTimer: null,
+    lastFlush: -Infinity,
+    resyncing: false,
+    resyncAgain: false,
+    oldestListed: null, // the oldest record the last listing read
     filter: "", // a status, or "" for all
     typeFilter: "", // a job type, or ""
     sourceFilter: "", // a source task id, or ""
@@ -284,9 +337,13 @@
       return newer(last, job);
     },
 
-    upsert(job) {
+    // A job record (``record``: as the API gave it) or a row moved on by an event. A row
+    // takes only a newer state; a record of the same state replaces a row that events
+    // built (it has the times and the result they do not carry).
+    upsert(job, record = false) {
       const row = this.rows.get(job.id);
-      if (row && row.job.seq >= job.seq) return;
+      if (row && row.job.seq > job.seq) return;
+      if (row && row.job.seq === job.seq && !(record && row.job.partial)) return;
       if (!this.visible(job)) {
         if (row) this.remove(job.id);
         return;
@@ -314,10 +371,46 @@
       if (row) {
         if (event.seq <= row.job.seq) return; // already shown, or older than what is
         this.upsert(advance(row.job, event));
+        if (TIMED.has(event.status)) this.need(event.jobId);
         return;
       }
       if (this.filter && event.status !== this.filter) return;
-      this.fetchOne(event.jobId);
+      this.need(event.jobId);
+    },
+
+    need(jobId) {
+      this.needs.add(jobId);
+      if (this.needTimer !== null) return;
+      const wait = Math.max(0, this.lastFlush + FLUSH_MS - performance.now());
+      this.needTimer = setTimeout(() => this.flushNeeds(), wait);
+    },
+
+    flushNeeds() {
+      this.needTimer = null;
+      this.lastFlush = performance.now();
+      const ids = [...this.needs];
+      this.needs.clear();
+      if (ids.length > FETCH_EACH) { this.resyncSoon(); return; }
+      for (const id of ids) {
+        if (this.rows.has(id)) this.refresh(id);
+        else this.fetchOne(id);
+      }
+    },
+
+    // One resync at a time; asked again meanwhile, one more after it.
+    async resyncSoon() {
+      if (this.resyncing) { this.resyncAgain = true; return; }
+      this.resyncing = true;
+      try {
+        do {
+          this.resyncAgain = false;
+          await this.resync();
+        } while (this.resyncAgain);
+      } catch (error) {
+        say(`Could not load jobs: ${error.message}`);
+      } finally {
+        this.resyncing = false;
+      }
     },
 
     async fetchOne(jobId) {
@@ -326,7 +419,7 @@
       const generation = this.generation;
       try {
         const { data } = await api("GET", jobPath(jobId));
-        if (generation === this.generation && !this.beyondLoaded(data)) this.upsert(data);
+        if (generation === this.generation && !this.beyondLoaded(data)) this.upsert(data, true);
       } catch (error) {
         if (error.status !== 404) console.warn("job", jobId, error.message);
       } finally {
@@ -334,8 +427,35 @@
       }
     },
 
+    // Read a listed job again for what its events do not carry (startedAt, finishedAt,
+    // result): one read per job at a time; an event that arrives meanwhile asks for one
+    // more. The record replaces the row if it is at least as new (same seq: the same
+    // state, with its times).
+    async refresh(jobId) {
+      if (this.refreshing.has(jobId)) { this.refreshAgain.add(jobId); return; }
+      this.refreshing.add(jobId);
+      const generation = this.generation;
+      try {
+        do {
+          this.refreshAgain.delete(jobId);
+          let data;
+          try {
+            ({ data } = await api("GET", jobPath(jobId)));
+          } catch (error) {
+            if (error.status !== 404) console.warn("job", jobId, error.message);
+            return;
+          }
+          if (generation !== this.generation) return;
+          if (this.rows.has(jobId)) this.upsert(data, true);
+        } while (this.refreshAgain.has(jobId));
+      } finally {
+        this.refreshing.delete(jobId);
+      }
+    },
+
     async loadPage(cursor) {
       const generation = this.generation;
+      if (!cursor) this.oldestListed = null;
       const params = new URLSearchParams({ limit: String(PAGE_SIZE) });
       if (this.filter) params.set("status", this.filter);
       if (this.typeFilter) params.set("jobType", this.typeFilter);
@@ -345,27 +465,47 @@
       if (generation !== this.generation) return;
       if (cursor || this.loaded === 0) this.nextCursor = headers.get("X-Next-Cursor");
       this.loaded += data.length;
-      for (const job of data) this.upsert(job);
+      if (data.length) this.oldestListed = data[data.length - 1];
+      for (const job of data) this.upsert(job, true);
       $("no-jobs").hidden = this.order.length > 0 || data.length > 0;
       $("load-older").hidden = !this.nextCursor;
     },
 
-    // Read every listed job again (after the stream restarted without Last-Event-ID):
-    // the same pages, newest first, as far as the table reached.
+    // Read every listed job again (after the stream restarted without Last-Event-ID, or
+    // for a burst of events): the same number of pages, newest first. Rows older than
+    // the oldest one read then leave the table while older pages exist (they come back
+    // with "Load older jobs"), so the table keeps the size it had, however many jobs
+    // arrive.
     async resync() {
       const want = Math.max(this.loaded, PAGE_SIZE);
+      const generation = this.generation;
       this.loaded = 0;
+      this.oldestListed = null;
       let cursor = null;
       do {
         await this.loadPage(cursor);
         cursor = this.nextCursor;
-      } while (cursor && this.loaded < want);
+      } while (cursor && this.loaded < want && generation === this.generation);
+      const oldest = this.oldestListed;
+      if (generation !== this.generation || !this.nextCursor || !oldest) return;
+      const older = this.order.filter((id) => newer(oldest, this.rows.get(id).job));
+      for (const id of older) this.remove(id);
     },
 
     schedule() {
       if (this.renderTimer !== null) return;
       const wait = Math.max(0, this.lastRender + RENDER_MS - performance.now());
       this.renderTimer = setTimeout(() => this.render(), wait);
+    },
+
+    // A running job's duration grows: its cell is rewritten every second (text only).
+    tickDurations() {
+      const now = Date.now();
+      for (const tr of $("job-rows").querySelectorAll("tr[data-status=running]")) {
+        const row = this.rows.get(tr.dataset.jobId);
+        const cell = tr.querySelector("td.duration > div");
+        if (row && cell) cell.textContent = durationText(row.job, now);
+      }
     },
 
     render() {
@@ -419,6 +559,8 @@
     return el("small", { class: "unserved", text: "no live worker for this type" });
   }
 
+  const TIMED = new Set(["running", "done", "failed", "cancelled"]); // statuses that set a time
+
   function jobRow(job) {
     const copyButton = el("button", {
       type: "button", text: "copy", "aria-label": `Copy job id ${job.id}`,
@@ -439,6 +581,9 @@
       cell("Progress", "progress-cell", progressEl(job.progress, job.status)),
       cell("Source task", "source", document.createTextNode(job.sourceTaskId || "—")),
       cell("Created", "created", timeEl(job.createdAt)),
+      cell("Started", "started", timeEl(job.startedAt)),
+      cell("Finished", "finished", timeEl(job.finishedAt)),
+      cell("Duration", "duration", document.createTextNode(durationText(job))),
       cell("Error", "error-cell", document.createTextNode(job.errorMessage || "")),
       cell("Actions", "actions-cell", actionButtons(job)),
     );
@@ -469,13 +614,24 @@
       let stats;
       let served;
       try {
-        ({ data: stats } = await api("GET", `${companyPath()}/stats`));
-        ({ data: { jobTypes: served } } = await api("GET", `${companyPath()}/job-types`));
+        if (session.all) {
+          // Every company (operators): the types served are those of the live workers.
+          ({ data: stats } = await api("GET", "/api/stats"));
+          served = [...new Set((await this.workers()).flatMap((w) => w.jobTypes))];
+        } else {
+          ({ data: stats } = await api("GET", `${companyPath()}/stats`));
+          ({ data: { jobTypes: served } } = await api("GET", `${companyPath()}/job-types`));
+        }
       } catch {
         return; // the table keeps the last figures; the next tick tries again
       }
       this.chart(stats.completionsPerMinute);
-      if (session.operator) this.workers();
+      if (session.all) {
+        this.companies(stats.companies);
+        picker.fill(stats.companies.map((c) => c.companyId));
+      } else if (session.operator) {
+        this.workers();
+      }
       const rows = stats.jobTypes.map((t) => {
         const tr = el("tr", { "data-job-type": t.jobType },
           el("th", { scope: "row", text: t.jobType }));
@@ -532,12 +688,34 @@
         `Completions per minute, last hour: ${total} in all, at most ${Math.max(0, ...perMinute)} a minute`;
     },
 
+    // Every company's totals (operators, all companies), each name opening that company.
+    companies(list) {
+      $("companies-panel").hidden = false;
+      $("company-rows").replaceChildren(...list.map((c) => {
+        const tr = el("tr", { "data-company-id": c.companyId },
+          el("th", { scope: "row" }, el("button", {
+            type: "button", class: "link", text: c.companyId,
+            onclick: () => picker.choose(c.companyId),
+          })));
+        const labels = { queued: "queued", scheduled: "scheduled", running: "running",
+          done: "done (1 h)", failed: "failed (1 h)" };
+        for (const [key, label] of Object.entries(labels)) {
+          tr.append(el("td", { "data-label": label, class: key, text: String(c.totals[key]) }));
+        }
+        const oldest = c.jobTypes.map((t) => t.oldestQueuedAt).filter(Boolean).sort()[0] || null;
+        tr.append(el("td", { "data-label": "oldest queued", class: "oldest",
+          title: oldest || "", text: humanAge(oldest) }));
+        return tr;
+      }));
+    },
+
+    // The live workers (operators); also returned, for the types they serve.
     async workers() {
       let workers;
       try {
         ({ data: workers } = await api("GET", "/api/workers"));
       } catch {
-        return;
+        return [];
       }
       $("workers-panel").hidden = false;
       $("worker-rows").replaceChildren(...workers.map((w) => el("tr", { "data-worker-id": w.id },
@@ -547,6 +725,7 @@
         el("td", { "data-label": "running", text: `${w.running} / ${w.concurrency}` }),
         el("td", { "data-label": "heartbeat", title: w.lastHeartbeatAt,
           text: `${humanAge(w.lastHeartbeatAt)} ago` }))));
+      return workers;
     },
 
     poke() {
@@ -560,6 +739,8 @@
       $("overview-rows").replaceChildren();
       $("worker-rows").replaceChildren();
       $("workers-panel").hidden = true;
+      $("company-rows").replaceChildren();
+      $("companies-panel").hidden = true;
       $("completions").replaceChildren();
     },
   };
@@ -604,7 +785,7 @@
         if (!resumable) {
           // A stream without Last-Event-ID starts from now: read the listed jobs again;
           // the seq check keeps whichever of a record and an event is newer.
-          jobs.resync().catch((error) => say(`Could not load jobs: ${error.message}`));
+          jobs.resyncSoon();
         }
       };
       source.onerror = () => {
@@ -950,6 +1131,49 @@
     },
   };
 
+  // -- the operators' company picker ------------------------------------------------------
+
+  // "All companies" and every company that has a job (from GET /api/stats). Choosing one
+  // opens it as if the operator had signed in to it: its jobs, live from its stream.
+  const picker = {
+    async load() {
+      try {
+        const { data } = await api("GET", "/api/stats");
+        this.fill(data.companies.map((c) => c.companyId));
+      } catch { /* the picker keeps what it has; "All companies" lists them again */ }
+    },
+
+    // Adds to the companies listed (a company's jobs are never all gone at once).
+    fill(companies) {
+      const select = $("company-picker");
+      const have = [...select.options].slice(1).map((o) => o.value);
+      const names = [...new Set(have.concat(companies, session.company ? [session.company] : []))]
+        .sort();
+      if (have.join("\n") !== names.join("\n")) {
+        select.replaceChildren(el("option", { value: "", text: "All companies" }),
+          ...names.map((c) => el("option", { value: c, text: c })));
+      }
+      select.value = session.company || "";
+    },
+
+    choose(company) {
+      if (company === (session.company || "")) return;
+      session.save(session.token, company, true);
+      live.stop();
+      overview.stop();
+      overview.timer = null;
+      detail.close();
+      jobs.reset();
+      jobs.typeFilter = "";
+      jobs.sourceFilter = "";
+      $("type-filter").value = "";
+      $("search-text").value = "";
+      say("");
+      if (location.hash !== "#/jobs") location.hash = "#/jobs"; // route() follows
+      else route();
+    },
+  };
+
   // -- views and routing ----------------------------------------------------------------
 
   function show(view) {
@@ -964,11 +1188,20 @@
       $("token").focus();
       return;
     }
-    $("company").textContent = session.company;
+    $("company").textContent = session.all ? "All companies" : session.company;
+    $("company").hidden = session.operator; // the picker names it
+    $("company-picker").hidden = !session.operator;
+    if (session.operator) picker.fill([]);
     $("retry-failed").hidden = !session.operator;
-    if (!live.active) live.start();
+    // All companies: the figures only (read again every OVERVIEW_IDLE_MS), no jobs table
+    // and no stream (company streams are per company); the note says to pick a company.
+    $("company-jobs").hidden = session.all;
+    $("all-companies-note").hidden = !session.all;
+    $("live").hidden = session.all;
+    if (session.operator && !session.all) picker.load();
+    if (!live.active && !session.all) live.start();
     if (!overview.timer) overview.refresh();
-    if (jobs.loaded === 0) {
+    if (jobs.loaded === 0 && !session.all) {
       // Also without a stream (refused, say): the list does not wait for it.
       jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
     }
@@ -994,14 +1227,9 @@
       const { data } = await api("GET", "/api/whoami", undefined, token);
       let company = data.companyId;
       if (data.operator) {
-        // An operator's token acts for every company: the page shows the one named here
-        // (sign out to open another).
+        // An operator's token acts for every company: the page opens the one named here,
+        // or every company's figures (the picker switches between them).
         company = $("operator-company").value.trim();
-        if (!company) {
-          $("sign-in-error").textContent =
-            "This is an operator token: name the company to open.";
-          return;
-        }
       }
       session.save(token, company, data.operator);
     } catch (error) {
@@ -1023,6 +1251,10 @@
     detail.close();
     jobs.reset();
     $("company").textContent = "";
+    $("company-picker").hidden = true;
+    $("company-picker").replaceChildren(el("option", { value: "", text: "All companies" }));
+    $("company").hidden = false;
+    $("live").hidden = false;
     route();
     if (typeof message === "string") $("sign-in-error").textContent = message;
   }
@@ -1034,6 +1266,7 @@
       if ($("submit-panel").open) submit.loadTypes();
     });
     $("sign-out").addEventListener("click", () => signOut());
+    $("company-picker").addEventListener("change", (e) => picker.choose(e.target.value));
     const reload = () => {
       jobs.reset();
       jobs.loadPage(null).catch((error) => say(`Could not load jobs: ${error.message}`));
@@ -1062,6 +1295,7 @@
     $("load-older").addEventListener("click", () => {
       jobs.loadPage(jobs.nextCursor).catch((error) => say(`Could not load jobs: ${error.message}`));
     });
+    setInterval(() => { if (session.token) jobs.tickDurations(); }, 1000);
     window.addEventListener("hashchange", route);
     window.addEventListener("offline", () => setLive("offline"));
     route();
