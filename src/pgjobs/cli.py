@@ -73,6 +73,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgjobs",
@@ -116,6 +126,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds running jobs get to finish on shutdown (default 10)",
     )
     w.add_argument("--worker-id", help="identity shown in pgjobs.workers (default host:pid:random)")
+    w.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve /metrics, /healthz and /readyz on this port "
+        "(default $PGJOBS_METRICS_PORT; none: not served; 0: any free port)",
+    )
+    w.add_argument(
+        "--metrics-host",
+        help="address the metrics port binds (default $PGJOBS_METRICS_HOST, else 127.0.0.1)",
+    )
 
     e = sub.add_parser("enqueue", parents=[common], help="enqueue one job and print its id")
     e.add_argument("company_id")
@@ -360,6 +380,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         heartbeat_seconds=args.heartbeat_seconds,
         shutdown_grace_seconds=args.grace,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         job_types=tuple(t.strip() for t in args.job_types.split(",") if t.strip())
         if args.job_types
         else None,

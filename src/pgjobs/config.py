@@ -69,6 +69,9 @@ class WorkerSettings:
     job_types: tuple[str, ...] | None = None
     max_asset_bytes: int = MAX_GENERATED_ASSET_BYTES
     storage_dir: Path = field(default_factory=lambda: state_dir() / "storage")
+    # The operations port (pgjobs.health): /metrics, /healthz, /readyz. None: not served.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -87,7 +90,11 @@ class WorkerSettings:
                 "PGJOBS_GENERATED_ASSET_MAX_BYTES", MAX_GENERATED_ASSET_BYTES, minimum=1
             ),
             "storage_dir": Path(os.environ.get("PGJOBS_STORAGE_DIR") or state_dir() / "storage"),
+            "metrics_port": env_int("PGJOBS_METRICS_PORT", -1, minimum=0),
+            "metrics_host": os.environ.get("PGJOBS_METRICS_HOST") or "127.0.0.1",
         }
+        if values["metrics_port"] == -1:
+            values["metrics_port"] = None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]  # keys are checked by the dataclass
         if settings.heartbeat_seconds >= settings.lease_seconds:

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 
 import psycopg
 
-from pgjobs import db
+from pgjobs import db, metrics
 from pgjobs.errors import DatabaseUnavailableError
 from pgjobs.events import EVENTS_CHANNEL
 
@@ -82,6 +82,7 @@ class Listener:
         await conn.execute(f"LISTEN {self.channel}")
         if self.reconnects:
             log.info("listener reconnected (reconnect #%d)", self.reconnects)
+            metrics.LISTEN_RECONNECTS.labels(self.channel).inc()
         self.reconnects += 1
         self.connected.set()
         if self.on_connect is not None:

@@ -266,7 +266,8 @@ RETURNING j.*,
 -- outcome is 'done', 'error' (retry if attempts are left, else failed) or 'fail' (failed
 -- now: unknown job type, asset too large, timeout on the last attempt...). Asset rows are
 -- inserted only for jobs whose guarded update went through, so a fenced-off worker leaves
--- no row behind. Returns the jobs that were finished; anything missing lost its lease.
+-- no row behind. Returns the jobs that were finished, each with its new status (done,
+-- queued: to be retried, failed); anything missing lost its lease.
 -- The per-job values travel as arrays and are read by position (u.i): the relations the
 -- lock and the UPDATE join stay three columns wide, because PostgreSQL copies each joined
 -- row whole (for its concurrent-update recheck), and wide ones cost more than the rest.
@@ -325,7 +326,7 @@ WITH u AS (
     WHERE f.status = 'done' AND (%(asset_ids)s::uuid[])[f.i] IS NOT NULL
     RETURNING id
 )
-SELECT f.id, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
+SELECT f.id, f.status, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
 
 -- name: job_progress_if_leased
 UPDATE pgjobs.jobs
@@ -548,3 +549,21 @@ SET status = 'failed',
 FROM bad
 WHERE j.id = bad.id AND j.status = 'queued'
 RETURNING j.id;
+
+-- name: job_queue_depth_by_type
+-- Metrics (pgjobs_jobs, pgjobs_oldest_queued_age_seconds) and `pgjobs stats`: per job
+-- type, the queued jobs that are due, those not due yet (scheduled, or retrying after a
+-- delay), the running ones, and how long the oldest due one has been due. Reads only
+-- pgjobs.job_queue, which holds the queued and running jobs and never the finished ones.
+WITH p AS MATERIALIZED (SELECT coalesce(%(now)s::timestamptz, now()) AS now)
+SELECT q.job_type,
+       count(*) FILTER (WHERE q.lease_expires_at IS NULL AND q.run_at <= p.now) AS queued,
+       count(*) FILTER (WHERE q.lease_expires_at IS NULL AND q.run_at > p.now) AS scheduled,
+       count(*) FILTER (WHERE q.lease_expires_at IS NOT NULL) AS running,
+       extract(epoch FROM p.now - min(q.run_at) FILTER (
+           WHERE q.lease_expires_at IS NULL AND q.run_at <= p.now))::float8
+           AS oldest_queued_seconds
+FROM pgjobs.job_queue q
+CROSS JOIN p
+GROUP BY q.job_type, p.now
+ORDER BY q.job_type;

@@ -264,3 +264,11 @@ SET status = 'queued',
 FROM chosen
 WHERE j.id = chosen.id AND j.status = 'failed'
 RETURNING j.id;
+
+-- name: job_events_age_by_ids
+-- The notification lag metric (pgjobs.metrics.LagSampler): how long ago, by the
+-- database's clock, each sampled audit row was written (its transaction's start time).
+-- By primary key; a row pruned meanwhile is missing from the result.
+SELECT e.id, extract(epoch FROM clock_timestamp() - e.created_at)::float8 AS age_seconds
+FROM pgjobs.job_events e
+WHERE e.id = ANY(%(ids)s::bigint[]);
