@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
-from pgjobs import db, migrate, registry
+from pgjobs import db, logs, migrate, registry
 from pgjobs.client import Client, parse_job_id
 from pgjobs.config import DEFAULT_LEASE_SECONDS, WorkerSettings, env_float
 from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError, PgjobsError
@@ -91,8 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         "./.pgjobs, started if needed.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    log_help = "log lines as text or as JSON objects (default: $PGJOBS_LOG_FORMAT, else text)"
+    parser.add_argument("--log-format", choices=logs.FORMATS, help=log_help)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dsn", help="PostgreSQL DSN (default: $PGJOBS_DSN, else embedded)")
+    # SUPPRESS: given before the command, the top-level value stands.
+    common.add_argument(
+        "--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS, help=log_help
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("migrate", parents=[common], help="create or upgrade the pgjobs schema")
@@ -485,11 +491,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "psql":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.psql_args = extra
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        log_format = logs.resolve_format(args.log_format)
+    except ConfigurationError as exc:
+        print(f"pgjobs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(log_format, verbose=args.verbose)
     # yoyo logs each statement of each migration at INFO: ~45 lines on a first run.
     for noisy in ("psycopg.pool", "pgserver", "yoyo"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)

@@ -211,7 +211,11 @@ class Completer:
                 and row["last_event"] in _FINISH_EVENTS
                 and (outcome.asset is None or row["result_asset_id"] == outcome.asset.id)
             ):
-                log.info("job %s: finish had committed before the connection dropped", job.id)
+                log.info(
+                    "job %s: finish had committed before the connection dropped",
+                    job.id,
+                    extra=job.log_fields(),
+                )
                 _count(job.job_type, row["status"])
                 return True
         metrics.LEASE_LOSSES.labels("finish").inc()

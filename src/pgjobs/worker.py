@@ -300,6 +300,7 @@ class Worker:
                 self.id,
                 settings.concurrency,
                 ", ".join(self.job_types) or "(none: the registry is empty)",
+                extra={"worker_id": self.id},
             )
             if self.tune_gc:
                 gcpolicy.tune_for_long_running_process()
@@ -319,7 +320,7 @@ class Worker:
                     await conn.execute(QUERIES["worker_deregister"], {"id": self.id})
             await pool.close()
             self._threads.shutdown(wait=False, cancel_futures=True)
-            log.info("worker %s stopped", self.id)
+            log.info("worker %s stopped", self.id, extra={"worker_id": self.id})
 
     def _listening(self) -> bool:
         return self.listener is not None and self.listener.connected.is_set()
@@ -558,7 +559,12 @@ class Worker:
     ) -> None:
         ids, tokens, errors = (list(column) for column in zip(*unreadable, strict=True))
         for job_id, _, error in unreadable:
-            log.error("job %s: cannot read its row, failing it: %s", job_id, error)
+            log.error(
+                "job %s: cannot read its row, failing it: %s",
+                job_id,
+                error,
+                extra={"job_id": str(job_id), "worker_id": self.id},
+            )
         try:
             cur = await conn.execute(
                 QUERIES["job_fail_unreadable_if_leased"],
