@@ -189,6 +189,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
 
+    st = sub.add_parser(
+        "stats", parents=[common], help="queue depth, failures and workers at a glance"
+    )
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
+
     tokens = sub.add_parser("token", help="create or revoke gateway API tokens").add_subparsers(
         dest="token_command", required=True
     )
@@ -404,6 +416,28 @@ async def cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
+async def cmd_stats(args: argparse.Namespace) -> int:
+    from pgjobs import stats
+
+    lease = env_float("PGJOBS_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=0.5)
+
+    async def go(client: Client) -> int:
+        while True:
+            async with client.pool.connection() as conn:
+                snapshot = await stats.collect(conn, live_within_seconds=lease)
+            lines = stats.render(snapshot, _table)
+            if args.watch is None:
+                print("\n".join(lines))
+                return 0
+            # Home and clear, then the new snapshot: one write, so the screen never
+            # shows half of it.
+            sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+            sys.stdout.flush()
+            await asyncio.sleep(args.watch)
+
+    return await _with_client(args.dsn, go)
+
+
 async def cmd_demo(args: argparse.Namespace) -> int:
     from pgjobs import demo_run
 
@@ -507,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retry": cmd_transition,
         "demo": cmd_demo,
         "token": cmd_token,
+        "stats": cmd_stats,
     }
     try:
         if args.command == "migrate":
