@@ -282,7 +282,7 @@ class Worker:
                 asyncio.create_task(self._rescue_loop(), name="pgjobs-rescuer"),
             ]
             self._loops = {
-                "listener": background[0],
+                "listener_loop": background[0],
                 "heartbeat": background[1],
                 "rescuer": background[2],
                 "completer": completer_task,

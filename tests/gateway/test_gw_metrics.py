@@ -302,7 +302,7 @@ async def test_worker_health_port(dsn: str, storage_dir: Path) -> None:
         assert r.status_code == 200, r.text
         assert set(r.json()["checks"].values()) == {"ok"}
         assert set(r.json()["checks"]) == {
-            "database", "listener", "claiming", "heartbeat", "rescuer", "completer"
+            "database", "listener", "claiming", "listener_loop", "heartbeat", "rescuer", "completer"
         }  # fmt: skip
 
         # The worker's LISTEN connection drops: counted, and it comes back.
@@ -320,6 +320,14 @@ async def test_worker_health_port(dsn: str, storage_dir: Path) -> None:
             )
 
         await wait_until(reconnected, message="the reconnect counted")
+
+        # The LISTEN connection down (as the listener marks it while it reconnects).
+        assert worker.listener is not None
+        worker.listener.connected.clear()
+        r = await http.get(_worker_url(worker, "/readyz"))
+        assert r.status_code == 503
+        assert r.json()["checks"]["listener"] == "reconnecting"
+        worker.listener.connected.set()
 
         # A loop that died makes the worker unready, and /readyz says which.
         worker._loops["rescuer"].cancel()
