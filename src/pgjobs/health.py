@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from pgjobs import metrics
+from pgjobs.errors import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -90,15 +91,19 @@ class HealthServer:
         )
 
     async def start(self) -> None:
-        """Bind (an OSError if the port is taken) and serve until ``stop``."""
+        """Bind and serve until ``stop``; ConfigurationError if the address cannot be
+        bound (the port is taken, the host is not this machine's)."""
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.bind((self.host, self.requested_port))
-        except OSError:
+        except OSError as exc:
             sock.close()
-            raise
+            raise ConfigurationError(
+                f"cannot serve metrics on {self.host}:{self.requested_port} "
+                f"({exc.strerror or exc}); choose another --metrics-port or --metrics-host"
+            ) from None
         self.port = sock.getsockname()[1]
         config = uvicorn.Config(
             self.app(),

@@ -159,3 +159,23 @@ def test_gateway_json_log_lines(dsn: str, tmp_path: Path) -> None:
     records = [json.loads(line) for line in log_path.read_text().splitlines() if line.strip()]
     assert any(r["logger"].startswith("uvicorn") for r in records), records
     assert any("/healthz" in r["message"] for r in records), records
+
+
+def test_a_metrics_port_in_use_is_one_line_and_exit_2(dsn: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run(
+            [sys.executable, "-m", "pgjobs", "worker", "--handlers", "pgjobs.demo:registry",
+             "--metrics-port", str(port)],
+            capture_output=True, text=True, cwd=ROOT, env={**os.environ, "PGJOBS_DSN": dsn},
+            timeout=60, check=False,
+        )  # fmt: skip
+    assert out.returncode == 2, out.stderr
+    errors = [line for line in out.stderr.splitlines() if line.startswith("pgjobs: error:")]
+    assert errors == [
+        f"pgjobs: error: cannot serve metrics on 127.0.0.1:{port} (Address already in use); "
+        "choose another --metrics-port or --metrics-host"
+    ], out.stderr
+    assert "Traceback" not in out.stderr
