@@ -126,7 +126,21 @@ async def test_worker_and_gateway_metrics_move_as_jobs_complete_retry_and_are_re
             return all([await job_status(dsn, i) == "done" for i in ids])
 
         await wait_until(all_done, message="every job done")
-        after = await scrape(metrics_url)
+        # The completer counts a batch once its commit's reply is back, which may be a
+        # moment after the test's own connection sees the jobs done.
+        after = before
+
+        async def counted() -> bool:
+            nonlocal after
+            after = await scrape(metrics_url)
+            return all(
+                after.get("pgjobs_transitions_total", job_type=t, event="done")
+                - before.get("pgjobs_transitions_total", job_type=t, event="done")
+                >= n
+                for t, n in (("ok", 4), ("flaky", 1))
+            )
+
+        await wait_until(counted, message="the completions counted")
 
         def delta(name: str, **labels: str) -> float:
             return after.get(name, **labels) - before.get(name, **labels)
@@ -146,10 +160,13 @@ async def test_worker_and_gateway_metrics_move_as_jobs_complete_retry_and_are_re
         )
 
         # The gateway heard those transitions: its lag histogram has samples now.
-        gw_after = await scrape(f"{gateway.url}/metrics")
-        assert gw_after.get("pgjobs_notification_lag_seconds_count") > gw_before.get(
-            "pgjobs_notification_lag_seconds_count"
-        )
+        async def lag_observed() -> bool:
+            gw_after = await scrape(f"{gateway.url}/metrics")
+            return gw_after.get("pgjobs_notification_lag_seconds_count") > gw_before.get(
+                "pgjobs_notification_lag_seconds_count"
+            )
+
+        await wait_until(lag_observed, message="notification lag observed")
 
         # A lease loss: a job rescued (as another worker's rescuer would) while its
         # handler waits; the next heartbeat finds the lease gone and stops the handler.
@@ -244,7 +261,7 @@ async def test_queue_depth_from_sql_is_cached(dsn: str) -> None:
         assert gauges.get("pgjobs_jobs", job_type="render", status="scheduled") == 1
         assert gauges.get("pgjobs_jobs", job_type="render", status="running") == 1
         assert gauges.get("pgjobs_jobs", job_type="mail", status="queued") == 1
-        assert 0 <= gauges.get("pgjobs_oldest_queued_age_seconds", job_type="mail") < 60
+        assert 0 <= gauges.get("pgjobs_oldest_queued_age_seconds", job_type="mail") < 300
 
         await client.enqueue("acme", "mail", run_at=long_ago)
         now[0] += 4.9

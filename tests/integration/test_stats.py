@@ -80,13 +80,13 @@ async def _known_jobs(dsn: str) -> None:
         dsn,
         "INSERT INTO pgjobs.workers (id, hostname, pid, job_types, concurrency,"
         " last_heartbeat_at) VALUES"
-        " ('w1', 'host-a', 11, '{mail}', 4, now() - interval '30 seconds'),"
-        " ('gone', 'host-b', 12, '{render}', 2, now() - interval '1 hour')",
+        " ('w1', 'host-a', 11, '{mail}', 4, now() - interval '30 minutes'),"
+        " ('gone', 'host-b', 12, '{render}', 2, now() - interval '2 hours')",
     )
 
 
 def _pgjobs(dsn: str, *args: str, **kwargs: object) -> subprocess.Popen[str]:
-    env = {**os.environ, "PGJOBS_DSN": dsn, "PGJOBS_LEASE_SECONDS": "60"}
+    env = {**os.environ, "PGJOBS_DSN": dsn, "PGJOBS_LEASE_SECONDS": "3600"}
     return subprocess.Popen(
         [sys.executable, "-m", "pgjobs", *args], cwd=ROOT, env=env, text=True, **kwargs
     )  # type: ignore[call-overload]
@@ -100,13 +100,15 @@ async def test_stats_prints_types_and_workers(dsn: str) -> None:
     rows = {line.split()[0]: line.split() for line in out.splitlines() if line.strip()}
     # job type, queued, scheduled, running, failed 1h, oldest queued, live workers
     assert rows["render"][1:5] == ["2", "1", "0", "0"]
-    assert re.fullmatch(r"10m0\ds", rows["render"][5]), rows["render"]
-    assert rows["render"][6] == "0"  # its only worker stopped heartbeating an hour ago
+    # Ages by the clock: bounds wide enough for a slow machine.
+    assert re.fullmatch(r"1\dm\d\ds", rows["render"][5]), rows["render"]
+    # Live: a heartbeat within PGJOBS_LEASE_SECONDS (an hour here).
+    assert rows["render"][6] == "0"  # its only worker stopped heartbeating 2 hours ago
     assert rows["mail"][1:] == ["0", "0", "1", "1", "-", "1"]
     # worker, host, pid, concurrency, job types, last heartbeat
     assert rows["w1"][1:5] == ["host-a", "11", "4", "mail"]
-    assert re.fullmatch(r"3\d\.\ds", rows["w1"][5]), rows["w1"]
-    assert rows["gone"][5] == "1h00m"
+    assert re.fullmatch(r"3\dm\d\ds", rows["w1"][5]), rows["w1"]
+    assert re.fullmatch(r"2h0\dm", rows["gone"][5]), rows["gone"]
 
 
 async def test_stats_watch_refreshes_until_ctrl_c(dsn: str, tmp_path: Path) -> None:
