@@ -79,11 +79,13 @@ def _run(
 
 def test_json_log_lines_and_the_metrics_port(dsn: str, tmp_path: Path) -> None:
     """PGJOBS_LOG_FORMAT=json: every line the worker writes is one JSON object, and the
-    failing job's lines carry its id, company, type, attempt and worker."""
+    failing job's lines carry its id, company, type, attempt and worker. And
+    PGJOBS_METRICS_PORT=0 serves /readyz and /metrics on a free port, which it logs."""
     failing = _enqueue(dsn, "fail")
     log_path = tmp_path / "worker.log"
     argv = ("worker", "--handlers", "pgjobs.demo:registry", "--worker-id", "w-json")
-    with _run(dsn, log_path, *argv, "--metrics-port", "0", env={"PGJOBS_LOG_FORMAT": "json"}):
+    env = {"PGJOBS_LOG_FORMAT": "json", "PGJOBS_METRICS_PORT": "0"}
+    with _run(dsn, log_path, *argv, env=env):
         _poll(lambda: _status(dsn, failing) == "failed", "the job failed")
         found = _poll(
             lambda: re.search(r"metrics and health on (http://[\d.]+:\d+)", log_path.read_text()),
