@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
-from pgjobs import db, migrate, registry
+from pgjobs import db, logs, migrate, registry
 from pgjobs.client import Client, parse_job_id
 from pgjobs.config import DEFAULT_LEASE_SECONDS, WorkerSettings, env_float
 from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError, PgjobsError
@@ -73,6 +73,16 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pgjobs",
@@ -81,8 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
         "./.pgjobs, started if needed.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    log_help = "log lines as text or as JSON objects (default: $PGJOBS_LOG_FORMAT, else text)"
+    parser.add_argument("--log-format", choices=logs.FORMATS, help=log_help)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--dsn", help="PostgreSQL DSN (default: $PGJOBS_DSN, else embedded)")
+    # SUPPRESS: given before the command, the top-level value stands.
+    common.add_argument(
+        "--log-format", choices=logs.FORMATS, default=argparse.SUPPRESS, help=log_help
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     sub.add_parser("migrate", parents=[common], help="create or upgrade the pgjobs schema")
@@ -116,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds running jobs get to finish on shutdown (default 10)",
     )
     w.add_argument("--worker-id", help="identity shown in pgjobs.workers (default host:pid:random)")
+    w.add_argument(
+        "--metrics-port",
+        type=_port,
+        help="serve /metrics, /healthz and /readyz on this port "
+        "(default $PGJOBS_METRICS_PORT; none: not served; 0: any free port)",
+    )
+    w.add_argument(
+        "--metrics-host",
+        help="address the metrics port binds (default $PGJOBS_METRICS_HOST, else 127.0.0.1)",
+    )
 
     e = sub.add_parser("enqueue", parents=[common], help="enqueue one job and print its id")
     e.add_argument("company_id")
@@ -162,6 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("gateway", parents=[common], help="serve the HTTP + SSE gateway (uvicorn)")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=_positive_int, default=8000, help="port (default 8000)")
+
+    st = sub.add_parser(
+        "stats", parents=[common], help="queue depth, failures and workers at a glance"
+    )
+    st.add_argument(
+        "--watch",
+        nargs="?",
+        type=_positive_float,
+        const=2.0,
+        metavar="SECONDS",
+        help="refresh every SECONDS (default 2) until Ctrl-C",
+    )
 
     tokens = sub.add_parser("token", help="create or revoke gateway API tokens").add_subparsers(
         dest="token_command", required=True
@@ -360,6 +398,8 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         lease_seconds=args.lease_seconds,
         heartbeat_seconds=args.heartbeat_seconds,
         shutdown_grace_seconds=args.grace,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
         job_types=tuple(t.strip() for t in args.job_types.split(",") if t.strip())
         if args.job_types
         else None,
@@ -374,6 +414,28 @@ async def cmd_worker(args: argparse.Namespace) -> int:
         loop.add_signal_handler(sig, worker.stop)
     await worker.run()
     return 0
+
+
+async def cmd_stats(args: argparse.Namespace) -> int:
+    from pgjobs import stats
+
+    lease = env_float("PGJOBS_LEASE_SECONDS", DEFAULT_LEASE_SECONDS, minimum=0.5)
+
+    async def go(client: Client) -> int:
+        while True:
+            async with client.pool.connection() as conn:
+                snapshot = await stats.collect(conn, live_within_seconds=lease)
+            lines = stats.render(snapshot, _table)
+            if args.watch is None:
+                print("\n".join(lines))
+                return 0
+            # Home and clear, then the new snapshot: one write, so the screen never
+            # shows half of it.
+            sys.stdout.write("\x1b[H\x1b[2J" + "\n".join(lines) + "\n")
+            sys.stdout.flush()
+            await asyncio.sleep(args.watch)
+
+    return await _with_client(args.dsn, go)
 
 
 async def cmd_demo(args: argparse.Namespace) -> int:
@@ -463,11 +525,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra and args.command != "psql":
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.psql_args = extra
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    try:
+        log_format = logs.resolve_format(args.log_format)
+    except ConfigurationError as exc:
+        print(f"pgjobs: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    logs.configure(log_format, verbose=args.verbose)
     # yoyo logs each statement of each migration at INFO: ~45 lines on a first run.
     for noisy in ("psycopg.pool", "pgserver", "yoyo"):
         logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
@@ -478,6 +541,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "retry": cmd_transition,
         "demo": cmd_demo,
         "token": cmd_token,
+        "stats": cmd_stats,
     }
     try:
         if args.command == "migrate":

@@ -27,7 +27,7 @@ from typing import Any
 import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import db
+from pgjobs import db, metrics
 from pgjobs.assets import StoredAsset
 from pgjobs.queries import QUERIES
 from pgjobs.storage import Storage
@@ -166,12 +166,16 @@ class Completer:
                 await asyncio.sleep(delay)
         self.batches += 1
         for outcome in batch:
-            took_effect = outcome.job.id in finished
-            if not took_effect:
+            status = finished.get(outcome.job.id)
+            took_effect = status is not None
+            if status is not None:
+                _count(outcome.job.job_type, status)
+            else:
                 took_effect = await self._discard(outcome, retried=attempt > 0)
             outcome._resolve(took_effect)
 
-    async def _write(self, batch: list[Outcome]) -> set[uuid.UUID]:
+    async def _write(self, batch: list[Outcome]) -> dict[uuid.UUID, str]:
+        """Write the batch; returns the jobs it finished, each with its new status."""
         params: dict[str, Any] = {
             "now": None,
             "ids": [o.job.id for o in batch],
@@ -191,7 +195,7 @@ class Completer:
             params[name] = [getattr(a, attribute, None) for a in assets] if any_asset else None
         async with self.pool.connection() as conn:
             cur = await conn.execute(QUERIES["job_finish_many_if_leased"], params)
-            return {row["id"] for row in await cur.fetchall()}
+            return {row["id"]: row["status"] for row in await cur.fetchall()}
 
     async def _discard(self, outcome: Outcome, *, retried: bool) -> bool:
         """Handle an outcome the batch did not apply. Returns True when it had in fact
@@ -207,17 +211,33 @@ class Completer:
                 and row["last_event"] in _FINISH_EVENTS
                 and (outcome.asset is None or row["result_asset_id"] == outcome.asset.id)
             ):
-                log.info("job %s: finish had committed before the connection dropped", job.id)
+                log.info(
+                    "job %s: finish had committed before the connection dropped",
+                    job.id,
+                    extra=job.log_fields(),
+                )
+                _count(job.job_type, row["status"])
                 return True
+        metrics.LEASE_LOSSES.labels("finish").inc()
         log.warning(
             "job %s attempt %d: result discarded, this worker no longer holds the job "
             "(cancelled, or its lease expired and it was rescued)",
             job.id,
             job.attempts,
+            extra=job.log_fields(),
         )
         if outcome.asset is not None:
             await self.storage.delete(outcome.asset.key)
         return False
+
+
+def _count(job_type: str, status: str) -> None:
+    """The metrics of one finished attempt: its transition, and a retry if it was one."""
+    if status == "queued":
+        metrics.TRANSITIONS.labels(job_type, "retrying").inc()
+        metrics.RETRIES.labels(job_type).inc()
+    else:
+        metrics.TRANSITIONS.labels(job_type, status).inc()
 
 
 def _or_null(values: list[Any]) -> list[Any] | None:

@@ -83,6 +83,9 @@ class WorkerSettings:
     storage_url: str | None = None
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    # The operations port (pgjobs.health): /metrics, /healthz, /readyz. None: not served.
+    metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -106,7 +109,11 @@ class WorkerSettings:
                 "PGJOBS_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL"
             ),
             "s3_region": env_str("AWS_REGION", "AWS_DEFAULT_REGION"),
+            "metrics_port": env_int("PGJOBS_METRICS_PORT", -1, minimum=0),
+            "metrics_host": os.environ.get("PGJOBS_METRICS_HOST") or "127.0.0.1",
         }
+        if values["metrics_port"] == -1:
+            values["metrics_port"] = None
         values.update({k: v for k, v in overrides.items() if v is not None})
         settings = cls(**values)  # type: ignore[arg-type]  # keys are checked by the dataclass
         if settings.heartbeat_seconds >= settings.lease_seconds:

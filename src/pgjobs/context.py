@@ -43,11 +43,9 @@ class JobContext:
 
     @functools.cached_property
     def logger(self) -> logging.LoggerAdapter[logging.Logger]:
-        """A logger that tags every record with the job id, type and attempt."""
-        job = self.job
-        return logging.LoggerAdapter(
-            log, {"job_id": str(job.id), "job_type": job.job_type, "attempt": job.attempts}
-        )
+        """A logger that tags every record with the job's ``Job.log_fields`` (id, company,
+        type, attempt, worker), which ``pgjobs.logs`` shows."""
+        return logging.LoggerAdapter(log, self.job.log_fields())
 
     @property
     def job_id(self) -> uuid.UUID:

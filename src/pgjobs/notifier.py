@@ -34,7 +34,7 @@ from collections.abc import Awaitable, Callable
 import psycopg
 from psycopg import sql
 
-from pgjobs import db
+from pgjobs import db, metrics
 from pgjobs.errors import DatabaseUnavailableError
 from pgjobs.events import EVENTS_CHANNEL
 from pgjobs.queries import QUERIES
@@ -122,6 +122,7 @@ class Listener:
             self.unavailable = None
         if self.reconnects:
             log.info("listener reconnected (reconnect #%d)", self.reconnects)
+            metrics.LISTEN_RECONNECTS.labels(self.channel).inc()
         self.reconnects += 1
         self.connected.set()
         if self.on_connect is not None:

@@ -266,7 +266,8 @@ RETURNING j.*,
 -- outcome is 'done', 'error' (retry if attempts are left, else failed) or 'fail' (failed
 -- now: unknown job type, asset too large, timeout on the last attempt...). Asset rows are
 -- inserted only for jobs whose guarded update went through, so a fenced-off worker leaves
--- no row behind. Returns the jobs that were finished; anything missing lost its lease.
+-- no row behind. Returns the jobs that were finished, each with its new status (done,
+-- queued: to be retried, failed); anything missing lost its lease.
 -- The per-job values travel as arrays and are read by position (u.i): the relations the
 -- lock and the UPDATE join stay three columns wide, because PostgreSQL copies each joined
 -- row whole (for its concurrent-update recheck), and wide ones cost more than the rest.
@@ -325,7 +326,7 @@ WITH u AS (
     WHERE f.status = 'done' AND (%(asset_ids)s::uuid[])[f.i] IS NOT NULL
     RETURNING id
 )
-SELECT f.id, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
+SELECT f.id, f.status, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
 
 -- name: job_progress_if_leased
 UPDATE pgjobs.jobs
@@ -559,3 +560,69 @@ SET status = 'failed',
 FROM bad
 WHERE j.id = bad.id AND j.status = 'queued'
 RETURNING j.id;
+
+-- name: job_queue_depth_by_type
+-- Metrics (pgjobs_jobs, pgjobs_oldest_queued_age_seconds) and `pgjobs stats`: per job
+-- type, the queued jobs that are due, those not due yet (scheduled, or retrying after a
+-- delay), the running ones, and how long the oldest due one has been due. Reads only
+-- pgjobs.job_queue, which holds the queued and running jobs and never the finished ones.
+WITH p AS MATERIALIZED (SELECT coalesce(%(now)s::timestamptz, now()) AS now)
+SELECT q.job_type,
+       count(*) FILTER (WHERE q.lease_expires_at IS NULL AND q.run_at <= p.now) AS queued,
+       count(*) FILTER (WHERE q.lease_expires_at IS NULL AND q.run_at > p.now) AS scheduled,
+       count(*) FILTER (WHERE q.lease_expires_at IS NOT NULL) AS running,
+       extract(epoch FROM p.now - min(q.run_at) FILTER (
+           WHERE q.lease_expires_at IS NULL AND q.run_at <= p.now))::float8
+           AS oldest_queued_seconds
+FROM pgjobs.job_queue q
+CROSS JOIN p
+GROUP BY q.job_type, p.now
+ORDER BY q.job_type;
+
+-- name: job_events_failed_since_by_type
+-- `pgjobs stats`: failed transitions per job type in the `window_seconds` before `now`.
+-- pgjobs.job_events has no index on time, but its ids grow with time: `search` binary-
+-- searches the primary key for the first event of the window, one index probe per step
+-- (about 25 at 10M events), so only the window's events are read. Invariant: events
+-- with id < lo are older than the window, those with id >= hi are in it or do not exist;
+-- it ends with lo = hi, the window's first id. created_at is its transaction's start, so
+-- a transaction open across the window's start may be counted on the other side of it.
+WITH RECURSIVE p AS MATERIALIZED (
+    SELECT coalesce(%(now)s::timestamptz, now()) AS now,
+           coalesce(%(now)s::timestamptz, now())
+               - make_interval(secs => %(window_seconds)s::float8) AS since
+), search(lo, hi) AS (
+    SELECT (SELECT min(id) FROM pgjobs.job_events), (SELECT max(id) + 1 FROM pgjobs.job_events)
+    UNION ALL
+    SELECT CASE WHEN probe.id IS NOT NULL AND probe.id < s.hi AND probe.created_at < p.since
+                THEN probe.id + 1 ELSE s.lo END,
+           CASE WHEN probe.id IS NULL OR probe.id >= s.hi THEN (s.lo + s.hi) / 2
+                WHEN probe.created_at < p.since THEN s.hi
+                ELSE probe.id END
+    FROM search s
+    CROSS JOIN p
+    LEFT JOIN LATERAL (
+        SELECT e.id, e.created_at FROM pgjobs.job_events e
+        WHERE e.id >= (s.lo + s.hi) / 2
+        ORDER BY e.id
+        LIMIT 1
+    ) probe ON true
+    WHERE s.lo < s.hi
+)
+SELECT j.job_type, count(*) AS failed
+FROM pgjobs.job_events e
+JOIN pgjobs.jobs j ON j.id = e.job_id
+CROSS JOIN p
+WHERE e.id >= (SELECT coalesce(min(s.hi), 0) FROM search s WHERE s.lo >= s.hi)
+  AND e.type = 'content_job.failed'
+  AND e.created_at >= p.since AND e.created_at <= p.now
+GROUP BY j.job_type
+ORDER BY j.job_type;
+
+-- name: worker_list_by_heartbeat
+-- `pgjobs stats`: every registered worker and how long ago it last heartbeated.
+SELECT w.id, w.hostname, w.pid, w.job_types, w.concurrency,
+       extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - w.last_heartbeat_at)::float8
+           AS heartbeat_age_seconds
+FROM pgjobs.workers w
+ORDER BY w.id;

@@ -16,7 +16,7 @@ from datetime import datetime
 
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import db
+from pgjobs import db, metrics
 from pgjobs.queries import QUERIES
 from pgjobs.types import Job
 
@@ -40,6 +40,7 @@ async def rescue_expired(
             job.attempts,
             job.max_attempts,
             job.status.value,
+            extra=job.log_fields(),
         )
     return rescued
 
@@ -61,4 +62,9 @@ async def rescue_expired_with(dsn: str, *, now: datetime | None = None) -> list[
 
 async def _rescue(conn: db.AsyncConn, now: datetime | None, limit: int) -> list[Job]:
     cur = await conn.execute(QUERIES["job_rescue_expired"], {"now": now, "limit": limit})
-    return [Job.from_row(row) for row in await cur.fetchall()]
+    rescued = [Job.from_row(row) for row in await cur.fetchall()]
+    for job in rescued:
+        metrics.RESCUES.labels(job.job_type).inc()
+        event = "retrying" if job.status.value == "queued" else "failed"
+        metrics.TRANSITIONS.labels(job.job_type, event).inc()
+    return rescued

@@ -111,6 +111,18 @@ class Job:
     created_at: datetime
     updated_at: datetime
 
+    def log_fields(self) -> dict[str, Any]:
+        """The ``extra=`` of a log record about this job's current attempt: the fields
+        ``pgjobs.logs`` shows in both formats (``job_id``, ``company_id``, ``job_type``,
+        ``attempt``, and ``worker_id`` when a worker holds or held it)."""
+        return {
+            "job_id": str(self.id),
+            "company_id": self.company_id,
+            "job_type": self.job_type,
+            "attempt": self.attempts,
+            "worker_id": self.worker_id,
+        }
+
     def to_json(self) -> dict[str, Any]:
         """The job as the HTTP API and `pgjobs jobs ... --json` show it (camelCase)."""
         return {

@@ -43,6 +43,7 @@ import logging
 import os
 import random
 import socket
+import time
 import traceback
 import uuid
 from collections.abc import Sequence
@@ -55,7 +56,7 @@ import psycopg
 from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import assets, db, gcpolicy, rescuer
+from pgjobs import assets, db, gcpolicy, metrics, rescuer
 from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
@@ -67,6 +68,7 @@ from pgjobs.errors import (
     InvalidJobError,
 )
 from pgjobs.events import WORK_CHANNEL, Cancelled, parse_work
+from pgjobs.health import HealthServer
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
@@ -226,6 +228,18 @@ class Worker:
         self.started = asyncio.Event()
         self.listener: Listener | None = None
         self.jobs_started = 0
+        # The long-running tasks /readyz checks are alive (set by run()).
+        self._loops: dict[str, asyncio.Task[None]] = {}
+        self._depth = metrics.QueueDepth(QUERIES["job_queue_depth_by_type"])
+        self.exposition = metrics.Exposition(
+            metrics.StateCollector(
+                "worker",
+                lambda: self._pool,
+                lambda: {WORK_CHANNEL: self._listening()},
+                self._depth,
+            )
+        )
+        self.health: HealthServer | None = None
         self.burst = burst
         self.ran: list[uuid.UUID] = []  # burst mode only: the jobs this run started
 
@@ -283,11 +297,26 @@ class Worker:
                 asyncio.create_task(self._heartbeat_loop(), name="pgjobs-heartbeat"),
                 asyncio.create_task(self._rescue_loop(), name="pgjobs-rescuer"),
             ]
+            self._loops = {
+                "listener_loop": background[0],
+                "heartbeat": background[1],
+                "rescuer": background[2],
+                "completer": completer_task,
+            }
+            if settings.metrics_port is not None:
+                self.health = HealthServer(
+                    settings.metrics_host,
+                    settings.metrics_port,
+                    render_metrics=lambda: self.exposition.render(self._pool),
+                    readiness=self.readiness,
+                )
+                await self.health.start()
             log.info(
                 "worker %s started: concurrency %d, job types %s",
                 self.id,
                 settings.concurrency,
                 ", ".join(self.job_types) or "(none: the registry is empty)",
+                extra={"worker_id": self.id},
             )
             if self.tune_gc:
                 gcpolicy.tune_for_long_running_process()
@@ -297,6 +326,8 @@ class Worker:
             self._completer.close()
             await completer_task
         finally:
+            if self.health is not None:
+                await self.health.stop()
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -305,7 +336,30 @@ class Worker:
                     await conn.execute(QUERIES["worker_deregister"], {"id": self.id})
             await pool.close()
             self._threads.shutdown(wait=False, cancel_futures=True)
-            log.info("worker %s stopped", self.id)
+            log.info("worker %s stopped", self.id, extra={"worker_id": self.id})
+
+    def _listening(self) -> bool:
+        return self.listener is not None and self.listener.connected.is_set()
+
+    async def readiness(self) -> dict[str, str]:
+        """/readyz's checks, each "ok" or what is wrong: the database answers, the LISTEN
+        connection is up, the worker is claiming (not shutting down), and each background
+        loop is alive."""
+        checks: dict[str, str] = {}
+        pool = self._pool
+        try:
+            if pool is None:
+                raise RuntimeError("not started")
+            async with pool.connection(timeout=2.0) as conn:
+                await conn.execute(QUERIES["schema_check"])
+            checks["database"] = "ok"
+        except Exception as exc:  # any failure means "not ready", and says why
+            checks["database"] = f"unavailable: {type(exc).__name__}"
+        checks["listener"] = "ok" if self._listening() else "reconnecting"
+        checks["claiming"] = "stopping" if self._stopping.is_set() else "ok"
+        for name, task in self._loops.items():
+            checks[name] = "stopped" if task.done() else "ok"
+        return checks
 
     async def _drain(self) -> None:
         """Graceful part of shutdown: wait for running jobs, then release the rest."""
@@ -530,7 +584,12 @@ class Worker:
     ) -> None:
         ids, tokens, errors = (list(column) for column in zip(*unreadable, strict=True))
         for job_id, _, error in unreadable:
-            log.error("job %s: cannot read its row, failing it: %s", job_id, error)
+            log.error(
+                "job %s: cannot read its row, failing it: %s",
+                job_id,
+                error,
+                extra={"job_id": str(job_id), "worker_id": self.id},
+            )
         try:
             cur = await conn.execute(
                 QUERIES["job_fail_unreadable_if_leased"],
@@ -593,19 +652,29 @@ class Worker:
         entry.task = asyncio.create_task(self._execute(entry))
         entry.task.add_done_callback(lambda _: self._done(entry))
         self.jobs_started += 1
+        metrics.TRANSITIONS.labels(job.job_type, "running").inc()
         if self.burst:
             self.ran.append(job.id)
 
-    def _interrupt(self, job_id: uuid.UUID, reason: str) -> None:
+    def _interrupt(self, job_id: uuid.UUID, reason: str) -> bool:
+        """Stop a job's handler; False if it was not in its handler any more."""
         entry = self._running.get(job_id)
         if entry is None or entry.finishing or entry.ctx.cancelled:
-            return
-        log.warning("job %s: stopping handler: %s", job_id, reason)
+            return False
+        log.warning("job %s: stopping handler: %s", job_id, reason, extra=entry.job.log_fields())
         entry.ctx._cancel(reason)
         entry.task.cancel()
+        return True
 
     async def _execute(self, entry: _Running) -> None:
-        outcome = await self._attempt(entry.job, entry.ctx)
+        started = time.perf_counter()
+        outcome: Outcome | None = None
+        try:
+            outcome = await self._attempt(entry.job, entry.ctx)
+        finally:
+            metrics.HANDLER_DURATION.labels(
+                entry.job.job_type, "abandoned" if outcome is None else outcome.kind
+            ).observe(time.perf_counter() - started)
         if outcome is None:
             return
         # The handler's slot is free as soon as it returns: the fetch loop can claim the
@@ -745,10 +814,20 @@ class Worker:
                 cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
                 updated = await cur.fetchone()
         except TRANSIENT as exc:
-            log.warning("job %s: progress not recorded (%s)", job.id, db.describe_error(exc))
+            log.warning(
+                "job %s: progress not recorded (%s)",
+                job.id,
+                db.describe_error(exc),
+                extra=job.log_fields(),
+            )
             return False
         if updated is None:
-            log.warning("job %s: progress rejected, this worker no longer holds the job", job.id)
+            metrics.LEASE_LOSSES.labels("progress").inc()
+            log.warning(
+                "job %s: progress rejected, this worker no longer holds the job",
+                job.id,
+                extra=job.log_fields(),
+            )
             return False
         return True
 
@@ -780,8 +859,12 @@ class Worker:
                 )
                 continue
             for job in held:
-                if job.id not in still_held:
-                    self._interrupt(job.id, "lease lost (cancelled or rescued by another worker)")
+                # A job whose completion is being written is counted by the completer,
+                # should that write find the lease lost.
+                if job.id not in still_held and self._interrupt(
+                    job.id, "lease lost (cancelled or rescued by another worker)"
+                ):
+                    metrics.LEASE_LOSSES.labels("heartbeat").inc()
 
     async def _rescue_loop(self) -> None:
         assert self._pool is not None

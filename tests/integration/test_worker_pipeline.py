@@ -108,7 +108,7 @@ async def test_a_completion_that_cannot_be_written_fails_its_handler_instead_of_
     pool = await db.open_pool(dsn, min_size=1, max_size=2, name="test-completer")
     completer = Completer(pool, LocalStorage(storage_dir), flush_interval=0)
 
-    async def broken_write(batch: list[Outcome]) -> set[object]:
+    async def broken_write(batch: list[Outcome]) -> dict[object, str]:
         raise RuntimeError("statement refused")
 
     completer._write = broken_write  # type: ignore[method-assign,assignment]
@@ -201,11 +201,14 @@ async def test_one_batch_records_results_errors_and_assets_side_by_side(
         Outcome(as_jobs[3], "fail", error="refused"),
     ]
     try:
-        assert await completer._write(outcomes) == {job.id for job in as_jobs}
+        statuses = ["done", "done", "done", "failed"]
+        assert await completer._write(outcomes) == {
+            job.id: status for job, status in zip(as_jobs, statuses, strict=True)
+        }
         only_nulls = [await client.enqueue("acme", "echo")]
         bare = Job.from_row(await claim_one(dsn, "w1"))
         assert bare.id == only_nulls[0].id
-        assert await completer._write([Outcome(bare, "done")]) == {bare.id}
+        assert await completer._write([Outcome(bare, "done")]) == {bare.id: "done"}
     finally:
         await pool.close()
     rows = {

@@ -129,7 +129,9 @@ def serve(
     """Run the gateway with uvicorn until SIGINT/SIGTERM. Returns the exit status: 3 when
     it could not start (the reason is in the log), as ``uvicorn`` does."""
     app = create_app(dsn, settings)
-    config = server_config(app, host=host, port=port, log_level="info")
+    # log_config=None: uvicorn's lines go through the command's handler (pgjobs.logs),
+    # in its format, instead of uvicorn's own text handlers.
+    config = server_config(app, host=host, port=port, log_level="info", log_config=None)
     server = GatewayServer(config, app.state.gateway, tune_gc=True)
     server.run()
     return 0 if server.started else 3

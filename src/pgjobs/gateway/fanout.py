@@ -88,6 +88,9 @@ class Fanout:
         # Set by the company feeds (pgjobs.gateway.companystream): told which companies' events
         # arrived, so one reader per company re-reads the table, not one per stream.
         self.on_company_wake: Callable[[str], None] | None = None
+        # Told the first event id of each NOTIFY (the notification lag metric's sample,
+        # pgjobs.metrics.LagSampler).
+        self.on_received: Callable[[int], None] | None = None
         self.notifies = 0
         self.backfills = 0
         self.overflows = 0
@@ -137,6 +140,8 @@ class Fanout:
             log.warning("unreadable NOTIFY payload (%s); backfilling every stream", exc)
             self._backfill_all()
             return
+        if events and self.on_received is not None:
+            self.on_received(events[0].event_id)
         woken: set[str] = set()
         for event in events:
             for sub in self._by_job.get(event.job_id, ()):

@@ -380,3 +380,11 @@ CROSS JOIN LATERAL (
 ) m
 WHERE c.company_id IS NOT NULL
 GROUP BY 1;
+
+-- name: job_events_age_by_ids
+-- The notification lag metric (pgjobs.metrics.LagSampler): how long ago, by the
+-- database's clock, each sampled audit row was written (its transaction's start time).
+-- By primary key; a row pruned meanwhile is missing from the result.
+SELECT e.id, extract(epoch FROM clock_timestamp() - e.created_at)::float8 AS age_seconds
+FROM pgjobs.job_events e
+WHERE e.id = ANY(%(ids)s::bigint[]);

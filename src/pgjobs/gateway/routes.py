@@ -20,7 +20,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 
-from pgjobs import db
+from pgjobs import db, metrics
 from pgjobs.client import MAX_PAGE_SIZE
 from pgjobs.errors import InvalidJobError
 from pgjobs.gateway import auth, companystream, openapi, payloads, sse
@@ -127,6 +127,15 @@ class Api:
             {"status": "ready" if ready else "unavailable", "checks": checks},
             status_code=200 if ready else 503,
             headers=None if ready else {"Retry-After": "1"},
+        )
+
+    async def metrics(self, request: Request) -> Response:
+        """Prometheus metrics (pgjobs.metrics). Unauthenticated like /healthz: no family
+        carries a company id; restrict the path at the proxy if job types are private."""
+        return Response(
+            await self.state.render_metrics(),
+            media_type=metrics.CONTENT_TYPE,
+            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"},
         )
 
     async def openapi(self, request: Request) -> Response:
@@ -618,6 +627,7 @@ def routes(api: Api) -> list[BaseRoute]:
     return [
         Route("/healthz", api.healthz, methods=["GET"]),
         Route("/readyz", api.readyz, methods=["GET"]),
+        Route("/metrics", api.metrics, methods=["GET"]),
         Route("/openapi.json", api.openapi, methods=["GET"]),
         Route("/api/whoami", api.whoami, methods=["GET"]),
         Route("/api/workers", api.workers, methods=["GET"]),

@@ -11,9 +11,10 @@ import logging
 
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import db
+from pgjobs import db, metrics
 from pgjobs.client import Client
 from pgjobs.errors import NotMigratedError
+from pgjobs.events import EVENTS_CHANNEL
 from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.companystream import CompanyFeeds
 from pgjobs.gateway.fanout import Fanout
@@ -21,6 +22,7 @@ from pgjobs.gateway.limits import StreamSlots
 from pgjobs.gateway.revocation import Revocations
 from pgjobs.gateway.settings import GatewaySettings
 from pgjobs.notifier import Listener
+from pgjobs.queries import QUERIES
 from pgjobs.storage import Storage
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,21 @@ class GatewayState:
             heartbeat_seconds=settings.listener_heartbeat_seconds,
             name=LISTENER_NAME,
             when_unavailable=LISTEN_ADVICE,
+        )
+        self.lag = metrics.LagSampler(GATEWAY_QUERIES["job_events_age_by_ids"])
+        self.fanout.on_received = self.lag.received
+        self.exposition = metrics.Exposition(
+            metrics.StateCollector(
+                "gateway",
+                lambda: self._pool,
+                lambda: {EVENTS_CHANNEL: self.listener.connected.is_set()},
+                metrics.QueueDepth(QUERIES["job_queue_depth_by_type"]),
+                extra=lambda: [
+                    metrics.sse_subscribers(
+                        self.fanout.job_subscribers, self.fanout.company_subscribers
+                    )
+                ],
+            )
         )
         self.company_feeds = CompanyFeeds(self)
         self.revocations = Revocations(self)
@@ -106,6 +123,12 @@ class GatewayState:
         self._revocation_task = asyncio.create_task(
             self.revocations.run(), name="pgjobs-gateway-revocations"
         )
+
+    async def render_metrics(self) -> bytes:
+        """``/metrics``: the lag samples since the last scrape observed, then every family."""
+        if self._pool is not None:
+            await self.lag.observe(self._pool)
+        return await self.exposition.render(self._pool)
 
     def end_streams(self) -> None:
         """Tell every event stream to end (the server is shutting down); streams that
