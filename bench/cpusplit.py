@@ -27,9 +27,8 @@ from bench.procs import cpu_seconds
 
 def postmaster_of(dsn: str) -> int:
     """The pid of the postmaster serving ``dsn`` (the parent of a backend of it)."""
-    with psycopg.connect(dsn) as conn:
-        backend = conn.info.backend_pid
-    return int(Path(f"/proc/{backend}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    with psycopg.connect(dsn) as conn:  # read while the backend lives
+        return _ppid(Path(f"/proc/{conn.info.backend_pid}"))
 
 
 def cpu_readings(marker: str, postmaster: int | None = None) -> dict[str, dict[int, float]]:
