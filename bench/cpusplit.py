@@ -2,9 +2,11 @@
 
 ``python -m bench.cpusplit [--system pgjobs] [--processes 2] [--jobs 100000]``
 
-Runs one drain (as scenario 1 does) while a thread reads ``/proc/<pid>/stat`` of every
-PostgreSQL process and every ``bench.worker`` process twice a second; prints the CPU
-seconds each side used during the drain divided by the jobs drained. Linux only. Behind
+Runs one drain (as scenario 1 does) while a thread reads ``/proc/<pid>/stat`` of the
+bench server's PostgreSQL processes (its postmaster and the postmaster's children: on a
+shared machine other servers' processes are named postgres too) and every
+``bench.worker`` process twice a second; prints the CPU seconds each side used during
+the drain divided by the jobs drained. Linux only. Behind
 docs/benchmarks.md's "Where the drain's time goes".
 """
 
@@ -15,15 +17,24 @@ import threading
 import time
 from pathlib import Path
 
+import psycopg
+
 from bench import pg, systems
 from bench.context import QUICK, Ctx
 from bench.drain import drain, queue_db
 from bench.procs import cpu_seconds
 
 
-def cpu_readings(marker: str) -> dict[str, dict[int, float]]:
+def postmaster_of(dsn: str) -> int:
+    """The pid of the postmaster serving ``dsn`` (the parent of a backend of it)."""
+    with psycopg.connect(dsn) as conn:  # read while the backend lives
+        return _ppid(Path(f"/proc/{conn.info.backend_pid}"))
+
+
+def cpu_readings(marker: str, postmaster: int | None = None) -> dict[str, dict[int, float]]:
     """{"postgres": {pid: seconds}, "worker": {pid: seconds}} for the live processes; a
-    worker is a process whose command line contains ``marker``."""
+    worker is a process whose command line contains ``marker``. With ``postmaster``, only
+    that server's processes count as postgres; without, every process named postgres."""
     out: dict[str, dict[int, float]] = {"postgres": {}, "worker": {}}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -33,7 +44,9 @@ def cpu_readings(marker: str) -> dict[str, dict[int, float]]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
             if marker in cmdline:
                 kind = "worker"
-            elif name == "postgres":
+            elif name == "postgres" and (
+                postmaster is None or int(entry.name) == postmaster or _ppid(entry) == postmaster
+            ):
                 kind = "postgres"
             else:
                 continue
@@ -43,20 +56,25 @@ def cpu_readings(marker: str) -> dict[str, dict[int, float]]:
     return out
 
 
+def _ppid(entry: Path) -> int:
+    return int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+
+
 class Sampler(threading.Thread):
     """Keeps the last reading of every process seen, so that processes which exit during
     the drain (the workers, at its end) still count."""
 
-    def __init__(self, marker: str = "bench.worker") -> None:
+    def __init__(self, marker: str = "bench.worker", postmaster: int | None = None) -> None:
         super().__init__(daemon=True)
         self.marker = marker
-        self.first: dict[str, dict[int, float]] = cpu_readings(marker)
+        self.postmaster = postmaster
+        self.first: dict[str, dict[int, float]] = cpu_readings(marker, postmaster)
         self.last: dict[str, dict[int, float]] = {k: dict(v) for k, v in self.first.items()}
         self.stop = threading.Event()
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
-            for kind, pids in cpu_readings(self.marker).items():
+            for kind, pids in cpu_readings(self.marker, self.postmaster).items():
                 self.last[kind].update(pids)
 
     def used(self, kind: str) -> float:
@@ -64,9 +82,10 @@ class Sampler(threading.Thread):
 
 
 def drain_with_cpu(ctx: Ctx, system: str, dsn: str, jobs: int, processes: int) -> dict[str, float]:
-    """One drain (as scenario 1) while the Sampler reads every PostgreSQL and worker
-    process: its result, plus CPU per job (µs) on each side and the cores busy."""
-    sampler = Sampler()
+    """One drain (as scenario 1) while the Sampler reads the server's PostgreSQL processes
+    and every worker process: its result, plus CPU per job (µs) on each side and the
+    cores busy."""
+    sampler = Sampler(postmaster=postmaster_of(dsn))
     sampler.start()
     t = time.monotonic()
     result = drain(ctx, system, dsn, jobs, processes)

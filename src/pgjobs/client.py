@@ -88,8 +88,9 @@ def plan_insert(
     }
 
 
-def order_like(specs: list[JobSpec], rows: list[dict[str, Any]]) -> list[Job]:
-    by_id = {row["id"]: Job.from_row(row) for row in rows}
+def order_like(specs: list[JobSpec], jobs: list[Job]) -> list[Job]:
+    """The inserted jobs in the order of their specs (RETURNING promises no order)."""
+    by_id = {job.id: job for job in jobs}
     return [by_id[s.id] for s in specs]
 
 
@@ -196,8 +197,11 @@ class Client:
         specs = list(specs)
         if not specs:
             return []
-        rows = await self._fetch(*plan_insert(specs), conn)
-        return order_like(specs, rows)
+        query, params = plan_insert(specs)
+        if conn is not None:
+            return order_like(specs, await db.fetch_jobs(conn, query, params))
+        async with self.pool.connection() as pooled:
+            return order_like(specs, await db.fetch_jobs(pooled, query, params))
 
     async def get(
         self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerAsyncConn | None = None

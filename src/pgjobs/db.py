@@ -41,7 +41,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgjobs.errors import ConfigurationError, DatabaseUnavailableError, NotMigratedError
 from pgjobs.queries import QUERIES
-from pgjobs.types import UnreadableTime
+from pgjobs.types import Job, UnreadableTime, job_rows
 
 AsyncConn = psycopg.AsyncConnection[DictRow]
 SyncConn = psycopg.Connection[DictRow]
@@ -63,6 +63,27 @@ async def fetch_dicts(
     async with psycopg.AsyncCursor(conn, row_factory=dict_row) as cur:
         await cur.execute(query, params)
         return await cur.fetchall() if cur.description else []
+
+
+async def fetch_jobs(
+    conn: CallerAsyncConn, query: LiteralString, params: Mapping[str, Any]
+) -> list[Job]:
+    """Run ``query`` (which returns pgjobs.jobs rows) on any connection and return them as
+    Jobs, built from the result's tuples by ``types.job_rows``: for a bulk enqueue's
+    thousand returned rows, a dict per row and ``Job.from_row`` cost ~2.5 µs per job more.
+    The cursor is the caller-proof one of fetch_dicts."""
+    async with psycopg.AsyncCursor(conn, row_factory=job_rows) as cur:
+        await cur.execute(query, params)
+        return await cur.fetchall()
+
+
+def fetch_jobs_sync(
+    conn: CallerSyncConn, query: LiteralString, params: Mapping[str, Any]
+) -> list[Job]:
+    """fetch_jobs() for a blocking connection."""
+    with psycopg.Cursor(conn, row_factory=job_rows) as cur:
+        cur.execute(query, params)
+        return cur.fetchall()
 
 
 def fetch_dicts_sync(

@@ -1,6 +1,7 @@
 -- Every runtime query pgjobs runs, one named section each (`-- name: table_verb_guard`).
--- Parameters are passed by name (%(name)s) and cast explicitly. Time-based queries take
--- %(now)s and fall back to the server clock when it is NULL, so tests can move time.
+-- Parameters are passed by name (%(name)s, or %(name)b in binary format) and cast
+-- explicitly. Time-based queries take %(now)s and fall back to the server clock when it
+-- is NULL, so tests can move time.
 --
 -- Transitions bump event_seq by one and set last_event; the statement-level triggers in
 -- sql/0001_initial.sql turn that into the audit row and the NOTIFY, and those in
@@ -10,15 +11,18 @@
 -- back means "lost the race".
 
 -- name: job_insert_many
--- Bulk enqueue: one statement, one NOTIFY batch, any number of jobs.
+-- Bulk enqueue: one statement, one NOTIFY batch, any number of jobs. The arrays go in
+-- binary format (the b placeholders): psycopg writes a text-format array by quoting each
+-- element in Python, ~9 µs of client CPU per job of a 1,000-job batch, against ~2.5 µs
+-- in binary; the server also parses them faster.
 INSERT INTO pgjobs.jobs (id, company_id, job_type, input, source_task_id, priority, run_at,
                          max_attempts, created_at, updated_at)
 SELECT u.id, u.company_id, u.job_type, u.input, u.source_task_id, u.priority,
        coalesce(u.run_at, coalesce(%(now)s::timestamptz, now())), u.max_attempts,
        coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
-FROM unnest(%(ids)s::uuid[], %(company_ids)s::text[], %(job_types)s::text[], %(inputs)s::jsonb[],
-            %(source_task_ids)s::text[], %(priorities)s::int[], %(run_ats)s::timestamptz[],
-            %(max_attempts)s::int[])
+FROM unnest(%(ids)b::uuid[], %(company_ids)b::text[], %(job_types)b::text[], %(inputs)b::jsonb[],
+            %(source_task_ids)b::text[], %(priorities)b::int[], %(run_ats)b::timestamptz[],
+            %(max_attempts)b::int[])
      AS u(id, company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
 RETURNING *;
 

@@ -105,7 +105,11 @@ class SyncClient:
         specs = list(specs)
         if not specs:
             return []
-        return order_like(specs, self._fetch(*plan_insert(specs), conn))
+        query, params = plan_insert(specs)
+        if conn is not None:
+            return order_like(specs, db.fetch_jobs_sync(conn, query, params))
+        with self.pool.connection() as pooled:
+            return order_like(specs, db.fetch_jobs_sync(pooled, query, params))
 
     def get(
         self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerSyncConn | None = None

@@ -224,6 +224,31 @@ async def test_many_cancellations_are_packed_under_the_notify_limit(
     assert sorted(cancelled, key=repr) == sorted((Cancelled(j.id) for j in jobs), key=repr)
 
 
+async def test_a_statements_items_fill_each_notify_up_to_the_limit(
+    dsn: str, client: Client
+) -> None:
+    """Each channel's payloads hold as many of a statement's items as fit under the
+    8000-byte limit (sql/0010): every payload but the last is nearly full."""
+    events_listener = await _listening(dsn, events.EVENTS_CHANNEL)
+    work_listener = await _listening(dsn, events.WORK_CHANNEL)
+    async with events_listener, work_listener:
+        # One job type per job: one worker-channel item per job.
+        jobs = await client.enqueue_many(JobSpec("acme", f"type-{n}") for n in range(1000))
+        sent_events = await _until_marker(dsn, events_listener, events.EVENTS_CHANNEL)
+        sent_work = await _until_marker(dsn, work_listener, events.WORK_CHANNEL)
+    for payloads, items in (
+        (sent_events, [e.job_id for p in sent_events for e in events.parse_events(p)]),
+        (sent_work, [w for p in sent_work for w in events.parse_work(p)]),
+    ):
+        assert len(items) == len(jobs)
+        sizes = sorted(len(p.encode()) for p in payloads)
+        assert sizes[-1] < 8000
+        # A payload ends when the next item would not fit: ~200 bytes short at most here
+        # (0007 cut them at about half the limit).
+        assert len(sizes) > 2
+        assert all(size > 7500 for size in sizes[1:]), sizes
+
+
 async def _cancel_all(dsn: str) -> None:
     # One statement, as an operator's psql would cancel a batch (with its transitions).
     async with await psycopg.AsyncConnection.connect(

@@ -18,7 +18,7 @@ from pgjobs.queries import QUERIES
 
 
 def _param_names(query: str) -> set[str]:
-    return set(re.findall(r"%\((\w+)\)s", query))
+    return set(re.findall(r"%\((\w+)\)[sb]", query))
 
 
 @pytest.mark.parametrize("name", sorted(QUERIES))

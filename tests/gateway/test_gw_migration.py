@@ -1,0 +1,135 @@
+"""The latest migration applied to a filled database while a gateway serves it: jobs in
+every state keep their audit rows, the company stream and a job stream resume with
+Last-Event-ID across the migration (every event once, in order), a lease taken before it
+still completes its job, and a worker of this version drains what was queued."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+from gateway_helpers import Sse, collect, serve_gateway
+from yoyo import read_migrations
+
+from helpers import (
+    assert_histories_valid,
+    claim_one,
+    fast_settings,
+    fetch,
+    finish_params,
+    running_worker,
+    wait_until,
+)
+from pgjobs import demo, migrate
+from pgjobs.client import Client
+from pgjobs.jobspec import JobSpec
+from pgjobs.queries import QUERIES
+
+ALL = sorted(p.stem for p in migrate.migrations_dir().glob("0*.sql") if ".rollback" not in p.name)
+LATEST = ALL[-1]
+EVENTS = "/api/companies/acme/events"
+JOBS = "/api/companies/acme/content-jobs"
+
+
+def _roll_back_latest(dsn: str) -> None:
+    backend = migrate._backend(dsn)
+    try:
+        migrations = read_migrations(str(migrate.migrations_dir()))
+        with backend.lock():
+            chosen = migrations.filter(lambda m: m.id == LATEST)
+            backend.rollback_migrations(backend.to_rollback(chosen))
+    finally:
+        backend.connection.close()
+
+
+async def _finish(dsn: str, claimed: dict[str, Any], outcome: str) -> None:
+    rows = await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(claimed, outcome))
+    assert len(rows) == 1
+
+
+async def _audit_rows(dsn: str) -> list[tuple[str, int]]:
+    rows = await fetch(
+        dsn,
+        "SELECT job_id::text AS job_id, seq FROM pgjobs.job_events WHERE company_id = 'acme'",
+    )
+    return [(r["job_id"], r["seq"]) for r in rows]
+
+
+def _keys(events: list[Sse]) -> list[tuple[str, int]]:
+    return [(e.data["jobId"], e.data["seq"]) for e in events]
+
+
+async def test_streams_resume_and_a_worker_drains_across_the_latest_migration(
+    empty_dsn: str, storage_dir: Path
+) -> None:
+    dsn = empty_dsn
+    migrate.apply(dsn)
+    _roll_back_latest(dsn)
+    async with await Client.connect(dsn) as client:
+        # One job in each state, moved there by the queries a worker runs.
+        failed = await client.enqueue("acme", "echo", max_attempts=1)
+        await _finish(dsn, await claim_one(dsn, "w-old"), "error")
+        done = await client.enqueue("acme", "echo")
+        await _finish(dsn, await claim_one(dsn, "w-old"), "done")
+        running = await client.enqueue("acme", "echo")
+        lease = await claim_one(dsn, "w-old")
+        assert lease["id"] == running.id
+        retried = await client.enqueue("acme", "echo", max_attempts=3)
+        await _finish(dsn, await claim_one(dsn, "w-old"), "error")  # queued again
+        cancelled = await client.enqueue("acme", "echo")
+        await client.cancel("acme", cancelled.id)
+        queued = await client.enqueue_many(JobSpec("acme", "echo", {"n": n}) for n in range(20))
+        statuses = {
+            j.id: (await client.get("acme", j.id)).status.value
+            for j in (failed, done, retried, running, cancelled, queued[0])
+        }
+        assert sorted(statuses.values()) == [
+            "cancelled", "done", "failed", "queued", "queued", "running"
+        ]  # fmt: skip
+
+        async with serve_gateway(dsn, storage_dir) as gateway:
+            before = await _audit_rows(dsn)
+            seen = await collect(gateway, EVENTS, last_event_id="0-0", stop_after=len(before))
+            assert sorted(_keys(seen)) == sorted(before)
+            job_path = f"{JOBS}/{retried.id}/events"
+            job_seen = await collect(gateway, job_path, last_event_id="0", stop_after=3)
+            assert [e.data["type"] for e in job_seen] == [
+                "content_job.queued", "content_job.running", "content_job.retrying"
+            ]  # fmt: skip
+
+            assert await asyncio.to_thread(migrate.apply, dsn) == [LATEST]
+            assert await _audit_rows(dsn) == before  # the audit log is untouched
+
+            # The lease taken before the migration completes its job after it.
+            await _finish(dsn, lease, "done")
+            pending = {j.id for j in queued} | {retried.id}
+
+            async def drained() -> bool:
+                rows = await fetch(
+                    dsn,
+                    "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'done' AND id = ANY(%s)",
+                    [list(pending)],
+                )
+                return bool(rows[0]["n"] == len(pending))
+
+            async with running_worker(dsn, demo.registry, fast_settings(storage_dir)):
+                await wait_until(drained, within=60, message="the queued jobs done")
+
+            after = await _audit_rows(dsn)
+            new = sorted(set(after) - set(before))
+            # running + done for each queued job, done for the leased one.
+            assert len(new) == 2 * len(pending) + 1
+            resumed = await collect(gateway, EVENTS, last_event_id=seen[-1].id, stop_after=len(new))
+            assert sorted(_keys(resumed)) == new  # each once, none of those seen before
+            ids = [int((e.id or "").split("-")[1]) for e in resumed]
+            assert len(set(ids)) == len(ids)
+            for job_id in {k[0] for k in new}:  # each job's events in seq order
+                seqs = [seq for jid, seq in _keys(resumed) if jid == job_id]
+                assert seqs == sorted(seqs)
+
+            job_rest = await collect(gateway, job_path, last_event_id=job_seen[-1].id)
+            assert [(e.id, e.data["type"]) for e in job_rest] == [
+                ("4", "content_job.running"), ("5", "content_job.done")
+            ]  # fmt: skip
+    assert await assert_histories_valid(dsn) == 5 + len(queued)
