@@ -166,7 +166,12 @@ async def test_worker_through_pgbouncer_without_listen_dsn_polls(
     finally:
         worker.stop()
         await asyncio.wait_for(task, timeout=30)
-    warnings = [r.getMessage() for r in caplog.records if r.name == "pgjobs.notifier"]
+    # Once, whatever else a loaded machine makes the listener log (a slow heartbeat).
+    warnings = [
+        r.getMessage()
+        for r in caplog.records
+        if r.name == "pgjobs.notifier" and "receives no notifications" in r.getMessage()
+    ]
     assert len(warnings) == 1, warnings
     assert "receives no notifications" in warnings[0]
     assert "polling for jobs every 0.2s (PGJOBS_POLL_INTERVAL_SECONDS)" in warnings[0]
