@@ -201,7 +201,8 @@ async def test_a_fenced_stale_attempt_leaves_none_of_its_writes(
         (EventType.RUNNING, 2, "fresh"),
         (EventType.DONE, 2, "fresh"),  # one done event; nothing recorded for attempt 1
     ]
-    assert "attempt 1 failed" not in caplog.text, "the lost attempt is not a failure"
+    assert "will retry" not in caplog.text, "the lost attempt is not logged as a failure"
+    assert "this worker no longer holds the job" in caplog.text
     assert await assert_histories_valid(dsn) == 1
 
 
@@ -227,3 +228,44 @@ async def test_a_transaction_is_used_once_per_attempt(
         await wait_until(lambda: asyncio.sleep(0, result=bool(errors)), message="second use")
     assert "already used by this attempt" in errors[0]
     assert len(await fetch(dsn, "SELECT * FROM public.charges")) == 1
+
+
+async def test_the_heartbeat_does_not_stop_a_handler_after_its_job_completed(
+    dsn: str, client: Client, storage_dir: Path, charges: None, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After the block the job is done, not running: a heartbeat then finds no lease to
+    renew, which for a job still running would mean "lost, stop the handler". The handler
+    finishes what follows its block undisturbed."""
+    caplog.set_level(logging.INFO, logger="pgjobs")
+    committed, release = asyncio.Event(), asyncio.Event()
+    after: list[str] = []
+    registry = Registry()
+
+    @registry.handler("charge")
+    async def charge(ctx: JobContext) -> None:
+        async with ctx.transaction() as conn:
+            await conn.execute(INSERT_CHARGE, (ctx.job_id, ctx.attempt))
+        committed.set()
+        await release.wait()
+        after.append("cleaned up")
+
+    async def heartbeat_at() -> Any:
+        rows = await fetch(dsn, "SELECT last_heartbeat_at FROM pgjobs.workers")
+        return rows[0]["last_heartbeat_at"]
+
+    job = await client.enqueue("acme", "charge", {})
+    async with running_worker(dsn, registry, fast_settings(storage_dir)) as worker:
+        await asyncio.wait_for(committed.wait(), timeout=20)
+        # Two heartbeats after the commit: the second began after the job was done.
+        for _ in range(2):
+            seen = await heartbeat_at()
+            await wait_until(lambda seen=seen: _later(heartbeat_at(), seen), message="heartbeat")
+        release.set()
+        await wait_until(lambda: asyncio.sleep(0, result=not worker._running), message="let go")
+    assert after == ["cleaned up"]
+    assert "stopping handler" not in caplog.text
+    assert (await client.get("acme", job.id)).status is JobStatus.DONE
+
+
+async def _later(value: Any, than: Any) -> bool:
+    return bool(await value > than)
