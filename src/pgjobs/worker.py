@@ -13,6 +13,9 @@ Guarantees (see the README's "Delivery guarantees"):
 * Fair between companies. Within a priority level a claim shares its batch round-robin
   across the companies with queued work, starting after the company this worker served
   last (the rotation cursor the claim returns and the next claim passes back).
+* Exactly once for a handler's writes to the same database, if it wants: a job completed
+  in ``ctx.transaction()`` commits with those writes or rolls back with them
+  (``pgjobs.txcomplete``); the completer then records nothing more for the attempt.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
