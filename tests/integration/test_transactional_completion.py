@@ -8,6 +8,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from helpers import (
@@ -22,6 +23,7 @@ from pgjobs import db
 from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.errors import LeaseLostError
+from pgjobs.events import EVENTS_CHANNEL, parse_events
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 from pgjobs.txcomplete import TransactionalCompletion
@@ -72,10 +74,22 @@ async def test_handler_writes_and_done_commit_in_one_transaction(
             await conn.execute(INSERT_CHARGE, (ctx.job_id, ctx.attempt))
         assert ctx.completed
 
-    job = await client.enqueue("acme", "charge", {"cents": 500})
-    async with running_worker(dsn, registry, fast_settings(storage_dir)) as worker:
-        await wait_until(lambda: _status(client, job.id, JobStatus.DONE), message="done")
-        await wait_until(lambda: asyncio.sleep(0, result=not worker._running), message="job let go")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener:
+        await listener.execute(f"LISTEN {EVENTS_CHANNEL}")
+        job = await client.enqueue("acme", "charge", {"cents": 500})
+        async with running_worker(dsn, registry, fast_settings(storage_dir)) as worker:
+            await wait_until(lambda: _status(client, job.id, JobStatus.DONE), message="done")
+            await wait_until(
+                lambda: asyncio.sleep(0, result=not worker._running), message="job let go"
+            )
+        # Everything was committed before this point, so its NOTIFYs are waiting here.
+        published = [
+            (e.type, e.status)
+            async for note in listener.notifies(timeout=2.0)
+            for e in parse_events(note.payload)
+            if e.job_id == job.id
+        ]
+    assert published[-1] == ("content_job.done", "done"), "the done event was published"
     done = await client.get("acme", job.id)
     assert done.result == {"charged": 500}
     charge_x, job_x, done_x = await _xmins(dsn, job.id)
