@@ -176,23 +176,7 @@ class Completer:
 
     async def _write(self, batch: list[Outcome]) -> dict[uuid.UUID, str]:
         """Write the batch; returns the jobs it finished, each with its new status."""
-        params: dict[str, Any] = {
-            "now": None,
-            "ids": [o.job.id for o in batch],
-            "lease_tokens": [o.job.lease_token for o in batch],
-            "outcomes": [o.kind for o in batch],
-            "results": _or_null(
-                [None if o.result is None else json.dumps(o.result) for o in batch]
-            ),
-            "errors": _or_null([o.error for o in batch]),
-            "tracebacks": _or_null([o.traceback for o in batch]),
-            "retry_delays": [o.retry_delay for o in batch],
-        }
-        assets = [o.asset for o in batch]
-        any_asset = any(a is not None for a in assets)
-        for name, attribute in _ASSET_COLUMNS.items():
-            # Most batches hold no asset: six NULLs then, not six lists of NULLs.
-            params[name] = [getattr(a, attribute, None) for a in assets] if any_asset else None
+        params = finish_params(batch)
         async with self.pool.connection() as conn:
             cur = await conn.execute(QUERIES["job_finish_many_if_leased"], params)
             return {row["id"]: row["status"] for row in await cur.fetchall()}
@@ -229,6 +213,27 @@ class Completer:
         if outcome.asset is not None:
             await self.storage.delete(outcome.asset.key)
         return False
+
+
+def finish_params(batch: list[Outcome]) -> dict[str, Any]:
+    """The parameters of ``job_finish_many_if_leased`` that end these attempts (also used,
+    for one job, by ``pgjobs.txcomplete`` inside a handler's transaction)."""
+    params: dict[str, Any] = {
+        "now": None,
+        "ids": [o.job.id for o in batch],
+        "lease_tokens": [o.job.lease_token for o in batch],
+        "outcomes": [o.kind for o in batch],
+        "results": _or_null([None if o.result is None else json.dumps(o.result) for o in batch]),
+        "errors": _or_null([o.error for o in batch]),
+        "tracebacks": _or_null([o.traceback for o in batch]),
+        "retry_delays": [o.retry_delay for o in batch],
+    }
+    assets = [o.asset for o in batch]
+    any_asset = any(a is not None for a in assets)
+    for name, attribute in _ASSET_COLUMNS.items():
+        # Most batches hold no asset: six NULLs then, not six lists of NULLs.
+        params[name] = [getattr(a, attribute, None) for a in assets] if any_asset else None
+    return params
 
 
 def _count(job_type: str, status: str) -> None:

@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pgjobs.types import Job
+
+if TYPE_CHECKING:
+    from pgjobs import db
+    from pgjobs.txcomplete import TransactionalCompletion
 
 log = logging.getLogger("pgjobs.handler")
 
@@ -31,9 +36,14 @@ class JobContext:
     """
 
     def __init__(
-        self, job: Job, write_progress: ProgressWriter, loop: asyncio.AbstractEventLoop
+        self,
+        job: Job,
+        write_progress: ProgressWriter,
+        loop: asyncio.AbstractEventLoop,
+        completion: TransactionalCompletion | None = None,
     ) -> None:
         self.job = job
+        self._completion = completion
         self._write_progress = write_progress
         self._loop = loop
         # A plain bool: set on the event loop, read by handlers (async, or sync in worker
@@ -94,3 +104,32 @@ class JobContext:
         """progress() for sync handlers, which run in worker threads."""
         future = asyncio.run_coroutine_threadsafe(self.progress(fraction, message), self._loop)
         return future.result()
+
+    def transaction(
+        self, result: Any = None
+    ) -> contextlib.AbstractAsyncContextManager[db.AsyncConn]:
+        """``async with ctx.transaction(result) as conn:``: a connection in a transaction
+        in which the job is completed with ``result`` at the end of the block, so that what
+        the handler writes on ``conn`` and the job's ``done`` (audit row, NOTIFY) commit
+        together. If this attempt lost the job meanwhile, everything rolls back and
+        ``pgjobs.errors.LeaseLostError`` is raised; if the block raises, everything rolls
+        back and the attempt fails as usual. Once per attempt; after the block the job is
+        done and what the handler returns is discarded (``pgjobs.txcomplete``)."""
+        return self._transactional().transaction(result)
+
+    def transaction_sync(
+        self, result: Any = None
+    ) -> contextlib.AbstractContextManager[db.SyncConn]:
+        """transaction() for sync handlers: ``with ctx.transaction_sync(result) as conn:``,
+        on a connection of its own."""
+        return self._transactional().transaction_sync(result)
+
+    @property
+    def completed(self) -> bool:
+        """True once the job was completed in ``transaction()``, whose commit ended it."""
+        return self._completion is not None and self._completion.committed
+
+    def _transactional(self) -> TransactionalCompletion:
+        if self._completion is None:
+            raise RuntimeError("ctx.transaction() is only available to handlers a worker runs")
+        return self._completion

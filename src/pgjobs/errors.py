@@ -64,3 +64,19 @@ class StorageError(PgjobsError):
     """The asset storage backend failed or refused a request (an S3 bucket missing,
     credentials rejected, the endpoint unreachable). The message says which and what
     to fix; a worker retries the job, the gateway answers 503."""
+
+
+class LeaseLostError(PgjobsError):
+    """Raised at the end of a handler's ``ctx.transaction()`` block when the attempt no
+    longer holds its job (cancelled, or its lease expired and another attempt took it):
+    the transaction was rolled back, so none of the handler's writes in it were kept and
+    the job was not finished by this attempt."""
+
+    def __init__(self, job_id: object, attempt: int) -> None:
+        super().__init__(
+            f"job {job_id} attempt {attempt}: this worker no longer holds the job (cancelled, "
+            "or its lease expired and another attempt took it); the transaction was rolled "
+            "back, nothing written in it was kept, and the job was not completed by this attempt"
+        )
+        self.job_id = job_id
+        self.attempt = attempt

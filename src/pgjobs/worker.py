@@ -13,6 +13,9 @@ Guarantees (see the README's "Delivery guarantees"):
 * Fair between companies. Within a priority level a claim shares its batch round-robin
   across the companies with queued work, starting after the company this worker served
   last (the rotation cursor the claim returns and the next claim passes back).
+* Exactly once for a handler's writes to the same database, if it wants: a job completed
+  in ``ctx.transaction()`` commits with those writes or rolls back with them
+  (``pgjobs.txcomplete``); the completer then records nothing more for the attempt.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
@@ -56,7 +59,7 @@ import psycopg
 from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import assets, db, gcpolicy, metrics, rescuer
+from pgjobs import assets, db, gcpolicy, metrics, rescuer, txcomplete
 from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
@@ -66,6 +69,7 @@ from pgjobs.errors import (
     ConfigurationError,
     InvalidAssetError,
     InvalidJobError,
+    LeaseLostError,
 )
 from pgjobs.events import WORK_CHANNEL, Cancelled, parse_work
 from pgjobs.health import HealthServer
@@ -172,6 +176,7 @@ class _Running:
 
     job: Job
     ctx: JobContext
+    completion: txcomplete.TransactionalCompletion
     task: asyncio.Task[None] = field(init=False)
     in_handler: bool = True
     finishing: bool = False
@@ -645,8 +650,10 @@ class Worker:
     # -- running -----------------------------------------------------------------------
 
     def _start(self, job: Job) -> None:
-        ctx = JobContext(job, self._write_progress, asyncio.get_running_loop())
-        entry = _Running(job, ctx)
+        assert self._pool is not None
+        completion = txcomplete.TransactionalCompletion(job, self._pool, self.dsn)
+        ctx = JobContext(job, self._write_progress, asyncio.get_running_loop(), completion)
+        entry = _Running(job, ctx, completion)
         self._active += 1
         self._running[job.id] = entry
         entry.task = asyncio.create_task(self._execute(entry))
@@ -659,7 +666,9 @@ class Worker:
     def _interrupt(self, job_id: uuid.UUID, reason: str) -> bool:
         """Stop a job's handler; False if it was not in its handler any more."""
         entry = self._running.get(job_id)
-        if entry is None or entry.finishing or entry.ctx.cancelled:
+        if entry is None or entry.finishing or entry.ctx.cancelled or entry.ctx.completed:
+            # A job completed in the handler's transaction is no longer running; the
+            # handler may still be finishing what follows its block.
             return False
         log.warning("job %s: stopping handler: %s", job_id, reason, extra=entry.job.log_fields())
         entry.ctx._cancel(reason)
@@ -671,9 +680,12 @@ class Worker:
         outcome: Outcome | None = None
         try:
             outcome = await self._attempt(entry.job, entry.ctx)
+            # Completed (or found lost) in ctx.transaction(): nothing left to record.
+            outcome = await txcomplete.settle(entry.completion, outcome, self.storage)
         finally:
+            kind = "abandoned" if outcome is None else outcome.kind
             metrics.HANDLER_DURATION.labels(
-                entry.job.job_type, "abandoned" if outcome is None else outcome.kind
+                entry.job.job_type, "done" if entry.completion.committed else kind
             ).observe(time.perf_counter() - started)
         if outcome is None:
             return
@@ -744,6 +756,10 @@ class Worker:
             if ctx.cancelled:
                 return None
             raise
+        except LeaseLostError as exc:
+            # From ctx.transaction(): rolled back, and the job is another attempt's now.
+            ctx.logger.warning("%s", exc)
+            return None
         except (AssetTooLargeError, InvalidAssetError) as exc:  # retrying cannot help
             return self._failed(job, ctx, "fail", str(exc))
         except TimeoutError as exc:
