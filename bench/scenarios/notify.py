@@ -11,6 +11,7 @@ packed into, or the pg_notify call); event rows and the worker are untouched."""
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import psycopg
@@ -20,14 +21,17 @@ from bench.drain import drain, queue_db, settle
 from bench.scenarios.enqueue import _measure
 from bench.stats import fmt, summary
 
-# Each variant rewrites expressions of the shipped publish trigger (sql/0007): the chunk
+# Each variant rewrites expressions of the shipped publish trigger (sql/0010): the chunk
 # every event is packed into, or the pg_notify calls themselves (pgjobs_events', and the
 # workers' pgjobs_work, sent only by statements that make jobs claimable or cancel
-# running ones).
-_CHUNK = "sum(octet_length(item) + 1) OVER (ORDER BY id) / 4000"
+# running ones). The chunk expression spans lines, so it is matched as a pattern.
+_CHUNK = re.compile(
+    r"sum\(octet_length\(item\) \+ 1\) OVER \(ORDER BY id\)\s*"
+    r"/ \(7980 - max\(octet_length\(item\)\) OVER \(\)\)"
+)
 _NOTIFY = "pg_notify('pgjobs_events', '{\"events\":[' || string_agg(item, ',' ORDER BY id) || ']}')"
 _NOTIFY_WORK = "pg_notify('pgjobs_work', '{\"work\":[' || string_agg(item, ',') || ']}')"
-VARIANTS: dict[str, list[tuple[str, str]]] = {
+VARIANTS: dict[str, list[tuple[str | re.Pattern[str], str]]] = {
     "per commit (shipped)": [],
     "per transition": [(_CHUNK, "id")],
     "no worker channel": [(_NOTIFY_WORK, "NULL::void")],
@@ -36,7 +40,7 @@ VARIANTS: dict[str, list[tuple[str, str]]] = {
 PROCESSES = 2
 
 
-def _apply(dsn: str, changes: list[tuple[str, str]]) -> None:
+def _apply(dsn: str, changes: list[tuple[str | re.Pattern[str], str]]) -> None:
     if not changes:
         return
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -44,9 +48,10 @@ def _apply(dsn: str, changes: list[tuple[str, str]]) -> None:
         assert row is not None
         source: str = row[0]
         for old, new in changes:
-            if source.count(old) != 2:  # the INSERT and the UPDATE branch
+            pattern = old if isinstance(old, re.Pattern) else re.compile(re.escape(old))
+            source, found = pattern.subn(new, source)
+            if found != 2:  # the INSERT and the UPDATE branch
                 raise RuntimeError(f"publish_events no longer contains {old!r}: update bench")
-            source = source.replace(old, new)
         conn.execute(source)  # type: ignore[arg-type]  # our own DDL
 
 
