@@ -116,12 +116,15 @@ def enqueue_steps(specs: Sequence[JobSpec], now: datetime | None = None) -> Step
                 holders[key] = replace(holder, created=False)
             else:
                 released.append(key)
+        got: set[tuple[str, str]] = set()
         if released:
             take = _key_params([keyed[k] for k in released], now)
             take["old_job_ids"] = [rows[k]["job_id"] for k in released]
-            yield Step(QUERIES["job_unique_key_take_many_if_released"], take, "dicts")
-        # Keys neither inserted nor found were deleted meanwhile: insert them again.
-        pending = [k for k in others if k not in rows]
+            moved = yield Step(QUERIES["job_unique_key_take_many_if_released"], take, "dicts")
+            got = {(r["company_id"], r["unique_key"]) for r in moved}
+        # Keys neither inserted nor found were deleted meanwhile, and a key not taken
+        # changed hands (which the row lock rules out; checked all the same): again.
+        pending = [k for k in others if k not in rows or (k in released and k not in got)]
     if pending:
         raise RuntimeError(f"pgjobs: could not take unique keys {pending} (deleted repeatedly)")
     to_insert = [
