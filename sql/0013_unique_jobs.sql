@@ -37,8 +37,11 @@ CREATE TABLE pgjobs.idempotency_keys (
     -- SHA-256 of the request body (canonical JSON), hex.
     request_hash text        NOT NULL CHECK (request_hash ~ '^[0-9a-f]{64}$'),
     job_id       uuid        NOT NULL,
-    -- The first response's body, replayed to every retry with the same key and body.
-    response     jsonb       NOT NULL,
+    -- The first response's body as sent (JSON text, not jsonb, whose key order is its
+    -- own), replayed byte for byte to every retry with the same key and body. NULL only
+    -- inside the transaction that takes the key (it is set once the job is inserted,
+    -- before that transaction commits), so no other session sees it NULL.
+    response     text,
     created_at   timestamptz NOT NULL DEFAULT now(),
     expires_at   timestamptz NOT NULL,
     PRIMARY KEY (company_id, key)
