@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import asyncio
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from helpers import fetch, wait_until
-from pgjobs import rescuer
+from helpers import fast_settings, fetch, running_worker, wait_until
+from pgjobs import demo, rescuer
 from pgjobs.client import Client
 from pgjobs.errors import InvalidJobError
 from pgjobs.jobspec import JobSpec
@@ -255,3 +256,29 @@ def test_bad_unique_arguments_are_refused_before_any_sql(
 ) -> None:
     with pytest.raises(InvalidJobError, match=message):
         JobSpec("acme", "render", **kwargs)
+
+
+async def test_workers_delete_released_keys_in_their_rescue_loop(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    gone = await client.enqueue("acme", "never-claimed", unique_key="gone")
+    await client.cancel("acme", gone.id)
+    await fetch(
+        dsn,
+        "INSERT INTO pgjobs.idempotency_keys (company_id, key, request_hash, job_id, response,"
+        " expires_at) VALUES ('acme', 'old', repeat('0', 64), gen_random_uuid(), '{}',"
+        " now() - interval '1 second')",
+    )
+
+    async def both_gone() -> bool:
+        rows = await fetch(
+            dsn,
+            "SELECT (SELECT count(*) FROM pgjobs.job_unique_keys)"
+            " + (SELECT count(*) FROM pgjobs.idempotency_keys) AS n",
+        )
+        return rows[0]["n"] == 0
+
+    # Cleanup runs every 30th rescue pass; a short interval gets there quickly.
+    settings = fast_settings(storage_dir, rescue_interval_seconds=0.01)
+    async with running_worker(dsn, demo.registry, settings):
+        await wait_until(both_gone, message="the released keys to be deleted")
