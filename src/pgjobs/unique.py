@@ -84,8 +84,9 @@ def enqueue_steps(specs: Sequence[JobSpec], now: datetime | None = None) -> Step
         if spec.unique_key is not None:
             keyed.setdefault((spec.company_id, spec.unique_key), spec)
     holders: dict[tuple[str, str], Job] = {}  # keys already held: the holder
-    # Key order: every enqueue inserts and locks keys in the same order, so two batches
-    # sharing keys wait on each other instead of deadlocking.
+    # Every enqueue inserts its keys in this (Python's) order and locks the existing ones
+    # in the database's (job_unique_key_lock_many's ORDER BY), so in either step two
+    # batches sharing keys wait on each other in one order instead of deadlocking.
     pending = sorted(keyed)
     for _ in range(MAX_ROUNDS):
         if not pending:
