@@ -16,7 +16,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from pgjobs import db, logs, migrate, registry
@@ -151,6 +151,24 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     e.add_argument("--run-at", type=_timestamp, help="not before this ISO 8601 time")
     e.add_argument("--max-attempts", type=_positive_int, default=3)
+    e.add_argument(
+        "--unique-key",
+        help="enqueue nothing while a job of this company with this key is queued or running "
+        "(prints the id of the job holding it)",
+    )
+    e.add_argument(
+        "--unique-for",
+        type=_positive_int,
+        metavar="SECONDS",
+        help="the key's window (default: none)",
+    )
+    e.add_argument(
+        "--unique-while",
+        type=lambda text: tuple(text.split(",")),
+        default=("queued", "running"),
+        metavar="STATES",
+        help="comma-separated statuses the key is held in (default queued,running)",
+    )
 
     jobs = sub.add_parser("jobs", help="list or show jobs").add_subparsers(
         dest="jobs_command", required=True
@@ -292,7 +310,16 @@ async def cmd_enqueue(args: argparse.Namespace) -> int:
             priority=args.priority,
             run_at=args.run_at,
             max_attempts=args.max_attempts,
+            unique_key=args.unique_key,
+            unique_for=None if args.unique_for is None else timedelta(seconds=args.unique_for),
+            unique_while=args.unique_while,
         )
+        if not job.created:
+            print(
+                f"pgjobs: job {job.id} ({job.status.value}) holds unique key "
+                f"{args.unique_key!r}; nothing enqueued",
+                file=sys.stderr,
+            )
         print(job.id)
         return 0
 

@@ -21,14 +21,14 @@ import builtins
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import db
+from pgjobs import db, unique
 from pgjobs.errors import InvalidJobError, InvalidTransitionError, JobNotFoundError
-from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec
+from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_UNIQUE_WHILE, JobSpec
 from pgjobs.queries import QUERIES
 from pgjobs.types import Asset, Job, JobEvent, JobStatus
 
@@ -184,19 +184,36 @@ class Client:
         priority: int = 0,
         run_at: datetime | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        unique_key: str | None = None,
+        unique_for: timedelta | None = None,
+        unique_while: tuple[str, ...] = DEFAULT_UNIQUE_WHILE,
         conn: db.CallerAsyncConn | None = None,
     ) -> Job:
-        spec = JobSpec(company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
+        """Enqueue one job. With ``unique_key``: while a job of this company with that key
+        is in one of ``unique_while``'s states (and, with ``unique_for``, took the key
+        within that window), returns that job with ``created=False`` and creates nothing
+        (see ``pgjobs.unique``)."""
+        spec = JobSpec(
+            company_id, job_type, input, source_task_id, priority, run_at, max_attempts,
+            unique_key=unique_key, unique_for=unique_for, unique_while=unique_while,
+        )  # fmt: skip
         (job,) = await self.enqueue_many([spec], conn=conn)
         return job
 
     async def enqueue_many(
         self, specs: Iterable[JobSpec], *, conn: db.CallerAsyncConn | None = None
     ) -> list[Job]:
-        """Insert any number of jobs in one statement (one commit, one NOTIFY batch)."""
+        """Insert any number of jobs in one statement (one commit, one NOTIFY batch).
+        Returns one Job per spec, in order; a spec with a unique key someone holds gets
+        the holder, with ``created=False`` (a few statements more, in one transaction)."""
         specs = list(specs)
         if not specs:
             return []
+        if unique.needs_steps(specs):
+            if conn is not None:
+                return await unique.run(conn, specs)
+            async with self.pool.connection() as pooled:
+                return await unique.run(pooled, specs)
         query, params = plan_insert(specs)
         if conn is not None:
             return order_like(specs, await db.fetch_jobs(conn, query, params))

@@ -25,6 +25,9 @@ MAX_INPUT_DEPTH = 64
 MAX_ATTEMPTS_LIMIT = 1000
 DEFAULT_MAX_ATTEMPTS = 3
 INT32 = 2**31 - 1
+MAX_UNIQUE_KEY_LENGTH = 255
+JOB_STATUSES = ("queued", "running", "done", "failed", "cancelled")
+DEFAULT_UNIQUE_WHILE = ("queued", "running")
 
 # The times a caller may supply (run_at), after conversion to UTC, and the offsets they may
 # carry. sql/0005_time_bounds.sql holds the schema's copy of the range (a test checks that
@@ -147,6 +150,12 @@ class JobSpec:
     run_at: datetime | None = None
     max_attempts: int = DEFAULT_MAX_ATTEMPTS
     id: uuid.UUID = field(default_factory=new_job_id)
+    # Unique jobs (pgjobs.unique): while a job of this company with this key is in one
+    # of unique_while's states (and, with unique_for, was enqueued within it), enqueue
+    # returns that job instead of creating this one.
+    unique_key: str | None = None
+    unique_for: timedelta | None = None
+    unique_while: tuple[str, ...] = DEFAULT_UNIQUE_WHILE
 
     def __post_init__(self) -> None:
         _check_name(self.company_id, "company_id", MAX_COMPANY_LENGTH)
@@ -168,6 +177,20 @@ class JobSpec:
             raise InvalidJobError(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}")
         if self.run_at is not None:
             object.__setattr__(self, "run_at", check_time(self.run_at, "run_at"))
+        if self.unique_key is not None:
+            _check_name(self.unique_key, "unique_key", MAX_UNIQUE_KEY_LENGTH)
+        if self.unique_for is not None and (
+            not isinstance(self.unique_for, timedelta) or self.unique_for <= timedelta(0)
+        ):
+            raise InvalidJobError("unique_for must be a positive timedelta")
+        if isinstance(self.unique_while, str):
+            raise InvalidJobError("unique_while must be a tuple of statuses, not a string")
+        states = tuple(dict.fromkeys(self.unique_while))
+        if not states or any(s not in JOB_STATUSES for s in states):
+            raise InvalidJobError(
+                f"unique_while must name one or more of {', '.join(JOB_STATUSES)}"
+            )
+        object.__setattr__(self, "unique_while", states)
 
     def input_json(self) -> str:
         return json.dumps(self.input, allow_nan=False, separators=(",", ":"))

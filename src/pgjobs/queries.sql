@@ -630,3 +630,89 @@ SELECT w.id, w.hostname, w.pid, w.job_types, w.concurrency,
            AS heartbeat_age_seconds
 FROM pgjobs.workers w
 ORDER BY w.id;
+
+-- Unique jobs (sql/0013, pgjobs.unique): a key row names the job holding the key and the
+-- states it holds it in; these statements run in the enqueue's transaction, in order.
+
+-- name: job_unique_key_insert_many
+-- Take the keys nobody holds. ON CONFLICT waits for a transaction that inserted the
+-- same key and is still open, then skips the key if it committed: the caller reads the
+-- holder next (job_unique_key_lock_many). Returns the keys taken.
+INSERT INTO pgjobs.job_unique_keys (company_id, unique_key, job_id, held_while, expires_at,
+                                    created_at)
+SELECT u.company_id, u.unique_key, u.job_id, string_to_array(u.held_while, ','),
+       coalesce(%(now)s::timestamptz, now()) + u.unique_for,
+       coalesce(%(now)s::timestamptz, now())
+FROM unnest(%(company_ids)s::text[], %(unique_keys)s::text[], %(job_ids)s::uuid[],
+            %(held_whiles)s::text[], %(unique_fors)s::interval[])
+     AS u(company_id, unique_key, job_id, held_while, unique_for)
+ON CONFLICT (company_id, unique_key) DO NOTHING
+RETURNING company_id, unique_key;
+
+-- name: job_unique_key_lock_many
+-- The key rows someone else holds, locked until the enqueue commits: a concurrent
+-- enqueue of the same key waits here, then reads what this one wrote. No join to the
+-- holder here: a row re-locked after a concurrent update is re-checked against the
+-- rows the join found before it (EvalPlanQual), which would pair the new holder with no
+-- job and call the key released. The caller reads the holders in its next statement,
+-- whose snapshot sees any holder that committed before its key row could be locked.
+-- Locked in key order, as the caller inserts them, so two batches cannot deadlock.
+-- A key row deleted meanwhile is missing: the caller inserts it again.
+SELECT k.company_id, k.unique_key, k.job_id, k.held_while,
+       k.expires_at IS NOT NULL AND k.expires_at <= coalesce(%(now)s::timestamptz, now())
+       AS expired
+FROM pgjobs.job_unique_keys k
+WHERE (k.company_id, k.unique_key) IN (
+    SELECT * FROM unnest(%(company_ids)s::text[], %(unique_keys)s::text[]))
+ORDER BY k.company_id, k.unique_key
+FOR UPDATE OF k;
+
+-- name: job_unique_key_take_many_if_released
+-- Hand released keys to new jobs. Guarded on the holder the caller saw (it holds the
+-- row lock, so this matches unless the row is gone).
+UPDATE pgjobs.job_unique_keys k
+SET job_id = u.job_id, held_while = string_to_array(u.held_while, ','),
+    expires_at = coalesce(%(now)s::timestamptz, now()) + u.unique_for,
+    created_at = coalesce(%(now)s::timestamptz, now())
+FROM unnest(%(company_ids)s::text[], %(unique_keys)s::text[], %(old_job_ids)s::uuid[],
+            %(job_ids)s::uuid[], %(held_whiles)s::text[], %(unique_fors)s::interval[])
+     AS u(company_id, unique_key, old_job_id, job_id, held_while, unique_for)
+WHERE k.company_id = u.company_id AND k.unique_key = u.unique_key AND k.job_id = u.old_job_id
+RETURNING k.company_id, k.unique_key;
+
+-- name: job_unique_key_delete_released
+-- Cleanup (every worker's rescue loop): key rows whose holder is gone, has left the
+-- states it held the key in, or expired. candidates is read without locks; locked then
+-- re-finds each row with the holder seen (an inner join, so a row re-locked after a
+-- concurrent update re-checks k.job_id against that holder and drops out when the key
+-- went to a new job meanwhile), skipping rows an enqueue holds.
+WITH candidates AS (
+    SELECT k.company_id, k.unique_key, k.job_id
+    FROM pgjobs.job_unique_keys k
+    LEFT JOIN pgjobs.jobs j ON j.id = k.job_id
+    WHERE j.id IS NULL OR NOT j.status = ANY(k.held_while)
+       OR k.expires_at <= coalesce(%(now)s::timestamptz, now())
+    LIMIT %(limit)s::int
+), locked AS (
+    SELECT k.company_id, k.unique_key, k.job_id
+    FROM pgjobs.job_unique_keys k
+    JOIN candidates c ON (k.company_id, k.unique_key, k.job_id)
+                       = (c.company_id, c.unique_key, c.job_id)
+    FOR UPDATE OF k SKIP LOCKED
+)
+DELETE FROM pgjobs.job_unique_keys k USING locked r
+WHERE (k.company_id, k.unique_key, k.job_id) = (r.company_id, r.unique_key, r.job_id)
+RETURNING k.company_id;
+
+-- name: idempotency_key_delete_expired
+-- Cleanup (every worker's rescue loop): HTTP Idempotency-Keys past their expiry, oldest
+-- first. A POST replaying or re-taking one holds its lock and is skipped.
+DELETE FROM pgjobs.idempotency_keys k
+WHERE (k.company_id, k.key) IN (
+    SELECT company_id, key FROM pgjobs.idempotency_keys
+    WHERE expires_at <= coalesce(%(now)s::timestamptz, now())
+    ORDER BY expires_at
+    LIMIT %(limit)s::int
+    FOR UPDATE SKIP LOCKED)
+  AND k.expires_at <= coalesce(%(now)s::timestamptz, now())
+RETURNING k.company_id;

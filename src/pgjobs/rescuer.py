@@ -54,6 +54,22 @@ async def prune_stale_workers(
         )
 
 
+async def delete_released_keys(
+    pool: AsyncConnectionPool[db.AsyncConn], *, now: datetime | None = None, limit: int = BATCH
+) -> int:
+    """Delete up to ``limit`` unique-job keys whose holder let go (sql/0013: finished,
+    pruned or past unique_for) and as many expired HTTP Idempotency-Keys; returns how
+    many rows went. Keys are released lazily whether or not this runs; it only keeps the
+    two tables from growing with every key ever used."""
+    params = {"now": now, "limit": limit}
+    async with pool.connection() as conn:
+        cur = await conn.execute(QUERIES["job_unique_key_delete_released"], params)
+        deleted = len(await cur.fetchall())
+        cur = await conn.execute(QUERIES["idempotency_key_delete_expired"], params)
+        deleted += len(await cur.fetchall())
+    return deleted
+
+
 async def rescue_expired_with(dsn: str, *, now: datetime | None = None) -> list[Job]:
     """One rescue pass on a short-lived connection (operators' scripts, tests)."""
     async with await db.connect(dsn) as conn:

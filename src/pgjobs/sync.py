@@ -12,13 +12,13 @@ from __future__ import annotations
 import builtins
 import uuid
 from collections.abc import Iterable, Mapping
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from pgjobs import db
+from pgjobs import db, unique
 from pgjobs.client import (
     JobPage,
     Params,
@@ -30,7 +30,7 @@ from pgjobs.client import (
     transition_error,
 )
 from pgjobs.errors import JobNotFoundError, NotMigratedError
-from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, JobSpec
+from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_UNIQUE_WHILE, JobSpec
 from pgjobs.queries import QUERIES
 from pgjobs.types import Asset, Job, JobEvent
 
@@ -93,18 +93,31 @@ class SyncClient:
         priority: int = 0,
         run_at: datetime | None = None,
         max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+        unique_key: str | None = None,
+        unique_for: timedelta | None = None,
+        unique_while: tuple[str, ...] = DEFAULT_UNIQUE_WHILE,
         conn: db.CallerSyncConn | None = None,
     ) -> Job:
-        spec = JobSpec(company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
+        """Enqueue one job (see ``Client.enqueue``, unique keys included)."""
+        spec = JobSpec(
+            company_id, job_type, input, source_task_id, priority, run_at, max_attempts,
+            unique_key=unique_key, unique_for=unique_for, unique_while=unique_while,
+        )  # fmt: skip
         (job,) = self.enqueue_many([spec], conn=conn)
         return job
 
     def enqueue_many(
         self, specs: Iterable[JobSpec], *, conn: db.CallerSyncConn | None = None
     ) -> list[Job]:
+        """Insert jobs in one statement (see ``Client.enqueue_many``, duplicates included)."""
         specs = list(specs)
         if not specs:
             return []
+        if unique.needs_steps(specs):
+            if conn is not None:
+                return unique.run_sync(conn, specs)
+            with self.pool.connection() as pooled:
+                return unique.run_sync(pooled, specs)
         query, params = plan_insert(specs)
         if conn is not None:
             return order_like(specs, db.fetch_jobs_sync(conn, query, params))

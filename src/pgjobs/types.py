@@ -5,7 +5,7 @@ from __future__ import annotations
 import operator
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
@@ -110,6 +110,10 @@ class Job:
     finished_at: datetime | None
     created_at: datetime
     updated_at: datetime
+    # What enqueue says about this job: False when it was asked for with a unique key
+    # another job held, and this is that other job (nothing was created). Not part of
+    # the job's state (not compared, not in to_json).
+    created: bool = field(default=True, compare=False)
 
     def log_fields(self) -> dict[str, Any]:
         """The ``extra=`` of a log record about this job's current attempt: the fields

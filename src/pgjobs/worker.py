@@ -894,5 +894,6 @@ class Worker:
                 passes += 1
                 if passes % 30 == 0:
                     await rescuer.prune_stale_workers(self._pool)
+                    await rescuer.delete_released_keys(self._pool)
             except (*TRANSIENT, psycopg.DataError) as exc:
                 log.warning("rescue pass failed (%s)", db.describe_error(exc))

@@ -391,3 +391,20 @@ def test_help_is_plain_text() -> None:
         out = pgjobs(*args)
         assert out.returncode == 0, out.stderr
         assert "`" not in out.stdout, out.stdout
+
+
+def test_enqueue_with_a_unique_key_prints_the_holder(dsn: str) -> None:
+    first = pgjobs("enqueue", "acme", "render", "--unique-key", "video-7", dsn=dsn)
+    assert first.returncode == 0, first.stderr
+    assert first.stderr == ""
+    again = pgjobs(
+        "enqueue", "acme", "render", "--unique-key", "video-7", "--unique-for", "60", dsn=dsn
+    )
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    assert f"job {first.stdout.strip()} (queued) holds unique key 'video-7'" in again.stderr
+    listed = pgjobs("jobs", "list", "acme", "--json", dsn=dsn)
+    assert len(listed.stdout.splitlines()) == 1
+    bad = pgjobs("enqueue", "acme", "render", "--unique-key", "k", "--unique-while", "x", dsn=dsn)
+    assert bad.returncode != 0
+    assert "unique_while must name" in bad.stderr

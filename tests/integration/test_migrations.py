@@ -287,3 +287,21 @@ async def test_fair_claim_migration_gives_queue_rows_their_company_and_rolls_bac
     await assert_queue_matches_jobs(empty_dsn)
     assert migrate.apply(empty_dsn) == since("0008_fair_claim")
     await assert_queue_matches_jobs(empty_dsn)
+
+
+async def test_unique_jobs_migration_rolls_back_and_applies_again(empty_dsn: str) -> None:
+    """0013 adds the two key tables; its rollback drops them (and the keys in them)."""
+    migrate.apply(empty_dsn)
+    async with await Client.connect(empty_dsn) as client:
+        await client.enqueue("acme", "echo", unique_key="k")
+    tables = (
+        "SELECT array_agg(tablename::text ORDER BY tablename) AS t FROM pg_tables"
+        " WHERE schemaname = 'pgjobs' AND tablename LIKE '%keys'"
+    )
+    assert (await fetch(empty_dsn, tables))[0]["t"] == ["idempotency_keys", "job_unique_keys"]
+    _roll_back(empty_dsn, *since("0013_unique_jobs"))
+    assert (await fetch(empty_dsn, tables))[0]["t"] is None
+    assert migrate.apply(empty_dsn) == since("0013_unique_jobs")
+    async with await Client.connect(empty_dsn) as client:
+        job = await client.enqueue("acme", "echo", unique_key="k")
+    assert job.created  # the key went with the rollback

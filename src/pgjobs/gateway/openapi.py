@@ -61,6 +61,33 @@ _SSE = {
     "content": {"text/event-stream": {"schema": {"type": "string"}}},
 }
 _AUTH_ERRORS = (401, 403, 503)
+_IDEMPOTENCY_KEY = {
+    "name": "Idempotency-Key",
+    "in": "header",
+    "required": False,
+    "schema": {"type": "string", "pattern": '^"?[!#-\\[\\]-~]{1,255}"?$'},
+    "description": (
+        "Makes a retried POST safe (IETF httpapi Idempotency-Key draft): within "
+        "PGJOBS_GATEWAY_IDEMPOTENCY_SECONDS (24 h) of the key's first use, a POST with the "
+        "same key and the same body (compared as canonical JSON) gets the first response "
+        "again (202, same jobId and createdAt, Idempotent-Replayed: true) and creates "
+        "nothing. 1 to 255 printable ASCII characters without spaces, quotes or "
+        'backslashes, bare or as a quoted string ("...").'
+    ),
+}
+_IDEMPOTENCY_ERRORS = {
+    "400": _json(_ERROR, "Malformed request, or a malformed Idempotency-Key"),
+    "409": _json(
+        _ERROR,
+        "A request with this Idempotency-Key is still being processed (it held the key "
+        "longer than PGJOBS_GATEWAY_IDEMPOTENCY_WAIT_SECONDS); retry later",
+    ),
+    "422": _json(
+        _ERROR,
+        "Input PostgreSQL cannot store, a value out of range, or an Idempotency-Key "
+        "already used with a different request body",
+    ),
+}
 
 SCHEMA: dict[str, Any] = {
     "openapi": "3.1.0",
@@ -311,6 +338,7 @@ SCHEMA: dict[str, Any] = {
             "parameters": [_COMPANY],
             "post": {
                 "summary": "Enqueue a job (committed before the response)",
+                "parameters": [_IDEMPOTENCY_KEY],
                 "requestBody": {
                     "required": True,
                     "content": {
@@ -320,8 +348,25 @@ SCHEMA: dict[str, Any] = {
                     },
                 },
                 "responses": {
-                    "202": _json({"$ref": "#/components/schemas/Enqueued"}, "Queued"),
-                    **_errors(400, 401, 403, 413, 415, 422, 503),
+                    "202": {
+                        **_json(
+                            {"$ref": "#/components/schemas/Enqueued"},
+                            "Queued, or (with an Idempotency-Key used before with the same "
+                            "body) the first response again, nothing created",
+                        ),
+                        "headers": {
+                            "Location": {
+                                "description": "The job's URL",
+                                "schema": {"type": "string"},
+                            },
+                            "Idempotent-Replayed": {
+                                "description": "true when this is a replayed response",
+                                "schema": {"type": "string", "enum": ["true"]},
+                            },
+                        },
+                    },
+                    **_errors(401, 403, 413, 415, 503),
+                    **_IDEMPOTENCY_ERRORS,
                 },
             },
             "get": {

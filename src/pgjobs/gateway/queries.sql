@@ -388,3 +388,49 @@ GROUP BY 1;
 SELECT e.id, extract(epoch FROM clock_timestamp() - e.created_at)::float8 AS age_seconds
 FROM pgjobs.job_events e
 WHERE e.id = ANY(%(ids)s::bigint[]);
+
+-- HTTP Idempotency-Key on POST .../content-jobs (pgjobs.gateway.idempotency, sql/0013).
+-- These run in the transaction that enqueues the job, in order.
+
+-- name: idempotency_lock_timeout_set_local
+-- How long this transaction waits for another request holding the same key (still in
+-- flight) before giving up with 409. SET LOCAL: it ends with the transaction.
+SELECT set_config('lock_timeout', %(lock_timeout)s::text, true);
+
+-- name: idempotency_key_insert
+-- Take a key nobody has. ON CONFLICT waits for a request that inserted the same key and
+-- is still open: if it commits the key is skipped (the caller then reads it), if it
+-- rolls back this one takes it. Returns the key if taken.
+INSERT INTO pgjobs.idempotency_keys (company_id, key, request_hash, job_id, created_at,
+                                     expires_at)
+VALUES (%(company_id)s::text, %(key)s::text, %(request_hash)s::text, %(job_id)s::uuid,
+        coalesce(%(now)s::timestamptz, now()),
+        coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(ttl_seconds)s::float8))
+ON CONFLICT (company_id, key) DO NOTHING
+RETURNING key;
+
+-- name: idempotency_key_lock
+-- The key someone has, locked until this transaction ends (an expired key is re-taken
+-- under this lock); no row: the cleanup deleted it meanwhile, insert again.
+SELECT request_hash, job_id, response,
+       expires_at <= coalesce(%(now)s::timestamptz, now()) AS expired
+FROM pgjobs.idempotency_keys
+WHERE company_id = %(company_id)s::text AND key = %(key)s::text
+FOR UPDATE;
+
+-- name: idempotency_key_take_if_expired
+-- Re-take an expired key for a new request (the caller holds the row lock).
+UPDATE pgjobs.idempotency_keys
+SET request_hash = %(request_hash)s::text, job_id = %(job_id)s::uuid, response = NULL,
+    created_at = coalesce(%(now)s::timestamptz, now()),
+    expires_at = coalesce(%(now)s::timestamptz, now())
+                 + make_interval(secs => %(ttl_seconds)s::float8)
+WHERE company_id = %(company_id)s::text AND key = %(key)s::text
+  AND expires_at <= coalesce(%(now)s::timestamptz, now())
+RETURNING key;
+
+-- name: idempotency_key_set_response
+-- The response the request that took the key gives, stored before it commits.
+UPDATE pgjobs.idempotency_keys SET response = %(response)s::text
+WHERE company_id = %(company_id)s::text AND key = %(key)s::text AND job_id = %(job_id)s::uuid
+RETURNING key;

@@ -23,7 +23,7 @@ from starlette.routing import BaseRoute, Route
 from pgjobs import db, metrics
 from pgjobs.client import MAX_PAGE_SIZE
 from pgjobs.errors import InvalidJobError
-from pgjobs.gateway import auth, companystream, openapi, payloads, sse
+from pgjobs.gateway import auth, companystream, idempotency, openapi, payloads, sse
 from pgjobs.gateway.auth import GATEWAY_QUERIES, Principal
 from pgjobs.gateway.eventstream import EventStream
 from pgjobs.gateway.limits import ApiError, bad_request, query_int, query_text, read_json_object
@@ -154,20 +154,31 @@ class Api:
     async def enqueue(self, request: Request) -> Response:
         principal = await self.authorize(request)
         settings = self.state.settings
+        key = idempotency.parse_key(request.headers.get(idempotency.HEADER))
         body = await read_json_object(request, settings.max_body_bytes)
         spec = payloads.parse_enqueue(body, principal.company_id, settings.max_input_bytes)
         await self._check_job_type(spec.job_type)
-        (job,) = await self.state.client.enqueue_many([spec])
-        location = f"/api/companies/{quote(job.company_id, safe='')}/content-jobs/{job.id}"
-        return ApiJSONResponse(
-            {
-                "jobId": str(job.id),
-                "status": job.status.value,
-                "createdAt": job.created_at.isoformat(),
-            },
-            status_code=202,
-            headers={"Location": location},
-        )
+        headers: dict[str, str] = {}
+        if key is None:
+            (job,) = await self.state.client.enqueue_many([spec])
+            answer = idempotency.accepted_body(job)
+        else:
+            async with self.state.pool.connection() as conn:
+                outcome = await idempotency.enqueue_once(
+                    conn,
+                    self.state.client,
+                    spec,
+                    key=key,
+                    request_hash=idempotency.fingerprint(body),
+                    ttl_seconds=settings.idempotency_seconds,
+                    wait_seconds=settings.idempotency_wait_seconds,
+                )
+            answer = outcome.body
+            if outcome.replayed:
+                headers["Idempotent-Replayed"] = "true"
+        company = quote(spec.company_id, safe="")
+        headers["Location"] = f"/api/companies/{company}/content-jobs/{answer['jobId']}"
+        return ApiJSONResponse(answer, status_code=202, headers=headers)
 
     async def _check_job_type(self, job_type: str) -> None:
         settings = self.state.settings

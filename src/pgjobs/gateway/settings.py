@@ -86,6 +86,10 @@ class GatewaySettings:
     max_header_bytes: int = 16 * KIB
     header_timeout_seconds: float = 10.0
     listener_heartbeat_seconds: float = 5.0
+    # Idempotency-Key (pgjobs.gateway.idempotency): how long a key answers with its first
+    # response, and how long a retry waits for a request still holding it before 409.
+    idempotency_seconds: float = 86400.0
+    idempotency_wait_seconds: float = 10.0
     secret: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     secret_configured: bool = False
 
@@ -125,6 +129,12 @@ class GatewaySettings:
             ),
             "revocation_check_seconds": env_float(
                 "PGJOBS_GATEWAY_REVOCATION_CHECK_SECONDS", 2.0, minimum=0.1
+            ),
+            "idempotency_seconds": env_float(
+                "PGJOBS_GATEWAY_IDEMPOTENCY_SECONDS", 86400.0, minimum=1.0
+            ),
+            "idempotency_wait_seconds": env_float(
+                "PGJOBS_GATEWAY_IDEMPOTENCY_WAIT_SECONDS", 10.0, minimum=0.001
             ),
             "secret": secret,
             "secret_configured": configured,
