@@ -299,9 +299,9 @@ async def test_unique_jobs_migration_rolls_back_and_applies_again(empty_dsn: str
         " WHERE schemaname = 'pgjobs' AND tablename LIKE '%keys'"
     )
     assert (await fetch(empty_dsn, tables))[0]["t"] == ["idempotency_keys", "job_unique_keys"]
-    _roll_back(empty_dsn, *since("0013_unique_jobs"))
+    _roll_back(empty_dsn, *since("0011_unique_jobs"))
     assert (await fetch(empty_dsn, tables))[0]["t"] is None
-    assert migrate.apply(empty_dsn) == since("0013_unique_jobs")
+    assert migrate.apply(empty_dsn) == since("0011_unique_jobs")
     async with await Client.connect(empty_dsn) as client:
         job = await client.enqueue("acme", "echo", unique_key="k")
     assert job.created  # the key went with the rollback
