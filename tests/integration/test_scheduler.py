@@ -13,12 +13,15 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, scheduler
 from pgjobs.context import JobContext
+from pgjobs.jobspec import new_job_id
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 from pgjobs.scheduler import Scheduler
@@ -83,6 +86,43 @@ async def test_three_schedulers_enqueue_each_slot_once(dsn: str) -> None:
     )
     assert sorted(e["job_id"] for e in events) == sorted(enqueued)  # type: ignore[type-var]
     assert {e["type"] for e in events} == {"content_job.queued"}
+
+
+async def test_the_slot_key_is_the_lock_between_concurrent_workers(dsn: str) -> None:
+    """Worker B records the slot worker A has recorded but not yet committed: B waits
+    on A's key, then records nothing. (The staleness guard alone cannot see A's row.)"""
+    await add(dsn, Schedule("every-5", "*/5 * * * *", "report", "acme"))
+    slot = T0 + timedelta(minutes=5)
+    params = {
+        "name": "every-5",
+        "slot_at": slot,
+        "company_id": "acme",
+        "job_type": "report",
+        "input": "{}",
+        "priority": 0,
+        "max_attempts": 3,
+        "now": None,
+    }
+    query = QUERIES["schedule_slot_record_once"]
+    async with await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as a:
+        first = await (await a.execute(query, {**params, "job_id": new_job_id()})).fetchone()
+        assert first is not None
+        assert first["recorded"]
+        second = asyncio.create_task(fetch(dsn, query, {**params, "job_id": new_job_id()}))
+
+        async def b_waits_on_a() -> bool:
+            rows = await fetch(
+                dsn,
+                "SELECT 1 FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND datname = current_database()",
+            )
+            return bool(rows)
+
+        await wait_until(b_waits_on_a, within=30, message="the second insert to wait")
+        await a.commit()
+        (row,) = await second
+    assert row == {"recorded": False, "job_id": None}
+    assert len(await jobs_of(dsn, "report")) == 1
 
 
 async def test_missed_slot_is_caught_up_once_within_the_window(dsn: str) -> None:
