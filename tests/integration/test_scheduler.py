@@ -185,7 +185,7 @@ async def test_a_stale_worker_cannot_record_an_older_slot(dsn: str) -> None:
 async def test_declared_schedules_are_upserted_and_run_only_by_their_registry(dsn: str) -> None:
     registry = Registry()
     registry.periodic("0 * * * *", job_type="report", company_id="acme", input={"v": 1})
-    other = Schedule("other-service", "0 * * * *", "cleanup", "acme")
+    other = Schedule("other-service", "30 * * * *", "cleanup", "acme")
     async with await db.connect(dsn) as conn:
         await scheduler.declare(conn, [other], now=T0)  # another service's registry
         await scheduler.declare(conn, registry.schedules.values(), now=T0)
@@ -212,13 +212,13 @@ async def test_old_slot_rows_are_pruned_but_each_schedule_keeps_its_latest(dsn: 
         async with pool.connection() as conn:
             await conn.execute(
                 QUERIES["schedule_slot_prune_old"],
-                {"now": T0 + timedelta(hours=48), "keep": timedelta(hours=12)},
+                {"now": T0 + timedelta(hours=48), "keep": timedelta(hours=6)},
             )
     rows = await slot_rows(dsn)
     hourly = [r["slot_at"] for r in rows if r["schedule_name"] == "hourly"]
     daily = [r["slot_at"] for r in rows if r["schedule_name"] == "daily"]
-    assert hourly == [T0 + timedelta(hours=h) for h in range(36, 49)]
-    assert daily == [datetime(2026, 1, 7, tzinfo=UTC)]  # older than 12 h, but the latest
+    assert hourly == [T0 + timedelta(hours=h) for h in range(42, 49)]
+    assert daily == [datetime(2026, 1, 7, tzinfo=UTC)]  # older than 6 h, but the latest
 
 
 async def test_three_running_workers_enqueue_each_second_once(dsn: str, storage_dir: Path) -> None:
