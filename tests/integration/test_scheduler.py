@@ -18,6 +18,7 @@ import pytest
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from bouncer import Bouncer
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, scheduler
 from pgjobs.context import JobContext
@@ -246,3 +247,22 @@ async def test_three_running_workers_enqueue_each_second_once(dsn: str, storage_
     rows = await slot_rows(dsn)
     assert sorted(r["job_id"] for r in rows if r["job_id"]) == sorted(j["id"] for j in jobs)  # type: ignore[type-var]
     assert len(ran) == len(set(ran))
+
+
+async def test_schedulers_through_pgbouncer_in_transaction_mode(
+    dsn: str, pgbouncer: Bouncer
+) -> None:
+    """No session state: declare, list and record work however PgBouncer hands out server
+    connections (and without prepared statements, which it would break)."""
+    bouncer_dsn = pgbouncer.dsn(dsn)
+    declared = Schedule("every-5", "*/5 * * * *", "report", "acme")
+    async with pools(bouncer_dsn, 3) as opened:
+        async with opened[0].connection() as conn:
+            await scheduler.declare(conn, [declared], now=T0)
+        schedulers = [Scheduler(pool, {"every-5": declared}) for pool in opened]
+        for minute in range(5, 65, 5):
+            now = T0 + timedelta(minutes=minute, seconds=2)
+            await asyncio.gather(*(s.tick(now=now) for s in schedulers))
+    jobs = await jobs_of(dsn, "report")
+    slots = sorted(str(j["input"][SLOT_INPUT_KEY]) for j in jobs)  # type: ignore[index]
+    assert slots == [(T0 + timedelta(minutes=m)).isoformat() for m in range(5, 65, 5)]
