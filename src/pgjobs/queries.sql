@@ -688,6 +688,11 @@ LEFT JOIN LATERAL (
 LEFT JOIN pgjobs.jobs j ON j.id = enq.job_id
 ORDER BY s.name;
 
+-- name: schedule_clock_now
+-- The scheduler judges which slots are due by the database's clock, the one clock every
+-- worker shares.
+SELECT now() AS now;
+
 -- name: schedule_slot_record_once
 -- Record one slot, and enqueue its job (unless job_id is NULL: a skipped slot), in one
 -- statement. The slot's primary key is the lock: of the workers recording the same slot

@@ -24,9 +24,9 @@ import asyncio
 import logging
 import random
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -164,12 +164,10 @@ class Scheduler:
         declared: Mapping[str, Schedule],
         *,
         interval: float = 1.0,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.pool = pool
         self.declared = dict(declared)
         self.interval = interval
-        self.clock = clock
         self.enqueued: list[uuid.UUID] = []  # the jobs this scheduler enqueued
         self._passes = 0
         self._reported: set[str] = set()  # schedules whose row could not be read, logged
@@ -191,14 +189,21 @@ class Scheduler:
                 log.warning("scheduler pass failed (%s)", db.describe_error(exc))
 
     async def tick(self, now: datetime | None = None) -> list[uuid.UUID]:
-        """One pass at ``now`` (default: the clock): record every schedule's due slot.
-        Returns the jobs this pass enqueued (none for slots another worker recorded)."""
-        # A time given here is also the enqueued jobs' created_at; by default that is the
-        # database's now(), like any other enqueue.
-        db_now, now = now, now or self.clock()
+        """One pass at ``now``: record every schedule's due slot. Returns the jobs this
+        pass enqueued (none for slots another worker recorded).
+
+        By default ``now`` is the database's clock, read once per pass, so workers whose
+        own clocks disagree still agree on which slots are due (and enqueue none early).
+        A time given here is also the enqueued jobs' created_at."""
+        db_now = now
         enqueued: list[uuid.UUID] = []
         async with self.pool.connection() as conn:
-            for row in await list_schedules(conn):
+            rows = await list_schedules(conn)
+            if rows and now is None:
+                clock = await db.fetch_dicts(conn, QUERIES["schedule_clock_now"], {})
+                now = clock[0]["now"]
+            for row in rows:
+                assert now is not None
                 schedule = self._runnable(row)
                 if schedule is None:
                     continue
