@@ -9,9 +9,9 @@ from datetime import UTC, datetime
 from test_cli import pgjobs
 
 from helpers import fetch
-from pgjobs import db
+from pgjobs import db, scheduler
 from pgjobs.scheduler import Scheduler
-from pgjobs.schedules import SLOT_INPUT_KEY
+from pgjobs.schedules import SLOT_INPUT_KEY, Schedule
 
 
 def test_add_list_remove(dsn: str) -> None:
@@ -88,3 +88,19 @@ def test_bad_schedules_are_one_clear_line(dsn: str) -> None:
         assert out.returncode == 2, out
         assert message in out.stderr.strip().splitlines()[-1], out.stderr  # no traceback
     assert pgjobs("schedules", "list", dsn=dsn).stdout.startswith("no schedules")
+
+
+def test_removing_a_declared_schedule_says_its_workers_add_it_again(dsn: str) -> None:
+    async def declare() -> None:
+        async with await db.connect(dsn) as conn:
+            await scheduler.declare(conn, [Schedule("acme:report", "0 * * * *", "report", "acme")])
+
+    asyncio.run(declare())
+    (item,) = [
+        json.loads(x) for x in pgjobs("schedules", "list", "--json", dsn=dsn).stdout.splitlines()
+    ]
+    assert (item["name"], item["source"]) == ("acme:report", "code")
+    out = pgjobs("schedules", "remove", "acme:report", dsn=dsn)
+    assert out.stdout.strip() == (
+        "removed acme:report (declared in code: its workers add it again when they start)"
+    )

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pgjobs.errors import ConfigurationError
+from pgjobs.registry import Registry
 from pgjobs.schedules import MAX_SCAN, ON_TIME, SLOT_INPUT_KEY, Schedule, due
 
 
@@ -168,3 +169,20 @@ def test_schedule_is_checked_when_declared(changes: dict[str, object], message: 
     }
     with pytest.raises(ConfigurationError, match=message):
         Schedule(**fields)  # type: ignore[arg-type]
+
+
+def test_registry_declares_schedules_by_name() -> None:
+    registry = Registry()
+
+    @registry.periodic("0 * * * *", job_type="report", company_id="acme")
+    def report(ctx: object) -> None:
+        return None
+
+    assert report.__name__ == "report"  # returned unchanged
+    with pytest.raises(ConfigurationError, match="'acme:report' is already declared"):
+        registry.periodic("30 * * * *", job_type="report", company_id="acme")
+    registry.periodic("30 * * * *", job_type="report", company_id="acme", name="half-past")
+    assert {n: s.cron for n, s in registry.schedules.items()} == {
+        "acme:report": "0 * * * *",
+        "half-past": "30 * * * *",
+    }
