@@ -73,6 +73,8 @@ class WorkerSettings:
     # Completions wait at most this long to share one commit with others.
     flush_interval_seconds: float = 0.005
     shutdown_grace_seconds: float = 10.0
+    # How often the scheduler looks for due periodic-job slots (pgjobs.scheduler).
+    schedule_interval_seconds: float = 1.0
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     job_types: tuple[str, ...] | None = None
@@ -97,6 +99,9 @@ class WorkerSettings:
             "shutdown_grace_seconds": env_float("PGJOBS_SHUTDOWN_GRACE_SECONDS", 10.0),
             "rescue_interval_seconds": env_float(
                 "PGJOBS_RESCUE_INTERVAL_SECONDS", 2.0, minimum=0.05
+            ),
+            "schedule_interval_seconds": env_float(
+                "PGJOBS_SCHEDULE_INTERVAL_SECONDS", 1.0, minimum=0.05
             ),
             "retry_base_seconds": env_float("PGJOBS_RETRY_BASE_SECONDS", 1.0),
             "retry_max_seconds": env_float("PGJOBS_RETRY_MAX_SECONDS", 300.0),

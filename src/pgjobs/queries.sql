@@ -716,3 +716,100 @@ WHERE (k.company_id, k.key) IN (
     FOR UPDATE SKIP LOCKED)
   AND k.expires_at <= coalesce(%(now)s::timestamptz, now())
 RETURNING k.company_id;
+
+-- Periodic jobs (pgjobs.scheduler, sql/0012_schedules.sql) ---------------------------
+
+-- name: schedule_upsert_declared
+-- A schedule declared in code, written by each worker whose registry declares it when it
+-- starts. created_at is kept on update: slots before it are never due.
+INSERT INTO pgjobs.schedules (name, cron, timezone, company_id, job_type, input, priority,
+                              max_attempts, catch_up, source, created_at, updated_at)
+VALUES (%(name)s, %(cron)s, %(timezone)s, %(company_id)s, %(job_type)s, %(input)s::jsonb,
+        %(priority)s, %(max_attempts)s, %(catch_up)s::interval, 'code',
+        coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now()))
+ON CONFLICT (name) DO UPDATE
+SET cron = excluded.cron, timezone = excluded.timezone, company_id = excluded.company_id,
+    job_type = excluded.job_type, input = excluded.input, priority = excluded.priority,
+    max_attempts = excluded.max_attempts, catch_up = excluded.catch_up, source = 'code',
+    updated_at = excluded.updated_at
+-- Unchanged: no write, so workers starting together do not queue on the row lock.
+WHERE (pgjobs.schedules.cron, pgjobs.schedules.timezone, pgjobs.schedules.company_id,
+       pgjobs.schedules.job_type, pgjobs.schedules.input, pgjobs.schedules.priority,
+       pgjobs.schedules.max_attempts, pgjobs.schedules.catch_up, pgjobs.schedules.source)
+      IS DISTINCT FROM (excluded.cron, excluded.timezone, excluded.company_id,
+                        excluded.job_type, excluded.input, excluded.priority,
+                        excluded.max_attempts, excluded.catch_up, excluded.source);
+
+-- name: schedule_insert_if_absent
+-- A schedule added at run time (pgjobs schedules add); no row when the name is taken.
+INSERT INTO pgjobs.schedules (name, cron, timezone, company_id, job_type, input, priority,
+                              max_attempts, catch_up, source, created_at, updated_at)
+VALUES (%(name)s, %(cron)s, %(timezone)s, %(company_id)s, %(job_type)s, %(input)s::jsonb,
+        %(priority)s, %(max_attempts)s, %(catch_up)s::interval, 'database',
+        coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now()))
+ON CONFLICT (name) DO NOTHING
+RETURNING name;
+
+-- name: schedule_delete
+-- Its slot rows go with it (ON DELETE CASCADE); the jobs it enqueued stay.
+DELETE FROM pgjobs.schedules WHERE name = %(name)s RETURNING name, source;
+
+-- name: schedule_list_with_last_slot
+-- Every schedule with the slot recorded last (enqueued or skipped: where the next pass
+-- starts) and the job enqueued last, with its status. Both laterals walk the slot
+-- table's primary key backwards.
+SELECT s.name, s.cron, s.timezone, s.company_id, s.job_type, s.input, s.priority,
+       s.max_attempts, extract(epoch FROM s.catch_up)::float8 AS catch_up_seconds, s.source,
+       s.created_at, s.updated_at, last.slot_at AS last_slot_at,
+       enq.slot_at AS last_job_slot_at, enq.job_id AS last_job_id, j.status AS last_job_status
+FROM pgjobs.schedules s
+LEFT JOIN LATERAL (
+    SELECT l.slot_at FROM pgjobs.schedule_slots l
+    WHERE l.schedule_name = s.name ORDER BY l.slot_at DESC LIMIT 1
+) last ON true
+LEFT JOIN LATERAL (
+    SELECT e.slot_at, e.job_id FROM pgjobs.schedule_slots e
+    WHERE e.schedule_name = s.name AND e.job_id IS NOT NULL ORDER BY e.slot_at DESC LIMIT 1
+) enq ON true
+LEFT JOIN pgjobs.jobs j ON j.id = enq.job_id
+ORDER BY s.name;
+
+-- name: schedule_clock_now
+-- The scheduler judges which slots are due by the database's clock, the one clock every
+-- worker shares.
+SELECT now() AS now;
+
+-- name: schedule_slot_record_once
+-- Record one slot, and enqueue its job (unless job_id is NULL: a skipped slot), in one
+-- statement. The slot's primary key is the lock: of the workers recording the same slot
+-- at once, one inserts and the others wait for its commit and insert nothing, so each
+-- slot is enqueued once. A worker whose view is stale (a slot at or after this one is
+-- already recorded) records nothing either. The job is inserted as job_insert_many
+-- inserts one, so its audit row and NOTIFY come from the same triggers.
+WITH slot AS (
+    INSERT INTO pgjobs.schedule_slots (schedule_name, slot_at, job_id, recorded_at)
+    SELECT %(name)s, %(slot_at)s::timestamptz, %(job_id)s::uuid,
+           coalesce(%(now)s::timestamptz, now())
+    WHERE NOT EXISTS (
+        SELECT 1 FROM pgjobs.schedule_slots newer
+        WHERE newer.schedule_name = %(name)s AND newer.slot_at >= %(slot_at)s::timestamptz)
+    ON CONFLICT (schedule_name, slot_at) DO NOTHING
+    RETURNING job_id
+), job AS (
+    INSERT INTO pgjobs.jobs (id, company_id, job_type, input, priority, run_at, max_attempts,
+                             created_at, updated_at)
+    SELECT slot.job_id, %(company_id)s, %(job_type)s, %(input)s::jsonb, %(priority)s::int,
+           coalesce(%(now)s::timestamptz, now()), %(max_attempts)s::int,
+           coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
+    FROM slot WHERE slot.job_id IS NOT NULL
+    RETURNING id
+)
+SELECT (SELECT count(*) FROM slot) = 1 AS recorded, (SELECT id FROM job) AS job_id;
+
+-- name: schedule_slot_prune_old
+-- Slot rows older than the retention, except each schedule's latest (where its next
+-- pass starts, and what schedule_slot_record_once's staleness guard compares with).
+DELETE FROM pgjobs.schedule_slots o
+WHERE o.slot_at < coalesce(%(now)s::timestamptz, now()) - %(keep)s::interval
+  AND EXISTS (SELECT 1 FROM pgjobs.schedule_slots n
+              WHERE n.schedule_name = o.schedule_name AND n.slot_at > o.slot_at);

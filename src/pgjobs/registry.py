@@ -7,6 +7,12 @@
 
 Async handlers run on the worker's event loop; plain functions run in the worker's
 thread pool (one thread per concurrency slot), so blocking code does not stall it.
+
+Periodic jobs are declared next to the handlers (see pgjobs.schedules and
+pgjobs.scheduler); every worker started with this registry enqueues their slots:
+
+    @registry.periodic("0 2 * * *", job_type="report", company_id="acme",
+                       timezone="Europe/Berlin")
 """
 
 from __future__ import annotations
@@ -15,16 +21,20 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from pgjobs.errors import ConfigurationError
+from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS
+from pgjobs.schedules import Schedule
 
 if TYPE_CHECKING:
     from pgjobs.context import JobContext
 
 HandlerFn = Callable[["JobContext"], Awaitable[Any]] | Callable[["JobContext"], Any]
+F = TypeVar("F")
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +48,7 @@ class Handler:
 class Registry:
     def __init__(self) -> None:
         self._handlers: dict[str, Handler] = {}
+        self._schedules: dict[str, Schedule] = {}
 
     def register(self, job_type: str, fn: HandlerFn, *, timeout: float | None = None) -> None:
         if not job_type:
@@ -57,6 +68,53 @@ class Registry:
             return fn
 
         return decorate
+
+    def periodic(
+        self,
+        cron: str,
+        *,
+        job_type: str,
+        company_id: str,
+        input: Mapping[str, Any] | None = None,
+        timezone: str = "UTC",
+        catch_up: timedelta = timedelta(0),
+        name: str | None = None,
+        priority: int = 0,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
+    ) -> Callable[[F], F]:
+        """Declare a schedule: one ``job_type`` job for ``company_id`` per slot of ``cron``
+        in ``timezone``. Registered when called, so it works as a decorator on the
+        handler or as a plain call; the decorated function is returned unchanged.
+
+        ``name`` (default ``company_id:job_type``) identifies the schedule in the
+        database: keep it when changing the cron expression. ``catch_up``: how late a
+        missed slot may still be enqueued once, when a worker starts after it."""
+        schedule = Schedule(
+            name=name or f"{company_id}:{job_type}",
+            cron=cron,
+            job_type=job_type,
+            company_id=company_id,
+            input=input or {},
+            timezone=timezone,
+            catch_up=catch_up,
+            priority=priority,
+            max_attempts=max_attempts,
+        )
+        if schedule.name in self._schedules:
+            raise ConfigurationError(
+                f"schedule {schedule.name!r} is already declared; give the second a name="
+            )
+        self._schedules[schedule.name] = schedule
+
+        def decorate(fn: F) -> F:
+            return fn
+
+        return decorate
+
+    @property
+    def schedules(self) -> Mapping[str, Schedule]:
+        """The declared schedules, by name."""
+        return dict(self._schedules)
 
     def get(self, job_type: str) -> Handler | None:
         return self._handlers.get(job_type)

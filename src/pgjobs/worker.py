@@ -23,9 +23,11 @@ Moving parts, one asyncio task each: the fetch loop (claims up to the free concu
 with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
 per claim and per running job, the completer (batches final transitions into one
 commit), the heartbeat (renews every held lease in one statement and stops jobs this
-worker no longer holds), the rescuer (returns other workers' expired jobs to the queue)
-and the listener (wake-ups and cancellations, on the workers' own NOTIFY channel:
-``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or terminal events).
+worker no longer holds), the rescuer (returns other workers' expired jobs to the queue),
+the scheduler (enqueues periodic jobs' due slots, each once across all workers:
+``pgjobs.scheduler``) and the listener (wake-ups and cancellations, on the workers' own
+NOTIFY channel: ``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or
+terminal events).
 
 The listener connects to ``PGJOBS_LISTEN_DSN`` when set (``pgjobs.db.listen_dsn``), so the
 rest can go through PgBouncer in transaction mode. Where LISTEN cannot deliver (that
@@ -59,7 +61,7 @@ import psycopg
 from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import assets, db, gcpolicy, metrics, rescuer, txcomplete
+from pgjobs import assets, db, gcpolicy, metrics, rescuer, scheduler, txcomplete
 from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
@@ -245,6 +247,7 @@ class Worker:
             )
         )
         self.health: HealthServer | None = None
+        self.scheduler: scheduler.Scheduler | None = None
         self.burst = burst
         self.ran: list[uuid.UUID] = []  # burst mode only: the jobs this run started
 
@@ -279,6 +282,10 @@ class Worker:
                         "now": None,
                     },
                 )
+                await scheduler.declare(conn, self.registry.schedules.values())
+            self.scheduler = scheduler.Scheduler(
+                pool, self.registry.schedules, interval=settings.schedule_interval_seconds
+            )
             self._completer = Completer(
                 pool, self.storage, flush_interval=settings.flush_interval_seconds
             )
@@ -301,11 +308,13 @@ class Worker:
                 asyncio.create_task(self.listener.run(), name="pgjobs-listener"),
                 asyncio.create_task(self._heartbeat_loop(), name="pgjobs-heartbeat"),
                 asyncio.create_task(self._rescue_loop(), name="pgjobs-rescuer"),
+                asyncio.create_task(self.scheduler.run(), name="pgjobs-scheduler"),
             ]
             self._loops = {
                 "listener_loop": background[0],
                 "heartbeat": background[1],
                 "rescuer": background[2],
+                "scheduler": background[3],
                 "completer": completer_task,
             }
             if settings.metrics_port is not None:

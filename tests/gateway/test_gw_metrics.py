@@ -319,7 +319,8 @@ async def test_worker_health_port(dsn: str, storage_dir: Path) -> None:
         assert r.status_code == 200, r.text
         assert set(r.json()["checks"].values()) == {"ok"}
         assert set(r.json()["checks"]) == {
-            "database", "listener", "claiming", "listener_loop", "heartbeat", "rescuer", "completer"
+            "database", "listener", "claiming", "listener_loop", "heartbeat", "rescuer",
+            "completer", "scheduler",
         }  # fmt: skip
 
         # The worker's LISTEN connection drops: counted, and it comes back.

@@ -1,0 +1,2 @@
+DROP TABLE pgjobs.schedule_slots;
+DROP TABLE pgjobs.schedules;
