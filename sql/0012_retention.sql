@@ -1,0 +1,88 @@
+-- depends: 0010_statement_publish
+-- Retention (issue 17): `pgjobs prune` and the workers' retention policy
+-- (pgjobs.retention).
+--
+-- The audit log stays append-only for everything but the retention path. The append-only
+-- trigger now lets a DELETE through only when the transaction-local setting
+-- pgjobs.prune_events_before holds a cut-off and the row was written before it; only
+-- pgjobs.prune_events() sets it (set_config(..., true): it ends with the transaction, so
+-- it also works through PgBouncer in transaction mode), and it clears it again before
+-- returning. A hand-written DELETE in psql is refused as before, and UPDATE always is.
+-- Why a setting and not a SECURITY DEFINER function owning the privilege: pgjobs runs as
+-- one role that owns its tables, and an owner cannot be kept from deleting its own rows
+-- by privileges, only by the trigger; the trigger has to tell the retention path from a
+-- stray DELETE either way, and the cut-off in the setting also bounds what even a
+-- forged setting can remove to rows older than a cut-off (what retention would remove).
+--
+-- pgjobs.retention (one row) records two things:
+-- * events_pruned_xid / events_pruned_id: the largest (xid, id) of the audit rows ever
+--   deleted. A company stream whose Last-Event-ID (xid, id) is below it may have lost
+--   events it never saw (pgjobs.gateway.companystream), and is sent the current state.
+-- * last_run_at / runs: the workers' retention policy, applied by one worker per
+--   interval (the guarded update in query retention_claim_run).
+-- pgjobs.asset_deletions holds the storage keys of pruned assets whose file is still to be
+-- deleted: written in the transaction that deletes the asset rows, emptied as the files go
+-- (after the commit); a file whose delete fails stays listed and is retried by the next
+-- prune.
+
+CREATE TABLE pgjobs.retention (
+    singleton          boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    events_pruned_xid  xid8        NOT NULL DEFAULT '0',
+    events_pruned_id   bigint      NOT NULL DEFAULT 0,
+    last_run_at        timestamptz,
+    runs               bigint      NOT NULL DEFAULT 0
+);
+INSERT INTO pgjobs.retention DEFAULT VALUES;
+
+CREATE TABLE pgjobs.asset_deletions (
+    object_key  text        PRIMARY KEY,
+    asset_id    uuid        NOT NULL,
+    queued_at   timestamptz NOT NULL DEFAULT now(),
+    attempts    integer     NOT NULL DEFAULT 0,
+    last_error  text
+);
+
+CREATE OR REPLACE FUNCTION pgjobs.forbid_event_change() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    cutoff text := current_setting('pgjobs.prune_events_before', true);
+BEGIN
+    IF TG_OP = 'DELETE' AND coalesce(cutoff, '') <> '' AND OLD.created_at < cutoff::timestamptz THEN
+        RETURN OLD;  -- the retention path (pgjobs.prune_events), for a row older than its cut-off
+    END IF;
+    RAISE EXCEPTION 'pgjobs.job_events is append-only' USING ERRCODE = 'insufficient_privilege';
+END;
+$$;
+
+-- One batch of audit-log retention: the next `batch` rows after id `after_id`, in id
+-- order (the primary key: no scan of the table, no index on time needed), of which those
+-- written before `before` are deleted. ids are handed out in insert order, so the walk
+-- can stop at the first page with no row older than the cut-off (`done`); a row of a
+-- transaction that was open across the cut-off can be left for the next run. Returns the
+-- rows deleted and the last id read (the next batch's `after_id`).
+CREATE FUNCTION pgjobs.prune_events(before timestamptz, after_id bigint, batch integer,
+                                    OUT deleted bigint, OUT last_id bigint, OUT done boolean)
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM set_config('pgjobs.prune_events_before', before::text, true);
+    WITH page AS (
+        SELECT id, xid, created_at FROM pgjobs.job_events
+        WHERE id > after_id ORDER BY id LIMIT batch
+    ), gone AS (
+        DELETE FROM pgjobs.job_events e USING page p
+        WHERE e.id = p.id AND p.created_at < before
+        RETURNING e.id, e.xid
+    ), mark AS (
+        -- The newest (xid, id) deleted moves the streams' retention mark forward.
+        UPDATE pgjobs.retention r
+        SET events_pruned_xid = m.xid, events_pruned_id = m.id
+        FROM (SELECT xid, id FROM gone ORDER BY xid DESC, id DESC LIMIT 1) m
+        WHERE (m.xid, m.id) > (r.events_pruned_xid, r.events_pruned_id)
+    )
+    SELECT (SELECT count(*) FROM gone),
+           coalesce((SELECT max(id) FROM page), after_id),
+           coalesce((SELECT bool_and(created_at >= before) FROM page), true)
+    INTO deleted, last_id, done;
+    PERFORM set_config('pgjobs.prune_events_before', '', true);
+END;
+$$;
