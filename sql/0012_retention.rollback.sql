@@ -8,3 +8,4 @@ END;
 $$;
 DROP TABLE pgjobs.asset_deletions;
 DROP TABLE pgjobs.retention;
+DROP TABLE pgjobs.job_events_pruned;

@@ -14,25 +14,28 @@
 -- stray DELETE either way, and the cut-off in the setting also bounds what even a
 -- forged setting can remove to rows older than a cut-off (what retention would remove).
 --
--- pgjobs.retention (one row) records two things:
--- * events_pruned_xid / events_pruned_id: the largest (xid, id) of the audit rows ever
---   deleted. A company stream whose Last-Event-ID (xid, id) is below it may have lost
---   events it never saw (pgjobs.gateway.companystream), and is sent the current state.
--- * last_run_at / runs: the workers' retention policy, applied by one worker per
---   interval (the guarded update in query retention_claim_run).
+-- pgjobs.job_events_pruned holds, per company, the largest (xid, id) of its audit rows
+-- ever deleted: a company stream whose Last-Event-ID (xid, id) is below it may have lost
+-- events it never saw, and is sent the current state instead (pgjobs.gateway.
+-- companystream). pgjobs.retention (one row) records the workers' policy runs: one worker
+-- per interval (the guarded update in query retention_claim_run).
 -- pgjobs.asset_deletions holds the storage keys of pruned assets whose file is still to be
 -- deleted: written in the transaction that deletes the asset rows, emptied as the files go
 -- (after the commit); a file whose delete fails stays listed and is retried by the next
 -- prune.
 
 CREATE TABLE pgjobs.retention (
-    singleton          boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
-    events_pruned_xid  xid8        NOT NULL DEFAULT '0',
-    events_pruned_id   bigint      NOT NULL DEFAULT 0,
-    last_run_at        timestamptz,
-    runs               bigint      NOT NULL DEFAULT 0
+    singleton    boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    last_run_at  timestamptz,
+    runs         bigint      NOT NULL DEFAULT 0
 );
 INSERT INTO pgjobs.retention DEFAULT VALUES;
+
+CREATE TABLE pgjobs.job_events_pruned (
+    company_id  text    PRIMARY KEY,
+    xid         xid8    NOT NULL,
+    id          bigint  NOT NULL
+);
 
 CREATE TABLE pgjobs.asset_deletions (
     object_key  text        PRIMARY KEY,
@@ -71,13 +74,14 @@ BEGIN
     ), gone AS (
         DELETE FROM pgjobs.job_events e USING page p
         WHERE e.id = p.id AND p.created_at < before
-        RETURNING e.id, e.xid
+        RETURNING e.id, e.xid, e.company_id
     ), mark AS (
-        -- The newest (xid, id) deleted moves the streams' retention mark forward.
-        UPDATE pgjobs.retention r
-        SET events_pruned_xid = m.xid, events_pruned_id = m.id
-        FROM (SELECT xid, id FROM gone ORDER BY xid DESC, id DESC LIMIT 1) m
-        WHERE (m.xid, m.id) > (r.events_pruned_xid, r.events_pruned_id)
+        -- Each company's newest (xid, id) deleted moves its streams' retention mark.
+        INSERT INTO pgjobs.job_events_pruned AS m (company_id, xid, id)
+        SELECT DISTINCT ON (company_id) company_id, xid, id
+        FROM gone ORDER BY company_id, xid DESC, id DESC
+        ON CONFLICT (company_id) DO UPDATE SET xid = excluded.xid, id = excluded.id
+        WHERE (excluded.xid, excluded.id) > (m.xid, m.id)
     )
     SELECT (SELECT count(*) FROM gone),
            coalesce((SELECT max(id) FROM page), after_id),

@@ -152,17 +152,23 @@ async def test_audit_log_refuses_a_hand_written_delete(dsn: str, client: Client)
     assert len(await fetch(dsn, "SELECT id FROM pgjobs.job_events")) == 1
 
 
-async def test_pruned_events_move_the_streams_retention_mark(dsn: str, client: Client) -> None:
+async def test_pruned_events_move_each_companys_retention_mark(dsn: str, client: Client) -> None:
     await client.enqueue("acme", "echo")
     await client.enqueue("acme", "echo")
-    rows = await fetch(dsn, "SELECT xid::text AS xid, id FROM pgjobs.job_events ORDER BY id")
+    await client.enqueue("globex", "echo")
+    rows = await fetch(
+        dsn,
+        "SELECT DISTINCT ON (company_id) company_id, xid::text AS xid, id"
+        " FROM pgjobs.job_events ORDER BY company_id, xid DESC, id DESC",
+    )
     await retention.prune(
-        dsn, jobs_older_than=None, events_older_than=dt.timedelta(days=1), now=LATER
+        dsn, jobs_older_than=None, events_older_than=dt.timedelta(days=1), now=LATER, batch=2
     )
-    (mark,) = await fetch(
-        dsn, "SELECT events_pruned_xid::text AS xid, events_pruned_id AS id FROM pgjobs.retention"
+    marks = await fetch(
+        dsn,
+        "SELECT company_id, xid::text AS xid, id FROM pgjobs.job_events_pruned ORDER BY 1",
     )
-    assert (mark["xid"], mark["id"]) == (rows[-1]["xid"], rows[-1]["id"])
+    assert marks == rows
 
 
 async def test_assets_rows_then_files_and_a_failed_file_is_retried(
