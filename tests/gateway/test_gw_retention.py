@@ -69,12 +69,14 @@ async def test_job_stream_with_a_partly_pruned_history_gets_the_state(
     job_id = await enqueue(gateway)
     await progress(dsn, job_id, 2)  # seq 2, 3
     await prune_all_events(dsn)
-    await gateway.state.client.cancel("acme", job_id)  # seq 4, kept
-    # Events 2 and 3 are gone, 4 is there: not a silent jump from 1 to 4.
+    await progress(dsn, job_id, 1)  # seq 4, kept
+    await gateway.state.client.cancel("acme", job_id)  # seq 5, kept
+    # Events 2 and 3 are gone, 4 and 5 are there: not a silent jump from 1 to 4, but the
+    # job's state read after the cut (which here is also its last event).
     events = await collect(gateway, f"{JOBS}/{job_id}/events", last_event_id="1")
-    assert [(e.id, e.data["type"]) for e in events] == [("4", "content_job.cancelled")]
-    # The one frame is the job's state read after the cut, which is also its last event.
-    assert events[0].data["status"] == "cancelled"
+    assert [(e.id, e.data["type"], e.data["status"]) for e in events] == [
+        ("5", "content_job.cancelled", "cancelled")
+    ]
 
 
 async def test_company_stream_resuming_before_the_cut_gets_unfinished_jobs_then_live(
