@@ -28,12 +28,17 @@ by a guarded update of ``pgjobs.retention.last_run_at``.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
+
+import psycopg
+from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import db
 from pgjobs.errors import ConfigurationError
@@ -298,3 +303,44 @@ async def run_policy(
     if sum(report.jobs.values()) or report.events or report.assets:
         log.info("retention: %s", "; ".join(report.lines()))
     return report
+
+
+class PolicyLoop:
+    """A worker's retention loop: every ``check_seconds`` (jittered) it calls
+    ``run_policy``, which runs only if this interval's run is still to be made and no
+    other worker is pruning. So among all workers the policy runs about once per
+    ``interval_seconds``, by whichever worker checks first after the interval is up."""
+
+    def __init__(
+        self,
+        pool: AsyncConnectionPool[db.AsyncConn],
+        policy: Policy,
+        *,
+        storage: Storage | None,
+        interval_seconds: float,
+        check_seconds: float,
+    ) -> None:
+        self.pool = pool
+        self.policy = policy
+        self.storage = storage
+        self.interval_seconds = interval_seconds
+        self.check_seconds = check_seconds
+        self.checks = 0  # how many times this worker asked (for tests and logs)
+        self.runs = 0  # how many of those it ran
+
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(self.check_seconds * random.uniform(0.5, 1.5))
+            try:
+                async with self.pool.connection() as conn:
+                    report = await run_policy(
+                        conn,
+                        self.policy,
+                        storage=self.storage,
+                        interval_seconds=self.interval_seconds,
+                    )
+                if report is not None:
+                    self.runs += 1
+            except (psycopg.OperationalError, psycopg.errors.QueryCanceled) as exc:
+                log.warning("retention run failed (%s); the next interval retries", exc)
+            self.checks += 1

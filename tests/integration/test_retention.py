@@ -6,6 +6,7 @@ so nothing is backdated by hand and nothing sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import uuid
@@ -15,7 +16,7 @@ import psycopg
 import pytest
 
 from helpers import claim_one, fetch, finish_params
-from pgjobs import retention
+from pgjobs import db, retention
 from pgjobs.client import Client
 from pgjobs.errors import ConfigurationError
 from pgjobs.queries import QUERIES
@@ -224,7 +225,34 @@ async def test_a_locked_job_is_skipped_not_waited_for(dsn: str, client: Client) 
     job_id = await _finish(dsn, "done")
     async with await psycopg.AsyncConnection.connect(dsn) as holder:
         await holder.execute("SELECT 1 FROM pgjobs.jobs WHERE id = %s FOR UPDATE", [job_id])
-        report = await retention.prune(dsn, jobs_older_than=dt.timedelta(days=30), now=LATER)
+        # A prune that waited for the lock would wait for ever: fail instead.
+        async with asyncio.timeout(30):
+            report = await retention.prune(dsn, jobs_older_than=dt.timedelta(days=30), now=LATER)
         await holder.rollback()
     assert report.jobs["done"] == 0
     assert job_id in await _ids(dsn)
+
+
+async def test_a_policy_run_yields_to_a_session_holding_the_retention_lock(
+    dsn: str, client: Client
+) -> None:
+    await client.enqueue("acme", "echo")
+    await _finish(dsn, "done")
+    policy = retention.Policy(jobs=dt.timedelta(days=30))
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as holder,
+        await db.connect(dsn) as conn,
+    ):
+        await holder.execute("SELECT pg_advisory_xact_lock(hashtext('pgjobs.retention')::bigint)")
+        assert await retention.run_policy(conn, policy, storage=None, now=LATER) is None
+        # A leader's batches stop too (the lock is taken again by every batch).
+        report = await retention.prune(
+            conn, jobs_older_than=dt.timedelta(days=30), now=LATER, leader_only=True
+        )
+        assert report.batches == 0
+        await holder.rollback()
+        ran = await retention.run_policy(conn, policy, storage=None, now=LATER)
+    assert ran is not None
+    assert ran.jobs["done"] == 1
+    (row,) = await fetch(dsn, "SELECT runs FROM pgjobs.retention")
+    assert row["runs"] == 1
