@@ -32,6 +32,7 @@ import asyncio
 import logging
 import random
 import re
+import time
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -98,6 +99,9 @@ class PruneReport:
     files_deleted: int = 0
     files_failed: int = 0
     batches: int = 0
+    longest_batch_seconds: float = 0.0
+    """The longest batch transaction, begin to commit: an upper bound on how long the
+    prune held any row lock."""
 
     def lines(self) -> list[str]:
         verb = "would remove" if self.dry_run else "removed"
@@ -111,6 +115,11 @@ class PruneReport:
             lines.append(
                 f"deleted {self.files_deleted} asset files; {self.files_failed} failed "
                 "(kept in pgjobs.asset_deletions, retried by the next prune with assets)"
+            )
+        if self.batches:
+            lines.append(
+                f"{self.batches} batches, the longest transaction "
+                f"{self.longest_batch_seconds * 1000:.1f} ms"
             )
         return lines
 
@@ -155,11 +164,17 @@ async def prune(
 
 
 async def _in_batch(
-    conn: db.AsyncConn, query: str, params: dict[str, Any], *, dry_run: bool, leader_only: bool
+    conn: db.AsyncConn,
+    query: str,
+    params: dict[str, Any],
+    report: PruneReport,
+    *,
+    leader_only: bool,
 ) -> dict[str, Any] | None:
     """One batch in its own transaction; None if ``leader_only`` and not the leader. A
     dry run's batch is rolled back after it ran."""
     row: dict[str, Any] | None = None
+    started = time.monotonic()
     try:
         async with conn.transaction():
             if leader_only:
@@ -167,10 +182,12 @@ async def _in_batch(
                 if lock is None or not lock["leader"]:
                     return None
             row = await (await conn.execute(QUERIES[query], params)).fetchone()
-            if dry_run:
+            if report.dry_run:
                 raise _DryRun
     except _DryRun:
         pass
+    if row is not None:
+        report.longest_batch_seconds = max(report.longest_batch_seconds, time.monotonic() - started)
     return row
 
 
@@ -195,7 +212,7 @@ async def _prune_jobs(
                 "assets": storage is not None,
                 "now": now,
             },
-            dry_run=report.dry_run,
+            report,
             leader_only=leader_only,
         )
         if row is None:
@@ -222,7 +239,7 @@ async def _prune_events(
             conn,
             "job_events_prune_before",
             {"before": before, "after_id": after, "limit": batch},
-            dry_run=report.dry_run,
+            report,
             leader_only=leader_only,
         )
         if row is None:
