@@ -8,11 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from bouncer import Bouncer
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
-from pgjobs import demo
+from pgjobs import db, demo, retention
 from pgjobs.client import Client
 from pgjobs.config import WorkerSettings
 from pgjobs.errors import ConfigurationError
+from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 
 
@@ -84,3 +86,47 @@ def test_policy_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PGJOBS_RETENTION_JOBS", "30 days")
     with pytest.raises(ConfigurationError, match="PGJOBS_RETENTION_JOBS must be"):
         WorkerSettings.from_env()
+
+
+async def test_prune_while_a_worker_runs_only_takes_finished_jobs(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """Pruning in a loop, with a cut-off that every finished job is past, while a worker
+    drains: each job is deleted only once finished, so every job's audit history still
+    ends with its done event and the worker never loses a completion."""
+    jobs = await client.enqueue_many(JobSpec("acme", "echo", {"n": i}) for i in range(300))
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(days=40)
+    pruned = 0
+
+    async def prune_until_empty() -> bool:
+        nonlocal pruned
+        report = await retention.prune(
+            dsn, jobs_older_than=dt.timedelta(days=30), now=later, batch=50
+        )
+        pruned += sum(report.jobs.values())
+        return not await fetch(dsn, "SELECT 1 FROM pgjobs.jobs LIMIT 1")
+
+    async with running_worker(dsn, demo.registry, fast_settings(storage_dir, concurrency=4)):
+        await wait_until(prune_until_empty, within=120, message="every job done and pruned")
+    assert pruned == len(jobs)
+    last = await fetch(
+        dsn,
+        "SELECT DISTINCT ON (job_id) job_id, type FROM pgjobs.job_events ORDER BY job_id, seq DESC",
+    )
+    assert len(last) == len(jobs)
+    assert {row["type"] for row in last} == {"content_job.done"}
+
+
+async def test_policy_through_pgbouncer_in_transaction_mode(
+    dsn: str, client: Client, pgbouncer: Bouncer
+) -> None:
+    old = await _finished_job(dsn, client, days_ago=40)
+    policy = retention.Policy(jobs=dt.timedelta(days=30), events=dt.timedelta(days=30))
+    async with await db.connect(pgbouncer.dsn(dsn)) as conn:
+        report = await retention.run_policy(conn, policy, storage=None)
+        assert report is not None
+        assert report.jobs["done"] == 1
+        assert report.events == 0  # the events were written just now
+        # The interval is taken: a second call (another worker) does nothing.
+        assert await retention.run_policy(conn, policy, storage=None) is None
+    assert not await fetch(dsn, "SELECT 1 FROM pgjobs.jobs WHERE id = %s", [old])
