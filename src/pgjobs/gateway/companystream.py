@@ -15,6 +15,14 @@ ends, which sends no NOTIFY; see ``CompanyFeed``). The trade-off: a long-running
 transaction anywhere in the database holds the horizon, and so every company stream,
 back until it ends.
 
+*Across a retention cut.* ``pgjobs prune --events-older-than`` deletes old rows, and
+with them the events a cursor behind the cut would have read next. Each catch-up page
+says, from the same snapshot, whether the company has a deleted row after the cursor
+(``pgjobs.job_events_pruned``, moved by the prune in its delete's transaction); if so
+the stream sends the current state of the company's unfinished jobs, read with a
+horizon, and goes on from that horizon (``unfinished_jobs_state``), instead of a silent
+gap.
+
 One reader per company (``CompanyFeed``) reads the table for all of that company's
 streams in this process and encodes each event once for all of them; a resuming stream
 catches up from the table on its own first (a set-up read, which takes its turn for the

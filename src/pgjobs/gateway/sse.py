@@ -14,7 +14,9 @@ second, so nothing committed after the read can slip past. The SSE id is the job
 ``seq``, bumped by exactly one per transition under the row lock: for one job commit
 order is seq order, and ``seq > last`` is a gap-free cursor. A live event that is not
 ``last + 1`` (a NOTIFY was missed), or a backfill marker (the LISTEN connection came
-back), makes the stream read ``seq > last`` from the table before going on. A stream ends
+back), makes the stream read ``seq > last`` from the table before going on; if retention
+deleted events after ``last``, that read sends the job's current state instead (see
+``job_stream``'s ``from_table``). A stream ends
 after a terminal status; a browser that reconnects after it gets 204, which tells
 EventSource to stop.
 
