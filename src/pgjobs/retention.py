@@ -21,9 +21,10 @@ configured policy (``Policy``, ``run_policy``). What it guarantees:
   have removed at that moment.
 
 ``run_policy`` is called periodically by every worker; one of them applies it per
-interval: each batch transaction takes ``pg_try_advisory_xact_lock`` (a transaction lock,
-so it works through PgBouncer in transaction mode) and the first also claims the interval
-by a guarded update of ``pgjobs.retention.last_run_at``.
+interval: a first transaction takes ``pg_try_advisory_xact_lock`` (a transaction lock, so
+it works through PgBouncer in transaction mode) and claims the interval by a guarded
+update of ``pgjobs.retention.last_run_at``; then every batch transaction takes the lock
+again and the run stops if another session holds it.
 """
 
 from __future__ import annotations
