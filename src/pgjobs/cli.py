@@ -219,6 +219,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="refresh every SECONDS (default 2) until Ctrl-C",
     )
 
+    pr = sub.add_parser(
+        "prune", parents=[common], help="delete finished jobs, old audit rows and assets"
+    )
+    pr.add_argument(
+        "--jobs-older-than",
+        required=True,
+        metavar="AGE",
+        help="finished jobs (done, failed, cancelled) finished longer ago than AGE: 30d, 12h, 90m",
+    )
+    pr.add_argument(
+        "--events-older-than", metavar="AGE", help="audit rows older than AGE (default: keep)"
+    )
+    pr.add_argument("--assets", action="store_true", help="also the pruned jobs' assets and files")
+    pr.add_argument("--dry-run", action="store_true", help="print what would go; remove nothing")
+
     tokens = sub.add_parser("token", help="create or revoke gateway API tokens").add_subparsers(
         dest="token_command", required=True
     )
@@ -477,6 +492,27 @@ async def cmd_demo(args: argparse.Namespace) -> int:
     )
 
 
+async def cmd_prune(args: argparse.Namespace) -> int:
+    from pgjobs import retention, storage
+
+    jobs_age = retention.parse_duration(args.jobs_older_than, "--jobs-older-than")
+    events_age = (
+        None
+        if args.events_older_than is None
+        else retention.parse_duration(args.events_older_than, "--events-older-than")
+    )
+    store = storage.from_settings(WorkerSettings.from_env()) if args.assets else None
+    report = await retention.prune(
+        db.resolve_dsn(args.dsn),
+        jobs_older_than=jobs_age,
+        events_older_than=events_age,
+        storage=store,
+        dry_run=args.dry_run,
+    )
+    print("\n".join(report.lines()))
+    return EXIT_ERROR if report.files_failed else 0
+
+
 def cmd_gateway(args: argparse.Namespace) -> int:
     from pgjobs.gateway.app import serve
 
@@ -571,6 +607,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "token": cmd_token,
         "stats": cmd_stats,
         "schedules": cli_schedules.run,
+        "prune": cmd_prune,
     }
     try:
         if args.command == "migrate":

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 from pgjobs.errors import ConfigurationError
@@ -88,6 +89,14 @@ class WorkerSettings:
     # The operations port (pgjobs.health): /metrics, /healthz, /readyz. None: not served.
     metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    # Retention policy (pgjobs.retention), off by default: finished jobs and audit rows
+    # older than these go, applied by one worker per retention_interval_seconds; every
+    # worker checks every retention_check_seconds whether the interval's run is due.
+    retention_jobs: timedelta | None = None
+    retention_events: timedelta | None = None
+    retention_assets: bool = False
+    retention_interval_seconds: float = 3600.0
+    retention_check_seconds: float = 60.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -117,6 +126,24 @@ class WorkerSettings:
             "metrics_port": env_int("PGJOBS_METRICS_PORT", -1, minimum=0),
             "metrics_host": os.environ.get("PGJOBS_METRICS_HOST") or "127.0.0.1",
         }
+        # Imported here: pgjobs.retention needs the database modules, which need config.
+        from pgjobs.retention import parse_duration
+
+        for key, name in (
+            ("retention_jobs", "PGJOBS_RETENTION_JOBS"),
+            ("retention_events", "PGJOBS_RETENTION_EVENTS"),
+        ):
+            raw = env_str(name)
+            values[key] = None if raw is None else parse_duration(raw, name)
+        values["retention_assets"] = (env_str("PGJOBS_RETENTION_ASSETS") or "").lower() in (
+            "1",
+            "true",
+            "yes",
+            "on",
+        )
+        values["retention_interval_seconds"] = env_float(
+            "PGJOBS_RETENTION_INTERVAL_SECONDS", 3600.0, minimum=1.0
+        )
         if values["metrics_port"] == -1:
             values["metrics_port"] = None
         values.update({k: v for k, v in overrides.items() if v is not None})

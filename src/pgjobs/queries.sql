@@ -631,7 +631,7 @@ SELECT w.id, w.hostname, w.pid, w.job_types, w.concurrency,
 FROM pgjobs.workers w
 ORDER BY w.id;
 
--- Unique jobs (sql/0013, pgjobs.unique): a key row names the job holding the key and the
+-- Unique jobs (sql/0011, pgjobs.unique): a key row names the job holding the key and the
 -- states it holds it in; these statements run in the enqueue's transaction, in order.
 
 -- name: job_unique_key_insert_many
@@ -813,3 +813,85 @@ DELETE FROM pgjobs.schedule_slots o
 WHERE o.slot_at < coalesce(%(now)s::timestamptz, now()) - %(keep)s::interval
   AND EXISTS (SELECT 1 FROM pgjobs.schedule_slots n
               WHERE n.schedule_name = o.schedule_name AND n.slot_at > o.slot_at);
+
+-- Retention (pgjobs.retention, sql/0013) ------------------------------------------------
+
+-- name: job_delete_finished_before
+-- One batch of `pgjobs prune`: the next %(limit)s jobs after %(after_id)s in id order (ids
+-- are UUIDv7, so id order is creation order and the walk is a primary-key range scan),
+-- of which the finished ones (done, failed, cancelled) that finished before %(before)s are
+-- deleted. Rows another transaction holds are skipped (a retry or a late completion in
+-- flight: the next run sees them), and the status and finish time are re-checked on the
+-- locked row. With %(assets)s, their asset rows go in the same statement and their keys
+-- are queued in pgjobs.asset_deletions (the files are deleted after the commit). `done`:
+-- the page held no job created before the cut-off (none after it can have finished
+-- before it), so the walk can stop.
+WITH page AS MATERIALIZED (
+    SELECT id, created_at FROM pgjobs.jobs
+    WHERE id > %(after_id)s::uuid
+    ORDER BY id
+    LIMIT %(limit)s::int
+), doomed AS (
+    SELECT j.id FROM pgjobs.jobs j
+    WHERE j.id IN (SELECT id FROM page)
+      AND j.status IN ('done', 'failed', 'cancelled')
+      AND j.finished_at < %(before)s::timestamptz
+    FOR UPDATE SKIP LOCKED
+), gone AS (
+    DELETE FROM pgjobs.jobs j USING doomed d
+    WHERE j.id = d.id
+    RETURNING j.id, j.status
+), assets AS (
+    DELETE FROM pgjobs.assets a USING gone g
+    WHERE %(assets)s::boolean AND a.source_job_id = g.id
+    RETURNING a.id, a.object_key
+), queued AS (
+    INSERT INTO pgjobs.asset_deletions (object_key, asset_id, queued_at)
+    SELECT object_key, id, coalesce(%(now)s::timestamptz, now()) FROM assets
+    ON CONFLICT (object_key) DO NOTHING
+)
+SELECT (SELECT id FROM page ORDER BY id DESC LIMIT 1) AS last_id,
+       coalesce((SELECT bool_and(created_at >= %(before)s::timestamptz) FROM page), true) AS done,
+       (SELECT count(*) FROM gone WHERE status = 'done') AS done_jobs,
+       (SELECT count(*) FROM gone WHERE status = 'failed') AS failed_jobs,
+       (SELECT count(*) FROM gone WHERE status = 'cancelled') AS cancelled_jobs,
+       coalesce((SELECT array_agg(object_key ORDER BY object_key) FROM assets), '{}') AS asset_keys;
+
+-- name: job_events_prune_before
+-- One batch of audit-log retention, through the one function the append-only trigger lets
+-- delete (sql/0013).
+SELECT deleted, last_id, done
+FROM pgjobs.prune_events(%(before)s::timestamptz, %(after_id)s::bigint, %(limit)s::int);
+
+-- name: asset_deletion_list_pending
+-- Files of pruned assets still to delete (their delete failed, or the prune stopped
+-- between its commit and the delete), a page at a time in key order.
+SELECT object_key FROM pgjobs.asset_deletions
+WHERE object_key > %(after_key)s::text
+ORDER BY object_key
+LIMIT %(limit)s::int;
+
+-- name: asset_deletion_delete_done
+DELETE FROM pgjobs.asset_deletions WHERE object_key = ANY (%(keys)s::text[]);
+
+-- name: asset_deletion_update_failed
+UPDATE pgjobs.asset_deletions
+SET attempts = attempts + 1, last_error = left(%(error)s::text, 2000)
+WHERE object_key = %(key)s::text;
+
+-- name: retention_try_lock
+-- Whether this transaction is the one retention leader: a transaction-level advisory lock
+-- (released at commit, so no session state: it works through PgBouncer in transaction
+-- mode). Every batch of a worker's retention run takes it first.
+SELECT pg_try_advisory_xact_lock(hashtext('pgjobs.retention')::bigint) AS leader;
+
+-- name: retention_claim_run
+-- A worker's retention run for this interval: at most one per %(interval_seconds)s among
+-- all workers (the row is updated only if the last run started longer ago). Zero rows:
+-- another worker has run it.
+UPDATE pgjobs.retention
+SET last_run_at = coalesce(%(now)s::timestamptz, now()), runs = runs + 1
+WHERE last_run_at IS NULL
+   OR last_run_at <= coalesce(%(now)s::timestamptz, now())
+                     - make_interval(secs => %(interval_seconds)s::float8)
+RETURNING runs;

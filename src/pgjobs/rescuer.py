@@ -57,7 +57,7 @@ async def prune_stale_workers(
 async def delete_released_keys(
     pool: AsyncConnectionPool[db.AsyncConn], *, now: datetime | None = None, limit: int = BATCH
 ) -> int:
-    """Delete up to ``limit`` unique-job keys whose holder let go (sql/0013: finished,
+    """Delete up to ``limit`` unique-job keys whose holder let go (sql/0011: finished,
     pruned or past unique_for) and as many expired HTTP Idempotency-Keys; returns how
     many rows went. Keys are released lazily whether or not this runs; it only keeps the
     two tables from growing with every key ever used."""

@@ -5,7 +5,7 @@ states it was enqueued with, ``unique_while``, and, with ``unique_for``, the win
 it took the key has not passed), every enqueue of that company and key, from any
 process on any host, returns that job with ``created=False`` and creates nothing.
 
-How: the key lives in ``pgjobs.job_unique_keys`` (sql/0013), whose primary key
+How: the key lives in ``pgjobs.job_unique_keys`` (sql/0011), whose primary key
 (company_id, unique_key) is the unique index that enforces it. An enqueue runs, in one
 transaction:
 

@@ -25,9 +25,10 @@ per claim and per running job, the completer (batches final transitions into one
 commit), the heartbeat (renews every held lease in one statement and stops jobs this
 worker no longer holds), the rescuer (returns other workers' expired jobs to the queue),
 the scheduler (enqueues periodic jobs' due slots, each once across all workers:
-``pgjobs.scheduler``) and the listener (wake-ups and cancellations, on the workers' own
+``pgjobs.scheduler``), the listener (wake-ups and cancellations, on the workers' own
 NOTIFY channel: ``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or
-terminal events).
+terminal events), and, when a retention policy is configured, the retention loop
+(``pgjobs.retention``: one worker among all prunes per interval).
 
 The listener connects to ``PGJOBS_LISTEN_DSN`` when set (``pgjobs.db.listen_dsn``), so the
 rest can go through PgBouncer in transaction mode. Where LISTEN cannot deliver (that
@@ -61,7 +62,7 @@ import psycopg
 from psycopg.pq import Format
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import assets, db, gcpolicy, metrics, rescuer, scheduler, txcomplete
+from pgjobs import assets, db, gcpolicy, metrics, rescuer, retention, scheduler, txcomplete
 from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
@@ -237,6 +238,7 @@ class Worker:
         self.jobs_started = 0
         # The long-running tasks /readyz checks are alive (set by run()).
         self._loops: dict[str, asyncio.Task[None]] = {}
+        self.retention: retention.PolicyLoop | None = None  # set by run()
         self._depth = metrics.QueueDepth(QUERIES["job_queue_depth_by_type"])
         self.exposition = metrics.Exposition(
             metrics.StateCollector(
@@ -317,6 +319,20 @@ class Worker:
                 "scheduler": background[3],
                 "completer": completer_task,
             }
+            self.retention = retention.PolicyLoop(
+                pool,
+                retention.Policy(
+                    settings.retention_jobs, settings.retention_events, settings.retention_assets
+                ),
+                storage=self.storage,
+                interval_seconds=settings.retention_interval_seconds,
+                check_seconds=settings.retention_check_seconds,
+            )
+            if self.retention.policy.enabled:  # off by default
+                background.append(
+                    asyncio.create_task(self.retention.run(), name="pgjobs-retention")
+                )
+                self._loops["retention"] = background[-1]
             if settings.metrics_port is not None:
                 self.health = HealthServer(
                     settings.metrics_host,

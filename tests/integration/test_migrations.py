@@ -290,7 +290,7 @@ async def test_fair_claim_migration_gives_queue_rows_their_company_and_rolls_bac
 
 
 async def test_unique_jobs_migration_rolls_back_and_applies_again(empty_dsn: str) -> None:
-    """0013 adds the two key tables; its rollback drops them (and the keys in them)."""
+    """0011 adds the two key tables; its rollback drops them (and the keys in them)."""
     migrate.apply(empty_dsn)
     async with await Client.connect(empty_dsn) as client:
         await client.enqueue("acme", "echo", unique_key="k")

@@ -15,6 +15,14 @@ ends, which sends no NOTIFY; see ``CompanyFeed``). The trade-off: a long-running
 transaction anywhere in the database holds the horizon, and so every company stream,
 back until it ends.
 
+*Across a retention cut.* ``pgjobs prune --events-older-than`` deletes old rows, and
+with them the events a cursor behind the cut would have read next. Each catch-up page
+says, from the same snapshot, whether the company has a deleted row after the cursor
+(``pgjobs.job_events_pruned``, moved by the prune in its delete's transaction); if so
+the stream sends the current state of the company's unfinished jobs, read with a
+horizon, and goes on from that horizon (``unfinished_jobs_state``), instead of a silent
+gap.
+
 One reader per company (``CompanyFeed``) reads the table for all of that company's
 streams in this process and encodes each event once for all of them; a resuming stream
 catches up from the table on its own first (a set-up read, which takes its turn for the
@@ -34,7 +42,14 @@ import psycopg
 
 from pgjobs import db
 from pgjobs.gateway.fanout import Subscription
-from pgjobs.gateway.sse import PAGE, read_rows, reconnect_frame, row_event, setup_read
+from pgjobs.gateway.sse import (
+    PAGE,
+    read_rows,
+    reconnect_frame,
+    row_event,
+    setup_read,
+    status_event,
+)
 
 if TYPE_CHECKING:
     from pgjobs.gateway.state import GatewayState
@@ -59,20 +74,47 @@ async def company_horizon(state: GatewayState) -> tuple[str, int]:
     return str(row["xid"]), 0
 
 
+class FeedPage(NamedTuple):
+    rows: list[dict[str, Any]]
+    held_back: bool
+    """Rows of the company were held back by the horizon (committed, not yet readable)."""
+    behind_retention: bool
+    """Retention deleted rows of the company after the cursor: the page does not follow
+    on from it."""
+
+
 async def company_feed_page(
     state: GatewayState, company_id: str, cursor: tuple[str, int], *, setup: bool = False
-) -> tuple[list[dict[str, Any]], bool]:
-    """The company's next page after ``cursor`` below the horizon, and whether rows of
-    the company were held back by the horizon (committed, not yet readable) when it was
-    read. Read by the feed, and by a resuming stream's catch-up (``setup``: it takes its
-    turn, see setup_read)."""
+) -> FeedPage:
+    """The company's next page after ``cursor`` below the horizon. Read by the feed, and
+    by a resuming stream's catch-up (``setup``: it takes its turn, see setup_read)."""
     read = setup_read if setup else read_rows
     rows = await read(
         state,
         "job_events_company_feed",
         {"company_id": company_id, "xid": cursor[0], "id": cursor[1], "limit": PAGE},
     )
-    return [row for row in rows if row["id"] is not None], bool(rows[0]["held_back"])
+    return FeedPage(
+        [row for row in rows if row["id"] is not None],
+        bool(rows[0]["held_back"]),
+        bool(rows[0]["behind_retention"]),
+    )
+
+
+async def unfinished_jobs_state(state: GatewayState, company_id: str) -> tuple[str, bytes]:
+    """What a stream resuming from before a retention cut gets instead of the events it
+    can no longer have: a ``status`` frame of each of the company's queued and running
+    jobs in its current state, and the horizon of the snapshot they were read in, which
+    is every frame's cursor and where the stream goes on from. Events of transactions
+    not yet ended then (at or above the horizon) follow, so a job's state can be followed
+    by events it already reflects (same or lower seq); a client keeps a job's highest seq.
+    Finished jobs are not repeated: their final state is in the REST API."""
+    rows = await setup_read(
+        state, "job_list_unfinished_for_company_stream", {"company_id": company_id}
+    )
+    horizon = str(rows[0]["horizon"])
+    event_id = f"{horizon}-0"
+    return horizon, b"".join(status_event(row, event_id) for row in rows if row["id"] is not None)
 
 
 class CompanyFrame(NamedTuple):
@@ -151,7 +193,7 @@ class CompanyFeed:
             self.wake.clear()
             try:
                 while True:
-                    rows, held_back = await company_feed_page(
+                    rows, held_back, _ = await company_feed_page(
                         self.state, self.company_id, self.cursor
                     )
                     self.reads += 1
@@ -262,9 +304,19 @@ async def company_stream(
     stream (no Last-Event-ID) starts where the feed is, with no database read of its own,
     so a burst of connections costs nothing; a resuming one catches up from the table from
     its cursor. Then follow the feed, skipping what the catch-up already sent."""
+    reset = False
     try:
         while cursor is not None:
-            rows, _ = await company_feed_page(state, sub.company_id, cursor, setup=True)
+            rows, _, behind = await company_feed_page(state, sub.company_id, cursor, setup=True)
+            if behind and not reset:
+                # Retention deleted events after this cursor: instead of a silent gap, the
+                # current state of the company's unfinished jobs, then on from there.
+                reset = True
+                horizon, states = await unfinished_jobs_state(state, sub.company_id)
+                if states:
+                    yield states
+                cursor = (horizon, 0)
+                continue
             if rows:
                 # A page is one write, not one per event (see sse.job_stream).
                 cursor = (rows[-1]["xid"], rows[-1]["id"])

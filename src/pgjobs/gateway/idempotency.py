@@ -12,7 +12,7 @@ after the key was first used:
   it (up to ``idempotency_wait_seconds``) and then answers as above; past that, 409;
 - a malformed key: 400.
 
-How: the key is a row of ``pgjobs.idempotency_keys`` (sql/0013), inserted in the
+How: the key is a row of ``pgjobs.idempotency_keys`` (sql/0011), inserted in the
 transaction that enqueues the job, before the job; its primary key (company_id, key)
 is what serializes racing requests. A second request with the key waits on that index
 entry until the first commits (then reads its row and replays its response) or rolls

@@ -63,16 +63,23 @@ LIMIT %(limit)s::int;
 -- answers come from one snapshot: asked in a second statement, the horizon could have
 -- moved between the two, and rows it passed would be neither read nor reported. Always
 -- one row at least; the event columns are NULL when the page is empty.
+-- behind_retention: retention (pgjobs prune, sql/0013) has deleted rows of the company
+-- after the cursor, so this page does not follow on from it; read in the same snapshot
+-- as the page, since a prune deletes its rows and moves the mark in one transaction.
 WITH h AS MATERIALIZED (
     SELECT s.horizon, EXISTS (
         SELECT 1 FROM pgjobs.job_events
         WHERE company_id = %(company_id)s::text AND xid >= s.horizon
           AND (xid, id) > (%(xid)s::xid8, %(id)s::bigint)
-    ) AS held_back
+    ) AS held_back, EXISTS (
+        SELECT 1 FROM pgjobs.job_events_pruned
+        WHERE company_id = %(company_id)s::text
+          AND (xid, id) > (%(xid)s::xid8, %(id)s::bigint)
+    ) AS behind_retention
     FROM (SELECT pg_snapshot_xmin(pg_current_snapshot()) AS horizon) s
 )
 SELECT e.id, e.job_id, e.seq, e.type, e.status, e.attempt, e.payload, e.xid::text AS xid,
-       h.held_back
+       h.held_back, h.behind_retention
 FROM h LEFT JOIN LATERAL (
     SELECT * FROM pgjobs.job_events
     WHERE company_id = %(company_id)s::text
@@ -82,6 +89,24 @@ FROM h LEFT JOIN LATERAL (
     LIMIT %(limit)s::int
 ) e ON true
 ORDER BY e.xid, e.id;
+
+-- name: job_list_unfinished_for_company_stream
+-- What a company stream resuming from before a retention cut is sent instead of the
+-- events it can no longer get: the company's queued and running jobs (through
+-- pgjobs.job_queue, which holds exactly those, with their company), in their current
+-- state, and the horizon of the same snapshot, from which the stream goes on. Always one
+-- row at least; the job columns are NULL when the company has no unfinished job.
+WITH h AS MATERIALIZED (
+    SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS horizon
+)
+SELECT h.horizon, j.id, j.company_id, j.status, j.last_event, j.attempts, j.event_seq,
+       j.progress_fraction, j.progress_message, j.result_asset_id, j.error_message, j.run_at
+FROM h LEFT JOIN LATERAL (
+    SELECT j.* FROM pgjobs.job_queue q
+    JOIN pgjobs.jobs j ON j.id = q.job_id
+    WHERE q.company_id = %(company_id)s::text AND j.company_id = %(company_id)s::text
+) j ON true
+ORDER BY j.id;
 
 -- name: job_events_horizon
 -- Where a company stream without Last-Event-ID starts: everything from transactions that
@@ -389,7 +414,7 @@ SELECT e.id, extract(epoch FROM clock_timestamp() - e.created_at)::float8 AS age
 FROM pgjobs.job_events e
 WHERE e.id = ANY(%(ids)s::bigint[]);
 
--- HTTP Idempotency-Key on POST .../content-jobs (pgjobs.gateway.idempotency, sql/0013).
+-- HTTP Idempotency-Key on POST .../content-jobs (pgjobs.gateway.idempotency, sql/0011).
 -- These run in the transaction that enqueues the job, in order.
 
 -- name: idempotency_lock_timeout_set_local

@@ -14,7 +14,9 @@ second, so nothing committed after the read can slip past. The SSE id is the job
 ``seq``, bumped by exactly one per transition under the row lock: for one job commit
 order is seq order, and ``seq > last`` is a gap-free cursor. A live event that is not
 ``last + 1`` (a NOTIFY was missed), or a backfill marker (the LISTEN connection came
-back), makes the stream read ``seq > last`` from the table before going on. A stream ends
+back), makes the stream read ``seq > last`` from the table before going on; if retention
+deleted events after ``last``, that read sends the job's current state instead (see
+``job_stream``'s ``from_table``). A stream ends
 after a terminal status; a browser that reconnects after it gets 204, which tells
 EventSource to stop.
 
@@ -123,9 +125,10 @@ def live_event(event: LiveEvent) -> bytes:
     return frame(data, str(event.seq))
 
 
-def status_event(job: dict[str, Any]) -> bytes:
-    """A job stream's first frame without Last-Event-ID: the job's current state, its
-    SSE id the seq of the job's last event."""
+def status_event(job: dict[str, Any], event_id: str | None = None) -> bytes:
+    """A job's current state as a frame: a job stream's first frame without
+    Last-Event-ID, or what a stream resuming from before a retention cut gets. Its SSE id
+    is the seq of the job's last event unless given (a company stream's cursor)."""
     extra: dict[str, Any] = {
         "resultAssetId": str(job["result_asset_id"]) if job["result_asset_id"] else None,
         "errorMessage": job["error_message"],
@@ -138,7 +141,7 @@ def status_event(job: dict[str, Any]) -> bytes:
     data = event_data(
         job["id"], job["status"], job["last_event"], job["attempts"], job["event_seq"], extra
     )
-    return frame(data, str(job["event_seq"]))
+    return frame(data, str(job["event_seq"]) if event_id is None else event_id)
 
 
 def parse_job_cursor(raw: str | None) -> int | None:
@@ -229,9 +232,26 @@ async def job_stream(
     async def from_table(after: int) -> AsyncGenerator[tuple[bytes, int, bool], None]:
         """The job's events after ``after`` from the table: per page, its frames as one
         chunk (one write for the page, not one per event), the seq of its last event,
-        and whether that one was terminal (the chunk ends there)."""
+        and whether that one was terminal (the chunk ends there).
+
+        Across a retention cut (``pgjobs prune --events-older-than`` deleted events
+        after ``after``: the first row read is not ``after + 1``, or there is none while
+        the job is known to be further on), the stream never skips silently: it sends a
+        ``status`` frame of the job's current state, read now, and goes on after it."""
+        first = True
         while True:
             rows = await job_events_after(state, company_id, job_id, after)
+            if first and (rows[0]["seq"] > after + 1 if rows else job["event_seq"] > after):
+                current = await load_job(state, company_id, job_id)
+                if current is None:  # pruned with its events: nothing more to tell
+                    return
+                after = current["event_seq"]
+                ended = current["status"] in TERMINAL
+                yield status_event(current), after, ended
+                if ended:
+                    return
+                rows = await job_events_after(state, company_id, job_id, after)
+            first = False
             frames = []
             for row in rows:
                 frames.append(row_event(row))
