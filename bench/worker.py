@@ -1,13 +1,14 @@
 """One worker process of one queue, started by the harness:
 
-    python -m bench.worker SYSTEM DSN [--concurrency N] [--batch B] [--driver D] [--mode M]
+    python -m bench.worker SYSTEM DSN [--concurrency N] [--batch B] [--driver D]
+        [--claimers K] [--mode M]
 
 Protocol on stdin/stdout, so that every queue is timed the same way: the process imports
 its library and builds its worker, prints ``ready``, waits for a ``go`` line, runs, and
 prints ``done <time.monotonic()>`` the moment the library's run call returns (before
 interpreter teardown). In ``drain`` mode the library stops by itself once nothing is left
-(pgjobs burst mode, procrastinate ``wait=False``, pgqueuer drain mode); in ``serve`` mode
-it runs until a ``stop`` line (or end of input) arrives.
+(pgjobs burst mode, procrastinate ``wait=False``, pgqueuer drain mode; awa has none, see
+run_awa); in ``serve`` mode it runs until a ``stop`` line (or end of input) arrives.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stamps
-from bench.systems import asyncpg_uri
+from bench.systems import LEFT_SQL, asyncpg_uri, awa_url
 
 
 def _say(line: str) -> None:
@@ -119,10 +120,59 @@ async def run_pgqueuer(args: argparse.Namespace) -> None:
         await pool.close()
 
 
+# How often an awa drain asks whether anything is left: a few ms of granularity on a drain
+# of seconds, and one cheap query per poll against PostgreSQL's thousands per second.
+AWA_DRAIN_POLL_SECONDS = 0.01
+
+
+async def run_awa(args: argparse.Namespace) -> None:
+    """awa's runtime has no burst mode: in drain mode this process starts it, asks
+    PostgreSQL every AWA_DRAIN_POLL_SECONDS how many jobs are still queued or running
+    (bench.systems.LEFT_SQL, the harness's own count, read through awa's view of its
+    queue storage), and at zero calls ``shutdown``. A job stays "running" until its
+    completion is committed, so zero means every completion is durable, which is when
+    pgjobs' burst mode and pgqueuer's drain mode return too; like theirs, the time
+    reported includes stopping the runtime, and awa pays the polling on top (at most one
+    interval, plus the queries' PostgreSQL time)."""
+    import awa
+    import psycopg
+
+    from bench.handlers import awa_register
+
+    client = awa.AsyncClient(awa_url(args.dsn), max_connections=20)
+    awa_register(client)
+    queue: dict[str, Any] = {"name": "bench", "max_workers": args.concurrency}
+    if args.batch:
+        queue["claim_batch_size"] = args.batch
+    if args.claimers:
+        queue["claimers"] = args.claimers
+    poller = await psycopg.AsyncConnection.connect(args.dsn, autocommit=True)
+    _say("ready")
+    await asyncio.to_thread(_wait_line, "go")
+    # 50 ms: the poll interval awa's own benchmarks run with (its default is 200 ms).
+    await client.start([queue], poll_interval_ms=50)
+    try:
+        if args.mode == "serve":
+            stop = asyncio.Event()
+            _watch_stdin(asyncio.get_running_loop(), stop.set)
+            await stop.wait()
+        else:
+            while True:
+                row = await (await poller.execute(LEFT_SQL["awa"])).fetchone()
+                if row is not None and row[0] == 0:
+                    break
+                await asyncio.sleep(AWA_DRAIN_POLL_SECONDS)
+    finally:
+        await client.shutdown(timeout_ms=5000)
+        await client.close()
+        await poller.close()
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "pgjobs": run_pgjobs,
     "procrastinate": run_procrastinate,
     "pgqueuer": run_pgqueuer,
+    "awa": run_awa,
 }
 
 
@@ -133,6 +183,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--driver", default="")
+    parser.add_argument("--claimers", type=int, default=0)
     parser.add_argument("--mode", choices=("drain", "serve"), default="drain")
     args = parser.parse_args()
     os.environ.setdefault("PGJOBS_HOME", str(Path(tempfile.gettempdir()) / "pgjobs-bench-home"))
@@ -144,6 +195,7 @@ def main() -> None:
 
         uvloop.run(coro)
     else:
+        # procrastinate's and awa's documented runs use asyncio's own loop.
         asyncio.run(coro)
     _say(f"done {time.monotonic()!r}")
     stamps.dump()
