@@ -120,24 +120,31 @@ async def run_pgqueuer(args: argparse.Namespace) -> None:
         await pool.close()
 
 
-# How often an awa drain asks whether anything is left: a few ms of granularity on a drain
-# of seconds, and one cheap query per poll against PostgreSQL's thousands per second.
+# How often an awa drain counts its completions: a few ms of granularity on a drain of
+# seconds, for one sub-millisecond query per poll.
 AWA_DRAIN_POLL_SECONDS = 0.01
 
 
 async def run_awa(args: argparse.Namespace) -> None:
-    """awa's runtime has no burst mode: in drain mode this process starts it, asks
-    PostgreSQL every AWA_DRAIN_POLL_SECONDS how many jobs are still queued or running
-    (bench.systems.LEFT_SQL, the harness's own count, read through awa's view of its
-    queue storage), and at zero calls ``shutdown``. A job stays "running" until its
-    completion is committed, so zero means every completion is durable, which is when
-    pgjobs' burst mode and pgqueuer's drain mode return too; like theirs, the time
-    reported includes stopping the runtime, and awa pays the polling on top (at most one
-    interval, plus the queries' PostgreSQL time)."""
+    """awa's runtime has no burst mode. In drain mode this process first counts the jobs
+    left (bench.systems.LEFT_SQL, the harness's own count; before ``ready``, so off the
+    clock), then starts the runtime and every AWA_DRAIN_POLL_SECONDS counts completions
+    in awa's own tables (bench.systems.AWA_COMPLETED_SQL: the view behind LEFT_SQL costs
+    too much to poll); once as many more have completed as were left, it calls
+    ``shutdown``. Completions count once committed, so that is the moment pgjobs' burst
+    mode and pgqueuer's drain mode return too; like theirs, the time reported includes
+    stopping the runtime, and awa pays the polling on top (at most one interval). With
+    two processes, each stops once all jobs (not only its own) are done. The harness
+    checks the outcome through the view afterwards, so a wrong count fails the run."""
     import awa
     import psycopg
 
     from bench.handlers import awa_register
+    from bench.systems import AWA_COMPLETED_SQL
+
+    async def count(conn: psycopg.AsyncConnection[Any], sql: str) -> int:
+        row = await (await conn.execute(sql)).fetchone()
+        return int(row[0]) if row else 0
 
     client = awa.AsyncClient(awa_url(args.dsn), max_connections=20)
     awa_register(client)
@@ -147,6 +154,7 @@ async def run_awa(args: argparse.Namespace) -> None:
     if args.claimers:
         queue["claimers"] = args.claimers
     poller = await psycopg.AsyncConnection.connect(args.dsn, autocommit=True)
+    target = await count(poller, LEFT_SQL["awa"]) + await count(poller, AWA_COMPLETED_SQL)
     _say("ready")
     await asyncio.to_thread(_wait_line, "go")
     # 50 ms: the poll interval awa's own benchmarks run with (its default is 200 ms).
@@ -157,9 +165,8 @@ async def run_awa(args: argparse.Namespace) -> None:
             _watch_stdin(asyncio.get_running_loop(), stop.set)
             await stop.wait()
         else:
-            while True:
-                row = await (await poller.execute(LEFT_SQL["awa"])).fetchone()
-                if row is not None and row[0] == 0:
+            while True:  # a query, not an event: nothing in-process knows the total
+                if await count(poller, AWA_COMPLETED_SQL) >= target:
                     break
                 await asyncio.sleep(AWA_DRAIN_POLL_SECONDS)
     finally:
