@@ -25,7 +25,7 @@ SWEEP: dict[str, tuple[systems.WorkerConfig, ...]] = {
     # max_workers, claim_batch_size (0: awa's default), claimers (0: awa's default)
     "awa": tuple(
         systems.WorkerConfig(c, b, claimers=k)
-        for c, b, k in ((100, 0, 0), (200, 0, 0), (500, 0, 0), (200, 0, 2), (200, 0, 4))
+        for c, b, k in ((200, 0, 0), (500, 0, 0), (1000, 0, 0), (500, 0, 2), (500, 500, 0))
     ),
 }
 
