@@ -231,31 +231,33 @@ async def install(system: str, dsn: str) -> None:
             raise RuntimeError("awa: storage_auto_finalize_if_fresh did not finalize")
 
 
+# awa's completed jobs, read from its queue storage's own tables: completions land as
+# receipt batches (a claim closed without a lease row) or terminal entries, and when the
+# queue ring moves on, a slot whose jobs are all finished is pruned and its count added
+# to queue_terminal_rollups (queue_lanes held it before 0.6; awa's migration moves it).
+# The awa.jobs view forgets pruned jobs, and costs ~0.1-0.3 s per count at 20,000 jobs
+# where this takes under a millisecond, so the awa worker polls it to find a drain's end.
+AWA_COMPLETED_SQL = """
+    SELECT (SELECT coalesce(sum(completed_count), 0) FROM awa.receipt_completion_batches)
+         + (SELECT count(*) FROM awa.done_entries WHERE state = 'completed')
+         + (SELECT coalesce(sum(pruned_completed_count), 0) FROM awa.queue_terminal_rollups)
+         + (SELECT coalesce(sum(pruned_completed_count), 0) FROM awa.queue_lanes)"""
+
 FINISHED_SQL = {
     "pgjobs": "SELECT count(*) FROM pgjobs.jobs WHERE status = 'done'",
     "procrastinate": "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'",
     "pgqueuer": "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'",
-    # awa.jobs: awa's view over its queue storage (ready entries, leases, completion
-    # receipts, terminal history), with one row and one state per job.
-    "awa": "SELECT count(*) FROM awa.jobs WHERE state = 'completed'",
+    "awa": AWA_COMPLETED_SQL,
 }
 LEFT_SQL = {
     "pgjobs": "SELECT count(*) FROM pgjobs.jobs WHERE status IN ('queued', 'running')",
     "procrastinate": "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')",
     "pgqueuer": "SELECT count(*) FROM pgqueuer",
+    # awa.jobs: awa's view over its queue storage, one row and state per job; jobs not
+    # yet finished are never pruned from it.
     "awa": "SELECT count(*) FROM awa.jobs WHERE state IN ('available', 'running', 'scheduled', "
     "'retryable', 'waiting_external')",
 }
-
-# awa's completions read from its queue storage's own tables, for the drain's end (see
-# bench.worker.run_awa): the view above costs ~0.1-0.3 s per count at 20,000 jobs, this
-# well under a millisecond. Completions land as receipt batches (a claim closed without
-# a lease row) or terminal entries; pruning a queue-ring slot folds both into the lane's
-# counter. Checked against the view: the harness counts through the view after each drain.
-AWA_COMPLETED_SQL = """
-    SELECT (SELECT coalesce(sum(completed_count), 0) FROM awa.receipt_completion_batches)
-         + (SELECT count(*) FROM awa.done_entries WHERE state = 'completed')
-         + (SELECT coalesce(sum(pruned_completed_count), 0) FROM awa.queue_lanes)"""
 
 
 def counts(system: str, dsn: str) -> tuple[int, int]:

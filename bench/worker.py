@@ -135,7 +135,8 @@ async def run_awa(args: argparse.Namespace) -> None:
     mode and pgqueuer's drain mode return too; like theirs, the time reported includes
     stopping the runtime, and awa pays the polling on top (at most one interval). With
     two processes, each stops once all jobs (not only its own) are done. The harness
-    checks the outcome through the view afterwards, so a wrong count fails the run."""
+    then counts the jobs left through awa's view, so a count that ran ahead of the
+    drain fails the run."""
     import awa
     import psycopg
 
