@@ -38,7 +38,7 @@ lint: $(STAMP) ## ruff check + format check
 typecheck: $(STAMP) ## mypy --strict on src
 	$(PY) -m mypy
 
-bench: $(STAMP) ## benchmarks vs procrastinate and pgqueuer into bench/results/ (ARGS=--quick: < 5 min)
+bench: $(STAMP) ## benchmarks vs procrastinate, pgqueuer and awa into bench/results/ (ARGS=--quick: < 5 min)
 	$(PY) -m bench $(ARGS)
 
 clean: ## remove the virtualenv, caches and the embedded database under .pgjobs/

@@ -1,8 +1,9 @@
-"""No-op handlers for the three queues: each does nothing but (optionally) note when it
+"""No-op handlers for the four queues: each does nothing but (optionally) note when it
 started, so a benchmark measures the queue, not the work."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from bench.stamps import stamp
@@ -36,3 +37,16 @@ def pgqueuer_register(qm: Any) -> None:
     async def noop_entry(job: Any) -> None:
         if job.payload:
             stamp(job.payload.decode())
+
+
+@dataclass
+class AwaNoop:
+    """awa's job arguments: a dataclass, serialized to JSON by awa (k: the wake-up key)."""
+
+    k: str | None = None
+
+
+def awa_register(client: Any) -> None:
+    @client.task(AwaNoop, kind="noop", queue="bench")
+    async def noop_job(job: Any) -> None:
+        stamp(job.args.k)

@@ -118,7 +118,7 @@ def machine(dsn: str) -> dict[str, Any]:
     import importlib.metadata as md
 
     versions = {}
-    for pkg in ("pgjobs", "procrastinate", "pgqueuer", "psycopg", "asyncpg"):
+    for pkg in ("pgjobs", "procrastinate", "pgqueuer", "awa-pg", "psycopg", "asyncpg"):
         try:
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -1,4 +1,4 @@
-"""The three queues behind one small interface: install, enqueue, count finished jobs.
+"""The four queues behind one small interface: install, enqueue, count finished jobs.
 
 Each queue is driven through its own public API, with the settings its documentation
 gives for throughput (see WORKER_DEFAULTS and docs/benchmarks.md):
@@ -8,6 +8,11 @@ gives for throughput (see WORKER_DEFAULTS and docs/benchmarks.md):
 * procrastinate: ``Task.batch_defer_async``, ``App.run_worker_async(wait=False)``.
 * pgqueuer: ``Queries.enqueue`` with lists (one statement), ``QueueManager.run`` in drain
   mode over asyncpg, under uvloop as its CLI runs it.
+* awa (``awa-pg``: a Rust runtime with a Python SDK): ``AsyncClient.enqueue_many_copy``
+  (COPY straight into its queue storage, the bulk path its README names for
+  high-volume Python producers), ``AsyncClient.start`` with one queue config
+  (max_workers, claimers, claim_batch_size) on asyncio's loop as its docs run it; it has
+  no burst mode (see bench.worker.run_awa).
 """
 
 from __future__ import annotations
@@ -20,22 +25,27 @@ from typing import Any, Protocol
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-SYSTEMS = ("pgjobs", "procrastinate", "pgqueuer")
+SYSTEMS = ("pgjobs", "procrastinate", "pgqueuer", "awa")
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    """One worker process's settings. concurrency: jobs in flight; batch: pgqueuer's
-    batch_size (pgjobs sizes its claims from free slots, procrastinate claims one job)."""
+    """One worker process's settings. concurrency: jobs in flight (awa: the queue's
+    max_workers); batch: pgqueuer's batch_size, awa's claim_batch_size (pgjobs sizes its
+    claims from free slots, procrastinate claims one job); claimers: awa's claim loops
+    per queue (0: its default)."""
 
     concurrency: int
     batch: int = 0
     driver: str = ""
+    claimers: int = 0
 
     def label(self) -> str:
         parts = [f"concurrency {self.concurrency or 'unbounded'}"]
         if self.batch:
             parts.append(f"batch {self.batch}")
+        if self.claimers:
+            parts.append(f"claimers {self.claimers}")
         if self.driver:
             parts.append(self.driver)
         return ", ".join(parts)
@@ -47,6 +57,10 @@ WORKER_DEFAULTS: dict[str, WorkerConfig] = {
     "pgjobs": WorkerConfig(concurrency=200),
     "procrastinate": WorkerConfig(concurrency=20),
     "pgqueuer": WorkerConfig(concurrency=0, batch=100, driver="asyncpg"),
+    # awa: max_workers 500 with its default claim batch and claimers; a quick sweep on a
+    # loaded machine (100 to 2,000 workers, 2 and 4 claimers, batches of 100 to 1,000)
+    # put 500 ahead of every other setting.
+    "awa": WorkerConfig(concurrency=500),
 }
 
 
@@ -58,6 +72,12 @@ def asyncpg_uri(dsn: str) -> str:
     if "port" in params:
         query += f"&port={params['port']}"
     return f"postgresql://{user}@/{params.get('dbname', 'postgres')}?{query}"
+
+
+def awa_url(dsn: str) -> str:
+    """awa's pool (sqlx) takes URLs only and refuses asyncpg's empty host: the socket
+    directory goes in the ``host`` parameter, which overrides the placeholder host."""
+    return asyncpg_uri(dsn).replace("@/", "@localhost/", 1)
 
 
 class Producer(Protocol):
@@ -73,6 +93,8 @@ async def producer(system: str, dsn: str) -> AsyncIterator[Producer]:
         yield_ = _ProcrastinateProducer(dsn)  # type: ignore[assignment]
     elif system == "pgqueuer":
         yield_ = _PgqueuerProducer(dsn)  # type: ignore[assignment]
+    elif system == "awa":
+        yield_ = _AwaProducer(dsn)  # type: ignore[assignment]
     else:
         raise ValueError(system)
     await yield_.open()
@@ -147,6 +169,32 @@ class _PgqueuerProducer:
         await self.queries.enqueue(["noop"] * n, [None] * n, [0] * n)
 
 
+class _AwaProducer:
+    def __init__(self, dsn: str) -> None:
+        self.dsn = dsn
+        self.client: Any = None
+
+    async def open(self) -> None:
+        import awa
+
+        self.client = awa.AsyncClient(awa_url(self.dsn), max_connections=10)
+
+    async def close(self) -> None:
+        await self.client.close()
+
+    async def enqueue_one(self, key: str | None = None) -> None:
+        from bench.handlers import AwaNoop
+
+        await self.client.insert(AwaNoop(key), kind="noop", queue="bench")
+
+    async def enqueue_bulk(self, n: int) -> None:
+        from bench.handlers import AwaNoop
+
+        await self.client.enqueue_many_copy(
+            [AwaNoop() for _ in range(n)], kind="noop", queue="bench"
+        )
+
+
 async def install(system: str, dsn: str) -> None:
     """Create the queue's schema in a fresh database (pgjobs: already migrated)."""
     if system == "procrastinate":
@@ -165,17 +213,50 @@ async def install(system: str, dsn: str) -> None:
             await Queries(AsyncpgDriver(conn)).install()
         finally:
             await conn.close()
+    elif system == "awa":
+        import awa
 
+        client = awa.AsyncClient(awa_url(dsn), max_connections=2)
+        try:
+            await client.migrate()
+        finally:
+            await client.close()
+        # A fresh awa database starts on its "canonical" engine; the first worker to
+        # start would switch it to queue storage only while awa.jobs is empty, and the
+        # drain enqueues before any worker starts. awa's migration docs give this call
+        # as the post-migrate step for fresh installs.
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            row = conn.execute("SELECT awa.storage_auto_finalize_if_fresh('awa')").fetchone()
+        if not row or row[0] is not True:
+            raise RuntimeError("awa: storage_auto_finalize_if_fresh did not finalize")
+
+
+# awa's completed jobs, read from its queue storage's own tables: completions land as
+# receipt batches (a claim closed without a lease row) or terminal entries, and when the
+# queue ring moves on, a slot whose jobs are all finished is pruned and its count added
+# to queue_terminal_rollups (queue_lanes held it before 0.6; awa's migration moves it).
+# The awa.jobs view forgets pruned jobs, and costs ~0.1-0.3 s per count at 20,000 jobs
+# where this takes under a millisecond, so the awa worker polls it to find a drain's end.
+AWA_COMPLETED_SQL = """
+    SELECT (SELECT coalesce(sum(completed_count), 0) FROM awa.receipt_completion_batches)
+         + (SELECT count(*) FROM awa.done_entries WHERE state = 'completed')
+         + (SELECT coalesce(sum(pruned_completed_count), 0) FROM awa.queue_terminal_rollups)
+         + (SELECT coalesce(sum(pruned_completed_count), 0) FROM awa.queue_lanes)"""
 
 FINISHED_SQL = {
     "pgjobs": "SELECT count(*) FROM pgjobs.jobs WHERE status = 'done'",
     "procrastinate": "SELECT count(*) FROM procrastinate_jobs WHERE status = 'succeeded'",
     "pgqueuer": "SELECT count(*) FROM pgqueuer_log WHERE status = 'successful'",
+    "awa": AWA_COMPLETED_SQL,
 }
 LEFT_SQL = {
     "pgjobs": "SELECT count(*) FROM pgjobs.jobs WHERE status IN ('queued', 'running')",
     "procrastinate": "SELECT count(*) FROM procrastinate_jobs WHERE status IN ('todo', 'doing')",
     "pgqueuer": "SELECT count(*) FROM pgqueuer",
+    # awa.jobs: awa's view over its queue storage, one row and state per job; jobs not
+    # yet finished are never pruned from it.
+    "awa": "SELECT count(*) FROM awa.jobs WHERE state IN ('available', 'running', 'scheduled', "
+    "'retryable', 'waiting_external')",
 }
 
 
@@ -193,4 +274,6 @@ def argv_for(config: WorkerConfig) -> Sequence[str]:
         argv += ["--batch", str(config.batch)]
     if config.driver:
         argv += ["--driver", config.driver]
+    if config.claimers:
+        argv += ["--claimers", str(config.claimers)]
     return argv

@@ -1,13 +1,14 @@
 """One worker process of one queue, started by the harness:
 
-    python -m bench.worker SYSTEM DSN [--concurrency N] [--batch B] [--driver D] [--mode M]
+    python -m bench.worker SYSTEM DSN [--concurrency N] [--batch B] [--driver D]
+        [--claimers K] [--mode M]
 
 Protocol on stdin/stdout, so that every queue is timed the same way: the process imports
 its library and builds its worker, prints ``ready``, waits for a ``go`` line, runs, and
 prints ``done <time.monotonic()>`` the moment the library's run call returns (before
 interpreter teardown). In ``drain`` mode the library stops by itself once nothing is left
-(pgjobs burst mode, procrastinate ``wait=False``, pgqueuer drain mode); in ``serve`` mode
-it runs until a ``stop`` line (or end of input) arrives.
+(pgjobs burst mode, procrastinate ``wait=False``, pgqueuer drain mode; awa has none, see
+run_awa); in ``serve`` mode it runs until a ``stop`` line (or end of input) arrives.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stamps
-from bench.systems import asyncpg_uri
+from bench.systems import LEFT_SQL, asyncpg_uri, awa_url
 
 
 def _say(line: str) -> None:
@@ -119,10 +120,67 @@ async def run_pgqueuer(args: argparse.Namespace) -> None:
         await pool.close()
 
 
+# How often an awa drain counts its completions: a few ms of granularity on a drain of
+# seconds, for one sub-millisecond query per poll.
+AWA_DRAIN_POLL_SECONDS = 0.01
+
+
+async def run_awa(args: argparse.Namespace) -> None:
+    """awa's runtime has no burst mode. In drain mode this process first counts the jobs
+    left (bench.systems.LEFT_SQL, the harness's own count; before ``ready``, so off the
+    clock), then starts the runtime and every AWA_DRAIN_POLL_SECONDS counts completions
+    in awa's own tables (bench.systems.AWA_COMPLETED_SQL: the view behind LEFT_SQL costs
+    too much to poll); once as many more have completed as were left, it calls
+    ``shutdown``. Completions count once committed, so that is the moment pgjobs' burst
+    mode and pgqueuer's drain mode return too; like theirs, the time reported includes
+    stopping the runtime, and awa pays the polling on top (at most one interval). With
+    two processes, each stops once all jobs (not only its own) are done. The harness
+    then counts the jobs left through awa's view, so a count that ran ahead of the
+    drain fails the run."""
+    import awa
+    import psycopg
+
+    from bench.handlers import awa_register
+    from bench.systems import AWA_COMPLETED_SQL
+
+    async def count(conn: psycopg.AsyncConnection[Any], sql: str) -> int:
+        row = await (await conn.execute(sql)).fetchone()
+        return int(row[0]) if row else 0
+
+    client = awa.AsyncClient(awa_url(args.dsn), max_connections=20)
+    awa_register(client)
+    queue: dict[str, Any] = {"name": "bench", "max_workers": args.concurrency}
+    if args.batch:
+        queue["claim_batch_size"] = args.batch
+    if args.claimers:
+        queue["claimers"] = args.claimers
+    poller = await psycopg.AsyncConnection.connect(args.dsn, autocommit=True)
+    target = await count(poller, LEFT_SQL["awa"]) + await count(poller, AWA_COMPLETED_SQL)
+    _say("ready")
+    await asyncio.to_thread(_wait_line, "go")
+    # 50 ms: the poll interval awa's own benchmarks run with (its default is 200 ms).
+    await client.start([queue], poll_interval_ms=50)
+    try:
+        if args.mode == "serve":
+            stop = asyncio.Event()
+            _watch_stdin(asyncio.get_running_loop(), stop.set)
+            await stop.wait()
+        else:
+            while True:  # a query, not an event: nothing in-process knows the total
+                if await count(poller, AWA_COMPLETED_SQL) >= target:
+                    break
+                await asyncio.sleep(AWA_DRAIN_POLL_SECONDS)
+    finally:
+        await client.shutdown(timeout_ms=5000)
+        await client.close()
+        await poller.close()
+
+
 RUNNERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
     "pgjobs": run_pgjobs,
     "procrastinate": run_procrastinate,
     "pgqueuer": run_pgqueuer,
+    "awa": run_awa,
 }
 
 
@@ -133,6 +191,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=10)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--driver", default="")
+    parser.add_argument("--claimers", type=int, default=0)
     parser.add_argument("--mode", choices=("drain", "serve"), default="drain")
     args = parser.parse_args()
     os.environ.setdefault("PGJOBS_HOME", str(Path(tempfile.gettempdir()) / "pgjobs-bench-home"))
@@ -144,6 +203,7 @@ def main() -> None:
 
         uvloop.run(coro)
     else:
+        # procrastinate's and awa's documented runs use asyncio's own loop.
         asyncio.run(coro)
     _say(f"done {time.monotonic()!r}")
     stamps.dump()

@@ -22,6 +22,11 @@ SWEEP: dict[str, tuple[systems.WorkerConfig, ...]] = {
         systems.WorkerConfig(0, b, d)
         for b, d in ((50, "asyncpg"), (100, "asyncpg"), (200, "asyncpg"), (100, "asyncpg-pool"))
     ),
+    # max_workers, claim_batch_size (0: awa's default), claimers (0: awa's default)
+    "awa": tuple(
+        systems.WorkerConfig(c, b, claimers=k)
+        for c, b, k in ((200, 0, 0), (500, 0, 0), (1000, 0, 0), (500, 0, 2), (500, 500, 0))
+    ),
 }
 
 

@@ -68,6 +68,6 @@ def markdown(res: dict[str, Any]) -> str:
         "\nSingle: one job per transaction, each a durable commit (fsync), so it measures "
         "commit latency; 10 producers share commits through group commit. Bulk: "
         "pgjobs `enqueue_many`, procrastinate `batch_defer_async`, pgqueuer `enqueue` "
-        "with lists."
+        "with lists, awa `enqueue_many_copy` (COPY)."
     )
     return "\n".join(lines)
