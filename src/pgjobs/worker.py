@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -220,6 +221,8 @@ class Worker:
         # The fair claim's rotation cursor: the company it served last, so the next claim
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
+        # Limits (pgjobs.limits): the timer that looks again when a rate window ends.
+        self._window_timer: asyncio.TimerHandle | None = None
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
         )
@@ -326,6 +329,8 @@ class Worker:
             self._completer.close()
             await completer_task
         finally:
+            if self._window_timer is not None:
+                self._window_timer.cancel()
             if self.health is not None:
                 await self.health.stop()
             for task in background:
@@ -534,24 +539,61 @@ class Worker:
             "after_company": self._after_company,
         }
         async with self._pool.connection() as conn:
-            cur = conn.cursor(row_factory=self._claimed_rows)
+            held_back = [0]  # set from job_claim_batch_limited's rows
+            cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
-            await cur.execute(QUERIES["job_claim_batch"], params)
-            try:
-                return await cur.fetchall()
-            except Exception as exc:  # any row that cannot become a Job
-                log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
-                return await self._decode_each(conn, cur)
+            limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
+            if not (await limited.fetchone() or {}).get("limited"):
+                await cur.execute(QUERIES["job_claim_batch"], params)
+                return await self._fetch_claimed(conn, cur)
+            # Some limit may cover these jobs (pgjobs.limits): locks, then the limited claim.
+            async with conn.transaction():
+                locks = await conn.execute(QUERIES["limit_lock_for_types"], params)
+                window_ends_in = (await locks.fetchone() or {}).get("window_ends_in")
+                await cur.execute(QUERIES["job_claim_batch_limited"], params)
+                jobs = await self._fetch_claimed(conn, cur)
+        if held_back[0]:
+            self._wake()  # a limit cut the batch short, not the queue: claim the rest
+        elif window_ends_in is not None and len(jobs) < limit:
+            self._wake_at_window_end(window_ends_in)
+        return jobs
 
-    def _claimed_rows(self, cursor: BaseCursor[Any, Any]) -> RowMaker[Job]:
+    async def _fetch_claimed(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
+        try:
+            return await cur.fetchall()
+        except Exception as exc:  # any row that cannot become a Job
+            log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
+            return await self._decode_each(conn, cur)
+
+    def _wake_at_window_end(self, delay: float) -> None:
+        """A claim came back short while a rate limit applies: its window's end may let
+        held-back jobs start, and nothing else would announce it. One timer at a time."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(delay, 0.0)
+        if self._window_timer is not None and self._window_timer.when() <= at:
+            return
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+        self._window_timer = loop.call_at(at, self._window_ended)
+
+    def _window_ended(self) -> None:
+        self._window_timer = None
+        self._wake()
+
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int]) -> RowMaker[Job]:
         """job_rows for the claim, keeping the rotation cursor every claimed row carries
         (taken before the Job is built, so a row that cannot become one still moves it)."""
         make = job_rows(cursor)
         assert cursor.description is not None
-        at = [column.name for column in cursor.description].index("after_company")
+        names = [column.name for column in cursor.description]
+        at = names.index("after_company")
+        # job_claim_batch_limited's: how many jobs a limit held back.
+        held_at = names.index("held_back") if "held_back" in names else None
 
         def make_and_keep_cursor(values: Sequence[Any]) -> Job:
             self._after_company = values[at]
+            if held_at is not None:
+                held[0] = values[held_at]
             return make(values)
 
         return make_and_keep_cursor
@@ -873,7 +915,8 @@ class Worker:
             await asyncio.sleep(self.settings.rescue_interval_seconds * random.uniform(0.5, 1.5))
             try:
                 rescued = await rescuer.rescue_expired(self._pool)
-                if any(job.status.value == "queued" for job in rescued):
+                # A rescued job that failed also freed a slot a limit may be waiting on.
+                if rescued:
                     self._wake()
                 passes += 1
                 if passes % 30 == 0:
