@@ -146,6 +146,41 @@ async def test_a_rate_window_ending_wakes_a_worker_without_the_poll(
         await wait_until(lambda: _all_done(dsn, 6), within=30, message="all 6 jobs done")
 
 
+async def test_a_batch_cut_short_by_a_limit_is_claimed_again_at_once(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """Four slots; acme may run one job, beta's three have no limit; every handler waits
+    until all four slots are taken. The first claim shares its four between acme and beta
+    (two each), the limit holds one of acme's back, and the batch comes back one short:
+    the worker claims again at once for beta's third job, with no wake-up from elsewhere
+    (no handler ends, no NOTIFY, a poll interval of a minute)."""
+    release = asyncio.Event()
+    registry = Registry()
+
+    @registry.handler("render")
+    async def render(ctx: JobContext) -> None:
+        await release.wait()
+
+    await _set(dsn, company_id="acme", max_running=1)
+    settings = fast_settings(storage_dir, concurrency=4, poll_interval_seconds=60.0)
+
+    async def four_running() -> bool:
+        rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'running'")
+        return bool(rows[0]["n"] == 4)
+
+    async with running_worker(dsn, registry, settings):
+        await client.enqueue_many(
+            [JobSpec("acme", "render") for _ in range(3)]
+            + [JobSpec("beta", "render") for _ in range(3)]
+        )
+        try:
+            await wait_until(four_running, within=20, message="four jobs running")
+        finally:
+            release.set()
+        await wait_until(lambda: _all_done(dsn, 6), within=30, message="all 6 jobs done")
+    assert await _most_at_once(dsn, "acme", "render") == 1
+
+
 async def _claim_limited(
     dsn: str, limit: int, now: dt.datetime | None = None, job_types: list[str] | None = None
 ) -> list[dict[str, Any]]:
