@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
-from pgjobs import db, logs, migrate, registry
+from pgjobs import db, limits_cli, logs, migrate, registry
 from pgjobs.client import Client, parse_job_id
 from pgjobs.config import DEFAULT_LEASE_SECONDS, WorkerSettings, env_float
 from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError, PgjobsError
@@ -216,6 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--label", help="a note to recognise the token by")
     tr = tokens.add_parser("revoke", parents=[common], help="revoke a token (by token or id)")
     tr.add_argument("token_or_id")
+    limits_cli.add_parser(sub, common)
     return parser
 
 
@@ -542,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "demo": cmd_demo,
         "token": cmd_token,
         "stats": cmd_stats,
+        "limits": lambda args: limits_cli.command(args, _table),
     }
     try:
         if args.command == "migrate":
