@@ -122,7 +122,7 @@ WITH RECURSIVE room AS MATERIALIZED (
            (%(limit)s::int + max(cpos) - 1) / greatest(max(cpos), 1) AS per_company
     FROM ring
 ), heads1 AS (
-    SELECT h.job_id, h.run_at, r.company_id, r.priority, r.cpos, r.n
+    SELECT h.job_id, h.run_at, h.job_type, r.company_id, r.priority, r.cpos, r.n
     FROM (SELECT * FROM ring
           -- a company over a limit on all its jobs: not walked at all
           WHERE NOT EXISTS (SELECT 1 FROM blocked b
@@ -130,7 +130,7 @@ WITH RECURSIVE room AS MATERIALIZED (
     CROSS JOIN LATERAL (
         -- One level of one company: due jobs are a contiguous range of the index, so the
         -- walk ends at the first job not due yet (or of another level).
-        SELECT q.job_id, q.run_at
+        SELECT q.job_id, q.run_at, q.job_type
         FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
         WHERE q.company_id = r.company_id AND q.priority = r.priority
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
@@ -153,9 +153,9 @@ WITH RECURSIVE room AS MATERIALIZED (
            / greatest((SELECT count(*) FROM whole), 1) AS per_company
     FROM whole w JOIN ring r ON r.n = w.n
 ), heads2 AS (
-    SELECT h.job_id, h.run_at, f.company_id, f.priority, r.cpos, f.n
+    SELECT h.job_id, h.run_at, h.job_type, f.company_id, f.priority, r.cpos, f.n
     FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
-        SELECT q.job_id, q.run_at
+        SELECT q.job_id, q.run_at, q.job_type
         FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
         WHERE q.company_id = r.company_id AND q.priority = r.priority  -- as in heads1
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
@@ -171,7 +171,7 @@ WITH RECURSIVE room AS MATERIALIZED (
     ) h
     WHERE f.per_company > 0
 ), heads AS (
-    SELECT h.job_id, h.priority, h.company_id, h.cpos,
+    SELECT h.job_id, h.priority, h.company_id, h.job_type, h.cpos,
            row_number() OVER (PARTITION BY h.n ORDER BY h.run_at, h.job_id) AS rank,
            count(*) OVER (PARTITION BY h.n) AS taken,
            (SELECT per_company FROM share) + coalesce(f.per_company, 0) AS asked
@@ -192,14 +192,14 @@ WITH RECURSIVE room AS MATERIALIZED (
             ORDER BY q.priority DESC, q.run_at, q.job_id
             LIMIT 1) END) AS priority
 ), fair AS (
-    SELECT h.job_id, h.company_id,
+    SELECT h.job_id, h.company_id, h.job_type,
            row_number() OVER (ORDER BY h.priority DESC, h.rank, h.cpos) AS n
     FROM heads h
     WHERE h.priority >= coalesce((SELECT priority FROM cut), h.priority)
     ORDER BY h.priority DESC, h.rank, h.cpos
     LIMIT %(limit)s::int
 ), fill AS (
-    SELECT q.job_id, q.priority, q.run_at FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+    SELECT q.job_id, q.priority, q.run_at, q.company_id, q.job_type FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
     WHERE q.lease_expires_at IS NULL
       AND q.run_at <= coalesce(%(now)s::timestamptz, now())
       AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
@@ -211,13 +211,12 @@ WITH RECURSIVE room AS MATERIALIZED (
     FOR UPDATE OF q, j SKIP LOCKED
 ), chosen AS (
     -- fair's jobs, then fill's, in claim order, with what limits match them on
-    SELECT c.job_id, c.ord, q.company_id, q.job_type
-    FROM (SELECT job_id, n AS ord FROM fair
-          UNION ALL
-          SELECT job_id, (SELECT count(*) FROM fair)
-                         + row_number() OVER (ORDER BY priority DESC, run_at, job_id)
-          FROM fill) c
-    JOIN pgjobs.job_queue q ON q.job_id = c.job_id
+    SELECT job_id, n AS ord, company_id, job_type FROM fair
+    UNION ALL
+    SELECT job_id, (SELECT count(*) FROM fair)
+                   + row_number() OVER (ORDER BY priority DESC, run_at, job_id),
+           company_id, job_type
+    FROM fill
 ), held AS (
     -- The jobs past a limit's room, counting its covered jobs in claim order. A job held
     -- back by one limit still counts against the others: never over, at worst a batch
