@@ -12,11 +12,10 @@ SELECT EXISTS (
 ) AS limited;
 
 -- name: limit_lock_for_types
--- First statement of a limited claim's transaction: a transaction-level advisory lock on
--- each limit that can cover a job of %(job_types)s, in id order (every claim takes them in
--- that order, so two claims never deadlock), held until the claim commits. The claim's
--- statement, which comes next, takes its snapshot after the locks are granted, so it
--- counts every job an earlier holder claimed. Returns how many limits were locked, and
+-- A transaction-level advisory lock on each limit that can cover a job of %(job_types)s,
+-- in id order (every claim takes them in that order, so two claims never deadlock), held
+-- until the claim commits. A statement after it takes its snapshot after the locks are
+-- granted, so it counts every job an earlier holder claimed. Returns how many limits were locked, and
 -- the seconds until the earliest current rate window ends (NULL without a rate limit):
 -- when a claim came back short, the worker looks again then.
 SELECT count(*) AS locked,
@@ -35,7 +34,7 @@ CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext('pgjobs.limits'), l.id
 
 -- name: job_claim_batch_limited
 -- job_claim_batch (queries.sql: read its comments first) for a worker some limit applies
--- to, run after limit_lock_for_types in the same transaction. Differences:
+-- to. Differences:
 -- room: each applicable limit's room (running jobs counted from job_queue's leased rows,
 -- rate starts from limit_windows' row for the current window); blocked: those with none.
 -- A job a blocked limit covers is no candidate (heads1, heads2, cut, fill pass it by;
@@ -43,25 +42,31 @@ CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext('pgjobs.limits'), l.id
 -- that is blocked are walked past within their level, as other workers' types are.
 -- chosen/held/keep: what fair and fill took, cut to each limit's room in claim order;
 -- the rows held back were locked and are left as they were (queued).
--- counted: the started jobs added to each rate limit's current window.
--- Returns the claimed jobs, each with after_company and held_back: how many jobs were
--- held back by a limit with room left (then the worker claims again at once, for the
--- jobs no limit holds back).
+-- Run either after limit_lock_for_types (then the rooms are exact), or first, without
+-- the locks (the rooms are as of its snapshot; limit_count_starts_if_within, under the
+-- locks, then says whether the claim may stand). Writes nothing but the claim itself:
+-- the rate windows are counted by limit_count_starts_if_within, under the locks.
+-- Returns the claimed jobs, each with after_company, held_back (how many jobs were held
+-- back by a limit with room left: then the worker claims again at once, for the jobs no
+-- limit holds back) and least_room (the worker claims optimistically next time only
+-- when it is large).
 WITH RECURSIVE room AS MATERIALIZED (
     -- The limits that can cover this worker's jobs, each with its room: how many more of
     -- its jobs may start now (the least of its running and rate bounds). Limit names are
     -- '' for "all" here, so that the matches below are plain equalities.
     SELECT l.id, coalesce(l.company_id, '') AS company_id, coalesce(l.job_type, '') AS job_type,
            l.period_seconds, w.window_start,
-           least(l.max_running - (
+           -- (CASE: a bound not set is not counted at all)
+           least(CASE WHEN l.max_running IS NOT NULL THEN l.max_running - (
                      -- running jobs: job_queue's leased rows (job_queue_lease_idx)
                      SELECT count(*) FROM pgjobs.job_queue q
                      WHERE q.lease_expires_at IS NOT NULL
                        AND (l.company_id IS NULL OR q.company_id = l.company_id)
-                       AND (l.job_type IS NULL OR q.job_type = l.job_type)),
-                 l.max_starts - coalesce((
+                       AND (l.job_type IS NULL OR q.job_type = l.job_type)) END,
+                 CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce((
                      SELECT s.started FROM pgjobs.limit_windows s
-                     WHERE s.limit_id = l.id AND s.window_start = w.window_start), 0)) AS room
+                     WHERE s.limit_id = l.id AND s.window_start = w.window_start), 0) END)
+               AS room
     FROM pgjobs.limits l
     CROSS JOIN LATERAL (
         -- the rate window now is in (NULL without a rate)
@@ -230,20 +235,6 @@ WITH RECURSIVE room AS MATERIALIZED (
 ), keep AS (
     SELECT c.job_id, c.company_id, c.job_type FROM chosen c
     WHERE c.job_id <> ALL(ARRAY(SELECT job_id FROM held))
-), counted AS (
-    -- Rate limits: this claim's starts, added to the window's count.
-    INSERT INTO pgjobs.limit_windows AS w (limit_id, window_start, started)
-    SELECT r.id, r.window_start, count(*)
-    FROM keep k
-    JOIN room r ON r.company_id IN (k.company_id, '') AND r.job_type IN (k.job_type, '')
-    WHERE r.window_start IS NOT NULL
-    GROUP BY r.id, r.window_start
-    ON CONFLICT (limit_id, window_start) DO UPDATE SET started = w.started + excluded.started
-), pruned AS (
-    -- Windows that ended more than a period ago are never read again.
-    DELETE FROM pgjobs.limit_windows w USING room r
-    WHERE w.limit_id = r.id
-      AND w.window_start < r.window_start - make_interval(secs => r.period_seconds)
 ), claimed AS (
     UPDATE pgjobs.jobs j
     SET status = 'running',
@@ -266,7 +257,9 @@ SELECT c.*,
     -- the company served last in the fair order (the ring's last if fair took none)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
              (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
-    (SELECT count(*) FROM held) AS held_back
+    (SELECT count(*) FROM held) AS held_back,
+    -- the least room any applicable limit had before this claim (NULL: none applies)
+    (SELECT min(room) FROM room) AS least_room
 FROM claimed c;
 
 -- name: limit_upsert
@@ -306,3 +299,53 @@ DELETE FROM pgjobs.limits
 WHERE company_id IS NOT DISTINCT FROM %(company_id)s::text
   AND job_type IS NOT DISTINCT FROM %(job_type)s::text
 RETURNING id;
+
+-- name: limit_count_starts_if_within
+-- Run under limit_lock_for_types' locks, after a limited claim in the same transaction:
+-- adds the claimed jobs (%(company_ids)s, %(job_types_started)s, one entry per job) to
+-- each rate limit's current window, and says whether every applicable limit still holds
+-- (counting this transaction's own claim and every claim committed before the locks were
+-- granted). Only ever written under the locks, so a window's row is never waited for by
+-- a claim that holds a limit's lock (no deadlock between the two).
+WITH started AS (
+    SELECT u.company_id, u.job_type
+    FROM unnest(%(company_ids)s::text[], %(job_types_started)s::text[]) AS u(company_id, job_type)
+), lim AS (
+    SELECT l.*, to_timestamp(floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
+                                   / l.period_seconds) * l.period_seconds) AS window_start
+    FROM pgjobs.limits l
+    WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
+       OR l.job_type = ANY(%(job_types)s::text[])
+), counted AS (
+    INSERT INTO pgjobs.limit_windows AS w (limit_id, window_start, started)
+    SELECT l.id, l.window_start, count(*)
+    FROM lim l JOIN started s
+      ON (l.company_id IS NULL OR l.company_id = s.company_id)
+     AND (l.job_type IS NULL OR l.job_type = s.job_type)
+    WHERE l.max_starts IS NOT NULL
+    GROUP BY l.id, l.window_start
+    ON CONFLICT (limit_id, window_start) DO UPDATE SET started = w.started + excluded.started
+    RETURNING w.limit_id, w.started
+), pruned AS (
+    -- Windows that ended more than a period ago are never read again.
+    DELETE FROM pgjobs.limit_windows w USING lim l
+    WHERE w.limit_id = l.id
+      AND w.window_start < l.window_start - make_interval(secs => l.period_seconds)
+)
+SELECT coalesce(bool_and(
+           (l.max_running IS NULL OR (
+                SELECT count(*) FROM pgjobs.job_queue q
+                WHERE q.lease_expires_at IS NOT NULL
+                  AND (l.company_id IS NULL OR q.company_id = l.company_id)
+                  AND (l.job_type IS NULL OR q.job_type = l.job_type)) <= l.max_running)
+           AND (l.max_starts IS NULL OR coalesce(
+                (SELECT c.started FROM counted c WHERE c.limit_id = l.id),
+                (SELECT s.started FROM pgjobs.limit_windows s
+                 WHERE s.limit_id = l.id AND s.window_start = l.window_start),
+                0) <= l.max_starts)), true) AS within
+FROM lim l
+-- only the limits this claim's jobs count against: one already over (lowered since)
+-- does not fail a claim of jobs it does not cover
+WHERE EXISTS (SELECT 1 FROM started s
+              WHERE (l.company_id IS NULL OR l.company_id = s.company_id)
+                AND (l.job_type IS NULL OR l.job_type = s.job_type));

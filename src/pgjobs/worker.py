@@ -13,6 +13,11 @@ Guarantees (see the README's "Delivery guarantees"):
 * Fair between companies. Within a priority level a claim shares its batch round-robin
   across the companies with queued work, starting after the company this worker served
   last (the rotation cursor the claim returns and the next claim passes back).
+* Within limits. Where a concurrency or rate limit can cover its job types
+  (``pgjobs.limits``), a claim takes the limits' advisory locks and at most the room
+  they leave (``job_claim_batch_limited``); a batch a limit cut short is claimed again at
+  once, and with a rate limit a claim that came back short looks again when the window
+  ends. A completion that frees a slot wakes this worker, as every completion does.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
@@ -87,6 +92,9 @@ log = logging.getLogger(__name__)
 TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
 MAX_CLAIM_BATCH = 100
 CLAIMS_IN_FLIGHT = 2
+# A limited claim runs optimistically (locks only for its check) while every limit it
+# is under had at least this much room at the last claim: ten full batches.
+ROOMY = 10 * MAX_CLAIM_BATCH
 
 
 def retry_delay(attempt: int, settings: WorkerSettings) -> float:
@@ -167,6 +175,10 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class _OverLimit(Exception):
+    """An optimistic limited claim found a limit exceeded: roll it back."""
+
+
 @dataclass(slots=True)
 class _Running:
     """A job this worker holds: in its handler, then waiting for its completion's commit."""
@@ -221,7 +233,9 @@ class Worker:
         # The fair claim's rotation cursor: the company it served last, so the next claim
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
-        # Limits (pgjobs.limits): the timer that looks again when a rate window ends.
+        # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
+        # whether the last limited claim found every limit far from full (ROOMY).
+        self._limits_roomy = False
         self._window_timer: asyncio.TimerHandle | None = None
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
@@ -539,24 +553,66 @@ class Worker:
             "after_company": self._after_company,
         }
         async with self._pool.connection() as conn:
-            held_back = [0]  # set from job_claim_batch_limited's rows
+            # set from job_claim_batch_limited's rows: [held_back, least_room]
+            held_back: list[int | None] = [0, None]
             cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
             limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
             if not (await limited.fetchone() or {}).get("limited"):
                 await cur.execute(QUERIES["job_claim_batch"], params)
                 return await self._fetch_claimed(conn, cur)
-            # Some limit may cover these jobs (pgjobs.limits): locks, then the limited claim.
-            async with conn.transaction():
-                locks = await conn.execute(QUERIES["limit_lock_for_types"], params)
-                window_ends_in = (await locks.fetchone() or {}).get("window_ends_in")
-                await cur.execute(QUERIES["job_claim_batch_limited"], params)
-                jobs = await self._fetch_claimed(conn, cur)
+            # Some limit may cover these jobs (pgjobs.limits). Far from every limit (the
+            # last claim saw ROOMY or more left), optimistically: claim within the rooms
+            # the claim's snapshot shows, then take the limits' locks and check, so that
+            # such claims overlap but for the check and the commit; one that finds a
+            # limit exceeded (concurrent claims took the room) rolls back and claims
+            # again as near a limit: holding the locks throughout. Near a limit the
+            # audit log's event order then also shows no overlap (a claim's running
+            # events come after the completions it counted on).
+            try:
+                if not self._limits_roomy:
+                    raise _OverLimit
+                async with conn.transaction():
+                    await cur.execute(QUERIES["job_claim_batch_limited"], params)
+                    jobs = await self._fetch_claimed(conn, cur)
+                    window_ends_in = await self._lock_limits(conn, params)
+                    if not await self._count_starts(conn, params, jobs):
+                        raise _OverLimit
+            except _OverLimit:
+                held_back[:] = [0, None]
+                async with conn.transaction():
+                    window_ends_in = await self._lock_limits(conn, params)
+                    await cur.execute(QUERIES["job_claim_batch_limited"], params)
+                    jobs = await self._fetch_claimed(conn, cur)
+                    await self._count_starts(conn, params, jobs)  # within: counted under the locks
+        self._limits_roomy = (held_back[1] or 0) >= ROOMY
         if held_back[0]:
             self._wake()  # a limit cut the batch short, not the queue: claim the rest
         elif window_ends_in is not None and len(jobs) < limit:
             self._wake_at_window_end(window_ends_in)
         return jobs
+
+    async def _lock_limits(self, conn: db.AsyncConn, params: dict[str, Any]) -> float | None:
+        """Take the limits' advisory locks (until commit); the seconds until the earliest
+        rate window ends (None without a rate limit)."""
+        cur = await conn.execute(QUERIES["limit_lock_for_types"], params)
+        ends_in = (await cur.fetchone() or {}).get("window_ends_in")
+        return None if ends_in is None else float(ends_in)
+
+    async def _count_starts(
+        self, conn: db.AsyncConn, params: dict[str, Any], jobs: list[Job]
+    ) -> bool:
+        """Under the limits' locks: count the claimed jobs in their rate windows; whether
+        every limit they count against still holds."""
+        cur = await conn.execute(
+            QUERIES["limit_count_starts_if_within"],
+            {
+                **params,
+                "company_ids": [job.company_id for job in jobs],
+                "job_types_started": [job.job_type for job in jobs],
+            },
+        )
+        return bool((await cur.fetchone() or {}).get("within", True))
 
     async def _fetch_claimed(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
         try:
@@ -580,20 +636,23 @@ class Worker:
         self._window_timer = None
         self._wake()
 
-    def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int]) -> RowMaker[Job]:
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int | None]) -> RowMaker[Job]:
         """job_rows for the claim, keeping the rotation cursor every claimed row carries
-        (taken before the Job is built, so a row that cannot become one still moves it)."""
+        (taken before the Job is built, so a row that cannot become one still moves it)
+        and, from the limited claim's rows, into ``held`` how many jobs a limit held back
+        and the least room a limit had."""
         make = job_rows(cursor)
         assert cursor.description is not None
         names = [column.name for column in cursor.description]
         at = names.index("after_company")
         # job_claim_batch_limited's: how many jobs a limit held back.
         held_at = names.index("held_back") if "held_back" in names else None
+        room_at = names.index("least_room") if "least_room" in names else None
 
         def make_and_keep_cursor(values: Sequence[Any]) -> Job:
             self._after_company = values[at]
-            if held_at is not None:
-                held[0] = values[held_at]
+            if held_at is not None and room_at is not None:
+                held[:] = [values[held_at], values[room_at]]
             return make(values)
 
         return make_and_keep_cursor

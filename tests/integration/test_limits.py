@@ -20,7 +20,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from helpers import fast_settings, fetch, running_worker, wait_until
-from pgjobs import limits
+from pgjobs import limits, worker
 from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.errors import InvalidJobError
@@ -97,11 +97,16 @@ async def test_a_company_limited_to_two_renders_never_runs_more_across_workers(
     assert len(order) - 1 - order[::-1].index("beta") < len(order) - 1 - order[::-1].index("acme")
 
 
+@pytest.mark.parametrize("optimistic", [False, True], ids=["near-limit", "optimistic"])
 async def test_a_rate_of_20_per_second_holds_in_every_window(
-    dsn: str, client: Client, storage_dir: Path
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch, optimistic: bool
 ) -> None:
     """200 jobs, 20 starts a second for the type, three workers with ten slots each: no
-    one-second window (the claim's fixed windows) has more than 20 starts."""
+    one-second window (the claim's fixed windows) has more than 20 starts. Optimistic:
+    every claim takes the optimistic path (claim, then lock and check, rolled back and
+    redone under the locks when a concurrent claim took the room)."""
+    if optimistic:
+        monkeypatch.setattr(worker, "ROOMY", 0)
     await _set(dsn, job_type="echo", max_starts=20, period_seconds=1.0)
     await client.enqueue_many(JobSpec(f"c{i % 4}", "echo") for i in range(200))
     settings = fast_settings(storage_dir, concurrency=10)
@@ -198,7 +203,14 @@ async def _claim_limited(
     ):
         await conn.execute(QUERIES["limit_lock_for_types"], params)
         cur = await conn.execute(QUERIES["job_claim_batch_limited"], params)
-        return await cur.fetchall()
+        rows = await cur.fetchall()
+        started = {
+            "company_ids": [r["company_id"] for r in rows],
+            "job_types_started": [r["job_type"] for r in rows],
+        }
+        cur = await conn.execute(QUERIES["limit_count_starts_if_within"], params | started)
+        assert (await cur.fetchone() or {})["within"]
+        return rows
 
 
 async def test_the_claim_takes_the_room_left_and_holds_back_the_rest(
@@ -226,6 +238,43 @@ async def test_the_claim_takes_the_room_left_and_holds_back_the_rest(
     assert taken["beta", "render"] == 1
     assert taken["beta", "echo"] == taken["gamma", "echo"] == 5
     assert await _claim_limited(dsn, 100) == []
+
+
+async def test_a_claim_made_without_the_locks_is_checked_under_them(
+    dsn: str, client: Client
+) -> None:
+    """Optimistic path: claim A reads the room, claim B takes it and commits, A then takes
+    the locks and its check says a limit is exceeded (A rolls back); with the room left,
+    the check passes."""
+    await _set(dsn, company_id="acme", max_running=3)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(10))
+    params = {
+        "now": None,
+        "limit": 3,
+        "worker_id": "a",
+        "lease_seconds": 30.0,
+        "job_types": None,
+        "after_company": None,
+    }
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
+        conn.transaction(),
+    ):
+        cur = await conn.execute(QUERIES["job_claim_batch_limited"], params)
+        rows = await cur.fetchall()
+        assert len(rows) == 3
+        assert len(await _claim_limited(dsn, 3)) == 3  # B, committed meanwhile
+        await conn.execute(QUERIES["limit_lock_for_types"], params)
+        started = {
+            "company_ids": [r["company_id"] for r in rows],
+            "job_types_started": [r["job_type"] for r in rows],
+        }
+        cur = await conn.execute(QUERIES["limit_count_starts_if_within"], params | started)
+        assert (await cur.fetchone() or {})["within"] is False
+        raise_rollback = psycopg.Rollback()
+        raise raise_rollback
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'running'")
+    assert rows[0]["n"] == 3
 
 
 async def test_rate_windows_follow_the_time_given(dsn: str, client: Client) -> None:
