@@ -10,11 +10,12 @@
 -- A job covered by several rows keeps to each of them.
 --
 -- Enforced without a coordinator: a worker whose job types a limit can cover claims
--- through job_claim_batch_limited (src/pgjobs/limits.sql) in a transaction that first
--- takes pg_advisory_xact_lock on each such limit's row id, in id order, so two claims
--- cannot both take the last slot; the claim statement's snapshot is taken after the
--- locks, so it counts every claim that committed before it. Transaction-level locks are
--- released at commit and work through PgBouncer in transaction mode.
+-- through job_claim_batch_limited (src/pgjobs/limits.sql) in a transaction holding
+-- pg_advisory_xact_lock on each such limit's row id, taken in id order, so two claims
+-- cannot both take the last slot: near a limit before the claim (whose snapshot then
+-- counts every claim committed before it), far from every limit after it, to check
+-- (limit_count_starts_if_within; rolled back and redone when exceeded). Transaction-
+-- level locks are released at commit and work through PgBouncer in transaction mode.
 -- Without limit rows the claim is the one of sql/0008, unchanged.
 
 CREATE TABLE pgjobs.limits (
@@ -32,8 +33,9 @@ CREATE TABLE pgjobs.limits (
 );
 
 -- Rate limits' counters: how many jobs a limit's claims started in one window. One row
--- per (limit, window), written by the claim under the limit's advisory lock; the claim
--- deletes a limit's windows that ended more than a period ago.
+-- per (limit, window), written only under the limit's advisory lock (so no claim holding
+-- a lock ever waits for this row), which also deletes a limit's windows that ended more
+-- than a period ago.
 CREATE TABLE pgjobs.limit_windows (
     limit_id     bigint NOT NULL REFERENCES pgjobs.limits (id) ON DELETE CASCADE,
     window_start timestamptz NOT NULL,

@@ -6,16 +6,21 @@ running at once) and/or a rate (``max_starts`` per ``period_seconds``, fixed win
 aligned on the Unix epoch). A job covered by several limits keeps to each.
 
 The claim enforces them, across every worker on every host, with no coordinator: a
-worker that a limit can concern claims in a transaction that first takes a
-transaction-level advisory lock per applicable limit (``limit_lock_for_types``), then
-claims through ``job_claim_batch_limited``, which counts the running jobs and the
-window's starts after the locks were granted and takes at most the room left. A job
-over its limit stays queued; the completion that frees its slot wakes the completing
-worker, which claims again (and a worker whose claim came back short while a rate limit
-applies looks again when the window ends). A worker no limit concerns (none names one
-of its job types, or all types) claims as before, through ``job_claim_batch``: each
-claim first asks ``limit_exists_for_types``, a probe of a table of a few rows (no cache,
-so a new limit holds from the next claim on).
+worker that a limit can concern claims through ``job_claim_batch_limited``, which counts
+each limit's running jobs and its window's starts and takes at most the room left, in a
+transaction holding a transaction-level advisory lock per applicable limit
+(``limit_lock_for_types``, in id order). Near a limit the locks come first, so the claim
+counts every claim committed before it. Far from every limit (ten batches of room at the
+worker's last claim: ``pgjobs.worker.ROOMY``) the claim comes first and the locks only
+cover ``limit_count_starts_if_within`` after it, which rolls the claim back when
+concurrent claims took the room (it is then redone as near a limit): claims far from a
+limit overlap instead of taking turns. Rate windows are counted by that statement, under
+the locks, in both cases. A job over its limit stays queued; the completion that frees
+its slot wakes the completing worker, which claims again (and a worker whose claim came
+back short while a rate limit applies looks again when the window ends). A worker no
+limit concerns (none names one of its job types, or all types) claims as before,
+through ``job_claim_batch``: each claim first asks ``limit_exists_for_types``, a probe of
+a table of a few rows (no cache, so a new limit holds from the next claim on).
 
 A limit applies to claims that begin after it is committed; a claim already running
 finishes under what it read.
