@@ -46,10 +46,11 @@ CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext('pgjobs.limits'), l.id
 -- the locks (the rooms are as of its snapshot; limit_count_starts_if_within, under the
 -- locks, then says whether the claim may stand). Writes nothing but the claim itself:
 -- the rate windows are counted by limit_count_starts_if_within, under the locks.
--- Returns the claimed jobs, each with after_company, held_back (how many jobs were held
--- back by a limit with room left: then the worker claims again at once, for the jobs no
--- limit holds back) and least_room (the worker claims optimistically next time only
--- when it is large).
+-- With %(count_running)s false (the optimistic path) the rooms leave the running jobs
+-- out: limit_count_starts_if_within counts them, under the locks.
+-- Returns the claimed jobs, each with after_company and held_back: how many jobs were
+-- held back by a limit with room left (then the worker claims again at once, for the
+-- jobs no limit holds back).
 WITH RECURSIVE room AS MATERIALIZED (
     -- The limits that can cover this worker's jobs, each with its room: how many more of
     -- its jobs may start now (the least of its running and rate bounds). Limit names are
@@ -57,12 +58,16 @@ WITH RECURSIVE room AS MATERIALIZED (
     SELECT l.id, coalesce(l.company_id, '') AS company_id, coalesce(l.job_type, '') AS job_type,
            l.period_seconds, w.window_start,
            -- (CASE: a bound not set is not counted at all)
-           least(CASE WHEN l.max_running IS NOT NULL THEN l.max_running - (
-                     -- running jobs: job_queue's leased rows (job_queue_lease_idx)
+           -- Running jobs: job_queue's leased rows (job_queue_lease_idx), read once per
+           -- limit. Not counted when %(count_running)s is false (the optimistic path:
+           -- limit_count_starts_if_within counts them under the locks).
+           least(CASE WHEN l.max_running IS NOT NULL AND %(count_running)s::bool
+                      THEN l.max_running - (
                      SELECT count(*) FROM pgjobs.job_queue q
                      WHERE q.lease_expires_at IS NOT NULL
                        AND (l.company_id IS NULL OR q.company_id = l.company_id)
-                       AND (l.job_type IS NULL OR q.job_type = l.job_type)) END,
+                       AND (l.job_type IS NULL OR q.job_type = l.job_type))
+                      WHEN l.max_running IS NOT NULL THEN l.max_running END,
                  CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce((
                      SELECT s.started FROM pgjobs.limit_windows s
                      WHERE s.limit_id = l.id AND s.window_start = w.window_start), 0) END)
@@ -257,9 +262,7 @@ SELECT c.*,
     -- the company served last in the fair order (the ring's last if fair took none)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
              (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
-    (SELECT count(*) FROM held) AS held_back,
-    -- the least room any applicable limit had before this claim (NULL: none applies)
-    (SELECT min(room) FROM room) AS least_room
+    (SELECT count(*) FROM held) AS held_back
 FROM claimed c;
 
 -- name: limit_upsert
@@ -303,9 +306,10 @@ RETURNING id;
 -- name: limit_count_starts_if_within
 -- Run under limit_lock_for_types' locks, after a limited claim in the same transaction:
 -- adds the claimed jobs (%(company_ids)s, %(job_types_started)s, one entry per job) to
--- each rate limit's current window, and says whether every applicable limit still holds
--- (counting this transaction's own claim and every claim committed before the locks were
--- granted). Only ever written under the locks, so a window's row is never waited for by
+-- each rate limit's current window, and says whether every limit they count against
+-- still holds (counting this transaction's own claim and every claim committed before the
+-- locks were granted), and the least room any applicable limit has left (exact: the
+-- worker decides from it whether its next claim may be optimistic). Only ever written under the locks, so a window's row is never waited for by
 -- a claim that holds a limit's lock (no deadlock between the two).
 WITH started AS (
     SELECT u.company_id, u.job_type
@@ -332,20 +336,24 @@ WITH started AS (
     WHERE w.limit_id = l.id
       AND w.window_start < l.window_start - make_interval(secs => l.period_seconds)
 )
-SELECT coalesce(bool_and(
-           (l.max_running IS NULL OR (
-                SELECT count(*) FROM pgjobs.job_queue q
-                WHERE q.lease_expires_at IS NOT NULL
-                  AND (l.company_id IS NULL OR q.company_id = l.company_id)
-                  AND (l.job_type IS NULL OR q.job_type = l.job_type)) <= l.max_running)
-           AND (l.max_starts IS NULL OR coalesce(
-                (SELECT c.started FROM counted c WHERE c.limit_id = l.id),
-                (SELECT s.started FROM pgjobs.limit_windows s
-                 WHERE s.limit_id = l.id AND s.window_start = l.window_start),
-                0) <= l.max_starts)), true) AS within
-FROM lim l
--- only the limits this claim's jobs count against: one already over (lowered since)
--- does not fail a claim of jobs it does not cover
-WHERE EXISTS (SELECT 1 FROM started s
-              WHERE (l.company_id IS NULL OR l.company_id = s.company_id)
-                AND (l.job_type IS NULL OR l.job_type = s.job_type));
+SELECT coalesce(bool_and(r.room >= 0) FILTER (WHERE r.covers), true) AS within,
+       min(r.room) AS least_room
+FROM (
+    SELECT least(
+               CASE WHEN l.max_running IS NOT NULL THEN l.max_running - (
+                   SELECT count(*) FROM pgjobs.job_queue q
+                   WHERE q.lease_expires_at IS NOT NULL
+                     AND (l.company_id IS NULL OR q.company_id = l.company_id)
+                     AND (l.job_type IS NULL OR q.job_type = l.job_type)) END,
+               CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce(
+                   (SELECT c.started FROM counted c WHERE c.limit_id = l.id),
+                   (SELECT s.started FROM pgjobs.limit_windows s
+                    WHERE s.limit_id = l.id AND s.window_start = l.window_start),
+                   0) END) AS room,
+           -- only the limits this claim's jobs count against decide "within": one already
+           -- over (lowered since) does not fail a claim of jobs it does not cover
+           EXISTS (SELECT 1 FROM started s
+                   WHERE (l.company_id IS NULL OR l.company_id = s.company_id)
+                     AND (l.job_type IS NULL OR l.job_type = s.job_type)) AS covers
+    FROM lim l
+) r;

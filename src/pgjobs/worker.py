@@ -553,8 +553,7 @@ class Worker:
             "after_company": self._after_company,
         }
         async with self._pool.connection() as conn:
-            # set from job_claim_batch_limited's rows: [held_back, least_room]
-            held_back: list[int | None] = [0, None]
+            held_back = [0]  # set from job_claim_batch_limited's rows
             cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
             limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
@@ -562,7 +561,7 @@ class Worker:
                 await cur.execute(QUERIES["job_claim_batch"], params)
                 return await self._fetch_claimed(conn, cur)
             # Some limit may cover these jobs (pgjobs.limits). Far from every limit (the
-            # last claim saw ROOMY or more left), optimistically: claim within the rooms
+            # last claim's check saw ROOMY or more left), optimistically: claim within the rooms
             # the claim's snapshot shows, then take the limits' locks and check, so that
             # such claims overlap but for the check and the commit; one that finds a
             # limit exceeded (concurrent claims took the room) rolls back and claims
@@ -573,19 +572,25 @@ class Worker:
                 if not self._limits_roomy:
                     raise _OverLimit
                 async with conn.transaction():
-                    await cur.execute(QUERIES["job_claim_batch_limited"], params)
+                    await cur.execute(
+                        QUERIES["job_claim_batch_limited"], params | {"count_running": False}
+                    )
                     jobs = await self._fetch_claimed(conn, cur)
                     window_ends_in = await self._lock_limits(conn, params)
-                    if not await self._count_starts(conn, params, jobs):
+                    within, least_room = await self._count_starts(conn, params, jobs)
+                    if not within:
                         raise _OverLimit
             except _OverLimit:
-                held_back[:] = [0, None]
+                held_back[0] = 0
                 async with conn.transaction():
                     window_ends_in = await self._lock_limits(conn, params)
-                    await cur.execute(QUERIES["job_claim_batch_limited"], params)
+                    await cur.execute(
+                        QUERIES["job_claim_batch_limited"], params | {"count_running": True}
+                    )
                     jobs = await self._fetch_claimed(conn, cur)
-                    await self._count_starts(conn, params, jobs)  # within: counted under the locks
-        self._limits_roomy = (held_back[1] or 0) >= ROOMY
+                    # within, as counted under the locks
+                    _, least_room = await self._count_starts(conn, params, jobs)
+        self._limits_roomy = (least_room or 0) >= ROOMY
         if held_back[0]:
             self._wake()  # a limit cut the batch short, not the queue: claim the rest
         elif window_ends_in is not None and len(jobs) < limit:
@@ -601,9 +606,9 @@ class Worker:
 
     async def _count_starts(
         self, conn: db.AsyncConn, params: dict[str, Any], jobs: list[Job]
-    ) -> bool:
+    ) -> tuple[bool, int | None]:
         """Under the limits' locks: count the claimed jobs in their rate windows; whether
-        every limit they count against still holds."""
+        every limit they count against still holds, and the least room left."""
         cur = await conn.execute(
             QUERIES["limit_count_starts_if_within"],
             {
@@ -612,7 +617,8 @@ class Worker:
                 "job_types_started": [job.job_type for job in jobs],
             },
         )
-        return bool((await cur.fetchone() or {}).get("within", True))
+        row = await cur.fetchone() or {}
+        return bool(row.get("within", True)), row.get("least_room")
 
     async def _fetch_claimed(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
         try:
@@ -636,23 +642,22 @@ class Worker:
         self._window_timer = None
         self._wake()
 
-    def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int | None]) -> RowMaker[Job]:
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int]) -> RowMaker[Job]:
         """job_rows for the claim, keeping the rotation cursor every claimed row carries
         (taken before the Job is built, so a row that cannot become one still moves it)
-        and, from the limited claim's rows, into ``held`` how many jobs a limit held back
-        and the least room a limit had."""
+        and, from the limited claim's rows, into ``held[0]`` how many jobs a limit held
+        back."""
         make = job_rows(cursor)
         assert cursor.description is not None
         names = [column.name for column in cursor.description]
         at = names.index("after_company")
         # job_claim_batch_limited's: how many jobs a limit held back.
         held_at = names.index("held_back") if "held_back" in names else None
-        room_at = names.index("least_room") if "least_room" in names else None
 
         def make_and_keep_cursor(values: Sequence[Any]) -> Job:
             self._after_company = values[at]
-            if held_at is not None and room_at is not None:
-                held[:] = [values[held_at], values[room_at]]
+            if held_at is not None:
+                held[0] = values[held_at]
             return make(values)
 
         return make_and_keep_cursor

@@ -196,6 +196,7 @@ async def _claim_limited(
         "lease_seconds": 30.0,
         "job_types": job_types,
         "after_company": None,
+        "count_running": True,  # under the locks: the rooms are exact
     }
     async with (
         await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
@@ -255,6 +256,7 @@ async def test_a_claim_made_without_the_locks_is_checked_under_them(
         "lease_seconds": 30.0,
         "job_types": None,
         "after_company": None,
+        "count_running": False,  # optimistic: the check counts them
     }
     async with (
         await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
