@@ -23,7 +23,7 @@ from bench.systems import SYSTEMS
 
 # Run order; names are the --only choices and the JSON file names.
 SCENARIOS = (
-    "drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway", "fairness",
+    "drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway", "fairness", "limits",
 )  # fmt: skip
 RESULTS = Path(__file__).resolve().parent / "results"
 

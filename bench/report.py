@@ -21,6 +21,7 @@ TITLES = {
     "pglimit": "7. Physical limit: pgjobs' SQL under pgbench",
     "notify": "8. NOTIFY cost",
     "fairness": "9. Fairness between companies",
+    "limits": "10. Concurrency and rate limits that do not bind",
 }
 
 

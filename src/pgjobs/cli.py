@@ -19,7 +19,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from datetime import datetime, timedelta
 from typing import Any
 
-from pgjobs import cli_schedules, db, logs, migrate, registry
+from pgjobs import cli_schedules, db, limits_cli, logs, migrate, registry
 from pgjobs.client import Client, parse_job_id
 from pgjobs.config import DEFAULT_LEASE_SECONDS, WorkerSettings, env_float
 from pgjobs.errors import ConfigurationError, InvalidJobError, JobNotFoundError, PgjobsError
@@ -250,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = tokens.add_parser("revoke", parents=[common], help="revoke a token (by token or id)")
     tr.add_argument("token_or_id")
     cli_schedules.add_parser(sub, common, _json_object, _positive_int)
+    limits_cli.add_parser(sub, common)
     return parser
 
 
@@ -608,6 +609,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "stats": cmd_stats,
         "schedules": cli_schedules.run,
         "prune": cmd_prune,
+        "limits": lambda args: limits_cli.command(args, _table),
     }
     try:
         if args.command == "migrate":

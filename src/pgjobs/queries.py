@@ -1,9 +1,9 @@
 """Named SQL queries, loaded once from ``.sql`` files shipped in the package.
 
 Every runtime query lives in a ``.sql`` file under a ``-- name: table_verb_guard`` header
-(``pgjobs/queries.sql`` for the queue, ``pgjobs/gateway/queries.sql`` for the HTTP
-gateway), so SQL is reviewed as SQL, and a test EXPLAINs each one against the migrated
-schema.
+(``pgjobs/queries.sql`` for the queue, ``pgjobs/limits.sql`` for its concurrency and
+rate limits, ``pgjobs/gateway/queries.sql`` for the HTTP gateway), so SQL is reviewed
+as SQL, and a test EXPLAINs each one against the migrated schema.
 """
 
 from __future__ import annotations
@@ -30,4 +30,14 @@ def load(package: str, filename: str = "queries.sql") -> Mapping[str, LiteralStr
     return queries
 
 
-QUERIES: Mapping[str, LiteralString] = load("pgjobs")
+def _merged(*files: Mapping[str, LiteralString]) -> Mapping[str, LiteralString]:
+    merged: dict[str, LiteralString] = {}
+    for queries in files:
+        if twice := merged.keys() & queries.keys():
+            raise RuntimeError(f"queries defined twice: {', '.join(sorted(twice))}")
+        merged.update(queries)
+    return merged
+
+
+# limits.sql: the concurrency and rate limits' queries (sql/0014_limits.sql).
+QUERIES: Mapping[str, LiteralString] = _merged(load("pgjobs"), load("pgjobs", "limits.sql"))

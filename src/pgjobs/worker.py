@@ -16,6 +16,11 @@ Guarantees (see the README's "Delivery guarantees"):
 * Exactly once for a handler's writes to the same database, if it wants: a job completed
   in ``ctx.transaction()`` commits with those writes or rolls back with them
   (``pgjobs.txcomplete``); the completer then records nothing more for the attempt.
+* Within limits. Where a concurrency or rate limit can cover its job types
+  (``pgjobs.limits``), a claim takes the limits' advisory locks and at most the room
+  they leave (``job_claim_batch_limited``); a batch a limit cut short is claimed again at
+  once, and with a rate limit a claim that came back short looks again when the window
+  ends. A completion that frees a slot wakes this worker, as every completion does.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import os
 import random
@@ -93,6 +99,9 @@ log = logging.getLogger(__name__)
 TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
 MAX_CLAIM_BATCH = 100
 CLAIMS_IN_FLIGHT = 2
+# A limited claim runs optimistically (locks only for its check) while every limit it
+# is under had at least this much room at the last claim: ten full batches.
+ROOMY = 10 * MAX_CLAIM_BATCH
 
 
 def retry_delay(attempt: int, settings: WorkerSettings) -> float:
@@ -173,6 +182,10 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
+class _OverLimit(Exception):
+    """An optimistic limited claim found a limit exceeded: roll it back."""
+
+
 @dataclass(slots=True)
 class _Running:
     """A job this worker holds: in its handler, then waiting for its completion's commit."""
@@ -228,6 +241,10 @@ class Worker:
         # The fair claim's rotation cursor: the company it served last, so the next claim
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
+        # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
+        # whether the last limited claim found every limit far from full (ROOMY).
+        self._limits_roomy = False
+        self._window_timer: asyncio.TimerHandle | None = None
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
         )
@@ -356,6 +373,8 @@ class Worker:
             self._completer.close()
             await completer_task
         finally:
+            if self._window_timer is not None:
+                self._window_timer.cancel()
             if self.health is not None:
                 await self.health.stop()
             for task in background:
@@ -564,24 +583,111 @@ class Worker:
             "after_company": self._after_company,
         }
         async with self._pool.connection() as conn:
-            cur = conn.cursor(row_factory=self._claimed_rows)
+            held_back = [0]  # set from job_claim_batch_limited's rows
+            cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
-            await cur.execute(QUERIES["job_claim_batch"], params)
+            limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
+            if not (await limited.fetchone() or {}).get("limited"):
+                await cur.execute(QUERIES["job_claim_batch"], params)
+                return await self._fetch_claimed(conn, cur)
+            # Some limit may cover these jobs (pgjobs.limits). Far from every limit (the
+            # last claim's check saw ROOMY or more left), optimistically: claim within the rooms
+            # the claim's snapshot shows, then take the limits' locks and check, so that
+            # such claims overlap but for the check and the commit; one that finds a
+            # limit exceeded (concurrent claims took the room) rolls back and claims
+            # again as near a limit: holding the locks throughout. Near a limit the
+            # audit log's event order then also shows no overlap (a claim's running
+            # events come after the completions it counted on).
             try:
-                return await cur.fetchall()
-            except Exception as exc:  # any row that cannot become a Job
-                log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
-                return await self._decode_each(conn, cur)
+                if not self._limits_roomy:
+                    raise _OverLimit
+                async with conn.transaction():
+                    await cur.execute(
+                        QUERIES["job_claim_batch_limited"], params | {"count_running": False}
+                    )
+                    jobs = await self._fetch_claimed(conn, cur)
+                    window_ends_in = await self._lock_limits(conn, params)
+                    within, least_room = await self._count_starts(conn, params, jobs)
+                    if not within:
+                        raise _OverLimit
+            except _OverLimit:
+                held_back[0] = 0
+                async with conn.transaction():
+                    window_ends_in = await self._lock_limits(conn, params)
+                    await cur.execute(
+                        QUERIES["job_claim_batch_limited"], params | {"count_running": True}
+                    )
+                    jobs = await self._fetch_claimed(conn, cur)
+                    # within, as counted under the locks
+                    _, least_room = await self._count_starts(conn, params, jobs)
+        self._limits_roomy = (least_room or 0) >= ROOMY
+        if held_back[0]:
+            self._wake()  # a limit cut the batch short, not the queue: claim the rest
+        elif window_ends_in is not None and len(jobs) < limit:
+            self._wake_at_window_end(window_ends_in)
+        return jobs
 
-    def _claimed_rows(self, cursor: BaseCursor[Any, Any]) -> RowMaker[Job]:
+    async def _lock_limits(self, conn: db.AsyncConn, params: dict[str, Any]) -> float | None:
+        """Take the limits' advisory locks (until commit); the seconds until the earliest
+        rate window ends (None without a rate limit)."""
+        cur = await conn.execute(QUERIES["limit_lock_for_types"], params)
+        ends_in = (await cur.fetchone() or {}).get("window_ends_in")
+        return None if ends_in is None else float(ends_in)
+
+    async def _count_starts(
+        self, conn: db.AsyncConn, params: dict[str, Any], jobs: list[Job]
+    ) -> tuple[bool, int | None]:
+        """Under the limits' locks: count the claimed jobs in their rate windows; whether
+        every limit they count against still holds, and the least room left."""
+        cur = await conn.execute(
+            QUERIES["limit_count_starts_if_within"],
+            {
+                **params,
+                "company_ids": [job.company_id for job in jobs],
+                "job_types_started": [job.job_type for job in jobs],
+            },
+        )
+        row = await cur.fetchone() or {}
+        return bool(row.get("within", True)), row.get("least_room")
+
+    async def _fetch_claimed(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
+        try:
+            return await cur.fetchall()
+        except Exception as exc:  # any row that cannot become a Job
+            log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
+            return await self._decode_each(conn, cur)
+
+    def _wake_at_window_end(self, delay: float) -> None:
+        """A claim came back short while a rate limit applies: its window's end may let
+        held-back jobs start, and nothing else would announce it. One timer at a time."""
+        loop = asyncio.get_running_loop()
+        at = loop.time() + max(delay, 0.0)
+        if self._window_timer is not None and self._window_timer.when() <= at:
+            return
+        if self._window_timer is not None:
+            self._window_timer.cancel()
+        self._window_timer = loop.call_at(at, self._window_ended)
+
+    def _window_ended(self) -> None:
+        self._window_timer = None
+        self._wake()
+
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int]) -> RowMaker[Job]:
         """job_rows for the claim, keeping the rotation cursor every claimed row carries
-        (taken before the Job is built, so a row that cannot become one still moves it)."""
+        (taken before the Job is built, so a row that cannot become one still moves it)
+        and, from the limited claim's rows, into ``held[0]`` how many jobs a limit held
+        back."""
         make = job_rows(cursor)
         assert cursor.description is not None
-        at = [column.name for column in cursor.description].index("after_company")
+        names = [column.name for column in cursor.description]
+        at = names.index("after_company")
+        # job_claim_batch_limited's: how many jobs a limit held back.
+        held_at = names.index("held_back") if "held_back" in names else None
 
         def make_and_keep_cursor(values: Sequence[Any]) -> Job:
             self._after_company = values[at]
+            if held_at is not None:
+                held[0] = values[held_at]
             return make(values)
 
         return make_and_keep_cursor
@@ -914,7 +1020,8 @@ class Worker:
             await asyncio.sleep(self.settings.rescue_interval_seconds * random.uniform(0.5, 1.5))
             try:
                 rescued = await rescuer.rescue_expired(self._pool)
-                if any(job.status.value == "queued" for job in rescued):
+                # A rescued job that failed also freed a slot a limit may be waiting on.
+                if rescued:
                     self._wake()
                 passes += 1
                 if passes % 30 == 0:

@@ -15,7 +15,9 @@ import pytest
 pytest.importorskip("matplotlib")
 
 ROOT = Path(__file__).resolve().parents[2]
-SCENARIOS = ["drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway", "fairness"]
+SCENARIOS = [
+    "drain", "enqueue", "wakeup", "notify", "pglimit", "growth", "gateway", "fairness", "limits",
+]  # fmt: skip
 
 
 def python_m(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:

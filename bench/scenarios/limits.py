@@ -1,0 +1,102 @@
+"""Scenario 10 — what concurrency and rate limits cost when they do not bind (issue 18),
+pgjobs only.
+
+Drains of N no-op jobs (scenario 1's settings, one worker process), without limits (A)
+and with limits configured that cover every job but never bind (B): company ``bench``
+at most 10,000,000 running, and job type ``noop`` at most 10^9 starts a minute. So B's
+claims take scenario 1's limited path (advisory locks, running count, rate window
+counter) and A's the plain claim. Runs alternate A B B A ..., each in a fresh database,
+so that the noisy shared machine's drifts fall on both; reported: the medians of jobs/s
+and of PostgreSQL CPU per job (µs, its processes read from /proc as bench.cpusplit
+does), and B / A.
+
+``python -m bench.scenarios.limits [--jobs 20000] [--pairs 5]`` runs it on its own.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from bench import pg
+from bench.context import QUICK, Ctx
+from bench.cpusplit import drain_with_cpu
+from bench.drain import queue_db
+from bench.stats import fmt, summary
+
+LIMITS = (
+    "INSERT INTO pgjobs.limits (company_id, max_running) VALUES ('bench', 10000000)",
+    "INSERT INTO pgjobs.limits (job_type, max_starts, period_seconds)"
+    " VALUES ('noop', 1000000000, 60)",
+)
+
+
+def _one(ctx: Ctx, n: int, limited: bool) -> dict[str, float]:
+    with queue_db(ctx, "pgjobs", n) as dsn:
+        if limited:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                for statement in LIMITS:
+                    conn.execute(statement)  # type: ignore[arg-type]  # literal above
+        return drain_with_cpu(ctx, "pgjobs", dsn, n, 1)
+
+
+def measure(ctx: Ctx, n: int, pairs: int) -> dict[str, Any]:
+    runs: dict[str, list[dict[str, float]]] = {"without": [], "with": []}
+    for i in range(pairs):
+        order = (False, True) if i % 2 == 0 else (True, False)
+        for limited in order:
+            r = _one(ctx, n, limited)
+            runs["with" if limited else "without"].append(r)
+            ctx.log(
+                f"limits {'with' if limited else 'without'}: {r['jobs_per_s']:,.0f} jobs/s, "
+                f"PostgreSQL {r['pg_cpu_us']:.0f} µs/job"
+            )
+    out: dict[str, Any] = {"jobs": n, "pairs": pairs}
+    for key, rs in runs.items():
+        out[key] = {
+            "jobs_per_s": summary([r["jobs_per_s"] for r in rs]),
+            "pg_cpu_us": summary([r["pg_cpu_us"] for r in rs]),
+        }
+    out["ratio_jobs_per_s"] = (
+        out["with"]["jobs_per_s"]["median"] / out["without"]["jobs_per_s"]["median"]
+    )
+    return out
+
+
+def run(ctx: Ctx) -> dict[str, Any]:
+    return measure(ctx, min(ctx.sizes.drain_jobs, 20_000), max(ctx.repeat, 3))
+
+
+def markdown(res: dict[str, Any]) -> str:
+    return "\n".join(
+        [
+            "| limits | jobs/s | PostgreSQL CPU per job (µs) |",
+            "| --- | ---: | ---: |",
+            *(
+                f"| {key} | {fmt(res[key]['jobs_per_s'])} | {fmt(res[key]['pg_cpu_us'])} |"
+                for key in ("without", "with")
+            ),
+            f"\n{res['jobs']:,} jobs, 1 worker process, {res['pairs']} interleaved pairs; "
+            f"with / without (medians of jobs/s): **{res['ratio_jobs_per_s']:.3f}**.",
+        ]
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.scenarios.limits")
+    p.add_argument("--jobs", type=int, default=20_000)
+    p.add_argument("--pairs", type=int, default=5)
+    p.add_argument("--out", type=Path, default=Path("bench/results/limits"))
+    args = p.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    with pg.server() as server_dsn:
+        ctx = Ctx(server_dsn, QUICK, "limits", 1, args.out, ("pgjobs",))
+        ctx.logs.mkdir(exist_ok=True)
+        print(markdown(measure(ctx, args.jobs, args.pairs)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,2 @@
+DROP TABLE pgjobs.limit_windows;
+DROP TABLE pgjobs.limits;

@@ -1,0 +1,359 @@
+-- The queries of concurrency and rate limits (sql/0014_limits.sql), loaded with
+-- queries.sql into pgjobs.queries.QUERIES: the limited claim, and the limits' own
+-- reads and writes. Parameters and conventions as in queries.sql.
+
+-- name: limit_exists_for_types
+-- Whether any limit can cover a job of %(job_types)s (NULL: of any type). The worker asks
+-- before each claim: without one it claims through job_claim_batch, unchanged.
+SELECT EXISTS (
+    SELECT 1 FROM pgjobs.limits l
+    WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
+       OR l.job_type = ANY(%(job_types)s::text[])
+) AS limited;
+
+-- name: limit_lock_for_types
+-- A transaction-level advisory lock on each limit that can cover a job of %(job_types)s,
+-- in id order (every claim takes them in that order, so two claims never deadlock), held
+-- until the claim commits. A statement after it takes its snapshot after the locks are
+-- granted, so it counts every job an earlier holder claimed. Returns how many limits were locked, and
+-- the seconds until the earliest current rate window ends (NULL without a rate limit):
+-- when a claim came back short, the worker looks again then.
+SELECT count(*) AS locked,
+       min(extract(epoch FROM
+               to_timestamp((floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
+                                   / l.period_seconds) + 1) * l.period_seconds)
+               - clock_timestamp()))::float8 AS window_ends_in
+FROM (
+    SELECT id, period_seconds FROM pgjobs.limits
+    WHERE %(job_types)s::text[] IS NULL OR job_type IS NULL
+       OR job_type = ANY(%(job_types)s::text[])
+    ORDER BY id
+    OFFSET 0  -- a fence: the locks below are taken in this order
+) l
+CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext('pgjobs.limits'), l.id::int)) AS lock;
+
+-- name: job_claim_batch_limited
+-- job_claim_batch (queries.sql: read its comments first) for a worker some limit applies
+-- to. Differences:
+-- room: each applicable limit's room (running jobs counted from job_queue's leased rows,
+-- rate starts from limit_windows' row for the current window); blocked: those with none.
+-- A job a blocked limit covers is no candidate (heads1, heads2, cut, fill pass it by;
+-- a company blocked on all its jobs is not walked at all). Jobs of a (company, type)
+-- that is blocked are walked past within their level, as other workers' types are.
+-- chosen/held/keep: what fair and fill took, cut to each limit's room in claim order;
+-- the rows held back were locked and are left as they were (queued).
+-- Run either after limit_lock_for_types (then the rooms are exact), or first, without
+-- the locks (the rooms are as of its snapshot; limit_count_starts_if_within, under the
+-- locks, then says whether the claim may stand). Writes nothing but the claim itself:
+-- the rate windows are counted by limit_count_starts_if_within, under the locks.
+-- With %(count_running)s false (the optimistic path) the rooms leave the running jobs
+-- out: limit_count_starts_if_within counts them, under the locks.
+-- Returns the claimed jobs, each with after_company and held_back: how many jobs were
+-- held back by a limit with room left (then the worker claims again at once, for the
+-- jobs no limit holds back).
+WITH RECURSIVE room AS MATERIALIZED (
+    -- The limits that can cover this worker's jobs, each with its room: how many more of
+    -- its jobs may start now (the least of its running and rate bounds). Limit names are
+    -- '' for "all" here, so that the matches below are plain equalities.
+    SELECT l.id, coalesce(l.company_id, '') AS company_id, coalesce(l.job_type, '') AS job_type,
+           l.period_seconds, w.window_start,
+           -- (CASE: a bound not set is not counted at all)
+           -- Running jobs: job_queue's leased rows (job_queue_lease_idx), read once per
+           -- limit. Not counted when %(count_running)s is false (the optimistic path:
+           -- limit_count_starts_if_within counts them under the locks).
+           least(CASE WHEN l.max_running IS NOT NULL AND %(count_running)s::bool
+                      THEN l.max_running - (
+                     SELECT count(*) FROM pgjobs.job_queue q
+                     WHERE q.lease_expires_at IS NOT NULL
+                       AND (l.company_id IS NULL OR q.company_id = l.company_id)
+                       AND (l.job_type IS NULL OR q.job_type = l.job_type))
+                      WHEN l.max_running IS NOT NULL THEN l.max_running END,
+                 CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce((
+                     SELECT s.started FROM pgjobs.limit_windows s
+                     WHERE s.limit_id = l.id AND s.window_start = w.window_start), 0) END)
+               AS room
+    FROM pgjobs.limits l
+    CROSS JOIN LATERAL (
+        -- the rate window now is in (NULL without a rate)
+        SELECT to_timestamp(floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
+                                  / l.period_seconds) * l.period_seconds) AS window_start
+    ) w
+    WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
+       OR l.job_type = ANY(%(job_types)s::text[])
+), blocked AS (
+    -- limits with no room left: the jobs they cover are not candidates at all
+    SELECT company_id, job_type FROM room WHERE room <= 0
+), ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS (
+    -- (company, level) pairs, each with its first queued job (where heads1 starts: the
+    -- index entries before it are of jobs claimed or finished since, which this walk has
+    -- passed already); cpos numbers the companies, n the pairs.
+    SELECT first.company_id, first.priority, first.run_at, first.job_id, 1, 1, first.wrapped
+    FROM (
+        (SELECT q.company_id, q.priority, q.run_at, q.job_id, false AS wrapped
+         FROM pgjobs.job_queue q
+         WHERE q.lease_expires_at IS NULL AND q.company_id > %(after_company)s::text
+         ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+        UNION ALL
+        (SELECT q.company_id, q.priority, q.run_at, q.job_id, true FROM pgjobs.job_queue q
+         WHERE q.lease_expires_at IS NULL
+         ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+        LIMIT 1
+    ) first
+    UNION ALL
+    SELECT nx.company_id, nx.priority, nx.run_at, nx.job_id,
+           r.cpos + (nx.company_id <> r.company_id)::int, r.n + 1, nx.wrapped
+    FROM ring r CROSS JOIN LATERAL (
+        SELECT s.company_id, s.priority, s.run_at, s.job_id, s.wrapped FROM (
+            -- the company's next level
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, r.wrapped AS wrapped
+             FROM pgjobs.job_queue q
+             WHERE q.lease_expires_at IS NULL
+               AND q.company_id = r.company_id AND q.priority < r.priority
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+            UNION ALL
+            -- the next company's first
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, r.wrapped
+             FROM pgjobs.job_queue q
+             WHERE q.lease_expires_at IS NULL AND q.company_id > r.company_id
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+            UNION ALL
+            -- past the last company: wrap around to the first, once
+            (SELECT q.company_id, q.priority, q.run_at, q.job_id, true FROM pgjobs.job_queue q
+             WHERE q.lease_expires_at IS NULL AND NOT r.wrapped
+             ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
+            LIMIT 1
+        ) s
+    ) nx
+    WHERE r.n < %(limit)s::int
+      -- wrapped round to the companies visited before wrapping: the ring is complete
+      AND NOT coalesce(nx.wrapped AND nx.company_id > %(after_company)s::text, false)
+), share AS (
+    SELECT max(cpos) AS companies, count(*) AS pairs,
+           (%(limit)s::int + max(cpos) - 1) / greatest(max(cpos), 1) AS per_company
+    FROM ring
+), heads1 AS (
+    SELECT h.job_id, h.run_at, h.job_type, r.company_id, r.priority, r.cpos, r.n
+    FROM (SELECT * FROM ring
+          -- a company over a limit on all its jobs: not walked at all
+          WHERE NOT EXISTS (SELECT 1 FROM blocked b
+                            WHERE b.company_id = ring.company_id AND b.job_type = '')) r
+    CROSS JOIN LATERAL (
+        -- One level of one company: due jobs are a contiguous range of the index, so the
+        -- walk ends at the first job not due yet (or of another level).
+        SELECT q.job_id, q.run_at, q.job_type
+        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        WHERE q.company_id = r.company_id AND q.priority = r.priority
+          AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
+          AND q.lease_expires_at IS NULL
+          AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+          AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+          AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.company_id IN (q.company_id, '')
+                                                  AND b.job_type IN (q.job_type, ''))
+        ORDER BY q.run_at, q.job_id
+        LIMIT (SELECT per_company FROM share)
+        FOR UPDATE OF q, j SKIP LOCKED
+    ) h
+), whole AS (
+    -- The levels that gave their company's whole share: they may have more.
+    SELECT n FROM heads1 GROUP BY n HAVING count(*) = (SELECT per_company FROM share)
+), filled AS (
+    -- Each of them asked for a second share of what the others left of the batch.
+    SELECT r.company_id, r.priority, r.n,
+           (%(limit)s::int - (SELECT count(*) FROM heads1) + (SELECT count(*) FROM whole) - 1)
+           / greatest((SELECT count(*) FROM whole), 1) AS per_company
+    FROM whole w JOIN ring r ON r.n = w.n
+), heads2 AS (
+    SELECT h.job_id, h.run_at, h.job_type, f.company_id, f.priority, r.cpos, f.n
+    FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
+        SELECT q.job_id, q.run_at, q.job_type
+        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        WHERE q.company_id = r.company_id AND q.priority = r.priority  -- as in heads1
+          AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
+          AND q.lease_expires_at IS NULL
+          AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+          AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+          AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.company_id IN (q.company_id, '')
+                                                  AND b.job_type IN (q.job_type, ''))
+          AND q.job_id <> ALL(ARRAY(SELECT job_id FROM heads1))  -- ours already
+        ORDER BY q.run_at, q.job_id
+        LIMIT f.per_company
+        FOR UPDATE OF q, j SKIP LOCKED
+    ) h
+    WHERE f.per_company > 0
+), heads AS (
+    SELECT h.job_id, h.priority, h.company_id, h.job_type, h.cpos,
+           row_number() OVER (PARTITION BY h.n ORDER BY h.run_at, h.job_id) AS rank,
+           count(*) OVER (PARTITION BY h.n) AS taken,
+           (SELECT per_company FROM share) + coalesce(f.per_company, 0) AS asked
+    FROM (SELECT * FROM heads1 UNION ALL SELECT * FROM heads2) h
+    LEFT JOIN filled f ON f.n = h.n
+), cut AS (
+    SELECT greatest(
+        -- the level of a company that took all it asked for there
+        (SELECT max(priority) FROM heads WHERE taken = asked),
+        CASE WHEN (SELECT pairs FROM share) >= %(limit)s::int THEN (
+            -- the highest due level anywhere (one probe of job_queue_claim_idx)
+            SELECT q.priority FROM pgjobs.job_queue q
+            WHERE q.lease_expires_at IS NULL
+              AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+              AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+              AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.company_id IN (q.company_id, '')
+                                                      AND b.job_type IN (q.job_type, ''))
+            ORDER BY q.priority DESC, q.run_at, q.job_id
+            LIMIT 1) END) AS priority
+), fair AS (
+    SELECT h.job_id, h.company_id, h.job_type,
+           row_number() OVER (ORDER BY h.priority DESC, h.rank, h.cpos) AS n
+    FROM heads h
+    WHERE h.priority >= coalesce((SELECT priority FROM cut), h.priority)
+    ORDER BY h.priority DESC, h.rank, h.cpos
+    LIMIT %(limit)s::int
+), fill AS (
+    SELECT q.job_id, q.priority, q.run_at, q.company_id, q.job_type FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+    WHERE q.lease_expires_at IS NULL
+      AND q.run_at <= coalesce(%(now)s::timestamptz, now())
+      AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
+      AND NOT EXISTS (SELECT 1 FROM blocked b WHERE b.company_id IN (q.company_id, '')
+                                              AND b.job_type IN (q.job_type, ''))
+      AND q.job_id <> ALL(ARRAY(SELECT job_id FROM fair))
+    ORDER BY q.priority DESC, q.run_at, q.job_id
+    LIMIT %(limit)s::int - (SELECT count(*) FROM fair)
+    FOR UPDATE OF q, j SKIP LOCKED
+), chosen AS (
+    -- fair's jobs, then fill's, in claim order, with what limits match them on
+    SELECT job_id, n AS ord, company_id, job_type FROM fair
+    UNION ALL
+    SELECT job_id, (SELECT count(*) FROM fair)
+                   + row_number() OVER (ORDER BY priority DESC, run_at, job_id),
+           company_id, job_type
+    FROM fill
+), held AS (
+    -- The jobs past a limit's room, counting its covered jobs in claim order. A job held
+    -- back by one limit still counts against the others: never over, at worst a batch
+    -- short (the worker then claims again at once, see held_back).
+    SELECT DISTINCT x.job_id FROM (
+        SELECT c.job_id, r.room, row_number() OVER (PARTITION BY r.id ORDER BY c.ord) AS k
+        FROM chosen c
+        JOIN room r ON r.company_id IN (c.company_id, '') AND r.job_type IN (c.job_type, '')
+    ) x
+    WHERE x.k > x.room
+), keep AS (
+    SELECT c.job_id, c.company_id, c.job_type FROM chosen c
+    WHERE c.job_id <> ALL(ARRAY(SELECT job_id FROM held))
+), claimed AS (
+    UPDATE pgjobs.jobs j
+    SET status = 'running',
+        attempts = j.attempts + 1,
+        worker_id = %(worker_id)s::text,
+        lease_token = j.lease_token + 1,
+        lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8),
+        started_at = coalesce(%(now)s::timestamptz, now()),
+        progress_fraction = NULL,
+        progress_message = NULL,
+        event_seq = j.event_seq + 1,
+        last_event = 'content_job.running',
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
+    -- (re-checking their WHERE on the newest version), so nobody changed them since.
+    WHERE j.id = ANY(ARRAY(SELECT job_id FROM keep))
+    RETURNING j.*
+)
+SELECT c.*,
+    -- the company served last in the fair order (the ring's last if fair took none)
+    coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
+             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
+    (SELECT count(*) FROM held) AS held_back
+FROM claimed c;
+
+-- name: limit_upsert
+-- `pgjobs limits set`: create the limit of (company, job type), or change the bounds
+-- given (a NULL bound parameter keeps the one already set). A rate is its count and its
+-- period together.
+INSERT INTO pgjobs.limits AS l (company_id, job_type, max_running, max_starts, period_seconds,
+                                updated_at)
+VALUES (%(company_id)s::text, %(job_type)s::text, %(max_running)s::int, %(max_starts)s::int,
+        %(period_seconds)s::float8, coalesce(%(now)s::timestamptz, now()))
+ON CONFLICT (company_id, job_type) DO UPDATE
+SET max_running = coalesce(excluded.max_running, l.max_running),
+    max_starts = coalesce(excluded.max_starts, l.max_starts),
+    period_seconds = coalesce(excluded.period_seconds, l.period_seconds),
+    updated_at = excluded.updated_at
+RETURNING *;
+
+-- name: limit_list
+-- `pgjobs limits list`: every limit, with its running jobs and its current rate window's
+-- starts.
+SELECT l.*,
+       (SELECT count(*) FROM pgjobs.job_queue q
+        WHERE q.lease_expires_at IS NOT NULL
+          AND (l.company_id IS NULL OR q.company_id = l.company_id)
+          AND (l.job_type IS NULL OR q.job_type = l.job_type))::int AS running,
+       coalesce((SELECT s.started FROM pgjobs.limit_windows s
+                 WHERE s.limit_id = l.id
+                   AND s.window_start = to_timestamp(
+                       floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
+                             / l.period_seconds) * l.period_seconds)), 0) AS started_this_window
+FROM pgjobs.limits l
+ORDER BY l.company_id NULLS FIRST, l.job_type NULLS FIRST;
+
+-- name: limit_delete
+-- `pgjobs limits clear`: remove the limit of exactly (company, job type) (NULL: "all").
+DELETE FROM pgjobs.limits
+WHERE company_id IS NOT DISTINCT FROM %(company_id)s::text
+  AND job_type IS NOT DISTINCT FROM %(job_type)s::text
+RETURNING id;
+
+-- name: limit_count_starts_if_within
+-- Run under limit_lock_for_types' locks, after a limited claim in the same transaction:
+-- adds the claimed jobs (%(company_ids)s, %(job_types_started)s, one entry per job) to
+-- each rate limit's current window, and says whether every limit they count against
+-- still holds (counting this transaction's own claim and every claim committed before the
+-- locks were granted), and the least room any applicable limit has left (exact: the
+-- worker decides from it whether its next claim may be optimistic). Only ever written under the locks, so a window's row is never waited for by
+-- a claim that holds a limit's lock (no deadlock between the two).
+WITH started AS (
+    SELECT u.company_id, u.job_type
+    FROM unnest(%(company_ids)s::text[], %(job_types_started)s::text[]) AS u(company_id, job_type)
+), lim AS (
+    SELECT l.*, to_timestamp(floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
+                                   / l.period_seconds) * l.period_seconds) AS window_start
+    FROM pgjobs.limits l
+    WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
+       OR l.job_type = ANY(%(job_types)s::text[])
+), counted AS (
+    INSERT INTO pgjobs.limit_windows AS w (limit_id, window_start, started)
+    SELECT l.id, l.window_start, count(*)
+    FROM lim l JOIN started s
+      ON (l.company_id IS NULL OR l.company_id = s.company_id)
+     AND (l.job_type IS NULL OR l.job_type = s.job_type)
+    WHERE l.max_starts IS NOT NULL
+    GROUP BY l.id, l.window_start
+    ON CONFLICT (limit_id, window_start) DO UPDATE SET started = w.started + excluded.started
+    RETURNING w.limit_id, w.started
+), pruned AS (
+    -- Windows that ended more than a period ago are never read again.
+    DELETE FROM pgjobs.limit_windows w USING lim l
+    WHERE w.limit_id = l.id
+      AND w.window_start < l.window_start - make_interval(secs => l.period_seconds)
+)
+SELECT coalesce(bool_and(r.room >= 0) FILTER (WHERE r.covers), true) AS within,
+       min(r.room) AS least_room
+FROM (
+    SELECT least(
+               CASE WHEN l.max_running IS NOT NULL THEN l.max_running - (
+                   SELECT count(*) FROM pgjobs.job_queue q
+                   WHERE q.lease_expires_at IS NOT NULL
+                     AND (l.company_id IS NULL OR q.company_id = l.company_id)
+                     AND (l.job_type IS NULL OR q.job_type = l.job_type)) END,
+               CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce(
+                   (SELECT c.started FROM counted c WHERE c.limit_id = l.id),
+                   (SELECT s.started FROM pgjobs.limit_windows s
+                    WHERE s.limit_id = l.id AND s.window_start = l.window_start),
+                   0) END) AS room,
+           -- only the limits this claim's jobs count against decide "within": one already
+           -- over (lowered since) does not fail a claim of jobs it does not cover
+           EXISTS (SELECT 1 FROM started s
+                   WHERE (l.company_id IS NULL OR l.company_id = s.company_id)
+                     AND (l.job_type IS NULL OR l.job_type = s.job_type)) AS covers
+    FROM lim l
+) r;

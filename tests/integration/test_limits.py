@@ -1,0 +1,332 @@
+"""Concurrency and rate limits, enforced by the claim (issue 18, sql/0014_limits.sql).
+
+What ran at once is read from the audit log, never from timings: a job's running interval
+is its content_job.running event to its terminal event, ordered by event id (a claim that
+found a slot free saw the completion that freed it committed, so its running event's id
+comes after that completion's event). Rate windows are counted from the running events'
+created_at, the claim transaction's now(), which is what the claim's windows use."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import Counter
+from contextlib import AsyncExitStack
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from helpers import fast_settings, fetch, running_worker, wait_until
+from pgjobs import limits, worker
+from pgjobs.client import Client
+from pgjobs.context import JobContext
+from pgjobs.errors import InvalidJobError
+from pgjobs.jobspec import JobSpec
+from pgjobs.queries import QUERIES
+from pgjobs.registry import Registry
+
+TERMINAL = ("content_job.done", "content_job.failed", "content_job.cancelled")
+
+
+def _registry() -> Registry:
+    registry = Registry()
+
+    @registry.handler("render")
+    async def render(ctx: JobContext) -> None:
+        # Simulated work, so that jobs overlap: the limit is what keeps them apart.
+        await asyncio.sleep(0.02)
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        return None
+
+    return registry
+
+
+async def _set(dsn: str, **kwargs: Any) -> limits.Limit:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        return await limits.set_limit(conn, **kwargs)
+
+
+async def _most_at_once(dsn: str, company: str, job_type: str) -> int:
+    """The most jobs of (company, job_type) running at once, from the audit log."""
+    rows = await fetch(
+        dsn,
+        "SELECT e.type FROM pgjobs.job_events e JOIN pgjobs.jobs j ON j.id = e.job_id"
+        " WHERE j.company_id = %s AND j.job_type = %s"
+        " AND e.type IN ('content_job.running', 'content_job.retrying', %s, %s, %s)"
+        " ORDER BY e.id",
+        [company, job_type, *TERMINAL],
+    )
+    running = most = 0
+    for row in rows:
+        running += 1 if row["type"] == "content_job.running" else -1
+        most = max(most, running)
+    return most
+
+
+async def _all_done(dsn: str, count: int) -> bool:
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'done'")
+    return bool(rows[0]["n"] == count)
+
+
+async def test_a_company_limited_to_two_renders_never_runs_more_across_workers(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """Three workers (each its own pool), five slots each; acme may run 2 renders at once.
+    50 queued: never more than 2 running, all finish, and another company's renders keep
+    flowing meanwhile (they are all done before acme's last render starts)."""
+    await _set(dsn, company_id="acme", job_type="render", max_running=2)
+    await client.enqueue_many(JobSpec("acme", "render") for _ in range(50))
+    await client.enqueue_many(JobSpec("beta", "render") for _ in range(30))
+    settings = fast_settings(storage_dir, concurrency=5)
+    async with AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(running_worker(dsn, _registry(), settings))
+        await wait_until(lambda: _all_done(dsn, 80), within=60, message="all 80 jobs done")
+    assert await _most_at_once(dsn, "acme", "render") <= 2
+    starts = await fetch(
+        dsn,
+        "SELECT j.company_id FROM pgjobs.job_events e JOIN pgjobs.jobs j ON j.id = e.job_id"
+        " WHERE e.type = 'content_job.running' ORDER BY e.id",
+    )
+    order = [r["company_id"] for r in starts]
+    assert len(order) - 1 - order[::-1].index("beta") < len(order) - 1 - order[::-1].index("acme")
+
+
+@pytest.mark.parametrize("optimistic", [False, True], ids=["near-limit", "optimistic"])
+async def test_a_rate_of_20_per_second_holds_in_every_window(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch, optimistic: bool
+) -> None:
+    """200 jobs, 20 starts a second for the type, three workers with ten slots each: no
+    one-second window (the claim's fixed windows) has more than 20 starts. Optimistic:
+    every claim takes the optimistic path (claim, then lock and check, rolled back and
+    redone under the locks when a concurrent claim took the room)."""
+    if optimistic:
+        monkeypatch.setattr(worker, "ROOMY", 0)
+    await _set(dsn, job_type="echo", max_starts=20, period_seconds=1.0)
+    await client.enqueue_many(JobSpec(f"c{i % 4}", "echo") for i in range(200))
+    settings = fast_settings(storage_dir, concurrency=10)
+    async with AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(running_worker(dsn, _registry(), settings))
+        await wait_until(lambda: _all_done(dsn, 200), within=90, message="all 200 jobs done")
+    rows = await fetch(
+        dsn,
+        "SELECT floor(extract(epoch FROM created_at))::bigint AS w, count(*) AS n"
+        " FROM pgjobs.job_events WHERE type = 'content_job.running' GROUP BY 1",
+    )
+    per_window = {r["w"]: r["n"] for r in rows}
+    assert sum(per_window.values()) == 200
+    assert max(per_window.values()) <= 20, per_window
+
+
+async def test_a_freed_slot_wakes_a_worker_without_the_poll(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """max_running 1 and a poll interval of a minute: five jobs finish one after another
+    within the deadline only because each completion wakes a claim."""
+    await _set(dsn, job_type="echo", max_running=1)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(5))
+    settings = fast_settings(storage_dir, concurrency=4, poll_interval_seconds=60.0)
+    async with AsyncExitStack() as stack:
+        for _ in range(2):
+            await stack.enter_async_context(running_worker(dsn, _registry(), settings))
+        await wait_until(lambda: _all_done(dsn, 5), within=30, message="all 5 jobs done")
+    assert await _most_at_once(dsn, "acme", "echo") == 1
+
+
+async def test_a_rate_window_ending_wakes_a_worker_without_the_poll(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """2 starts per second and a poll interval of a minute: six jobs finish within the
+    deadline only because the worker looks again when a window ends."""
+    await _set(dsn, company_id="acme", max_starts=2, period_seconds=1.0)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(6))
+    settings = fast_settings(storage_dir, concurrency=4, poll_interval_seconds=60.0)
+    async with running_worker(dsn, _registry(), settings):
+        await wait_until(lambda: _all_done(dsn, 6), within=30, message="all 6 jobs done")
+
+
+async def test_a_batch_cut_short_by_a_limit_is_claimed_again_at_once(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """Four slots; acme may run one job, beta's three have no limit; every handler waits
+    until all four slots are taken. The first claim shares its four between acme and beta
+    (two each), the limit holds one of acme's back, and the batch comes back one short:
+    the worker claims again at once for beta's third job, with no wake-up from elsewhere
+    (no handler ends, no NOTIFY, a poll interval of a minute)."""
+    release = asyncio.Event()
+    registry = Registry()
+
+    @registry.handler("render")
+    async def render(ctx: JobContext) -> None:
+        await release.wait()
+
+    await _set(dsn, company_id="acme", max_running=1)
+    settings = fast_settings(storage_dir, concurrency=4, poll_interval_seconds=60.0)
+
+    async def four_running() -> bool:
+        rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'running'")
+        return bool(rows[0]["n"] == 4)
+
+    async with running_worker(dsn, registry, settings):
+        await client.enqueue_many(
+            [JobSpec("acme", "render") for _ in range(3)]
+            + [JobSpec("beta", "render") for _ in range(3)]
+        )
+        try:
+            await wait_until(four_running, within=20, message="four jobs running")
+        finally:
+            release.set()
+        await wait_until(lambda: _all_done(dsn, 6), within=30, message="all 6 jobs done")
+    assert await _most_at_once(dsn, "acme", "render") == 1
+
+
+async def _claim_limited(
+    dsn: str, limit: int, now: dt.datetime | None = None, job_types: list[str] | None = None
+) -> list[dict[str, Any]]:
+    params = {
+        "now": now,
+        "limit": limit,
+        "worker_id": "w",
+        "lease_seconds": 30.0,
+        "job_types": job_types,
+        "after_company": None,
+        "count_running": True,  # under the locks: the rooms are exact
+    }
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
+        conn.transaction(),
+    ):
+        await conn.execute(QUERIES["limit_lock_for_types"], params)
+        cur = await conn.execute(QUERIES["job_claim_batch_limited"], params)
+        rows = await cur.fetchall()
+        started = {
+            "company_ids": [r["company_id"] for r in rows],
+            "job_types_started": [r["job_type"] for r in rows],
+        }
+        cur = await conn.execute(QUERIES["limit_count_starts_if_within"], params | started)
+        assert (await cur.fetchone() or {})["within"]
+        return rows
+
+
+async def test_the_claim_takes_the_room_left_and_holds_back_the_rest(
+    dsn: str, client: Client
+) -> None:
+    """Per company, per type and per (company, type), each keeps its bound; jobs no limit
+    covers fill the batch."""
+    await _set(dsn, company_id="acme", max_running=3)
+    await _set(dsn, job_type="render", max_running=4)
+    await _set(dsn, company_id="beta", job_type="render", max_running=1)
+    for company in ("acme", "beta", "gamma"):
+        await client.enqueue_many(JobSpec(company, "render") for _ in range(5))
+        await client.enqueue_many(JobSpec(company, "echo") for _ in range(5))
+    first = await _claim_limited(dsn, 100)
+    assert first[0]["held_back"] > 0
+    # A batch a limit held jobs back from may come back short (a job held back by one
+    # limit still counts against the others); the worker claims again at once, as here,
+    # until a claim holds nothing back. Nothing finishes meanwhile.
+    claims = [first]
+    while claims[-1] and claims[-1][0]["held_back"]:
+        claims.append(await _claim_limited(dsn, 100))
+    taken = Counter((r["company_id"], r["job_type"]) for claim in claims for r in claim)
+    assert sum(n for (c, _), n in taken.items() if c == "acme") == 3
+    assert sum(n for (_, t), n in taken.items() if t == "render") == 4
+    assert taken["beta", "render"] == 1
+    assert taken["beta", "echo"] == taken["gamma", "echo"] == 5
+    assert await _claim_limited(dsn, 100) == []
+
+
+async def test_a_claim_made_without_the_locks_is_checked_under_them(
+    dsn: str, client: Client
+) -> None:
+    """Optimistic path: claim A reads the room, claim B takes it and commits, A then takes
+    the locks and its check says a limit is exceeded (A rolls back); with the room left,
+    the check passes."""
+    await _set(dsn, company_id="acme", max_running=3)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(10))
+    params = {
+        "now": None,
+        "limit": 3,
+        "worker_id": "a",
+        "lease_seconds": 30.0,
+        "job_types": None,
+        "after_company": None,
+        "count_running": False,  # optimistic: the check counts them
+    }
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
+        conn.transaction(),
+    ):
+        cur = await conn.execute(QUERIES["job_claim_batch_limited"], params)
+        rows = await cur.fetchall()
+        assert len(rows) == 3
+        assert len(await _claim_limited(dsn, 3)) == 3  # B, committed meanwhile
+        await conn.execute(QUERIES["limit_lock_for_types"], params)
+        started = {
+            "company_ids": [r["company_id"] for r in rows],
+            "job_types_started": [r["job_type"] for r in rows],
+        }
+        cur = await conn.execute(QUERIES["limit_count_starts_if_within"], params | started)
+        assert (await cur.fetchone() or {})["within"] is False
+        raise_rollback = psycopg.Rollback()
+        raise raise_rollback
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'running'")
+    assert rows[0]["n"] == 3
+
+
+async def test_rate_windows_follow_the_time_given(dsn: str, client: Client) -> None:
+    """3 starts per minute for acme, time as an input: 3 in the first window, none later in
+    it, 3 more in the next."""
+    await _set(dsn, company_id="acme", max_starts=3, period_seconds=60.0)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(10))
+    t0 = dt.datetime(2030, 1, 1, 12, 0, 5, tzinfo=dt.UTC)
+    assert len(await _claim_limited(dsn, 10, t0)) == 3
+    assert await _claim_limited(dsn, 10, t0 + dt.timedelta(seconds=50)) == []
+    assert len(await _claim_limited(dsn, 10, t0 + dt.timedelta(seconds=56))) == 3
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        (listed,) = await limits.list_limits(conn, now=t0 + dt.timedelta(seconds=60))
+    assert listed.started_this_window == 3
+    assert listed.running == 6
+
+
+async def test_limits_are_set_changed_listed_and_cleared(dsn: str) -> None:
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        first = await limits.set_limit(conn, company_id="acme", job_type="render", max_running=2)
+        changed = await limits.set_limit(
+            conn, company_id="acme", job_type="render", max_starts=60, period_seconds=60
+        )
+        assert changed.id == first.id
+        assert (changed.max_running, changed.max_starts, changed.period_seconds) == (2, 60, 60.0)
+        await limits.set_limit(conn, job_type="render", max_running=10)
+        listed = await limits.list_limits(conn)
+        assert [(x.company_id, x.job_type) for x in listed] == [
+            (None, "render"),
+            ("acme", "render"),
+        ]
+        assert await limits.clear_limit(conn, company_id="acme", job_type="render")
+        assert not await limits.clear_limit(conn, company_id="acme", job_type="render")
+        assert [x.company_id for x in await limits.list_limits(conn)] == [None]
+        for bad in (
+            {"max_running": 1},
+            {"company_id": "acme"},
+            {"company_id": "acme", "max_starts": 5},
+            {"company_id": "acme", "max_running": -1},
+            {"company_id": " ", "max_running": 1},
+        ):
+            with pytest.raises(InvalidJobError):
+                await limits.set_limit(conn, **bad)
+
+
+def test_rates_parse() -> None:
+    assert limits.parse_rate("60/min") == (60, 60.0)
+    assert limits.parse_rate("20/s") == (20, 1.0)
+    assert limits.parse_rate("5/30s") == (5, 30.0)
+    assert limits.parse_rate("1000 / hour") == (1000, 3600.0)
+    for bad in ("60", "x/min", "5/0s", "5/fortnight"):
+        with pytest.raises(InvalidJobError):
+            limits.parse_rate(bad)
