@@ -22,6 +22,13 @@
 -- summarisation are unsummarised and always read, which is exactly the recent end).
 -- A B-tree would add a descent and a leaf write to every transition of the hot path.
 -- autosummarize asks autovacuum to summarise each range once it is full.
+--
+-- Deploying: migrate before starting this version's gateway and workers (their worker
+-- queries call pgjobs.worker_is_live); older ones keep working across it, nothing they
+-- use changes. Building the BRIN index is one sequential read of pgjobs.job_events,
+-- during which the build's lock holds up inserts into it, that is every transition
+-- (yoyo runs the migration in a transaction, so not CONCURRENTLY): not measured at 10M
+-- jobs; run it when a pause of that read's length is acceptable.
 
 CREATE INDEX job_events_created_brin_idx ON pgjobs.job_events
     USING brin (created_at) WITH (pages_per_range = 32, autosummarize = on);
