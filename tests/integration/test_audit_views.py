@@ -197,6 +197,30 @@ async def test_throughput_counts_outcomes_per_type_in_the_recent_window(
         )
 
 
+async def test_views_show_a_pruned_jobs_history(dsn: str, client: Client) -> None:
+    """Retention deletes finished job rows before their audit rows: the timeline still
+    shows the job's events, and throughput counts them with no job type."""
+    job = await client.enqueue("acme", "mail", max_attempts=1)
+    await _finish(dsn, await claim_one(dsn, "w"), "done")
+    await fetch(dsn, "DELETE FROM pgjobs.jobs WHERE id = %s", [job.id])
+
+    timeline = await fetch(
+        dsn, "SELECT event FROM pgjobs.job_timeline WHERE job_id = %s ORDER BY seq", [job.id]
+    )
+    assert [r["event"] for r in timeline] == [
+        "content_job.queued",
+        "content_job.running",
+        "content_job.done",
+    ]
+    rows = await fetch(
+        dsn, "SELECT granularity, job_type, completed FROM pgjobs.throughput ORDER BY 1"
+    )
+    assert [(r["granularity"], r["job_type"], r["completed"]) for r in rows] == [
+        ("hour", None, 1),
+        ("minute", None, 1),
+    ]
+
+
 async def test_queue_depth_per_company_and_type(dsn: str, client: Client) -> None:
     now = _now()
     await client.enqueue("acme", "mail", run_at=now - dt.timedelta(minutes=10))
