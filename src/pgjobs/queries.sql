@@ -470,13 +470,13 @@ WHERE id = %(id)s::text;
 -- name: worker_count_live_by_type
 -- For each of %(job_types)s, how many live workers claim it: registered with the type and
 -- a heartbeat within %(within_seconds)s (a worker heartbeats more often than its lease
--- length). A queued job whose type has none stays queued until such a worker starts.
+-- length). A queued job whose type has none stays queued until such a worker starts. Live is
+-- pgjobs.worker_is_live (sql/0015), the definition the stuck_jobs view shares.
 SELECT t.job_type, count(w.id)::int AS live_workers
 FROM unnest(%(job_types)s::text[]) AS t(job_type)
 LEFT JOIN pgjobs.workers w
        ON t.job_type = ANY(w.job_types)
-      AND w.last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
-                                - make_interval(secs => %(within_seconds)s::float8)
+      AND pgjobs.worker_is_live(w.last_heartbeat_at, %(within_seconds)s::float8, %(now)s::timestamptz)
 GROUP BY t.job_type;
 
 -- name: worker_deregister

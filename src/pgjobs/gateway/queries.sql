@@ -114,12 +114,12 @@ ORDER BY j.id;
 SELECT pg_snapshot_xmin(pg_current_snapshot())::text AS xid;
 
 -- name: worker_job_type_live
--- Whether a worker that heartbeated recently has registered this job type.
+-- Whether a live worker (pgjobs.worker_is_live, sql/0015: a heartbeat within
+-- within_seconds) has registered this job type.
 SELECT EXISTS (
     SELECT 1 FROM pgjobs.workers
     WHERE %(job_type)s::text = ANY (job_types)
-      AND last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
-                              - make_interval(secs => %(within_seconds)s::float8)
+      AND pgjobs.worker_is_live(last_heartbeat_at, %(within_seconds)s::float8, %(now)s::timestamptz)
 ) AS live;
 
 -- name: gateway_check_ready
@@ -230,16 +230,14 @@ SELECT w.id, w.hostname, w.pid, w.job_types, w.concurrency, w.started_at,
        (SELECT count(*) FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
         WHERE q.lease_expires_at IS NOT NULL AND j.worker_id = w.id)::int AS running
 FROM pgjobs.workers w
-WHERE w.last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
-                            - make_interval(secs => %(within_seconds)s::float8)
+WHERE pgjobs.worker_is_live(w.last_heartbeat_at, %(within_seconds)s::float8, %(now)s::timestamptz)
 ORDER BY w.hostname, w.pid, w.id;
 
 -- name: worker_job_types_live
 -- The job types some live worker serves: what a job can be submitted as and get run.
 SELECT DISTINCT unnest(job_types) AS job_type
 FROM pgjobs.workers
-WHERE last_heartbeat_at > coalesce(%(now)s::timestamptz, now())
-                          - make_interval(secs => %(within_seconds)s::float8)
+WHERE pgjobs.worker_is_live(last_heartbeat_at, %(within_seconds)s::float8, %(now)s::timestamptz)
 ORDER BY 1;
 
 -- name: job_count_failed_matching
