@@ -1,7 +1,9 @@
-"""The latest migration applied to a filled database while a gateway serves it: jobs in
-every state keep their audit rows, the company stream and a job stream resume with
-Last-Event-ID across the migration (every event once, in order), a lease taken before it
-still completes its job, and a worker of this version drains what was queued."""
+"""The latest migration applied to a filled database: jobs in every state keep their audit
+rows, the company stream and a job stream read them after it and resume with
+Last-Event-ID from events written before it (every event once, in order), a lease taken
+before it still completes its job, and a worker of this version drains what was queued.
+This version's gateway and workers start after `pgjobs migrate`, as the README says: they
+use what the latest migration adds."""
 
 from __future__ import annotations
 
@@ -88,8 +90,11 @@ async def test_streams_resume_and_a_worker_drains_across_the_latest_migration(
             "cancelled", "done", "failed", "queued", "queued", "running"
         ]  # fmt: skip
 
+        before = await _audit_rows(dsn)
+        assert await asyncio.to_thread(migrate.apply, dsn) == [LATEST]
+        assert await _audit_rows(dsn) == before  # the audit log is untouched
+
         async with serve_gateway(dsn, storage_dir) as gateway:
-            before = await _audit_rows(dsn)
             seen = await collect(gateway, EVENTS, last_event_id="0-0", stop_after=len(before))
             assert sorted(_keys(seen)) == sorted(before)
             job_path = f"{JOBS}/{retried.id}/events"
@@ -97,9 +102,6 @@ async def test_streams_resume_and_a_worker_drains_across_the_latest_migration(
             assert [e.data["type"] for e in job_seen] == [
                 "content_job.queued", "content_job.running", "content_job.retrying"
             ]  # fmt: skip
-
-            assert await asyncio.to_thread(migrate.apply, dsn) == [LATEST]
-            assert await _audit_rows(dsn) == before  # the audit log is untouched
 
             # The lease taken before the migration completes its job after it.
             await _finish(dsn, lease, "done")
