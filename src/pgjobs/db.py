@@ -25,10 +25,12 @@ a pooler sits in between (``behind_pooler``) and, if so, turns prepared statemen
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import select
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, LiteralString
 
 import psycopg
@@ -315,6 +317,32 @@ async def check_if_suspect(conn: AsyncConn) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+class GuardedPool(AsyncConnectionPool[AsyncConn]):
+    """A pool whose connections may be used for at most ``use_timeout`` seconds per
+    checkout (None: no limit).
+
+    A half-open socket (a cut network, a frozen NAT or proxy: no FIN, no RST) is not an
+    error: a query on it waits forever, and the kernel's ACKs keep TCP keepalives happy
+    when a middlebox is what froze. Past the limit the body gets ``TimeoutError``,
+    psycopg cancels the query and, with no answer, closes the connection (psycopg waits
+    at most 5 s for a cancel), and the pool replaces it. Every pgjobs caller already
+    retries ``TimeoutError`` like a dropped connection."""
+
+    use_timeout: float | None = None
+
+    @contextlib.asynccontextmanager
+    async def connection(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - psycopg_pool's signature, overridden
+    ) -> AsyncIterator[AsyncConn]:
+        async with super().connection(timeout) as conn:
+            if self.use_timeout is None:
+                yield conn
+            else:
+                async with asyncio.timeout(self.use_timeout):
+                    yield conn
+
+
 async def open_pool(
     dsn: str,
     *,
@@ -324,11 +352,13 @@ async def open_pool(
     connect_timeout: float = 10.0,
     checkout_timeout: float = 30.0,
     max_waiting: int = 0,
+    use_timeout: float | None = None,
 ) -> AsyncConnectionPool[AsyncConn]:
     """An opened pool of autocommit connections, checked on checkout so a connection the
     server killed (restart, pg_terminate_backend) is replaced instead of handed out.
     ``checkout_timeout`` bounds the wait for a connection and ``max_waiting`` the queue of
     waiters (0: unbounded); past either, the pool raises instead of queueing forever.
+    ``use_timeout`` bounds each use of a connection (``GuardedPool``).
     Through a pooler its connections do not prepare statements (``prepare_threshold``)."""
     check_dsn(dsn)
     # Probe once first: a bad host or password then fails at once with the server's own
@@ -345,7 +375,7 @@ async def open_pool(
         raise unavailable(dsn, exc) from None
     finally:
         await probe.close()
-    pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+    pool = GuardedPool(
         dsn,
         min_size=min_size,
         max_size=max_size,
@@ -364,6 +394,7 @@ async def open_pool(
         name=name,
         open=False,
     )
+    pool.use_timeout = use_timeout
     try:
         await pool.open(wait=True, timeout=connect_timeout)
     except Exception as exc:

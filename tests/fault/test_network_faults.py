@@ -131,3 +131,30 @@ async def test_worker_survives_a_network_outage(dsn: str, storage_dir: Path) -> 
 async def _done_at_least(dsn: str, expected: int) -> bool:
     rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'done'")
     return int(rows[0]["n"]) >= expected
+
+
+async def test_worker_survives_half_open_pool_connections(dsn: str, storage_dir: Path) -> None:
+    """Every connection the worker holds goes silent mid-run (half-open: no FIN, no RST,
+    the proxy's kernel still ACKs). Its queries would wait forever; the pool's use limit
+    (pgjobs.db.GuardedPool) gives up on them, new connections work, and the same worker
+    process finishes every job, each exactly once."""
+    client = await Client.connect(dsn)
+    try:
+        jobs = await client.enqueue_many(
+            JobSpec("acme", "sleep", {"seconds": 0.2}) for _ in range(60)
+        )
+        async with proxied(dsn) as proxy:
+            # No rescuer elsewhere: only this worker can finish the jobs.
+            settings = fast_settings(storage_dir, concurrency=10, db_use_timeout_seconds=1.0)
+            async with running_worker(proxy.dsn, demo.registry, settings):
+                await wait_until(lambda: _done_at_least(dsn, 10), within=30, message="some done")
+                proxy.freeze_existing()
+                await wait_until(
+                    lambda: _done_at_least(dsn, 60),
+                    within=90,
+                    message="all done after the connections went half-open",
+                )
+    finally:
+        await client.close()
+    await assert_each_job_done_once(dsn, len(jobs))
+    assert await assert_histories_valid(dsn) == len(jobs)
