@@ -290,6 +290,9 @@ class Subscribers:
                             self.rec.odd_answers.append(f"job {response.status_code}")
                         else:
                             async for event_id, data in sse_events(response):
+                                if "jobId" not in data:  # {"error": "Job not found"}
+                                    self.rec.odd_answers.append(f"job {job_id}: {data}")
+                                    return
                                 last = event_id or last
                                 seen.append(_seen(data))
                                 if data["status"] in TERMINAL_STATUSES:
@@ -338,6 +341,7 @@ class ChaosRun:
         self.dir = workdir
         self.say = log
         self.produced: dict[str, str] = {}  # job id -> company
+        self.committed: list[str] = []  # the produced jobs known to be enqueued
         self.finished = 0
         self.kills = 0
         self.restarts = 0
@@ -358,10 +362,11 @@ class ChaosRun:
     async def _wait_for(
         self, what: str, ready: Callable[[], Awaitable[bool]], within: float | None = None
     ) -> None:
-        deadline = time.monotonic() + (within or self.cfg.deadline_seconds)
+        within = within or self.cfg.deadline_seconds
+        deadline = time.monotonic() + within
         while not await ready():
             if time.monotonic() > deadline:
-                raise RuntimeError(f"chaos run stuck: no {what} within {within}s")
+                raise RuntimeError(f"chaos run stuck: no {what} within {within:g}s")
             await asyncio.sleep(0.2)
 
     async def run(self) -> Outcome:
@@ -487,6 +492,7 @@ class ChaosRun:
                         if rows is not None:
                             stored = {r["id"] for r in rows}
                             pending = [s for s in pending if str(s.id) not in stored]
+                self.committed.extend(str(spec.id) for spec in batch)
         finally:
             await client.close()
 
@@ -497,10 +503,10 @@ class ChaosRun:
     async def _follow(self, subs: Subscribers) -> None:
         """Follow random jobs, one after another, until every job finished."""
         while not self.done.is_set():
-            if not self.produced:
+            if not self.committed:
                 await asyncio.sleep(0.2)
                 continue
-            job_id = random.choice(list(self.produced))
+            job_id = random.choice(self.committed)
             await subs.follow(job_id, self.produced[job_id])
 
     async def _kill_loop(self, dsn: str, workers: list[Proc]) -> None:
@@ -656,6 +662,9 @@ async def _streams_open(base: str) -> bool:
 async def check(dsn: str, run: ChaosRun) -> Outcome:
     """Read the audit log and the subscribers' logs; count what went wrong."""
     problems = list(run.problems)
+    # A stream answers 200 (a reconnect hint while the database is away) or 204 (the
+    # client has the terminal event); anything else would stop a browser's EventSource.
+    problems += [f"unexpected stream answer: {answer}" for answer in run.rec.odd_answers]
     rows = await query(
         dsn,
         "SELECT job_id::text, seq, type, status, attempt FROM pgjobs.job_events"
