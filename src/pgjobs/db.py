@@ -317,6 +317,12 @@ async def check_if_suspect(conn: AsyncConn) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+# How long one round of reconnection attempts lasts (psycopg_pool doubles the delay
+# between them from 1 s); after it, another round starts (GuardedPool), so the longest
+# wait between attempts during an outage is about half of it.
+RECONNECT_TIMEOUT_SECONDS = 30.0
+
+
 class GuardedPool(AsyncConnectionPool[AsyncConn]):
     """A pool whose connections may be used for at most ``use_timeout`` seconds per
     checkout (None: no limit).
@@ -326,7 +332,16 @@ class GuardedPool(AsyncConnectionPool[AsyncConn]):
     when a middlebox is what froze. Past the limit the body gets ``TimeoutError``,
     psycopg cancels the query and, with no answer, closes the connection (psycopg waits
     at most 5 s for a cancel), and the pool replaces it. Every pgjobs caller already
-    retries ``TimeoutError`` like a dropped connection."""
+    retries ``TimeoutError`` like a dropped connection.
+
+    It also never stops reconnecting. psycopg_pool gives a connection up after
+    ``reconnect_timeout`` and counts on demand to grow the pool again; but a request that
+    timed out waiting stays in the waiting queue until a connection is handed out, so
+    after an outage longer than that, with ``max_waiting`` set, every request is refused
+    (``TooManyRequests``) before it can ask for growth, and the pool stays empty for
+    good (a gateway that never answers again). ``reconnect_failed`` starts a new
+    connection attempt instead (``check()`` grows an empty pool); the backoff between
+    attempts stays under ``reconnect_timeout``."""
 
     use_timeout: float | None = None
 
@@ -342,6 +357,11 @@ class GuardedPool(AsyncConnectionPool[AsyncConn]):
                 async with asyncio.timeout(self.use_timeout):
                     yield conn
 
+    async def reconnect_failed(self) -> None:
+        await super().reconnect_failed()
+        if not self.closed:
+            await self.check()  # also grows an empty pool by one, whatever is waiting
+
 
 async def open_pool(
     dsn: str,
@@ -353,6 +373,7 @@ async def open_pool(
     checkout_timeout: float = 30.0,
     max_waiting: int = 0,
     use_timeout: float | None = None,
+    reconnect_timeout: float = RECONNECT_TIMEOUT_SECONDS,
 ) -> AsyncConnectionPool[AsyncConn]:
     """An opened pool of autocommit connections, checked on checkout so a connection the
     server killed (restart, pg_terminate_backend) is replaced instead of handed out.
@@ -388,7 +409,7 @@ async def open_pool(
         },
         connection_class=psycopg.AsyncConnection[DictRow],
         check=check_if_suspect,
-        reconnect_timeout=300.0,
+        reconnect_timeout=reconnect_timeout,
         timeout=checkout_timeout,
         max_waiting=max_waiting,
         name=name,

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from pathlib import Path
 
 import psycopg
+import pytest
+from psycopg_pool import PoolTimeout, TooManyRequests
 
 from helpers import (
     assert_each_job_done_once,
@@ -16,7 +20,7 @@ from helpers import (
     running_worker,
     wait_until,
 )
-from pgjobs import demo
+from pgjobs import db, demo
 from pgjobs.client import Client
 from pgjobs.jobspec import JobSpec
 from pgjobs.notifier import Listener
@@ -158,3 +162,42 @@ async def test_worker_survives_half_open_pool_connections(dsn: str, storage_dir:
         await client.close()
     await assert_each_job_done_once(dsn, len(jobs))
     assert await assert_histories_valid(dsn) == len(jobs)
+
+
+async def test_pool_serves_again_after_an_outage_longer_than_its_reconnect_timeout(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway's pool shape (bounded waiting) through an outage that outlasts the
+    pool's reconnect_timeout, with requests timing out meanwhile: psycopg_pool gives its
+    connections up, and those timed-out requests stay queued until a connection is handed
+    out, so every later request was refused before it could grow the pool, forever.
+    pgjobs.db.GuardedPool starts reconnecting again instead: once the server is back,
+    requests are served, with no restart."""
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    async with proxied(dsn) as proxy:
+        pool = await db.open_pool(
+            proxy.dsn, max_size=2, checkout_timeout=0.2, max_waiting=2, reconnect_timeout=1.0
+        )
+        try:
+            proxy.cut()
+
+            async def gave_up() -> bool:
+                # Requests keep arriving and timing out, as browsers and feeds do.
+                with contextlib.suppress(PoolTimeout, TooManyRequests):
+                    async with pool.connection():
+                        pass
+                return any("failed after" in r.getMessage() for r in caplog.records)
+
+            await wait_until(gave_up, within=60, message="the pool gave its connections up")
+            proxy.restore()
+
+            async def served() -> bool:
+                with contextlib.suppress(PoolTimeout, TooManyRequests):
+                    async with pool.connection() as conn:
+                        await conn.execute("SELECT 1")
+                        return True
+                return False
+
+            await wait_until(served, within=60, message="a request served after the outage")
+        finally:
+            await pool.close()
