@@ -68,7 +68,7 @@ class ChaosConfig:
     jobs: int
     # Longer than every timeout configured for the run (see WORKER_ENV, GATEWAY_ENV and
     # db.open_pool: connect 10 s, pool checkout 2-5 s, connection use 5 s, lease 3 s,
-    # LISTEN heartbeat at most 5 s).
+    # LISTEN heartbeat at most 5 s, a round of pool reconnection attempts 30 s).
     outage_seconds: float
     workers: int = 4
     concurrency: int = 8
