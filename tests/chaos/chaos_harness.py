@@ -315,6 +315,12 @@ def _seen(data: dict[str, Any]) -> Seen:
 
 @dataclass
 class Outcome:
+    """What the checker found. ``kills``: workers SIGKILLed; ``restarts``: processes the
+    controller started again after a kill, plus PostgreSQL's restart and its start after
+    the outage; ``stream_gaps``: followed jobs whose events a subscriber did not get
+    complete and in order. ``problems`` lists every finding, these and the rest
+    (unexplained attempts, events the database does not have, processes that exited)."""
+
     jobs: int
     kills: int
     restarts: int
