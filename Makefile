@@ -41,8 +41,11 @@ typecheck: $(STAMP) ## mypy --strict on src
 bench: $(STAMP) ## benchmarks vs procrastinate, pgqueuer and awa into bench/results/ (ARGS=--quick: < 5 min)
 	$(PY) -m bench $(ARGS)
 
+chaos: $(STAMP) ## 50,000 jobs through workers and the gateway under kills, a PG restart and a 5-min outage (> 6 min)
+	PYTHONPATH=src:tests $(PY) tests/chaos/chaos_harness.py --jobs 50000 --outage 300
+
 clean: ## remove the virtualenv, caches and the embedded database under .pgjobs/
 	rm -rf $(VENV) .pgjobs .pytest_cache .mypy_cache .ruff_cache
 
 .PHONY: help install chromium pgbouncer run test lint typecheck clean
-.PHONY: bench
+.PHONY: bench chaos

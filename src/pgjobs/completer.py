@@ -154,7 +154,12 @@ class Completer:
             try:
                 finished = await self._write(batch)
                 break
-            except (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError) as exc:
+            except (
+                psycopg.OperationalError,
+                psycopg.errors.AdminShutdown,
+                OSError,
+                TimeoutError,  # a half-open connection (pgjobs.db.GuardedPool)
+            ) as exc:
                 attempt += 1
                 delay = min(5.0, 0.05 * 2**attempt) * random.uniform(0.5, 1.0)
                 log.warning(

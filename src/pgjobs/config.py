@@ -76,6 +76,9 @@ class WorkerSettings:
     shutdown_grace_seconds: float = 10.0
     # How often the scheduler looks for due periodic-job slots (pgjobs.scheduler).
     schedule_interval_seconds: float = 1.0
+    # Longest use of one pool connection (a query and its reply): past it the connection
+    # is taken for half-open and replaced (pgjobs.db.GuardedPool).
+    db_use_timeout_seconds: float = 30.0
     retry_base_seconds: float = 1.0
     retry_max_seconds: float = 300.0
     job_types: tuple[str, ...] | None = None
@@ -112,6 +115,7 @@ class WorkerSettings:
             "schedule_interval_seconds": env_float(
                 "PGJOBS_SCHEDULE_INTERVAL_SECONDS", 1.0, minimum=0.05
             ),
+            "db_use_timeout_seconds": env_float("PGJOBS_DB_USE_TIMEOUT_SECONDS", 30.0, minimum=0.1),
             "retry_base_seconds": env_float("PGJOBS_RETRY_BASE_SECONDS", 1.0),
             "retry_max_seconds": env_float("PGJOBS_RETRY_MAX_SECONDS", 300.0),
             "max_asset_bytes": env_int(

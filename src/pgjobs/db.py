@@ -25,10 +25,12 @@ a pooler sits in between (``behind_pooler``) and, if so, turns prepared statemen
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import re
 import select
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, LiteralString
 
 import psycopg
@@ -315,6 +317,59 @@ async def check_if_suspect(conn: AsyncConn) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+# How long one round of reconnection attempts lasts (psycopg_pool doubles the delay
+# between them from 1 s); after it, another round starts (GuardedPool), so the longest
+# wait between attempts during an outage is about half of it.
+RECONNECT_TIMEOUT_SECONDS = 30.0
+
+
+class GuardedPool(AsyncConnectionPool[AsyncConn]):
+    """A pool whose connections may be used for at most ``use_timeout`` seconds per
+    checkout (None: no limit).
+
+    A half-open socket (a cut network, a frozen NAT or proxy: no FIN, no RST) is not an
+    error: a query on it waits forever, and the kernel's ACKs keep TCP keepalives happy
+    when a middlebox is what froze. Past the limit the body gets ``TimeoutError``,
+    psycopg cancels the query and, with no answer, closes the connection (psycopg waits
+    at most 5 s for a cancel), and the pool replaces it. Every pgjobs caller already
+    retries ``TimeoutError`` like a dropped connection.
+
+    It also never stops reconnecting. psycopg_pool gives a connection up after
+    ``reconnect_timeout`` and counts on demand to grow the pool again; but a request that
+    timed out waiting stays in the waiting queue until a connection is handed out, so
+    after an outage longer than that, with ``max_waiting`` set, every request is refused
+    (``TooManyRequests``) before it can ask for growth, and the pool stays empty for
+    good (a gateway that never answers again). ``reconnect_failed`` starts a new
+    connection attempt instead (``check()`` grows an empty pool); the backoff between
+    attempts stays under ``reconnect_timeout``."""
+
+    use_timeout: float | None = None
+
+    @contextlib.asynccontextmanager
+    async def connection(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - psycopg_pool's signature, overridden
+    ) -> AsyncIterator[AsyncConn]:
+        async with super().connection(timeout) as conn:
+            if self.use_timeout is None:
+                yield conn
+            else:
+                async with asyncio.timeout(self.use_timeout):
+                    yield conn
+
+    def unbounded_connection(
+        self, timeout: float | None = None
+    ) -> contextlib.AbstractAsyncContextManager[AsyncConn]:
+        """A checkout without the use limit: for a use whose length is not pgjobs' to
+        bound (a handler's own transaction, ``ctx.transaction()``)."""
+        return super().connection(timeout)
+
+    async def reconnect_failed(self) -> None:
+        await super().reconnect_failed()
+        if not self.closed:
+            await self.check()  # also grows an empty pool by one, whatever is waiting
+
+
 async def open_pool(
     dsn: str,
     *,
@@ -324,11 +379,14 @@ async def open_pool(
     connect_timeout: float = 10.0,
     checkout_timeout: float = 30.0,
     max_waiting: int = 0,
+    use_timeout: float | None = None,
+    reconnect_timeout: float = RECONNECT_TIMEOUT_SECONDS,
 ) -> AsyncConnectionPool[AsyncConn]:
     """An opened pool of autocommit connections, checked on checkout so a connection the
     server killed (restart, pg_terminate_backend) is replaced instead of handed out.
     ``checkout_timeout`` bounds the wait for a connection and ``max_waiting`` the queue of
     waiters (0: unbounded); past either, the pool raises instead of queueing forever.
+    ``use_timeout`` bounds each use of a connection (``GuardedPool``).
     Through a pooler its connections do not prepare statements (``prepare_threshold``)."""
     check_dsn(dsn)
     # Probe once first: a bad host or password then fails at once with the server's own
@@ -345,7 +403,7 @@ async def open_pool(
         raise unavailable(dsn, exc) from None
     finally:
         await probe.close()
-    pool: AsyncConnectionPool[AsyncConn] = AsyncConnectionPool(
+    pool = GuardedPool(
         dsn,
         min_size=min_size,
         max_size=max_size,
@@ -358,12 +416,13 @@ async def open_pool(
         },
         connection_class=psycopg.AsyncConnection[DictRow],
         check=check_if_suspect,
-        reconnect_timeout=300.0,
+        reconnect_timeout=reconnect_timeout,
         timeout=checkout_timeout,
         max_waiting=max_waiting,
         name=name,
         open=False,
     )
+    pool.use_timeout = use_timeout
     try:
         await pool.open(wait=True, timeout=connect_timeout)
     except Exception as exc:

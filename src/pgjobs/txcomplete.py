@@ -79,7 +79,14 @@ class TransactionalCompletion:
     @contextlib.asynccontextmanager
     async def transaction(self, result: Any = None) -> AsyncIterator[db.AsyncConn]:
         params = self._begin(result)
-        async with self._pool.connection() as conn, conn.transaction():
+        # The block runs the handler's own code: however long it takes is the handler's
+        # business, not a sign of a half-open socket (GuardedPool's use limit).
+        checkout = (
+            self._pool.unbounded_connection()
+            if isinstance(self._pool, db.GuardedPool)
+            else self._pool.connection()
+        )
+        async with checkout as conn, conn.transaction():
             yield conn
             # Only reached when the block raised nothing; an exception skips this and
             # rolls back. LeaseLostError raised here rolls back the handler's writes too.

@@ -284,6 +284,7 @@ class Worker:
             min_size=2,
             max_size=min(settings.concurrency, 8) + 3,
             name=f"pgjobs-worker {self.id}"[:63],
+            use_timeout=settings.db_use_timeout_seconds,
         )
         self._pool = pool
         background: list[asyncio.Task[None]] = []

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import time
 from pathlib import Path
 
 import psycopg
+import pytest
+from psycopg_pool import PoolTimeout, TooManyRequests
 
 from helpers import (
     assert_each_job_done_once,
@@ -16,7 +20,7 @@ from helpers import (
     running_worker,
     wait_until,
 )
-from pgjobs import demo
+from pgjobs import db, demo
 from pgjobs.client import Client
 from pgjobs.jobspec import JobSpec
 from pgjobs.notifier import Listener
@@ -131,3 +135,69 @@ async def test_worker_survives_a_network_outage(dsn: str, storage_dir: Path) -> 
 async def _done_at_least(dsn: str, expected: int) -> bool:
     rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'done'")
     return int(rows[0]["n"]) >= expected
+
+
+async def test_worker_survives_half_open_pool_connections(dsn: str, storage_dir: Path) -> None:
+    """Every connection the worker holds goes silent mid-run (half-open: no FIN, no RST,
+    the proxy's kernel still ACKs). Its queries would wait forever; the pool's use limit
+    (pgjobs.db.GuardedPool) gives up on them, new connections work, and the same worker
+    process finishes every job, each exactly once."""
+    client = await Client.connect(dsn)
+    try:
+        jobs = await client.enqueue_many(
+            JobSpec("acme", "sleep", {"seconds": 0.2}) for _ in range(60)
+        )
+        async with proxied(dsn) as proxy:
+            # No rescuer elsewhere: only this worker can finish the jobs.
+            settings = fast_settings(storage_dir, concurrency=10, db_use_timeout_seconds=1.0)
+            async with running_worker(proxy.dsn, demo.registry, settings):
+                await wait_until(lambda: _done_at_least(dsn, 10), within=30, message="some done")
+                proxy.freeze_existing()
+                await wait_until(
+                    lambda: _done_at_least(dsn, 60),
+                    within=90,
+                    message="all done after the connections went half-open",
+                )
+    finally:
+        await client.close()
+    await assert_each_job_done_once(dsn, len(jobs))
+    assert await assert_histories_valid(dsn) == len(jobs)
+
+
+async def test_pool_serves_again_after_an_outage_longer_than_its_reconnect_timeout(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The gateway's pool shape (bounded waiting) through an outage that outlasts the
+    pool's reconnect_timeout, with requests timing out meanwhile: psycopg_pool gives its
+    connections up, and those timed-out requests stay queued until a connection is handed
+    out, so every later request was refused before it could grow the pool, forever.
+    pgjobs.db.GuardedPool starts reconnecting again instead: once the server is back,
+    requests are served, with no restart."""
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    async with proxied(dsn) as proxy:
+        pool = await db.open_pool(
+            proxy.dsn, max_size=2, checkout_timeout=0.2, max_waiting=2, reconnect_timeout=1.0
+        )
+        try:
+            proxy.cut()
+
+            async def gave_up() -> bool:
+                # Requests keep arriving and timing out, as browsers and feeds do.
+                with contextlib.suppress(PoolTimeout, TooManyRequests):
+                    async with pool.connection():
+                        pass
+                return any("failed after" in r.getMessage() for r in caplog.records)
+
+            await wait_until(gave_up, within=60, message="the pool gave its connections up")
+            proxy.restore()
+
+            async def served() -> bool:
+                with contextlib.suppress(PoolTimeout, TooManyRequests):
+                    async with pool.connection() as conn:
+                        await conn.execute("SELECT 1")
+                        return True
+                return False
+
+            await wait_until(served, within=60, message="a request served after the outage")
+        finally:
+            await pool.close()

@@ -283,3 +283,28 @@ async def test_the_heartbeat_does_not_stop_a_handler_after_its_job_completed(
 
 async def _later(value: Any, than: Any) -> bool:
     return bool(await value > than)
+
+
+async def test_a_block_longer_than_the_pools_use_limit_still_commits(
+    dsn: str, client: Client, storage_dir: Path, charges: None
+) -> None:
+    """The worker's pool takes a connection used longer than PGJOBS_DB_USE_TIMEOUT_SECONDS
+    for half-open and replaces it; a handler's own transaction is exempt: its length is
+    the handler's."""
+    registry = Registry()
+
+    @registry.handler("slow_charge")
+    async def slow_charge(ctx: JobContext) -> None:
+        async with ctx.transaction(result={"ok": True}) as conn:
+            await conn.execute(INSERT_CHARGE, (ctx.job_id, ctx.attempt))
+            await asyncio.sleep(1.5)  # the handler's work, past the 0.5 s use limit
+
+    settings = fast_settings(storage_dir, db_use_timeout_seconds=0.5, lease_seconds=30.0)
+    job = await client.enqueue("acme", "slow_charge", max_attempts=1)
+    async with running_worker(dsn, registry, settings):
+        await wait_until(
+            lambda: _status(client, job.id, JobStatus.DONE),
+            message="done (failed if the use limit cut the block)",
+        )
+    assert (await client.get("acme", job.id)).result == {"ok": True}
+    assert len(await fetch(dsn, "SELECT * FROM public.charges")) == 1
