@@ -136,6 +136,10 @@ class Postgres:
         self._pg_ctl(["-w", "-o", opts, "-l", str(self.server.log), "start"])
 
     def cleanup(self) -> None:
+        # Stopped here first: after pg_ctl restarted it, the postmaster is not the process
+        # pgserver started, and pgserver's cleanup alone left it running after the test.
+        with contextlib.suppress(Exception):
+            self._pg_ctl(["-w", "-m", "immediate", "stop"])
         with contextlib.suppress(Exception):
             self.server.cleanup()
 
