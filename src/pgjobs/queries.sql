@@ -584,50 +584,32 @@ GROUP BY q.job_type, p.now
 ORDER BY q.job_type;
 
 -- name: job_events_failed_since_by_type
--- `pgjobs stats`: failed transitions per job type in the `window_seconds` before `now`.
--- pgjobs.job_events has no index on time, but its ids grow with time: `search` binary-
--- searches the primary key for the first event of the window, one index probe per step
--- (about 25 at 10M events), so only the window's events are read. Invariant: events
--- with id < lo are older than the window, those with id >= hi are in it or do not exist;
--- it ends with lo = hi, the window's first id. created_at is its transaction's start, so
--- a transaction open across the window's start may be counted on the other side of it.
-WITH RECURSIVE p AS MATERIALIZED (
+-- `pgjobs stats`: failed transitions per job type in the `window_seconds` before `now`,
+-- read through job_events_created_brin_idx (sql/0015), so only the window's events are
+-- read. created_at is its transaction's start, so a transaction open across the window's
+-- start may be counted on the other side of it.
+WITH p AS MATERIALIZED (
     SELECT coalesce(%(now)s::timestamptz, now()) AS now,
            coalesce(%(now)s::timestamptz, now())
                - make_interval(secs => %(window_seconds)s::float8) AS since
-), search(lo, hi) AS (
-    SELECT (SELECT min(id) FROM pgjobs.job_events), (SELECT max(id) + 1 FROM pgjobs.job_events)
-    UNION ALL
-    SELECT CASE WHEN probe.id IS NOT NULL AND probe.id < s.hi AND probe.created_at < p.since
-                THEN probe.id + 1 ELSE s.lo END,
-           CASE WHEN probe.id IS NULL OR probe.id >= s.hi THEN (s.lo + s.hi) / 2
-                WHEN probe.created_at < p.since THEN s.hi
-                ELSE probe.id END
-    FROM search s
-    CROSS JOIN p
-    LEFT JOIN LATERAL (
-        SELECT e.id, e.created_at FROM pgjobs.job_events e
-        WHERE e.id >= (s.lo + s.hi) / 2
-        ORDER BY e.id
-        LIMIT 1
-    ) probe ON true
-    WHERE s.lo < s.hi
 )
 SELECT j.job_type, count(*) AS failed
 FROM pgjobs.job_events e
 JOIN pgjobs.jobs j ON j.id = e.job_id
 CROSS JOIN p
-WHERE e.id >= (SELECT coalesce(min(s.hi), 0) FROM search s WHERE s.lo >= s.hi)
-  AND e.type = 'content_job.failed'
+WHERE e.type = 'content_job.failed'
   AND e.created_at >= p.since AND e.created_at <= p.now
 GROUP BY j.job_type
 ORDER BY j.job_type;
 
 -- name: worker_list_by_heartbeat
--- `pgjobs stats`: every registered worker and how long ago it last heartbeated.
+-- `pgjobs stats`: every registered worker, how long ago it last heartbeated, and whether
+-- that makes it live within `live_seconds` (pgjobs.worker_is_live, the one definition).
 SELECT w.id, w.hostname, w.pid, w.job_types, w.concurrency,
        extract(epoch FROM coalesce(%(now)s::timestamptz, now()) - w.last_heartbeat_at)::float8
-           AS heartbeat_age_seconds
+           AS heartbeat_age_seconds,
+       pgjobs.worker_is_live(w.last_heartbeat_at, %(live_seconds)s::float8,
+                             coalesce(%(now)s::timestamptz, now())) AS live
 FROM pgjobs.workers w
 ORDER BY w.id;
 

@@ -35,7 +35,11 @@ async def collect(
 ) -> Snapshot:
     """One snapshot; a worker is live (counted for its types) if it heartbeated within
     ``live_within_seconds`` (a lease length: after that its jobs would be rescued)."""
-    params = {"now": now, "window_seconds": FAILED_WINDOW_SECONDS}
+    params = {
+        "now": now,
+        "window_seconds": FAILED_WINDOW_SECONDS,
+        "live_seconds": live_within_seconds,
+    }
     taken_at = now or datetime.now(UTC)
     depth = await (await conn.execute(QUERIES["job_queue_depth_by_type"], params)).fetchall()
     failed = await (
@@ -52,10 +56,7 @@ async def collect(
     for entry in by_type.values():
         entry.setdefault("oldest_queued_seconds", None)
         entry["workers"] = sum(
-            1
-            for w in workers
-            if entry["job_type"] in w["job_types"]
-            and w["heartbeat_age_seconds"] <= live_within_seconds
+            1 for w in workers if entry["job_type"] in w["job_types"] and w["live"]
         )
     return Snapshot(taken_at, [by_type[t] for t in sorted(by_type)], workers)
 
