@@ -25,7 +25,6 @@ small beside the transfer.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import AsyncIterable, AsyncIterator, Iterator
 from contextlib import contextmanager
@@ -41,8 +40,8 @@ from botocore.exceptions import (
     NoCredentialsError,
 )
 
-from pgjobs.errors import AssetTooLargeError, ConfigurationError, StorageError
-from pgjobs.storage import CHUNK_SIZE, WriteResult
+from pgjobs.errors import ConfigurationError, StorageError
+from pgjobs.storage import CHUNK_SIZE, Measured, WriteResult
 
 if TYPE_CHECKING:
     from aiobotocore.session import ClientCreatorContext
@@ -144,18 +143,13 @@ class S3Storage:
     async def write(self, key: str, chunks: AsyncIterable[bytes], *, max_bytes: int) -> WriteResult:
         object_key = self.object_key(key)
         part_size = self._part_size_for(max_bytes)
-        digest = hashlib.sha256()
-        size = 0
+        measured = Measured(max_bytes)
         buffer = bytearray()
         upload_id: str | None = None
         parts: list[CompletedPartTypeDef] = []
         async with self._client() as client:
             try:
-                async for chunk in chunks:
-                    size += len(chunk)
-                    if size > max_bytes:
-                        raise AssetTooLargeError(max_bytes)
-                    digest.update(chunk)
+                async for chunk in measured.each(chunks):
                     buffer += chunk
                     if len(buffer) >= part_size:
                         if upload_id is None:
@@ -186,7 +180,7 @@ class S3Storage:
                 if upload_id is not None:
                     await self._abort(client, object_key, upload_id)
                 raise
-        return WriteResult(byte_size=size, sha256=digest.hexdigest())
+        return measured.result()
 
     async def _upload_part(
         self,

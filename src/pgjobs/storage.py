@@ -32,6 +32,27 @@ class WriteResult:
     sha256: str
 
 
+class Measured:
+    """A write's chunks, passed through with their total size checked against
+    ``max_bytes`` (AssetTooLargeError past it) and hashed: what every backend records."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.size = 0
+        self._digest = hashlib.sha256()
+
+    async def each(self, chunks: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self.size += len(chunk)
+            if self.size > self.max_bytes:
+                raise AssetTooLargeError(self.max_bytes)
+            self._digest.update(chunk)
+            yield chunk
+
+    def result(self) -> WriteResult:
+        return WriteResult(byte_size=self.size, sha256=self._digest.hexdigest())
+
+
 class Storage(Protocol):
     async def write(self, key: str, chunks: AsyncIterable[bytes], *, max_bytes: int) -> WriteResult:
         """Store the chunks under key, or raise (AssetTooLargeError past max_bytes) and
@@ -66,15 +87,10 @@ class LocalStorage:
         final = self.path_for(key)
         await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
         partial = final.with_name(f".{final.name}.{uuid.uuid4().hex}.partial")
-        digest = hashlib.sha256()
-        size = 0
+        measured = Measured(max_bytes)
         handle: IO[bytes] = await asyncio.to_thread(partial.open, "wb")
         try:
-            async for chunk in chunks:
-                size += len(chunk)
-                if size > max_bytes:
-                    raise AssetTooLargeError(max_bytes)
-                digest.update(chunk)
+            async for chunk in measured.each(chunks):
                 await asyncio.to_thread(handle.write, chunk)
             await asyncio.to_thread(_flush_and_sync, handle)
             handle.close()
@@ -83,7 +99,7 @@ class LocalStorage:
             handle.close()
             partial.unlink(missing_ok=True)
             raise
-        return WriteResult(byte_size=size, sha256=digest.hexdigest())
+        return measured.result()
 
     async def read(self, key: str) -> AsyncIterator[bytes]:
         path = self.path_for(key)
