@@ -381,7 +381,7 @@ async def open_pool(
     max_waiting: int = 0,
     use_timeout: float | None = None,
     reconnect_timeout: float = RECONNECT_TIMEOUT_SECONDS,
-) -> AsyncConnectionPool[AsyncConn]:
+) -> GuardedPool:
     """An opened pool of autocommit connections, checked on checkout so a connection the
     server killed (restart, pg_terminate_backend) is replaced instead of handed out.
     ``checkout_timeout`` bounds the wait for a connection and ``max_waiting`` the queue of

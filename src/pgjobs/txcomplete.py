@@ -28,8 +28,6 @@ import logging
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-from psycopg_pool import AsyncConnectionPool
-
 from pgjobs import db, metrics
 from pgjobs.completer import Outcome, finish_params
 from pgjobs.errors import LeaseLostError
@@ -45,7 +43,7 @@ class TransactionalCompletion:
     """One attempt's ``ctx.transaction()``: opens the transaction, finishes the job in it,
     and remembers how that went (``committed``, ``lost``) for the worker."""
 
-    def __init__(self, job: Job, pool: AsyncConnectionPool[db.AsyncConn], dsn: str) -> None:
+    def __init__(self, job: Job, pool: db.GuardedPool, dsn: str) -> None:
         self.job = job
         self._pool = pool
         self._dsn = dsn
@@ -81,12 +79,7 @@ class TransactionalCompletion:
         params = self._begin(result)
         # The block runs the handler's own code: however long it takes is the handler's
         # business, not a sign of a half-open socket (GuardedPool's use limit).
-        checkout = (
-            self._pool.unbounded_connection()
-            if isinstance(self._pool, db.GuardedPool)
-            else self._pool.connection()
-        )
-        async with checkout as conn, conn.transaction():
+        async with self._pool.unbounded_connection() as conn, conn.transaction():
             yield conn
             # Only reached when the block raised nothing; an exception skips this and
             # rolls back. LeaseLostError raised here rolls back the handler's writes too.

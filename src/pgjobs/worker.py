@@ -66,7 +66,6 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 from psycopg.pq import Format
-from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import assets, db, gcpolicy, metrics, rescuer, retention, scheduler, txcomplete
 from pgjobs.assets import GeneratedAsset
@@ -248,7 +247,7 @@ class Worker:
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
         )
-        self._pool: AsyncConnectionPool[db.AsyncConn] | None = None
+        self._pool: db.GuardedPool | None = None
         self._completer: Completer | None = None
         self.started = asyncio.Event()
         self.listener: Listener | None = None
