@@ -147,7 +147,7 @@ async def test_audit_log_refuses_a_hand_written_delete(dsn: str, client: Client)
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 await conn.execute("DELETE FROM pgjobs.job_events")
         async with conn.transaction():
-            await conn.execute("SELECT * FROM pgjobs.prune_events('2000-01-01', 0, 10)")
+            await conn.execute("SELECT * FROM pgjobs.prune_events('2000-01-01', NULL, '0', 0, 10)")
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 await conn.execute("DELETE FROM pgjobs.job_events")
     assert len(await fetch(dsn, "SELECT id FROM pgjobs.job_events")) == 1
