@@ -32,10 +32,13 @@
 --    two rules names the same one as before. A rule passes when its expression is NULL,
 --    as a CHECK does (NOT NULL is not true, so the branch is not taken).
 --
--- Deploying: stop the workers (their retention policy calls pgjobs.prune_events, whose
--- arguments change) and the gateways (their lag metric read rows by id), migrate, start
--- the new version. Nothing else they use changes. The rollback rebuilds the id key and
--- the (job_id, seq) unique index: two index builds over the whole audit log.
+-- Deploying: migrate, then start this version's workers and gateways. Older ones keep
+-- working across it but for two things: a worker's retention policy calls
+-- pgjobs.prune_events, whose arguments change (its runs fail until the worker is
+-- upgraded), and a gateway's notification-lag metric reads audit rows by id (now an index
+-- scan of the whole company cursor index per scrape). Nothing else they use changes. The
+-- rollback rebuilds the id key and the (job_id, seq) unique index: two index builds over
+-- the whole audit log.
 
 ALTER TABLE pgjobs.job_events
     DROP CONSTRAINT job_events_pkey,
