@@ -34,8 +34,8 @@
 --
 -- Deploying: migrate, then start this version's workers and gateways. Older ones keep
 -- working across it but for two things: a worker's retention policy calls
--- pgjobs.prune_events, whose arguments change (its runs fail until the worker is
--- upgraded), and a gateway's notification-lag metric reads audit rows by id (now an index
+-- pgjobs.prune_events, whose arguments change (its retention loop stops, which /readyz
+-- reports, until the worker is upgraded), and a gateway's notification-lag metric reads audit rows by id (now an index
 -- scan of the whole company cursor index per scrape). Nothing else they use changes. The
 -- rollback rebuilds the id key and the (job_id, seq) unique index: two index builds over
 -- the whole audit log.
