@@ -339,8 +339,8 @@ async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:
     assert db.describe_error(TimeoutError()) == "TimeoutError"
 
 
-# Each rule of pgjobs.jobs' and pgjobs.job_queue's merged CHECKs (sql/0016), and an update
-# of a freshly queued job that breaks that rule and no other.
+# Each CHECK of pgjobs.jobs and pgjobs.job_queue, and an update of a freshly queued job
+# that breaks that rule and no other.
 _RULES = [
     ("jobs_attempts_in_range", "UPDATE pgjobs.jobs SET attempts = -1"),
     ("jobs_company_id_check", "UPDATE pgjobs.jobs SET company_id = ''"),
@@ -397,20 +397,6 @@ async def test_a_broken_rule_is_named_in_the_error(
     assert err.value.diag.constraint_name == rule
     table = "job_queue" if rule.startswith("job_queue_") else "jobs"
     assert (err.value.diag.schema_name, err.value.diag.table_name) == ("pgjobs", table)
-
-
-async def test_the_rules_are_one_check_per_table(dsn: str) -> None:
-    """sql/0016: every insert and update evaluates one CHECK expression per table, not 24."""
-    rows = await _rows(
-        dsn,
-        "SELECT conrelid::regclass::text AS t, conname FROM pg_constraint"
-        " WHERE contype = 'c' AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])"
-        " ORDER BY 1, 2",
-    )
-    assert [(r["t"], r["conname"]) for r in rows] == [
-        ("pgjobs.job_queue", "job_queue_valid"),
-        ("pgjobs.jobs", "jobs_valid"),
-    ]
 
 
 async def test_audit_rows_are_keyed_by_job_and_seq_with_no_index_on_id(
