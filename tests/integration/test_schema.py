@@ -399,6 +399,16 @@ async def test_a_broken_rule_is_named_in_the_error(
     assert (err.value.diag.schema_name, err.value.diag.table_name) == ("pgjobs", table)
 
 
+async def test_every_check_has_a_rule_test(dsn: str) -> None:
+    """The list above names every CHECK of the two tables, so a new one gets its test."""
+    rows = await _rows(
+        dsn,
+        "SELECT conname FROM pg_constraint WHERE contype = 'c'"
+        " AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])",
+    )
+    assert sorted(r["conname"] for r in rows) == sorted(rule for rule, _ in _RULES)
+
+
 async def test_audit_rows_are_keyed_by_job_and_seq_with_no_index_on_id(
     dsn: str, client: Client
 ) -> None:
