@@ -24,6 +24,7 @@ import asyncio
 import collections
 import logging
 import time
+import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, LiteralString
@@ -218,10 +219,10 @@ class Exposition:
 
 class LagSampler:
     """Samples of ``pgjobs_notification_lag_seconds``: the NOTIFY items carry no time, so
-    the first event id of each NOTIFY is kept with its receipt time (the newest
-    ``max_samples``), and at the next scrape one query reads how long ago, by the
-    database's clock, each of those audit rows was written. The lag is that age minus
-    the time since receipt, so the two hosts' clocks need not agree."""
+    the first event of each NOTIFY is kept by its audit row's key (job id, seq) with its
+    receipt time (the newest ``max_samples``), and at the next scrape one query reads how
+    long ago, by the database's clock, each of those audit rows was written. The lag is
+    that age minus the time since receipt, so the two hosts' clocks need not agree."""
 
     def __init__(
         self,
@@ -231,10 +232,12 @@ class LagSampler:
     ) -> None:
         self.query = query
         self.clock = clock
-        self.samples: collections.deque[tuple[int, float]] = collections.deque(maxlen=max_samples)
+        self.samples: collections.deque[tuple[tuple[uuid.UUID, int], float]] = collections.deque(
+            maxlen=max_samples
+        )
 
-    def received(self, event_id: int) -> None:
-        self.samples.append((event_id, self.clock()))
+    def received(self, job_id: uuid.UUID, seq: int) -> None:
+        self.samples.append(((job_id, seq), self.clock()))
 
     async def observe(self, pool: AsyncConnectionPool[db.AsyncConn]) -> int:
         """Turn the samples into observations; returns how many were observed."""
@@ -243,14 +246,15 @@ class LagSampler:
         taken = dict(self.samples)
         self.samples.clear()
         sent = self.clock()
+        params = {"job_ids": [key[0] for key in taken], "seqs": [key[1] for key in taken]}
         try:
             async with pool.connection(timeout=2.0) as conn:
-                cur = await conn.execute(self.query, {"ids": list(taken)})
+                cur = await conn.execute(self.query, params)
                 ages = await cur.fetchall()
         except (psycopg.Error, OSError, TimeoutError) as exc:
             log.warning("metrics: could not read event times for the notification lag (%s)", exc)
             return 0
         for row in ages:  # a row pruned meanwhile is simply missing
-            lag = float(row["age_seconds"]) - (sent - taken[row["id"]])
+            lag = float(row["age_seconds"]) - (sent - taken[(row["job_id"], row["seq"])])
             NOTIFICATION_LAG.observe(max(0.0, lag))
         return len(ages)

@@ -841,9 +841,12 @@ SELECT (SELECT id FROM page ORDER BY id DESC LIMIT 1) AS last_id,
 
 -- name: job_events_prune_before
 -- One batch of audit-log retention, through the one function the append-only trigger lets
--- delete (sql/0013).
-SELECT deleted, last_id, done
-FROM pgjobs.prune_events(%(before)s::timestamptz, %(after_id)s::bigint, %(limit)s::int);
+-- delete (sql/0013), walking each company's rows in (xid, id) order (sql/0016). The cursor
+-- (after_company, after_xid, after_id) is the last batch's (last_company, last_xid,
+-- last_id); after_company NULL starts at the first company.
+SELECT deleted, last_company, last_xid::text AS last_xid, last_id, done
+FROM pgjobs.prune_events(%(before)s::timestamptz, %(after_company)s::text,
+                         %(after_xid)s::xid8, %(after_id)s::bigint, %(limit)s::int);
 
 -- name: asset_deletion_list_pending
 -- Files of pruned assets still to delete (their delete failed, or the prune stopped

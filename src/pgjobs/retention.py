@@ -4,13 +4,14 @@
 configured policy (``Policy``, ``run_policy``). What it guarantees:
 
 * *Small transactions.* Jobs and audit rows go in batches of ``BATCH`` rows, one short
-  transaction each, walking the primary keys in order (jobs by UUIDv7 id, audit rows by
-  identity id: both creation order), so no batch holds a lock for long and nothing is
-  rewritten. Job rows another transaction holds are skipped (SKIP LOCKED) and re-checked
-  once locked, so a prune never waits on, or undoes, a worker or the gateway.
+  transaction each, walking indexes in creation order (jobs by their UUIDv7 primary key,
+  audit rows company by company in the company stream's (xid, id) order, sql/0016), so
+  no batch holds a lock for long and nothing is rewritten. Job rows another transaction
+  holds are skipped (SKIP LOCKED) and re-checked once locked, so a prune never waits on,
+  or undoes, a worker or the gateway.
 * *The audit log stays append-only* for everything but the retention path
-  (pgjobs.prune_events, sql/0013), and has its own cut-off: "what happened to job X"
-  outlives the job row.
+  (pgjobs.prune_events, sql/0013 and 0016), and has its own cut-off: "what happened to
+  job X" outlives the job row.
 * *Files after rows.* With ``assets``, a batch deletes its jobs' asset rows and queues
   their keys in ``pgjobs.asset_deletions`` in the same transaction; the files are
   deleted after the commit, and a key leaves the queue only once its file is gone. A
@@ -234,12 +235,13 @@ async def _prune_jobs(
 async def _prune_events(
     conn: db.AsyncConn, before: datetime, report: PruneReport, batch: int, leader_only: bool
 ) -> None:
-    after = 0
+    # The walk's cursor: a company, and the (xid, id) of the last row read of it.
+    cursor: dict[str, Any] = {"after_company": None, "after_xid": "0", "after_id": 0}
     while True:
         row = await _in_batch(
             conn,
             "job_events_prune_before",
-            {"before": before, "after_id": after, "limit": batch},
+            {"before": before, "limit": batch, **cursor},
             report,
             leader_only=leader_only,
         )
@@ -249,7 +251,11 @@ async def _prune_events(
         report.events += row["deleted"]
         if row["done"]:
             return
-        after = row["last_id"]
+        cursor = {
+            "after_company": row["last_company"],
+            "after_xid": row["last_xid"],
+            "after_id": row["last_id"],
+        }
 
 
 async def delete_pending_files(conn: db.AsyncConn, storage: Storage, report: PruneReport) -> None:

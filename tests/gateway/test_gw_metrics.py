@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
+import re
+import uuid
 from pathlib import Path
 
 import httpx
+import psycopg
 from gateway_helpers import RunningGateway, kill_listener
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from helpers import claim_one, fast_settings, fetch, job_status, running_worker, wait_until
-from pgjobs import metrics, rescuer
+from pgjobs import db, metrics, rescuer
 from pgjobs.client import Client
 from pgjobs.context import JobContext
+from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 from pgjobs.worker import Worker
@@ -354,3 +359,31 @@ async def test_worker_health_port(dsn: str, storage_dir: Path) -> None:
         assert r.json()["status"] == "unavailable"
         assert r.json()["checks"]["rescuer"] == "stopped"
         assert r.json()["checks"]["database"] == "ok"
+
+
+async def test_lag_samples_read_their_audit_rows_by_key(dsn: str, client: Client) -> None:
+    """The lag metric's sampled rows are read by their primary key (job_id, seq): the audit
+    log has no index on id alone (sql/0016), and a scan of it on every scrape would grow
+    with the log. A sample whose row is gone (pruned) is skipped."""
+    jobs = [await client.enqueue("acme", "echo") for _ in range(3)]
+    query = GATEWAY_QUERIES["job_events_age_by_keys"]
+    sampler = metrics.LagSampler(query)
+    for job in jobs:
+        sampler.received(job.id, 1)
+    sampler.received(uuid.uuid4(), 1)
+    pool = await db.open_pool(dsn, min_size=1, max_size=1)
+    try:
+        assert await sampler.observe(pool) == 3
+    finally:
+        await pool.close()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SET enable_seqscan = off")  # an index that serves it is used
+        cur = await conn.execute(
+            "EXPLAIN (FORMAT JSON) " + query,  # type: ignore[operator]
+            {"job_ids": [j.id for j in jobs], "seqs": [1] * len(jobs)},
+        )
+        plan = json.dumps((await cur.fetchone())[0])  # type: ignore[index]
+    # Only the key: a full scan of another index that holds id (the company cursor's) is
+    # no better than a scan of the table.
+    assert set(re.findall(r'"Index Name": "(\w+)"', plan)) == {"job_events_pkey"}, plan
+    assert '"Seq Scan"' not in plan, plan

@@ -11,7 +11,7 @@ import psycopg
 import pytest
 from yoyo import read_migrations
 
-from helpers import assert_queue_matches_jobs, fetch
+from helpers import assert_queue_matches_jobs, claim_one, fetch, finish_params
 from pgjobs import migrate
 from pgjobs.client import Client
 from pgjobs.queries import QUERIES
@@ -305,3 +305,86 @@ async def test_unique_jobs_migration_rolls_back_and_applies_again(empty_dsn: str
     async with await Client.connect(empty_dsn) as client:
         job = await client.enqueue("acme", "echo", unique_key="k")
     assert job.created  # the key went with the rollback
+
+
+_CHECKS = (
+    "SELECT array_agg(conname::text ORDER BY conname) AS names FROM pg_constraint"
+    " WHERE contype = 'c' AND conrelid = 'pgjobs.jobs'::regclass"
+)
+_EVENT_KEYS = (
+    "SELECT array_agg(pg_get_constraintdef(oid) ORDER BY conname) AS defs FROM pg_constraint"
+    " WHERE contype IN ('p', 'u') AND conrelid = 'pgjobs.job_events'::regclass"
+)
+_AUDIT_LOG = (
+    "SELECT id, job_id, company_id, seq, type, status, attempt, worker_id, payload,"
+    " xid::text AS xid, created_at FROM pgjobs.job_events ORDER BY id"
+)
+_JOB_ROWS = "SELECT * FROM pgjobs.jobs ORDER BY id"
+
+
+async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    """0016 on jobs in every state: the audit log, the jobs and their 22 CHECKs are
+    untouched by it and by its rollback, which restores the id key; the (job_id, seq) key
+    comes back with it, and the jobs go on moving after each step."""
+    dsn = empty_dsn
+    migrate.apply(dsn)
+    _roll_back(dsn, "0016_narrow_audit")
+    old_checks = (await fetch(dsn, _CHECKS))[0]["names"]
+    assert len(old_checks) == 22
+    async with await Client.connect(dsn) as client:
+        failed = await client.enqueue("acme", "echo", max_attempts=1)
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
+        await client.enqueue("acme", "echo")
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), None))
+        running = await client.enqueue("globex", "echo")
+        lease = await _claim(dsn)
+        retried = await client.enqueue("acme", "echo", max_attempts=3)
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
+        cancelled = await client.enqueue("acme", "echo")
+        await client.cancel("acme", cancelled.id)
+        await client.enqueue("globex", "echo", {"n": 1})
+        statuses = sorted(r["status"] for r in await fetch(dsn, "SELECT status FROM pgjobs.jobs"))
+        assert statuses == ["cancelled", "done", "failed", "queued", "queued", "running"]
+    audit, jobs = await fetch(dsn, _AUDIT_LOG), await fetch(dsn, _JOB_ROWS)
+
+    assert migrate.apply(dsn) == ["0016_narrow_audit"]
+    assert await fetch(dsn, _AUDIT_LOG) == audit
+    assert await fetch(dsn, _JOB_ROWS) == jobs
+    assert (await fetch(dsn, _CHECKS))[0]["names"] == old_checks
+    assert (await fetch(dsn, _EVENT_KEYS))[0]["defs"] == ["PRIMARY KEY (job_id, seq)"]
+    await assert_queue_matches_jobs(dsn)
+    # A lease taken before the migration completes its job after it.
+    assert len(await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(lease, None))) == 1
+    assert {r["job_id"] for r in await fetch(dsn, "SELECT job_id FROM pgjobs.job_events")} >= {
+        failed.id,
+        running.id,
+        retried.id,
+        cancelled.id,
+    }
+
+    audit, jobs = await fetch(dsn, _AUDIT_LOG), await fetch(dsn, _JOB_ROWS)
+    _roll_back(dsn, "0016_narrow_audit")
+    assert await fetch(dsn, _AUDIT_LOG) == audit
+    assert await fetch(dsn, _JOB_ROWS) == jobs
+    assert (await fetch(dsn, _CHECKS))[0]["names"] == old_checks
+    assert (await fetch(dsn, _EVENT_KEYS))[0]["defs"] == [
+        "UNIQUE (job_id, seq)", "PRIMARY KEY (id)"
+    ]  # fmt: skip
+    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_running_has_lease"):
+        await fetch(dsn, "UPDATE pgjobs.jobs SET status = 'running' WHERE status = 'queued'")
+    async with await Client.connect(dsn) as client:
+        await client.enqueue("acme", "echo")
+    await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), None))
+    await assert_queue_matches_jobs(dsn)
+    assert migrate.apply(dsn) == ["0016_narrow_audit"]
+    assert (await fetch(dsn, _CHECKS))[0]["names"] == old_checks
+
+
+async def _claim(dsn: str) -> dict[str, object]:
+    return await claim_one(dsn, "w1")
+
+
+def _finish(job: dict[str, object], error: str | None) -> dict[str, object]:
+    return finish_params(job, "done" if error is None else "error")

@@ -131,6 +131,31 @@ async def test_events_have_their_own_cut_off(dsn: str, client: Client) -> None:
     assert len(await _ids(dsn)) == 2  # jobs untouched: a longer retention
 
 
+@pytest.mark.parametrize("batch", [1, 2, 1000])
+async def test_events_are_pruned_company_by_company(dsn: str, client: Client, batch: int) -> None:
+    """The walk goes through each company's rows in its stream's (xid, id) order (sql/0016):
+    a company with only new rows, or new rows after its old ones, does not end the walk
+    for the companies after it, whatever the batch size."""
+    for company in ("beta", "beta", "beta", "gamma", "delta"):
+        await client.enqueue(company, "echo")
+    (cut,) = await fetch(dsn, "SELECT clock_timestamp() AS t")
+    for company in ("alpha", "alpha", "beta", "delta"):  # written after the cut-off
+        await client.enqueue(company, "echo")
+
+    report = await retention.prune(
+        dsn,
+        jobs_older_than=None,
+        events_older_than=dt.timedelta(days=30),
+        now=cut["t"] + dt.timedelta(days=30),
+        batch=batch,
+    )
+    assert report.events == 5
+    left = await fetch(dsn, "SELECT company_id FROM pgjobs.job_events ORDER BY 1")
+    assert [r["company_id"] for r in left] == ["alpha", "alpha", "beta", "delta"]
+    marks = await fetch(dsn, "SELECT company_id FROM pgjobs.job_events_pruned ORDER BY 1")
+    assert [r["company_id"] for r in marks] == ["beta", "delta", "gamma"]
+
+
 async def test_audit_log_refuses_a_hand_written_delete(dsn: str, client: Client) -> None:
     await client.enqueue("acme", "echo")
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -147,7 +172,7 @@ async def test_audit_log_refuses_a_hand_written_delete(dsn: str, client: Client)
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 await conn.execute("DELETE FROM pgjobs.job_events")
         async with conn.transaction():
-            await conn.execute("SELECT * FROM pgjobs.prune_events('2000-01-01', 0, 10)")
+            await conn.execute("SELECT * FROM pgjobs.prune_events('2000-01-01', NULL, '0', 0, 10)")
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 await conn.execute("DELETE FROM pgjobs.job_events")
     assert len(await fetch(dsn, "SELECT id FROM pgjobs.job_events")) == 1

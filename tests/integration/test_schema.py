@@ -337,3 +337,112 @@ async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:
     assert db.describe_error(raised.value) == "RaiseException: boom: 42"
     assert db.describe_error(OSError("no route\nto host")) == "OSError: no route"
     assert db.describe_error(TimeoutError()) == "TimeoutError"
+
+
+# Each CHECK of pgjobs.jobs and pgjobs.job_queue, and an update of a freshly queued job
+# that breaks that rule and no other.
+_RULES = [
+    ("jobs_attempts_in_range", "UPDATE pgjobs.jobs SET attempts = -1"),
+    ("jobs_company_id_check", "UPDATE pgjobs.jobs SET company_id = ''"),
+    ("jobs_created_at_in_range", "UPDATE pgjobs.jobs SET created_at = '1900-01-01Z'"),
+    (
+        "jobs_done_has_no_error",
+        "UPDATE pgjobs.jobs SET status = 'done', finished_at = now(), error_message = 'x'",
+    ),
+    ("jobs_ended_has_its_event", "UPDATE pgjobs.jobs SET last_event = 'content_job.failed'"),
+    (
+        "jobs_failed_has_error",
+        "UPDATE pgjobs.jobs SET status = 'failed', last_event = 'content_job.failed',"
+        " finished_at = now()",
+    ),
+    (
+        "jobs_finished_at_in_range",
+        "UPDATE pgjobs.jobs SET status = 'done', finished_at = '1900-01-01Z'",
+    ),
+    ("jobs_finished_iff_terminal", "UPDATE pgjobs.jobs SET finished_at = now()"),
+    ("jobs_job_type_check", "UPDATE pgjobs.jobs SET job_type = ''"),
+    ("jobs_last_event_known", "UPDATE pgjobs.jobs SET last_event = 'content_job.nope'"),
+    (
+        "jobs_lease_expires_at_in_range",
+        "UPDATE pgjobs.jobs SET status = 'running', attempts = 1, worker_id = 'w',"
+        " started_at = now(), lease_expires_at = '1900-01-01Z'",
+    ),
+    ("jobs_lease_only_while_running", "UPDATE pgjobs.jobs SET lease_expires_at = now()"),
+    ("jobs_max_attempts_check", "UPDATE pgjobs.jobs SET max_attempts = 1001"),
+    ("jobs_progress_fraction_check", "UPDATE pgjobs.jobs SET progress_fraction = 2"),
+    ("jobs_progress_message_check", "UPDATE pgjobs.jobs SET progress_message = repeat('x', 1001)"),
+    ("jobs_queued_has_attempt_left", "UPDATE pgjobs.jobs SET attempts = max_attempts"),
+    ("jobs_run_at_in_range", "UPDATE pgjobs.jobs SET run_at = '1900-01-01Z'"),
+    ("jobs_running_has_lease", "UPDATE pgjobs.jobs SET status = 'running', attempts = 1"),
+    ("jobs_started_at_in_range", "UPDATE pgjobs.jobs SET started_at = '1900-01-01Z'"),
+    ("jobs_status_check", "UPDATE pgjobs.jobs SET status = 'sleeping'"),
+    ("jobs_traceback_bounded", "UPDATE pgjobs.jobs SET error_traceback = repeat('x', 16385)"),
+    ("jobs_updated_at_in_range", "UPDATE pgjobs.jobs SET updated_at = '1900-01-01Z'"),
+    (
+        "job_queue_lease_expires_at_in_range",
+        "UPDATE pgjobs.job_queue SET lease_expires_at = '1900-01-01Z'",
+    ),
+    ("job_queue_run_at_in_range", "UPDATE pgjobs.job_queue SET run_at = '1900-01-01Z'"),
+]
+
+
+@pytest.mark.parametrize(("rule", "update"), _RULES, ids=[rule for rule, _ in _RULES])
+async def test_a_broken_rule_is_named_in_the_error(
+    dsn: str, client: Client, rule: str, update: str
+) -> None:
+    await client.enqueue("acme", "echo")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.CheckViolation, match=f'constraint "{rule}"') as err:
+            await conn.execute(update)  # type: ignore[arg-type]
+    assert err.value.diag.constraint_name == rule
+    table = "job_queue" if rule.startswith("job_queue_") else "jobs"
+    assert (err.value.diag.schema_name, err.value.diag.table_name) == ("pgjobs", table)
+
+
+async def test_every_check_has_a_rule_test(dsn: str) -> None:
+    """The list above names every CHECK of the two tables, so a new one gets its test."""
+    rows = await _rows(
+        dsn,
+        "SELECT conname FROM pg_constraint WHERE contype = 'c'"
+        " AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])",
+    )
+    assert sorted(r["conname"] for r in rows) == sorted(rule for rule, _ in _RULES)
+
+
+async def test_audit_rows_are_keyed_by_job_and_seq_with_no_index_on_id(
+    dsn: str, client: Client
+) -> None:
+    job = await client.enqueue("acme", "echo")
+    rows = await _rows(
+        dsn,
+        "SELECT i.indexrelid::regclass::text AS name, i.indisprimary AS pk,"
+        " pg_get_indexdef(i.indexrelid) AS def FROM pg_index i"
+        " WHERE i.indrelid = 'pgjobs.job_events'::regclass ORDER BY 1",
+    )
+    primary = [r for r in rows if r["pk"]]
+    assert [(r["name"], r["def"].split(" USING ")[1]) for r in primary] == [
+        ("pgjobs.job_events_pkey", "btree (job_id, seq)")
+    ]
+    # The cursor index still orders a transaction's rows by id; nothing leads with id.
+    assert sorted(r["name"] for r in rows) == [
+        "pgjobs.job_events_company_xid_idx",
+        "pgjobs.job_events_created_brin_idx",
+        "pgjobs.job_events_ended_idx",
+        "pgjobs.job_events_pkey",
+    ]
+    assert not any("(id" in r["def"] for r in rows)
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        with pytest.raises(psycopg.errors.UniqueViolation, match="job_events_pkey"):
+            await conn.execute(
+                "INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt)"
+                " VALUES (%s, 'acme', 1, 'content_job.queued', 'queued', 0)",
+                [job.id],
+            )
+
+
+async def _rows(dsn: str, query: str) -> list[dict[str, Any]]:
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row
+    ) as conn:
+        cur = await conn.execute(query)  # type: ignore[arg-type]
+        return await cur.fetchall()

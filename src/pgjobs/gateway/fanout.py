@@ -88,9 +88,9 @@ class Fanout:
         # Set by the company feeds (pgjobs.gateway.companystream): told which companies' events
         # arrived, so one reader per company re-reads the table, not one per stream.
         self.on_company_wake: Callable[[str], None] | None = None
-        # Told the first event id of each NOTIFY (the notification lag metric's sample,
-        # pgjobs.metrics.LagSampler).
-        self.on_received: Callable[[int], None] | None = None
+        # Told the audit row key (job id, seq) of the first event of each NOTIFY (the
+        # notification lag metric's sample, pgjobs.metrics.LagSampler).
+        self.on_received: Callable[[uuid.UUID, int], None] | None = None
         self.notifies = 0
         self.backfills = 0
         self.overflows = 0
@@ -141,7 +141,7 @@ class Fanout:
             self._backfill_all()
             return
         if events and self.on_received is not None:
-            self.on_received(events[0].event_id)
+            self.on_received(events[0].job_id, events[0].seq)
         woken: set[str] = set()
         for event in events:
             for sub in self._by_job.get(event.job_id, ()):

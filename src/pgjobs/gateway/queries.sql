@@ -404,13 +404,14 @@ CROSS JOIN LATERAL (
 WHERE c.company_id IS NOT NULL
 GROUP BY 1;
 
--- name: job_events_age_by_ids
+-- name: job_events_age_by_keys
 -- The notification lag metric (pgjobs.metrics.LagSampler): how long ago, by the
 -- database's clock, each sampled audit row was written (its transaction's start time).
--- By primary key; a row pruned meanwhile is missing from the result.
-SELECT e.id, extract(epoch FROM clock_timestamp() - e.created_at)::float8 AS age_seconds
-FROM pgjobs.job_events e
-WHERE e.id = ANY(%(ids)s::bigint[]);
+-- By primary key (job_id, seq), the two arrays zipped; a row pruned meanwhile is missing
+-- from the result.
+SELECT e.job_id, e.seq, extract(epoch FROM clock_timestamp() - e.created_at)::float8 AS age_seconds
+FROM unnest(%(job_ids)s::uuid[], %(seqs)s::int[]) AS k(job_id, seq)
+JOIN pgjobs.job_events e ON e.job_id = k.job_id AND e.seq = k.seq;
 
 -- HTTP Idempotency-Key on POST .../content-jobs (pgjobs.gateway.idempotency, sql/0011).
 -- These run in the transaction that enqueues the job, in order.

@@ -62,7 +62,7 @@ class GatewayState:
             name=LISTENER_NAME,
             when_unavailable=LISTEN_ADVICE,
         )
-        self.lag = metrics.LagSampler(GATEWAY_QUERIES["job_events_age_by_ids"])
+        self.lag = metrics.LagSampler(GATEWAY_QUERIES["job_events_age_by_keys"])
         self.fanout.on_received = self.lag.received
         self.exposition = metrics.Exposition(
             metrics.StateCollector(
