@@ -16,11 +16,12 @@ an asset is only deleted once the database shows it is not linked to its job.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -170,12 +171,14 @@ class Completer:
                 )
                 await asyncio.sleep(delay)
         self.batches += 1
+        _count(
+            collections.Counter(
+                (o.job.job_type, finished[o.job.id]) for o in batch if o.job.id in finished
+            )
+        )
         for outcome in batch:
-            status = finished.get(outcome.job.id)
-            took_effect = status is not None
-            if status is not None:
-                _count(outcome.job.job_type, status)
-            else:
+            took_effect = outcome.job.id in finished
+            if not took_effect:
                 took_effect = await self._discard(outcome, retried=attempt > 0)
             outcome._resolve(took_effect)
 
@@ -205,7 +208,7 @@ class Completer:
                     job.id,
                     extra=job.log_fields(),
                 )
-                _count(job.job_type, row["status"])
+                _count({(job.job_type, row["status"]): 1})
                 return True
         metrics.LEASE_LOSSES.labels("finish").inc()
         log.warning(
@@ -241,13 +244,16 @@ def finish_params(batch: list[Outcome]) -> dict[str, Any]:
     return params
 
 
-def _count(job_type: str, status: str) -> None:
-    """The metrics of one finished attempt: its transition, and a retry if it was one."""
-    if status == "queued":
-        metrics.TRANSITIONS.labels(job_type, "retrying").inc()
-        metrics.RETRIES.labels(job_type).inc()
-    else:
-        metrics.TRANSITIONS.labels(job_type, status).inc()
+def _count(finished: Mapping[tuple[str, str], int]) -> None:
+    """The metrics of finished attempts, ``(job_type, new status): how many``: their
+    transitions, and the retries among them."""
+    metrics.count_transitions(
+        {(job_type, "retrying" if status == "queued" else status): n
+         for (job_type, status), n in finished.items()}
+    )  # fmt: skip
+    for (job_type, status), n in finished.items():
+        if status == "queued":
+            metrics.RETRIES.labels(job_type).inc(n)
 
 
 def _or_null(values: list[Any]) -> list[Any] | None:

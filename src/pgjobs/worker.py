@@ -49,6 +49,7 @@ statement, without using up an attempt.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -535,6 +536,7 @@ class Worker:
             self._claims -= 1
         for job in jobs:
             self._start(job)
+        metrics.count_transitions(collections.Counter((job.job_type, "running") for job in jobs))
         if len(jobs) < limit and not self._claim_failures:
             if self._wakes == wakes_when_sent:
                 self._queue_empty = True
@@ -790,7 +792,6 @@ class Worker:
         entry.task = asyncio.create_task(self._execute(entry))
         entry.task.add_done_callback(lambda _: self._done(entry))
         self.jobs_started += 1
-        metrics.TRANSITIONS.labels(job.job_type, "running").inc()
         if self.burst:
             self.ran.append(job.id)
 
@@ -815,9 +816,11 @@ class Worker:
             outcome = await txcomplete.settle(entry.completion, outcome, self.storage)
         finally:
             kind = "abandoned" if outcome is None else outcome.kind
-            metrics.HANDLER_DURATION.labels(
-                entry.job.job_type, "done" if entry.completion.committed else kind
-            ).observe(time.perf_counter() - started)
+            metrics.observe_handler_duration(
+                entry.job.job_type,
+                "done" if entry.completion.committed else kind,
+                time.perf_counter() - started,
+            )
         if outcome is None:
             return
         # The handler's slot is free as soon as it returns: the fetch loop can claim the
