@@ -260,7 +260,13 @@ SET status = 'running',
 -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
 -- (re-checking their WHERE on the newest version), so nobody changed them since.
 WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
-RETURNING j.*,
+-- What the worker's Job needs that this statement does not set itself (pgjobs.types
+-- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows); not the audit
+-- columns (last_event, error_traceback, up to 16 KiB on a retry). Every column decoded
+-- costs the worker CPU per job. job_claim_batch_limited returns the same.
+RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
+    j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
+    j.lease_token, j.lease_expires_at, j.event_seq, j.started_at, j.finished_at, j.created_at,
     -- the company served last in the fair order (the ring's last if fair took none)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
              (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company;

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -217,6 +217,42 @@ def job_rows(cursor: BaseCursor[Any, Any]) -> RowMaker[Job]:
             None if fraction is None and message is None else Progress(fraction, message),
             worker_id, lease_token, lease_expires_at, event_seq, started_at, finished_at,
             created_at, updated_at,
+        )  # fmt: skip
+
+    return make
+
+
+# The columns job_claim_batch and job_claim_batch_limited return for each job they claim,
+# in the order of Job's fields: all but those the claim itself sets (status 'running',
+# worker_id, progress cleared, updated_at = started_at, both the claim's now), which the
+# worker knows without reading them back.
+CLAIMED_COLUMNS = (
+    "id", "company_id", "job_type", "input", "priority", "run_at", "attempts", "max_attempts",
+    "result", "result_asset_id", "error_message", "source_task_id", "lease_token",
+    "lease_expires_at", "event_seq", "started_at", "finished_at", "created_at",
+)  # fmt: skip
+
+
+def claimed_jobs(names: Sequence[str], worker_id: str) -> Callable[[Sequence[Any]], Job]:
+    """Builds the Jobs a claim by ``worker_id`` returns from its rows' values, given the
+    result's column ``names`` (CLAIMED_COLUMNS among them): the job as its row stands
+    after the claim, as ``Job.from_row`` would build it from the whole row."""
+    positions = {name: i for i, name in enumerate(names)}
+    missing = [name for name in CLAIMED_COLUMNS if name not in positions]
+    if missing:
+        raise TypeError(f"claimed_jobs: the result has no column(s) {', '.join(missing)}")
+    pick = operator.itemgetter(*(positions[name] for name in CLAIMED_COLUMNS))
+    running = JobStatus.RUNNING
+
+    def make(values: Sequence[Any]) -> Job:
+        (id_, company_id, job_type, input_, priority, run_at, attempts, max_attempts, result,
+         result_asset_id, error_message, source_task_id, lease_token, lease_expires_at,
+         event_seq, started_at, finished_at, created_at) = pick(values)  # fmt: skip
+        return Job(
+            id_, company_id, job_type, running, input_, priority, run_at, attempts,
+            max_attempts, result, result_asset_id, error_message, source_task_id, None,
+            worker_id, lease_token, lease_expires_at, event_seq, started_at, finished_at,
+            created_at, started_at,
         )  # fmt: skip
 
     return make

@@ -87,7 +87,7 @@ from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Handler, Registry
 from pgjobs.storage import Storage, from_settings
-from pgjobs.types import Job, job_rows
+from pgjobs.types import Job, claimed_jobs
 
 if TYPE_CHECKING:
     from psycopg._cursor_base import BaseCursor  # the type psycopg.rows uses for this
@@ -686,13 +686,13 @@ class Worker:
         self._wake()
 
     def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int]) -> RowMaker[Job]:
-        """job_rows for the claim, keeping the rotation cursor every claimed row carries
-        (taken before the Job is built, so a row that cannot become one still moves it)
-        and, from the limited claim's rows, into ``held[0]`` how many jobs a limit held
-        back."""
-        make = job_rows(cursor)
+        """The claim's row factory: Jobs (``types.claimed_jobs``), keeping the rotation
+        cursor every claimed row carries (taken before the Job is built, so a row that
+        cannot become one still moves it) and, from the limited claim's rows, into
+        ``held[0]`` how many jobs a limit held back."""
         assert cursor.description is not None
         names = [column.name for column in cursor.description]
+        make = claimed_jobs(names, self.id)
         at = names.index("after_company")
         # job_claim_batch_limited's: how many jobs a limit held back.
         held_at = names.index("held_back") if "held_back" in names else None
