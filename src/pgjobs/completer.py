@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import db, metrics
@@ -185,9 +186,10 @@ class Completer:
     async def _write(self, batch: list[Outcome]) -> dict[uuid.UUID, str]:
         """Write the batch; returns the jobs it finished, each with its new status."""
         params = finish_params(batch)
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES["job_finish_many_if_leased"], params)
-            return {row["id"]: row["status"] for row in await cur.fetchall()}
+        # Tuples, not the pool's dicts: one row per job.
+        async with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(QUERIES["job_finish_many_if_leased"], params)
+            return {job_id: status for job_id, status, _ in await cur.fetchall()}
 
     async def _discard(self, outcome: Outcome, *, retried: bool) -> bool:
         """Handle an outcome the batch did not apply. Returns True when it had in fact
