@@ -172,13 +172,17 @@ class Completer:
                 )
                 await asyncio.sleep(delay)
         self.batches += 1
+        # One lookup per job (a UUID hashes in Python).
+        statuses = [finished.get(outcome.job.id) for outcome in batch]
         _count(
             collections.Counter(
-                (o.job.job_type, finished[o.job.id]) for o in batch if o.job.id in finished
+                (outcome.job.job_type, status)
+                for outcome, status in zip(batch, statuses, strict=True)
+                if status is not None
             )
         )
-        for outcome in batch:
-            took_effect = outcome.job.id in finished
+        for outcome, status in zip(batch, statuses, strict=True):
+            took_effect = status is not None
             if not took_effect:
                 took_effect = await self._discard(outcome, retried=attempt > 0)
             outcome._resolve(took_effect)
