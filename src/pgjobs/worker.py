@@ -886,7 +886,8 @@ class Worker:
         # job); at its deadline the worker's one deadline timer cancels the task
         # (_deadlines_due), and that cancellation is told apart from a TimeoutError the
         # handler raised itself (an HTTP client's, say), which is an ordinary failure.
-        # Not asyncio.timeout: its timer per job costs ~3 µs to set and cancel on uvloop.
+        # Not asyncio.timeout: ~1.7 µs per job on uvloop even without a timeout, ~3.5 with
+        # one (its timer set and cancelled).
         try:
             if handler.timeout is not None:
                 self._arm_deadline(entry, handler.timeout)
