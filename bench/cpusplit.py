@@ -4,10 +4,10 @@
 
 Runs one drain (as scenario 1 does) while a thread reads ``/proc/<pid>/stat`` of the
 bench server's PostgreSQL processes (its postmaster and the postmaster's children: on a
-shared machine other servers' processes are named postgres too) and every
-``bench.worker`` process twice a second; prints the CPU seconds each side used during
-the drain divided by the jobs drained. Linux only. Behind
-docs/benchmarks.md's "Where the drain's time goes".
+shared machine other servers' processes are named postgres too) and of the drain's
+``bench.worker`` processes ten times a second (a worker's last reading before it exits is
+what counts); prints the CPU seconds each side used during the drain divided by the jobs
+drained. Linux only. Behind docs/benchmarks.md's "Where the drain's time goes".
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ class Sampler(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
-        while not self.stop.wait(0.5):
+        while not self.stop.wait(0.1):
             for kind, pids in cpu_readings(self.marker, self.postmaster).items():
                 self.last[kind].update(pids)
 
@@ -84,8 +84,9 @@ class Sampler(threading.Thread):
 def drain_with_cpu(ctx: Ctx, system: str, dsn: str, jobs: int, processes: int) -> dict[str, float]:
     """One drain (as scenario 1) while the Sampler reads the server's PostgreSQL processes
     and every worker process: its result, plus CPU per job (µs) on each side and the
-    cores busy."""
-    sampler = Sampler(postmaster=postmaster_of(dsn))
+    cores busy. Workers are told apart by ``dsn`` on their command line: other drains on
+    the same machine (other databases) run bench.worker processes too."""
+    sampler = Sampler(marker=f"bench.worker {system} {dsn}", postmaster=postmaster_of(dsn))
     sampler.start()
     t = time.monotonic()
     result = drain(ctx, system, dsn, jobs, processes)

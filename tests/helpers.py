@@ -88,7 +88,8 @@ async def fetch(dsn: str, query: Any, params: Any = None) -> list[dict[str, Any]
 
 
 async def claim_one(dsn: str, worker: str, now: dt.datetime | None = None) -> dict[str, object]:
-    """Claim the next due job for ``worker`` with the worker's own query."""
+    """Claim the next due job for ``worker`` with the worker's own query; its whole row
+    after the claim (the claim returns only the columns the worker reads)."""
     rows = await fetch(
         dsn,
         QUERIES["job_claim_batch"],
@@ -102,7 +103,8 @@ async def claim_one(dsn: str, worker: str, now: dt.datetime | None = None) -> di
         },
     )
     assert len(rows) == 1
-    return rows[0]
+    (row,) = await fetch(dsn, "SELECT * FROM pgjobs.jobs WHERE id = %s", [rows[0]["id"]])
+    return row
 
 
 def finish_params(
@@ -116,7 +118,7 @@ def finish_params(
         "ids": [j["id"] for j in jobs],
         "lease_tokens": [j["lease_token"] for j in jobs],
         "outcomes": [outcome] * len(jobs),
-        "results": [json.dumps({"by": j["worker_id"]}) for j in jobs],
+        "results": [json.dumps({"by": j.get("worker_id")}) for j in jobs],
         "errors": nulls if outcome == "done" else ["boom"] * len(jobs),
         "tracebacks": None,
         "retry_delays": [0.0] * len(jobs),

@@ -16,15 +16,17 @@ an asset is only deleted once the database shows it is not linked to its job.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import random
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import db, metrics
@@ -170,21 +172,28 @@ class Completer:
                 )
                 await asyncio.sleep(delay)
         self.batches += 1
-        for outcome in batch:
-            status = finished.get(outcome.job.id)
+        # One lookup per job (a UUID hashes in Python).
+        statuses = [finished.get(outcome.job.id) for outcome in batch]
+        _count(
+            collections.Counter(
+                (outcome.job.job_type, status)
+                for outcome, status in zip(batch, statuses, strict=True)
+                if status is not None
+            )
+        )
+        for outcome, status in zip(batch, statuses, strict=True):
             took_effect = status is not None
-            if status is not None:
-                _count(outcome.job.job_type, status)
-            else:
+            if not took_effect:
                 took_effect = await self._discard(outcome, retried=attempt > 0)
             outcome._resolve(took_effect)
 
     async def _write(self, batch: list[Outcome]) -> dict[uuid.UUID, str]:
         """Write the batch; returns the jobs it finished, each with its new status."""
         params = finish_params(batch)
-        async with self.pool.connection() as conn:
-            cur = await conn.execute(QUERIES["job_finish_many_if_leased"], params)
-            return {row["id"]: row["status"] for row in await cur.fetchall()}
+        # Tuples, not the pool's dicts: one row per job.
+        async with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            await cur.execute(QUERIES["job_finish_many_if_leased"], params)
+            return {job_id: status for job_id, status, _ in await cur.fetchall()}
 
     async def _discard(self, outcome: Outcome, *, retried: bool) -> bool:
         """Handle an outcome the batch did not apply. Returns True when it had in fact
@@ -205,7 +214,7 @@ class Completer:
                     job.id,
                     extra=job.log_fields(),
                 )
-                _count(job.job_type, row["status"])
+                _count({(job.job_type, row["status"]): 1})
                 return True
         metrics.LEASE_LOSSES.labels("finish").inc()
         log.warning(
@@ -241,13 +250,16 @@ def finish_params(batch: list[Outcome]) -> dict[str, Any]:
     return params
 
 
-def _count(job_type: str, status: str) -> None:
-    """The metrics of one finished attempt: its transition, and a retry if it was one."""
-    if status == "queued":
-        metrics.TRANSITIONS.labels(job_type, "retrying").inc()
-        metrics.RETRIES.labels(job_type).inc()
-    else:
-        metrics.TRANSITIONS.labels(job_type, status).inc()
+def _count(finished: Mapping[tuple[str, str], int]) -> None:
+    """The metrics of finished attempts, ``(job_type, new status): how many``: their
+    transitions, and the retries among them."""
+    metrics.count_transitions(
+        {(job_type, "retrying" if status == "queued" else status): n
+         for (job_type, status), n in finished.items()}
+    )  # fmt: skip
+    for (job_type, status), n in finished.items():
+        if status == "queued":
+            metrics.RETRIES.labels(job_type).inc(n)
 
 
 def _or_null(values: list[Any]) -> list[Any] | None:

@@ -256,7 +256,10 @@ WITH RECURSIVE room AS MATERIALIZED (
     -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
     -- (re-checking their WHERE on the newest version), so nobody changed them since.
     WHERE j.id = ANY(ARRAY(SELECT job_id FROM keep))
-    RETURNING j.*
+    -- The columns job_claim_batch returns (and why there).
+    RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
+        j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
+        j.lease_token, j.lease_expires_at, j.event_seq, j.started_at, j.finished_at, j.created_at
 )
 SELECT c.*,
     -- the company served last in the fair order (the ring's last if fair took none)

@@ -49,6 +49,7 @@ statement, without using up an attempt.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import logging
@@ -86,7 +87,7 @@ from pgjobs.notifier import Listener
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Handler, Registry
 from pgjobs.storage import Storage, from_settings
-from pgjobs.types import Job, job_rows
+from pgjobs.types import Job, claimed_jobs
 
 if TYPE_CHECKING:
     from psycopg._cursor_base import BaseCursor  # the type psycopg.rows uses for this
@@ -195,6 +196,10 @@ class _Running:
     task: asyncio.Task[None] = field(init=False)
     in_handler: bool = True
     finishing: bool = False
+    # The loop time by which the handler must return (its type's timeout), while it runs
+    # (Worker._deadlines_due); timed_out: it did not, and its task was cancelled for it.
+    deadline: float | None = None
+    timed_out: bool = False
 
 
 class Worker:
@@ -244,6 +249,10 @@ class Worker:
         # whether the last limited claim found every limit far from full (ROOMY).
         self._limits_roomy = False
         self._window_timer: asyncio.TimerHandle | None = None
+        # Handlers' timeouts: one timer, at or before the earliest deadline of a running
+        # handler (_arm_deadline), instead of an asyncio.timeout per job.
+        self._deadline_timer: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by run()
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
         )
@@ -278,6 +287,7 @@ class Worker:
 
     async def run(self) -> None:
         settings = self.settings
+        self._loop = asyncio.get_running_loop()
         pool = await db.open_pool(
             self.dsn,
             min_size=2,
@@ -375,6 +385,8 @@ class Worker:
         finally:
             if self._window_timer is not None:
                 self._window_timer.cancel()
+            if self._deadline_timer is not None:
+                self._deadline_timer.cancel()
             if self.health is not None:
                 await self.health.stop()
             for task in background:
@@ -535,6 +547,7 @@ class Worker:
             self._claims -= 1
         for job in jobs:
             self._start(job)
+        metrics.count_transitions(collections.Counter((job.job_type, "running") for job in jobs))
         if len(jobs) < limit and not self._claim_failures:
             if self._wakes == wakes_when_sent:
                 self._queue_empty = True
@@ -673,13 +686,13 @@ class Worker:
         self._wake()
 
     def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int]) -> RowMaker[Job]:
-        """job_rows for the claim, keeping the rotation cursor every claimed row carries
-        (taken before the Job is built, so a row that cannot become one still moves it)
-        and, from the limited claim's rows, into ``held[0]`` how many jobs a limit held
-        back."""
-        make = job_rows(cursor)
+        """The claim's row factory: Jobs (``types.claimed_jobs``), keeping the rotation
+        cursor every claimed row carries (taken before the Job is built, so a row that
+        cannot become one still moves it) and, from the limited claim's rows, into
+        ``held[0]`` how many jobs a limit held back."""
         assert cursor.description is not None
         names = [column.name for column in cursor.description]
+        make = claimed_jobs(names, self.id)
         at = names.index("after_company")
         # job_claim_batch_limited's: how many jobs a limit held back.
         held_at = names.index("held_back") if "held_back" in names else None
@@ -782,15 +795,18 @@ class Worker:
 
     def _start(self, job: Job) -> None:
         assert self._pool is not None
+        assert self._loop is not None
+        # The loop run() kept, not asyncio's lookup of the running loop (also inside
+        # asyncio.create_task): on Python 3.11 each lookup is a getpid() system call.
+        loop = self._loop
         completion = txcomplete.TransactionalCompletion(job, self._pool, self.dsn)
-        ctx = JobContext(job, self._write_progress, asyncio.get_running_loop(), completion)
+        ctx = JobContext(job, self._write_progress, loop, completion)
         entry = _Running(job, ctx, completion)
         self._active += 1
         self._running[job.id] = entry
-        entry.task = asyncio.create_task(self._execute(entry))
+        entry.task = loop.create_task(self._execute(entry))
         entry.task.add_done_callback(lambda _: self._done(entry))
         self.jobs_started += 1
-        metrics.TRANSITIONS.labels(job.job_type, "running").inc()
         if self.burst:
             self.ran.append(job.id)
 
@@ -810,14 +826,16 @@ class Worker:
         started = time.perf_counter()
         outcome: Outcome | None = None
         try:
-            outcome = await self._attempt(entry.job, entry.ctx)
+            outcome = await self._attempt(entry)
             # Completed (or found lost) in ctx.transaction(): nothing left to record.
             outcome = await txcomplete.settle(entry.completion, outcome, self.storage)
         finally:
             kind = "abandoned" if outcome is None else outcome.kind
-            metrics.HANDLER_DURATION.labels(
-                entry.job.job_type, "done" if entry.completion.committed else kind
-            ).observe(time.perf_counter() - started)
+            metrics.observe_handler_duration(
+                entry.job.job_type,
+                "done" if entry.completion.committed else kind,
+                time.perf_counter() - started,
+            )
         if outcome is None:
             return
         # The handler's slot is free as soon as it returns: the fetch loop can claim the
@@ -847,9 +865,10 @@ class Worker:
             del self._running[entry.job.id]
         self._wake()
 
-    async def _attempt(self, job: Job, ctx: JobContext) -> Outcome | None:
+    async def _attempt(self, entry: _Running) -> Outcome | None:
         """Run the handler; None when the attempt was abandoned (cancelled, lease lost,
         shutdown), in which case nothing may be written for it."""
+        job, ctx = entry.job, entry.ctx
         handler = self.registry.get(job.job_type)
         if handler is None:
             # Not reached through the claim, which takes only this registry's types; kept
@@ -863,13 +882,19 @@ class Worker:
                 f"(this worker handles: {known}); start a worker whose --handlers registry "
                 "has it, then retry the job",
             )
-        # asyncio.timeout, not wait_for: the handler runs in this task (wait_for wraps it in
-        # a second task per job), and the deadline is told apart from a TimeoutError the
+        # The handler runs in this task (no wait_for, which wraps it in a second task per
+        # job); at its deadline the worker's one deadline timer cancels the task
+        # (_deadlines_due), and that cancellation is told apart from a TimeoutError the
         # handler raised itself (an HTTP client's, say), which is an ordinary failure.
-        deadline = asyncio.timeout(handler.timeout)
+        # Not asyncio.timeout: ~1.7 µs per job on uvloop even without a timeout, ~3.5 with
+        # one (its timer set and cancelled).
         try:
-            async with deadline:
+            if handler.timeout is not None:
+                self._arm_deadline(entry, handler.timeout)
+            try:
                 result = await self._invoke(handler, ctx)
+            finally:
+                entry.deadline = None
             asset = None
             if isinstance(result, GeneratedAsset):
                 asset = await assets.store(
@@ -886,24 +911,62 @@ class Worker:
         except asyncio.CancelledError:
             if ctx.cancelled:
                 return None
-            raise
+            if not entry.timed_out:
+                raise
+            # The deadline's cancellation, handled: this task goes on to record the attempt.
+            entry.task.uncancel()
+            error = f"timed out after {handler.timeout:g}s (the {job.job_type!r} timeout)"
+            # A sync handler's thread runs on: this tells it to stop (and makes its
+            # progress calls no-ops); the attempt is recorded now, not when it returns.
+            ctx._cancel(error)
+            return self._failed(job, ctx, "error", error)
         except LeaseLostError as exc:
             # From ctx.transaction(): rolled back, and the job is another attempt's now.
             ctx.logger.warning("%s", exc)
             return None
         except (AssetTooLargeError, InvalidAssetError) as exc:  # retrying cannot help
             return self._failed(job, ctx, "fail", str(exc))
-        except TimeoutError as exc:
-            if deadline.expired():
-                error = f"timed out after {handler.timeout:g}s (the {job.job_type!r} timeout)"
-                # A sync handler's thread runs on: this tells it to stop (and makes its
-                # progress calls no-ops); the attempt is recorded now, not when it returns.
-                ctx._cancel(error)
-                return self._failed(job, ctx, "error", error)
+        except TimeoutError as exc:  # the handler's own, never its deadline's
             error = f"TimeoutError: {exc}" if str(exc) else "TimeoutError raised by the handler"
             return self._failed(job, ctx, "error", error, exc)
         except Exception as exc:
             return self._failed(job, ctx, "error", f"{type(exc).__name__}: {exc}", exc)
+
+    def _arm_deadline(self, entry: _Running, timeout: float) -> None:
+        """Give a handler that starts now its deadline, keeping the deadline timer at or
+        before the earliest one: reset only when this one is earlier (a shorter timeout),
+        which with one timeout for every job happens once, not per job."""
+        assert self._loop is not None
+        entry.deadline = at = self._loop.time() + timeout
+        timer = self._deadline_timer
+        if timer is None or at < timer.when():
+            if timer is not None:
+                timer.cancel()
+            self._deadline_timer = self._loop.call_at(at, self._deadlines_due)
+
+    def _deadlines_due(self) -> None:
+        """The deadline timer: stop the handlers whose deadline has come (cancel their
+        task, marked ``timed_out``), then set the timer for the earliest one left. The
+        handlers that ended since it was set cleared theirs. A timer may fire up to a
+        millisecond early (uvloop's clock counts milliseconds); a deadline within that is
+        due, as asyncio.timeout's would be."""
+        assert self._loop is not None
+        self._deadline_timer = None
+        now = self._loop.time() + 0.001
+        earliest: float | None = None
+        for entry in self._running.values():
+            at = entry.deadline
+            if at is None:
+                continue
+            if at <= now:
+                entry.deadline = None
+                if not entry.ctx.cancelled:  # already being stopped for another reason
+                    entry.timed_out = True
+                    entry.task.cancel()
+            elif earliest is None or at < earliest:
+                earliest = at
+        if earliest is not None:
+            self._deadline_timer = self._loop.call_at(earliest, self._deadlines_due)
 
     def _failed(
         self,

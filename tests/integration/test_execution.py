@@ -95,6 +95,67 @@ async def test_handler_timeout_fails_attempt_with_clear_message(
     ).error_message == "timed out after 0.2s (the 'slow' timeout)"
 
 
+async def test_a_shorter_timeout_ends_its_job_while_a_longer_one_runs(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    # The worker keeps one deadline timer, at the earliest running handler's deadline: a
+    # job with a shorter timeout than the one the timer waits for must move it earlier.
+    registry = Registry()
+    release = asyncio.Event()
+
+    @registry.handler("long", timeout=300)
+    async def long(ctx: JobContext) -> None:
+        await release.wait()
+
+    @registry.handler("short", timeout=0.2)
+    async def short(ctx: JobContext) -> None:
+        await asyncio.sleep(300)
+
+    first = await client.enqueue("acme", "long", max_attempts=1)
+    async with running_worker(dsn, registry, fast_settings(storage_dir)):
+        await wait_until(lambda: _status(client, first.id, JobStatus.RUNNING), message="long runs")
+        second = await client.enqueue("acme", "short", max_attempts=1)
+        await wait_until(
+            lambda: _status(client, second.id, JobStatus.FAILED), message="short timed out"
+        )
+        assert (await client.get("acme", first.id)).status is JobStatus.RUNNING
+        release.set()
+        await wait_until(lambda: _status(client, first.id, JobStatus.DONE), message="long done")
+    assert (
+        await client.get("acme", second.id)
+    ).error_message == "timed out after 0.2s (the 'short' timeout)"
+
+
+async def test_a_timeout_comes_after_an_earlier_deadline_whose_job_ended(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    # The deadline timer set for the first job fires after that job ended (or timed out):
+    # it must be set again for the second job's later deadline.
+    registry = Registry()
+    release = asyncio.Event()
+
+    @registry.handler("first", timeout=1.0)
+    async def first_handler(ctx: JobContext) -> None:
+        await release.wait()
+
+    @registry.handler("second", timeout=1.5)
+    async def second_handler(ctx: JobContext) -> None:
+        await asyncio.sleep(300)
+
+    first = await client.enqueue("acme", "first", max_attempts=1)
+    async with running_worker(dsn, registry, fast_settings(storage_dir)):
+        await wait_until(lambda: _status(client, first.id, JobStatus.RUNNING), message="1st runs")
+        second = await client.enqueue("acme", "second", max_attempts=1)
+        await wait_until(lambda: _status(client, second.id, JobStatus.RUNNING), message="2nd runs")
+        release.set()  # the first ends (unless its deadline came first, which also does)
+        await wait_until(
+            lambda: _status(client, second.id, JobStatus.FAILED), message="2nd timed out"
+        )
+    assert (
+        await client.get("acme", second.id)
+    ).error_message == "timed out after 1.5s (the 'second' timeout)"
+
+
 async def test_a_timeout_raised_by_the_handler_is_not_reported_as_the_job_deadline(
     dsn: str, client: Client, storage_dir: Path
 ) -> None:

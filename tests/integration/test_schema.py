@@ -187,7 +187,7 @@ async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
             names.append(m.group(1))
         return f"${names.index(m.group(1)) + 1}"
 
-    prepared = re.sub(r"%\((\w+)\)s", placeholder, QUERIES[name]).replace("%%", "%")
+    prepared = re.sub(r"%\((\w+)\)[sb]", placeholder, QUERIES[name]).replace("%%", "%")
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute("ANALYZE pgjobs.jobs")
         await conn.execute(f"PREPARE hot AS {prepared}".encode())

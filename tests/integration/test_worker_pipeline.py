@@ -23,7 +23,15 @@ from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 from pgjobs.storage import LocalStorage
-from pgjobs.types import EventType, Job, JobStatus, Progress, job_rows, job_status
+from pgjobs.types import (
+    EventType,
+    Job,
+    JobStatus,
+    Progress,
+    claimed_jobs,
+    job_rows,
+    job_status,
+)
 from pgjobs.worker import CLAIMS_IN_FLIGHT, Worker
 
 
@@ -125,9 +133,10 @@ async def test_a_completion_that_cannot_be_written_fails_its_handler_instead_of_
         await pool.close()
 
 
-async def test_claim_rows_decode_to_the_jobs_from_row_builds(dsn: str, client: Client) -> None:
-    """The claim decodes its rows with job_rows (tuples, columns found by name) instead of
-    dicts and Job.from_row; both must give the same Job for every kind of row."""
+async def test_job_rows_decode_to_the_jobs_from_row_builds(dsn: str, client: Client) -> None:
+    """Whole job rows (enqueue_many's) decode with job_rows (tuples, columns found by
+    name) instead of dicts and Job.from_row; both must give the same Job for every kind
+    of row."""
     await client.enqueue("acme", "echo", {"text": "queued"}, source_task_id="task-1", priority=3)
     for _ in range(3):
         await client.enqueue("acme", "echo", {"n": [1, 2]})
@@ -161,6 +170,39 @@ async def test_claim_rows_decode_to_the_jobs_from_row_builds(dsn: str, client: C
     }
     assert Progress(0.5, "half") in [job.progress for job in decoded]
     assert "task-1" in [job.source_task_id for job in decoded]
+
+
+@pytest.mark.parametrize("query", ["job_claim_batch", "job_claim_batch_limited"])
+async def test_a_claimed_job_is_its_row_as_the_claim_left_it(
+    dsn: str, client: Client, query: str
+) -> None:
+    """Both claims return only the columns the worker reads (types.CLAIMED_COLUMNS), and
+    the worker fills in what the claim itself set (status, worker_id, progress,
+    updated_at): the Jobs it hands to handlers must equal Job.from_row of the whole rows,
+    for a first attempt and for a retry that carries its last error."""
+    await client.enqueue("acme", "echo", {"text": "é", "n": [1, 2.5, None]}, source_task_id="t")
+    retried = await client.enqueue("globex", "echo", priority=2)
+    first = await claim_one(dsn, "w0")
+    assert first["id"] == retried.id
+    await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(first, "error"))
+    await fetch(dsn, "UPDATE pgjobs.jobs SET run_at = now() WHERE id = %s", [retried.id])
+    params = {
+        "now": None, "limit": 10, "worker_id": "w1", "lease_seconds": 30.0, "job_types": None,
+        "after_company": None, "count_running": True,
+    }  # fmt: skip
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = conn.cursor(
+            row_factory=lambda c: claimed_jobs([d.name for d in c.description or ()], "w1")
+        )
+        await cur.execute(QUERIES[query], params)
+        claimed = await cur.fetchall()
+    rows = await fetch(
+        dsn, "SELECT * FROM pgjobs.jobs WHERE id = ANY(%s)", [[j.id for j in claimed]]
+    )
+    assert sorted(claimed, key=str) == sorted((Job.from_row(r) for r in rows), key=str)
+    assert len(claimed) == 2
+    again = next(job for job in claimed if job.id == retried.id)
+    assert (again.attempts, again.error_message) == (2, "boom")
 
 
 async def test_job_rows_names_the_columns_a_result_lacks(dsn: str) -> None:
