@@ -243,6 +243,9 @@ class Worker:
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
         # whether the last limited claim found every limit far from full (ROOMY).
         self._limits_roomy = False
+        # Whether the last claim found a limit that can cover this worker's jobs: then the
+        # next one claims through job_claim_batch_limited directly.
+        self._limited = False
         self._window_timer: asyncio.TimerHandle | None = None
         self._threads = ThreadPoolExecutor(
             max_workers=self.settings.concurrency, thread_name_prefix="pgjobs-handler"
@@ -586,10 +589,18 @@ class Worker:
             held_back = [0]  # set from job_claim_batch_limited's rows
             cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
-            limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
-            if not (await limited.fetchone() or {}).get("limited"):
+            if not self._limited:
+                # job_claim_batch claims nothing where a limit can cover these jobs, so
+                # no limit is asked for before it; only a claim that came back empty
+                # asks whether a limit is why.
                 await cur.execute(QUERIES["job_claim_batch"], params)
-                return await self._fetch_claimed(conn, cur)
+                jobs = await self._fetch_claimed(conn, cur)
+                if jobs:
+                    return jobs
+                limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
+                if not (await limited.fetchone() or {}).get("limited"):
+                    return jobs
+                self._limited = True
             # Some limit may cover these jobs (pgjobs.limits). Far from every limit (the
             # last claim's check saw ROOMY or more left), optimistically: claim within the rooms
             # the claim's snapshot shows, then take the limits' locks and check, so that
@@ -621,6 +632,7 @@ class Worker:
                     # within, as counted under the locks
                     _, least_room = await self._count_starts(conn, params, jobs)
         self._limits_roomy = (least_room or 0) >= ROOMY
+        self._limited = least_room is not None  # None: no limit covers these jobs now
         if held_back[0]:
             self._wake()  # a limit cut the batch short, not the queue: claim the rest
         elif window_ends_in is not None and len(jobs) < limit:

@@ -186,6 +186,67 @@ async def test_a_batch_cut_short_by_a_limit_is_claimed_again_at_once(
     assert await _most_at_once(dsn, "acme", "render") == 1
 
 
+async def test_a_limit_set_while_a_worker_runs_holds_and_cleared_lets_jobs_flow(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """A worker that has only claimed without limits (there were none) keeps to a limit set
+    while it runs: acme's two renders run (each waits until released), acme is then
+    limited to 2 running, and acme's and beta's echo jobs are queued in one statement:
+    beta's run, acme's stay queued (the claim that took beta's passed them by). Cleared
+    while the renders still run, the limit lets acme's echo jobs start (found by the
+    poll), and the worker claims through the plain claim again."""
+    release = asyncio.Event()
+    registry = Registry()
+
+    @registry.handler("render")
+    async def render(ctx: JobContext) -> None:
+        await release.wait()
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        return None
+
+    async def statuses(company: str, job_type: str) -> Counter[str]:
+        rows = await fetch(
+            dsn,
+            "SELECT status FROM pgjobs.jobs WHERE company_id = %s AND job_type = %s",
+            [company, job_type],
+        )
+        return Counter(r["status"] for r in rows)
+
+    settings = fast_settings(storage_dir, concurrency=10)
+    try:
+        async with running_worker(dsn, registry, settings) as w:
+            await client.enqueue_many(JobSpec("acme", "render") for _ in range(2))
+
+            async def renders_running() -> bool:
+                return (await statuses("acme", "render"))["running"] == 2
+
+            await wait_until(renders_running, within=20, message="acme's renders running")
+            await _set(dsn, company_id="acme", max_running=2)
+            await client.enqueue_many(
+                [JobSpec("acme", "echo") for _ in range(3)]
+                + [JobSpec("beta", "echo") for _ in range(3)]
+            )
+
+            async def beta_done() -> bool:
+                return (await statuses("beta", "echo"))["done"] == 3
+
+            await wait_until(beta_done, within=20, message="beta's echo jobs done")
+            assert await statuses("acme", "echo") == {"queued": 3}
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                assert await limits.clear_limit(conn, company_id="acme")
+
+            async def acme_done() -> bool:
+                return (await statuses("acme", "echo"))["done"] == 3
+
+            await wait_until(acme_done, within=30, message="acme's echo jobs done")
+            assert await statuses("acme", "render") == {"running": 2}
+            assert w._limited is False
+    finally:
+        release.set()
+
+
 async def _claim_limited(
     dsn: str, limit: int, now: dt.datetime | None = None, job_types: list[str] | None = None
 ) -> list[dict[str, Any]]:
