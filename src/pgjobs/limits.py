@@ -7,20 +7,20 @@ aligned on the Unix epoch). A job covered by several limits keeps to each.
 
 The claim enforces them, across every worker on every host, with no coordinator: a
 worker that a limit can concern claims through ``job_claim_batch_limited``, which counts
-each limit's running jobs and its window's starts and takes at most the room left, in a
-transaction holding a transaction-level advisory lock per applicable limit
-(``limit_lock_for_types``, in id order). Near a limit the locks come first, so the claim
-counts every claim committed before it. Far from every limit (ten batches of room at the
-worker's last claim: ``pgjobs.worker.ROOMY``) the claim comes first and the locks only
-cover ``limit_count_starts_if_within`` after it, which rolls the claim back when
-concurrent claims took the room (it is then redone as near a limit): claims far from a
-limit overlap instead of taking turns. Rate windows are counted by that statement, under
-the locks, in both cases. A job over its limit stays queued; the completion that frees
-its slot wakes the completing worker, which claims again (and a worker whose claim came
-back short while a rate limit applies looks again when the window ends). A worker no
-limit concerns (none names one of its job types, or all types) claims as before,
-through ``job_claim_batch``: each claim first asks ``limit_exists_for_types``, a probe of
-a table of a few rows (no cache, so a new limit holds from the next claim on).
+each limit's running jobs and its window's starts, takes at most the room left and adds
+what it took to the rate windows, in a transaction holding a transaction-level advisory
+lock per applicable limit (``limit_lock_for_types``, in id order), taken before the
+claim, so that the claim counts every claim committed before it. The worker sends the
+two statements as one pipeline (one round trip, one implicit transaction), so the locks
+are held for the claim's own execution and commit only. A job over its limit stays
+queued; the completion that frees its slot wakes the completing worker, which claims
+again (and a worker whose claim came back short while a rate limit applies looks again
+when the window ends). A worker no limit concerns (none names one of its job types, or
+all types) claims as before, through ``job_claim_batch``, which itself claims nothing
+where such a limit exists (one probe of this small table in the claim statement): a
+claim that came back empty asks ``limit_exists_for_types`` and, if a limit is why,
+claims through the limited claim, as the worker's next claims do until one finds no
+limit covering its jobs.
 
 A limit applies to claims that begin after it is committed; a claim already running
 finishes under what it read.

@@ -4,7 +4,8 @@
 
 -- name: limit_exists_for_types
 -- Whether any limit can cover a job of %(job_types)s (NULL: of any type). The worker asks
--- before each claim: without one it claims through job_claim_batch, unchanged.
+-- only when job_claim_batch came back empty (which it does where such a limit exists):
+-- then it claims through job_claim_batch_limited.
 SELECT EXISTS (
     SELECT 1 FROM pgjobs.limits l
     WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
@@ -15,9 +16,10 @@ SELECT EXISTS (
 -- A transaction-level advisory lock on each limit that can cover a job of %(job_types)s,
 -- in id order (every claim takes them in that order, so two claims never deadlock), held
 -- until the claim commits. A statement after it takes its snapshot after the locks are
--- granted, so it counts every job an earlier holder claimed. Returns how many limits were locked, and
--- the seconds until the earliest current rate window ends (NULL without a rate limit):
--- when a claim came back short, the worker looks again then.
+-- granted, so it counts every job an earlier holder claimed. Returns how many limits were
+-- locked (0: none covers these jobs any more) and the seconds until the earliest current
+-- rate window ends (NULL without a rate limit): when a claim came back short, the worker
+-- looks again then.
 SELECT count(*) AS locked,
        min(extract(epoch FROM
                to_timestamp((floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
@@ -42,12 +44,12 @@ CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext('pgjobs.limits'), l.id
 -- that is blocked are walked past within their level, as other workers' types are.
 -- chosen/held/keep: what fair and fill took, cut to each limit's room in claim order;
 -- the rows held back were locked and are left as they were (queued).
--- Run either after limit_lock_for_types (then the rooms are exact), or first, without
--- the locks (the rooms are as of its snapshot; limit_count_starts_if_within, under the
--- locks, then says whether the claim may stand). Writes nothing but the claim itself:
--- the rate windows are counted by limit_count_starts_if_within, under the locks.
--- With %(count_running)s false (the optimistic path) the rooms leave the running jobs
--- out: limit_count_starts_if_within counts them, under the locks.
+-- counted/pruned: the claimed jobs added to each rate limit's current window, and the
+-- windows that ended more than a period ago deleted.
+-- Run after limit_lock_for_types in the same transaction (the worker sends both in one
+-- pipeline: one round trip): its snapshot is then taken under the locks, so the rooms
+-- are exact (every claim committed before counts) and the windows' rows are only ever
+-- written by the locks' holder (a claim holding a lock never waits for such a row).
 -- Returns the claimed jobs, each with after_company and held_back: how many jobs were
 -- held back by a limit with room left (then the worker claims again at once, for the
 -- jobs no limit holds back).
@@ -56,18 +58,15 @@ WITH RECURSIVE room AS MATERIALIZED (
     -- its jobs may start now (the least of its running and rate bounds). Limit names are
     -- '' for "all" here, so that the matches below are plain equalities.
     SELECT l.id, coalesce(l.company_id, '') AS company_id, coalesce(l.job_type, '') AS job_type,
-           l.period_seconds, w.window_start,
+           l.max_starts, l.period_seconds, w.window_start,
            -- (CASE: a bound not set is not counted at all)
            -- Running jobs: job_queue's leased rows (job_queue_lease_idx), read once per
-           -- limit. Not counted when %(count_running)s is false (the optimistic path:
-           -- limit_count_starts_if_within counts them under the locks).
-           least(CASE WHEN l.max_running IS NOT NULL AND %(count_running)s::bool
-                      THEN l.max_running - (
+           -- limit.
+           least(CASE WHEN l.max_running IS NOT NULL THEN l.max_running - (
                      SELECT count(*) FROM pgjobs.job_queue q
                      WHERE q.lease_expires_at IS NOT NULL
                        AND (l.company_id IS NULL OR q.company_id = l.company_id)
-                       AND (l.job_type IS NULL OR q.job_type = l.job_type))
-                      WHEN l.max_running IS NOT NULL THEN l.max_running END,
+                       AND (l.job_type IS NULL OR q.job_type = l.job_type)) END,
                  CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce((
                      SELECT s.started FROM pgjobs.limit_windows s
                      WHERE s.limit_id = l.id AND s.window_start = w.window_start), 0) END)
@@ -260,6 +259,19 @@ WITH RECURSIVE room AS MATERIALIZED (
     RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
         j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
         j.lease_token, j.lease_expires_at, j.event_seq, j.started_at, j.finished_at, j.created_at
+), counted AS (
+    INSERT INTO pgjobs.limit_windows AS w (limit_id, window_start, started)
+    SELECT r.id, r.window_start, count(*)
+    FROM room r JOIN claimed c
+      ON r.company_id IN (c.company_id, '') AND r.job_type IN (c.job_type, '')
+    WHERE r.max_starts IS NOT NULL
+    GROUP BY r.id, r.window_start
+    ON CONFLICT (limit_id, window_start) DO UPDATE SET started = w.started + excluded.started
+), pruned AS (
+    -- Windows that ended more than a period ago are never read again.
+    DELETE FROM pgjobs.limit_windows w USING room r
+    WHERE w.limit_id = r.id AND r.max_starts IS NOT NULL
+      AND w.window_start < r.window_start - make_interval(secs => r.period_seconds)
 )
 SELECT c.*,
     -- the company served last in the fair order (the ring's last if fair took none)
@@ -305,58 +317,3 @@ DELETE FROM pgjobs.limits
 WHERE company_id IS NOT DISTINCT FROM %(company_id)s::text
   AND job_type IS NOT DISTINCT FROM %(job_type)s::text
 RETURNING id;
-
--- name: limit_count_starts_if_within
--- Run under limit_lock_for_types' locks, after a limited claim in the same transaction:
--- adds the claimed jobs (%(company_ids)s, %(job_types_started)s, one entry per job) to
--- each rate limit's current window, and says whether every limit they count against
--- still holds (counting this transaction's own claim and every claim committed before the
--- locks were granted), and the least room any applicable limit has left (exact: the
--- worker decides from it whether its next claim may be optimistic). Only ever written under the locks, so a window's row is never waited for by
--- a claim that holds a limit's lock (no deadlock between the two).
-WITH started AS (
-    SELECT u.company_id, u.job_type
-    FROM unnest(%(company_ids)s::text[], %(job_types_started)s::text[]) AS u(company_id, job_type)
-), lim AS (
-    SELECT l.*, to_timestamp(floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
-                                   / l.period_seconds) * l.period_seconds) AS window_start
-    FROM pgjobs.limits l
-    WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
-       OR l.job_type = ANY(%(job_types)s::text[])
-), counted AS (
-    INSERT INTO pgjobs.limit_windows AS w (limit_id, window_start, started)
-    SELECT l.id, l.window_start, count(*)
-    FROM lim l JOIN started s
-      ON (l.company_id IS NULL OR l.company_id = s.company_id)
-     AND (l.job_type IS NULL OR l.job_type = s.job_type)
-    WHERE l.max_starts IS NOT NULL
-    GROUP BY l.id, l.window_start
-    ON CONFLICT (limit_id, window_start) DO UPDATE SET started = w.started + excluded.started
-    RETURNING w.limit_id, w.started
-), pruned AS (
-    -- Windows that ended more than a period ago are never read again.
-    DELETE FROM pgjobs.limit_windows w USING lim l
-    WHERE w.limit_id = l.id
-      AND w.window_start < l.window_start - make_interval(secs => l.period_seconds)
-)
-SELECT coalesce(bool_and(r.room >= 0) FILTER (WHERE r.covers), true) AS within,
-       min(r.room) AS least_room
-FROM (
-    SELECT least(
-               CASE WHEN l.max_running IS NOT NULL THEN l.max_running - (
-                   SELECT count(*) FROM pgjobs.job_queue q
-                   WHERE q.lease_expires_at IS NOT NULL
-                     AND (l.company_id IS NULL OR q.company_id = l.company_id)
-                     AND (l.job_type IS NULL OR q.job_type = l.job_type)) END,
-               CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce(
-                   (SELECT c.started FROM counted c WHERE c.limit_id = l.id),
-                   (SELECT s.started FROM pgjobs.limit_windows s
-                    WHERE s.limit_id = l.id AND s.window_start = l.window_start),
-                   0) END) AS room,
-           -- only the limits this claim's jobs count against decide "within": one already
-           -- over (lowered since) does not fail a claim of jobs it does not cover
-           EXISTS (SELECT 1 FROM started s
-                   WHERE (l.company_id IS NULL OR l.company_id = s.company_id)
-                     AND (l.job_type IS NULL OR l.job_type = s.job_type)) AS covers
-    FROM lim l
-) r;

@@ -119,6 +119,11 @@ LIMIT %(limit)s::int;
 -- rows it passes over but for its "ours already" filter. No condition on the job
 -- row here: its selectivity (queued among millions of finished jobs) made the planner
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
+-- Claims nothing where a limit can cover a job of %(job_types)s (pgjobs.limits, sql/0014):
+-- such jobs are claimed through job_claim_batch_limited (limits.sql). The check is one
+-- probe of that small table, run once before anything else (an uncorrelated subquery: a
+-- one-time filter), so a worker need not ask before each claim, and a limit committed
+-- before the claim began holds for it.
 -- Returns the claimed jobs, each with after_company: what to pass next time.
 WITH RECURSIVE ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS (
     -- (company, level) pairs, each with its first queued job (where heads1 starts: the
@@ -260,6 +265,9 @@ SET status = 'running',
 -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
 -- (re-checking their WHERE on the newest version), so nobody changed them since.
 WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
+  AND NOT EXISTS (SELECT 1 FROM pgjobs.limits l
+                  WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
+                     OR l.job_type = ANY(%(job_types)s::text[]))
 -- What the worker's Job needs that this statement does not set itself (pgjobs.types
 -- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows); not the audit
 -- columns (last_event, error_traceback, up to 16 KiB on a retry). Every column decoded

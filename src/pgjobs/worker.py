@@ -99,9 +99,6 @@ log = logging.getLogger(__name__)
 TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
 MAX_CLAIM_BATCH = 100
 CLAIMS_IN_FLIGHT = 2
-# A limited claim runs optimistically (locks only for its check) while every limit it
-# is under had at least this much room at the last claim: ten full batches.
-ROOMY = 10 * MAX_CLAIM_BATCH
 
 
 def retry_delay(attempt: int, settings: WorkerSettings) -> float:
@@ -182,10 +179,6 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
 
-class _OverLimit(Exception):
-    """An optimistic limited claim found a limit exceeded: roll it back."""
-
-
 @dataclass(slots=True)
 class _Running:
     """A job this worker holds: in its handler, then waiting for its completion's commit."""
@@ -246,8 +239,9 @@ class Worker:
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
-        # whether the last limited claim found every limit far from full (ROOMY).
-        self._limits_roomy = False
+        # whether the last claim found a limit that can cover this worker's jobs: then the
+        # next one claims through job_claim_batch_limited directly.
+        self._limited = False
         self._window_timer: asyncio.TimerHandle | None = None
         # Handlers' timeouts: one timer, at or before the earliest deadline of a running
         # handler (_arm_deadline), instead of an asyncio.timeout per job.
@@ -599,69 +593,35 @@ class Worker:
             held_back = [0]  # set from job_claim_batch_limited's rows
             cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
-            limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
-            if not (await limited.fetchone() or {}).get("limited"):
+            if not self._limited:
+                # job_claim_batch claims nothing where a limit can cover these jobs, so
+                # no limit is asked for before it; only a claim that came back empty
+                # asks whether a limit is why.
                 await cur.execute(QUERIES["job_claim_batch"], params)
-                return await self._fetch_claimed(conn, cur)
-            # Some limit may cover these jobs (pgjobs.limits). Far from every limit (the
-            # last claim's check saw ROOMY or more left), optimistically: claim within the rooms
-            # the claim's snapshot shows, then take the limits' locks and check, so that
-            # such claims overlap but for the check and the commit; one that finds a
-            # limit exceeded (concurrent claims took the room) rolls back and claims
-            # again as near a limit: holding the locks throughout. Near a limit the
-            # audit log's event order then also shows no overlap (a claim's running
-            # events come after the completions it counted on).
-            try:
-                if not self._limits_roomy:
-                    raise _OverLimit
-                async with conn.transaction():
-                    await cur.execute(
-                        QUERIES["job_claim_batch_limited"], params | {"count_running": False}
-                    )
-                    jobs = await self._fetch_claimed(conn, cur)
-                    window_ends_in = await self._lock_limits(conn, params)
-                    within, least_room = await self._count_starts(conn, params, jobs)
-                    if not within:
-                        raise _OverLimit
-            except _OverLimit:
-                held_back[0] = 0
-                async with conn.transaction():
-                    window_ends_in = await self._lock_limits(conn, params)
-                    await cur.execute(
-                        QUERIES["job_claim_batch_limited"], params | {"count_running": True}
-                    )
-                    jobs = await self._fetch_claimed(conn, cur)
-                    # within, as counted under the locks
-                    _, least_room = await self._count_starts(conn, params, jobs)
-        self._limits_roomy = (least_room or 0) >= ROOMY
+                jobs = await self._fetch_claimed(conn, cur)
+                if jobs:
+                    return jobs
+                limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
+                if not (await limited.fetchone() or {}).get("limited"):
+                    return jobs
+                self._limited = True
+            # Some limit may cover these jobs (pgjobs.limits): take the limits' locks,
+            # then claim within the rooms they leave (counted in a snapshot taken under
+            # them), sent together as one pipeline: one round trip, one transaction (the
+            # statements before the pipeline's Sync run in one implicit transaction,
+            # committed at the Sync), the locks held for the claim's own execution only.
+            async with conn.pipeline():
+                locked = await conn.execute(QUERIES["limit_lock_for_types"], params)
+                await cur.execute(QUERIES["job_claim_batch_limited"], params)
+            locks = await locked.fetchone() or {}
+            jobs = await self._fetch_claimed(conn, cur)
+        self._limited = bool(locks.get("locked"))  # none: no limit covers these jobs now
+        window_ends_in = locks.get("window_ends_in")
         if held_back[0]:
             self._wake()  # a limit cut the batch short, not the queue: claim the rest
         elif window_ends_in is not None and len(jobs) < limit:
-            self._wake_at_window_end(window_ends_in)
+            self._wake_at_window_end(float(window_ends_in))
         return jobs
-
-    async def _lock_limits(self, conn: db.AsyncConn, params: dict[str, Any]) -> float | None:
-        """Take the limits' advisory locks (until commit); the seconds until the earliest
-        rate window ends (None without a rate limit)."""
-        cur = await conn.execute(QUERIES["limit_lock_for_types"], params)
-        ends_in = (await cur.fetchone() or {}).get("window_ends_in")
-        return None if ends_in is None else float(ends_in)
-
-    async def _count_starts(
-        self, conn: db.AsyncConn, params: dict[str, Any], jobs: list[Job]
-    ) -> tuple[bool, int | None]:
-        """Under the limits' locks: count the claimed jobs in their rate windows; whether
-        every limit they count against still holds, and the least room left."""
-        cur = await conn.execute(
-            QUERIES["limit_count_starts_if_within"],
-            {
-                **params,
-                "company_ids": [job.company_id for job in jobs],
-                "job_types_started": [job.job_type for job in jobs],
-            },
-        )
-        row = await cur.fetchone() or {}
-        return bool(row.get("within", True)), row.get("least_room")
 
     async def _fetch_claimed(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
         try:

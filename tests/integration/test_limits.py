@@ -19,8 +19,9 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from bouncer import Bouncer
 from helpers import fast_settings, fetch, running_worker, wait_until
-from pgjobs import limits, worker
+from pgjobs import db, limits, worker
 from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.errors import InvalidJobError
@@ -97,16 +98,11 @@ async def test_a_company_limited_to_two_renders_never_runs_more_across_workers(
     assert len(order) - 1 - order[::-1].index("beta") < len(order) - 1 - order[::-1].index("acme")
 
 
-@pytest.mark.parametrize("optimistic", [False, True], ids=["near-limit", "optimistic"])
 async def test_a_rate_of_20_per_second_holds_in_every_window(
-    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch, optimistic: bool
+    dsn: str, client: Client, storage_dir: Path
 ) -> None:
     """200 jobs, 20 starts a second for the type, three workers with ten slots each: no
-    one-second window (the claim's fixed windows) has more than 20 starts. Optimistic:
-    every claim takes the optimistic path (claim, then lock and check, rolled back and
-    redone under the locks when a concurrent claim took the room)."""
-    if optimistic:
-        monkeypatch.setattr(worker, "ROOMY", 0)
+    one-second window (the claim's fixed windows) has more than 20 starts."""
     await _set(dsn, job_type="echo", max_starts=20, period_seconds=1.0)
     await client.enqueue_many(JobSpec(f"c{i % 4}", "echo") for i in range(200))
     settings = fast_settings(storage_dir, concurrency=10)
@@ -186,6 +182,89 @@ async def test_a_batch_cut_short_by_a_limit_is_claimed_again_at_once(
     assert await _most_at_once(dsn, "acme", "render") == 1
 
 
+async def test_a_limit_set_while_a_worker_runs_holds_and_cleared_lets_jobs_flow(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """A worker that has only claimed without limits (there were none) keeps to a limit set
+    while it runs: acme's two renders run (each waits until released), acme is then
+    limited to 2 running, and acme's and beta's echo jobs are queued in one statement:
+    beta's run, acme's stay queued (the claim that took beta's passed them by). Cleared
+    while the renders still run, the limit lets acme's echo jobs start (found by the
+    poll), and the worker claims through the plain claim again."""
+    release = asyncio.Event()
+    registry = Registry()
+
+    @registry.handler("render")
+    async def render(ctx: JobContext) -> None:
+        await release.wait()
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        return None
+
+    async def statuses(company: str, job_type: str) -> Counter[str]:
+        rows = await fetch(
+            dsn,
+            "SELECT status FROM pgjobs.jobs WHERE company_id = %s AND job_type = %s",
+            [company, job_type],
+        )
+        return Counter(r["status"] for r in rows)
+
+    settings = fast_settings(storage_dir, concurrency=10)
+    try:
+        async with running_worker(dsn, registry, settings) as w:
+            await client.enqueue_many(JobSpec("acme", "render") for _ in range(2))
+
+            async def renders_running() -> bool:
+                return (await statuses("acme", "render"))["running"] == 2
+
+            await wait_until(renders_running, within=20, message="acme's renders running")
+            await _set(dsn, company_id="acme", max_running=2)
+            await client.enqueue_many(
+                [JobSpec("acme", "echo") for _ in range(3)]
+                + [JobSpec("beta", "echo") for _ in range(3)]
+            )
+
+            async def beta_done() -> bool:
+                return (await statuses("beta", "echo"))["done"] == 3
+
+            await wait_until(beta_done, within=20, message="beta's echo jobs done")
+            assert await statuses("acme", "echo") == {"queued": 3}
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                assert await limits.clear_limit(conn, company_id="acme")
+
+            async def acme_done() -> bool:
+                return (await statuses("acme", "echo"))["done"] == 3
+
+            await wait_until(acme_done, within=30, message="acme's echo jobs done")
+            assert await statuses("acme", "render") == {"running": 2}
+            assert w._limited is False
+    finally:
+        release.set()
+
+
+async def test_limits_hold_through_pgbouncer_in_transaction_mode(
+    dsn: str,
+    pgbouncer: Bouncer,
+    client: Client,
+    storage_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The limited claim's pipeline (the locks, then the claim, one implicit transaction)
+    through PgBouncer in transaction mode, two workers (LISTEN direct): acme never runs
+    more than 2 renders at once, and all 20 finish."""
+    monkeypatch.setenv("PGJOBS_LISTEN_DSN", dsn)
+    await _set(dsn, company_id="acme", job_type="render", max_running=2)
+    await client.enqueue_many(JobSpec("acme", "render") for _ in range(20))
+    bouncer_dsn = pgbouncer.dsn(dsn)
+    settings = fast_settings(storage_dir, concurrency=5)
+    async with AsyncExitStack() as stack:
+        for _ in range(2):
+            await stack.enter_async_context(running_worker(bouncer_dsn, _registry(), settings))
+        await wait_until(lambda: _all_done(dsn, 20), within=60, message="all 20 jobs done")
+    assert await _most_at_once(dsn, "acme", "render") <= 2
+
+
 async def _claim_limited(
     dsn: str, limit: int, now: dt.datetime | None = None, job_types: list[str] | None = None
 ) -> list[dict[str, Any]]:
@@ -196,7 +275,6 @@ async def _claim_limited(
         "lease_seconds": 30.0,
         "job_types": job_types,
         "after_company": None,
-        "count_running": True,  # under the locks: the rooms are exact
     }
     async with (
         await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
@@ -204,14 +282,7 @@ async def _claim_limited(
     ):
         await conn.execute(QUERIES["limit_lock_for_types"], params)
         cur = await conn.execute(QUERIES["job_claim_batch_limited"], params)
-        rows = await cur.fetchall()
-        started = {
-            "company_ids": [r["company_id"] for r in rows],
-            "job_types_started": [r["job_type"] for r in rows],
-        }
-        cur = await conn.execute(QUERIES["limit_count_starts_if_within"], params | started)
-        assert (await cur.fetchone() or {})["within"]
-        return rows
+        return await cur.fetchall()
 
 
 async def test_the_claim_takes_the_room_left_and_holds_back_the_rest(
@@ -241,42 +312,53 @@ async def test_the_claim_takes_the_room_left_and_holds_back_the_rest(
     assert await _claim_limited(dsn, 100) == []
 
 
-async def test_a_claim_made_without_the_locks_is_checked_under_them(
-    dsn: str, client: Client
+async def test_a_worker_claim_waits_for_the_locks_and_counts_what_their_holder_claimed(
+    dsn: str, client: Client, storage_dir: Path
 ) -> None:
-    """Optimistic path: claim A reads the room, claim B takes it and commits, A then takes
-    the locks and its check says a limit is exceeded (A rolls back); with the room left,
-    the check passes."""
-    await _set(dsn, company_id="acme", max_running=3)
-    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(10))
+    """acme may run 1 job; two are queued. Another claim holds the limit's lock and has
+    claimed one (not committed yet): the worker's claim, sent as one pipeline, waits for
+    the lock, and once the holder commits, counts that job running and claims nothing
+    (its snapshot is taken under the lock, not before it)."""
+    await _set(dsn, company_id="acme", max_running=1)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(2))
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
+    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
     params = {
         "now": None,
-        "limit": 3,
-        "worker_id": "a",
+        "limit": 1,  # so that it locks that one job only (a job held back stays locked)
+        "worker_id": "holder",
         "lease_seconds": 30.0,
         "job_types": None,
         "after_company": None,
-        "count_running": False,  # optimistic: the check counts them
     }
-    async with (
-        await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
-        conn.transaction(),
-    ):
-        cur = await conn.execute(QUERIES["job_claim_batch_limited"], params)
-        rows = await cur.fetchall()
-        assert len(rows) == 3
-        assert len(await _claim_limited(dsn, 3)) == 3  # B, committed meanwhile
-        await conn.execute(QUERIES["limit_lock_for_types"], params)
-        started = {
-            "company_ids": [r["company_id"] for r in rows],
-            "job_types_started": [r["job_type"] for r in rows],
-        }
-        cur = await conn.execute(QUERIES["limit_count_starts_if_within"], params | started)
-        assert (await cur.fetchone() or {})["within"] is False
-        raise_rollback = psycopg.Rollback()
-        raise raise_rollback
-    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'running'")
-    assert rows[0]["n"] == 3
+
+    async def waiting_for_the_lock() -> bool:
+        rows = await fetch(
+            dsn,
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND wait_event = 'advisory'",
+        )
+        return bool(rows[0]["n"] == 1)
+
+    try:
+        async with await psycopg.AsyncConnection.connect(
+            dsn, autocommit=True, row_factory=dict_row
+        ) as holder:
+            async with holder.transaction():
+                await holder.execute(QUERIES["limit_lock_for_types"], params)
+                cur = await holder.execute(QUERIES["job_claim_batch_limited"], params)
+                assert len(await cur.fetchall()) == 1
+                claim = asyncio.create_task(w._claim(10))
+                await wait_until(waiting_for_the_lock, within=20, message="the claim waiting")
+            assert await claim == []
+        assert w._limited
+        rows = await fetch(dsn, "SELECT status, worker_id FROM pgjobs.jobs ORDER BY status")
+        assert [(r["status"], r["worker_id"]) for r in rows] == [
+            ("queued", None),
+            ("running", "holder"),
+        ]
+    finally:
+        await w._pool.close()
 
 
 async def test_rate_windows_follow_the_time_given(dsn: str, client: Client) -> None:
