@@ -606,8 +606,8 @@ class Worker:
                 self._limited = bool((await found.fetchone() or {}).get("limited"))
             if not self._limited:
                 # job_claim_batch claims nothing where a limit can cover these jobs, so
-                # no limit is asked for before it; only a claim that came back empty
-                # asks whether a limit is why.
+                # no limit is asked for before it (but the first); only a claim that came
+                # back empty asks whether a limit is why.
                 await cur.execute(QUERIES["job_claim_batch"], params)
                 jobs = await self._fetch_claimed(conn, cur)
                 if jobs:
