@@ -18,9 +18,9 @@ again (and a worker whose claim came back short while a rate limit applies looks
 when the window ends). A worker no limit concerns (none names one of its job types, or
 all types) claims as before, through ``job_claim_batch``, which itself claims nothing
 where such a limit exists (one probe of this small table in the claim statement): a
-claim that came back empty asks ``limit_exists_for_types`` and, if a limit is why,
-claims through the limited claim, as the worker's next claims do until one finds no
-limit covering its jobs.
+worker's first claim, and then a claim that came back empty, asks
+``limit_exists_for_types`` and, if a limit is why, claims through the limited claim, as
+the worker's next claims do until one finds no limit covering its jobs.
 
 A limit applies to claims that begin after it is committed; a claim already running
 finishes under what it read.

@@ -4,8 +4,8 @@
 
 -- name: limit_exists_for_types
 -- Whether any limit can cover a job of %(job_types)s (NULL: of any type). The worker asks
--- only when job_claim_batch came back empty (which it does where such a limit exists):
--- then it claims through job_claim_batch_limited.
+-- before its first claim, then only when job_claim_batch came back empty (which it does
+-- where such a limit exists): then it claims through job_claim_batch_limited.
 SELECT EXISTS (
     SELECT 1 FROM pgjobs.limits l
     WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL

@@ -240,8 +240,8 @@ class Worker:
         self._after_company: str | None = None
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
         # whether the last claim found a limit that can cover this worker's jobs: then the
-        # next one claims through job_claim_batch_limited directly.
-        self._limited = False
+        # next one claims through job_claim_batch_limited directly (None: not asked yet).
+        self._limited: bool | None = None
         self._window_timer: asyncio.TimerHandle | None = None
         # Handlers' timeouts: one timer, at or before the earliest deadline of a running
         # handler (_arm_deadline), instead of an asyncio.timeout per job.
@@ -593,10 +593,21 @@ class Worker:
             held_back = [0]  # set from job_claim_batch_limited's rows
             cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
+            if self._limited is None:
+                # The first claim asks before claiming, rather than learning of a limit
+                # from an empty job_claim_batch: that UPDATE of no row still fires jobs'
+                # statement triggers (sync_job_queue, publish_events) with empty
+                # transition tables, and PL/pgSQL keeps their statements' plans for the
+                # session as planned at their first run: nested loops over transition
+                # tables taken for empty, which every later batch on that connection
+                # then paid (+20 µs of PostgreSQL CPU per job in a drain with limits,
+                # docs/benchmarks.md).
+                found = await conn.execute(QUERIES["limit_exists_for_types"], params)
+                self._limited = bool((await found.fetchone() or {}).get("limited"))
             if not self._limited:
                 # job_claim_batch claims nothing where a limit can cover these jobs, so
-                # no limit is asked for before it; only a claim that came back empty
-                # asks whether a limit is why.
+                # no limit is asked for before it (but the first); only a claim that came
+                # back empty asks whether a limit is why.
                 await cur.execute(QUERIES["job_claim_batch"], params)
                 jobs = await self._fetch_claimed(conn, cur)
                 if jobs:

@@ -412,3 +412,39 @@ def test_rates_parse() -> None:
     for bad in ("60", "x/min", "5/0s", "5/fortnight"):
         with pytest.raises(InvalidJobError):
             limits.parse_rate(bad)
+
+
+async def test_a_limited_workers_first_claim_updates_no_empty_batch(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """A worker's first claim where a limit applies goes through the limited claim at
+    once: no UPDATE of pgjobs.jobs that changes no row runs before it. Such an UPDATE
+    (job_claim_batch claiming nothing where a limit applies) fires jobs' statement
+    triggers with empty transition tables, and PL/pgSQL keeps the plans made then for
+    the session: every later batch on that connection joined its transition tables by
+    nested loops. Each UPDATE statement on jobs is logged here with its row count."""
+    await _set(dsn, company_id="acme", max_running=100)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute(
+            """
+            CREATE TABLE public.update_sizes (id bigserial PRIMARY KEY, n bigint NOT NULL);
+            CREATE FUNCTION public.log_update_size() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                INSERT INTO public.update_sizes (n) SELECT count(*) FROM new_rows;
+                RETURN NULL;
+            END $$;
+            CREATE TRIGGER jobs_log_update_size AFTER UPDATE ON pgjobs.jobs
+                REFERENCING NEW TABLE AS new_rows
+                FOR EACH STATEMENT EXECUTE FUNCTION public.log_update_size();
+            """
+        )
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
+    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
+    try:
+        assert len(await w._claim(10)) == 3
+    finally:
+        await w._pool.close()
+    rows = await fetch(dsn, "SELECT n FROM public.update_sizes ORDER BY id")
+    assert [r["n"] for r in rows] == [3]
+    assert w._limited
