@@ -1,0 +1,96 @@
+"""The jobs triggers' pairing of new and old rows is never a nested loop (sql/0017).
+
+PL/pgSQL plans a trigger's statements on their first run in a session and keeps the plan,
+sized by the transition tables of that first statement. Before sql/0017, a session whose
+first UPDATE of jobs changed one row paired every later batch's rows by a nested loop
+over the two transition tables (n x n comparisons). The plans are read with auto_explain
+(nested statements, logged to the client as NOTICEs), which the embedded pgserver lacks:
+the test starts Debian's PostgreSQL as bench.pgss does, and is skipped where none is
+installed (postgresql-15 is on this machine kind, so it runs here and in CI).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+BUILDS = sorted(Path("/usr/lib/postgresql").glob("*/lib/auto_explain.so"))
+
+# A transition that moves every row it touches: audit rows, NOTIFY items and queue rows.
+CLAIM_LIKE = """
+    UPDATE pgjobs.jobs
+    SET status = 'running', attempts = attempts + 1, worker_id = 'w',
+        lease_token = lease_token + 1, lease_expires_at = now() + interval '1 hour',
+        started_at = now(), event_seq = event_seq + 1, last_event = 'content_job.running',
+        updated_at = now()
+    WHERE id = ANY(%s)
+"""
+
+
+@pytest.fixture(scope="module")
+def debian_dsn() -> Iterator[str]:
+    from bench import pg
+    from bench.pgss import private_server
+
+    with private_server(BUILDS[-1].parents[1] / "bin") as server, pg.database(server) as dsn:
+        yield dsn
+
+
+def _trigger_plans(conn: psycopg.Connection[tuple[object, ...]], ids: list[uuid.UUID]) -> list[str]:
+    """The plans of the statements the triggers ran for one claim-like UPDATE of ids."""
+    plans: list[str] = []
+    conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+    conn.execute(CLAIM_LIKE, (ids,))
+    return [plan for plan in plans if "Named Tuplestore Scan" in plan]
+
+
+@pytest.mark.skipif(not BUILDS, reason="no PostgreSQL build with auto_explain here")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("first_rows", [0, 1])
+def test_a_small_first_update_does_not_leave_a_nested_loop_for_later_batches(
+    debian_dsn: str, first_rows: int
+) -> None:
+    ids = [uuid.uuid4() for _ in range(200)]
+    with psycopg.connect(debian_dsn, autocommit=True) as conn:
+        conn.execute(
+            """INSERT INTO pgjobs.jobs (id, company_id, job_type, input, priority, run_at,
+                                        max_attempts, created_at, updated_at)
+               SELECT i, 'acme', 'render', '{}', 0, now(), 3, now(), now()
+               FROM unnest(%s::uuid[]) AS i""",
+            (ids,),
+        )
+    with psycopg.connect(debian_dsn, autocommit=True) as conn:
+        conn.execute("LOAD 'auto_explain'")
+        conn.execute("SET auto_explain.log_min_duration = 0")
+        conn.execute("SET auto_explain.log_nested_statements = on")
+        conn.execute("SET auto_explain.log_level = notice")
+        # The session's first UPDATE of jobs: none or one row (an empty claim, one progress
+        # report). The triggers' statements are planned now and kept.
+        conn.execute(CLAIM_LIKE, (ids[100 : 100 + first_rows],))
+        plans = _trigger_plans(conn, ids[:100])
+    # publish_events' pairs (UPDATE) and sync_job_queue's pairs, each of 100 rows.
+    joins = [join for plan in plans for join in _pairing_joins(plan)]
+    assert len(joins) >= 2, plans
+    assert all("Full Join" in join for join in joins), joins
+
+
+def _pairing_joins(plan: str) -> list[str]:
+    """The join nodes above each transition-table scan of an EXPLAIN text (the nearest
+    line above it, less indented, naming a join); a nested loop that probes job_queue's
+    index for each pair is fine and not among them."""
+    lines = plan.splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if "Named Tuplestore Scan" not in line:
+            continue
+        depth = len(line) - len(line.lstrip(" ->"))
+        for above in reversed(lines[:i]):
+            above_depth = len(above) - len(above.lstrip(" ->"))
+            if above_depth < depth and ("Join" in above or "Nested Loop" in above):
+                found.append(above.strip())
+                break
+    return found
