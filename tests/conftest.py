@@ -196,6 +196,17 @@ def dsn(pg_server_dsn: str, databases: Databases) -> Iterator[str]:
     databases.give_back(name)
 
 
+@pytest.fixture(scope="module")
+def shared_dsn(pg_server_dsn: str, databases: Databases) -> Iterator[str]:
+    """A fresh, migrated database shared by a module's tests that leave it as they found
+    it: EXPLAIN of a query (never run), or a request the gateway must refuse without
+    writing anything, which those tests check. A clone each would be most of their time.
+    """
+    name = databases.take()
+    yield make_conninfo(pg_server_dsn, dbname=name)
+    databases.give_back(name)
+
+
 @pytest.fixture
 def empty_dsn(pg_server_dsn: str) -> Iterator[str]:
     """A database with no pgjobs schema."""
