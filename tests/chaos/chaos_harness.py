@@ -93,7 +93,14 @@ WORKER_ENV = {
     # rounds, where pools give up and start again, fits a reduced run.
     "PGJOBS_DB_RECONNECT_SECONDS": "5",
 }
-GATEWAY_ENV = {"PGJOBS_GATEWAY_POOL_TIMEOUT_SECONDS": "2"}
+GATEWAY_ENV = {
+    "PGJOBS_GATEWAY_POOL_TIMEOUT_SECONDS": "2",
+    # Fewer waiters than the default 50, so that the requests that time out during a
+    # short outage, after the pool gave its connections up, fill the queue: the case
+    # where a pool that did not reconnect by itself would refuse every request for good
+    # (db.GuardedPool), which the reduced run then catches.
+    "PGJOBS_GATEWAY_POOL_MAX_WAITING": "10",
+}
 
 
 def _spec(n: int) -> JobSpec:
