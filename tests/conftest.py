@@ -127,7 +127,10 @@ class Databases:
 
     def take(self) -> str:
         """A database no test has used; raises what cloning it raised."""
-        name = self.ready.get(timeout=120)
+        try:
+            name = self.ready.get(timeout=120)
+        except queue.Empty:
+            raise RuntimeError("no test database cloned within 120 s") from None
         if isinstance(name, BaseException):
             raise name
         return name
