@@ -9,8 +9,9 @@ each other's jobs, events or notifications.
 Cloning and dropping cost a test ~0.1-0.3 s each on a loaded 2-core machine, over 600
 times a run, and are not what any test is about: ``Databases`` clones the next test's
 database while the current one runs and drops used ones in the background, so a test
-waits for neither. The embedded server, private to the run and never crashed, also runs
-without fsync (the OS page cache survives every restart a test could cause).
+waits for neither. The embedded server, private to the run and never stopped by a test
+(tests that restart PostgreSQL start their own), also runs without fsync: only an OS
+crash could lose what fsync protects.
 """
 
 from __future__ import annotations
