@@ -8,10 +8,14 @@ each other's jobs, events or notifications.
 
 Cloning and dropping cost a test ~0.1-0.3 s each on a loaded 2-core machine, over 600
 times a run, and are not what any test is about: ``Databases`` clones the next test's
-database while the current one runs and drops used ones in the background, so a test
-waits for neither. The embedded server, private to the run and never stopped by a test
-(tests that restart PostgreSQL start their own), also runs without fsync: only an OS
-crash could lose what fsync protects.
+database and drops used ones in the background, while the tests' other fixtures are set
+up and torn down, but never while a test itself runs (``pytest_runtest_call``): a
+CREATE or DROP DATABASE holds a transaction id, which holds the horizon that the
+gateway's streams read below, and so would change what a test of them observes.
+
+The embedded server, private to the run and never stopped by a test (tests that restart
+PostgreSQL start their own), runs without fsync: only an OS crash could lose what fsync
+protects.
 """
 
 from __future__ import annotations
@@ -108,10 +112,11 @@ def template_db(pg_server_dsn: str) -> Iterator[str]:
 class Databases:
     """Fresh databases cloned from the template one step ahead, used ones dropped later.
 
-    One thread keeps one clone ready (``take`` waits for it only if the test before took
-    less time than a clone); another drops what ``give_back`` hands it, ``WITH (FORCE)``
-    so connections a test left open do not block it. Each clone is used by one test and
-    dropped, exactly as when the fixture cloned and dropped inline."""
+    One thread keeps one clone ready (``take`` waits for it only if cloning took longer
+    than the work it overlapped); another drops what ``give_back`` hands it, ``WITH
+    (FORCE)`` so connections a test left open do not block it. Each clone is used by one
+    test and dropped, exactly as when the fixture cloned and dropped inline. Both threads
+    hold ``busy`` for each statement; ``quiet()`` holds it while a test runs."""
 
     def __init__(self, server_dsn: str, template: str) -> None:
         self.server_dsn = server_dsn
@@ -119,6 +124,7 @@ class Databases:
         self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=1)
         self.used: queue.Queue[str | None] = queue.Queue()
         self.stopping = threading.Event()
+        self.busy = threading.Lock()
         self.threads = [
             threading.Thread(target=self._clone_ahead, name="test-db-clone", daemon=True),
             threading.Thread(target=self._drop_used, name="test-db-drop", daemon=True),
@@ -139,6 +145,12 @@ class Databases:
     def give_back(self, name: str) -> None:
         self.used.put(name)
 
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No clone or drop runs inside: waits for the one running, holds off the next."""
+        with self.busy:
+            yield
+
     def close(self) -> None:
         """Stop cloning, drop the clone nobody took and every used one, then return."""
         self.stopping.set()
@@ -156,11 +168,12 @@ class Databases:
                 name = f"pgjobs_test_{uuid.uuid4().hex[:12]}"
                 made: str | BaseException
                 try:
-                    conn.execute(
-                        sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                            sql.Identifier(name), sql.Identifier(self.template)
+                    with self.busy:
+                        conn.execute(
+                            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                                sql.Identifier(name), sql.Identifier(self.template)
+                            )
                         )
-                    )
                     made = name
                 except psycopg.Error as exc:
                     made = exc
@@ -177,7 +190,7 @@ class Databases:
     def _drop_used(self) -> None:
         with _admin(self.server_dsn) as conn:
             while (name := self.used.get()) is not None:
-                with contextlib.suppress(psycopg.Error):
+                with self.busy, contextlib.suppress(psycopg.Error):
                     conn.execute(
                         sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
                             sql.Identifier(name)
@@ -185,11 +198,23 @@ class Databases:
                     )
 
 
+_DATABASES: list[Databases] = []  # the session's, once a test asked for one
+
+
 @pytest.fixture(scope="session")
 def databases(pg_server_dsn: str, template_db: str) -> Iterator[Databases]:
     factory = Databases(pg_server_dsn, template_db)
+    _DATABASES.append(factory)
     yield factory
+    _DATABASES.remove(factory)
     factory.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """The test itself runs with no clone or drop of a database in progress."""
+    with _DATABASES[0].quiet() if _DATABASES else contextlib.nullcontext():
+        return (yield)
 
 
 @pytest.fixture

@@ -1,8 +1,12 @@
 """The ``dsn`` fixture (tests/conftest.py): each test gets a migrated database no test
-used before, and a used one is dropped after its test, in the background."""
+used before, and a used one is dropped after its test, in the background but never
+while a test runs."""
 
 from __future__ import annotations
 
+import time
+
+import psycopg
 import pytest
 
 from helpers import fetch, wait_until
@@ -35,3 +39,20 @@ async def test_used_databases_are_dropped(dsn: str) -> None:
         return rows[0]["n"] == 0
 
     await wait_until(dropped, within=60, message="the used test databases dropped")
+
+
+@pytest.mark.parametrize("turn", range(3))
+async def test_no_database_is_cloned_or_dropped_while_a_test_runs(dsn: str, turn: int) -> None:
+    """This test's dsn fixture asked for the next clone and the last test's drop at its
+    set-up; both are done before the test starts or wait until it ends, so no transaction
+    of theirs holds the horizon the gateway's streams read below. Checked as fast as the
+    server answers, over the time a clone takes."""
+    deadline = time.monotonic() + 0.5
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        while time.monotonic() < deadline:
+            cur = await conn.execute(
+                "SELECT (SELECT count(*) FROM pg_snapshot_xip(pg_current_snapshot())) AS xids,"
+                " (SELECT count(*) FROM pg_stat_activity WHERE state = 'active'"
+                "  AND query ~* '^(CREATE|DROP) DATABASE') AS statements"
+            )
+            assert await cur.fetchone() == (0, 0)
