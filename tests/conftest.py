@@ -5,13 +5,26 @@ may create databases), else a testcontainers PostgreSQL when a Docker engine ans
 else the embedded server from the ``pgserver`` package. A template database is migrated
 once per session; each test gets its own database cloned from it, so tests never see
 each other's jobs, events or notifications.
+
+Cloning and dropping cost a test ~0.1-0.3 s each on a loaded 2-core machine, over 600
+times a run, and are not what any test is about: ``Databases`` clones the next test's
+database and drops used ones in the background, while the tests' other fixtures are set
+up and torn down, but never while a test itself runs (``pytest_runtest_call``): a
+CREATE or DROP DATABASE holds a transaction id, which holds the horizon that the
+gateway's streams read below, and so would change what a test of them observes.
+
+The embedded server, private to the run and never stopped by a test (tests that restart
+PostgreSQL start their own), runs without fsync: only an OS crash could lose what fsync
+protects.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import queue
 import tempfile
+import threading
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
@@ -69,6 +82,12 @@ def pg_server_dsn() -> Iterator[str]:
         server = pgserver.get_server(
             Path(tempfile.mkdtemp(prefix="pgjobs-test-")), cleanup_mode="delete"
         )
+    with _admin(server.get_uri()) as conn:
+        # Durability against an OS crash is not under test: every fsync (a commit, the
+        # checkpoint each DROP DATABASE forces) is time a test waits for nothing.
+        conn.execute("ALTER SYSTEM SET fsync = off")
+        conn.execute("ALTER SYSTEM SET full_page_writes = off")
+        conn.execute("SELECT pg_reload_conf()")
     yield server.get_uri()
 
 
@@ -90,21 +109,131 @@ def template_db(pg_server_dsn: str) -> Iterator[str]:
         )
 
 
+class Databases:
+    """Fresh databases cloned from the template one step ahead, used ones dropped later.
+
+    One thread keeps one clone ready (``take`` waits for it only if cloning took longer
+    than the work it overlapped); another drops what ``give_back`` hands it, ``WITH
+    (FORCE)`` so connections a test left open do not block it. Each clone is used by one
+    test and dropped, exactly as when the fixture cloned and dropped inline. Both threads
+    hold ``busy`` for each statement; ``quiet()`` holds it while a test runs."""
+
+    def __init__(self, server_dsn: str, template: str) -> None:
+        self.server_dsn = server_dsn
+        self.template = template
+        self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=1)
+        self.used: queue.Queue[str | None] = queue.Queue()
+        self.stopping = threading.Event()
+        self.busy = threading.Lock()
+        self.threads = [
+            threading.Thread(target=self._clone_ahead, name="test-db-clone", daemon=True),
+            threading.Thread(target=self._drop_used, name="test-db-drop", daemon=True),
+        ]
+        for thread in self.threads:
+            thread.start()
+
+    def take(self) -> str:
+        """A database no test has used; raises what cloning it raised."""
+        try:
+            name = self.ready.get(timeout=120)
+        except queue.Empty:
+            raise RuntimeError("no test database cloned within 120 s") from None
+        if isinstance(name, BaseException):
+            raise name
+        return name
+
+    def give_back(self, name: str) -> None:
+        self.used.put(name)
+
+    @contextlib.contextmanager
+    def quiet(self) -> Iterator[None]:
+        """No clone or drop runs inside: waits for the one running, holds off the next."""
+        with self.busy:
+            yield
+
+    def close(self) -> None:
+        """Stop cloning, drop the clone nobody took and every used one, then return."""
+        self.stopping.set()
+        self.threads[0].join(timeout=120)
+        with contextlib.suppress(queue.Empty):
+            leftover = self.ready.get_nowait()
+            if isinstance(leftover, str):
+                self.used.put(leftover)
+        self.used.put(None)
+        self.threads[1].join(timeout=300)
+
+    def _clone_ahead(self) -> None:
+        with _admin(self.server_dsn) as conn:
+            while not self.stopping.is_set():
+                name = f"pgjobs_test_{uuid.uuid4().hex[:12]}"
+                made: str | BaseException
+                try:
+                    with self.busy:
+                        conn.execute(
+                            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                                sql.Identifier(name), sql.Identifier(self.template)
+                            )
+                        )
+                    made = name
+                except psycopg.Error as exc:
+                    made = exc
+                while True:  # wait for the test to take it, or for the end of the run
+                    try:
+                        self.ready.put(made, timeout=0.2)
+                        break
+                    except queue.Full:
+                        if self.stopping.is_set():
+                            if isinstance(made, str):
+                                self.used.put(made)
+                            return
+
+    def _drop_used(self) -> None:
+        with _admin(self.server_dsn) as conn:
+            while (name := self.used.get()) is not None:
+                with self.busy, contextlib.suppress(psycopg.Error):
+                    conn.execute(
+                        sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(
+                            sql.Identifier(name)
+                        )
+                    )
+
+
+_DATABASES: list[Databases] = []  # the session's, once a test asked for one
+
+
+@pytest.fixture(scope="session")
+def databases(pg_server_dsn: str, template_db: str) -> Iterator[Databases]:
+    factory = Databases(pg_server_dsn, template_db)
+    _DATABASES.append(factory)
+    yield factory
+    _DATABASES.remove(factory)
+    factory.close()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+    """The test itself runs with no clone or drop of a database in progress."""
+    with _DATABASES[0].quiet() if _DATABASES else contextlib.nullcontext():
+        return (yield)
+
+
 @pytest.fixture
-def dsn(pg_server_dsn: str, template_db: str) -> Iterator[str]:
+def dsn(pg_server_dsn: str, databases: Databases) -> Iterator[str]:
     """A fresh, migrated database for this test."""
-    name = f"pgjobs_test_{uuid.uuid4().hex[:12]}"
-    with _admin(pg_server_dsn) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(template_db)
-            )
-        )
+    name = databases.take()
     yield make_conninfo(pg_server_dsn, dbname=name)
-    with _admin(pg_server_dsn) as conn, contextlib.suppress(psycopg.Error):
-        conn.execute(
-            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
-        )
+    databases.give_back(name)
+
+
+@pytest.fixture(scope="module")
+def shared_dsn(pg_server_dsn: str, databases: Databases) -> Iterator[str]:
+    """A fresh, migrated database shared by a module's tests that leave it as they found
+    it: EXPLAIN of a query (never run), or a request the gateway must refuse without
+    writing anything, which those tests check. A clone each would be most of their time.
+    """
+    name = databases.take()
+    yield make_conninfo(pg_server_dsn, dbname=name)
+    databases.give_back(name)
 
 
 @pytest.fixture

@@ -42,6 +42,7 @@ from psycopg.pq import Format
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
+from pgjobs.config import env_float
 from pgjobs.errors import ConfigurationError, DatabaseUnavailableError, NotMigratedError
 from pgjobs.queries import QUERIES
 from pgjobs.types import Job, UnreadableTime, job_rows
@@ -341,7 +342,8 @@ async def check_if_suspect(conn: AsyncConn) -> None:
 
 # How long one round of reconnection attempts lasts (psycopg_pool doubles the delay
 # between them from 1 s); after it, another round starts (GuardedPool), so the longest
-# wait between attempts during an outage is about half of it.
+# wait between attempts during an outage is about half of it. PGJOBS_DB_RECONNECT_SECONDS
+# overrides it (the reduced chaos run shortens it to outlast it with a shorter outage).
 RECONNECT_TIMEOUT_SECONDS = 30.0
 
 
@@ -402,15 +404,21 @@ async def open_pool(
     checkout_timeout: float = 30.0,
     max_waiting: int = 0,
     use_timeout: float | None = None,
-    reconnect_timeout: float = RECONNECT_TIMEOUT_SECONDS,
+    reconnect_timeout: float | None = None,
 ) -> GuardedPool:
     """An opened pool of autocommit connections, checked on checkout so a connection the
     server killed (restart, pg_terminate_backend) is replaced instead of handed out.
     ``checkout_timeout`` bounds the wait for a connection and ``max_waiting`` the queue of
     waiters (0: unbounded); past either, the pool raises instead of queueing forever.
-    ``use_timeout`` bounds each use of a connection (``GuardedPool``).
+    ``use_timeout`` bounds each use of a connection (``GuardedPool``);
+    ``reconnect_timeout`` is a round of reconnection attempts (default
+    ``PGJOBS_DB_RECONNECT_SECONDS``, else ``RECONNECT_TIMEOUT_SECONDS``).
     Through a pooler its connections do not prepare statements (``prepare_threshold``)."""
     check_dsn(dsn)
+    if reconnect_timeout is None:
+        reconnect_timeout = env_float(
+            "PGJOBS_DB_RECONNECT_SECONDS", RECONNECT_TIMEOUT_SECONDS, minimum=1.0
+        )
     # Probe once first: a bad host or password then fails at once with the server's own
     # message, instead of after the pool's retries with only "timeout".
     try:

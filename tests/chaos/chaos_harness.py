@@ -68,7 +68,7 @@ class ChaosConfig:
     jobs: int
     # Longer than every timeout configured for the run (see WORKER_ENV, GATEWAY_ENV and
     # db.open_pool: connect 10 s, pool checkout 2-5 s, connection use 5 s, lease 3 s,
-    # LISTEN heartbeat at most 5 s, a round of pool reconnection attempts 30 s).
+    # LISTEN heartbeat at most 5 s, a round of pool reconnection attempts 5 s).
     outage_seconds: float
     workers: int = 4
     concurrency: int = 8
@@ -89,8 +89,18 @@ WORKER_ENV = {
     "PGJOBS_RETRY_MAX_SECONDS": "1",
     "PGJOBS_SHUTDOWN_GRACE_SECONDS": "2",
     "PGJOBS_DB_USE_TIMEOUT_SECONDS": "5",
+    # Short rounds of reconnection attempts (30 s by default), so that an outage of a few
+    # rounds, where pools give up and start again, fits a reduced run.
+    "PGJOBS_DB_RECONNECT_SECONDS": "5",
 }
-GATEWAY_ENV = {"PGJOBS_GATEWAY_POOL_TIMEOUT_SECONDS": "2"}
+GATEWAY_ENV = {
+    "PGJOBS_GATEWAY_POOL_TIMEOUT_SECONDS": "2",
+    # Fewer waiters than the default 50, so that the requests that time out during a
+    # short outage, after the pool gave its connections up, fill the queue: the case
+    # where a pool that did not reconnect by itself would refuse every request for good
+    # (db.GuardedPool), which the reduced run then catches.
+    "PGJOBS_GATEWAY_POOL_MAX_WAITING": "10",
+}
 
 
 def _spec(n: int) -> JobSpec:

@@ -22,6 +22,7 @@ from helpers import (
 )
 from pgjobs import db, demo
 from pgjobs.client import Client
+from pgjobs.errors import ConfigurationError
 from pgjobs.jobspec import JobSpec
 from pgjobs.notifier import Listener
 from proxy import proxied
@@ -201,3 +202,28 @@ async def test_pool_serves_again_after_an_outage_longer_than_its_reconnect_timeo
             await wait_until(served, within=60, message="a request served after the outage")
         finally:
             await pool.close()
+
+
+async def test_pool_reconnect_round_comes_from_the_environment(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PGJOBS_DB_RECONNECT_SECONDS sets every pool's round of reconnection attempts
+    (the reduced chaos run outlasts a short one); unset, it is RECONNECT_TIMEOUT_SECONDS;
+    an explicit argument wins."""
+    for env, argument, expected in (
+        (None, None, db.RECONNECT_TIMEOUT_SECONDS),
+        ("4.5", None, 4.5),
+        ("4.5", 2.0, 2.0),
+    ):
+        if env is None:
+            monkeypatch.delenv("PGJOBS_DB_RECONNECT_SECONDS", raising=False)
+        else:
+            monkeypatch.setenv("PGJOBS_DB_RECONNECT_SECONDS", env)
+        pool = await db.open_pool(dsn, max_size=1, reconnect_timeout=argument)
+        try:
+            assert pool.reconnect_timeout == expected
+        finally:
+            await pool.close()
+    monkeypatch.setenv("PGJOBS_DB_RECONNECT_SECONDS", "0.5")
+    with pytest.raises(ConfigurationError, match="PGJOBS_DB_RECONNECT_SECONDS"):
+        await db.open_pool(dsn, max_size=1)

@@ -62,11 +62,14 @@ async def assert_nothing_written(gateway: RunningGateway) -> None:
         b'{"jobType": "echo", "companyId": "globex"}',
     ],
 )
-async def test_malformed_or_mistyped_body_is_400(gateway: RunningGateway, body: bytes) -> None:
-    r = await post_raw(gateway, body)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_malformed_or_mistyped_body_is_400(
+    shared_gateway: RunningGateway, body: bytes
+) -> None:
+    r = await post_raw(shared_gateway, body)
     assert r.status_code == 400, r.text
     assert set(r.json()) == {"error"}
-    await assert_nothing_written(gateway)
+    await assert_nothing_written(shared_gateway)
 
 
 @pytest.mark.parametrize(
@@ -87,13 +90,16 @@ async def test_malformed_or_mistyped_body_is_400(gateway: RunningGateway, body: 
         b'{"jobType": "echo", "input": {"n": 1e400}}',
     ],
 )
-async def test_input_postgres_cannot_store_is_422(gateway: RunningGateway, body: bytes) -> None:
-    r = await post_raw(gateway, body)
+@pytest.mark.asyncio(loop_scope="module")
+async def test_input_postgres_cannot_store_is_422(
+    shared_gateway: RunningGateway, body: bytes
+) -> None:
+    r = await post_raw(shared_gateway, body)
     assert r.status_code == 422, r.text
     message = r.json()["error"]
     assert message
     assert "_" not in message.split()[0]  # fields are named in camelCase
-    await assert_nothing_written(gateway)
+    await assert_nothing_written(shared_gateway)
 
 
 async def test_error_names_the_field_in_camel_case(gateway: RunningGateway) -> None:

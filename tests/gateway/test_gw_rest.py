@@ -339,12 +339,12 @@ async def test_concurrent_enqueues_all_commit(gateway: RunningGateway) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(GATEWAY_QUERIES))
-async def test_every_gateway_query_plans_against_the_schema(dsn: str, name: str) -> None:
+async def test_every_gateway_query_plans_against_the_schema(shared_dsn: str, name: str) -> None:
     query = GATEWAY_QUERIES[name]
     import re
 
     params = dict.fromkeys(re.findall(r"%\((\w+)\)s", query))
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(shared_dsn, autocommit=True) as conn:
         await conn.execute("EXPLAIN " + query, params)  # type: ignore[operator]
 
 

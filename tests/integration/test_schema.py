@@ -22,10 +22,10 @@ def _param_names(query: str) -> set[str]:
 
 
 @pytest.mark.parametrize("name", sorted(QUERIES))
-async def test_every_named_query_plans_against_the_schema(dsn: str, name: str) -> None:
+async def test_every_named_query_plans_against_the_schema(shared_dsn: str, name: str) -> None:
     query = QUERIES[name]
     params = dict.fromkeys(_param_names(query))
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    async with await psycopg.AsyncConnection.connect(shared_dsn, autocommit=True) as conn:
         await conn.execute("EXPLAIN " + query, params)  # type: ignore[operator]
 
 
