@@ -33,8 +33,9 @@ CLAIM_LIKE = """
 
 @pytest.fixture(scope="module")
 def debian_dsn() -> Iterator[str]:
-    from bench import pg
     from bench.pgss import private_server
+
+    from bench import pg
 
     with private_server(BUILDS[-1].parents[1] / "bin") as server, pg.database(server) as dsn:
         yield dsn
