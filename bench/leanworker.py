@@ -113,10 +113,10 @@ async def _loop_floor_tasks(conn: psycopg.AsyncConnection[Any]) -> int:
 async def _loop_pgjobs(conn: psycopg.AsyncConnection[Any]) -> int:
     from pgjobs.queries import QUERIES
 
-    cur = await conn.execute("SELECT * FROM pgjobs.jobs LIMIT 0")
-    assert cur.description is not None
-    names = [d.name for d in cur.description]
-    id_at, token_at = names.index("id"), names.index("lease_token")
+    from pgjobs.types import CLAIMED_COLUMNS
+
+    # The claim returns CLAIMED_COLUMNS in order (then after_company).
+    id_at, token_at = CLAIMED_COLUMNS.index("id"), CLAIMED_COLUMNS.index("lease_token")
     claim = {
         "now": None, "limit": BATCH, "worker_id": "lean", "lease_seconds": 30,
         "job_types": None, "after_company": None,

@@ -170,7 +170,7 @@ def _squash(text: str) -> str:
     uniform (pg_stat_statements shows constants as $n, as it does parameters)."""
     text = re.sub(r"--[^\n]*", " ", text)
     text = re.sub(
-        r"%\(\w+\)s|\$\d+|'(?:[^']|'')*'|\b\d+(?:\.\d+)?\b|\b(?:NULL|TRUE|FALSE)\b",
+        r"%\(\w+\)[sb]|\$\d+|'(?:[^']|'')*'|\b\d+(?:\.\d+)?\b|\b(?:NULL|TRUE|FALSE)\b",
         "?",
         text,
         flags=re.IGNORECASE,

@@ -62,7 +62,7 @@ PREFIX = 200  # characters compared: pg_stat_activity cuts a query at 1,023 byte
 def _head(text: str) -> str:
     """A statement's first characters with parameters made uniform (psycopg sends
     %(name)s as $n and %% as %), to recognise it in pg_stat_activity."""
-    return re.sub(r"%\(\w+\)s|\$\d+", "?", text.replace("%%", "%"))[:PREFIX]
+    return re.sub(r"%\(\w+\)[sb]|\$\d+", "?", text.replace("%%", "%"))[:PREFIX]
 
 
 _HEADS = {_head(sql): name for name, sql in QUERIES.items()}

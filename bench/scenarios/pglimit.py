@@ -71,7 +71,7 @@ def _bind(query: str) -> str:
         return values[m.group(1)]
 
     body = "\n".join(line for line in query.splitlines() if not line.strip().startswith("--"))
-    body = re.sub(r"%\((\w+)\)s", sub, body)
+    body = re.sub(r"%\((\w+)\)[sb]", sub, body)  # text (s) and binary (b) placeholders
     return body.replace("%%", "%")
 
 

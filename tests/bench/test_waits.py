@@ -17,7 +17,7 @@ def test_statements_are_named_as_pg_stat_activity_shows_them() -> None:
     """There a statement has $n for its parameters and is cut at 1,023 bytes, which for
     pgjobs' statements is inside their leading comments."""
     counter = iter(range(1, 1000))
-    sent = re.sub(r"%\(\w+\)s", lambda _: f"${next(counter)}", QUERIES["job_claim_batch"])
+    sent = re.sub(r"%\(\w+\)[sb]", lambda _: f"${next(counter)}", QUERIES["job_claim_batch"])
     shown = sent.replace("%%", "%").encode()[:1023].decode(errors="ignore")
     assert label(shown) == "job_claim_batch"
     assert label("SELECT 1") == "SELECT 1"
