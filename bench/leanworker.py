@@ -112,7 +112,6 @@ async def _loop_floor_tasks(conn: psycopg.AsyncConnection[Any]) -> int:
 
 async def _loop_pgjobs(conn: psycopg.AsyncConnection[Any]) -> int:
     from pgjobs.queries import QUERIES
-
     from pgjobs.types import CLAIMED_COLUMNS
 
     # The claim returns CLAIMED_COLUMNS in order (then after_company).
