@@ -125,6 +125,7 @@ class Databases:
         self.used: queue.Queue[str | None] = queue.Queue()
         self.stopping = threading.Event()
         self.busy = threading.Lock()
+        self.quiet_owner: int | None = None  # the thread inside quiet(), if any
         self.threads = [
             threading.Thread(target=self._clone_ahead, name="test-db-clone", daemon=True),
             threading.Thread(target=self._drop_used, name="test-db-drop", daemon=True),
@@ -132,12 +133,20 @@ class Databases:
         for thread in self.threads:
             thread.start()
 
-    def take(self) -> str:
-        """A database no test has used; raises what cloning it raised."""
+    def take(self, timeout: float = 120.0) -> str:
+        """A database no test has used; raises what cloning it raised. A test body that
+        asks for one (``request.getfixturevalue("dsn")``) runs inside ``quiet()``, which
+        would hold off the clone it waits for: the clone thread may work while it waits."""
+        waiting_in_quiet = self.quiet_owner == threading.get_ident()
+        if waiting_in_quiet:
+            self.busy.release()
         try:
-            name = self.ready.get(timeout=120)
+            name = self.ready.get(timeout=timeout)
         except queue.Empty:
-            raise RuntimeError("no test database cloned within 120 s") from None
+            raise RuntimeError(f"no test database cloned within {timeout:g} s") from None
+        finally:
+            if waiting_in_quiet:
+                self.busy.acquire()
         if isinstance(name, BaseException):
             raise name
         return name
@@ -149,7 +158,11 @@ class Databases:
     def quiet(self) -> Iterator[None]:
         """No clone or drop runs inside: waits for the one running, holds off the next."""
         with self.busy:
-            yield
+            self.quiet_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self.quiet_owner = None
 
     def close(self) -> None:
         """Stop cloning, drop the clone nobody took and every used one, then return."""

@@ -56,3 +56,20 @@ async def test_no_database_is_cloned_or_dropped_while_a_test_runs(dsn: str, turn
                 "  AND query ~* '^(CREATE|DROP) DATABASE') AS statements"
             )
             assert await cur.fetchone() == (0, 0)
+
+
+def test_a_test_body_may_take_databases_while_quiet(pg_server_dsn: str, template_db: str) -> None:
+    """README blocks ask for their database from the test body (getfixturevalue), inside
+    quiet(): taking two there in turn needs a clone made while quiet() is held."""
+    from conftest import Databases
+
+    factory = Databases(pg_server_dsn, template_db)
+    try:
+        with factory.quiet():
+            first = factory.take(timeout=30)
+            second = factory.take(timeout=30)
+        assert first != second
+        factory.give_back(first)
+        factory.give_back(second)
+    finally:
+        factory.close()
