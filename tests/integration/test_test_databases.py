@@ -5,6 +5,7 @@ while a test runs."""
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import psycopg
 import pytest
@@ -58,12 +59,14 @@ async def test_no_database_is_cloned_or_dropped_while_a_test_runs(dsn: str, turn
             assert await cur.fetchone() == (0, 0)
 
 
-def test_a_test_body_may_take_databases_while_quiet(pg_server_dsn: str, template_db: str) -> None:
+def test_a_test_body_may_take_databases_while_quiet(
+    pg_server_dsn: str, template_db: str, databases: Any
+) -> None:
     """README blocks ask for their database from the test body (getfixturevalue), inside
     quiet(): taking two there in turn needs a clone made while quiet() is held."""
-    from conftest import Databases
-
-    factory = Databases(pg_server_dsn, template_db)
+    # A factory of its own, of the session's class (tests/conftest.py's Databases; a
+    # plain import of "conftest" may find another directory's conftest module).
+    factory = type(databases)(pg_server_dsn, template_db)
     try:
         with factory.quiet():
             first = factory.take(timeout=30)
