@@ -81,6 +81,17 @@ class Sampler(threading.Thread):
         return sum(t - self.first[kind].get(pid, 0.0) for pid, t in self.last[kind].items())
 
 
+def cpu_used(
+    before: dict[str, dict[int, float]], after: dict[str, dict[int, float]]
+) -> dict[str, float]:
+    """CPU seconds each side ("postgres", "worker") used between two ``cpu_readings``; a
+    process new since ``before`` counts from 0."""
+    return {
+        side: sum(t - before[side].get(pid, 0.0) for pid, t in after[side].items())
+        for side in ("postgres", "worker")
+    }
+
+
 def drain_with_cpu(ctx: Ctx, system: str, dsn: str, jobs: int, processes: int) -> dict[str, float]:
     """One drain (as scenario 1) while the Sampler reads the server's PostgreSQL processes
     and every worker process: its result, plus CPU per job (µs) on each side and the

@@ -46,7 +46,7 @@ from pathlib import Path
 import psycopg
 
 from bench import pg, systems
-from bench.cpusplit import cpu_readings
+from bench.cpusplit import cpu_readings, cpu_used
 from bench.drain import _fill, settle
 from bench.procs import WorkerGroup
 from bench.stats import fmt, summary
@@ -357,11 +357,12 @@ def python_drain(
     if done != jobs:
         raise RuntimeError(f"the lean workers finished {done:.0f} of {jobs} jobs")
 
-    def per_job(kind: str) -> float:
-        used = sum(t - before[kind].get(pid, 0.0) for pid, t in after[kind].items())
-        return used / jobs * 1e6
-
-    return {"jobs_per_s": jobs / wall, "pg_us": per_job("postgres"), "py_us": per_job("worker")}
+    used = cpu_used(before, after)
+    return {
+        "jobs_per_s": jobs / wall,
+        "pg_us": used["postgres"] / jobs * 1e6,
+        "py_us": used["worker"] / jobs * 1e6,
+    }
 
 
 MARKER = "bench.leanworker"

@@ -61,8 +61,9 @@ from typing import Any
 import psycopg
 
 from bench import pg
-from bench.cpusplit import cpu_readings, postmaster_of
+from bench.cpusplit import cpu_readings, cpu_used, postmaster_of
 from bench.stats import fmt, summary
+from bench.waits import WaitSampler
 
 VARIANTS = ("A", "B", "C", "D")
 DESCRIPTIONS = {
@@ -127,32 +128,6 @@ ROWS_ONLY = f"WITH inserted AS ({_INSERT}) SELECT max(id) FROM inserted"
 # in force when it commits, so its commit does not wait for the WAL flush.
 DOORBELL = """
     SELECT set_config('synchronous_commit', 'off', true), pg_notify(%(channel)s, %(payload)s)"""
-
-ACTIVITY_SQL = """
-    SELECT coalesce(wait_event_type || ':' || wait_event, 'CPU')
-    FROM pg_stat_activity
-    WHERE datname = current_database() AND pid <> pg_backend_pid()
-      AND backend_type = 'client backend' AND state = 'active'"""
-
-
-class WaitSampler(threading.Thread):
-    """Counts the wait events of the database's active client backends every
-    ``interval`` seconds (the LISTENing connection is idle, so it is not counted)."""
-
-    def __init__(self, dsn: str, interval: float) -> None:
-        super().__init__(daemon=True)
-        self.dsn = dsn
-        self.interval = interval
-        self.samples = 0
-        self.events: Counter[str] = Counter()
-        self.stop = threading.Event()
-
-    def run(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while not self.stop.wait(self.interval):
-                self.samples += 1
-                for (event,) in conn.execute(ACTIVITY_SQL).fetchall():
-                    self.events[event] += 1
 
 
 class Listener(threading.Thread):
@@ -230,17 +205,6 @@ def client(
     out.append({"commits": commits, "notifies": notifies, "doorbell_s": doorbell_s})
 
 
-CpuReadings = dict[str, dict[int, float]]
-
-
-def cpu_total(readings: CpuReadings, before: CpuReadings) -> dict[str, float]:
-    """CPU seconds per side used between two readings (a process new since counts from 0)."""
-    return {
-        side: sum(s - before[side].get(pid, 0.0) for pid, s in readings[side].items())
-        for side in ("postgres", "worker")
-    }
-
-
 def run_once(
     dsn: str,
     postmaster: int,
@@ -276,7 +240,7 @@ def run_once(
     began = time.monotonic()
     gates[1].wait()
     elapsed = time.monotonic() - began
-    cpu = cpu_total(cpu_readings(MARKER, postmaster), cpu_before)
+    cpu = cpu_used(cpu_before, cpu_readings(MARKER, postmaster))
     gates[2].wait()
     for t in threads:
         t.join()
