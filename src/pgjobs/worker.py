@@ -595,13 +595,10 @@ class Worker:
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
             if self._limited is None:
                 # The first claim asks before claiming, rather than learning of a limit
-                # from an empty job_claim_batch: that UPDATE of no row still fires jobs'
-                # statement triggers (sync_job_queue, publish_events) with empty
-                # transition tables, and PL/pgSQL keeps their statements' plans for the
-                # session as planned at their first run: nested loops over transition
-                # tables taken for empty, which every later batch on that connection
-                # then paid (+20 µs of PostgreSQL CPU per job in a drain with limits,
-                # docs/benchmarks.md).
+                # from an empty job_claim_batch, an UPDATE of no row that still runs
+                # jobs' statement triggers. (Before sql/0017 that first empty UPDATE also
+                # left the triggers' plans slow for the whole session; since 0017 it
+                # costs only the wasted statement.)
                 found = await conn.execute(QUERIES["limit_exists_for_types"], params)
                 self._limited = bool((await found.fetchone() or {}).get("limited"))
             if not self._limited:
