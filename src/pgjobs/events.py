@@ -25,6 +25,19 @@ PostgreSQL's 8000-byte NOTIFY limit: a statement sends as many per channel as it
 need (one for most statements), and nothing on ``WORK_CHANNEL`` when it has nothing for
 workers (the claim, progress and completions: the hot path).
 
+A transaction may ask for a *ring* instead of items (the transaction-local setting
+``pgjobs.doorbell = 'on'``, sql/0018_doorbell.sql): the publish trigger still writes every
+audit row but sends nothing on ``EVENTS_CHANNEL``, and after the commit the writer sends
+``{"ring": {companyId: [jobId, ...], ...}}`` on that channel, naming the jobs whose
+transitions it committed (``encode_ring``). A ring carries no event: whoever listens
+reads those jobs' events from ``pgjobs.job_events``, as it does to resume. Since it is
+sent after the commit, a ring is never ahead of the database; a ring lost between the
+commit and its send (a crash) leaves the rows unannounced, so listeners also catch up
+periodically. Why: a commit that carries a NOTIFY takes a database-wide lock and holds
+it through its WAL flush, so such commits never share a flush (docs/benchmarks.md, "A
+doorbell apart from the commit"); the ring's own transaction writes no WAL and holds the
+lock only briefly. ``parse_events_channel`` reads either form.
+
 The public form of an event (the SSE data of the gateway's streams, from a NOTIFY item,
 an audit row or a job row alike) is ``event_data``: the same names, without the ids
 only the database and the fan-out use.
@@ -44,6 +57,11 @@ EVENTS_CHANNEL: Final = "pgjobs_events"
 """Every transition, for the gateway and other watchers."""
 WORK_CHANNEL: Final = "pgjobs_work"
 """Claimable jobs and cancellations of running jobs, for workers."""
+DOORBELL_SETTING: Final = "pgjobs.doorbell"
+"""The transaction-local setting (value ``'on'``) that asks the publish trigger for a ring
+instead of items on ``EVENTS_CHANNEL``."""
+NOTIFY_PAYLOAD_LIMIT: Final = 7900
+"""The most bytes one payload built here holds: PostgreSQL refuses 8000 and more."""
 
 
 class EventType(StrEnum):
@@ -117,6 +135,63 @@ def encode_events(events: Iterable[LiveEvent]) -> str:
         for e in events
     ]
     return json.dumps({"events": items}, separators=(",", ":"), ensure_ascii=False)
+
+
+@dataclass(frozen=True, slots=True)
+class Ring:
+    """A doorbell: these jobs' transitions committed without NOTIFY items; their events are
+    in ``pgjobs.job_events``. ``jobs`` maps each company id to its jobs' ids."""
+
+    jobs: Mapping[str, tuple[uuid.UUID, ...]]
+
+
+def encode_ring(jobs: Iterable[tuple[str, uuid.UUID]]) -> list[str]:
+    """The ``EVENTS_CHANNEL`` payloads that ring for ``(company_id, job_id)`` pairs (in
+    that order, duplicates dropped): ``{"ring": {companyId: [jobId, ...]}}``, as many as
+    needed to keep each within ``NOTIFY_PAYLOAD_LIMIT`` bytes; none for no jobs."""
+    by_company: dict[str, dict[uuid.UUID, None]] = {}
+    for company_id, job_id in jobs:
+        by_company.setdefault(company_id, {})[job_id] = None
+    payloads: list[str] = []
+    chunk: dict[str, list[str]] = {}
+    # Bytes of the chunk as json.dumps(separators=(",", ":")) writes it: '{"ring":{' + '}}'.
+    size = 11
+    for company_id, ids in by_company.items():
+        # The company's key as written, with its ':[]' and a comma.
+        key_size = len(json.dumps(company_id, ensure_ascii=False).encode()) + 4
+        for job_id in ids:
+            # Each id is 38 bytes quoted, plus a comma; a new company adds its key.
+            extra = 39 + (key_size if company_id not in chunk else 0)
+            if chunk and size + extra > NOTIFY_PAYLOAD_LIMIT:
+                payloads.append(_ring_payload(chunk))
+                chunk, size = {}, 11
+                extra = 39 + key_size
+            chunk.setdefault(company_id, []).append(str(job_id))
+            size += extra
+    if chunk:
+        payloads.append(_ring_payload(chunk))
+    return payloads
+
+
+def _ring_payload(chunk: Mapping[str, list[str]]) -> str:
+    return json.dumps({"ring": chunk}, separators=(",", ":"), ensure_ascii=False)
+
+
+def parse_events_channel(payload: str) -> list[LiveEvent] | Ring:
+    """One ``EVENTS_CHANNEL`` payload: its events, or a Ring; ValueError if it is
+    neither."""
+    try:
+        raw = json.loads(payload)
+        if "ring" in raw:
+            return Ring(
+                {
+                    str(company_id): tuple(uuid.UUID(job_id) for job_id in ids)
+                    for company_id, ids in raw["ring"].items()
+                }
+            )
+        return [_event(item) for item in raw["events"]]
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"not a {EVENTS_CHANNEL} payload: {exc!r}") from exc
 
 
 def event_data(

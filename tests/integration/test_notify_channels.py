@@ -418,3 +418,51 @@ async def test_a_wake_up_during_a_claim_that_holds_every_slot_is_not_lost(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def _in_doorbell_transaction(dsn: str, query: str, params: dict[str, Any]) -> list[Any]:
+    """Run a worker query in a transaction that asks for a ring (sql/0018_doorbell.sql)."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute("SELECT set_config(%s, 'on', true)", [events.DOORBELL_SETTING])
+        cur = await conn.execute(QUERIES[query], params)
+        rows = await cur.fetchall()
+        await conn.commit()
+        return rows
+
+
+async def test_a_doorbell_transaction_writes_its_audit_rows_and_sends_no_items(
+    dsn: str, client: Client
+) -> None:
+    """With pgjobs.doorbell on, enqueue, claim, progress and a retrying failure write their
+    audit rows and send nothing on pgjobs_events; the retry still wakes workers on
+    pgjobs_work. A transaction that does not ask, on the same session kind, still sends
+    items: the setting is transaction-local."""
+    async with (
+        await _listening(dsn, events.EVENTS_CHANNEL) as listener,
+        await _listening(dsn, events.WORK_CHANNEL) as work,
+    ):
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            await conn.execute("SELECT set_config(%s, 'on', true)", [events.DOORBELL_SETTING])
+            job = await client.enqueue("acme", "echo", max_attempts=2, conn=conn)
+            await conn.commit()
+        claimed = await claim_one(dsn, "w1")  # not a doorbell transaction: items
+        params = {"id": job.id, "lease_token": claimed["lease_token"], "now": None}
+        await _in_doorbell_transaction(
+            dsn, "job_progress_if_leased", {**params, "fraction": 0.5, "message": "half"}
+        )
+        retry = {**finish_params(claimed, "error"), "retry_delays": [0.0]}
+        await _in_doorbell_transaction(dsn, "job_finish_many_if_leased", retry)
+
+        payloads = await _until_marker(dsn, listener, events.EVENTS_CHANNEL)
+        [[running]] = [events.parse_events(p) for p in payloads]
+        assert (running.job_id, running.seq, running.type) == (job.id, 2, EventType.RUNNING)
+        assert [type(i) for i in await _work(dsn, work)] == [Claimable, Claimable]
+    rows = await fetch(
+        dsn, "SELECT seq, type FROM pgjobs.job_events WHERE job_id = %s ORDER BY seq", [job.id]
+    )
+    assert [(r["seq"], r["type"]) for r in rows] == [
+        (1, EventType.QUEUED),
+        (2, EventType.RUNNING),
+        (3, EventType.PROGRESS),
+        (4, EventType.RETRYING),
+    ]

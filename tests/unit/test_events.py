@@ -41,6 +41,42 @@ def test_unreadable_event_payloads_raise_value_error(payload: str) -> None:
         events.parse_events(payload)
 
 
+@pytest.mark.parametrize(
+    "payload",
+    ["not json", "null", "[]", '{"ring": 1}', '{"ring": {"acme": 1}}', '{"ring": {"acme": ["x"]}}'],
+)
+def test_unreadable_events_channel_payloads_raise_value_error(payload: str) -> None:
+    with pytest.raises(ValueError):  # noqa: PT011 -- the one error the readers catch
+        events.parse_events_channel(payload)
+
+
+def test_a_ring_names_each_job_once_under_its_company() -> None:
+    a, b, c = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    [payload] = events.encode_ring([("acme", a), ("beta", b), ("acme", c), ("acme", a)])
+    ring = events.parse_events_channel(payload)
+    assert ring == events.Ring({"acme": (a, c), "beta": (b,)})
+    assert events.encode_ring([]) == []
+
+
+@pytest.mark.parametrize("company_len", [1, 200])
+def test_a_long_ring_is_split_under_the_notify_limit(company_len: int) -> None:
+    jobs = [(f"{i % 7}".ljust(company_len, "é"), uuid.uuid4()) for i in range(2_000)]
+    payloads = events.encode_ring(jobs)
+    assert len(payloads) > 1
+    assert all(len(p.encode()) <= events.NOTIFY_PAYLOAD_LIMIT for p in payloads)
+    rung = []
+    for payload in payloads:
+        ring = events.parse_events_channel(payload)
+        assert isinstance(ring, events.Ring)
+        rung += [(company, job) for company, ids in ring.jobs.items() for job in ids]
+    assert sorted(rung) == sorted(jobs)
+
+
+def test_the_events_channel_reader_reads_items_too() -> None:
+    event = events.LiveEvent(7, uuid.uuid4(), "acme", 2, "content_job.running", "running", 1, {})
+    assert events.parse_events_channel(events.encode_events([event])) == [event]
+
+
 def _worker(tmp_path: Path, *types: str) -> tuple[Worker, list[str]]:
     registry = Registry()
     for job_type in types:
