@@ -897,3 +897,15 @@ WHERE last_run_at IS NULL
    OR last_run_at <= coalesce(%(now)s::timestamptz, now())
                      - make_interval(secs => %(interval_seconds)s::float8)
 RETURNING runs;
+
+-- name: events_doorbell_on
+-- Ask the publish trigger for a ring instead of NOTIFY items for the rest of this
+-- transaction (sql/0018_doorbell.sql): run first in a transaction whose transitions the
+-- caller rings for after its commit (pgjobs.doorbell).
+SELECT set_config('pgjobs.doorbell', 'on', true);
+
+-- name: events_ring
+-- The rings (pgjobs.events.encode_ring payloads) for transitions committed with the
+-- doorbell on; sent after that commit, in a transaction of their own, which writes no WAL
+-- and so does not wait for a flush at its commit while it holds the NOTIFY lock.
+SELECT count(pg_notify('pgjobs_events', p)) FROM unnest(%(payloads)s::text[]) AS p;

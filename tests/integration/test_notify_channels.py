@@ -18,7 +18,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
-from pgjobs import demo, events, rescuer
+from pgjobs import demo, doorbell, events, rescuer
 from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.events import Cancelled, Claimable, EventType
@@ -466,3 +466,44 @@ async def test_a_doorbell_transaction_writes_its_audit_rows_and_sends_no_items(
         (3, EventType.PROGRESS),
         (4, EventType.RETRYING),
     ]
+
+
+async def test_a_ring_sent_after_the_commit_names_the_jobs_and_their_rows_are_there(
+    dsn: str, client: Client
+) -> None:
+    """A claim in a doorbell transaction, then a ring after its commit: the listener gets
+    the ring and no items, and the claim's audit rows are readable when it arrives."""
+    jobs = [await client.enqueue(company, "echo") for company in ("acme", "beta", "acme")]
+    claim = {
+        "now": None,
+        "limit": 10,
+        "worker_id": "w1",
+        "lease_seconds": 10.0,
+        "job_types": None,
+        "after_company": None,
+    }
+    async with await _listening(dsn, events.EVENTS_CHANNEL) as listener:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            async with conn.transaction():
+                await doorbell.doorbell_on(conn)
+                claimed = await (await conn.execute(QUERIES["job_claim_batch"], claim)).fetchall()
+            assert len(claimed) == 3
+            assert await doorbell.ring(conn, [(j.company_id, j.id) for j in jobs])
+            assert await doorbell.ring(conn, [])  # nothing to ring: no statement
+        async for note in listener.notifies(timeout=10):
+            ring = events.parse_events_channel(note.payload)
+            running = await fetch(
+                dsn,
+                "SELECT job_id FROM pgjobs.job_events WHERE seq = 2 AND job_id = ANY(%s)",
+                [[j.id for j in jobs]],
+            )
+            break
+        assert await _until_marker(dsn, listener, events.EVENTS_CHANNEL) == []
+    assert ring == events.Ring({"acme": (jobs[0].id, jobs[2].id), "beta": (jobs[1].id,)})
+    assert {r["job_id"] for r in running} == {j.id for j in jobs}
+
+
+async def test_a_ring_that_cannot_be_sent_is_logged_not_raised(dsn: str) -> None:
+    conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    await conn.close()
+    assert not await doorbell.ring(conn, [("acme", uuid.uuid4())])

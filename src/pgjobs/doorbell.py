@@ -1,0 +1,66 @@
+"""Rings: announcing transitions after their commit instead of in it.
+
+A transaction that runs ``doorbell_on`` first writes its transitions' audit rows without
+NOTIFY items (sql/0018_doorbell.sql); after it commits, its writer calls ``ring`` with the
+``(company_id, job_id)`` of each job it changed, and listeners read those jobs' events
+from ``pgjobs.job_events`` (the format: ``pgjobs.events.encode_ring``). Why: a commit that
+carries a NOTIFY holds a database-wide lock through its WAL flush, so the claims and
+finishes of several workers could not share flushes (docs/benchmarks.md).
+
+A ring is a doorbell: one lost between the commit and its send (a crash, a dropped
+connection) leaves committed events unannounced until the listeners' periodic catch-up,
+never lost from the table. ``ring`` is therefore best-effort: it never raises for a
+database error, it logs it.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import psycopg
+
+from pgjobs import events
+from pgjobs.queries import QUERIES
+
+log = logging.getLogger(__name__)
+
+
+async def doorbell_on(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Ask for a ring instead of NOTIFY items for the rest of ``conn``'s transaction."""
+    await conn.execute(QUERIES["events_doorbell_on"])
+
+
+def doorbell_on_sync(conn: psycopg.Connection[Any]) -> None:
+    """``doorbell_on`` for a blocking connection."""
+    conn.execute(QUERIES["events_doorbell_on"])
+
+
+async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
+    """Ring for ``(company_id, job_id)`` pairs whose transitions have committed: call it
+    after the commit, on a connection outside a transaction (autocommit). False if it
+    could not be sent (logged; the listeners' catch-up covers it)."""
+    payloads = events.encode_ring(jobs)
+    if not payloads:
+        return True
+    try:
+        await conn.execute(QUERIES["events_ring"], {"payloads": payloads})
+    except psycopg.Error as exc:
+        log.warning("ring for %d payload(s) not sent (%s); listeners catch up", len(payloads), exc)
+        return False
+    return True
+
+
+def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
+    """``ring`` for a blocking connection."""
+    payloads = events.encode_ring(jobs)
+    if not payloads:
+        return True
+    try:
+        conn.execute(QUERIES["events_ring"], {"payloads": payloads})
+    except psycopg.Error as exc:
+        log.warning("ring for %d payload(s) not sent (%s); listeners catch up", len(payloads), exc)
+        return False
+    return True
