@@ -18,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import json
 import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from pgjobs import db, unique
 from pgjobs.errors import InvalidJobError, InvalidTransitionError, JobNotFoundError
 from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_UNIQUE_WHILE, JobSpec
 from pgjobs.queries import QUERIES
-from pgjobs.types import Asset, Job, JobEvent, JobStatus
+from pgjobs.types import Asset, Job, JobEvent, JobStatus, enqueued_job
 
 MAX_PAGE_SIZE = 500
 
@@ -88,10 +89,22 @@ def plan_insert(
     }
 
 
-def order_like(specs: list[JobSpec], jobs: list[Job]) -> list[Job]:
-    """The inserted jobs in the order of their specs (RETURNING promises no order)."""
-    by_id = {job.id: job for job in jobs}
-    return [by_id[s.id] for s in specs]
+def inserted_jobs(specs: list[JobSpec], params: Params, rows: list[dict[str, Any]]) -> list[Job]:
+    """The Jobs ``job_insert_many`` stored for ``specs`` (``params`` from ``plan_insert``),
+    in the specs' order, built from what was sent and the one row the statement returns
+    (the time it stored, ``types.enqueued_job``). Each input is decoded from the JSON text
+    sent, as a read decodes the stored jsonb (numbers written with an exponent may come
+    back as a float here and an int there: equal values)."""
+    now = rows[0]["now"]
+    jobs = []
+    for s, text in zip(specs, params["inputs"], strict=True):
+        input_ = {} if text == "{}" else json.loads(text)
+        job = enqueued_job(
+            s.id, s.company_id, s.job_type, input_, s.priority, s.run_at, s.max_attempts,
+            s.source_task_id, now,
+        )  # fmt: skip
+        jobs.append(job)
+    return jobs
 
 
 def plan_list(
@@ -216,9 +229,9 @@ class Client:
                 return await unique.run(pooled, specs)
         query, params = plan_insert(specs)
         if conn is not None:
-            return order_like(specs, await db.fetch_jobs(conn, query, params))
+            return inserted_jobs(specs, params, await db.fetch_dicts(conn, query, params))
         async with self.pool.connection() as pooled:
-            return order_like(specs, await db.fetch_jobs(pooled, query, params))
+            return inserted_jobs(specs, params, await db.fetch_dicts(pooled, query, params))
 
     async def get(
         self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerAsyncConn | None = None

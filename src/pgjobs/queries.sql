@@ -11,20 +11,24 @@
 -- back means "lost the race".
 
 -- name: job_insert_many
--- Bulk enqueue: one statement, one NOTIFY batch, any number of jobs. The arrays go in
--- binary format (the b placeholders): psycopg writes a text-format array by quoting each
--- element in Python, ~9 µs of client CPU per job of a 1,000-job batch, against ~2.5 µs
--- in binary; the server also parses them faster.
-INSERT INTO pgjobs.jobs (id, company_id, job_type, input, source_task_id, priority, run_at,
-                         max_attempts, created_at, updated_at)
-SELECT u.id, u.company_id, u.job_type, u.input, u.source_task_id, u.priority,
-       coalesce(u.run_at, coalesce(%(now)s::timestamptz, now())), u.max_attempts,
-       coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
-FROM unnest(%(ids)b::uuid[], %(company_ids)b::text[], %(job_types)b::text[], %(inputs)b::jsonb[],
-            %(source_task_ids)b::text[], %(priorities)b::int[], %(run_ats)b::timestamptz[],
-            %(max_attempts)b::int[])
-     AS u(id, company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
-RETURNING *;
+-- Bulk enqueue: one statement, any number of jobs. The arrays go in binary format (the b
+-- placeholders): psycopg writes a text-format array by quoting each element in Python,
+-- ~9 µs of client CPU per job of a 1,000-job batch, against ~2.5 µs in binary; the server
+-- also parses them faster. It returns only the time it stored as created_at: the client
+-- builds the Jobs from what it sent (pgjobs.types.enqueued_job) instead of decoding every
+-- row back, ~5 µs of client CPU per job less.
+WITH inserted AS (
+    INSERT INTO pgjobs.jobs (id, company_id, job_type, input, source_task_id, priority, run_at,
+                             max_attempts, created_at, updated_at)
+    SELECT u.id, u.company_id, u.job_type, u.input, u.source_task_id, u.priority,
+           coalesce(u.run_at, coalesce(%(now)s::timestamptz, now())), u.max_attempts,
+           coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
+    FROM unnest(%(ids)b::uuid[], %(company_ids)b::text[], %(job_types)b::text[],
+                %(inputs)b::jsonb[], %(source_task_ids)b::text[], %(priorities)b::int[],
+                %(run_ats)b::timestamptz[], %(max_attempts)b::int[])
+         AS u(id, company_id, job_type, input, source_task_id, priority, run_at, max_attempts)
+)
+SELECT coalesce(%(now)s::timestamptz, now()) AS now;
 
 -- name: job_get
 SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text;

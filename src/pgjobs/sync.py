@@ -22,7 +22,7 @@ from pgjobs import db, unique
 from pgjobs.client import (
     JobPage,
     Params,
-    order_like,
+    inserted_jobs,
     page_of,
     parse_job_id,
     plan_insert,
@@ -120,9 +120,9 @@ class SyncClient:
                 return unique.run_sync(pooled, specs)
         query, params = plan_insert(specs)
         if conn is not None:
-            return order_like(specs, db.fetch_jobs_sync(conn, query, params))
+            return inserted_jobs(specs, params, db.fetch_dicts_sync(conn, query, params))
         with self.pool.connection() as pooled:
-            return order_like(specs, db.fetch_jobs_sync(pooled, query, params))
+            return inserted_jobs(specs, params, db.fetch_dicts_sync(pooled, query, params))
 
     def get(
         self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerSyncConn | None = None

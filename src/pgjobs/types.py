@@ -239,6 +239,31 @@ def job_rows(cursor: BaseCursor[Any, Any]) -> RowMaker[Job]:
     return make
 
 
+def enqueued_job(
+    id_: uuid.UUID,
+    company_id: str,
+    job_type: str,
+    input_: JsonValue,
+    priority: int,
+    run_at: datetime | None,
+    max_attempts: int,
+    source_task_id: str | None,
+    now: datetime,
+) -> Job:
+    """The Job ``job_insert_many`` stores for these values at ``now`` (the time it returns):
+    the caller's values, ``run_at`` defaulting to ``now`` (and shown in ``now``'s time
+    zone, the session's, as a read would), and for every other column the default of
+    pgjobs.jobs (queued, no attempt yet, lease token 0, event seq 1, created and updated
+    at ``now``). A bulk enqueue builds its Jobs this way instead of reading a thousand
+    rows back (docs/benchmarks.md, "Bulk enqueue"); tests compare them with what a read
+    of each job says."""
+    return _built_job((
+        id_, company_id, job_type, JobStatus.QUEUED, input_, priority,
+        now if run_at is None else run_at.astimezone(now.tzinfo), 0, max_attempts, None, None,
+        None, source_task_id, None, None, 0, None, 1, None, None, now, now, True,
+    ))  # fmt: skip
+
+
 # The columns job_claim_batch and job_claim_batch_limited return for each job they claim,
 # in the order of Job's fields: all but those the claim itself sets (status 'running',
 # worker_id, progress cleared, updated_at = started_at, both the claim's now), which the

@@ -77,7 +77,7 @@ def enqueue_steps(specs: Sequence[JobSpec], now: datetime | None = None) -> Step
     transaction; returns one Job per spec, in order: the job created (``created=True``)
     or the one holding its key (``created=False``). Within ``specs``, a key asked for
     twice goes to the first; later ones get its result with ``created=False``."""
-    from pgjobs.client import order_like, plan_insert  # client imports this module
+    from pgjobs.client import inserted_jobs, plan_insert  # client imports this module
 
     keyed: dict[tuple[str, str], JobSpec] = {}
     for spec in specs:
@@ -139,7 +139,7 @@ def enqueue_steps(specs: Sequence[JobSpec], now: datetime | None = None) -> Step
     created: list[Job] = []
     if to_insert:
         query, params = plan_insert(to_insert, now)
-        created = order_like(to_insert, (yield Step(query, params, "jobs")))
+        created = inserted_jobs(to_insert, params, (yield Step(query, params, "dicts")))
     by_spec = {s.id: job for s, job in zip(to_insert, created, strict=True)}
     result: list[Job] = []
     for spec in specs:

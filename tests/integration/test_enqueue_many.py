@@ -1,7 +1,8 @@
-"""enqueue_many sends its columns as binary-format arrays and builds Jobs from the rows it
-gets back: what comes back is what a later read of each job says, in the specs' order,
-for the values a text-format array would have had to quote (and for arrays that are all
-NULL), through the pool and through a caller's connection with its own row type."""
+"""enqueue_many sends its columns as binary-format arrays and builds the Jobs it returns
+from what it sent and the time the statement stored: what comes back is what a later read
+of each job says, in the specs' order, for the values a text-format array would have had
+to quote (and for arrays that are all NULL), through the pool and through a caller's
+connection with its own row type and time zone."""
 
 from __future__ import annotations
 
@@ -76,3 +77,20 @@ async def test_sync_enqueue_many_returns_what_is_stored(dsn: str, client: Client
 
     jobs = await asyncio.to_thread(enqueue)
     assert jobs == [await client.get(s.company_id, s.id) for s in specs]
+
+
+async def test_enqueue_many_shows_times_in_the_sessions_time_zone_as_a_read_does(
+    dsn: str, client: Client
+) -> None:
+    """The Jobs are built, not read back: their times still come in the session's time
+    zone, so the API's JSON of a job is the same text as a later read's."""
+    specs = _specs()
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SET TIME ZONE 'Asia/Kolkata'")
+        jobs = await client.enqueue_many(specs, conn=conn)
+        read = [await client.get(s.company_id, s.id, conn=conn) for s in specs]
+    assert jobs == read
+    assert [(j.to_json(), j.run_at.isoformat()) for j in jobs] == [
+        (j.to_json(), j.run_at.isoformat()) for j in read
+    ]
+    assert jobs[1].run_at.isoformat().endswith("+05:30")  # a spec's run_at, given in UTC

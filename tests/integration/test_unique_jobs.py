@@ -96,6 +96,9 @@ async def test_enqueue_many_reports_duplicates_in_spec_order(dsn: str, client: C
     assert jobs[3].id == specs[1].id
     assert jobs[2].id == specs[2].id
     assert await _job_count(dsn) == 3
+    # Each is the job as stored, the holders and the batch's own duplicate included.
+    for job in jobs:
+        assert job == await client.get("acme", job.id)  # (created is not compared)
 
 
 async def test_concurrent_enqueues_on_many_connections_create_one_job(dsn: str) -> None:
