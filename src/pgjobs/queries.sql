@@ -911,5 +911,7 @@ SELECT set_config('pgjobs.doorbell', 'on', true);
 -- name: events_ring
 -- The rings (pgjobs.events.encode_ring payloads) for transitions committed with the
 -- doorbell on; sent after that commit, in a transaction of their own, which writes no WAL
--- and so does not wait for a flush at its commit while it holds the NOTIFY lock.
-SELECT count(pg_notify('pgjobs_events', p)) FROM unnest(%(payloads)s::text[]) AS p;
+-- and so does not wait for a flush at its commit while it holds the NOTIFY lock. The
+-- payloads go in binary format: in a text-format array psycopg escapes every quote of
+-- the JSON in Python (~1.4 ms of client CPU for a 1,000-job ring, 0.1 ms in binary).
+SELECT count(pg_notify('pgjobs_events', p)) FROM unnest(%(payloads)b::text[]) AS p;
