@@ -18,8 +18,9 @@ from typing import Any, LiteralString
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from pgjobs import db, unique
+from pgjobs import db, doorbell, unique
 from pgjobs.client import (
+    RING_FROM_JOBS,
     JobPage,
     Params,
     inserted_jobs,
@@ -109,7 +110,8 @@ class SyncClient:
     def enqueue_many(
         self, specs: Iterable[JobSpec], *, conn: db.CallerSyncConn | None = None
     ) -> list[Job]:
-        """Insert jobs in one statement (see ``Client.enqueue_many``, duplicates included)."""
+        """Insert jobs in one statement (see ``Client.enqueue_many``: duplicates, and
+        NOTIFY items or a ring)."""
         specs = list(specs)
         if not specs:
             return []
@@ -122,7 +124,13 @@ class SyncClient:
         if conn is not None:
             return inserted_jobs(specs, params, db.fetch_dicts_sync(conn, query, params))
         with self.pool.connection() as pooled:
-            return inserted_jobs(specs, params, db.fetch_dicts_sync(pooled, query, params))
+            if len(specs) < RING_FROM_JOBS:
+                return inserted_jobs(specs, params, db.fetch_dicts_sync(pooled, query, params))
+            with pooled.transaction():
+                doorbell.doorbell_on_sync(pooled)
+                jobs = inserted_jobs(specs, params, db.fetch_dicts_sync(pooled, query, params))
+            doorbell.ring_sync(pooled, [(s.company_id, s.id) for s in specs])
+            return jobs
 
     def get(
         self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerSyncConn | None = None

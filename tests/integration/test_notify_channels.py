@@ -19,12 +19,13 @@ from psycopg.rows import dict_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
 from pgjobs import demo, doorbell, events, rescuer
-from pgjobs.client import Client
+from pgjobs.client import RING_FROM_JOBS, Client
 from pgjobs.context import JobContext
 from pgjobs.events import Cancelled, Claimable, EventType
 from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
+from pgjobs.sync import SyncClient
 from pgjobs.types import JobStatus
 from pgjobs.worker import Worker
 
@@ -232,8 +233,12 @@ async def test_a_statements_items_fill_each_notify_up_to_the_limit(
     events_listener = await _listening(dsn, events.EVENTS_CHANNEL)
     work_listener = await _listening(dsn, events.WORK_CHANNEL)
     async with events_listener, work_listener:
-        # One job type per job: one worker-channel item per job.
-        jobs = await client.enqueue_many(JobSpec("acme", f"type-{n}") for n in range(1000))
+        # One job type per job: one worker-channel item per job. On a connection of the
+        # test's own, whose commit carries the items (through the pool, a batch this big
+        # rings after its commit instead).
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            specs = (JobSpec("acme", f"type-{n}") for n in range(1000))
+            jobs = await client.enqueue_many(specs, conn=conn)
         sent_events = await _until_marker(dsn, events_listener, events.EVENTS_CHANNEL)
         sent_work = await _until_marker(dsn, work_listener, events.WORK_CHANNEL)
     for payloads, items in (
@@ -507,3 +512,62 @@ async def test_a_ring_that_cannot_be_sent_is_logged_not_raised(dsn: str) -> None
     conn = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
     await conn.close()
     assert not await doorbell.ring(conn, [("acme", uuid.uuid4())])
+
+
+async def test_a_pooled_batch_rings_after_its_commit_and_a_small_one_sends_items(
+    dsn: str, client: Client
+) -> None:
+    """enqueue_many through the pool, async or sync, of RING_FROM_JOBS jobs or more: the
+    listener gets rings naming exactly those jobs (no items), their queued rows are in
+    the audit log when it reads them, and workers are still woken in the commit. A batch
+    one smaller sends its items in the commit, as before."""
+    n = RING_FROM_JOBS + 3
+    specs = [JobSpec(("acme", "beta")[i % 2], "echo") for i in range(n)]
+    sync_specs = [JobSpec("acme", "echo") for _ in range(n)]
+    small = [JobSpec("acme", "echo") for _ in range(RING_FROM_JOBS - 1)]
+
+    def sync_enqueue() -> None:
+        with SyncClient(dsn) as sync_client:
+            sync_client.enqueue_many(sync_specs)
+
+    async with (
+        await _listening(dsn, events.EVENTS_CHANNEL) as listener,
+        await _listening(dsn, events.WORK_CHANNEL) as work,
+    ):
+        await client.enqueue_many(specs)
+        rung = [
+            events.parse_events_channel(p)
+            for p in await _until_marker(dsn, listener, events.EVENTS_CHANNEL)
+        ]
+        queued = await fetch(
+            dsn,
+            "SELECT job_id FROM pgjobs.job_events WHERE seq = 1 AND type = %s AND job_id = ANY(%s)",
+            [EventType.QUEUED.value, [s.id for s in specs]],
+        )
+        await asyncio.to_thread(sync_enqueue)
+        rung_sync = [
+            events.parse_events_channel(p)
+            for p in await _until_marker(dsn, listener, events.EVENTS_CHANNEL)
+        ]
+        await client.enqueue_many(small)
+        sent_small = await _until_marker(dsn, listener, events.EVENTS_CHANNEL)
+        assert await _work(dsn, work) == [Claimable("echo")] * 3
+    assert _rung_jobs(rung) == {
+        "acme": [s.id for s in specs if s.company_id == "acme"],
+        "beta": [s.id for s in specs if s.company_id == "beta"],
+    }
+    assert {r["job_id"] for r in queued} == {s.id for s in specs}
+    assert _rung_jobs(rung_sync) == {"acme": [s.id for s in sync_specs]}
+    items = [e for p in sent_small for e in events.parse_events(p)]
+    assert [(e.job_id, e.type) for e in items] == [(s.id, EventType.QUEUED) for s in small]
+
+
+def _rung_jobs(payloads: list[list[events.LiveEvent] | events.Ring]) -> dict[str, list[uuid.UUID]]:
+    """The jobs the payloads ring for, by company, in order; each payload must be a ring
+    (a batch this size takes several)."""
+    jobs: dict[str, list[uuid.UUID]] = {}
+    for payload in payloads:
+        assert isinstance(payload, events.Ring), payload
+        for company_id, ids in payload.jobs.items():
+            jobs.setdefault(company_id, []).extend(ids)
+    return jobs
