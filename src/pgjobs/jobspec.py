@@ -121,6 +121,11 @@ def _check_name(value: object, field_name: str, limit: int) -> str:
     return value
 
 
+# One encoder for every input: json.dumps with any non-default argument builds a new
+# JSONEncoder per call (~0.5 µs per job of a bulk enqueue); encoding with one is stateless.
+_INPUT_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
+
+
 def new_job_id() -> uuid.UUID:
     """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits.
 
@@ -193,4 +198,4 @@ class JobSpec:
         object.__setattr__(self, "unique_while", states)
 
     def input_json(self) -> str:
-        return json.dumps(self.input, allow_nan=False, separators=(",", ":"))
+        return _INPUT_ENCODER.encode(self.input)
