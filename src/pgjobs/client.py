@@ -34,14 +34,14 @@ from pgjobs.queries import QUERIES
 from pgjobs.types import Asset, Job, JobEvent, JobStatus, enqueued_job
 
 MAX_PAGE_SIZE = 500
-RING_FROM_JOBS = 500
+RING_FROM_JOBS = 1000
 """The smallest batch ``enqueue_many`` announces by a ring after its commit (when it owns
-the transaction) instead of NOTIFY items in it. Skipping the items saves ~2 µs of
-PostgreSQL CPU per job; the ring costs the producer ~1 µs per job (encoding the ids) and
-~0.35 ms per batch (BEGIN, the doorbell setting, COMMIT and the ring: four statements
-instead of one). Measured (bench.enqueue_cpu): at 50 jobs a batch, PostgreSQL already
-spends ~1 µs per job less but the producer ~8 µs more; from about 400 jobs the two
-together spend less (docs/benchmarks.md, "Bulk enqueue")."""
+the transaction) instead of NOTIFY items in it. Skipping the items saves PostgreSQL ~2 µs
+per job; the ring costs the producer ~1 µs per job (encoding the ids) and ~0.35 ms per
+batch (BEGIN, the doorbell setting, COMMIT and the ring: four statements instead of one).
+Measured (bench.enqueue_cpu), the ring's change to the CPU per job of PostgreSQL and the
+producer together: 6.7 µs more at 50 jobs a batch, 1.0 more at 500, 0.3 to 0.5 less at 1,000
+(docs/benchmarks.md, "Bulk enqueue")."""
 
 Params = dict[str, Any]
 
