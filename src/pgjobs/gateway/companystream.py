@@ -267,6 +267,11 @@ class CompanyFeeds:
             # finishes any read in flight and returns, having no client left.
             feed.wake.set()
 
+    def cursors(self) -> list[tuple[str, tuple[str, int]]]:
+        """Each live feed's company and (xid, id) cursor (the job reader's catch-up asks
+        which of them have events after it)."""
+        return [(company_id, feed.cursor) for company_id, feed in self._feeds.items()]
+
     @property
     def feeds(self) -> int:
         return len(self._feeds)

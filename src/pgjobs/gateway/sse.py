@@ -264,6 +264,8 @@ async def job_stream(
             if len(rows) < PAGE:
                 return
 
+    # Where this stream starts, for the fan-out: events up to it are not queued for it.
+    sub.reached(job["event_seq"] if last is None else last)
     try:
         if last is None:
             yield status_event(job)
@@ -272,6 +274,7 @@ async def job_stream(
                 return
         else:
             async for chunk, seq, ended in from_table(last):
+                sub.reached(seq)
                 yield chunk
                 last = seq
                 if ended:
@@ -284,6 +287,7 @@ async def job_stream(
                 return
             if item is BACKFILL or (isinstance(item, LiveEvent) and item.seq > last + 1):
                 async for chunk, seq, ended in from_table(last):
+                    sub.reached(seq)
                     yield chunk
                     last = seq
                     if ended:
