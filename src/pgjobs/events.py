@@ -118,6 +118,24 @@ def _event(raw: dict[str, Any]) -> LiveEvent:
     )
 
 
+def event_from_row(row: Mapping[str, Any]) -> LiveEvent:
+    """An audit row (``pgjobs.job_events``: id, job_id, company_id, seq, type, status,
+    attempt, payload) as the LiveEvent its NOTIFY item would have carried: what a reader
+    of rung jobs' events hands on. ``extra`` holds the payload's PUBLISHED_KEYS, messages
+    in full (``event_data`` cuts them as the item does)."""
+    payload = row["payload"]
+    return LiveEvent(
+        event_id=int(row["id"]),
+        job_id=row["job_id"],
+        company_id=str(row["company_id"]),
+        seq=int(row["seq"]),
+        type=str(row["type"]),
+        status=str(row["status"]),
+        attempt=int(row["attempt"]),
+        extra={k: payload[k] for k in PUBLISHED_KEYS if k in payload},
+    )
+
+
 def encode_events(events: Iterable[LiveEvent]) -> str:
     """An ``EVENTS_CHANNEL`` payload, as ``pgjobs.notify_item`` builds it (up to
     whitespace): for tests and tools that stand in for the database."""

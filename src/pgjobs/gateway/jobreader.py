@@ -33,12 +33,12 @@ import contextlib
 import logging
 import time
 import uuid
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
 import psycopg
 
 from pgjobs import db
-from pgjobs.events import PUBLISHED_KEYS, LiveEvent
+from pgjobs.events import event_from_row
 from pgjobs.gateway.sse import read_rows
 
 if TYPE_CHECKING:
@@ -141,25 +141,9 @@ class JobEventReader:
             self.fanout.on_received(rows[0]["job_id"], rows[0]["seq"])
         per_job: dict[uuid.UUID, int] = {}
         for row in rows:
-            self.fanout.deliver(_live_event(row))
+            self.fanout.deliver(event_from_row(row))
             per_job[row["job_id"]] = per_job.get(row["job_id"], 0) + 1
         more = {(row[0], row[1]) for row in plan if per_job.get(row[0], 0) >= PAGE}
         if more:
             self.fanout.give_back(more)
         return len(rows)
-
-
-def _live_event(row: dict[str, Any]) -> LiveEvent:
-    """An audit row as the fan-out's event; ``extra`` holds the payload's PUBLISHED_KEYS,
-    as a NOTIFY item does (event_data cuts the messages as the item does)."""
-    payload = row["payload"]
-    return LiveEvent(
-        event_id=row["id"],
-        job_id=row["job_id"],
-        company_id=row["company_id"],
-        seq=row["seq"],
-        type=row["type"],
-        status=row["status"],
-        attempt=row["attempt"],
-        extra={k: payload[k] for k in PUBLISHED_KEYS if k in payload},
-    )
