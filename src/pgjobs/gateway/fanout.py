@@ -235,23 +235,40 @@ class Fanout:
         not read where it starts yet gets a BACKFILL instead (it reads the table itself
         once it knows where to start: it may already have missed the event)."""
         plan: list[tuple[uuid.UUID, str, int]] = []
-        pairs = keys if keys is not None else self._job_company_pairs()
-        for job_id, company_id in pairs:
+        if keys is None:
+            return self._catch_up_plan()
+        for job_id, company_id in keys:
             after: int | None = None
             for sub in self._by_job.get(job_id, ()):
                 if sub.company_id != company_id or sub.ended:
                     continue
                 if sub.seq is None:
-                    if keys is not None:
-                        sub.offer(BACKFILL)
+                    sub.offer(BACKFILL)
                 elif after is None or sub.seq < after:
                     after = sub.seq
             if after is not None:
                 plan.append((job_id, company_id, after))
         return plan
 
-    def _job_company_pairs(self) -> set[tuple[uuid.UUID, str]]:
-        return {(job_id, sub.company_id) for job_id, subs in self._by_job.items() for sub in subs}
+    def _catch_up_plan(self) -> list[tuple[uuid.UUID, str, int]]:
+        # read_plan for every job subscription, written for 10,000 of them: one pass over
+        # the index, most jobs having one subscriber. Streams still starting are left out
+        # (they read the table once they know where they start).
+        plan: list[tuple[uuid.UUID, str, int]] = []
+        for job_id, subs in self._by_job.items():
+            if len(subs) == 1:
+                for sub in subs:
+                    if sub.seq is not None and not sub.ended:
+                        plan.append((job_id, sub.company_id, sub.seq))
+                continue
+            lowest: dict[str, int] = {}
+            for sub in subs:
+                if sub.seq is not None and not sub.ended:
+                    seen = lowest.get(sub.company_id)
+                    if seen is None or sub.seq < seen:
+                        lowest[sub.company_id] = sub.seq
+            plan.extend((job_id, company_id, seq) for company_id, seq in lowest.items())
+        return plan
 
     def companies(self) -> list[str]:
         """The companies with a company stream here."""
