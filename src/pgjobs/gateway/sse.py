@@ -5,9 +5,10 @@ Both kinds of stream (this one, and the company stream in
 event before a GET of the job would show it, and never misses one, across reconnects of
 the browser (Last-Event-ID) and of the gateway's own LISTEN connection.
 
-*Never ahead.* Events reach a stream only two ways: from a NOTIFY, which PostgreSQL
+*Never ahead.* Events reach a stream only two ways: from a NOTIFY item, which PostgreSQL
 delivers after the commit, or from a read of ``pgjobs.job_events``, which sees only
-committed rows. So any event sent has already committed.
+committed rows (the stream's own, or the job reader's after a ring,
+``pgjobs.gateway.jobreader``). So any event sent has already committed.
 
 *Never missing, per job.* A stream subscribes to the fan-out first and reads the job
 second, so nothing committed after the read can slip past. The SSE id is the job's
