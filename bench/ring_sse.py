@@ -46,6 +46,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--events", type=int, default=300)
     parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument(
+        "--variants", nargs="+", choices=("items", "ring"), default=["items", "ring"]
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/ring_sse"))
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -54,7 +57,7 @@ def main() -> None:
     with pg.server() as server:
         ctx = Ctx(server, QUICK, "ring_sse", args.rounds, args.out, ("pgjobs",))
         for r in range(args.rounds):
-            variants = ("items", "ring") if r % 2 == 0 else ("ring", "items")
+            variants = args.variants if r % 2 == 0 else args.variants[::-1]
             with (
                 pg.database(server) as dsn,
                 gateway_process(ctx, dsn, max(args.clients) + 100, f"ring-{r}") as (pid, port),
@@ -86,7 +89,7 @@ def main() -> None:
     )
     print("| ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for n in args.clients:
-        for variant in ("items", "ring"):
+        for variant in args.variants:
             mine = [s for s in steps if s["clients"] == n and s["variant"] == variant]
             got = [float(s["deliveries_measured"]) for s in mine]
             p50 = [s["latency_ms"]["p50"] or 0.0 for s in mine]

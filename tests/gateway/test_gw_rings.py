@@ -365,6 +365,34 @@ async def test_a_long_message_has_the_same_data_rung_replayed_or_in_an_item(
     assert live.events[3].data["progress"] == {"fraction": pytest.approx(0.6), "message": "ü" * 300}
 
 
+async def test_the_job_reader_outlives_a_failed_round(
+    gateway: RunningGateway, dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A round that fails for a reason nobody foresaw is logged and retried: the rung
+    event still reaches its stream, and later rings are still read."""
+    job_id = await enqueue(gateway)
+    stream = Follower(gateway, f"{JOBS}/{job_id}/events")
+    await stream.has(1)
+    real = jobreader.read_rows
+    failures: list[str] = []
+
+    async def fails_once(state: Any, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if not failures:
+            failures.append(query)
+            raise RuntimeError("unforeseen")
+        return await real(state, query, params)
+
+    monkeypatch.setattr(jobreader, "read_rows", fails_once)
+    async with writer(dsn) as w:
+        lease = await w.claim(job_id)
+        await stream.has(2)
+        await w.progress(job_id, lease, 0.5, "after the failure")
+        await stream.has(3)
+    await stream.close()
+    assert failures == ["job_events_after_seq_for_jobs"]
+    assert seqs(stream.events) == [1, 2, 3]
+
+
 def test_an_unreadable_payload_still_backfills_every_stream() -> None:
     """Whatever cannot be read as items or as a ring (here a ring whose job id is not
     one) sends every job stream a BACKFILL and wakes every company feed."""

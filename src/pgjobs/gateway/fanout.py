@@ -234,9 +234,9 @@ class Fanout:
         subscribers have reached, after which its events are read. A subscriber that has
         not read where it starts yet gets a BACKFILL instead (it reads the table itself
         once it knows where to start: it may already have missed the event)."""
-        plan: list[tuple[uuid.UUID, str, int]] = []
         if keys is None:
             return self._catch_up_plan()
+        plan: list[tuple[uuid.UUID, str, int]] = []
         for job_id, company_id in keys:
             after: int | None = None
             for sub in self._by_job.get(job_id, ()):
@@ -269,10 +269,6 @@ class Fanout:
                         lowest[sub.company_id] = sub.seq
             plan.extend((job_id, company_id, seq) for company_id, seq in lowest.items())
         return plan
-
-    def companies(self) -> list[str]:
-        """The companies with a company stream here."""
-        return list(self._by_company)
 
     async def on_connect(self) -> None:
         """Called by the Listener after every (re)LISTEN: whatever was sent while it was
