@@ -13,12 +13,15 @@ jobs of one company, each with a claim and two progress events, plus ``--others`
 finished jobs of other companies (their events fill the table and its indexes), one
 fan-out subscription per running job (as a job stream holds, its seq reached = the job's
 current seq) and one company stream's feed. Then ``--rounds`` catch-up rounds for each
-``--stale`` count (interleaved): before each round, that many of the watched jobs get a
+``--stale`` count and ``--keys-per-query`` (interleaved, the order reversed every other
+round): before each round, that many of the watched jobs get a
 progress transition committed with the doorbell on and never rung, which the round must
 deliver. Per round: wall time and this process's CPU (the gateway's side: building the
 parameters, decoding and delivering rows), medians (min–max); and the CPU of the pool's
 PostgreSQL backends (from /proc, whose 10 ms ticks are too coarse for one round: their
-total over a count's rounds, divided by the rounds). Linux only.
+total over a count's rounds, divided by the rounds); and the longest stall of the event
+loop during the round (a task that wakes every millisecond records how late it woke),
+which is what the round adds at worst to a live event's latency. Linux only.
 """
 
 from __future__ import annotations
@@ -104,6 +107,16 @@ async def _unrung(dsn: str, jobs: list[tuple[uuid.UUID, int]]) -> None:
             await conn.execute(QUERIES["job_progress_if_leased"], params)
 
 
+async def _tick(stalls: list[float]) -> None:
+    """Wakes every millisecond; records how late each wake-up was: the event loop's stalls,
+    which is what a catch-up round adds to a live event's latency at worst."""
+    loop = asyncio.get_running_loop()
+    while True:
+        due = loop.time() + 0.001
+        await asyncio.sleep(0.001)
+        stalls.append(max(0.0, loop.time() - due))
+
+
 async def _backend_cpu(dsn: str) -> float:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         cur = await conn.execute(
@@ -134,20 +147,27 @@ async def _measure(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
         await state.company_feeds.attach("bench")
         reader = state.job_reader
         await reader.catch_up()  # warm: plans cached, pool connections open
-        results: dict[int, dict[str, list[float]]] = {
-            n: {"ms": [], "gateway_cpu_ms": [], "db_cpu_ms": [], "delivered": []}
-            for n in args.stale
+        from pgjobs.gateway import jobreader
+
+        variants = [(k, n) for k in args.keys_per_query for n in args.stale]
+        results: dict[tuple[int, int], dict[str, list[float]]] = {
+            v: {"ms": [], "gateway_cpu_ms": [], "db_cpu_ms": [], "delivered": [], "stall_ms": []}
+            for v in variants
         }
         cursor = 0
-        for _ in range(args.rounds):
-            for n in args.stale:
+        for r in range(args.rounds):
+            for k, n in variants if r % 2 == 0 else variants[::-1]:
+                jobreader.KEYS_PER_QUERY = k  # type: ignore[misc]  # the variant under test
                 stale = jobs[cursor : cursor + n]
                 cursor = (cursor + n) % max(1, len(jobs) - n)
                 if stale:
                     await _unrung(dsn, stale)
                 db0, cpu0, t0 = await _backend_cpu(dsn), time.process_time(), time.perf_counter()
+                stalls: list[float] = []
+                ticker = asyncio.create_task(_tick(stalls))
                 delivered = await reader.catch_up()
                 wall = time.perf_counter() - t0
+                ticker.cancel()
                 cpu = time.process_time() - cpu0
                 db = await _backend_cpu(dsn) - db0
                 # Empty the queues, as the streams would have.
@@ -155,12 +175,13 @@ async def _measure(args: argparse.Namespace, dsn: str) -> dict[str, Any]:
                     for sub in subs:
                         while not sub.queue.empty():
                             sub.queue.get_nowait()
-                row = results[n]
+                row = results[(k, n)]
                 row["ms"].append(wall * 1000)
                 row["gateway_cpu_ms"].append(cpu * 1000)
                 row["db_cpu_ms"].append(db * 1000)
                 row["delivered"].append(float(delivered))
-        return {str(n): r for n, r in results.items()}
+                row["stall_ms"].append(max(stalls, default=0.0) * 1000)
+        return {f"{k} {n}": r for (k, n), r in results.items()}
     finally:
         await state.stop()
 
@@ -171,20 +192,24 @@ def main() -> None:
     parser.add_argument("--others", type=int, default=100_000)
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--stale", type=int, nargs="+", default=[0, 100])
+    # The job reader's keys per query (jobreader.KEYS_PER_QUERY), each a variant.
+    parser.add_argument("--keys-per-query", type=int, nargs="+", default=[1_000])
     parser.add_argument("--storage", default="/tmp/pgjobs-bench-catchup-storage")  # noqa: S108
     args = parser.parse_args()
     with pg.server() as server, pg.database(server) as dsn:
         res = asyncio.run(_measure(args, dsn))
     print(f"catch-up round, {args.subscribers:,} job subscribers, {args.rounds} rounds each:")
     print(
-        "| stale jobs | events delivered | wall (ms) | gateway CPU (ms) "
-        "| PostgreSQL CPU (ms, mean) |"
+        "| keys per query | stale jobs | events delivered | wall (ms) | gateway CPU (ms) "
+        "| longest event-loop stall (ms) | PostgreSQL CPU (ms, mean) |"
     )
-    print("| ---: | ---: | ---: | ---: | ---: |")
-    for n, r in res.items():
+    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for key, r in res.items():
+        k, n = key.split()
         print(
-            f"| {n} | {statistics.median(r['delivered']):.0f} | {_spread(r['ms'])} | "
-            f"{_spread(r['gateway_cpu_ms'])} | {statistics.mean(r['db_cpu_ms']):.2f} |"
+            f"| {k} | {n} | {statistics.median(r['delivered']):.0f} | {_spread(r['ms'])} | "
+            f"{_spread(r['gateway_cpu_ms'])} | {_spread(r['stall_ms'])} | "
+            f"{statistics.mean(r['db_cpu_ms']):.2f} |"
         )
 
 
