@@ -443,3 +443,24 @@ def test_an_event_a_subscriber_already_has_is_not_queued_again() -> None:
         fanout.deliver(event(seq))
     assert [sub.queue.get_nowait().seq for _ in range(sub.queue.qsize())] == [4, 5]  # type: ignore[union-attr]
     assert fanout.read_plan({(job_id, "acme")}) == [(job_id, "acme", 5)]
+
+
+def test_the_catch_up_plans_every_started_stream_in_lists_of_the_given_size() -> None:
+    """Per job and company the lowest seq its streams have reached; a stream still
+    starting (no seq yet) or ended is left out; at most ``size`` keys a list."""
+    fanout = Fanout(queue_size=1)
+    jobs = [uuid.uuid4() for _ in range(5)]
+    for n, job_id in enumerate(jobs):
+        fanout.subscribe_job("acme", job_id).reached(n)
+    fanout.subscribe_job("acme", jobs[0]).reached(7)
+    fanout.subscribe_job("globex", jobs[0]).reached(9)
+    fanout.subscribe_job("acme", jobs[1])  # starting
+    overflowed = fanout.subscribe_job("acme", jobs[2])
+    overflowed.reached(0)
+    overflowed.overflowed = True
+    plans = list(fanout.catch_up_plans(2))
+    assert [len(p) for p in plans] == [3, 2, 1]
+    assert sorted(key for plan in plans for key in plan) == sorted(
+        [(jobs[0], "acme", 0), (jobs[0], "globex", 9)]
+        + [(job_id, "acme", n) for n, job_id in enumerate(jobs) if n > 0]
+    )

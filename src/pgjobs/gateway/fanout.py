@@ -44,7 +44,7 @@ import asyncio
 import logging
 import uuid
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Final, TypeVar
 
 from pgjobs.events import LiveEvent, Ring, parse_events_channel
@@ -226,16 +226,12 @@ class Fanout:
             if self.on_rung is not None:
                 self.on_rung()
 
-    def read_plan(
-        self, keys: set[tuple[uuid.UUID, str]] | None
-    ) -> list[tuple[uuid.UUID, str, int]]:
-        """What the job reader reads for ``keys`` (every job subscription if None): per
-        (job id, company id) that still has a live subscriber, the lowest seq its
-        subscribers have reached, after which its events are read. A subscriber that has
-        not read where it starts yet gets a BACKFILL instead (it reads the table itself
-        once it knows where to start: it may already have missed the event)."""
-        if keys is None:
-            return self._catch_up_plan()
+    def read_plan(self, keys: set[tuple[uuid.UUID, str]]) -> list[tuple[uuid.UUID, str, int]]:
+        """What the job reader reads for rung ``keys``: per (job id, company id) that still
+        has a live subscriber, the lowest seq its subscribers have reached, after which
+        its events are read. A subscriber that has not read where it starts yet gets a
+        BACKFILL instead (it reads the table itself once it knows where to start: it may
+        already have missed the event)."""
         plan: list[tuple[uuid.UUID, str, int]] = []
         for job_id, company_id in keys:
             after: int | None = None
@@ -250,25 +246,31 @@ class Fanout:
                 plan.append((job_id, company_id, after))
         return plan
 
-    def _catch_up_plan(self) -> list[tuple[uuid.UUID, str, int]]:
-        # read_plan for every job subscription, written for 10,000 of them: one pass over
-        # the index, most jobs having one subscriber. Streams still starting are left out
-        # (they read the table once they know where they start).
-        plan: list[tuple[uuid.UUID, str, int]] = []
-        for job_id, subs in self._by_job.items():
-            if len(subs) == 1:
+    def catch_up_plans(self, size: int) -> Iterator[list[tuple[uuid.UUID, str, int]]]:
+        """read_plan for every job subscription, in lists of at most ``size`` keys, each
+        built when it is asked for: the reader reads one before it asks for the next, so
+        the event loop is never held for more than one list (at 10,000 subscriptions
+        building them all at once was ~3 ms on a quiet machine). Streams still starting
+        are left out (they read the table once they know where they start); streams that
+        end meanwhile are skipped."""
+        jobs = list(self._by_job.items())
+        for start in range(0, len(jobs), size):
+            plan: list[tuple[uuid.UUID, str, int]] = []
+            for job_id, subs in jobs[start : start + size]:
+                if len(subs) == 1:  # most jobs: one stream
+                    for sub in subs:
+                        if sub.seq is not None and not sub.ended:
+                            plan.append((job_id, sub.company_id, sub.seq))
+                    continue
+                lowest: dict[str, int] = {}
                 for sub in subs:
                     if sub.seq is not None and not sub.ended:
-                        plan.append((job_id, sub.company_id, sub.seq))
-                continue
-            lowest: dict[str, int] = {}
-            for sub in subs:
-                if sub.seq is not None and not sub.ended:
-                    seen = lowest.get(sub.company_id)
-                    if seen is None or sub.seq < seen:
-                        lowest[sub.company_id] = sub.seq
-            plan.extend((job_id, company_id, seq) for company_id, seq in lowest.items())
-        return plan
+                        seen = lowest.get(sub.company_id)
+                        if seen is None or sub.seq < seen:
+                            lowest[sub.company_id] = sub.seq
+                plan.extend((job_id, company_id, seq) for company_id, seq in lowest.items())
+            if plan:
+                yield plan
 
     async def on_connect(self) -> None:
         """Called by the Listener after every (re)LISTEN: whatever was sent while it was

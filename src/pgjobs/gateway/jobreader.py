@@ -117,7 +117,9 @@ class JobEventReader:
         self.catch_ups += 1
         if rung:
             self.fanout.read_plan(rung)  # the BACKFILLs for streams still starting
-        delivered = await self._read(self.fanout.read_plan(None))
+        delivered = 0
+        for plan in self.fanout.catch_up_plans(KEYS_PER_QUERY):
+            delivered += await self._read_keys(plan)
         feeds = self.state.company_feeds.cursors()
         if feeds:
             rows = await read_rows(
