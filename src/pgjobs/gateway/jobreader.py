@@ -50,10 +50,9 @@ PAGE: Final = 500
 """Events read per job per round; a job with more is read again in the next round."""
 KEYS_PER_QUERY: Final = 1_000
 """Jobs per query of a round. A catch-up with 10,000 job streams is ten queries, awaited
-one after the other, not one: building and sending 10,000 keys at once kept the event loop
-from every stream for ~10 ms (more on a loaded machine), which showed in the streams' p99
-(bench.ring_sse: 10,000 clients, items only, p99 ~19 ms against ~4 ms without the
-catch-up); 1,000 keys are under 1 ms."""
+one after the other, not one: building and sending 10,000 keys at once held the event loop
+(and so every stream's next event) for ~9 ms, 1,000 at a time for ~3 ms at most
+(bench.catchup's longest stall, medians of 20 rounds on a loaded machine)."""
 RETRY_SECONDS: Final = 0.5
 """The pause after a failed read before the next round."""
 
