@@ -45,6 +45,7 @@ import sys
 import threading
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -281,9 +282,15 @@ async def _running_jobs(dsn: str, n: int) -> list[tuple[str, int]]:
 
 
 async def _progress_producer(
-    dsn: str, jobs: list[tuple[str, int]], events: int, rate: float
+    dsn: str, jobs: list[tuple[str, int]], events: int, rate: float, *, ring: bool = False
 ) -> dict[tuple[str, int], float]:
-    """``events`` progress transitions at ``rate``/s; {(jobId, seq): commit time}."""
+    """``events`` progress transitions at ``rate``/s; {(jobId, seq): commit time}.
+
+    ``ring``: each transition is committed with the doorbell on (no NOTIFY item) and rung
+    after its commit on the same connection (``pgjobs.doorbell``), as a ringing worker
+    writes; the commit time is still taken when the commit returns, so the latency
+    includes the ring's round trip and the gateway's read of the event."""
+    from pgjobs import doorbell
     from pgjobs.queries import QUERIES
 
     order = jobs[:]
@@ -293,18 +300,24 @@ async def _progress_producer(
         t0 = time.monotonic()
         for k in range(events):
             job_id, lease = order[k % len(order)]
-            cur = await conn.execute(
-                QUERIES["job_progress_if_leased"],
-                {
-                    "id": job_id,
-                    "lease_token": lease,
-                    "fraction": (k % 100) / 100,
-                    "message": f"step {k}",
-                    "now": None,
-                },
-            )
-            row = await cur.fetchone()
-            commits[(job_id, int(row[1]))] = time.time()  # type: ignore[index]
+            params = {
+                "id": job_id,
+                "lease_token": lease,
+                "fraction": (k % 100) / 100,
+                "message": f"step {k}",
+                "now": None,
+            }
+            if ring:
+                async with conn.transaction():
+                    await doorbell.doorbell_on(conn)
+                    cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
+                    row = await cur.fetchone()
+                commits[(job_id, int(row[1]))] = time.time()  # type: ignore[index]
+                await doorbell.ring(conn, [(COMPANY, uuid.UUID(job_id))])
+            else:
+                cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
+                row = await cur.fetchone()
+                commits[(job_id, int(row[1]))] = time.time()  # type: ignore[index]
             delay = t0 + (k + 1) / rate - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
@@ -340,9 +353,12 @@ def _one_step(
     companies: int,
     events: int,
     rate: float,
+    *,
+    ring: bool = False,
 ) -> dict[str, Any]:
     """One measurement on a running gateway: n job streams (``companies`` 0), or n company
-    streams spread evenly over ``companies`` companies (1: all on one)."""
+    streams spread evenly over ``companies`` companies (1: all on one). ``ring``: the job
+    streams' producer commits with the doorbell on and rings (see _progress_producer)."""
     company = companies > 0
     tag = f"{'company' if company else 'job'}-{n}-{os.getpid()}-{time.monotonic_ns()}"
     names = [COMPANY] if companies == 1 else [f"{COMPANY}-{i}" for i in range(companies)]
@@ -372,7 +388,7 @@ def _one_step(
         if company:
             commits_c = asyncio.run(_enqueue_producer(dsn, events, rate, names))
         else:
-            commits_j = asyncio.run(_progress_producer(dsn, jobs, events, rate))
+            commits_j = asyncio.run(_progress_producer(dsn, jobs, events, rate, ring=ring))
         busy_s = time.monotonic() - t0
         busy_cpu = (cpu_seconds(pid) - cpu0) / busy_s
         # Every company stream receives every event: give the last fan-out longer.

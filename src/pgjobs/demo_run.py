@@ -23,7 +23,7 @@ from typing import Any
 
 from pgjobs import db, migrate
 from pgjobs.client import Client
-from pgjobs.events import LiveEvent, parse_events
+from pgjobs.events import LiveEvent, Ring, event_from_row, parse_events_channel
 from pgjobs.jobspec import JobSpec
 from pgjobs.notifier import Listener
 
@@ -124,27 +124,18 @@ async def run(dsn: str, *, workers: int = 2, port: int = 8000, exit_when_done: b
     procs.append(gateway)
     print(f"started {workers} worker processes and the gateway at {base}")
     client = await Client.connect(dsn, max_size=2)
-    pending: set[uuid.UUID] = set()
-    done = asyncio.Event()
-    names: dict[uuid.UUID, str] = {}
-
-    def on_notify(payload: str) -> None:
-        for event in parse_events(payload):
-            if event.job_id not in names:
-                continue
-            print(_describe(names[event.job_id], event))
-            if event.status in ("done", "failed", "cancelled"):
-                pending.discard(event.job_id)
-                if not pending:
-                    done.set()
-
+    watcher = EventPrinter(client)
+    pending, done, names = watcher.pending, watcher.done, watcher.names
     connected = asyncio.Event()
 
     async def on_connect() -> None:
+        # Whatever was announced while the LISTEN connection was down: from the table.
+        watcher.catch_up()
         connected.set()
 
-    listener = Listener(dsn, on_notify, on_connect=on_connect, name="pgjobs-demo")
+    listener = Listener(dsn, watcher.on_notify, on_connect=on_connect, name="pgjobs-demo")
     listen_task = asyncio.create_task(listener.run())
+    read_task = asyncio.create_task(watcher.run())
     try:
         await connected.wait()
         async with client.pool.connection() as conn:
@@ -201,13 +192,100 @@ async def run(dsn: str, *, workers: int = 2, port: int = 8000, exit_when_done: b
         return 0
     finally:
         listen_task.cancel()
-        await asyncio.gather(listen_task, return_exceptions=True)
+        read_task.cancel()
+        await asyncio.gather(listen_task, read_task, return_exceptions=True)
         await client.close()
         for proc in procs:
             if proc.returncode is None:
                 proc.send_signal(signal.SIGTERM)
         await asyncio.gather(*(p.wait() for p in procs))
         print("workers and gateway stopped")
+
+
+class EventPrinter:
+    """Prints each watched job's events (``names``: job id → label) once, in seq order,
+    as they commit, and sets ``done`` once every job of ``pending`` has ended.
+
+    Events come in NOTIFY items, or are read from ``pgjobs.job_events`` after a ring
+    (workers commit their claims, progress and finishes with the doorbell on and ring
+    after the commit, ``pgjobs.doorbell``): one reader reads every rung job at once, as
+    the gateway's does. An item that is not the next event of its job (a rung one before
+    it is not read yet) sends its job to that reader too, and every ``catch_up_seconds``
+    all unfinished jobs are read, in case a ring was lost after its commit."""
+
+    def __init__(self, client: Client, catch_up_seconds: float = 1.0) -> None:
+        from pgjobs.gateway.auth import GATEWAY_QUERIES
+
+        self.query = GATEWAY_QUERIES["job_events_after_seq_for_jobs"]
+        self.client = client
+        self.catch_up_seconds = catch_up_seconds
+        self.names: dict[uuid.UUID, str] = {}
+        self.pending: set[uuid.UUID] = set()
+        self.done = asyncio.Event()
+        self.printed: dict[uuid.UUID, int] = {}  # job id → seq of its last printed event
+        self._to_read: set[uuid.UUID] = set()
+        self._wake = asyncio.Event()
+
+    def on_notify(self, payload: str) -> None:
+        try:
+            parsed = parse_events_channel(payload)
+        except ValueError:
+            self.catch_up()
+            return
+        if isinstance(parsed, Ring):
+            rung = {job_id for ids in parsed.jobs.values() for job_id in ids}
+            self._read_soon(rung & self.names.keys())
+            return
+        for event in parsed:
+            if event.job_id not in self.names:
+                continue
+            if event.seq == self.printed.get(event.job_id, 0) + 1:
+                self._print(event)
+            elif event.seq > self.printed.get(event.job_id, 0):
+                self._read_soon({event.job_id})  # an earlier event is still to be read
+
+    def catch_up(self) -> None:
+        self._read_soon(set(self.names))
+
+    def _read_soon(self, job_ids: set[uuid.UUID]) -> None:
+        if job_ids:
+            self._to_read |= job_ids
+            self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.catch_up_seconds):
+                    await self._wake.wait()
+            self._wake.clear()
+            job_ids, self._to_read = self._to_read or set(self.pending), set()
+            await self.read(job_ids)
+
+    async def read(self, job_ids: set[uuid.UUID]) -> None:
+        """Print the events of ``job_ids`` after the last printed, from the table."""
+        keys = [(job_id, self.names[job_id]) for job_id in job_ids if job_id in self.names]
+        if not keys:
+            return
+        params = {
+            "job_ids": [job_id for job_id, _ in keys],
+            "company_ids": [name.split("/")[0] for _, name in keys],
+            "after_seqs": [self.printed.get(job_id, 0) for job_id, _ in keys],
+            "limit": 1000,
+        }
+        async with self.client.pool.connection() as conn:
+            rows = await db.fetch_dicts(conn, self.query, params)
+        for row in rows:
+            event = event_from_row(row)
+            if event.seq == self.printed.get(event.job_id, 0) + 1:
+                self._print(event)
+
+    def _print(self, event: LiveEvent) -> None:
+        self.printed[event.job_id] = event.seq
+        print(_describe(self.names[event.job_id], event))
+        if event.status in ("done", "failed", "cancelled"):
+            self.pending.discard(event.job_id)
+            if not self.pending:
+                self.done.set()
 
 
 async def _until_interrupted() -> None:

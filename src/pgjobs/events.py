@@ -118,6 +118,24 @@ def _event(raw: dict[str, Any]) -> LiveEvent:
     )
 
 
+def event_from_row(row: Mapping[str, Any]) -> LiveEvent:
+    """An audit row (``pgjobs.job_events``: id, job_id, company_id, seq, type, status,
+    attempt, payload) as the LiveEvent its NOTIFY item would have carried: what a reader
+    of rung jobs' events hands on. ``extra`` holds the payload's PUBLISHED_KEYS, messages
+    in full (``event_data`` cuts them as the item does)."""
+    payload = row["payload"]
+    return LiveEvent(
+        event_id=int(row["id"]),
+        job_id=row["job_id"],
+        company_id=str(row["company_id"]),
+        seq=int(row["seq"]),
+        type=str(row["type"]),
+        status=str(row["status"]),
+        attempt=int(row["attempt"]),
+        extra={k: payload[k] for k in PUBLISHED_KEYS if k in payload},
+    )
+
+
 def encode_events(events: Iterable[LiveEvent]) -> str:
     """An ``EVENTS_CHANNEL`` payload, as ``pgjobs.notify_item`` builds it (up to
     whitespace): for tests and tools that stand in for the database."""
@@ -194,12 +212,20 @@ def parse_events_channel(payload: str) -> list[LiveEvent] | Ring:
         raise ValueError(f"not a {EVENTS_CHANNEL} payload: {exc!r}") from exc
 
 
+MESSAGE_LIMIT: Final = 300
+"""The characters of an error or progress message an event carries: what
+``pgjobs.notify_item`` keeps of them (NOTIFY size), and so what ``event_data`` keeps
+whatever the event was read from."""
+
+
 def event_data(
     job_id: object, status: str, type_: str, attempt: int, seq: int, extra: Mapping[str, Any]
 ) -> dict[str, Any]:
     """An event's public form (the gateway's SSE data): ``{jobId, status, type, attempt,
-    seq}`` and the ``PUBLISHED_KEYS`` of ``extra`` (an audit row's payload or a
-    LiveEvent's extra) that are not null."""
+    seq}`` and the ``PUBLISHED_KEYS`` of ``extra`` (an audit row's payload, a job row's
+    fields or a LiveEvent's extra) that are not null, messages cut to ``MESSAGE_LIMIT``
+    characters. Cut here too, not only in the NOTIFY item: an event has the same data
+    whether it came in an item, was read after a ring, or was replayed from the table."""
     data: dict[str, Any] = {
         "jobId": str(job_id),
         "status": status,
@@ -208,6 +234,14 @@ def event_data(
         "seq": seq,
     }
     data.update({k: extra[k] for k in PUBLISHED_KEYS if extra.get(k) is not None})
+    error = data.get("errorMessage")
+    if isinstance(error, str) and len(error) > MESSAGE_LIMIT:
+        data["errorMessage"] = error[:MESSAGE_LIMIT]
+    progress = data.get("progress")
+    if isinstance(progress, dict):
+        message = progress.get("message")
+        if isinstance(message, str) and len(message) > MESSAGE_LIMIT:
+            data["progress"] = {**progress, "message": message[:MESSAGE_LIMIT]}
     return data
 
 

@@ -78,7 +78,9 @@ LEASE_LOSSES = Counter(
 NOTIFICATION_LAG = Histogram(
     "pgjobs_notification_lag_seconds",
     "From an event's audit row (its transaction's start time, pgjobs.job_events.created_at) "
-    "to this gateway receiving its NOTIFY; sampled, one event per NOTIFY.",
+    "to this gateway having the event: its NOTIFY item received, or, for a transition "
+    "announced by a ring, its row read back (rung jobs are read only while a stream here "
+    "watches them); sampled, one event per NOTIFY of items and per read.",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 LISTEN_RECONNECTS = Counter(
@@ -245,8 +247,9 @@ class Exposition:
 
 class LagSampler:
     """Samples of ``pgjobs_notification_lag_seconds``: the NOTIFY items carry no time, so
-    the first event of each NOTIFY is kept by its audit row's key (job id, seq) with its
-    receipt time (the newest ``max_samples``), and at the next scrape one query reads how
+    the first event of each NOTIFY (and of each read of rung jobs' events, with the time
+    the read returned) is kept by its audit row's key (job id, seq) with its receipt time
+    (the newest ``max_samples``), and at the next scrape one query reads how
     long ago, by the database's clock, each of those audit rows was written. The lag is
     that age minus the time since receipt, so the two hosts' clocks need not agree."""
 

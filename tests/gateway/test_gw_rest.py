@@ -343,7 +343,7 @@ async def test_every_gateway_query_plans_against_the_schema(shared_dsn: str, nam
     query = GATEWAY_QUERIES[name]
     import re
 
-    params = dict.fromkeys(re.findall(r"%\((\w+)\)s", query))
+    params = dict.fromkeys(re.findall(r"%\((\w+)\)[sb]", query))
     async with await psycopg.AsyncConnection.connect(shared_dsn, autocommit=True) as conn:
         await conn.execute("EXPLAIN " + query, params)  # type: ignore[operator]
 

@@ -117,9 +117,8 @@ async def test_event_items_parse_into_what_the_audit_log_holds(dsn: str, client:
         from_row = events.event_data(
             row["job_id"], row["status"], row["type"], row["attempt"], row["seq"], published
         )
-        if "progress" in published:  # the item's message is cut to 300 characters
+        if "progress" in published:  # cut to 300 characters, in the item and in the data
             assert data["progress"] == {"fraction": 0.5, "message": "é" * 300}
-            from_row["progress"] = data["progress"]
         if "runAt" in published:  # the same time, whatever its text
             assert dt.datetime.fromisoformat(data["runAt"]) == dt.datetime.fromisoformat(
                 from_row["runAt"]

@@ -9,9 +9,11 @@ read, so ``id > last`` could skip it. The company stream's cursor is ``(xid, id)
 reads only rows whose transaction id is below the snapshot's ``xmin``: every transaction
 below that horizon has ended, and every later one gets a larger xid, so in (xid, id)
 order nothing can still appear behind the cursor. The SSE id is ``"<xid>-<id>"``. The
-table is read on every NOTIFY for the company, after every LISTEN reconnect, and on a
-timer while rows are held back by the horizon (it moves when an unrelated transaction
-ends, which sends no NOTIFY; see ``CompanyFeed``). The trade-off: a long-running write
+table is read on every NOTIFY for the company (items or a ring), after every LISTEN
+reconnect, when the job reader's periodic catch-up finds events after the feed's cursor
+(a ring lost after its commit), and on a timer while rows are held back by the horizon
+(it moves when an unrelated transaction ends, which sends no NOTIFY; see
+``CompanyFeed``). The trade-off: a long-running write
 transaction anywhere in the database holds the horizon, and so every company stream,
 back until it ends.
 
@@ -266,6 +268,11 @@ class CompanyFeeds:
             # and streams that come and go would churn the pool. Woken instead, the feed
             # finishes any read in flight and returns, having no client left.
             feed.wake.set()
+
+    def cursors(self) -> list[tuple[str, tuple[str, int]]]:
+        """Each live feed's company and (xid, id) cursor (the job reader's catch-up asks
+        which of them have events after it)."""
+        return [(company_id, feed.cursor) for company_id, feed in self._feeds.items()]
 
     @property
     def feeds(self) -> int:

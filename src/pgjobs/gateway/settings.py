@@ -76,6 +76,9 @@ class GatewaySettings:
     # held back only every company_idle_poll_seconds (see pgjobs.gateway.companystream.CompanyFeed).
     company_poll_seconds: float = 1.0
     company_idle_poll_seconds: float = 30.0
+    # Every job stream and company feed is caught up from the table this often, for events
+    # whose ring was lost between its commit and its send (pgjobs.gateway.jobreader).
+    catch_up_seconds: float = 2.0
     stream_token_max_seconds: int = 300
     # Open event streams whose API token was revoked end within this (one query per
     # interval for all of them, pgjobs.gateway.revocation).
@@ -123,6 +126,7 @@ class GatewaySettings:
             "company_idle_poll_seconds": env_float(
                 "PGJOBS_GATEWAY_COMPANY_IDLE_POLL_SECONDS", 30.0, minimum=0.05
             ),
+            "catch_up_seconds": env_float("PGJOBS_GATEWAY_CATCH_UP_SECONDS", 2.0, minimum=0.05),
             "max_header_bytes": env_int("PGJOBS_GATEWAY_MAX_HEADER_BYTES", 16 * KIB, minimum=1024),
             "header_timeout_seconds": env_float(
                 "PGJOBS_GATEWAY_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.1

@@ -5,9 +5,10 @@ Both kinds of stream (this one, and the company stream in
 event before a GET of the job would show it, and never misses one, across reconnects of
 the browser (Last-Event-ID) and of the gateway's own LISTEN connection.
 
-*Never ahead.* Events reach a stream only two ways: from a NOTIFY, which PostgreSQL
+*Never ahead.* Events reach a stream only two ways: from a NOTIFY item, which PostgreSQL
 delivers after the commit, or from a read of ``pgjobs.job_events``, which sees only
-committed rows. So any event sent has already committed.
+committed rows (the stream's own, or the job reader's after a ring,
+``pgjobs.gateway.jobreader``). So any event sent has already committed.
 
 *Never missing, per job.* A stream subscribes to the fan-out first and reads the job
 second, so nothing committed after the read can slip past. The SSE id is the job's
@@ -264,6 +265,8 @@ async def job_stream(
             if len(rows) < PAGE:
                 return
 
+    # Where this stream starts, for the fan-out: events up to it are not queued for it.
+    sub.reached(job["event_seq"] if last is None else last)
     try:
         if last is None:
             yield status_event(job)
@@ -272,6 +275,7 @@ async def job_stream(
                 return
         else:
             async for chunk, seq, ended in from_table(last):
+                sub.reached(seq)
                 yield chunk
                 last = seq
                 if ended:
@@ -284,6 +288,7 @@ async def job_stream(
                 return
             if item is BACKFILL or (isinstance(item, LiveEvent) and item.seq > last + 1):
                 async for chunk, seq, ended in from_table(last):
+                    sub.reached(seq)
                     yield chunk
                     last = seq
                     if ended:

@@ -1,6 +1,7 @@
 """What one gateway process holds while it runs: a pool, one LISTEN connection, the
-fan-out to its event streams, the stream caps, and the check that ends the streams of
-revoked tokens. Started and stopped by the app's lifespan (``pgjobs.gateway.app``).
+fan-out to its event streams and the one reader of rung jobs' events behind it, the
+stream caps, and the check that ends the streams of revoked tokens. Started and stopped
+by the app's lifespan (``pgjobs.gateway.app``).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pgjobs.events import EVENTS_CHANNEL
 from pgjobs.gateway.auth import GATEWAY_QUERIES
 from pgjobs.gateway.companystream import CompanyFeeds
 from pgjobs.gateway.fanout import Fanout
+from pgjobs.gateway.jobreader import JobEventReader
 from pgjobs.gateway.limits import StreamSlots
 from pgjobs.gateway.revocation import Revocations
 from pgjobs.gateway.settings import GatewaySettings
@@ -79,12 +81,14 @@ class GatewayState:
         )
         self.company_feeds = CompanyFeeds(self)
         self.revocations = Revocations(self)
+        self.job_reader = JobEventReader(self)
         # Stream set-ups reading the database at once (pgjobs.gateway.sse.setup_read).
         self.stream_setups = asyncio.Semaphore(max(1, settings.pool_size // 2))
         self._pool: AsyncConnectionPool[db.AsyncConn] | None = None
         self._client: Client | None = None
         self._listener_task: asyncio.Task[None] | None = None
         self._revocation_task: asyncio.Task[None] | None = None
+        self._reader_task: asyncio.Task[None] | None = None
 
     @property
     def pool(self) -> AsyncConnectionPool[db.AsyncConn]:
@@ -123,6 +127,9 @@ class GatewayState:
         self._revocation_task = asyncio.create_task(
             self.revocations.run(), name="pgjobs-gateway-revocations"
         )
+        self._reader_task = asyncio.create_task(
+            self.job_reader.run(), name="pgjobs-gateway-job-reader"
+        )
 
     async def render_metrics(self) -> bytes:
         """``/metrics``: the lag samples since the last scrape observed, then every family."""
@@ -138,12 +145,12 @@ class GatewayState:
 
     async def stop(self) -> None:
         self.end_streams()
-        for task in (self._listener_task, self._revocation_task):
+        for task in (self._listener_task, self._revocation_task, self._reader_task):
             if task is not None:
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-        self._listener_task = self._revocation_task = None
+        self._listener_task = self._revocation_task = self._reader_task = None
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()
