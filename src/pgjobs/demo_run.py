@@ -87,7 +87,14 @@ async def run(dsn: str, *, workers: int = 2, port: int = 8000, exit_when_done: b
     applied = migrate.apply(dsn)
     state = f"migrated {', '.join(applied)}" if applied else "schema up to date"
     print(f"database: {db.redact(dsn)} ({state})")
-    env = {**os.environ, "PGJOBS_DSN": dsn, "PGJOBS_RETRY_BASE_SECONDS": "0.5"}
+    # PGJOBS_DOORBELL off: this demo prints each event from its NOTIFY item, and reads no
+    # ring (the workers' rings carry job ids, not events).
+    env = {
+        **os.environ,
+        "PGJOBS_DSN": dsn,
+        "PGJOBS_RETRY_BASE_SECONDS": "0.5",
+        "PGJOBS_DOORBELL": "off",
+    }
     wanted, port = port, _free_port(port)
     if wanted and port != wanted:
         print(f"port {wanted} is busy (another gateway or program?); using {port} instead")
