@@ -1067,6 +1067,12 @@ class Worker:
         except TRANSIENT as exc:
             if updated is not None:
                 # Recorded: only the connection's use after it failed (its ring).
+                log.warning(
+                    "job %s: progress recorded, its ring not sent (%s)",
+                    job.id,
+                    db.describe_error(exc),
+                    extra=job.log_fields(),
+                )
                 return True
             log.warning(
                 "job %s: progress not recorded (%s)",

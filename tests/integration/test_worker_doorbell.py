@@ -22,7 +22,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from helpers import fast_settings, fetch, running_worker, wait_until
-from pgjobs import doorbell, events, limits
+from pgjobs import db, doorbell, events, limits
 from pgjobs.client import Client
 from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
@@ -30,6 +30,7 @@ from pgjobs.errors import ConfigurationError
 from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
+from pgjobs.types import Job
 from pgjobs.worker import Worker
 
 COMPANIES = ("acme", "beta", "gamma")
@@ -280,3 +281,36 @@ def test_the_doorbell_setting_reads_pgjobs_doorbell(monkeypatch: pytest.MonkeyPa
     monkeypatch.setenv("PGJOBS_DOORBELL", "sometimes")
     with pytest.raises(ConfigurationError, match="PGJOBS_DOORBELL must be on or off"):
         WorkerSettings.from_env()
+
+
+async def test_progress_whose_ring_outlasts_the_connections_use_limit_counts_as_recorded(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress committed, then its ring stalled past the pool's use limit (a
+    half-open connection: pgjobs.db.GuardedPool raises TimeoutError as the checkout
+    ends): the report still says recorded, since it was."""
+    stalled = asyncio.Event()
+
+    async def stalled_ring(conn: Any, jobs: Any) -> bool:
+        stalled.set()
+        await asyncio.sleep(60)
+        return True
+
+    monkeypatch.setattr(doorbell, "ring", stalled_ring)
+    job = await client.enqueue("acme", "step")
+    (row,) = await fetch(
+        dsn,
+        QUERIES["job_claim_batch"],
+        {"now": None, "limit": 1, "worker_id": "w1", "lease_seconds": 60.0,
+         "job_types": None, "after_company": None},
+    )  # fmt: skip
+    (full,) = await fetch(dsn, "SELECT * FROM pgjobs.jobs WHERE id = %s", [row["id"]])
+    worker = Worker(dsn, _registry(), fast_settings(storage_dir))
+    worker._pool = await db.open_pool(dsn, use_timeout=2.0)
+    try:
+        assert await worker._write_progress(Job.from_row(full), 0.5, "half")
+    finally:
+        await worker._pool.close()
+    assert stalled.is_set()
+    (after,) = await fetch(dsn, "SELECT progress_fraction FROM pgjobs.jobs WHERE id = %s", [job.id])
+    assert after["progress_fraction"] == 0.5
