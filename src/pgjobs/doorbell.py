@@ -43,10 +43,9 @@ async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uui
     after the commit, on a connection outside a transaction (autocommit). False if it
     could not be sent (logged; the listeners' catch-up covers it)."""
     payloads = events.encode_ring(jobs)
-    if not payloads:
-        return True
     try:
-        await conn.execute(QUERIES["events_ring"], {"payloads": payloads})
+        for payload in payloads:
+            await conn.execute(QUERIES["events_ring"], {"payload": payload})
     except psycopg.Error as exc:
         log.warning("ring for %d payload(s) not sent (%s); listeners catch up", len(payloads), exc)
         return False
@@ -56,10 +55,9 @@ async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uui
 def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
     """``ring`` for a blocking connection."""
     payloads = events.encode_ring(jobs)
-    if not payloads:
-        return True
     try:
-        conn.execute(QUERIES["events_ring"], {"payloads": payloads})
+        for payload in payloads:
+            conn.execute(QUERIES["events_ring"], {"payload": payload})
     except psycopg.Error as exc:
         log.warning("ring for %d payload(s) not sent (%s); listeners catch up", len(payloads), exc)
         return False
