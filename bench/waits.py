@@ -1,6 +1,7 @@
 """What the PostgreSQL backends of a drain wait for: wait events sampled during it.
 
-``python -m bench.waits [--processes 1 2] [--rounds 3] [--jobs 50000] [--interval 0.005]``
+``python -m bench.waits [--processes 1 2] [--rounds 3] [--jobs 50000] [--interval 0.005]
+[--doorbell on off]``
 
 For each round, and within it for each process count in turn (interleaved: 1, 2, 1, 2,
 ...), fills a fresh database with N no-op jobs as scenario 1 does and drains it with
@@ -10,7 +11,9 @@ client backends that is running a statement, its ``wait_event_type:wait_event`` 
 ``CPU`` when it waits for nothing) and the statement's name (bench.pgss.label), plus
 ``pg_locks``' ungranted requests by lock type and mode. Prints per process count the
 drain rate and CPU per job (as bench.cpusplit), median (min–max), and the share of
-samples each wait event took, with the statements that waited on it.
+samples each wait event took, with the statements that waited on it. ``--doorbell on off``
+runs each process count with the workers' doorbell (``PGJOBS_DOORBELL``) on and off in
+turn, for an interleaved A/B; without it the workers get this process's environment.
 
 Why: a commit that carries a NOTIFY takes a lock on the database object (PostgreSQL's
 PreCommit_Notify, ``Lock:object`` while waiting) and holds it until the commit record
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import threading
 import time
@@ -110,7 +114,13 @@ class WaitSampler(threading.Thread):
         }
 
 
-def measure(ctx: Ctx, jobs: int, processes: int, interval: float) -> dict[str, Any]:
+def measure(
+    ctx: Ctx, jobs: int, processes: int, interval: float, doorbell: str | None = None
+) -> dict[str, Any]:
+    """One drain while sampling; ``doorbell`` ('on', 'off'): the workers' PGJOBS_DOORBELL
+    (they inherit this process's environment), None: the environment as it is."""
+    if doorbell is not None:
+        os.environ["PGJOBS_DOORBELL"] = doorbell
     with queue_db(ctx, "pgjobs", jobs) as dsn:
         sampler = WaitSampler(dsn, interval)
         sampler.start()
@@ -122,6 +132,7 @@ def measure(ctx: Ctx, jobs: int, processes: int, interval: float) -> dict[str, A
         return {
             **result,
             "processes": processes,
+            "doorbell": doorbell,
             "waits": sampler.result(),
             "batches": pgjobs_batches(dsn),
             "commits": commits(dsn),
@@ -136,13 +147,14 @@ def commits(dsn: str) -> dict[str, int]:
 
 def report(runs: list[dict[str, Any]], top: int = 8) -> str:
     lines: list[str] = []
-    for procs in sorted({r["processes"] for r in runs}):
-        mine = [r for r in runs if r["processes"] == procs]
+    for procs, bell in sorted({(r["processes"], r.get("doorbell") or "") for r in runs}):
+        mine = [r for r in runs if (r["processes"], r.get("doorbell") or "") == (procs, bell)]
         rate = summary([r["jobs_per_s"] for r in mine])
         pg_cpu = summary([r["pg_cpu_us"] for r in mine])
         worker_cpu = summary([r["worker_cpu_us"] for r in mine])
         lines.append(
-            f"{procs} process(es), {mine[0]['jobs']:,} jobs, {len(mine)} drains: "
+            f"{procs} process(es){f', doorbell {bell}' if bell else ''}, "
+            f"{mine[0]['jobs']:,} jobs, {len(mine)} drains: "
             f"{fmt(rate)} jobs/s; CPU per job PostgreSQL {fmt(pg_cpu)} µs, "
             f"workers {fmt(worker_cpu)} µs"
         )
@@ -191,6 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=50_000)
     parser.add_argument("--interval", type=float, default=0.005)
+    parser.add_argument("--doorbell", nargs="+", choices=("on", "off"), default=[None])
     parser.add_argument("--out", type=Path, default=Path("bench/results/waits"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -200,8 +213,13 @@ def main(argv: list[str] | None = None) -> None:
         ctx.logs.mkdir(exist_ok=True)
         for _ in range(args.rounds):
             for procs in args.processes:
-                runs.append(measure(ctx, args.jobs, procs, args.interval))
-                print(f"  {procs} process(es): {runs[-1]['jobs_per_s']:,.0f} jobs/s", flush=True)
+                for bell in args.doorbell:
+                    runs.append(measure(ctx, args.jobs, procs, args.interval, bell))
+                    print(
+                        f"  {procs} process(es), doorbell {bell or 'default'}: "
+                        f"{runs[-1]['jobs_per_s']:,.0f} jobs/s",
+                        flush=True,
+                    )
     text = report(runs)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     (args.out / f"waits-{stamp}.md").write_text(text + "\n")

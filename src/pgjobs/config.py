@@ -45,6 +45,18 @@ def env_float(name: str, default: float, *, minimum: float = 0.0) -> float:
     return value
 
 
+def env_bool(name: str, default: bool) -> bool:
+    """on/off, true/false, yes/no or 1/0 (any case); unset or blank: ``default``."""
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigurationError(f"{name} must be on or off, got {raw!r}")
+
+
 def env_str(*names: str) -> str | None:
     """The first of these variables that is set and not blank, else None."""
     for name in names:
@@ -100,6 +112,11 @@ class WorkerSettings:
     retention_assets: bool = False
     retention_interval_seconds: float = 3600.0
     retention_check_seconds: float = 60.0
+    # Rings instead of NOTIFY items for the claim, progress and finish commits
+    # (pgjobs.doorbell): those commits then carry no NOTIFY, whose lock PostgreSQL holds
+    # through the commit's WAL flush, so several workers' commits can share a flush.
+    # Off: every transition's items in its commit, as before sql/0018.
+    doorbell: bool = True
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -148,6 +165,7 @@ class WorkerSettings:
         values["retention_interval_seconds"] = env_float(
             "PGJOBS_RETENTION_INTERVAL_SECONDS", 3600.0, minimum=1.0
         )
+        values["doorbell"] = env_bool("PGJOBS_DOORBELL", True)
         if values["metrics_port"] == -1:
             values["metrics_port"] = None
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -43,10 +43,12 @@ async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uui
     after the commit, on a connection outside a transaction (autocommit). False if it
     could not be sent (logged; the listeners' catch-up covers it)."""
     payloads = events.encode_ring(jobs)
-    if not payloads:
-        return True
     try:
-        await conn.execute(QUERIES["events_ring"], {"payloads": payloads})
+        if len(payloads) == 1:
+            await conn.execute(QUERIES["events_ring"], {"payload": payloads[0]})
+        elif payloads:
+            # executemany sends them in one pipeline: one round trip.
+            await conn.cursor().executemany(QUERIES["events_ring"], _params(payloads))
     except psycopg.Error as exc:
         log.warning("ring for %d payload(s) not sent (%s); listeners catch up", len(payloads), exc)
         return False
@@ -56,11 +58,16 @@ async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uui
 def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
     """``ring`` for a blocking connection."""
     payloads = events.encode_ring(jobs)
-    if not payloads:
-        return True
     try:
-        conn.execute(QUERIES["events_ring"], {"payloads": payloads})
+        if len(payloads) == 1:
+            conn.execute(QUERIES["events_ring"], {"payload": payloads[0]})
+        elif payloads:
+            conn.cursor().executemany(QUERIES["events_ring"], _params(payloads))
     except psycopg.Error as exc:
         log.warning("ring for %d payload(s) not sent (%s); listeners catch up", len(payloads), exc)
         return False
     return True
+
+
+def _params(payloads: list[str]) -> list[dict[str, str]]:
+    return [{"payload": p} for p in payloads]

@@ -23,6 +23,14 @@ Guarantees (see the README's "Delivery guarantees"):
   ends. A completion that frees a slot wakes this worker, as every completion does.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
+* Announced after the commit (``WorkerSettings.doorbell``, on by default): the claim,
+  progress and finish transactions ask for the doorbell (``pgjobs.doorbell``), so their
+  commits carry no NOTIFY on ``pgjobs_events`` and several workers' commits can share a
+  WAL flush; once each has committed, the worker rings for the jobs it changed, on the
+  events channel (for a claim, after starting the claimed jobs' handlers). A ring is
+  best-effort: one not sent is logged, and listeners catch up from the audit log. The
+  rare transitions (release at shutdown, unreadable or out-of-range jobs failed, a
+  rescue) and a handler's own ``ctx.transaction()`` keep their items in the commit.
 
 Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
 with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
@@ -68,7 +76,17 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 from psycopg.pq import Format
 
-from pgjobs import assets, db, gcpolicy, metrics, rescuer, retention, scheduler, txcomplete
+from pgjobs import (
+    assets,
+    db,
+    doorbell,
+    gcpolicy,
+    metrics,
+    rescuer,
+    retention,
+    scheduler,
+    txcomplete,
+)
 from pgjobs.assets import GeneratedAsset
 from pgjobs.completer import Completer, Outcome
 from pgjobs.config import WorkerSettings
@@ -139,10 +157,11 @@ def claimable_types(registry: Registry, wanted: tuple[str, ...] | None) -> tuple
 
 def _unreadable_row(
     cur: psycopg.AsyncCursor[Job], row: int, error: Exception
-) -> tuple[uuid.UUID, int, str] | None:
-    """(id, lease_token, what could not be read) of a claimed row that did not decode, or
-    None if even its id or lease token cannot be read (then its lease runs out and the
-    rescuer takes it back). Each column is loaded on its own, to name the ones at fault."""
+) -> tuple[uuid.UUID, int, str, str] | None:
+    """(id, lease_token, what could not be read, company_id as text: for its ring) of a
+    claimed row that did not decode, or None if even its id or lease token cannot be read
+    (then its lease runs out and the rescuer takes it back). Each column is loaded on its
+    own, to name the ones at fault."""
     result = cur.pgresult
     if result is None or cur.description is None:
         return None
@@ -172,6 +191,7 @@ def _unreadable_row(
             f"pgjobs cannot read this job's row, so it was not run: {reason}; "
             "fix the row, then retry the job"
         ),
+        str(values.get("company_id")),
     )
 
 
@@ -310,7 +330,10 @@ class Worker:
                 pool, self.registry.schedules, interval=settings.schedule_interval_seconds
             )
             self._completer = Completer(
-                pool, self.storage, flush_interval=settings.flush_interval_seconds
+                pool,
+                self.storage,
+                flush_interval=settings.flush_interval_seconds,
+                doorbell=settings.doorbell,
             )
             self.listener = Listener(
                 self.listen_dsn,
@@ -551,8 +574,32 @@ class Worker:
                 # claim for it. "Empty" would lose that wake-up until the poll timer.
                 self._look_again = True
         # The loop decides again with this claim's slots and jobs accounted for.
-        self._wakeup.set()
         self._wakeup.set()  # not _wake(): a claim's own end is no reason to look again
+        if jobs and self.settings.doorbell:
+            # After the handlers started: they need nothing from the ring, only its
+            # order after the claim's commit matters.
+            await self._ring([(job.company_id, job.id) for job in jobs])
+
+    async def _ring(
+        self, jobs: list[tuple[str, uuid.UUID]], conn: db.AsyncConn | None = None
+    ) -> None:
+        """Ring for ``(company_id, job_id)`` pairs whose transitions committed with the
+        doorbell on, on ``conn`` or a pool connection. Best-effort, as ``doorbell.ring``:
+        a ring not sent is logged, never raised (the jobs are unaffected; listeners catch
+        up from the audit log)."""
+        assert self._pool is not None
+        try:
+            if conn is not None:
+                await doorbell.ring(conn, jobs)
+            else:
+                async with self._pool.connection() as conn:
+                    await doorbell.ring(conn, jobs)
+        except TRANSIENT as exc:
+            log.warning(
+                "ring for %d job(s) not sent (%s); listeners catch up",
+                len(jobs),
+                db.describe_error(exc),
+            )
 
     def _back_off(self, reason: str, say: Any = log.warning) -> None:
         """No claim before an exponentially growing, jittered delay (at most 5 s)."""
@@ -605,7 +652,14 @@ class Worker:
                 # job_claim_batch claims nothing where a limit can cover these jobs, so
                 # no limit is asked for before it (but the first); only a claim that came
                 # back empty asks whether a limit is why.
-                await cur.execute(QUERIES["job_claim_batch"], params)
+                if self.settings.doorbell:
+                    # The doorbell's set_config and the claim in one implicit transaction
+                    # (a pipeline: one Sync), as the limited claim's statements below.
+                    async with conn.pipeline():
+                        await doorbell.doorbell_on(conn)
+                        await cur.execute(QUERIES["job_claim_batch"], params)
+                else:
+                    await cur.execute(QUERIES["job_claim_batch"], params)
                 jobs = await self._fetch_claimed(conn, cur)
                 if jobs:
                     return jobs
@@ -619,6 +673,8 @@ class Worker:
             # statements before the pipeline's Sync run in one implicit transaction,
             # committed at the Sync), the locks held for the claim's own execution only.
             async with conn.pipeline():
+                if self.settings.doorbell:
+                    await doorbell.doorbell_on(conn)
                 locked = await conn.execute(QUERIES["limit_lock_for_types"], params)
                 await cur.execute(QUERIES["job_claim_batch_limited"], params)
             locks = await locked.fetchone() or {}
@@ -680,6 +736,7 @@ class Worker:
         rest run."""
         jobs: list[Job] = []
         unreadable: list[tuple[uuid.UUID, int, str]] = []
+        companies: list[str] = []  # of the unreadable rows, for their ring
         for row in range(cur.rowcount):
             await cur.scroll(row, "absolute")
             try:
@@ -687,12 +744,18 @@ class Worker:
             except Exception as exc:  # reported in the job's error message
                 bad = _unreadable_row(cur, row, exc)
                 if bad is not None:
-                    unreadable.append(bad)
+                    job_id, lease_token, error, company_id = bad
+                    unreadable.append((job_id, lease_token, error))
+                    companies.append(company_id)
                 continue
             if job is not None:
                 jobs.append(job)
         if unreadable:
             await self._fail_unreadable(conn, unreadable)
+            if self.settings.doorbell:
+                # Their claim committed with the doorbell on; the failure sent its items.
+                jobs_rung = [(c, bad[0]) for c, bad in zip(companies, unreadable, strict=True)]
+                await self._ring(jobs_rung, conn)
             self._wake()  # the batch came back short for them, not for an empty queue
         return jobs
 
@@ -987,11 +1050,30 @@ class Worker:
             "message": message,
             "now": None,
         }
+        updated = None
         try:
             async with self._pool.connection() as conn:
-                cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
-                updated = await cur.fetchone()
+                if self.settings.doorbell:
+                    # One implicit transaction (a pipeline: one Sync), then its ring.
+                    async with conn.pipeline():
+                        await doorbell.doorbell_on(conn)
+                        cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
+                    updated = await cur.fetchone()
+                    if updated is not None:
+                        await self._ring([(job.company_id, job.id)], conn)
+                else:
+                    cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
+                    updated = await cur.fetchone()
         except TRANSIENT as exc:
+            if updated is not None:
+                # Recorded: only the connection's use after it failed (its ring).
+                log.warning(
+                    "job %s: progress recorded, its ring not sent (%s)",
+                    job.id,
+                    db.describe_error(exc),
+                    extra=job.log_fields(),
+                )
+                return True
             log.warning(
                 "job %s: progress not recorded (%s)",
                 job.id,

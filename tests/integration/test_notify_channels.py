@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
+import pytest
 from psycopg.rows import dict_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
@@ -282,13 +283,15 @@ def _record_notifies(worker: Worker) -> list[str]:
     return heard
 
 
+@pytest.mark.parametrize("bell", [True, False], ids=["doorbell", "items"])
 async def test_a_worker_hears_only_claimable_jobs_not_their_progress(
-    dsn: str, client: Client, storage_dir: Path
+    dsn: str, client: Client, storage_dir: Path, bell: bool
 ) -> None:
     """Jobs that report progress run to the end, and every NOTIFY the worker received
     was a worker-channel payload of claimable jobs: none of the running, progress and
-    done events (which the gateway's channel carried)."""
-    settings = fast_settings(storage_dir, poll_interval_seconds=60.0, concurrency=4)
+    done events, nor the rings of a doorbell worker (which the gateway's channel
+    carried)."""
+    settings = fast_settings(storage_dir, poll_interval_seconds=60.0, concurrency=4, doorbell=bell)
     async with (
         await _listening(dsn, events.EVENTS_CHANNEL) as gateway_side,
         running_worker(dsn, demo.registry, settings) as worker,
@@ -301,8 +304,13 @@ async def test_a_worker_hears_only_claimable_jobs_not_their_progress(
             lambda: _all_done(client, [j.id for j in jobs]), within=30, message="jobs done"
         )
         transitions = await _until_marker(dsn, gateway_side, events.EVENTS_CHANNEL)
-    kinds = {e.type for p in transitions for e in events.parse_events(p)}
-    assert {EventType.PROGRESS, EventType.DONE} <= kinds
+    parsed = [events.parse_events_channel(p) for p in transitions]
+    if bell:
+        rung = {i for r in parsed if isinstance(r, events.Ring) for i in r.jobs["acme"]}
+        assert rung == {j.id for j in jobs}
+    else:
+        kinds = {e.type for p in parsed if isinstance(p, list) for e in p}
+        assert {EventType.PROGRESS, EventType.DONE} <= kinds
     items = [item for payload in heard for item in events.parse_work(payload)]
     assert items == [Claimable("render")] * 4  # one per enqueue; nothing else
 

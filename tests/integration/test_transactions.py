@@ -182,7 +182,8 @@ async def test_listener_never_sees_an_event_before_its_row(
     dsn: str, client: Client, storage_dir: Path
 ) -> None:
     """The core promise: on every notification, the job row read from another connection
-    is at least as new as the event."""
+    is at least as new as the event. Here for items in the commit (the worker's doorbell
+    off); tests/integration/test_worker_doorbell.py checks rings."""
     checked = 0
     stale: list[tuple[object, int, int]] = []
     async with (
@@ -194,7 +195,7 @@ async def test_listener_never_sees_an_event_before_its_row(
             JobSpec(f"company-{n % 3}", "sleep", {"seconds": 0.05}) for n in range(60)
         )
         ids = {j.id for j in jobs}
-        settings = fast_settings(storage_dir, concurrency=8)
+        settings = fast_settings(storage_dir, concurrency=8, doorbell=False)
         async with (
             running_worker(dsn, demo.registry, settings),
             running_worker(dsn, demo.registry, settings),

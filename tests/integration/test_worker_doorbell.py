@@ -1,0 +1,315 @@
+"""The worker's doorbell (WorkerSettings.doorbell, issue 16): its claim, progress and finish
+commits carry no NOTIFY items on pgjobs_events; after each commit it rings for the jobs it
+changed (pgjobs.events.encode_ring), and listeners read the events from the audit log.
+
+Every test drains real jobs through a real worker while a LISTENer on pgjobs_events reads,
+on each ring as it arrives, what another connection can already see of the jobs it names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from psycopg.rows import dict_row
+
+from helpers import fast_settings, fetch, running_worker, wait_until
+from pgjobs import db, doorbell, events, limits
+from pgjobs.client import Client
+from pgjobs.config import WorkerSettings
+from pgjobs.context import JobContext
+from pgjobs.errors import ConfigurationError
+from pgjobs.jobspec import JobSpec
+from pgjobs.queries import QUERIES
+from pgjobs.registry import Registry
+from pgjobs.types import Job
+from pgjobs.worker import Worker
+
+COMPANIES = ("acme", "beta", "gamma")
+
+
+def _registry() -> Registry:
+    registry = Registry()
+
+    @registry.handler("step")
+    async def step(ctx: JobContext) -> None:
+        assert await ctx.progress(0.5, "half")
+
+    @registry.handler("flaky")
+    async def flaky(ctx: JobContext) -> None:
+        if ctx.attempt == 1:
+            raise RuntimeError("first attempt fails")
+
+    @registry.handler("bad")
+    async def bad(ctx: JobContext) -> None:
+        raise RuntimeError("always fails")
+
+    return registry
+
+
+def _specs() -> Iterator[JobSpec]:
+    """Progress then done; a retry then done; a failure: every transition a worker makes."""
+    for n in range(8):
+        company = COMPANIES[n % len(COMPANIES)]
+        yield JobSpec(company, "step")
+        yield JobSpec(company, "flaky", max_attempts=2)
+        yield JobSpec(company, "bad", max_attempts=1)
+
+
+@dataclass
+class Heard:
+    """What the LISTENer got on pgjobs_events, in order: rings, each with the newest
+    audit seq of each job it names as another connection read it when the ring arrived,
+    and event items."""
+
+    rings: list[tuple[events.Ring, dict[uuid.UUID, int]]] = field(default_factory=list)
+    items: list[events.LiveEvent] = field(default_factory=list)
+
+
+async def _collect(listener: psycopg.AsyncConnection[Any], reader: Any, marker: str) -> Heard:
+    heard = Heard()
+    async for note in listener.notifies(timeout=120):
+        if note.payload == marker:
+            return heard
+        parsed = events.parse_events_channel(note.payload)
+        if isinstance(parsed, events.Ring):
+            ids = [job_id for ids in parsed.jobs.values() for job_id in ids]
+            cur = await reader.execute(
+                "SELECT job_id, max(seq) AS seq FROM pgjobs.job_events"
+                " WHERE job_id = ANY(%s) GROUP BY job_id",
+                [ids],
+            )
+            heard.rings.append((parsed, {r["job_id"]: r["seq"] for r in await cur.fetchall()}))
+        else:
+            heard.items.extend(parsed)
+    raise AssertionError("the marker NOTIFY never arrived")
+
+
+async def _drain(
+    dsn: str, client: Client, storage_dir: Path, settings: WorkerSettings
+) -> tuple[Heard, list[dict[str, Any]], Worker]:
+    """Enqueue the jobs (before listening: their queued items are the client's), drain
+    them with one worker while listening, then a marker NOTIFY after the worker stopped
+    ends the listening. Returns what was heard and the worker's audit rows (seq > 1)."""
+    await client.enqueue_many(_specs())
+    marker = f"marker-{uuid.uuid4()}"
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as reader,
+    ):
+        await listener.execute(f"LISTEN {events.EVENTS_CHANNEL}")
+        collecting = asyncio.create_task(_collect(listener, reader, marker))
+        async with running_worker(dsn, _registry(), settings) as worker:
+
+            async def finished() -> bool:
+                rows = await fetch(
+                    dsn,
+                    "SELECT count(*) AS n FROM pgjobs.jobs WHERE status IN ('queued', 'running')",
+                )
+                return bool(rows[0]["n"] == 0)
+
+            await wait_until(finished, within=60, message="every job finished")
+        # Stopped: every commit and ring of the worker was sent before this one.
+        await fetch(dsn, "SELECT pg_notify(%s, %s)", [events.EVENTS_CHANNEL, marker])
+        heard = await asyncio.wait_for(collecting, 120)
+    rows = await fetch(
+        dsn,
+        "SELECT e.job_id, e.seq, e.type, j.company_id FROM pgjobs.job_events e"
+        " JOIN pgjobs.jobs j ON j.id = e.job_id WHERE e.seq > 1 ORDER BY e.job_id, e.seq",
+    )
+    kinds = {row["type"] for row in rows}
+    assert kinds == {
+        events.EventType.RUNNING,
+        events.EventType.PROGRESS,
+        events.EventType.RETRYING,
+        events.EventType.DONE,
+        events.EventType.FAILED,
+    }, "the drain made every kind of worker transition"
+    return heard, rows, worker
+
+
+async def _set_limit(dsn: str) -> None:
+    # Covers every job, never binds: the worker claims through job_claim_batch_limited.
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for company in COMPANIES:
+            await limits.set_limit(conn, company_id=company, max_running=100_000)
+
+
+@pytest.mark.parametrize("claim", ["plain", "limited"])
+async def test_a_worker_rings_after_each_commit_for_every_transition_and_sends_no_items(
+    dsn: str, client: Client, storage_dir: Path, claim: str
+) -> None:
+    """Claims (plain and limited), progress, a retry, a done and a failure: nothing on
+    pgjobs_events but rings; each job is named by one ring per transition the worker made
+    (the audit log's rows after its enqueue), under its own company; and when each ring
+    arrives, the transitions it announces are readable from another connection: the k-th
+    ring naming a job finds at least k of its transitions after the enqueue (seq >= k + 1)."""
+    if claim == "limited":
+        await _set_limit(dsn)
+    heard, rows, worker = await _drain(dsn, client, storage_dir, fast_settings(storage_dir))
+    assert worker._limited is (claim == "limited")
+
+    assert heard.items == [], "no event items from a doorbell worker"
+    companies = {row["job_id"]: row["company_id"] for row in rows}
+    transitions = collections.Counter(row["job_id"] for row in rows)
+    rung: collections.Counter[uuid.UUID] = collections.Counter()
+    ahead: list[tuple[uuid.UUID, int, int]] = []
+    for ring, readable in heard.rings:
+        for company_id, ids in ring.jobs.items():
+            for job_id in ids:
+                assert companies[job_id] == company_id
+                rung[job_id] += 1
+                if readable.get(job_id, 0) < rung[job_id] + 1:
+                    ahead.append((job_id, rung[job_id], readable.get(job_id, 0)))
+    assert rung == transitions
+    assert ahead == [], "a ring arrived before the transition it announces was readable"
+
+
+async def test_with_the_doorbell_off_a_worker_sends_items_in_its_commits(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """doorbell=False: every transition's item on pgjobs_events, as before sql/0018; no
+    ring."""
+    settings = fast_settings(storage_dir, doorbell=False)
+    heard, rows, _ = await _drain(dsn, client, storage_dir, settings)
+    assert heard.rings == []
+    assert sorted((e.job_id, e.seq, e.type) for e in heard.items) == sorted(
+        (row["job_id"], row["seq"], row["type"]) for row in rows
+    )
+
+
+@pytest.mark.parametrize("failure", ["refused", "timed out"])
+async def test_a_ring_that_cannot_be_sent_does_not_stop_the_worker_or_lose_a_job(
+    dsn: str,
+    client: Client,
+    storage_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    failure: str,
+) -> None:
+    """Every ring fails, by the database refusing its statement (a payload over
+    PostgreSQL's limit) or by its connection timing out: the worker logs it, every job
+    still ends exactly as without the doorbell, each transition audited once."""
+    attempts: list[int] = []
+    if failure == "refused":
+        monkeypatch.setitem(
+            QUERIES,
+            "events_ring",
+            "SELECT pg_notify('pgjobs_events', repeat(%(payload)s::text, 1000))",
+        )
+        real_ring = doorbell.ring
+
+        async def counted_ring(conn: Any, jobs: Any) -> bool:
+            attempts.append(1)
+            return await real_ring(conn, jobs)
+
+        monkeypatch.setattr(doorbell, "ring", counted_ring)
+    else:
+
+        async def timed_out_ring(conn: Any, jobs: Any) -> bool:
+            attempts.append(1)
+            # What pgjobs.db.GuardedPool raises for a connection used past its limit.
+            raise TimeoutError
+
+        monkeypatch.setattr(doorbell, "ring", timed_out_ring)
+    caplog.set_level(logging.WARNING, logger="pgjobs")
+    heard, rows, _ = await _drain(dsn, client, storage_dir, fast_settings(storage_dir))
+    assert attempts, "the worker tried to ring"
+    assert heard.rings == []
+    assert heard.items == []
+    assert any("not sent" in r.getMessage() for r in caplog.records)
+    final = await fetch(dsn, "SELECT job_type, status, attempts FROM pgjobs.jobs")
+    assert collections.Counter((r["job_type"], r["status"], r["attempts"]) for r in final) == {
+        ("step", "done", 1): 8,
+        ("flaky", "done", 2): 8,
+        ("bad", "failed", 1): 8,
+    }
+    # step: running, progress, done; flaky: running, retrying, running, done; bad: 2.
+    assert len(rows) == 8 * (3 + 4 + 2)
+
+
+_DROP_CHECKS = """
+ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_run_at_in_range;
+ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_run_at_in_range;
+"""
+
+
+async def test_a_claimed_row_the_worker_cannot_read_is_rung_for_and_its_failure_sent(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """A due job whose run_at Python cannot represent (written with the range CHECKs
+    dropped) is claimed with the others, then failed: its claim is rung for (the claim
+    committed with the doorbell on), its failure's item sent in that commit."""
+    await fetch(dsn, _DROP_CHECKS)
+    poison = uuid.uuid4()
+    await fetch(
+        dsn,
+        "INSERT INTO pgjobs.jobs (id, company_id, job_type, run_at)"
+        " VALUES (%s, 'beta', 'step', '0001-12-31 23:59:00+00 BC')",
+        [poison],
+    )
+    heard, rows, _ = await _drain(dsn, client, storage_dir, fast_settings(storage_dir))
+    mine = [(row["seq"], row["type"]) for row in rows if row["job_id"] == poison]
+    assert mine == [(2, events.EventType.RUNNING), (3, events.EventType.FAILED)]
+    rung = [
+        readable.get(poison, 0)
+        for ring, readable in heard.rings
+        if poison in ring.jobs.get("beta", ())
+    ]
+    (readable,) = rung
+    assert readable >= 2
+    assert [(e.seq, e.type) for e in heard.items if e.job_id == poison] == [
+        (3, events.EventType.FAILED)
+    ]
+
+
+def test_the_doorbell_setting_reads_pgjobs_doorbell(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("PGJOBS_DOORBELL", raising=False)
+    assert WorkerSettings.from_env().doorbell is True
+    for raw, value in (("off", False), ("0", False), ("ON", True), ("true", True)):
+        monkeypatch.setenv("PGJOBS_DOORBELL", raw)
+        assert WorkerSettings.from_env().doorbell is value
+    monkeypatch.setenv("PGJOBS_DOORBELL", "sometimes")
+    with pytest.raises(ConfigurationError, match="PGJOBS_DOORBELL must be on or off"):
+        WorkerSettings.from_env()
+
+
+async def test_progress_whose_ring_outlasts_the_connections_use_limit_counts_as_recorded(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The progress committed, then its ring stalled past the pool's use limit (a
+    half-open connection: pgjobs.db.GuardedPool raises TimeoutError as the checkout
+    ends): the report still says recorded, since it was."""
+    stalled = asyncio.Event()
+
+    async def stalled_ring(conn: Any, jobs: Any) -> bool:
+        stalled.set()
+        await asyncio.sleep(60)
+        return True
+
+    monkeypatch.setattr(doorbell, "ring", stalled_ring)
+    job = await client.enqueue("acme", "step")
+    (row,) = await fetch(
+        dsn,
+        QUERIES["job_claim_batch"],
+        {"now": None, "limit": 1, "worker_id": "w1", "lease_seconds": 60.0,
+         "job_types": None, "after_company": None},
+    )  # fmt: skip
+    (full,) = await fetch(dsn, "SELECT * FROM pgjobs.jobs WHERE id = %s", [row["id"]])
+    worker = Worker(dsn, _registry(), fast_settings(storage_dir))
+    worker._pool = await db.open_pool(dsn, use_timeout=2.0)
+    try:
+        assert await worker._write_progress(Job.from_row(full), 0.5, "half")
+    finally:
+        await worker._pool.close()
+    assert stalled.is_set()
+    (after,) = await fetch(dsn, "SELECT progress_fraction FROM pgjobs.jobs WHERE id = %s", [job.id])
+    assert after["progress_fraction"] == 0.5
