@@ -8,8 +8,7 @@
 -- where such a limit exists): then it claims through job_claim_batch_limited.
 SELECT EXISTS (
     SELECT 1 FROM pgjobs.limits l
-    WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
-       OR l.job_type = ANY(%(job_types)s::text[])
+    WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])
 ) AS limited;
 
 -- name: limit_lock_for_types
@@ -27,8 +26,7 @@ SELECT count(*) AS locked,
                - clock_timestamp()))::float8 AS window_ends_in
 FROM (
     SELECT id, period_seconds FROM pgjobs.limits
-    WHERE %(job_types)s::text[] IS NULL OR job_type IS NULL
-       OR job_type = ANY(%(job_types)s::text[])
+    WHERE pgjobs.limit_scope(job_type, %(job_types)s::text[])
     ORDER BY id
     OFFSET 0  -- a fence: the locks below are taken in this order
 ) l
@@ -77,8 +75,7 @@ WITH RECURSIVE room AS MATERIALIZED (
         SELECT to_timestamp(floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
                                   / l.period_seconds) * l.period_seconds) AS window_start
     ) w
-    WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
-       OR l.job_type = ANY(%(job_types)s::text[])
+    WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])
 ), blocked AS (
     -- limits with no room left: the jobs they cover are not candidates at all
     SELECT company_id, job_type FROM room WHERE room <= 0

@@ -270,8 +270,7 @@ SET status = 'running',
 -- (re-checking their WHERE on the newest version), so nobody changed them since.
 WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
   AND NOT EXISTS (SELECT 1 FROM pgjobs.limits l
-                  WHERE %(job_types)s::text[] IS NULL OR l.job_type IS NULL
-                     OR l.job_type = ANY(%(job_types)s::text[]))
+                  WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[]))
 -- What the worker's Job needs that this statement does not set itself (pgjobs.types
 -- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows); not the audit
 -- columns (last_event, error_traceback, up to 16 KiB on a retry). Every column decoded

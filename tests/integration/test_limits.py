@@ -448,3 +448,42 @@ async def test_a_limited_workers_first_claim_updates_no_empty_batch(
     rows = await fetch(dsn, "SELECT n FROM public.update_sizes ORDER BY id")
     assert [r["n"] for r in rows] == [3]
     assert w._limited
+
+
+async def test_one_scope_predicate_inlined_where_limits_are_filtered(
+    dsn: str, client: Client
+) -> None:
+    """ "A limit can cover these job types" is pgjobs.limit_scope (sql/0019): a limit of a
+    type covers that type's workers and workers of every type (NULL), a limit of every
+    type covers every worker. Each query that filters pgjobs.limits by it gets it inlined
+    (its plan shows the expression, not a function call per limit row), so the plain
+    claim's one-time filter costs what the expression written out did."""
+    await _set(dsn, job_type="render", max_running=1)
+
+    async def exists(job_types: list[str] | None) -> bool:
+        params = {"job_types": job_types}
+        rows = await fetch(dsn, QUERIES["limit_exists_for_types"], params)
+        return bool(rows[0]["limited"])
+
+    assert [await exists(t) for t in (["render"], ["echo", "render"], ["echo"], None)] == [
+        True,
+        True,
+        False,
+        True,
+    ]
+    await _set(dsn, company_id="acme", max_running=1)
+    assert await exists(["echo"])
+    params = {
+        "now": None,
+        "limit": 10,
+        "worker_id": "w",
+        "lease_seconds": 30.0,
+        "job_types": ["echo"],
+        "after_company": None,
+    }
+    names = ("job_claim_batch", "limit_exists_for_types", "limit_lock_for_types")
+    for name in (*names, "job_claim_batch_limited"):
+        rows = await fetch(dsn, "EXPLAIN (VERBOSE) " + QUERIES[name], params)
+        plan = "\n".join(r["QUERY PLAN"] for r in rows)
+        assert "limit_scope" not in plan, (name, plan)
+        assert "ANY" in plan, name

@@ -1,0 +1,1 @@
+DROP FUNCTION pgjobs.limit_scope(text, text[]);
