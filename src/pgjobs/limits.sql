@@ -51,6 +51,13 @@ CROSS JOIN LATERAL (SELECT pg_advisory_xact_lock(hashtext('pgjobs.limits'), l.id
 -- Returns the claimed jobs, each with after_company and held_back: how many jobs were
 -- held back by a limit with room left (then the worker claims again at once, for the
 -- jobs no limit holds back).
+-- Why a copy of job_claim_batch rather than one shared definition: PostgreSQL has no
+-- way to share CTEs between statements but a function, and a set-returning function
+-- that locks rows (FOR UPDATE SKIP LOCKED) is not inlined, so the claim would be planned
+-- apart from its UPDATE and its parameters; assembling both statements from pieces in
+-- pgjobs.queries would leave neither readable as one statement. ring, share, whole and
+-- filled are the same text in both (tests/integration/test_limits.py checks it); the
+-- rest differs by the limits' filters.
 WITH RECURSIVE room AS MATERIALIZED (
     -- The limits that can cover this worker's jobs, each with its room: how many more of
     -- its jobs may start now (the least of its running and rate bounds). Limit names are

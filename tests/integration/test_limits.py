@@ -487,3 +487,22 @@ async def test_one_scope_predicate_inlined_where_limits_are_filtered(
         plan = "\n".join(r["QUERY PLAN"] for r in rows)
         assert "limit_scope" not in plan, (name, plan)
         assert "ANY" in plan, name
+
+
+def test_the_limited_claim_walks_the_queue_as_the_fair_claim_does() -> None:
+    """job_claim_batch_limited is a copy of job_claim_batch with the limits' filters
+    (limits.sql says why it is not shared): the CTEs that walk the ring of companies and
+    share the batch (ring, share, whole, filled) stay the same text in both."""
+    fair, limited = QUERIES["job_claim_batch"], QUERIES["job_claim_batch_limited"]
+
+    def cte(query: str, name: str, following: str) -> str:
+        start = query.index(f"{name} (")
+        return query[start : query.index(f"\n), {following} AS (", start)]
+
+    for name, following in (
+        ("ring", "share"),
+        ("share AS", "heads1"),
+        ("whole AS", "filled"),
+        ("filled AS", "heads2"),
+    ):
+        assert cte(fair, name, following) == cte(limited, name, following), name
