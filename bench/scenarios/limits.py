@@ -7,8 +7,8 @@ at most 10,000,000 running, and job type ``noop`` at most 10^9 starts a minute. 
 claims take scenario 1's limited path (advisory locks, running count, rate window
 counter) and A's the plain claim. Runs alternate A B B A ..., each in a fresh database,
 so that the noisy shared machine's drifts fall on both; reported: the medians of jobs/s
-and of PostgreSQL CPU per job (µs, its processes read from /proc as bench.cpusplit
-does), and B / A.
+and of PostgreSQL and worker CPU per job (µs, their processes read from /proc as
+bench.cpusplit does), and B / A.
 
 ``python -m bench.scenarios.limits [--jobs 20000] [--pairs 5]`` runs it on its own.
 """
@@ -52,13 +52,14 @@ def measure(ctx: Ctx, n: int, pairs: int) -> dict[str, Any]:
             runs["with" if limited else "without"].append(r)
             ctx.log(
                 f"limits {'with' if limited else 'without'}: {r['jobs_per_s']:,.0f} jobs/s, "
-                f"PostgreSQL {r['pg_cpu_us']:.0f} µs/job"
+                f"PostgreSQL {r['pg_cpu_us']:.0f} µs/job, worker {r['worker_cpu_us']:.0f} µs/job"
             )
     out: dict[str, Any] = {"jobs": n, "pairs": pairs}
     for key, rs in runs.items():
         out[key] = {
             "jobs_per_s": summary([r["jobs_per_s"] for r in rs]),
             "pg_cpu_us": summary([r["pg_cpu_us"] for r in rs]),
+            "worker_cpu_us": summary([r["worker_cpu_us"] for r in rs]),
         }
     out["ratio_jobs_per_s"] = (
         out["with"]["jobs_per_s"]["median"] / out["without"]["jobs_per_s"]["median"]
@@ -73,10 +74,11 @@ def run(ctx: Ctx) -> dict[str, Any]:
 def markdown(res: dict[str, Any]) -> str:
     return "\n".join(
         [
-            "| limits | jobs/s | PostgreSQL CPU per job (µs) |",
-            "| --- | ---: | ---: |",
+            "| limits | jobs/s | PostgreSQL CPU per job (µs) | worker CPU per job (µs) |",
+            "| --- | ---: | ---: | ---: |",
             *(
-                f"| {key} | {fmt(res[key]['jobs_per_s'])} | {fmt(res[key]['pg_cpu_us'])} |"
+                f"| {key} | {fmt(res[key]['jobs_per_s'])} | {fmt(res[key]['pg_cpu_us'])} "
+                f"| {fmt(res[key]['worker_cpu_us'])} |"
                 for key in ("without", "with")
             ),
             f"\n{res['jobs']:,} jobs, 1 worker process, {res['pairs']} interleaved pairs; "
