@@ -206,6 +206,36 @@ async def test_undeliverable_listen_is_rechecked_and_reported_once(
     assert listener.unavailable is not None
 
 
+async def test_a_cancel_as_the_listener_lets_go_of_its_connection_ends_it(
+    dsn: str, pgbouncer: Bouncer
+) -> None:
+    """Cancelled just as it closes the connection that received nothing, the listener
+    ends. On Python 3.11 ``asyncio.wait_for`` around the close returned normally when the
+    close finished in the same loop turn as the cancel: the listener then went on
+    rechecking, and the test above waited on it for its whole 120 s timeout."""
+    listener = Listener(pgbouncer.dsn(dsn), lambda _: None, probe_seconds=0.5, recheck_seconds=0.05)
+    close = listener._close
+    cancels = 0
+
+    async def close_when_cancelled() -> None:
+        nonlocal cancels
+        if cancels == 0:  # the first close: the check that received nothing
+            cancels += 1
+            task.cancel()
+        await close()
+
+    listener._close = close_when_cancelled  # type: ignore[method-assign]
+    task = asyncio.create_task(listener.run())
+    ended, _ = await asyncio.wait({task}, timeout=30)
+    if not ended:
+        task.cancel()  # cancelled again, it ends: the first cancel was lost
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert ended, f"ran on after it was cancelled ({listener.undelivered_checks} checks)"
+    assert task.cancelled()
+    assert listener.undelivered_checks == 1
+
+
 async def test_direct_listener_skips_the_delivery_check(dsn: str) -> None:
     """A direct connection is never probed: no timing can make it look broken."""
     got: list[str] = []
