@@ -64,7 +64,7 @@ class MotoServer:
         return [u["Key"] for u in listed.get("Uploads", [])]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -77,7 +77,7 @@ def moto_server(*, require_auth: bool = False) -> Iterator[MotoServer]:
     env = {**os.environ}
     if require_auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env=env,
