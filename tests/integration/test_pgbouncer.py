@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +22,7 @@ import pytest
 from bouncer import Bouncer
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, demo
+from pgjobs import worker as worker_module
 from pgjobs.client import Client
 from pgjobs.errors import ConfigurationError
 from pgjobs.jobspec import JobSpec
@@ -147,6 +149,9 @@ async def test_worker_through_pgbouncer_without_listen_dsn_polls(
     """No LISTEN DSN: LISTEN through the bouncer would never deliver. The worker says so
     once, at WARNING, names its poll interval and PGJOBS_LISTEN_DSN, and drains by polling."""
     monkeypatch.delenv("PGJOBS_LISTEN_DSN", raising=False)
+    # No NOTIFY comes through the bouncer: a delivery check of 0.5 s finds that out as
+    # surely as the default 5 s one.
+    monkeypatch.setattr(worker_module, "Listener", functools.partial(Listener, probe_seconds=0.5))
     bouncer_dsn = pgbouncer.dsn(dsn)
     settings = fast_settings(storage_dir, poll_interval_seconds=0.2, concurrency=4)
     caplog.set_level(logging.WARNING, logger="pgjobs.notifier")
