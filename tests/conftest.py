@@ -112,18 +112,19 @@ def template_db(pg_server_dsn: str) -> Iterator[str]:
 
 
 class Databases:
-    """Fresh databases cloned from the template one step ahead, used ones dropped later.
+    """Fresh databases cloned from the template a few steps ahead, used ones dropped later.
 
-    One thread keeps one clone ready (``take`` waits for it only if cloning took longer
-    than the work it overlapped); another drops what ``give_back`` hands it, ``WITH
-    (FORCE)`` so connections a test left open do not block it. Each clone is used by one
+    One thread keeps up to ``ahead`` clones ready (``take`` waits only if cloning fell
+    behind: a run of tests shorter than a clone uses those made during longer ones);
+    another drops what ``give_back`` hands it, ``WITH (FORCE)`` so connections a test
+    left open do not block it. Each clone is used by one
     test and dropped, exactly as when the fixture cloned and dropped inline. Both threads
     hold ``busy`` for each statement; ``quiet()`` holds it while a quiet test runs."""
 
-    def __init__(self, server_dsn: str, template: str) -> None:
+    def __init__(self, server_dsn: str, template: str, ahead: int = 4) -> None:
         self.server_dsn = server_dsn
         self.template = template
-        self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=1)
+        self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=ahead)
         self.used: queue.Queue[str | None] = queue.Queue()
         self.stopping = threading.Event()
         self.busy = threading.Lock()
@@ -167,13 +168,14 @@ class Databases:
                 self.quiet_owner = None
 
     def close(self) -> None:
-        """Stop cloning, drop the clone nobody took and every used one, then return."""
+        """Stop cloning, drop the clones nobody took and every used one, then return."""
         self.stopping.set()
         self.threads[0].join(timeout=120)
         with contextlib.suppress(queue.Empty):
-            leftover = self.ready.get_nowait()
-            if isinstance(leftover, str):
-                self.used.put(leftover)
+            while True:
+                leftover = self.ready.get_nowait()
+                if isinstance(leftover, str):
+                    self.used.put(leftover)
         self.used.put(None)
         self.threads[1].join(timeout=300)
 

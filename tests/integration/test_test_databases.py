@@ -68,6 +68,24 @@ def test_a_test_not_marked_quiet_lets_clones_and_drops_run(databases: Any) -> No
     assert databases.quiet_owner is None
 
 
+def test_clones_are_made_several_tests_ahead(
+    pg_server_dsn: str, template_db: str, databases: Any
+) -> None:
+    """A run of tests shorter than a clone takes the clones made during longer ones."""
+    factory = type(databases)(pg_server_dsn, template_db, ahead=3)
+    try:
+        deadline = time.monotonic() + 60
+        while factory.ready.qsize() < 3:  # polled: the clone thread works meanwhile
+            assert time.monotonic() < deadline, "three clones not made ahead within 60 s"
+            time.sleep(0.05)
+        taken = [factory.take(timeout=30) for _ in range(3)]
+        assert len(set(taken)) == 3
+        for name in taken:
+            factory.give_back(name)
+    finally:
+        factory.close()
+
+
 def test_a_test_body_may_take_databases_while_quiet(
     pg_server_dsn: str, template_db: str, databases: Any
 ) -> None:
