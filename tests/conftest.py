@@ -8,10 +8,12 @@ each other's jobs, events or notifications.
 
 Cloning and dropping cost a test ~0.1-0.3 s each on a loaded 2-core machine, over 600
 times a run, and are not what any test is about: ``Databases`` clones the next test's
-database and drops used ones in the background, while the tests' other fixtures are set
-up and torn down, but never while a test itself runs (``pytest_runtest_call``): a
-CREATE or DROP DATABASE holds a transaction id, which holds the horizon that the
-gateway's streams read below, and so would change what a test of them observes.
+database and drops used ones in the background, while other tests run. Not while a
+test marked ``quiet_databases`` runs (every test under tests/gateway, and any other that
+asks): a CREATE or DROP DATABASE holds a transaction id, which holds the horizon that the
+gateway's streams read below, and so would change what a test of them observes (an idle
+company feed polled). Holding every test off made each test wait for the next one's
+clone, ~0.15 s each, over a minute a run.
 
 The embedded server, private to the run and never stopped by a test (tests that restart
 PostgreSQL start their own), runs without fsync: only an OS crash could lose what fsync
@@ -110,18 +112,19 @@ def template_db(pg_server_dsn: str) -> Iterator[str]:
 
 
 class Databases:
-    """Fresh databases cloned from the template one step ahead, used ones dropped later.
+    """Fresh databases cloned from the template a few steps ahead, used ones dropped later.
 
-    One thread keeps one clone ready (``take`` waits for it only if cloning took longer
-    than the work it overlapped); another drops what ``give_back`` hands it, ``WITH
-    (FORCE)`` so connections a test left open do not block it. Each clone is used by one
+    One thread keeps up to ``ahead`` clones ready (``take`` waits only if cloning fell
+    behind: a run of tests shorter than a clone uses those made during longer ones);
+    another drops what ``give_back`` hands it, ``WITH (FORCE)`` so connections a test
+    left open do not block it. Each clone is used by one
     test and dropped, exactly as when the fixture cloned and dropped inline. Both threads
-    hold ``busy`` for each statement; ``quiet()`` holds it while a test runs."""
+    hold ``busy`` for each statement; ``quiet()`` holds it while a quiet test runs."""
 
-    def __init__(self, server_dsn: str, template: str) -> None:
+    def __init__(self, server_dsn: str, template: str, ahead: int = 4) -> None:
         self.server_dsn = server_dsn
         self.template = template
-        self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=1)
+        self.ready: queue.Queue[str | BaseException] = queue.Queue(maxsize=ahead)
         self.used: queue.Queue[str | None] = queue.Queue()
         self.stopping = threading.Event()
         self.busy = threading.Lock()
@@ -165,13 +168,14 @@ class Databases:
                 self.quiet_owner = None
 
     def close(self) -> None:
-        """Stop cloning, drop the clone nobody took and every used one, then return."""
+        """Stop cloning, drop the clones nobody took and every used one, then return."""
         self.stopping.set()
         self.threads[0].join(timeout=120)
         with contextlib.suppress(queue.Empty):
-            leftover = self.ready.get_nowait()
-            if isinstance(leftover, str):
-                self.used.put(leftover)
+            while True:
+                leftover = self.ready.get_nowait()
+                if isinstance(leftover, str):
+                    self.used.put(leftover)
         self.used.put(None)
         self.threads[1].join(timeout=300)
 
@@ -223,10 +227,20 @@ def databases(pg_server_dsn: str, template_db: str) -> Iterator[Databases]:
     factory.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "quiet_databases: no test database is cloned or dropped while the test runs "
+        "(its transaction would hold the horizon the gateway's streams read below)",
+    )
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
-    """The test itself runs with no clone or drop of a database in progress."""
-    with _DATABASES[0].quiet() if _DATABASES else contextlib.nullcontext():
+    """A test marked quiet_databases runs with no clone or drop of a database in
+    progress; others let the next clone and the last drop run meanwhile."""
+    quiet = bool(_DATABASES) and item.get_closest_marker("quiet_databases") is not None
+    with _DATABASES[0].quiet() if quiet else contextlib.nullcontext():
         return (yield)
 
 

@@ -21,6 +21,9 @@ from pgjobs.s3storage import S3Storage
 ACCESS_KEY = "pgjobs-test-key"
 SECRET_KEY = "pgjobs-test-secret"  # noqa: S105  # moto's server accepts any pair
 REGION = "us-east-1"
+# One botocore session for the tests' own clients: a new one loads S3's service model
+# again for its first client (~0.2 s on a loaded machine; a reused one, ~0.03 s).
+SESSION = get_session()
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,7 @@ class MotoServer:
 
     def client(self) -> Any:
         """A raw aiobotocore S3 client (an async context manager) for checks and setup."""
-        return get_session().create_client(
+        return SESSION.create_client(
             "s3",
             endpoint_url=self.endpoint_url,
             region_name=REGION,
@@ -64,7 +67,7 @@ class MotoServer:
         return [u["Key"] for u in listed.get("Uploads", [])]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -77,7 +80,7 @@ def moto_server(*, require_auth: bool = False) -> Iterator[MotoServer]:
     env = {**os.environ}
     if require_auth:
         env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
         env=env,

@@ -173,5 +173,8 @@ class Listener:
     async def _close(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally if
+            # its task is cancelled in the loop turn the close ends, and run() went on.
             with contextlib.suppress(psycopg.Error, OSError, TimeoutError):
-                await asyncio.wait_for(conn.close(), timeout=1.0)
+                async with asyncio.timeout(1.0):
+                    await conn.close()

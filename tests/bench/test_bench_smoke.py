@@ -71,6 +71,10 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     assert "resuming company streams" in table
     assert all(s["statuses"] == {"202": s["posts"]} for s in gateway["runs"][0]["post"])
     assert ". Gateway: commit" in summary
+    limits = json.loads((out / "limits.json").read_text())
+    # One drain without limits and one with: the tiny run checks the scenario, not figures.
+    assert (limits["pairs"], limits["without"]["jobs_per_s"]["n"]) == (1, 1), limits
+    assert limits["with"]["jobs_per_s"]["n"] == 1, limits
     lean = json.loads((out / "pglimit.json").read_text())["lean"]
     assert lean["floor"]["jobs_per_s"]["median"] > 0, lean
     assert lean["floor-tasks"]["jobs_per_s"]["median"] > 0, lean

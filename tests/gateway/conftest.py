@@ -12,6 +12,12 @@ from gateway_helpers import TEST_SETTINGS, RunningGateway, serve_gateway
 from pgjobs.gateway.settings import GatewaySettings
 
 
+def pytest_itemcollected(item: pytest.Item) -> None:
+    """The gateway's streams read below the transaction horizon, which a database being
+    cloned or dropped for another test would hold (tests/conftest.py)."""
+    item.add_marker(pytest.mark.quiet_databases)
+
+
 @pytest.fixture
 def gateway_settings() -> GatewaySettings:
     return TEST_SETTINGS

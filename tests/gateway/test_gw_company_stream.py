@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import threading
 import uuid
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from gateway_helpers import (
@@ -311,6 +313,13 @@ async def test_an_idle_company_feed_does_not_read_the_table(gateway: RunningGate
     second = await gateway.state.client.enqueue("acme", "echo", {})
     events = await reader
     assert [e.data["jobId"] for e in events] == [str(first.id), str(second.id)]
+
+
+def test_gateway_tests_run_with_no_test_database_cloned_or_dropped(databases: Any) -> None:
+    """A clone or drop of another test's database holds the horizon the feeds read below:
+    the idle feed above would poll (tests/gateway/conftest.py marks every gateway test
+    quiet_databases)."""
+    assert databases.quiet_owner == threading.get_ident()
 
 
 async def test_a_row_held_back_by_the_horizon_arrives_without_another_notify(

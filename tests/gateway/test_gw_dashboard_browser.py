@@ -16,18 +16,51 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from gateway_helpers import RunningGateway
+import pytest_asyncio
+from gateway_helpers import RunningGateway, serve_gateway
 from test_gw_browser import CHROMIUM, launch
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, demo
+from pgjobs.gateway.settings import GatewaySettings
 from pgjobs.jobspec import JobSpec
 from pgjobs.types import iso
 
-pytestmark = pytest.mark.skipif(
-    not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
-    reason="needs Debian's chromium (make test installs it)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not os.path.exists(CHROMIUM) and os.environ.get("CI") != "true",
+        reason="needs Debian's chromium (make test installs it)",
+    ),
+    # One Chromium for the module, each page in a fresh context (its own cookies and
+    # storage): starting Playwright's driver and a browser was ~0.7 s of every test. Its
+    # objects belong to the event loop that made them, so the tests share the module's.
+    pytest.mark.asyncio(loop_scope="module"),
+]
+_browser: list[Any] = []  # the module's Chromium, while the fixture below holds it
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module", autouse=True)
+async def chromium() -> AsyncIterator[None]:
+    from playwright.async_api import async_playwright
+
+    async with async_playwright() as p:
+        browser = await launch(p)
+        _browser.append(browser)
+        try:
+            yield
+        finally:
+            _browser.clear()
+            await browser.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def gateway(
+    dsn: str, storage_dir: Path, gateway_settings: GatewaySettings
+) -> AsyncIterator[RunningGateway]:
+    """The conftest's gateway, served in the module's event loop."""
+    async with serve_gateway(dsn, storage_dir, gateway_settings) as gw:
+        yield gw
+
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts" / "dashboard"
 XSS = "<img src=x onerror=alert(1)>"
@@ -74,35 +107,31 @@ async def signed_in(
     """A page at / signed in (as acme unless another token is given; ``company`` for an
     operator's token), its JavaScript dialogs and errors recorded; once its company stream
     is live, unless ``live`` is false (an operator's every-company view has none)."""
-    from playwright.async_api import async_playwright
+    ctx = await _browser[0].new_context(**context)
+    try:
+        page = await ctx.new_page()
+        page.dialogs = []  # type: ignore[attr-defined]
+        page.errors = []  # type: ignore[attr-defined]
 
-    async with async_playwright() as p:
-        browser = await launch(p)
-        try:
-            ctx = await browser.new_context(**context)
-            page = await ctx.new_page()
-            page.dialogs = []  # type: ignore[attr-defined]
-            page.errors = []  # type: ignore[attr-defined]
+        async def on_dialog(dialog: Any) -> None:
+            page.dialogs.append(dialog.message)  # type: ignore[attr-defined]
+            await dialog.dismiss()
 
-            async def on_dialog(dialog: Any) -> None:
-                page.dialogs.append(dialog.message)  # type: ignore[attr-defined]
-                await dialog.dismiss()
-
-            page.on("dialog", on_dialog)
-            page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
-            await page.goto(gateway.url + "/")
-            await page.get_by_label("API token").fill(token or gateway.tokens["acme"])
-            if company is not None:
-                await page.get_by_label("Company").fill(company)
-            await page.get_by_role("button", name="Sign in").click()
-            if live:
-                await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
-            else:
-                await page.locator("#jobs-view").wait_for(timeout=15_000)
-            yield page
-            assert page.errors == []  # type: ignore[attr-defined]
-        finally:
-            await browser.close()
+        page.on("dialog", on_dialog)
+        page.on("pageerror", lambda e: page.errors.append(str(e)))  # type: ignore[attr-defined]
+        await page.goto(gateway.url + "/")
+        await page.get_by_label("API token").fill(token or gateway.tokens["acme"])
+        if company is not None:
+            await page.get_by_label("Company").fill(company)
+        await page.get_by_role("button", name="Sign in").click()
+        if live:
+            await page.locator("#live[data-state=live]").wait_for(timeout=15_000)
+        else:
+            await page.locator("#jobs-view").wait_for(timeout=15_000)
+        yield page
+        assert page.errors == []  # type: ignore[attr-defined]
+    finally:
+        await ctx.close()
 
 
 async def rows(page: Any) -> list[dict[str, Any]]:

@@ -9,7 +9,7 @@ import json
 from typing import Any
 
 import httpx
-from gateway_helpers import RunningGateway
+from gateway_helpers import TLS, RunningGateway
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -106,7 +106,7 @@ async def test_no_route_answers_500(gateway: RunningGateway) -> None:
             kwargs["content"] = json.dumps(payload).encode() if kind == "json" else payload
             if content_type is not None:
                 headers["Content-Type"] = content_type
-        with httpx.Client(base_url=gateway.url, timeout=10) as http:
+        with httpx.Client(base_url=gateway.url, timeout=10, verify=TLS) as http:
             try:
                 with http.stream(method.upper(), fill(path, company, ident), **kwargs) as r:
                     status = r.status_code

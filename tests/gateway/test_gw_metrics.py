@@ -15,7 +15,7 @@ from pathlib import Path
 
 import httpx
 import psycopg
-from gateway_helpers import RunningGateway, kill_listener
+from gateway_helpers import TLS, RunningGateway, kill_listener
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -68,7 +68,7 @@ class Scrape:
 
 
 async def scrape(url: str) -> Scrape:
-    async with httpx.AsyncClient(timeout=20.0) as http:
+    async with httpx.AsyncClient(timeout=20.0, verify=TLS) as http:
         r = await http.get(url)
     assert r.status_code == 200, r.text
     assert r.headers["content-type"].startswith("text/plain; version=0.0.4")
@@ -317,7 +317,7 @@ async def test_worker_health_port(dsn: str, storage_dir: Path) -> None:
     settings = fast_settings(storage_dir, metrics_port=0)
     async with (
         running_worker(dsn, registry, settings) as worker,
-        httpx.AsyncClient(timeout=20.0) as http,
+        httpx.AsyncClient(timeout=20.0, verify=TLS) as http,
     ):
         assert (await http.get(_worker_url(worker, "/healthz"))).json() == {"status": "ok"}
         r = await http.get(_worker_url(worker, "/readyz"))

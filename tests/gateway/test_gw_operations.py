@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-from gateway_helpers import RunningGateway
+from gateway_helpers import TLS, RunningGateway
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, demo
@@ -20,7 +20,10 @@ async def operator_client(gateway: RunningGateway) -> httpx.AsyncClient:
     async with await db.connect(gateway.state.dsn) as conn:
         token = await auth.create_token(conn, None, "ops", operator=True)
     return httpx.AsyncClient(
-        base_url=gateway.url, headers={"Authorization": f"Bearer {token}"}, timeout=20.0
+        base_url=gateway.url,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=20.0,
+        verify=TLS,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
@@ -21,6 +22,7 @@ import pytest
 from bouncer import Bouncer
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs import db, demo
+from pgjobs import worker as worker_module
 from pgjobs.client import Client
 from pgjobs.errors import ConfigurationError
 from pgjobs.jobspec import JobSpec
@@ -147,6 +149,9 @@ async def test_worker_through_pgbouncer_without_listen_dsn_polls(
     """No LISTEN DSN: LISTEN through the bouncer would never deliver. The worker says so
     once, at WARNING, names its poll interval and PGJOBS_LISTEN_DSN, and drains by polling."""
     monkeypatch.delenv("PGJOBS_LISTEN_DSN", raising=False)
+    # No NOTIFY comes through the bouncer: a delivery check of 0.5 s finds that out as
+    # surely as the default 5 s one.
+    monkeypatch.setattr(worker_module, "Listener", functools.partial(Listener, probe_seconds=0.5))
     bouncer_dsn = pgbouncer.dsn(dsn)
     settings = fast_settings(storage_dir, poll_interval_seconds=0.2, concurrency=4)
     caplog.set_level(logging.WARNING, logger="pgjobs.notifier")
@@ -204,6 +209,36 @@ async def test_undeliverable_listen_is_rechecked_and_reported_once(
     assert len(messages) == 1, messages
     assert messages[0].endswith("; advice")
     assert listener.unavailable is not None
+
+
+async def test_a_cancel_as_the_listener_lets_go_of_its_connection_ends_it(
+    dsn: str, pgbouncer: Bouncer
+) -> None:
+    """Cancelled just as it closes the connection that received nothing, the listener
+    ends. On Python 3.11 ``asyncio.wait_for`` around the close returned normally when the
+    close finished in the same loop turn as the cancel: the listener then went on
+    rechecking, and the test above waited on it for its whole 120 s timeout."""
+    listener = Listener(pgbouncer.dsn(dsn), lambda _: None, probe_seconds=0.5, recheck_seconds=0.05)
+    close = listener._close
+    cancels = 0
+
+    async def close_when_cancelled() -> None:
+        nonlocal cancels
+        if cancels == 0:  # the first close: the check that received nothing
+            cancels += 1
+            task.cancel()
+        await close()
+
+    listener._close = close_when_cancelled  # type: ignore[method-assign]
+    task = asyncio.create_task(listener.run())
+    ended, _ = await asyncio.wait({task}, timeout=30)
+    if not ended:
+        task.cancel()  # cancelled again, it ends: the first cancel was lost
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert ended, f"ran on after it was cancelled ({listener.undelivered_checks} checks)"
+    assert task.cancelled()
+    assert listener.undelivered_checks == 1
 
 
 async def test_direct_listener_skips_the_delivery_check(dsn: str) -> None:

@@ -16,7 +16,7 @@ from pgjobs.client import Client
 from pgjobs.errors import AssetTooLargeError, ConfigurationError, StorageError
 from pgjobs.s3storage import MIB, S3Storage, parse_s3_url
 from pgjobs.types import JobStatus
-from s3_helpers import MotoServer, moto_server
+from s3_helpers import MotoServer, free_port, moto_server
 
 KEY = "generated/ab/abcdef"
 
@@ -120,9 +120,8 @@ async def test_wrong_credentials_are_named_in_the_error() -> None:
 
 
 async def test_unreachable_endpoint_is_named_in_the_error() -> None:
-    with moto_server() as gone:
-        storage = gone.storage("pgjobs-any")
-    # The server has stopped: nothing listens on its port any more.
+    # Nothing listens on the port (bound, then released), as when the server has stopped.
+    storage = MotoServer(f"http://127.0.0.1:{free_port()}").storage("pgjobs-any")
     with pytest.raises(StorageError, match="endpoint unreachable"):
         await storage.exists(KEY)
 

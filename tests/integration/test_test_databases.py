@@ -1,6 +1,6 @@
 """The ``dsn`` fixture (tests/conftest.py): each test gets a migrated database no test
 used before, and a used one is dropped after its test, in the background but never
-while a test runs."""
+while a test marked ``quiet_databases`` (every gateway test) runs."""
 
 from __future__ import annotations
 
@@ -42,8 +42,11 @@ async def test_used_databases_are_dropped(dsn: str) -> None:
     await wait_until(dropped, within=60, message="the used test databases dropped")
 
 
+@pytest.mark.quiet_databases
 @pytest.mark.parametrize("turn", range(3))
-async def test_no_database_is_cloned_or_dropped_while_a_test_runs(dsn: str, turn: int) -> None:
+async def test_no_database_is_cloned_or_dropped_while_a_quiet_test_runs(
+    dsn: str, turn: int
+) -> None:
     """This test's dsn fixture asked for the next clone and the last test's drop at its
     set-up; both are done before the test starts or wait until it ends, so no transaction
     of theirs holds the horizon the gateway's streams read below. Checked as fast as the
@@ -57,6 +60,30 @@ async def test_no_database_is_cloned_or_dropped_while_a_test_runs(dsn: str, turn
                 "  AND query ~* '^(CREATE|DROP) DATABASE') AS statements"
             )
             assert await cur.fetchone() == (0, 0)
+
+
+def test_a_test_not_marked_quiet_lets_clones_and_drops_run(databases: Any) -> None:
+    """Only tests marked quiet_databases hold the next clone and the last drop off: for
+    the others, waiting for them was most of a short test's time."""
+    assert databases.quiet_owner is None
+
+
+def test_clones_are_made_several_tests_ahead(
+    pg_server_dsn: str, template_db: str, databases: Any
+) -> None:
+    """A run of tests shorter than a clone takes the clones made during longer ones."""
+    factory = type(databases)(pg_server_dsn, template_db, ahead=3)
+    try:
+        deadline = time.monotonic() + 60
+        while factory.ready.qsize() < 3:  # polled: the clone thread works meanwhile
+            assert time.monotonic() < deadline, "three clones not made ahead within 60 s"
+            time.sleep(0.05)
+        taken = [factory.take(timeout=30) for _ in range(3)]
+        assert len(set(taken)) == 3
+        for name in taken:
+            factory.give_back(name)
+    finally:
+        factory.close()
 
 
 def test_a_test_body_may_take_databases_while_quiet(
