@@ -68,7 +68,8 @@ async def run_queued(
             storage_dir=Path(tempfile.mkdtemp(prefix="pgjobs-testing-")),
         )
     worker = Worker(dsn, registry, settings, burst=True, worker_id="pgjobs-testing")
-    await asyncio.wait_for(worker.run(), max_seconds)
+    async with asyncio.timeout(max_seconds):  # not wait_for: it can lose a cancel on 3.11
+        await worker.run()
     if not worker.ran:
         return []
     async with await db.connect(dsn) as conn:

@@ -523,9 +523,10 @@ class Worker:
             if self.burst and self._queue_empty and not self._claims and not self._running:
                 break
             try:
-                await asyncio.wait_for(
-                    self._wakeup.wait(), timeout=self.settings.poll_interval_seconds
-                )
+                # asyncio.timeout, not wait_for: on Python 3.11 wait_for returns normally
+                # when a cancel arrives as the wait ends, and the cancel is lost.
+                async with asyncio.timeout(self.settings.poll_interval_seconds):
+                    await self._wakeup.wait()
             except TimeoutError:
                 self._queue_empty = False  # the poll: look again
         # Jobs a claim still in flight takes are started, so shutdown drains or releases them.
@@ -624,7 +625,8 @@ class Worker:
 
     async def _sleep_unless_stopping(self, delay: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=delay)
+            async with asyncio.timeout(delay):  # not wait_for: see _fetch_loop
+                await self._stopping.wait()
 
     async def _claim(self, limit: int) -> list[Job]:
         assert self._pool is not None
