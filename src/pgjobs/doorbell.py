@@ -11,18 +11,27 @@ A ring is a doorbell: one lost between the commit and its send (a crash, a dropp
 connection) leaves committed events unannounced until the listeners' periodic catch-up,
 never lost from the table. ``ring`` is therefore best-effort: it never raises for a
 database error, it logs it.
+
+A worker rings through one ``Ringer``: its claims, finish batches and progress reports
+hand it their committed pairs and go on; it sends whatever is pending as one ring, and
+what commits while that ring is in flight goes in the next. A ring costs the worker a
+statement (~60 µs of psycopg's Python) and a pool checkout whatever it carries, so under
+load the rings per second are bounded by round trips, not by commits
+(docs/benchmarks.md, "In the worker").
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import uuid
 from collections.abc import Iterable
 from typing import Any
 
 import psycopg
+from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import events
+from pgjobs import db, events
 from pgjobs.queries import QUERIES
 
 log = logging.getLogger(__name__)
@@ -71,3 +80,52 @@ def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID
 
 def _params(payloads: list[str]) -> list[dict[str, str]]:
     return [{"payload": p} for p in payloads]
+
+
+class Ringer:
+    """One worker's rings, coalesced. ``add`` queues committed pairs and returns at once;
+    ``run`` sends everything queued as one ``ring`` on a pool connection, at once when no
+    ring is in flight (no delay when idle: the first pair goes out alone), else as soon as
+    the one in flight is done, with all that came meanwhile. ``close`` makes ``run``
+    return once everything queued before it was sent. Best-effort, as ``ring``: a ring
+    not sent, for whatever reason, is logged and never raised (``run`` goes on)."""
+
+    def __init__(self, pool: AsyncConnectionPool[db.AsyncConn]) -> None:
+        self.pool = pool
+        self._pending: list[tuple[str, uuid.UUID]] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self.rings = 0
+        """Rings tried (sent or not)."""
+
+    def add(self, jobs: Iterable[tuple[str, uuid.UUID]]) -> None:
+        """Ring for ``(company_id, job_id)`` pairs whose transitions have committed (call
+        it after the commit: a ring is never ahead of the database)."""
+        self._pending.extend(jobs)
+        if self._pending:
+            self._wakeup.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        while self._pending or not self._closing:
+            if not self._pending:
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            jobs, self._pending = self._pending, []
+            await self._send(jobs)
+
+    async def _send(self, jobs: list[tuple[str, uuid.UUID]]) -> None:
+        self.rings += 1
+        try:
+            async with self.pool.connection() as conn:
+                await ring(conn, jobs)
+        except Exception as exc:  # any: this loop must outlive it (listeners catch up)
+            log.warning(
+                "ring for %d job(s) not sent (%s); listeners catch up",
+                len(jobs),
+                db.describe_error(exc),
+            )
