@@ -310,7 +310,8 @@ class Worker:
         pool = await db.open_pool(
             self.dsn,
             min_size=2,
-            max_size=min(settings.concurrency, 8) + 3,
+            # The ringer holds one (doorbell.Ringer).
+            max_size=min(settings.concurrency, 8) + 3 + (1 if settings.doorbell else 0),
             name=f"pgjobs-worker {self.id}"[:63],
             use_timeout=settings.db_use_timeout_seconds,
         )

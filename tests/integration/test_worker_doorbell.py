@@ -443,3 +443,51 @@ async def test_a_stopping_worker_sends_its_pending_rings_before_closing_its_pool
     rows = await fetch(dsn, "SELECT job_id FROM pgjobs.job_events WHERE seq > 1")
     assert {job_id for _, job_id in itertools.chain(*rings.sent)} == {row["job_id"] for row in rows}
     assert rings.sent == rings.calls, "every ring was sent, none after the pool closed"
+
+
+async def test_the_ringer_replaces_its_connection_after_a_ring_fails_on_it(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ringer holds one pool connection across rings; when the server drops it, the
+    ring sent on it is logged as not sent and the next ring goes out on a fresh one."""
+    caplog.set_level(logging.WARNING, logger="pgjobs")
+    pairs = [("acme", uuid.uuid4()) for _ in range(3)]
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+        await db.open_pool(dsn, min_size=1, max_size=2) as pool,
+    ):
+        await listener.execute(f"LISTEN {events.EVENTS_CHANNEL}")
+        heard: list[events.Ring] = []
+
+        async def hear(n: int) -> None:
+            async for note in listener.notifies(timeout=30, stop_after=n):
+                parsed = events.parse_events_channel(note.payload)
+                assert isinstance(parsed, events.Ring)
+                heard.append(parsed)
+
+        ringer = doorbell.Ringer(pool)
+        ringing = asyncio.create_task(ringer.run())
+        try:
+            ringer.add([pairs[0]])
+            await hear(1)
+            assert ringer._conn is not None, "held after its ring"
+            held = ringer._conn.info.backend_pid
+            # Waits (up to 10 s) until that backend has exited.
+            await fetch(dsn, "SELECT pg_terminate_backend(%s, 10000)", [held])
+            ringer.add([pairs[1]])
+
+            async def given_back() -> bool:
+                return ringer.rings == 2 and ringer._conn is None
+
+            await wait_until(given_back, within=30, message="the failed ring's connection back")
+            ringer.add([pairs[2]])
+            await hear(1)
+            ringer.close()
+            await asyncio.wait_for(ringing, 30)
+        finally:
+            ringing.cancel()
+    assert [ring.jobs for ring in heard] == [
+        {"acme": (pairs[0][1],)},
+        {"acme": (pairs[2][1],)},
+    ]
+    assert any("not sent" in r.getMessage() for r in caplog.records)
