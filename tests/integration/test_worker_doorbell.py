@@ -427,7 +427,9 @@ async def test_a_stopping_worker_sends_its_pending_rings_before_closing_its_pool
     rings = _HeldRings()
     monkeypatch.setattr(doorbell, "ring", rings)
     await client.enqueue_many(_specs())
-    async with running_worker(dsn, _registry(), fast_settings(storage_dir)) as worker:
+    # The held ring runs within the pool's use limit: one no test machine reaches.
+    settings = fast_settings(storage_dir, db_use_timeout_seconds=600.0)
+    async with running_worker(dsn, _registry(), settings) as worker:
         await asyncio.wait_for(rings.in_flight.wait(), 30)
 
         async def finished() -> bool:
