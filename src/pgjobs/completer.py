@@ -12,12 +12,13 @@ If the statement fails (connection killed, Postgres restarting) it is retried wi
 same arguments. That is safe: a retry of a batch that did commit matches zero rows, and
 an asset is only deleted once the database shows it is not linked to its job.
 
-With ``doorbell`` (the worker's ``WorkerSettings.doorbell``) a batch's transaction asks for
-the doorbell (``pgjobs.doorbell``): its commit carries no NOTIFY items, and once the
-batch's outcomes are resolved the completer rings for the jobs the statement finished
-(and for any a dropped connection hid, found committed by the retry), on the events
-channel. Why: a commit carrying a NOTIFY holds PostgreSQL's NOTIFY lock through its WAL
-flush, so finish batches (and claims) of several workers could not share flushes.
+With a ``ringer`` (the worker's, when ``WorkerSettings.doorbell`` is on) a batch's
+transaction asks for the doorbell (``pgjobs.doorbell``): its commit carries no NOTIFY
+items, and once the batch's outcomes are resolved the completer hands the ringer the jobs
+the statement finished (and any a dropped connection hid, found committed by the retry),
+which rings for them on the events channel. Why: a commit carrying a NOTIFY holds
+PostgreSQL's NOTIFY lock through its WAL flush, so finish batches (and claims) of several
+workers could not share flushes.
 """
 
 from __future__ import annotations
@@ -95,10 +96,10 @@ class Completer:
         *,
         flush_interval: float,
         max_in_flight: int = 2,
-        doorbell: bool = False,
+        ringer: doorbell.Ringer | None = None,
     ) -> None:
         self.pool = pool
-        self.doorbell = doorbell
+        self.ringer = ringer
         self.storage = storage
         self.flush_interval = flush_interval
         self.max_in_flight = max_in_flight
@@ -198,32 +199,17 @@ class Completer:
             outcome._resolve(took_effect)
             if took_effect:
                 rung.append((outcome.job.company_id, outcome.job.id))
-        if self.doorbell and rung:
-            # After the outcomes are resolved (their slots freed): only the ring's order
-            # after the batch's commit matters.
-            await self._ring(rung)
-
-    async def _ring(self, jobs: list[tuple[str, uuid.UUID]]) -> None:
-        """Ring for the finished jobs; best-effort, as ``doorbell.ring`` (a ring not sent
-        is logged; listeners catch up from the audit log)."""
-        try:
-            async with self.pool.connection() as conn:
-                await doorbell.ring(conn, jobs)
-        except (OSError, TimeoutError, psycopg.Error) as exc:
-            log.warning(
-                "ring for %d finished job(s) not sent (%s); listeners catch up",
-                len(jobs),
-                db.describe_error(exc),
-            )
+        if self.ringer is not None:
+            self.ringer.add(rung)  # after the batch's commit, as a ring must be
 
     async def _write(self, batch: list[Outcome]) -> dict[uuid.UUID, str]:
         """Write the batch; returns the jobs it finished, each with its new status."""
         params = finish_params(batch)
         # Tuples, not the pool's dicts: one row per job.
         async with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
-            if self.doorbell:
+            if self.ringer is not None:
                 # The doorbell's set_config and the batch in one implicit transaction (a
-                # pipeline: one Sync); _write_batch rings after it.
+                # pipeline: one Sync); _write_batch hands the ringer its jobs after it.
                 async with conn.pipeline():
                     await doorbell.doorbell_on(conn)
                     await cur.execute(QUERIES["job_finish_many_if_leased"], params)

@@ -11,10 +11,20 @@ A ring is a doorbell: one lost between the commit and its send (a crash, a dropp
 connection) leaves committed events unannounced until the listeners' periodic catch-up,
 never lost from the table. ``ring`` is therefore best-effort: it never raises for a
 database error, it logs it.
+
+A worker rings through one ``Ringer``: its claims, finish batches and progress reports
+hand it their committed pairs and go on; it sends whatever is pending as one ring, and
+what commits while that ring is in flight goes in the next. A ring costs the worker a
+statement (~60 µs of psycopg's Python) whatever it carries, so under load the rings per
+second are bounded by round trips, not by commits; and it holds one pool connection for
+them, since a checkout and return per ring cost ~60 µs more (docs/benchmarks.md, "In
+the worker").
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Iterable
@@ -22,7 +32,7 @@ from typing import Any
 
 import psycopg
 
-from pgjobs import events
+from pgjobs import db, events
 from pgjobs.queries import QUERIES
 
 log = logging.getLogger(__name__)
@@ -71,3 +81,72 @@ def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID
 
 def _params(payloads: list[str]) -> list[dict[str, str]]:
     return [{"payload": p} for p in payloads]
+
+
+class Ringer:
+    """One worker's rings, coalesced. ``add`` queues committed pairs and returns at once;
+    ``run`` sends everything queued as one ``ring``, at once when no ring is in flight (no
+    delay when idle: the first pair goes out alone), else as soon as the one in flight is
+    done, with all that came meanwhile. ``close`` makes ``run`` return once everything
+    queued before it was sent. Best-effort, as ``ring``: a ring not sent, for whatever
+    reason, is logged and never raised (``run`` goes on).
+
+    ``run`` holds one connection of ``pool`` (a worker's pool counts it), used at most
+    the pool's ``use_timeout`` per ring; after a ring that failed it gives the connection
+    back (the pool replaces a broken one) and takes another for the next."""
+
+    def __init__(self, pool: db.GuardedPool) -> None:
+        self.pool = pool
+        self._conn: db.AsyncConn | None = None
+        self._pending: list[tuple[str, uuid.UUID]] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self.rings = 0
+        """Rings tried (sent or not)."""
+
+    def add(self, jobs: Iterable[tuple[str, uuid.UUID]]) -> None:
+        """Ring for ``(company_id, job_id)`` pairs whose transitions have committed (call
+        it after the commit: a ring is never ahead of the database)."""
+        self._pending.extend(jobs)
+        if self._pending:
+            self._wakeup.set()
+
+    def close(self) -> None:
+        self._closing = True
+        self._wakeup.set()
+
+    async def run(self) -> None:
+        try:
+            while self._pending or not self._closing:
+                if not self._pending:
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                jobs, self._pending = self._pending, []
+                await self._send(jobs)
+        finally:
+            await self._give_back()
+
+    async def _send(self, jobs: list[tuple[str, uuid.UUID]]) -> None:
+        self.rings += 1
+        try:
+            if self._conn is None:
+                self._conn = await self.pool.getconn()
+            async with asyncio.timeout(self.pool.use_timeout):
+                if await ring(self._conn, jobs):
+                    return
+            # Not sent (logged by ring): the connection may be what failed.
+        except Exception as exc:  # any: this loop must outlive it (listeners catch up)
+            log.warning(
+                "ring for %d job(s) not sent (%s); listeners catch up",
+                len(jobs),
+                db.describe_error(exc),
+            )
+        await self._give_back()
+
+    async def _give_back(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # The pool closes one left mid-statement (a ring timed out) or broken.
+            with contextlib.suppress(Exception):
+                await self.pool.putconn(conn)

@@ -27,8 +27,11 @@ Guarantees (see the README's "Delivery guarantees"):
   progress and finish transactions ask for the doorbell (``pgjobs.doorbell``), so their
   commits carry no NOTIFY on ``pgjobs_events`` and several workers' commits can share a
   WAL flush; once each has committed, the worker rings for the jobs it changed, on the
-  events channel (for a claim, after starting the claimed jobs' handlers). A ring is
-  best-effort: one not sent is logged, and listeners catch up from the audit log. The
+  events channel (for a claim, after starting the claimed jobs' handlers), through its
+  one ringer: what commits while a ring is in flight goes in the next
+  (``doorbell.Ringer``), and what is pending at shutdown is rung before the pool
+  closes. A ring is best-effort: one not sent is logged, and listeners catch up from
+  the audit log. The
   rare transitions (release at shutdown, unreadable or out-of-range jobs failed, a
   rescue) and a handler's own ``ctx.transaction()`` keep their items in the commit.
 
@@ -36,12 +39,13 @@ Moving parts, one asyncio task each: the fetch loop (claims up to the free concu
 with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
 per claim and per running job, the completer (batches final transitions into one
 commit), the heartbeat (renews every held lease in one statement and stops jobs this
-worker no longer holds), the rescuer (returns other workers' expired jobs to the queue),
-the scheduler (enqueues periodic jobs' due slots, each once across all workers:
-``pgjobs.scheduler``), the listener (wake-ups and cancellations, on the workers' own
-NOTIFY channel: ``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or
-terminal events), and, when a retention policy is configured, the retention loop
-(``pgjobs.retention``: one worker among all prunes per interval).
+worker no longer holds), the ringer (with the doorbell on: sends the rings), the rescuer
+(returns other workers' expired jobs to the queue), the scheduler (enqueues periodic
+jobs' due slots, each once across all workers: ``pgjobs.scheduler``), the listener
+(wake-ups and cancellations, on the workers' own NOTIFY channel:
+``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or terminal events),
+and, when a retention policy is configured, the retention loop (``pgjobs.retention``: one
+worker among all prunes per interval).
 
 The listener connects to ``PGJOBS_LISTEN_DSN`` when set (``pgjobs.db.listen_dsn``), so the
 rest can go through PgBouncer in transaction mode. Where LISTEN cannot deliver (that
@@ -272,6 +276,7 @@ class Worker:
         )
         self._pool: db.GuardedPool | None = None
         self._completer: Completer | None = None
+        self._ringer: doorbell.Ringer | None = None  # set by run() with the doorbell on
         self.started = asyncio.Event()
         self.listener: Listener | None = None
         self.jobs_started = 0
@@ -305,12 +310,14 @@ class Worker:
         pool = await db.open_pool(
             self.dsn,
             min_size=2,
-            max_size=min(settings.concurrency, 8) + 3,
+            # The ringer holds one (doorbell.Ringer).
+            max_size=min(settings.concurrency, 8) + 3 + (1 if settings.doorbell else 0),
             name=f"pgjobs-worker {self.id}"[:63],
             use_timeout=settings.db_use_timeout_seconds,
         )
         self._pool = pool
         background: list[asyncio.Task[None]] = []
+        ringer_task: asyncio.Task[None] | None = None
         try:
             async with pool.connection() as conn:
                 await db.ensure_migrated(conn)
@@ -329,11 +336,13 @@ class Worker:
             self.scheduler = scheduler.Scheduler(
                 pool, self.registry.schedules, interval=settings.schedule_interval_seconds
             )
+            if settings.doorbell:
+                self._ringer = doorbell.Ringer(pool)
             self._completer = Completer(
                 pool,
                 self.storage,
                 flush_interval=settings.flush_interval_seconds,
-                doorbell=settings.doorbell,
+                ringer=self._ringer,
             )
             self.listener = Listener(
                 self.listen_dsn,
@@ -363,6 +372,11 @@ class Worker:
                 "scheduler": background[3],
                 "completer": completer_task,
             }
+            if self._ringer is not None:
+                # Among the background tasks for a failed run's cleanup only: a normal
+                # stop drains it first (below).
+                ringer_task = asyncio.create_task(self._ringer.run(), name="pgjobs-ringer")
+                background.append(ringer_task)
             self.retention = retention.PolicyLoop(
                 pool,
                 retention.Policy(
@@ -399,6 +413,10 @@ class Worker:
             await self._drain()
             self._completer.close()
             await completer_task
+            if self._ringer is not None and ringer_task is not None:
+                # Last: claims, progress and the completer have handed it all they will.
+                self._ringer.close()
+                await ringer_task
         finally:
             if self._window_timer is not None:
                 self._window_timer.cancel()
@@ -579,28 +597,14 @@ class Worker:
         if jobs and self.settings.doorbell:
             # After the handlers started: they need nothing from the ring, only its
             # order after the claim's commit matters.
-            await self._ring([(job.company_id, job.id) for job in jobs])
+            self._ring([(job.company_id, job.id) for job in jobs])
 
-    async def _ring(
-        self, jobs: list[tuple[str, uuid.UUID]], conn: db.AsyncConn | None = None
-    ) -> None:
+    def _ring(self, jobs: list[tuple[str, uuid.UUID]]) -> None:
         """Ring for ``(company_id, job_id)`` pairs whose transitions committed with the
-        doorbell on, on ``conn`` or a pool connection. Best-effort, as ``doorbell.ring``:
-        a ring not sent is logged, never raised (the jobs are unaffected; listeners catch
-        up from the audit log)."""
-        assert self._pool is not None
-        try:
-            if conn is not None:
-                await doorbell.ring(conn, jobs)
-            else:
-                async with self._pool.connection() as conn:
-                    await doorbell.ring(conn, jobs)
-        except TRANSIENT as exc:
-            log.warning(
-                "ring for %d job(s) not sent (%s); listeners catch up",
-                len(jobs),
-                db.describe_error(exc),
-            )
+        doorbell on: handed to the ringer, which sends them with whatever else is
+        pending (best-effort: a ring not sent is logged, never raised)."""
+        assert self._ringer is not None, "the doorbell is on: run() made the ringer"
+        self._ringer.add(jobs)
 
     def _back_off(self, reason: str, say: Any = log.warning) -> None:
         """No claim before an exponentially growing, jittered delay (at most 5 s)."""
@@ -757,7 +761,7 @@ class Worker:
             if self.settings.doorbell:
                 # Their claim committed with the doorbell on; the failure sent its items.
                 jobs_rung = [(c, bad[0]) for c, bad in zip(companies, unreadable, strict=True)]
-                await self._ring(jobs_rung, conn)
+                self._ring(jobs_rung)
             self._wake()  # the batch came back short for them, not for an empty queue
         return jobs
 
@@ -1052,30 +1056,17 @@ class Worker:
             "message": message,
             "now": None,
         }
-        updated = None
         try:
             async with self._pool.connection() as conn:
                 if self.settings.doorbell:
-                    # One implicit transaction (a pipeline: one Sync), then its ring.
+                    # One implicit transaction (a pipeline: one Sync); its ring after it.
                     async with conn.pipeline():
                         await doorbell.doorbell_on(conn)
                         cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
-                    updated = await cur.fetchone()
-                    if updated is not None:
-                        await self._ring([(job.company_id, job.id)], conn)
                 else:
                     cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
-                    updated = await cur.fetchone()
+                updated = await cur.fetchone()
         except TRANSIENT as exc:
-            if updated is not None:
-                # Recorded: only the connection's use after it failed (its ring).
-                log.warning(
-                    "job %s: progress recorded, its ring not sent (%s)",
-                    job.id,
-                    db.describe_error(exc),
-                    extra=job.log_fields(),
-                )
-                return True
             log.warning(
                 "job %s: progress not recorded (%s)",
                 job.id,
@@ -1083,6 +1074,8 @@ class Worker:
                 extra=job.log_fields(),
             )
             return False
+        if updated is not None and self.settings.doorbell:
+            self._ring([(job.company_id, job.id)])
         if updated is None:
             metrics.LEASE_LOSSES.labels("progress").inc()
             log.warning(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import logging
 import uuid
 from collections.abc import Iterator
@@ -148,10 +149,12 @@ async def test_a_worker_rings_after_each_commit_for_every_transition_and_sends_n
     dsn: str, client: Client, storage_dir: Path, claim: str
 ) -> None:
     """Claims (plain and limited), progress, a retry, a done and a failure: nothing on
-    pgjobs_events but rings; each job is named by one ring per transition the worker made
-    (the audit log's rows after its enqueue), under its own company; and when each ring
+    pgjobs_events but rings; each job is named under its own company by at most one ring
+    per transition the worker made (the audit log's rows after its enqueue: the ringer
+    puts transitions committed while a ring is in flight in one ring), and when each ring
     arrives, the transitions it announces are readable from another connection: the k-th
-    ring naming a job finds at least k of its transitions after the enqueue (seq >= k + 1)."""
+    ring naming a job finds at least k of its transitions after the enqueue (seq >= k + 1),
+    the last one all of them."""
     if claim == "limited":
         await _set_limit(dsn)
     heard, rows, worker = await _drain(dsn, client, storage_dir, fast_settings(storage_dir))
@@ -160,17 +163,22 @@ async def test_a_worker_rings_after_each_commit_for_every_transition_and_sends_n
     assert heard.items == [], "no event items from a doorbell worker"
     companies = {row["job_id"]: row["company_id"] for row in rows}
     transitions = collections.Counter(row["job_id"] for row in rows)
+    last_seq = {row["job_id"]: row["seq"] for row in rows}  # rows are in seq order
     rung: collections.Counter[uuid.UUID] = collections.Counter()
+    last_rung: dict[uuid.UUID, int] = {}
     ahead: list[tuple[uuid.UUID, int, int]] = []
     for ring, readable in heard.rings:
         for company_id, ids in ring.jobs.items():
             for job_id in ids:
                 assert companies[job_id] == company_id
                 rung[job_id] += 1
+                last_rung[job_id] = readable.get(job_id, 0)
                 if readable.get(job_id, 0) < rung[job_id] + 1:
                     ahead.append((job_id, rung[job_id], readable.get(job_id, 0)))
-    assert rung == transitions
+    assert set(rung) == set(transitions)
+    assert all(rung[job_id] <= n for job_id, n in transitions.items())
     assert ahead == [], "a ring arrived before the transition it announces was readable"
+    assert last_rung == last_seq, "a job's last transition was never rung for"
 
 
 async def test_with_the_doorbell_off_a_worker_sends_items_in_its_commits(
@@ -282,17 +290,20 @@ def test_the_doorbell_setting_reads_pgjobs_doorbell(monkeypatch: pytest.MonkeyPa
         WorkerSettings.from_env()
 
 
-async def test_progress_whose_ring_outlasts_the_connections_use_limit_counts_as_recorded(
+async def test_progress_is_recorded_without_waiting_for_its_ring(
     dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The progress committed, then its ring stalled past the pool's use limit (a
-    half-open connection: pgjobs.db.GuardedPool raises TimeoutError as the checkout
-    ends): the report still says recorded, since it was."""
+    """A progress report hands its ring to the ringer and returns once it committed: a
+    ring that cannot be sent yet (stalled here until the report returned) holds neither
+    the report nor its connection."""
     stalled = asyncio.Event()
+    release = asyncio.Event()
+    rung: list[list[tuple[str, uuid.UUID]]] = []
 
     async def stalled_ring(conn: Any, jobs: Any) -> bool:
         stalled.set()
-        await asyncio.sleep(60)
+        await release.wait()
+        rung.append(list(jobs))
         return True
 
     monkeypatch.setattr(doorbell, "ring", stalled_ring)
@@ -305,11 +316,180 @@ async def test_progress_whose_ring_outlasts_the_connections_use_limit_counts_as_
     )  # fmt: skip
     (full,) = await fetch(dsn, "SELECT * FROM pgjobs.jobs WHERE id = %s", [row["id"]])
     worker = Worker(dsn, _registry(), fast_settings(storage_dir))
-    worker._pool = await db.open_pool(dsn, use_timeout=2.0)
+    worker._pool = pool = await db.open_pool(dsn)
+    worker._ringer = ringer = doorbell.Ringer(pool)
+    ringing = asyncio.create_task(ringer.run())
     try:
-        assert await worker._write_progress(Job.from_row(full), 0.5, "half")
+        recorded = asyncio.create_task(worker._write_progress(Job.from_row(full), 0.5, "half"))
+        done, _ = await asyncio.wait({recorded}, timeout=30)
+        assert done, "the progress report waited for its ring"
+        assert recorded.result() is True
+        await asyncio.wait_for(stalled.wait(), 30)
+        assert rung == []
+        release.set()
+        ringer.close()
+        await asyncio.wait_for(ringing, 30)
     finally:
-        await worker._pool.close()
-    assert stalled.is_set()
+        release.set()
+        ringing.cancel()
+        await pool.close()
+    assert rung == [[("acme", job.id)]]
     (after,) = await fetch(dsn, "SELECT progress_fraction FROM pgjobs.jobs WHERE id = %s", [job.id])
     assert after["progress_fraction"] == 0.5
+
+
+class _HeldRings:
+    """A ``doorbell.ring`` for tests: records each ring's pairs, holds the first until
+    ``release`` is set (a ring in flight), and sends every ring for real."""
+
+    def __init__(self, fail_first: bool = False) -> None:
+        self.calls: list[list[tuple[str, uuid.UUID]]] = []
+        self.sent: list[list[tuple[str, uuid.UUID]]] = []
+        self.in_flight = asyncio.Event()
+        self.release = asyncio.Event()
+        self.fail_first = fail_first
+        self.real_ring = doorbell.ring
+
+    async def __call__(self, conn: Any, jobs: Any) -> bool:
+        jobs = list(jobs)
+        self.calls.append(jobs)
+        if len(self.calls) == 1:
+            self.in_flight.set()
+            await self.release.wait()
+            if self.fail_first:
+                raise RuntimeError("a bug in the ring")
+        if await self.real_ring(conn, jobs):
+            self.sent.append(jobs)
+        return True
+
+
+async def test_the_ringer_sends_what_commits_while_a_ring_is_in_flight_in_one_ring(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first pairs go out at once, alone; the pairs of three commits handed over while
+    that ring is in flight go out together in the next one, once it is done; close()
+    returns after sending what is pending."""
+    rings = _HeldRings()
+    monkeypatch.setattr(doorbell, "ring", rings)
+    first, *later = [("acme", uuid.uuid4()) for _ in range(4)]
+    async with await db.open_pool(dsn) as pool:
+        ringer = doorbell.Ringer(pool)
+        ringing = asyncio.create_task(ringer.run())
+        try:
+            ringer.add([first])
+            await asyncio.wait_for(rings.in_flight.wait(), 30)
+            for pair in later:
+                ringer.add([pair])
+            rings.release.set()
+            ringer.close()
+            await asyncio.wait_for(ringing, 30)
+        finally:
+            rings.release.set()
+            ringing.cancel()
+    assert rings.calls == [[first], later]
+    assert rings.sent == rings.calls
+    assert ringer.rings == 2
+
+
+async def test_a_ring_that_raises_does_not_stop_the_ringer(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Whatever a ring raises (here not even a database error) is logged; the ringer
+    sends the next ring."""
+    rings = _HeldRings(fail_first=True)
+    monkeypatch.setattr(doorbell, "ring", rings)
+    caplog.set_level(logging.WARNING, logger="pgjobs")
+    first, second = ("acme", uuid.uuid4()), ("beta", uuid.uuid4())
+    async with await db.open_pool(dsn) as pool:
+        ringer = doorbell.Ringer(pool)
+        ringing = asyncio.create_task(ringer.run())
+        try:
+            ringer.add([first])
+            await asyncio.wait_for(rings.in_flight.wait(), 30)
+            ringer.add([second])
+            rings.release.set()
+            ringer.close()
+            await asyncio.wait_for(ringing, 30)
+        finally:
+            rings.release.set()
+            ringing.cancel()
+    assert rings.calls == [[first], [second]]
+    assert rings.sent == [[second]]
+    assert any("ring for 1 job(s) not sent" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_stopping_worker_sends_its_pending_rings_before_closing_its_pool(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's first ring is held in flight until the worker was told to stop and
+    had finished every job: all the transitions committed meanwhile are pending then,
+    and are rung (sent for real) before run() returns."""
+    rings = _HeldRings()
+    monkeypatch.setattr(doorbell, "ring", rings)
+    await client.enqueue_many(_specs())
+    # The held ring runs within the pool's use limit: one no test machine reaches.
+    settings = fast_settings(storage_dir, db_use_timeout_seconds=600.0)
+    async with running_worker(dsn, _registry(), settings) as worker:
+        await asyncio.wait_for(rings.in_flight.wait(), 30)
+
+        async def finished() -> bool:
+            rows = await fetch(
+                dsn,
+                "SELECT count(*) AS n FROM pgjobs.jobs WHERE status IN ('queued', 'running')",
+            )
+            return bool(rows[0]["n"] == 0)
+
+        await wait_until(finished, within=60, message="every job finished")
+        worker.stop()
+        rings.release.set()
+    rows = await fetch(dsn, "SELECT job_id FROM pgjobs.job_events WHERE seq > 1")
+    assert {job_id for _, job_id in itertools.chain(*rings.sent)} == {row["job_id"] for row in rows}
+    assert rings.sent == rings.calls, "every ring was sent, none after the pool closed"
+
+
+async def test_the_ringer_replaces_its_connection_after_a_ring_fails_on_it(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ringer holds one pool connection across rings; when the server drops it, the
+    ring sent on it is logged as not sent and the next ring goes out on a fresh one."""
+    caplog.set_level(logging.WARNING, logger="pgjobs")
+    pairs = [("acme", uuid.uuid4()) for _ in range(3)]
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener,
+        await db.open_pool(dsn, min_size=1, max_size=2) as pool,
+    ):
+        await listener.execute(f"LISTEN {events.EVENTS_CHANNEL}")
+        heard: list[events.Ring] = []
+
+        async def hear(n: int) -> None:
+            async for note in listener.notifies(timeout=30, stop_after=n):
+                parsed = events.parse_events_channel(note.payload)
+                assert isinstance(parsed, events.Ring)
+                heard.append(parsed)
+
+        ringer = doorbell.Ringer(pool)
+        ringing = asyncio.create_task(ringer.run())
+        try:
+            ringer.add([pairs[0]])
+            await hear(1)
+            assert ringer._conn is not None, "held after its ring"
+            held = ringer._conn.info.backend_pid
+            # Waits (up to 10 s) until that backend has exited.
+            await fetch(dsn, "SELECT pg_terminate_backend(%s, 10000)", [held])
+            ringer.add([pairs[1]])
+
+            async def given_back() -> bool:
+                return ringer.rings == 2 and ringer._conn is None
+
+            await wait_until(given_back, within=30, message="the failed ring's connection back")
+            ringer.add([pairs[2]])
+            await hear(1)
+            ringer.close()
+            await asyncio.wait_for(ringing, 30)
+        finally:
+            ringing.cancel()
+    assert [ring.jobs for ring in heard] == [
+        {"acme": (pairs[0][1],)},
+        {"acme": (pairs[2][1],)},
+    ]
+    assert any("not sent" in r.getMessage() for r in caplog.records)
