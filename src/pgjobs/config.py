@@ -115,7 +115,7 @@ class WorkerSettings:
     # Rings instead of NOTIFY items for the claim, progress and finish commits
     # (pgjobs.doorbell): those commits then carry no NOTIFY, whose lock PostgreSQL holds
     # through the commit's WAL flush, so several workers' commits can share a flush.
-    # Off: every transition's items in its commit, as before sql/0018.
+    # Off: every transition's items in its commit, as before sql/0019.
     doorbell: bool = True
 
     @classmethod

@@ -1,7 +1,7 @@
 """Rings: announcing transitions after their commit instead of in it.
 
 A transaction that runs ``doorbell_on`` first writes its transitions' audit rows without
-NOTIFY items (sql/0018_doorbell.sql); after it commits, its writer calls ``ring`` with the
+NOTIFY items (sql/0019_doorbell.sql); after it commits, its writer calls ``ring`` with the
 ``(company_id, job_id)`` of each job it changed, and listeners read those jobs' events
 from ``pgjobs.job_events`` (the format: ``pgjobs.events.encode_ring``). Why: a commit that
 carries a NOTIFY holds a database-wide lock through its WAL flush, so the claims and

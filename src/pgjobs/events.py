@@ -26,7 +26,7 @@ need (one for most statements), and nothing on ``WORK_CHANNEL`` when it has noth
 workers (the claim, progress and completions: the hot path).
 
 A transaction may ask for a *ring* instead of items (the transaction-local setting
-``pgjobs.doorbell = 'on'``, sql/0018_doorbell.sql): the publish trigger still writes every
+``pgjobs.doorbell = 'on'``, sql/0019_doorbell.sql): the publish trigger still writes every
 audit row but sends nothing on ``EVENTS_CHANNEL``, and after the commit the writer sends
 ``{"ring": {companyId: [jobId, ...], ...}}`` on that channel, naming the jobs whose
 transitions it committed (``encode_ring``). A ring carries no event: whoever listens

@@ -903,7 +903,7 @@ RETURNING runs;
 
 -- name: events_doorbell_on
 -- Ask the publish trigger for a ring instead of NOTIFY items for the rest of this
--- transaction (sql/0018_doorbell.sql): run first in a transaction whose transitions the
+-- transaction (sql/0019_doorbell.sql): run first in a transaction whose transitions the
 -- caller rings for after its commit (pgjobs.doorbell).
 SELECT set_config('pgjobs.doorbell', 'on', true);
 

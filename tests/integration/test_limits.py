@@ -454,7 +454,7 @@ async def test_a_limited_workers_first_claim_updates_no_empty_batch(
 async def test_one_scope_predicate_inlined_where_limits_are_filtered(
     dsn: str, client: Client
 ) -> None:
-    """ "A limit can cover these job types" is pgjobs.limit_scope (sql/0019): a limit of a
+    """ "A limit can cover these job types" is pgjobs.limit_scope (sql/0018): a limit of a
     type covers that type's workers and workers of every type (NULL), a limit of every
     type covers every worker. Each query that filters pgjobs.limits by it gets it inlined
     (its plan shows the expression, not a function call per limit row), so the plain

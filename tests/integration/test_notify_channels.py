@@ -433,7 +433,7 @@ async def _true(value: bool) -> bool:
 
 
 async def _in_doorbell_transaction(dsn: str, query: str, params: dict[str, Any]) -> list[Any]:
-    """Run a worker query in a transaction that asks for a ring (sql/0018_doorbell.sql)."""
+    """Run a worker query in a transaction that asks for a ring (sql/0019_doorbell.sql)."""
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
         await conn.execute("SELECT set_config(%s, 'on', true)", [events.DOORBELL_SETTING])
         cur = await conn.execute(QUERIES[query], params)

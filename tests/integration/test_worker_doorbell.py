@@ -184,7 +184,7 @@ async def test_a_worker_rings_after_each_commit_for_every_transition_and_sends_n
 async def test_with_the_doorbell_off_a_worker_sends_items_in_its_commits(
     dsn: str, client: Client, storage_dir: Path
 ) -> None:
-    """doorbell=False: every transition's item on pgjobs_events, as before sql/0018; no
+    """doorbell=False: every transition's item on pgjobs_events, as before sql/0019; no
     ring."""
     settings = fast_settings(storage_dir, doorbell=False)
     heard, rows, _ = await _drain(dsn, client, storage_dir, settings)

@@ -1,4 +1,4 @@
--- depends: 0018_doorbell
+-- depends: 0017_trigger_plans
 -- pgjobs.limit_scope: whether a limit of job type limit_job_type (NULL: every type) can
 -- cover a job of worker_types (NULL: a worker of every type). One definition of the
 -- predicate the plain claim, limit_exists_for_types, limit_lock_for_types and

@@ -1,4 +1,4 @@
--- depends: 0017_trigger_plans
+-- depends: 0018_limit_scope
 -- A transaction may ask for a ring instead of NOTIFY items: with the transaction-local
 -- setting pgjobs.doorbell = 'on' (set_config('pgjobs.doorbell', 'on', true)), the publish
 -- trigger still writes every audit row but sends nothing on pgjobs_events; the writer sends
