@@ -60,7 +60,11 @@ async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uui
             # executemany sends them in one pipeline: one round trip.
             await conn.cursor().executemany(QUERIES["events_ring"], _params(payloads))
     except psycopg.Error as exc:
-        log.warning("ring for %d payload(s) not sent (%s); listeners catch up", len(payloads), exc)
+        log.warning(
+            "ring for %d payload(s) not sent (%s); listeners catch up",
+            len(payloads),
+            db.describe_error(exc),
+        )
         return False
     return True
 
@@ -74,7 +78,11 @@ def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID
         elif payloads:
             conn.cursor().executemany(QUERIES["events_ring"], _params(payloads))
     except psycopg.Error as exc:
-        log.warning("ring for %d payload(s) not sent (%s); listeners catch up", len(payloads), exc)
+        log.warning(
+            "ring for %d payload(s) not sent (%s); listeners catch up",
+            len(payloads),
+            db.describe_error(exc),
+        )
         return False
     return True
 
