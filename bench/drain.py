@@ -56,7 +56,7 @@ def drain(
     timeout: float = 900.0,
 ) -> dict[str, Any]:
     config = config or systems.WORKER_DEFAULTS[system]
-    done_before, _ = systems.counts(system, dsn)
+    done_before, _ = systems.counts(system, dsn, with_left=False)
     with WorkerGroup.of_queue(system, dsn, config, processes, log_dir=ctx.logs) as group:
         t0 = group.go()
         finished = group.wait(timeout)
