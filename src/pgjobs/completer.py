@@ -207,14 +207,9 @@ class Completer:
         params = finish_params(batch)
         # Tuples, not the pool's dicts: one row per job.
         async with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
-            if self.ringer is not None:
-                # The doorbell's set_config and the batch in one implicit transaction (a
-                # pipeline: one Sync); _write_batch hands the ringer its jobs after it.
-                async with conn.pipeline():
-                    await doorbell.doorbell_on(conn)
-                    await cur.execute(QUERIES["job_finish_many_if_leased"], params)
-            else:
-                await cur.execute(QUERIES["job_finish_many_if_leased"], params)
+            # With a ringer, _write_batch hands it the batch's jobs after the commit.
+            ring = self.ringer is not None
+            await doorbell.execute(cur, QUERIES["job_finish_many_if_leased"], params, ring=ring)
             return {job_id: status for job_id, status, _ in await cur.fetchall()}
 
     async def _discard(self, outcome: Outcome, *, retried: bool) -> bool:

@@ -27,8 +27,8 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Mapping
+from typing import Any, LiteralString
 
 import psycopg
 
@@ -48,6 +48,20 @@ def doorbell_on_sync(conn: psycopg.Connection[Any]) -> None:
     conn.execute(QUERIES["events_doorbell_on"])
 
 
+async def execute(
+    cur: psycopg.AsyncCursor[Any], query: LiteralString, params: Mapping[str, Any], *, ring: bool
+) -> None:
+    """Run one statement in a transaction of its own (autocommit): with ``ring``, after
+    ``doorbell_on`` in the same implicit transaction (a pipeline: one Sync, one round
+    trip), so its commit carries no NOTIFY items and its caller rings after it."""
+    if not ring:
+        await cur.execute(query, params)
+        return
+    async with cur.connection.pipeline():
+        await doorbell_on(cur.connection)
+        await cur.execute(query, params)
+
+
 async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
     """Ring for ``(company_id, job_id)`` pairs whose transitions have committed: call it
     after the commit, on a connection outside a transaction (autocommit). False if it
@@ -60,12 +74,7 @@ async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uui
             # executemany sends them in one pipeline: one round trip.
             await conn.cursor().executemany(QUERIES["events_ring"], _params(payloads))
     except psycopg.Error as exc:
-        log.warning(
-            "ring for %d payload(s) not sent (%s); listeners catch up",
-            len(payloads),
-            db.describe_error(exc),
-        )
-        return False
+        return _not_sent(payloads, exc)
     return True
 
 
@@ -78,17 +87,21 @@ def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID
         elif payloads:
             conn.cursor().executemany(QUERIES["events_ring"], _params(payloads))
     except psycopg.Error as exc:
-        log.warning(
-            "ring for %d payload(s) not sent (%s); listeners catch up",
-            len(payloads),
-            db.describe_error(exc),
-        )
-        return False
+        return _not_sent(payloads, exc)
     return True
 
 
 def _params(payloads: list[str]) -> list[dict[str, str]]:
     return [{"payload": p} for p in payloads]
+
+
+def _not_sent(payloads: list[str], exc: psycopg.Error) -> bool:
+    log.warning(
+        "ring for %d payload(s) not sent (%s); listeners catch up",
+        len(payloads),
+        db.describe_error(exc),
+    )
+    return False
 
 
 class Ringer:

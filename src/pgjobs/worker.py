@@ -658,14 +658,8 @@ class Worker:
                 # job_claim_batch claims nothing where a limit can cover these jobs, so
                 # no limit is asked for before it (but the first); only a claim that came
                 # back empty asks whether a limit is why.
-                if self.settings.doorbell:
-                    # The doorbell's set_config and the claim in one implicit transaction
-                    # (a pipeline: one Sync), as the limited claim's statements below.
-                    async with conn.pipeline():
-                        await doorbell.doorbell_on(conn)
-                        await cur.execute(QUERIES["job_claim_batch"], params)
-                else:
-                    await cur.execute(QUERIES["job_claim_batch"], params)
+                ring = self.settings.doorbell
+                await doorbell.execute(cur, QUERIES["job_claim_batch"], params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur)
                 if jobs:
                     return jobs
@@ -1058,13 +1052,9 @@ class Worker:
         }
         try:
             async with self._pool.connection() as conn:
-                if self.settings.doorbell:
-                    # One implicit transaction (a pipeline: one Sync); its ring after it.
-                    async with conn.pipeline():
-                        await doorbell.doorbell_on(conn)
-                        cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
-                else:
-                    cur = await conn.execute(QUERIES["job_progress_if_leased"], params)
+                cur = conn.cursor()
+                ring = self.settings.doorbell  # the ring after the commit: below
+                await doorbell.execute(cur, QUERIES["job_progress_if_leased"], params, ring=ring)
                 updated = await cur.fetchone()
         except TRANSIENT as exc:
             log.warning(
