@@ -98,11 +98,12 @@ class LiveEvent:
 
 
 def parse_events(payload: str) -> list[LiveEvent]:
-    """The events of one ``EVENTS_CHANNEL`` payload; ValueError if it is not one."""
-    try:
-        return [_event(raw) for raw in json.loads(payload)["events"]]
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"not a {EVENTS_CHANNEL} payload: {exc!r}") from exc
+    """The events of one ``EVENTS_CHANNEL`` payload of items; ValueError for a ring or
+    anything else (``parse_events_channel`` reads both)."""
+    parsed = parse_events_channel(payload)
+    if isinstance(parsed, Ring):
+        raise ValueError(f"a ring, not {EVENTS_CHANNEL} items")
+    return parsed
 
 
 def _event(raw: dict[str, Any]) -> LiveEvent:
