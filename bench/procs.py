@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.systems import WorkerConfig, argv_for
@@ -58,9 +58,13 @@ class WorkerGroup:
         mode: str = "drain",
         log_dir: Path,
         stamps_dir: Path | None = None,
+        expect: int | None = None,
     ) -> WorkerGroup:
-        """bench.worker processes of one queue, with its settings."""
+        """bench.worker processes of one queue, with its settings; ``expect``: the count
+        of completed jobs at which a drain is over (bench.worker --expect, awa only)."""
         module = ["bench.worker", system, dsn, *argv_for(config), "--mode", mode]
+        if expect is not None:
+            module += ["--expect", str(expect)]
         return cls(system, module, processes, log_dir=log_dir, stamps_dir=stamps_dir)
 
     def __enter__(self) -> WorkerGroup:
@@ -96,14 +100,30 @@ class WorkerGroup:
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
-    def _expect(self, i: int, word: str, timeout: float) -> str:
-        try:
-            line = self.lines[i].get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(
-                f"{self.name} worker {i} did not say {word!r} within {timeout:.0f}s "
-                f"(see {self.log_dir})"
-            ) from None
+    def _expect(
+        self,
+        i: int,
+        word: str,
+        timeout: float,
+        watch: Callable[[], None] | None = None,
+        every: float = 10.0,
+    ) -> str:
+        """The next line of process i, which must start with ``word``, within ``timeout``
+        seconds; ``watch`` is called every ``every`` seconds of waiting and may raise to
+        end the wait early (a drain that stopped making progress)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.lines[i].get(timeout=max(0.01, min(left, every) if watch else left))
+                break
+            except queue.Empty:
+                if left <= every or watch is None:
+                    raise TimeoutError(
+                        f"{self.name} worker {i} did not say {word!r} within {timeout:.0f}s "
+                        f"(see {self.log_dir})"
+                    ) from None
+                watch()
         if not line.startswith(word):
             raise RuntimeError(f"{self.name} worker {i} said {line!r}, expected {word!r}")
         return line
@@ -123,19 +143,21 @@ class WorkerGroup:
                 proc.stdin.write("stop\n")
                 proc.stdin.flush()
 
-    def results(self, timeout: float) -> list[float]:
+    def results(self, timeout: float, watch: Callable[[], None] | None = None) -> list[float]:
         """The number each process reports with its "done" line (bench.worker: the
-        monotonic time its run call returned), the processes still running."""
+        monotonic time its run call returned), the processes still running; ``watch``
+        as in _expect."""
         deadline = time.monotonic() + timeout
         return [
-            float(self._expect(i, "done", max(0.1, deadline - time.monotonic())).split()[1])
+            float(self._expect(i, "done", max(0.1, deadline - time.monotonic()), watch).split()[1])
             for i in range(self.n)
         ]
 
-    def wait(self, timeout: float) -> list[float]:
-        """The monotonic time at which each process's run call returned."""
+    def wait(self, timeout: float, watch: Callable[[], None] | None = None) -> list[float]:
+        """The monotonic time at which each process's run call returned; ``watch`` as in
+        _expect."""
         deadline = time.monotonic() + timeout
-        done = self.results(timeout)
+        done = self.results(timeout, watch)
         for proc in self.procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         return done
