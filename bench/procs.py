@@ -45,6 +45,7 @@ class WorkerGroup:
         self.stamps_dir = stamps_dir
         self.procs: list[subprocess.Popen[str]] = []
         self.lines: list[queue.Queue[str]] = []
+        self.pumps: list[threading.Thread] = []
         self.t0 = 0.0
 
     @classmethod
@@ -86,7 +87,9 @@ class WorkerGroup:
             )
             log.close()
             lines: queue.Queue[str] = queue.Queue()
-            threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
+            pump = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
+            pump.start()
+            self.pumps.append(pump)
             self.procs.append(proc)
             self.lines.append(lines)
         try:
@@ -143,32 +146,45 @@ class WorkerGroup:
                 proc.stdin.write("stop\n")
                 proc.stdin.flush()
 
-    def results(self, timeout: float, watch: Callable[[], None] | None = None) -> list[float]:
+    def results(
+        self, timeout: float, watch: Callable[[], None] | None = None, every: float = 10.0
+    ) -> list[float]:
         """The number each process reports with its "done" line (bench.worker: the
         monotonic time its run call returned), the processes still running; ``watch``
-        as in _expect."""
+        and ``every`` as in _expect."""
         deadline = time.monotonic() + timeout
         return [
-            float(self._expect(i, "done", max(0.1, deadline - time.monotonic()), watch).split()[1])
+            float(
+                self._expect(
+                    i, "done", max(0.1, deadline - time.monotonic()), watch, every
+                ).split()[1]
+            )
             for i in range(self.n)
         ]
 
-    def wait(self, timeout: float, watch: Callable[[], None] | None = None) -> list[float]:
-        """The monotonic time at which each process's run call returned; ``watch`` as in
-        _expect."""
+    def wait(
+        self, timeout: float, watch: Callable[[], None] | None = None, every: float = 10.0
+    ) -> list[float]:
+        """The monotonic time at which each process's run call returned; ``watch`` and
+        ``every`` as in _expect."""
         deadline = time.monotonic() + timeout
-        done = self.results(timeout, watch)
+        done = self.results(timeout, watch, every)
         for proc in self.procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         return done
 
     def kill(self) -> None:
-        for proc in self.procs:
+        for proc, pump in zip(self.procs, self.pumps, strict=True):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
             if proc.stdin is not None:
                 proc.stdin.close()
+            # The pump reads stdout to its end (the process has exited); then it can be
+            # closed without pulling it from under the pump.
+            pump.join(timeout=10)
+            if proc.stdout is not None and not pump.is_alive():
+                proc.stdout.close()
 
 
 def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:
