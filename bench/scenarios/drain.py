@@ -12,6 +12,7 @@ the run goes on. A failure of pgjobs' own drain fails the scenario."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from bench import systems
@@ -89,8 +90,10 @@ def run(ctx: Ctx) -> dict[str, Any]:
                 if system in failed:
                     continue
                 n = jobs_for(ctx, system)
+                t = time.monotonic()
                 try:
                     with queue_db(ctx, system, n) as dsn:
+                        setup = time.monotonic() - t
                         r = drain(ctx, system, dsn, n, procs, chosen[system], stall=STALL_SECONDS)
                         if system == "pgjobs" and procs == 1 and i == 0:
                             batches = pgjobs_batches(dsn)
@@ -103,7 +106,13 @@ def run(ctx: Ctx) -> dict[str, Any]:
                     ctx.log(f"drain {system} x{procs}: FAILED, not measured further: {exc}")
                     continue
                 rates[system][procs].append(r["jobs_per_s"])
-                ctx.log(f"drain {system} x{procs}: {r['jobs_per_s']:,.0f} jobs/s ({n:,} jobs)")
+                ph = r.get("phases", {})
+                ctx.log(
+                    f"drain {system} x{procs}: {r['jobs_per_s']:,.0f} jobs/s ({n:,} jobs; "
+                    f"set-up {setup:.1f} s, start {ph.get('start', 0):.1f} s, drain "
+                    f"{r['seconds']:.1f} s, check {ph.get('check', 0):.1f} s, "
+                    f"{time.monotonic() - t:.0f} s in all)"
+                )
     out: dict[str, Any] = {"sweep": swept, "systems": {}, "ratio": {}, "scaling": {}}
     for system in ctx.systems:
         config = chosen.get(system)
