@@ -4,8 +4,8 @@
 
 -- name: limit_exists_for_types
 -- Whether any limit can cover a job of %(job_types)s (NULL: of any type). The worker asks
--- before its first claim, then only when job_claim_batch came back empty (which it does
--- where such a limit exists): then it claims through job_claim_batch_limited.
+-- before its first claim; after that job_claim_batch says so itself (its row of NULLs,
+-- limited), and the worker then claims through job_claim_batch_limited.
 SELECT EXISTS (
     SELECT 1 FROM pgjobs.limits l
     WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])

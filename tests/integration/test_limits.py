@@ -507,3 +507,75 @@ def test_the_limited_claim_walks_the_queue_as_the_fair_claim_does() -> None:
         ("filled AS", "heads2"),
     ):
         assert cte(fair, name, following) == cte(limited, name, following), name
+
+
+def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the name (in pgjobs.queries) of every statement a cursor runs, in
+    order; doorbell_on's left out (what it is sent with does not change here)."""
+    names = {sql: name for name, sql in QUERIES.items()}
+    sent: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def recording(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        name = names.get(query, str(query)[:60])
+        if name != "events_doorbell_on":
+            sent.append(name)
+        return await execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", recording)
+    return sent
+
+
+async def test_the_plain_claim_says_when_a_limit_refused_it(dsn: str, client: Client) -> None:
+    """job_claim_batch claims nothing where a limit can cover the worker's job types, and
+    says so: one row of NULLs with limited true (no row for an empty queue without a
+    limit); a limit on another job type does not concern it."""
+    params = {
+        "now": None,
+        "limit": 10,
+        "worker_id": "w",
+        "lease_seconds": 30.0,
+        "job_types": ["echo"],
+        "after_company": None,
+    }
+    assert await fetch(dsn, QUERIES["job_claim_batch"], params) == []
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
+    await _set(dsn, job_type="render", max_running=1)
+    (claimed, *_) = await fetch(dsn, QUERIES["job_claim_batch"], {**params, "limit": 1})
+    assert (claimed["company_id"], claimed["after_company"], claimed["limited"]) == (
+        "acme",
+        "acme",
+        False,
+    )
+    await _set(dsn, company_id="acme", max_running=1)
+    (refused,) = await fetch(dsn, QUERIES["job_claim_batch"], params)
+    assert refused["limited"] is True
+    assert {k: v for k, v in refused.items() if k != "limited"} == dict.fromkeys(
+        set(refused) - {"limited"}
+    )
+    rows = await fetch(dsn, "SELECT status, count(*) AS n FROM pgjobs.jobs GROUP BY status")
+    assert {r["status"]: r["n"] for r in rows} == {"queued": 2, "running": 1}
+
+
+async def test_an_idle_workers_empty_claim_is_one_statement(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker no limit concerns, polling an empty queue, sends its claim and no other
+    statement (the claim itself says whether a limit refused it); when a limit appears,
+    the claim that the limit refused goes on through the limited claim at once."""
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
+    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
+    try:
+        assert await w._claim(10) == []  # the first claim
+        sent = _record_queries(monkeypatch)
+        assert await w._claim(10) == []
+        assert await w._claim(10) == []
+        assert sent == ["job_claim_batch", "job_claim_batch"]
+        await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
+        await _set(dsn, company_id="acme", max_running=2)
+        sent.clear()
+        assert len(await w._claim(10)) == 2
+        assert sent == ["job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"]
+        assert w._limited
+    finally:
+        await w._pool.close()
