@@ -18,10 +18,9 @@ again (and a worker whose claim came back short while a rate limit applies looks
 when the window ends). A worker no limit concerns (none names one of its job types, or
 all types) claims as before, through ``job_claim_batch``, which itself claims nothing
 where such a limit exists (one probe of this small table in the claim statement) and
-then returns one row of NULLs marked ``limited``: a worker's first claim asks
-``limit_exists_for_types``, after that the plain claim's own answer tells the worker to
-claim through the limited claim, as its next claims do until one finds no limit covering
-its jobs.
+then returns one row of NULLs marked ``limited``: that answer tells the worker to claim
+through the limited claim at once, as its next claims do until one finds no limit
+covering its jobs. No claim asks before it.
 
 A limit applies to claims that begin after it is committed; a claim already running
 finishes under what it read.

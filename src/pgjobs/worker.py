@@ -274,8 +274,8 @@ class Worker:
         self._after_company: str | None = None
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
         # whether the last claim found a limit that can cover this worker's jobs: then the
-        # next one claims through job_claim_batch_limited directly (None: not asked yet).
-        self._limited: bool | None = None
+        # next one claims through job_claim_batch_limited directly.
+        self._limited = False
         self._window_timer: asyncio.TimerHandle | None = None
         # Handlers' timeouts: one timer, at or before the earliest deadline of a running
         # handler (_arm_deadline), instead of an asyncio.timeout per job.
@@ -656,17 +656,12 @@ class Worker:
             note = _ClaimNote()  # what the claim's rows say besides the jobs
             cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, note=note))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
-            if self._limited is None:
-                # The first claim asks before claiming, rather than learning of a limit
-                # from an empty job_claim_batch, an UPDATE of no row that still runs
-                # jobs' statement triggers. (Before sql/0017 that first empty UPDATE also
-                # left the triggers' plans slow for the whole session; since 0017 it
-                # costs only the wasted statement.)
-                found = await conn.execute(QUERIES["limit_exists_for_types"], params)
-                self._limited = bool((await found.fetchone() or {}).get("limited"))
             if not self._limited:
                 # job_claim_batch claims nothing where a limit can cover these jobs, and
-                # then says so (its row of NULLs, limited): no statement asks before it.
+                # then says so (its row of NULLs, limited): no statement asks before it,
+                # not even before the first claim. (A refused claim is an UPDATE of no
+                # row, which still fires jobs' statement triggers; since sql/0017 that
+                # leaves no slow plan behind for the session: test_trigger_plans.)
                 ring = self.settings.doorbell
                 await doorbell.execute(cur, QUERIES["job_claim_batch"], params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur)

@@ -415,40 +415,34 @@ def test_rates_parse() -> None:
             limits.parse_rate(bad)
 
 
-async def test_a_limited_workers_first_claim_updates_no_empty_batch(
-    dsn: str, client: Client, storage_dir: Path
+async def test_a_workers_first_claim_asks_nothing_first(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker's first claim where a limit applies goes through the limited claim at
-    once: no UPDATE of pgjobs.jobs that changes no row runs before it. Such an UPDATE
-    (job_claim_batch claiming nothing where a limit applies) fires jobs' statement
-    triggers with empty transition tables, and PL/pgSQL keeps the plans made then for
-    the session: every later batch on that connection joined its transition tables by
-    nested loops. Each UPDATE statement on jobs is logged here with its row count."""
-    await _set(dsn, company_id="acme", max_running=100)
+    """A worker's first claim is its claim alone: no statement asks before it whether a
+    limit applies. Where one does, the plain claim's refusal sends that same call on
+    through the limited claim (the refused claim is an UPDATE of no row, which since
+    sql/0017 leaves the jobs triggers no slow plan for the session: test_trigger_plans)."""
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await conn.execute(
-            """
-            CREATE TABLE public.update_sizes (id bigserial PRIMARY KEY, n bigint NOT NULL);
-            CREATE FUNCTION public.log_update_size() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                INSERT INTO public.update_sizes (n) SELECT count(*) FROM new_rows;
-                RETURN NULL;
-            END $$;
-            CREATE TRIGGER jobs_log_update_size AFTER UPDATE ON pgjobs.jobs
-                REFERENCING NEW TABLE AS new_rows
-                FOR EACH STATEMENT EXECUTE FUNCTION public.log_update_size();
-            """
-        )
+    sent = _record_queries(monkeypatch)
     w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
     w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
     try:
-        assert len(await w._claim(10)) == 3
+        sent.clear()  # the pool's own statements, if any
+        assert len(await w._claim(1)) == 1
+        assert sent == ["job_claim_batch"]
+        assert not w._limited
     finally:
         await w._pool.close()
-    rows = await fetch(dsn, "SELECT n FROM public.update_sizes ORDER BY id")
-    assert [r["n"] for r in rows] == [3]
-    assert w._limited
+    await _set(dsn, company_id="acme", max_running=100)
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
+    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
+    try:
+        sent.clear()
+        assert len(await w._claim(10)) == 2
+        assert sent == ["job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"]
+        assert w._limited
+    finally:
+        await w._pool.close()
 
 
 async def test_one_scope_predicate_inlined_where_limits_are_filtered(
@@ -461,10 +455,19 @@ async def test_one_scope_predicate_inlined_where_limits_are_filtered(
     claim's one-time filter costs what the expression written out did."""
     await _set(dsn, job_type="render", max_running=1)
 
+    params = {
+        "now": None,
+        "limit": 10,
+        "worker_id": "w",
+        "lease_seconds": 30.0,
+        "job_types": ["echo"],
+        "after_company": None,
+    }
+
     async def exists(job_types: list[str] | None) -> bool:
-        params = {"job_types": job_types}
-        rows = await fetch(dsn, QUERIES["limit_exists_for_types"], params)
-        return bool(rows[0]["limited"])
+        # The plain claim of an empty queue: its row of NULLs if a limit refused it.
+        rows = await fetch(dsn, QUERIES["job_claim_batch"], {**params, "job_types": job_types})
+        return bool(rows and rows[0]["limited"])
 
     assert [await exists(t) for t in (["render"], ["echo", "render"], ["echo"], None)] == [
         True,
@@ -474,16 +477,7 @@ async def test_one_scope_predicate_inlined_where_limits_are_filtered(
     ]
     await _set(dsn, company_id="acme", max_running=1)
     assert await exists(["echo"])
-    params = {
-        "now": None,
-        "limit": 10,
-        "worker_id": "w",
-        "lease_seconds": 30.0,
-        "job_types": ["echo"],
-        "after_company": None,
-    }
-    names = ("job_claim_batch", "limit_exists_for_types", "limit_lock_for_types")
-    for name in (*names, "job_claim_batch_limited"):
+    for name in ("job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"):
         rows = await fetch(dsn, "EXPLAIN (VERBOSE) " + QUERIES[name], params)
         plan = "\n".join(r["QUERY PLAN"] for r in rows)
         assert "limit_scope" not in plan, (name, plan)
