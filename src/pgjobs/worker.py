@@ -509,7 +509,8 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once.
+        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once (one
+        while limits apply: ``_claim_shape``).
 
         One claim of a hundred jobs spends ~5 ms in PostgreSQL and decoding; one at a
         time, a busy worker's claims form a chain and the cores idle between links. A
@@ -540,8 +541,9 @@ class Worker:
                 await self._sleep_unless_stopping(self._retry_at - loop_time)
                 continue
             free = self._free_slots() - self._reserved
-            while free > 0 and self._claims < CLAIMS_IN_FLIGHT and not self._queue_empty:
-                limit = min(free, MAX_CLAIM_BATCH)
+            claims_at_once, batch = self._claim_shape()
+            while free > 0 and self._claims < claims_at_once and not self._queue_empty:
+                limit = min(free, batch)
                 free -= limit
                 self._reserved += limit
                 self._claims += 1
@@ -561,6 +563,18 @@ class Worker:
         await asyncio.gather(*in_flight, return_exceptions=True)
         if failed:
             raise failed[0]
+
+    def _claim_shape(self) -> tuple[int, int]:
+        """How many claims may be in flight at once, and the most jobs each asks for:
+        CLAIMS_IN_FLIGHT of MAX_CLAIM_BATCH, or one claim of as many while limits apply
+        to this worker's claims. Limited claims take turns on the limits' locks, so a
+        second one in flight would only wait for the first to commit: it would pay the
+        limited claim's fixed costs (locks, running counts, rate windows) again, and its
+        jobs would arrive a lock hold later, splitting their finish batches (in a drain,
+        ~1/3 more finish batches and rings than without limits: docs/benchmarks.md)."""
+        if self._limited:
+            return 1, CLAIMS_IN_FLIGHT * MAX_CLAIM_BATCH
+        return CLAIMS_IN_FLIGHT, MAX_CLAIM_BATCH
 
     async def _claim_and_start(self, limit: int, wakes_when_sent: int) -> None:
         try:
