@@ -18,9 +18,10 @@ Guarantees (see the README's "Delivery guarantees"):
   (``pgjobs.txcomplete``); the completer then records nothing more for the attempt.
 * Within limits. Where a concurrency or rate limit can cover its job types
   (``pgjobs.limits``), a claim takes the limits' advisory locks and at most the room
-  they leave (``job_claim_batch_limited``); a batch a limit cut short is claimed again at
-  once, and with a rate limit a claim that came back short looks again when the window
-  ends. A completion that frees a slot wakes this worker, as every completion does.
+  they leave (``job_claim_batch_limited``), one claim at a time (they take turns on the
+  locks); a batch a limit cut short is claimed again at once, and with a rate limit a
+  claim that came back short looks again when the window ends. A completion that frees
+  a slot wakes this worker, as every completion does.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 * Announced after the commit (``WorkerSettings.doorbell``, on by default): the claim,
