@@ -79,9 +79,11 @@ def script() -> str:
     from pgjobs.queries import QUERIES
 
     claim = _bind(QUERIES["job_claim_batch"])
-    head, update = claim.split("\nUPDATE ", 1)
+    # The claim ends with its claimed CTE (the UPDATE) and the SELECT of what it returns:
+    # that SELECT is replaced by one that keeps the ids and lease tokens for the finish.
+    head, _ = claim.split("\nSELECT c.*,", 1)
     claim_gset = (
-        f"{head},\nclaimed AS (\nUPDATE {update}\n)\n"
+        f"{head}\n"
         "SELECT coalesce(array_agg(id), '{}') AS ids, "
         "coalesce(array_agg(lease_token), '{}') AS toks, count(*) AS n FROM claimed\n\\gset"
     )

@@ -125,11 +125,17 @@ LIMIT %(limit)s::int;
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
 -- Claims nothing where a limit can cover a job of %(job_types)s (pgjobs.limits, sql/0014):
 -- such jobs are claimed through job_claim_batch_limited (limits.sql). The check is one
--- probe of that small table, run once before anything else (an uncorrelated subquery: a
--- one-time filter), so a worker need not ask before each claim, and a limit committed
--- before the claim began holds for it.
--- Returns the claimed jobs, each with after_company: what to pass next time.
-WITH RECURSIVE ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS (
+-- probe of that small table (scope), run once before anything else (the UPDATE's one-time
+-- filter), so a worker need not ask before each claim, and a limit committed before the
+-- claim began holds for it.
+-- Returns the claimed jobs, each with after_company: what to pass next time, and limited
+-- false. Where a limit refused the claim: one row of NULLs but limited (true), so that
+-- the worker learns from its claim, with no statement of its own, to claim through
+-- job_claim_batch_limited.
+WITH RECURSIVE scope AS (
+    SELECT EXISTS (SELECT 1 FROM pgjobs.limits l
+                   WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])) AS limited
+), ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS (
     -- (company, level) pairs, each with its first queued job (where heads1 starts: the
     -- index entries before it are of jobs claimed or finished since, which this walk has
     -- passed already); cpos numbers the companies, n the pairs.
@@ -253,34 +259,44 @@ WITH RECURSIVE ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS 
     ORDER BY q.priority DESC, q.run_at, q.job_id
     LIMIT %(limit)s::int - (SELECT count(*) FROM fair)
     FOR UPDATE OF q, j SKIP LOCKED
+), claimed AS (
+    UPDATE pgjobs.jobs j
+    SET status = 'running',
+        attempts = j.attempts + 1,
+        worker_id = %(worker_id)s::text,
+        lease_token = j.lease_token + 1,
+        lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8),
+        started_at = coalesce(%(now)s::timestamptz, now()),
+        progress_fraction = NULL,
+        progress_message = NULL,
+        event_seq = j.event_seq + 1,
+        last_event = 'content_job.running',
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
+    -- (re-checking their WHERE on the newest version), so nobody changed them since.
+    WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
+      AND NOT (SELECT limited FROM scope)
+    -- What the worker's Job needs that this statement does not set itself (pgjobs.types
+    -- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows); not the audit
+    -- columns (last_event, error_traceback, up to 16 KiB on a retry). Every column decoded
+    -- costs the worker CPU per job. job_claim_batch_limited returns the same.
+    RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
+        j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
+        j.lease_token, j.lease_expires_at, j.event_seq, j.started_at, j.finished_at,
+        j.created_at
 )
-UPDATE pgjobs.jobs j
-SET status = 'running',
-    attempts = j.attempts + 1,
-    worker_id = %(worker_id)s::text,
-    lease_token = j.lease_token + 1,
-    lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8),
-    started_at = coalesce(%(now)s::timestamptz, now()),
-    progress_fraction = NULL,
-    progress_message = NULL,
-    event_seq = j.event_seq + 1,
-    last_event = 'content_job.running',
-    updated_at = coalesce(%(now)s::timestamptz, now())
--- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
--- (re-checking their WHERE on the newest version), so nobody changed them since.
-WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
-  AND NOT EXISTS (SELECT 1 FROM pgjobs.limits l
-                  WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[]))
--- What the worker's Job needs that this statement does not set itself (pgjobs.types
--- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows); not the audit
--- columns (last_event, error_traceback, up to 16 KiB on a retry). Every column decoded
--- costs the worker CPU per job. job_claim_batch_limited returns the same.
-RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
-    j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
-    j.lease_token, j.lease_expires_at, j.event_seq, j.started_at, j.finished_at, j.created_at,
+SELECT c.*,
     -- the company served last in the fair order (the ring's last if fair took none)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
-             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company;
+             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
+    false AS limited
+FROM claimed c
+UNION ALL
+-- A limit refused the claim: a row of NULLs (claimed's 18 columns and after_company)
+-- saying so. (UNION ALL: a LEFT JOIN of claimed to scope cost ~1 µs more per job.)
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, true
+FROM scope WHERE scope.limited;
 
 -- name: job_finish_many_if_leased
 -- Batch completion: one statement ends many attempts, each only if its lease still holds.

@@ -18,9 +18,10 @@ Guarantees (see the README's "Delivery guarantees"):
   (``pgjobs.txcomplete``); the completer then records nothing more for the attempt.
 * Within limits. Where a concurrency or rate limit can cover its job types
   (``pgjobs.limits``), a claim takes the limits' advisory locks and at most the room
-  they leave (``job_claim_batch_limited``); a batch a limit cut short is claimed again at
-  once, and with a rate limit a claim that came back short looks again when the window
-  ends. A completion that frees a slot wakes this worker, as every completion does.
+  they leave (``job_claim_batch_limited``), one claim at a time (they take turns on the
+  locks); a batch a limit cut short is claimed again at once, and with a rate limit a
+  claim that came back short looks again when the window ends. A completion that frees
+  a slot wakes this worker, as every completion does.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 * Announced after the commit (``WorkerSettings.doorbell``, on by default): the claim,
@@ -160,7 +161,7 @@ def claimable_types(registry: Registry, wanted: tuple[str, ...] | None) -> tuple
 
 
 def _unreadable_row(
-    cur: psycopg.AsyncCursor[Job], row: int, error: Exception
+    cur: psycopg.AsyncCursor[Any], row: int, error: Exception
 ) -> tuple[uuid.UUID, int, str, str] | None:
     """(id, lease_token, what could not be read, company_id as text: for its ring) of a
     claimed row that did not decode, or None if even its id or lease token cannot be read
@@ -219,6 +220,16 @@ class _Running:
     timed_out: bool = False
 
 
+@dataclass(slots=True)
+class _ClaimNote:
+    """What a claim's rows said besides its jobs (Worker._claimed_rows): how many jobs a
+    limit held back (job_claim_batch_limited), and whether a limit refused the plain
+    claim (job_claim_batch's row of NULLs)."""
+
+    held_back: int = 0
+    limited: bool = False
+
+
 class Worker:
     def __init__(
         self,
@@ -264,8 +275,8 @@ class Worker:
         self._after_company: str | None = None
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
         # whether the last claim found a limit that can cover this worker's jobs: then the
-        # next one claims through job_claim_batch_limited directly (None: not asked yet).
-        self._limited: bool | None = None
+        # next one claims through job_claim_batch_limited directly.
+        self._limited = False
         self._window_timer: asyncio.TimerHandle | None = None
         # Handlers' timeouts: one timer, at or before the earliest deadline of a running
         # handler (_arm_deadline), instead of an asyncio.timeout per job.
@@ -499,7 +510,8 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once.
+        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once (one
+        while limits apply: ``_claim_shape``).
 
         One claim of a hundred jobs spends ~5 ms in PostgreSQL and decoding; one at a
         time, a busy worker's claims form a chain and the cores idle between links. A
@@ -530,8 +542,9 @@ class Worker:
                 await self._sleep_unless_stopping(self._retry_at - loop_time)
                 continue
             free = self._free_slots() - self._reserved
-            while free > 0 and self._claims < CLAIMS_IN_FLIGHT and not self._queue_empty:
-                limit = min(free, MAX_CLAIM_BATCH)
+            claims_at_once, batch = self._claim_shape()
+            while free > 0 and self._claims < claims_at_once and not self._queue_empty:
+                limit = min(free, batch)
                 free -= limit
                 self._reserved += limit
                 self._claims += 1
@@ -551,6 +564,18 @@ class Worker:
         await asyncio.gather(*in_flight, return_exceptions=True)
         if failed:
             raise failed[0]
+
+    def _claim_shape(self) -> tuple[int, int]:
+        """How many claims may be in flight at once, and the most jobs each asks for:
+        CLAIMS_IN_FLIGHT of MAX_CLAIM_BATCH, or one claim of as many while limits apply
+        to this worker's claims. Limited claims take turns on the limits' locks, so a
+        second one in flight would only wait for the first to commit: it would pay the
+        limited claim's fixed costs (locks, running counts, rate windows) again, and its
+        jobs would arrive a lock hold later, splitting their finish batches (in a drain,
+        ~1/3 more finish batches and rings than without limits: docs/benchmarks.md)."""
+        if self._limited:
+            return 1, CLAIMS_IN_FLIGHT * MAX_CLAIM_BATCH
+        return CLAIMS_IN_FLIGHT, MAX_CLAIM_BATCH
 
     async def _claim_and_start(self, limit: int, wakes_when_sent: int) -> None:
         try:
@@ -643,28 +668,19 @@ class Worker:
             "after_company": self._after_company,
         }
         async with self._pool.connection() as conn:
-            held_back = [0]  # set from job_claim_batch_limited's rows
-            cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
+            note = _ClaimNote()  # what the claim's rows say besides the jobs
+            cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, note=note))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
-            if self._limited is None:
-                # The first claim asks before claiming, rather than learning of a limit
-                # from an empty job_claim_batch, an UPDATE of no row that still runs
-                # jobs' statement triggers. (Before sql/0017 that first empty UPDATE also
-                # left the triggers' plans slow for the whole session; since 0017 it
-                # costs only the wasted statement.)
-                found = await conn.execute(QUERIES["limit_exists_for_types"], params)
-                self._limited = bool((await found.fetchone() or {}).get("limited"))
             if not self._limited:
-                # job_claim_batch claims nothing where a limit can cover these jobs, so
-                # no limit is asked for before it (but the first); only a claim that came
-                # back empty asks whether a limit is why.
+                # job_claim_batch claims nothing where a limit can cover these jobs, and
+                # then says so (its row of NULLs, limited): no statement asks before it,
+                # not even before the first claim. (A refused claim is an UPDATE of no
+                # row, which still fires jobs' statement triggers; since sql/0017 that
+                # leaves no slow plan behind for the session: test_trigger_plans.)
                 ring = self.settings.doorbell
                 await doorbell.execute(cur, QUERIES["job_claim_batch"], params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur)
-                if jobs:
-                    return jobs
-                limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
-                if not (await limited.fetchone() or {}).get("limited"):
+                if not note.limited:
                     return jobs
                 self._limited = True
             # Some limit may cover these jobs (pgjobs.limits): take the limits' locks,
@@ -681,15 +697,17 @@ class Worker:
             jobs = await self._fetch_claimed(conn, cur)
         self._limited = bool(locks.get("locked"))  # none: no limit covers these jobs now
         window_ends_in = locks.get("window_ends_in")
-        if held_back[0]:
+        if note.held_back:
             self._wake()  # a limit cut the batch short, not the queue: claim the rest
         elif window_ends_in is not None and len(jobs) < limit:
             self._wake_at_window_end(float(window_ends_in))
         return jobs
 
-    async def _fetch_claimed(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
+    async def _fetch_claimed(
+        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job | None]
+    ) -> list[Job]:
         try:
-            return await cur.fetchall()
+            return [job for job in await cur.fetchall() if job is not None]
         except Exception as exc:  # any row that cannot become a Job
             log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
             return await self._decode_each(conn, cur)
@@ -709,27 +727,35 @@ class Worker:
         self._window_timer = None
         self._wake()
 
-    def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int]) -> RowMaker[Job]:
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any], note: _ClaimNote) -> RowMaker[Job | None]:
         """The claim's row factory: Jobs (``types.claimed_jobs``), keeping the rotation
         cursor every claimed row carries (taken before the Job is built, so a row that
-        cannot become one still moves it) and, from the limited claim's rows, into
-        ``held[0]`` how many jobs a limit held back."""
+        cannot become one still moves it) and noting in ``note`` how many jobs a limit
+        held back (the limited claim's rows) or that a limit refused the claim (the plain
+        claim's row of NULLs: None, no Job)."""
         assert cursor.description is not None
         names = [column.name for column in cursor.description]
         make = claimed_jobs(names, self.id)
         at = names.index("after_company")
         # job_claim_batch_limited's: how many jobs a limit held back.
         held_at = names.index("held_back") if "held_back" in names else None
+        # job_claim_batch's: true on its row of NULLs only, where a limit refused it.
+        limited_at = names.index("limited") if "limited" in names else None
 
-        def make_and_keep_cursor(values: Sequence[Any]) -> Job:
+        def make_and_keep_cursor(values: Sequence[Any]) -> Job | None:
+            if limited_at is not None and values[limited_at]:
+                note.limited = True
+                return None
             self._after_company = values[at]
             if held_at is not None:
-                held[0] = values[held_at]
+                note.held_back = values[held_at]
             return make(values)
 
         return make_and_keep_cursor
 
-    async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
+    async def _decode_each(
+        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job | None]
+    ) -> list[Job]:
         """The claimed rows that decode, as Jobs. The claim has committed: every row is
         this worker's now, so one that cannot be read (a value Python cannot represent, a
         status this version does not know...) is failed here with the reason, and the
