@@ -18,10 +18,10 @@ Guarantees (see the README's "Delivery guarantees"):
   (``pgjobs.txcomplete``); the completer then records nothing more for the attempt.
 * Within limits. Where a concurrency or rate limit can cover its job types
   (``pgjobs.limits``), a claim takes the limits' advisory locks and at most the room
-  they leave (``job_claim_batch_limited``), one claim at a time (they take turns on the
-  locks); a batch a limit cut short is claimed again at once, and with a rate limit a
-  claim that came back short looks again when the window ends. A completion that frees
-  a slot wakes this worker, as every completion does.
+  they leave (``job_claim_batch_limited``); a batch a limit cut short is claimed again
+  at once, and with a rate limit a claim that came back short looks again when the
+  window ends. A completion that frees a slot wakes this worker, as every completion
+  does.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 * Announced after the commit (``WorkerSettings.doorbell``, on by default): the claim,
@@ -37,7 +37,7 @@ Guarantees (see the README's "Delivery guarantees"):
   rescue) and a handler's own ``ctx.transaction()`` keep their items in the commit.
 
 Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
-with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
+with SKIP LOCKED, one claim in flight, woken by NOTIFY or a poll timer), one task
 per claim and per running job, the completer (batches final transitions into one
 commit), the heartbeat (renews every held lease in one statement and stops jobs this
 worker no longer holds), the ringer (with the doorbell on: sends the rings), the rescuer
@@ -120,8 +120,12 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "the database is unreachable right now": back off and try again.
 TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
-MAX_CLAIM_BATCH = 100
-CLAIMS_IN_FLIGHT = 2
+# One claim out at a time, of up to 200 jobs. Two claims of 100 out at once (as before)
+# walked the same head of the queue: the second tried, and skipped, every row the first
+# had locked, so PostgreSQL spent ~10 µs more per drained job, and with two worker
+# processes four claims collided (docs/benchmarks.md, "The claim's shape").
+MAX_CLAIM_BATCH = 200
+CLAIMS_IN_FLIGHT = 1
 
 
 def retry_delay(attempt: int, settings: WorkerSettings) -> float:
@@ -510,16 +514,15 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once (one
-        while limits apply: ``_claim_shape``).
+        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once, each
+        of at most MAX_CLAIM_BATCH jobs and never more than the free slots.
 
-        One claim of a hundred jobs spends ~5 ms in PostgreSQL and decoding; one at a
-        time, a busy worker's claims form a chain and the cores idle between links. A
-        second claim, sent while the first is out, keeps them busy. Each claim reserves
-        its slots when sent, so the worker never holds more than its bounds. A claim that
-        comes back short means the queue looked empty: no claim is sent again until
-        something says to look (``_wake``: a NOTIFY, a freed slot, a reconnect) or the
-        poll timer fires."""
+        Each claim reserves its slots when sent, so the worker never holds more than its
+        bounds; the next claim goes out as soon as the last one is back and slots are
+        free, so a busy worker's claim overlaps its handlers and its finish batches. A
+        claim that comes back short means the queue looked empty: no claim is sent again
+        until something says to look (``_wake``: a NOTIFY, a freed slot, a reconnect) or
+        the poll timer fires."""
         in_flight: set[asyncio.Task[None]] = set()
         failed: list[BaseException] = []  # a claim's unexpected error ends the loop, as inline
 
@@ -542,9 +545,8 @@ class Worker:
                 await self._sleep_unless_stopping(self._retry_at - loop_time)
                 continue
             free = self._free_slots() - self._reserved
-            claims_at_once, batch = self._claim_shape()
-            while free > 0 and self._claims < claims_at_once and not self._queue_empty:
-                limit = min(free, batch)
+            while free > 0 and self._claims < CLAIMS_IN_FLIGHT and not self._queue_empty:
+                limit = min(free, MAX_CLAIM_BATCH)
                 free -= limit
                 self._reserved += limit
                 self._claims += 1
@@ -564,18 +566,6 @@ class Worker:
         await asyncio.gather(*in_flight, return_exceptions=True)
         if failed:
             raise failed[0]
-
-    def _claim_shape(self) -> tuple[int, int]:
-        """How many claims may be in flight at once, and the most jobs each asks for:
-        CLAIMS_IN_FLIGHT of MAX_CLAIM_BATCH, or one claim of as many while limits apply
-        to this worker's claims. Limited claims take turns on the limits' locks, so a
-        second one in flight would only wait for the first to commit: it would pay the
-        limited claim's fixed costs (locks, running counts, rate windows) again, and its
-        jobs would arrive a lock hold later, splitting their finish batches (in a drain,
-        ~1/3 more finish batches and rings than without limits: docs/benchmarks.md)."""
-        if self._limited:
-            return 1, CLAIMS_IN_FLIGHT * MAX_CLAIM_BATCH
-        return CLAIMS_IN_FLIGHT, MAX_CLAIM_BATCH
 
     async def _claim_and_start(self, limit: int, wakes_when_sent: int) -> None:
         try:
