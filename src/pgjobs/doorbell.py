@@ -1,7 +1,8 @@
 """Rings: announcing transitions after their commit instead of in it.
 
-A transaction that runs ``doorbell_on`` first writes its transitions' audit rows without
-NOTIFY items (sql/0019_doorbell.sql); after it commits, its writer calls ``ring`` with the
+A transaction that runs ``doorbell_on`` first (or a statement made by ``ringing``, which
+sets it itself) writes its transitions' audit rows without NOTIFY items
+(sql/0019_doorbell.sql); after it commits, its writer calls ``ring`` with the
 ``(company_id, job_id)`` of each job it changed, and listeners read those jobs' events
 from ``pgjobs.job_events`` (the format: ``pgjobs.events.encode_ring``). Why: a commit that
 carries a NOTIFY holds a database-wide lock through its WAL flush, so the claims and
@@ -48,18 +49,35 @@ def doorbell_on_sync(conn: psycopg.Connection[Any]) -> None:
     conn.execute(QUERIES["events_doorbell_on"])
 
 
+# Where a statement that can ring sets the doorbell (queries.sql): replaced by ringing().
+_MARK = "(SELECT true /* doorbell */)"
+_ringing: dict[str, LiteralString] = {}
+
+
+def ringing(query: LiteralString) -> LiteralString:
+    """``query`` asking for the doorbell itself: its ``(SELECT true /* doorbell */)``
+    replaced by ``events_doorbell_on`` (still true), evaluated once before the statement
+    changes a row, so before its triggers. Why not ``doorbell_on`` first: the two
+    statements would need a pipeline (one implicit transaction), which costs the worker
+    ~35 µs of CPU more than one statement (docs/benchmarks.md, "In the worker").
+    ValueError for a query without exactly one such mark."""
+    ring = _ringing.get(query)
+    if ring is None:
+        if query.count(_MARK) != 1:
+            raise ValueError("a query that rings needs one (SELECT true /* doorbell */)")
+        # A line comment in events_doorbell_on ends at its newline, kept here.
+        ring = query.replace(_MARK, "((" + QUERIES["events_doorbell_on"] + "\n) IS NOT NULL)")
+        _ringing[query] = ring
+    return ring
+
+
 async def execute(
     cur: psycopg.AsyncCursor[Any], query: LiteralString, params: Mapping[str, Any], *, ring: bool
 ) -> None:
-    """Run one statement in a transaction of its own (autocommit): with ``ring``, after
-    ``doorbell_on`` in the same implicit transaction (a pipeline: one Sync, one round
-    trip), so its commit carries no NOTIFY items and its caller rings after it."""
-    if not ring:
-        await cur.execute(query, params)
-        return
-    async with cur.connection.pipeline():
-        await doorbell_on(cur.connection)
-        await cur.execute(query, params)
+    """Run one statement in a transaction of its own (autocommit): with ``ring``, as
+    ``ringing(query)``, so its commit carries no NOTIFY items and its caller rings after
+    it."""
+    await cur.execute(ringing(query) if ring else query, params)
 
 
 async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:

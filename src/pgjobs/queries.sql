@@ -271,6 +271,9 @@ SET status = 'running',
 WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
   AND NOT EXISTS (SELECT 1 FROM pgjobs.limits l
                   WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[]))
+  -- With the doorbell on, the worker runs this statement with events_doorbell_on here
+  -- (pgjobs.doorbell.ringing): set once, before the statement's triggers.
+  AND (SELECT true /* doorbell */)
 -- What the worker's Job needs that this statement does not set itself (pgjobs.types
 -- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows); not the audit
 -- columns (last_event, error_traceback, up to 16 KiB on a retry). Every column decoded
@@ -338,6 +341,8 @@ WITH u AS (
         updated_at = coalesce(%(now)s::timestamptz, now())
     FROM plan p
     WHERE j.id = p.id  -- guarded and locked in plan
+      -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
+      AND (SELECT true /* doorbell */)
     RETURNING j.id, j.company_id, j.source_task_id, j.status, p.i
 ), stored AS (
     INSERT INTO pgjobs.assets (id, company_id, namespace, object_key, content_type, byte_size,
@@ -360,6 +365,7 @@ SET progress_fraction = %(fraction)s::real,
     last_event = 'content_job.progress',
     updated_at = coalesce(%(now)s::timestamptz, now())
 WHERE id = %(id)s::uuid AND status = 'running' AND lease_token = %(lease_token)s::bigint
+  AND (SELECT true /* doorbell */)  -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
 RETURNING id, event_seq;
 
 -- name: job_extend_leases
@@ -904,7 +910,10 @@ RETURNING runs;
 -- name: events_doorbell_on
 -- Ask the publish trigger for a ring instead of NOTIFY items for the rest of this
 -- transaction (sql/0019_doorbell.sql): run first in a transaction whose transitions the
--- caller rings for after its commit (pgjobs.doorbell).
+-- caller rings for after its commit (pgjobs.doorbell). The worker's claim, finish and
+-- progress statements run it inside themselves instead, as an uncorrelated subquery in
+-- place of their doorbell mark (pgjobs.doorbell.ringing): evaluated once before the
+-- statement changes a row, so before any of its triggers.
 SELECT set_config('pgjobs.doorbell', 'on', true);
 
 -- name: events_ring
