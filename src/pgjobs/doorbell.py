@@ -81,36 +81,18 @@ async def execute(
     await cur.execute(ringing(query) if ring else query, params)
 
 
-async def ring(
-    conn: psycopg.AsyncConnection[Any],
-    jobs: Iterable[tuple[str, uuid.UUID]],
-    *,
-    wait_reply: bool = True,
-) -> bool:
+async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
     """Ring for ``(company_id, job_id)`` pairs whose transitions have committed: call it
     after the commit, on a connection outside a transaction (autocommit). False if it
-    could not be sent (logged; the listeners' catch-up covers it).
-
-    Without ``wait_reply`` (the Ringer's), True once sent: the server's reply to the
-    last payload is left unread, for ``read_reply`` before the connection's next use, so
-    that the worker is not woken for it."""
+    could not be sent (logged; the listeners' catch-up covers it)."""
     payloads = events.encode_ring(jobs)
     try:
         async with conn.lock:  # as psycopg's own execute: one statement at a time
-            for n, payload in enumerate(payloads, 1):  # one but for more than ~200 jobs
+            for payload in payloads:  # one but for a ring of more than ~200 jobs
                 await _send_ring(conn.pgconn, payload.encode())
-                if wait_reply or n < len(payloads):
-                    await _read_reply(conn.pgconn, came=False)
     except psycopg.Error as exc:
         return _not_sent(payloads, exc)
     return True
-
-
-async def read_reply(conn: psycopg.AsyncConnection[Any]) -> None:
-    """Read the reply to a ring sent by ``ring(..., wait_reply=False)``: psycopg.Error if
-    that ring was refused or the connection lost."""
-    async with conn.lock:
-        await _read_reply(conn.pgconn)
 
 
 # events_ring as libpq takes it (its one parameter as $1), for _send_ring; by text.
@@ -118,31 +100,24 @@ _libpq_statements: dict[str, bytes] = {}
 
 
 async def _send_ring(pgconn: psycopg.pq.abc.PGconn, payload: bytes) -> None:
-    """Send ``events_ring`` for one payload through libpq (psycopg.pq) rather than a
-    cursor: with ``_read_reply``, the same statement and round trip for ~14 µs of the
-    worker's CPU instead of ~40 (no query conversion, adapters, cursor or result
-    objects), paid once per ring, which at small batches is once per few jobs
-    (docs/benchmarks.md, "In the worker"). Unnamed, as a statement through a pooler must
-    be. The caller holds the connection's lock; raises psycopg.Error as a cursor would
-    (here: a lost connection); a cancel leaves the connection mid-statement (the pool
-    closes such a connection when it is given back)."""
+    """Run ``events_ring`` for one payload through libpq (psycopg.pq) rather than a
+    cursor: the same statement and round trip for ~14 µs of the worker's CPU instead of
+    ~40 (no query conversion, adapters, cursor or result objects), paid once per ring,
+    which at small batches is once per few jobs (docs/benchmarks.md, "In the worker").
+    Unnamed, as a statement through a pooler must be. The caller holds the connection's
+    lock; raises psycopg.Error as a cursor would (a refused statement, a lost
+    connection); a cancel leaves the connection mid-statement (the pool closes such a
+    connection when it is given back)."""
     query = QUERIES["events_ring"]
     statement = _libpq_statements.get(query)
     if statement is None:
         statement = _libpq_statements[query] = query.replace("%(payload)s", "$1").encode()
+    loop = asyncio.get_running_loop()
     pgconn.send_query_params(statement, [payload])
     while pgconn.flush():  # psycopg's connections are nonblocking: 1 while any is unsent
-        await _ready(asyncio.get_running_loop(), pgconn.socket, write=True)
-
-
-async def _read_reply(pgconn: psycopg.pq.abc.PGconn, *, came: bool = True) -> None:
-    """Read the reply to the statement ``_send_ring`` sent: psycopg.Error if it was
-    refused (the connection stays usable) or the connection was lost. ``came``: it may
-    have come already (read before waiting), as a reply left for later usually has."""
-    if came and pgconn.is_busy():
-        pgconn.consume_input()
-    while pgconn.is_busy():
-        await _ready(asyncio.get_running_loop(), pgconn.socket, write=False)
+        await _ready(loop, pgconn.socket, write=True)
+    while pgconn.is_busy():  # a check of what was read (no read before the reply comes)
+        await _ready(loop, pgconn.socket, write=False)
         pgconn.consume_input()
     failed = None
     while (result := pgconn.get_result()) is not None:  # read to the end, then raise
@@ -209,13 +184,7 @@ class Ringer:
 
     ``run`` holds one connection of ``pool`` (a worker's pool counts it), used at most
     the pool's ``use_timeout`` per ring; after a ring that failed it gives the connection
-    back (the pool replaces a broken one) and takes another for the next.
-
-    A ring's reply is read just before the next ring is sent (or when ``run`` ends), not
-    as it comes: waiting for it would wake the worker once more per ring, which at small
-    batches is once more per few jobs (~5 µs of CPU per job at concurrency 10,
-    docs/benchmarks.md). So a ring the server refused is logged when the next one goes
-    out, and a ring still unanswered holds back the next for at most ``use_timeout``."""
+    back (the pool replaces a broken one) and takes another for the next."""
 
     def __init__(self, pool: db.GuardedPool) -> None:
         self.pool = pool
@@ -223,7 +192,6 @@ class Ringer:
         self._pending: list[tuple[str, uuid.UUID]] = []
         self._wakeup = asyncio.Event()
         self._closing = False
-        self._unread = 0  # jobs of the ring sent on _conn whose reply is not read yet
         self.rings = 0
         """Rings tried (sent or not)."""
 
@@ -252,16 +220,11 @@ class Ringer:
 
     async def _send(self, jobs: list[tuple[str, uuid.UUID]]) -> None:
         self.rings += 1
-        if self._unread:
-            # The last ring's reply first; its connection lost (or silent for
-            # use_timeout): this ring goes out on another.
-            await self._read_reply()
         try:
             if self._conn is None:
                 self._conn = await self.pool.getconn()
             async with asyncio.timeout(self.pool.use_timeout):
-                if await ring(self._conn, jobs, wait_reply=False):
-                    self._unread = len(jobs)
+                if await ring(self._conn, jobs):
                     return
             # Not sent (logged by ring): the connection may be what failed.
         except Exception as exc:  # any: this loop must outlive it (listeners catch up)
@@ -272,39 +235,7 @@ class Ringer:
             )
         await self._give_back()
 
-    async def _read_reply(self) -> None:
-        """Read the reply to the last ring sent on the held connection: a refusal is
-        logged (the connection goes on); a lost connection, or no reply within
-        ``use_timeout``, is logged and the connection given back. Never raises."""
-        unread, self._unread = self._unread, 0
-        if self._conn is None or not unread:
-            return
-        try:
-            async with asyncio.timeout(self.pool.use_timeout):
-                await read_reply(self._conn)
-            return
-        except psycopg.Error as exc:
-            if self._conn.pgconn.status == psycopg.pq.ConnStatus.OK and not isinstance(
-                exc, psycopg.OperationalError
-            ):
-                # Refused (the connection answered): it goes on.
-                log.warning(
-                    "ring for %d job(s) not sent (%s); listeners catch up",
-                    unread,
-                    db.describe_error(exc),
-                )
-                return
-            problem = db.describe_error(exc)
-        except Exception as exc:  # any: the ringer must outlive it (listeners catch up)
-            problem = db.describe_error(exc)
-        log.warning("ring for %d job(s) maybe not sent (%s); listeners catch up", unread, problem)
-        await self._give_back()
-
     async def _give_back(self) -> None:
-        if self._unread:
-            # The last ring's reply, so that its connection goes back idle (if that
-            # fails, _read_reply gives the connection back itself).
-            await self._read_reply()
         conn, self._conn = self._conn, None
         if conn is not None:
             # The pool closes one left mid-statement (a ring timed out) or broken.
