@@ -365,7 +365,8 @@ SET progress_fraction = %(fraction)s::real,
     last_event = 'content_job.progress',
     updated_at = coalesce(%(now)s::timestamptz, now())
 WHERE id = %(id)s::uuid AND status = 'running' AND lease_token = %(lease_token)s::bigint
-  AND (SELECT true /* doorbell */)  -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
+  -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
+  AND (SELECT true /* doorbell */)
 RETURNING id, event_seq;
 
 -- name: job_extend_leases
