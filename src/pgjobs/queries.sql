@@ -276,6 +276,9 @@ WITH RECURSIVE scope AS (
     -- (re-checking their WHERE on the newest version), so nobody changed them since.
     WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
       AND NOT (SELECT limited FROM scope)
+      -- With the doorbell on, the worker runs this statement with events_doorbell_on here
+      -- (pgjobs.doorbell.ringing): set once, before the statement's triggers.
+      AND (SELECT true /* doorbell */)
     -- What the worker's Job needs that this statement does not set itself (pgjobs.types
     -- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows); not the audit
     -- columns (last_event, error_traceback, up to 16 KiB on a retry). Every column decoded
@@ -354,6 +357,8 @@ WITH u AS (
         updated_at = coalesce(%(now)s::timestamptz, now())
     FROM plan p
     WHERE j.id = p.id  -- guarded and locked in plan
+      -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
+      AND (SELECT true /* doorbell */)
     RETURNING j.id, j.company_id, j.source_task_id, j.status, p.i
 ), stored AS (
     INSERT INTO pgjobs.assets (id, company_id, namespace, object_key, content_type, byte_size,
@@ -376,6 +381,8 @@ SET progress_fraction = %(fraction)s::real,
     last_event = 'content_job.progress',
     updated_at = coalesce(%(now)s::timestamptz, now())
 WHERE id = %(id)s::uuid AND status = 'running' AND lease_token = %(lease_token)s::bigint
+  -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
+  AND (SELECT true /* doorbell */)
 RETURNING id, event_seq;
 
 -- name: job_extend_leases
@@ -920,7 +927,10 @@ RETURNING runs;
 -- name: events_doorbell_on
 -- Ask the publish trigger for a ring instead of NOTIFY items for the rest of this
 -- transaction (sql/0019_doorbell.sql): run first in a transaction whose transitions the
--- caller rings for after its commit (pgjobs.doorbell).
+-- caller rings for after its commit (pgjobs.doorbell). The worker's claim, finish and
+-- progress statements run it inside themselves instead, as an uncorrelated subquery in
+-- place of their doorbell mark (pgjobs.doorbell.ringing): evaluated once before the
+-- statement changes a row, so before any of its triggers.
 SELECT set_config('pgjobs.doorbell', 'on', true);
 
 -- name: events_ring
