@@ -11,7 +11,8 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import Counter
-from contextlib import AsyncExitStack, suppress
+from collections.abc import AsyncIterator
+from contextlib import AsyncExitStack, asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -424,25 +425,17 @@ async def test_a_workers_first_claim_asks_nothing_first(
     sql/0017 leaves the jobs triggers no slow plan for the session: test_trigger_plans)."""
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
     sent = _record_queries(monkeypatch)
-    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
-    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
-    try:
+    async with _claiming_worker(dsn, storage_dir) as w:
         sent.clear()  # the pool's own statements, if any
         assert len(await w._claim(1)) == 1
         assert sent == ["job_claim_batch"]
         assert not w._limited
-    finally:
-        await w._pool.close()
     await _set(dsn, company_id="acme", max_running=100)
-    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
-    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
-    try:
+    async with _claiming_worker(dsn, storage_dir) as w:
         sent.clear()
         assert len(await w._claim(10)) == 2
-        assert sent == ["job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"]
+        assert sent == LIMITED_CLAIM
         assert w._limited
-    finally:
-        await w._pool.close()
 
 
 async def test_one_scope_predicate_inlined_where_limits_are_filtered(
@@ -455,14 +448,7 @@ async def test_one_scope_predicate_inlined_where_limits_are_filtered(
     claim's one-time filter costs what the expression written out did."""
     await _set(dsn, job_type="render", max_running=1)
 
-    params = {
-        "now": None,
-        "limit": 10,
-        "worker_id": "w",
-        "lease_seconds": 30.0,
-        "job_types": ["echo"],
-        "after_company": None,
-    }
+    params = _claim_params(job_types=["echo"])
 
     async def exists(job_types: list[str] | None) -> bool:
         # The plain claim of an empty queue: its row of NULLs if a limit refused it.
@@ -487,7 +473,8 @@ async def test_one_scope_predicate_inlined_where_limits_are_filtered(
 def test_the_limited_claim_walks_the_queue_as_the_fair_claim_does() -> None:
     """job_claim_batch_limited is a copy of job_claim_batch with the limits' filters
     (limits.sql says why it is not shared): the CTEs that walk the ring of companies and
-    share the batch (ring, share, whole, filled) stay the same text in both."""
+    share the batch (ring, share, whole, filled) stay the same text in both, and so
+    does what a claim writes to each job it takes (claimed's SET)."""
     fair, limited = QUERIES["job_claim_batch"], QUERIES["job_claim_batch_limited"]
 
     def cte(query: str, name: str, following: str) -> str:
@@ -501,6 +488,40 @@ def test_the_limited_claim_walks_the_queue_as_the_fair_claim_does() -> None:
         ("filled AS", "heads2"),
     ):
         assert cte(fair, name, following) == cte(limited, name, following), name
+
+    def claim_set(query: str) -> str:
+        start = query.index("claimed AS (\n    UPDATE pgjobs.jobs j\n    SET ")
+        return query[start : query.index("\n    -- Rows by primary key", start)]
+
+    assert claim_set(fair) == claim_set(limited)
+
+
+def _claim_params(**overrides: Any) -> dict[str, Any]:
+    """job_claim_batch's parameters for a worker of every type claiming up to 10 jobs."""
+    return {
+        "now": None,
+        "limit": 10,
+        "worker_id": "w",
+        "lease_seconds": 30.0,
+        "job_types": None,
+        "after_company": None,
+        **overrides,
+    }
+
+
+LIMITED_CLAIM = ["job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"]
+"""What a claim refused by a limit sends: the plain claim, then the limited pipeline."""
+
+
+@asynccontextmanager
+async def _claiming_worker(dsn: str, storage_dir: Path) -> AsyncIterator[worker.Worker]:
+    """A worker with its pool open, not running: for calling its ``_claim`` directly."""
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
+    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
+    try:
+        yield w
+    finally:
+        await w._pool.close()
 
 
 def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -528,14 +549,7 @@ async def test_the_plain_claim_says_when_a_limit_refused_it(dsn: str, client: Cl
     """job_claim_batch claims nothing where a limit can cover the worker's job types, and
     says so: one row of NULLs with limited true (no row for an empty queue without a
     limit); a limit on another job type does not concern it."""
-    params = {
-        "now": None,
-        "limit": 10,
-        "worker_id": "w",
-        "lease_seconds": 30.0,
-        "job_types": ["echo"],
-        "after_company": None,
-    }
+    params = _claim_params(job_types=["echo"])
     assert await fetch(dsn, QUERIES["job_claim_batch"], params) == []
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
     await _set(dsn, job_type="render", max_running=1)
@@ -561,9 +575,7 @@ async def test_an_idle_workers_empty_claim_is_one_statement(
     """A worker no limit concerns, polling an empty queue, sends its claim and no other
     statement (the claim itself says whether a limit refused it); when a limit appears,
     the claim that the limit refused goes on through the limited claim at once."""
-    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
-    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
-    try:
+    async with _claiming_worker(dsn, storage_dir) as w:
         assert await w._claim(10) == []  # the first claim
         sent = _record_queries(monkeypatch)
         assert await w._claim(10) == []
@@ -573,10 +585,8 @@ async def test_an_idle_workers_empty_claim_is_one_statement(
         await _set(dsn, company_id="acme", max_running=2)
         sent.clear()
         assert len(await w._claim(10)) == 2
-        assert sent == ["job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"]
+        assert sent == LIMITED_CLAIM
         assert w._limited
-    finally:
-        await w._pool.close()
 
 
 async def test_a_limited_worker_sends_one_claim_at_a_time_for_all_its_slots(
