@@ -250,6 +250,9 @@ WITH RECURSIVE room AS MATERIALIZED (
     -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
     -- (re-checking their WHERE on the newest version), so nobody changed them since.
     WHERE j.id = ANY(ARRAY(SELECT job_id FROM keep))
+      -- With the doorbell on, the worker runs this statement with events_doorbell_on here
+      -- (pgjobs.doorbell.ringing), as job_claim_batch.
+      AND (SELECT true /* doorbell */)
     -- The columns job_claim_batch returns (and why there).
     RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
         j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,

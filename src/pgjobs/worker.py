@@ -678,11 +678,13 @@ class Worker:
             # them), sent together as one pipeline: one round trip, one transaction (the
             # statements before the pipeline's Sync run in one implicit transaction,
             # committed at the Sync), the locks held for the claim's own execution only.
+            # The claim sets the doorbell itself, as the plain claim does.
+            claim = QUERIES["job_claim_batch_limited"]
+            if self.settings.doorbell:
+                claim = doorbell.ringing(claim)
             async with conn.pipeline():
-                if self.settings.doorbell:
-                    await doorbell.doorbell_on(conn)
                 locked = await conn.execute(QUERIES["limit_lock_for_types"], params)
-                await cur.execute(QUERIES["job_claim_batch_limited"], params)
+                await cur.execute(claim, params)
             locks = await locked.fetchone() or {}
             jobs = await self._fetch_claimed(conn, cur)
         self._limited = bool(locks.get("locked"))  # none: no limit covers these jobs now

@@ -526,8 +526,9 @@ async def _claiming_worker(dsn: str, storage_dir: Path) -> AsyncIterator[worker.
 
 def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """From now on, the name (in pgjobs.queries) of every statement a cursor runs, in
-    order; doorbell_on's left out (what it is sent with does not change here), and a
-    statement that rings itself (doorbell.ringing) goes by its query's name."""
+    order; a statement that rings itself (doorbell.ringing) goes by its query's name.
+    A doorbell worker's claims (plain and limited) send no events_doorbell_on of their
+    own: the tests' lists of statements show it."""
     names = {sql: name for name, sql in QUERIES.items()}
     for name, sql in QUERIES.items():
         with suppress(ValueError):  # a query without the doorbell's mark
@@ -536,9 +537,7 @@ def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     execute = psycopg.AsyncCursor.execute
 
     async def recording(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
-        name = names.get(query, str(query)[:60])
-        if name != "events_doorbell_on":
-            sent.append(name)
+        sent.append(names.get(query, str(query)[:60]))
         return await execute(self, query, params, **kwargs)
 
     monkeypatch.setattr(psycopg.AsyncCursor, "execute", recording)

@@ -216,7 +216,12 @@ async def test_claims_progress_and_finishes_ask_for_the_doorbell_in_their_own_st
 
 
 def test_ringing_puts_events_doorbell_on_in_place_of_the_mark() -> None:
-    for name in ("job_claim_batch", "job_finish_many_if_leased", "job_progress_if_leased"):
+    for name in (
+        "job_claim_batch",
+        "job_claim_batch_limited",
+        "job_finish_many_if_leased",
+        "job_progress_if_leased",
+    ):
         ringing = doorbell.ringing(QUERIES[name])
         assert "(SELECT true /* doorbell */)" not in ringing
         assert ringing.count("set_config('pgjobs.doorbell', 'on', true)") == 1
