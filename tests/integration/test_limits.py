@@ -21,7 +21,14 @@ import pytest
 from psycopg.rows import dict_row
 
 from bouncer import Bouncer
-from helpers import fast_settings, fetch, running_worker, wait_until
+from helpers import (
+    fast_settings,
+    fetch,
+    running_worker,
+    start_worker_process,
+    stop_worker_process,
+    wait_until,
+)
 from pgjobs import db, doorbell, limits, worker
 from pgjobs.client import Client
 from pgjobs.context import JobContext
@@ -90,6 +97,47 @@ async def test_a_company_limited_to_two_renders_never_runs_more_across_workers(
             await stack.enter_async_context(running_worker(dsn, _registry(), settings))
         await wait_until(lambda: _all_done(dsn, 80), within=60, message="all 80 jobs done")
     assert await _most_at_once(dsn, "acme", "render") <= 2
+    starts = await fetch(
+        dsn,
+        "SELECT j.company_id FROM pgjobs.job_events e JOIN pgjobs.jobs j ON j.id = e.job_id"
+        " WHERE e.type = 'content_job.running' ORDER BY e.id",
+    )
+    order = [r["company_id"] for r in starts]
+    assert len(order) - 1 - order[::-1].index("beta") < len(order) - 1 - order[::-1].index("acme")
+
+
+async def test_three_worker_processes_never_run_more_than_a_companys_limit(
+    dsn: str, client: Client
+) -> None:
+    """The same across processes: three `pgjobs worker` processes (five slots each, the
+    demo's `sleep` handler), acme may run 2 sleeps at once; 50 of acme's queued and 30 of
+    beta's: never more than 2 of acme's running at once (the audit log's running
+    intervals), all 80 finish, and beta's flow meanwhile (all started before acme's
+    last). Nothing coordinates the processes but the database."""
+    await _set(dsn, company_id="acme", job_type="sleep", max_running=2)
+    nap = {"seconds": 0.05}
+    await client.enqueue_many(JobSpec("acme", "sleep", input=nap) for _ in range(50))
+    await client.enqueue_many(JobSpec("beta", "sleep", input=nap) for _ in range(30))
+    procs = [
+        start_worker_process(
+            dsn,
+            handlers="pgjobs.demo:registry",
+            worker_id=f"limited-{i}",
+            extra=["--job-types", "sleep", "--concurrency", "5"],
+            env={"PGJOBS_POLL_INTERVAL_SECONDS": "0.3"},
+        )
+        for i in range(3)
+    ]
+    try:
+        await wait_until(lambda: _all_done(dsn, 80), within=120, message="all 80 jobs done")
+    finally:
+        logs = [stop_worker_process(proc) for proc in procs]
+    workers = await fetch(
+        dsn,
+        "SELECT DISTINCT e.worker_id FROM pgjobs.job_events e WHERE e.type = 'content_job.running'",
+    )
+    assert {row["worker_id"] for row in workers} == {f"limited-{i}" for i in range(3)}, logs
+    assert await _most_at_once(dsn, "acme", "sleep") <= 2
     starts = await fetch(
         dsn,
         "SELECT j.company_id FROM pgjobs.job_events e JOIN pgjobs.jobs j ON j.id = e.job_id"
