@@ -115,15 +115,7 @@ async def _drain(
         await listener.execute(f"LISTEN {events.EVENTS_CHANNEL}")
         collecting = asyncio.create_task(_collect(listener, reader, marker))
         async with running_worker(dsn, _registry(), settings) as worker:
-
-            async def finished() -> bool:
-                rows = await fetch(
-                    dsn,
-                    "SELECT count(*) AS n FROM pgjobs.jobs WHERE status IN ('queued', 'running')",
-                )
-                return bool(rows[0]["n"] == 0)
-
-            await wait_until(finished, within=60, message="every job finished")
+            await _every_job_finished(dsn)
         # Stopped: every commit and ring of the worker was sent before this one.
         await fetch(dsn, "SELECT pg_notify(%s, %s)", [events.EVENTS_CHANNEL, marker])
         heard = await asyncio.wait_for(collecting, 120)
@@ -141,6 +133,18 @@ async def _drain(
         events.EventType.FAILED,
     }, "the drain made every kind of worker transition"
     return heard, rows, worker
+
+
+async def _every_job_finished(dsn: str) -> None:
+    """Wait (up to 60 s) until no job is queued or running."""
+
+    async def finished() -> bool:
+        rows = await fetch(
+            dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status IN ('queued', 'running')"
+        )
+        return bool(rows[0]["n"] == 0)
+
+    await wait_until(finished, within=60, message="every job finished")
 
 
 async def _set_limit(dsn: str) -> None:
@@ -480,15 +484,7 @@ async def test_a_stopping_worker_sends_its_pending_rings_before_closing_its_pool
     settings = fast_settings(storage_dir, db_use_timeout_seconds=600.0)
     async with running_worker(dsn, _registry(), settings) as worker:
         await asyncio.wait_for(rings.in_flight.wait(), 30)
-
-        async def finished() -> bool:
-            rows = await fetch(
-                dsn,
-                "SELECT count(*) AS n FROM pgjobs.jobs WHERE status IN ('queued', 'running')",
-            )
-            return bool(rows[0]["n"] == 0)
-
-        await wait_until(finished, within=60, message="every job finished")
+        await _every_job_finished(dsn)
         worker.stop()
         rings.release.set()
     rows = await fetch(dsn, "SELECT job_id FROM pgjobs.job_events WHERE seq > 1")
