@@ -196,7 +196,7 @@ async def test_failed_or_cancelled_status_needs_its_event(dsn: str, client: Clie
     # The listing of failed and cancelled jobs finds them by their events: a job row
     # cannot say failed (or cancelled) without its last event saying so.
     job = await client.enqueue("acme", "echo")
-    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_ended_has_its_event"):
+    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_state_consistent"):
         await fetch(
             dsn,
             "UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now(),"

@@ -6,6 +6,7 @@ gives the queue rows already there their company."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import psycopg
 import pytest
@@ -167,7 +168,7 @@ async def test_time_bounds_migration_fails_and_clamps_rows_out_of_range(empty_ds
     assert good["run_at"] == "2030-01-01 00:00:00+00"
     await assert_queue_matches_jobs(empty_dsn)
 
-    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_run_at_in_range"):
+    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_times_in_range"):
         await fetch(
             empty_dsn,
             "UPDATE pgjobs.jobs SET run_at = '0001-01-01T00:00:00Z' WHERE id = %s",
@@ -322,17 +323,10 @@ _AUDIT_LOG = (
 _JOB_ROWS = "SELECT * FROM pgjobs.jobs ORDER BY id"
 
 
-async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
-    empty_dsn: str,
-) -> None:
-    """0016 on jobs in every state: the audit log, the jobs and their 22 CHECKs are
-    untouched by it and by its rollback, which restores the id key; the (job_id, seq) key
-    comes back with it, and the jobs go on moving after each step."""
-    dsn = empty_dsn
-    migrate.apply(dsn)
-    _roll_back(dsn, "0016_narrow_audit")
-    old_checks = (await fetch(dsn, _CHECKS))[0]["names"]
-    assert len(old_checks) == 22
+async def _jobs_in_every_state(dsn: str) -> tuple[Any, ...]:
+    """Jobs failed, done, running, retried (queued again), cancelled and queued, moved by
+    the worker's own statements; returns the failed, running, retried and cancelled jobs'
+    ids and the running job's claimed row."""
     async with await Client.connect(dsn) as client:
         failed = await client.enqueue("acme", "echo", max_attempts=1)
         await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
@@ -345,8 +339,22 @@ async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
         cancelled = await client.enqueue("acme", "echo")
         await client.cancel("acme", cancelled.id)
         await client.enqueue("globex", "echo", {"n": 1})
-        statuses = sorted(r["status"] for r in await fetch(dsn, "SELECT status FROM pgjobs.jobs"))
-        assert statuses == ["cancelled", "done", "failed", "queued", "queued", "running"]
+    statuses = sorted(r["status"] for r in await fetch(dsn, "SELECT status FROM pgjobs.jobs"))
+    assert statuses == ["cancelled", "done", "failed", "queued", "queued", "running"]
+    return failed.id, running.id, retried.id, cancelled.id, lease
+
+
+async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    """0016 on jobs in every state: the audit log, the jobs and their CHECKs are
+    untouched by it and by its rollback, which restores the id key; the (job_id, seq) key
+    comes back with it, and the jobs go on moving after each step."""
+    dsn = empty_dsn
+    migrate.apply(dsn)
+    _roll_back(dsn, "0016_narrow_audit")
+    old_checks = (await fetch(dsn, _CHECKS))[0]["names"]
+    failed, running, retried, cancelled, lease = await _jobs_in_every_state(dsn)
     audit, jobs = await fetch(dsn, _AUDIT_LOG), await fetch(dsn, _JOB_ROWS)
 
     assert migrate.apply(dsn) == ["0016_narrow_audit"]
@@ -358,10 +366,10 @@ async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
     # A lease taken before the migration completes its job after it.
     assert len(await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(lease, None))) == 1
     assert {r["job_id"] for r in await fetch(dsn, "SELECT job_id FROM pgjobs.job_events")} >= {
-        failed.id,
-        running.id,
-        retried.id,
-        cancelled.id,
+        failed,
+        running,
+        retried,
+        cancelled,
     }
 
     audit, jobs = await fetch(dsn, _AUDIT_LOG), await fetch(dsn, _JOB_ROWS)
@@ -372,7 +380,7 @@ async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
     assert (await fetch(dsn, _EVENT_KEYS))[0]["defs"] == [
         "UNIQUE (job_id, seq)", "PRIMARY KEY (id)"
     ]  # fmt: skip
-    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_running_has_lease"):
+    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_state_consistent"):
         await fetch(dsn, "UPDATE pgjobs.jobs SET status = 'running' WHERE status = 'queued'")
     async with await Client.connect(dsn) as client:
         await client.enqueue("acme", "echo")
@@ -388,3 +396,177 @@ async def _claim(dsn: str) -> dict[str, object]:
 
 def _finish(job: dict[str, object], error: str | None) -> dict[str, object]:
     return finish_params(job, "done" if error is None else "error")
+
+
+_CHECK_DEFS = (
+    "SELECT conrelid::regclass::text AS table, conname::text AS name,"
+    " pg_get_constraintdef(oid) AS def, convalidated AS validated FROM pg_constraint"
+    " WHERE contype = 'c' AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])"
+    " ORDER BY 1, 2"
+)
+_MERGED = "0020_merged_checks"
+
+# Rows for the CHECKs to judge, in tables shaped as pgjobs.jobs and pgjobs.job_queue (NOT
+# NULL included, CHECKs left out). Every combination of the state columns' telling values
+# (a status and last event of each kind and a wrong one, attempts below, at and past
+# max_attempts, each time and text NULL or not, a time out of range), then each size and
+# time at and past its bounds on a valid job of each status.
+_GRID = """
+CREATE TABLE check_grid (LIKE pgjobs.jobs);
+INSERT INTO check_grid (id, company_id, job_type, status, input, priority, run_at, attempts,
+                        max_attempts, lease_token, event_seq, last_event, created_at,
+                        updated_at, finished_at, lease_expires_at, started_at, worker_id,
+                        error_message)
+SELECT gen_random_uuid(), 'acme', 'echo', s, '{}', 0, now(), a.attempts, a.max_attempts, 0, 1,
+       e, now(), now(), f, l, st, w, em
+FROM unnest('{queued,running,done,failed,cancelled,sleeping}'::text[]) s,
+     unnest('{content_job.queued,content_job.running,content_job.progress,
+              content_job.retrying,content_job.done,content_job.failed,
+              content_job.cancelled,content_job.nope}'::text[]) e,
+     (VALUES (-1, 3), (0, 3), (2, 3), (3, 3), (4, 3), (0, 1), (1, 1)) a(attempts, max_attempts),
+     unnest(ARRAY[NULL, now(), '1900-01-01Z']::timestamptz[]) f,
+     unnest(ARRAY[NULL, now(), '1900-01-01Z']::timestamptz[]) l,
+     unnest(ARRAY[NULL, now()]::timestamptz[]) st,
+     unnest(ARRAY[NULL, 'w']::text[]) w,
+     unnest(ARRAY[NULL, 'e']::text[]) em;
+
+CREATE TABLE check_grid_base (LIKE pgjobs.jobs);
+INSERT INTO check_grid_base (id, company_id, job_type, status, input, priority, run_at,
+                             attempts, max_attempts, lease_token, event_seq, last_event,
+                             created_at, updated_at, finished_at, lease_expires_at,
+                             started_at, worker_id, error_message)
+VALUES (gen_random_uuid(), 'acme', 'echo', 'queued', '{}', 0, now(), 0, 3, 0, 1,
+        'content_job.queued', now(), now(), NULL, NULL, NULL, NULL, NULL),
+       (gen_random_uuid(), 'acme', 'echo', 'running', '{}', 0, now(), 1, 3, 1, 2,
+        'content_job.running', now(), now(), NULL, now(), now(), 'w', NULL),
+       (gen_random_uuid(), 'acme', 'echo', 'done', '{}', 0, now(), 1, 3, 1, 3,
+        'content_job.done', now(), now(), now(), NULL, now(), 'w', NULL),
+       (gen_random_uuid(), 'acme', 'echo', 'failed', '{}', 0, now(), 3, 3, 3, 7,
+        'content_job.failed', now(), now(), now(), NULL, now(), 'w', 'e'),
+       (gen_random_uuid(), 'acme', 'echo', 'cancelled', '{}', 0, now(), 0, 3, 0, 2,
+        'content_job.cancelled', now(), now(), now(), NULL, NULL, NULL, NULL);
+INSERT INTO check_grid SELECT * FROM check_grid_base;
+INSERT INTO check_grid
+SELECT (jsonb_populate_record(b, jsonb_build_object('id', gen_random_uuid(), p.col, p.val))).*
+FROM check_grid_base b,
+     (SELECT 'company_id', to_jsonb(v) FROM unnest(ARRAY['', 'a', repeat('x', 200),
+          repeat('x', 201), repeat('é', 200), repeat('é', 201)]) v
+      UNION ALL SELECT 'job_type', to_jsonb(v) FROM unnest(ARRAY['', 'a', repeat('x', 200),
+          repeat('x', 201), repeat('é', 200), repeat('é', 201)]) v
+      UNION ALL SELECT 'progress_message', to_jsonb(v) FROM unnest(ARRAY[NULL,
+          repeat('x', 1000), repeat('x', 1001), repeat('é', 1000), repeat('é', 1001)]) v
+      UNION ALL SELECT 'error_traceback', to_jsonb(v) FROM unnest(ARRAY[NULL,
+          repeat('x', 16384), repeat('x', 16385), repeat('é', 8192), repeat('é', 8193)]) v
+      UNION ALL SELECT 'progress_fraction', to_jsonb(v) FROM unnest(ARRAY[NULL, -0.01, 0, 0.5,
+          1, 1.01, 'NaN']::real[]) v
+      UNION ALL SELECT 'max_attempts', to_jsonb(v) FROM unnest(ARRAY[0, 1, 1000, 1001]) v
+      UNION ALL SELECT c, to_jsonb(v)
+      FROM unnest('{run_at,created_at,updated_at,started_at,finished_at,
+                    lease_expires_at}'::text[]) c,
+           unnest('{"1969-12-31 23:59:59.999999Z","1970-01-01Z","9999-12-31Z",
+                    "9999-12-31 00:00:00.000001Z",-infinity,infinity}'::text[]) v
+     ) p(col, val);
+
+CREATE TABLE check_queue_grid (LIKE pgjobs.job_queue);
+INSERT INTO check_queue_grid (job_id, job_type, priority, run_at, lease_expires_at, company_id)
+SELECT gen_random_uuid(), 'echo', 0, r, l, 'acme'
+FROM unnest('{"1969-12-31 23:59:59.999999Z","1970-01-01Z",now,"9999-12-31Z",
+              "9999-12-31 00:00:00.000001Z",-infinity,infinity}'::timestamptz[]) r,
+     unnest('{NULL,"1969-12-31 23:59:59.999999Z","1970-01-01Z",now,"9999-12-31Z",
+              "9999-12-31 00:00:00.000001Z",-infinity,infinity}'::timestamptz[]) l;
+"""
+
+
+_GRIDS = {"pgjobs.jobs": ("check_grid", "id"), "pgjobs.job_queue": ("check_queue_grid", "job_id")}
+
+
+async def _refused(dsn: str) -> dict[str, set[object]]:
+    """The keys of the rows of each grid that the CHECKs installed now refuse (a CHECK
+    refuses a row exactly when its expression is false), from each CHECK's definition."""
+    checks = await fetch(dsn, _CHECK_DEFS)
+    refused = {}
+    for table, (grid, key) in _GRIDS.items():
+        exprs = [c["def"].removeprefix("CHECK ") for c in checks if c["table"] == table]
+        breaks = " OR ".join(f"({e}) IS FALSE" for e in exprs)
+        rows = await fetch(dsn, f"SELECT {key} AS k FROM {grid} WHERE {breaks}")
+        refused[table] = {r["k"] for r in rows}
+    return refused
+
+
+async def _assert_same_verdicts(dsn: str, before: dict[str, set[object]]) -> None:
+    now = await _refused(dsn)
+    for table, (grid, key) in _GRIDS.items():
+        differ = list(now[table] ^ before[table])
+        if differ:
+            rows = await fetch(dsn, f"SELECT * FROM {grid} WHERE {key} = ANY(%s) LIMIT 3", [differ])
+            raise AssertionError(f"{len(differ)} rows of {table} judged otherwise, e.g. {rows}")
+
+
+async def test_merged_checks_migration_refuses_the_same_rows_keeps_a_filled_database_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    """0020 replaces the 22 CHECKs of pgjobs.jobs and the 2 of pgjobs.job_queue with 3 and
+    1 that refuse exactly the same rows; jobs in every state pass it and go on moving; its
+    rollback restores the 24 exactly (names, definitions, validated)."""
+    dsn = empty_dsn
+    _apply_up_to(dsn, _MERGED)
+    old = await fetch(dsn, _CHECK_DEFS)
+    assert len(old) == 22 + 2
+    lease = (await _jobs_in_every_state(dsn))[-1]
+    audit, jobs = await fetch(dsn, _AUDIT_LOG), await fetch(dsn, _JOB_ROWS)
+    await fetch(dsn, _GRID)
+    refused_before = await _refused(dsn)
+    grid_size = await fetch(dsn, "SELECT count(*) AS n FROM check_grid")
+    assert 0 < len(refused_before["pgjobs.jobs"]) < grid_size[0]["n"]
+    assert 0 < len(refused_before["pgjobs.job_queue"]) < 7 * 8
+
+    assert migrate.apply(dsn) == [_MERGED]
+    merged = await fetch(dsn, _CHECK_DEFS)
+    assert [(c["table"], c["name"], c["validated"]) for c in merged] == [
+        ("pgjobs.job_queue", "job_queue_times_in_range", True),
+        ("pgjobs.jobs", "jobs_sizes_in_range", True),
+        ("pgjobs.jobs", "jobs_state_consistent", True),
+        ("pgjobs.jobs", "jobs_times_in_range", True),
+    ]
+    await _assert_same_verdicts(dsn, refused_before)
+    assert await fetch(dsn, _AUDIT_LOG) == audit
+    assert await fetch(dsn, _JOB_ROWS) == jobs
+    await assert_queue_matches_jobs(dsn)
+    # A lease taken before the migration completes its job after it; new jobs move.
+    assert len(await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(lease, None))) == 1
+    await _jobs_moving(dsn)
+
+    _roll_back(dsn, _MERGED)
+    assert await fetch(dsn, _CHECK_DEFS) == old
+    await _jobs_moving(dsn)
+    assert migrate.apply(dsn) == [_MERGED]
+    assert await fetch(dsn, _CHECK_DEFS) == merged
+    await _jobs_moving(dsn)
+
+
+def _apply_up_to(dsn: str, first_skipped: str) -> list[str]:
+    """Apply the migrations before ``first_skipped`` only: the schema as it was then."""
+    backend = migrate._backend(dsn)
+    try:
+        migrations = read_migrations(str(migrate.migrations_dir()))
+        earlier = set(ALL[: ALL.index(first_skipped)])
+        with backend.lock():
+            pending = backend.to_apply(migrations.filter(lambda m: m.id in earlier))
+            backend.apply_migrations(pending)
+        return [m.id for m in pending]
+    finally:
+        backend.connection.close()
+
+
+async def _jobs_moving(dsn: str) -> None:
+    """Jobs are still enqueued, claimed, finished (a success, a failure) and cancelled."""
+    async with await Client.connect(dsn) as client:
+        for outcome in (None, "e"):
+            await client.enqueue("acme", "echo")
+            finished = await fetch(
+                dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), outcome)
+            )
+            assert len(finished) == 1
+        cancelled = await client.enqueue("acme", "echo")
+        assert (await client.cancel("acme", cancelled.id)).status.value == "cancelled"
+    await assert_queue_matches_jobs(dsn)

@@ -50,13 +50,13 @@ async def test_update_that_skips_the_event_is_refused(dsn: str, client: Client) 
 async def test_status_and_timestamps_must_agree(dsn: str, client: Client) -> None:
     job = await client.enqueue("acme", "echo")
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.CheckViolation, match="jobs_finished_iff_terminal"):
+        with pytest.raises(psycopg.errors.CheckViolation, match="jobs_state_consistent"):
             await conn.execute(
                 "UPDATE pgjobs.jobs SET status = 'done', event_seq = event_seq + 1,"
                 " last_event = 'content_job.done' WHERE id = %s",
                 [job.id],
             )
-        with pytest.raises(psycopg.errors.CheckViolation, match="jobs_running_has_lease"):
+        with pytest.raises(psycopg.errors.CheckViolation, match="jobs_state_consistent"):
             await conn.execute(
                 "UPDATE pgjobs.jobs SET status = 'running', event_seq = event_seq + 1,"
                 " last_event = 'content_job.running', attempts = 1 WHERE id = %s",
@@ -347,74 +347,146 @@ async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:
     assert db.describe_error(TimeoutError()) == "TimeoutError"
 
 
-# Each CHECK of pgjobs.jobs and pgjobs.job_queue, and an update of a freshly queued job
-# that breaks that rule and no other.
+# Every rule the CHECKs of pgjobs.jobs and pgjobs.job_queue enforce (one CHECK each until
+# sql/0020, whose names the ids keep), the merged CHECK that enforces it now, and an update
+# of a freshly queued job that breaks that rule and no other.
+_TIMES, _SIZES, _STATE = "jobs_times_in_range", "jobs_sizes_in_range", "jobs_state_consistent"
 _RULES = [
-    ("jobs_attempts_in_range", "UPDATE pgjobs.jobs SET attempts = -1"),
-    ("jobs_company_id_check", "UPDATE pgjobs.jobs SET company_id = ''"),
-    ("jobs_created_at_in_range", "UPDATE pgjobs.jobs SET created_at = '1900-01-01Z'"),
+    ("attempts_in_range", _STATE, "UPDATE pgjobs.jobs SET attempts = -1"),
+    ("company_id_check", _SIZES, "UPDATE pgjobs.jobs SET company_id = ''"),
+    ("created_at_in_range", _TIMES, "UPDATE pgjobs.jobs SET created_at = '1900-01-01Z'"),
     (
-        "jobs_done_has_no_error",
+        "done_has_no_error",
+        _STATE,
         "UPDATE pgjobs.jobs SET status = 'done', finished_at = now(), error_message = 'x'",
     ),
-    ("jobs_ended_has_its_event", "UPDATE pgjobs.jobs SET last_event = 'content_job.failed'"),
+    ("ended_has_its_event", _STATE, "UPDATE pgjobs.jobs SET last_event = 'content_job.failed'"),
     (
-        "jobs_failed_has_error",
+        "cancelled_has_its_event",
+        _STATE,
+        "UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now()",
+    ),
+    (
+        "failed_has_error",
+        _STATE,
         "UPDATE pgjobs.jobs SET status = 'failed', last_event = 'content_job.failed',"
         " finished_at = now()",
     ),
     (
-        "jobs_finished_at_in_range",
+        "finished_at_in_range",
+        _TIMES,
         "UPDATE pgjobs.jobs SET status = 'done', finished_at = '1900-01-01Z'",
     ),
-    ("jobs_finished_iff_terminal", "UPDATE pgjobs.jobs SET finished_at = now()"),
-    ("jobs_job_type_check", "UPDATE pgjobs.jobs SET job_type = ''"),
-    ("jobs_last_event_known", "UPDATE pgjobs.jobs SET last_event = 'content_job.nope'"),
+    ("finished_iff_terminal", _STATE, "UPDATE pgjobs.jobs SET finished_at = now()"),
     (
-        "jobs_lease_expires_at_in_range",
+        "terminal_has_finished_at",
+        _STATE,
+        "UPDATE pgjobs.jobs SET status = 'done', last_event = 'content_job.done'",
+    ),
+    ("job_type_check", _SIZES, "UPDATE pgjobs.jobs SET job_type = ''"),
+    ("last_event_known", _STATE, "UPDATE pgjobs.jobs SET last_event = 'content_job.nope'"),
+    (
+        "lease_expires_at_in_range",
+        _TIMES,
         "UPDATE pgjobs.jobs SET status = 'running', attempts = 1, worker_id = 'w',"
         " started_at = now(), lease_expires_at = '1900-01-01Z'",
     ),
-    ("jobs_lease_only_while_running", "UPDATE pgjobs.jobs SET lease_expires_at = now()"),
-    ("jobs_max_attempts_check", "UPDATE pgjobs.jobs SET max_attempts = 1001"),
-    ("jobs_progress_fraction_check", "UPDATE pgjobs.jobs SET progress_fraction = 2"),
-    ("jobs_progress_message_check", "UPDATE pgjobs.jobs SET progress_message = repeat('x', 1001)"),
-    ("jobs_queued_has_attempt_left", "UPDATE pgjobs.jobs SET attempts = max_attempts"),
-    ("jobs_run_at_in_range", "UPDATE pgjobs.jobs SET run_at = '1900-01-01Z'"),
-    ("jobs_running_has_lease", "UPDATE pgjobs.jobs SET status = 'running', attempts = 1"),
-    ("jobs_started_at_in_range", "UPDATE pgjobs.jobs SET started_at = '1900-01-01Z'"),
-    ("jobs_status_check", "UPDATE pgjobs.jobs SET status = 'sleeping'"),
-    ("jobs_traceback_bounded", "UPDATE pgjobs.jobs SET error_traceback = repeat('x', 16385)"),
-    ("jobs_updated_at_in_range", "UPDATE pgjobs.jobs SET updated_at = '1900-01-01Z'"),
+    ("lease_only_while_running", _STATE, "UPDATE pgjobs.jobs SET lease_expires_at = now()"),
+    ("max_attempts_check", _SIZES, "UPDATE pgjobs.jobs SET max_attempts = 1001"),
+    ("progress_fraction_check", _SIZES, "UPDATE pgjobs.jobs SET progress_fraction = 2"),
     (
-        "job_queue_lease_expires_at_in_range",
+        "progress_message_check",
+        _SIZES,
+        "UPDATE pgjobs.jobs SET progress_message = repeat('x', 1001)",
+    ),
+    ("queued_has_attempt_left", _STATE, "UPDATE pgjobs.jobs SET attempts = max_attempts"),
+    ("run_at_in_range", _TIMES, "UPDATE pgjobs.jobs SET run_at = '1900-01-01Z'"),
+    ("running_has_lease", _STATE, "UPDATE pgjobs.jobs SET status = 'running', attempts = 1"),
+    (
+        "running_has_worker",
+        _STATE,
+        "UPDATE pgjobs.jobs SET status = 'running', attempts = 1, started_at = now(),"
+        " lease_expires_at = now()",
+    ),
+    (
+        "running_has_started_at",
+        _STATE,
+        "UPDATE pgjobs.jobs SET status = 'running', attempts = 1, worker_id = 'w',"
+        " lease_expires_at = now()",
+    ),
+    ("started_at_in_range", _TIMES, "UPDATE pgjobs.jobs SET started_at = '1900-01-01Z'"),
+    ("status_check", _STATE, "UPDATE pgjobs.jobs SET status = 'sleeping'"),
+    (
+        "traceback_bounded",
+        _SIZES,
+        "UPDATE pgjobs.jobs SET error_traceback = repeat('x', 16385)",
+    ),
+    ("updated_at_in_range", _TIMES, "UPDATE pgjobs.jobs SET updated_at = '1900-01-01Z'"),
+    (
+        "queue_lease_expires_at_in_range",
+        "job_queue_times_in_range",
         "UPDATE pgjobs.job_queue SET lease_expires_at = '1900-01-01Z'",
     ),
-    ("job_queue_run_at_in_range", "UPDATE pgjobs.job_queue SET run_at = '1900-01-01Z'"),
+    (
+        "queue_run_at_in_range",
+        "job_queue_times_in_range",
+        "UPDATE pgjobs.job_queue SET run_at = '1900-01-01Z'",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("rule", "update"), _RULES, ids=[rule for rule, _ in _RULES])
+@pytest.mark.parametrize(("check", "update"), [r[1:] for r in _RULES], ids=[r[0] for r in _RULES])
 async def test_a_broken_rule_is_named_in_the_error(
-    dsn: str, client: Client, rule: str, update: str
+    dsn: str, client: Client, check: str, update: str
 ) -> None:
+    """What a psql user sees: the CHECK named for the concern, on the table written."""
     await client.enqueue("acme", "echo")
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        with pytest.raises(psycopg.errors.CheckViolation, match=f'constraint "{rule}"') as err:
+        with pytest.raises(psycopg.errors.CheckViolation, match=f'constraint "{check}"') as err:
             await conn.execute(update)  # type: ignore[arg-type]
-    assert err.value.diag.constraint_name == rule
-    table = "job_queue" if rule.startswith("job_queue_") else "jobs"
+    assert err.value.diag.constraint_name == check
+    table = "job_queue" if check.startswith("job_queue_") else "jobs"
     assert (err.value.diag.schema_name, err.value.diag.table_name) == ("pgjobs", table)
 
 
-async def test_every_check_has_a_rule_test(dsn: str) -> None:
-    """The list above names every CHECK of the two tables, so a new one gets its test."""
+async def test_every_check_has_a_rule_test_and_a_description(dsn: str) -> None:
+    """The list above names every CHECK of the two tables, so a new one gets its test, and
+    each says in words what it requires (COMMENT ON CONSTRAINT: psql's ``\\dd``)."""
     rows = await _rows(
         dsn,
-        "SELECT conname FROM pg_constraint WHERE contype = 'c'"
-        " AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])",
+        "SELECT conname, obj_description(oid, 'pg_constraint') AS what FROM pg_constraint"
+        " WHERE contype = 'c' AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])",
     )
-    assert sorted(r["conname"] for r in rows) == sorted(rule for rule, _ in _RULES)
+    assert sorted(r["conname"] for r in rows) == sorted({check for _, check, _ in _RULES})
+    assert all(r["what"] for r in rows), rows
+
+
+async def test_the_checks_call_no_sql_function_per_row(dsn: str) -> None:
+    """The range CHECKs read as pgjobs.time_in_range(...) calls; PostgreSQL inlines that
+    plain SQL expression into them, so a write evaluates comparisons, not a function call
+    per time (which would cost microseconds per row). The function-call counter sees the
+    calls as soon as the function cannot be inlined (here: a SET clause)."""
+
+    async def calls_of_time_in_range(conn: psycopg.AsyncConnection[Any]) -> int:
+        await conn.execute(
+            "INSERT INTO pgjobs.jobs (id, company_id, job_type)"
+            " SELECT gen_random_uuid(), 'acme', 'echo' FROM generate_series(1, 10)"
+        )
+        await conn.execute("UPDATE pgjobs.jobs SET priority = priority + 1")
+        cur = await conn.execute(
+            "SELECT coalesce(pg_stat_get_xact_function_calls("
+            "'pgjobs.time_in_range(timestamptz)'::regprocedure), 0)"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        return int(row[0])
+
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute("SET LOCAL track_functions = 'all'")
+        assert await calls_of_time_in_range(conn) == 0
+        await conn.execute("ALTER FUNCTION pgjobs.time_in_range(timestamptz) SET work_mem = '4MB'")
+        assert await calls_of_time_in_range(conn) > 0  # the counter would see them
+        await conn.rollback()
 
 
 async def test_audit_rows_are_keyed_by_job_and_seq_with_no_index_on_id(
