@@ -13,9 +13,9 @@
 --                           started_at/finished_at, error and last event
 --   job_queue_times_in_range  the queue row's run_at and lease_expires_at (0005)
 --
--- Measured as one backend's CPU on copies of pgjobs.jobs (100,000 rows, 9 interleaved
--- rounds): the rules cost 0.7-0.8 us per inserted or updated row as 22 CHECKs and
--- ~0.4 us as these three (docs/benchmarks.md, "The job row's CHECKs").
+-- Measured as one backend's CPU on copies of pgjobs.jobs (100,000 rows, 11 interleaved
+-- rounds): the rules cost ~0.85 us per insert and ~0.65 per update as 22 CHECKs, ~0.45
+-- and ~0.4 as these three (docs/benchmarks.md, "The job row's CHECKs (sql/0020)").
 --
 -- Each is cheap: plain comparisons and NULL tests, a CASE on status instead of a status
 -- comparison per rule, and no SQL-function call per row: pgjobs.time_in_range is a plain
