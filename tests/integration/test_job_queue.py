@@ -276,3 +276,41 @@ async def test_claims_race_cancels_finishes_and_rescues_without_deadlock(
     await asyncio.gather(*(claimer(f"c{n}") for n in range(4)), rescuer_loop(), until_settled())
     assert await assert_histories_valid(dsn) == 300
     assert await _unfinished(dsn) == 0
+
+
+async def test_a_claim_passes_over_a_job_a_cancel_holds(dsn: str, client: Client) -> None:
+    """A claim must never wait for a job row while holding that job's queue row: a cancel
+    holding the job row would then wait for the queue row in its trigger (the locking
+    rule in job_claim_batch's header). Pinned here: a row trigger sleeps inside the
+    cancel once it holds the job row (a BEFORE ROW trigger runs on the locked row), and
+    a claim runs meanwhile: it passes the job over. A claim that locked only the queue
+    row and then updated the job row waited for it, and PostgreSQL raised its deadlock
+    error in one of the two."""
+    job = await client.enqueue("acme", "echo")
+    await fetch(
+        dsn,
+        "CREATE FUNCTION hold_in_cancel() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;"
+        " CREATE TRIGGER hold_cancel BEFORE UPDATE ON pgjobs.jobs FOR EACH ROW"
+        " WHEN (NEW.status = 'cancelled') EXECUTE FUNCTION hold_in_cancel()",
+    )
+    cancel = asyncio.create_task(client.cancel("acme", job.id))
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        conn.row_factory = dict_row
+        for _ in range(500):  # until the cancel sleeps in its trigger
+            cur = await conn.execute(
+                "SELECT count(*) AS n FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+            )
+            if (await cur.fetchone() or {}).get("n"):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            pytest.fail("the cancel never reached its trigger")
+        params = {
+            "now": None, "limit": 10, "worker_id": "w", "lease_seconds": 30.0,
+            "job_types": None, "after_company": None,
+        }  # fmt: skip
+        claimed = await (await conn.execute(QUERIES["job_claim_batch"], params)).fetchall()
+    assert claimed == []
+    assert (await cancel).status == JobStatus.CANCELLED
+    assert await assert_histories_valid(dsn) == 1
