@@ -85,7 +85,11 @@ async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uui
     """Ring for ``(company_id, job_id)`` pairs whose transitions have committed: call it
     after the commit, on a connection outside a transaction (autocommit). False if it
     could not be sent (logged; the listeners' catch-up covers it)."""
-    payloads = events.encode_ring(jobs)
+    return await ring_payloads(conn, events.encode_ring(jobs))
+
+
+async def ring_payloads(conn: psycopg.AsyncConnection[Any], payloads: list[str]) -> bool:
+    """``ring`` for payloads already encoded (``events.encode_ring``)."""
     try:
         async with conn.lock:  # as psycopg's own execute: one statement at a time
             for payload in payloads:  # one but for a ring of more than ~200 jobs
@@ -150,7 +154,11 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> No
 
 def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
     """``ring`` for a blocking connection."""
-    payloads = events.encode_ring(jobs)
+    return ring_payloads_sync(conn, events.encode_ring(jobs))
+
+
+def ring_payloads_sync(conn: psycopg.Connection[Any], payloads: list[str]) -> bool:
+    """``ring_payloads`` for a blocking connection."""
     try:
         if len(payloads) == 1:
             conn.execute(QUERIES["events_ring"], {"payload": payloads[0]})

@@ -30,6 +30,13 @@ WITH inserted AS (
 )
 SELECT coalesce(%(now)s::timestamptz, now()) AS now;
 
+-- name: job_insert_many_begin
+-- The first statement of a bulk enqueue sent in chunks (pgjobs.client.ChunkedInsert): the
+-- doorbell on for the transaction (as events_doorbell_on), and the transaction's time,
+-- which every chunk's job_insert_many then stores (now() would be the same), so that the
+-- client builds each chunk's Jobs while the server inserts the next.
+SELECT set_config('pgjobs.doorbell', 'on', true) AS doorbell, now() AS now;
+
 -- name: job_get
 SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text;
 

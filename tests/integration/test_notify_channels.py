@@ -137,8 +137,8 @@ async def test_work_channel_carries_claimable_jobs_and_cancellations_only(
     progress, completions and a queued job's cancellation send nothing on this channel."""
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     async with await _listening(dsn, events.WORK_CHANNEL) as listener:
-        await client.enqueue_many(
-            [JobSpec("acme", "echo") for _ in range(300)]
+        await client.enqueue_many(  # one statement: fewer than RING_FROM_JOBS jobs
+            [JobSpec("acme", "echo") for _ in range(RING_FROM_JOBS - 10)]
             + [JobSpec("globex", "render", {"n": n}) for n in range(3)]
             + [JobSpec("globex", "sleep", run_at=later)]
         )
