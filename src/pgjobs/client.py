@@ -33,7 +33,7 @@ from pgjobs import db, doorbell, events, unique
 from pgjobs.errors import InvalidJobError, InvalidTransitionError, JobNotFoundError
 from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_UNIQUE_WHILE, JobSpec
 from pgjobs.queries import QUERIES
-from pgjobs.types import Asset, Job, JobEvent, JobStatus, enqueued_job
+from pgjobs.types import Asset, Job, JobEvent, JobStatus, enqueued_jobs
 
 MAX_PAGE_SIZE = 500
 RING_FROM_JOBS = 250
@@ -107,18 +107,17 @@ def plan_insert(
 def inserted_jobs(specs: list[JobSpec], params: Params, now: datetime) -> list[Job]:
     """The Jobs ``job_insert_many`` stored for ``specs`` (``params`` from ``plan_insert``)
     at ``now`` (the time the statement returns, or the transaction's it was given), in the
-    specs' order, built from what was sent (``types.enqueued_job``). Each input is decoded
+    specs' order, built from what was sent (``types.enqueued_jobs``). Each input is decoded
     from the JSON text sent, as a read decodes the stored jsonb (numbers written with an
     exponent may come back as a float here and an int there: equal values)."""
-    jobs = []
-    for s, text in zip(specs, params["inputs"], strict=True):
-        input_ = {} if text == "{}" else json.loads(text)
-        job = enqueued_job(
-            s.id, s.company_id, s.job_type, input_, s.priority, s.run_at, s.max_attempts,
-            s.source_task_id, now,
-        )  # fmt: skip
-        jobs.append(job)
-    return jobs
+    return enqueued_jobs(
+        (
+            (s.id, s.company_id, s.job_type, {} if text == "{}" else json.loads(text),
+             s.priority, s.run_at, s.max_attempts, s.source_task_id)
+            for s, text in zip(specs, params["inputs"], strict=True)
+        ),
+        now,
+    )  # fmt: skip
 
 
 def spec_chunks(specs: Iterable[JobSpec]) -> Iterator[list[JobSpec]]:

@@ -15,7 +15,7 @@
 -- placeholders): psycopg writes a text-format array by quoting each element in Python,
 -- ~9 µs of client CPU per job of a 1,000-job batch, against ~2.5 µs in binary; the server
 -- also parses them faster. It returns only the time it stored as created_at: the client
--- builds the Jobs from what it sent (pgjobs.types.enqueued_job) instead of decoding every
+-- builds the Jobs from what it sent (pgjobs.types.enqueued_jobs) instead of decoding every
 -- row back, ~5 µs of client CPU per job less.
 WITH inserted AS (
     INSERT INTO pgjobs.jobs (id, company_id, job_type, input, source_task_id, priority, run_at,
