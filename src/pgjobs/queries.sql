@@ -34,8 +34,13 @@ SELECT coalesce(%(now)s::timestamptz, now()) AS now;
 -- The first statement of a bulk enqueue sent in chunks (pgjobs.client.ChunkedInsert): the
 -- doorbell on for the transaction (as events_doorbell_on), and the transaction's time,
 -- which every chunk's job_insert_many then stores (now() would be the same), so that the
--- client builds each chunk's Jobs while the server inserts the next.
-SELECT set_config('pgjobs.doorbell', 'on', true) AS doorbell, now() AS now;
+-- client builds each chunk's Jobs while the server inserts the next. And generic plans for
+-- the transaction: the publish trigger's statements read a PL/pgSQL variable (whether to
+-- ring), so PostgreSQL would plan them again for every chunk (a custom plan is always
+-- cheaper, with the variable folded), ~0.25 ms of PostgreSQL CPU per statement.
+SELECT set_config('pgjobs.doorbell', 'on', true) AS doorbell,
+       set_config('plan_cache_mode', 'force_generic_plan', true) AS plans,
+       now() AS now;
 
 -- name: job_get
 SELECT * FROM pgjobs.jobs WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text;
