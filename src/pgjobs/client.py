@@ -280,8 +280,9 @@ class Client:
         Without ``conn``, a batch of ``RING_FROM_JOBS`` or more goes in chunks sent back
         to back in one transaction (``ChunkedInsert``), taken from ``specs`` as they are
         sent (a slow iterable keeps the transaction open meanwhile): an exception from
-        the iterable, as a failing chunk, rolls the whole call back. Smaller batches, those whose first chunk has a unique key, and every batch
-        on a caller's ``conn`` are one statement (or ``pgjobs.unique``'s steps).
+        the iterable, as a failing chunk, rolls the whole call back. Smaller batches,
+        those whose first chunk has a unique key, and every batch on a caller's ``conn``
+        are one statement (or ``pgjobs.unique``'s steps).
 
         Announcing them on ``pgjobs_events``: with ``conn``, the caller owns the commit,
         so the statement's NOTIFY items go out with it (nothing is sent if it rolls
