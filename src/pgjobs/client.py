@@ -46,9 +46,9 @@ takes about the longer of the two instead of their sum. Why a ring: PostgreSQL s
 per job less without the items; the ring costs the producer ~1 µs per job (encoding the
 ids) and the transaction a few round trips (docs/benchmarks.md, "Bulk enqueue")."""
 CHUNK_MAX = 2000
-"""The largest chunk: each statement costs PostgreSQL a fixed ~0.2 ms (its triggers are
-planned again), which chunks of this size make small, while the first, small ones start
-the server early."""
+"""The largest chunk: each statement costs PostgreSQL a fixed ~0.26 ms (its two statement
+triggers), which chunks of this size make small, while the first, small ones start the
+server early."""
 
 Params = dict[str, Any]
 
@@ -136,7 +136,8 @@ def spec_chunks(specs: Iterable[JobSpec]) -> Iterator[list[JobSpec]]:
 class ChunkedInsert:
     """A large ``enqueue_many`` through the pool: ``job_insert_many`` statements of a
     chunk each, sent back to back (a pipeline) in one transaction that began with
-    ``job_insert_many_begin`` (the doorbell on, and ``now``, the transaction's time).
+    ``job_insert_many_begin`` (the doorbell on, generic plans, and ``now``, the
+    transaction's time).
 
     ``statements`` yields each chunk's statement; when the driver asks for the next, the
     previous chunk's Jobs are built, and after the last, the ring for them all is
