@@ -148,6 +148,26 @@ async def test_a_chunked_batch_returns_what_is_stored(dsn: str, client: Client) 
     assert sync_jobs == [stored[s.id] for s in sync_specs]
 
 
+async def test_columns_all_jobs_share_are_stored_for_each(dsn: str, client: Client) -> None:
+    """A column whose values are all equal goes as one value: every job still gets it, and
+    a column that differs in one job only still goes whole."""
+    run_at = datetime(2030, 1, 1, tzinfo=UTC)
+    same = JobSpec("acme", "render", {"a": [1, "é"]}, "task-1", 5, run_at, 7)
+    odd = JobSpec("acme", "render", {"a": 2}, None, -5, None, 1)
+    for shapes in ([same] * 40, [same] * 20 + [odd] + [same] * 20, [same], [odd]):
+        batch = [replace(s, id=new_job_id()) for s in shapes]
+        jobs = await client.enqueue_many(batch)
+        stored = await _stored(dsn, [s.id for s in batch])
+        assert jobs == [stored[s.id] for s in batch]
+        assert [
+            (j.input, j.source_task_id, j.priority, j.run_at, j.max_attempts) for j in jobs
+        ] == [
+            (s.input, s.source_task_id, s.priority, s.run_at or j.created_at, s.max_attempts)
+            for s, j in zip(batch, jobs, strict=True)
+        ]
+        assert all(j.input is not jobs[0].input for j in jobs[1:]), "an input dict per Job"
+
+
 async def test_the_first_chunk_is_sent_before_the_next_spec_is_asked_for(
     dsn: str, client: Client
 ) -> None:
