@@ -18,30 +18,37 @@ from __future__ import annotations
 import base64
 import binascii
 import builtins
+import itertools
 import json
 import uuid
-from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
+import psycopg
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs import db, doorbell, unique
+from pgjobs import db, doorbell, events, unique
 from pgjobs.errors import InvalidJobError, InvalidTransitionError, JobNotFoundError
 from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_UNIQUE_WHILE, JobSpec
 from pgjobs.queries import QUERIES
-from pgjobs.types import Asset, Job, JobEvent, JobStatus, enqueued_job
+from pgjobs.types import Asset, Job, JobEvent, JobStatus, enqueued_jobs
 
 MAX_PAGE_SIZE = 500
-RING_FROM_JOBS = 1000
-"""The smallest batch ``enqueue_many`` announces by a ring after its commit (when it owns
-the transaction) instead of NOTIFY items in it. Skipping the items saves PostgreSQL ~2 µs
-per job; the ring costs the producer ~1 µs per job (encoding the ids) and ~0.35 ms per
-batch (BEGIN, the doorbell setting, COMMIT and the ring: four statements instead of one).
-Measured (bench.enqueue_cpu), the ring's change to the CPU per job of PostgreSQL and the
-producer together: 6.7 µs more at 50 jobs a batch, 1.0 more at 500, 0.3 to 0.5 less at 1,000
-(docs/benchmarks.md, "Bulk enqueue")."""
+RING_FROM_JOBS = 250
+"""The smallest batch ``enqueue_many`` sends through the pool in chunks, pipelined in one
+transaction that rings after its commit (``pgjobs.doorbell``), instead of one statement
+whose NOTIFY items go in its commit. The first chunk is this size (taking it from the
+caller's iterable tells whether the batch is this large), each next one twice the last, up
+to CHUNK_MAX. Why chunks: the server inserts one while Python builds the next, so a call
+takes about the longer of the two instead of their sum. Why a ring: PostgreSQL spends ~2 µs
+per job less without the items; the ring costs the producer ~1 µs per job (encoding the
+ids) and the transaction a few round trips (docs/benchmarks.md, "Bulk enqueue")."""
+CHUNK_MAX = 2000
+"""The largest chunk: each statement costs PostgreSQL a fixed ~0.26 ms (its two statement
+triggers), which chunks of this size make small, while the first, small ones start the
+server early."""
 
 Params = dict[str, Any]
 
@@ -80,39 +87,100 @@ def decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         raise InvalidJobError("cursor is malformed; pass back a next_cursor unchanged") from None
 
 
+def _column(values: list[Any]) -> tuple[list[Any] | None, Any]:
+    """A job_insert_many column as (array, value): all its values equal (a batch's one
+    company, type, priority, no run_at...), the value alone and no array, which unnest
+    pads with NULLs; else the array. psycopg writes an array element by element in Python
+    (~0.2 µs each), and the server reads each one."""
+    first = values[0]
+    for value in values:
+        if value != first:
+            return values, None
+    return None, first
+
+
 def plan_insert(
     specs: Iterable[JobSpec], now: datetime | None = None
 ) -> tuple[LiteralString, Params]:
     specs = list(specs)
-    return QUERIES["job_insert_many"], {
-        "now": now,
-        "ids": [s.id for s in specs],
-        "company_ids": [s.company_id for s in specs],
-        "job_types": [s.job_type for s in specs],
-        "inputs": [s.input_json() for s in specs],
-        "source_task_ids": [s.source_task_id for s in specs],
-        "priorities": [s.priority for s in specs],
-        "run_ats": [s.run_at for s in specs],
-        "max_attempts": [s.max_attempts for s in specs],
+    params: Params = {"now": now, "ids": [s.id for s in specs]}
+    columns: dict[tuple[str, str], list[Any]] = {  # each column's array, and its one value
+        ("company_ids", "same_company_id"): [s.company_id for s in specs],
+        ("job_types", "same_job_type"): [s.job_type for s in specs],
+        ("inputs", "same_input"): [s.input_json() for s in specs],
+        ("source_task_ids", "same_source_task_id"): [s.source_task_id for s in specs],
+        ("priorities", "same_priority"): [s.priority for s in specs],
+        ("run_ats", "same_run_at"): [s.run_at for s in specs],
+        ("max_attempts", "same_max_attempts"): [s.max_attempts for s in specs],
     }
+    for (array, same), values in columns.items():
+        params[array], params[same] = _column(values)
+    return QUERIES["job_insert_many"], params
 
 
-def inserted_jobs(specs: list[JobSpec], params: Params, rows: list[dict[str, Any]]) -> list[Job]:
-    """The Jobs ``job_insert_many`` stored for ``specs`` (``params`` from ``plan_insert``),
-    in the specs' order, built from what was sent and the one row the statement returns
-    (the time it stored, ``types.enqueued_job``). Each input is decoded from the JSON text
-    sent, as a read decodes the stored jsonb (numbers written with an exponent may come
-    back as a float here and an int there: equal values)."""
-    now = rows[0]["now"]
-    jobs = []
-    for s, text in zip(specs, params["inputs"], strict=True):
-        input_ = {} if text == "{}" else json.loads(text)
-        job = enqueued_job(
-            s.id, s.company_id, s.job_type, input_, s.priority, s.run_at, s.max_attempts,
-            s.source_task_id, now,
-        )  # fmt: skip
-        jobs.append(job)
-    return jobs
+def inserted_jobs(specs: list[JobSpec], params: Params, now: datetime) -> list[Job]:
+    """The Jobs ``job_insert_many`` stored for ``specs`` (``params`` from ``plan_insert``)
+    at ``now`` (the time the statement returns, or the transaction's it was given), in the
+    specs' order, built from what was sent (``types.enqueued_jobs``). Each input is decoded
+    from the JSON text sent, as a read decodes the stored jsonb (numbers written with an
+    exponent may come back as a float here and an int there: equal values), a dict of its
+    own for each job."""
+    texts = params["inputs"]
+    if texts is None:  # one input for all (plan_insert's _column)
+        texts = [params["same_input"]] * len(specs)
+    return enqueued_jobs(
+        (
+            (s.id, s.company_id, s.job_type, {} if text == "{}" else json.loads(text),
+             s.priority, s.run_at, s.max_attempts, s.source_task_id)
+            for s, text in zip(specs, texts, strict=True)
+        ),
+        now,
+    )  # fmt: skip
+
+
+def spec_chunks(specs: Iterable[JobSpec]) -> Iterator[list[JobSpec]]:
+    """``specs`` in lists of RING_FROM_JOBS, then each twice the last, up to CHUNK_MAX
+    (the last may be shorter), each taken from the iterable only when asked for."""
+    it = iter(specs)
+    size = RING_FROM_JOBS
+    chunk = list(itertools.islice(it, size))
+    while chunk:
+        yield chunk
+        size = min(2 * size, CHUNK_MAX)
+        chunk = list(itertools.islice(it, size))
+
+
+@dataclass
+class ChunkedInsert:
+    """A large ``enqueue_many`` through the pool: ``job_insert_many`` statements of a
+    chunk each, sent back to back (a pipeline) in one transaction that began with
+    ``job_insert_many_begin`` (the doorbell on, generic plans, and ``now``, the
+    transaction's time).
+
+    ``statements`` yields each chunk's statement; when the driver asks for the next, the
+    previous chunk's Jobs are built, and after the last, the ring for them all is
+    encoded: while the server inserts a chunk, Python takes the next from the caller's
+    iterable and does everything else it can. From the first chunk holding a spec with a
+    unique key, the rest of the specs go to ``keyed`` instead, for ``pgjobs.unique``'s
+    steps in the same transaction (then ``ring`` stays empty: the caller rings for all
+    the jobs created)."""
+
+    chunks: Iterator[list[JobSpec]]
+    now: datetime
+    jobs: list[Job] = field(default_factory=list)
+    keyed: list[JobSpec] = field(default_factory=list)
+    ring: list[str] = field(default_factory=list)
+    """The ring's payloads (``events.encode_ring``)."""
+
+    def statements(self) -> Iterator[tuple[LiteralString, Params]]:
+        for chunk in self.chunks:
+            if unique.needs_steps(chunk):
+                self.keyed = chunk + [s for rest in self.chunks for s in rest]
+                return
+            query, params = plan_insert(chunk, self.now)
+            yield query, params
+            self.jobs += inserted_jobs(chunk, params, self.now)
+        self.ring = events.encode_ring((j.company_id, j.id) for j in self.jobs)
 
 
 def plan_list(
@@ -224,35 +292,58 @@ class Client:
     async def enqueue_many(
         self, specs: Iterable[JobSpec], *, conn: db.CallerAsyncConn | None = None
     ) -> list[Job]:
-        """Insert any number of jobs in one statement (one commit). Returns one Job per
-        spec, in order; a spec with a unique key someone holds gets the holder, with
-        ``created=False`` (a few statements more, in one transaction).
+        """Insert any number of jobs in one commit. Returns one Job per spec, in order; a
+        spec with a unique key someone holds gets the holder, with ``created=False`` (a
+        few statements more, in the same transaction).
+
+        Without ``conn``, a batch of ``RING_FROM_JOBS`` or more goes in chunks sent back
+        to back in one transaction (``ChunkedInsert``), taken from ``specs`` as they are
+        sent (a slow iterable keeps the transaction open meanwhile): an exception from
+        the iterable, as a failing chunk, rolls the whole call back. Smaller batches,
+        those whose first chunk has a unique key, and every batch on a caller's ``conn``
+        are one statement (or ``pgjobs.unique``'s steps).
 
         Announcing them on ``pgjobs_events``: with ``conn``, the caller owns the commit,
         so the statement's NOTIFY items go out with it (nothing is sent if it rolls
-        back). Without, a batch of ``RING_FROM_JOBS`` or more commits with the doorbell
-        on and rings for its jobs after the commit (``pgjobs.doorbell``); smaller ones,
-        and unique-key batches, send items. Workers are woken on ``pgjobs_work`` in the
-        commit either way."""
-        specs = list(specs)
-        if not specs:
-            return []
-        if unique.needs_steps(specs):
-            if conn is not None:
-                return await unique.run(conn, specs)
-            async with self.pool.connection() as pooled:
-                return await unique.run(pooled, specs)
-        query, params = plan_insert(specs)
+        back). Without, a chunked batch commits with the doorbell on and rings for the
+        jobs it created after the commit (``pgjobs.doorbell``); smaller ones, and
+        unique-key batches, send items. Workers are woken on ``pgjobs_work`` in the
+        commit either way (an item per job type and statement: a chunked batch may wake
+        them once per chunk)."""
         if conn is not None:
-            return inserted_jobs(specs, params, await db.fetch_dicts(conn, query, params))
+            specs = list(specs)
+            if not specs:
+                return []
+            if unique.needs_steps(specs):
+                return await unique.run(conn, specs)
+            query, params = plan_insert(specs)
+            rows = await db.fetch_dicts(conn, query, params)
+            return inserted_jobs(specs, params, rows[0]["now"])
+        chunks = spec_chunks(specs)
+        first = next(chunks, [])
+        if not first:
+            return []
         async with self.pool.connection() as pooled:
-            if len(specs) < RING_FROM_JOBS:
-                return inserted_jobs(specs, params, await db.fetch_dicts(pooled, query, params))
+            if len(first) < RING_FROM_JOBS or unique.needs_steps(first):
+                specs = first + [s for chunk in chunks for s in chunk]
+                if unique.needs_steps(specs):
+                    return await unique.run(pooled, specs)
+                query, params = plan_insert(specs)
+                rows = await db.fetch_dicts(pooled, query, params)
+                return inserted_jobs(specs, params, rows[0]["now"])
             async with pooled.transaction():
-                await doorbell.doorbell_on(pooled)
-                jobs = inserted_jobs(specs, params, await db.fetch_dicts(pooled, query, params))
-            await doorbell.ring(pooled, [(s.company_id, s.id) for s in specs])
-            return jobs
+                (began,) = await db.fetch_dicts(pooled, QUERIES["job_insert_many_begin"], {})
+                bulk = ChunkedInsert(itertools.chain([first], chunks), began["now"])
+                async with psycopg.AsyncCursor(pooled) as cur, pooled.pipeline():
+                    for query, params in bulk.statements():
+                        await cur.execute(query, params)
+                if bulk.keyed:
+                    bulk.jobs += await unique.run(pooled, bulk.keyed)
+            if bulk.keyed:
+                await doorbell.ring(pooled, [(j.company_id, j.id) for j in bulk.jobs if j.created])
+            else:
+                await doorbell.ring_payloads(pooled, bulk.ring)
+            return bulk.jobs
 
     async def get(
         self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerAsyncConn | None = None

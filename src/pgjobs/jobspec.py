@@ -12,7 +12,7 @@ import math
 import os
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -68,6 +68,8 @@ def check_json(value: Any, where: str, depth: int = 0) -> None:
 def _check_text(text: str, where: str) -> None:
     if "\x00" in text:
         raise InvalidJobError(f"{where} contains a NUL character, which PostgreSQL cannot store")
+    if text.isascii():  # a flag of the string: no surrogate, and no encoding to try
+        return
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -126,6 +128,39 @@ def _check_name(value: object, field_name: str, limit: int) -> str:
 _INPUT_ENCODER = json.JSONEncoder(allow_nan=False, separators=(",", ":"))
 
 
+# new_job_id's random bits, drawn from os.urandom for 512 ids at a time: one system call
+# per id was ~0.4 µs of a bulk enqueue's ~1.3 µs per id. Each entry is an id's low 80 bits
+# with the version and variant set (the 48-bit time goes above). A list iterator hands
+# each entry out once, also to threads (next() on it is atomic under the GIL); a process
+# forked from this one starts with none, so parent and child never share entries.
+_IDS_PER_DRAW = 512
+_VERSION_AND_VARIANT = 0x7 << 76 | 0b10 << 62
+_LOW_62 = (1 << 62) - 1
+_random_tails: Iterator[int] = iter(())
+
+
+def _draw_tails() -> Iterator[int]:
+    data = os.urandom(10 * _IDS_PER_DRAW)
+    randoms = [int.from_bytes(data[i : i + 10], "big") for i in range(0, len(data), 10)]
+    # 12 random bits below the version, 62 below the variant (RFC 9562's rand_a, rand_b).
+    return iter([(r >> 68) << 64 | r & _LOW_62 | _VERSION_AND_VARIANT for r in randoms])
+
+
+def _forget_tails() -> None:
+    global _random_tails
+    _random_tails = iter(())
+
+
+os.register_at_fork(after_in_child=_forget_tails)
+
+# uuid.UUID's two slots (int, is_safe), set directly: UUID(int=) checks the range, which
+# holds here by construction, and sets each through object.__setattr__ (~0.5 µs per id).
+_UUID_SLOTS = vars(uuid.UUID)
+_set_uuid_int = _UUID_SLOTS["int"].__set__
+_set_uuid_is_safe = _UUID_SLOTS["is_safe"].__set__
+_UNKNOWN_SAFETY = uuid.SafeUUID.unknown
+
+
 def new_job_id() -> uuid.UUID:
     """A UUIDv7 (RFC 9562): 48 bits of Unix milliseconds, then random bits.
 
@@ -133,16 +168,15 @@ def new_job_id() -> uuid.UUID:
     (job_id, seq) index on the right-hand pages; random UUIDv4s scatter them over the
     whole index, which stops fitting in memory after a few million jobs.
     """
-    millis = time.time_ns() // 1_000_000
-    rand = int.from_bytes(os.urandom(10), "big")
-    value = (
-        (millis & 0xFFFF_FFFF_FFFF) << 80
-        | 0x7 << 76  # version
-        | (rand >> 68) << 64  # 12 random bits
-        | 0b10 << 62  # RFC 4122 variant
-        | rand & ((1 << 62) - 1)  # 62 random bits
-    )
-    return uuid.UUID(int=value)
+    global _random_tails
+    tail = next(_random_tails, None)
+    if tail is None:
+        _random_tails = _draw_tails()
+        tail = next(_random_tails)
+    job_id = object.__new__(uuid.UUID)
+    _set_uuid_int(job_id, (time.time_ns() // 1_000_000 & 0xFFFF_FFFF_FFFF) << 80 | tail)
+    _set_uuid_is_safe(job_id, _UNKNOWN_SAFETY)
+    return job_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -163,22 +197,33 @@ class JobSpec:
     unique_while: tuple[str, ...] = DEFAULT_UNIQUE_WHILE
 
     def __post_init__(self) -> None:
+        # The common case first, cheaply (a bulk enqueue builds thousands of these): plain
+        # str and int values, no input or an empty dict, the default unique_while. Every
+        # other value takes the full checks, with the same messages.
         _check_name(self.company_id, "company_id", MAX_COMPANY_LENGTH)
         _check_name(self.job_type, "job_type", MAX_TYPE_LENGTH)
-        if self.input is None:
+        input_ = self.input
+        if input_ is None:
             object.__setattr__(self, "input", {})  # frozen dataclass: normalise once, here
-        if not isinstance(self.input, Mapping):
-            raise InvalidJobError("input must be a JSON object")
-        check_json(self.input, "input")
+        elif type(input_) is not dict or input_:
+            if not isinstance(input_, Mapping):
+                raise InvalidJobError("input must be a JSON object")
+            check_json(input_, "input")
         if self.source_task_id is not None:
             _check_name(self.source_task_id, "source_task_id", MAX_TYPE_LENGTH)
-        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+        priority = self.priority
+        if type(priority) is not int and (
+            isinstance(priority, bool) or not isinstance(priority, int)
+        ):
             raise InvalidJobError("priority must be an integer")
-        if not -INT32 <= self.priority <= INT32:
+        if not -INT32 <= priority <= INT32:
             raise InvalidJobError("priority is out of range")
-        if isinstance(self.max_attempts, bool) or not isinstance(self.max_attempts, int):
+        max_attempts = self.max_attempts
+        if type(max_attempts) is not int and (
+            isinstance(max_attempts, bool) or not isinstance(max_attempts, int)
+        ):
             raise InvalidJobError("max_attempts must be an integer")
-        if not 1 <= self.max_attempts <= MAX_ATTEMPTS_LIMIT:
+        if not 1 <= max_attempts <= MAX_ATTEMPTS_LIMIT:
             raise InvalidJobError(f"max_attempts must be between 1 and {MAX_ATTEMPTS_LIMIT}")
         if self.run_at is not None:
             object.__setattr__(self, "run_at", check_time(self.run_at, "run_at"))
@@ -188,6 +233,10 @@ class JobSpec:
             not isinstance(self.unique_for, timedelta) or self.unique_for <= timedelta(0)
         ):
             raise InvalidJobError("unique_for must be a positive timedelta")
+        if self.unique_while is not DEFAULT_UNIQUE_WHILE:  # the default is valid as it is
+            self._normalise_unique_while()
+
+    def _normalise_unique_while(self) -> None:
         if isinstance(self.unique_while, str):
             raise InvalidJobError("unique_while must be a tuple of statuses, not a string")
         states = tuple(dict.fromkeys(self.unique_while))
@@ -198,4 +247,6 @@ class JobSpec:
         object.__setattr__(self, "unique_while", states)
 
     def input_json(self) -> str:
+        if not self.input:  # most jobs of a bulk enqueue: skip the encoder's ~0.3 µs
+            return "{}"
         return _INPUT_ENCODER.encode(self.input)

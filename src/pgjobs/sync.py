@@ -10,17 +10,20 @@ are left as they were (in autocommit mode the job commits at once).
 from __future__ import annotations
 
 import builtins
+import itertools
 import uuid
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
 from typing import Any, LiteralString
 
+import psycopg
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
 from pgjobs import db, doorbell, unique
 from pgjobs.client import (
     RING_FROM_JOBS,
+    ChunkedInsert,
     JobPage,
     Params,
     inserted_jobs,
@@ -28,6 +31,7 @@ from pgjobs.client import (
     parse_job_id,
     plan_insert,
     plan_list,
+    spec_chunks,
     transition_error,
 )
 from pgjobs.errors import JobNotFoundError, NotMigratedError
@@ -110,27 +114,42 @@ class SyncClient:
     def enqueue_many(
         self, specs: Iterable[JobSpec], *, conn: db.CallerSyncConn | None = None
     ) -> list[Job]:
-        """Insert jobs in one statement (see ``Client.enqueue_many``: duplicates, and
-        NOTIFY items or a ring)."""
-        specs = list(specs)
-        if not specs:
-            return []
-        if unique.needs_steps(specs):
-            if conn is not None:
-                return unique.run_sync(conn, specs)
-            with self.pool.connection() as pooled:
-                return unique.run_sync(pooled, specs)
-        query, params = plan_insert(specs)
+        """Insert jobs in one commit (see ``Client.enqueue_many``: chunks, duplicates,
+        and NOTIFY items or a ring)."""
         if conn is not None:
-            return inserted_jobs(specs, params, db.fetch_dicts_sync(conn, query, params))
+            specs = list(specs)
+            if not specs:
+                return []
+            if unique.needs_steps(specs):
+                return unique.run_sync(conn, specs)
+            query, params = plan_insert(specs)
+            rows = db.fetch_dicts_sync(conn, query, params)
+            return inserted_jobs(specs, params, rows[0]["now"])
+        chunks = spec_chunks(specs)
+        first = next(chunks, [])
+        if not first:
+            return []
         with self.pool.connection() as pooled:
-            if len(specs) < RING_FROM_JOBS:
-                return inserted_jobs(specs, params, db.fetch_dicts_sync(pooled, query, params))
+            if len(first) < RING_FROM_JOBS or unique.needs_steps(first):
+                specs = first + [s for chunk in chunks for s in chunk]
+                if unique.needs_steps(specs):
+                    return unique.run_sync(pooled, specs)
+                query, params = plan_insert(specs)
+                rows = db.fetch_dicts_sync(pooled, query, params)
+                return inserted_jobs(specs, params, rows[0]["now"])
             with pooled.transaction():
-                doorbell.doorbell_on_sync(pooled)
-                jobs = inserted_jobs(specs, params, db.fetch_dicts_sync(pooled, query, params))
-            doorbell.ring_sync(pooled, [(s.company_id, s.id) for s in specs])
-            return jobs
+                (began,) = db.fetch_dicts_sync(pooled, QUERIES["job_insert_many_begin"], {})
+                bulk = ChunkedInsert(itertools.chain([first], chunks), began["now"])
+                with psycopg.Cursor(pooled) as cur, pooled.pipeline():
+                    for query, params in bulk.statements():
+                        cur.execute(query, params)
+                if bulk.keyed:
+                    bulk.jobs += unique.run_sync(pooled, bulk.keyed)
+            if bulk.keyed:
+                doorbell.ring_sync(pooled, [(j.company_id, j.id) for j in bulk.jobs if j.created])
+            else:
+                doorbell.ring_payloads_sync(pooled, bulk.ring)
+            return bulk.jobs
 
     def get(
         self, company_id: str, job_id: uuid.UUID | str, *, conn: db.CallerSyncConn | None = None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import operator
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -239,29 +239,58 @@ def job_rows(cursor: BaseCursor[Any, Any]) -> RowMaker[Job]:
     return make
 
 
-def enqueued_job(
-    id_: uuid.UUID,
-    company_id: str,
-    job_type: str,
-    input_: JsonValue,
-    priority: int,
-    run_at: datetime | None,
-    max_attempts: int,
-    source_task_id: str | None,
-    now: datetime,
-) -> Job:
-    """The Job ``job_insert_many`` stores for these values at ``now`` (the time it returns):
-    the caller's values, ``run_at`` defaulting to ``now`` (and shown in ``now``'s time
-    zone, the session's, as a read would), and for every other column the default of
-    pgjobs.jobs (queued, no attempt yet, lease token 0, event seq 1, created and updated
-    at ``now``). A bulk enqueue builds its Jobs this way instead of reading a thousand
-    rows back (docs/benchmarks.md, "Bulk enqueue"); tests compare them with what a read
-    of each job says."""
-    return _built_job((
-        id_, company_id, job_type, JobStatus.QUEUED, input_, priority,
-        now if run_at is None else run_at.astimezone(now.tzinfo), 0, max_attempts, None, None,
-        None, source_task_id, None, None, 0, None, 1, None, None, now, now, True,
-    ))  # fmt: skip
+EnqueuedValues = tuple[uuid.UUID, str, str, JsonValue, int, "datetime | None", int, "str | None"]
+"""What a producer chose for one job: id, company_id, job_type, input, priority, run_at
+(None: at once), max_attempts, source_task_id."""
+
+
+def enqueued_jobs(values: Iterable[EnqueuedValues], now: datetime) -> list[Job]:
+    """The Jobs ``job_insert_many`` stores for these values at ``now`` (the time it
+    returns): the caller's values, ``run_at`` defaulting to ``now`` (and shown in
+    ``now``'s time zone, the session's, as a read would), and for every other column the
+    default of pgjobs.jobs (queued, no attempt yet, lease token 0, event seq 1, created
+    and updated at ``now``). A bulk enqueue builds its Jobs this way instead of reading a
+    thousand rows back (docs/benchmarks.md, "Bulk enqueue"); tests compare them with what
+    a read of each job says.
+
+    Each Job's slots are set one by one, unrolled, as ``_built_job`` sets them in a
+    loop: ~0.7 µs per job less, for a bulk enqueue's thousands."""
+    (set_id, set_company_id, set_job_type, set_status, set_input, set_priority, set_run_at,
+     set_attempts, set_max_attempts, set_result, set_result_asset_id, set_error_message,
+     set_source_task_id, set_progress, set_worker_id, set_lease_token, set_lease_expires_at,
+     set_event_seq, set_started_at, set_finished_at, set_created_at, set_updated_at,
+     set_created) = _JOB_SETTERS  # fmt: skip
+    new = object.__new__
+    queued = JobStatus.QUEUED
+    tz = now.tzinfo
+    jobs = []
+    for id_, company_id, job_type, input_, priority, run_at, max_attempts, source_task in values:
+        job = new(Job)
+        set_id(job, id_)
+        set_company_id(job, company_id)
+        set_job_type(job, job_type)
+        set_status(job, queued)
+        set_input(job, input_)
+        set_priority(job, priority)
+        set_run_at(job, now if run_at is None else run_at.astimezone(tz))
+        set_attempts(job, 0)
+        set_max_attempts(job, max_attempts)
+        set_result(job, None)
+        set_result_asset_id(job, None)
+        set_error_message(job, None)
+        set_source_task_id(job, source_task)
+        set_progress(job, None)
+        set_worker_id(job, None)
+        set_lease_token(job, 0)
+        set_lease_expires_at(job, None)
+        set_event_seq(job, 1)
+        set_started_at(job, None)
+        set_finished_at(job, None)
+        set_created_at(job, now)
+        set_updated_at(job, now)
+        set_created(job, True)
+        jobs.append(job)
+    return jobs
 
 
 # The columns job_claim_batch and job_claim_batch_limited return for each job they claim,

@@ -139,7 +139,8 @@ def enqueue_steps(specs: Sequence[JobSpec], now: datetime | None = None) -> Step
     created: list[Job] = []
     if to_insert:
         query, params = plan_insert(to_insert, now)
-        created = inserted_jobs(to_insert, params, (yield Step(query, params, "dicts")))
+        stored = yield Step(query, params, "dicts")
+        created = inserted_jobs(to_insert, params, stored[0]["now"])
     by_spec = {s.id: job for s, job in zip(to_insert, created, strict=True)}
     result: list[Job] = []
     for spec in specs:

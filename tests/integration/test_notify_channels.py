@@ -137,8 +137,8 @@ async def test_work_channel_carries_claimable_jobs_and_cancellations_only(
     progress, completions and a queued job's cancellation send nothing on this channel."""
     later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
     async with await _listening(dsn, events.WORK_CHANNEL) as listener:
-        await client.enqueue_many(
-            [JobSpec("acme", "echo") for _ in range(300)]
+        await client.enqueue_many(  # one statement: fewer than RING_FROM_JOBS jobs
+            [JobSpec("acme", "echo") for _ in range(RING_FROM_JOBS - 10)]
             + [JobSpec("globex", "render", {"n": n}) for n in range(3)]
             + [JobSpec("globex", "sleep", run_at=later)]
         )
@@ -567,6 +567,21 @@ async def test_a_pooled_batch_rings_after_its_commit_and_a_small_one_sends_items
     assert _rung_jobs(rung_sync) == {"acme": [s.id for s in sync_specs]}
     items = [e for p in sent_small for e in events.parse_events(p)]
     assert [(e.job_id, e.type) for e in items] == [(s.id, EventType.QUEUED) for s in small]
+
+
+async def test_a_ring_of_several_payloads_arrives_whole_and_in_order(dsn: str) -> None:
+    """A ring for more jobs than one payload holds goes out in one statement (a text array
+    of its payloads): each payload arrives as encoded, in order, whatever quotes,
+    backslashes, braces or commas the company ids hold."""
+    companies = ['say "hi"', "back\\slash", "{a,b}", "NULL", "ünïcødé ✓"]
+    jobs = [(companies[n % len(companies)], uuid.uuid4()) for n in range(1000)]
+    sent = events.encode_ring(jobs)
+    assert len(sent) > 2
+    async with await _listening(dsn, events.EVENTS_CHANNEL) as listener:
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            assert await doorbell.ring(conn, jobs)
+        received = await _until_marker(dsn, listener, events.EVENTS_CHANNEL)
+    assert received == sent
 
 
 def _rung_jobs(payloads: list[list[events.LiveEvent] | events.Ring]) -> dict[str, list[uuid.UUID]]:

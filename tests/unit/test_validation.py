@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 import uuid
+from enum import IntEnum
+from types import MappingProxyType
 
 import pytest
 
@@ -35,6 +38,17 @@ from pgjobs.registry import Registry
         ({"priority": "high"}, "priority must be an integer"),
         ({"max_attempts": 0}, "between 1 and 1000"),
         ({"run_at": dt.datetime(2030, 1, 1)}, "timezone-aware"),
+        # Past the common case's shortcuts (plain str, int and dict, the default
+        # unique_while), the same checks.
+        ({"company_id": "acme\ud800"}, "company_id contains an unpaired surrogate"),
+        ({"job_type": "é\x00"}, "job_type contains a NUL character"),
+        ({"input": MappingProxyType({"a": "\ud800"})}, "unpaired surrogate"),
+        ({"priority": True}, "priority must be an integer"),
+        ({"max_attempts": False}, "max_attempts must be an integer"),
+        ({"max_attempts": 2.0}, "max_attempts must be an integer"),
+        ({"unique_while": "queued"}, "not a string"),
+        ({"unique_while": ()}, "unique_while must name one or more"),
+        ({"unique_while": ("queued", "waiting")}, "unique_while must name one or more"),
     ],
 )
 def test_bad_job_specs_are_rejected_with_a_clear_message(
@@ -43,6 +57,20 @@ def test_bad_job_specs_are_rejected_with_a_clear_message(
     args: dict[str, object] = {"company_id": "acme", "job_type": "echo", **kwargs}
     with pytest.raises(InvalidJobError, match=message):
         JobSpec(**args)  # type: ignore[arg-type]
+
+
+def test_values_past_the_shortcuts_are_kept_as_before() -> None:
+    class Level(IntEnum):
+        HIGH = 5
+
+    spec = JobSpec(
+        "acme", "échø", MappingProxyType({}), priority=Level.HIGH, unique_while=["done", "done"]
+    )  # type: ignore[arg-type]
+    assert spec.priority == 5
+    assert spec.unique_while == ("done",)
+    assert spec.input_json() == "{}"
+    assert JobSpec("acme", "echo").unique_while == ("queued", "running")
+    assert JobSpec("acme", "echo", {"a": 1}).input_json() == '{"a":1}'
 
 
 def test_deep_nesting_is_rejected() -> None:
@@ -144,3 +172,30 @@ def test_job_ids_are_time_ordered_uuid7() -> None:
     assert millis == sorted(millis), "ordered by creation time (to the millisecond)"
     now = dt.datetime.now(dt.UTC).timestamp() * 1000
     assert abs(millis[-1] - now) < 5000
+
+
+def _random_bits(job_id: uuid.UUID) -> int:
+    return job_id.int & ((1 << 80) - 1)
+
+
+def test_a_forked_process_draws_job_ids_of_its_own() -> None:
+    """new_job_id draws its random bits for many ids at once: a child forked after a draw
+    must not hand out the ids left in its parent's (same millisecond, same bits)."""
+    from pgjobs.jobspec import new_job_id
+
+    new_job_id()  # a draw, most of it left
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids' random bits, then exit at once
+        try:
+            bits = ",".join(str(_random_bits(new_job_id())) for _ in range(20))
+            os.write(write, bits.encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = {int(bits) for bits in pipe.read().split(",")}
+    os.waitpid(pid, 0)
+    parent = {_random_bits(new_job_id()) for _ in range(20)}
+    assert len(child) == 20
+    assert not child & parent
