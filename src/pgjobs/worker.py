@@ -214,8 +214,10 @@ class _Running:
 
     job: Job
     ctx: JobContext
-    completion: txcomplete.TransactionalCompletion
     task: asyncio.Task[None] = field(init=False)
+    # Its task has taken its first step (Worker._execute runs): from then on _execute's
+    # own finally forgets the job when it ends (Worker._stop_task).
+    started: bool = False
     in_handler: bool = True
     finishing: bool = False
     # The loop time by which the handler must return (its type's timeout), while it runs
@@ -483,7 +485,7 @@ class Worker:
         interrupted = [r for r in list(self._running.values()) if not r.finishing]
         for entry in interrupted:
             entry.ctx._cancel("worker shutting down")
-            entry.task.cancel()
+            self._stop_task(entry)
         await asyncio.gather(*still_running, return_exceptions=True)
         if interrupted:
             await self._release([r.job for r in interrupted])
@@ -848,16 +850,30 @@ class Worker:
         # The loop run() kept, not asyncio's lookup of the running loop (also inside
         # asyncio.create_task): on Python 3.11 each lookup is a getpid() system call.
         loop = self._loop
-        completion = txcomplete.TransactionalCompletion(job, self._pool, self.dsn)
-        ctx = JobContext(job, self._write_progress, loop, completion)
-        entry = _Running(job, ctx, completion)
+        # No TransactionalCompletion until the handler asks for ctx.transaction().
+        ctx = JobContext(job, self._write_progress, loop, self._new_completion)
+        entry = _Running(job, ctx)
         self._active += 1
         self._running[job.id] = entry
+        # No done callback: _execute forgets the job itself (its finally), which spares
+        # every job a callback scheduled and run on the loop; _stop_task covers a task
+        # stopped before its first step, whose coroutine never runs.
         entry.task = loop.create_task(self._execute(entry))
-        entry.task.add_done_callback(lambda _: self._done(entry))
         self.jobs_started += 1
         if self.burst:
             self.ran.append(job.id)
+
+    def _new_completion(self, job: Job) -> txcomplete.TransactionalCompletion:
+        """A handler's first ``ctx.transaction()``: its attempt's completion in it."""
+        assert self._pool is not None
+        return txcomplete.TransactionalCompletion(job, self._pool, self.dsn)
+
+    def _stop_task(self, entry: _Running) -> None:
+        """Cancel a job's task. One cancelled before its first step never runs its
+        coroutine, so neither _execute's finally: a done callback forgets that one."""
+        entry.task.cancel()
+        if not entry.started:
+            entry.task.add_done_callback(lambda _: self._done(entry))
 
     def _interrupt(self, job_id: uuid.UUID, reason: str) -> bool:
         """Stop a job's handler; False if it was not in its handler any more."""
@@ -868,33 +884,40 @@ class Worker:
             return False
         log.warning("job %s: stopping handler: %s", job_id, reason, extra=entry.job.log_fields())
         entry.ctx._cancel(reason)
-        entry.task.cancel()
+        self._stop_task(entry)
         return True
 
     async def _execute(self, entry: _Running) -> None:
+        entry.started = True
         started = time.perf_counter()
         outcome: Outcome | None = None
         try:
-            outcome = await self._attempt(entry)
-            # Completed (or found lost) in ctx.transaction(): nothing left to record.
-            outcome = await txcomplete.settle(entry.completion, outcome, self.storage)
+            try:
+                outcome = await self._attempt(entry)
+                completion = entry.ctx._completion
+                if completion is not None:
+                    # Completed (or found lost) in ctx.transaction(): nothing left to record.
+                    outcome = await txcomplete.settle(completion, outcome, self.storage)
+            finally:
+                kind = "abandoned" if outcome is None else outcome.kind
+                metrics.observe_handler_duration(
+                    entry.job.job_type,
+                    "done" if entry.ctx.completed else kind,
+                    time.perf_counter() - started,
+                )
+            if outcome is None:
+                return
+            # The handler's slot is free as soon as it returns: the fetch loop can claim
+            # the next job while this one's completion waits for its commit. The job
+            # stays held (its lease renewed) until the completer has written it.
+            self._leave_handler(entry)
+            entry.finishing = True
+            outcome.on_recorded = lambda _: self._forget(entry)
+            assert self._completer is not None
+            self._completer.submit(outcome)
         finally:
-            kind = "abandoned" if outcome is None else outcome.kind
-            metrics.observe_handler_duration(
-                entry.job.job_type,
-                "done" if entry.completion.committed else kind,
-                time.perf_counter() - started,
-            )
-        if outcome is None:
-            return
-        # The handler's slot is free as soon as it returns: the fetch loop can claim the
-        # next job while this one's completion waits for its commit. The job stays held
-        # (its lease renewed) until the completer has written it.
-        self._leave_handler(entry)
-        entry.finishing = True
-        outcome.on_recorded = lambda _: self._forget(entry)
-        assert self._completer is not None
-        self._completer.submit(outcome)
+            # Whatever ended the attempt (returned, abandoned, cancelled, raised).
+            self._done(entry)
 
     def _leave_handler(self, entry: _Running) -> None:
         if entry.in_handler:
@@ -903,8 +926,8 @@ class Worker:
             self._wake()
 
     def _done(self, entry: _Running) -> None:
-        # A done callback rather than a finally: it also runs for a task cancelled
-        # before its first step, whose coroutine never starts.
+        """A job's task ended: its handler's slot is free, and unless its completion is
+        being written, the job is no longer held."""
         self._leave_handler(entry)
         if not entry.finishing:
             self._forget(entry)
@@ -941,7 +964,10 @@ class Worker:
             if handler.timeout is not None:
                 self._arm_deadline(entry, handler.timeout)
             try:
-                result = await self._invoke(handler, ctx)
+                if handler.is_async:
+                    result = await handler.fn(ctx)
+                else:
+                    result = await self._run_in_thread(handler, ctx)
             finally:
                 entry.deadline = None
             asset = None
@@ -1045,9 +1071,8 @@ class Worker:
             retry_delay=retry_delay(job.attempts, self.settings) if kind == "error" else 0.0,
         )
 
-    async def _invoke(self, handler: Handler, ctx: JobContext) -> Any:
-        if handler.is_async:
-            return await handler.fn(ctx)
+    async def _run_in_thread(self, handler: Handler, ctx: JobContext) -> Any:
+        """A sync handler's call, in one of the worker's threads."""
         future = self._threads.submit(handler.fn, ctx)
         try:
             return await asyncio.wrap_future(future)
