@@ -39,6 +39,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import db, doorbell, metrics
 from pgjobs.assets import StoredAsset
+from pgjobs.events import RungJob
 from pgjobs.queries import QUERIES
 from pgjobs.storage import Storage
 from pgjobs.types import Job
@@ -79,6 +80,9 @@ class Outcome:
     on_recorded: Callable[[bool | Exception], None] | None = None
     """Called once the batch is written: True if the outcome took effect, False if the
     attempt had lost the job, or the exception that kept the batch from being written."""
+    id_text: str | None = None
+    """``str(job.id)``, when the caller has it already (the worker makes it once per
+    attempt): what the ring after the batch sends."""
     recorded: bool = False
 
     def _resolve(self, result: bool | Exception) -> None:
@@ -191,14 +195,14 @@ class Completer:
                 if status is not None
             )
         )
-        rung: list[tuple[str, uuid.UUID]] = []
+        rung: list[RungJob] = []
         for outcome, status in zip(batch, statuses, strict=True):
             took_effect = status is not None
             if not took_effect:
                 took_effect = await self._discard(outcome, retried=attempt > 0)
             outcome._resolve(took_effect)
             if took_effect:
-                rung.append((outcome.job.company_id, outcome.job.id))
+                rung.append((outcome.job.company_id, outcome.id_text or outcome.job.id))
         if self.ringer is not None:
             self.ringer.add(rung)  # after the batch's commit, as a ring must be
 

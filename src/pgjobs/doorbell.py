@@ -28,13 +28,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, LiteralString
 
 import psycopg
 
 from pgjobs import db, events
+from pgjobs.events import RungJob
 from pgjobs.queries import QUERIES
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ async def execute(
     await cur.execute(ringing(query) if ring else query, params)
 
 
-async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
+async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[RungJob]) -> bool:
     """Ring for ``(company_id, job_id)`` pairs whose transitions have committed: call it
     after the commit, on a connection outside a transaction (autocommit). False if it
     could not be sent (logged; the listeners' catch-up covers it)."""
@@ -148,7 +148,7 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> No
             loop.remove_reader(fd)
 
 
-def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
+def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[RungJob]) -> bool:
     """``ring`` for a blocking connection."""
     payloads = events.encode_ring(jobs)
     try:
@@ -189,13 +189,13 @@ class Ringer:
     def __init__(self, pool: db.GuardedPool) -> None:
         self.pool = pool
         self._conn: db.AsyncConn | None = None
-        self._pending: list[tuple[str, uuid.UUID]] = []
+        self._pending: list[RungJob] = []
         self._wakeup = asyncio.Event()
         self._closing = False
         self.rings = 0
         """Rings tried (sent or not)."""
 
-    def add(self, jobs: Iterable[tuple[str, uuid.UUID]]) -> None:
+    def add(self, jobs: Iterable[RungJob]) -> None:
         """Ring for ``(company_id, job_id)`` pairs whose transitions have committed (call
         it after the commit: a ring is never ahead of the database)."""
         self._pending.extend(jobs)
@@ -218,7 +218,7 @@ class Ringer:
         finally:
             await self._give_back()
 
-    async def _send(self, jobs: list[tuple[str, uuid.UUID]]) -> None:
+    async def _send(self, jobs: list[RungJob]) -> None:
         self.rings += 1
         try:
             if self._conn is None:

@@ -95,6 +95,8 @@ async def test_jobs_are_forgotten_when_their_attempt_is_recorded(tmp_path: Path)
     assert sorted((o.job.id, o.kind) for o in completer.outcomes) == sorted(
         [(jobs[0].id, "done"), (jobs[1].id, "error"), (jobs[2].id, "done")]
     )
+    # Each outcome carries its job's id as text, made once at the start for both rings.
+    assert all(o.id_text == str(o.job.id) for o in completer.outcomes)
     # No handler here opened ctx.transaction(), so none was made; it is made on first use,
     # for this attempt's job.
     assert [ctx._completion for ctx in contexts] == [None, None]
