@@ -28,13 +28,13 @@ import collections
 import json
 import logging
 import random
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
+from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import db, doorbell, metrics
@@ -115,6 +115,8 @@ class Completer:
     def submit(self, outcome: Outcome) -> None:
         """Queue an outcome; its on_recorded runs once the batch holding it is written.
         No future or task per job: at thousands of jobs a second those add up."""
+        if outcome.id_text is None:
+            outcome.id_text = str(outcome.job.id)
         if outcome.error is not None:
             outcome.error = outcome.error[:MAX_ERROR_LENGTH]
         if outcome.traceback is not None:
@@ -186,8 +188,8 @@ class Completer:
                 )
                 await asyncio.sleep(delay)
         self.batches += 1
-        # One lookup per job (a UUID hashes in Python).
-        statuses = [finished.get(outcome.job.id) for outcome in batch]
+        # One lookup per job, by its id's text (submit made it, if the worker had not).
+        statuses = [finished.get(outcome.id_text or str(outcome.job.id)) for outcome in batch]
         _count(
             collections.Counter(
                 (outcome.job.job_type, status)
@@ -206,11 +208,15 @@ class Completer:
         if self.ringer is not None:
             self.ringer.add(rung)  # after the batch's commit, as a ring must be
 
-    async def _write(self, batch: list[Outcome]) -> dict[uuid.UUID, str]:
-        """Write the batch; returns the jobs it finished, each with its new status."""
+    async def _write(self, batch: list[Outcome]) -> dict[str, str]:
+        """Write the batch; returns the jobs it finished, each with its new status, by the
+        text of their id."""
         params = finish_params(batch)
-        # Tuples, not the pool's dicts: one row per job.
+        # Tuples, not the pool's dicts: one row per job; its id read as text (psycopg's C
+        # loader), not a UUID: the lookups above hash it in C, and the text is what
+        # submit made for each job.
         async with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            cur.adapters.register_loader("uuid", TextLoader)
             # With a ringer, _write_batch hands it the batch's jobs after the commit.
             ring = self.ringer is not None
             await doorbell.execute(cur, QUERIES["job_finish_many_if_leased"], params, ring=ring)
@@ -255,13 +261,15 @@ def finish_params(batch: list[Outcome]) -> dict[str, Any]:
     for one job, by ``pgjobs.txcomplete`` inside a handler's transaction)."""
     params: dict[str, Any] = {
         "now": None,
-        "ids": [o.job.id for o in batch],
-        "lease_tokens": [o.job.lease_token for o in batch],
-        "outcomes": [o.kind for o in batch],
+        # Array literals: see the statement. An outcome's kind is a plain name (done,
+        # error, fail) and a float's repr one PostgreSQL reads back exactly: no quoting.
+        "ids": _literal([o.id_text or str(o.job.id) for o in batch]),
+        "lease_tokens": _literal([str(o.job.lease_token) for o in batch]),
+        "outcomes": _literal([o.kind for o in batch]),
         "results": _or_null([None if o.result is None else json.dumps(o.result) for o in batch]),
         "errors": _or_null([o.error for o in batch]),
         "tracebacks": _or_null([o.traceback for o in batch]),
-        "retry_delays": [o.retry_delay for o in batch],
+        "retry_delays": _literal([repr(o.retry_delay) for o in batch]),
     }
     assets = [o.asset for o in batch]
     any_asset = any(a is not None for a in assets)
@@ -281,6 +289,11 @@ def _count(finished: Mapping[tuple[str, str], int]) -> None:
     for (job_type, status), n in finished.items():
         if status == "queued":
             metrics.RETRIES.labels(job_type).inc(n)
+
+
+def _literal(items: list[str]) -> str:
+    """A PostgreSQL array literal of items that need no quoting."""
+    return "{" + ",".join(items) + "}"
 
 
 def _or_null(values: list[Any]) -> list[Any] | None:

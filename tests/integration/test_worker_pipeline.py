@@ -244,13 +244,14 @@ async def test_one_batch_records_results_errors_and_assets_side_by_side(
     ]
     try:
         statuses = ["done", "done", "done", "failed"]
+        # By the text of their ids (as the completer looks them up).
         assert await completer._write(outcomes) == {
-            job.id: status for job, status in zip(as_jobs, statuses, strict=True)
+            str(job.id): status for job, status in zip(as_jobs, statuses, strict=True)
         }
         only_nulls = [await client.enqueue("acme", "echo")]
         bare = Job.from_row(await claim_one(dsn, "w1"))
         assert bare.id == only_nulls[0].id
-        assert await completer._write([Outcome(bare, "done")]) == {bare.id: "done"}
+        assert await completer._write([Outcome(bare, "done")]) == {str(bare.id): "done"}
     finally:
         await pool.close()
     rows = {
@@ -266,6 +267,38 @@ async def test_one_batch_records_results_errors_and_assets_side_by_side(
     assert rows[as_jobs[3].id]["error_message"] == "refused"
     assert rows[bare.id]["status"] == "done"
     assert [a["id"] for a in await fetch(dsn, "SELECT id FROM pgjobs.assets")] == [asset.id]
+
+
+async def test_the_batch_literals_are_read_back_exactly(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """The completer writes ids, lease tokens, outcomes and retry delays as array literals
+    (finish_params): PostgreSQL reads each back as the worker had it, a retry delay that
+    is not a round number of microseconds included (rounded as make_interval rounds)."""
+    for _ in range(3):
+        await client.enqueue("acme", "echo", max_attempts=3)
+    claimed = [Job.from_row(await claim_one(dsn, "w1")) for _ in range(3)]
+    delay = 0.1 + 0.2  # 0.30000000000000004
+    outcomes = [
+        Outcome(claimed[0], "error", error="boom", retry_delay=delay),
+        Outcome(claimed[1], "done"),
+        Outcome(claimed[2], "fail", error="refused"),
+    ]
+    pool = await db.open_pool(dsn, min_size=1, max_size=2, name="test-completer")
+    try:
+        completer = Completer(pool, LocalStorage(storage_dir), flush_interval=0)
+        finished = await completer._write(outcomes)
+    finally:
+        await pool.close()
+    assert finished == {
+        str(claimed[0].id): "queued",
+        str(claimed[1].id): "done",
+        str(claimed[2].id): "failed",
+    }
+    (retried,) = await fetch(
+        dsn, "SELECT run_at, updated_at FROM pgjobs.jobs WHERE id = %s", [claimed[0].id]
+    )
+    assert retried["run_at"] - retried["updated_at"] == timedelta(microseconds=300_000)
 
 
 async def test_one_claim_is_out_at_a_time_for_all_free_slots_and_each_job_runs_once(
