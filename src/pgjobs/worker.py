@@ -266,7 +266,9 @@ class Worker:
         self.job_types = claimable_types(registry, self.settings.job_types)
         self._claims_types = frozenset(self.job_types)
         self.tune_gc = tune_gc
-        self._running: dict[uuid.UUID, _Running] = {}  # claimed and not yet recorded
+        # Claimed and not yet recorded, by the text of their id (_Running.id_text): a str
+        # hashes in C once, a UUID in Python at every lookup.
+        self._running: dict[str, _Running] = {}
         self._active = 0  # of those, how many are still in their handler
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -858,7 +860,7 @@ class Worker:
         ctx = JobContext(job, self._write_progress, loop, self._new_completion)
         entry = _Running(job, ctx, str(job.id))
         self._active += 1
-        self._running[job.id] = entry
+        self._running[entry.id_text] = entry
         # No done callback: _execute forgets the job itself (its finally), which spares
         # every job a callback scheduled and run on the loop; _stop_task covers a task
         # stopped before its first step, whose coroutine never runs.
@@ -882,7 +884,7 @@ class Worker:
 
     def _interrupt(self, job_id: uuid.UUID, reason: str) -> bool:
         """Stop a job's handler; False if it was not in its handler any more."""
-        entry = self._running.get(job_id)
+        entry = self._running.get(str(job_id))
         if entry is None or entry.finishing or entry.ctx.cancelled or entry.ctx.completed:
             # A job completed in the handler's transaction is no longer running; the
             # handler may still be finishing what follows its block.
@@ -939,8 +941,9 @@ class Worker:
             self._forget(entry)
 
     def _forget(self, entry: _Running) -> None:
-        if self._running.get(entry.job.id) is entry:
-            del self._running[entry.job.id]
+        held = self._running.pop(entry.id_text, None)
+        if held is not entry and held is not None:
+            self._running[entry.id_text] = held  # another attempt's now: not this one's to drop
         self._wake()
 
     async def _attempt(self, entry: _Running) -> Outcome | None:

@@ -66,7 +66,7 @@ async def test_a_job_stopped_before_its_task_starts_is_forgotten(tmp_path: Path)
     worker._start(job)
     # Cancelled (say, by a NOTIFY read in the same loop turn) before its task's first step.
     assert worker._interrupt(job.id, "job was cancelled")
-    task = worker._running[job.id].task
+    task = worker._running[str(job.id)].task
     await _until(task.done, "the task ended")
     await _until(lambda: not worker._running, "the job was forgotten")
     assert worker._active == 0
