@@ -300,7 +300,7 @@ def _or_null(values: list[Any]) -> list[Any] | None:
     """The list, or None (SQL NULL) when every entry is None: the statement reads these
     arrays by position, and NULL[i] is NULL, so the two mean the same; NULL costs nothing
     to send, a hundred NULLs cost psycopg a pass over the list."""
-    return None if all(v is None for v in values) else values
+    return None if values.count(None) == len(values) else values  # count: one C pass
 
 
 # job_finish_many_if_leased's asset parameters, and the StoredAsset attribute of each.

@@ -76,7 +76,7 @@ from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 from psycopg.pq import Format
@@ -107,7 +107,7 @@ from pgjobs.events import WORK_CHANNEL, Cancelled, RungJob, parse_work
 from pgjobs.health import HealthServer
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
-from pgjobs.queries import QUERIES
+from pgjobs.queries import QUERIES, positional
 from pgjobs.registry import Handler, Registry
 from pgjobs.storage import Storage, from_settings
 from pgjobs.types import Job, claimed_jobs
@@ -202,6 +202,15 @@ def _unreadable_row(
         ),
         str(values.get("company_id")),
     )
+
+
+async def _execute_positional(
+    cur: psycopg.AsyncRawCursor[Any], query: LiteralString, params: dict[str, Any], *, ring: bool
+) -> None:
+    """``query`` (as ``doorbell.ringing(query)`` with ``ring``) with ``params`` on a raw
+    cursor: its text numbered once (``queries.positional``), the values in that order."""
+    text, names = positional(doorbell.ringing(query) if ring else query)
+    await cur.execute(text, [params[name] for name in names])
 
 
 def default_worker_id() -> str:
@@ -664,9 +673,14 @@ class Worker:
             "job_types": list(self.job_types),
             "after_company": self._after_company,
         }
+        ring = self.settings.doorbell
         async with self._pool.connection() as conn:
             note = _ClaimNote()  # what the claim's rows say besides the jobs
-            cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, note=note))
+            # A raw cursor, sent each claim's text already numbered (queries.positional):
+            # psycopg converts a named query on every execute, ~70 µs for the claim's.
+            cur = psycopg.AsyncRawCursor(
+                conn, row_factory=functools.partial(self._claimed_rows, note=note)
+            )
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
             if not self._limited:
                 # job_claim_batch claims nothing where a limit can cover these jobs, and
@@ -674,8 +688,8 @@ class Worker:
                 # not even before the first claim. (A refused claim is an UPDATE of no
                 # row, which still fires jobs' statement triggers; since sql/0017 that
                 # leaves no slow plan behind for the session: test_trigger_plans.)
-                ring = self.settings.doorbell
-                await doorbell.execute(cur, QUERIES["job_claim_batch"], params, ring=ring)
+                # With the doorbell on, the statement sets it itself (doorbell.ringing).
+                await _execute_positional(cur, QUERIES["job_claim_batch"], params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur)
                 if not note.limited:
                     return jobs
@@ -686,12 +700,10 @@ class Worker:
             # statements before the pipeline's Sync run in one implicit transaction,
             # committed at the Sync), the locks held for the claim's own execution only.
             # The claim sets the doorbell itself, as the plain claim does.
-            claim = QUERIES["job_claim_batch_limited"]
-            if self.settings.doorbell:
-                claim = doorbell.ringing(claim)
             async with conn.pipeline():
                 locked = await conn.execute(QUERIES["limit_lock_for_types"], params)
-                await cur.execute(claim, params)
+                claim = QUERIES["job_claim_batch_limited"]
+                await _execute_positional(cur, claim, params, ring=ring)
             locks = await locked.fetchone() or {}
             jobs = await self._fetch_claimed(conn, cur)
         self._limited = bool(locks.get("locked"))  # none: no limit covers these jobs now
@@ -986,7 +998,8 @@ class Worker:
                 )
                 result = result.result
             try:
-                check_json(result, "the handler's result")
+                if result is not None:  # most handlers return nothing
+                    check_json(result, "the handler's result")
             except InvalidJobError as exc:
                 if asset is not None:
                     await self.storage.delete(asset.key)

@@ -8,19 +8,20 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
-from pgjobs import db, rescuer
+from pgjobs import db, doorbell, rescuer
 from pgjobs.assets import GeneratedAsset, StoredAsset
 from pgjobs.client import Client
 from pgjobs.completer import Completer, Outcome
 from pgjobs.context import JobContext
 from pgjobs.jobspec import JobSpec
-from pgjobs.queries import QUERIES
+from pgjobs.queries import QUERIES, positional
 from pgjobs.registry import Registry
 from pgjobs.storage import LocalStorage
 from pgjobs.types import (
@@ -338,6 +339,41 @@ async def test_one_claim_is_out_at_a_time_for_all_free_slots_and_each_job_runs_o
     assert max(asked) == 200
     rows = await fetch(dsn, "SELECT status, attempts, count(*) AS n FROM pgjobs.jobs GROUP BY 1, 2")
     assert rows == [{"status": "done", "attempts": 1, "n": 1000}]
+
+
+async def test_the_claim_goes_numbered_on_a_raw_cursor(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker sends its claim's text already numbered (queries.positional) on a raw
+    cursor, so psycopg does not convert its ~13,000 characters again on every claim; the
+    values go in the numbers' order."""
+    sent: list[tuple[Any, Any]] = []
+    execute = psycopg.AsyncRawCursor.execute
+
+    async def recording(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        sent.append((query, params))
+        return await execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncRawCursor, "execute", recording)
+    registry = Registry()
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        pass
+
+    job = await client.enqueue("acme", "echo")
+    worker = Worker(dsn, registry, fast_settings(storage_dir), burst=True)
+    await asyncio.wait_for(worker.run(), timeout=60)
+    assert worker.ran == [job.id]
+    text, names = positional(doorbell.ringing(QUERIES["job_claim_batch"]))
+    claims = [params for query, params in sent if query == text]
+    assert claims, "the claim went on a raw cursor"
+    first = dict(zip(names, claims[0], strict=True))
+    assert (first["worker_id"], first["job_types"], first["after_company"]) == (
+        worker.id,
+        ["echo"],
+        None,
+    )
 
 
 async def test_a_claim_that_fails_unexpectedly_stops_the_worker_with_its_error(
