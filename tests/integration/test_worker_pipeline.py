@@ -16,6 +16,7 @@ from psycopg.rows import dict_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
 from pgjobs import db, doorbell, rescuer
+from pgjobs import worker as worker_module
 from pgjobs.assets import GeneratedAsset, StoredAsset
 from pgjobs.client import Client
 from pgjobs.completer import Completer, Outcome
@@ -374,6 +375,44 @@ async def test_the_claim_goes_numbered_on_a_raw_cursor(
         ["echo"],
         None,
     )
+
+
+async def test_the_claims_row_maker_is_made_once_per_result_shape(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every claim's result has the same columns: the worker makes its Job maker once
+    (worker._claim_shape), not per claim."""
+    made: list[list[str]] = []
+
+    def counting(names: list[str], worker_id: str) -> Any:
+        made.append(names)
+        return claimed_jobs(names, worker_id)
+
+    monkeypatch.setattr(worker_module, "claimed_jobs", counting)
+    registry = Registry()
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        pass
+
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(5))
+    # Claims of one job at a time: five claims with a job, then one that finds none.
+    settings = fast_settings(storage_dir, concurrency=1)
+    worker = Worker(dsn, registry, settings, burst=True)
+    claims = 0
+    claim = worker._claim
+
+    async def counted(limit: int) -> list[Job]:
+        nonlocal claims
+        claims += 1
+        return await claim(limit)
+
+    worker._claim = counted  # type: ignore[method-assign]
+    await asyncio.wait_for(worker.run(), timeout=60)
+    assert len(worker.ran) == 5
+    assert claims >= 6
+    assert len(made) == 1
+    assert "after_company" in made[0]
 
 
 async def test_a_claim_that_fails_unexpectedly_stops_the_worker_with_its_error(
