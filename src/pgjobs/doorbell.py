@@ -35,7 +35,7 @@ import psycopg
 
 from pgjobs import db, events
 from pgjobs.events import RungJob
-from pgjobs.queries import QUERIES
+from pgjobs.queries import QUERIES, compact
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,9 @@ async def execute(
 ) -> None:
     """Run one statement in a transaction of its own (autocommit): with ``ring``, as
     ``ringing(query)``, so its commit carries no NOTIFY items and its caller rings after
-    it."""
-    await cur.execute(ringing(query) if ring else query, params)
+    it. Sent without its comments (``queries.compact``), short enough for psycopg to
+    keep its conversion."""
+    await cur.execute(compact(ringing(query) if ring else query), params)
 
 
 async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[RungJob]) -> bool:

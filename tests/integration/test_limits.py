@@ -34,7 +34,7 @@ from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.errors import InvalidJobError
 from pgjobs.jobspec import JobSpec
-from pgjobs.queries import QUERIES, positional
+from pgjobs.queries import QUERIES, compact, positional
 from pgjobs.registry import Registry
 
 TERMINAL = ("content_job.done", "content_job.failed", "content_job.cancelled")
@@ -574,7 +574,8 @@ async def _claiming_worker(dsn: str, storage_dir: Path) -> AsyncIterator[worker.
 def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """From now on, the name (in pgjobs.queries) of every statement a cursor runs, in
     order; a statement that rings itself (doorbell.ringing) goes by its query's name, and
-    so does one sent numbered on a raw cursor (queries.positional: the claims).
+    so does one sent without comments (queries.compact) or numbered on a raw cursor
+    (queries.positional: the claims).
     A doorbell worker's claims (plain and limited) send no events_doorbell_on of their
     own: the tests' lists of statements show it."""
     names: dict[str | bytes, str] = {}
@@ -582,7 +583,7 @@ def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         texts = [sql]
         with suppress(ValueError):  # a query without the doorbell's mark
             texts.append(doorbell.ringing(sql))
-        for text in texts:
+        for text in texts + [compact(text) for text in texts]:
             names[text] = name
             with suppress(ValueError):  # a query with a b placeholder, never sent numbered
                 names[positional(text)[0]] = name

@@ -22,7 +22,7 @@ from pgjobs.client import Client
 from pgjobs.completer import Completer, Outcome
 from pgjobs.context import JobContext
 from pgjobs.jobspec import JobSpec
-from pgjobs.queries import QUERIES, positional
+from pgjobs.queries import QUERIES, compact, positional
 from pgjobs.registry import Registry
 from pgjobs.storage import LocalStorage
 from pgjobs.types import (
@@ -366,7 +366,7 @@ async def test_the_claim_goes_numbered_on_a_raw_cursor(
     worker = Worker(dsn, registry, fast_settings(storage_dir), burst=True)
     await asyncio.wait_for(worker.run(), timeout=60)
     assert worker.ran == [job.id]
-    text, names = positional(doorbell.ringing(QUERIES["job_claim_batch"]))
+    text, names = positional(compact(doorbell.ringing(QUERIES["job_claim_batch"])))
     claims = [params for query, params in sent if query == text]
     assert claims, "the claim went on a raw cursor"
     first = dict(zip(names, claims[0], strict=True))

@@ -1,6 +1,6 @@
-"""pgjobs.queries.positional: a named query numbered as psycopg numbers it, for the
-worker's claims on a raw cursor (psycopg re-converts a named query of more than 4,096
-characters on every execute)."""
+"""What the worker sends of its queries: without comments (pgjobs.queries.compact), and
+for the claims numbered as psycopg numbers them (positional), on a raw cursor. psycopg
+converts a named query of more than 4,096 characters again on every execute."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from psycopg._queries import PostgresQuery  # psycopg's converter, to compare wi
 from psycopg.adapt import Transformer
 
 from pgjobs import db, doorbell
-from pgjobs.queries import QUERIES, positional
+from pgjobs.queries import QUERIES, compact, positional
 
 
 def test_placeholders_are_numbered_in_order_and_a_repeated_name_keeps_its_number() -> None:
@@ -33,3 +33,27 @@ def test_the_claims_are_numbered_as_psycopg_numbers_them(name: str, ring: bool) 
     pg_query.convert(query, dict.fromkeys(names))
     assert text == pg_query.query
     assert positional(query) is positional(query), "made once per text"
+
+
+def test_compact_drops_comments_and_keeps_quoted_text() -> None:
+    query = (
+        "-- a header\n"
+        "SELECT '--not a comment' AS a,  -- a comment\n"
+        '       "odd--name", $q$ -- kept $q$, (SELECT true /* doorbell */)\n'
+        "\n"
+        "FROM t -- the end"
+    )
+    assert compact(query) == (
+        "SELECT '--not a comment' AS a,\n"
+        '       "odd--name", $q$ -- kept $q$, (SELECT true /* doorbell */)\n'
+        "FROM t"
+    )
+    assert compact(query) is compact(query), "made once per text"
+
+
+@pytest.mark.parametrize("ring", [False, True])
+def test_the_finish_is_sent_short_enough_for_psycopg_to_keep_its_conversion(ring: bool) -> None:
+    query = QUERIES["job_finish_many_if_leased"]
+    sent = compact(doorbell.ringing(query) if ring else query)
+    assert len(sent) <= 4096 < len(doorbell.ringing(query))
+    assert "--" not in sent
