@@ -239,14 +239,19 @@ class _Running:
     timed_out: bool = False
 
 
+# A claim result's Job maker, and the positions of after_company, held_back and limited.
+_ClaimShape = tuple[Callable[[Sequence[Any]], Job], int, int | None, int | None]
+
+
 @dataclass(slots=True)
 class _ClaimNote:
-    """What a claim's rows said besides its jobs (Worker._claimed_rows): how many jobs a
-    limit held back (job_claim_batch_limited), and whether a limit refused the plain
-    claim (job_claim_batch's row of NULLs)."""
+    """What a claim's result said besides its jobs (Worker._fetch_claimed): how many jobs
+    a limit held back (job_claim_batch_limited), and whether a limit refused the plain
+    claim (job_claim_batch's row of NULLs); and the result's shape (_claimed_rows)."""
 
     held_back: int = 0
     limited: bool = False
+    shape: _ClaimShape | None = None
 
 
 class Worker:
@@ -295,10 +300,7 @@ class Worker:
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
         # _claimed_rows' makers, by the column names of the claim's result.
-        self._claim_shapes: dict[
-            tuple[bytes | None, ...],
-            tuple[Callable[[Sequence[Any]], Job], int, int | None, int | None],
-        ] = {}
+        self._claim_shapes: dict[tuple[bytes | None, ...], _ClaimShape] = {}
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
         # whether the last claim found a limit that can cover this worker's jobs: then the
         # next one claims through job_claim_batch_limited directly.
@@ -696,7 +698,7 @@ class Worker:
                 # leaves no slow plan behind for the session: test_trigger_plans.)
                 # With the doorbell on, the statement sets it itself (doorbell.ringing).
                 await _execute_positional(cur, QUERIES["job_claim_batch"], params, ring=ring)
-                jobs = await self._fetch_claimed(conn, cur)
+                jobs = await self._fetch_claimed(conn, cur, note)
                 if not note.limited:
                     return jobs
                 self._limited = True
@@ -711,7 +713,7 @@ class Worker:
                 claim = QUERIES["job_claim_batch_limited"]
                 await _execute_positional(cur, claim, params, ring=ring)
             locks = await locked.fetchone() or {}
-            jobs = await self._fetch_claimed(conn, cur)
+            jobs = await self._fetch_claimed(conn, cur, note)
         self._limited = bool(locks.get("locked"))  # none: no limit covers these jobs now
         window_ends_in = locks.get("window_ends_in")
         if note.held_back:
@@ -721,10 +723,27 @@ class Worker:
         return jobs
 
     async def _fetch_claimed(
-        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job | None]
+        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job], note: _ClaimNote
     ) -> list[Job]:
+        """The claimed jobs; first, what the result says besides them, read once from its
+        last row (the same on every row): the rotation cursor (kept even if a row cannot
+        become a Job), how many jobs a limit held back, whether a limit refused the claim
+        (job_claim_batch's one row, of NULLs: no job). Read raw, as the claim's text
+        result holds them (text, an int, a boolean as t or f), instead of on every row."""
+        result = cur.pgresult
+        if result is not None and note.shape is not None and result.ntuples:
+            _, after_at, held_at, limited_at = note.shape
+            last = result.ntuples - 1
+            if limited_at is not None and result.get_value(last, limited_at) == b"t":
+                note.limited = True
+                return []
+            after = result.get_value(last, after_at)
+            self._after_company = None if after is None else bytes(after).decode()
+            if held_at is not None:
+                held = result.get_value(last, held_at)
+                note.held_back = 0 if held is None else int(bytes(held))
         try:
-            return [job for job in await cur.fetchall() if job is not None]
+            return await cur.fetchall()
         except Exception as exc:  # any row that cannot become a Job
             log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
             return await self._decode_each(conn, cur)
@@ -744,12 +763,9 @@ class Worker:
         self._window_timer = None
         self._wake()
 
-    def _claimed_rows(self, cursor: BaseCursor[Any, Any], note: _ClaimNote) -> RowMaker[Job | None]:
-        """The claim's row factory: Jobs (``types.claimed_jobs``), keeping the rotation
-        cursor every claimed row carries (taken before the Job is built, so a row that
-        cannot become one still moves it) and noting in ``note`` how many jobs a limit
-        held back (the limited claim's rows) or that a limit refused the claim (the plain
-        claim's row of NULLs: None, no Job)."""
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any], note: _ClaimNote) -> RowMaker[Job]:
+        """The claim's row factory: Jobs (``types.claimed_jobs``); the result's shape goes
+        in ``note``, for _fetch_claimed to read what the rows say besides the jobs."""
         result = cursor.pgresult
         assert result is not None
         # The result's column names, straight from libpq: cursor.description builds a
@@ -759,22 +775,10 @@ class Worker:
         shape = self._claim_shapes.get(names)
         if shape is None:
             shape = self._claim_shapes[names] = self._claim_shape(names)
-        make, at, held_at, limited_at = shape
+        note.shape = shape
+        return shape[0]
 
-        def make_and_keep_cursor(values: Sequence[Any]) -> Job | None:
-            if limited_at is not None and values[limited_at]:
-                note.limited = True
-                return None
-            self._after_company = values[at]
-            if held_at is not None:
-                note.held_back = values[held_at]
-            return make(values)
-
-        return make_and_keep_cursor
-
-    def _claim_shape(
-        self, fnames: tuple[bytes | None, ...]
-    ) -> tuple[Callable[[Sequence[Any]], Job], int, int | None, int | None]:
+    def _claim_shape(self, fnames: tuple[bytes | None, ...]) -> _ClaimShape:
         """For a claim's result with these column names: its Job maker, and the positions
         of after_company, held_back (job_claim_batch_limited's: how many jobs a limit held
         back) and limited (job_claim_batch's: true on its row of NULLs only, where a limit
@@ -784,9 +788,7 @@ class Worker:
         limited_at = text.index("limited") if "limited" in text else None
         return claimed_jobs(text, self.id), text.index("after_company"), held_at, limited_at
 
-    async def _decode_each(
-        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job | None]
-    ) -> list[Job]:
+    async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
         """The claimed rows that decode, as Jobs. The claim has committed: every row is
         this worker's now, so one that cannot be read (a value Python cannot represent, a
         status this version does not know...) is failed here with the reason, and the
