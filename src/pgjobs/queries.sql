@@ -280,13 +280,13 @@ WITH RECURSIVE scope AS (
       -- (pgjobs.doorbell.ringing): set once, before the statement's triggers.
       AND (SELECT true /* doorbell */)
     -- What the worker's Job needs that this statement does not set itself (pgjobs.types
-    -- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows); not the audit
-    -- columns (last_event, error_traceback, up to 16 KiB on a retry). Every column decoded
-    -- costs the worker CPU per job. job_claim_batch_limited returns the same.
+    -- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows, and
+    -- lease_expires_at it computes from started_at); not the audit columns (last_event,
+    -- error_traceback, up to 16 KiB on a retry). Every column decoded costs the worker CPU
+    -- per job. job_claim_batch_limited returns the same.
     RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
         j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
-        j.lease_token, j.lease_expires_at, j.event_seq, j.started_at, j.finished_at,
-        j.created_at
+        j.lease_token, j.event_seq, j.started_at, j.finished_at, j.created_at
 )
 SELECT c.*,
     -- the company served last in the fair order (the ring's last if fair took none)
@@ -295,10 +295,10 @@ SELECT c.*,
     false AS limited
 FROM claimed c
 UNION ALL
--- A limit refused the claim: a row of NULLs (claimed's 18 columns and after_company)
+-- A limit refused the claim: a row of NULLs (claimed's 17 columns and after_company)
 -- saying so. (UNION ALL: a LEFT JOIN of claimed to scope cost ~1 µs more per job.)
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, NULL, true
+       NULL, NULL, NULL, NULL, true
 FROM scope WHERE scope.limited;
 
 -- name: job_finish_many_if_leased

@@ -786,7 +786,8 @@ class Worker:
         text = ["" if name is None else name.decode() for name in fnames]
         held_at = text.index("held_back") if "held_back" in text else None
         limited_at = text.index("limited") if "limited" in text else None
-        return claimed_jobs(text, self.id), text.index("after_company"), held_at, limited_at
+        make = claimed_jobs(text, self.id, self.settings.lease_seconds)
+        return make, text.index("after_company"), held_at, limited_at
 
     async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
         """The claimed rows that decode, as Jobs. The claim has committed: every row is

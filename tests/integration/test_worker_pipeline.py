@@ -174,14 +174,22 @@ async def test_job_rows_decode_to_the_jobs_from_row_builds(dsn: str, client: Cli
     assert "task-1" in [job.source_task_id for job in decoded]
 
 
+# The claim's own time (None: the database's now), and the lease: one ending across the
+# end of daylight saving time in the session's zone (01:59:50 EDT + 30 s is 01:00:20 EST,
+# not 02:00:20), a lease that is not a whole number of microseconds (rounded up).
+CLAIM_TIMES = [(None, 30.0), (datetime(2027, 11, 7, 5, 59, 50, tzinfo=UTC), 30.0000007)]
+
+
+@pytest.mark.parametrize(("now", "lease_seconds"), CLAIM_TIMES)
 @pytest.mark.parametrize("query", ["job_claim_batch", "job_claim_batch_limited"])
 async def test_a_claimed_job_is_its_row_as_the_claim_left_it(
-    dsn: str, client: Client, query: str
+    dsn: str, client: Client, query: str, now: datetime | None, lease_seconds: float
 ) -> None:
     """Both claims return only the columns the worker reads (types.CLAIMED_COLUMNS), and
     the worker fills in what the claim itself set (status, worker_id, progress,
-    updated_at): the Jobs it hands to handlers must equal Job.from_row of the whole rows,
-    for a first attempt and for a retry that carries its last error."""
+    updated_at, lease_expires_at): the Jobs it hands to handlers must equal Job.from_row
+    of the whole rows, for a first attempt and for a retry that carries its last error,
+    in a session whose time zone has daylight saving time."""
     await client.enqueue("acme", "echo", {"text": "é", "n": [1, 2.5, None]}, source_task_id="t")
     retried = await client.enqueue("globex", "echo", priority=2)
     first = await claim_one(dsn, "w0")
@@ -189,22 +197,34 @@ async def test_a_claimed_job_is_its_row_as_the_claim_left_it(
     await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(first, "error"))
     await fetch(dsn, "UPDATE pgjobs.jobs SET run_at = now() WHERE id = %s", [retried.id])
     params = {
-        "now": None, "limit": 10, "worker_id": "w1", "lease_seconds": 30.0, "job_types": None,
-        "after_company": None, "count_running": True,
+        "now": now, "limit": 10, "worker_id": "w1", "lease_seconds": lease_seconds,
+        "job_types": None, "after_company": None, "count_running": True,
     }  # fmt: skip
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SET TimeZone = 'America/New_York'")
         cur = conn.cursor(
-            row_factory=lambda c: claimed_jobs([d.name for d in c.description or ()], "w1")
+            row_factory=lambda c: claimed_jobs(
+                [d.name for d in c.description or ()], "w1", lease_seconds
+            )
         )
         await cur.execute(QUERIES[query], params)
         claimed = await cur.fetchall()
-    rows = await fetch(
-        dsn, "SELECT * FROM pgjobs.jobs WHERE id = ANY(%s)", [[j.id for j in claimed]]
-    )
+        # Read in the same zone: Python never finds a time in a fold (01:00:20 EST, the
+        # second 01:00:20 that night) equal to one in another zone (PEP 495).
+        read = conn.cursor(row_factory=dict_row)
+        await read.execute(
+            "SELECT * FROM pgjobs.jobs WHERE id = ANY(%s)", [[j.id for j in claimed]]
+        )
+        rows = await read.fetchall()
     assert sorted(claimed, key=str) == sorted((Job.from_row(r) for r in rows), key=str)
     assert len(claimed) == 2
     again = next(job for job in claimed if job.id == retried.id)
     assert (again.attempts, again.error_message) == (2, "boom")
+    if now is not None:  # the lease ends in the second 01:00 hour of that night
+        assert again.lease_expires_at is not None
+        assert again.lease_expires_at.fold == 1
+        ends = datetime(2027, 11, 7, 6, 0, 20, 1, tzinfo=UTC)
+        assert again.lease_expires_at.astimezone(UTC) == ends
 
 
 async def test_job_rows_names_the_columns_a_result_lacks(dsn: str) -> None:
@@ -384,9 +404,9 @@ async def test_the_claims_row_maker_is_made_once_per_result_shape(
     (worker._claim_shape), not per claim."""
     made: list[list[str]] = []
 
-    def counting(names: list[str], worker_id: str) -> Any:
+    def counting(names: list[str], worker_id: str, lease_seconds: float) -> Any:
         made.append(names)
-        return claimed_jobs(names, worker_id)
+        return claimed_jobs(names, worker_id, lease_seconds)
 
     monkeypatch.setattr(worker_module, "claimed_jobs", counting)
     registry = Registry()
