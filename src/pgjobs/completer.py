@@ -101,9 +101,14 @@ class Completer:
         flush_interval: float,
         max_in_flight: int = 2,
         ringer: doorbell.Ringer | None = None,
+        on_batch: Callable[[list[Outcome]], None] | None = None,
     ) -> None:
+        """``on_batch``: called with each batch once all its outcomes are resolved (their
+        ``on_recorded`` called), whether or not it could be written: the worker forgets a
+        batch's jobs in one call, instead of a callback per job."""
         self.pool = pool
         self.ringer = ringer
+        self.on_batch = on_batch
         self.storage = storage
         self.flush_interval = flush_interval
         self.max_in_flight = max_in_flight
@@ -165,6 +170,8 @@ class Completer:
             log.exception("could not record %d finished job(s)", len(batch))
             for outcome in batch:
                 outcome._resolve(exc)
+            if self.on_batch is not None:
+                self.on_batch(batch)
 
     async def _write_batch(self, batch: list[Outcome]) -> None:
         attempt = 0
@@ -207,6 +214,8 @@ class Completer:
                 rung.append((outcome.job.company_id, outcome.id_text or outcome.job.id))
         if self.ringer is not None:
             self.ringer.add(rung)  # after the batch's commit, as a ring must be
+        if self.on_batch is not None:
+            self.on_batch(batch)
 
     async def _write(self, batch: list[Outcome]) -> dict[str, str]:
         """Write the batch; returns the jobs it finished, each with its new status, by the

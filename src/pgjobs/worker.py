@@ -382,6 +382,7 @@ class Worker:
                 self.storage,
                 flush_interval=settings.flush_interval_seconds,
                 ringer=self._ringer,
+                on_batch=self._recorded,
             )
             self.listener = Listener(
                 self.listen_dsn,
@@ -953,8 +954,7 @@ class Worker:
             # the next job while this one's completion waits for its commit. The job
             # stays held (its lease renewed) until the completer has written it.
             self._leave_handler(entry)
-            entry.finishing = True
-            outcome.on_recorded = lambda _: self._forget(entry)
+            entry.finishing = True  # until its batch is recorded (_recorded)
             outcome.id_text = entry.id_text
             assert self._completer is not None
             self._completer.submit(outcome)
@@ -979,6 +979,17 @@ class Worker:
         held = self._running.pop(entry.id_text, None)
         if held is not entry and held is not None:
             self._running[entry.id_text] = held  # another attempt's now: not this one's to drop
+        self._wake()
+
+    def _recorded(self, batch: list[Outcome]) -> None:
+        """The completer's batch is recorded (or could not be): its jobs are no longer
+        held. One call and one wake per batch, not per job."""
+        running = self._running
+        for outcome in batch:
+            key = outcome.id_text or str(outcome.job.id)
+            held = running.pop(key, None)
+            if held is not None and held.job is not outcome.job:
+                running[key] = held  # another attempt's now: not this one's to drop
         self._wake()
 
     async def _attempt(self, entry: _Running) -> Outcome | None:

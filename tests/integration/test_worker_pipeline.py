@@ -116,7 +116,10 @@ async def test_a_completion_that_cannot_be_written_fails_its_handler_instead_of_
 ) -> None:
     job = await client.enqueue("acme", "echo")
     pool = await db.open_pool(dsn, min_size=1, max_size=2, name="test-completer")
-    completer = Completer(pool, LocalStorage(storage_dir), flush_interval=0)
+    batches: list[list[Outcome]] = []
+    completer = Completer(
+        pool, LocalStorage(storage_dir), flush_interval=0, on_batch=batches.append
+    )
 
     async def broken_write(batch: list[Outcome]) -> dict[object, str]:
         raise RuntimeError("statement refused")
@@ -125,10 +128,13 @@ async def test_a_completion_that_cannot_be_written_fails_its_handler_instead_of_
     recorded: asyncio.Future[bool | Exception] = asyncio.get_running_loop().create_future()
     runner = asyncio.create_task(completer.run())
     try:
-        completer.submit(Outcome(job, "done", on_recorded=recorded.set_result))
+        outcome = Outcome(job, "done", on_recorded=recorded.set_result)
+        completer.submit(outcome)
         result = await asyncio.wait_for(recorded, timeout=10)
         assert isinstance(result, RuntimeError)
         assert str(result) == "statement refused"
+        # The worker hears of the batch too (and lets its jobs go), written or not.
+        assert batches == [[outcome]]
     finally:
         completer.close()
         await asyncio.wait_for(runner, timeout=10)
@@ -296,7 +302,9 @@ async def test_the_batch_literals_are_read_back_exactly(
 ) -> None:
     """The completer writes ids, lease tokens, outcomes and retry delays as array literals
     (finish_params): PostgreSQL reads each back as the worker had it, a retry delay that
-    is not a round number of microseconds included (rounded as make_interval rounds)."""
+    is not a round number of microseconds included (rounded as make_interval rounds).
+    A written batch is handed to on_batch once its outcomes are resolved (here the same
+    batch again, whose leases are gone by then)."""
     for _ in range(3):
         await client.enqueue("acme", "echo", max_attempts=3)
     claimed = [Job.from_row(await claim_one(dsn, "w1")) for _ in range(3)]
@@ -307,9 +315,16 @@ async def test_the_batch_literals_are_read_back_exactly(
         Outcome(claimed[2], "fail", error="refused"),
     ]
     pool = await db.open_pool(dsn, min_size=1, max_size=2, name="test-completer")
+    batches: list[list[Outcome]] = []
     try:
-        completer = Completer(pool, LocalStorage(storage_dir), flush_interval=0)
+        completer = Completer(
+            pool, LocalStorage(storage_dir), flush_interval=0, on_batch=batches.append
+        )
         finished = await completer._write(outcomes)
+        assert batches == []  # _write only writes
+        await completer._write_batch(outcomes)  # the same batch again: every lease lost
+        assert batches == [outcomes]
+        assert [o.recorded for o in outcomes] == [True] * 3
     finally:
         await pool.close()
     assert finished == {

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -19,19 +20,22 @@ from pgjobs.worker import Worker
 
 
 class _RecordingCompleter:
-    """Records every outcome at once, as a completer whose batch committed."""
+    """Records every outcome at once, as a completer whose one-outcome batch committed
+    (its on_batch told)."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_batch: Callable[[list[Outcome]], None]) -> None:
         self.outcomes: list[Outcome] = []
+        self.on_batch = on_batch
 
     def submit(self, outcome: Outcome) -> None:
         self.outcomes.append(outcome)
         outcome._resolve(True)
+        self.on_batch([outcome])
 
 
 def _worker(registry: Registry, tmp_path: Path) -> tuple[Worker, _RecordingCompleter]:
     worker = Worker("dbname=unused", registry, WorkerSettings(storage_dir=tmp_path))
-    completer = _RecordingCompleter()
+    completer = _RecordingCompleter(worker._recorded)
     # What run() sets up, short of a database: the loop, a pool (never used here: the
     # handlers neither report progress nor open a transaction) and the completer.
     worker._loop = asyncio.get_running_loop()
