@@ -15,7 +15,7 @@ from pgjobs.completer import Outcome
 from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
 from pgjobs.registry import Registry
-from pgjobs.types import Job, enqueued_job
+from pgjobs.types import Job, JobStatus
 from pgjobs.worker import Worker
 
 
@@ -44,8 +44,15 @@ def _worker(registry: Registry, tmp_path: Path) -> tuple[Worker, _RecordingCompl
     return worker, completer
 
 
-def _job(job_type: str) -> Job:
-    return enqueued_job(uuid.uuid4(), "acme", job_type, {}, 0, None, 3, None, datetime.now(UTC))
+def _job(job_type: str, lease_token: int = 1) -> Job:
+    now = datetime.now(UTC)
+    return Job(
+        id=uuid.uuid4(), company_id="acme", job_type=job_type, status=JobStatus.RUNNING,
+        input={}, priority=0, run_at=now, attempts=1, max_attempts=3, result=None,
+        result_asset_id=None, error_message=None, source_task_id=None, progress=None,
+        worker_id="w", lease_token=lease_token, lease_expires_at=now, event_seq=2,
+        started_at=now, finished_at=None, created_at=now, updated_at=now,
+    )  # fmt: skip
 
 
 async def _until(predicate: Any, message: str) -> None:
