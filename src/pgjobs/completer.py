@@ -28,17 +28,18 @@ import collections
 import json
 import logging
 import random
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import psycopg
 from psycopg.rows import tuple_row
+from psycopg.types.string import TextLoader
 from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import db, doorbell, metrics
 from pgjobs.assets import StoredAsset
+from pgjobs.events import RungJob
 from pgjobs.queries import QUERIES
 from pgjobs.storage import Storage
 from pgjobs.types import Job
@@ -79,6 +80,9 @@ class Outcome:
     on_recorded: Callable[[bool | Exception], None] | None = None
     """Called once the batch is written: True if the outcome took effect, False if the
     attempt had lost the job, or the exception that kept the batch from being written."""
+    id_text: str | None = None
+    """``str(job.id)``, when the caller has it already (the worker makes it once per
+    attempt): what the ring after the batch sends."""
     recorded: bool = False
 
     def _resolve(self, result: bool | Exception) -> None:
@@ -97,9 +101,14 @@ class Completer:
         flush_interval: float,
         max_in_flight: int = 2,
         ringer: doorbell.Ringer | None = None,
+        on_batch: Callable[[list[Outcome]], None] | None = None,
     ) -> None:
+        """``on_batch``: called with each batch once all its outcomes are resolved (their
+        ``on_recorded`` called), whether or not it could be written: the worker forgets a
+        batch's jobs in one call, instead of a callback per job."""
         self.pool = pool
         self.ringer = ringer
+        self.on_batch = on_batch
         self.storage = storage
         self.flush_interval = flush_interval
         self.max_in_flight = max_in_flight
@@ -111,6 +120,8 @@ class Completer:
     def submit(self, outcome: Outcome) -> None:
         """Queue an outcome; its on_recorded runs once the batch holding it is written.
         No future or task per job: at thousands of jobs a second those add up."""
+        if outcome.id_text is None:
+            outcome.id_text = str(outcome.job.id)
         if outcome.error is not None:
             outcome.error = outcome.error[:MAX_ERROR_LENGTH]
         if outcome.traceback is not None:
@@ -159,6 +170,8 @@ class Completer:
             log.exception("could not record %d finished job(s)", len(batch))
             for outcome in batch:
                 outcome._resolve(exc)
+            if self.on_batch is not None:
+                self.on_batch(batch)
 
     async def _write_batch(self, batch: list[Outcome]) -> None:
         attempt = 0
@@ -182,8 +195,8 @@ class Completer:
                 )
                 await asyncio.sleep(delay)
         self.batches += 1
-        # One lookup per job (a UUID hashes in Python).
-        statuses = [finished.get(outcome.job.id) for outcome in batch]
+        # One lookup per job, by its id's text (submit made it, if the worker had not).
+        statuses = [finished.get(outcome.id_text or str(outcome.job.id)) for outcome in batch]
         _count(
             collections.Counter(
                 (outcome.job.job_type, status)
@@ -191,22 +204,28 @@ class Completer:
                 if status is not None
             )
         )
-        rung: list[tuple[str, uuid.UUID]] = []
+        rung: list[RungJob] = []
         for outcome, status in zip(batch, statuses, strict=True):
             took_effect = status is not None
             if not took_effect:
                 took_effect = await self._discard(outcome, retried=attempt > 0)
             outcome._resolve(took_effect)
             if took_effect:
-                rung.append((outcome.job.company_id, outcome.job.id))
+                rung.append((outcome.job.company_id, outcome.id_text or outcome.job.id))
         if self.ringer is not None:
             self.ringer.add(rung)  # after the batch's commit, as a ring must be
+        if self.on_batch is not None:
+            self.on_batch(batch)
 
-    async def _write(self, batch: list[Outcome]) -> dict[uuid.UUID, str]:
-        """Write the batch; returns the jobs it finished, each with its new status."""
+    async def _write(self, batch: list[Outcome]) -> dict[str, str]:
+        """Write the batch; returns the jobs it finished, each with its new status, by the
+        text of their id."""
         params = finish_params(batch)
-        # Tuples, not the pool's dicts: one row per job.
+        # Tuples, not the pool's dicts: one row per job; its id read as text (psycopg's C
+        # loader), not a UUID: the lookups above hash it in C, and the text is what
+        # submit made for each job.
         async with self.pool.connection() as conn, conn.cursor(row_factory=tuple_row) as cur:
+            cur.adapters.register_loader("uuid", TextLoader)
             # With a ringer, _write_batch hands it the batch's jobs after the commit.
             ring = self.ringer is not None
             await doorbell.execute(cur, QUERIES["job_finish_many_if_leased"], params, ring=ring)
@@ -251,13 +270,15 @@ def finish_params(batch: list[Outcome]) -> dict[str, Any]:
     for one job, by ``pgjobs.txcomplete`` inside a handler's transaction)."""
     params: dict[str, Any] = {
         "now": None,
-        "ids": [o.job.id for o in batch],
-        "lease_tokens": [o.job.lease_token for o in batch],
-        "outcomes": [o.kind for o in batch],
+        # Array literals: see the statement. An outcome's kind is a plain name (done,
+        # error, fail) and a float's repr one PostgreSQL reads back exactly: no quoting.
+        "ids": _literal([o.id_text or str(o.job.id) for o in batch]),
+        "lease_tokens": _literal([str(o.job.lease_token) for o in batch]),
+        "outcomes": _literal([o.kind for o in batch]),
         "results": _or_null([None if o.result is None else json.dumps(o.result) for o in batch]),
         "errors": _or_null([o.error for o in batch]),
         "tracebacks": _or_null([o.traceback for o in batch]),
-        "retry_delays": [o.retry_delay for o in batch],
+        "retry_delays": _literal([repr(o.retry_delay) for o in batch]),
     }
     assets = [o.asset for o in batch]
     any_asset = any(a is not None for a in assets)
@@ -279,11 +300,16 @@ def _count(finished: Mapping[tuple[str, str], int]) -> None:
             metrics.RETRIES.labels(job_type).inc(n)
 
 
+def _literal(items: list[str]) -> str:
+    """A PostgreSQL array literal of items that need no quoting."""
+    return "{" + ",".join(items) + "}"
+
+
 def _or_null(values: list[Any]) -> list[Any] | None:
     """The list, or None (SQL NULL) when every entry is None: the statement reads these
     arrays by position, and NULL[i] is NULL, so the two mean the same; NULL costs nothing
     to send, a hundred NULLs cost psycopg a pass over the list."""
-    return None if all(v is None for v in values) else values
+    return None if values.count(None) == len(values) else values  # count: one C pass
 
 
 # job_finish_many_if_leased's asset parameters, and the StoredAsset attribute of each.

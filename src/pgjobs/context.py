@@ -40,10 +40,15 @@ class JobContext:
         job: Job,
         write_progress: ProgressWriter,
         loop: asyncio.AbstractEventLoop,
-        completion: TransactionalCompletion | None = None,
+        new_completion: Callable[[Job], TransactionalCompletion] | None = None,
     ) -> None:
+        """``new_completion``: makes this attempt's ``transaction()`` (its
+        ``TransactionalCompletion``) on its first use, so that the jobs whose handlers
+        never open one (most) cost the worker no such object; without it,
+        ``transaction()`` is refused."""
         self.job = job
-        self._completion = completion
+        self._new_completion = new_completion
+        self._completion: TransactionalCompletion | None = None
         self._write_progress = write_progress
         self._loop = loop
         # A plain bool: set on the event loop, read by handlers (async, or sync in worker
@@ -131,5 +136,7 @@ class JobContext:
 
     def _transactional(self) -> TransactionalCompletion:
         if self._completion is None:
-            raise RuntimeError("ctx.transaction() is only available to handlers a worker runs")
+            if self._new_completion is None:
+                raise RuntimeError("ctx.transaction() is only available to handlers a worker runs")
+            self._completion = self._new_completion(self.job)
         return self._completion

@@ -28,14 +28,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import uuid
 from collections.abc import Iterable, Mapping
 from typing import Any, LiteralString
 
 import psycopg
 
 from pgjobs import db, events
-from pgjobs.queries import QUERIES
+from pgjobs.events import RungJob
+from pgjobs.queries import QUERIES, compact
 
 log = logging.getLogger(__name__)
 
@@ -77,11 +77,12 @@ async def execute(
 ) -> None:
     """Run one statement in a transaction of its own (autocommit): with ``ring``, as
     ``ringing(query)``, so its commit carries no NOTIFY items and its caller rings after
-    it."""
-    await cur.execute(ringing(query) if ring else query, params)
+    it. Sent without its comments (``queries.compact``), short enough for psycopg to
+    keep its conversion."""
+    await cur.execute(compact(ringing(query) if ring else query), params)
 
 
-async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
+async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[RungJob]) -> bool:
     """Ring for ``(company_id, job_id)`` pairs whose transitions have committed: call it
     after the commit, on a connection outside a transaction (autocommit). False if it
     could not be sent (logged; the listeners' catch-up covers it)."""
@@ -170,7 +171,7 @@ async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> No
             loop.remove_reader(fd)
 
 
-def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
+def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[RungJob]) -> bool:
     """``ring`` for a blocking connection."""
     return ring_payloads_sync(conn, events.encode_ring(jobs))
 
@@ -215,13 +216,13 @@ class Ringer:
     def __init__(self, pool: db.GuardedPool) -> None:
         self.pool = pool
         self._conn: db.AsyncConn | None = None
-        self._pending: list[tuple[str, uuid.UUID]] = []
+        self._pending: list[RungJob] = []
         self._wakeup = asyncio.Event()
         self._closing = False
         self.rings = 0
         """Rings tried (sent or not)."""
 
-    def add(self, jobs: Iterable[tuple[str, uuid.UUID]]) -> None:
+    def add(self, jobs: Iterable[RungJob]) -> None:
         """Ring for ``(company_id, job_id)`` pairs whose transitions have committed (call
         it after the commit: a ring is never ahead of the database)."""
         self._pending.extend(jobs)
@@ -244,7 +245,7 @@ class Ringer:
         finally:
             await self._give_back()
 
-    async def _send(self, jobs: list[tuple[str, uuid.UUID]]) -> None:
+    async def _send(self, jobs: list[RungJob]) -> None:
         self.rings += 1
         try:
             if self._conn is None:

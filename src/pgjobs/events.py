@@ -164,17 +164,25 @@ class Ring:
     jobs: Mapping[str, tuple[uuid.UUID, ...]]
 
 
-def encode_ring(jobs: Iterable[tuple[str, uuid.UUID]]) -> list[str]:
+RungJob = tuple[str, uuid.UUID | str]
+"""What a ring is for: a job's ``(company_id, job_id)``, its id as a UUID or as the text
+``str(job_id)`` writes."""
+
+
+def encode_ring(jobs: Iterable[RungJob]) -> list[str]:
     """The ``EVENTS_CHANNEL`` payloads that ring for ``(company_id, job_id)`` pairs (in
     that order, duplicates dropped): ``{"ring": {companyId: [jobId, ...]}}``, as many as
-    needed to keep each within ``NOTIFY_PAYLOAD_LIMIT`` bytes; none for no jobs.
+    needed to keep each within ``NOTIFY_PAYLOAD_LIMIT`` bytes; none for no jobs. A job id
+    may come as its text, as ``str(job_id)`` writes it: the worker makes each job's once
+    (~0.5 µs) for the ring after its claim and the one after its finish.
 
     Written as ``json.dumps(..., separators=(",", ":"), ensure_ascii=False)`` writes it,
     but by joining strings: a worker rings after every commit, and at small batches the
     dict and lists json.dumps would walk cost ~4 µs of a 10-job ring's ~14."""
-    by_company: dict[str, dict[uuid.UUID, None]] = {}
+    # Duplicates found by text: a str hashes in C, a UUID in Python (hash(self.int)).
+    by_company: dict[str, dict[str, None]] = {}
     for company_id, job_id in jobs:
-        by_company.setdefault(company_id, {})[job_id] = None
+        by_company.setdefault(company_id, {})[str(job_id)] = None
     payloads: list[str] = []
     parts: list[str] = []  # '"companyId":["jobId",...]' of the payload being filled
     # Bytes of the payload: '{"ring":{' + '}}', then per company its key with its ':[]'
@@ -183,7 +191,7 @@ def encode_ring(jobs: Iterable[tuple[str, uuid.UUID]]) -> list[str]:
     for company_id, ids in by_company.items():
         key = json.dumps(company_id, ensure_ascii=False)
         key_size = len(key.encode()) + 4
-        texts = [str(job_id) for job_id in ids]
+        texts = list(ids)
         start = 0
         while start < len(texts):
             fit = (NOTIFY_PAYLOAD_LIMIT - size - key_size) // 39

@@ -256,7 +256,7 @@ WITH RECURSIVE room AS MATERIALIZED (
     -- The columns job_claim_batch returns (and why there).
     RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
         j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
-        j.lease_token, j.lease_expires_at, j.event_seq, j.started_at, j.finished_at, j.created_at
+        j.lease_token, j.event_seq, j.started_at, j.finished_at, j.created_at
 ), counted AS (
     INSERT INTO pgjobs.limit_windows AS w (limit_id, window_start, started)
     SELECT r.id, r.window_start, count(*)

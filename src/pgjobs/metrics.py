@@ -21,17 +21,22 @@ event names, pool and channel names.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, LiteralString
 
+import prometheus_client.metrics
 import psycopg
 from prometheus_client import REGISTRY, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.samples import Sample
+from prometheus_client.utils import floatToGoString
 from psycopg_pool import AsyncConnectionPool
 
 from pgjobs import db
@@ -50,7 +55,63 @@ TRANSITIONS = Counter(
     "retrying, failed: an attempt recorded or a lease rescued).",
     ["job_type", "event"],
 )
-HANDLER_DURATION = Histogram(
+
+# A bound as the text format writes it (prometheus_client's own function, untyped).
+_go_float: Callable[[float], str] = floatToGoString
+
+
+@dataclass(slots=True)
+class _Series:
+    counts: list[int]  # per bucket, not cumulative; the last is +Inf's
+    sum: float
+    created: float
+
+
+class LoopHistogram:
+    """A labelled histogram that one event loop observes and a scrape reads, written as
+    prometheus_client's ``Histogram`` writes it (buckets, count, sum, created): observed
+    for ~0.25 µs instead of ~0.8. The worker observes every job it runs; prometheus_client
+    takes a lock for each of a bucket's and the sum's increments, where one thread (the
+    loop's) writing plain ints needs none. A scrape from another thread may come between
+    a bucket's increment and the sum's: one observation off, for that scrape."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str], buckets: Sequence[float]
+    ) -> None:
+        self.name = name
+        self.documentation = documentation
+        self.labelnames = tuple(labelnames)
+        self._bounds = tuple(float(b) for b in buckets)
+        self._les = [_go_float(b) for b in self._bounds] + ["+Inf"]
+        self._series: dict[tuple[str, ...], _Series] = {}
+
+    def observe(self, labels: tuple[str, ...], value: float) -> None:
+        series = self._series.get(labels)
+        if series is None:
+            series = _Series([0] * len(self._les), 0.0, time.time())
+            self._series[labels] = series
+        # A bucket counts the values at most its bound (le): the first bound >= value.
+        series.counts[bisect.bisect_left(self._bounds, value)] += 1
+        series.sum += value
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)
+        with_created = prometheus_client.metrics._use_created
+        for labels, series in list(self._series.items()):  # list(): one C call, no resize
+            cumulative = list(itertools.accumulate(series.counts))
+            family.add_metric(labels, list(zip(self._les, cumulative, strict=True)), series.sum)
+            if with_created:
+                family.samples.append(
+                    Sample(f"{self.name}_created", dict(zip(self.labelnames, labels, strict=True)),
+                           series.created)
+                )  # fmt: skip
+        yield family
+
+
+HANDLER_DURATION = LoopHistogram(
     "pgjobs_handler_duration_seconds",
     "Time in the handler per attempt, by job type and outcome (done; error: will retry "
     "or failed after its last attempt; fail: failed without retry; abandoned: cancelled, "
@@ -58,6 +119,7 @@ HANDLER_DURATION = Histogram(
     ["job_type", "outcome"],
     buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600),
 )
+REGISTRY.register(HANDLER_DURATION)
 RESCUES = Counter(
     "pgjobs_rescues_total",
     "Jobs whose lease expired and which this process's rescuer moved (back to queued, or "
@@ -93,7 +155,7 @@ LISTEN_RECONNECTS = Counter(
 # The worker counts every job it runs in these; prometheus_client's ``labels()`` costs
 # ~1.5 µs a call (a tuple of str()s, a lock, a dict), as much as a fifth of what the
 # worker spends on a no-op job all told. So transitions are counted per batch and job
-# type, and the histogram's children are looked up once per (type, outcome).
+# type, and the handlers' durations go to a LoopHistogram.
 
 
 def count_transitions(counts: Mapping[tuple[str, str], int]) -> None:
@@ -103,16 +165,10 @@ def count_transitions(counts: Mapping[tuple[str, str], int]) -> None:
         TRANSITIONS.labels(*labels).inc(n)
 
 
-_DURATIONS: dict[tuple[str, str], Histogram] = {}
-
-
 def observe_handler_duration(job_type: str, outcome: str, seconds: float) -> None:
-    """``HANDLER_DURATION.labels(job_type, outcome).observe(seconds)``, with the labelled
-    child kept (prometheus_client hands out the same child for the same labels)."""
-    child = _DURATIONS.get((job_type, outcome))
-    if child is None:
-        child = _DURATIONS[job_type, outcome] = HANDLER_DURATION.labels(job_type, outcome)
-    child.observe(seconds)
+    """Count one handler's time in ``pgjobs_handler_duration_seconds``; on the worker's
+    event loop only (``LoopHistogram``)."""
+    HANDLER_DURATION.observe((job_type, outcome), seconds)
 
 
 # -- state gauges, read at scrape time ------------------------------------------------------

@@ -6,7 +6,7 @@ import operator
 import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, fields
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any
 
@@ -295,36 +295,84 @@ def enqueued_jobs(values: Iterable[EnqueuedValues], now: datetime) -> list[Job]:
 
 # The columns job_claim_batch and job_claim_batch_limited return for each job they claim,
 # in the order of Job's fields: all but those the claim itself sets (status 'running',
-# worker_id, progress cleared, updated_at = started_at, both the claim's now), which the
-# worker knows without reading them back.
+# worker_id, progress cleared, updated_at = started_at, both the claim's now, and
+# lease_expires_at = started_at + the lease), which the worker knows without reading
+# them back.
 CLAIMED_COLUMNS = (
     "id", "company_id", "job_type", "input", "priority", "run_at", "attempts", "max_attempts",
     "result", "result_asset_id", "error_message", "source_task_id", "lease_token",
-    "lease_expires_at", "event_seq", "started_at", "finished_at", "created_at",
+    "event_seq", "started_at", "finished_at", "created_at",
 )  # fmt: skip
 
 
-def claimed_jobs(names: Sequence[str], worker_id: str) -> Callable[[Sequence[Any]], Job]:
-    """Builds the Jobs a claim by ``worker_id`` returns from its rows' values, given the
-    result's column ``names`` (CLAIMED_COLUMNS among them): the job as its row stands
-    after the claim, as ``Job.from_row`` would build it from the whole row."""
+def claimed_jobs(
+    names: Sequence[str], worker_id: str, lease_seconds: float
+) -> Callable[[Sequence[Any]], Job]:
+    """Builds the Jobs a claim by ``worker_id`` with a lease of ``lease_seconds`` returns
+    from its rows' values, given the result's column ``names`` (CLAIMED_COLUMNS among
+    them): the job as its row stands after the claim, as ``Job.from_row`` would build it
+    from the whole row.
+
+    Each field is set by its own line, from its column's position found once per result:
+    the claim decodes up to 200 rows per round trip on the worker's critical path, and
+    this costs ~1.2 µs a row where picking the values into a tuple and setting them in a
+    loop (``_built_job``) cost ~2.2. lease_expires_at is not read but computed as the
+    claim computes it (its now, started_at, plus make_interval(secs => lease_seconds),
+    which rounds to the microsecond as ``round`` does), once per claim: every row of a
+    claim has the same started_at, and a timestamp read costs ~0.37 µs."""
     positions = {name: i for i, name in enumerate(names)}
     missing = [name for name in CLAIMED_COLUMNS if name not in positions]
     if missing:
         raise TypeError(f"claimed_jobs: the result has no column(s) {', '.join(missing)}")
-    pick = operator.itemgetter(*(positions[name] for name in CLAIMED_COLUMNS))
+    (id_at, company_id_at, job_type_at, input_at, priority_at, run_at_at, attempts_at,
+     max_attempts_at, result_at, result_asset_id_at, error_message_at, source_task_id_at,
+     lease_token_at, event_seq_at, started_at_at, finished_at_at,
+     created_at_at) = (positions[name] for name in CLAIMED_COLUMNS)  # fmt: skip
+    new = object.__new__
+    (set_id, set_company_id, set_job_type, set_status, set_input, set_priority, set_run_at,
+     set_attempts, set_max_attempts, set_result, set_result_asset_id, set_error_message,
+     set_source_task_id, set_progress, set_worker_id, set_lease_token, set_lease_expires_at,
+     set_event_seq, set_started_at, set_finished_at, set_created_at, set_updated_at,
+     set_created) = _JOB_SETTERS  # in the order of Job's fields  # fmt: skip
     running = JobStatus.RUNNING
+    lease = timedelta(microseconds=round(lease_seconds * 1e6))
+    # The last started_at seen (a claim's rows share it) and its lease's end.
+    last_started: datetime | None = None
+    last_end: datetime | None = None
 
     def make(values: Sequence[Any]) -> Job:
-        (id_, company_id, job_type, input_, priority, run_at, attempts, max_attempts, result,
-         result_asset_id, error_message, source_task_id, lease_token, lease_expires_at,
-         event_seq, started_at, finished_at, created_at) = pick(values)  # fmt: skip
-        return _built_job((
-            id_, company_id, job_type, running, input_, priority, run_at, attempts,
-            max_attempts, result, result_asset_id, error_message, source_task_id, None,
-            worker_id, lease_token, lease_expires_at, event_seq, started_at, finished_at,
-            created_at, started_at, True,
-        ))  # fmt: skip
+        nonlocal last_started, last_end
+        job: Job = new(Job)
+        set_id(job, values[id_at])
+        set_company_id(job, values[company_id_at])
+        set_job_type(job, values[job_type_at])
+        set_status(job, running)  # what the claim set
+        set_input(job, values[input_at])
+        set_priority(job, values[priority_at])
+        set_run_at(job, values[run_at_at])
+        set_attempts(job, values[attempts_at])
+        set_max_attempts(job, values[max_attempts_at])
+        set_result(job, values[result_at])
+        set_result_asset_id(job, values[result_asset_id_at])
+        set_error_message(job, values[error_message_at])
+        set_source_task_id(job, values[source_task_id_at])
+        set_progress(job, None)  # the claim cleared it
+        set_worker_id(job, worker_id)  # the claim set it
+        set_lease_token(job, values[lease_token_at])
+        started_at = values[started_at_at]
+        if started_at != last_started:
+            last_started = started_at
+            # Added to the instant (the interval is microseconds alone, no days), then in
+            # started_at's time zone, as it is read.
+            last_end = (started_at.astimezone(UTC) + lease).astimezone(started_at.tzinfo)
+        set_lease_expires_at(job, last_end)
+        set_event_seq(job, values[event_seq_at])
+        set_started_at(job, started_at)
+        set_finished_at(job, values[finished_at_at])
+        set_created_at(job, values[created_at_at])
+        set_updated_at(job, started_at)  # the claim set both to its now
+        set_created(job, True)
+        return job
 
     return make
 

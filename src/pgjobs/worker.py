@@ -72,11 +72,11 @@ import socket
 import time
 import traceback
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, LiteralString
 
 import psycopg
 from psycopg.pq import Format
@@ -103,11 +103,11 @@ from pgjobs.errors import (
     InvalidJobError,
     LeaseLostError,
 )
-from pgjobs.events import WORK_CHANNEL, Cancelled, parse_work
+from pgjobs.events import WORK_CHANNEL, Cancelled, RungJob, parse_work
 from pgjobs.health import HealthServer
 from pgjobs.jobspec import check_json
 from pgjobs.notifier import Listener
-from pgjobs.queries import QUERIES
+from pgjobs.queries import QUERIES, compact, positional
 from pgjobs.registry import Handler, Registry
 from pgjobs.storage import Storage, from_settings
 from pgjobs.types import Job, claimed_jobs
@@ -204,6 +204,16 @@ def _unreadable_row(
     )
 
 
+async def _execute_positional(
+    cur: psycopg.AsyncRawCursor[Any], query: LiteralString, params: dict[str, Any], *, ring: bool
+) -> None:
+    """``query`` (as ``doorbell.ringing(query)`` with ``ring``) with ``params`` on a raw
+    cursor: its text without comments (``queries.compact``: half the bytes to send)
+    numbered once (``queries.positional``), the values in that order."""
+    text, names = positional(compact(doorbell.ringing(query) if ring else query))
+    await cur.execute(text, [params[name] for name in names])
+
+
 def default_worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
 
@@ -214,8 +224,13 @@ class _Running:
 
     job: Job
     ctx: JobContext
-    completion: txcomplete.TransactionalCompletion
+    # str(job.id), made once for the attempt's two rings (after its claim, after its
+    # finish), each of which would otherwise make it (~0.5 µs).
+    id_text: str
     task: asyncio.Task[None] = field(init=False)
+    # Its task has taken its first step (Worker._execute runs): from then on _execute's
+    # own finally forgets the job when it ends (Worker._stop_task).
+    started: bool = False
     in_handler: bool = True
     finishing: bool = False
     # The loop time by which the handler must return (its type's timeout), while it runs
@@ -224,14 +239,19 @@ class _Running:
     timed_out: bool = False
 
 
+# A claim result's Job maker, and the positions of after_company, held_back and limited.
+_ClaimShape = tuple[Callable[[Sequence[Any]], Job], int, int | None, int | None]
+
+
 @dataclass(slots=True)
 class _ClaimNote:
-    """What a claim's rows said besides its jobs (Worker._claimed_rows): how many jobs a
-    limit held back (job_claim_batch_limited), and whether a limit refused the plain
-    claim (job_claim_batch's row of NULLs)."""
+    """What a claim's result said besides its jobs (Worker._fetch_claimed): how many jobs
+    a limit held back (job_claim_batch_limited), and whether a limit refused the plain
+    claim (job_claim_batch's row of NULLs); and the result's shape (_claimed_rows)."""
 
     held_back: int = 0
     limited: bool = False
+    shape: _ClaimShape | None = None
 
 
 class Worker:
@@ -261,7 +281,9 @@ class Worker:
         self.job_types = claimable_types(registry, self.settings.job_types)
         self._claims_types = frozenset(self.job_types)
         self.tune_gc = tune_gc
-        self._running: dict[uuid.UUID, _Running] = {}  # claimed and not yet recorded
+        # Claimed and not yet recorded, by the text of their id (_Running.id_text): a str
+        # hashes in C once, a UUID in Python at every lookup.
+        self._running: dict[str, _Running] = {}
         self._active = 0  # of those, how many are still in their handler
         self._wakeup = asyncio.Event()
         self._stopping = asyncio.Event()
@@ -277,6 +299,8 @@ class Worker:
         # The fair claim's rotation cursor: the company it served last, so the next claim
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
+        # _claimed_rows' makers, by the column names of the claim's result.
+        self._claim_shapes: dict[tuple[bytes | None, ...], _ClaimShape] = {}
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
         # whether the last claim found a limit that can cover this worker's jobs: then the
         # next one claims through job_claim_batch_limited directly.
@@ -358,6 +382,7 @@ class Worker:
                 self.storage,
                 flush_interval=settings.flush_interval_seconds,
                 ringer=self._ringer,
+                on_batch=self._recorded,
             )
             self.listener = Listener(
                 self.listen_dsn,
@@ -483,7 +508,7 @@ class Worker:
         interrupted = [r for r in list(self._running.values()) if not r.finishing]
         for entry in interrupted:
             entry.ctx._cancel("worker shutting down")
-            entry.task.cancel()
+            self._stop_task(entry)
         await asyncio.gather(*still_running, return_exceptions=True)
         if interrupted:
             await self._release([r.job for r in interrupted])
@@ -596,9 +621,9 @@ class Worker:
         finally:
             self._reserved -= limit
             self._claims -= 1
-        for job in jobs:
-            self._start(job)
-        metrics.count_transitions(collections.Counter((job.job_type, "running") for job in jobs))
+        rung = [(job.company_id, self._start(job)) for job in jobs]
+        by_type = collections.Counter([job.job_type for job in jobs])  # counted in C
+        metrics.count_transitions({(job_type, "running"): n for job_type, n in by_type.items()})
         if len(jobs) < limit and not self._claim_failures:
             if self._wakes == wakes_when_sent:
                 self._queue_empty = True
@@ -612,9 +637,9 @@ class Worker:
         if jobs and self.settings.doorbell:
             # After the handlers started: they need nothing from the ring, only its
             # order after the claim's commit matters.
-            self._ring([(job.company_id, job.id) for job in jobs])
+            self._ring(rung)
 
-    def _ring(self, jobs: list[tuple[str, uuid.UUID]]) -> None:
+    def _ring(self, jobs: Sequence[RungJob]) -> None:
         """Ring for ``(company_id, job_id)`` pairs whose transitions committed with the
         doorbell on: handed to the ringer, which sends them with whatever else is
         pending (best-effort: a ring not sent is logged, never raised)."""
@@ -657,9 +682,14 @@ class Worker:
             "job_types": list(self.job_types),
             "after_company": self._after_company,
         }
+        ring = self.settings.doorbell
         async with self._pool.connection() as conn:
             note = _ClaimNote()  # what the claim's rows say besides the jobs
-            cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, note=note))
+            # A raw cursor, sent each claim's text already numbered (queries.positional):
+            # psycopg converts a named query on every execute, ~70 µs for the claim's.
+            cur = psycopg.AsyncRawCursor(
+                conn, row_factory=functools.partial(self._claimed_rows, note=note)
+            )
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
             if not self._limited:
                 # job_claim_batch claims nothing where a limit can cover these jobs, and
@@ -667,9 +697,9 @@ class Worker:
                 # not even before the first claim. (A refused claim is an UPDATE of no
                 # row, which still fires jobs' statement triggers; since sql/0017 that
                 # leaves no slow plan behind for the session: test_trigger_plans.)
-                ring = self.settings.doorbell
-                await doorbell.execute(cur, QUERIES["job_claim_batch"], params, ring=ring)
-                jobs = await self._fetch_claimed(conn, cur)
+                # With the doorbell on, the statement sets it itself (doorbell.ringing).
+                await _execute_positional(cur, QUERIES["job_claim_batch"], params, ring=ring)
+                jobs = await self._fetch_claimed(conn, cur, note)
                 if not note.limited:
                     return jobs
                 self._limited = True
@@ -679,14 +709,12 @@ class Worker:
             # statements before the pipeline's Sync run in one implicit transaction,
             # committed at the Sync), the locks held for the claim's own execution only.
             # The claim sets the doorbell itself, as the plain claim does.
-            claim = QUERIES["job_claim_batch_limited"]
-            if self.settings.doorbell:
-                claim = doorbell.ringing(claim)
             async with conn.pipeline():
                 locked = await conn.execute(QUERIES["limit_lock_for_types"], params)
-                await cur.execute(claim, params)
+                claim = QUERIES["job_claim_batch_limited"]
+                await _execute_positional(cur, claim, params, ring=ring)
             locks = await locked.fetchone() or {}
-            jobs = await self._fetch_claimed(conn, cur)
+            jobs = await self._fetch_claimed(conn, cur, note)
         self._limited = bool(locks.get("locked"))  # none: no limit covers these jobs now
         window_ends_in = locks.get("window_ends_in")
         if note.held_back:
@@ -696,10 +724,27 @@ class Worker:
         return jobs
 
     async def _fetch_claimed(
-        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job | None]
+        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job], note: _ClaimNote
     ) -> list[Job]:
+        """The claimed jobs; first, what the result says besides them, read once from its
+        last row (the same on every row): the rotation cursor (kept even if a row cannot
+        become a Job), how many jobs a limit held back, whether a limit refused the claim
+        (job_claim_batch's one row, of NULLs: no job). Read raw, as the claim's text
+        result holds them (text, an int, a boolean as t or f), instead of on every row."""
+        result = cur.pgresult
+        if result is not None and note.shape is not None and result.ntuples:
+            _, after_at, held_at, limited_at = note.shape
+            last = result.ntuples - 1
+            if limited_at is not None and result.get_value(last, limited_at) == b"t":
+                note.limited = True
+                return []
+            after = result.get_value(last, after_at)
+            self._after_company = None if after is None else bytes(after).decode()
+            if held_at is not None:
+                held = result.get_value(last, held_at)
+                note.held_back = 0 if held is None else int(bytes(held))
         try:
-            return [job for job in await cur.fetchall() if job is not None]
+            return await cur.fetchall()
         except Exception as exc:  # any row that cannot become a Job
             log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
             return await self._decode_each(conn, cur)
@@ -719,35 +764,33 @@ class Worker:
         self._window_timer = None
         self._wake()
 
-    def _claimed_rows(self, cursor: BaseCursor[Any, Any], note: _ClaimNote) -> RowMaker[Job | None]:
-        """The claim's row factory: Jobs (``types.claimed_jobs``), keeping the rotation
-        cursor every claimed row carries (taken before the Job is built, so a row that
-        cannot become one still moves it) and noting in ``note`` how many jobs a limit
-        held back (the limited claim's rows) or that a limit refused the claim (the plain
-        claim's row of NULLs: None, no Job)."""
-        assert cursor.description is not None
-        names = [column.name for column in cursor.description]
-        make = claimed_jobs(names, self.id)
-        at = names.index("after_company")
-        # job_claim_batch_limited's: how many jobs a limit held back.
-        held_at = names.index("held_back") if "held_back" in names else None
-        # job_claim_batch's: true on its row of NULLs only, where a limit refused it.
-        limited_at = names.index("limited") if "limited" in names else None
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any], note: _ClaimNote) -> RowMaker[Job]:
+        """The claim's row factory: Jobs (``types.claimed_jobs``); the result's shape goes
+        in ``note``, for _fetch_claimed to read what the rows say besides the jobs."""
+        result = cursor.pgresult
+        assert result is not None
+        # The result's column names, straight from libpq: cursor.description builds a
+        # Column per column, and with claimed_jobs' setup that cost ~50 µs per claim.
+        # The maker for a shape of result is made once (the two claims have one each).
+        names = tuple(result.fname(i) for i in range(result.nfields))
+        shape = self._claim_shapes.get(names)
+        if shape is None:
+            shape = self._claim_shapes[names] = self._claim_shape(names)
+        note.shape = shape
+        return shape[0]
 
-        def make_and_keep_cursor(values: Sequence[Any]) -> Job | None:
-            if limited_at is not None and values[limited_at]:
-                note.limited = True
-                return None
-            self._after_company = values[at]
-            if held_at is not None:
-                note.held_back = values[held_at]
-            return make(values)
+    def _claim_shape(self, fnames: tuple[bytes | None, ...]) -> _ClaimShape:
+        """For a claim's result with these column names: its Job maker, and the positions
+        of after_company, held_back (job_claim_batch_limited's: how many jobs a limit held
+        back) and limited (job_claim_batch's: true on its row of NULLs only, where a limit
+        refused it)."""
+        text = ["" if name is None else name.decode() for name in fnames]
+        held_at = text.index("held_back") if "held_back" in text else None
+        limited_at = text.index("limited") if "limited" in text else None
+        make = claimed_jobs(text, self.id, self.settings.lease_seconds)
+        return make, text.index("after_company"), held_at, limited_at
 
-        return make_and_keep_cursor
-
-    async def _decode_each(
-        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job | None]
-    ) -> list[Job]:
+    async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
         """The claimed rows that decode, as Jobs. The claim has committed: every row is
         this worker's now, so one that cannot be read (a value Python cannot represent, a
         status this version does not know...) is failed here with the reason, and the
@@ -842,59 +885,82 @@ class Worker:
 
     # -- running -----------------------------------------------------------------------
 
-    def _start(self, job: Job) -> None:
+    def _start(self, job: Job) -> str:
+        """Start the job's task; returns its id as text (for the claim's ring)."""
         assert self._pool is not None
         assert self._loop is not None
         # The loop run() kept, not asyncio's lookup of the running loop (also inside
         # asyncio.create_task): on Python 3.11 each lookup is a getpid() system call.
         loop = self._loop
-        completion = txcomplete.TransactionalCompletion(job, self._pool, self.dsn)
-        ctx = JobContext(job, self._write_progress, loop, completion)
-        entry = _Running(job, ctx, completion)
+        # No TransactionalCompletion until the handler asks for ctx.transaction().
+        ctx = JobContext(job, self._write_progress, loop, self._new_completion)
+        entry = _Running(job, ctx, str(job.id))
         self._active += 1
-        self._running[job.id] = entry
+        self._running[entry.id_text] = entry
+        # No done callback: _execute forgets the job itself (its finally), which spares
+        # every job a callback scheduled and run on the loop; _stop_task covers a task
+        # stopped before its first step, whose coroutine never runs.
         entry.task = loop.create_task(self._execute(entry))
-        entry.task.add_done_callback(lambda _: self._done(entry))
         self.jobs_started += 1
         if self.burst:
             self.ran.append(job.id)
+        return entry.id_text
+
+    def _new_completion(self, job: Job) -> txcomplete.TransactionalCompletion:
+        """A handler's first ``ctx.transaction()``: its attempt's completion in it."""
+        assert self._pool is not None
+        return txcomplete.TransactionalCompletion(job, self._pool, self.dsn)
+
+    def _stop_task(self, entry: _Running) -> None:
+        """Cancel a job's task. One cancelled before its first step never runs its
+        coroutine, so neither _execute's finally: a done callback forgets that one."""
+        entry.task.cancel()
+        if not entry.started:
+            entry.task.add_done_callback(lambda _: self._done(entry))
 
     def _interrupt(self, job_id: uuid.UUID, reason: str) -> bool:
         """Stop a job's handler; False if it was not in its handler any more."""
-        entry = self._running.get(job_id)
+        entry = self._running.get(str(job_id))
         if entry is None or entry.finishing or entry.ctx.cancelled or entry.ctx.completed:
             # A job completed in the handler's transaction is no longer running; the
             # handler may still be finishing what follows its block.
             return False
         log.warning("job %s: stopping handler: %s", job_id, reason, extra=entry.job.log_fields())
         entry.ctx._cancel(reason)
-        entry.task.cancel()
+        self._stop_task(entry)
         return True
 
     async def _execute(self, entry: _Running) -> None:
+        entry.started = True
         started = time.perf_counter()
         outcome: Outcome | None = None
         try:
-            outcome = await self._attempt(entry)
-            # Completed (or found lost) in ctx.transaction(): nothing left to record.
-            outcome = await txcomplete.settle(entry.completion, outcome, self.storage)
+            try:
+                outcome = await self._attempt(entry)
+                completion = entry.ctx._completion
+                if completion is not None:
+                    # Completed (or found lost) in ctx.transaction(): nothing left to record.
+                    outcome = await txcomplete.settle(completion, outcome, self.storage)
+            finally:
+                kind = "abandoned" if outcome is None else outcome.kind
+                metrics.observe_handler_duration(
+                    entry.job.job_type,
+                    "done" if entry.ctx.completed else kind,
+                    time.perf_counter() - started,
+                )
+            if outcome is None:
+                return
+            # The handler's slot is free as soon as it returns: the fetch loop can claim
+            # the next job while this one's completion waits for its commit. The job
+            # stays held (its lease renewed) until the completer has written it.
+            self._leave_handler(entry)
+            entry.finishing = True  # until its batch is recorded (_recorded)
+            outcome.id_text = entry.id_text
+            assert self._completer is not None
+            self._completer.submit(outcome)
         finally:
-            kind = "abandoned" if outcome is None else outcome.kind
-            metrics.observe_handler_duration(
-                entry.job.job_type,
-                "done" if entry.completion.committed else kind,
-                time.perf_counter() - started,
-            )
-        if outcome is None:
-            return
-        # The handler's slot is free as soon as it returns: the fetch loop can claim the
-        # next job while this one's completion waits for its commit. The job stays held
-        # (its lease renewed) until the completer has written it.
-        self._leave_handler(entry)
-        entry.finishing = True
-        outcome.on_recorded = lambda _: self._forget(entry)
-        assert self._completer is not None
-        self._completer.submit(outcome)
+            # Whatever ended the attempt (returned, abandoned, cancelled, raised).
+            self._done(entry)
 
     def _leave_handler(self, entry: _Running) -> None:
         if entry.in_handler:
@@ -903,15 +969,27 @@ class Worker:
             self._wake()
 
     def _done(self, entry: _Running) -> None:
-        # A done callback rather than a finally: it also runs for a task cancelled
-        # before its first step, whose coroutine never starts.
+        """A job's task ended: its handler's slot is free, and unless its completion is
+        being written, the job is no longer held."""
         self._leave_handler(entry)
         if not entry.finishing:
             self._forget(entry)
 
     def _forget(self, entry: _Running) -> None:
-        if self._running.get(entry.job.id) is entry:
-            del self._running[entry.job.id]
+        held = self._running.pop(entry.id_text, None)
+        if held is not entry and held is not None:
+            self._running[entry.id_text] = held  # another attempt's now: not this one's to drop
+        self._wake()
+
+    def _recorded(self, batch: list[Outcome]) -> None:
+        """The completer's batch is recorded (or could not be): its jobs are no longer
+        held. One call and one wake per batch, not per job."""
+        running = self._running
+        for outcome in batch:
+            key = outcome.id_text or str(outcome.job.id)
+            held = running.pop(key, None)
+            if held is not None and held.job is not outcome.job:
+                running[key] = held  # another attempt's now: not this one's to drop
         self._wake()
 
     async def _attempt(self, entry: _Running) -> Outcome | None:
@@ -941,7 +1019,10 @@ class Worker:
             if handler.timeout is not None:
                 self._arm_deadline(entry, handler.timeout)
             try:
-                result = await self._invoke(handler, ctx)
+                if handler.is_async:
+                    result = await handler.fn(ctx)
+                else:
+                    result = await self._run_in_thread(handler, ctx)
             finally:
                 entry.deadline = None
             asset = None
@@ -951,7 +1032,8 @@ class Worker:
                 )
                 result = result.result
             try:
-                check_json(result, "the handler's result")
+                if result is not None:  # most handlers return nothing
+                    check_json(result, "the handler's result")
             except InvalidJobError as exc:
                 if asset is not None:
                     await self.storage.delete(asset.key)
@@ -1045,9 +1127,8 @@ class Worker:
             retry_delay=retry_delay(job.attempts, self.settings) if kind == "error" else 0.0,
         )
 
-    async def _invoke(self, handler: Handler, ctx: JobContext) -> Any:
-        if handler.is_async:
-            return await handler.fn(ctx)
+    async def _run_in_thread(self, handler: Handler, ctx: JobContext) -> Any:
+        """A sync handler's call, in one of the worker's threads."""
         future = self._threads.submit(handler.fn, ctx)
         try:
             return await asyncio.wrap_future(future)

@@ -396,8 +396,8 @@ class _HeldRings:
     ``release`` is set (a ring in flight), and sends every ring for real."""
 
     def __init__(self, fail_first: bool = False) -> None:
-        self.calls: list[list[tuple[str, uuid.UUID]]] = []
-        self.sent: list[list[tuple[str, uuid.UUID]]] = []
+        self.calls: list[list[events.RungJob]] = []
+        self.sent: list[list[events.RungJob]] = []
         self.in_flight = asyncio.Event()
         self.release = asyncio.Event()
         self.fail_first = fail_first
@@ -488,7 +488,9 @@ async def test_a_stopping_worker_sends_its_pending_rings_before_closing_its_pool
         worker.stop()
         rings.release.set()
     rows = await fetch(dsn, "SELECT job_id FROM pgjobs.job_events WHERE seq > 1")
-    assert {job_id for _, job_id in itertools.chain(*rings.sent)} == {row["job_id"] for row in rows}
+    # The worker hands its rings each job's id as text (events.RungJob).
+    sent = {str(job_id) for _, job_id in itertools.chain(*rings.sent)}
+    assert sent == {str(row["job_id"]) for row in rows}
     assert rings.sent == rings.calls, "every ring was sent, none after the pool closed"
 
 

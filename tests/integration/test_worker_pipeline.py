@@ -8,19 +8,21 @@ import asyncio
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg.rows import dict_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
-from pgjobs import db, rescuer
+from pgjobs import db, doorbell, rescuer
+from pgjobs import worker as worker_module
 from pgjobs.assets import GeneratedAsset, StoredAsset
 from pgjobs.client import Client
 from pgjobs.completer import Completer, Outcome
 from pgjobs.context import JobContext
 from pgjobs.jobspec import JobSpec
-from pgjobs.queries import QUERIES
+from pgjobs.queries import QUERIES, compact, positional
 from pgjobs.registry import Registry
 from pgjobs.storage import LocalStorage
 from pgjobs.types import (
@@ -114,7 +116,10 @@ async def test_a_completion_that_cannot_be_written_fails_its_handler_instead_of_
 ) -> None:
     job = await client.enqueue("acme", "echo")
     pool = await db.open_pool(dsn, min_size=1, max_size=2, name="test-completer")
-    completer = Completer(pool, LocalStorage(storage_dir), flush_interval=0)
+    batches: list[list[Outcome]] = []
+    completer = Completer(
+        pool, LocalStorage(storage_dir), flush_interval=0, on_batch=batches.append
+    )
 
     async def broken_write(batch: list[Outcome]) -> dict[object, str]:
         raise RuntimeError("statement refused")
@@ -123,10 +128,13 @@ async def test_a_completion_that_cannot_be_written_fails_its_handler_instead_of_
     recorded: asyncio.Future[bool | Exception] = asyncio.get_running_loop().create_future()
     runner = asyncio.create_task(completer.run())
     try:
-        completer.submit(Outcome(job, "done", on_recorded=recorded.set_result))
+        outcome = Outcome(job, "done", on_recorded=recorded.set_result)
+        completer.submit(outcome)
         result = await asyncio.wait_for(recorded, timeout=10)
         assert isinstance(result, RuntimeError)
         assert str(result) == "statement refused"
+        # The worker hears of the batch too (and lets its jobs go), written or not.
+        assert batches == [[outcome]]
     finally:
         completer.close()
         await asyncio.wait_for(runner, timeout=10)
@@ -172,14 +180,22 @@ async def test_job_rows_decode_to_the_jobs_from_row_builds(dsn: str, client: Cli
     assert "task-1" in [job.source_task_id for job in decoded]
 
 
+# The claim's own time (None: the database's now), and the lease: one ending across the
+# end of daylight saving time in the session's zone (01:59:50 EDT + 30 s is 01:00:20 EST,
+# not 02:00:20), a lease that is not a whole number of microseconds (rounded up).
+CLAIM_TIMES = [(None, 30.0), (datetime(2027, 11, 7, 5, 59, 50, tzinfo=UTC), 30.0000007)]
+
+
+@pytest.mark.parametrize(("now", "lease_seconds"), CLAIM_TIMES)
 @pytest.mark.parametrize("query", ["job_claim_batch", "job_claim_batch_limited"])
 async def test_a_claimed_job_is_its_row_as_the_claim_left_it(
-    dsn: str, client: Client, query: str
+    dsn: str, client: Client, query: str, now: datetime | None, lease_seconds: float
 ) -> None:
     """Both claims return only the columns the worker reads (types.CLAIMED_COLUMNS), and
     the worker fills in what the claim itself set (status, worker_id, progress,
-    updated_at): the Jobs it hands to handlers must equal Job.from_row of the whole rows,
-    for a first attempt and for a retry that carries its last error."""
+    updated_at, lease_expires_at): the Jobs it hands to handlers must equal Job.from_row
+    of the whole rows, for a first attempt and for a retry that carries its last error,
+    in a session whose time zone has daylight saving time."""
     await client.enqueue("acme", "echo", {"text": "é", "n": [1, 2.5, None]}, source_task_id="t")
     retried = await client.enqueue("globex", "echo", priority=2)
     first = await claim_one(dsn, "w0")
@@ -187,22 +203,34 @@ async def test_a_claimed_job_is_its_row_as_the_claim_left_it(
     await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(first, "error"))
     await fetch(dsn, "UPDATE pgjobs.jobs SET run_at = now() WHERE id = %s", [retried.id])
     params = {
-        "now": None, "limit": 10, "worker_id": "w1", "lease_seconds": 30.0, "job_types": None,
-        "after_company": None, "count_running": True,
+        "now": now, "limit": 10, "worker_id": "w1", "lease_seconds": lease_seconds,
+        "job_types": None, "after_company": None, "count_running": True,
     }  # fmt: skip
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("SET TimeZone = 'America/New_York'")
         cur = conn.cursor(
-            row_factory=lambda c: claimed_jobs([d.name for d in c.description or ()], "w1")
+            row_factory=lambda c: claimed_jobs(
+                [d.name for d in c.description or ()], "w1", lease_seconds
+            )
         )
         await cur.execute(QUERIES[query], params)
         claimed = await cur.fetchall()
-    rows = await fetch(
-        dsn, "SELECT * FROM pgjobs.jobs WHERE id = ANY(%s)", [[j.id for j in claimed]]
-    )
+        # Read in the same zone: Python never finds a time in a fold (01:00:20 EST, the
+        # second 01:00:20 that night) equal to one in another zone (PEP 495).
+        read = conn.cursor(row_factory=dict_row)
+        await read.execute(
+            "SELECT * FROM pgjobs.jobs WHERE id = ANY(%s)", [[j.id for j in claimed]]
+        )
+        rows = await read.fetchall()
     assert sorted(claimed, key=str) == sorted((Job.from_row(r) for r in rows), key=str)
     assert len(claimed) == 2
     again = next(job for job in claimed if job.id == retried.id)
     assert (again.attempts, again.error_message) == (2, "boom")
+    if now is not None:  # the lease ends in the second 01:00 hour of that night
+        assert again.lease_expires_at is not None
+        assert again.lease_expires_at.fold == 1
+        ends = datetime(2027, 11, 7, 6, 0, 20, 1, tzinfo=UTC)
+        assert again.lease_expires_at.astimezone(UTC) == ends
 
 
 async def test_job_rows_names_the_columns_a_result_lacks(dsn: str) -> None:
@@ -244,13 +272,14 @@ async def test_one_batch_records_results_errors_and_assets_side_by_side(
     ]
     try:
         statuses = ["done", "done", "done", "failed"]
+        # By the text of their ids (as the completer looks them up).
         assert await completer._write(outcomes) == {
-            job.id: status for job, status in zip(as_jobs, statuses, strict=True)
+            str(job.id): status for job, status in zip(as_jobs, statuses, strict=True)
         }
         only_nulls = [await client.enqueue("acme", "echo")]
         bare = Job.from_row(await claim_one(dsn, "w1"))
         assert bare.id == only_nulls[0].id
-        assert await completer._write([Outcome(bare, "done")]) == {bare.id: "done"}
+        assert await completer._write([Outcome(bare, "done")]) == {str(bare.id): "done"}
     finally:
         await pool.close()
     rows = {
@@ -266,6 +295,47 @@ async def test_one_batch_records_results_errors_and_assets_side_by_side(
     assert rows[as_jobs[3].id]["error_message"] == "refused"
     assert rows[bare.id]["status"] == "done"
     assert [a["id"] for a in await fetch(dsn, "SELECT id FROM pgjobs.assets")] == [asset.id]
+
+
+async def test_the_batch_literals_are_read_back_exactly(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """The completer writes ids, lease tokens, outcomes and retry delays as array literals
+    (finish_params): PostgreSQL reads each back as the worker had it, a retry delay that
+    is not a round number of microseconds included (rounded as make_interval rounds).
+    A written batch is handed to on_batch once its outcomes are resolved (here the same
+    batch again, whose leases are gone by then)."""
+    for _ in range(3):
+        await client.enqueue("acme", "echo", max_attempts=3)
+    claimed = [Job.from_row(await claim_one(dsn, "w1")) for _ in range(3)]
+    delay = 0.1 + 0.2  # 0.30000000000000004
+    outcomes = [
+        Outcome(claimed[0], "error", error="boom", retry_delay=delay),
+        Outcome(claimed[1], "done"),
+        Outcome(claimed[2], "fail", error="refused"),
+    ]
+    pool = await db.open_pool(dsn, min_size=1, max_size=2, name="test-completer")
+    batches: list[list[Outcome]] = []
+    try:
+        completer = Completer(
+            pool, LocalStorage(storage_dir), flush_interval=0, on_batch=batches.append
+        )
+        finished = await completer._write(outcomes)
+        assert batches == []  # _write only writes
+        await completer._write_batch(outcomes)  # the same batch again: every lease lost
+        assert batches == [outcomes]
+        assert [o.recorded for o in outcomes] == [True] * 3
+    finally:
+        await pool.close()
+    assert finished == {
+        str(claimed[0].id): "queued",
+        str(claimed[1].id): "done",
+        str(claimed[2].id): "failed",
+    }
+    (retried,) = await fetch(
+        dsn, "SELECT run_at, updated_at FROM pgjobs.jobs WHERE id = %s", [claimed[0].id]
+    )
+    assert retried["run_at"] - retried["updated_at"] == timedelta(microseconds=300_000)
 
 
 async def test_one_claim_is_out_at_a_time_for_all_free_slots_and_each_job_runs_once(
@@ -305,6 +375,79 @@ async def test_one_claim_is_out_at_a_time_for_all_free_slots_and_each_job_runs_o
     assert max(asked) == 200
     rows = await fetch(dsn, "SELECT status, attempts, count(*) AS n FROM pgjobs.jobs GROUP BY 1, 2")
     assert rows == [{"status": "done", "attempts": 1, "n": 1000}]
+
+
+async def test_the_claim_goes_numbered_on_a_raw_cursor(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker sends its claim's text already numbered (queries.positional) on a raw
+    cursor, so psycopg does not convert its ~13,000 characters again on every claim; the
+    values go in the numbers' order."""
+    sent: list[tuple[Any, Any]] = []
+    execute = psycopg.AsyncRawCursor.execute
+
+    async def recording(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        sent.append((query, params))
+        return await execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncRawCursor, "execute", recording)
+    registry = Registry()
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        pass
+
+    job = await client.enqueue("acme", "echo")
+    worker = Worker(dsn, registry, fast_settings(storage_dir), burst=True)
+    await asyncio.wait_for(worker.run(), timeout=60)
+    assert worker.ran == [job.id]
+    text, names = positional(compact(doorbell.ringing(QUERIES["job_claim_batch"])))
+    claims = [params for query, params in sent if query == text]
+    assert claims, "the claim went on a raw cursor"
+    first = dict(zip(names, claims[0], strict=True))
+    assert (first["worker_id"], first["job_types"], first["after_company"]) == (
+        worker.id,
+        ["echo"],
+        None,
+    )
+
+
+async def test_the_claims_row_maker_is_made_once_per_result_shape(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every claim's result has the same columns: the worker makes its Job maker once
+    (worker._claim_shape), not per claim."""
+    made: list[list[str]] = []
+
+    def counting(names: list[str], worker_id: str, lease_seconds: float) -> Any:
+        made.append(names)
+        return claimed_jobs(names, worker_id, lease_seconds)
+
+    monkeypatch.setattr(worker_module, "claimed_jobs", counting)
+    registry = Registry()
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        pass
+
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(5))
+    # Claims of one job at a time: five claims with a job, then one that finds none.
+    settings = fast_settings(storage_dir, concurrency=1)
+    worker = Worker(dsn, registry, settings, burst=True)
+    claims = 0
+    claim = worker._claim
+
+    async def counted(limit: int) -> list[Job]:
+        nonlocal claims
+        claims += 1
+        return await claim(limit)
+
+    worker._claim = counted  # type: ignore[method-assign]
+    await asyncio.wait_for(worker.run(), timeout=60)
+    assert len(worker.ran) == 5
+    assert claims >= 6
+    assert len(made) == 1
+    assert "after_company" in made[0]
 
 
 async def test_a_claim_that_fails_unexpectedly_stops_the_worker_with_its_error(

@@ -59,6 +59,15 @@ def test_a_ring_names_each_job_once_under_its_company() -> None:
     assert events.encode_ring([]) == []
 
 
+def test_a_ring_takes_a_job_id_as_its_text_too() -> None:
+    """The worker hands its rings each job's id as text (made once per attempt): a ring
+    of texts is the ring of their UUIDs, and a job given both ways is named once."""
+    a, b = uuid.uuid4(), uuid.uuid4()
+    as_uuids = events.encode_ring([("acme", a), ("beta", b)])
+    assert events.encode_ring([("acme", str(a)), ("beta", str(b))]) == as_uuids
+    assert events.encode_ring([("acme", str(a)), ("acme", a), ("beta", b)]) == as_uuids
+
+
 @pytest.mark.parametrize("company_len", [1, 200])
 def test_a_long_ring_is_split_under_the_notify_limit(company_len: int) -> None:
     jobs = [(f"{i % 7}".ljust(company_len, "é"), uuid.uuid4()) for i in range(2_000)]
