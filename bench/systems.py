@@ -55,7 +55,9 @@ class WorkerConfig:
 # Chosen by a sweep on this machine: each queue's fastest configuration for no-op jobs (a
 # full run sweeps again and reports the sweep in its summary.md).
 WORKER_DEFAULTS: dict[str, WorkerConfig] = {
-    "pgjobs": WorkerConfig(concurrency=200),
+    # pgjobs: 400, room for two whole claims of 200 out at once (pgjobs.worker: one
+    # process +20% jobs/s over 200, docs/benchmarks.md "The claim's shape").
+    "pgjobs": WorkerConfig(concurrency=400),
     "procrastinate": WorkerConfig(concurrency=20),
     "pgqueuer": WorkerConfig(concurrency=0, batch=100, driver="asyncpg"),
     # awa: max_workers 500 with its default claim batch and claimers; a quick sweep on a

@@ -23,7 +23,7 @@ from bench.stats import fmt, summary
 # 1 → 2 → 4: issue 16's "more processes never slower than fewer" on this 2-core machine.
 PROCESSES = (1, 2, 4)
 SWEEP: dict[str, tuple[systems.WorkerConfig, ...]] = {
-    "pgjobs": tuple(systems.WorkerConfig(c) for c in (100, 200, 500)),
+    "pgjobs": tuple(systems.WorkerConfig(c) for c in (200, 400, 800)),
     # Not 50: four processes would want 4 × 52 pooled connections, over the server's 100
     # (at 10, 20 and 50 its rates were within 5% of each other in every full run).
     "procrastinate": tuple(systems.WorkerConfig(c) for c in (5, 10, 20)),

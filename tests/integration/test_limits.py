@@ -645,11 +645,12 @@ async def test_an_idle_workers_empty_claim_is_one_statement(
 async def test_a_limited_worker_sends_one_claim_at_a_time_for_all_its_slots(
     dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Limited claims take turns on the limits' locks; like every worker's, a limited
-    worker's claims go out one at a time (CLAIMS_IN_FLIGHT), each asking for all its
-    free slots up to MAX_CLAIM_BATCH: here its first claim takes 200 jobs, and no two of
-    its claims are ever out at once. A worker that knows of a limit from the start (as
-    after its first claim), draining 500 jobs in burst mode."""
+    """Limited claims would take turns on the limits' locks: a limited worker's claims
+    go out one at a time, each asking for all its free slots up to MAX_CLAIM_BATCH, even
+    with room for two whole batches (concurrency 400), where an unlimited worker keeps
+    two claims out. Here its first claim takes 200 jobs, and no two of its claims are
+    ever out at once. A worker that knows of a limit from the start (as after its first
+    claim), draining 500 jobs in burst mode."""
     await _set(dsn, company_id="acme", max_running=100_000)  # covers all, never binds
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(500))
     asked: list[int] = []
@@ -667,7 +668,7 @@ async def test_a_limited_worker_sends_one_claim_at_a_time_for_all_its_slots(
             in_flight -= 1
 
     monkeypatch.setattr(worker.Worker, "_claim", counted)
-    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir, concurrency=200), burst=True)
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir, concurrency=400), burst=True)
     w._limited = True
     await asyncio.wait_for(w.run(), timeout=120)
     assert await _all_done(dsn, 500)

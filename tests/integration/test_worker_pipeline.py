@@ -338,28 +338,30 @@ async def test_the_batch_literals_are_read_back_exactly(
     assert retried["run_at"] - retried["updated_at"] == timedelta(microseconds=300_000)
 
 
-async def test_one_claim_is_out_at_a_time_for_all_free_slots_and_each_job_runs_once(
-    dsn: str, client: Client, storage_dir: Path
+@pytest.mark.parametrize(("concurrency", "most"), [(200, 1), (400, CLAIMS_IN_FLIGHT)])
+async def test_a_second_claim_goes_out_only_as_a_whole_batch_and_each_job_runs_once(
+    dsn: str, client: Client, storage_dir: Path, concurrency: int, most: int
 ) -> None:
-    """A worker sends one claim at a time (CLAIMS_IN_FLIGHT), asking for all its free
-    slots up to MAX_CLAIM_BATCH: two claims out at once walk the same head of the queue,
-    the second skipping every row the first locked. Reserving slots at send time keeps
-    every job claimed once."""
+    """A claim asks for all the free slots up to MAX_CLAIM_BATCH; a second one goes out
+    while another is out only for a whole MAX_CLAIM_BATCH: with 200 slots, one claim at a
+    time; with 400, two of 200 (a claim of 100 costs PostgreSQL more per job than one of
+    200). Reserving slots at send time keeps every job claimed once."""
     registry = Registry()
 
     @registry.handler("tick")
     async def tick(ctx: JobContext) -> None:
-        await asyncio.sleep(0)
+        await asyncio.sleep(ctx.job.id.int % 10 / 1000)  # slots free one by one
 
     await client.enqueue_many(JobSpec("acme", "tick") for _ in range(1000))
-    worker = Worker(dsn, registry, fast_settings(storage_dir, concurrency=300), burst=True)
+    settings = fast_settings(storage_dir, concurrency=concurrency)
+    worker = Worker(dsn, registry, settings, burst=True)
     claim = worker._claim
-    asked: list[int] = []
+    asked: list[tuple[int, int]] = []  # (limit, claims already out when it was sent)
     in_flight = most_in_flight = 0
 
     async def slow_claim(limit: int) -> list[Job]:
         nonlocal in_flight, most_in_flight
-        asked.append(limit)
+        asked.append((limit, in_flight))
         in_flight += 1
         most_in_flight = max(most_in_flight, in_flight)
         try:
@@ -370,9 +372,11 @@ async def test_one_claim_is_out_at_a_time_for_all_free_slots_and_each_job_runs_o
 
     worker._claim = slow_claim  # type: ignore[method-assign]
     await asyncio.wait_for(worker.run(), timeout=60)
-    assert most_in_flight == CLAIMS_IN_FLIGHT == 1
-    assert asked[0] == MAX_CLAIM_BATCH == 200  # 300 slots free, one claim of at most 200
-    assert max(asked) == 200
+    assert most_in_flight == most
+    assert asked[0] == (MAX_CLAIM_BATCH, 0)
+    assert MAX_CLAIM_BATCH == 200
+    assert max(limit for limit, _ in asked) == 200
+    assert all(limit == MAX_CLAIM_BATCH for limit, out in asked if out)
     rows = await fetch(dsn, "SELECT status, attempts, count(*) AS n FROM pgjobs.jobs GROUP BY 1, 2")
     assert rows == [{"status": "done", "attempts": 1, "n": 1000}]
 
