@@ -34,7 +34,7 @@ from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.errors import InvalidJobError
 from pgjobs.jobspec import JobSpec
-from pgjobs.queries import QUERIES, compact, positional
+from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
 
 TERMINAL = ("content_job.done", "content_job.failed", "content_job.cancelled")
@@ -573,20 +573,13 @@ async def _claiming_worker(dsn: str, storage_dir: Path) -> AsyncIterator[worker.
 
 def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """From now on, the name (in pgjobs.queries) of every statement a cursor runs, in
-    order; a statement that rings itself (doorbell.ringing) goes by its query's name, and
-    so does one sent without comments (queries.compact) or numbered on a raw cursor
-    (queries.positional: the claims).
+    order; a statement that rings itself (doorbell.ringing) goes by its query's name.
     A doorbell worker's claims (plain and limited) send no events_doorbell_on of their
     own: the tests' lists of statements show it."""
-    names: dict[str | bytes, str] = {}
+    names = {sql: name for name, sql in QUERIES.items()}
     for name, sql in QUERIES.items():
-        texts = [sql]
         with suppress(ValueError):  # a query without the doorbell's mark
-            texts.append(doorbell.ringing(sql))
-        for text in texts + [compact(text) for text in texts]:
-            names[text] = name
-            with suppress(ValueError):  # a query with a b placeholder, never sent numbered
-                names[positional(text)[0]] = name
+            names[doorbell.ringing(sql)] = name
     sent: list[str] = []
     execute = psycopg.AsyncCursor.execute
 
@@ -645,12 +638,11 @@ async def test_an_idle_workers_empty_claim_is_one_statement(
 async def test_a_limited_worker_sends_one_claim_at_a_time_for_all_its_slots(
     dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Limited claims would take turns on the limits' locks: a limited worker's claims
-    go out one at a time, each asking for all its free slots up to MAX_CLAIM_BATCH, even
-    with room for two whole batches (concurrency 400), where an unlimited worker keeps
-    two claims out. Here its first claim takes 200 jobs, and no two of its claims are
-    ever out at once. A worker that knows of a limit from the start (as after its first
-    claim), draining 500 jobs in burst mode."""
+    """Limited claims take turns on the limits' locks; like every worker's, a limited
+    worker's claims ask for all its free slots up to MAX_CLAIM_BATCH, and a second goes
+    out beside one only as a whole batch: here, at concurrency 200, its first claim takes
+    200 jobs, and no two of its claims are ever out at once. A worker that knows of a
+    limit from the start (as after its first claim), draining 500 jobs in burst mode."""
     await _set(dsn, company_id="acme", max_running=100_000)  # covers all, never binds
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(500))
     asked: list[int] = []
@@ -668,7 +660,7 @@ async def test_a_limited_worker_sends_one_claim_at_a_time_for_all_its_slots(
             in_flight -= 1
 
     monkeypatch.setattr(worker.Worker, "_claim", counted)
-    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir, concurrency=400), burst=True)
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir, concurrency=200), burst=True)
     w._limited = True
     await asyncio.wait_for(w.run(), timeout=120)
     assert await _all_done(dsn, 500)
