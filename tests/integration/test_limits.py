@@ -34,7 +34,7 @@ from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.errors import InvalidJobError
 from pgjobs.jobspec import JobSpec
-from pgjobs.queries import QUERIES
+from pgjobs.queries import QUERIES, compact, positional
 from pgjobs.registry import Registry
 
 TERMINAL = ("content_job.done", "content_job.failed", "content_job.cancelled")
@@ -573,13 +573,20 @@ async def _claiming_worker(dsn: str, storage_dir: Path) -> AsyncIterator[worker.
 
 def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """From now on, the name (in pgjobs.queries) of every statement a cursor runs, in
-    order; a statement that rings itself (doorbell.ringing) goes by its query's name.
+    order; a statement that rings itself (doorbell.ringing) goes by its query's name, and
+    so does one sent without comments (queries.compact) or numbered on a raw cursor
+    (queries.positional: the claims).
     A doorbell worker's claims (plain and limited) send no events_doorbell_on of their
     own: the tests' lists of statements show it."""
-    names = {sql: name for name, sql in QUERIES.items()}
+    names: dict[str | bytes, str] = {}
     for name, sql in QUERIES.items():
+        texts = [sql]
         with suppress(ValueError):  # a query without the doorbell's mark
-            names[doorbell.ringing(sql)] = name
+            texts.append(doorbell.ringing(sql))
+        for text in texts + [compact(text) for text in texts]:
+            names[text] = name
+            with suppress(ValueError):  # a query with a b placeholder, never sent numbered
+                names[positional(text)[0]] = name
     sent: list[str] = []
     execute = psycopg.AsyncCursor.execute
 
