@@ -2,7 +2,7 @@
 worker processes; jobs/s per queue, pgjobs / best peer, and whether each queue's rate
 never falls from 1 → 2 → 4 processes.
 
-Full mode first sweeps a few settings per queue (1 process, one run each) and measures
+Full mode first sweeps a few settings per queue (1 process, one run each of the drain's N) and measures
 each queue with its fastest; quick mode uses the defaults in bench.systems, which are
 that sweep's usual winners on this machine. The measurements are interleaved: each round
 runs every process count of every queue once, so load that drifts during the run falls
@@ -50,7 +50,14 @@ def sweep(ctx: Ctx, failed: dict[str, str]) -> dict[str, Any]:
     listed with its error, and a queue all of whose settings fail goes into ``failed``."""
     results: dict[str, Any] = {}
     for system in ctx.systems:
-        n = min(jobs_for(ctx, system), 3_000 if system == "procrastinate" else 20_000)
+        # The drains' own N (procrastinate: at most 3,000, one round trip per job): at
+        # 20,000 a drain lasts ~1 s and a setting's start-up (pgjobs' two claims out at
+        # concurrency 400: the first claims, planned and run cold side by side) decided it.
+        n = (
+            min(jobs_for(ctx, system), 3_000)
+            if system == "procrastinate"
+            else jobs_for(ctx, system)
+        )
         rows = []
         for config in SWEEP[system]:
             row: dict[str, Any] = {"config": config.__dict__, "label": config.label()}
