@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import IO, Any
@@ -22,6 +23,7 @@ from psycopg.rows import dict_row
 from pgjobs.config import WorkerSettings
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
+from pgjobs.types import Job, JobStatus
 from pgjobs.worker import Worker
 
 TESTS = Path(__file__).resolve().parent
@@ -296,3 +298,15 @@ OUT_OF_RANGE_RUN_ATS = (
     "2030-01-01T00:00:00",
     "1969-12-31T23:59:59Z",
 )
+
+
+def running_job(job_type: str, lease_token: int = 1) -> Job:
+    """A running Job as a claim gives it, built in memory (for tests without a database)."""
+    now = dt.datetime.now(dt.UTC)
+    return Job(
+        id=uuid.uuid4(), company_id="acme", job_type=job_type, status=JobStatus.RUNNING,
+        input={}, priority=0, run_at=now, attempts=1, max_attempts=3, result=None,
+        result_asset_id=None, error_message=None, source_task_id=None, progress=None,
+        worker_id="w", lease_token=lease_token, lease_expires_at=now, event_seq=2,
+        started_at=now, finished_at=None, created_at=now, updated_at=now,
+    )  # fmt: skip

@@ -3,26 +3,12 @@ PostgreSQL array literals it writes itself, ids from the text each attempt made 
 
 from __future__ import annotations
 
-import uuid
-from datetime import UTC, datetime
-
+from helpers import running_job
 from pgjobs.completer import Outcome, finish_params
-from pgjobs.types import Job, JobStatus
-
-
-def _job(job_type: str, lease_token: int = 1) -> Job:
-    now = datetime.now(UTC)
-    return Job(
-        id=uuid.uuid4(), company_id="acme", job_type=job_type, status=JobStatus.RUNNING,
-        input={}, priority=0, run_at=now, attempts=1, max_attempts=3, result=None,
-        result_asset_id=None, error_message=None, source_task_id=None, progress=None,
-        worker_id="w", lease_token=lease_token, lease_expires_at=now, event_seq=2,
-        started_at=now, finished_at=None, created_at=now, updated_at=now,
-    )  # fmt: skip
 
 
 def _outcome(kind: str, lease_token: int, retry_delay: float = 0.0) -> Outcome:
-    return Outcome(_job("t", lease_token), kind, retry_delay=retry_delay)
+    return Outcome(running_job("t", lease_token), kind, retry_delay=retry_delay)
 
 
 def test_the_per_job_arrays_are_literals_of_what_the_worker_has() -> None:

@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from helpers import running_job
 from pgjobs.completer import Outcome
 from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
 from pgjobs.registry import Registry
-from pgjobs.types import Job, JobStatus
 from pgjobs.worker import Worker
 
 
@@ -44,17 +43,6 @@ def _worker(registry: Registry, tmp_path: Path) -> tuple[Worker, _RecordingCompl
     return worker, completer
 
 
-def _job(job_type: str, lease_token: int = 1) -> Job:
-    now = datetime.now(UTC)
-    return Job(
-        id=uuid.uuid4(), company_id="acme", job_type=job_type, status=JobStatus.RUNNING,
-        input={}, priority=0, run_at=now, attempts=1, max_attempts=3, result=None,
-        result_asset_id=None, error_message=None, source_task_id=None, progress=None,
-        worker_id="w", lease_token=lease_token, lease_expires_at=now, event_seq=2,
-        started_at=now, finished_at=None, created_at=now, updated_at=now,
-    )  # fmt: skip
-
-
 async def _until(predicate: Any, message: str) -> None:
     """Let the loop run until ``predicate()`` holds (a bounded number of turns)."""
     for _ in range(1000):
@@ -73,7 +61,7 @@ async def test_a_job_stopped_before_its_task_starts_is_forgotten(tmp_path: Path)
         ran.append(ctx.job_id)
 
     worker, completer = _worker(registry, tmp_path)
-    job = _job("noop")
+    job = running_job("noop")
     worker._start(job)
     # Cancelled (say, by a NOTIFY read in the same loop turn) before its task's first step.
     assert worker._interrupt(job.id, "job was cancelled")
@@ -98,7 +86,7 @@ async def test_jobs_are_forgotten_when_their_attempt_is_recorded(tmp_path: Path)
         raise RuntimeError("boom")
 
     worker, completer = _worker(registry, tmp_path)
-    jobs = [_job("noop"), _job("boom"), _job("noop")]
+    jobs = [running_job("noop"), running_job("boom"), running_job("noop")]
     for job in jobs:
         worker._start(job)
     await _until(lambda: not worker._running, "every job was forgotten")
