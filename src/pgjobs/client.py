@@ -150,6 +150,18 @@ def spec_chunks(specs: Iterable[JobSpec]) -> Iterator[list[JobSpec]]:
         chunk = list(itertools.islice(it, size))
 
 
+async def _enqueue_in_one(conn: db.CallerAsyncConn, specs: list[JobSpec]) -> list[Job]:
+    """``specs`` in one statement on ``conn`` (or ``pgjobs.unique``'s steps, for unique
+    keys), its NOTIFY items in its commit."""
+    if not specs:
+        return []
+    if unique.needs_steps(specs):
+        return await unique.run(conn, specs)
+    query, params = plan_insert(specs)
+    rows = await db.fetch_dicts(conn, query, params)
+    return inserted_jobs(specs, params, rows[0]["now"])
+
+
 @dataclass
 class ChunkedInsert:
     """A large ``enqueue_many`` through the pool: ``job_insert_many`` statements of a
@@ -162,8 +174,7 @@ class ChunkedInsert:
     encoded: while the server inserts a chunk, Python takes the next from the caller's
     iterable and does everything else it can. From the first chunk holding a spec with a
     unique key, the rest of the specs go to ``keyed`` instead, for ``pgjobs.unique``'s
-    steps in the same transaction (then ``ring`` stays empty: the caller rings for all
-    the jobs created)."""
+    steps in the same transaction, whose Jobs the caller hands to ``add_keyed``."""
 
     chunks: Iterator[list[JobSpec]]
     now: datetime
@@ -181,6 +192,12 @@ class ChunkedInsert:
             yield query, params
             self.jobs += inserted_jobs(chunk, params, self.now)
         self.ring = events.encode_ring((j.company_id, j.id) for j in self.jobs)
+
+    def add_keyed(self, jobs: list[Job]) -> None:
+        """The Jobs ``pgjobs.unique`` gave for ``keyed``; the ring then names every job
+        the call created (not the holders a unique key returned)."""
+        self.jobs += jobs
+        self.ring = events.encode_ring((j.company_id, j.id) for j in self.jobs if j.created)
 
 
 def plan_list(
@@ -311,26 +328,14 @@ class Client:
         commit either way (an item per job type and statement: a chunked batch may wake
         them once per chunk)."""
         if conn is not None:
-            specs = list(specs)
-            if not specs:
-                return []
-            if unique.needs_steps(specs):
-                return await unique.run(conn, specs)
-            query, params = plan_insert(specs)
-            rows = await db.fetch_dicts(conn, query, params)
-            return inserted_jobs(specs, params, rows[0]["now"])
+            return await _enqueue_in_one(conn, list(specs))
         chunks = spec_chunks(specs)
         first = next(chunks, [])
         if not first:
             return []
         async with self.pool.connection() as pooled:
             if len(first) < RING_FROM_JOBS or unique.needs_steps(first):
-                specs = first + [s for chunk in chunks for s in chunk]
-                if unique.needs_steps(specs):
-                    return await unique.run(pooled, specs)
-                query, params = plan_insert(specs)
-                rows = await db.fetch_dicts(pooled, query, params)
-                return inserted_jobs(specs, params, rows[0]["now"])
+                return await _enqueue_in_one(pooled, first + [s for c in chunks for s in c])
             async with pooled.transaction():
                 (began,) = await db.fetch_dicts(pooled, QUERIES["job_insert_many_begin"], {})
                 bulk = ChunkedInsert(itertools.chain([first], chunks), began["now"])
@@ -338,11 +343,8 @@ class Client:
                     for query, params in bulk.statements():
                         await cur.execute(query, params)
                 if bulk.keyed:
-                    bulk.jobs += await unique.run(pooled, bulk.keyed)
-            if bulk.keyed:
-                await doorbell.ring(pooled, [(j.company_id, j.id) for j in bulk.jobs if j.created])
-            else:
-                await doorbell.ring_payloads(pooled, bulk.ring)
+                    bulk.add_keyed(await unique.run(pooled, bulk.keyed))
+            await doorbell.ring_payloads(pooled, bulk.ring)
             return bulk.jobs
 
     async def get(

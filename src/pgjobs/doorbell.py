@@ -35,7 +35,7 @@ import psycopg
 
 from pgjobs import db, events
 from pgjobs.events import RungJob
-from pgjobs.queries import QUERIES, compact
+from pgjobs.queries import QUERIES, compact, positional
 
 log = logging.getLogger(__name__)
 
@@ -116,11 +116,6 @@ def _text_array(texts: list[str]) -> str:
     return '{"' + '","'.join(quoted) + '"}'
 
 
-# events_ring and events_ring_many as libpq takes them (their one parameter as $1), for
-# _send_ring; by text.
-_libpq_statements: dict[str, bytes] = {}
-
-
 async def _send_ring(pgconn: psycopg.pq.abc.PGconn, query: LiteralString, param: bytes) -> None:
     """Run ``events_ring`` (or ``events_ring_many``, ``param`` a text array literal of
     payloads) through libpq (psycopg.pq) rather than a cursor: the same statement and
@@ -131,10 +126,7 @@ async def _send_ring(pgconn: psycopg.pq.abc.PGconn, query: LiteralString, param:
     lock; raises psycopg.Error as a cursor would (a refused statement, a lost
     connection); a cancel leaves the connection mid-statement (the pool closes such a
     connection when it is given back)."""
-    statement = _libpq_statements.get(query)
-    if statement is None:
-        placeholder = "%(payloads)s" if "%(payloads)s" in query else "%(payload)s"
-        statement = _libpq_statements[query] = query.replace(placeholder, "$1").encode()
+    statement, _ = positional(compact(query))  # its one parameter as $1, made once
     loop = asyncio.get_running_loop()
     pgconn.send_query_params(statement, [param])
     while pgconn.flush():  # psycopg's connections are nonblocking: 1 while any is unsent
@@ -182,14 +174,10 @@ def ring_payloads_sync(conn: psycopg.Connection[Any], payloads: list[str]) -> bo
         if len(payloads) == 1:
             conn.execute(QUERIES["events_ring"], {"payload": payloads[0]})
         elif payloads:
-            conn.cursor().executemany(QUERIES["events_ring"], _params(payloads))
+            conn.execute(QUERIES["events_ring_many"], {"payloads": _text_array(payloads)})
     except psycopg.Error as exc:
         return _not_sent(payloads, exc)
     return True
-
-
-def _params(payloads: list[str]) -> list[dict[str, str]]:
-    return [{"payload": p} for p in payloads]
 
 
 def _not_sent(payloads: list[str], exc: psycopg.Error) -> bool:

@@ -40,6 +40,18 @@ from pgjobs.queries import QUERIES
 from pgjobs.types import Asset, Job, JobEvent
 
 
+def _enqueue_in_one(conn: db.CallerSyncConn, specs: list[JobSpec]) -> list[Job]:
+    """``specs`` in one statement on ``conn`` (or ``pgjobs.unique``'s steps), as
+    ``pgjobs.client._enqueue_in_one``."""
+    if not specs:
+        return []
+    if unique.needs_steps(specs):
+        return unique.run_sync(conn, specs)
+    query, params = plan_insert(specs)
+    rows = db.fetch_dicts_sync(conn, query, params)
+    return inserted_jobs(specs, params, rows[0]["now"])
+
+
 class SyncClient:
     """Blocking producer API over a connection pool. With no ``dsn``: PGJOBS_DSN, else the
     embedded server under ./.pgjobs (started if needed), as the ``pgjobs`` command does."""
@@ -117,26 +129,14 @@ class SyncClient:
         """Insert jobs in one commit (see ``Client.enqueue_many``: chunks, duplicates,
         and NOTIFY items or a ring)."""
         if conn is not None:
-            specs = list(specs)
-            if not specs:
-                return []
-            if unique.needs_steps(specs):
-                return unique.run_sync(conn, specs)
-            query, params = plan_insert(specs)
-            rows = db.fetch_dicts_sync(conn, query, params)
-            return inserted_jobs(specs, params, rows[0]["now"])
+            return _enqueue_in_one(conn, list(specs))
         chunks = spec_chunks(specs)
         first = next(chunks, [])
         if not first:
             return []
         with self.pool.connection() as pooled:
             if len(first) < RING_FROM_JOBS or unique.needs_steps(first):
-                specs = first + [s for chunk in chunks for s in chunk]
-                if unique.needs_steps(specs):
-                    return unique.run_sync(pooled, specs)
-                query, params = plan_insert(specs)
-                rows = db.fetch_dicts_sync(pooled, query, params)
-                return inserted_jobs(specs, params, rows[0]["now"])
+                return _enqueue_in_one(pooled, first + [s for c in chunks for s in c])
             with pooled.transaction():
                 (began,) = db.fetch_dicts_sync(pooled, QUERIES["job_insert_many_begin"], {})
                 bulk = ChunkedInsert(itertools.chain([first], chunks), began["now"])
@@ -144,11 +144,8 @@ class SyncClient:
                     for query, params in bulk.statements():
                         cur.execute(query, params)
                 if bulk.keyed:
-                    bulk.jobs += unique.run_sync(pooled, bulk.keyed)
-            if bulk.keyed:
-                doorbell.ring_sync(pooled, [(j.company_id, j.id) for j in bulk.jobs if j.created])
-            else:
-                doorbell.ring_payloads_sync(pooled, bulk.ring)
+                    bulk.add_keyed(unique.run_sync(pooled, bulk.keyed))
+            doorbell.ring_payloads_sync(pooled, bulk.ring)
             return bulk.jobs
 
     def get(
