@@ -149,6 +149,12 @@ LIMIT %(limit)s::int;
 -- rows it passes over but for its "ours already" filter. No condition on the job
 -- row here: its selectivity (queued among millions of finished jobs) made the planner
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
+-- Measured and not taken (issue 16): claims taking turns (a transaction advisory lock per
+-- job-type set, pipelined before the claim, so none walks past rows another has locked):
+-- 0.97x / 0.94x / 0.83x the jobs/s at 1 / 2 / 4 processes (bench.cpusplit, 3 interleaved
+-- rounds; a session lock released after the claim: 0.90x / 0.76x / 0.81x), PostgreSQL CPU
+-- per job unchanged (48 / 53 / 60 µs against 48 / 55 / 62): one claim at a time, through
+-- its commit, left the cores idle (1.5 busy against 1.7-1.8).
 -- Claims nothing where a limit can cover a job of %(job_types)s (pgjobs.limits, sql/0014):
 -- such jobs are claimed through job_claim_batch_limited (limits.sql). The check is one
 -- probe of that small table (scope), run once before anything else (the UPDATE's one-time
