@@ -64,12 +64,12 @@ FROM ins CROSS JOIN (VALUES (1, 'content_job.queued', 'queued', 0),
 
 def add_recent(dsn: str, n: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE pgjobs.jobs DISABLE TRIGGER jobs_publish_insert")
+        conn.execute("ALTER TABLE pgjobs.job_rows DISABLE TRIGGER job_rows_inserted")
         for c in range(COMPANIES):
             conn.execute(RECENT, {"company": f"company-{c}", "n": 10, "ago": 3700})
         for c in range(COMPANIES):
             conn.execute(RECENT, {"company": f"company-{c}", "n": n // COMPANIES, "ago": 0})
-        conn.execute("ALTER TABLE pgjobs.jobs ENABLE TRIGGER jobs_publish_insert")
+        conn.execute("ALTER TABLE pgjobs.job_rows ENABLE TRIGGER job_rows_inserted")
 
 
 def _run(conn: psycopg.Connection[dict[str, Any]], sql: str, params: dict[str, Any]) -> Any:

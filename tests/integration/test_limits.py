@@ -423,7 +423,8 @@ async def test_a_limited_workers_first_claim_updates_no_empty_batch(
     (job_claim_batch claiming nothing where a limit applies) fires jobs' statement
     triggers with empty transition tables, and PL/pgSQL keeps the plans made then for
     the session: every later batch on that connection joined its transition tables by
-    nested loops. Each UPDATE statement on jobs is logged here with its row count."""
+    nested loops. Each UPDATE statement on the queue rows (what a claim updates,
+    sql/0020) is logged here with its row count."""
     await _set(dsn, company_id="acme", max_running=100)
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
@@ -435,7 +436,7 @@ async def test_a_limited_workers_first_claim_updates_no_empty_batch(
                 INSERT INTO public.update_sizes (n) SELECT count(*) FROM new_rows;
                 RETURN NULL;
             END $$;
-            CREATE TRIGGER jobs_log_update_size AFTER UPDATE ON pgjobs.jobs
+            CREATE TRIGGER jobs_log_update_size AFTER UPDATE ON pgjobs.job_queue
                 REFERENCING NEW TABLE AS new_rows
                 FOR EACH STATEMENT EXECUTE FUNCTION public.log_update_size();
             """

@@ -175,10 +175,11 @@ async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
 ) -> None:
     """psycopg prepares a statement after a few runs and PostgreSQL may then plan it once
     for any parameters. These plans must find the batch's rows by primary key: a plan
-    that scans the table, or drives the batch's join from the job rows and rescans the
+    that scans the table, or drives the batch's join from the queue rows and rescans the
     batch for each (the statistics say few jobs run), costs a sequential pass or
     batch x batch comparisons per call. Statistics as after a bulk enqueue: many queued
-    jobs, none running."""
+    jobs, none running. The claim reads its job rows by key; the finish and the heartbeat
+    find their queue rows (sql/0020) by key."""
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(2000))
     names: list[str] = []
 
@@ -189,20 +190,21 @@ async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
 
     prepared = re.sub(r"%\((\w+)\)[sb]", placeholder, QUERIES[name]).replace("%%", "%")
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await conn.execute("ANALYZE pgjobs.jobs")
+        await conn.execute("ANALYZE pgjobs.job_rows, pgjobs.job_queue")
         await conn.execute(f"PREPARE hot AS {prepared}".encode())
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         args = ", ".join(["NULL"] * len(names))
         cur = await conn.execute(f"EXPLAIN EXECUTE hot({args})".encode())
         plan = "\n".join(row[0] for row in await cur.fetchall())
-    assert "jobs_pkey" in plan, plan
-    assert "Seq Scan on jobs" not in plan, plan
+    assert "Seq Scan on job" not in plan, plan
     assert "jobs_lease_idx" not in plan, plan
     if name == "job_claim_batch":
+        assert "jobs_pkey" in plan, plan
         assert "Merge Join" not in plan, plan  # walks the whole primary key from its start
     else:
-        # One lookup per entry of the batch, not the batch rescanned for every job row.
-        assert "Index Cond: (id = u.id)" in plan, plan
+        # One lookup per entry of the batch, not the batch rescanned for every queue row.
+        assert "job_queue_pkey" in plan, plan
+        assert "Index Cond: (job_id = u.id)" in plan, plan
 
 
 async def test_notify_items_carry_only_the_keys_their_event_has(dsn: str, client: Client) -> None:
@@ -304,7 +306,7 @@ async def test_claim_reads_about_its_batch_among_many_finished_jobs(
     await client.enqueue_many(JobSpec(f"company-{n % companies}", "echo") for n in range(2000))
     params = {"now": None, "limit": 100, "worker_id": "w", "lease_seconds": 30.0}
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        await conn.execute("ANALYZE pgjobs.jobs")
+        await conn.execute("ANALYZE pgjobs.job_rows, pgjobs.job_queue")
         await conn.execute("ANALYZE pgjobs.job_queue")
         # A company that enqueues after the statistics were taken (which then say every
         # queued job is company-0's): its one job must not cost a walk past the others'.
@@ -329,10 +331,10 @@ async def test_claim_reads_about_its_batch_among_many_finished_jobs(
     assert "job_queue_fair_idx" in text, text
     # The batch's queue rows; with many companies one probe per company visited, and, as
     # zz's level-5 job is not among them, the batch taken in the global order after the
-    # probe for the highest due level; their job rows by primary key when locked and
-    # again for the UPDATE.
-    assert _rows_read(plan, "job_queue") <= 3 * 100 + 2, text
-    assert _rows_read(plan, "jobs") <= 3 * 100, text
+    # probe for the highest due level; again by primary key for the UPDATE; their job
+    # rows by primary key for what the claim returns (sql/0020).
+    assert _rows_read(plan, "job_queue") <= 4 * 100 + 2, text
+    assert _rows_read(plan, "job_rows") <= 100, text
 
 
 async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:
@@ -347,63 +349,151 @@ async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:
     assert db.describe_error(TimeoutError()) == "TimeoutError"
 
 
-# Each CHECK of pgjobs.jobs and pgjobs.job_queue, and an update of a freshly queued job
-# that breaks that rule and no other.
+# Each CHECK of pgjobs.job_rows and pgjobs.job_queue, and an update of a freshly queued
+# job that breaks that rule and no other: through the view pgjobs.jobs where it routes
+# the update to that table (a queued job's live state to its queue row, the rest to its
+# job row, sql/0020), else on the table itself.
 _RULES = [
-    ("jobs_attempts_in_range", "UPDATE pgjobs.jobs SET attempts = -1"),
-    ("jobs_company_id_check", "UPDATE pgjobs.jobs SET company_id = ''"),
-    ("jobs_created_at_in_range", "UPDATE pgjobs.jobs SET created_at = '1900-01-01Z'"),
+    ("jobs_attempts_in_range", "job_queue", "UPDATE pgjobs.jobs SET attempts = -1"),
+    ("jobs_attempts_in_range", "job_rows", "UPDATE pgjobs.job_rows SET attempts = -1"),
+    ("jobs_company_id_check", "job_rows", "UPDATE pgjobs.jobs SET company_id = ''"),
+    ("jobs_created_at_in_range", "job_rows", "UPDATE pgjobs.jobs SET created_at = '1900-01-01Z'"),
     (
         "jobs_done_has_no_error",
+        "job_rows",
         "UPDATE pgjobs.jobs SET status = 'done', finished_at = now(), error_message = 'x'",
     ),
-    ("jobs_ended_has_its_event", "UPDATE pgjobs.jobs SET last_event = 'content_job.failed'"),
+    (
+        "jobs_ended_has_its_event",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET last_event = 'content_job.failed'",
+    ),
     (
         "jobs_failed_has_error",
+        "job_rows",
         "UPDATE pgjobs.jobs SET status = 'failed', last_event = 'content_job.failed',"
         " finished_at = now()",
     ),
     (
         "jobs_finished_at_in_range",
+        "job_rows",
         "UPDATE pgjobs.jobs SET status = 'done', finished_at = '1900-01-01Z'",
     ),
-    ("jobs_finished_iff_terminal", "UPDATE pgjobs.jobs SET finished_at = now()"),
-    ("jobs_job_type_check", "UPDATE pgjobs.jobs SET job_type = ''"),
-    ("jobs_last_event_known", "UPDATE pgjobs.jobs SET last_event = 'content_job.nope'"),
+    ("jobs_finished_iff_terminal", "job_rows", "UPDATE pgjobs.jobs SET finished_at = now()"),
+    ("jobs_job_type_check", "job_rows", "UPDATE pgjobs.jobs SET job_type = ''"),
+    # a live job's last event is one of a live job's
+    (
+        "jobs_last_event_known",
+        "job_queue",
+        "UPDATE pgjobs.jobs SET last_event = 'content_job.failed'",
+    ),
+    (
+        "jobs_last_event_known",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET last_event = 'content_job.nope'",
+    ),
     (
         "jobs_lease_expires_at_in_range",
-        "UPDATE pgjobs.jobs SET status = 'running', attempts = 1, worker_id = 'w',"
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET status = 'running', attempts = 1, worker_id = 'w',"
         " started_at = now(), lease_expires_at = '1900-01-01Z'",
     ),
-    ("jobs_lease_only_while_running", "UPDATE pgjobs.jobs SET lease_expires_at = now()"),
-    ("jobs_max_attempts_check", "UPDATE pgjobs.jobs SET max_attempts = 1001"),
-    ("jobs_progress_fraction_check", "UPDATE pgjobs.jobs SET progress_fraction = 2"),
-    ("jobs_progress_message_check", "UPDATE pgjobs.jobs SET progress_message = repeat('x', 1001)"),
-    ("jobs_queued_has_attempt_left", "UPDATE pgjobs.jobs SET attempts = max_attempts"),
-    ("jobs_run_at_in_range", "UPDATE pgjobs.jobs SET run_at = '1900-01-01Z'"),
-    ("jobs_running_has_lease", "UPDATE pgjobs.jobs SET status = 'running', attempts = 1"),
-    ("jobs_started_at_in_range", "UPDATE pgjobs.jobs SET started_at = '1900-01-01Z'"),
-    ("jobs_status_check", "UPDATE pgjobs.jobs SET status = 'sleeping'"),
-    ("jobs_traceback_bounded", "UPDATE pgjobs.jobs SET error_traceback = repeat('x', 16385)"),
-    ("jobs_updated_at_in_range", "UPDATE pgjobs.jobs SET updated_at = '1900-01-01Z'"),
+    (
+        "jobs_lease_only_while_running",
+        "job_queue",
+        "UPDATE pgjobs.jobs SET lease_expires_at = now()",
+    ),
+    (
+        "jobs_lease_only_while_running",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET lease_expires_at = now()",
+    ),
+    ("jobs_max_attempts_check", "job_rows", "UPDATE pgjobs.jobs SET max_attempts = 1001"),
+    ("jobs_progress_fraction_check", "job_queue", "UPDATE pgjobs.jobs SET progress_fraction = 2"),
+    (
+        "jobs_progress_fraction_check",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET progress_fraction = 2",
+    ),
+    (
+        "jobs_progress_message_check",
+        "job_queue",
+        "UPDATE pgjobs.jobs SET progress_message = repeat('x', 1001)",
+    ),
+    (
+        "jobs_progress_message_check",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET progress_message = repeat('x', 1001)",
+    ),
+    (
+        "jobs_queued_has_attempt_left",
+        "job_queue",
+        "UPDATE pgjobs.jobs SET attempts = max_attempts",
+    ),
+    (
+        "jobs_queued_has_attempt_left",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET attempts = max_attempts",
+    ),
+    ("jobs_run_at_in_range", "job_rows", "UPDATE pgjobs.jobs SET run_at = '1900-01-01Z'"),
+    (
+        "jobs_running_has_lease",
+        "job_queue",
+        "UPDATE pgjobs.jobs SET status = 'running', attempts = 1",
+    ),
+    (
+        "jobs_running_has_lease",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET status = 'running', attempts = 1",
+    ),
+    ("jobs_started_at_in_range", "job_queue", "UPDATE pgjobs.jobs SET started_at = '1900-01-01Z'"),
+    (
+        "jobs_started_at_in_range",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET started_at = '1900-01-01Z'",
+    ),
+    ("jobs_status_check", "job_queue", "UPDATE pgjobs.job_queue SET status = 'sleeping'"),
+    ("jobs_status_check", "job_rows", "UPDATE pgjobs.jobs SET status = 'sleeping'"),
+    (
+        "jobs_traceback_bounded",
+        "job_queue",
+        "UPDATE pgjobs.jobs SET error_traceback = repeat('x', 16385)",
+    ),
+    (
+        "jobs_traceback_bounded",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET error_traceback = repeat('x', 16385)",
+    ),
+    ("jobs_updated_at_in_range", "job_queue", "UPDATE pgjobs.jobs SET updated_at = '1900-01-01Z'"),
+    (
+        "jobs_updated_at_in_range",
+        "job_rows",
+        "UPDATE pgjobs.job_rows SET updated_at = '1900-01-01Z'",
+    ),
     (
         "job_queue_lease_expires_at_in_range",
+        "job_queue",
         "UPDATE pgjobs.job_queue SET lease_expires_at = '1900-01-01Z'",
     ),
-    ("job_queue_run_at_in_range", "UPDATE pgjobs.job_queue SET run_at = '1900-01-01Z'"),
+    (
+        "job_queue_run_at_in_range",
+        "job_queue",
+        "UPDATE pgjobs.job_queue SET run_at = '1900-01-01Z'",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("rule", "update"), _RULES, ids=[rule for rule, _ in _RULES])
+@pytest.mark.parametrize(
+    ("rule", "table", "update"), _RULES, ids=[f"{table}.{rule}" for rule, table, _ in _RULES]
+)
 async def test_a_broken_rule_is_named_in_the_error(
-    dsn: str, client: Client, rule: str, update: str
+    dsn: str, client: Client, rule: str, table: str, update: str
 ) -> None:
     await client.enqueue("acme", "echo")
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         with pytest.raises(psycopg.errors.CheckViolation, match=f'constraint "{rule}"') as err:
             await conn.execute(update)  # type: ignore[arg-type]
     assert err.value.diag.constraint_name == rule
-    table = "job_queue" if rule.startswith("job_queue_") else "jobs"
     assert (err.value.diag.schema_name, err.value.diag.table_name) == ("pgjobs", table)
 
 
@@ -411,10 +501,12 @@ async def test_every_check_has_a_rule_test(dsn: str) -> None:
     """The list above names every CHECK of the two tables, so a new one gets its test."""
     rows = await _rows(
         dsn,
-        "SELECT conname FROM pg_constraint WHERE contype = 'c'"
-        " AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])",
+        "SELECT conname, conrelid::regclass::text AS tab FROM pg_constraint WHERE contype = 'c'"
+        " AND conrelid = ANY ('{pgjobs.job_rows,pgjobs.job_queue}'::regclass[])",
     )
-    assert sorted(r["conname"] for r in rows) == sorted(rule for rule, _ in _RULES)
+    assert sorted((r["conname"], r["tab"].removeprefix("pgjobs.")) for r in rows) == sorted(
+        (rule, table) for rule, table, _ in _RULES
+    )
 
 
 async def test_audit_rows_are_keyed_by_job_and_seq_with_no_index_on_id(

@@ -60,7 +60,7 @@ async def test_a_claim_that_fails_on_a_row_fails_that_job_and_the_worker_goes_on
 ) -> None:
     """Range CHECKs added NOT VALID over a row out of range: the claim's UPDATE of that
     row violates them, so the whole claim statement fails and claims nothing."""
-    await fetch(dsn, "ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_run_at_in_range")
+    await fetch(dsn, "ALTER TABLE pgjobs.job_rows DROP CONSTRAINT jobs_run_at_in_range")
     await fetch(
         dsn,
         "ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_run_at_in_range",
@@ -73,7 +73,13 @@ async def test_a_claim_that_fails_on_a_row_fails_that_job_and_the_worker_goes_on
     )
     await fetch(
         dsn,
-        "ALTER TABLE pgjobs.jobs ADD CONSTRAINT jobs_run_at_in_range"
+        "ALTER TABLE pgjobs.job_rows ADD CONSTRAINT jobs_run_at_in_range"
+        " CHECK (pgjobs.time_in_range(run_at)) NOT VALID",
+    )
+    # The claim updates the queue row (sql/0020): its CHECK is the one the claim breaks.
+    await fetch(
+        dsn,
+        "ALTER TABLE pgjobs.job_queue ADD CONSTRAINT job_queue_run_at_in_range"
         " CHECK (pgjobs.time_in_range(run_at)) NOT VALID",
     )
     async with await Client.connect(dsn) as client:
@@ -97,7 +103,7 @@ async def test_a_claim_that_fails_on_a_row_fails_that_job_and_the_worker_goes_on
 async def test_reads_show_a_time_python_cannot_represent_as_postgresql_writes_it(
     dsn: str,
 ) -> None:
-    await fetch(dsn, "ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_created_at_in_range")
+    await fetch(dsn, "ALTER TABLE pgjobs.job_rows DROP CONSTRAINT jobs_created_at_in_range")
     await fetch(
         dsn,
         "INSERT INTO pgjobs.jobs (id, company_id, job_type, created_at) VALUES"
