@@ -1,13 +1,13 @@
-"""Today's schema against a prototype of the narrow hot-path schema (N2, issue 16).
+"""pgjobs' hot statements before and after sql/0020_live_state.sql (issue 16, "N2").
 
 ``python -m bench.narrow [--jobs 20000] [--rounds 3] [--clients 1 2]``
 
-Decides whether N2 is worth building: how much PostgreSQL CPU per drained job it saves.
-Today's side is a fresh database migrated to sql/0019_doorbell.sql, driven by pgjobs'
-own job_insert_many, job_claim_batch and job_finish_many_if_leased; N2's side is the same
-database with bench/narrow.sql's ``n2_schema`` applied (the live state in the queue row,
-the job row written at enqueue and at the end, audit rows by statement triggers on both
-tables) and that file's three statements, written from the same ones.
+What the live state in the queue row saves PostgreSQL per drained job. Side ``0019``: a
+fresh database migrated to sql/0019_doorbell.sql, driven by the statements pgjobs ran
+then (bench/narrow.sql, copied from pgjobs/queries.sql before 0020: job_insert_many,
+job_claim_batch, job_finish_many_if_leased on the table pgjobs.jobs). Side ``0020``: a
+database migrated to the latest, driven by pgjobs.queries' statements of the same names.
+(Before 0020 was built, side ``0020`` was a prototype of it, in this module's history.)
 
 Each run fills a fresh database with ``--jobs`` no-op jobs of one company in 1,000-job
 batches (the doorbell on, as ``Client.enqueue_many`` sends such batches), then drains it
@@ -19,7 +19,7 @@ for both). It reads the CPU time of the connections' backends around every state
 ``claim_us`` and ``finish_us``; and the server's other processes' during the drain
 (walwriter, checkpointer, autovacuum: ``other_us``, /proc/<pid>/stat, clock ticks). It
 checks that every job ended done with three audit rows and no queue row. Rounds are
-interleaved (today, N2, for each client count, in every round); prints each run, then
+interleaved (0019, 0020, for each client count, in every round); prints each run, then
 medians with min–max. Linux only.
 """
 
@@ -50,22 +50,22 @@ def run_ns(pid: int) -> int:
 BATCH = 100
 ENQUEUE_BATCH = 1_000
 BASE = "0019_doorbell"  # the schema both sides start from
-VARIANTS = ("today", "n2")
-N2 = None  # bench/narrow.sql, loaded on first use
+VARIANTS = ("0019", "0020")
+BEFORE = None  # bench/narrow.sql, loaded on first use
 
 
-def _n2() -> dict[str, Any]:
-    global N2
-    if N2 is None:
+def _before() -> dict[str, Any]:
+    global BEFORE
+    if BEFORE is None:
         from pgjobs.queries import load
 
-        N2 = dict(load("bench", "narrow.sql"))
-    return N2
+        BEFORE = dict(load("bench", "narrow.sql"))
+    return BEFORE
 
 
 def statements(variant: str) -> tuple[Any, Any, Any]:
     """(insert, claim, finish) of ``variant``."""
-    if variant == "today":
+    if variant == "0020":
         from pgjobs.queries import QUERIES
 
         return (
@@ -73,8 +73,8 @@ def statements(variant: str) -> tuple[Any, Any, Any]:
             QUERIES["job_claim_batch"],
             QUERIES["job_finish_many_if_leased"],
         )
-    q = _n2()
-    return q["n2_insert_many"], q["n2_claim_batch"], q["n2_finish_many_if_leased"]
+    q = _before()
+    return q["before_insert_many"], q["before_claim_batch"], q["before_finish_many_if_leased"]
 
 
 def _migrate_to_base(dsn: str) -> None:
@@ -93,10 +93,12 @@ def _migrate_to_base(dsn: str) -> None:
 @contextmanager
 def variant_db(server_dsn: str, variant: str) -> Iterator[str]:
     with pg.database(server_dsn, migrate=False) as dsn:
-        _migrate_to_base(dsn)
-        if variant == "n2":
-            with psycopg.connect(dsn, autocommit=True) as conn:
-                conn.execute(_n2()["n2_schema"].encode())
+        if variant == "0019":
+            _migrate_to_base(dsn)
+        else:
+            from pgjobs import migrate
+
+            migrate.apply(dsn)
         yield dsn
 
 
@@ -195,10 +197,9 @@ async def _drain(dsn: str, variant: str, clients: int) -> dict[str, float]:
 
 
 def _check(dsn: str, variant: str, jobs: int) -> None:
-    table = "pgjobs.jobs" if variant == "today" else "pgjobs.job_rows"
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            f"SELECT (SELECT count(*) FROM {table} WHERE status = 'done'),"  # noqa: S608 - constant
+            "SELECT (SELECT count(*) FROM pgjobs.jobs WHERE status = 'done'),"
             " (SELECT count(*) FROM pgjobs.job_events),"
             " (SELECT count(*) FROM pgjobs.job_events WHERE seq = 3 AND type = 'content_job.done'),"
             " (SELECT count(*) FROM pgjobs.job_queue)"
