@@ -160,16 +160,18 @@ LANGUAGE plpgsql AS $$
 DECLARE
     bad_id uuid;
     sent bigint;
-    wake_workers boolean;
+    revived boolean;
+    queued_again boolean;
+    cancelled_running uuid[];
     ring boolean := current_setting('pgjobs.doorbell', true) IS NOT DISTINCT FROM 'on';
 BEGIN
     WITH pairs AS MATERIALIZED (
-        -- FULL JOIN, materialised: see sql/0017_trigger_plans.sql.
-        SELECT n.id, n.company_id, n.job_type, n.priority, n.event_seq, o.event_seq AS old_seq,
-               n.last_event, n.status, o.status AS old_status, n.attempts, n.max_attempts,
-               n.lease_token, n.worker_id, n.lease_expires_at, n.started_at, n.progress_fraction,
+        -- FULL JOIN, materialised: see sql/0017_trigger_plans.sql. Only the columns an
+        -- event needs (whole job rows would be copied for nothing).
+        SELECT n.id, n.company_id, n.event_seq, o.event_seq AS old_seq, n.last_event, n.status,
+               o.status AS old_status, n.attempts, n.worker_id, n.progress_fraction,
                n.progress_message, n.result_asset_id, n.error_message, n.error_traceback,
-               n.run_at, n.updated_at,
+               n.run_at,
                o.status IN ('queued', 'running') AS was_live,
                n.status IN ('queued', 'running') AS live
         FROM new_rows n FULL JOIN old_rows o USING (id)
@@ -177,16 +179,6 @@ BEGIN
         DELETE FROM pgjobs.job_queue q USING pairs p
         WHERE q.job_id = p.id AND p.was_live AND NOT p.live
         RETURNING q.job_id, q.event_seq, q.status
-    ), added AS (
-        INSERT INTO pgjobs.job_queue (job_id, company_id, job_type, priority, run_at,
-                                      lease_expires_at, status, attempts, max_attempts,
-                                      lease_token, worker_id, started_at, progress_fraction,
-                                      progress_message, error_message, error_traceback,
-                                      event_seq, last_event, updated_at)
-        SELECT id, company_id, job_type, priority, run_at, lease_expires_at, status, attempts,
-               max_attempts, lease_token, worker_id, started_at, progress_fraction,
-               progress_message, error_message, error_traceback, event_seq, last_event, updated_at
-        FROM pairs WHERE live AND NOT was_live
     ), checked AS (
         SELECT p.*, g.status AS live_status,
                CASE WHEN p.was_live AND NOT p.live
@@ -226,32 +218,57 @@ BEGIN
     ), notified AS (
         SELECT pg_notify('pgjobs_events', '{"events":[' || string_agg(item, ',' ORDER BY id) || ']}') AS n
         FROM chunks GROUP BY chunk
-    ), work AS (
-        -- Workers hear of a job queued again and of a running job cancelled (work_item).
-        SELECT c.id, c.job_type, c.run_at, c.status FROM checked c
-        WHERE c.event_seq <> c.old_seq AND NOT c.is_bad
-          AND ((c.status = 'queued' AND NOT c.was_live)
-               OR (c.status = 'cancelled' AND c.live_status = 'running'))
-    ), items AS (
-        SELECT pgjobs.work_item('queued', job_type, min(run_at), NULL) AS item
-        FROM work WHERE status = 'queued' GROUP BY job_type
-        UNION ALL
-        SELECT pgjobs.work_item('cancelled', NULL, NULL, id) FROM work WHERE status = 'cancelled'
-    ), work_chunks AS (
-        SELECT item,
-               sum(octet_length(item) + 1) OVER (ORDER BY item ROWS UNBOUNDED PRECEDING)
-               / (7980 - max(octet_length(item)) OVER ()) AS chunk
-        FROM items
-    ), work_notified AS (
-        SELECT pg_notify('pgjobs_work', '{"work":[' || string_agg(item, ',') || ']}') AS n
-        FROM work_chunks GROUP BY chunk
     )
-    SELECT (SELECT count(n) FROM notified) + (SELECT count(n) FROM work_notified),
-           (SELECT id FROM checked WHERE is_bad LIMIT 1)
-    INTO sent, bad_id;
+    SELECT (SELECT count(n) FROM notified),
+           (SELECT id FROM checked WHERE is_bad LIMIT 1),
+           (SELECT bool_or(live AND NOT was_live) FROM checked),
+           (SELECT bool_or(status = 'queued' AND NOT was_live AND event_seq <> old_seq) FROM checked),
+           (SELECT array_agg(id) FROM checked
+            WHERE status = 'cancelled' AND live_status = 'running' AND event_seq <> old_seq)
+    INTO sent, bad_id, revived, queued_again, cancelled_running;
     IF bad_id IS NOT NULL THEN
         RAISE EXCEPTION 'pgjobs: job % changed state without a transition (bump event_seq by one and set last_event; a queued or running job''s state is in pgjobs.job_queue)', bad_id
             USING ERRCODE = 'check_violation';
+    END IF;
+    IF revived THEN
+        -- An ended job made live again (a retry): its queue row, from its job row. In a
+        -- statement of its own, as the two below: the finishes, which end jobs, skip them.
+        WITH pairs AS MATERIALIZED (
+            SELECT n.*, o.status IN ('queued', 'running') AS was_live
+            FROM new_rows n FULL JOIN old_rows o USING (id)
+        )
+        INSERT INTO pgjobs.job_queue (job_id, company_id, job_type, priority, run_at,
+                                      lease_expires_at, status, attempts, max_attempts,
+                                      lease_token, worker_id, started_at, progress_fraction,
+                                      progress_message, error_message, error_traceback,
+                                      event_seq, last_event, updated_at)
+        SELECT id, company_id, job_type, priority, run_at, lease_expires_at, status, attempts,
+               max_attempts, lease_token, worker_id, started_at, progress_fraction,
+               progress_message, error_message, error_traceback, event_seq, last_event, updated_at
+        FROM pairs WHERE status IN ('queued', 'running') AND NOT was_live;
+    END IF;
+    IF queued_again OR cancelled_running IS NOT NULL THEN
+        -- Workers hear of a job queued again and of a running job cancelled (work_item).
+        WITH pairs AS MATERIALIZED (
+            SELECT n.id, n.job_type, n.run_at, n.status, n.event_seq <> o.event_seq AS moved,
+                   o.status IN ('queued', 'running') AS was_live
+            FROM new_rows n FULL JOIN old_rows o USING (id)
+        ), items AS (
+            SELECT pgjobs.work_item('queued', job_type, min(run_at), NULL) AS item
+            FROM pairs WHERE status = 'queued' AND NOT was_live AND moved GROUP BY job_type
+            UNION ALL
+            SELECT pgjobs.work_item('cancelled', NULL, NULL, c.id)
+            FROM unnest(cancelled_running) AS c(id)
+        ), work_chunks AS (
+            SELECT item,
+                   sum(octet_length(item) + 1) OVER (ORDER BY item ROWS UNBOUNDED PRECEDING)
+                   / (7980 - max(octet_length(item)) OVER ()) AS chunk
+            FROM items
+        ), work_notified AS (
+            SELECT pg_notify('pgjobs_work', '{"work":[' || string_agg(item, ',') || ']}') AS n
+            FROM work_chunks GROUP BY chunk
+        )
+        SELECT count(n) INTO sent FROM work_notified;
     END IF;
     RETURN NULL;
 END;
