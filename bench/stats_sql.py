@@ -40,7 +40,7 @@ WINDOW_SECONDS = 3600
 # bulk load's million-row transactions.
 RECENT = """
 WITH ins AS (
-    INSERT INTO pgjobs.jobs (id, company_id, job_type, status, input, attempts, worker_id,
+    INSERT INTO pgjobs.job_rows (id, company_id, job_type, status, input, attempts, worker_id,
                              lease_token, event_seq, last_event, run_at, started_at,
                              finished_at, created_at, updated_at)
     SELECT gen_random_uuid(), %(company)s::text, 'noop', 'done', '{}', 1, 'generated',

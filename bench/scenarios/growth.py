@@ -62,7 +62,7 @@ def audit_times(dsn: str) -> dict[str, Any]:
         ids = [
             r[0]
             for r in conn.execute(
-                "SELECT id FROM pgjobs.jobs TABLESAMPLE SYSTEM (1) LIMIT 20"
+                "SELECT id FROM pgjobs.job_rows TABLESAMPLE SYSTEM (1) LIMIT 20"
             ).fetchall()
         ] or [r[0] for r in conn.execute("SELECT id FROM pgjobs.jobs LIMIT 20").fetchall()]
         timeline = []
