@@ -8,8 +8,8 @@
 --
 -- Why: a claim rewrote the wide job row (input, result, 22 CHECKs) and, through a trigger,
 -- the queue row, and locked both. Now it locks and updates one narrow row (bench.narrow:
--- PostgreSQL CPU per claimed job 30 -> 25 us; per drained job 50 -> 45 with one worker
--- connection, 54 -> 47 with two; docs/benchmarks.md).
+-- PostgreSQL CPU per claimed job 29 -> 24 us; per drained job 48 -> 45 with one worker
+-- connection, 52 -> 48 with two; docs/benchmarks.md).
 --
 -- What the schema keeps true, by triggers as before:
 -- * a job whose status is queued or running has exactly one queue row, an ended one none:
