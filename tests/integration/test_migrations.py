@@ -406,3 +406,46 @@ async def _claim(dsn: str) -> dict[str, object]:
 
 def _finish(job: dict[str, object], error: str | None) -> dict[str, object]:
     return finish_params(job, "done" if error is None else "error")
+
+
+async def test_live_state_migration_rolls_back_a_filled_database_and_applies_again(
+    empty_dsn: str,
+) -> None:
+    """0020's rollback moves each live job's state from its queue row back into its job
+    row: pgjobs.jobs, a table again, holds what the view showed, value for value, the
+    audit log is untouched, and applying it again gives the same view; a lease taken
+    before both still completes its job."""
+    dsn = empty_dsn
+    migrate.apply(dsn)
+    async with await Client.connect(dsn) as client:
+        await client.enqueue("acme", "echo", max_attempts=1)
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
+        await client.enqueue("acme", "echo")
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), None))
+        await client.enqueue("globex", "echo")
+        lease = await _claim(dsn)
+        progress = {"now": None, "id": lease["id"], "lease_token": lease["lease_token"]}
+        await fetch(
+            dsn, QUERIES["job_progress_if_leased"], {**progress, "fraction": 0.5, "message": "m"}
+        )
+        await client.enqueue("acme", "echo", max_attempts=3)
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
+        cancelled = await client.enqueue("acme", "echo")
+        await client.cancel("acme", cancelled.id)
+        await client.enqueue("globex", "echo", {"n": 1})
+    statuses = sorted(r["status"] for r in await fetch(dsn, "SELECT status FROM pgjobs.jobs"))
+    assert statuses == ["cancelled", "done", "failed", "queued", "queued", "running"]
+    audit, jobs = await fetch(dsn, _AUDIT_LOG), await fetch(dsn, _JOB_ROWS)
+
+    _roll_back(dsn, "0020_live_state")
+    assert await fetch(dsn, "SELECT relkind FROM pg_class WHERE oid = 'pgjobs.jobs'::regclass") == [
+        {"relkind": "r"}
+    ]
+    assert await fetch(dsn, _JOB_ROWS) == jobs
+    assert await fetch(dsn, _AUDIT_LOG) == audit
+    await assert_queue_matches_jobs(dsn)
+
+    assert migrate.apply(dsn) == ["0020_live_state"]
+    assert await fetch(dsn, _JOB_ROWS) == jobs
+    assert len(await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(lease, None))) == 1
+    await assert_queue_matches_jobs(dsn)
