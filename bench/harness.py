@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="small sizes, under 5 minutes")
+    p.add_argument("--quick", action="store_true", help="small sizes: a smoke run")
     p.add_argument("--tiny", action="store_true", help="smoke-test sizes (seconds)")
     p.add_argument(
         "--only",

@@ -50,6 +50,7 @@ from bench.context import QUICK, Ctx
 from bench.cpusplit import drain_with_cpu
 from bench.drain import queue_db
 from bench.stats import fmt, summary
+from pgjobs import doorbell
 from pgjobs.queries import QUERIES
 
 SERVER_USER = "pgserver"  # who runs the server when we are root (initdb refuses root)
@@ -179,6 +180,10 @@ def _squash(text: str) -> str:
 
 
 _NAMED = {_squash(sql): name for name, sql in QUERIES.items()}
+# A doorbell worker runs its claim, finish and progress as doorbell.ringing(query).
+for _name, _sql in QUERIES.items():
+    with contextlib.suppress(ValueError):  # not a statement that rings
+        _NAMED[_squash(doorbell.ringing(_sql))] = _name
 _FUNCTION = re.compile(
     r"CREATE (?:OR REPLACE )?FUNCTION pgjobs\.(\w+)\(.*?\$(\w*)\$(.*?)\$\2\$", re.S
 )

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from bench.systems import WorkerConfig, argv_for
@@ -45,6 +45,7 @@ class WorkerGroup:
         self.stamps_dir = stamps_dir
         self.procs: list[subprocess.Popen[str]] = []
         self.lines: list[queue.Queue[str]] = []
+        self.pumps: list[threading.Thread] = []
         self.t0 = 0.0
 
     @classmethod
@@ -58,9 +59,13 @@ class WorkerGroup:
         mode: str = "drain",
         log_dir: Path,
         stamps_dir: Path | None = None,
+        expect: int | None = None,
     ) -> WorkerGroup:
-        """bench.worker processes of one queue, with its settings."""
+        """bench.worker processes of one queue, with its settings; ``expect``: the count
+        of completed jobs at which a drain is over (bench.worker --expect, awa only)."""
         module = ["bench.worker", system, dsn, *argv_for(config), "--mode", mode]
+        if expect is not None:
+            module += ["--expect", str(expect)]
         return cls(system, module, processes, log_dir=log_dir, stamps_dir=stamps_dir)
 
     def __enter__(self) -> WorkerGroup:
@@ -82,7 +87,9 @@ class WorkerGroup:
             )
             log.close()
             lines: queue.Queue[str] = queue.Queue()
-            threading.Thread(target=_pump, args=(proc, lines), daemon=True).start()
+            pump = threading.Thread(target=_pump, args=(proc, lines), daemon=True)
+            pump.start()
+            self.pumps.append(pump)
             self.procs.append(proc)
             self.lines.append(lines)
         try:
@@ -96,14 +103,30 @@ class WorkerGroup:
     def __exit__(self, *exc: object) -> None:
         self.kill()
 
-    def _expect(self, i: int, word: str, timeout: float) -> str:
-        try:
-            line = self.lines[i].get(timeout=timeout)
-        except queue.Empty:
-            raise TimeoutError(
-                f"{self.name} worker {i} did not say {word!r} within {timeout:.0f}s "
-                f"(see {self.log_dir})"
-            ) from None
+    def _expect(
+        self,
+        i: int,
+        word: str,
+        timeout: float,
+        watch: Callable[[], None] | None = None,
+        every: float = 10.0,
+    ) -> str:
+        """The next line of process i, which must start with ``word``, within ``timeout``
+        seconds; ``watch`` is called every ``every`` seconds of waiting and may raise to
+        end the wait early (a drain that stopped making progress)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                line = self.lines[i].get(timeout=max(0.01, min(left, every) if watch else left))
+                break
+            except queue.Empty:
+                if left <= every or watch is None:
+                    raise TimeoutError(
+                        f"{self.name} worker {i} did not say {word!r} within {timeout:.0f}s "
+                        f"(see {self.log_dir})"
+                    ) from None
+                watch()
         if not line.startswith(word):
             raise RuntimeError(f"{self.name} worker {i} said {line!r}, expected {word!r}")
         return line
@@ -123,30 +146,45 @@ class WorkerGroup:
                 proc.stdin.write("stop\n")
                 proc.stdin.flush()
 
-    def results(self, timeout: float) -> list[float]:
+    def results(
+        self, timeout: float, watch: Callable[[], None] | None = None, every: float = 10.0
+    ) -> list[float]:
         """The number each process reports with its "done" line (bench.worker: the
-        monotonic time its run call returned), the processes still running."""
+        monotonic time its run call returned), the processes still running; ``watch``
+        and ``every`` as in _expect."""
         deadline = time.monotonic() + timeout
         return [
-            float(self._expect(i, "done", max(0.1, deadline - time.monotonic())).split()[1])
+            float(
+                self._expect(
+                    i, "done", max(0.1, deadline - time.monotonic()), watch, every
+                ).split()[1]
+            )
             for i in range(self.n)
         ]
 
-    def wait(self, timeout: float) -> list[float]:
-        """The monotonic time at which each process's run call returned."""
+    def wait(
+        self, timeout: float, watch: Callable[[], None] | None = None, every: float = 10.0
+    ) -> list[float]:
+        """The monotonic time at which each process's run call returned; ``watch`` and
+        ``every`` as in _expect."""
         deadline = time.monotonic() + timeout
-        done = self.results(timeout)
+        done = self.results(timeout, watch, every)
         for proc in self.procs:
             proc.wait(timeout=max(1.0, deadline - time.monotonic()))
         return done
 
     def kill(self) -> None:
-        for proc in self.procs:
+        for proc, pump in zip(self.procs, self.pumps, strict=True):
             if proc.poll() is None:
                 proc.kill()
                 proc.wait(timeout=10)
             if proc.stdin is not None:
                 proc.stdin.close()
+            # The pump reads stdout to its end (the process has exited); then it can be
+            # closed without pulling it from under the pump.
+            pump.join(timeout=10)
+            if proc.stdout is not None and not pump.is_alive():
+                proc.stdout.close()
 
 
 def _pump(proc: subprocess.Popen[str], lines: queue.Queue[str]) -> None:

@@ -17,6 +17,7 @@ gives for throughput (see WORKER_DEFAULTS and docs/benchmarks.md):
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -195,8 +196,19 @@ class _AwaProducer:
         )
 
 
+# Hang guards, not timings: each of these takes seconds at most on a quiet machine.
+INSTALL_TIMEOUT = 300.0
+COUNT_TIMEOUT = "120s"
+
+
 async def install(system: str, dsn: str) -> None:
-    """Create the queue's schema in a fresh database (pgjobs: already migrated)."""
+    """Create the queue's schema in a fresh database (pgjobs: already migrated), raising
+    TimeoutError after INSTALL_TIMEOUT seconds."""
+    async with asyncio.timeout(INSTALL_TIMEOUT):
+        await _install(system, dsn)
+
+
+async def _install(system: str, dsn: str) -> None:
     if system == "procrastinate":
         from bench.handlers import procrastinate_app
 
@@ -225,8 +237,9 @@ async def install(system: str, dsn: str) -> None:
         # start would switch it to queue storage only while awa.jobs is empty, and the
         # drain enqueues before any worker starts. awa's migration docs give this call
         # as the post-migrate step for fresh installs.
-        with psycopg.connect(dsn, autocommit=True) as conn:
-            row = conn.execute("SELECT awa.storage_auto_finalize_if_fresh('awa')").fetchone()
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            cur = await conn.execute("SELECT awa.storage_auto_finalize_if_fresh('awa')")
+            row = await cur.fetchone()
         if not row or row[0] is not True:
             raise RuntimeError("awa: storage_auto_finalize_if_fresh did not finalize")
 
@@ -261,13 +274,21 @@ LEFT_SQL = {
 
 
 def counts(system: str, dsn: str, *, with_left: bool = True) -> tuple[int, int]:
-    """(finished successfully, still queued or running; -1 without ``with_left``).
-    Skip the second before a drain: awa's view scanned 100,000 queued jobs for over ten
-    minutes in a full run (it is quick once they are done)."""
-    with psycopg.connect(dsn, autocommit=True) as conn:
+    """(finished successfully, still queued or running; -1 without ``with_left``), each
+    count cancelled after COUNT_TIMEOUT (psycopg.errors.QueryCanceled). The second is
+    skipped before a drain, where nothing counts it (awa's view costs seconds at
+    100,000 queued jobs), and for awa follows an ANALYZE (below)."""
+    with psycopg.connect(
+        dsn, autocommit=True, options=f"-c statement_timeout={COUNT_TIMEOUT}"
+    ) as conn:
         done = conn.execute(FINISHED_SQL[system]).fetchone()[0]  # type: ignore[index]
         if not with_left:
             return int(done), -1
+        if system == "awa":
+            # awa's view plans its union of queue-storage tables from their statistics;
+            # after a drain of 100,000 jobs, before autovacuum came by, its count ran
+            # past 60 s (2 s once analyzed).
+            conn.execute("ANALYZE")
         left = conn.execute(LEFT_SQL[system]).fetchone()[0]  # type: ignore[index]
     return int(done), int(left)
 

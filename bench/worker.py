@@ -1,7 +1,7 @@
 """One worker process of one queue, started by the harness:
 
     python -m bench.worker SYSTEM DSN [--concurrency N] [--batch B] [--driver D]
-        [--claimers K] [--mode M]
+        [--claimers K] [--mode M] [--expect C]
 
 Protocol on stdin/stdout, so that every queue is timed the same way: the process imports
 its library and builds its worker, prints ``ready``, waits for a ``go`` line, runs, and
@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import stamps
-from bench.systems import LEFT_SQL, asyncpg_uri, awa_url
+from bench.systems import asyncpg_uri, awa_url
 
 
 def _say(line: str) -> None:
@@ -123,28 +123,36 @@ async def run_pgqueuer(args: argparse.Namespace) -> None:
 # How often an awa drain counts its completions: a few ms of granularity on a drain of
 # seconds, for one sub-millisecond query per poll.
 AWA_DRAIN_POLL_SECONDS = 0.01
+# A hang guard for starting and stopping awa's runtime (shutdown drains in-flight jobs
+# for up to 5 s of it).
+AWA_STOP_TIMEOUT = 60.0
 
 
 async def run_awa(args: argparse.Namespace) -> None:
-    """awa's runtime has no burst mode. In drain mode this process first counts the jobs
-    left (bench.systems.LEFT_SQL, the harness's own count; before ``ready``, so off the
-    clock), then starts the runtime and every AWA_DRAIN_POLL_SECONDS counts completions
-    in awa's own tables (bench.systems.AWA_COMPLETED_SQL: the view behind LEFT_SQL costs
-    too much to poll); once as many more have completed as were left, it calls
-    ``shutdown``. Completions count once committed, so that is the moment pgjobs' burst
-    mode and pgqueuer's drain mode return too; like theirs, the time reported includes
-    stopping the runtime, and awa pays the polling on top (at most one interval). With
-    two processes, each stops once all jobs (not only its own) are done. The harness
-    then counts the jobs left through awa's view, so a count that ran ahead of the
-    drain fails the run."""
+    """awa's runtime has no burst mode. In drain mode the harness passes ``--expect``: the
+    count of completed jobs at which the drain is over (those completed before it plus
+    the jobs queued; bench.drain.drain). This process starts the runtime and every
+    AWA_DRAIN_POLL_SECONDS counts completions in awa's own tables
+    (bench.systems.AWA_COMPLETED_SQL: sub-ms, where awa's awa.jobs view costs seconds at
+    100,000 queued jobs); once the count reaches it, it calls ``shutdown``. Completions
+    count once committed, so that is the moment pgjobs' burst mode and pgqueuer's drain
+    mode return too; like theirs, the time reported includes stopping the runtime, and
+    awa pays the polling on top (at most one interval). With several processes, each
+    stops once all jobs (not only its own) are done. The harness then counts the jobs
+    left through awa's view, so a count that ran ahead of the drain fails the run.
+    Stopping is bounded (AWA_STOP_TIMEOUT): past it this process fails without its
+    ``done`` line, and the harness reports the measurement as failed."""
     import awa
     import psycopg
 
     from bench.handlers import awa_register
     from bench.systems import AWA_COMPLETED_SQL
 
-    async def count(conn: psycopg.AsyncConnection[Any], sql: str) -> int:
-        row = await (await conn.execute(sql)).fetchone()
+    if args.mode == "drain" and args.expect is None:
+        raise SystemExit("bench.worker awa: drain mode needs --expect")
+
+    async def completed(conn: psycopg.AsyncConnection[Any]) -> int:
+        row = await (await conn.execute(AWA_COMPLETED_SQL)).fetchone()
         return int(row[0]) if row else 0
 
     client = awa.AsyncClient(awa_url(args.dsn), max_connections=20)
@@ -155,25 +163,28 @@ async def run_awa(args: argparse.Namespace) -> None:
     if args.claimers:
         queue["claimers"] = args.claimers
     poller = await psycopg.AsyncConnection.connect(args.dsn, autocommit=True)
-    target = await count(poller, LEFT_SQL["awa"]) + await count(poller, AWA_COMPLETED_SQL)
     _say("ready")
     await asyncio.to_thread(_wait_line, "go")
-    # 50 ms: the poll interval awa's own benchmarks run with (its default is 200 ms).
-    await client.start([queue], poll_interval_ms=50)
     try:
+        # 50 ms: the poll interval awa's own benchmarks run with (its default is 200 ms).
+        async with asyncio.timeout(AWA_STOP_TIMEOUT):
+            await client.start([queue], poll_interval_ms=50)
         if args.mode == "serve":
             stop = asyncio.Event()
             _watch_stdin(asyncio.get_running_loop(), stop.set)
             await stop.wait()
         else:
-            while True:  # a query, not an event: nothing in-process knows the total
-                if await count(poller, AWA_COMPLETED_SQL) >= target:
+            # A query, not an event: nothing in-process knows the total. No deadline
+            # here: the harness gives up on a drain that stops making progress.
+            while True:
+                if await completed(poller) >= args.expect:
                     break
                 await asyncio.sleep(AWA_DRAIN_POLL_SECONDS)
     finally:
-        await client.shutdown(timeout_ms=5000)
-        await client.close()
-        await poller.close()
+        async with asyncio.timeout(AWA_STOP_TIMEOUT):
+            await client.shutdown(timeout_ms=5000)
+            await client.close()
+            await poller.close()
 
 
 RUNNERS: dict[str, Callable[[argparse.Namespace], Coroutine[Any, Any, None]]] = {
@@ -193,6 +204,7 @@ def main() -> None:
     parser.add_argument("--driver", default="")
     parser.add_argument("--claimers", type=int, default=0)
     parser.add_argument("--mode", choices=("drain", "serve"), default="drain")
+    parser.add_argument("--expect", type=int, help="awa drain: completed count at the end")
     args = parser.parse_args()
     os.environ.setdefault("PGJOBS_HOME", str(Path(tempfile.gettempdir()) / "pgjobs-bench-home"))
     coro = RUNNERS[args.system](args)

@@ -79,9 +79,10 @@ def script() -> str:
     from pgjobs.queries import QUERIES
 
     claim = _bind(QUERIES["job_claim_batch"])
-    # Its last SELECT (what the worker decodes, the job rows read by key) becomes one row
-    # of arrays for the finish.
-    head, _ = claim.rsplit("\nSELECT ", 1)
+    # The claim ends with its claimed CTE (the UPDATE of the queue rows), the SELECT of
+    # what it returns (the job rows read by key) and the refusal row: those become one
+    # row of arrays for the finish, the job rows still read by key.
+    head, _ = claim.split("\nSELECT j.id, j.company_id,", 1)
     claim_gset = (
         f"{head}\n"
         "SELECT coalesce(array_agg(j.id), '{}') AS ids, "

@@ -1,6 +1,10 @@
 """Scenario 3 — wake-up latency: one idle worker process, one job at a time; from the
 enqueue's commit (the moment the producer's call returns) to the handler's first line
-(a time.monotonic() stamp in the worker process; one clock for both on Linux)."""
+(a time.monotonic() stamp in the worker process; one clock for both on Linux).
+
+Rounds are interleaved (each round measures every queue once). A peer whose run fails
+or hangs (every wait has a deadline) is reported as failed and not measured further;
+the run goes on. A failure of pgjobs' own run fails the scenario."""
 
 from __future__ import annotations
 
@@ -18,9 +22,14 @@ from bench.stats import latency, summary
 GAP_SECONDS = (0.02, 0.05)  # idle time between jobs, jittered
 
 
+def produce_timeout(n: int) -> float:
+    """A hang guard for producing n jobs, not a timing: ~40 ms per job when all is well."""
+    return 60.0 + n * 0.5
+
+
 async def _produce(system: str, dsn: str, n: int) -> dict[str, float]:
     committed = {}
-    async with systems.producer(system, dsn) as prod:
+    async with asyncio.timeout(produce_timeout(n)), systems.producer(system, dsn) as prod:
         await asyncio.sleep(0.5)  # let the worker reach its idle wait
         for i in range(n):
             key = f"w{i}"
@@ -54,19 +63,31 @@ def run(ctx: Ctx) -> dict[str, Any]:
     out: dict[str, Any] = {"systems": {}, "jobs": ctx.sizes.wakeup_jobs}
     stamp_dir = ctx.out / "stamps"
     stamp_dir.mkdir(exist_ok=True)
-    for system in ctx.systems:
-        runs = []
-        for _ in range(ctx.repeat):
-            ms = measure(ctx, system, ctx.sizes.wakeup_jobs, stamp_dir)
-            runs.append({"latency_ms": latency(ms), "samples_ms": ms})
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in ctx.systems}
+    failed: dict[str, str] = {}
+    for i in range(ctx.repeat):
+        for system in ctx.systems:
+            if system in failed:
+                continue
+            try:
+                ms = measure(ctx, system, ctx.sizes.wakeup_jobs, stamp_dir)
+            except Exception as exc:
+                if system == "pgjobs":
+                    raise
+                failed[system] = f"round {i + 1}: {type(exc).__name__}: {exc}"
+                ctx.log(f"wakeup {system}: FAILED, not measured further: {exc}")
+                continue
+            runs[system].append({"latency_ms": latency(ms), "samples_ms": ms})
             ctx.log(
-                f"wakeup {system}: p50 {runs[-1]['latency_ms']['p50']:.1f} ms, "
-                f"p99 {runs[-1]['latency_ms']['p99']:.1f} ms"
+                f"wakeup {system}: p50 {runs[system][-1]['latency_ms']['p50']:.1f} ms, "
+                f"p99 {runs[system][-1]['latency_ms']['p99']:.1f} ms"
             )
+    for system in ctx.systems:
         out["systems"][system] = {
-            "p50_ms": summary([r["latency_ms"]["p50"] for r in runs]),
-            "p99_ms": summary([r["latency_ms"]["p99"] for r in runs]),
-            "runs": runs,
+            "p50_ms": summary([r["latency_ms"]["p50"] for r in runs[system]]),
+            "p99_ms": summary([r["latency_ms"]["p99"] for r in runs[system]]),
+            "runs": runs[system],
+            "failed": failed.get(system),
         }
     return out
 
@@ -82,6 +103,9 @@ def markdown(res: dict[str, Any]) -> str:
     ]
     for system, r in res["systems"].items():
         lines.append(f"| {system} | {fmt(r['p50_ms'], digits=1)} | {fmt(r['p99_ms'], digits=1)} |")
+    for system, r in res["systems"].items():
+        if r.get("failed"):
+            lines.append(f"\n{system}: failed, not measured further: `{r['failed']}`.")
     return "\n".join(lines)
 
 
@@ -104,6 +128,8 @@ def plot(res: dict[str, Any], out: Path, plt: Any) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     for system, r in res["systems"].items():
         samples = sorted(s for run in r["runs"] for s in run["samples_ms"])
+        if not samples:
+            continue
         ys = [(i + 1) / len(samples) for i in range(len(samples))]
         ax.plot(samples, ys, label=system)
     ax.set_xscale("log")

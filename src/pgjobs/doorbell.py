@@ -1,7 +1,8 @@
 """Rings: announcing transitions after their commit instead of in it.
 
-A transaction that runs ``doorbell_on`` first writes its transitions' audit rows without
-NOTIFY items (sql/0019_doorbell.sql); after it commits, its writer calls ``ring`` with the
+A transaction that runs ``doorbell_on`` first (or a statement made by ``ringing``, which
+sets it itself) writes its transitions' audit rows without NOTIFY items
+(sql/0019_doorbell.sql); after it commits, its writer calls ``ring`` with the
 ``(company_id, job_id)`` of each job it changed, and listeners read those jobs' events
 from ``pgjobs.job_events`` (the format: ``pgjobs.events.encode_ring``). Why: a commit that
 carries a NOTIFY holds a database-wide lock through its WAL flush, so the claims and
@@ -15,10 +16,11 @@ database error, it logs it.
 A worker rings through one ``Ringer``: its claims, finish batches and progress reports
 hand it their committed pairs and go on; it sends whatever is pending as one ring, and
 what commits while that ring is in flight goes in the next. A ring costs the worker a
-statement (~60 µs of psycopg's Python) whatever it carries, so under load the rings per
-second are bounded by round trips, not by commits; and it holds one pool connection for
-them, since a checkout and return per ring cost ~60 µs more (docs/benchmarks.md, "In
-the worker").
+round trip whatever it carries (its statement sent through libpq directly: ~14 µs of
+CPU, against ~40 through a psycopg cursor), so under load the rings per second are
+bounded by round trips, not by commits; and it holds one pool connection for them,
+since a checkout and return per ring cost ~60 µs more (docs/benchmarks.md, "In the
+worker").
 """
 
 from __future__ import annotations
@@ -48,18 +50,35 @@ def doorbell_on_sync(conn: psycopg.Connection[Any]) -> None:
     conn.execute(QUERIES["events_doorbell_on"])
 
 
+# Where a statement that can ring sets the doorbell (queries.sql): replaced by ringing().
+_MARK = "(SELECT true /* doorbell */)"
+_ringing: dict[str, LiteralString] = {}
+
+
+def ringing(query: LiteralString) -> LiteralString:
+    """``query`` asking for the doorbell itself: its ``(SELECT true /* doorbell */)``
+    replaced by ``events_doorbell_on`` (still true), evaluated once before the statement
+    changes a row, so before its triggers. Why not ``doorbell_on`` first: the two
+    statements would need a pipeline (one implicit transaction), which costs the worker
+    ~35 µs of CPU more than one statement (docs/benchmarks.md, "In the worker").
+    ValueError for a query without exactly one such mark."""
+    ring = _ringing.get(query)
+    if ring is None:
+        if query.count(_MARK) != 1:
+            raise ValueError("a query that rings needs one (SELECT true /* doorbell */)")
+        # A line comment in events_doorbell_on ends at its newline, kept here.
+        ring = query.replace(_MARK, "((" + QUERIES["events_doorbell_on"] + "\n) IS NOT NULL)")
+        _ringing[query] = ring
+    return ring
+
+
 async def execute(
     cur: psycopg.AsyncCursor[Any], query: LiteralString, params: Mapping[str, Any], *, ring: bool
 ) -> None:
-    """Run one statement in a transaction of its own (autocommit): with ``ring``, after
-    ``doorbell_on`` in the same implicit transaction (a pipeline: one Sync, one round
-    trip), so its commit carries no NOTIFY items and its caller rings after it."""
-    if not ring:
-        await cur.execute(query, params)
-        return
-    async with cur.connection.pipeline():
-        await doorbell_on(cur.connection)
-        await cur.execute(query, params)
+    """Run one statement in a transaction of its own (autocommit): with ``ring``, as
+    ``ringing(query)``, so its commit carries no NOTIFY items and its caller rings after
+    it."""
+    await cur.execute(ringing(query) if ring else query, params)
 
 
 async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:
@@ -68,14 +87,65 @@ async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[tuple[str, uui
     could not be sent (logged; the listeners' catch-up covers it)."""
     payloads = events.encode_ring(jobs)
     try:
-        if len(payloads) == 1:
-            await conn.execute(QUERIES["events_ring"], {"payload": payloads[0]})
-        elif payloads:
-            # executemany sends them in one pipeline: one round trip.
-            await conn.cursor().executemany(QUERIES["events_ring"], _params(payloads))
+        async with conn.lock:  # as psycopg's own execute: one statement at a time
+            for payload in payloads:  # one but for a ring of more than ~200 jobs
+                await _send_ring(conn.pgconn, payload.encode())
     except psycopg.Error as exc:
         return _not_sent(payloads, exc)
     return True
+
+
+# events_ring as libpq takes it (its one parameter as $1), for _send_ring; by text.
+_libpq_statements: dict[str, bytes] = {}
+
+
+async def _send_ring(pgconn: psycopg.pq.abc.PGconn, payload: bytes) -> None:
+    """Run ``events_ring`` for one payload through libpq (psycopg.pq) rather than a
+    cursor: the same statement and round trip for ~14 µs of the worker's CPU instead of
+    ~40 (no query conversion, adapters, cursor or result objects), paid once per ring,
+    which at small batches is once per few jobs (docs/benchmarks.md, "In the worker").
+    Unnamed, as a statement through a pooler must be. The caller holds the connection's
+    lock; raises psycopg.Error as a cursor would (a refused statement, a lost
+    connection); a cancel leaves the connection mid-statement (the pool closes such a
+    connection when it is given back)."""
+    query = QUERIES["events_ring"]
+    statement = _libpq_statements.get(query)
+    if statement is None:
+        statement = _libpq_statements[query] = query.replace("%(payload)s", "$1").encode()
+    loop = asyncio.get_running_loop()
+    pgconn.send_query_params(statement, [payload])
+    while pgconn.flush():  # psycopg's connections are nonblocking: 1 while any is unsent
+        await _ready(loop, pgconn.socket, write=True)
+    while pgconn.is_busy():  # a check of what was read (no read before the reply comes)
+        await _ready(loop, pgconn.socket, write=False)
+        pgconn.consume_input()
+    failed = None
+    while (result := pgconn.get_result()) is not None:  # read to the end, then raise
+        if result.status != psycopg.pq.ExecStatus.TUPLES_OK:
+            failed = result
+    if failed is not None:
+        raise psycopg.errors.error_from_result(failed)
+
+
+async def _ready(loop: asyncio.AbstractEventLoop, fd: int, *, write: bool) -> None:
+    """Wait until ``fd`` can be written (or read)."""
+    ready = loop.create_future()
+
+    def wake() -> None:
+        if not ready.done():
+            ready.set_result(None)
+
+    if write:
+        loop.add_writer(fd, wake)
+    else:
+        loop.add_reader(fd, wake)
+    try:
+        await ready
+    finally:
+        if write:
+            loop.remove_writer(fd)
+        else:
+            loop.remove_reader(fd)
 
 
 def ring_sync(conn: psycopg.Connection[Any], jobs: Iterable[tuple[str, uuid.UUID]]) -> bool:

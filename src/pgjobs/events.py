@@ -167,33 +167,41 @@ class Ring:
 def encode_ring(jobs: Iterable[tuple[str, uuid.UUID]]) -> list[str]:
     """The ``EVENTS_CHANNEL`` payloads that ring for ``(company_id, job_id)`` pairs (in
     that order, duplicates dropped): ``{"ring": {companyId: [jobId, ...]}}``, as many as
-    needed to keep each within ``NOTIFY_PAYLOAD_LIMIT`` bytes; none for no jobs."""
+    needed to keep each within ``NOTIFY_PAYLOAD_LIMIT`` bytes; none for no jobs.
+
+    Written as ``json.dumps(..., separators=(",", ":"), ensure_ascii=False)`` writes it,
+    but by joining strings: a worker rings after every commit, and at small batches the
+    dict and lists json.dumps would walk cost ~4 µs of a 10-job ring's ~14."""
     by_company: dict[str, dict[uuid.UUID, None]] = {}
     for company_id, job_id in jobs:
         by_company.setdefault(company_id, {})[job_id] = None
     payloads: list[str] = []
-    chunk: dict[str, list[str]] = {}
-    # Bytes of the chunk as json.dumps(separators=(",", ":")) writes it: '{"ring":{' + '}}'.
+    parts: list[str] = []  # '"companyId":["jobId",...]' of the payload being filled
+    # Bytes of the payload: '{"ring":{' + '}}', then per company its key with its ':[]'
+    # and a comma, and per id 38 bytes quoted plus a comma.
     size = 11
     for company_id, ids in by_company.items():
-        # The company's key as written, with its ':[]' and a comma.
-        key_size = len(json.dumps(company_id, ensure_ascii=False).encode()) + 4
-        for job_id in ids:
-            # Each id is 38 bytes quoted, plus a comma; a new company adds its key.
-            extra = 39 + (key_size if company_id not in chunk else 0)
-            if chunk and size + extra > NOTIFY_PAYLOAD_LIMIT:
-                payloads.append(_ring_payload(chunk))
-                chunk, size = {}, 11
-                extra = 39 + key_size
-            chunk.setdefault(company_id, []).append(str(job_id))
-            size += extra
-    if chunk:
-        payloads.append(_ring_payload(chunk))
+        key = json.dumps(company_id, ensure_ascii=False)
+        key_size = len(key.encode()) + 4
+        texts = [str(job_id) for job_id in ids]
+        start = 0
+        while start < len(texts):
+            fit = (NOTIFY_PAYLOAD_LIMIT - size - key_size) // 39
+            if fit < 1 and parts:  # not one more id: this payload is full
+                payloads.append(_ring_payload(parts))
+                parts, size = [], 11
+                continue
+            taken = texts[start : start + max(fit, 1)]
+            parts.append(key + ':["' + '","'.join(taken) + '"]')
+            size += key_size + 39 * len(taken)
+            start += len(taken)
+    if parts:
+        payloads.append(_ring_payload(parts))
     return payloads
 
 
-def _ring_payload(chunk: Mapping[str, list[str]]) -> str:
-    return json.dumps({"ring": chunk}, separators=(",", ":"), ensure_ascii=False)
+def _ring_payload(parts: list[str]) -> str:
+    return '{"ring":{' + ",".join(parts) + "}}"
 
 
 def parse_events_channel(payload: str) -> list[LiveEvent] | Ring:

@@ -17,10 +17,10 @@ queued; the completion that frees its slot wakes the completing worker, which cl
 again (and a worker whose claim came back short while a rate limit applies looks again
 when the window ends). A worker no limit concerns (none names one of its job types, or
 all types) claims as before, through ``job_claim_batch``, which itself claims nothing
-where such a limit exists (one probe of this small table in the claim statement): a
-worker's first claim, and then a claim that came back empty, asks
-``limit_exists_for_types`` and, if a limit is why, claims through the limited claim, as
-the worker's next claims do until one finds no limit covering its jobs.
+where such a limit exists (one probe of this small table in the claim statement) and
+then returns one row of NULLs marked ``limited``: that answer tells the worker to claim
+through the limited claim at once, as its next claims do until one finds no limit
+covering its jobs. No claim asks before it.
 
 A limit applies to claims that begin after it is committed; a claim already running
 finishes under what it read.

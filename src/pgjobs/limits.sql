@@ -2,15 +2,6 @@
 -- queries.sql into pgjobs.queries.QUERIES: the limited claim, and the limits' own
 -- reads and writes. Parameters and conventions as in queries.sql.
 
--- name: limit_exists_for_types
--- Whether any limit can cover a job of %(job_types)s (NULL: of any type). The worker asks
--- before its first claim, then only when job_claim_batch came back empty (which it does
--- where such a limit exists): then it claims through job_claim_batch_limited.
-SELECT EXISTS (
-    SELECT 1 FROM pgjobs.limits l
-    WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])
-) AS limited;
-
 -- name: limit_lock_for_types
 -- A transaction-level advisory lock on each limit that can cover a job of %(job_types)s,
 -- in id order (every claim takes them in that order, so two claims never deadlock), held

@@ -124,11 +124,17 @@ LIMIT %(limit)s::int;
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
 -- Claims nothing where a limit can cover a job of %(job_types)s (pgjobs.limits, sql/0014):
 -- such jobs are claimed through job_claim_batch_limited (limits.sql). The check is one
--- probe of that small table, run once before anything else (an uncorrelated subquery: a
--- one-time filter), so a worker need not ask before each claim, and a limit committed
--- before the claim began holds for it.
--- Returns the claimed jobs, each with after_company: what to pass next time.
-WITH RECURSIVE ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS (
+-- probe of that small table (scope), run once before anything else (the UPDATE's one-time
+-- filter), so a worker need not ask before each claim, and a limit committed before the
+-- claim began holds for it.
+-- Returns the claimed jobs, each with after_company: what to pass next time, and limited
+-- false. Where a limit refused the claim: one row of NULLs but limited (true), so that
+-- the worker learns from its claim, with no statement of its own, to claim through
+-- job_claim_batch_limited.
+WITH RECURSIVE scope AS (
+    SELECT EXISTS (SELECT 1 FROM pgjobs.limits l
+                   WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])) AS limited
+), ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS (
     -- (company, level) pairs, each with its first queued job (where heads1 starts: the
     -- index entries before it are of jobs claimed or finished since, which this walk has
     -- passed already); cpos numbers the companies, n the pairs.
@@ -268,8 +274,10 @@ WITH RECURSIVE ring (company_id, priority, run_at, job_id, cpos, n, wrapped) AS 
     -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked
     -- them (re-checking their WHERE on the newest version), so nobody changed them since.
     WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
-      AND NOT EXISTS (SELECT 1 FROM pgjobs.limits l
-                      WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[]))
+      AND NOT (SELECT limited FROM scope)
+      -- With the doorbell on, the worker runs this statement with events_doorbell_on here
+      -- (pgjobs.doorbell.ringing): set once, before the statement's triggers.
+      AND (SELECT true /* doorbell */)
     RETURNING q.job_id, q.priority, q.run_at, q.attempts, q.error_message, q.lease_token,
               q.lease_expires_at, q.event_seq, q.started_at
 )
@@ -283,8 +291,15 @@ SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts
     c.lease_token, c.lease_expires_at, c.event_seq, c.started_at, j.finished_at, j.created_at,
     -- the company served last in the fair order (the ring's last if fair took none)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
-             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company
-FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id;
+             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
+    false AS limited
+FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id
+UNION ALL
+-- A limit refused the claim: a row of NULLs (the 18 job columns and after_company)
+-- saying so. (UNION ALL: a LEFT JOIN of claimed to scope cost ~1 µs more per job.)
+SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
+       NULL, NULL, NULL, NULL, NULL, true
+FROM scope WHERE scope.limited;
 
 -- name: job_finish_many_if_leased
 -- Batch completion: one statement ends many attempts, each only if its lease still holds.
@@ -353,6 +368,10 @@ WITH u AS (
         updated_at = coalesce(%(now)s::timestamptz, now())
     FROM plan p
     WHERE j.id = p.id AND p.next_status <> 'queued'  -- guarded and locked in plan
+      -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing): a one-time
+      -- filter, evaluated even when no attempt ends (a batch of retries), and before the
+      -- statement's triggers, which run at its end (both UPDATEs' alike)
+      AND (SELECT true /* doorbell */)
     RETURNING j.id, j.company_id, j.source_task_id, j.status, p.i
 ), retried AS (
     UPDATE pgjobs.job_queue q
@@ -392,6 +411,8 @@ SET progress_fraction = %(fraction)s::real,
     last_event = 'content_job.progress',
     updated_at = coalesce(%(now)s::timestamptz, now())
 WHERE job_id = %(id)s::uuid AND status = 'running' AND lease_token = %(lease_token)s::bigint
+  -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
+  AND (SELECT true /* doorbell */)
 RETURNING job_id AS id, event_seq;
 
 -- name: job_extend_leases
@@ -1023,7 +1044,10 @@ RETURNING runs;
 -- name: events_doorbell_on
 -- Ask the publish trigger for a ring instead of NOTIFY items for the rest of this
 -- transaction (sql/0019_doorbell.sql): run first in a transaction whose transitions the
--- caller rings for after its commit (pgjobs.doorbell).
+-- caller rings for after its commit (pgjobs.doorbell). The worker's claim, finish and
+-- progress statements run it inside themselves instead, as an uncorrelated subquery in
+-- place of their doorbell mark (pgjobs.doorbell.ringing): evaluated once before the
+-- statement changes a row, so before any of its triggers.
 SELECT set_config('pgjobs.doorbell', 'on', true);
 
 -- name: events_ring

@@ -18,9 +18,10 @@ Guarantees (see the README's "Delivery guarantees"):
   (``pgjobs.txcomplete``); the completer then records nothing more for the attempt.
 * Within limits. Where a concurrency or rate limit can cover its job types
   (``pgjobs.limits``), a claim takes the limits' advisory locks and at most the room
-  they leave (``job_claim_batch_limited``); a batch a limit cut short is claimed again at
-  once, and with a rate limit a claim that came back short looks again when the window
-  ends. A completion that frees a slot wakes this worker, as every completion does.
+  they leave (``job_claim_batch_limited``); a batch a limit cut short is claimed again
+  at once, and with a rate limit a claim that came back short looks again when the
+  window ends. A completion that frees a slot wakes this worker, as every completion
+  does.
 * A failed attempt is recorded with its message and, for an exception, its traceback
   (the audit row's ``payload.traceback``, sql/0006), and logged with it.
 * Announced after the commit (``WorkerSettings.doorbell``, on by default): the claim,
@@ -36,7 +37,7 @@ Guarantees (see the README's "Delivery guarantees"):
   rescue) and a handler's own ``ctx.transaction()`` keep their items in the commit.
 
 Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
-with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
+with SKIP LOCKED, one claim in flight, woken by NOTIFY or a poll timer), one task
 per claim and per running job, the completer (batches final transitions into one
 commit), the heartbeat (renews every held lease in one statement and stops jobs this
 worker no longer holds), the ringer (with the doorbell on: sends the rings), the rescuer
@@ -119,8 +120,12 @@ log = logging.getLogger(__name__)
 
 # Errors that mean "the database is unreachable right now": back off and try again.
 TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
-MAX_CLAIM_BATCH = 100
-CLAIMS_IN_FLIGHT = 2
+# One claim out at a time, of up to 200 jobs. Two claims of 100 out at once (as before)
+# walked the same head of the queue: the second tried, and skipped, every row the first
+# had locked, so PostgreSQL spent ~10 µs more per drained job, and with two worker
+# processes four claims collided (docs/benchmarks.md, "The claim's shape").
+MAX_CLAIM_BATCH = 200
+CLAIMS_IN_FLIGHT = 1
 
 
 def retry_delay(attempt: int, settings: WorkerSettings) -> float:
@@ -160,7 +165,7 @@ def claimable_types(registry: Registry, wanted: tuple[str, ...] | None) -> tuple
 
 
 def _unreadable_row(
-    cur: psycopg.AsyncCursor[Job], row: int, error: Exception
+    cur: psycopg.AsyncCursor[Any], row: int, error: Exception
 ) -> tuple[uuid.UUID, int, str, str] | None:
     """(id, lease_token, what could not be read, company_id as text: for its ring) of a
     claimed row that did not decode, or None if even its id or lease token cannot be read
@@ -219,6 +224,16 @@ class _Running:
     timed_out: bool = False
 
 
+@dataclass(slots=True)
+class _ClaimNote:
+    """What a claim's rows said besides its jobs (Worker._claimed_rows): how many jobs a
+    limit held back (job_claim_batch_limited), and whether a limit refused the plain
+    claim (job_claim_batch's row of NULLs)."""
+
+    held_back: int = 0
+    limited: bool = False
+
+
 class Worker:
     def __init__(
         self,
@@ -264,8 +279,8 @@ class Worker:
         self._after_company: str | None = None
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
         # whether the last claim found a limit that can cover this worker's jobs: then the
-        # next one claims through job_claim_batch_limited directly (None: not asked yet).
-        self._limited: bool | None = None
+        # next one claims through job_claim_batch_limited directly.
+        self._limited = False
         self._window_timer: asyncio.TimerHandle | None = None
         # Handlers' timeouts: one timer, at or before the earliest deadline of a running
         # handler (_arm_deadline), instead of an asyncio.timeout per job.
@@ -499,15 +514,15 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once.
+        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once, each
+        of at most MAX_CLAIM_BATCH jobs and never more than the free slots.
 
-        One claim of a hundred jobs spends ~5 ms in PostgreSQL and decoding; one at a
-        time, a busy worker's claims form a chain and the cores idle between links. A
-        second claim, sent while the first is out, keeps them busy. Each claim reserves
-        its slots when sent, so the worker never holds more than its bounds. A claim that
-        comes back short means the queue looked empty: no claim is sent again until
-        something says to look (``_wake``: a NOTIFY, a freed slot, a reconnect) or the
-        poll timer fires."""
+        Each claim reserves its slots when sent, so the worker never holds more than its
+        bounds; the next claim goes out as soon as the last one is back and slots are
+        free, so a busy worker's claim overlaps its handlers and its finish batches. A
+        claim that comes back short means the queue looked empty: no claim is sent again
+        until something says to look (``_wake``: a NOTIFY, a freed slot, a reconnect) or
+        the poll timer fires."""
         in_flight: set[asyncio.Task[None]] = set()
         failed: list[BaseException] = []  # a claim's unexpected error ends the loop, as inline
 
@@ -643,28 +658,19 @@ class Worker:
             "after_company": self._after_company,
         }
         async with self._pool.connection() as conn:
-            held_back = [0]  # set from job_claim_batch_limited's rows
-            cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, held=held_back))
+            note = _ClaimNote()  # what the claim's rows say besides the jobs
+            cur = conn.cursor(row_factory=functools.partial(self._claimed_rows, note=note))
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
-            if self._limited is None:
-                # The first claim asks before claiming, rather than learning of a limit
-                # from an empty job_claim_batch, an UPDATE of no row that still runs
-                # jobs' statement triggers. (Before sql/0017 that first empty UPDATE also
-                # left the triggers' plans slow for the whole session; since 0017 it
-                # costs only the wasted statement.)
-                found = await conn.execute(QUERIES["limit_exists_for_types"], params)
-                self._limited = bool((await found.fetchone() or {}).get("limited"))
             if not self._limited:
-                # job_claim_batch claims nothing where a limit can cover these jobs, so
-                # no limit is asked for before it (but the first); only a claim that came
-                # back empty asks whether a limit is why.
+                # job_claim_batch claims nothing where a limit can cover these jobs, and
+                # then says so (its row of NULLs, limited): no statement asks before it,
+                # not even before the first claim. (A refused claim is an UPDATE of no
+                # row, which still fires jobs' statement triggers; since sql/0017 that
+                # leaves no slow plan behind for the session: test_trigger_plans.)
                 ring = self.settings.doorbell
                 await doorbell.execute(cur, QUERIES["job_claim_batch"], params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur)
-                if jobs:
-                    return jobs
-                limited = await conn.execute(QUERIES["limit_exists_for_types"], params)
-                if not (await limited.fetchone() or {}).get("limited"):
+                if not note.limited:
                     return jobs
                 self._limited = True
             # Some limit may cover these jobs (pgjobs.limits): take the limits' locks,
@@ -681,15 +687,17 @@ class Worker:
             jobs = await self._fetch_claimed(conn, cur)
         self._limited = bool(locks.get("locked"))  # none: no limit covers these jobs now
         window_ends_in = locks.get("window_ends_in")
-        if held_back[0]:
+        if note.held_back:
             self._wake()  # a limit cut the batch short, not the queue: claim the rest
         elif window_ends_in is not None and len(jobs) < limit:
             self._wake_at_window_end(float(window_ends_in))
         return jobs
 
-    async def _fetch_claimed(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
+    async def _fetch_claimed(
+        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job | None]
+    ) -> list[Job]:
         try:
-            return await cur.fetchall()
+            return [job for job in await cur.fetchall() if job is not None]
         except Exception as exc:  # any row that cannot become a Job
             log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
             return await self._decode_each(conn, cur)
@@ -709,27 +717,35 @@ class Worker:
         self._window_timer = None
         self._wake()
 
-    def _claimed_rows(self, cursor: BaseCursor[Any, Any], held: list[int]) -> RowMaker[Job]:
+    def _claimed_rows(self, cursor: BaseCursor[Any, Any], note: _ClaimNote) -> RowMaker[Job | None]:
         """The claim's row factory: Jobs (``types.claimed_jobs``), keeping the rotation
         cursor every claimed row carries (taken before the Job is built, so a row that
-        cannot become one still moves it) and, from the limited claim's rows, into
-        ``held[0]`` how many jobs a limit held back."""
+        cannot become one still moves it) and noting in ``note`` how many jobs a limit
+        held back (the limited claim's rows) or that a limit refused the claim (the plain
+        claim's row of NULLs: None, no Job)."""
         assert cursor.description is not None
         names = [column.name for column in cursor.description]
         make = claimed_jobs(names, self.id)
         at = names.index("after_company")
         # job_claim_batch_limited's: how many jobs a limit held back.
         held_at = names.index("held_back") if "held_back" in names else None
+        # job_claim_batch's: true on its row of NULLs only, where a limit refused it.
+        limited_at = names.index("limited") if "limited" in names else None
 
-        def make_and_keep_cursor(values: Sequence[Any]) -> Job:
+        def make_and_keep_cursor(values: Sequence[Any]) -> Job | None:
+            if limited_at is not None and values[limited_at]:
+                note.limited = True
+                return None
             self._after_company = values[at]
             if held_at is not None:
-                held[0] = values[held_at]
+                note.held_back = values[held_at]
             return make(values)
 
         return make_and_keep_cursor
 
-    async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
+    async def _decode_each(
+        self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job | None]
+    ) -> list[Job]:
         """The claimed rows that decode, as Jobs. The claim has committed: every row is
         this worker's now, so one that cannot be read (a value Python cannot represent, a
         status this version does not know...) is failed here with the reason, and the

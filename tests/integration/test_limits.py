@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import Counter
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,7 @@ from psycopg.rows import dict_row
 
 from bouncer import Bouncer
 from helpers import fast_settings, fetch, running_worker, wait_until
-from pgjobs import db, limits, worker
+from pgjobs import db, doorbell, limits, worker
 from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.errors import InvalidJobError
@@ -415,41 +415,34 @@ def test_rates_parse() -> None:
             limits.parse_rate(bad)
 
 
-async def test_a_limited_workers_first_claim_updates_no_empty_batch(
-    dsn: str, client: Client, storage_dir: Path
+async def test_a_workers_first_claim_asks_nothing_first(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker's first claim where a limit applies goes through the limited claim at
-    once: no UPDATE of pgjobs.jobs that changes no row runs before it. Such an UPDATE
-    (job_claim_batch claiming nothing where a limit applies) fires jobs' statement
-    triggers with empty transition tables, and PL/pgSQL keeps the plans made then for
-    the session: every later batch on that connection joined its transition tables by
-    nested loops. Each UPDATE statement on the queue rows (what a claim updates,
-    sql/0020) is logged here with its row count."""
-    await _set(dsn, company_id="acme", max_running=100)
+    """A worker's first claim is its claim alone: no statement asks before it whether a
+    limit applies. Where one does, the plain claim's refusal sends that same call on
+    through the limited claim (the refused claim is an UPDATE of no row, which since
+    sql/0017 leaves the jobs triggers no slow plan for the session: test_trigger_plans)."""
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
-    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await conn.execute(
-            """
-            CREATE TABLE public.update_sizes (id bigserial PRIMARY KEY, n bigint NOT NULL);
-            CREATE FUNCTION public.log_update_size() RETURNS trigger LANGUAGE plpgsql AS $$
-            BEGIN
-                INSERT INTO public.update_sizes (n) SELECT count(*) FROM new_rows;
-                RETURN NULL;
-            END $$;
-            CREATE TRIGGER jobs_log_update_size AFTER UPDATE ON pgjobs.job_queue
-                REFERENCING NEW TABLE AS new_rows
-                FOR EACH STATEMENT EXECUTE FUNCTION public.log_update_size();
-            """
-        )
+    sent = _record_queries(monkeypatch)
     w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
     w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
     try:
-        assert len(await w._claim(10)) == 3
+        sent.clear()  # the pool's own statements, if any
+        assert len(await w._claim(1)) == 1
+        assert sent == ["job_claim_batch"]
+        assert not w._limited
     finally:
         await w._pool.close()
-    rows = await fetch(dsn, "SELECT n FROM public.update_sizes ORDER BY id")
-    assert [r["n"] for r in rows] == [3]
-    assert w._limited
+    await _set(dsn, company_id="acme", max_running=100)
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
+    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
+    try:
+        sent.clear()
+        assert len(await w._claim(10)) == 2
+        assert sent == ["job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"]
+        assert w._limited
+    finally:
+        await w._pool.close()
 
 
 async def test_one_scope_predicate_inlined_where_limits_are_filtered(
@@ -462,10 +455,19 @@ async def test_one_scope_predicate_inlined_where_limits_are_filtered(
     claim's one-time filter costs what the expression written out did."""
     await _set(dsn, job_type="render", max_running=1)
 
+    params = {
+        "now": None,
+        "limit": 10,
+        "worker_id": "w",
+        "lease_seconds": 30.0,
+        "job_types": ["echo"],
+        "after_company": None,
+    }
+
     async def exists(job_types: list[str] | None) -> bool:
-        params = {"job_types": job_types}
-        rows = await fetch(dsn, QUERIES["limit_exists_for_types"], params)
-        return bool(rows[0]["limited"])
+        # The plain claim of an empty queue: its row of NULLs if a limit refused it.
+        rows = await fetch(dsn, QUERIES["job_claim_batch"], {**params, "job_types": job_types})
+        return bool(rows and rows[0]["limited"])
 
     assert [await exists(t) for t in (["render"], ["echo", "render"], ["echo"], None)] == [
         True,
@@ -475,16 +477,7 @@ async def test_one_scope_predicate_inlined_where_limits_are_filtered(
     ]
     await _set(dsn, company_id="acme", max_running=1)
     assert await exists(["echo"])
-    params = {
-        "now": None,
-        "limit": 10,
-        "worker_id": "w",
-        "lease_seconds": 30.0,
-        "job_types": ["echo"],
-        "after_company": None,
-    }
-    names = ("job_claim_batch", "limit_exists_for_types", "limit_lock_for_types")
-    for name in (*names, "job_claim_batch_limited"):
+    for name in ("job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"):
         rows = await fetch(dsn, "EXPLAIN (VERBOSE) " + QUERIES[name], params)
         plan = "\n".join(r["QUERY PLAN"] for r in rows)
         assert "limit_scope" not in plan, (name, plan)
@@ -508,3 +501,113 @@ def test_the_limited_claim_walks_the_queue_as_the_fair_claim_does() -> None:
         ("filled AS", "heads2"),
     ):
         assert cte(fair, name, following) == cte(limited, name, following), name
+
+
+def _record_queries(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the name (in pgjobs.queries) of every statement a cursor runs, in
+    order; doorbell_on's left out (what it is sent with does not change here), and a
+    statement that rings itself (doorbell.ringing) goes by its query's name."""
+    names = {sql: name for name, sql in QUERIES.items()}
+    for name, sql in QUERIES.items():
+        with suppress(ValueError):  # a query without the doorbell's mark
+            names[doorbell.ringing(sql)] = name
+    sent: list[str] = []
+    execute = psycopg.AsyncCursor.execute
+
+    async def recording(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        name = names.get(query, str(query)[:60])
+        if name != "events_doorbell_on":
+            sent.append(name)
+        return await execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncCursor, "execute", recording)
+    return sent
+
+
+async def test_the_plain_claim_says_when_a_limit_refused_it(dsn: str, client: Client) -> None:
+    """job_claim_batch claims nothing where a limit can cover the worker's job types, and
+    says so: one row of NULLs with limited true (no row for an empty queue without a
+    limit); a limit on another job type does not concern it."""
+    params = {
+        "now": None,
+        "limit": 10,
+        "worker_id": "w",
+        "lease_seconds": 30.0,
+        "job_types": ["echo"],
+        "after_company": None,
+    }
+    assert await fetch(dsn, QUERIES["job_claim_batch"], params) == []
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
+    await _set(dsn, job_type="render", max_running=1)
+    (claimed, *_) = await fetch(dsn, QUERIES["job_claim_batch"], {**params, "limit": 1})
+    assert (claimed["company_id"], claimed["after_company"], claimed["limited"]) == (
+        "acme",
+        "acme",
+        False,
+    )
+    await _set(dsn, company_id="acme", max_running=1)
+    (refused,) = await fetch(dsn, QUERIES["job_claim_batch"], params)
+    assert refused["limited"] is True
+    assert {k: v for k, v in refused.items() if k != "limited"} == dict.fromkeys(
+        set(refused) - {"limited"}
+    )
+    rows = await fetch(dsn, "SELECT status, count(*) AS n FROM pgjobs.jobs GROUP BY status")
+    assert {r["status"]: r["n"] for r in rows} == {"queued": 2, "running": 1}
+
+
+async def test_an_idle_workers_empty_claim_is_one_statement(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker no limit concerns, polling an empty queue, sends its claim and no other
+    statement (the claim itself says whether a limit refused it); when a limit appears,
+    the claim that the limit refused goes on through the limited claim at once."""
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir))
+    w._pool = await db.open_pool(dsn, min_size=1, max_size=2)
+    try:
+        assert await w._claim(10) == []  # the first claim
+        sent = _record_queries(monkeypatch)
+        assert await w._claim(10) == []
+        assert await w._claim(10) == []
+        assert sent == ["job_claim_batch", "job_claim_batch"]
+        await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
+        await _set(dsn, company_id="acme", max_running=2)
+        sent.clear()
+        assert len(await w._claim(10)) == 2
+        assert sent == ["job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"]
+        assert w._limited
+    finally:
+        await w._pool.close()
+
+
+async def test_a_limited_worker_sends_one_claim_at_a_time_for_all_its_slots(
+    dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Limited claims take turns on the limits' locks; like every worker's, a limited
+    worker's claims go out one at a time (CLAIMS_IN_FLIGHT), each asking for all its
+    free slots up to MAX_CLAIM_BATCH: here its first claim takes 200 jobs, and no two of
+    its claims are ever out at once. A worker that knows of a limit from the start (as
+    after its first claim), draining 500 jobs in burst mode."""
+    await _set(dsn, company_id="acme", max_running=100_000)  # covers all, never binds
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(500))
+    asked: list[int] = []
+    in_flight = most = 0
+    claim = worker.Worker._claim
+
+    async def counted(self: worker.Worker, limit: int) -> list[Any]:
+        nonlocal in_flight, most
+        asked.append(limit)
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            return await claim(self, limit)
+        finally:
+            in_flight -= 1
+
+    monkeypatch.setattr(worker.Worker, "_claim", counted)
+    w = worker.Worker(dsn, _registry(), fast_settings(storage_dir, concurrency=200), burst=True)
+    w._limited = True
+    await asyncio.wait_for(w.run(), timeout=120)
+    assert await _all_done(dsn, 500)
+    assert asked[0] == worker.MAX_CLAIM_BATCH == 200
+    assert most == 1
+    assert w._limited

@@ -32,7 +32,7 @@ from pgjobs.types import (
     job_rows,
     job_status,
 )
-from pgjobs.worker import CLAIMS_IN_FLIGHT, Worker
+from pgjobs.worker import CLAIMS_IN_FLIGHT, MAX_CLAIM_BATCH, Worker
 
 
 async def test_next_job_starts_while_previous_completion_waits_for_its_commit(
@@ -271,11 +271,12 @@ async def test_one_batch_records_results_errors_and_assets_side_by_side(
     assert [a["id"] for a in await fetch(dsn, "SELECT id FROM pgjobs.assets")] == [asset.id]
 
 
-async def test_claims_overlap_when_slots_allow_and_each_job_runs_once(
+async def test_one_claim_is_out_at_a_time_for_all_free_slots_and_each_job_runs_once(
     dsn: str, client: Client, storage_dir: Path
 ) -> None:
-    """With slots for two batches, a second claim goes out while the first is in
-    flight (never more than CLAIMS_IN_FLIGHT), and reserving slots at send time keeps
+    """A worker sends one claim at a time (CLAIMS_IN_FLIGHT), asking for all its free
+    slots up to MAX_CLAIM_BATCH: two claims out at once walk the same head of the queue,
+    the second skipping every row the first locked. Reserving slots at send time keeps
     every job claimed once."""
     registry = Registry()
 
@@ -284,12 +285,14 @@ async def test_claims_overlap_when_slots_allow_and_each_job_runs_once(
         await asyncio.sleep(0)
 
     await client.enqueue_many(JobSpec("acme", "tick") for _ in range(1000))
-    worker = Worker(dsn, registry, fast_settings(storage_dir, concurrency=200), burst=True)
+    worker = Worker(dsn, registry, fast_settings(storage_dir, concurrency=300), burst=True)
     claim = worker._claim
+    asked: list[int] = []
     in_flight = most_in_flight = 0
 
     async def slow_claim(limit: int) -> list[Job]:
         nonlocal in_flight, most_in_flight
+        asked.append(limit)
         in_flight += 1
         most_in_flight = max(most_in_flight, in_flight)
         try:
@@ -300,7 +303,9 @@ async def test_claims_overlap_when_slots_allow_and_each_job_runs_once(
 
     worker._claim = slow_claim  # type: ignore[method-assign]
     await asyncio.wait_for(worker.run(), timeout=60)
-    assert most_in_flight == CLAIMS_IN_FLIGHT == 2
+    assert most_in_flight == CLAIMS_IN_FLIGHT == 1
+    assert asked[0] == MAX_CLAIM_BATCH == 200  # 300 slots free, one claim of at most 200
+    assert max(asked) == 200
     rows = await fetch(dsn, "SELECT status, attempts, count(*) AS n FROM pgjobs.jobs GROUP BY 1, 2")
     assert rows == [{"status": "done", "attempts": 1, "n": 1000}]
 

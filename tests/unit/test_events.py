@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import uuid
 from pathlib import Path
 
@@ -70,6 +71,19 @@ def test_a_long_ring_is_split_under_the_notify_limit(company_len: int) -> None:
         assert isinstance(ring, events.Ring)
         rung += [(company, job) for company, ids in ring.jobs.items() for job in ids]
     assert sorted(rung) == sorted(jobs)
+
+
+def test_a_ring_is_written_as_compact_json_with_company_ids_escaped() -> None:
+    """encode_ring joins strings itself: its payloads are what json.dumps writes, a company
+    id with quotes, a backslash, a control character or non-ASCII included, and a split
+    ring fills each payload but the last until the next id would not fit."""
+    companies = ['q"uote', "back\\slash", "tab\there", "ünïcode"]
+    jobs = [(companies[i % 4], uuid.uuid4()) for i in range(700)]
+    payloads = events.encode_ring(jobs)
+    for payload in payloads:
+        compact = json.dumps(json.loads(payload), separators=(",", ":"), ensure_ascii=False)
+        assert payload == compact
+    assert all(len(p.encode()) > events.NOTIFY_PAYLOAD_LIMIT - 60 for p in payloads[:-1])
 
 
 def test_the_events_channel_reader_reads_items_too() -> None:
