@@ -5,13 +5,23 @@ continues the queue row's seq (one audit row each, gap-free), by hand in psql to
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import psycopg
 import pytest
 
-from helpers import assert_histories_valid, assert_queue_matches_jobs, claim_one, fetch
+from helpers import (
+    assert_histories_valid,
+    assert_queue_matches_jobs,
+    claim_one,
+    fetch,
+    finish_params,
+)
+from pgjobs import doorbell, events
 from pgjobs.client import Client
+from pgjobs.jobspec import JobSpec
+from pgjobs.queries import QUERIES
 
 
 async def _refused(dsn: str, error: type[psycopg.Error], match: str, sql: str, *args: Any) -> None:
@@ -127,3 +137,33 @@ async def test_writes_through_the_view_reach_the_tables_with_their_rules(
     await assert_queue_matches_jobs(dsn)
     await fetch(dsn, "DELETE FROM pgjobs.jobs WHERE id = %s", [job_id])
     assert await fetch(dsn, "SELECT id FROM pgjobs.job_rows") == []
+
+
+@pytest.mark.parametrize("outcome", ["error", "done"])
+async def test_a_ringing_finish_sends_no_items_whether_it_ends_or_retries(
+    dsn: str, client: Client, outcome: str
+) -> None:
+    """The finish has one doorbell mark (in its UPDATE of the job rows) for two UPDATEs:
+    a batch of retries alone writes only queue rows, and its commit must still carry no
+    event items (the mark is a one-time filter, evaluated though no job row changes)."""
+    await client.enqueue_many(JobSpec("acme", "echo", max_attempts=2) for _ in range(2))
+    claimed = [await claim_one(dsn, "w1"), await claim_one(dsn, "w1")]
+    marker = f"marker-{uuid.uuid4()}"
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as listener:
+        await listener.execute(f"LISTEN {events.EVENTS_CHANNEL}")
+        finish = doorbell.ringing(QUERIES["job_finish_many_if_leased"])
+        rows = await fetch(dsn, finish, finish_params(claimed, outcome))
+        await fetch(dsn, "SELECT pg_notify(%s, %s)", [events.EVENTS_CHANNEL, marker])
+        heard = []
+        async for note in listener.notifies(timeout=60):
+            if note.payload == marker:
+                break
+            heard.append(note.payload)
+    assert sorted(r["status"] for r in rows) == ["queued" if outcome == "error" else "done"] * 2
+    assert heard == [], "a ringing finish sent event items"
+    (n,) = await fetch(
+        dsn,
+        "SELECT count(*) AS n FROM pgjobs.job_events WHERE type = %s",
+        ["content_job.retrying" if outcome == "error" else "content_job.done"],
+    )
+    assert n["n"] == 2
