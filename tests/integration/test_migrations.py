@@ -451,7 +451,7 @@ _BEFORE = QUERIES_BEFORE_LIVE_STATE
 # (a status and last event of each kind and a wrong one, attempts below, at and past
 # max_attempts, each time and text NULL or not, a time out of range), then each size and
 # time at and past its bounds on a valid job of each status.
-_GRID = """
+_JOB_GRID = """
 CREATE TABLE check_grid (LIKE pgjobs.jobs);
 INSERT INTO check_grid (id, company_id, job_type, status, input, priority, run_at, attempts,
                         max_attempts, lease_token, event_seq, last_event, created_at,
@@ -506,7 +506,8 @@ FROM check_grid_base b,
            unnest('{"1969-12-31 23:59:59.999999Z","1970-01-01Z","9999-12-31Z",
                     "9999-12-31 00:00:00.000001Z",-infinity,infinity}'::text[]) v
      ) p(col, val);
-
+"""
+_QUEUE_GRID = """
 CREATE TABLE check_queue_grid (LIKE pgjobs.job_queue);
 INSERT INTO check_queue_grid (job_id, job_type, priority, run_at, lease_expires_at, company_id)
 SELECT gen_random_uuid(), 'echo', 0, r, l, 'acme'
@@ -515,6 +516,7 @@ FROM unnest('{"1969-12-31 23:59:59.999999Z","1970-01-01Z",now,"9999-12-31Z",
      unnest('{NULL,"1969-12-31 23:59:59.999999Z","1970-01-01Z",now,"9999-12-31Z",
               "9999-12-31 00:00:00.000001Z",-infinity,infinity}'::timestamptz[]) l;
 """
+_GRID = _JOB_GRID + _QUEUE_GRID
 
 
 _GRIDS = {"pgjobs.jobs": ("check_grid", "id"), "pgjobs.job_queue": ("check_queue_grid", "job_id")}
@@ -599,17 +601,18 @@ def _apply_up_to(dsn: str, first_skipped: str) -> list[str]:
         backend.connection.close()
 
 
-async def _jobs_moving(dsn: str) -> None:
-    """Jobs are still enqueued, claimed, finished (a success, a failure) and cancelled."""
-    async with await Client.connect(dsn) as client:
-        for outcome in (None, "e"):
-            await client.enqueue("acme", "echo")
-            finished = await fetch(
-                dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), outcome)
-            )
-            assert len(finished) == 1
-        cancelled = await client.enqueue("acme", "echo")
-        assert (await client.cancel("acme", cancelled.id)).status.value == "cancelled"
+async def _jobs_moving(dsn: str, queries: dict[str, str] = QUERIES) -> None:
+    """Jobs are still enqueued, claimed, finished (a success, a failure) and cancelled by
+    ``queries``' statements."""
+    for outcome in (None, "e"):
+        await _enqueue(dsn, queries, JobSpec("acme", "echo"))
+        finished = await fetch(
+            dsn, queries["job_finish_many_if_leased"], _finish(await _claim(dsn, queries), outcome)
+        )
+        assert len(finished) == 1
+    cancelled = await _enqueue(dsn, queries, JobSpec("acme", "echo"))
+    assert [r["status"] for r in await _cancel(dsn, queries, cancelled)] == ["cancelled"]
+    await assert_queue_matches_jobs(dsn)
 
 
 async def test_live_state_migration_rolls_back_a_filled_database_and_applies_again(
@@ -667,7 +670,7 @@ async def test_live_state_checks_refuse_the_live_states_the_job_row_refuses(
     status is refused there (an ended job has no queue row)."""
     dsn = empty_dsn
     migrate.apply(dsn)
-    await fetch(dsn, _GRID)
+    await fetch(dsn, _JOB_GRID)
     checks = await fetch(
         dsn,
         "SELECT conrelid::regclass::text AS table, pg_get_constraintdef(oid) AS def"
