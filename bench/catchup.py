@@ -80,7 +80,7 @@ async def _fill(dsn: str, subscribers: int, others: int) -> list[tuple[uuid.UUID
                 " updated_at = now() WHERE job_type = 'bench.sse'",
                 [step / 10],
             )
-        await conn.execute("VACUUM ANALYZE pgjobs.jobs")
+        await conn.execute("VACUUM ANALYZE pgjobs.job_rows")
         await conn.execute("VACUUM ANALYZE pgjobs.job_events")
         cur = await conn.execute(
             "SELECT id, lease_token FROM pgjobs.jobs WHERE job_type = 'bench.sse'"

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 GENERATE = """
 WITH ins AS (
-    INSERT INTO pgjobs.jobs (id, company_id, job_type, status, input, attempts, worker_id,
-                             lease_token, event_seq, last_event, run_at, started_at,
-                             finished_at, created_at, updated_at)
+    INSERT INTO pgjobs.job_rows (id, company_id, job_type, status, input, attempts, worker_id,
+                                 lease_token, event_seq, last_event, run_at, started_at,
+                                 finished_at, created_at, updated_at)
     SELECT gen_random_uuid(), 'company-' || (g %% 50), 'noop', 'done', '{}', 1, 'generated',
            1, 3, 'content_job.done', t.ts, t.ts, t.ts + interval '5 ms', t.ts,
            t.ts + interval '5 ms'
@@ -32,10 +32,10 @@ FROM ins CROSS JOIN (VALUES (1, 'content_job.queued', 'queued', 0),
 SIZES = """
 SELECT c.relname AS name, c.relkind AS kind, pg_relation_size(c.oid) AS bytes
 FROM pg_class c
-WHERE c.oid IN ('pgjobs.jobs'::regclass, 'pgjobs.job_events'::regclass,
+WHERE c.oid IN ('pgjobs.job_rows'::regclass, 'pgjobs.job_events'::regclass,
                 'pgjobs.job_queue'::regclass)
    OR c.oid IN (SELECT indexrelid FROM pg_index
-                WHERE indrelid IN ('pgjobs.jobs'::regclass, 'pgjobs.job_events'::regclass,
+                WHERE indrelid IN ('pgjobs.job_rows'::regclass, 'pgjobs.job_events'::regclass,
                                    'pgjobs.job_queue'::regclass))
 ORDER BY c.relkind DESC, c.relname
 """
@@ -57,13 +57,13 @@ SAVED_INDEXES = """
 SELECT format('DROP INDEX pgjobs.%I', c.relname) AS drop_sql,
        pg_get_indexdef(i.indexrelid) AS create_sql
 FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
-WHERE i.indrelid IN ('pgjobs.jobs'::regclass, 'pgjobs.job_events'::regclass)
+WHERE i.indrelid IN ('pgjobs.job_rows'::regclass, 'pgjobs.job_events'::regclass)
   AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)
 UNION ALL
 SELECT format('ALTER TABLE %s DROP CONSTRAINT %I', k.conrelid::regclass, k.conname),
        format('ALTER TABLE %s ADD CONSTRAINT %I %s', k.conrelid::regclass, k.conname,
               pg_get_constraintdef(k.oid))
 FROM pg_constraint k
-WHERE k.conrelid IN ('pgjobs.jobs'::regclass, 'pgjobs.job_events'::regclass)
+WHERE k.conrelid IN ('pgjobs.job_rows'::regclass, 'pgjobs.job_events'::regclass)
   AND k.contype IN ('p', 'u')
 """

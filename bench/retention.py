@@ -79,7 +79,7 @@ async def _churn(conn: psycopg.AsyncConnection[Any], client: Client, n: int) -> 
 
 
 async def _sizes(conn: psycopg.AsyncConnection[Any]) -> dict[str, int]:
-    await conn.execute("VACUUM pgjobs.jobs, pgjobs.job_queue, pgjobs.job_events")
+    await conn.execute("VACUUM pgjobs.job_rows, pgjobs.job_queue, pgjobs.job_events")
     sizes: dict[str, int] = {}
     for table in TABLES:
         cur = await conn.execute(

@@ -40,7 +40,7 @@ WINDOW_SECONDS = 3600
 # bulk load's million-row transactions.
 RECENT = """
 WITH ins AS (
-    INSERT INTO pgjobs.jobs (id, company_id, job_type, status, input, attempts, worker_id,
+    INSERT INTO pgjobs.job_rows (id, company_id, job_type, status, input, attempts, worker_id,
                              lease_token, event_seq, last_event, run_at, started_at,
                              finished_at, created_at, updated_at)
     SELECT gen_random_uuid(), %(company)s::text, 'noop', 'done', '{}', 1, 'generated',
@@ -64,12 +64,12 @@ FROM ins CROSS JOIN (VALUES (1, 'content_job.queued', 'queued', 0),
 
 def add_recent(dsn: str, n: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE pgjobs.jobs DISABLE TRIGGER jobs_publish_insert")
+        conn.execute("ALTER TABLE pgjobs.job_rows DISABLE TRIGGER job_rows_inserted")
         for c in range(COMPANIES):
             conn.execute(RECENT, {"company": f"company-{c}", "n": 10, "ago": 3700})
         for c in range(COMPANIES):
             conn.execute(RECENT, {"company": f"company-{c}", "n": n // COMPANIES, "ago": 0})
-        conn.execute("ALTER TABLE pgjobs.jobs ENABLE TRIGGER jobs_publish_insert")
+        conn.execute("ALTER TABLE pgjobs.job_rows ENABLE TRIGGER job_rows_inserted")
 
 
 def _run(conn: psycopg.Connection[dict[str, Any]], sql: str, params: dict[str, Any]) -> Any:

@@ -76,7 +76,7 @@ def measure(dsn: str, repeat: int, out: Path) -> dict[str, Any]:
     result: dict[str, Any] = {}
     with psycopg.connect(dsn, autocommit=True, row_factory=dict_row) as conn:
         row = conn.execute(
-            "SELECT id FROM pgjobs.jobs TABLESAMPLE SYSTEM (1) WHERE status = 'done' LIMIT 1"
+            "SELECT id FROM pgjobs.job_rows TABLESAMPLE SYSTEM (1) WHERE status = 'done' LIMIT 1"
         ).fetchone()
         params = {"job_id": row["id"] if row else None}
         for view, sql in QUERIES_BY_VIEW.items():

@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -89,12 +90,28 @@ async def fetch(dsn: str, query: Any, params: Any = None) -> list[dict[str, Any]
         return await cur.fetchall() if cur.description else []
 
 
-async def claim_one(dsn: str, worker: str, now: dt.datetime | None = None) -> dict[str, object]:
-    """Claim the next due job for ``worker`` with the worker's own query; its whole row
-    after the claim (the claim returns only the columns the worker reads)."""
+def _load_queries(path: Path) -> dict[str, str]:
+    parts = re.split(r"^-- name: (\w+)\s*$", path.read_text(encoding="utf-8"), flags=re.MULTILINE)
+    return {n: b.strip().rstrip(";") for n, b in zip(parts[1::2], parts[2::2], strict=True)}
+
+
+# The statements of the version before sql/0021 (the enqueue, claim, finish and cancel),
+# which write the table pgjobs.jobs: for moving jobs on a schema before that migration.
+QUERIES_BEFORE_LIVE_STATE = _load_queries(Path(__file__).with_name("queries_before_live_state.sql"))
+
+
+async def claim_one(
+    dsn: str,
+    worker: str,
+    now: dt.datetime | None = None,
+    queries: dict[str, str] | None = None,
+) -> dict[str, object]:
+    """Claim the next due job for ``worker`` with the worker's own query (or ``queries``'
+    claim); its whole row after the claim (the claim returns only the columns the worker
+    reads)."""
     rows = await fetch(
         dsn,
-        QUERIES["job_claim_batch"],
+        (queries or QUERIES)["job_claim_batch"],
         {
             "now": now,
             "limit": 1,

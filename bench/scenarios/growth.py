@@ -37,7 +37,7 @@ def finished_rows(dsn: str) -> int:
 
 def generate(dsn: str, start: int, count: int) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE pgjobs.jobs DISABLE TRIGGER jobs_publish_insert")
+        conn.execute("ALTER TABLE pgjobs.job_rows DISABLE TRIGGER job_rows_inserted")
         saved = conn.execute(SAVED_INDEXES).fetchall()
         for drop_sql, _ in saved:
             conn.execute(drop_sql)
@@ -49,7 +49,7 @@ def generate(dsn: str, start: int, count: int) -> None:
         conn.execute("SET maintenance_work_mem = '1GB'")
         for _, create_sql in saved:
             conn.execute(create_sql)
-        conn.execute("ALTER TABLE pgjobs.jobs ENABLE TRIGGER jobs_publish_insert")
+        conn.execute("ALTER TABLE pgjobs.job_rows ENABLE TRIGGER job_rows_inserted")
 
 
 def sizes(dsn: str) -> dict[str, int]:
@@ -62,7 +62,7 @@ def audit_times(dsn: str) -> dict[str, Any]:
         ids = [
             r[0]
             for r in conn.execute(
-                "SELECT id FROM pgjobs.jobs TABLESAMPLE SYSTEM (1) LIMIT 20"
+                "SELECT id FROM pgjobs.job_rows TABLESAMPLE SYSTEM (1) LIMIT 20"
             ).fetchall()
         ] or [r[0] for r in conn.execute("SELECT id FROM pgjobs.jobs LIMIT 20").fetchall()]
         timeline = []

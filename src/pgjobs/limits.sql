@@ -135,7 +135,7 @@ WITH RECURSIVE room AS MATERIALIZED (
         -- One level of one company: due jobs are a contiguous range of the index, so the
         -- walk ends at the first job not due yet (or of another level).
         SELECT q.job_id, q.run_at, q.job_type
-        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        FROM pgjobs.job_queue q
         WHERE q.company_id = r.company_id AND q.priority = r.priority
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
           AND q.lease_expires_at IS NULL
@@ -145,7 +145,7 @@ WITH RECURSIVE room AS MATERIALIZED (
                                                   AND b.job_type IN (q.job_type, ''))
         ORDER BY q.run_at, q.job_id
         LIMIT (SELECT per_company FROM share)
-        FOR UPDATE OF q, j SKIP LOCKED
+        FOR UPDATE OF q SKIP LOCKED
     ) h
 ), whole AS (
     -- The levels that gave their company's whole share: they may have more.
@@ -160,7 +160,7 @@ WITH RECURSIVE room AS MATERIALIZED (
     SELECT h.job_id, h.run_at, h.job_type, f.company_id, f.priority, r.cpos, f.n
     FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
         SELECT q.job_id, q.run_at, q.job_type
-        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        FROM pgjobs.job_queue q
         WHERE q.company_id = r.company_id AND q.priority = r.priority  -- as in heads1
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
           AND q.lease_expires_at IS NULL
@@ -171,7 +171,7 @@ WITH RECURSIVE room AS MATERIALIZED (
           AND q.job_id <> ALL(ARRAY(SELECT job_id FROM heads1))  -- ours already
         ORDER BY q.run_at, q.job_id
         LIMIT f.per_company
-        FOR UPDATE OF q, j SKIP LOCKED
+        FOR UPDATE OF q SKIP LOCKED
     ) h
     WHERE f.per_company > 0
 ), heads AS (
@@ -203,7 +203,7 @@ WITH RECURSIVE room AS MATERIALIZED (
     ORDER BY h.priority DESC, h.rank, h.cpos
     LIMIT %(limit)s::int
 ), fill AS (
-    SELECT q.job_id, q.priority, q.run_at, q.company_id, q.job_type FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+    SELECT q.job_id, q.priority, q.run_at, q.company_id, q.job_type FROM pgjobs.job_queue q
     WHERE q.lease_expires_at IS NULL
       AND q.run_at <= coalesce(%(now)s::timestamptz, now())
       AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
@@ -212,7 +212,7 @@ WITH RECURSIVE room AS MATERIALIZED (
       AND q.job_id <> ALL(ARRAY(SELECT job_id FROM fair))
     ORDER BY q.priority DESC, q.run_at, q.job_id
     LIMIT %(limit)s::int - (SELECT count(*) FROM fair)
-    FOR UPDATE OF q, j SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
 ), chosen AS (
     -- fair's jobs, then fill's, in claim order, with what limits match them on
     SELECT job_id, n AS ord, company_id, job_type FROM fair
@@ -235,28 +235,27 @@ WITH RECURSIVE room AS MATERIALIZED (
     SELECT c.job_id, c.company_id, c.job_type FROM chosen c
     WHERE c.job_id <> ALL(ARRAY(SELECT job_id FROM held))
 ), claimed AS (
-    UPDATE pgjobs.jobs j
+    -- The queue row only, as in job_claim_batch (sql/0021).
+    UPDATE pgjobs.job_queue q
     SET status = 'running',
-        attempts = j.attempts + 1,
+        attempts = q.attempts + 1,
         worker_id = %(worker_id)s::text,
-        lease_token = j.lease_token + 1,
+        lease_token = q.lease_token + 1,
         lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8),
         started_at = coalesce(%(now)s::timestamptz, now()),
         progress_fraction = NULL,
         progress_message = NULL,
-        event_seq = j.event_seq + 1,
+        event_seq = q.event_seq + 1,
         last_event = 'content_job.running',
         updated_at = coalesce(%(now)s::timestamptz, now())
     -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
     -- (re-checking their WHERE on the newest version), so nobody changed them since.
-    WHERE j.id = ANY(ARRAY(SELECT job_id FROM keep))
+    WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM keep))
       -- With the doorbell on, the worker runs this statement with events_doorbell_on here
       -- (pgjobs.doorbell.ringing), as job_claim_batch.
       AND (SELECT true /* doorbell */)
-    -- The columns job_claim_batch returns (and why there).
-    RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
-        j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
-        j.lease_token, j.event_seq, j.started_at, j.finished_at, j.created_at
+    RETURNING q.job_id, q.company_id, q.job_type, q.priority, q.run_at, q.attempts,
+        q.error_message, q.lease_token, q.event_seq, q.started_at
 ), counted AS (
     INSERT INTO pgjobs.limit_windows AS w (limit_id, window_start, started)
     SELECT r.id, r.window_start, count(*)
@@ -271,12 +270,15 @@ WITH RECURSIVE room AS MATERIALIZED (
     WHERE w.limit_id = r.id AND r.max_starts IS NOT NULL
       AND w.window_start < r.window_start - make_interval(secs => r.period_seconds)
 )
-SELECT c.*,
+-- The columns job_claim_batch returns (and why there), the job row read by primary key.
+SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts,
+    j.max_attempts, j.result, j.result_asset_id, c.error_message, j.source_task_id,
+    c.lease_token, c.event_seq, c.started_at, j.finished_at, j.created_at,
     -- the company served last in the fair order (the ring's last if fair took none)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
              (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
     (SELECT count(*) FROM held) AS held_back
-FROM claimed c;
+FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id;
 
 -- name: limit_upsert
 -- `pgjobs limits set`: create the limit of (company, job type), or change the bounds

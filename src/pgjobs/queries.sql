@@ -3,12 +3,14 @@
 -- explicitly. Time-based queries take %(now)s and fall back to the server clock when it
 -- is NULL, so tests can move time.
 --
--- Transitions bump event_seq by one and set last_event; the statement-level triggers in
--- sql/0001_initial.sql turn that into the audit row and the NOTIFY, and those in
--- sql/0004_job_queue.sql keep pgjobs.job_queue (the claim's and rescuer's view of the
--- queued and running jobs) in step, in the same transaction. Guards: every write on
--- behalf of a running attempt matches (id, status = 'running', lease_token); zero rows
--- back means "lost the race".
+-- A queued or running job's state lives in its pgjobs.job_queue row, an ended job's in its
+-- pgjobs.job_rows row (sql/0021_live_state.sql; pgjobs.jobs is the view of both, which
+-- reads use). Transitions bump event_seq by one and set last_event: a live job's on its
+-- queue row, its end on its job row (event_seq the queue row's plus one); the statement
+-- triggers turn that into the audit row and the NOTIFY, and add or remove the queue row,
+-- in the same transaction. Guards: every write on behalf of a running attempt matches
+-- (id, status = 'running', lease_token) on the queue row; zero rows back means "lost the
+-- race". Lock order: the queue row, then the job row.
 
 -- name: job_insert_many
 -- Bulk enqueue: one statement, any number of jobs. The arrays go in binary format (the b
@@ -21,8 +23,8 @@
 -- (pgjobs.client._column): no column but run_at and source_task_id is ever NULL, and
 -- those two are NULL in both.
 WITH inserted AS (
-    INSERT INTO pgjobs.jobs (id, company_id, job_type, input, source_task_id, priority, run_at,
-                             max_attempts, created_at, updated_at)
+    INSERT INTO pgjobs.job_rows (id, company_id, job_type, input, source_task_id, priority,
+                                 run_at, max_attempts, created_at, updated_at)
     SELECT u.id, coalesce(u.company_id, %(same_company_id)s::text),
            coalesce(u.job_type, %(same_job_type)s::text),
            coalesce(u.input, %(same_input)s::jsonb),
@@ -72,13 +74,12 @@ ORDER BY created_at DESC, id DESC
 LIMIT %(limit)s::int;
 
 -- name: job_list_by_company_active
--- job_list_by_company for queued or running jobs. No index of pgjobs.jobs covers status
--- (any would make transitions non-HOT, sql/0004), so these go through pgjobs.job_queue,
--- which holds only the queued and running jobs, instead of walking every job the
--- company ever had.
+-- job_list_by_company for queued or running jobs. No index covers status, so these go
+-- through pgjobs.job_queue, which holds only the queued and running jobs, instead of
+-- walking every job the company ever had.
 SELECT j.* FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
 WHERE j.company_id = %(company_id)s::text
-  AND j.status = %(status)s::text
+  AND q.status = %(status)s::text
   AND (%(job_type)s::text IS NULL OR j.job_type = %(job_type)s::text)
   AND (%(source_task_id)s::text IS NULL OR j.source_task_id = %(source_task_id)s::text)
   AND (%(before_created_at)s::timestamptz IS NULL
@@ -129,19 +130,14 @@ LIMIT %(limit)s::int;
 -- fill: what fair left of the batch, in the global claim order (job_queue_claim_idx).
 -- Rows read: at most %(limit)s ring probes, about 2 x %(limit)s heads, and fill's.
 --
--- Locking, as before: candidates come from pgjobs.job_queue (sql/0004), and both the
--- queue row and the job row are locked, both SKIP LOCKED, so the claim never waits: every
--- other writer locks the job row first and then (through the trigger) the queue row, and
--- a claim waiting for a job row while holding its queue row could deadlock with them
--- (test_a_claim_passes_over_a_job_a_cancel_holds). Measured and not taken: locking the
--- queue row only saves ~2.5 µs of the claim's ~24 µs of PostgreSQL CPU per job, but then
--- a cancel must lock the queue row before the job row, the reverse of the completion's
--- order for running jobs, and a cancel racing a claim's commit and the completion after
--- it can deadlock; locking the job row only (a re-check on it instead of the queue
--- row's) saved nothing measurable.
+-- Locking: candidates come from pgjobs.job_queue, and only the queue row is locked (SKIP
+-- LOCKED, so the claim never waits) and updated: a queued job's whole state is there
+-- (sql/0021). Every other writer of a live job locks its queue row first too (the cancel,
+-- the completion, the rescue; the job row after it), so a claim passes over a job another
+-- session holds and cannot deadlock with it (test_a_claim_passes_over_a_job_a_cancel_holds).
 -- Once locked, "q.lease_expires_at IS NULL" is re-checked on the newest version of the
--- queue row, which changes in the same transaction as the job row: a job claimed or
--- finished by a session that committed meanwhile is passed over. The locks are taken
+-- queue row: a job claimed or ended by a session that committed meanwhile is passed over
+-- (an ended job's queue row is gone). The locks are taken
 -- where the rows are found (in heads and fill, under their LIMITs), so a row another
 -- claim holds is skipped and the next one taken, rather than leaving the batch short.
 -- A head that fair leaves out stays locked until the claim commits, for a moment; fill
@@ -221,7 +217,7 @@ WITH RECURSIVE scope AS (
         -- One level of one company: due jobs are a contiguous range of the index, so the
         -- walk ends at the first job not due yet (or of another level).
         SELECT q.job_id, q.run_at
-        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        FROM pgjobs.job_queue q
         WHERE q.company_id = r.company_id AND q.priority = r.priority
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
           AND q.lease_expires_at IS NULL
@@ -229,7 +225,7 @@ WITH RECURSIVE scope AS (
           AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
         ORDER BY q.run_at, q.job_id
         LIMIT (SELECT per_company FROM share)
-        FOR UPDATE OF q, j SKIP LOCKED
+        FOR UPDATE OF q SKIP LOCKED
     ) h
 ), whole AS (
     -- The levels that gave their company's whole share: they may have more.
@@ -244,7 +240,7 @@ WITH RECURSIVE scope AS (
     SELECT h.job_id, h.run_at, f.company_id, f.priority, r.cpos, f.n
     FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
         SELECT q.job_id, q.run_at
-        FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+        FROM pgjobs.job_queue q
         WHERE q.company_id = r.company_id AND q.priority = r.priority  -- as in heads1
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
           AND q.lease_expires_at IS NULL
@@ -253,7 +249,7 @@ WITH RECURSIVE scope AS (
           AND q.job_id <> ALL(ARRAY(SELECT job_id FROM heads1))  -- ours already
         ORDER BY q.run_at, q.job_id
         LIMIT f.per_company
-        FOR UPDATE OF q, j SKIP LOCKED
+        FOR UPDATE OF q SKIP LOCKED
     ) h
     WHERE f.per_company > 0
 ), heads AS (
@@ -283,51 +279,53 @@ WITH RECURSIVE scope AS (
     ORDER BY h.priority DESC, h.rank, h.cpos
     LIMIT %(limit)s::int
 ), fill AS (
-    SELECT q.job_id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
+    SELECT q.job_id FROM pgjobs.job_queue q
     WHERE q.lease_expires_at IS NULL
       AND q.run_at <= coalesce(%(now)s::timestamptz, now())
       AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
       AND q.job_id <> ALL(ARRAY(SELECT job_id FROM fair))
     ORDER BY q.priority DESC, q.run_at, q.job_id
     LIMIT %(limit)s::int - (SELECT count(*) FROM fair)
-    FOR UPDATE OF q, j SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
 ), claimed AS (
-    UPDATE pgjobs.jobs j
+    UPDATE pgjobs.job_queue q
     SET status = 'running',
-        attempts = j.attempts + 1,
+        attempts = q.attempts + 1,
         worker_id = %(worker_id)s::text,
-        lease_token = j.lease_token + 1,
+        lease_token = q.lease_token + 1,
         lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8),
         started_at = coalesce(%(now)s::timestamptz, now()),
         progress_fraction = NULL,
         progress_message = NULL,
-        event_seq = j.event_seq + 1,
+        event_seq = q.event_seq + 1,
         last_event = 'content_job.running',
         updated_at = coalesce(%(now)s::timestamptz, now())
-    -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
-    -- (re-checking their WHERE on the newest version), so nobody changed them since.
-    WHERE j.id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
+    -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked
+    -- them (re-checking their WHERE on the newest version), so nobody changed them since.
+    WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
       AND NOT (SELECT limited FROM scope)
       -- With the doorbell on, the worker runs this statement with events_doorbell_on here
       -- (pgjobs.doorbell.ringing): set once, before the statement's triggers.
       AND (SELECT true /* doorbell */)
-    -- What the worker's Job needs that this statement does not set itself (pgjobs.types
-    -- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows, and
-    -- lease_expires_at it computes from started_at); not the audit columns (last_event,
-    -- error_traceback, up to 16 KiB on a retry). Every column decoded costs the worker CPU
-    -- per job. job_claim_batch_limited returns the same.
-    RETURNING j.id, j.company_id, j.job_type, j.input, j.priority, j.run_at, j.attempts,
-        j.max_attempts, j.result, j.result_asset_id, j.error_message, j.source_task_id,
-        j.lease_token, j.event_seq, j.started_at, j.finished_at, j.created_at
+    RETURNING q.job_id, q.priority, q.run_at, q.attempts, q.error_message, q.lease_token,
+              q.event_seq, q.started_at
 )
-SELECT c.*,
+-- What the worker's Job needs that this statement does not set itself (pgjobs.types
+-- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows, and
+-- lease_expires_at it computes from started_at); not the audit columns (last_event,
+-- error_traceback, up to 16 KiB on a retry). Every column decoded costs the worker CPU
+-- per job. job_claim_batch_limited returns the same. The job row is read by primary key,
+-- not locked: what is read of it does not change while it is live.
+SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts,
+    j.max_attempts, j.result, j.result_asset_id, c.error_message, j.source_task_id,
+    c.lease_token, c.event_seq, c.started_at, j.finished_at, j.created_at,
     -- the company served last in the fair order (the ring's last if fair took none)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
              (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
     false AS limited
-FROM claimed c
+FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id
 UNION ALL
--- A limit refused the claim: a row of NULLs (claimed's 17 columns and after_company)
+-- A limit refused the claim: a row of NULLs (the 17 job columns and after_company)
 -- saying so. (UNION ALL: a LEFT JOIN of claimed to scope cost ~1 µs more per job.)
 SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
        NULL, NULL, NULL, NULL, true
@@ -340,9 +338,12 @@ FROM scope WHERE scope.limited;
 -- inserted only for jobs whose guarded update went through, so a fenced-off worker leaves
 -- no row behind. Returns the jobs that were finished, each with its new status (done,
 -- queued: to be retried, failed); anything missing lost its lease.
+-- An attempt that ends its job writes the job row (its final state, the queue row's live
+-- columns carried over; the trigger deletes the queue row); a retry writes the queue row
+-- only (sql/0021).
 -- The per-job values travel as arrays and are read by position (u.i): the relations the
--- lock and the UPDATE join stay three columns wide, because PostgreSQL copies each joined
--- row whole (for its concurrent-update recheck), and wide ones cost more than the rest.
+-- lock and the UPDATEs join stay narrow, because PostgreSQL copies each joined row whole
+-- (for its concurrent-update recheck), and wide ones cost more than the rest.
 -- ids, lease_tokens, outcomes and retry_delays come as array literals the worker writes
 -- itself ('{…,…}': the ids' text it has made for its rings, the tokens' and delays' str,
 -- the outcomes' names), one string each that psycopg passes on as it is: ~0.6 µs of the
@@ -355,47 +356,71 @@ WITH u AS (
          WITH ORDINALITY AS u(id, lease_token, outcome, i)
 ), plan AS (
     -- Decide retry vs failed from the attempt the lease belongs to. The guard lives here:
-    -- rows are locked in id order (as the heartbeat does, so the two can never deadlock)
-    -- and re-checked after the lock is granted; once locked, no other session can change
-    -- them before the UPDATE below, which only needs the id.
-    SELECT j.id, u.i, u.outcome, CASE
+    -- queue rows are locked in job_id order (as the heartbeat does, so the two can never
+    -- deadlock) and re-checked after the lock is granted; once locked, no other session
+    -- can change them (or their job rows: every writer locks the queue row first) before
+    -- the UPDATEs below, which only need the id.
+    SELECT q.job_id AS id, u.i, u.outcome, CASE
                WHEN u.outcome = 'done' THEN 'done'
-               WHEN u.outcome = 'error' AND j.attempts < j.max_attempts THEN 'queued'
-               ELSE 'failed' END AS next_status
-    -- Driven from the batch: one primary-key lookup per entry of u. (An extra
-    -- "j.id = ANY(ids)" here made the planner, which expects few running jobs, drive the
-    -- join from jobs instead and rescan u for every row: batch x batch comparisons, a
-    -- third of this statement's time at 100 jobs per batch.)
-    FROM u JOIN pgjobs.jobs j ON j.id = u.id AND j.lease_token = u.lease_token
-    WHERE j.status = 'running'
-    ORDER BY j.id
-    FOR UPDATE OF j
-), finished AS (
-    UPDATE pgjobs.jobs j
+               WHEN u.outcome = 'error' AND q.attempts < q.max_attempts THEN 'queued'
+               ELSE 'failed' END AS next_status,
+           q.attempts, q.worker_id, q.lease_token, q.started_at, q.progress_fraction,
+           q.progress_message, q.event_seq
+    -- Driven from the batch, in id order: one primary-key lookup and lock per entry of u,
+    -- whatever the statistics say. (As a join, a generic plan, which expects few running
+    -- jobs, scanned the narrow queue table instead, or drove the join from it and
+    -- rescanned u for every row: batch x batch comparisons.) FOR UPDATE keeps the
+    -- subquery from being flattened into a join.
+    FROM (SELECT * FROM u ORDER BY u.id) u
+    CROSS JOIN LATERAL (
+        SELECT q.job_id, q.attempts, q.max_attempts, q.worker_id, q.lease_token, q.started_at,
+               q.progress_fraction, q.progress_message, q.event_seq
+        FROM pgjobs.job_queue q
+        WHERE q.job_id = u.id AND q.lease_token = u.lease_token AND q.status = 'running'
+        FOR UPDATE
+    ) q
+), ended AS (
+    UPDATE pgjobs.job_rows j
     SET status = p.next_status,
+        attempts = p.attempts,
+        worker_id = p.worker_id,
+        lease_token = p.lease_token,
+        lease_expires_at = NULL,
+        started_at = p.started_at,
+        progress_fraction = p.progress_fraction,
+        progress_message = p.progress_message,
         result = CASE WHEN p.outcome = 'done' THEN (%(results)b::jsonb[])[p.i] END,
         result_asset_id = CASE WHEN p.outcome = 'done' THEN (%(asset_ids)s::uuid[])[p.i] END,
         error_message = CASE WHEN p.outcome <> 'done' THEN (%(errors)b::text[])[p.i] END,
         -- An exception's traceback (NULL for the batch when no attempt raised one); the
-        -- publish trigger copies it into this attempt's audit row (sql/0006).
+        -- trigger copies it into this attempt's audit row (sql/0006).
         error_traceback = CASE WHEN p.outcome <> 'done' THEN (%(tracebacks)b::text[])[p.i] END,
-        run_at = CASE WHEN p.next_status = 'queued'
-                      THEN coalesce(%(now)s::timestamptz, now())
-                           + make_interval(secs => (%(retry_delays)s::float8[])[p.i])
-                      ELSE j.run_at END,
-        lease_expires_at = NULL,
-        finished_at = CASE WHEN p.next_status = 'queued' THEN NULL
-                           ELSE coalesce(%(now)s::timestamptz, now()) END,
-        event_seq = j.event_seq + 1,
+        finished_at = coalesce(%(now)s::timestamptz, now()),
+        event_seq = p.event_seq + 1,
         last_event = CASE p.next_status WHEN 'done' THEN 'content_job.done'
-                                        WHEN 'queued' THEN 'content_job.retrying'
                                         ELSE 'content_job.failed' END,
         updated_at = coalesce(%(now)s::timestamptz, now())
     FROM plan p
-    WHERE j.id = p.id  -- guarded and locked in plan
-      -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
+    WHERE j.id = p.id AND p.next_status <> 'queued'  -- guarded and locked in plan
+      -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing): a one-time
+      -- filter, evaluated even when no attempt ends (a batch of retries), and before the
+      -- statement's triggers, which run at its end (both UPDATEs' alike)
       AND (SELECT true /* doorbell */)
     RETURNING j.id, j.company_id, j.source_task_id, j.status, p.i
+), retried AS (
+    UPDATE pgjobs.job_queue q
+    SET status = 'queued',
+        error_message = (%(errors)b::text[])[p.i],
+        error_traceback = (%(tracebacks)b::text[])[p.i],
+        run_at = coalesce(%(now)s::timestamptz, now())
+                 + make_interval(secs => (%(retry_delays)s::float8[])[p.i]),
+        lease_expires_at = NULL,
+        event_seq = q.event_seq + 1,
+        last_event = 'content_job.retrying',
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM plan p
+    WHERE q.job_id = p.id AND p.next_status = 'queued'  -- guarded and locked in plan
+    RETURNING q.job_id AS id, q.company_id, q.status, p.i
 ), stored AS (
     INSERT INTO pgjobs.assets (id, company_id, namespace, object_key, content_type, byte_size,
                                sha256, original_filename, source_task_id, source_job_id, created_at)
@@ -403,109 +428,176 @@ WITH u AS (
            (%(asset_content_types)s::text[])[f.i], (%(asset_sizes)s::bigint[])[f.i],
            (%(asset_sha256s)s::text[])[f.i], (%(asset_filenames)s::text[])[f.i],
            f.source_task_id, f.id, coalesce(%(now)s::timestamptz, now())
-    FROM finished f
+    FROM ended f
     WHERE f.status = 'done' AND (%(asset_ids)s::uuid[])[f.i] IS NOT NULL
     RETURNING id
 )
-SELECT f.id, f.status, (SELECT count(*) FROM stored) AS assets_stored FROM finished f;
+SELECT f.id, f.status, (SELECT count(*) FROM stored) AS assets_stored FROM ended f
+UNION ALL
+SELECT r.id, r.status, (SELECT count(*) FROM stored) FROM retried r;
 
 -- name: job_progress_if_leased
-UPDATE pgjobs.jobs
+-- On the queue row alone (sql/0021).
+UPDATE pgjobs.job_queue
 SET progress_fraction = %(fraction)s::real,
     progress_message = %(message)s::text,
     event_seq = event_seq + 1,
     last_event = 'content_job.progress',
     updated_at = coalesce(%(now)s::timestamptz, now())
-WHERE id = %(id)s::uuid AND status = 'running' AND lease_token = %(lease_token)s::bigint
+WHERE job_id = %(id)s::uuid AND status = 'running' AND lease_token = %(lease_token)s::bigint
   -- events_doorbell_on with the doorbell on (pgjobs.doorbell.ringing)
   AND (SELECT true /* doorbell */)
-RETURNING id, event_seq;
+RETURNING job_id AS id, event_seq;
 
 -- name: job_extend_leases
--- Heartbeat: one statement renews every lease this worker still holds. Not a transition
--- (no event_seq bump, so no event row). Returns the jobs still held; one missing from the
--- result was cancelled or rescued, and the worker stops working on it.
+-- Heartbeat: one statement renews every lease this worker still holds, on the queue rows
+-- (sql/0021). Not a transition (no event_seq bump, so no event row). Returns the jobs
+-- still held; one missing from the result was cancelled or rescued, and the worker stops
+-- working on it.
 WITH held AS (
-    -- Lock in id order, like job_finish_many_if_leased: no deadlock between the two.
-    SELECT j.id FROM pgjobs.jobs j
-    JOIN unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
-      ON j.id = u.id AND j.lease_token = u.lease_token
-    WHERE j.status = 'running'  -- driven from u, as in job_finish_many_if_leased
-    ORDER BY j.id
-    FOR UPDATE OF j
+    -- Lock in job_id order, like job_finish_many_if_leased (and driven from u as there):
+    -- no deadlock between the two.
+    SELECT q.job_id
+    FROM (SELECT * FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
+          ORDER BY 1) u
+    CROSS JOIN LATERAL (
+        SELECT q.job_id FROM pgjobs.job_queue q
+        WHERE q.job_id = u.id AND q.lease_token = u.lease_token AND q.status = 'running'
+        FOR UPDATE
+    ) q
 )
-UPDATE pgjobs.jobs j
+UPDATE pgjobs.job_queue q
 SET lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8)
-FROM held
-WHERE j.id = held.id  -- guarded and locked in the CTE
-RETURNING j.id;
+-- Guarded and locked in the CTE; by primary key, whatever the plan cache guesses.
+WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM held))
+RETURNING q.job_id AS id;
 
 -- name: job_rescue_expired
--- Jobs whose lease ran out (worker killed, host gone, partitioned) go back to queued, or
--- to failed when no attempt is left. Guarded twice: the CTE skips rows another session
--- holds, and the UPDATE re-checks status and expiry on the row it locked, so a heartbeat
--- or completion that committed first wins and the rescue touches nothing.
+-- Jobs whose lease ran out (worker killed, host gone, partitioned) go back to queued (the
+-- queue row), or to failed when no attempt is left (the job row; its trigger deletes the
+-- queue row). Guarded twice: the CTE skips rows another session holds, and re-checks
+-- status and expiry on the row it locked, so a heartbeat or completion that committed
+-- first wins and the rescue touches nothing. Returns the rescued jobs as pgjobs.jobs
+-- shows them.
 WITH expired AS (
-    -- Locked and re-checked as in job_claim_batch: a heartbeat that committed first moved
-    -- the queue row's lease too.
-    SELECT q.job_id AS id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
-    WHERE q.lease_expires_at < coalesce(%(now)s::timestamptz, now())
+    SELECT q.job_id AS id, q.attempts < q.max_attempts AS again, q.attempts, q.worker_id,
+           q.lease_token, q.started_at, q.progress_fraction, q.progress_message, q.event_seq,
+           format('lease expired: worker %%s stopped renewing it (attempt %%s of %%s)',
+                  q.worker_id, q.attempts, q.max_attempts) AS error
+    FROM pgjobs.job_queue q
+    WHERE q.lease_expires_at < coalesce(%(now)s::timestamptz, now()) AND q.status = 'running'
     ORDER BY q.lease_expires_at
     LIMIT %(limit)s::int
-    FOR UPDATE OF q, j SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
+), requeued AS (
+    UPDATE pgjobs.job_queue q
+    SET status = 'queued',
+        error_message = e.error,
+        error_traceback = NULL,  -- not the previous attempt's: this one raised nothing
+        run_at = coalesce(%(now)s::timestamptz, now()),
+        lease_expires_at = NULL,
+        event_seq = q.event_seq + 1,
+        last_event = 'content_job.retrying',
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM expired e
+    WHERE q.job_id = e.id AND e.again
+    RETURNING q.*
+), ended AS (
+    UPDATE pgjobs.job_rows j
+    SET status = 'failed',
+        attempts = e.attempts,
+        worker_id = e.worker_id,
+        lease_token = e.lease_token,
+        lease_expires_at = NULL,
+        started_at = e.started_at,
+        progress_fraction = e.progress_fraction,
+        progress_message = e.progress_message,
+        error_message = e.error,
+        error_traceback = NULL,
+        run_at = coalesce(%(now)s::timestamptz, now()),
+        finished_at = coalesce(%(now)s::timestamptz, now()),
+        event_seq = e.event_seq + 1,
+        last_event = 'content_job.failed',
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM expired e
+    WHERE j.id = e.id AND NOT e.again
+    RETURNING j.*
 )
-UPDATE pgjobs.jobs j
-SET status = CASE WHEN j.attempts < j.max_attempts THEN 'queued' ELSE 'failed' END,
-    error_message = format('lease expired: worker %%s stopped renewing it (attempt %%s of %%s)',
-                           j.worker_id, j.attempts, j.max_attempts),
-    error_traceback = NULL,  -- not the previous attempt's: this one raised nothing
-    run_at = coalesce(%(now)s::timestamptz, now()),
-    lease_expires_at = NULL,
-    finished_at = CASE WHEN j.attempts < j.max_attempts THEN NULL
-                       ELSE coalesce(%(now)s::timestamptz, now()) END,
-    event_seq = j.event_seq + 1,
-    last_event = CASE WHEN j.attempts < j.max_attempts THEN 'content_job.retrying'
-                      ELSE 'content_job.failed' END,
-    updated_at = coalesce(%(now)s::timestamptz, now())
-FROM expired
-WHERE j.id = expired.id AND j.status = 'running'
-  AND j.lease_expires_at < coalesce(%(now)s::timestamptz, now())
-RETURNING j.*;
+SELECT j.id, j.company_id, j.job_type, r.status, j.input, r.priority, r.run_at, r.attempts,
+       r.max_attempts, j.result, j.result_asset_id, r.error_message, j.source_task_id,
+       r.progress_fraction, r.progress_message, r.worker_id, r.lease_token, r.lease_expires_at,
+       r.event_seq, r.last_event, r.started_at, j.finished_at, j.created_at, r.updated_at,
+       r.error_traceback
+FROM requeued r JOIN pgjobs.job_rows j ON j.id = r.job_id
+UNION ALL
+SELECT * FROM ended;
 
 -- name: job_release_if_leased
 -- Graceful shutdown: jobs that did not finish within the grace period go back to queued
--- without using up an attempt (the handler was interrupted, not wrong).
-UPDATE pgjobs.jobs j
-SET status = 'queued',
-    attempts = j.attempts - 1,
-    run_at = coalesce(%(now)s::timestamptz, now()),
-    lease_expires_at = NULL,
-    progress_fraction = NULL,
-    progress_message = NULL,
-    event_seq = j.event_seq + 1,
-    last_event = 'content_job.queued',
-    updated_at = coalesce(%(now)s::timestamptz, now())
-FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
-WHERE j.id = u.id AND j.status = 'running' AND j.lease_token = u.lease_token
-RETURNING j.*;
+-- without using up an attempt (the handler was interrupted, not wrong). The queue rows
+-- only; returns the released jobs as pgjobs.jobs shows them.
+WITH released AS (
+    UPDATE pgjobs.job_queue q
+    SET status = 'queued',
+        attempts = q.attempts - 1,
+        run_at = coalesce(%(now)s::timestamptz, now()),
+        lease_expires_at = NULL,
+        progress_fraction = NULL,
+        progress_message = NULL,
+        event_seq = q.event_seq + 1,
+        last_event = 'content_job.queued',
+        updated_at = coalesce(%(now)s::timestamptz, now())
+    FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[]) AS u(id, lease_token)
+    WHERE q.job_id = u.id AND q.status = 'running' AND q.lease_token = u.lease_token
+    RETURNING q.*
+)
+SELECT j.id, j.company_id, j.job_type, r.status, j.input, r.priority, r.run_at, r.attempts,
+       r.max_attempts, j.result, j.result_asset_id, r.error_message, j.source_task_id,
+       r.progress_fraction, r.progress_message, r.worker_id, r.lease_token, r.lease_expires_at,
+       r.event_seq, r.last_event, r.started_at, j.finished_at, j.created_at, r.updated_at,
+       r.error_traceback
+FROM released r JOIN pgjobs.job_rows j ON j.id = r.job_id;
 
 -- name: job_cancel
--- Queued or running jobs only. A running job's worker learns of it from the workers'
--- NOTIFY channel (sql/0007; or its next heartbeat) and stops; its own completion is then fenced off by the status guard.
-UPDATE pgjobs.jobs
+-- Queued or running jobs only: the queue row is locked, then the job row takes its final
+-- state (the live columns carried over; the trigger deletes the queue row). A running
+-- job's worker learns of it from the workers' NOTIFY channel (sql/0007; or its next
+-- heartbeat) and stops; its own completion is then fenced off by the status guard.
+WITH live AS (
+    SELECT q.job_id, q.priority, q.run_at, q.attempts, q.max_attempts, q.lease_token,
+           q.worker_id, q.started_at, q.progress_fraction, q.progress_message, q.error_message,
+           q.error_traceback, q.event_seq
+    FROM pgjobs.job_queue q
+    WHERE q.job_id = %(id)s::uuid AND q.company_id = %(company_id)s::text
+    FOR UPDATE
+)
+UPDATE pgjobs.job_rows j
 SET status = 'cancelled',
+    priority = l.priority,
+    run_at = l.run_at,
+    attempts = l.attempts,
+    max_attempts = l.max_attempts,
+    lease_token = l.lease_token,
+    worker_id = l.worker_id,
+    started_at = l.started_at,
+    progress_fraction = l.progress_fraction,
+    progress_message = l.progress_message,
+    error_message = l.error_message,
+    error_traceback = l.error_traceback,
     lease_expires_at = NULL,
     finished_at = coalesce(%(now)s::timestamptz, now()),
-    event_seq = event_seq + 1,
+    event_seq = l.event_seq + 1,
     last_event = 'content_job.cancelled',
     updated_at = coalesce(%(now)s::timestamptz, now())
-WHERE id = %(id)s::uuid AND company_id = %(company_id)s::text AND status IN ('queued', 'running')
-RETURNING *;
+FROM live l
+WHERE j.id = l.job_id
+RETURNING j.*;
 
 -- name: job_retry
 -- Failed or cancelled jobs go back to queued now, with one more attempt if none is left.
--- The gateway's bulk retry (job_retry_failed_matching) sets the same columns.
-UPDATE pgjobs.jobs
+-- The gateway's bulk retry (job_retry_failed_matching) sets the same columns. The job
+-- row's trigger adds the queue row (sql/0021).
+UPDATE pgjobs.job_rows
 SET status = 'queued',
     max_attempts = greatest(max_attempts, attempts + 1),
     run_at = coalesce(%(now)s::timestamptz, now()),
@@ -597,51 +689,72 @@ ORDER BY created_at, id;
 -- before year 1): failed at once, each only if its lease still holds, with the reason
 -- in the error message and so in the audit row. Times out of range are clamped
 -- (sql/0005_time_bounds.sql) so that the row satisfies the range CHECKs even where they
--- were added NOT VALID; the error message keeps what they were.
-UPDATE pgjobs.jobs j
+-- were added NOT VALID; the error message keeps what they were. The queue row is locked,
+-- the job row takes the final state (as job_finish_many_if_leased).
+WITH live AS (
+    SELECT q.job_id, q.attempts, q.worker_id, q.lease_token, q.started_at,
+           q.progress_fraction, q.progress_message, q.event_seq, q.run_at, u.error
+    FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[], %(errors)s::text[])
+         AS u(id, lease_token, error)
+    JOIN pgjobs.job_queue q ON q.job_id = u.id AND q.lease_token = u.lease_token
+    WHERE q.status = 'running'
+    ORDER BY q.job_id
+    FOR UPDATE OF q
+), seen AS (
+    SELECT v.id, pgjobs.job_times_out_of_range(v) AS out_of_range, pgjobs.job_times_text(v) AS times
+    FROM pgjobs.jobs v WHERE v.id IN (SELECT job_id FROM live)
+)
+UPDATE pgjobs.job_rows j
 SET status = 'failed',
-    error_message = CASE WHEN pgjobs.job_times_out_of_range(j)
-                         THEN u.error || ' (' || pgjobs.job_times_text(j) || ')'
-                         ELSE u.error END,
-    run_at = pgjobs.clamp_time(j.run_at),
+    error_message = CASE WHEN s.out_of_range THEN l.error || ' (' || s.times || ')'
+                         ELSE l.error END,
+    attempts = l.attempts,
+    worker_id = l.worker_id,
+    lease_token = l.lease_token,
+    progress_fraction = l.progress_fraction,
+    progress_message = l.progress_message,
+    run_at = pgjobs.clamp_time(l.run_at),
     created_at = pgjobs.clamp_time(j.created_at),
-    started_at = pgjobs.clamp_time(j.started_at),
+    started_at = pgjobs.clamp_time(l.started_at),
     lease_expires_at = NULL,
     error_traceback = NULL,  -- no handler ran: not an earlier attempt's traceback
     finished_at = coalesce(%(now)s::timestamptz, now()),
-    event_seq = j.event_seq + 1,
+    event_seq = l.event_seq + 1,
     last_event = 'content_job.failed',
     updated_at = coalesce(%(now)s::timestamptz, now())
-FROM unnest(%(ids)s::uuid[], %(lease_tokens)s::bigint[], %(errors)s::text[])
-     AS u(id, lease_token, error)
-WHERE j.id = u.id AND j.status = 'running' AND j.lease_token = u.lease_token
+FROM live l JOIN seen s ON s.id = l.job_id
+WHERE j.id = l.job_id
 RETURNING j.id;
 
 -- name: job_fail_out_of_range_if_queued
 -- After a claim statement failed on a data error (nothing was claimed): fail the queued
 -- jobs holding a time out of range, which the claim cannot move to running where the
 -- range CHECKs were added NOT VALID and a worker could not read if it did. Locked SKIP
--- LOCKED like the claim; clamped and audited like job_fail_unreadable_if_leased.
+-- LOCKED like the claim (the queue row); clamped and audited like
+-- job_fail_unreadable_if_leased.
 WITH bad AS (
-    SELECT j.id FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
-    WHERE q.lease_expires_at IS NULL AND pgjobs.job_times_out_of_range(j)
+    SELECT q.job_id, q.attempts, q.event_seq, q.run_at, pgjobs.job_times_text(v) AS times
+    FROM pgjobs.job_queue q JOIN pgjobs.jobs v ON v.id = q.job_id
+    WHERE q.lease_expires_at IS NULL AND q.status = 'queued' AND pgjobs.job_times_out_of_range(v)
     LIMIT %(limit)s::int
-    FOR UPDATE OF q, j SKIP LOCKED
+    FOR UPDATE OF q SKIP LOCKED
 )
-UPDATE pgjobs.jobs j
+UPDATE pgjobs.job_rows j
 SET status = 'failed',
     error_message = 'a time is outside 1970-01-01 to 9999-12-31 UTC, which pgjobs cannot '
-                    'read (' || pgjobs.job_times_text(j) || '); the job was not run',
-    run_at = pgjobs.clamp_time(j.run_at),
+                    'read (' || b.times || '); the job was not run',
+    attempts = b.attempts,
+    run_at = pgjobs.clamp_time(b.run_at),
     created_at = pgjobs.clamp_time(j.created_at),
     started_at = pgjobs.clamp_time(j.started_at),
+    lease_expires_at = NULL,
     error_traceback = NULL,  -- no handler ran: not an earlier attempt's traceback
     finished_at = coalesce(%(now)s::timestamptz, now()),
-    event_seq = j.event_seq + 1,
+    event_seq = b.event_seq + 1,
     last_event = 'content_job.failed',
     updated_at = coalesce(%(now)s::timestamptz, now())
-FROM bad
-WHERE j.id = bad.id AND j.status = 'queued'
+FROM bad b
+WHERE j.id = b.job_id
 RETURNING j.id;
 
 -- name: job_queue_depth_by_type
@@ -674,7 +787,7 @@ WITH p AS MATERIALIZED (
 )
 SELECT j.job_type, count(*) AS failed
 FROM pgjobs.job_events e
-JOIN pgjobs.jobs j ON j.id = e.job_id
+JOIN pgjobs.job_rows j ON j.id = e.job_id  -- job_type: the job row's own
 CROSS JOIN p
 WHERE e.type = 'content_job.failed'
   AND e.created_at >= p.since AND e.created_at <= p.now
@@ -857,8 +970,8 @@ WITH slot AS (
     ON CONFLICT (schedule_name, slot_at) DO NOTHING
     RETURNING job_id
 ), job AS (
-    INSERT INTO pgjobs.jobs (id, company_id, job_type, input, priority, run_at, max_attempts,
-                             created_at, updated_at)
+    INSERT INTO pgjobs.job_rows (id, company_id, job_type, input, priority, run_at,
+                                 max_attempts, created_at, updated_at)
     SELECT slot.job_id, %(company_id)s, %(job_type)s, %(input)s::jsonb, %(priority)s::int,
            coalesce(%(now)s::timestamptz, now()), %(max_attempts)s::int,
            coalesce(%(now)s::timestamptz, now()), coalesce(%(now)s::timestamptz, now())
@@ -888,18 +1001,20 @@ WHERE o.slot_at < coalesce(%(now)s::timestamptz, now()) - %(keep)s::interval
 -- the page held no job created before the cut-off (none after it can have finished
 -- before it), so the walk can stop.
 WITH page AS MATERIALIZED (
-    SELECT id, created_at FROM pgjobs.jobs
+    SELECT id, created_at FROM pgjobs.job_rows
     WHERE id > %(after_id)s::uuid
     ORDER BY id
     LIMIT %(limit)s::int
 ), doomed AS (
-    SELECT j.id FROM pgjobs.jobs j
+    -- The job rows' status: an ended job's own (a live job's is its queue row's, and its
+    -- job row never shows an ended status while it is live, sql/0021).
+    SELECT j.id FROM pgjobs.job_rows j
     WHERE j.id IN (SELECT id FROM page)
       AND j.status IN ('done', 'failed', 'cancelled')
       AND j.finished_at < %(before)s::timestamptz
     FOR UPDATE SKIP LOCKED
 ), gone AS (
-    DELETE FROM pgjobs.jobs j USING doomed d
+    DELETE FROM pgjobs.job_rows j USING doomed d
     WHERE j.id = d.id
     RETURNING j.id, j.status
 ), assets AS (

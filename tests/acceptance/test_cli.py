@@ -370,7 +370,7 @@ def test_run_at_with_an_edge_offset_is_stored_in_utc(dsn: str) -> None:
 def test_jobs_list_and_show_read_a_time_python_cannot_represent(dsn: str) -> None:
     job_id = "00000000-0000-0000-0000-00000000000b"
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_times_in_range")
+        conn.execute("ALTER TABLE pgjobs.job_rows DROP CONSTRAINT jobs_times_in_range")
         conn.execute("ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_times_in_range")
         conn.execute(
             "INSERT INTO pgjobs.jobs (id, company_id, job_type, run_at)"

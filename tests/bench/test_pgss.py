@@ -34,5 +34,5 @@ def test_a_drain_profile_names_pgjobs_statements_and_their_triggers(tmp_path: Pa
     assert calls["job_claim_batch"] >= 3, calls
     assert calls["job_finish_many_if_leased"] >= 1, calls
     nested = {s["name"].split("(")[0] for s in res["statements"] if not s["toplevel"]}
-    assert {"publish_events", "sync_job_queue"} <= nested, nested
+    assert {"job_queue_updated", "job_rows_updated"} <= nested, nested  # sql/0021
     assert "| top | `job_claim_batch` |" in proc.stdout

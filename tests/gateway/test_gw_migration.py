@@ -2,8 +2,10 @@
 rows, the company stream and a job stream read them after it and resume with
 Last-Event-ID from events written before it (every event once, in order), a lease taken
 before it still completes its job, and a worker of this version drains what was queued.
-This version's gateway and workers start after `pgjobs migrate`, as the README says: they
-use what the latest migration adds."""
+The database is filled by the statements of the version before that migration
+(tests/queries_before_live_state.sql: sql/0021 moved a live job's state into its queue row, which
+this version's statements need); this version's gateway and workers start after
+`pgjobs migrate`, as the README says."""
 
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from gateway_helpers import Sse, collect, serve_gateway
 from yoyo import read_migrations
 
 from helpers import (
+    QUERIES_BEFORE_LIVE_STATE,
     assert_histories_valid,
-    claim_one,
     fast_settings,
     fetch,
     finish_params,
@@ -24,7 +26,7 @@ from helpers import (
     wait_until,
 )
 from pgjobs import demo, migrate
-from pgjobs.client import Client
+from pgjobs.client import Client, plan_insert
 from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 
@@ -45,9 +47,26 @@ def _roll_back_latest(dsn: str) -> None:
         backend.connection.close()
 
 
-async def _finish(dsn: str, claimed: dict[str, Any], outcome: str) -> None:
-    rows = await fetch(dsn, QUERIES["job_finish_many_if_leased"], finish_params(claimed, outcome))
+BEFORE = QUERIES_BEFORE_LIVE_STATE
+
+
+async def _finish(dsn: str, claimed: dict[str, Any], outcome: str, queries: Any = QUERIES) -> None:
+    rows = await fetch(dsn, queries["job_finish_many_if_leased"], finish_params(claimed, outcome))
     assert len(rows) == 1
+
+
+async def _enqueue_before(dsn: str, *specs: JobSpec) -> list[JobSpec]:
+    _, params = plan_insert(specs)
+    await fetch(dsn, BEFORE["job_insert_many"], params)
+    return list(specs)
+
+
+async def _claim_before(dsn: str, worker: str) -> dict[str, Any]:
+    params = {"now": None, "limit": 1, "worker_id": worker, "lease_seconds": 10.0,
+              "job_types": None, "after_company": None}  # fmt: skip
+    (row,) = await fetch(dsn, BEFORE["job_claim_batch"], params)
+    (job,) = await fetch(dsn, "SELECT * FROM pgjobs.jobs WHERE id = %s", [row["id"]])
+    return job
 
 
 async def _audit_rows(dsn: str) -> list[tuple[str, int]]:
@@ -69,19 +88,21 @@ async def test_streams_resume_and_a_worker_drains_across_the_latest_migration(
     migrate.apply(dsn)
     _roll_back_latest(dsn)
     async with await Client.connect(dsn) as client:
-        # One job in each state, moved there by the queries a worker runs.
-        failed = await client.enqueue("acme", "echo", max_attempts=1)
-        await _finish(dsn, await claim_one(dsn, "w-old"), "error")
-        done = await client.enqueue("acme", "echo")
-        await _finish(dsn, await claim_one(dsn, "w-old"), "done")
-        running = await client.enqueue("acme", "echo")
-        lease = await claim_one(dsn, "w-old")
+        # One job in each state, moved there by the queries the version before runs.
+        (failed,) = await _enqueue_before(dsn, JobSpec("acme", "echo", max_attempts=1))
+        await _finish(dsn, await _claim_before(dsn, "w-old"), "error", BEFORE)
+        (done,) = await _enqueue_before(dsn, JobSpec("acme", "echo"))
+        await _finish(dsn, await _claim_before(dsn, "w-old"), "done", BEFORE)
+        (running,) = await _enqueue_before(dsn, JobSpec("acme", "echo"))
+        lease = await _claim_before(dsn, "w-old")
         assert lease["id"] == running.id
-        retried = await client.enqueue("acme", "echo", max_attempts=3)
-        await _finish(dsn, await claim_one(dsn, "w-old"), "error")  # queued again
-        cancelled = await client.enqueue("acme", "echo")
-        await client.cancel("acme", cancelled.id)
-        queued = await client.enqueue_many(JobSpec("acme", "echo", {"n": n}) for n in range(20))
+        (retried,) = await _enqueue_before(dsn, JobSpec("acme", "echo", max_attempts=3))
+        await _finish(dsn, await _claim_before(dsn, "w-old"), "error", BEFORE)  # queued again
+        (cancelled,) = await _enqueue_before(dsn, JobSpec("acme", "echo"))
+        await fetch(
+            dsn, BEFORE["job_cancel"], {"id": cancelled.id, "company_id": "acme", "now": None}
+        )
+        queued = await _enqueue_before(dsn, *(JobSpec("acme", "echo", {"n": n}) for n in range(20)))
         statuses = {
             j.id: (await client.get("acme", j.id)).status.value
             for j in (failed, done, retried, running, cancelled, queued[0])

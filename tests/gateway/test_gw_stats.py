@@ -244,12 +244,12 @@ async def test_all_companies_stats_read_each_companys_window_not_the_history(dsn
     read whole. (Written as a plain join, the planner read every ended event and checked
     each against its company's window start.)"""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await conn.execute("ALTER TABLE pgjobs.jobs DISABLE TRIGGER jobs_publish_insert")
+        await conn.execute("ALTER TABLE pgjobs.job_rows DISABLE TRIGGER job_rows_inserted")
         for ago, n in (("1 day", 60_000), ("65 minutes", 30), ("10 minutes", 300)):
             await conn.execute(
                 """
                 WITH ins AS (
-                    INSERT INTO pgjobs.jobs (id, company_id, job_type, status, attempts,
+                    INSERT INTO pgjobs.job_rows (id, company_id, job_type, status, attempts,
                                              worker_id, lease_token, event_seq, last_event,
                                              started_at, finished_at, created_at)
                     SELECT gen_random_uuid(), 'company-' || (g %% 3), 'echo', 'done', 1, 'w',
@@ -264,7 +264,7 @@ async def test_all_companies_stats_read_each_companys_window_not_the_history(dsn
                 """,
                 {"ago": ago, "n": n},
             )
-        await conn.execute("ANALYZE pgjobs.jobs, pgjobs.job_events")
+        await conn.execute("ANALYZE pgjobs.job_rows, pgjobs.job_events")
         params = {"now": None, "window_seconds": 3600}
         for name in ("job_stats_all_companies", "job_completions_per_minute_all_companies"):
             cur = await conn.execute(
@@ -275,6 +275,6 @@ async def test_all_companies_stats_read_each_companys_window_not_the_history(dsn
             assert row is not None
             scans = _scans(row[0][0]["Plan"])
             assert ("Seq Scan", "job_events") not in scans, (name, scans)
-            assert ("Seq Scan", "jobs") not in scans, (name, scans)
+            assert ("Seq Scan", "job_rows") not in scans, (name, scans)
         stats = await fetch(dsn, GATEWAY_QUERIES["job_stats_all_companies"], params)
     assert {r["company_id"]: r["done"] for r in stats} == {f"company-{c}": 100 for c in range(3)}

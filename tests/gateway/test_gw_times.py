@@ -55,7 +55,7 @@ async def test_run_at_within_range_is_stored_in_utc(
 # Part 2: rows holding a time Python cannot read, written with the range CHECKs dropped
 # (as a row written before sql/0005_time_bounds.sql, or by hand, would be).
 _DROP_CHECKS = """
-ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_times_in_range;
+ALTER TABLE pgjobs.job_rows DROP CONSTRAINT jobs_times_in_range;
 ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_times_in_range;
 """
 _INSERT = """

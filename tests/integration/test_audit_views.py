@@ -293,9 +293,9 @@ def _scans(nodes: list[dict[str, Any]]) -> set[tuple[str, str]]:
 
 async def test_views_plans_read_no_whole_history(dsn: str, client: Client) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("ALTER TABLE pgjobs.jobs DISABLE TRIGGER jobs_publish_insert")
+        conn.execute("ALTER TABLE pgjobs.job_rows DISABLE TRIGGER job_rows_inserted")
         conn.execute(GENERATE, {"start": 1, "stop": HISTORY_JOBS})  # a day old and older
-        conn.execute("ALTER TABLE pgjobs.jobs ENABLE TRIGGER jobs_publish_insert")
+        conn.execute("ALTER TABLE pgjobs.job_rows ENABLE TRIGGER job_rows_inserted")
     for outcome in ("done", "fail"):
         await client.enqueue("acme", "mail", max_attempts=1)
         await _finish(dsn, await claim_one(dsn, "w"), outcome)

@@ -173,13 +173,13 @@ async def test_the_first_chunk_is_sent_before_the_next_spec_is_asked_for(
 ) -> None:
     """The server inserts a chunk while the caller's iterable builds the next: when the
     iterable is asked for the spec after the first chunk, another session already sees
-    the enqueue's transaction holding its insert lock on pgjobs.jobs."""
+    the enqueue's transaction holding its insert lock on pgjobs.job_rows (sql/0021)."""
     seen_inserting: list[bool] = []
 
     def inserting() -> bool:
         with psycopg.connect(dsn, autocommit=True) as conn:
             row = conn.execute(
-                "SELECT count(*) FROM pg_locks WHERE relation = 'pgjobs.jobs'::regclass"
+                "SELECT count(*) FROM pg_locks WHERE relation = 'pgjobs.job_rows'::regclass"
                 " AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()"
             ).fetchone()
             return row is not None and row[0] > 0

@@ -125,15 +125,18 @@ async def test_job_id_cannot_change(dsn: str, client: Client) -> None:
     await assert_queue_matches_jobs(dsn)
 
 
-async def test_claim_and_completion_are_hot_updates(dsn: str, client: Client) -> None:
-    """The point of sql/0004: no column an index of pgjobs.jobs covers changes in a
-    transition, so the claim and the completion rewrite each job row inside its page (a
-    HOT update: no index entry written) while the page has room."""
+async def test_the_claim_leaves_the_job_row_and_the_end_rewrites_it_in_place(
+    dsn: str, client: Client
+) -> None:
+    """sql/0021: a claim updates queue rows only, never the job row; the end of a job
+    rewrites its job row once, inside its page (a HOT update: no column an index of
+    pgjobs.job_rows covers changes, so no index entry is written) while the page has room."""
     for _ in range(5):
         await client.enqueue("acme", "echo")
     counts = (
-        "SELECT pg_stat_get_xact_tuples_updated('pgjobs.jobs'::regclass) AS updated,"
-        " pg_stat_get_xact_tuples_hot_updated('pgjobs.jobs'::regclass) AS hot"
+        "SELECT pg_stat_get_xact_tuples_updated('pgjobs.job_rows'::regclass) AS updated,"
+        " pg_stat_get_xact_tuples_hot_updated('pgjobs.job_rows'::regclass) AS hot,"
+        " pg_stat_get_xact_tuples_updated('pgjobs.job_queue'::regclass) AS queue_updated"
     )
     params = {
         "now": None,
@@ -146,13 +149,21 @@ async def test_claim_and_completion_are_hot_updates(dsn: str, client: Client) ->
     async with await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn:
         # Transaction-level counters: this session's own updates, before the stats flush.
         claimed = await (await conn.execute(QUERIES["job_claim_batch"], params)).fetchall()
-        assert await (await conn.execute(counts)).fetchone() == {"updated": 5, "hot": 5}
+        assert await (await conn.execute(counts)).fetchone() == {
+            "updated": 0,
+            "hot": 0,
+            "queue_updated": 5,
+        }
         finish = finish_params(claimed)
         assert (
             len(await (await conn.execute(QUERIES["job_finish_many_if_leased"], finish)).fetchall())
             == 5
         )
-        assert await (await conn.execute(counts)).fetchone() == {"updated": 10, "hot": 10}
+        assert await (await conn.execute(counts)).fetchone() == {
+            "updated": 5,
+            "hot": 5,
+            "queue_updated": 5,
+        }
         await conn.commit()
     await assert_queue_matches_jobs(dsn)
 
@@ -279,19 +290,18 @@ async def test_claims_race_cancels_finishes_and_rescues_without_deadlock(
 
 
 async def test_a_claim_passes_over_a_job_a_cancel_holds(dsn: str, client: Client) -> None:
-    """A claim must never wait for a job row while holding that job's queue row: a cancel
-    holding the job row would then wait for the queue row in its trigger (the locking
-    rule in job_claim_batch's header). Pinned here: a row trigger sleeps inside the
-    cancel once it holds the job row (a BEFORE ROW trigger runs on the locked row), and
-    a claim runs meanwhile: it passes the job over. A claim that locked only the queue
-    row and then updated the job row waited for it, and PostgreSQL raised its deadlock
-    error in one of the two."""
+    """A claim must never wait for a row another writer holds (the locking rule in
+    job_claim_batch's header). Pinned here: a row trigger sleeps inside the cancel once it
+    holds the queue row and the job row (it locks the queue row first, sql/0021; a BEFORE
+    ROW trigger runs on the locked job row), and a claim runs meanwhile: it passes the
+    job over. Before sql/0021, a claim that locked only the queue row and then updated the
+    job row waited for it, and PostgreSQL raised its deadlock error in one of the two."""
     job = await client.enqueue("acme", "echo")
     await fetch(
         dsn,
         "CREATE FUNCTION hold_in_cancel() RETURNS trigger LANGUAGE plpgsql AS $$"
         " BEGIN PERFORM pg_sleep(1); RETURN NEW; END $$;"
-        " CREATE TRIGGER hold_cancel BEFORE UPDATE ON pgjobs.jobs FOR EACH ROW"
+        " CREATE TRIGGER hold_cancel BEFORE UPDATE ON pgjobs.job_rows FOR EACH ROW"
         " WHEN (NEW.status = 'cancelled') EXECUTE FUNCTION hold_in_cancel()",
     )
     cancel = asyncio.create_task(client.cancel("acme", job.id))

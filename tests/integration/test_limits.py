@@ -537,7 +537,7 @@ def test_the_limited_claim_walks_the_queue_as_the_fair_claim_does() -> None:
         assert cte(fair, name, following) == cte(limited, name, following), name
 
     def claim_set(query: str) -> str:
-        start = query.index("claimed AS (\n    UPDATE pgjobs.jobs j\n    SET ")
+        start = query.index("    UPDATE pgjobs.job_queue q\n    SET ", query.index("claimed AS ("))
         return query[start : query.index("\n    -- Rows by primary key", start)]
 
     assert claim_set(fair) == claim_set(limited)

@@ -12,9 +12,16 @@ import psycopg
 import pytest
 from yoyo import read_migrations
 
-from helpers import assert_queue_matches_jobs, claim_one, fetch, finish_params
+from helpers import (
+    QUERIES_BEFORE_LIVE_STATE,
+    assert_queue_matches_jobs,
+    claim_one,
+    fetch,
+    finish_params,
+)
 from pgjobs import migrate
-from pgjobs.client import Client
+from pgjobs.client import Client, plan_insert
+from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 
 # Every migration id, in the order they apply (each depends on the one before).
@@ -26,17 +33,36 @@ def since(first: str) -> list[str]:
     return ALL[ALL.index(first) :]
 
 
+# Statements that run on every schema version these tests visit: pgjobs.jobs is a table
+# before sql/0021 and a view routing writes to the tables since, where this version's
+# queries (pgjobs.queries) need the tables 0021 makes.
+_INSERT = (
+    "INSERT INTO pgjobs.jobs (id, company_id, job_type) VALUES (gen_random_uuid(), %s, %s)"
+    " RETURNING id"
+)
+_CANCEL = (
+    "UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now(), lease_expires_at = NULL,"
+    " event_seq = event_seq + 1, last_event = 'content_job.cancelled' WHERE id = %s"
+    " RETURNING status"
+)
+
+
+async def _insert(dsn: str, company_id: str = "acme") -> Any:
+    (row,) = await fetch(dsn, _INSERT, [company_id, "echo"])
+    return row["id"]
+
+
 async def _enqueue_notifies(dsn: str) -> dict[str, object]:
     """Enqueue one job; return its NOTIFY item (and check its audit row exists)."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute("LISTEN pgjobs_events")
+        job_id = await _insert(dsn)
         async with await Client.connect(dsn) as client:
-            job = await client.enqueue("acme", "echo")
-            events = await client.events("acme", job.id)
+            events = await client.events("acme", job_id)
         payloads = [n.payload async for n in conn.notifies(timeout=1.0)]
     assert [e.type.value for e in events] == ["content_job.queued"]
     (item,) = json.loads(payloads[0])["events"]
-    assert item["jobId"] == str(job.id)
+    assert item["jobId"] == str(job_id)
     return dict(item)
 
 
@@ -110,15 +136,15 @@ async def test_traceback_migration_rolls_back_to_0004s_trigger(empty_dsn: str) -
     rollback drops the column and restores the trigger that does not."""
     migrate.apply(empty_dsn)
     column = (
-        "SELECT count(*) AS n FROM information_schema.columns WHERE column_name = 'error_traceback'"
+        "SELECT count(*) AS n FROM information_schema.columns"
+        " WHERE table_name = 'jobs' AND column_name = 'error_traceback'"
     )
     assert await fetch(empty_dsn, column) == [{"n": 1}]
     _roll_back(empty_dsn, *since("0006_attempt_traceback"))
     assert await fetch(empty_dsn, column) == [{"n": 0}]
     await _enqueue_notifies(empty_dsn)
-    async with await Client.connect(empty_dsn) as client:  # a transition through the trigger
-        job = await client.enqueue("acme", "echo")
-        assert (await client.cancel("acme", job.id)).status.value == "cancelled"
+    job_id = await _insert(empty_dsn)  # a transition through the trigger
+    assert await fetch(empty_dsn, _CANCEL, [job_id]) == [{"status": "cancelled"}]
     assert migrate.apply(empty_dsn) == since("0006_attempt_traceback")
     await _enqueue_notifies(empty_dsn)
 
@@ -200,8 +226,7 @@ async def _work_notifies(dsn: str) -> list[str]:
     """Enqueue one job; return what pgjobs_work carried."""
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         await conn.execute("LISTEN pgjobs_work")
-        async with await Client.connect(dsn) as client:
-            await client.enqueue("acme", "echo")
+        await _insert(dsn)
         return [n.payload async for n in conn.notifies(timeout=1.0)]
 
 
@@ -282,9 +307,8 @@ async def test_fair_claim_migration_gives_queue_rows_their_company_and_rolls_bac
     assert await fetch(empty_dsn, "SELECT to_regclass('pgjobs.job_queue_fair_idx') AS i") == [
         {"i": None}
     ]
-    async with await Client.connect(empty_dsn) as client:  # 0004's trigger again
-        job = await client.enqueue("acme", "echo")
-        await client.cancel("acme", job.id)
+    job_id = await _insert(empty_dsn)  # 0004's trigger again
+    await fetch(empty_dsn, _CANCEL, [job_id])
     await assert_queue_matches_jobs(empty_dsn)
     assert migrate.apply(empty_dsn) == since("0008_fair_claim")
     await assert_queue_matches_jobs(empty_dsn)
@@ -310,7 +334,7 @@ async def test_unique_jobs_migration_rolls_back_and_applies_again(empty_dsn: str
 
 _CHECKS = (
     "SELECT array_agg(conname::text ORDER BY conname) AS names FROM pg_constraint"
-    " WHERE contype = 'c' AND conrelid = 'pgjobs.jobs'::regclass"
+    " WHERE contype = 'c' AND conrelid = 'pgjobs.job_rows'::regclass"
 )
 _EVENT_KEYS = (
     "SELECT array_agg(pg_get_constraintdef(oid) ORDER BY conname) AS defs FROM pg_constraint"
@@ -323,25 +347,37 @@ _AUDIT_LOG = (
 _JOB_ROWS = "SELECT * FROM pgjobs.jobs ORDER BY id"
 
 
-async def _jobs_in_every_state(dsn: str) -> tuple[Any, ...]:
+async def _enqueue(dsn: str, queries: dict[str, str], spec: JobSpec) -> Any:
+    _, params = plan_insert([spec])
+    await fetch(dsn, queries["job_insert_many"], params)
+    return spec.id
+
+
+async def _cancel(dsn: str, queries: dict[str, str], job_id: Any) -> list[dict[str, Any]]:
+    return await fetch(
+        dsn, queries["job_cancel"], {"id": job_id, "company_id": "acme", "now": None}
+    )
+
+
+async def _jobs_in_every_state(dsn: str, queries: dict[str, str] = QUERIES) -> tuple[Any, ...]:
     """Jobs failed, done, running, retried (queued again), cancelled and queued, moved by
-    the worker's own statements; returns the failed, running, retried and cancelled jobs'
-    ids and the running job's claimed row."""
-    async with await Client.connect(dsn) as client:
-        failed = await client.enqueue("acme", "echo", max_attempts=1)
-        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
-        await client.enqueue("acme", "echo")
-        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), None))
-        running = await client.enqueue("globex", "echo")
-        lease = await _claim(dsn)
-        retried = await client.enqueue("acme", "echo", max_attempts=3)
-        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
-        cancelled = await client.enqueue("acme", "echo")
-        await client.cancel("acme", cancelled.id)
-        await client.enqueue("globex", "echo", {"n": 1})
+    the worker's own statements (or ``queries``'); returns the failed, running, retried and
+    cancelled jobs' ids and the running job's claimed row."""
+    finish = queries["job_finish_many_if_leased"]
+    failed = await _enqueue(dsn, queries, JobSpec("acme", "echo", max_attempts=1))
+    await fetch(dsn, finish, _finish(await _claim(dsn, queries), "e"))
+    await _enqueue(dsn, queries, JobSpec("acme", "echo"))
+    await fetch(dsn, finish, _finish(await _claim(dsn, queries), None))
+    running = await _enqueue(dsn, queries, JobSpec("globex", "echo"))
+    lease = await _claim(dsn, queries)
+    retried = await _enqueue(dsn, queries, JobSpec("acme", "echo", max_attempts=3))
+    await fetch(dsn, finish, _finish(await _claim(dsn, queries), "e"))
+    cancelled = await _enqueue(dsn, queries, JobSpec("acme", "echo"))
+    await _cancel(dsn, queries, cancelled)
+    await _enqueue(dsn, queries, JobSpec("globex", "echo", {"n": 1}))
     statuses = sorted(r["status"] for r in await fetch(dsn, "SELECT status FROM pgjobs.jobs"))
     assert statuses == ["cancelled", "done", "failed", "queued", "queued", "running"]
-    return failed.id, running.id, retried.id, cancelled.id, lease
+    return failed, running, retried, cancelled, lease
 
 
 async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
@@ -380,7 +416,7 @@ async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
     assert (await fetch(dsn, _EVENT_KEYS))[0]["defs"] == [
         "UNIQUE (job_id, seq)", "PRIMARY KEY (id)"
     ]  # fmt: skip
-    with pytest.raises(psycopg.errors.CheckViolation, match="jobs_state_consistent"):
+    with pytest.raises(psycopg.errors.CheckViolation, match="job_queue_state_consistent"):
         await fetch(dsn, "UPDATE pgjobs.jobs SET status = 'running' WHERE status = 'queued'")
     async with await Client.connect(dsn) as client:
         await client.enqueue("acme", "echo")
@@ -390,8 +426,8 @@ async def test_narrow_audit_migration_keeps_a_filled_database_and_rolls_back(
     assert (await fetch(dsn, _CHECKS))[0]["names"] == old_checks
 
 
-async def _claim(dsn: str) -> dict[str, object]:
-    return await claim_one(dsn, "w1")
+async def _claim(dsn: str, queries: dict[str, str] = QUERIES) -> dict[str, object]:
+    return await claim_one(dsn, "w1", queries=queries)
 
 
 def _finish(job: dict[str, object], error: str | None) -> dict[str, object]:
@@ -400,18 +436,22 @@ def _finish(job: dict[str, object], error: str | None) -> dict[str, object]:
 
 _CHECK_DEFS = (
     "SELECT conrelid::regclass::text AS table, conname::text AS name,"
-    " pg_get_constraintdef(oid) AS def, convalidated AS validated FROM pg_constraint"
+    " pg_get_constraintdef(oid) AS def, convalidated AS validated,"
+    " obj_description(oid, 'pg_constraint') AS comment FROM pg_constraint"
     " WHERE contype = 'c' AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])"
     " ORDER BY 1, 2"
 )
 _MERGED = "0020_merged_checks"
+_LIVE = "0021_live_state"
+# The statements of the version before sql/0021, for the schemas before it.
+_BEFORE = QUERIES_BEFORE_LIVE_STATE
 
 # Rows for the CHECKs to judge, in tables shaped as pgjobs.jobs and pgjobs.job_queue (NOT
 # NULL included, CHECKs left out). Every combination of the state columns' telling values
 # (a status and last event of each kind and a wrong one, attempts below, at and past
 # max_attempts, each time and text NULL or not, a time out of range), then each size and
 # time at and past its bounds on a valid job of each status.
-_GRID = """
+_JOB_GRID = """
 CREATE TABLE check_grid (LIKE pgjobs.jobs);
 INSERT INTO check_grid (id, company_id, job_type, status, input, priority, run_at, attempts,
                         max_attempts, lease_token, event_seq, last_event, created_at,
@@ -466,7 +506,8 @@ FROM check_grid_base b,
            unnest('{"1969-12-31 23:59:59.999999Z","1970-01-01Z","9999-12-31Z",
                     "9999-12-31 00:00:00.000001Z",-infinity,infinity}'::text[]) v
      ) p(col, val);
-
+"""
+_QUEUE_GRID = """
 CREATE TABLE check_queue_grid (LIKE pgjobs.job_queue);
 INSERT INTO check_queue_grid (job_id, job_type, priority, run_at, lease_expires_at, company_id)
 SELECT gen_random_uuid(), 'echo', 0, r, l, 'acme'
@@ -475,6 +516,7 @@ FROM unnest('{"1969-12-31 23:59:59.999999Z","1970-01-01Z",now,"9999-12-31Z",
      unnest('{NULL,"1969-12-31 23:59:59.999999Z","1970-01-01Z",now,"9999-12-31Z",
               "9999-12-31 00:00:00.000001Z",-infinity,infinity}'::timestamptz[]) l;
 """
+_GRID = _JOB_GRID + _QUEUE_GRID
 
 
 _GRIDS = {"pgjobs.jobs": ("check_grid", "id"), "pgjobs.job_queue": ("check_queue_grid", "job_id")}
@@ -507,12 +549,13 @@ async def test_merged_checks_migration_refuses_the_same_rows_keeps_a_filled_data
 ) -> None:
     """0020 replaces the 22 CHECKs of pgjobs.jobs and the 2 of pgjobs.job_queue with 3 and
     1 that refuse exactly the same rows; jobs in every state pass it and go on moving; its
-    rollback restores the 24 exactly (names, definitions, validated)."""
+    rollback restores the 24 exactly (names, definitions, validated). Jobs are moved by
+    the statements of the version before sql/0021, which this schema is."""
     dsn = empty_dsn
     _apply_up_to(dsn, _MERGED)
     old = await fetch(dsn, _CHECK_DEFS)
     assert len(old) == 22 + 2
-    lease = (await _jobs_in_every_state(dsn))[-1]
+    lease = (await _jobs_in_every_state(dsn, _BEFORE))[-1]
     audit, jobs = await fetch(dsn, _AUDIT_LOG), await fetch(dsn, _JOB_ROWS)
     await fetch(dsn, _GRID)
     refused_before = await _refused(dsn)
@@ -520,7 +563,7 @@ async def test_merged_checks_migration_refuses_the_same_rows_keeps_a_filled_data
     assert 0 < len(refused_before["pgjobs.jobs"]) < grid_size[0]["n"]
     assert 0 < len(refused_before["pgjobs.job_queue"]) < 7 * 8
 
-    assert migrate.apply(dsn) == [_MERGED]
+    assert _apply_up_to(dsn, _LIVE) == [_MERGED]
     merged = await fetch(dsn, _CHECK_DEFS)
     assert [(c["table"], c["name"], c["validated"]) for c in merged] == [
         ("pgjobs.job_queue", "job_queue_times_in_range", True),
@@ -533,15 +576,15 @@ async def test_merged_checks_migration_refuses_the_same_rows_keeps_a_filled_data
     assert await fetch(dsn, _JOB_ROWS) == jobs
     await assert_queue_matches_jobs(dsn)
     # A lease taken before the migration completes its job after it; new jobs move.
-    assert len(await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(lease, None))) == 1
-    await _jobs_moving(dsn)
+    assert len(await fetch(dsn, _BEFORE["job_finish_many_if_leased"], _finish(lease, None))) == 1
+    await _jobs_moving(dsn, _BEFORE)
 
     _roll_back(dsn, _MERGED)
     assert await fetch(dsn, _CHECK_DEFS) == old
-    await _jobs_moving(dsn)
-    assert migrate.apply(dsn) == [_MERGED]
+    await _jobs_moving(dsn, _BEFORE)
+    assert _apply_up_to(dsn, _LIVE) == [_MERGED]
     assert await fetch(dsn, _CHECK_DEFS) == merged
-    await _jobs_moving(dsn)
+    await _jobs_moving(dsn, _BEFORE)
 
 
 def _apply_up_to(dsn: str, first_skipped: str) -> list[str]:
@@ -558,15 +601,100 @@ def _apply_up_to(dsn: str, first_skipped: str) -> list[str]:
         backend.connection.close()
 
 
-async def _jobs_moving(dsn: str) -> None:
-    """Jobs are still enqueued, claimed, finished (a success, a failure) and cancelled."""
+async def _jobs_moving(dsn: str, queries: dict[str, str] = QUERIES) -> None:
+    """Jobs are still enqueued, claimed, finished (a success, a failure) and cancelled by
+    ``queries``' statements."""
+    for outcome in (None, "e"):
+        await _enqueue(dsn, queries, JobSpec("acme", "echo"))
+        finished = await fetch(
+            dsn, queries["job_finish_many_if_leased"], _finish(await _claim(dsn, queries), outcome)
+        )
+        assert len(finished) == 1
+    cancelled = await _enqueue(dsn, queries, JobSpec("acme", "echo"))
+    assert [r["status"] for r in await _cancel(dsn, queries, cancelled)] == ["cancelled"]
+    await assert_queue_matches_jobs(dsn)
+
+
+async def test_live_state_migration_rolls_back_a_filled_database_and_applies_again(
+    empty_dsn: str,
+) -> None:
+    """0021's rollback moves each live job's state from its queue row back into its job
+    row: pgjobs.jobs, a table again, holds what the view showed, value for value, the
+    audit log is untouched, the CHECKs are 0020's again (definitions and descriptions),
+    and applying it again gives the same view; a lease taken before both still completes
+    its job."""
+    dsn = empty_dsn
+    _apply_up_to(dsn, _LIVE)
+    checks = await fetch(dsn, _CHECK_DEFS)
+    assert migrate.apply(dsn) == [_LIVE]
     async with await Client.connect(dsn) as client:
-        for outcome in (None, "e"):
-            await client.enqueue("acme", "echo")
-            finished = await fetch(
-                dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), outcome)
-            )
-            assert len(finished) == 1
+        await client.enqueue("acme", "echo", max_attempts=1)
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
+        await client.enqueue("acme", "echo")
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), None))
+        await client.enqueue("globex", "echo")
+        lease = await _claim(dsn)
+        progress = {"now": None, "id": lease["id"], "lease_token": lease["lease_token"]}
+        await fetch(
+            dsn, QUERIES["job_progress_if_leased"], {**progress, "fraction": 0.5, "message": "m"}
+        )
+        await client.enqueue("acme", "echo", max_attempts=3)
+        await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(await _claim(dsn), "e"))
         cancelled = await client.enqueue("acme", "echo")
-        assert (await client.cancel("acme", cancelled.id)).status.value == "cancelled"
+        await client.cancel("acme", cancelled.id)
+        await client.enqueue("globex", "echo", {"n": 1})
+    statuses = sorted(r["status"] for r in await fetch(dsn, "SELECT status FROM pgjobs.jobs"))
+    assert statuses == ["cancelled", "done", "failed", "queued", "queued", "running"]
+    audit, jobs = await fetch(dsn, _AUDIT_LOG), await fetch(dsn, _JOB_ROWS)
+
+    _roll_back(dsn, _LIVE)
+    assert await fetch(dsn, "SELECT relkind FROM pg_class WHERE oid = 'pgjobs.jobs'::regclass") == [
+        {"relkind": "r"}
+    ]
+    assert await fetch(dsn, _JOB_ROWS) == jobs
+    assert await fetch(dsn, _AUDIT_LOG) == audit
+    await assert_queue_matches_jobs(dsn)
+    assert await fetch(dsn, _CHECK_DEFS) == checks
+
+    assert migrate.apply(dsn) == [_LIVE]
+    assert await fetch(dsn, _JOB_ROWS) == jobs
+    assert len(await fetch(dsn, QUERIES["job_finish_many_if_leased"], _finish(lease, None))) == 1
+
+
+async def test_live_state_checks_refuse_the_live_states_the_job_row_refuses(
+    empty_dsn: str,
+) -> None:
+    """0021's CHECKs on the queue row, which holds a queued or running job's state, refuse
+    exactly the queued and running states that the job row's CHECKs refuse (where the
+    columns only the job row has are valid), over the grid of states above; any other
+    status is refused there (an ended job has no queue row)."""
+    dsn = empty_dsn
+    migrate.apply(dsn)
+    await fetch(dsn, _JOB_GRID)
+    checks = await fetch(
+        dsn,
+        "SELECT conrelid::regclass::text AS table, pg_get_constraintdef(oid) AS def"
+        " FROM pg_constraint WHERE contype = 'c'"
+        " AND conrelid = ANY ('{pgjobs.job_rows,pgjobs.job_queue}'::regclass[])",
+    )
+
+    async def refused(table: str, where: str) -> set[object]:
+        exprs = [c["def"].removeprefix("CHECK ") for c in checks if c["table"] == table]
+        breaks = " OR ".join(f"({e}) IS FALSE" for e in exprs)
+        rows = await fetch(dsn, f"SELECT id FROM check_grid WHERE ({where}) AND ({breaks})")
+        return {r["id"] for r in rows}
+
+    live = (
+        "status IN ('queued', 'running') AND finished_at IS NULL"
+        " AND length(company_id) BETWEEN 1 AND 200 AND length(job_type) BETWEEN 1 AND 200"
+        " AND pgjobs.time_in_range(created_at) IS NOT FALSE"
+    )
+    by_job_row = await refused("pgjobs.job_rows", live)
+    by_queue_row = await refused("pgjobs.job_queue", live)
+    (n,) = await fetch(dsn, f"SELECT count(*) AS n FROM check_grid WHERE {live}")
+    assert 0 < len(by_job_row) < n["n"]
+    assert by_queue_row == by_job_row
+    ended = "status NOT IN ('queued', 'running')"
+    (m,) = await fetch(dsn, f"SELECT count(*) AS n FROM check_grid WHERE {ended}")
+    assert len(await refused("pgjobs.job_queue", ended)) == m["n"]
     await assert_queue_matches_jobs(dsn)

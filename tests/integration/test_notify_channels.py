@@ -255,14 +255,18 @@ async def test_a_statements_items_fill_each_notify_up_to_the_limit(
 
 
 async def _cancel_all(dsn: str) -> None:
-    # One statement, as an operator's psql would cancel a batch (with its transitions).
+    # One statement, as an operator's psql would cancel a batch (with its transitions): on
+    # the job rows, each taking its queue row's seq plus one (sql/0021; an UPDATE of the
+    # view pgjobs.jobs is routed row by row, a statement and a NOTIFY per job).
     async with await psycopg.AsyncConnection.connect(
         dsn, autocommit=True, row_factory=dict_row
     ) as conn:
         await conn.execute(
-            "UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now(),"
-            " lease_expires_at = NULL, event_seq = event_seq + 1,"
-            " last_event = 'content_job.cancelled' WHERE status = 'running'"
+            "UPDATE pgjobs.job_rows j SET status = 'cancelled', finished_at = now(),"
+            " lease_expires_at = NULL, attempts = q.attempts, worker_id = q.worker_id,"
+            " lease_token = q.lease_token, started_at = q.started_at,"
+            " event_seq = q.event_seq + 1, last_event = 'content_job.cancelled'"
+            " FROM pgjobs.job_queue q WHERE q.job_id = j.id AND q.status = 'running'"
         )
 
 

@@ -249,7 +249,7 @@ async def test_a_locked_job_is_skipped_not_waited_for(dsn: str, client: Client) 
     await client.enqueue("acme", "echo")
     job_id = await _finish(dsn, "done")
     async with await psycopg.AsyncConnection.connect(dsn) as holder:
-        await holder.execute("SELECT 1 FROM pgjobs.jobs WHERE id = %s FOR UPDATE", [job_id])
+        await holder.execute("SELECT 1 FROM pgjobs.job_rows WHERE id = %s FOR UPDATE", [job_id])
         # A prune that waited for the lock would wait for ever: fail instead.
         async with asyncio.timeout(30):
             report = await retention.prune(dsn, jobs_older_than=dt.timedelta(days=30), now=LATER)

@@ -56,7 +56,8 @@ async def test_status_and_timestamps_must_agree(dsn: str, client: Client) -> Non
                 " last_event = 'content_job.done' WHERE id = %s",
                 [job.id],
             )
-        with pytest.raises(psycopg.errors.CheckViolation, match="jobs_state_consistent"):
+        # a live job's state is its queue row's (sql/0021)
+        with pytest.raises(psycopg.errors.CheckViolation, match="job_queue_state_consistent"):
             await conn.execute(
                 "UPDATE pgjobs.jobs SET status = 'running', event_seq = event_seq + 1,"
                 " last_event = 'content_job.running', attempts = 1 WHERE id = %s",
@@ -179,10 +180,11 @@ async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
 ) -> None:
     """psycopg prepares a statement after a few runs and PostgreSQL may then plan it once
     for any parameters. These plans must find the batch's rows by primary key: a plan
-    that scans the table, or drives the batch's join from the job rows and rescans the
+    that scans the table, or drives the batch's join from the queue rows and rescans the
     batch for each (the statistics say few jobs run), costs a sequential pass or
     batch x batch comparisons per call. Statistics as after a bulk enqueue: many queued
-    jobs, none running."""
+    jobs, none running. The claim reads its job rows by key; the finish and the heartbeat
+    find their queue rows (sql/0021) by key."""
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(2000))
     names: list[str] = []
 
@@ -193,20 +195,21 @@ async def test_hot_path_generic_plans_reach_jobs_by_primary_key(
 
     prepared = re.sub(r"%\((\w+)\)[sb]", placeholder, QUERIES[name]).replace("%%", "%")
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        await conn.execute("ANALYZE pgjobs.jobs")
+        await conn.execute("ANALYZE pgjobs.job_rows, pgjobs.job_queue")
         await conn.execute(f"PREPARE hot AS {prepared}".encode())
         await conn.execute("SET plan_cache_mode = force_generic_plan")
         args = ", ".join(["NULL"] * len(names))
         cur = await conn.execute(f"EXPLAIN EXECUTE hot({args})".encode())
         plan = "\n".join(row[0] for row in await cur.fetchall())
-    assert "jobs_pkey" in plan, plan
-    assert "Seq Scan on jobs" not in plan, plan
+    assert "Seq Scan on job" not in plan, plan
     assert "jobs_lease_idx" not in plan, plan
     if name == "job_claim_batch":
+        assert "jobs_pkey" in plan, plan
         assert "Merge Join" not in plan, plan  # walks the whole primary key from its start
     else:
-        # One lookup per entry of the batch, not the batch rescanned for every job row.
-        assert "Index Cond: (id = u.id)" in plan, plan
+        # One lookup per entry of the batch, not the batch rescanned for every queue row.
+        assert "job_queue_pkey" in plan, plan
+        assert "Index Cond: (job_id = u.id)" in plan, plan
 
 
 async def test_notify_items_carry_only_the_keys_their_event_has(dsn: str, client: Client) -> None:
@@ -308,7 +311,7 @@ async def test_claim_reads_about_its_batch_among_many_finished_jobs(
     await client.enqueue_many(JobSpec(f"company-{n % companies}", "echo") for n in range(2000))
     params = {"now": None, "limit": 100, "worker_id": "w", "lease_seconds": 30.0}
     async with await psycopg.AsyncConnection.connect(dsn) as conn:
-        await conn.execute("ANALYZE pgjobs.jobs")
+        await conn.execute("ANALYZE pgjobs.job_rows, pgjobs.job_queue")
         await conn.execute("ANALYZE pgjobs.job_queue")
         # A company that enqueues after the statistics were taken (which then say every
         # queued job is company-0's): its one job must not cost a walk past the others'.
@@ -333,10 +336,10 @@ async def test_claim_reads_about_its_batch_among_many_finished_jobs(
     assert "job_queue_fair_idx" in text, text
     # The batch's queue rows; with many companies one probe per company visited, and, as
     # zz's level-5 job is not among them, the batch taken in the global order after the
-    # probe for the highest due level; their job rows by primary key when locked and
-    # again for the UPDATE.
-    assert _rows_read(plan, "job_queue") <= 3 * 100 + 2, text
-    assert _rows_read(plan, "jobs") <= 3 * 100, text
+    # probe for the highest due level; again by primary key for the UPDATE; their job
+    # rows by primary key for what the claim returns (sql/0021).
+    assert _rows_read(plan, "job_queue") <= 4 * 100 + 2, text
+    assert _rows_read(plan, "job_rows") <= 100, text
 
 
 async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:
@@ -351,97 +354,216 @@ async def test_a_database_error_is_described_in_one_line(dsn: str) -> None:
     assert db.describe_error(TimeoutError()) == "TimeoutError"
 
 
-# Every rule the CHECKs of pgjobs.jobs and pgjobs.job_queue enforce (one CHECK each until
-# sql/0020, whose names the ids keep), the merged CHECK that enforces it now, and an update
-# of a freshly queued job that breaks that rule and no other.
+# Every rule the CHECKs enforce (one CHECK each until sql/0020_merged_checks, whose names
+# the ids keep), the merged CHECK that enforces it now, the table it is on, and an update of
+# a freshly queued job that breaks that rule and no other: through the view pgjobs.jobs,
+# which routes a queued job's live state to its queue row and the rest to its job row
+# (sql/0021), or on a table itself where the view would not reach that table's copy.
 _TIMES, _SIZES, _STATE = "jobs_times_in_range", "jobs_sizes_in_range", "jobs_state_consistent"
+_Q_TIMES, _Q_SIZES, _Q_STATE = (
+    "job_queue_times_in_range",
+    "job_queue_sizes_in_range",
+    "job_queue_state_consistent",
+)
+_ROWS, _QUEUE = "job_rows", "job_queue"
 _RULES = [
-    ("attempts_in_range", _STATE, "UPDATE pgjobs.jobs SET attempts = -1"),
-    ("company_id_check", _SIZES, "UPDATE pgjobs.jobs SET company_id = ''"),
-    ("created_at_in_range", _TIMES, "UPDATE pgjobs.jobs SET created_at = '1900-01-01Z'"),
+    ("attempts_in_range", _Q_STATE, _QUEUE, "UPDATE pgjobs.jobs SET attempts = -1"),
+    ("attempts_in_range", _STATE, _ROWS, "UPDATE pgjobs.job_rows SET attempts = -1"),
+    ("company_id_check", _SIZES, _ROWS, "UPDATE pgjobs.jobs SET company_id = ''"),
+    ("created_at_in_range", _TIMES, _ROWS, "UPDATE pgjobs.jobs SET created_at = '1900-01-01Z'"),
     (
         "done_has_no_error",
         _STATE,
+        _ROWS,
         "UPDATE pgjobs.jobs SET status = 'done', finished_at = now(), error_message = 'x'",
     ),
-    ("ended_has_its_event", _STATE, "UPDATE pgjobs.jobs SET last_event = 'content_job.failed'"),
+    # a live job's last event is one a live job can have
+    (
+        "ended_has_its_event",
+        _Q_STATE,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET last_event = 'content_job.failed'",
+    ),
+    (
+        "ended_has_its_event",
+        _STATE,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET last_event = 'content_job.failed'",
+    ),
     (
         "cancelled_has_its_event",
         _STATE,
+        _ROWS,
         "UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now()",
     ),
     (
         "failed_has_error",
         _STATE,
+        _ROWS,
         "UPDATE pgjobs.jobs SET status = 'failed', last_event = 'content_job.failed',"
         " finished_at = now()",
     ),
     (
         "finished_at_in_range",
         _TIMES,
+        _ROWS,
         "UPDATE pgjobs.jobs SET status = 'done', finished_at = '1900-01-01Z'",
     ),
-    ("finished_iff_terminal", _STATE, "UPDATE pgjobs.jobs SET finished_at = now()"),
+    ("finished_iff_terminal", _STATE, _ROWS, "UPDATE pgjobs.jobs SET finished_at = now()"),
     (
         "terminal_has_finished_at",
         _STATE,
+        _ROWS,
         "UPDATE pgjobs.jobs SET status = 'done', last_event = 'content_job.done'",
     ),
-    ("job_type_check", _SIZES, "UPDATE pgjobs.jobs SET job_type = ''"),
-    ("last_event_known", _STATE, "UPDATE pgjobs.jobs SET last_event = 'content_job.nope'"),
+    ("job_type_check", _SIZES, _ROWS, "UPDATE pgjobs.jobs SET job_type = ''"),
+    (
+        "last_event_known",
+        _Q_STATE,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET last_event = 'content_job.nope'",
+    ),
+    (
+        "last_event_known",
+        _STATE,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET last_event = 'content_job.nope'",
+    ),
     (
         "lease_expires_at_in_range",
-        _TIMES,
+        _Q_TIMES,
+        _QUEUE,
         "UPDATE pgjobs.jobs SET status = 'running', attempts = 1, worker_id = 'w',"
         " started_at = now(), lease_expires_at = '1900-01-01Z'",
     ),
-    ("lease_only_while_running", _STATE, "UPDATE pgjobs.jobs SET lease_expires_at = now()"),
-    ("max_attempts_check", _SIZES, "UPDATE pgjobs.jobs SET max_attempts = 1001"),
-    ("progress_fraction_check", _SIZES, "UPDATE pgjobs.jobs SET progress_fraction = 2"),
+    (
+        "lease_expires_at_in_range",
+        _TIMES,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET status = 'running', attempts = 1, worker_id = 'w',"
+        " started_at = now(), lease_expires_at = '1900-01-01Z'",
+    ),
+    (
+        "lease_only_while_running",
+        _Q_STATE,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET lease_expires_at = now()",
+    ),
+    (
+        "lease_only_while_running",
+        _STATE,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET lease_expires_at = now()",
+    ),
+    ("max_attempts_check", _SIZES, _ROWS, "UPDATE pgjobs.jobs SET max_attempts = 1001"),
+    ("max_attempts_check", _Q_SIZES, _QUEUE, "UPDATE pgjobs.job_queue SET max_attempts = 1001"),
+    ("progress_fraction_check", _Q_SIZES, _QUEUE, "UPDATE pgjobs.jobs SET progress_fraction = 2"),
+    (
+        "progress_fraction_check",
+        _SIZES,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET progress_fraction = 2",
+    ),
+    (
+        "progress_message_check",
+        _Q_SIZES,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET progress_message = repeat('x', 1001)",
+    ),
     (
         "progress_message_check",
         _SIZES,
-        "UPDATE pgjobs.jobs SET progress_message = repeat('x', 1001)",
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET progress_message = repeat('x', 1001)",
     ),
-    ("queued_has_attempt_left", _STATE, "UPDATE pgjobs.jobs SET attempts = max_attempts"),
-    ("run_at_in_range", _TIMES, "UPDATE pgjobs.jobs SET run_at = '1900-01-01Z'"),
-    ("running_has_lease", _STATE, "UPDATE pgjobs.jobs SET status = 'running', attempts = 1"),
+    (
+        "queued_has_attempt_left",
+        _Q_STATE,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET attempts = max_attempts",
+    ),
+    (
+        "queued_has_attempt_left",
+        _STATE,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET attempts = max_attempts",
+    ),
+    ("run_at_in_range", _TIMES, _ROWS, "UPDATE pgjobs.jobs SET run_at = '1900-01-01Z'"),
+    ("run_at_in_range", _Q_TIMES, _QUEUE, "UPDATE pgjobs.job_queue SET run_at = '1900-01-01Z'"),
+    (
+        "running_has_lease",
+        _Q_STATE,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET status = 'running', attempts = 1",
+    ),
+    (
+        "running_has_lease",
+        _STATE,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET status = 'running', attempts = 1",
+    ),
     (
         "running_has_worker",
-        _STATE,
+        _Q_STATE,
+        _QUEUE,
         "UPDATE pgjobs.jobs SET status = 'running', attempts = 1, started_at = now(),"
         " lease_expires_at = now()",
     ),
     (
         "running_has_started_at",
-        _STATE,
+        _Q_STATE,
+        _QUEUE,
         "UPDATE pgjobs.jobs SET status = 'running', attempts = 1, worker_id = 'w',"
         " lease_expires_at = now()",
     ),
-    ("started_at_in_range", _TIMES, "UPDATE pgjobs.jobs SET started_at = '1900-01-01Z'"),
-    ("status_check", _STATE, "UPDATE pgjobs.jobs SET status = 'sleeping'"),
+    (
+        "started_at_in_range",
+        _Q_TIMES,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET started_at = '1900-01-01Z'",
+    ),
+    (
+        "started_at_in_range",
+        _TIMES,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET started_at = '1900-01-01Z'",
+    ),
+    ("status_check", _STATE, _ROWS, "UPDATE pgjobs.jobs SET status = 'sleeping'"),
+    ("status_check", _Q_STATE, _QUEUE, "UPDATE pgjobs.job_queue SET status = 'done'"),
+    (
+        "traceback_bounded",
+        _Q_SIZES,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET error_traceback = repeat('x', 16385)",
+    ),
     (
         "traceback_bounded",
         _SIZES,
-        "UPDATE pgjobs.jobs SET error_traceback = repeat('x', 16385)",
-    ),
-    ("updated_at_in_range", _TIMES, "UPDATE pgjobs.jobs SET updated_at = '1900-01-01Z'"),
-    (
-        "queue_lease_expires_at_in_range",
-        "job_queue_times_in_range",
-        "UPDATE pgjobs.job_queue SET lease_expires_at = '1900-01-01Z'",
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET error_traceback = repeat('x', 16385)",
     ),
     (
-        "queue_run_at_in_range",
-        "job_queue_times_in_range",
-        "UPDATE pgjobs.job_queue SET run_at = '1900-01-01Z'",
+        "updated_at_in_range",
+        _Q_TIMES,
+        _QUEUE,
+        "UPDATE pgjobs.jobs SET updated_at = '1900-01-01Z'",
+    ),
+    (
+        "updated_at_in_range",
+        _TIMES,
+        _ROWS,
+        "UPDATE pgjobs.job_rows SET updated_at = '1900-01-01Z'",
     ),
 ]
 
 
-@pytest.mark.parametrize(("check", "update"), [r[1:] for r in _RULES], ids=[r[0] for r in _RULES])
+@pytest.mark.parametrize(
+    ("check", "table", "update"),
+    [r[1:] for r in _RULES],
+    ids=[f"{table}.{rule}" for rule, _, table, _ in _RULES],
+)
 async def test_a_broken_rule_is_named_in_the_error(
-    dsn: str, client: Client, check: str, update: str
+    dsn: str, client: Client, check: str, table: str, update: str
 ) -> None:
     """What a psql user sees: the CHECK named for the concern, on the table written."""
     await client.enqueue("acme", "echo")
@@ -449,7 +571,6 @@ async def test_a_broken_rule_is_named_in_the_error(
         with pytest.raises(psycopg.errors.CheckViolation, match=f'constraint "{check}"') as err:
             await conn.execute(update)  # type: ignore[arg-type]
     assert err.value.diag.constraint_name == check
-    table = "job_queue" if check.startswith("job_queue_") else "jobs"
     assert (err.value.diag.schema_name, err.value.diag.table_name) == ("pgjobs", table)
 
 
@@ -458,10 +579,13 @@ async def test_every_check_has_a_rule_test_and_a_description(dsn: str) -> None:
     each says in words what it requires (COMMENT ON CONSTRAINT: psql's ``\\dd``)."""
     rows = await _rows(
         dsn,
-        "SELECT conname, obj_description(oid, 'pg_constraint') AS what FROM pg_constraint"
-        " WHERE contype = 'c' AND conrelid = ANY ('{pgjobs.jobs,pgjobs.job_queue}'::regclass[])",
+        "SELECT conname, conrelid::regclass::text AS tab,"
+        " obj_description(oid, 'pg_constraint') AS what FROM pg_constraint WHERE contype = 'c'"
+        " AND conrelid = ANY ('{pgjobs.job_rows,pgjobs.job_queue}'::regclass[])",
     )
-    assert sorted(r["conname"] for r in rows) == sorted({check for _, check, _ in _RULES})
+    assert sorted((r["conname"], r["tab"].removeprefix("pgjobs.")) for r in rows) == sorted(
+        {(check, table) for _, check, table, _ in _RULES}
+    )
     assert all(r["what"] for r in rows), rows
 
 

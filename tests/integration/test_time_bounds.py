@@ -58,24 +58,28 @@ async def test_the_schema_range_is_jobspecs(dsn: str) -> None:
 async def test_a_claim_that_fails_on_a_row_fails_that_job_and_the_worker_goes_on(
     dsn: str, storage_dir: Path
 ) -> None:
-    """The range CHECK added NOT VALID over a row out of range: the claim's UPDATE of that
-    row violates it, so the whole claim statement fails and claims nothing."""
-    (times,) = await fetch(
+    """The range CHECKs added NOT VALID over a row out of range: the claim's UPDATE of that
+    row's queue row (where a queued job's state is, sql/0021) violates the queue's, so the
+    whole claim statement fails and claims nothing."""
+    defs = await fetch(
         dsn,
-        "SELECT pg_get_constraintdef(oid) AS def FROM pg_constraint"
-        " WHERE conname = 'jobs_times_in_range' AND conrelid = 'pgjobs.jobs'::regclass",
+        "SELECT conrelid::regclass::text AS table, conname::text AS name,"
+        " pg_get_constraintdef(oid) AS def FROM pg_constraint"
+        " WHERE conname IN ('jobs_times_in_range', 'job_queue_times_in_range')",
     )
-    await fetch(dsn, "ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_times_in_range")
-    await fetch(dsn, "ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_times_in_range")
+    assert {d["table"] for d in defs} == {"pgjobs.job_rows", "pgjobs.job_queue"}
+    for d in defs:
+        await fetch(dsn, f"ALTER TABLE {d['table']} DROP CONSTRAINT {d['name']}")
     await fetch(
         dsn,
         "INSERT INTO pgjobs.jobs (id, company_id, job_type, run_at)"
         " VALUES ('00000000-0000-0000-0000-00000000000b', 'acme', 'echo',"
         " '0001-12-31 23:59:00+00 BC')",
     )
-    await fetch(
-        dsn, f"ALTER TABLE pgjobs.jobs ADD CONSTRAINT jobs_times_in_range {times['def']} NOT VALID"
-    )
+    for d in defs:
+        await fetch(
+            dsn, f"ALTER TABLE {d['table']} ADD CONSTRAINT {d['name']} {d['def']} NOT VALID"
+        )
     async with await Client.connect(dsn) as client:
         await client.enqueue_many(JobSpec("acme", "echo", {"n": n}) for n in range(10))
         async with running_worker(dsn, demo.registry, fast_settings(storage_dir)) as worker:
@@ -97,7 +101,7 @@ async def test_a_claim_that_fails_on_a_row_fails_that_job_and_the_worker_goes_on
 async def test_reads_show_a_time_python_cannot_represent_as_postgresql_writes_it(
     dsn: str,
 ) -> None:
-    await fetch(dsn, "ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_times_in_range")
+    await fetch(dsn, "ALTER TABLE pgjobs.job_rows DROP CONSTRAINT jobs_times_in_range")
     await fetch(
         dsn,
         "INSERT INTO pgjobs.jobs (id, company_id, job_type, created_at) VALUES"

@@ -51,7 +51,7 @@ async def _xmins(dsn: str, job_id: Any) -> tuple[set[int], set[int], set[int]]:
     """The transactions that wrote the charge rows, the job row and the done event."""
     charge = await fetch(dsn, "SELECT xmin::text::bigint AS x FROM public.charges")
     job = await fetch(
-        dsn, "SELECT xmin::text::bigint AS x FROM pgjobs.jobs WHERE id = %s", [job_id]
+        dsn, "SELECT xmin::text::bigint AS x FROM pgjobs.job_rows WHERE id = %s", [job_id]
     )
     done = await fetch(
         dsn,

@@ -298,7 +298,7 @@ async def test_a_ring_that_cannot_be_sent_does_not_stop_the_worker_or_lose_a_job
 
 
 _DROP_CHECKS = """
-ALTER TABLE pgjobs.jobs DROP CONSTRAINT jobs_times_in_range;
+ALTER TABLE pgjobs.job_rows DROP CONSTRAINT jobs_times_in_range;
 ALTER TABLE pgjobs.job_queue DROP CONSTRAINT job_queue_times_in_range;
 """
 

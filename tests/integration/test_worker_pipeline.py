@@ -58,10 +58,13 @@ async def test_next_job_starts_while_previous_completion_waits_for_its_commit(
     settings = fast_settings(storage_dir, concurrency=1)
     async with running_worker(dsn, registry, settings):
         await wait_until(lambda: has_started("first"), message="first handler started")
-        # Hold the first job's row so its completion cannot commit, then let its handler
-        # return: the single slot must go to the second job right away.
+        # Hold the first job's queue row (where a running job's state is, sql/0021) so its
+        # completion cannot commit, then let its handler return: the single slot must go
+        # to the second job right away.
         async with await psycopg.AsyncConnection.connect(dsn) as blocker:
-            await blocker.execute("SELECT 1 FROM pgjobs.jobs WHERE id = %s FOR UPDATE", [first.id])
+            await blocker.execute(
+                "SELECT 1 FROM pgjobs.job_queue WHERE job_id = %s FOR UPDATE", [first.id]
+            )
             release_first.set()
             await wait_until(
                 lambda: has_started("second"), within=20, message="second handler started"

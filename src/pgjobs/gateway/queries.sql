@@ -211,7 +211,7 @@ WITH p AS MATERIALIZED (
            count(*) FILTER (WHERE e.type = 'content_job.done') AS done,
            count(*) FILTER (WHERE e.type = 'content_job.failed') AS failed
     FROM pgjobs.job_events e
-    JOIN pgjobs.jobs j ON j.id = e.job_id
+    JOIN pgjobs.job_rows j ON j.id = e.job_id  -- job_type: the job row's own
     CROSS JOIN p
     WHERE e.company_id = %(company_id)s::text
       AND e.xid >= %(since_xid)s::xid8
@@ -260,8 +260,8 @@ LIMIT %(limit)s::int;
 -- running jobs, found through the queue table, which holds only queued and running jobs).
 SELECT w.id, w.hostname, w.pid, w.job_types, w.concurrency, w.started_at,
        w.last_heartbeat_at,
-       (SELECT count(*) FROM pgjobs.job_queue q JOIN pgjobs.jobs j ON j.id = q.job_id
-        WHERE q.lease_expires_at IS NOT NULL AND j.worker_id = w.id)::int AS running
+       (SELECT count(*) FROM pgjobs.job_queue q
+        WHERE q.lease_expires_at IS NOT NULL AND q.worker_id = w.id)::int AS running
 FROM pgjobs.workers w
 WHERE pgjobs.worker_is_live(w.last_heartbeat_at, %(within_seconds)s::float8, %(now)s::timestamptz)
 ORDER BY w.hostname, w.pid, w.id;
@@ -291,7 +291,9 @@ WHERE j.id IN (SELECT e.job_id FROM pgjobs.job_events e
 -- attempt if none is left; the trigger writes each its audit row and NOTIFY). Oldest first; rows another session holds are skipped, and the guard on status
 -- re-checks each row once locked.
 WITH chosen AS (
-    SELECT j.id FROM pgjobs.jobs j
+    -- The job rows: a failed job's state is its job row's (sql/0021), and its trigger adds
+    -- the queue row.
+    SELECT j.id FROM pgjobs.job_rows j
     WHERE j.id IN (SELECT e.job_id FROM pgjobs.job_events e
                    WHERE e.company_id = %(company_id)s::text
                      AND e.type = 'content_job.failed')
@@ -303,7 +305,7 @@ WITH chosen AS (
     LIMIT %(limit)s::int
     FOR UPDATE SKIP LOCKED
 )
-UPDATE pgjobs.jobs j
+UPDATE pgjobs.job_rows j
 SET status = 'queued',
     max_attempts = greatest(j.max_attempts, j.attempts + 1),
     run_at = coalesce(%(now)s::timestamptz, now()),
@@ -325,9 +327,9 @@ RETURNING j.id;
 -- Every company that has a job, in order: a skip scan of jobs_company_created_idx (one
 -- index probe per company, whatever the number of jobs), for the operators' overview.
 WITH RECURSIVE c AS (
-    SELECT (SELECT min(company_id) FROM pgjobs.jobs) AS company_id
+    SELECT (SELECT min(company_id) FROM pgjobs.job_rows) AS company_id
     UNION ALL
-    SELECT (SELECT min(j.company_id) FROM pgjobs.jobs j WHERE j.company_id > c.company_id)
+    SELECT (SELECT min(j.company_id) FROM pgjobs.job_rows j WHERE j.company_id > c.company_id)
     FROM c WHERE c.company_id IS NOT NULL
 )
 SELECT company_id FROM c WHERE company_id IS NOT NULL;
@@ -350,9 +352,9 @@ WITH RECURSIVE p AS MATERIALIZED (
            coalesce(%(now)s::timestamptz, now())
                - make_interval(secs => %(window_seconds)s::float8) AS since
 ), c AS (
-    SELECT (SELECT min(company_id) FROM pgjobs.jobs) AS company_id
+    SELECT (SELECT min(company_id) FROM pgjobs.job_rows) AS company_id
     UNION ALL
-    SELECT (SELECT min(j.company_id) FROM pgjobs.jobs j WHERE j.company_id > c.company_id)
+    SELECT (SELECT min(j.company_id) FROM pgjobs.job_rows j WHERE j.company_id > c.company_id)
     FROM c WHERE c.company_id IS NOT NULL
 ), active AS (
     SELECT q.company_id, q.job_type,
@@ -373,7 +375,7 @@ WITH RECURSIVE p AS MATERIALIZED (
                count(*) FILTER (WHERE e.type = 'content_job.done') AS done,
                count(*) FILTER (WHERE e.type = 'content_job.failed') AS failed
         FROM pgjobs.job_events e
-        JOIN pgjobs.jobs j ON j.id = e.job_id
+        JOIN pgjobs.job_rows j ON j.id = e.job_id  -- job_type: the job row's own
         WHERE e.company_id = c.company_id
           AND e.xid >= coalesce((
               SELECT b.xid FROM pgjobs.job_events b
@@ -409,9 +411,9 @@ WITH RECURSIVE p AS MATERIALIZED (
            coalesce(%(now)s::timestamptz, now())
                - make_interval(secs => %(window_seconds)s::float8) AS since
 ), c AS (
-    SELECT (SELECT min(company_id) FROM pgjobs.jobs) AS company_id
+    SELECT (SELECT min(company_id) FROM pgjobs.job_rows) AS company_id
     UNION ALL
-    SELECT (SELECT min(j.company_id) FROM pgjobs.jobs j WHERE j.company_id > c.company_id)
+    SELECT (SELECT min(j.company_id) FROM pgjobs.job_rows j WHERE j.company_id > c.company_id)
     FROM c WHERE c.company_id IS NOT NULL
 )
 SELECT m.minutes_ago, sum(m.completed)::int AS completed
