@@ -2,13 +2,14 @@
 worker processes; jobs/s per queue, pgjobs / best peer, and whether each queue's rate
 never falls from 1 → 2 → 4 processes.
 
-Full mode first sweeps a few settings per queue (1 process, one run each of the drain's N) and measures
-each queue with its fastest; quick mode uses the defaults in bench.systems, which are
-that sweep's usual winners on this machine. The measurements are interleaved: each round
-runs every process count of every queue once, so load that drifts during the run falls
-on all of them alike. A peer's drain that fails or stalls (no job finished for
-bench.drain.STALL_SECONDS) is reported as such and that peer is not measured further;
-the run goes on. A failure of pgjobs' own drain fails the scenario."""
+Full mode first sweeps a few settings per queue (1 process, one run each of the drain's
+N) and measures each queue with its fastest; quick mode uses the defaults in
+bench.systems, which are that sweep's usual winners on this machine. The measurements
+are interleaved: each round runs every process count of every queue once, so load that
+drifts during the run falls on all of them alike. A peer's drain that fails or stalls
+(no job finished for bench.drain.STALL_SECONDS) is reported as such and that peer is
+not measured further; the run goes on. A failure of pgjobs' own drain fails the
+scenario."""
 
 from __future__ import annotations
 
