@@ -381,6 +381,95 @@ async def test_a_second_claim_goes_out_only_as_a_whole_batch_and_each_job_runs_o
     assert rows == [{"status": "done", "attempts": 1, "n": 1000}]
 
 
+async def _register_peers(dsn: str, job_types: list[str], n: int) -> None:
+    """n other workers claiming job_types, as worker_register records one, whose
+    heartbeat (an hour ahead) keeps them live however long the test takes."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        for i in range(n):
+            await conn.execute(
+                QUERIES["worker_register"],
+                {
+                    "id": f"peer-{i}",
+                    "hostname": "elsewhere",
+                    "pid": i + 1,
+                    "job_types": job_types,
+                    "concurrency": 400,
+                    "now": datetime.now(UTC) + timedelta(hours=1),
+                },
+            )
+
+
+async def test_with_workers_sharing_its_job_types_a_worker_keeps_one_claim_out(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """Issue 16: with three other live workers claiming the same type (four in all), a
+    worker of concurrency 400 sends one claim at a time instead of two (worker.
+    claims_in_flight): with the second claim every process made PostgreSQL spend more
+    CPU per job at four processes. Every job still runs once."""
+    await _register_peers(dsn, ["tick"], 3)
+    registry = Registry()
+
+    @registry.handler("tick")
+    async def tick(ctx: JobContext) -> None:
+        await asyncio.sleep(ctx.job.id.int % 10 / 1000)
+
+    await client.enqueue_many(JobSpec("acme", "tick") for _ in range(1000))
+    worker = Worker(dsn, registry, fast_settings(storage_dir, concurrency=400), burst=True)
+    claim = worker._claim
+    in_flight = most_in_flight = 0
+
+    async def slow_claim(limit: int) -> list[Job]:
+        nonlocal in_flight, most_in_flight
+        in_flight += 1
+        most_in_flight = max(most_in_flight, in_flight)
+        try:
+            await asyncio.sleep(0.02)  # a claim that takes a while, as under load
+            return await claim(limit)
+        finally:
+            in_flight -= 1
+
+    worker._claim = slow_claim  # type: ignore[method-assign]
+    await asyncio.wait_for(worker.run(), timeout=60)
+    assert most_in_flight == 1
+    rows = await fetch(dsn, "SELECT status, attempts, count(*) AS n FROM pgjobs.jobs GROUP BY 1, 2")
+    assert rows == [{"status": "done", "attempts": 1, "n": 1000}]
+
+
+async def test_a_worker_looks_again_for_workers_sharing_its_job_types(
+    dsn: str, storage_dir: Path
+) -> None:
+    """Workers started together each register at about the same time, so the first to
+    register sees none of the others: a worker counts the live workers claiming its
+    types again soon after it starts, then every heartbeat, and goes from two claims in
+    flight to one once three others share its types (and back when they are gone)."""
+    registry = Registry()
+
+    @registry.handler("tick")
+    async def tick(ctx: JobContext) -> None:
+        return None
+
+    settings = fast_settings(storage_dir, concurrency=400, heartbeat_seconds=0.2)
+    async with running_worker(dsn, registry, settings) as worker:
+        assert worker.claims_in_flight == CLAIMS_IN_FLIGHT == 2
+        await _register_peers(dsn, ["tick", "other"], 3)
+
+        async def one() -> bool:
+            return worker.claims_in_flight == 1
+
+        await wait_until(one, message="one claim in flight with three peers")
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("DELETE FROM pgjobs.workers WHERE id LIKE 'peer-%'")
+
+        async def two() -> bool:
+            return worker.claims_in_flight == 2
+
+        await wait_until(two, message="two claims in flight once the peers are gone")
+
+
+def test_claims_in_flight_keeps_about_four_out_across_the_workers() -> None:
+    assert [worker_module.claims_in_flight(n) for n in range(6)] == [2, 2, 2, 1, 1, 1]
+
+
 async def test_the_claim_goes_numbered_on_a_raw_cursor(
     dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
