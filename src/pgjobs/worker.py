@@ -37,11 +37,13 @@ Guarantees (see the README's "Delivery guarantees"):
   rescue) and a handler's own ``ctx.transaction()`` keep their items in the commit.
 
 Moving parts, one asyncio task each: the fetch loop (claims up to the free concurrency
-with SKIP LOCKED, one claim in flight, woken by NOTIFY or a poll timer), one task
+with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
 per claim and per running job, the completer (batches final transitions into one
 commit), the heartbeat (renews every held lease in one statement and stops jobs this
-worker no longer holds), the ringer (with the doorbell on: sends the rings), the rescuer
-(returns other workers' expired jobs to the queue), the scheduler (enqueues periodic
+worker no longer holds), the peer count (how many live workers share this one's job
+types: with three or more, one claim in flight; ``claims_in_flight``), the ringer
+(with the doorbell on: sends the rings), the rescuer (returns other workers' expired
+jobs to the queue), the scheduler (enqueues periodic
 jobs' due slots, each once across all workers: ``pgjobs.scheduler``), the listener
 (wake-ups and cancellations, on the workers' own NOTIFY channel:
 ``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or terminal events),
