@@ -1257,7 +1257,15 @@ class Worker:
             },
         )
         workers = max((row["live_workers"] for row in await cur.fetchall()), default=1)
-        self.claims_in_flight = claims_in_flight(workers)
+        most = claims_in_flight(workers)
+        if most != self.claims_in_flight:
+            log.info(
+                "%d live worker(s) share this worker's job types: %d claim(s) in flight",
+                workers,
+                most,
+                extra={"worker_id": self.id},
+            )
+        self.claims_in_flight = most
 
     async def _peers_loop(self) -> None:
         """Count the workers sharing this worker's job types again (_count_peers) after
