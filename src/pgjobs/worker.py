@@ -40,10 +40,8 @@ Moving parts, one asyncio task each: the fetch loop (claims up to the free concu
 with SKIP LOCKED, up to two claims in flight, woken by NOTIFY or a poll timer), one task
 per claim and per running job, the completer (batches final transitions into one
 commit), the heartbeat (renews every held lease in one statement and stops jobs this
-worker no longer holds), the peer count (how many live workers share this one's job
-types: with three or more, one claim in flight; ``claims_in_flight``), the ringer
-(with the doorbell on: sends the rings), the rescuer (returns other workers' expired
-jobs to the queue), the scheduler (enqueues periodic
+worker no longer holds), the ringer (with the doorbell on: sends the rings), the rescuer
+(returns other workers' expired jobs to the queue), the scheduler (enqueues periodic
 jobs' due slots, each once across all workers: ``pgjobs.scheduler``), the listener
 (wake-ups and cancellations, on the workers' own NOTIFY channel:
 ``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or terminal events),
@@ -133,23 +131,6 @@ TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, Ti
 # claims kept to one; docs/benchmarks.md, "The claim's shape").
 MAX_CLAIM_BATCH = 200
 CLAIMS_IN_FLIGHT = 2
-# ... but about this many across the live workers claiming the same job types
-# (claims_in_flight): with every one of four worker processes keeping two claims out
-# (eight at once), PostgreSQL spent ~9 µs more CPU per job than with one process; with one
-# claim each, 4-5 µs of that went (issue 16: interleaved drains of 100,000 no-op jobs,
-# concurrency 400, 2 cores). Two processes still drained faster with two claims each.
-CLAIMS_ACROSS_WORKERS = 4
-# A worker counts the live workers claiming its job types when it registers, then again
-# after this long, twice as long, ... up to its heartbeat interval, then every heartbeat:
-# workers started together each register before most of the others.
-PEERS_FIRST_RECOUNT_SECONDS = 0.25
-
-
-def claims_in_flight(workers: int) -> int:
-    """How many claims a worker keeps out at once when ``workers`` live workers (itself
-    included) claim its job types: CLAIMS_IN_FLIGHT, fewer once that would put more than
-    CLAIMS_ACROSS_WORKERS out across them, and always at least one."""
-    return max(1, min(CLAIMS_IN_FLIGHT, CLAIMS_ACROSS_WORKERS // max(1, workers)))
 
 
 def retry_delay(attempt: int, settings: WorkerSettings) -> float:
@@ -315,9 +296,6 @@ class Worker:
         # Claims in flight, counted by the claim itself: the loop can wake before a
         # finished claim's task has left its set (done callbacks run later).
         self._claims = 0
-        # How many claims may be out at once (claims_in_flight), from the last count of
-        # live workers sharing this worker's job types (_count_peers).
-        self.claims_in_flight = CLAIMS_IN_FLIGHT
         self._queue_empty = False  # the last claim came back short
         self._look_again = False  # set by _wake()
         self._wakes = 0  # how many times _wake() was called: a claim compares before/after
@@ -399,7 +377,6 @@ class Worker:
                     },
                 )
                 await scheduler.declare(conn, self.registry.schedules.values())
-                await self._count_peers(conn)
             self.scheduler = scheduler.Scheduler(
                 pool, self.registry.schedules, interval=settings.schedule_interval_seconds
             )
@@ -433,9 +410,6 @@ class Worker:
                 asyncio.create_task(self._rescue_loop(), name="pgjobs-rescuer"),
                 asyncio.create_task(self.scheduler.run(), name="pgjobs-scheduler"),
             ]
-            # Not among the loops /readyz checks: without it the worker only keeps the
-            # claims in flight of its last count.
-            background.append(asyncio.create_task(self._peers_loop(), name="pgjobs-peers"))
             self._loops = {
                 "listener_loop": background[0],
                 "heartbeat": background[1],
@@ -570,10 +544,9 @@ class Worker:
     # -- claiming ----------------------------------------------------------------------
 
     async def _fetch_loop(self) -> None:
-        """Claim while handler slots are free, up to ``claims_in_flight`` claims at once
-        (CLAIMS_IN_FLIGHT, or one where several workers share the job types), each of at
-        most MAX_CLAIM_BATCH jobs and never more than the free slots; a claim sent while
-        another is out asks for a whole MAX_CLAIM_BATCH.
+        """Claim while handler slots are free, up to CLAIMS_IN_FLIGHT claims at once, each
+        of at most MAX_CLAIM_BATCH jobs and never more than the free slots; a claim sent
+        while another is out asks for a whole MAX_CLAIM_BATCH.
 
         Each claim reserves its slots when sent, so the worker never holds more than its
         bounds; the next claim goes out as soon as the last one is back and slots are
@@ -603,7 +576,7 @@ class Worker:
                 await self._sleep_unless_stopping(self._retry_at - loop_time)
                 continue
             free = self._free_slots() - self._reserved
-            while free > 0 and self._claims < self.claims_in_flight and not self._queue_empty:
+            while free > 0 and self._claims < CLAIMS_IN_FLIGHT and not self._queue_empty:
                 if self._claims and free < MAX_CLAIM_BATCH:
                     break  # a second claim only as a whole batch
                 limit = min(free, MAX_CLAIM_BATCH)
@@ -1244,46 +1217,6 @@ class Worker:
                     job.id, "lease lost (cancelled or rescued by another worker)"
                 ):
                     metrics.LEASE_LOSSES.labels("heartbeat").inc()
-
-    async def _count_peers(self, conn: db.AsyncConn) -> None:
-        """Set ``claims_in_flight`` from how many live workers (this one included: it is
-        registered) claim one of this worker's job types, the most of any of them."""
-        cur = await conn.execute(
-            QUERIES["worker_count_live_by_type"],
-            {
-                "job_types": list(self.job_types),
-                "within_seconds": self.settings.lease_seconds,
-                "now": None,
-            },
-        )
-        workers = max((row["live_workers"] for row in await cur.fetchall()), default=1)
-        most = claims_in_flight(workers)
-        if most != self.claims_in_flight:
-            log.info(
-                "%d live worker(s) share this worker's job types: %d claim(s) in flight",
-                workers,
-                most,
-                extra={"worker_id": self.id},
-            )
-        self.claims_in_flight = most
-
-    async def _peers_loop(self) -> None:
-        """Count the workers sharing this worker's job types again (_count_peers) after
-        PEERS_FIRST_RECOUNT_SECONDS, then after twice as long, ..., then every heartbeat
-        interval. A failed count keeps the last one."""
-        assert self._pool is not None
-        delay = PEERS_FIRST_RECOUNT_SECONDS
-        while True:
-            await asyncio.sleep(min(delay, self.settings.heartbeat_seconds))
-            delay *= 2
-            try:
-                async with self._pool.connection() as conn:
-                    await self._count_peers(conn)
-            except TRANSIENT as exc:
-                log.warning(
-                    "could not count the workers sharing this one's job types (%s)",
-                    db.describe_error(exc),
-                )
 
     async def _rescue_loop(self) -> None:
         assert self._pool is not None
