@@ -8,6 +8,11 @@ shared machine other servers' processes are named postgres too) and of the drain
 ``bench.worker`` processes ten times a second (a worker's last reading before it exits is
 what counts); prints the CPU seconds each side used during the drain divided by the jobs
 drained. Linux only. Behind docs/benchmarks.md's "Where the drain's time goes".
+
+The count starts at "go" (every process imported and ready, as the drain's clock does):
+a worker process's start-up, ~0.2 s of CPU importing its library, is printed apart. Counted
+in, it was ~2 µs per job of 100,000 for each process, which made the workers' CPU per job
+look like it grew with the processes (issue 16).
 """
 
 from __future__ import annotations
@@ -71,14 +76,26 @@ class Sampler(threading.Thread):
         self.first: dict[str, dict[int, float]] = cpu_readings(marker, postmaster)
         self.last: dict[str, dict[int, float]] = {k: dict(v) for k, v in self.first.items()}
         self.stop = threading.Event()
+        # CPU seconds used before from_now(), by kind.
+        self.before: dict[str, float] = {"postgres": 0.0, "worker": 0.0}
 
     def run(self) -> None:
         while not self.stop.wait(0.1):
             for kind, pids in cpu_readings(self.marker, self.postmaster).items():
                 self.last[kind].update(pids)
 
-    def used(self, kind: str) -> float:
-        return sum(t - self.first[kind].get(pid, 0.0) for pid, t in self.last[kind].items())
+    def from_now(self) -> None:
+        """Count from here: what the processes seen so far used before is left out (and
+        kept in ``before``)."""
+        now = cpu_readings(self.marker, self.postmaster)
+        self.before = {k: self.used(k, now[k]) for k in now}
+        for kind, pids in now.items():
+            self.first[kind].update(pids)
+            self.last[kind].update(pids)
+
+    def used(self, kind: str, last: dict[int, float] | None = None) -> float:
+        last = self.last[kind] if last is None else last
+        return sum(t - self.first[kind].get(pid, 0.0) for pid, t in last.items())
 
 
 def cpu_used(
@@ -94,13 +111,14 @@ def cpu_used(
 
 def drain_with_cpu(ctx: Ctx, system: str, dsn: str, jobs: int, processes: int) -> dict[str, float]:
     """One drain (as scenario 1) while the Sampler reads the server's PostgreSQL processes
-    and every worker process: its result, plus CPU per job (µs) on each side and the
-    cores busy. Workers are told apart by ``dsn`` on their command line: other drains on
-    the same machine (other databases) run bench.worker processes too."""
+    and every worker process from "go": its result, plus CPU per job (µs) on each side,
+    the cores busy, and the workers' start-up CPU before "go" (seconds per process, not
+    counted in the rest). Workers are told apart by ``dsn`` on their command line: other
+    drains on the same machine (other databases) run bench.worker processes too."""
     sampler = Sampler(marker=f"bench.worker {system} {dsn}", postmaster=postmaster_of(dsn))
     sampler.start()
     t = time.monotonic()
-    result = drain(ctx, system, dsn, jobs, processes)
+    result = drain(ctx, system, dsn, jobs, processes, before_go=sampler.from_now)
     wall = time.monotonic() - t
     sampler.stop.set()
     sampler.join()
@@ -110,6 +128,7 @@ def drain_with_cpu(ctx: Ctx, system: str, dsn: str, jobs: int, processes: int) -
         "pg_cpu_us": pg_s / jobs * 1e6,
         "worker_cpu_us": worker_s / jobs * 1e6,
         "cores_busy": (pg_s + worker_s) / wall,
+        "worker_startup_s": sampler.before["worker"] / processes,
     }
 
 
@@ -130,7 +149,8 @@ def main() -> None:
         f"{args.system}, {args.processes} process(es), {args.jobs:,} jobs: "
         f"{r['jobs_per_s']:,.0f} jobs/s; CPU per job: PostgreSQL {r['pg_cpu_us']:.0f} µs, "
         f"workers {r['worker_cpu_us']:.0f} µs; cores busy {r['cores_busy']:.2f} (includes "
-        "start-up and queue checks)"
+        f"the workers' connecting and the queue checks; not their start-up before go, "
+        f"{r['worker_startup_s']:.2f} s of CPU per process)"
     )
 
 

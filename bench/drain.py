@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -68,11 +68,13 @@ def drain(
     timeout: float = 900.0,
     *,
     stall: float | None = None,
+    before_go: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     """Time one drain of the n jobs queued in dsn. ``timeout`` bounds the whole wait;
     with ``stall`` (seconds) the harness also gives up, raising Stalled, once no job has
     finished for that long. Every count runs under a statement timeout
-    (bench.systems.COUNT_TIMEOUT)."""
+    (bench.systems.COUNT_TIMEOUT). ``before_go`` is called once every process is ready,
+    just before "go" (bench.cpusplit starts counting CPU there)."""
     config = config or systems.WORKER_DEFAULTS[system]
     done_before, _ = systems.counts(system, dsn, with_left=False)
     # awa's worker stops once its completion count reaches this (it has no burst mode).
@@ -81,6 +83,8 @@ def drain(
     with WorkerGroup.of_queue(
         system, dsn, config, processes, log_dir=ctx.logs, expect=expect
     ) as group:
+        if before_go is not None:
+            before_go()
         t0 = group.go()
         watch = _Watchdog(system, dsn, n, done_before, stall) if stall else None
         finished = group.wait(timeout, watch, every=min(10.0, (stall or 60.0) / 6))

@@ -419,6 +419,47 @@ async def test_the_claim_goes_numbered_on_a_raw_cursor(
     )
 
 
+@pytest.mark.parametrize(("setting", "prepared"), [("auto", True), ("off", None)])
+async def test_the_claim_is_prepared_at_its_first_run_on_a_connection(
+    dsn: str,
+    client: Client,
+    storage_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    setting: str,
+    prepared: bool | None,
+) -> None:
+    """Issue 16: PostgreSQL plans the claim ~10 times on each connection before it keeps
+    a plan (psycopg's 5 unprepared runs, then the plan cache's 5 custom plans), ~2-4 ms
+    each; four worker processes have four times the connections, each running a quarter
+    of the claims, and planned the claim 191 times in a 100,000-job drain where one
+    process planned it 45 times. So the claim is prepared at its first run on a
+    connection (``prepare=True``), unless statements are not prepared at all (through a
+    pooler, PGJOBS_PREPARED_STATEMENTS=off: psycopg's default, None)."""
+    monkeypatch.setenv("PGJOBS_PREPARED_STATEMENTS", setting)
+    asked: list[Any] = []
+    execute = psycopg.AsyncRawCursor.execute
+
+    async def recording(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        asked.append((query, kwargs.get("prepare")))
+        return await execute(self, query, params, **kwargs)
+
+    monkeypatch.setattr(psycopg.AsyncRawCursor, "execute", recording)
+    registry = Registry()
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        pass
+
+    job = await client.enqueue("acme", "echo")
+    worker = Worker(dsn, registry, fast_settings(storage_dir), burst=True)
+    await asyncio.wait_for(worker.run(), timeout=60)
+    assert worker.ran == [job.id]
+    text, _ = positional(compact(doorbell.ringing(QUERIES["job_claim_batch"])))
+    claims = [prepare for query, prepare in asked if query == text]
+    assert claims, "the claim went on a raw cursor"
+    assert set(claims) == {prepared}
+
+
 async def test_the_claims_row_maker_is_made_once_per_result_shape(
     dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
