@@ -174,6 +174,44 @@ def test_job_ids_are_time_ordered_uuid7() -> None:
     assert abs(millis[-1] - now) < 5000
 
 
+def _frozen_clock(monkeypatch: pytest.MonkeyPatch, ms: int) -> list[int]:
+    """new_job_id's clock, stopped at ``ms`` (Unix milliseconds) until the test changes
+    the returned cell, and new_job_id's state as in a fresh process (both restored after
+    the test)."""
+    from pgjobs import jobspec
+
+    now = [ms]
+    monkeypatch.setattr(jobspec, "_clock_ns", lambda: now[0] * 1_000_000)
+    monkeypatch.setattr(jobspec, "_last_ms", -1)
+    monkeypatch.setattr(jobspec, "_count", 0)
+    return now
+
+
+def test_job_ids_of_one_millisecond_are_in_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Within a millisecond the ids count up (so that PostgreSQL adds each at the end of
+    the indexes on job ids), past the 4,096 one millisecond holds, and on through a clock
+    set back a little; a clock set back far is followed."""
+    from pgjobs.jobspec import MAX_CLOCK_STEP_BACK_MS, new_job_id
+
+    start = 1_800_000_000_000  # 2027-01-15
+    now = _frozen_clock(monkeypatch, start)
+    ids = [new_job_id() for _ in range(5000)]
+    now[0] = start - 5  # a small step back
+    ids += [new_job_id() for _ in range(10)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert {i.version for i in ids} == {7}
+    assert {i.variant for i in ids} == {uuid.RFC_4122}
+    millis = [i.int >> 80 for i in ids]
+    assert millis[0] == start
+    assert millis[4095] == start  # 4,096 ids in the clock's millisecond...
+    assert millis[4096] == start + 1  # ...then the next one's
+    assert millis[-1] == start + 1
+
+    now[0] = start - MAX_CLOCK_STEP_BACK_MS - 1000  # set back far: follow the clock
+    assert new_job_id().int >> 80 == now[0]
+
+
 def _random_bits(job_id: uuid.UUID) -> int:
     return job_id.int & ((1 << 80) - 1)
 
