@@ -1,10 +1,10 @@
-"""The latest migration applied to a filled database: jobs in every state keep their audit
-rows, the company stream and a job stream read them after it and resume with
-Last-Event-ID from events written before it (every event once, in order), a lease taken
-before it still completes its job, and a worker of this version drains what was queued.
-The database is filled by the statements of the version before that migration
-(tests/queries_before_live_state.sql: sql/0021 moved a live job's state into its queue row, which
-this version's statements need); this version's gateway and workers start after
+"""The migrations from sql/0021 on (0021 moved a live job's state into its queue row, which
+this version's statements need) applied to a filled database: jobs in every state keep
+their audit rows, the company stream and a job stream read them afterwards and resume
+with Last-Event-ID from events written before (every event once, in order), a lease taken
+before still completes its job, and a worker of this version drains what was queued. The
+database is filled by the statements of the version before 0021
+(tests/queries_before_live_state.sql); this version's gateway and workers start after
 `pgjobs migrate`, as the README says."""
 
 from __future__ import annotations
@@ -31,17 +31,18 @@ from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 
 ALL = sorted(p.stem for p in migrate.migrations_dir().glob("0*.sql") if ".rollback" not in p.name)
-LATEST = ALL[-1]
+# sql/0021 and every migration after it: the upgrade from the statements before 0021.
+FROM_LIVE = ALL[ALL.index("0021_live_state") :]
 EVENTS = "/api/companies/acme/events"
 JOBS = "/api/companies/acme/content-jobs"
 
 
-def _roll_back_latest(dsn: str) -> None:
+def _roll_back_from_live(dsn: str) -> None:
     backend = migrate._backend(dsn)
     try:
         migrations = read_migrations(str(migrate.migrations_dir()))
         with backend.lock():
-            chosen = migrations.filter(lambda m: m.id == LATEST)
+            chosen = migrations.filter(lambda m: m.id in FROM_LIVE)
             backend.rollback_migrations(backend.to_rollback(chosen))
     finally:
         backend.connection.close()
@@ -81,12 +82,12 @@ def _keys(events: list[Sse]) -> list[tuple[str, int]]:
     return [(e.data["jobId"], e.data["seq"]) for e in events]
 
 
-async def test_streams_resume_and_a_worker_drains_across_the_latest_migration(
+async def test_streams_resume_and_a_worker_drains_across_the_migrations_from_live_state(
     empty_dsn: str, storage_dir: Path
 ) -> None:
     dsn = empty_dsn
     migrate.apply(dsn)
-    _roll_back_latest(dsn)
+    _roll_back_from_live(dsn)
     async with await Client.connect(dsn) as client:
         # One job in each state, moved there by the queries the version before runs.
         (failed,) = await _enqueue_before(dsn, JobSpec("acme", "echo", max_attempts=1))
@@ -112,7 +113,7 @@ async def test_streams_resume_and_a_worker_drains_across_the_latest_migration(
         ]  # fmt: skip
 
         before = await _audit_rows(dsn)
-        assert await asyncio.to_thread(migrate.apply, dsn) == [LATEST]
+        assert await asyncio.to_thread(migrate.apply, dsn) == FROM_LIVE
         assert await _audit_rows(dsn) == before  # the audit log is untouched
 
         async with serve_gateway(dsn, storage_dir) as gateway:
