@@ -55,6 +55,8 @@ WITH RECURSIVE room AS MATERIALIZED (
     -- '' for "all" here, so that the matches below are plain equalities.
     SELECT l.id, coalesce(l.company_id, '') AS company_id, coalesce(l.job_type, '') AS job_type,
            l.max_starts, l.period_seconds, w.window_start,
+           -- whether the current window has its row yet (pruned runs only when not)
+           s.started IS NOT NULL AS window_counted,
            -- (CASE: a bound not set is not counted at all)
            -- Running jobs: job_queue's leased rows (job_queue_lease_idx), read once per
            -- limit.
@@ -63,9 +65,7 @@ WITH RECURSIVE room AS MATERIALIZED (
                      WHERE q.lease_expires_at IS NOT NULL
                        AND (l.company_id IS NULL OR q.company_id = l.company_id)
                        AND (l.job_type IS NULL OR q.job_type = l.job_type)) END,
-                 CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce((
-                     SELECT s.started FROM pgjobs.limit_windows s
-                     WHERE s.limit_id = l.id AND s.window_start = w.window_start), 0) END)
+                 CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce(s.started, 0) END)
                AS room
     FROM pgjobs.limits l
     CROSS JOIN LATERAL (
@@ -73,6 +73,8 @@ WITH RECURSIVE room AS MATERIALIZED (
         SELECT to_timestamp(floor(extract(epoch FROM coalesce(%(now)s::timestamptz, now()))
                                   / l.period_seconds) * l.period_seconds) AS window_start
     ) w
+    -- its starts so far (none: no row yet, or no rate)
+    LEFT JOIN pgjobs.limit_windows s ON s.limit_id = l.id AND s.window_start = w.window_start
     WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])
 ), blocked AS (
     -- limits with no room left: the jobs they cover are not candidates at all
@@ -224,11 +226,14 @@ WITH RECURSIVE room AS MATERIALIZED (
 ), held AS (
     -- The jobs past a limit's room, counting its covered jobs in claim order. A job held
     -- back by one limit still counts against the others: never over, at worst a batch
-    -- short (the worker then claims again at once, see held_back).
+    -- short (the worker then claims again at once, see held_back). Only the limits whose
+    -- room is less than the batch are counted through: chosen has at most %(limit)s jobs,
+    -- so no other limit can hold one back (a limit far from binding costs nothing here).
     SELECT DISTINCT x.job_id FROM (
         SELECT c.job_id, r.room, row_number() OVER (PARTITION BY r.id ORDER BY c.ord) AS k
         FROM chosen c
         JOIN room r ON r.company_id IN (c.company_id, '') AND r.job_type IN (c.job_type, '')
+        WHERE r.room < %(limit)s::int
     ) x
     WHERE x.k > x.room
 ), keep AS (
@@ -265,9 +270,10 @@ WITH RECURSIVE room AS MATERIALIZED (
     GROUP BY r.id, r.window_start
     ON CONFLICT (limit_id, window_start) DO UPDATE SET started = w.started + excluded.started
 ), pruned AS (
-    -- Windows that ended more than a period ago are never read again.
+    -- Windows that ended more than a period ago are never read again. Deleted by the
+    -- claim that writes a limit's window first (its row is new), not by every claim.
     DELETE FROM pgjobs.limit_windows w USING room r
-    WHERE w.limit_id = r.id AND r.max_starts IS NOT NULL
+    WHERE w.limit_id = r.id AND r.max_starts IS NOT NULL AND NOT r.window_counted
       AND w.window_start < r.window_start - make_interval(secs => r.period_seconds)
 )
 -- The columns job_claim_batch returns (and why there), the job row read by primary key.
