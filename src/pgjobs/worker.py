@@ -127,7 +127,7 @@ TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, Ti
 # other's jobs run (one process: +20% jobs/s for ~5 µs of PostgreSQL CPU per job more,
 # the second claim walking past the rows the first has locked). Limited claims too: the
 # second waits for the first's limit locks, but its round trip is already made (limits
-# configured and not binding: 0.95x the jobs/s of none with two out, 0.74x with limited
+# configured and not binding: 0.947x the jobs/s of none with two out, 0.74x with limited
 # claims kept to one; docs/benchmarks.md, "Limits that do not bind").
 MAX_CLAIM_BATCH = 200
 CLAIMS_IN_FLIGHT = 2
