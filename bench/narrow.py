@@ -4,8 +4,9 @@
 
 What the live state in the queue row saves PostgreSQL per drained job. Side ``0020``: a
 fresh database migrated to sql/0020_merged_checks.sql, driven by the statements pgjobs ran
-then (bench/narrow.sql, copied from pgjobs/queries.sql before 0021: job_insert_many,
-job_claim_batch, job_finish_many_if_leased on the table pgjobs.jobs). Side ``0021``: a
+then (tests/queries_before_live_state.sql, pgjobs/queries.sql before 0021, which the
+migration tests move jobs with too: job_insert_many, job_claim_batch,
+job_finish_many_if_leased on the table pgjobs.jobs). Side ``0021``: a
 database migrated to the latest, driven by pgjobs.queries' statements of the same names.
 (Before the live state was built, its side was a prototype of it, in this module's
 history.)
@@ -28,9 +29,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -52,15 +55,18 @@ BATCH = 100
 ENQUEUE_BATCH = 1_000
 BASE = "0020_merged_checks"  # the schema both sides start from
 VARIANTS = ("0020", "0021")
-BEFORE = None  # bench/narrow.sql, loaded on first use
+# The statements before 0021: one copy, the migration tests' (loaded on first use).
+BEFORE_FILE = Path(__file__).resolve().parents[1] / "tests" / "queries_before_live_state.sql"
+BEFORE = None
 
 
 def _before() -> dict[str, Any]:
     global BEFORE
     if BEFORE is None:
-        from pgjobs.queries import load
-
-        BEFORE = dict(load("bench", "narrow.sql"))
+        parts = re.split(
+            r"^-- name: (\w+)\s*$", BEFORE_FILE.read_text(encoding="utf-8"), flags=re.MULTILINE
+        )
+        BEFORE = {n: b.strip().rstrip(";") for n, b in zip(parts[1::2], parts[2::2], strict=True)}
     return BEFORE
 
 
@@ -75,7 +81,7 @@ def statements(variant: str) -> tuple[Any, Any, Any]:
             QUERIES["job_finish_many_if_leased"],
         )
     q = _before()
-    return q["before_insert_many"], q["before_claim_batch"], q["before_finish_many_if_leased"]
+    return q["job_insert_many"], q["job_claim_batch"], q["job_finish_many_if_leased"]
 
 
 def _migrate_to_base(dsn: str) -> None:

@@ -2,7 +2,7 @@
 -- a134dab), which wrote the table pgjobs.jobs: what the producers and workers of the
 -- version before that migration ran. tests/gateway/test_gw_migration.py and
 -- tests/integration/test_migrations.py move jobs with them on the schema before it
--- (helpers.QUERIES_BEFORE_LIVE_STATE).
+-- (helpers.QUERIES_BEFORE_LIVE_STATE); bench.narrow drains with them as its side 0020.
 
 -- name: job_insert_many
 -- Bulk enqueue: one statement, any number of jobs. The arrays go in binary format (the b
