@@ -29,7 +29,7 @@
 -- CTEs, no trigger, no check) was no cheaper; ~0.15 ms of a statement's ~0.26 ms is preparing
 -- the three tables' CHECKs, and rewriting them plainer saved 0.06 ms (~0.2 µs per job): noise.
 -- Taken instead: ids in order within a millisecond (jobspec.new_job_id) and the company
--- index ascending (sql/0023), so every index takes a job at its right-hand end: 13.5 -> 12.5 µs.
+-- index ascending (sql/0022), so every index takes a job at its right-hand end: 13.5 -> 12.5 µs.
 WITH inserted AS (
     INSERT INTO pgjobs.job_rows (id, company_id, job_type, input, source_task_id, priority,
                                  run_at, max_attempts, created_at, updated_at)

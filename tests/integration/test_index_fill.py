@@ -1,7 +1,7 @@
 """A bulk enqueue adds each job at the right-hand end of every index it writes, so the
 indexes come out as full as a REINDEX builds them: the job ids increase within a
 millisecond (pgjobs.jobspec.new_job_id) and jobs_company_created_idx ascends
-(sql/0023_company_created_asc). PostgreSQL then skips the descent from the root for each
+(sql/0022_company_created_asc). PostgreSQL then skips the descent from the root for each
 insert and splits pages full; ids in random order within a millisecond, or an index in
 descending order, left half-empty pages (1.3 and 1.8 times the REINDEXed size)."""
 
