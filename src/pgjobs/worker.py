@@ -366,6 +366,7 @@ class Worker:
             max_size=min(settings.concurrency, 8) + 3 + (1 if settings.doorbell else 0),
             name=f"pgjobs-worker {self.id}"[:63],
             use_timeout=settings.db_use_timeout_seconds,
+            generic_plans=True,
         )
         self._pool = pool
         background: list[asyncio.Task[None]] = []
