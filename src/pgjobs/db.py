@@ -349,9 +349,9 @@ async def plans_generic(conn: AsyncConn) -> None:
     drain at 4 processes (issue 16). Forced generic (and the completion prepared at its
     first run, doorbell.execute), pg_stat_statements counted 21 plans of the claim
     against 101 and 17 of the completion against 176 (one per connection); PostgreSQL
-    CPU per job was 46.2 µs (44.8-48.0) against 49.0 (48.8-51.4) at 4 processes, jobs/s
-    1.03x, and 42.0 against 42.6 at 1 (bench.cpusplit, 100,000 jobs, 9-10 interleaved
-    rounds, medians). The generic claim walks the same indexes as the custom ones
+    CPU per job was 47.0 µs (44.8-49.4) against 49.0 (48.0-51.8) at 4 processes, jobs/s
+    1.03x, and 42.1 against 43.0 at 1, jobs/s 1.02x (bench.cpusplit, 100,000 jobs, 12-13
+    interleaved rounds, medians). The generic claim walks the same indexes as the custom ones
     (EXPLAIN ANALYZE on 100,000 queued and 1,000,000 finished jobs): its plan does not
     depend on the values."""
     await conn.execute(QUERIES["connection_plans_generic"])
