@@ -78,8 +78,11 @@ async def execute(
     """Run one statement in a transaction of its own (autocommit): with ``ring``, as
     ``ringing(query)``, so its commit carries no NOTIFY items and its caller rings after
     it. Sent without its comments (``queries.compact``), short enough for psycopg to
-    keep its conversion."""
-    await cur.execute(compact(ringing(query) if ring else query), params)
+    keep its conversion. Prepared at its first run on a connection that prepares
+    statements, as the worker's claim is (worker._execute_positional): the completion's
+    statement was planned at each of its first five runs on every connection."""
+    prepare = True if cur.connection.prepare_threshold is not None else None
+    await cur.execute(compact(ringing(query) if ring else query), params, prepare=prepare)
 
 
 async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[RungJob]) -> bool:

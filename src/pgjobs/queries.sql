@@ -676,6 +676,12 @@ SELECT to_regclass('pgjobs.jobs') IS NOT NULL AND to_regclass('pgjobs.job_events
 -- turns off prepared statements and the listener checks that LISTEN delivers.
 SELECT pg_backend_pid() AS pid;
 
+-- name: connection_plans_generic
+-- For the session: a prepared statement planned once, generically, instead of five custom
+-- plans before the plan cache considers a generic one (pgjobs.db.open_pool's
+-- generic_plans: the worker's connections, where the claim takes ~2-4 ms to plan).
+SELECT set_config('plan_cache_mode', 'force_generic_plan', false) AS plans;
+
 -- name: listener_notify_probe
 -- pgjobs.notifier: a NOTIFY on the listener's private probe channel, sent from another
 -- connection, to learn whether the LISTEN connection receives what others send.

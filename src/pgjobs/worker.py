@@ -221,7 +221,9 @@ async def _execute_positional(
     planned it ~10 times (5 unprepared runs, then the plan cache's 5 custom plans) before
     keeping one. Each worker process has its own connections, so four processes planned
     the claim 191 times in a 100,000-job drain where one process planned it 45 times,
-    +7 µs of PostgreSQL per job (pg_stat_statements' planning counts; issue 16)."""
+    +7 µs of PostgreSQL per job (pg_stat_statements' planning counts; issue 16). The
+    worker's pool also plans prepared statements generically (``db.plans_generic``),
+    so the claim is planned once per connection, not five times more."""
     text, names = positional(compact(doorbell.ringing(query) if ring else query))
     prepare = True if cur.connection.prepare_threshold is not None else None
     await cur.execute(text, [params[name] for name in names], prepare=prepare)
@@ -366,6 +368,7 @@ class Worker:
             max_size=min(settings.concurrency, 8) + 3 + (1 if settings.doorbell else 0),
             name=f"pgjobs-worker {self.id}"[:63],
             use_timeout=settings.db_use_timeout_seconds,
+            generic_plans=True,
         )
         self._pool = pool
         background: list[asyncio.Task[None]] = []

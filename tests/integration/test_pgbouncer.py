@@ -264,3 +264,21 @@ async def _idle(worker: Worker) -> bool:
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_a_worker_pool_sets_no_plan_mode_through_a_pooler(
+    dsn: str, pgbouncer: Bouncer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker's pool forces generic plans on a direct connection (db.plans_generic),
+    a session setting: through transaction pooling it would stay on the server connection
+    for whichever client gets it next, so it is not set there, not even with prepared
+    statements on. PgBouncer hands the server connection just released out again
+    (server_round_robin off), so a setting made at connect would show here."""
+    monkeypatch.setenv("PGJOBS_PREPARED_STATEMENTS", "on")
+    async with (
+        await db.open_pool(pgbouncer.dsn(dsn), max_size=1, generic_plans=True) as pool,
+        pool.connection() as conn,
+    ):
+        row = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+    assert row is not None
+    assert row["plan_cache_mode"] == "auto"
