@@ -682,6 +682,13 @@ SELECT pg_backend_pid() AS pid;
 -- generic_plans: the worker's connections, where the claim takes ~2-4 ms to plan).
 SELECT set_config('plan_cache_mode', 'force_generic_plan', false) AS plans;
 
+-- name: transaction_plans_default
+-- ctx.transaction() (pgjobs.txcomplete), for its transaction only: the handler's own
+-- statements planned as the server's settings say (the value RESET would restore), not as
+-- the worker's connections force for the claim (connection_plans_generic).
+SELECT set_config('plan_cache_mode', reset_val, true) AS plans
+FROM pg_settings WHERE name = 'plan_cache_mode';
+
 -- name: listener_notify_probe
 -- pgjobs.notifier: a NOTIFY on the listener's private probe channel, sent from another
 -- connection, to learn whether the LISTEN connection receives what others send.

@@ -80,6 +80,9 @@ class TransactionalCompletion:
         # The block runs the handler's own code: however long it takes is the handler's
         # business, not a sign of a half-open socket (GuardedPool's use limit).
         async with self._pool.unbounded_connection() as conn, conn.transaction():
+            # The worker's connections plan prepared statements generically (for the
+            # claim: db.plans_generic); the handler's own are planned as anywhere else.
+            await conn.execute(QUERIES["transaction_plans_default"])
             yield conn
             # Only reached when the block raised nothing; an exception skips this and
             # rolls back. LeaseLostError raised here rolls back the handler's writes too.

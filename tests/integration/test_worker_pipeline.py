@@ -489,6 +489,37 @@ async def test_the_workers_connections_plan_a_prepared_statement_once(
     assert row["plan_cache_mode"] == "auto"
 
 
+async def test_a_handlers_transaction_plans_as_the_server_says(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """The worker's pool forces generic plans for its own statements; a handler's
+    ctx.transaction() block runs on that pool, and its statements are planned as the
+    server's setting says (here PostgreSQL's default, auto), not forced generic."""
+    registry = Registry()
+    seen: list[str] = []
+
+    @registry.handler("plans")
+    async def plans(ctx: JobContext) -> None:
+        async with ctx.transaction() as conn:
+            row = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+            assert row is not None
+            seen.append(row["plan_cache_mode"])
+
+    job = await client.enqueue("acme", "plans")
+
+    async def done() -> bool:
+        return (await client.get("acme", job.id)).status.value == "done"
+
+    async with running_worker(dsn, registry, fast_settings(storage_dir)) as worker:
+        await wait_until(done, within=30, message="the job done")
+        assert worker._pool is not None
+        async with worker._pool.connection() as conn:
+            row = await (await conn.execute("SHOW plan_cache_mode")).fetchone()
+    assert row is not None
+    assert row["plan_cache_mode"] == "force_generic_plan"
+    assert seen == ["auto"]
+
+
 @pytest.mark.parametrize(("setting", "prepared"), [("auto", True), ("off", None)])
 async def test_the_completion_is_prepared_at_its_first_run_on_a_connection(
     dsn: str,
