@@ -193,6 +193,13 @@ PREPARE_THRESHOLD = 5
 """psycopg's default: a statement run this many times on a connection is prepared."""
 
 
+def prepare_at_first_run(conn: psycopg.AsyncConnection[Any]) -> bool | None:
+    """``execute``'s ``prepare`` for a statement the worker runs on every claim or finish:
+    True (prepared at its first run, not its sixth) where ``conn`` prepares statements,
+    None (psycopg's own choice: never) where it does not."""
+    return True if conn.prepare_threshold is not None else None
+
+
 def prepare_threshold(behind_a_pooler: bool) -> int | None:
     """psycopg's ``prepare_threshold`` for a connection (None: never prepare).
 

@@ -81,8 +81,8 @@ async def execute(
     keep its conversion. Prepared at its first run on a connection that prepares
     statements, as the worker's claim is (worker._execute_positional): the completion's
     statement was planned at each of its first five runs on every connection."""
-    prepare = True if cur.connection.prepare_threshold is not None else None
-    await cur.execute(compact(ringing(query) if ring else query), params, prepare=prepare)
+    query = compact(ringing(query) if ring else query)
+    await cur.execute(query, params, prepare=db.prepare_at_first_run(cur.connection))
 
 
 async def ring(conn: psycopg.AsyncConnection[Any], jobs: Iterable[RungJob]) -> bool:

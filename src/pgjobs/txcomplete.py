@@ -82,7 +82,9 @@ class TransactionalCompletion:
         async with self._pool.unbounded_connection() as conn, conn.transaction():
             # The worker's connections plan prepared statements generically (for the
             # claim: db.plans_generic); the handler's own are planned as anywhere else.
-            await conn.execute(QUERIES["transaction_plans_default"])
+            # A connection that prepares nothing was never set so: no statement for it.
+            if conn.prepare_threshold is not None:
+                await conn.execute(QUERIES["transaction_plans_default"])
             yield conn
             # Only reached when the block raised nothing; an exception skips this and
             # rolls back. LeaseLostError raised here rolls back the handler's writes too.

@@ -225,8 +225,9 @@ async def _execute_positional(
     worker's pool also plans prepared statements generically (``db.plans_generic``),
     so the claim is planned once per connection, not five times more."""
     text, names = positional(compact(doorbell.ringing(query) if ring else query))
-    prepare = True if cur.connection.prepare_threshold is not None else None
-    await cur.execute(text, [params[name] for name in names], prepare=prepare)
+    await cur.execute(
+        text, [params[name] for name in names], prepare=db.prepare_at_first_run(cur.connection)
+    )
 
 
 def default_worker_id() -> str:
