@@ -74,7 +74,7 @@ def write(out: Path, meta: dict[str, Any], results: dict[str, Any]) -> None:
     head = ["# pgjobs benchmark results", "", machine_md(meta), ""]
     if target_rows:
         head += [
-            "## Targets (issues 4 and 16)",
+            "## Targets (issues 4, 16 and 18)",
             "",
             "| target | measured | met? | gap / why |",
             "| --- | --- | --- | --- |",

@@ -75,6 +75,7 @@ def test_tiny_run_writes_json_summary_and_plots(tmp_path: Path) -> None:
     # One drain without limits and one with: the tiny run checks the scenario, not figures.
     assert (limits["pairs"], limits["without"]["jobs_per_s"]["n"]) == (1, 1), limits
     assert limits["with"]["jobs_per_s"]["n"] == 1, limits
+    assert "| limits configured, not binding: drain ≥ 0.95\N{MULTIPLICATION SIGN} none |" in summary
     lean = json.loads((out / "pglimit.json").read_text())["lean"]
     assert lean["floor"]["jobs_per_s"]["median"] > 0, lean
     assert lean["floor-tasks"]["jobs_per_s"]["median"] > 0, lean
@@ -139,3 +140,19 @@ def test_dashboard_bench_watches_a_drain_in_chromium(tmp_path: Path) -> None:
     assert run["page_errors"] == []
     assert run["rows_at_end"] == 50
     assert run["requests"] < 200, run  # one per job before reads were batched
+
+
+def test_bulk_enqueue_target_compares_medians_with_pgqueuer() -> None:
+    from bench.scenarios import enqueue
+
+    def rate(median: float) -> dict[str, dict[str, dict[str, float]]]:
+        return {"bulk": {"jobs_per_s": {"median": median}}}
+
+    res = {"bulk_chunk": 1000, "systems": {"pgjobs": rate(60_000), "pgqueuer": rate(50_000)}}
+    (row,) = enqueue.targets(res)
+    assert (row["measured"], row["met"]) == ("1.20\N{MULTIPLICATION SIGN}", True)
+    res["systems"]["pgjobs"] = rate(55_000)
+    (row,) = enqueue.targets(res)
+    assert (row["measured"], row["met"]) == ("1.10\N{MULTIPLICATION SIGN}", False)
+    del res["systems"]["pgqueuer"]
+    assert enqueue.targets(res) == []
