@@ -1,5 +1,5 @@
-"""sql/0023_ringing_triggers.sql: less for PostgreSQL to do per drained job, the same rows
-and events.
+"""sql/0023_ringing_triggers.sql and the claim's TID scan: less for PostgreSQL to do per
+drained job, the same rows and events.
 
 * With the doorbell on, the transition triggers write the audit rows and build no NOTIFY
   items (no RETURNING, sort or window aggregate); without it they send the items as before
@@ -7,6 +7,7 @@ and events.
 * An UPDATE of no rows (a finish's UPDATE of the queue rows when no attempt is retried)
   runs none of the trigger's statements.
 * A batch of ends rewrites each job row in its own page (HOT): job_rows' fillfactor.
+* The claim updates the queue rows it locked by their ctid (a TID scan).
 
 The trigger plans are read with auto_explain, which the embedded pgserver lacks: as
 tests/integration/test_trigger_plans.py, on Debian's PostgreSQL, skipped where none is
@@ -145,3 +146,16 @@ async def test_a_batch_of_ends_rewrites_each_job_row_in_its_page(dsn: str, clien
     after = await fetch(dsn, query)
     moved = [a["id"] for a, b in zip(after, before, strict=True) if a["page"] != b["page"]]
     assert moved == []
+
+
+async def test_the_claim_updates_the_rows_it_locked_by_ctid(dsn: str, client: Client) -> None:
+    await client.enqueue_many(JobSpec("acme", "noop") for _ in range(5000))
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        await conn.execute("ANALYZE pgjobs.job_queue")  # a queue's statistics, as in use
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        cur = await conn.execute(
+            "EXPLAIN (ANALYZE, COSTS OFF) " + QUERIES["job_claim_batch"], _claim_params(5)
+        )
+        plan = "\n".join(str(r[0]) for r in await cur.fetchall())
+        await conn.rollback()
+    assert "Tid Scan on job_queue" in plan, plan
