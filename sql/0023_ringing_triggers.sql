@@ -16,7 +16,8 @@
 -- 100,000 jobs, interleaved with the version before, PostgreSQL CPU per drained job, median
 -- (min-max): 54.2 (52.5-55.8) -> 48.8 (47.1-50.4) µs at 2 worker processes (4 pairs), 50.2
 -- (48.5-51.9) -> 46.6 (45.9-47.2) at 1, 58.2 (56.9-59.4) -> 54.3 (54.2-54.4) at 4 (2 pairs
--- each); lower in every pair, the worker's 1-2 µs lower too (load 5.6-6.8).
+-- each); lower in every pair, the worker's 1-2 µs lower too (load 5.6-6.8). A second set
+-- (load 2.2-5.3): 59.3 -> 56.6 / 57.3 -> 54.0 / 61.1 -> 57.4, lower in every pair again.
 --
 -- Without the doorbell (psql, the gateway, older workers) the items are as before: read back
 -- from the audit rows just written, by their key (job_id, seq), and packed as

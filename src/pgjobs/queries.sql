@@ -153,6 +153,10 @@ LIMIT %(limit)s::int;
 -- rows it passes over but for its "ours already" filter. No condition on the job
 -- row here: its selectivity (queued among millions of finished jobs) made the planner
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
+-- Left (issue 16, perf of a 2-process 100,000-job drain): the ring's first probe of a
+-- company walks the index entries of the jobs claimed since job_queue's last VACUUM (their
+-- old versions: dead, or killed but still read page by page), ~2.5 µs per job of ~50, and
+-- more the longer autovacuum leaves the queue (it does not run in a drain of seconds).
 -- Measured and not taken (issue 16): claims taking turns (a transaction advisory lock per
 -- job-type set, pipelined before the claim, so none walks past rows another has locked):
 -- 0.97x / 0.94x / 0.83x the jobs/s at 1 / 2 / 4 processes (bench.cpusplit, 3 interleaved
