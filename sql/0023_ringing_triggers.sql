@@ -24,8 +24,9 @@
 -- publish_events packs them (sql/0010). The audit rows, the refusal of a state change
 -- without one, the work items and everything else of sql/0021 are unchanged.
 --
--- Deploying: two functions replaced in one transaction; sessions plan them anew; workers
--- and gateways of either version keep working.
+-- Deploying: no stop; two functions replaced and a storage parameter set (no row written)
+-- in one transaction; sessions plan the functions anew; workers and gateways of either
+-- version keep working (an older worker's claim by primary key works on it as before).
 
 CREATE OR REPLACE FUNCTION pgjobs.job_rows_updated() RETURNS trigger
 LANGUAGE plpgsql AS $$
