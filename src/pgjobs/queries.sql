@@ -153,6 +153,10 @@ LIMIT %(limit)s::int;
 -- rows it passes over but for its "ours already" filter. No condition on the job
 -- row here: its selectivity (queued among millions of finished jobs) made the planner
 -- merge-join the whole queue with jobs_pkey and sort it, ~300 ms per claim at 10M rows.
+-- Left (issue 16, perf of a 2-process 100,000-job drain): the ring's first probe of a
+-- company walks the index entries of the jobs claimed since job_queue's last VACUUM (their
+-- old versions: dead, or killed but still read page by page), ~2.5 µs per job of ~50, and
+-- more the longer autovacuum leaves the queue (it does not run in a drain of seconds).
 -- Measured and not taken (issue 16): claims taking turns (a transaction advisory lock per
 -- job-type set, pipelined before the claim, so none walks past rows another has locked):
 -- 0.97x / 0.94x / 0.83x the jobs/s at 1 / 2 / 4 processes (bench.cpusplit, 3 interleaved
@@ -220,11 +224,11 @@ WITH RECURSIVE scope AS (
            (%(limit)s::int + max(cpos) - 1) / greatest(max(cpos), 1) AS per_company
     FROM ring
 ), heads1 AS (
-    SELECT h.job_id, h.run_at, r.company_id, r.priority, r.cpos, r.n
+    SELECT h.job_id, h.run_at, r.company_id, r.priority, r.cpos, r.n, h.ctid
     FROM ring r CROSS JOIN LATERAL (
         -- One level of one company: due jobs are a contiguous range of the index, so the
         -- walk ends at the first job not due yet (or of another level).
-        SELECT q.job_id, q.run_at
+        SELECT q.job_id, q.run_at, q.ctid
         FROM pgjobs.job_queue q
         WHERE q.company_id = r.company_id AND q.priority = r.priority
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
@@ -245,9 +249,9 @@ WITH RECURSIVE scope AS (
            / greatest((SELECT count(*) FROM whole), 1) AS per_company
     FROM whole w JOIN ring r ON r.n = w.n
 ), heads2 AS (
-    SELECT h.job_id, h.run_at, f.company_id, f.priority, r.cpos, f.n
+    SELECT h.job_id, h.run_at, f.company_id, f.priority, r.cpos, f.n, h.ctid
     FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
-        SELECT q.job_id, q.run_at
+        SELECT q.job_id, q.run_at, q.ctid
         FROM pgjobs.job_queue q
         WHERE q.company_id = r.company_id AND q.priority = r.priority  -- as in heads1
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
@@ -261,7 +265,7 @@ WITH RECURSIVE scope AS (
     ) h
     WHERE f.per_company > 0
 ), heads AS (
-    SELECT h.job_id, h.priority, h.company_id, h.cpos,
+    SELECT h.job_id, h.priority, h.company_id, h.cpos, h.ctid,
            row_number() OVER (PARTITION BY h.n ORDER BY h.run_at, h.job_id) AS rank,
            count(*) OVER (PARTITION BY h.n) AS taken,
            (SELECT per_company FROM share) + coalesce(f.per_company, 0) AS asked
@@ -280,14 +284,14 @@ WITH RECURSIVE scope AS (
             ORDER BY q.priority DESC, q.run_at, q.job_id
             LIMIT 1) END) AS priority
 ), fair AS (
-    SELECT h.job_id, h.company_id,
+    SELECT h.job_id, h.company_id, h.ctid,
            row_number() OVER (ORDER BY h.priority DESC, h.rank, h.cpos) AS n
     FROM heads h
     WHERE h.priority >= coalesce((SELECT priority FROM cut), h.priority)
     ORDER BY h.priority DESC, h.rank, h.cpos
     LIMIT %(limit)s::int
 ), fill AS (
-    SELECT q.job_id FROM pgjobs.job_queue q
+    SELECT q.job_id, q.ctid FROM pgjobs.job_queue q
     WHERE q.lease_expires_at IS NULL
       AND q.run_at <= coalesce(%(now)s::timestamptz, now())
       AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
@@ -308,9 +312,10 @@ WITH RECURSIVE scope AS (
         event_seq = q.event_seq + 1,
         last_event = 'content_job.running',
         updated_at = coalesce(%(now)s::timestamptz, now())
-    -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked
-    -- them (re-checking their WHERE on the newest version), so nobody changed them since.
-    WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM fair UNION ALL SELECT job_id FROM fill))
+    -- The rows the CTEs locked (re-checking their WHERE on the newest version), by the
+    -- ctid of that version: nobody can have changed them since, so it is still theirs, and
+    -- a TID scan fetches each without walking job_queue_pkey (~0.8 µs per job, perf).
+    WHERE q.ctid = ANY(ARRAY(SELECT ctid FROM fair UNION ALL SELECT ctid FROM fill))
       AND NOT (SELECT limited FROM scope)
       -- With the doorbell on, the worker runs this statement with events_doorbell_on here
       -- (pgjobs.doorbell.ringing): set once, before the statement's triggers.

@@ -538,7 +538,7 @@ def test_the_limited_claim_walks_the_queue_as_the_fair_claim_does() -> None:
 
     def claim_set(query: str) -> str:
         start = query.index("    UPDATE pgjobs.job_queue q\n    SET ", query.index("claimed AS ("))
-        return query[start : query.index("\n    -- Rows by primary key", start)]
+        return query[start : query.index("\n    -- ", start)]  # up to the WHERE's comment
 
     assert claim_set(fair) == claim_set(limited)
 
