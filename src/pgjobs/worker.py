@@ -129,6 +129,11 @@ TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, Ti
 # second waits for the first's limit locks, but its round trip is already made (limits
 # configured and not binding: 0.947x the jobs/s of none with two out, 0.74x with limited
 # claims kept to one; docs/benchmarks.md, "Limits that do not bind").
+# Measured and not taken (issue 16, 10-12 interleaved pairs of 100,000-job drains at 1 / 2 / 4
+# processes, load ~5 on 2 cores): claims of 300 at concurrency 600 cost PostgreSQL 2.0 / 3.5 /
+# 2.8 µs less per job (jobs/s 1.14x / 1.01x / 1.18x, noisy) but another company's first job
+# behind a backlog started at p99 54-70 ms over 3 fairness runs (200: 51-52; 47 at 600 alone);
+# 400: behind after 2 rounds; one claim out at 4 processes: 0.95x, PostgreSQL +2.6 µs per job.
 MAX_CLAIM_BATCH = 200
 CLAIMS_IN_FLIGHT = 2
 
