@@ -134,7 +134,7 @@ WITH RECURSIVE room AS MATERIALIZED (
            (%(limit)s::int + max(cpos) - 1) / greatest(max(cpos), 1) AS per_company
     FROM ring
 ), heads1 AS (
-    SELECT h.job_id, h.run_at, h.job_type, r.company_id, r.priority, r.cpos, r.n
+    SELECT h.job_id, h.run_at, h.job_type, r.company_id, r.priority, r.cpos, r.n, h.ctid
     FROM (SELECT * FROM ring
           -- a company over a limit on all its jobs: not walked at all
           WHERE NOT EXISTS (SELECT 1 FROM blocked b
@@ -142,7 +142,7 @@ WITH RECURSIVE room AS MATERIALIZED (
     CROSS JOIN LATERAL (
         -- One level of one company: due jobs are a contiguous range of the index, so the
         -- walk ends at the first job not due yet (or of another level).
-        SELECT q.job_id, q.run_at, q.job_type
+        SELECT q.job_id, q.run_at, q.job_type, q.ctid
         FROM pgjobs.job_queue q
         WHERE q.company_id = r.company_id AND q.priority = r.priority
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
@@ -165,9 +165,9 @@ WITH RECURSIVE room AS MATERIALIZED (
            / greatest((SELECT count(*) FROM whole), 1) AS per_company
     FROM whole w JOIN ring r ON r.n = w.n
 ), heads2 AS (
-    SELECT h.job_id, h.run_at, h.job_type, f.company_id, f.priority, r.cpos, f.n
+    SELECT h.job_id, h.run_at, h.job_type, f.company_id, f.priority, r.cpos, f.n, h.ctid
     FROM filled f JOIN ring r ON r.n = f.n CROSS JOIN LATERAL (
-        SELECT q.job_id, q.run_at, q.job_type
+        SELECT q.job_id, q.run_at, q.job_type, q.ctid
         FROM pgjobs.job_queue q
         WHERE q.company_id = r.company_id AND q.priority = r.priority  -- as in heads1
           AND (q.run_at, q.job_id) >= (r.run_at, r.job_id)
@@ -183,7 +183,7 @@ WITH RECURSIVE room AS MATERIALIZED (
     ) h
     WHERE f.per_company > 0
 ), heads AS (
-    SELECT h.job_id, h.priority, h.company_id, h.job_type, h.cpos,
+    SELECT h.job_id, h.priority, h.company_id, h.job_type, h.cpos, h.ctid,
            row_number() OVER (PARTITION BY h.n ORDER BY h.run_at, h.job_id) AS rank,
            count(*) OVER (PARTITION BY h.n) AS taken,
            (SELECT per_company FROM share) + coalesce(f.per_company, 0) AS asked
@@ -204,14 +204,14 @@ WITH RECURSIVE room AS MATERIALIZED (
             ORDER BY q.priority DESC, q.run_at, q.job_id
             LIMIT 1) END) AS priority
 ), fair AS (
-    SELECT h.job_id, h.company_id, h.job_type,
+    SELECT h.job_id, h.company_id, h.job_type, h.ctid,
            row_number() OVER (ORDER BY h.priority DESC, h.rank, h.cpos) AS n
     FROM heads h
     WHERE h.priority >= coalesce((SELECT priority FROM cut), h.priority)
     ORDER BY h.priority DESC, h.rank, h.cpos
     LIMIT %(limit)s::int
 ), fill AS (
-    SELECT q.job_id, q.priority, q.run_at, q.company_id, q.job_type FROM pgjobs.job_queue q
+    SELECT q.job_id, q.priority, q.run_at, q.company_id, q.job_type, q.ctid FROM pgjobs.job_queue q
     WHERE q.lease_expires_at IS NULL
       AND q.run_at <= coalesce(%(now)s::timestamptz, now())
       AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
@@ -223,11 +223,11 @@ WITH RECURSIVE room AS MATERIALIZED (
     FOR UPDATE OF q SKIP LOCKED
 ), chosen AS (
     -- fair's jobs, then fill's, in claim order, with what limits match them on
-    SELECT job_id, n AS ord, company_id, job_type FROM fair
+    SELECT job_id, n AS ord, company_id, job_type, ctid FROM fair
     UNION ALL
     SELECT job_id, (SELECT count(*) FROM fair)
                    + row_number() OVER (ORDER BY priority DESC, run_at, job_id),
-           company_id, job_type
+           company_id, job_type, ctid
     FROM fill
 ), held AS (
     -- The jobs past a limit's room, counting its covered jobs in claim order. A job held
@@ -243,7 +243,7 @@ WITH RECURSIVE room AS MATERIALIZED (
     ) x
     WHERE x.k > x.room
 ), keep AS (
-    SELECT c.job_id, c.company_id, c.job_type FROM chosen c
+    SELECT c.job_id, c.company_id, c.job_type, c.ctid FROM chosen c
     WHERE c.job_id <> ALL(ARRAY(SELECT job_id FROM held))
 ), claimed AS (
     -- The queue row only, as in job_claim_batch (sql/0021).
@@ -259,9 +259,9 @@ WITH RECURSIVE room AS MATERIALIZED (
         event_seq = q.event_seq + 1,
         last_event = 'content_job.running',
         updated_at = coalesce(%(now)s::timestamptz, now())
-    -- Rows by primary key, whatever the plan cache guesses for LIMIT $n; the CTEs locked them
-    -- (re-checking their WHERE on the newest version), so nobody changed them since.
-    WHERE q.job_id = ANY(ARRAY(SELECT job_id FROM keep))
+    -- The rows the CTEs locked, by the ctid of the version they locked, as in
+    -- job_claim_batch (a TID scan, not a walk of job_queue_pkey per job).
+    WHERE q.ctid = ANY(ARRAY(SELECT ctid FROM keep))
       -- With the doorbell on, the worker runs this statement with events_doorbell_on here
       -- (pgjobs.doorbell.ringing), as job_claim_batch.
       AND (SELECT true /* doorbell */)

@@ -674,3 +674,29 @@ async def test_a_limited_worker_sends_one_claim_at_a_time_for_all_its_slots(
     assert asked[0] == worker.MAX_CLAIM_BATCH == 200
     assert most == 1
     assert w._limited
+
+
+async def test_the_limited_claim_updates_the_rows_it_locked_by_ctid(
+    dsn: str, client: Client
+) -> None:
+    """As job_claim_batch (sql/0023's header): the UPDATE reaches the queue rows the CTEs
+    locked through a TID scan, not a walk of job_queue_pkey per job, and claims them."""
+    await _set(dsn, company_id="acme", max_running=100)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(5000))
+    params = _claim_params(limit=20)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn,
+        conn.transaction(force_rollback=True),
+    ):
+        await conn.execute("ANALYZE pgjobs.job_queue")  # a queue's statistics, as in use
+        await conn.execute("SET LOCAL plan_cache_mode = force_generic_plan")
+        await conn.execute(QUERIES["limit_lock_for_types"], params)
+        cur = await conn.execute(
+            "EXPLAIN (ANALYZE, COSTS OFF) " + QUERIES["job_claim_batch_limited"], params
+        )
+        plan = "\n".join(r["QUERY PLAN"] for r in await cur.fetchall())
+    assert "Tid Scan on job_queue" in plan, plan
+    claimed = await fetch(dsn, QUERIES["job_claim_batch_limited"], params)
+    assert len(claimed) == 20
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue WHERE status = 'running'")
+    assert rows[0]["n"] == 20
