@@ -200,3 +200,4 @@ END;
 $$;
 
 ALTER TABLE pgjobs.job_rows SET (fillfactor = 50);
+DROP FUNCTION pgjobs.notify_audit_rows(uuid[], int[]);

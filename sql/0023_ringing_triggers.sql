@@ -24,9 +24,31 @@
 -- publish_events packs them (sql/0010). The audit rows, the refusal of a state change
 -- without one, the work items and everything else of sql/0021 are unchanged.
 --
--- Deploying: no stop; two functions replaced and a storage parameter set (no row written)
--- in one transaction; sessions plan the functions anew; workers and gateways of either
--- version keep working (an older worker's claim by primary key works on it as before).
+-- Deploying: no stop; two functions replaced, one added (notify_audit_rows) and a storage
+-- parameter set (no row written) in one transaction; sessions plan the functions anew;
+-- workers and gateways of either version keep working (an older worker's claim by primary key works on it as before).
+
+-- The NOTIFY items of the audit rows (job_id, seq) just written, packed as publish_events
+-- packs them (sql/0010), for the transition triggers below when the doorbell is off.
+-- Returns the notifications sent.
+CREATE FUNCTION pgjobs.notify_audit_rows(job_ids uuid[], seqs int[]) RETURNS bigint
+LANGUAGE sql AS $$
+    WITH items AS (
+        SELECT e.id, pgjobs.notify_item(e.id, e.job_id, e.company_id, e.seq, e.type, e.status,
+                                        e.attempt, e.payload) AS item
+        FROM unnest(job_ids, seqs) AS k(job_id, seq)
+        JOIN pgjobs.job_events e ON e.job_id = k.job_id AND e.seq = k.seq
+    ), chunks AS (
+        SELECT id, item,
+               sum(octet_length(item) + 1) OVER (ORDER BY id)
+               / (7980 - max(octet_length(item)) OVER ()) AS chunk
+        FROM items
+    ), notified AS (
+        SELECT pg_notify('pgjobs_events', '{"events":[' || string_agg(item, ',' ORDER BY id) || ']}') AS n
+        FROM chunks GROUP BY chunk
+    )
+    SELECT count(n) FROM notified;
+$$;
 
 CREATE OR REPLACE FUNCTION pgjobs.job_rows_updated() RETURNS trigger
 LANGUAGE plpgsql AS $$
@@ -95,26 +117,13 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     IF NOT ring THEN
-        -- The NOTIFY items of the audit rows just written, as publish_events packs them.
         WITH pairs AS MATERIALIZED (
             -- FULL JOIN, materialised: see sql/0017_trigger_plans.sql.
             SELECT n.id, n.event_seq, n.event_seq <> o.event_seq AS is_transition
             FROM new_rows n FULL JOIN old_rows o USING (id)
-        ), items AS (
-            SELECT e.id, pgjobs.notify_item(e.id, e.job_id, e.company_id, e.seq, e.type, e.status,
-                                            e.attempt, e.payload) AS item
-            FROM pairs p JOIN pgjobs.job_events e ON e.job_id = p.id AND e.seq = p.event_seq
-            WHERE p.is_transition
-        ), chunks AS (
-            SELECT id, item,
-                   sum(octet_length(item) + 1) OVER (ORDER BY id)
-                   / (7980 - max(octet_length(item)) OVER ()) AS chunk
-            FROM items
-        ), notified AS (
-            SELECT pg_notify('pgjobs_events', '{"events":[' || string_agg(item, ',' ORDER BY id) || ']}') AS n
-            FROM chunks GROUP BY chunk
         )
-        SELECT count(n) INTO sent FROM notified;
+        SELECT pgjobs.notify_audit_rows(array_agg(id), array_agg(event_seq)) INTO sent
+        FROM pairs WHERE is_transition;
     END IF;
     IF revived THEN
         -- An ended job made live again (a retry): its queue row, from its job row. In a
@@ -208,26 +217,13 @@ BEGIN
             USING ERRCODE = 'check_violation';
     END IF;
     IF NOT ring THEN
-        -- The NOTIFY items of the audit rows just written, as publish_events packs them.
         WITH pairs AS MATERIALIZED (
             -- FULL JOIN, materialised: see sql/0017_trigger_plans.sql.
-            SELECT n.job_id, n.event_seq, n.event_seq <> o.event_seq AS is_transition
+            SELECT n.job_id AS id, n.event_seq, n.event_seq <> o.event_seq AS is_transition
             FROM new_rows n FULL JOIN old_rows o USING (job_id)
-        ), items AS (
-            SELECT e.id, pgjobs.notify_item(e.id, e.job_id, e.company_id, e.seq, e.type, e.status,
-                                            e.attempt, e.payload) AS item
-            FROM pairs p JOIN pgjobs.job_events e ON e.job_id = p.job_id AND e.seq = p.event_seq
-            WHERE p.is_transition
-        ), chunks AS (
-            SELECT id, item,
-                   sum(octet_length(item) + 1) OVER (ORDER BY id)
-                   / (7980 - max(octet_length(item)) OVER ()) AS chunk
-            FROM items
-        ), notified AS (
-            SELECT pg_notify('pgjobs_events', '{"events":[' || string_agg(item, ',' ORDER BY id) || ']}') AS n
-            FROM chunks GROUP BY chunk
         )
-        SELECT count(n) INTO sent FROM notified;
+        SELECT pgjobs.notify_audit_rows(array_agg(id), array_agg(event_seq)) INTO sent
+        FROM pairs WHERE is_transition;
     END IF;
     IF wake_workers THEN
         -- The workers' channel, in a statement of its own (as in publish_events).
