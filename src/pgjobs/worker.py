@@ -260,8 +260,8 @@ class _Running:
     timed_out: bool = False
 
 
-# A claim result's Job maker, and the positions of after_company, held_back and limited.
-_ClaimShape = tuple[Callable[[Sequence[Any]], Job], int, int | None, int | None]
+# A claim result's Job maker, and the positions of after_company, held_back, limited and id.
+_ClaimShape = tuple[Callable[[Sequence[Any]], Job], int, int | None, int | None, int]
 
 
 @dataclass(slots=True)
@@ -273,6 +273,10 @@ class _ClaimNote:
     held_back: int = 0
     limited: bool = False
     shape: _ClaimShape | None = None
+    # The claimed jobs' ids as text, in the order of the jobs, read from the result as
+    # PostgreSQL wrote them (str(UUID) costs ~0.5 µs a job); None where the rows were
+    # decoded one by one (_decode_each).
+    id_texts: list[str] | None = None
 
 
 class Worker:
@@ -469,7 +473,7 @@ class Worker:
                 extra={"worker_id": self.id},
             )
             if self.tune_gc:
-                gcpolicy.tune_for_long_running_process()
+                gcpolicy.tune_for_long_running_process(young=gcpolicy.WORKER_YOUNG_GC_AFTER)
             self.started.set()
             await self._fetch_loop()
             await self._drain()
@@ -618,8 +622,9 @@ class Worker:
             raise failed[0]
 
     async def _claim_and_start(self, limit: int, wakes_when_sent: int) -> None:
+        id_texts: list[str] | None = None
         try:
-            jobs = await self._claim(limit)
+            jobs, id_texts = await self._claim(limit)
             self._claim_failures = 0
         except TRANSIENT as exc:
             self._back_off(f"claim failed ({db.describe_error(exc)})")
@@ -646,7 +651,13 @@ class Worker:
         finally:
             self._reserved -= limit
             self._claims -= 1
-        rung = [(job.company_id, self._start(job)) for job in jobs]
+        if id_texts is None:
+            rung = [(job.company_id, self._start(job)) for job in jobs]
+        else:
+            start = self._start
+            rung = [
+                (job.company_id, start(job, text)) for job, text in zip(jobs, id_texts, strict=True)
+            ]
         by_type = collections.Counter([job.job_type for job in jobs])  # counted in C
         metrics.count_transitions({(job_type, "running"): n for job_type, n in by_type.items()})
         if len(jobs) < limit and not self._claim_failures:
@@ -697,7 +708,9 @@ class Worker:
             async with asyncio.timeout(delay):  # not wait_for: see _fetch_loop
                 await self._stopping.wait()
 
-    async def _claim(self, limit: int) -> list[Job]:
+    async def _claim(self, limit: int) -> tuple[list[Job], list[str] | None]:
+        """The jobs claimed, and their ids as text where the result gave them
+        (_ClaimNote.id_texts)."""
         assert self._pool is not None
         params = {
             "now": None,
@@ -726,7 +739,7 @@ class Worker:
                 await _execute_positional(cur, QUERIES["job_claim_batch"], params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur, note)
                 if not note.limited:
-                    return jobs
+                    return jobs, note.id_texts
                 self._limited = True
             # Some limit may cover these jobs (pgjobs.limits): take the limits' locks,
             # then claim within the rooms they leave (counted in a snapshot taken under
@@ -746,7 +759,7 @@ class Worker:
             self._wake()  # a limit cut the batch short, not the queue: claim the rest
         elif window_ends_in is not None and len(jobs) < limit:
             self._wake_at_window_end(float(window_ends_in))
-        return jobs
+        return jobs, note.id_texts
 
     async def _fetch_claimed(
         self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job], note: _ClaimNote
@@ -758,7 +771,7 @@ class Worker:
         result holds them (text, an int, a boolean as t or f), instead of on every row."""
         result = cur.pgresult
         if result is not None and note.shape is not None and result.ntuples:
-            _, after_at, held_at, limited_at = note.shape
+            _, after_at, held_at, limited_at, _ = note.shape
             last = result.ntuples - 1
             if limited_at is not None and result.get_value(last, limited_at) == b"t":
                 note.limited = True
@@ -768,11 +781,18 @@ class Worker:
             if held_at is not None:
                 held = result.get_value(last, held_at)
                 note.held_back = 0 if held is None else int(bytes(held))
+        note.id_texts = None
         try:
-            return await cur.fetchall()
+            jobs = await cur.fetchall()
         except Exception as exc:  # any row that cannot become a Job
             log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
             return await self._decode_each(conn, cur)
+        if result is not None and note.shape is not None:
+            # Row i is jobs[i]: its id's text as PostgreSQL wrote it (uuid_out: lowercase,
+            # hyphenated, as str(UUID) writes it), for the rings and the finish's literal.
+            get, id_at = result.get_value, note.shape[4]
+            note.id_texts = [(get(row, id_at) or b"").decode() for row in range(len(jobs))]
+        return jobs
 
     def _wake_at_window_end(self, delay: float) -> None:
         """A claim came back short while a rate limit applies: its window's end may let
@@ -813,7 +833,7 @@ class Worker:
         held_at = text.index("held_back") if "held_back" in text else None
         limited_at = text.index("limited") if "limited" in text else None
         make = claimed_jobs(text, self.id, self.settings.lease_seconds)
-        return make, text.index("after_company"), held_at, limited_at
+        return make, text.index("after_company"), held_at, limited_at, text.index("id")
 
     async def _decode_each(self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job]) -> list[Job]:
         """The claimed rows that decode, as Jobs. The claim has committed: every row is
@@ -910,8 +930,9 @@ class Worker:
 
     # -- running -----------------------------------------------------------------------
 
-    def _start(self, job: Job) -> str:
-        """Start the job's task; returns its id as text (for the claim's ring)."""
+    def _start(self, job: Job, id_text: str | None = None) -> str:
+        """Start the job's task; returns its id as text (for the claim's ring):
+        ``id_text`` when the caller has it (``str(job.id)``), else made here."""
         assert self._pool is not None
         assert self._loop is not None
         # The loop run() kept, not asyncio's lookup of the running loop (also inside
@@ -919,7 +940,7 @@ class Worker:
         loop = self._loop
         # No TransactionalCompletion until the handler asks for ctx.transaction().
         ctx = JobContext(job, self._write_progress, loop, self._new_completion)
-        entry = _Running(job, ctx, str(job.id))
+        entry = _Running(job, ctx, str(job.id) if id_text is None else id_text)
         self._active += 1
         self._running[entry.id_text] = entry
         # No done callback: _execute forgets the job itself (its finally), which spares

@@ -399,7 +399,8 @@ async def test_a_worker_claim_waits_for_the_locks_and_counts_what_their_holder_c
                 assert len(await cur.fetchall()) == 1
                 claim = asyncio.create_task(w._claim(10))
                 await wait_until(waiting_for_the_lock, within=20, message="the claim waiting")
-            assert await claim == []
+            jobs, _ = await claim
+            assert jobs == []
         assert w._limited
         rows = await fetch(dsn, "SELECT status, worker_id FROM pgjobs.jobs ORDER BY status")
         assert [(r["status"], r["worker_id"]) for r in rows] == [
@@ -474,13 +475,13 @@ async def test_a_workers_first_claim_asks_nothing_first(
     sent = _record_queries(monkeypatch)
     async with _claiming_worker(dsn, storage_dir) as w:
         sent.clear()  # the pool's own statements, if any
-        assert len(await w._claim(1)) == 1
+        assert len((await w._claim(1))[0]) == 1
         assert sent == ["job_claim_batch"]
         assert not w._limited
     await _set(dsn, company_id="acme", max_running=100)
     async with _claiming_worker(dsn, storage_dir) as w:
         sent.clear()
-        assert len(await w._claim(10)) == 2
+        assert len((await w._claim(10))[0]) == 2
         assert sent == LIMITED_CLAIM
         assert w._limited
 
@@ -629,15 +630,15 @@ async def test_an_idle_workers_empty_claim_is_one_statement(
     statement (the claim itself says whether a limit refused it); when a limit appears,
     the claim that the limit refused goes on through the limited claim at once."""
     async with _claiming_worker(dsn, storage_dir) as w:
-        assert await w._claim(10) == []  # the first claim
+        assert (await w._claim(10))[0] == []  # the first claim
         sent = _record_queries(monkeypatch)
-        assert await w._claim(10) == []
-        assert await w._claim(10) == []
+        assert (await w._claim(10))[0] == []
+        assert (await w._claim(10))[0] == []
         assert sent == ["job_claim_batch", "job_claim_batch"]
         await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
         await _set(dsn, company_id="acme", max_running=2)
         sent.clear()
-        assert len(await w._claim(10)) == 2
+        assert len((await w._claim(10))[0]) == 2
         assert sent == LIMITED_CLAIM
         assert w._limited
 

@@ -5,6 +5,7 @@ completion that cannot be written fails loudly instead of hanging its job."""
 from __future__ import annotations
 
 import asyncio
+import gc
 import uuid
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 from psycopg.rows import dict_row
 
 from helpers import claim_one, fast_settings, fetch, finish_params, running_worker, wait_until
-from pgjobs import db, doorbell, rescuer
+from pgjobs import db, doorbell, gcpolicy, rescuer
 from pgjobs import worker as worker_module
 from pgjobs.assets import GeneratedAsset, StoredAsset
 from pgjobs.client import Client
@@ -583,7 +584,7 @@ async def test_the_claims_row_maker_is_made_once_per_result_shape(
     claims = 0
     claim = worker._claim
 
-    async def counted(limit: int) -> list[Job]:
+    async def counted(limit: int) -> tuple[list[Job], list[str] | None]:
         nonlocal claims
         claims += 1
         return await claim(limit)
@@ -594,6 +595,60 @@ async def test_the_claims_row_maker_is_made_once_per_result_shape(
     assert claims >= 6
     assert len(made) == 1
     assert "after_company" in made[0]
+
+
+async def test_each_claimed_job_starts_with_its_id_text_read_from_the_claims_result(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """The claim hands each job's id as PostgreSQL wrote it (_ClaimNote.id_texts) to
+    _start, which keys the job, its rings and its finish by it: the same text as
+    str(job.id), for every job of every claim, so no job is made its text again."""
+    registry = Registry()
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        pass
+
+    await client.enqueue_many(JobSpec(f"co{i % 3}", "echo") for i in range(25))
+    worker = Worker(dsn, registry, fast_settings(storage_dir, concurrency=10), burst=True)
+    started: list[tuple[uuid.UUID, str | None]] = []
+    start = worker._start
+
+    def recording(job: Job, id_text: str | None = None) -> str:
+        started.append((job.id, id_text))
+        return start(job) if id_text is None else start(job, id_text)
+
+    worker._start = recording  # type: ignore[method-assign]
+    await asyncio.wait_for(worker.run(), timeout=60)
+    assert len(started) == 25
+    assert [text for _, text in started] == [str(job_id) for job_id, _ in started]
+    done = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.jobs WHERE status = 'done'")
+    assert done[0]["n"] == 25
+
+
+async def test_a_worker_that_owns_its_process_collects_young_objects_less_often(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """tune_gc: the young generation is collected after gcpolicy.WORKER_YOUNG_GC_AFTER
+    objects, not CPython's 700 (a claim's jobs set off several collections at 700)."""
+    registry = Registry()
+    thresholds: list[int] = []
+
+    @registry.handler("echo")
+    async def echo(ctx: JobContext) -> None:
+        thresholds.append(gc.get_threshold()[0])
+
+    await client.enqueue("acme", "echo")
+    before = gc.get_threshold()
+    try:
+        worker = Worker(dsn, registry, fast_settings(storage_dir), burst=True, tune_gc=True)
+        await asyncio.wait_for(worker.run(), timeout=60)
+    finally:
+        gc.unfreeze()  # process-wide: give the rest of the test run CPython's defaults
+        gc.set_threshold(*before)
+    assert len(thresholds) == 1
+    assert thresholds[0] > 700
+    assert thresholds == [gcpolicy.WORKER_YOUNG_GC_AFTER]
 
 
 async def test_a_claim_that_fails_unexpectedly_stops_the_worker_with_its_error(
