@@ -27,7 +27,9 @@ Two measures, and a third for the worker:
   the middle generation, walked again there: ~12% of a draining worker's CPU (perf,
   2-process no-op drain, issue 16). CPython counts objects allocated minus freed, so
   with jobs ending as fast as they are claimed the count seldom reaches the larger
-  threshold; what is collected is collected as before, later.
+  threshold; what is collected is collected as before, later. The price: each young
+  collection is a longer pause (~6 ms in a 2-process drain, ~12 per 50,000 jobs,
+  against ~0.15 ms ~700 times and ~2 ms for each of ~60 middle ones before).
 """
 
 from __future__ import annotations
