@@ -96,7 +96,7 @@ class QueueVacuum:
             try:
                 outcome = await self.look()
             except (psycopg.Error, OSError, TimeoutError) as exc:
-                failures += 1
+                failures = min(failures + 1, 16)  # 2**16 intervals: past the cap anyway
                 log.warning(
                     "vacuum of pgjobs.job_queue failed (%s); next try in %.0f s",
                     db.describe_error(exc),

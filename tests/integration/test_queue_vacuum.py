@@ -10,6 +10,7 @@ would depend on the other tests' databases.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -167,6 +168,28 @@ async def test_a_vacuum_already_running_is_not_waited_for(
     assert outcome is Outcome.BUSY
     assert vacuum.vacuums == 0
     assert (await _stats(dsn))["vacuum_count"] == before["vacuum_count"]
+
+
+async def test_a_failed_look_is_logged_and_the_loop_goes_on(
+    dsn: str, pool: db.GuardedPool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="pgjobs.queue_vacuum")
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        await conn.execute("DROP TABLE pgjobs.queue_vacuum")  # every claim now fails
+    task = asyncio.create_task(QueueVacuum(pool, interval_seconds=1.0, min_dead=1).run())
+    try:
+
+        async def failed() -> bool:
+            return any(
+                "vacuum of pgjobs.job_queue failed" in r.getMessage() for r in caplog.records
+            )
+
+        await wait_until(failed, within=30, message="the failure logged")
+        assert not task.done()
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
 
 
 @pytest.fixture
