@@ -1,7 +1,7 @@
 """The claim under sustained churn, against the time since job_queue's last VACUUM (issue 16).
 
 ``python -m bench.churn [--seconds 150] [--rate 12000] [--depth 5000] [--rounds 2]
-[--variants default table naptime=5s]``
+[--variants default vacuum=0]`` (also: table, naptime=5s, vacuum=10)
 
 A claim leaves the old version of each queue row it takes in job_queue_fair_idx and
 job_queue_claim_idx (partial indexes, WHERE lease_expires_at IS NULL) until VACUUM, and
@@ -19,13 +19,16 @@ a row: jobs done per second, the queue's depth, PostgreSQL CPU per job done (eve
 of the server, the producers' inserts and autovacuum included) and the worker's, the ring's
 first probe run alone (EXPLAIN ANALYZE: its time and the index pages it read),
 job_queue_fair_idx pages read per job done (pg_statio), job_queue's dead tuples and
-autovacuums (pg_stat_user_tables), the index's size. A worker that keeps up runs at
+autovacuums and other vacuums (the worker's own, pgjobs.queue_vacuum; pg_stat_user_tables),
+the index's size. A worker that keeps up runs at
 ``--rate``: compare CPU per job then. Where autovacuum's visits fall in a run depends on
 the launcher's schedule, so compare runs by their rows, not only their medians.
 
-Variants: ``default`` (the schema as migrated, the server's defaults); ``table``
-(TABLE_PARAMS set on pgjobs.job_queue first); ``naptime=<value>`` (autovacuum_naptime set
-on the server for the run, reset after). Results go to bench/results/churn/. Linux only.
+Variants: ``default`` (the schema as migrated, the server's and the worker's defaults:
+the worker vacuums the queue every 5 s); ``table`` (TABLE_PARAMS set on pgjobs.job_queue
+first); ``naptime=<value>`` (autovacuum_naptime set on the server for the run, reset
+after); ``vacuum=<seconds>`` (the worker's PGJOBS_QUEUE_VACUUM_SECONDS; ``vacuum=0``: the
+worker leaves the queue to autovacuum). Results go to bench/results/churn/. Linux only.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import statistics
 import time
 from dataclasses import dataclass
@@ -49,6 +53,7 @@ from bench.drain import settle
 from bench.procs import WorkerGroup
 
 CHUNK = 500
+VACUUM_ENV = "PGJOBS_QUEUE_VACUUM_SECONDS"
 PRODUCERS = 2
 SAMPLE_SECONDS = 5.0
 TABLE_PARAMS = {
@@ -68,10 +73,12 @@ STATS = """SELECT
     t.n_dead_tup, t.autovacuum_count, t.vacuum_count,
     extract(epoch FROM now() - t.last_autovacuum)::float8 AS since_autovacuum,
     i.idx_blks_hit + i.idx_blks_read AS fair_blocks,
-    pg_relation_size('pgjobs.job_queue_fair_idx') AS fair_bytes
-FROM pg_stat_user_tables t, pg_statio_user_indexes i
+    pg_relation_size('pgjobs.job_queue_fair_idx') AS fair_bytes,
+    c.reltuples, c.relpages
+FROM pg_stat_user_tables t, pg_statio_user_indexes i, pg_class c
 WHERE t.relid = 'pgjobs.job_queue'::regclass
-  AND i.indexrelid = 'pgjobs.job_queue_fair_idx'::regclass"""
+  AND i.indexrelid = 'pgjobs.job_queue_fair_idx'::regclass
+  AND c.oid = t.relid"""
 
 
 @dataclass
@@ -152,8 +159,12 @@ async def _run(dsn: str, load: Load, seconds: float, sampler: Sampler) -> list[d
                     "fair_pages_per_job": (cur["fair_blocks"] - last["fair_blocks"]) / jobs,
                     "dead": cur["n_dead_tup"],
                     "autovacuums": cur["autovacuum_count"] - last["autovacuum_count"],
+                    "vacuums": cur["vacuum_count"] - last["vacuum_count"],
                     "since_autovacuum": cur["since_autovacuum"],
                     "fair_mb": cur["fair_bytes"] / 2**20,
+                    # The planner's idea of job_queue (what VACUUM and ANALYZE leave).
+                    "reltuples": cur["reltuples"],
+                    "relpages": cur["relpages"],
                 }
             )
             print(_line(rows[-1]), flush=True)
@@ -164,7 +175,7 @@ async def _run(dsn: str, load: Load, seconds: float, sampler: Sampler) -> list[d
 
 HEADER = (
     "   t  jobs/s  depth  PG µs/job  worker µs/job  probe ms  probe pages  fair pages/job"
-    "    dead  autovac  since av s  fair MB"
+    "    dead  autovac  vacuum  since av s  fair MB  reltuples"
 )
 
 
@@ -174,7 +185,7 @@ def _line(r: dict[str, Any]) -> str:
         f"{r['t']:4d} {r['jobs_per_s']:7,.0f} {r['depth']:6,d} {r['pg_us']:10.1f} "
         f"{r['worker_us']:14.1f} {r['probe_ms']:9.2f} {r['probe_pages']:12,d} "
         f"{r['fair_pages_per_job']:15.2f} {r['dead']:7,d} {r['autovacuums']:8d} "
-        f"{since:>11} {r['fair_mb']:8.1f}"
+        f"{r['vacuums']:7d} {since:>11} {r['fair_mb']:8.1f} {r['reltuples']:10,.0f}"
     )
 
 
@@ -194,6 +205,7 @@ def one_run(
 ) -> list[dict[str, Any]]:
     """One variant's run on a fresh database: the samples."""
     naptime = variant.removeprefix("naptime=") if variant.startswith("naptime=") else None
+    vacuum = variant.removeprefix("vacuum=") if variant.startswith("vacuum=") else None
     with pg.database(server_dsn) as dsn:
         with psycopg.connect(dsn, autocommit=True) as conn:
             if variant == "table":
@@ -205,7 +217,7 @@ def one_run(
                         )
                     )
                 )
-            elif variant != "default" and naptime is None:
+            elif variant != "default" and naptime is None and vacuum is None:
                 raise SystemExit(f"bench.churn: unknown variant {variant!r}")
         asyncio.run(_fill(dsn, args.depth))
         settle(dsn)
@@ -218,6 +230,10 @@ def one_run(
         config = systems.WORKER_DEFAULTS["pgjobs"]
         sampler = Sampler(marker=f"bench.worker pgjobs {dsn}", postmaster=postmaster_of(dsn))
         sampler.start()
+        # The worker processes inherit this process's environment (bench.procs).
+        saved = os.environ.get(VACUUM_ENV)
+        if vacuum is not None:
+            os.environ[VACUUM_ENV] = vacuum
         try:
             with WorkerGroup.of_queue("pgjobs", dsn, config, 1, mode="serve", log_dir=logs) as g:
                 sampler.from_now()
@@ -228,6 +244,10 @@ def one_run(
         finally:
             sampler.stop.set()
             sampler.join()
+            if saved is None:
+                os.environ.pop(VACUUM_ENV, None)
+            else:
+                os.environ[VACUUM_ENV] = saved
             if naptime is not None:
                 _set_naptime(server_dsn, None)
     return rows
@@ -255,7 +275,8 @@ def summarize(rows: list[dict[str, Any]]) -> str:
         f"jobs/s {med('jobs_per_s'):,.0f}, PG {med('pg_us'):.1f} µs/job, worker "
         f"{med('worker_us'):.1f} µs/job, probe {med('probe_ms'):.2f} ms (max "
         f"{max(r['probe_ms'] for r in kept):.2f}), fair pages/job "
-        f"{med('fair_pages_per_job'):.2f}, autovacuums {sum(r['autovacuums'] for r in rows)}"
+        f"{med('fair_pages_per_job'):.2f}, autovacuums {sum(r['autovacuums'] for r in rows)}, "
+        f"vacuums {sum(r.get('vacuums', 0) for r in rows)}"
     )
 
 
@@ -265,7 +286,7 @@ def main() -> None:
     p.add_argument("--rate", type=float, default=12_000.0)
     p.add_argument("--depth", type=int, default=5_000)
     p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--variants", nargs="+", default=["default", "table", "naptime=5s"])
+    p.add_argument("--variants", nargs="+", default=["default", "vacuum=0"])
     p.add_argument("--out", type=Path, default=Path("bench/results/churn"))
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -118,6 +118,10 @@ class WorkerSettings:
     # through the commit's WAL flush, so several workers' commits can share a flush.
     # Off: every transition's items in its commit, as before sql/0019.
     doorbell: bool = True
+    # How often, among all workers, one of them vacuums pgjobs.job_queue (pgjobs.queue_vacuum):
+    # the claim walks the dead index entries claims leave until VACUUM, and autovacuum may
+    # come only every autovacuum_naptime (60 s by default). 0: never, leave it to autovacuum.
+    queue_vacuum_seconds: float = 5.0
 
     @classmethod
     def from_env(cls, **overrides: object) -> WorkerSettings:
@@ -167,6 +171,7 @@ class WorkerSettings:
             "PGJOBS_RETENTION_INTERVAL_SECONDS", 3600.0, minimum=1.0
         )
         values["doorbell"] = env_bool("PGJOBS_DOORBELL", True)
+        values["queue_vacuum_seconds"] = env_float("PGJOBS_QUEUE_VACUUM_SECONDS", 5.0)
         if values["metrics_port"] == -1:
             values["metrics_port"] = None
         values.update({k: v for k, v in overrides.items() if v is not None})
@@ -175,5 +180,10 @@ class WorkerSettings:
             raise ConfigurationError(
                 f"heartbeat interval ({settings.heartbeat_seconds}s) must be shorter than the "
                 f"lease ({settings.lease_seconds}s), or every job would be rescued while running"
+            )
+        if 0 < settings.queue_vacuum_seconds < 1:
+            raise ConfigurationError(
+                f"PGJOBS_QUEUE_VACUUM_SECONDS must be 0 (off) or at least 1, got "
+                f"{settings.queue_vacuum_seconds:g}"
             )
         return settings

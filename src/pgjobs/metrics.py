@@ -137,6 +137,12 @@ LEASE_LOSSES = Counter(
     "(cancelled or rescued): a fenced write. By write: finish, progress, heartbeat.",
     ["write"],
 )
+QUEUE_VACUUM_DURATION = Histogram(
+    "pgjobs_queue_vacuum_duration_seconds",
+    "VACUUMs of pgjobs.job_queue this worker ran (pgjobs.queue_vacuum: one worker among all "
+    "per PGJOBS_QUEUE_VACUUM_SECONDS), by how long each took; its _count is how many.",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+)
 NOTIFICATION_LAG = Histogram(
     "pgjobs_notification_lag_seconds",
     "From an event's audit row (its transaction's start time, pgjobs.job_events.created_at) "

@@ -45,8 +45,9 @@ worker no longer holds), the ringer (with the doorbell on: sends the rings), the
 jobs' due slots, each once across all workers: ``pgjobs.scheduler``), the listener
 (wake-ups and cancellations, on the workers' own NOTIFY channel:
 ``pgjobs.events.WORK_CHANNEL``, which carries no progress, running or terminal events),
-and, when a retention policy is configured, the retention loop (``pgjobs.retention``: one
-worker among all prunes per interval).
+when a retention policy is configured, the retention loop (``pgjobs.retention``: one
+worker among all prunes per interval), and, unless turned off, the queue's vacuum
+(``pgjobs.queue_vacuum``: one worker among all vacuums ``pgjobs.job_queue`` per interval).
 
 The listener connects to ``PGJOBS_LISTEN_DSN`` when set (``pgjobs.db.listen_dsn``), so the
 rest can go through PgBouncer in transaction mode. Where LISTEN cannot deliver (that
@@ -87,6 +88,7 @@ from pgjobs import (
     doorbell,
     gcpolicy,
     metrics,
+    queue_vacuum,
     rescuer,
     retention,
     scheduler,
@@ -347,6 +349,7 @@ class Worker:
         # The long-running tasks /readyz checks are alive (set by run()).
         self._loops: dict[str, asyncio.Task[None]] = {}
         self.retention: retention.PolicyLoop | None = None  # set by run()
+        self.queue_vacuum: queue_vacuum.QueueVacuum | None = None  # set by run(), unless off
         self._depth = metrics.QueueDepth(QUERIES["job_queue_depth_by_type"])
         self.exposition = metrics.Exposition(
             metrics.StateCollector(
@@ -374,8 +377,11 @@ class Worker:
         pool = await db.open_pool(
             self.dsn,
             min_size=2,
-            # The ringer holds one (doorbell.Ringer).
-            max_size=min(settings.concurrency, 8) + 3 + (1 if settings.doorbell else 0),
+            # The ringer holds one (doorbell.Ringer), the queue's vacuum one while it runs.
+            max_size=min(settings.concurrency, 8)
+            + 3
+            + (1 if settings.doorbell else 0)
+            + (1 if settings.queue_vacuum_seconds > 0 else 0),
             name=f"pgjobs-worker {self.id}"[:63],
             use_timeout=settings.db_use_timeout_seconds,
             generic_plans=True,
@@ -457,6 +463,15 @@ class Worker:
                     asyncio.create_task(self.retention.run(), name="pgjobs-retention")
                 )
                 self._loops["retention"] = background[-1]
+            if settings.queue_vacuum_seconds > 0:
+                # Not among the loops /readyz checks: it ends by itself where the role may
+                # not vacuum the queue (logged), and the worker works on without it.
+                self.queue_vacuum = queue_vacuum.QueueVacuum(
+                    pool, interval_seconds=settings.queue_vacuum_seconds
+                )
+                background.append(
+                    asyncio.create_task(self.queue_vacuum.run(), name="pgjobs-queue-vacuum")
+                )
             if settings.metrics_port is not None:
                 self.health = HealthServer(
                     settings.metrics_host,
