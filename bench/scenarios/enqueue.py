@@ -37,22 +37,33 @@ async def _measure(system: str, dsn: str, mode: str, n: int) -> float:
 
 
 def run(ctx: Ctx) -> dict[str, Any]:
-    out: dict[str, Any] = {"systems": {}, "bulk_chunk": BULK_CHUNK, "concurrent": CONCURRENT}
-    for system in ctx.systems:
-        res = {}
-        for mode in MODES:
-            n = ctx.sizes.enqueue_bulk if mode == "bulk" else ctx.sizes.enqueue_single
-            n = max(n, BULK_CHUNK) if mode == "bulk" else n
-            rates = []
-            for _ in range(ctx.repeat):
+    # Rounds interleaved as the drain's are: each round measures every mode of every queue
+    # once, so a drift in the shared machine's load falls on all queues alike instead of
+    # on whichever ran its three measurements during it.
+    rates: dict[tuple[str, str], list[float]] = {}
+    for _ in range(ctx.repeat):
+        for system in ctx.systems:
+            for mode in MODES:
+                n = _jobs(ctx, mode)
                 with pg.database(ctx.server_dsn, migrate=system == "pgjobs") as dsn:
                     asyncio.run(systems.install(system, dsn))
                     pg.checkpoint(dsn)
-                    rates.append(asyncio.run(_measure(system, dsn, mode, n)))
-            ctx.log(f"enqueue {system} {mode}: {summary(rates)['median']:,.0f} jobs/s")
-            res[mode] = {"jobs": n, "jobs_per_s": summary(rates)}
-        out["systems"][system] = res
+                    rate = asyncio.run(_measure(system, dsn, mode, n))
+                rates.setdefault((system, mode), []).append(rate)
+                ctx.log(f"enqueue {system} {mode}: {rate:,.0f} jobs/s")
+    out: dict[str, Any] = {"systems": {}, "bulk_chunk": BULK_CHUNK, "concurrent": CONCURRENT}
+    for system in ctx.systems:
+        out["systems"][system] = {
+            mode: {"jobs": _jobs(ctx, mode), "jobs_per_s": summary(rates[system, mode])}
+            for mode in MODES
+        }
     return out
+
+
+def _jobs(ctx: Ctx, mode: str) -> int:
+    if mode == "bulk":
+        return max(ctx.sizes.enqueue_bulk, BULK_CHUNK)
+    return ctx.sizes.enqueue_single
 
 
 def markdown(res: dict[str, Any]) -> str:
