@@ -275,10 +275,10 @@ class _ClaimNote:
     held_back: int = 0
     limited: bool = False
     shape: _ClaimShape | None = None
-    # The claimed jobs' ids as text, in the order of the jobs, read from the result as
-    # PostgreSQL wrote them (str(UUID) costs ~0.5 µs a job); None where the rows were
-    # decoded one by one (_decode_each).
-    id_texts: list[str] | None = None
+    # The claimed jobs' ids as text, in the order of the jobs: read from the result as
+    # PostgreSQL wrote them (str(UUID) costs ~0.5 µs a job), made with str() only where
+    # the rows were decoded one by one (_decode_each).
+    id_texts: list[str] = field(default_factory=list)
 
 
 class Worker:
@@ -637,7 +637,7 @@ class Worker:
             raise failed[0]
 
     async def _claim_and_start(self, limit: int, wakes_when_sent: int) -> None:
-        id_texts: list[str] | None = None
+        id_texts: list[str] = []
         try:
             jobs, id_texts = await self._claim(limit)
             self._claim_failures = 0
@@ -666,13 +666,10 @@ class Worker:
         finally:
             self._reserved -= limit
             self._claims -= 1
-        if id_texts is None:
-            rung = [(job.company_id, self._start(job)) for job in jobs]
-        else:
-            start = self._start
-            rung = [
-                (job.company_id, start(job, text)) for job, text in zip(jobs, id_texts, strict=True)
-            ]
+        start = self._start
+        rung = [
+            (job.company_id, start(job, text)) for job, text in zip(jobs, id_texts, strict=True)
+        ]
         by_type = collections.Counter([job.job_type for job in jobs])  # counted in C
         metrics.count_transitions({(job_type, "running"): n for job_type, n in by_type.items()})
         if len(jobs) < limit and not self._claim_failures:
@@ -723,9 +720,8 @@ class Worker:
             async with asyncio.timeout(delay):  # not wait_for: see _fetch_loop
                 await self._stopping.wait()
 
-    async def _claim(self, limit: int) -> tuple[list[Job], list[str] | None]:
-        """The jobs claimed, and their ids as text where the result gave them
-        (_ClaimNote.id_texts)."""
+    async def _claim(self, limit: int) -> tuple[list[Job], list[str]]:
+        """The jobs claimed, and their ids as text (_ClaimNote.id_texts)."""
         assert self._pool is not None
         params = {
             "now": None,
@@ -796,12 +792,13 @@ class Worker:
             if held_at is not None:
                 held = result.get_value(last, held_at)
                 note.held_back = 0 if held is None else int(bytes(held))
-        note.id_texts = None
         try:
             jobs = await cur.fetchall()
         except Exception as exc:  # any row that cannot become a Job
             log.warning("a claimed row cannot be read (%s); reading them one by one", exc)
-            return await self._decode_each(conn, cur)
+            jobs = await self._decode_each(conn, cur)
+            note.id_texts = [str(job.id) for job in jobs]
+            return jobs
         if result is not None and note.shape is not None:
             # Row i is jobs[i]: its id's text as PostgreSQL wrote it (uuid_out: lowercase,
             # hyphenated, as str(UUID) writes it), for the rings and the finish's literal.
@@ -945,9 +942,9 @@ class Worker:
 
     # -- running -----------------------------------------------------------------------
 
-    def _start(self, job: Job, id_text: str | None = None) -> str:
-        """Start the job's task; returns its id as text (for the claim's ring):
-        ``id_text`` when the caller has it (``str(job.id)``), else made here."""
+    def _start(self, job: Job, id_text: str) -> str:
+        """Start the job's task, keyed by ``id_text`` (``str(job.id)``, as the claim's
+        result gave it); returns that text (for the claim's ring)."""
         assert self._pool is not None
         assert self._loop is not None
         # The loop run() kept, not asyncio's lookup of the running loop (also inside
@@ -955,7 +952,7 @@ class Worker:
         loop = self._loop
         # No TransactionalCompletion until the handler asks for ctx.transaction().
         ctx = JobContext(job, self._write_progress, loop, self._new_completion)
-        entry = _Running(job, ctx, str(job.id) if id_text is None else id_text)
+        entry = _Running(job, ctx, id_text)
         self._active += 1
         self._running[entry.id_text] = entry
         # No done callback: _execute forgets the job itself (its finally), which spares

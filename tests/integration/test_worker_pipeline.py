@@ -611,12 +611,12 @@ async def test_each_claimed_job_starts_with_its_id_text_read_from_the_claims_res
 
     await client.enqueue_many(JobSpec(f"co{i % 3}", "echo") for i in range(25))
     worker = Worker(dsn, registry, fast_settings(storage_dir, concurrency=10), burst=True)
-    started: list[tuple[uuid.UUID, str | None]] = []
+    started: list[tuple[uuid.UUID, str]] = []
     start = worker._start
 
-    def recording(job: Job, id_text: str | None = None) -> str:
+    def recording(job: Job, id_text: str) -> str:
         started.append((job.id, id_text))
-        return start(job) if id_text is None else start(job, id_text)
+        return start(job, id_text)
 
     worker._start = recording  # type: ignore[method-assign]
     await asyncio.wait_for(worker.run(), timeout=60)

@@ -62,7 +62,7 @@ async def test_a_job_stopped_before_its_task_starts_is_forgotten(tmp_path: Path)
 
     worker, completer = _worker(registry, tmp_path)
     job = running_job("noop")
-    worker._start(job)
+    worker._start(job, str(job.id))
     # Cancelled (say, by a NOTIFY read in the same loop turn) before its task's first step.
     assert worker._interrupt(job.id, "job was cancelled")
     task = worker._running[str(job.id)].task
@@ -88,7 +88,7 @@ async def test_jobs_are_forgotten_when_their_attempt_is_recorded(tmp_path: Path)
     worker, completer = _worker(registry, tmp_path)
     jobs = [running_job("noop"), running_job("boom"), running_job("noop")]
     for job in jobs:
-        worker._start(job)
+        worker._start(job, str(job.id))
     await _until(lambda: not worker._running, "every job was forgotten")
     assert worker._active == 0
     assert sorted((o.job.id, o.kind) for o in completer.outcomes) == sorted(
