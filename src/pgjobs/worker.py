@@ -747,7 +747,11 @@ class Worker:
                 # row, which still fires jobs' statement triggers; since sql/0017 that
                 # leaves no slow plan behind for the session: test_trigger_plans.)
                 # With the doorbell on, the statement sets it itself (doorbell.ringing).
-                await _execute_positional(cur, QUERIES["job_claim_batch"], params, ring=ring)
+                # Pipelined after transaction_plans_by_index, in one transaction: planned
+                # by index whatever job_queue's statistics say (that query's comment).
+                async with conn.pipeline():
+                    await conn.execute(QUERIES["transaction_plans_by_index"])
+                    await _execute_positional(cur, QUERIES["job_claim_batch"], params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur, note)
                 if not note.limited:
                     return jobs, note.id_texts
@@ -759,6 +763,7 @@ class Worker:
             # committed at the Sync), the locks held for the claim's own execution only.
             # The claim sets the doorbell itself, as the plain claim does.
             async with conn.pipeline():
+                await conn.execute(QUERIES["transaction_plans_by_index"])
                 locked = await conn.execute(QUERIES["limit_lock_for_types"], params)
                 claim = QUERIES["job_claim_batch_limited"]
                 await _execute_positional(cur, claim, params, ring=ring)

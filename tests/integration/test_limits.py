@@ -467,16 +467,17 @@ def test_rates_parse() -> None:
 async def test_a_workers_first_claim_asks_nothing_first(
     dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker's first claim is its claim alone: no statement asks before it whether a
-    limit applies. Where one does, the plain claim's refusal sends that same call on
-    through the limited claim (the refused claim is an UPDATE of no row, which since
-    sql/0017 leaves the jobs triggers no slow plan for the session: test_trigger_plans)."""
+    """A worker's first claim is its claim alone (with its plans' setting, in the same
+    pipeline): no statement asks before it whether a limit applies. Where one does, the
+    plain claim's refusal sends that same call on through the limited claim (the refused
+    claim is an UPDATE of no row, which since sql/0017 leaves the jobs triggers no slow
+    plan for the session: test_trigger_plans)."""
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
     sent = _record_queries(monkeypatch)
     async with _claiming_worker(dsn, storage_dir) as w:
         sent.clear()  # the pool's own statements, if any
         assert len((await w._claim(1))[0]) == 1
-        assert sent == ["job_claim_batch"]
+        assert sent == PLAIN_CLAIM
         assert not w._limited
     await _set(dsn, company_id="acme", max_running=100)
     async with _claiming_worker(dsn, storage_dir) as w:
@@ -557,7 +558,14 @@ def _claim_params(**overrides: Any) -> dict[str, Any]:
     }
 
 
-LIMITED_CLAIM = ["job_claim_batch", "limit_lock_for_types", "job_claim_batch_limited"]
+PLAIN_CLAIM = ["transaction_plans_by_index", "job_claim_batch"]
+"""What a claim sends: one pipeline, its plans' setting and the claim (queries.sql)."""
+LIMITED_CLAIM = [
+    *PLAIN_CLAIM,
+    "transaction_plans_by_index",
+    "limit_lock_for_types",
+    "job_claim_batch_limited",
+]
 """What a claim refused by a limit sends: the plain claim, then the limited pipeline."""
 
 
@@ -623,18 +631,18 @@ async def test_the_plain_claim_says_when_a_limit_refused_it(dsn: str, client: Cl
     assert {r["status"]: r["n"] for r in rows} == {"queued": 2, "running": 1}
 
 
-async def test_an_idle_workers_empty_claim_is_one_statement(
+async def test_an_idle_workers_empty_claim_is_one_round_trip(
     dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker no limit concerns, polling an empty queue, sends its claim and no other
-    statement (the claim itself says whether a limit refused it); when a limit appears,
+    """A worker no limit concerns, polling an empty queue, sends its claim's pipeline and
+    no other statement (the claim itself says whether a limit refused it); when a limit appears,
     the claim that the limit refused goes on through the limited claim at once."""
     async with _claiming_worker(dsn, storage_dir) as w:
         assert (await w._claim(10))[0] == []  # the first claim
         sent = _record_queries(monkeypatch)
         assert (await w._claim(10))[0] == []
         assert (await w._claim(10))[0] == []
-        assert sent == ["job_claim_batch", "job_claim_batch"]
+        assert sent == PLAIN_CLAIM * 2
         await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
         await _set(dsn, company_id="acme", max_running=2)
         sent.clear()

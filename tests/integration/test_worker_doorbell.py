@@ -29,7 +29,7 @@ from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
 from pgjobs.errors import ConfigurationError
 from pgjobs.jobspec import JobSpec
-from pgjobs.queries import QUERIES
+from pgjobs.queries import QUERIES, compact
 from pgjobs.registry import Registry
 from pgjobs.types import Job
 from pgjobs.worker import Worker
@@ -194,27 +194,43 @@ async def test_a_worker_rings_after_each_commit_for_every_transition_and_sends_n
 async def test_claims_progress_and_finishes_ask_for_the_doorbell_in_their_own_statement(
     dsn: str, client: Client, storage_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Each claim, progress report and finish batch of a doorbell worker is one statement
-    that sets the doorbell itself (doorbell.ringing), not a pipeline of events_doorbell_on
-    and the statement (~35 µs more of the worker's CPU per commit): no pipeline is opened
-    while the worker drains, and its commits still carry no items."""
+    """Each claim, progress report and finish batch of a doorbell worker sets the doorbell
+    in its own statement (doorbell.ringing), not in an events_doorbell_on pipelined before
+    it (~35 µs more of the worker's CPU per commit): events_doorbell_on is never sent, the
+    only pipelines are the claims' own (transaction_plans_by_index and the claim), and the
+    commits still carry no items."""
     pipelines: list[int] = []
+    claims: list[int] = []
+    doorbells: list[str] = []
     real_pipeline = psycopg.AsyncConnection.pipeline
+    real_claim = Worker._claim
+    real_execute = psycopg.AsyncCursor.execute
+    doorbell_on = QUERIES["events_doorbell_on"]
 
     def counted_pipeline(self: psycopg.AsyncConnection[Any]) -> Any:
         pipelines.append(self.info.backend_pid)
         return real_pipeline(self)
 
+    async def counted_claim(self: Worker, limit: int) -> Any:
+        claims.append(limit)
+        return await real_claim(self, limit)
+
+    async def recording(self: Any, query: Any, params: Any = None, **kwargs: Any) -> Any:
+        if query in (doorbell_on, compact(doorbell_on)):
+            doorbells.append(query)
+        return await real_execute(self, query, params, **kwargs)
+
+    def patch() -> None:
+        monkeypatch.setattr(psycopg.AsyncConnection, "pipeline", counted_pipeline)
+        monkeypatch.setattr(Worker, "_claim", counted_claim)
+        monkeypatch.setattr(psycopg.AsyncCursor, "execute", recording)
+
     heard, _, _ = await _drain(
-        dsn,
-        client,
-        storage_dir,
-        fast_settings(storage_dir),
-        before_worker=lambda: monkeypatch.setattr(
-            psycopg.AsyncConnection, "pipeline", counted_pipeline
-        ),
+        dsn, client, storage_dir, fast_settings(storage_dir), before_worker=patch
     )
-    assert pipelines == []
+    assert claims
+    assert len(pipelines) == len(claims)
+    assert doorbells == []
     assert heard.items == []
     assert heard.rings
 
