@@ -206,9 +206,12 @@ class FeedClient:
                 return None
             if self.inbox:
                 reads, self.inbox = self.inbox, []
-                data = b"".join(read.after(self.sent) for read in reads)
-                last = reads[-1].frames[-1]
-                self.sent = max(self.sent, (last.xid, last.id))
+                parts = []
+                for read in reads:
+                    parts.append(read.after(self.sent))
+                    last = read.frames[-1]
+                    self.sent = max(self.sent, (last.xid, last.id))
+                data = b"".join(parts)
                 if data:
                     return data
                 continue
