@@ -18,15 +18,18 @@ SCOPE = {"type": "http", "method": "GET"}
 class Conn:
     """The server side of one connection. Its send waits while ``reading`` is clear (a
     client that does not read: uvicorn waits for the transport to drain), and only then;
-    ``sent`` is what was written, in order."""
+    ``begun`` is every body whose send began, ``sent`` every message written, in order."""
 
     def __init__(self) -> None:
+        self.begun: list[bytes] = []
         self.sent: list[dict[str, Any]] = []
         self.reading = asyncio.Event()
         self.reading.set()
         self.gone = asyncio.Event()
 
     async def send(self, message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            self.begun.append(message["body"])
         if not self.reading.is_set():
             await self.reading.wait()
         self.sent.append(message)
@@ -100,6 +103,7 @@ async def test_a_slow_stream_sends_in_order_and_what_waited_in_one_write() -> No
     d.inbox.offer(read(3))
     d.inbox.offer(read(3, 4))  # an overlapping read: only what the stream has not sent
     assert d.conn.bodies == []
+    assert d.conn.begun == [b"e1;"]  # one send at a time
     d.conn.reading.set()
 
     async def sent_all() -> bool:
@@ -126,6 +130,8 @@ async def test_a_stuck_stream_is_dropped_and_holds_no_other_back() -> None:
     await asyncio.wait_for(stuck.task, 3)  # dropped after the send timeout
     assert stuck.released == [1]
     assert b"e1;" not in stuck.conn.bodies
+    # The timer saw the pushed send in progress: no keep-alive was sent behind it.
+    assert stuck.conn.begun[-1] == b"e1;"
     assert not fine.task.done()
     fine.conn.gone.set()
     await asyncio.wait_for(fine.task, 2)
