@@ -1,6 +1,6 @@
 """The company-stream step alone: 1,000 dashboards of one company, every one sees every event.
 
-``python -m bench.company_fanout [--clients 1000] [--rounds 3] [--events 20] [--rate 2]
+``python -m bench.company_fanout [--clients 1000 (0: none)] [--rounds 3] [--events 20] [--rate 2]
 [--src DIR ...] [--job-clients N ...] [--profile]``
 
 Step 4b of bench.scenarios.gateway (``_one_step`` with one company: one gateway process
@@ -116,20 +116,21 @@ def main() -> None:
                     pg.database(server) as dsn,
                     gateway_process(ctx, dsn, max_streams, tag) as (pid, port),
                 ):
-                    profile = args.out / f"profile-{tag}.txt" if args.profile else None
-                    with _profiled(pid, profile):
-                        step = _one_step(
-                            ctx, dsn, pid, port, args.clients, 1, args.events, args.rate
+                    if args.clients:  # 0: the job-stream steps only
+                        profile = args.out / f"profile-{tag}.txt" if args.profile else None
+                        with _profiled(pid, profile):
+                            step = _one_step(
+                                ctx, dsn, pid, port, args.clients, 1, args.events, args.rate
+                            )
+                        step.update(round=r, variant=v, src=str(src), kind="company")
+                        steps.append(step)
+                        ctx.log(
+                            f"round {r} src {v} company {args.clients:,}: p50 "
+                            f"{step['latency_ms']['p50']:.1f} ms, p99 "
+                            f"{step['latency_ms']['p99']:.1f} ms, "
+                            f"{_per_delivery_us(step, False):.1f} µs/delivery, "
+                            f"{step['deliveries_measured']}/{step['deliveries_expected']}"
                         )
-                    step.update(round=r, variant=v, src=str(src), kind="company")
-                    steps.append(step)
-                    ctx.log(
-                        f"round {r} src {v} company {args.clients:,}: p50 "
-                        f"{step['latency_ms']['p50']:.1f} ms, p99 "
-                        f"{step['latency_ms']['p99']:.1f} ms, "
-                        f"{_per_delivery_us(step, False):.1f} µs/delivery, "
-                        f"{step['deliveries_measured']}/{step['deliveries_expected']}"
-                    )
                     for n in args.job_clients:
                         step = _one_step(ctx, dsn, pid, port, n, 0, args.job_events, args.job_rate)
                         step.update(round=r, variant=v, src=str(src), kind="job")
@@ -150,7 +151,10 @@ def main() -> None:
         "| gateway CPU per delivery (µs) | same, less idle (µs) |"
     )
     print("| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
-    for kind, counts in (("company", [args.clients]), ("job", args.job_clients)):
+    for kind, counts in (
+        ("company", [args.clients] if args.clients else []),
+        ("job", args.job_clients),
+    ):
         for n in counts:
             for v, src in enumerate(srcs):
                 mine = [s for s in steps if (s["kind"], s["clients"], s["variant"]) == (kind, n, v)]
