@@ -34,11 +34,11 @@ events once for all of its streams) and owns what a long-lived response needs:
 idle, waiting on that source: ``push`` runs the ASGI ``send`` in the caller's task. A
 send to a client that keeps up never waits (uvicorn writes to the socket at once and
 waits only while the transport is paused), so the frame is written there and then, with
-no task wake-up, no queue and no generator step per stream: at 1,000 company streams
-those were more than half of the gateway's CPU per delivery. A send that does wait (the
-client is slow) is finished by a task of its own, and the writer waits for it before it
-sends anything else, so frames stay in order, and the stream's timer sees it in
-progress like any other send: a stuck client is still dropped after ``send_timeout``.
+no task wake-up, no queue and no generator step per stream (at 1,000 company streams
+those cost ~17 µs of the ~41 µs of gateway CPU per delivery). A send that does wait
+(the client is slow) is finished by a task of its own, and the writer waits for it
+before it sends anything else, so frames stay in order, and the stream's timer sees it
+in progress like any other send: a stuck client is still dropped after ``send_timeout``.
 """
 
 from __future__ import annotations
