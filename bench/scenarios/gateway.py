@@ -433,6 +433,7 @@ def _one_step(
         "gateway_rss_mib_after_close": _rss_kib(pid) / 1024,
         "gateway_cpu_idle": idle_cpu,
         "gateway_cpu_busy": busy_cpu,
+        "busy_seconds": busy_s,
         "client_rss_mib": client_rss / 1024,
         "samples_ms": sorted(samples) if len(samples) <= 20_000 else None,
     }

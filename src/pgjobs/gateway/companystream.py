@@ -29,6 +29,13 @@ One reader per company (``CompanyFeed``) reads the table for all of that company
 streams in this process and encodes each event once for all of them; a resuming stream
 catches up from the table on its own first (a set-up read, which takes its turn for the
 pool), then follows the feed.
+
+*Delivery.* A stream that follows the feed and has nothing waiting is written to by the
+feed itself (``EventStream.push``): one write in the feed's task per stream, no wake-up
+of the stream's own task. A stream whose writer is busy (a send in progress: a slow
+client) gets the feed's reads in its inbox instead, and sends everything there in one
+write when its writer is free; one that falls a whole inbox behind is ended (it
+resumes with Last-Event-ID), so it never holds the feed or the other streams back.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import psycopg
@@ -131,34 +138,100 @@ class CompanyFrame(NamedTuple):
         return cls(int(row["xid"]), row["id"], _company_event(row))
 
 
+class FeedRead(NamedTuple):
+    """What one read of the feed found: its frames in (xid, id) order, and their bytes
+    joined once for every stream that sends them all."""
+
+    frames: list[CompanyFrame]
+    data: bytes
+
+    @classmethod
+    def of(cls, frames: list[CompanyFrame]) -> FeedRead:
+        return cls(frames, b"".join(frame.data for frame in frames))
+
+    def after(self, sent: tuple[int, int]) -> bytes:
+        """The frames after ``sent``, as one write (empty if there are none)."""
+        first = self.frames[0]
+        if (first.xid, first.id) > sent:
+            return self.data
+        return b"".join(f.data for f in self.frames if (f.xid, f.id) > sent)
+
+
 class FeedClient:
-    """One company stream's inbox from its company's feed: bounded; a client that falls
-    a whole queue behind is marked overflowed and its stream ends (it resumes with
-    Last-Event-ID), so it can never hold the feed or the other streams back."""
+    """One company stream's inbox from its company's feed (see the module docstring).
+
+    Once its stream follows the feed (``follow``), a read the feed offers goes straight
+    out through ``push`` (the stream's ``EventStream.push``) while the stream waits in
+    ``next`` with nothing in the inbox; otherwise it waits in the inbox, bounded to
+    ``size`` reads. A client that falls a whole inbox behind is marked overflowed: it
+    takes no more, and its stream ends once it has sent what it has."""
 
     def __init__(self, size: int) -> None:
-        self.queue: asyncio.Queue[list[CompanyFrame] | _Closed] = asyncio.Queue(size)
+        self.size = size
+        self.inbox: list[FeedRead] = []
         self.overflowed = False
+        self.closed = False
+        self.push: Callable[[bytes], bool] | None = None
+        # (xid, id) of the last frame this stream has sent or taken to send; None until
+        # it follows the feed.
+        self.sent: tuple[int, int] | None = None
+        self._waiter: asyncio.Future[None] | None = None
 
-    def offer(self, frames: list[CompanyFrame]) -> None:
-        if self.overflowed:
+    def offer(self, read: FeedRead) -> None:
+        if self.overflowed or self.closed:
             return
-        try:
-            self.queue.put_nowait(frames)
-        except asyncio.QueueFull:
+        waiter, sent = self._waiter, self.sent
+        if sent is not None and waiter is not None and not waiter.done() and not self.inbox:
+            # The stream waits for frames and has none to take: send from here.
+            data = read.after(sent)
+            if not data:
+                return
+            if self.push is not None and self.push(data):
+                last = read.frames[-1]
+                self.sent = (last.xid, last.id)
+                return
+        if len(self.inbox) >= self.size:
             self.overflowed = True
+        else:
+            self.inbox.append(read)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def next(self) -> bytes | None:
+        """The frames after ``sent`` in the inbox, as one write, waiting for some if there
+        are none; None once the stream is to end (closed, or overflowed and all sent)."""
+        assert self.sent is not None, "follow() first"
+        while True:
+            if self.closed:
+                return None
+            if self.inbox:
+                reads, self.inbox = self.inbox, []
+                parts = []
+                for read in reads:
+                    parts.append(read.after(self.sent))
+                    last = read.frames[-1]
+                    self.sent = max(self.sent, (last.xid, last.id))
+                data = b"".join(parts)
+                if data:
+                    return data
+                continue
+            if self.overflowed:
+                return None
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def follow(self, sent: tuple[int, int]) -> None:
+        """The stream has sent everything up to ``sent`` and follows the feed from here."""
+        self.sent = sent
 
     def close(self) -> None:
-        while not self.queue.empty():
-            self.queue.get_nowait()
-        self.queue.put_nowait(_CLOSED)
-
-
-class _Closed:
-    pass
-
-
-_CLOSED = _Closed()
+        self.closed = True
+        self.inbox.clear()
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
 
 class CompanyFeed:
@@ -201,9 +274,9 @@ class CompanyFeed:
                     self.reads += 1
                     if rows:
                         self.cursor = (rows[-1]["xid"], rows[-1]["id"])
-                        frames = [CompanyFrame.of(row) for row in rows]
+                        read = FeedRead.of([CompanyFrame.of(row) for row in rows])
                         for client in list(self.clients):
-                            client.offer(frames)
+                            client.offer(read)
                     if len(rows) < PAGE:
                         break
             except psycopg.OperationalError as exc:  # PoolTimeout included
@@ -338,18 +411,13 @@ async def company_stream(
         return
     if cursor is None:
         cursor = feed_cursor
-    sent = (int(cursor[0]), cursor[1])
+    client.follow((int(cursor[0]), cursor[1]))
+    # Frames the feed pushes while this waits in next() are not seen here (see FeedClient).
     while not sub.closed:
-        item = await client.queue.get()
-        if isinstance(item, _Closed):
-            return
-        # What the feed read at once goes out in one write.
-        fresh = [event for event in item if (event.xid, event.id) > sent]
-        if fresh:
-            sent = (fresh[-1].xid, fresh[-1].id)
-            yield b"".join(event.data for event in fresh)
-        if client.overflowed and client.queue.empty():
-            return  # fell a whole queue behind: resume with Last-Event-ID
+        data = await client.next()
+        if data is None:
+            return  # closed, or fell a whole inbox behind: resume with Last-Event-ID
+        yield data
 
 
 def _company_event(row: dict[str, Any]) -> bytes:

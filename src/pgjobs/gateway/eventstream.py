@@ -28,6 +28,17 @@ events once for all of its streams) and owns what a long-lived response needs:
   not a cut connection.
 
 ``release`` runs exactly once when the response ends, however it ends.
+
+*Pushed frames.* A source that produces for many streams at once (a company's feed,
+``pgjobs.gateway.companystream``) can hand a frame straight to a stream whose writer is
+idle, waiting on that source: ``push`` runs the ASGI ``send`` in the caller's task. A
+send to a client that keeps up never waits (uvicorn writes to the socket at once and
+waits only while the transport is paused), so the frame is written there and then, with
+no task wake-up, no queue and no generator step per stream (at 1,000 company streams
+those cost ~17 µs of the ~41 µs of gateway CPU per delivery). A send that does wait
+(the client is slow) is finished by a task of its own, and the writer waits for it
+before it sends anything else, so frames stay in order, and the stream's timer sees it
+in progress like any other send: a stuck client is still dropped after ``send_timeout``.
 """
 
 from __future__ import annotations
@@ -35,9 +46,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncGenerator, Callable
+import types
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine, Generator
 from contextvars import ContextVar
-from typing import Final
+from typing import Any, Final
 
 from starlette.responses import Response
 from starlette.types import Message, Receive, Scope, Send
@@ -108,6 +120,12 @@ class EventStream(Response):
         self._writer: asyncio.Task[object] | None = None
         self._ping_task: asyncio.Task[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        # Set while the writer waits on its source (push may send); see push.
+        self._idle_send: Send | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        # A pushed send that had to wait (slow client), finishing in a task of its own.
+        self._pushed: asyncio.Task[None] | None = None
+        self._push_error: BaseException | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -135,7 +153,17 @@ class EventStream(Response):
         try:
             await self._send(loop, send, self._start())
             if self._stopped is None:  # else end() came before the response started
-                async for frame in self.frames:
+                self._loop = loop
+                frames = aiter(self.frames)
+                while True:
+                    # Between two frames the writer waits on its source: push may send.
+                    self._idle_send = send
+                    try:
+                        frame = await anext(frames)
+                    except StopAsyncIteration:
+                        break
+                    finally:
+                        self._idle_send = None
                     await self._send(
                         loop, send, {"type": "http.response.body", "body": frame, "more_body": True}
                     )
@@ -144,6 +172,8 @@ class EventStream(Response):
             writer = self._writer
             if self._stopped is None or writer is None or writer.uncancel() > 0:
                 raise  # not ours (server shutdown after its grace period): let it through
+            if self._stopped == "failed" and self._push_error is not None:
+                raise self._push_error from None
             if self._stopped == "stuck":
                 _DROPPED.set(True)
                 log.info("dropped an event stream whose client stopped reading")
@@ -155,8 +185,11 @@ class EventStream(Response):
                         await send(_END)
         finally:
             self._finished = True
+            self._idle_send = None
             if self._timer is not None:
                 self._timer.cancel()
+            if self._pushed is not None:
+                self._pushed.cancel()
             watcher.cancel()
             if self._ping_task is not None:
                 self._ping_task.cancel()
@@ -165,10 +198,60 @@ class EventStream(Response):
         return {"type": "http.response.start", "status": 200, "headers": self.raw_headers}
 
     async def _send(self, loop: asyncio.AbstractEventLoop, send: Send, message: Message) -> None:
+        if self._pushed is not None:
+            await self._pushed  # a pushed frame still being sent goes out first
         self._writer_since = loop.time()
         await send(message)
         self._writer_since = None
         self._last_write = loop.time()
+
+    def push(self, frame: bytes) -> bool:
+        """Send ``frame`` (one write) from the caller's task, now, if the writer is idle:
+        waiting on its source, with no send of its own in progress and no pushed one
+        still going (see the module docstring). Returns False, having sent nothing,
+        otherwise: the caller then hands the frame to the source, as it would without
+        push. Only for a source that has handed the writer nothing it has yet to take
+        (the writer would send that after this frame)."""
+        send, loop = self._idle_send, self._loop
+        if send is None or loop is None or self._writer_since is not None or self._pushed:
+            return False
+        self._writer_since = loop.time()
+        sending = send({"type": "http.response.body", "body": frame, "more_body": True})
+        if not isinstance(sending, types.CoroutineType):  # not a coroutine: cannot be run here
+            self._pushed = loop.create_task(self._finish_push(sending))
+            return True
+        try:
+            waits_on = sending.send(None)
+        except StopIteration:
+            self._writer_since = None
+            self._last_write = loop.time()
+            return True
+        except Exception as exc:
+            # Not the caller's problem (it serves other streams): this stream's writer
+            # ends with the error, as if its own send had raised it.
+            self._writer_since = None
+            self._push_error = exc
+            self._stop("failed")
+            return True
+        # The transport is paused (a slow client): the rest of the send in a task of its
+        # own, which the writer waits for before its next send (_send).
+        self._pushed = loop.create_task(self._finish_push(_resume(sending, waits_on)))
+        return True
+
+    async def _finish_push(self, rest: Awaitable[None]) -> None:
+        try:
+            await rest
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._push_error = exc
+            self._stop("failed")
+        else:
+            assert self._loop is not None  # set before the first push
+            self._last_write = self._loop.time()
+        finally:
+            self._writer_since = None
+            self._pushed = None
 
     async def _watch(self, receive: Receive) -> None:
         while True:
@@ -227,3 +310,26 @@ class EventStream(Response):
         finally:
             self._ping_since = None
             self._ping_task = None
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, None], waits_on: Any) -> Generator[Any, Any, None]:
+    """The rest of ``coro``, which was started by hand (``coro.send(None)``) and yielded
+    ``waits_on`` (the future it waits for): awaiting this finishes it exactly as the task
+    that started it would have, passing on results, exceptions and cancellation."""
+    while True:
+        try:
+            value = yield waits_on
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancelled while waiting: into the send
+            try:
+                waits_on = coro.throw(exc)
+            except StopIteration:
+                return
+        else:
+            try:
+                waits_on = coro.send(value)
+            except StopIteration:
+                return

@@ -427,7 +427,7 @@ class Api:
         frames: AsyncGenerator[bytes, None],
         release: Callable[[], None] | None = None,
         principal: Principal | None = None,
-    ) -> Response:
+    ) -> EventStream:
         # The stream slot and the fan-out subscription are taken before the response
         # starts (an over-cap client gets a real 429; the subscription exists before the
         # job is read) and given back by the response however it ends. A stream that
@@ -543,8 +543,11 @@ class Api:
             slots.release(company_id)
 
         try:
-            stream = companystream.company_stream(self.state, sub, cursor, client, feed_cursor)
-            return self._stream(stream, release, principal)
+            frames = companystream.company_stream(self.state, sub, cursor, client, feed_cursor)
+            response = self._stream(frames, release, principal)
+            # The feed writes to the stream itself while it waits (companystream).
+            client.push = response.push
+            return response
         except BaseException:
             release()
             raise
