@@ -128,7 +128,10 @@ async def set_limit(
         "period_seconds": period_seconds,
         "now": now,
     }
-    async with conn.cursor(row_factory=dict_row) as cur:
+    # A limit's bound on its running jobs counts only the claims that see it: creating it
+    # waits for the claims running now (job_queue_lock_for_limit_upsert).
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(QUERIES["job_queue_lock_for_limit_upsert"])
         await cur.execute(QUERIES["limit_upsert"], params)
         row = await cur.fetchone()
     assert row is not None  # an upsert always returns its row

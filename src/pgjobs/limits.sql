@@ -63,14 +63,10 @@ WITH RECURSIVE room AS MATERIALIZED (
            l.max_starts, l.period_seconds, w.window_start,
            -- whether the current window has its row yet (pruned runs only when not)
            s.started IS NOT NULL AS window_counted,
+           l.max_running, b.bound, n.counted,
            -- (CASE: a bound not set is not counted at all)
-           -- Running jobs: job_queue's leased rows (job_queue_lease_idx), read once per
-           -- limit.
-           least(CASE WHEN l.max_running IS NOT NULL THEN l.max_running - (
-                     SELECT count(*) FROM pgjobs.job_queue q
-                     WHERE q.lease_expires_at IS NOT NULL
-                       AND (l.company_id IS NULL OR q.company_id = l.company_id)
-                       AND (l.job_type IS NULL OR q.job_type = l.job_type)) END,
+           least(CASE WHEN l.max_running IS NOT NULL
+                      THEN l.max_running - coalesce(n.counted, b.bound) END,
                  CASE WHEN l.max_starts IS NOT NULL THEN l.max_starts - coalesce(s.started, 0) END)
                AS room
     FROM pgjobs.limits l
@@ -81,6 +77,20 @@ WITH RECURSIVE room AS MATERIALIZED (
     ) w
     -- its starts so far (none: no row yet, or no rate)
     LEFT JOIN pgjobs.limit_windows s ON s.limit_id = l.id AND s.window_start = w.window_start
+    -- at least its running jobs (sql/0025; none: no row yet)
+    LEFT JOIN pgjobs.limit_running b ON b.limit_id = l.id
+    CROSS JOIN LATERAL (
+        -- Its running jobs counted exactly (job_queue's leased rows, job_queue_lease_idx),
+        -- only where the bound cannot show that this batch fits: no bound yet, or the
+        -- bound plus the batch over max_running. (The count is a subplan of the CASE
+        -- branch: not run at all otherwise.)
+        SELECT CASE WHEN l.max_running IS NOT NULL
+                         AND (b.bound IS NULL OR b.bound > l.max_running - %(limit)s::int)
+                    THEN (SELECT count(*) FROM pgjobs.job_queue q
+                          WHERE q.lease_expires_at IS NOT NULL
+                            AND (l.company_id IS NULL OR q.company_id = l.company_id)
+                            AND (l.job_type IS NULL OR q.job_type = l.job_type)) END AS counted
+    ) n
     WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])
 ), blocked AS (
     -- limits with no room left: the jobs they cover are not candidates at all
@@ -281,6 +291,18 @@ WITH RECURSIVE room AS MATERIALIZED (
     DELETE FROM pgjobs.limit_windows w USING room r
     WHERE w.limit_id = r.id AND r.max_starts IS NOT NULL AND NOT r.window_counted
       AND w.window_start < r.window_start - make_interval(secs => r.period_seconds)
+), bounded AS (
+    -- Each concurrency limit's bound, now: what it counted (or its bound, if it did not
+    -- count) plus the jobs it covers this claim took. Not written when that changes
+    -- nothing.
+    INSERT INTO pgjobs.limit_running AS b (limit_id, bound)
+    SELECT r.id, coalesce(r.counted, r.bound) + count(c.job_id)
+    FROM room r LEFT JOIN claimed c
+      ON r.company_id IN (c.company_id, '') AND r.job_type IN (c.job_type, '')
+    WHERE r.max_running IS NOT NULL
+    GROUP BY r.id, r.counted, r.bound
+    HAVING count(c.job_id) > 0 OR r.counted IS DISTINCT FROM r.bound
+    ON CONFLICT (limit_id) DO UPDATE SET bound = excluded.bound
 )
 -- The columns job_claim_batch returns (and why there), the job row read by primary key.
 SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts,
@@ -291,6 +313,16 @@ SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts
              (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
     (SELECT count(*) FROM held) AS held_back
 FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id;
+
+-- name: job_queue_lock_for_limit_upsert
+-- Before limit_upsert, in its transaction: waits for the claims running now (each holds
+-- job_queue's ROW EXCLUSIVE lock until it commits) and holds back the ones that start
+-- until the limit is committed. A claim takes that lock before its snapshot, so every
+-- claim then either finished before the limit existed or sees it (and claims through
+-- job_claim_batch_limited, under its advisory lock): the running jobs a limit covers
+-- only grow under its lock, which pgjobs.limit_running's bound relies on (sql/0025).
+-- Enqueues, finishes and rescues wait too, for as long as the upsert takes.
+LOCK TABLE pgjobs.job_queue IN SHARE MODE;
 
 -- name: limit_upsert
 -- `pgjobs limits set`: create the limit of (company, job type), or change the bounds
