@@ -5,9 +5,11 @@
 -- job_claim_batch_limited (src/pgjobs/limits.sql) counted a limit's running jobs from
 -- job_queue's leased rows on every claim. Only a claim holding the limit's advisory lock
 -- can add running jobs the limit covers: every claim that began after the limit was
--- committed takes the limited path, and creating a limit waits for the claims already
--- running (set_limit locks job_queue in SHARE mode first). Finishes, cancels, retries and
--- rescues only take running jobs away. So the lock's holder keeps here the running count
+-- committed takes the limited path and locks it, and creating a limit waits for the
+-- claims already running (set_limit locks pgjobs.limits first: limits.sql,
+-- limit_lock_table_for_upsert). Finishes, cancels, retries and rescues only take running
+-- jobs away. (A job made running by a direct write to pgjobs.jobs is not counted until
+-- the next exact count.) So the lock's holder keeps here the running count
 -- it last counted plus every job claimed under the lock since: never less than the jobs
 -- running. While bound + the batch is within max_running the limit cannot bind the batch
 -- and the claim does not count; otherwise it counts exactly and writes the count back.

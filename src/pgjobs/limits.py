@@ -129,9 +129,9 @@ async def set_limit(
         "now": now,
     }
     # A limit's bound on its running jobs counts only the claims that see it: creating it
-    # waits for the claims running now (job_queue_lock_for_limit_upsert).
+    # waits for the claims running now (limit_lock_table_for_upsert).
     async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(QUERIES["job_queue_lock_for_limit_upsert"])
+        await cur.execute(QUERIES["limit_lock_table_for_upsert"])
         await cur.execute(QUERIES["limit_upsert"], params)
         row = await cur.fetchone()
     assert row is not None  # an upsert always returns its row

@@ -314,15 +314,17 @@ SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts
     (SELECT count(*) FROM held) AS held_back
 FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id;
 
--- name: job_queue_lock_for_limit_upsert
--- Before limit_upsert, in its transaction: waits for the claims running now (each holds
--- job_queue's ROW EXCLUSIVE lock until it commits) and holds back the ones that start
--- until the limit is committed. A claim takes that lock before its snapshot, so every
--- claim then either finished before the limit existed or sees it (and claims through
--- job_claim_batch_limited, under its advisory lock): the running jobs a limit covers
--- only grow under its lock, which pgjobs.limit_running's bound relies on (sql/0025).
--- Enqueues, finishes and rescues wait too, for as long as the upsert takes.
-LOCK TABLE pgjobs.job_queue IN SHARE MODE;
+-- name: limit_lock_table_for_upsert
+-- Before limit_upsert, in its transaction: waits for every transaction that has read
+-- pgjobs.limits (each claim, plain and limited, reads it first and holds its lock until
+-- it commits) and makes those that start wait until the upsert commits. A statement
+-- takes its tables' locks before its snapshot, so every claim either committed before a
+-- new limit existed or sees it: a plain claim refuses, and a limited claim's
+-- limit_lock_for_types locks it (a limit cannot appear between the pipeline's two
+-- statements). So the running jobs a limit covers only ever grow under its advisory
+-- lock, which pgjobs.limit_running's bound relies on (sql/0025). Enqueues, finishes and
+-- rescues do not read pgjobs.limits and never wait for it.
+LOCK TABLE pgjobs.limits IN ACCESS EXCLUSIVE MODE;
 
 -- name: limit_upsert
 -- `pgjobs limits set`: create the limit of (company, job type), or change the bounds

@@ -807,3 +807,39 @@ async def test_setting_a_limit_waits_for_the_claims_running_and_counts_their_job
     assert [counted for _, counted in taken] == [True, False, False, True, True]
     rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue WHERE status = 'running'")
     assert rows[0]["n"] == 20
+
+
+async def test_a_limit_set_between_the_limited_pipelines_two_statements_waits_for_its_commit(
+    dsn: str, client: Client
+) -> None:
+    """A limited claim has taken its locks (acme's limit did not exist yet) and not yet
+    claimed: creating acme's limit waits until that claim commits, so the claim never
+    sees a limit whose lock it does not hold; it claims as before the limit (all 8 of
+    its batch), and the claims after it count those 8."""
+    await _set(dsn, job_type="echo", max_running=1000)  # so that claims are limited
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(30))
+    params = _claim_params(limit=8)
+
+    async def waiting_for_limits() -> bool:
+        rows = await fetch(
+            dsn,
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND wait_event = 'relation'",
+        )
+        return bool(rows[0]["n"] == 1)
+
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row
+    ) as claimer:
+        async with claimer.transaction():
+            cur = await claimer.execute(QUERIES["limit_lock_for_types"], params)
+            assert (await cur.fetchone() or {})["locked"] == 1
+            setting = asyncio.create_task(_set(dsn, company_id="acme", max_running=10))
+            await wait_until(waiting_for_limits, within=20, message="the limit waiting")
+            cur = await claimer.execute(QUERIES["job_claim_batch_limited"], params)
+            assert len(await cur.fetchall()) == 8
+            assert not setting.done()
+        await setting
+    assert await _claim_limited(dsn, 8) != []
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue WHERE status = 'running'")
+    assert rows[0]["n"] == 10
