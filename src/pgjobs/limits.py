@@ -6,11 +6,13 @@ running at once) and/or a rate (``max_starts`` per ``period_seconds``, fixed win
 aligned on the Unix epoch). A job covered by several limits keeps to each.
 
 The claim enforces them, across every worker on every host, with no coordinator: a
-worker that a limit can concern claims through ``job_claim_batch_limited``, which counts
-each limit's running jobs and its window's starts, takes at most the room left and adds
-what it took to the rate windows, in a transaction holding a transaction-level advisory
-lock per applicable limit (``limit_lock_for_types``, in id order), taken before the
-claim, so that the claim counts every claim committed before it. The worker sends the
+worker that a limit can concern claims through ``job_claim_batch_limited``, which reads
+each limit's running jobs (an upper bound kept in ``pgjobs.limit_running``, counted
+exactly where the bound says the batch may not fit) and its window's starts, takes at
+most the room left and adds what it took to the bounds and the rate windows, in a
+transaction holding a transaction-level advisory lock per applicable limit
+(``limit_lock_for_types``, in id order), taken before the claim, so that the claim
+counts every claim committed before it. The worker sends the
 two statements as one pipeline (one round trip, one implicit transaction), so the locks
 are held for the claim's own execution and commit only. A job over its limit stays
 queued; the completion that frees its slot wakes the completing worker, which claims
@@ -22,8 +24,10 @@ then returns one row of NULLs marked ``limited``: that answer tells the worker t
 through the limited claim at once, as its next claims do until one finds no limit
 covering its jobs. No claim asks before it.
 
-A limit applies to claims that begin after it is committed; a claim already running
-finishes under what it read.
+A limit applies to claims that begin after it is committed. Setting one waits for the
+claims running (they have read the limits; ``limit_lock_table_for_upsert``), so that every
+job a limit covers was started by a claim that saw it, or before it existed: the bound
+relies on that.
 """
 
 from __future__ import annotations
@@ -128,7 +132,10 @@ async def set_limit(
         "period_seconds": period_seconds,
         "now": now,
     }
-    async with conn.cursor(row_factory=dict_row) as cur:
+    # A limit's bound on its running jobs counts only the claims that see it: creating it
+    # waits for the claims running now (limit_lock_table_for_upsert).
+    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+        await cur.execute(QUERIES["limit_lock_table_for_upsert"])
         await cur.execute(QUERIES["limit_upsert"], params)
         row = await cur.fetchone()
     assert row is not None  # an upsert always returns its row

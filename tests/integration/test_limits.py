@@ -709,3 +709,145 @@ async def test_the_limited_claim_updates_the_rows_it_locked_by_ctid(
     assert len(claimed) == 20
     rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue WHERE status = 'running'")
     assert rows[0]["n"] == 20
+
+
+async def _claim_limited_counting(dsn: str, limit: int) -> tuple[int, bool]:
+    """A limited claim of up to ``limit``: how many jobs it took, and whether it counted
+    the limits' running jobs (an index scan of job_queue_lease_idx, this transaction's)."""
+    params = _claim_params(limit=limit)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True, row_factory=dict_row) as conn,
+        conn.transaction(),
+    ):
+        # A queue this small is read whole otherwise: the count's only index is then
+        # the one a count reads.
+        await conn.execute("SET LOCAL enable_seqscan = off")
+        await conn.execute(QUERIES["limit_lock_for_types"], params)
+        cur = await conn.execute(QUERIES["job_claim_batch_limited"], params)
+        taken = len(await cur.fetchall())
+        cur = await conn.execute(
+            "SELECT pg_stat_get_xact_numscans('pgjobs.job_queue_lease_idx'::regclass) AS idx_scan"
+        )
+        row = await cur.fetchone()
+        return taken, bool(row and row["idx_scan"])
+
+
+async def _bounds(dsn: str) -> list[int]:
+    rows = await fetch(dsn, "SELECT bound FROM pgjobs.limit_running ORDER BY limit_id")
+    return [r["bound"] for r in rows]
+
+
+async def test_a_limit_is_counted_only_when_its_bound_says_the_batch_may_not_fit(
+    dsn: str, client: Client
+) -> None:
+    """acme may run 25; claims of 10. The first claim counts (no bound yet) and keeps 10 as
+    the bound; the second trusts it (10 + 10 fits in 25: no count) and keeps 20; the third
+    cannot (20 + 10 > 25): it counts 20 running and takes the 5 left. Once jobs finish,
+    the bound (25) is over what runs: the next claim counts again and takes the room."""
+    await _set(dsn, company_id="acme", max_running=25)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(60))
+    assert await _claim_limited_counting(dsn, 10) == (10, True)
+    assert await _bounds(dsn) == [10]
+    assert await _claim_limited_counting(dsn, 10) == (10, False)
+    assert await _bounds(dsn) == [20]
+    assert await _claim_limited_counting(dsn, 10) == (5, True)
+    assert await _bounds(dsn) == [25]
+    assert await _claim_limited_counting(dsn, 10) == (0, True)
+    rows = await fetch(
+        dsn,
+        "UPDATE pgjobs.jobs SET status = 'done', finished_at = now(), lease_expires_at = NULL,"
+        " event_seq = event_seq + 1, last_event = 'content_job.done'"
+        " WHERE id IN (SELECT id FROM pgjobs.jobs WHERE status = 'running' LIMIT 12)"
+        " RETURNING id",
+    )
+    assert len(rows) == 12
+    assert await _claim_limited_counting(dsn, 10) == (10, True)
+    assert await _bounds(dsn) == [23]
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue WHERE status = 'running'")
+    assert rows[0]["n"] == 23
+
+
+async def test_workers_trusting_a_limits_bound_never_run_more_than_it(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """acme may run 24 renders; three workers of concurrency 10 claim under it, most of
+    their claims within the bound (not counting), the ones near it counting: never more
+    than 24 at once, and every job runs."""
+    await _set(dsn, company_id="acme", max_running=24)
+    await client.enqueue_many(JobSpec("acme", "render") for _ in range(150))
+    settings = fast_settings(storage_dir, concurrency=10)
+    async with AsyncExitStack() as stack:
+        for _ in range(3):
+            await stack.enter_async_context(running_worker(dsn, _registry(), settings))
+        await wait_until(lambda: _all_done(dsn, 150), within=60, message="all 150 jobs done")
+    assert await _most_at_once(dsn, "acme", "render") <= 24
+
+
+async def test_setting_a_limit_waits_for_the_claims_running_and_counts_their_jobs(
+    dsn: str, client: Client
+) -> None:
+    """A plain claim (begun before acme had a limit) has claimed 2 jobs and not committed:
+    creating acme's limit of 20 waits for it, so the limited claims after it see those 2
+    running, and their bound (which stops them counting while 5 more fit) starts from
+    them: 18 more run, not 20."""
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(40))
+
+    async def waiting_for_job_queue() -> bool:
+        rows = await fetch(
+            dsn,
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND wait_event = 'relation'",
+        )
+        return bool(rows[0]["n"] == 1)
+
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row
+    ) as claimer:
+        async with claimer.transaction():
+            cur = await claimer.execute(QUERIES["job_claim_batch"], _claim_params(limit=2))
+            assert len(await cur.fetchall()) == 2
+            setting = asyncio.create_task(_set(dsn, company_id="acme", max_running=20))
+            await wait_until(waiting_for_job_queue, within=20, message="the limit waiting")
+            assert not setting.done()
+        await setting
+    taken = [await _claim_limited_counting(dsn, 5) for _ in range(5)]
+    assert [n for n, _ in taken] == [5, 5, 5, 3, 0]
+    assert [counted for _, counted in taken] == [True, False, False, True, True]
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue WHERE status = 'running'")
+    assert rows[0]["n"] == 20
+
+
+async def test_a_limit_set_between_the_limited_pipelines_two_statements_waits_for_its_commit(
+    dsn: str, client: Client
+) -> None:
+    """A limited claim has taken its locks (acme's limit did not exist yet) and not yet
+    claimed: creating acme's limit waits until that claim commits, so the claim never
+    sees a limit whose lock it does not hold; it claims as before the limit (all 8 of
+    its batch), and the claims after it count those 8."""
+    await _set(dsn, job_type="echo", max_running=1000)  # so that claims are limited
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(30))
+    params = _claim_params(limit=8)
+
+    async def waiting_for_limits() -> bool:
+        rows = await fetch(
+            dsn,
+            "SELECT count(*) AS n FROM pg_stat_activity"
+            " WHERE wait_event_type = 'Lock' AND wait_event = 'relation'",
+        )
+        return bool(rows[0]["n"] == 1)
+
+    async with await psycopg.AsyncConnection.connect(
+        dsn, autocommit=True, row_factory=dict_row
+    ) as claimer:
+        async with claimer.transaction():
+            cur = await claimer.execute(QUERIES["limit_lock_for_types"], params)
+            assert (await cur.fetchone() or {})["locked"] == 1
+            setting = asyncio.create_task(_set(dsn, company_id="acme", max_running=10))
+            await wait_until(waiting_for_limits, within=20, message="the limit waiting")
+            cur = await claimer.execute(QUERIES["job_claim_batch_limited"], params)
+            assert len(await cur.fetchall()) == 8
+            assert not setting.done()
+        await setting
+    assert await _claim_limited(dsn, 8) != []
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue WHERE status = 'running'")
+    assert rows[0]["n"] == 10

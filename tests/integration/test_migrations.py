@@ -700,3 +700,39 @@ async def test_live_state_checks_refuse_the_live_states_the_job_row_refuses(
     (m,) = await fetch(dsn, f"SELECT count(*) AS n FROM check_grid WHERE {ended}")
     assert len(await refused("pgjobs.job_queue", ended)) == m["n"]
     await assert_queue_matches_jobs(dsn)
+
+
+async def test_limit_running_bound_migration_rolls_back_and_applies_again(
+    empty_dsn: str,
+) -> None:
+    """0025 adds pgjobs.limit_running, the limited claim's bound on each limit's running
+    jobs; its rollback drops it and leaves the limits, and applied again the claim keeps
+    the bound anew (from an exact count: no row yet)."""
+    dsn = empty_dsn
+    migrate.apply(dsn)
+    params = {"now": None, "limit": 5, "worker_id": "w", "lease_seconds": 30.0,
+              "job_types": None, "after_company": None}  # fmt: skip
+
+    async def claim_limited() -> int:
+        async with (
+            await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn,
+            conn.transaction(),
+        ):
+            await conn.execute(QUERIES["limit_lock_for_types"], params)
+            cur = await conn.execute(QUERIES["job_claim_batch_limited"], params)
+            return len(await cur.fetchall())
+
+    await fetch(dsn, "INSERT INTO pgjobs.limits (company_id, max_running) VALUES ('acme', 100)")
+    for _ in range(10):
+        await _insert(dsn)
+    assert await claim_limited() == 5
+    assert await fetch(dsn, "SELECT bound FROM pgjobs.limit_running") == [{"bound": 5}]
+
+    _roll_back(dsn, "0025_limit_running_bound")
+    (table,) = await fetch(dsn, "SELECT to_regclass('pgjobs.limit_running') AS t")
+    assert table["t"] is None
+    assert len(await fetch(dsn, "SELECT * FROM pgjobs.limits")) == 1
+
+    assert migrate.apply(dsn) == ["0025_limit_running_bound"]
+    assert await claim_limited() == 5
+    assert await fetch(dsn, "SELECT bound FROM pgjobs.limit_running") == [{"bound": 10}]
