@@ -15,6 +15,10 @@ class DatabaseUnavailableError(PgjobsError):
     """The database cannot be reached or refused the connection."""
 
 
+class LockTimeoutError(PgjobsError):
+    """A lock pgjobs needs was not granted in time; nothing was changed."""
+
+
 class NotMigratedError(PgjobsError):
     """The database is reachable but has no pgjobs schema."""
 

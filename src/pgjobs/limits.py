@@ -37,11 +37,18 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+import psycopg
 from psycopg.rows import dict_row
 
 from pgjobs import db
-from pgjobs.errors import InvalidJobError
+from pgjobs.errors import InvalidJobError, LockTimeoutError
 from pgjobs.queries import QUERIES
+
+# How long set_limit waits for the claims that have read pgjobs.limits (claims take
+# milliseconds; every claim starting meanwhile waits behind it): past this, it fails and
+# names what holds it, instead of holding every worker's claims behind a session left
+# open.
+LIMIT_SET_LOCK_WAIT_SECONDS = 5.0
 
 _PERIODS = {
     "s": 1.0,
@@ -133,11 +140,21 @@ async def set_limit(
         "now": now,
     }
     # A limit's bound on its running jobs counts only the claims that see it: creating it
-    # waits for the claims running now (limit_lock_table_for_upsert).
-    async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-        await cur.execute(QUERIES["limit_lock_table_for_upsert"])
-        await cur.execute(QUERIES["limit_upsert"], params)
-        row = await cur.fetchone()
+    # waits for the claims running now (limit_lock_table_for_upsert), for a bounded time.
+    wait = {"lock_timeout": f"{round(LIMIT_SET_LOCK_WAIT_SECONDS * 1000)}ms"}
+    try:
+        async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
+            await cur.execute(QUERIES["limit_lock_timeout_set_local"], wait)
+            await cur.execute(QUERIES["limit_lock_table_for_upsert"])
+            await cur.execute(QUERIES["limit_upsert"], params)
+            row = await cur.fetchone()
+    except psycopg.errors.LockNotAvailable:
+        raise LockTimeoutError(
+            f"the limit was not set: pgjobs.limits could not be locked within "
+            f"{LIMIT_SET_LOCK_WAIT_SECONDS:g}s, because a transaction that has read it is "
+            "still open (a claim, or a session left idle in a transaction: look for "
+            "'idle in transaction' in pg_stat_activity); end it, then set the limit again"
+        ) from None
     assert row is not None  # an upsert always returns its row
     return Limit.from_row(row)
 

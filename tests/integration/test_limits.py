@@ -32,7 +32,7 @@ from helpers import (
 from pgjobs import db, doorbell, limits, worker
 from pgjobs.client import Client
 from pgjobs.context import JobContext
-from pgjobs.errors import InvalidJobError
+from pgjobs.errors import InvalidJobError, LockTimeoutError
 from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES, compact, positional
 from pgjobs.registry import Registry
@@ -815,6 +815,24 @@ async def test_setting_a_limit_waits_for_the_claims_running_and_counts_their_job
     assert [counted for _, counted in taken] == [True, False, False, True, True]
     rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.job_queue WHERE status = 'running'")
     assert rows[0]["n"] == 20
+
+
+async def test_setting_a_limit_behind_a_session_left_open_fails_and_holds_no_claim_back(
+    dsn: str, client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A session idle in a transaction that has read pgjobs.limits: setting a limit waits
+    LIMIT_SET_LOCK_WAIT_SECONDS at most, then fails saying what to do, having changed
+    nothing; the claims that queued behind its wait then go on."""
+    monkeypatch.setattr(limits, "LIMIT_SET_LOCK_WAIT_SECONDS", 0.5)
+    await client.enqueue_many(JobSpec("acme", "echo") for _ in range(3))
+    idle = await psycopg.AsyncConnection.connect(dsn, autocommit=True)
+    async with idle, idle.transaction():
+        await idle.execute("SELECT * FROM pgjobs.limits")
+        claim = asyncio.create_task(fetch(dsn, QUERIES["job_claim_batch"], _claim_params()))
+        with pytest.raises(LockTimeoutError, match="idle in transaction"):
+            await _set(dsn, company_id="acme", max_running=1)
+        assert len(await asyncio.wait_for(claim, 20)) == 3
+    assert await fetch(dsn, "SELECT * FROM pgjobs.limits") == []
 
 
 async def test_a_limit_set_between_the_limited_pipelines_two_statements_waits_for_its_commit(
