@@ -783,22 +783,25 @@ async def test_workers_trusting_a_limits_bound_never_run_more_than_it(
     assert await _most_at_once(dsn, "acme", "render") <= 24
 
 
+async def _one_waiting_for_a_table(dsn: str) -> bool:
+    """One backend waits for a table's lock (setting a limit, behind a claim)."""
+    rows = await fetch(
+        dsn,
+        "SELECT count(*) AS n FROM pg_stat_activity"
+        " WHERE wait_event_type = 'Lock' AND wait_event = 'relation'",
+    )
+    return bool(rows[0]["n"] == 1)
+
+
 async def test_setting_a_limit_waits_for_the_claims_running_and_counts_their_jobs(
-    dsn: str, client: Client
+    dsn: str, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A plain claim (begun before acme had a limit) has claimed 2 jobs and not committed:
     creating acme's limit of 20 waits for it, so the limited claims after it see those 2
     running, and their bound (which stops them counting while 5 more fit) starts from
     them: 18 more run, not 20."""
+    monkeypatch.setattr(limits, "LIMIT_SET_LOCK_WAIT_SECONDS", 60.0)  # a slow machine's
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(40))
-
-    async def waiting_for_job_queue() -> bool:
-        rows = await fetch(
-            dsn,
-            "SELECT count(*) AS n FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND wait_event = 'relation'",
-        )
-        return bool(rows[0]["n"] == 1)
 
     async with await psycopg.AsyncConnection.connect(
         dsn, autocommit=True, row_factory=dict_row
@@ -807,7 +810,7 @@ async def test_setting_a_limit_waits_for_the_claims_running_and_counts_their_job
             cur = await claimer.execute(QUERIES["job_claim_batch"], _claim_params(limit=2))
             assert len(await cur.fetchall()) == 2
             setting = asyncio.create_task(_set(dsn, company_id="acme", max_running=20))
-            await wait_until(waiting_for_job_queue, within=20, message="the limit waiting")
+            await wait_until(lambda: _one_waiting_for_a_table(dsn), message="the limit waiting")
             assert not setting.done()
         await setting
     taken = [await _claim_limited_counting(dsn, 5) for _ in range(5)]
@@ -836,23 +839,16 @@ async def test_setting_a_limit_behind_a_session_left_open_fails_and_holds_no_cla
 
 
 async def test_a_limit_set_between_the_limited_pipelines_two_statements_waits_for_its_commit(
-    dsn: str, client: Client
+    dsn: str, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A limited claim has taken its locks (acme's limit did not exist yet) and not yet
     claimed: creating acme's limit waits until that claim commits, so the claim never
     sees a limit whose lock it does not hold; it claims as before the limit (all 8 of
     its batch), and the claims after it count those 8."""
+    monkeypatch.setattr(limits, "LIMIT_SET_LOCK_WAIT_SECONDS", 60.0)  # a slow machine's
     await _set(dsn, job_type="echo", max_running=1000)  # so that claims are limited
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(30))
     params = _claim_params(limit=8)
-
-    async def waiting_for_limits() -> bool:
-        rows = await fetch(
-            dsn,
-            "SELECT count(*) AS n FROM pg_stat_activity"
-            " WHERE wait_event_type = 'Lock' AND wait_event = 'relation'",
-        )
-        return bool(rows[0]["n"] == 1)
 
     async with await psycopg.AsyncConnection.connect(
         dsn, autocommit=True, row_factory=dict_row
@@ -861,7 +857,7 @@ async def test_a_limit_set_between_the_limited_pipelines_two_statements_waits_fo
             cur = await claimer.execute(QUERIES["limit_lock_for_types"], params)
             assert (await cur.fetchone() or {})["locked"] == 1
             setting = asyncio.create_task(_set(dsn, company_id="acme", max_running=10))
-            await wait_until(waiting_for_limits, within=20, message="the limit waiting")
+            await wait_until(lambda: _one_waiting_for_a_table(dsn), message="the limit waiting")
             cur = await claimer.execute(QUERIES["job_claim_batch_limited"], params)
             assert len(await cur.fetchall()) == 8
             assert not setting.done()
