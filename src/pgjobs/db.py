@@ -347,6 +347,15 @@ async def check_if_suspect(conn: AsyncConn) -> None:
         await AsyncConnectionPool.check_connection(conn)
 
 
+async def lock_timeout_for_transaction(conn: CallerAsyncConn, seconds: float) -> None:
+    """Within ``conn``'s transaction, a statement waits at most ``seconds`` (at least a
+    millisecond) for a lock, then raises ``psycopg.errors.LockNotAvailable``."""
+    await conn.execute(
+        QUERIES["transaction_lock_timeout_set_local"],
+        {"lock_timeout": f"{max(1, round(seconds * 1000))}ms"},
+    )
+
+
 async def plans_generic(conn: AsyncConn) -> None:
     """A new pool connection's setting: ``plan_cache_mode = force_generic_plan``.
 

@@ -141,10 +141,9 @@ async def set_limit(
     }
     # A limit's bound on its running jobs counts only the claims that see it: creating it
     # waits for the claims running now (limit_lock_table_for_upsert), for a bounded time.
-    wait = {"lock_timeout": f"{round(LIMIT_SET_LOCK_WAIT_SECONDS * 1000)}ms"}
     try:
         async with conn.transaction(), conn.cursor(row_factory=dict_row) as cur:
-            await cur.execute(QUERIES["limit_lock_timeout_set_local"], wait)
+            await db.lock_timeout_for_transaction(conn, LIMIT_SET_LOCK_WAIT_SECONDS)
             await cur.execute(QUERIES["limit_lock_table_for_upsert"])
             await cur.execute(QUERIES["limit_upsert"], params)
             row = await cur.fetchone()

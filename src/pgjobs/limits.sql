@@ -330,13 +330,6 @@ SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts
     (SELECT count(*) FROM held) AS held_back
 FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id;
 
--- name: limit_lock_timeout_set_local
--- How long limit_lock_table_for_upsert may wait, for its transaction (pgjobs.limits
--- LIMIT_SET_LOCK_WAIT_SECONDS): every claim that starts while it waits queues behind it,
--- so a transaction left open after reading pgjobs.limits (an idle psql session) must
--- make the set fail, not stop every worker's claims until that session ends.
-SELECT set_config('lock_timeout', %(lock_timeout)s::text, true);
-
 -- name: limit_lock_table_for_upsert
 -- Before limit_upsert, in its transaction: waits for every transaction that has read
 -- pgjobs.limits (each claim, plain and limited, reads it first and holds its lock until

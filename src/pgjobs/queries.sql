@@ -703,6 +703,13 @@ SELECT set_config('plan_cache_mode', 'force_generic_plan', false) AS plans;
 SELECT set_config('plan_cache_mode', reset_val, true) AS plans
 FROM pg_settings WHERE name = 'plan_cache_mode';
 
+-- name: transaction_lock_timeout_set_local
+-- How long the statements of this transaction wait for a lock before failing with
+-- lock_not_available (pgjobs.db.lock_timeout_for_transaction): the gateway's wait for
+-- another request holding the same Idempotency-Key, a limit's wait for the claims running.
+-- SET LOCAL: it ends with the transaction.
+SELECT set_config('lock_timeout', %(lock_timeout)s::text, true);
+
 -- name: transaction_plans_by_index
 -- Run before a claim in its transaction (the worker's pipeline, pgjobs.worker): the claim
 -- planned with sorts priced out, so that every ordered probe of job_queue is an index

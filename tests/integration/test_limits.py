@@ -31,6 +31,7 @@ from helpers import (
 )
 from pgjobs import db, doorbell, limits, worker
 from pgjobs.client import Client
+from pgjobs.config import WorkerSettings
 from pgjobs.context import JobContext
 from pgjobs.errors import InvalidJobError, LockTimeoutError
 from pgjobs.jobspec import JobSpec
@@ -58,6 +59,27 @@ def _registry() -> Registry:
 async def _set(dsn: str, **kwargs: Any) -> limits.Limit:
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         return await limits.set_limit(conn, **kwargs)
+
+
+async def _workers_until_done(
+    dsn: str,
+    settings: WorkerSettings,
+    jobs: int,
+    *,
+    workers: int,
+    within: float,
+    worker_dsn: str | None = None,
+) -> None:
+    """Run ``workers`` workers (each its own pool, on ``worker_dsn`` or ``dsn``) until
+    ``jobs`` jobs are done."""
+    async with AsyncExitStack() as stack:
+        for _ in range(workers):
+            await stack.enter_async_context(
+                running_worker(worker_dsn or dsn, _registry(), settings)
+            )
+        await wait_until(
+            lambda: _all_done(dsn, jobs), within=within, message=f"all {jobs} jobs done"
+        )
 
 
 async def _most_at_once(dsn: str, company: str, job_type: str) -> int:
@@ -103,10 +125,7 @@ async def test_a_company_limited_to_two_renders_never_runs_more_across_workers(
     await client.enqueue_many(JobSpec("acme", "render") for _ in range(50))
     await client.enqueue_many(JobSpec("beta", "render") for _ in range(30))
     settings = fast_settings(storage_dir, concurrency=5)
-    async with AsyncExitStack() as stack:
-        for _ in range(3):
-            await stack.enter_async_context(running_worker(dsn, _registry(), settings))
-        await wait_until(lambda: _all_done(dsn, 80), within=60, message="all 80 jobs done")
+    await _workers_until_done(dsn, settings, 80, workers=3, within=60)
     assert await _most_at_once(dsn, "acme", "render") <= 2
     assert await _last_start(dsn, "beta") < await _last_start(dsn, "acme")
 
@@ -155,10 +174,7 @@ async def test_a_rate_of_20_per_second_holds_in_every_window(
     await _set(dsn, job_type="echo", max_starts=20, period_seconds=1.0)
     await client.enqueue_many(JobSpec(f"c{i % 4}", "echo") for i in range(100))
     settings = fast_settings(storage_dir, concurrency=10)
-    async with AsyncExitStack() as stack:
-        for _ in range(3):
-            await stack.enter_async_context(running_worker(dsn, _registry(), settings))
-        await wait_until(lambda: _all_done(dsn, 100), within=90, message="all 100 jobs done")
+    await _workers_until_done(dsn, settings, 100, workers=3, within=90)
     rows = await fetch(
         dsn,
         "SELECT floor(extract(epoch FROM created_at))::bigint AS w, count(*) AS n"
@@ -177,10 +193,7 @@ async def test_a_freed_slot_wakes_a_worker_without_the_poll(
     await _set(dsn, job_type="echo", max_running=1)
     await client.enqueue_many(JobSpec("acme", "echo") for _ in range(5))
     settings = fast_settings(storage_dir, concurrency=4, poll_interval_seconds=60.0)
-    async with AsyncExitStack() as stack:
-        for _ in range(2):
-            await stack.enter_async_context(running_worker(dsn, _registry(), settings))
-        await wait_until(lambda: _all_done(dsn, 5), within=30, message="all 5 jobs done")
+    await _workers_until_done(dsn, settings, 5, workers=2, within=30)
     assert await _most_at_once(dsn, "acme", "echo") == 1
 
 
@@ -307,10 +320,7 @@ async def test_limits_hold_through_pgbouncer_in_transaction_mode(
     await client.enqueue_many(JobSpec("acme", "render") for _ in range(20))
     bouncer_dsn = pgbouncer.dsn(dsn)
     settings = fast_settings(storage_dir, concurrency=5)
-    async with AsyncExitStack() as stack:
-        for _ in range(2):
-            await stack.enter_async_context(running_worker(bouncer_dsn, _registry(), settings))
-        await wait_until(lambda: _all_done(dsn, 20), within=60, message="all 20 jobs done")
+    await _workers_until_done(dsn, settings, 20, workers=2, within=60, worker_dsn=bouncer_dsn)
     assert await _most_at_once(dsn, "acme", "render") <= 2
 
 
@@ -776,10 +786,7 @@ async def test_workers_trusting_a_limits_bound_never_run_more_than_it(
     await _set(dsn, company_id="acme", max_running=24)
     await client.enqueue_many(JobSpec("acme", "render") for _ in range(150))
     settings = fast_settings(storage_dir, concurrency=10)
-    async with AsyncExitStack() as stack:
-        for _ in range(3):
-            await stack.enter_async_context(running_worker(dsn, _registry(), settings))
-        await wait_until(lambda: _all_done(dsn, 150), within=60, message="all 150 jobs done")
+    await _workers_until_done(dsn, settings, 150, workers=3, within=60)
     assert await _most_at_once(dsn, "acme", "render") <= 24
 
 

@@ -112,11 +112,9 @@ async def enqueue_once(
     }
     try:
         async with conn.transaction():
-            await db.fetch_dicts(
-                conn,
-                GATEWAY_QUERIES["idempotency_lock_timeout_set_local"],
-                {"lock_timeout": f"{max(1, round(wait_seconds * 1000))}ms"},
-            )
+            # How long to wait for another request holding the same key (still in
+            # flight) before giving up with 409.
+            await db.lock_timeout_for_transaction(conn, wait_seconds)
             # A key row deleted between the insert and the lock (by the cleanup, only
             # once expired) makes the next round insert it.
             while True:

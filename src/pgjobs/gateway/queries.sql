@@ -451,11 +451,6 @@ JOIN pgjobs.job_events e ON e.job_id = k.job_id AND e.seq = k.seq;
 -- HTTP Idempotency-Key on POST .../content-jobs (pgjobs.gateway.idempotency, sql/0011).
 -- These run in the transaction that enqueues the job, in order.
 
--- name: idempotency_lock_timeout_set_local
--- How long this transaction waits for another request holding the same key (still in
--- flight) before giving up with 409. SET LOCAL: it ends with the transaction.
-SELECT set_config('lock_timeout', %(lock_timeout)s::text, true);
-
 -- name: idempotency_key_insert
 -- Take a key nobody has. ON CONFLICT waits for a request that inserted the same key and
 -- is still open: if it commits the key is skipped (the caller then reads it), if it
