@@ -28,9 +28,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import re
 import select
+import socket
 from collections.abc import AsyncIterator, Mapping
 from typing import Any, LiteralString
 
@@ -52,6 +54,8 @@ SyncConn = psycopg.Connection[DictRow]
 CallerAsyncConn = psycopg.AsyncConnection[Any]
 """A connection a caller passes in (``conn=``): any row factory, autocommit or not."""
 CallerSyncConn = psycopg.Connection[Any]
+
+log = logging.getLogger(__name__)
 
 
 async def fetch_dicts(
@@ -380,6 +384,31 @@ async def plans_generic(conn: AsyncConn) -> None:
 RECONNECT_TIMEOUT_SECONDS = 30.0
 
 
+USE_GRACE_SECONDS = 15.0
+"""How long a checkout may go on past its use limit (``GuardedPool``) before its socket is
+shut down: longer than psycopg's own way out of a cancelled query (up to 5 s for the
+cancel request, then 5 s for the query to end), so that it meets only a wait nothing
+else bounds."""
+
+
+def _shut_down(conn: AsyncConn) -> None:
+    """Shut ``conn``'s socket down, both ways, leaving its descriptor to psycopg: a read
+    waiting on it gets end-of-file and libpq reports the connection lost. A connection
+    psycopg has closed is left alone (its descriptor number may be another's by now)."""
+    if conn.closed or conn.broken:
+        return
+    try:
+        with socket.socket(fileno=os.dup(conn.pgconn.socket)) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except (OSError, psycopg.Error):
+        return
+    log.warning(
+        "a database connection still in use %.0f s past its use limit was shut down "
+        "(a half-open connection: its peer stopped answering)",
+        USE_GRACE_SECONDS,
+    )
+
+
 class GuardedPool(AsyncConnectionPool[AsyncConn]):
     """A pool whose connections may be used for at most ``use_timeout`` seconds per
     checkout (None: no limit).
@@ -390,6 +419,16 @@ class GuardedPool(AsyncConnectionPool[AsyncConn]):
     psycopg cancels the query and, with no answer, closes the connection (psycopg waits
     at most 5 s for a cancel), and the pool replaces it. Every pgjobs caller already
     retries ``TimeoutError`` like a dropped connection.
+
+    Cancelling the body is not always enough: what runs after it may still talk to the
+    server, unbounded. A body cancelled while idle in a transaction (awaiting anything but
+    the socket) leaves ``conn.transaction()`` a ROLLBACK to send, and the pool another
+    when the connection comes back in a transaction; on a half-open socket each waits
+    forever, and its caller with it (a worker's heartbeat, claims, completions: the whole
+    worker). So a checkout still going ``USE_GRACE_SECONDS`` past its limit, the pool's
+    reset included, gets its socket shut down (``_shut_down``): whatever waits on it
+    reads end-of-file at once and fails as on a dropped connection, which the pool
+    discards.
 
     It also never stops reconnecting. psycopg_pool gives a connection up after
     ``reconnect_timeout`` and counts on demand to grow the pool again; but a request that
@@ -407,12 +446,21 @@ class GuardedPool(AsyncConnectionPool[AsyncConn]):
         self,
         timeout: float | None = None,  # noqa: ASYNC109 - psycopg_pool's signature, overridden
     ) -> AsyncIterator[AsyncConn]:
-        async with super().connection(timeout) as conn:
-            if self.use_timeout is None:
+        if self.use_timeout is None:
+            async with super().connection(timeout) as conn:
                 yield conn
-            else:
+            return
+        watchdog: asyncio.TimerHandle | None = None
+        try:
+            async with super().connection(timeout) as conn:
+                watchdog = asyncio.get_running_loop().call_later(
+                    self.use_timeout + USE_GRACE_SECONDS, _shut_down, conn
+                )
                 async with asyncio.timeout(self.use_timeout):
                     yield conn
+        finally:
+            if watchdog is not None:  # only now: the pool's reset is covered too
+                watchdog.cancel()
 
     def unbounded_connection(
         self, timeout: float | None = None

@@ -457,7 +457,7 @@ class ChaosRun:
             tasks.append(asyncio.create_task(self._watch_exits(procs)))
             if cfg.faults:
                 tasks.append(asyncio.create_task(self._kill_loop(dsn, workers)))
-                await self._faults(pg, dsn, proxy)
+                await self._faults(pg, dsn, proxy, workers[0].log)
             await self._wait_for("production", lambda: _done(producer))
             producer.result()
             await self._wait_for("all jobs finished", lambda: self._all_finished(dsn))
@@ -585,7 +585,7 @@ class ChaosRun:
 
         await self._wait_for(f"{fraction:.0%} of jobs finished", reached)
 
-    async def _faults(self, pg: Postgres, dsn: str, proxy: Proxy) -> None:
+    async def _faults(self, pg: Postgres, dsn: str, proxy: Proxy, w0_log: Path) -> None:
         await self._at(dsn, 0.15)
         self.say(f"restart PostgreSQL at {self.finished} finished")
         async with self.fault_lock:
@@ -643,7 +643,11 @@ class ChaosRun:
         try:
             await w0_back
         except RuntimeError as exc:
+            # What w0 last said, to tell where it waits (CI keeps no log files).
+            said = (await asyncio.to_thread(w0_log.read_text, errors="replace")).splitlines()
+            warned = [line for line in said if " WARNING " in line or " ERROR " in line]
             self.problems.append(str(exc))
+            self.problems += [f"w0: {line[:300]}" for line in warned[-15:]]
 
     async def _streams_complete(self, dsn: str) -> bool:
         """Every company stream has every job's terminal event, every follow ended."""

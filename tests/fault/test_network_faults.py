@@ -165,6 +165,48 @@ async def test_worker_survives_half_open_pool_connections(dsn: str, storage_dir:
     assert await assert_histories_valid(dsn) == len(jobs)
 
 
+@pytest.mark.parametrize("left_in", ["conn.transaction()", "the pool's reset"])
+async def test_checkout_stuck_past_its_use_limit_on_a_half_open_socket_is_shut_down(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, left_in: str
+) -> None:
+    """A body cancelled at its use limit while idle in a transaction leaves a ROLLBACK to
+    send: by ``conn.transaction()`` on the way out, or by the pool when the connection
+    comes back in a transaction. On a half-open socket that ROLLBACK waits forever (a
+    worker's heartbeat, claims and completions stuck behind it, for good). Past the
+    limit and ``USE_GRACE_SECONDS``, the pool shuts the socket down: the checkout fails
+    as on a dropped connection, and the pool serves again on a new one."""
+    monkeypatch.setattr(db, "USE_GRACE_SECONDS", 2.0)
+    async with proxied(dsn) as proxy:
+        pool = await db.open_pool(proxy.dsn, max_size=1, use_timeout=1.0)
+        try:
+            idle_in_transaction = asyncio.Event()
+
+            async def use() -> None:
+                async with pool.connection() as conn:
+                    if left_in == "conn.transaction()":
+                        async with conn.transaction():
+                            await conn.execute("SELECT 1")
+                            idle_in_transaction.set()
+                            await asyncio.sleep(60)  # anything but the socket
+                    else:
+                        await conn.execute("BEGIN")
+                        idle_in_transaction.set()
+                        await asyncio.sleep(60)
+
+            task = asyncio.create_task(use())
+            await idle_in_transaction.wait()
+            proxy.freeze_existing()
+            started = time.monotonic()
+            done, _ = await asyncio.wait([task], timeout=30)
+            assert done, "the checkout still waits on its half-open socket"
+            assert isinstance(task.exception(), (TimeoutError, psycopg.OperationalError))
+            assert time.monotonic() - started < 20
+            async with pool.connection() as conn:
+                assert await (await conn.execute("SELECT 1 AS one")).fetchone() == {"one": 1}
+        finally:
+            await pool.close()
+
+
 async def test_pool_serves_again_after_an_outage_longer_than_its_reconnect_timeout(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -216,7 +258,7 @@ async def test_pool_reconnect_round_comes_from_the_environment(
         ("4.5", 2.0, 2.0),
     ):
         if env is None:
-            monkeypatch.delenv("PGJOBS_DB_RECONNECT_SECONDS", raising=False)
+            monkeypatch.delenv("PGJOBS_DB_RECONNECT_SECONDS")
         else:
             monkeypatch.setenv("PGJOBS_DB_RECONNECT_SECONDS", env)
         pool = await db.open_pool(dsn, max_size=1, reconnect_timeout=argument)
