@@ -365,6 +365,16 @@ class PolicyLoop:
                     )
                 if report is not None:
                     self.runs += 1
-            except (psycopg.OperationalError, psycopg.errors.QueryCanceled) as exc:
-                log.warning("retention run failed (%s); the next interval retries", exc)
+            # TimeoutError: a connection past the pool's use limit (half-open); OSError: a
+            # storage that failed mid-prune. Neither may end the loop for the process.
+            except (
+                psycopg.OperationalError,
+                psycopg.errors.QueryCanceled,
+                TimeoutError,
+                OSError,
+            ) as exc:
+                log.warning(
+                    "retention run failed (%s); the next interval retries",
+                    db.describe_error(exc),
+                )
             self.checks += 1

@@ -3,6 +3,7 @@ lock and the guarded claim of the interval; off unless configured."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from pathlib import Path
 
@@ -130,3 +131,37 @@ async def test_policy_through_pgbouncer_in_transaction_mode(
         # The interval is taken: a second call (another worker) does nothing.
         assert await retention.run_policy(conn, policy, storage=None) is None
     assert not await fetch(dsn, "SELECT 1 FROM pgjobs.jobs WHERE id = %s", [old])
+
+
+async def test_loop_outlives_a_timed_out_run(
+    dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run cut short by the pool's use limit (a half-open connection: TimeoutError)
+    or a storage error is logged, and the loop checks again; before, the first
+    TimeoutError ended it for the worker's life."""
+    failures: list[BaseException] = [TimeoutError(), OSError("disk gone")]
+
+    async def failing(*args: object, **kwargs: object) -> None:
+        if failures:
+            raise failures.pop(0)
+
+    monkeypatch.setattr(retention, "run_policy", failing)
+    pool = await db.open_pool(dsn, max_size=1)
+    loop = retention.PolicyLoop(
+        pool,
+        retention.Policy(dt.timedelta(days=30), None, False),
+        storage=None,
+        interval_seconds=3600,
+        check_seconds=0.01,
+    )
+    task = asyncio.create_task(loop.run())
+    try:
+
+        async def checked_after_both() -> bool:
+            return loop.checks >= 3 and not task.done()
+
+        await wait_until(checked_after_both, within=10, message="the loop went on")
+    finally:
+        task.cancel()
+        await pool.close()
+    assert sum("retention run failed" in r.getMessage() for r in caplog.records) == 2
