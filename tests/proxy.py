@@ -22,6 +22,7 @@ class Proxy:
         self._server: asyncio.Server | None = None
         self._pipes: set[asyncio.Task[None]] = set()
         self._writers: set[asyncio.StreamWriter] = set()
+        self.to_clients: list[asyncio.StreamWriter] = []  # each connection's client side
         self.frozen = False  # existing connections stop passing bytes, silently
         self.refusing = False  # new connections are closed at once
         self.port = 0
@@ -68,6 +69,7 @@ class Proxy:
         else:
             up_reader, up_writer = await asyncio.open_connection(*self._tcp)
         self._writers.update({writer, up_writer})
+        self.to_clients.append(writer)
         for src, dst in ((reader, up_writer), (up_reader, writer)):
             task = asyncio.create_task(self._pump(src, dst))
             self._pipes.add(task)

@@ -331,6 +331,10 @@ async def ensure_migrated(conn: AsyncConn) -> None:
         raise NotMigratedError()
 
 
+CHECK_TIMEOUT_SECONDS = 10.0
+"""How long ``check_if_suspect`` waits for the server to answer an empty query."""
+
+
 async def check_if_suspect(conn: AsyncConn) -> None:
     """Pool checkout check without a round trip per checkout.
 
@@ -348,7 +352,10 @@ async def check_if_suspect(conn: AsyncConn) -> None:
     except (OSError, ValueError, psycopg.Error):
         readable = [True]
     if readable:
-        await AsyncConnectionPool.check_connection(conn)
+        # Bounded: outside any checkout's use limit, and a socket with bytes to read can
+        # still be half-open (the start of a reply whose rest never comes).
+        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+            await AsyncConnectionPool.check_connection(conn)
 
 
 async def lock_timeout_for_transaction(conn: CallerAsyncConn, seconds: float) -> None:

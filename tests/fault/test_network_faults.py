@@ -207,6 +207,30 @@ async def test_checkout_stuck_past_its_use_limit_on_a_half_open_socket_is_shut_d
             await pool.close()
 
 
+async def test_checkout_check_of_a_half_open_socket_with_bytes_to_read_gives_up(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An idle pooled connection with something to read is checked with a round trip on
+    checkout (db.check_if_suspect), outside any use limit. Half-open after the first byte
+    of a message (the rest never comes), that check waited forever; it gives up after
+    CHECK_TIMEOUT_SECONDS, and the pool hands out a new connection instead."""
+    monkeypatch.setattr(db, "CHECK_TIMEOUT_SECONDS", 1.0)
+    async with proxied(dsn) as proxy:
+        pool = await db.open_pool(proxy.dsn, min_size=1, max_size=1, checkout_timeout=30)
+        try:
+            async with pool.connection() as conn:
+                await conn.execute("SELECT 1")
+            proxy.freeze_existing()
+            # The pool's connection (the first was open_pool's probe): a NoticeResponse's
+            # first byte, and no more.
+            proxy.to_clients[-1].write(b"N")
+            await proxy.to_clients[-1].drain()
+            async with asyncio.timeout(20), pool.connection() as conn:
+                assert await (await conn.execute("SELECT 1 AS one")).fetchone() == {"one": 1}
+        finally:
+            await pool.close()
+
+
 async def test_pool_serves_again_after_an_outage_longer_than_its_reconnect_timeout(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
