@@ -282,7 +282,7 @@ async def test_pool_reconnect_round_comes_from_the_environment(
         ("4.5", 2.0, 2.0),
     ):
         if env is None:
-            monkeypatch.delenv("PGJOBS_DB_RECONNECT_SECONDS")
+            monkeypatch.delenv("PGJOBS_DB_RECONNECT_SECONDS", raising=False)
         else:
             monkeypatch.setenv("PGJOBS_DB_RECONNECT_SECONDS", env)
         pool = await db.open_pool(dsn, max_size=1, reconnect_timeout=argument)
