@@ -410,10 +410,34 @@ def _shut_down(conn: AsyncConn) -> None:
     except (OSError, psycopg.Error):
         return
     log.warning(
-        "a database connection still in use %.0f s past its use limit was shut down "
-        "(a half-open connection: its peer stopped answering)",
+        "a database connection was shut down: %.0f s after its use should have ended, it "
+        "was still waiting for the server (a half-open connection: its peer stopped "
+        "answering)",
         USE_GRACE_SECONDS,
     )
+
+
+@contextlib.asynccontextmanager
+async def transaction_ending_in_time(conn: AsyncConn) -> AsyncIterator[None]:
+    """``conn.transaction()`` for a body whose length is not bounded (a handler's own
+    writes, on ``GuardedPool.unbounded_connection``), but whose end is: once the body
+    raises (an error, a cancel at the job's deadline), the ROLLBACK gets
+    ``USE_GRACE_SECONDS`` before the socket is shut down. Cancelled while idle in the
+    transaction, on a half-open socket, that ROLLBACK waited forever, and the attempt with
+    it: never finished, its lease renewed by every heartbeat, so never rescued."""
+    watchdog: asyncio.TimerHandle | None = None
+    try:
+        async with conn.transaction():
+            try:
+                yield
+            except BaseException:
+                watchdog = asyncio.get_running_loop().call_later(
+                    USE_GRACE_SECONDS, _shut_down, conn
+                )
+                raise
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
 
 
 class GuardedPool(AsyncConnectionPool[AsyncConn]):

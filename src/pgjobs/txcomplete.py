@@ -79,7 +79,10 @@ class TransactionalCompletion:
         params = self._begin(result)
         # The block runs the handler's own code: however long it takes is the handler's
         # business, not a sign of a half-open socket (GuardedPool's use limit).
-        async with self._pool.unbounded_connection() as conn, conn.transaction():
+        async with (
+            self._pool.unbounded_connection() as conn,
+            db.transaction_ending_in_time(conn),
+        ):
             # The worker's connections plan prepared statements generically (for the
             # claim: db.plans_generic); the handler's own are planned as anywhere else.
             # A connection that prepares nothing was never set so: no statement for it.

@@ -15,6 +15,7 @@ from psycopg_pool import PoolTimeout, TooManyRequests
 from helpers import (
     assert_each_job_done_once,
     assert_histories_valid,
+    claim_one,
     fast_settings,
     fetch,
     running_worker,
@@ -25,6 +26,8 @@ from pgjobs.client import Client
 from pgjobs.errors import ConfigurationError
 from pgjobs.jobspec import JobSpec
 from pgjobs.notifier import Listener
+from pgjobs.txcomplete import TransactionalCompletion
+from pgjobs.types import Job
 from proxy import proxied
 
 
@@ -203,6 +206,42 @@ async def test_checkout_stuck_past_its_use_limit_on_a_half_open_socket_is_shut_d
             assert time.monotonic() - started < 20
             async with pool.connection() as conn:
                 assert await (await conn.execute("SELECT 1 AS one")).fetchone() == {"one": 1}
+        finally:
+            await pool.close()
+
+
+async def test_a_handler_transaction_cancelled_on_a_half_open_socket_ends(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A handler's ``ctx.transaction()`` has no use limit (its length is the handler's),
+    but once it is cancelled (the job's deadline) while idle in the transaction, its
+    ROLLBACK on a half-open socket gets USE_GRACE_SECONDS, then the socket is shut down:
+    the attempt ends (before, it waited forever, its lease renewed by every heartbeat)."""
+    monkeypatch.setattr(db, "USE_GRACE_SECONDS", 2.0)
+    client = await Client.connect(dsn)
+    try:
+        await client.enqueue("acme", "echo")
+    finally:
+        await client.close()
+    job = Job.from_row(await claim_one(dsn, "w0"))
+    async with proxied(dsn) as proxy:
+        pool = await db.open_pool(proxy.dsn, max_size=1, use_timeout=1.0)
+        try:
+            inside = asyncio.Event()
+
+            async def handler() -> None:
+                completion = TransactionalCompletion(job, pool, proxy.dsn)
+                async with completion.transaction() as conn:
+                    await conn.execute("SELECT 1")
+                    inside.set()
+                    await asyncio.sleep(60)  # the handler's own work, in its transaction
+
+            task = asyncio.create_task(handler())
+            await inside.wait()
+            proxy.freeze_existing()
+            task.cancel()  # the job's deadline
+            done, _ = await asyncio.wait([task], timeout=30)
+            assert done, "the cancelled attempt still waits on its half-open socket"
         finally:
             await pool.close()
 
