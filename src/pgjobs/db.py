@@ -57,6 +57,11 @@ CallerSyncConn = psycopg.Connection[Any]
 
 log = logging.getLogger(__name__)
 
+TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
+"""What a background loop logs and retries rather than dies of: a lost or refused
+connection, a pool that timed out (``PoolTimeout`` is an ``OperationalError``), a use past
+``GuardedPool``'s limit (``TimeoutError``), a socket or file error."""
+
 
 async def fetch_dicts(
     conn: CallerAsyncConn, query: LiteralString, params: Mapping[str, Any]
@@ -417,27 +422,40 @@ def _shut_down(conn: AsyncConn) -> None:
     )
 
 
+class _Watchdog:
+    """A timer that shuts a connection's socket down (``_shut_down``) unless the ``with``
+    block ends first; armed inside the block, when the connection and the delay are
+    known, so that it also covers whatever the block's exit still says to the server."""
+
+    _timer: asyncio.TimerHandle | None = None
+
+    def arm(self, conn: AsyncConn, delay: float) -> None:
+        self._timer = asyncio.get_running_loop().call_later(delay, _shut_down, conn)
+
+    def __enter__(self) -> _Watchdog:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+
+
 @contextlib.asynccontextmanager
 async def transaction_ending_in_time(conn: AsyncConn) -> AsyncIterator[None]:
     """``conn.transaction()`` for a body whose length is not bounded (a handler's own
     writes, on ``GuardedPool.unbounded_connection``), but whose end is: once the body
     raises (an error, a cancel at the job's deadline), the ROLLBACK gets
-    ``USE_GRACE_SECONDS`` before the socket is shut down. Cancelled while idle in the
-    transaction, on a half-open socket, that ROLLBACK waited forever, and the attempt with
-    it: never finished, its lease renewed by every heartbeat, so never rescued."""
-    watchdog: asyncio.TimerHandle | None = None
-    try:
+    ``USE_GRACE_SECONDS`` before the socket is shut down. A body cancelled while idle in
+    the transaction, on a half-open socket, would otherwise wait on that ROLLBACK forever,
+    and the attempt with it: never finished, its lease renewed by every heartbeat, so
+    never rescued."""
+    with _Watchdog() as watchdog:
         async with conn.transaction():
             try:
                 yield
             except BaseException:
-                watchdog = asyncio.get_running_loop().call_later(
-                    USE_GRACE_SECONDS, _shut_down, conn
-                )
+                watchdog.arm(conn, USE_GRACE_SECONDS)
                 raise
-    finally:
-        if watchdog is not None:
-            watchdog.cancel()
 
 
 class GuardedPool(AsyncConnectionPool[AsyncConn]):
@@ -481,17 +499,11 @@ class GuardedPool(AsyncConnectionPool[AsyncConn]):
             async with super().connection(timeout) as conn:
                 yield conn
             return
-        watchdog: asyncio.TimerHandle | None = None
-        try:
+        with _Watchdog() as watchdog:  # outside the checkout: covers the pool's reset too
             async with super().connection(timeout) as conn:
-                watchdog = asyncio.get_running_loop().call_later(
-                    self.use_timeout + USE_GRACE_SECONDS, _shut_down, conn
-                )
+                watchdog.arm(conn, self.use_timeout + USE_GRACE_SECONDS)
                 async with asyncio.timeout(self.use_timeout):
                     yield conn
-        finally:
-            if watchdog is not None:  # only now: the pool's reset is covered too
-                watchdog.cancel()
 
     def unbounded_connection(
         self, timeout: float | None = None

@@ -365,14 +365,9 @@ class PolicyLoop:
                     )
                 if report is not None:
                     self.runs += 1
-            # TimeoutError: a connection past the pool's use limit (half-open); OSError: a
-            # storage that failed mid-prune. Neither may end the loop for the process.
-            except (
-                psycopg.OperationalError,
-                psycopg.errors.QueryCanceled,
-                TimeoutError,
-                OSError,
-            ) as exc:
+            # Nothing transient may end the loop for the process: a half-open connection
+            # past the pool's use limit, a storage that failed mid-prune (db.TRANSIENT).
+            except (*db.TRANSIENT, psycopg.errors.QueryCanceled) as exc:
                 log.warning(
                     "retention run failed (%s); the next interval retries",
                     db.describe_error(exc),

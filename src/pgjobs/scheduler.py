@@ -41,7 +41,6 @@ from pgjobs.schedules import Schedule, due
 
 log = logging.getLogger(__name__)
 
-TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
 SLOT_RETENTION = timedelta(days=7)
 PRUNE_EVERY = 600  # passes
 
@@ -185,7 +184,7 @@ class Scheduler:
                             QUERIES["schedule_slot_prune_old"],
                             {"now": None, "keep": SLOT_RETENTION},
                         )
-            except (*TRANSIENT, psycopg.DataError) as exc:
+            except (*db.TRANSIENT, psycopg.DataError) as exc:
                 log.warning("scheduler pass failed (%s)", db.describe_error(exc))
 
     async def tick(self, now: datetime | None = None) -> list[uuid.UUID]:

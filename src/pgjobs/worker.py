@@ -120,8 +120,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "the database is unreachable right now": back off and try again.
-TRANSIENT = (psycopg.OperationalError, psycopg.errors.AdminShutdown, OSError, TimeoutError)
 # Claims of up to 200 jobs: a claim of 100 costs PostgreSQL ~5 µs more per job (each
 # statement's fixed work, its triggers' included). A second claim goes out while one is
 # out only as a whole batch (the worker has room for two: concurrency 400 or more), so
@@ -508,7 +506,7 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
-            with contextlib.suppress(*TRANSIENT):
+            with contextlib.suppress(*db.TRANSIENT):
                 async with pool.connection(timeout=2.0) as conn:
                     await conn.execute(QUERIES["worker_deregister"], {"id": self.id})
             await pool.close()
@@ -568,7 +566,7 @@ class Worker:
                     released = await cur.fetchall()
                 log.info("released %d unfinished job(s) back to the queue", len(released))
                 return
-            except TRANSIENT as exc:
+            except db.TRANSIENT as exc:
                 log.warning(
                     "could not release jobs (%s); retry %d", db.describe_error(exc), attempt + 1
                 )
@@ -641,7 +639,7 @@ class Worker:
         try:
             jobs, id_texts = await self._claim(limit)
             self._claim_failures = 0
-        except TRANSIENT as exc:
+        except db.TRANSIENT as exc:
             self._back_off(f"claim failed ({db.describe_error(exc)})")
             jobs = []
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
@@ -899,7 +897,7 @@ class Worker:
                 {"ids": ids, "lease_tokens": tokens, "errors": errors, "now": None},
             )
             await cur.fetchall()
-        except (*TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
+        except (*db.TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
             # Still leased to this worker, which never runs them: the rescuer returns them
             # to the queue when the lease expires, and the next claim tries again.
             log.warning(
@@ -915,7 +913,7 @@ class Worker:
                     {"limit": MAX_CLAIM_BATCH, "now": None},
                 )
                 return [row["id"] for row in await cur.fetchall()]
-        except (*TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
+        except (*db.TRANSIENT, psycopg.DataError, psycopg.IntegrityError) as exc:
             log.warning(
                 "could not look for jobs holding a time out of range (%s)", db.describe_error(exc)
             )
@@ -1218,7 +1216,7 @@ class Worker:
                 ring = self.settings.doorbell  # the ring after the commit: below
                 await doorbell.execute(cur, QUERIES["job_progress_if_leased"], params, ring=ring)
                 updated = await cur.fetchone()
-        except TRANSIENT as exc:
+        except db.TRANSIENT as exc:
             log.warning(
                 "job %s: progress not recorded (%s)",
                 job.id,
@@ -1260,7 +1258,7 @@ class Worker:
                         },
                     )
                     still_held = {row["id"] for row in await cur.fetchall()}
-            except TRANSIENT as exc:
+            except db.TRANSIENT as exc:
                 log.warning(
                     "heartbeat failed (%s); leases not renewed this round", db.describe_error(exc)
                 )
@@ -1287,5 +1285,5 @@ class Worker:
                 if passes % 30 == 0:
                     await rescuer.prune_stale_workers(self._pool)
                     await rescuer.delete_released_keys(self._pool)
-            except (*TRANSIENT, psycopg.DataError) as exc:
+            except (*db.TRANSIENT, psycopg.DataError) as exc:
                 log.warning("rescue pass failed (%s)", db.describe_error(exc))

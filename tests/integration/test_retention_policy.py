@@ -137,8 +137,8 @@ async def test_loop_outlives_a_timed_out_run(
     dsn: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A run cut short by the pool's use limit (a half-open connection: TimeoutError)
-    or a storage error is logged, and the loop checks again; before, the first
-    TimeoutError ended it for the worker's life."""
+    or a storage error is logged, and the loop checks again: neither ends it for the
+    worker's life."""
     failures: list[BaseException] = [TimeoutError(), OSError("disk gone")]
 
     async def failing(*args: object, **kwargs: object) -> None:
