@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import uuid
@@ -71,6 +72,35 @@ def test_values_past_the_shortcuts_are_kept_as_before() -> None:
     assert spec.input_json() == "{}"
     assert JobSpec("acme", "echo").unique_while == ("queued", "running")
     assert JobSpec("acme", "echo", {"a": 1}).input_json() == '{"a":1}'
+
+
+def test_a_spec_is_the_frozen_dataclass_its_fields_describe() -> None:
+    """JobSpec's own __init__ takes the fields in order with their defaults, and the
+    dataclass's copy, equality and freezing still hold; a copy is checked again."""
+    run_at = dt.datetime(2030, 1, 1, 9, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+    job_id = uuid.UUID(int=7)
+    values = ("acme", "echo", {"a": 1}, "task-1", 5, run_at, 4, job_id, "key",
+              dt.timedelta(minutes=1), ("queued",))  # fmt: skip
+    spec = JobSpec(*values)  # type: ignore[arg-type]
+    assert [getattr(spec, f.name) for f in dataclasses.fields(JobSpec)] == [
+        *values[:5],
+        run_at.astimezone(dt.UTC),
+        *values[6:],
+    ]
+    assert spec.run_at is not None
+    assert spec.run_at.utcoffset() == dt.timedelta(0)
+    plain = JobSpec("acme", "echo")
+    assert (plain.input, plain.source_task_id, plain.priority, plain.run_at) == ({}, None, 0, None)
+    assert (plain.max_attempts, plain.unique_key, plain.unique_for) == (3, None, None)
+    assert plain.unique_while == ("queued", "running")
+    assert plain.id != JobSpec("acme", "echo").id  # a new id each, unless given
+    assert dataclasses.replace(spec) == spec
+    moved = dataclasses.replace(spec, priority=6)
+    assert (moved.id, moved.priority, moved != spec) == (job_id, 6, True)
+    with pytest.raises(InvalidJobError, match="company_id is required"):
+        dataclasses.replace(spec, company_id=" ")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.priority = 7  # type: ignore[misc]
 
 
 def test_deep_nesting_is_rejected() -> None:
