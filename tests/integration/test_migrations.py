@@ -736,3 +736,42 @@ async def test_limit_running_bound_migration_rolls_back_and_applies_again(
     assert migrate.apply(dsn) == ["0025_limit_running_bound"]
     assert await claim_limited() == 5
     assert await fetch(dsn, "SELECT bound FROM pgjobs.limit_running") == [{"bound": 10}]
+
+
+async def test_notify_items_plan_migration_notifies_as_before_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    """0026 makes notify_audit_rows PL/pgSQL with its plan settings; a cancel written
+    through pgjobs.jobs sends the same item before, after its rollback and applied again."""
+    dsn = empty_dsn
+    migrate.apply(dsn)
+    function = """
+        SELECT l.lanname, p.proconfig FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+        WHERE p.oid = 'pgjobs.notify_audit_rows'::regproc"""
+
+    async def cancel_notifies() -> dict[str, object]:
+        job_id = await _insert(dsn)
+        async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+            await conn.execute("LISTEN pgjobs_events")
+            assert await fetch(dsn, _CANCEL, [job_id]) == [{"status": "cancelled"}]
+            payloads = [n.payload async for n in conn.notifies(timeout=1.0)]
+        (item,) = json.loads(payloads[0])["events"]
+        assert (item["jobId"], item["seq"]) == (str(job_id), 2)
+        return {k: v for k, v in item.items() if k not in ("jobId", "eventId")}
+
+    assert await fetch(dsn, function) == [
+        {
+            "lanname": "plpgsql",
+            "proconfig": ["plan_cache_mode=force_generic_plan", "enable_seqscan=off",
+                          "enable_hashjoin=off", "enable_mergejoin=off"],
+        }
+    ]  # fmt: skip
+    after = await cancel_notifies()
+    assert after["type"] == "content_job.cancelled"
+
+    _roll_back(dsn, "0026_notify_items_plan")
+    assert await fetch(dsn, function) == [{"lanname": "sql", "proconfig": None}]
+    assert await cancel_notifies() == after
+
+    assert migrate.apply(dsn) == ["0026_notify_items_plan"]
+    assert await cancel_notifies() == after

@@ -95,3 +95,43 @@ def _pairing_joins(plan: str) -> list[str]:
                 found.append(above.strip())
                 break
     return found
+
+
+# A cancel written by hand through pgjobs.jobs: its trigger sends the NOTIFY items
+# (notify_audit_rows reads the audit rows just written back by their key).
+CANCEL_BY_HAND = """
+    UPDATE pgjobs.jobs SET status = 'cancelled', finished_at = now(), event_seq = event_seq + 1,
+           last_event = 'content_job.cancelled', updated_at = now()
+    WHERE id = %s
+"""
+
+
+@pytest.mark.skipif(not BUILDS, reason="no PostgreSQL build with auto_explain here")
+@pytest.mark.timeout(120)
+def test_the_items_read_the_audit_log_by_its_key_however_small_it_was_when_planned(
+    debian_dsn: str,
+) -> None:
+    """notify_audit_rows keeps one plan per session (sql/0026). Planned while the audit
+    log held a handful of rows, a generic plan may scan the whole log, and kept while it
+    grows every cancel reads it all (30,000 hand-written progress transitions: from ~4 to
+    ~19 s per 6,000 as the log grew). Its plan looks each row up by (job_id, seq)."""
+    company = f"plans-{uuid.uuid4().hex[:8]}"
+    insert = """INSERT INTO pgjobs.jobs (id, company_id, job_type)
+                SELECT gen_random_uuid(), %s, 'render' FROM generate_series(1, %s)
+                RETURNING id"""
+    with psycopg.connect(debian_dsn, autocommit=True) as conn:
+        first, *_ = [r[0] for r in conn.execute(insert, (company, 3)).fetchall()]
+    with psycopg.connect(debian_dsn, autocommit=True) as conn:
+        conn.execute("LOAD 'auto_explain'")
+        conn.execute("SET auto_explain.log_min_duration = 0")
+        conn.execute("SET auto_explain.log_nested_statements = on")
+        conn.execute("SET auto_explain.log_level = notice")
+        conn.execute(CANCEL_BY_HAND, (first,))  # planned now, the log nearly empty
+        with psycopg.connect(debian_dsn, autocommit=True) as other:
+            later = other.execute(insert, (company, 20_000)).fetchall()[-1][0]
+        plans: list[str] = []
+        conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+        conn.execute(CANCEL_BY_HAND, (later,))
+    (lookup,) = [p for p in plans if "Function Scan on k" in p]
+    assert "Index Scan using job_events_pkey on job_events e" in lookup, lookup
+    assert "Seq Scan" not in lookup, lookup
