@@ -328,3 +328,35 @@ async def test_a_burst_of_resuming_job_streams_queues_for_the_pool(
     assert [[ev.id for ev in r] for r in results] == [[str(s) for s in range(2, 1002)]] * 30
     assert all(ev.event == "status" for r in results for ev in r)
     assert all(ev.data["type"] == "content_job.progress" for r in results for ev in r)
+
+
+async def test_a_set_up_read_waits_out_a_full_waiting_line_of_the_pool(
+    dsn: str, storage_dir: Path
+) -> None:
+    """A stream's set-up or catch-up read that has its turn, but finds the pool's waiting
+    line full of the gateway's other reads (the job reader's rounds, a REST call), waits
+    for its connection instead of ending its stream with a reconnect frame: a resuming
+    stream's second page was sent away so under load."""
+    from pgjobs.gateway import sse
+
+    tight = settings(pool_size=2, pool_max_waiting=1, pool_timeout_seconds=5.0)
+    async with serve_gateway(dsn, storage_dir, tight) as gateway:
+        (job,) = await gateway.state.client.enqueue_many([JobSpec("acme", "echo")])
+        pool = gateway.state.pool
+        await pool.wait()
+        held = [await pool.getconn(), await pool.getconn()]  # both connections in use
+        waiter = asyncio.create_task(pool.getconn())  # the waiting line's one place
+
+        async def queued() -> bool:
+            return pool.get_stats().get("requests_waiting", 0) == 1
+
+        await wait_until(queued, message="a request in the pool's waiting line")
+        params = {"id": job.id, "company_id": "acme"}
+        read = asyncio.create_task(sse.setup_read(gateway.state, "job_get_for_stream", params))
+        await asyncio.sleep(0.3)
+        assert not read.done()  # not refused: still asking
+        await pool.putconn(held.pop())  # the waiter gets this one
+        await pool.putconn(await waiter)
+        rows = await asyncio.wait_for(read, 10)
+        await pool.putconn(held.pop())
+    assert [r["id"] for r in rows] == [job.id]

@@ -53,6 +53,7 @@ from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any, Final
 
 import psycopg
+from psycopg_pool import TooManyRequests
 
 from pgjobs import db
 from pgjobs.events import LiveEvent, event_data
@@ -73,6 +74,9 @@ TERMINAL = frozenset({"done", "failed", "cancelled"})
 # random over this range (ms) so that the herd does not return in step.
 RECONNECT_MS = (1_000, 5_000)
 STREAM_SETUP_WAIT_SECONDS = 30.0
+SETUP_RETRY_SECONDS = 0.02
+"""How long a set-up read whose turn came waits before asking the pool again when the
+pool's waiting line is full (see setup_read)."""
 PAGE = 500
 _LINE_BREAK = re.compile(r"[\r\n]")
 
@@ -192,14 +196,23 @@ async def setup_read(
     job stream's catch-up (resuming, or backfilling a gap in the live feed), or a page of
     a resuming company stream's catch-up. These reads take turns for the pool, at most
     half of it at once (the REST API and the company feeds keep the rest), each waiting
-    up to STREAM_SETUP_WAIT_SECONDS for its turn (then TimeoutError). In a reconnect
+    up to STREAM_SETUP_WAIT_SECONDS for its turn and its connection (then TimeoutError;
+    a full waiting line of the pool is waited out too). In a reconnect
     storm (every browser back at once after a gateway restart) they queue here at the
     cost of a coroutine each, instead of overflowing the pool's waiting line and being
     sent away to retry: with 1-5 s retries and no queue, 10,000 browsers arriving
     together kept coming back faster than one process set them up, and two minutes
     later some still had no stream."""
     async with asyncio.timeout(STREAM_SETUP_WAIT_SECONDS), state.stream_setups:
-        return await read_rows(state, query, params)
+        while True:
+            try:
+                return await read_rows(state, query, params)
+            except TooManyRequests:
+                # The pool's waiting line is full of its other users (the job reader's
+                # rounds, the company feeds, the REST API): this read has its turn, so it
+                # asks again within the same wait instead of ending its stream (a
+                # resuming stream's second page was sent away so under load).
+                await asyncio.sleep(SETUP_RETRY_SECONDS)
 
 
 async def load_job(
