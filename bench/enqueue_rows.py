@@ -41,6 +41,7 @@ from psycopg import sql
 from bench import pg, systems
 from bench.cpusplit import cpu_readings, postmaster_of
 from bench.procs import cpu_seconds
+from bench.stats import fmt, summary
 
 # A second audit log, filled from the inserted job rows as pgjobs' insert trigger fills
 # pgjobs.job_events (one queued event per job, in the same statement).
@@ -161,14 +162,11 @@ def main() -> None:
     base = statistics.median(res["jobs_per_s"] for res in runs["as is"])
     print(f"\n{args.rounds} rounds of {args.batches} x {args.size:,} jobs, medians (min–max):")
     for name, results in runs.items():
-        summary = []
-        for key in METRICS:
-            values = [res[key] for res in results]
-            summary.append(
-                f"{key} {statistics.median(values):,.1f} ({min(values):,.1f}–{max(values):,.1f})"
-            )
+        cells = "; ".join(
+            f"{key} {fmt(summary([res[key] for res in results]), digits=1)}" for key in METRICS
+        )
         rate = statistics.median(res["jobs_per_s"] for res in results)
-        print(f"  {name}: {'; '.join(summary)}; rate {rate / base:.2f}x as is")
+        print(f"  {name}: {cells}; rate {rate / base:.2f}x as is")
 
 
 if __name__ == "__main__":

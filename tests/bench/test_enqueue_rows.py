@@ -26,14 +26,14 @@ async def _enqueue(dsn: str, setup: str) -> list[JobSpec]:
     return specs
 
 
-def _indexes(dsn: str, table: str) -> list[str]:
-    with psycopg.connect(dsn) as conn:
-        rows = conn.execute(
-            "SELECT regexp_replace(indexdef, '^.* USING ', '') FROM pg_indexes "
-            "WHERE schemaname = 'pgjobs' AND tablename = %s ORDER BY 1",
-            [table],
-        ).fetchall()
-    return [r[0] for r in rows]
+async def _indexes(dsn: str, table: str) -> list[str]:
+    rows = await fetch(
+        dsn,
+        "SELECT regexp_replace(indexdef, '^.* USING ', '') AS def FROM pg_indexes "
+        "WHERE schemaname = 'pgjobs' AND tablename = %s ORDER BY 1",
+        [table],
+    )
+    return [r["def"] for r in rows]
 
 
 @pytest.mark.parametrize("variant", ["+ audit row", "+ audit row, no company index"])
@@ -46,10 +46,10 @@ async def test_a_second_audit_row_per_job_as_pgjobs_writes_its_own(dsn: str, var
     copy = await fetch(dsn, f"SELECT {columns} FROM pgjobs.bench_events ORDER BY job_id")
     assert len(ours) == JOBS
     assert copy == ours
-    indexes = _indexes(dsn, "job_events")
+    indexes = await _indexes(dsn, "job_events")
     if variant == "+ audit row, no company index":
         indexes.remove("btree (company_id, xid, id)")
-    assert _indexes(dsn, "bench_events") == indexes
+    assert await _indexes(dsn, "bench_events") == indexes
 
 
 async def test_a_row_per_statement_and_company(dsn: str) -> None:

@@ -211,18 +211,14 @@ async def test_checkout_stuck_past_its_use_limit_on_a_half_open_socket_is_shut_d
 
 
 async def test_a_handler_transaction_cancelled_on_a_half_open_socket_ends(
-    dsn: str, monkeypatch: pytest.MonkeyPatch
+    dsn: str, client: Client, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A handler's ``ctx.transaction()`` has no use limit (its length is the handler's),
     but once it is cancelled (the job's deadline) while idle in the transaction, its
     ROLLBACK on a half-open socket gets USE_GRACE_SECONDS, then the socket is shut down:
     the attempt ends (before, it waited forever, its lease renewed by every heartbeat)."""
     monkeypatch.setattr(db, "USE_GRACE_SECONDS", 2.0)
-    client = await Client.connect(dsn)
-    try:
-        await client.enqueue("acme", "echo")
-    finally:
-        await client.close()
+    await client.enqueue("acme", "echo")
     job = Job.from_row(await claim_one(dsn, "w0"))
     async with proxied(dsn) as proxy:
         pool = await db.open_pool(proxy.dsn, max_size=1, use_timeout=1.0)
