@@ -25,7 +25,8 @@ configured policy (``Policy``, ``run_policy``). What it guarantees:
 interval: a first transaction takes ``pg_try_advisory_xact_lock`` (a transaction lock, so
 it works through PgBouncer in transaction mode) and claims the interval by a guarded
 update of ``pgjobs.retention.last_run_at``; then every batch transaction takes the lock
-again and the run stops if another session holds it.
+again, waiting up to ``LEADER_LOCK_WAIT_SECONDS`` for it (the other workers' checks hold
+it for a moment each), and the run stops if another session holds it longer.
 """
 
 from __future__ import annotations
@@ -53,6 +54,11 @@ log = logging.getLogger(__name__)
 BATCH = 1000
 POLICY_INTERVAL_SECONDS = 3600.0
 """How often (at most) the workers apply the retention policy, all workers together."""
+LEADER_LOCK_WAIT_SECONDS = 1.0
+"""How long a leader's batch waits for the retention lock before it stops the run. Every
+worker's check of the interval holds the lock for a moment (a try-lock, an UPDATE that
+finds the interval taken, the commit); another prune holds it for whole batches."""
+LEADER_LOCK_RETRY_SECONDS = 0.02
 
 _DURATION = re.compile(r"^([1-9][0-9]{0,5})([dhm])$")
 _UNITS = {"d": "days", "h": "hours", "m": "minutes"}
@@ -140,7 +146,8 @@ async def prune(
     """Delete finished jobs that finished more than ``jobs_older_than`` before ``now``,
     audit rows written more than ``events_older_than`` before it, and with ``storage``
     the pruned jobs' assets (rows and files). ``leader_only``: every batch first takes
-    the retention advisory lock and the prune stops if another session holds it."""
+    the retention advisory lock, waiting up to ``LEADER_LOCK_WAIT_SECONDS``, and the
+    prune stops if another session holds it longer."""
     if isinstance(dsn_or_conn, str):
         async with await db.connect(dsn_or_conn) as conn:
             return await prune(
@@ -179,10 +186,8 @@ async def _in_batch(
     started = time.monotonic()
     try:
         async with conn.transaction():
-            if leader_only:
-                lock = await (await conn.execute(QUERIES["retention_try_lock"])).fetchone()
-                if lock is None or not lock["leader"]:
-                    return None
+            if leader_only and not await _leader_lock(conn):
+                return None  # another session is pruning
             row = await (await conn.execute(QUERIES[query], params)).fetchone()
             if report.dry_run:
                 raise _DryRun
@@ -191,6 +196,23 @@ async def _in_batch(
     if row is not None:
         report.longest_batch_seconds = max(report.longest_batch_seconds, time.monotonic() - started)
     return row
+
+
+async def _leader_lock(conn: db.AsyncConn) -> bool:
+    """Take the retention lock for this transaction, asking again every
+    ``LEADER_LOCK_RETRY_SECONDS`` for up to ``LEADER_LOCK_WAIT_SECONDS``; False if another
+    session held it all that time. Asked again rather than tried once: a try lost to
+    another worker's check of the interval, which holds the lock for a moment, ended this
+    worker's run for the whole interval it had just claimed. Not a blocking lock under a
+    lock_timeout: that timeout would stay on for the batch's own statement."""
+    deadline = time.monotonic() + LEADER_LOCK_WAIT_SECONDS
+    while True:
+        lock = await (await conn.execute(QUERIES["retention_try_lock"])).fetchone()
+        if lock is not None and lock["leader"]:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        await asyncio.sleep(LEADER_LOCK_RETRY_SECONDS)
 
 
 async def _prune_jobs(

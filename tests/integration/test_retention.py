@@ -258,6 +258,35 @@ async def test_a_locked_job_is_skipped_not_waited_for(dsn: str, client: Client) 
     assert job_id in await _ids(dsn)
 
 
+async def test_a_leaders_batch_waits_out_a_check_holding_the_lock_for_a_moment(
+    dsn: str, client: Client
+) -> None:
+    """Another worker's check of the interval holds the retention lock for a moment (its
+    try-lock, the claim that finds the interval taken, the commit). A leader whose first
+    batch came in that moment stopped, and the interval it had claimed went unpruned."""
+    await client.enqueue("acme", "echo")
+    job_id = await _finish(dsn, "done")
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as holder,
+        await db.connect(dsn) as conn,
+    ):
+        await holder.execute(
+            "SELECT pg_try_advisory_xact_lock(hashtext('pgjobs.retention')::bigint)"
+        )
+
+        async def check_ends() -> None:
+            await asyncio.sleep(0.2)
+            await holder.rollback()
+
+        ending = asyncio.create_task(check_ends())
+        report = await retention.prune(
+            conn, jobs_older_than=dt.timedelta(days=30), now=LATER, leader_only=True
+        )
+        await ending
+    assert report.jobs["done"] == 1
+    assert job_id not in await _ids(dsn)
+
+
 async def test_a_policy_run_yields_to_a_session_holding_the_retention_lock(
     dsn: str, client: Client
 ) -> None:
