@@ -16,7 +16,11 @@ Each variant is a fresh migrated database with some SQL run on it before the clo
   index, the one the company stream reads;
 * ``+ row per statement``: instead, one row per statement and company (company, xid,
   time, count) with a ``(company_id, xid, id)`` index: the rows a company stream would
-  read if a bulk enqueue's queued events were kept as one entry each.
+  read if a bulk enqueue's queued events were kept as one entry each;
+* ``COPY``: the same rows as ``as is``, the job rows sent by ``COPY ... FROM STDIN``
+  (text format, in pieces of ``COPY_PIECE`` rows so that the server inserts while Python
+  writes the rest) instead of ``job_insert_many`` (``copy_many``): what the issue's
+  "COPY or set-based statements" would give pgjobs.
 
 The difference from ``as is`` is what one more such row per job (or per statement) costs.
 Then ``Client.enqueue_many`` of ``--size`` ``JobSpec("bench", "noop")``, ``--batches``
@@ -32,8 +36,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import time
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -86,8 +92,72 @@ VARIANTS: dict[str, str | None] = {
     "+ audit row, no company index": _SECOND_AUDIT
     + "DROP INDEX pgjobs.bench_events_company_id_xid_id_idx;",
     "+ row per statement": _ROW_PER_STATEMENT,
+    "COPY": None,
 }
 METRICS = ("server_us", "client_us", "jobs_per_s")
+
+COPY_JOBS = (
+    "COPY pgjobs.job_rows (id, company_id, job_type, input, source_task_id, priority, run_at,"
+    " max_attempts) FROM STDIN"
+)
+COPY_PIECE = 250  # rows per write: as Client.enqueue_many's first chunk
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+
+
+def _copy_line(spec: Any, now: Any) -> str:
+    """One job row in COPY's text format (its backslashes, tabs and line ends escaped)."""
+    source = "\\N" if spec.source_task_id is None else spec.source_task_id.translate(_COPY_ESCAPES)
+    return (
+        f"{spec.id}\t{spec.company_id.translate(_COPY_ESCAPES)}\t"
+        f"{spec.job_type.translate(_COPY_ESCAPES)}\t{spec.input_json().translate(_COPY_ESCAPES)}\t"
+        f"{source}\t{spec.priority}\t{(spec.run_at or now).isoformat()}\t{spec.max_attempts}\n"
+    )
+
+
+async def copy_many(conn: Any, specs: list[Any]) -> list[Any]:
+    """What ``Client.enqueue_many`` does for ``specs`` (none with a unique key), the job
+    rows sent by COPY: one transaction begun by ``job_insert_many_begin`` (the doorbell
+    on, the transaction's time), the same statement triggers (queue rows, audit rows),
+    the Jobs built from what was sent, one ring after the commit."""
+    from pgjobs import doorbell, events
+    from pgjobs.queries import QUERIES
+    from pgjobs.types import enqueued_jobs
+
+    async with conn.transaction():
+        cur = await conn.execute(QUERIES["job_insert_many_begin"])
+        now = (await cur.fetchone())["now"]
+        async with conn.cursor().copy(COPY_JOBS) as copy:
+            for i in range(0, len(specs), COPY_PIECE):
+                await copy.write("".join(_copy_line(s, now) for s in specs[i : i + COPY_PIECE]))
+    jobs = enqueued_jobs(
+        (
+            (s.id, s.company_id, s.job_type, json.loads(s.input_json()) if s.input else {},
+             s.priority, s.run_at, s.max_attempts, s.source_task_id)
+            for s in specs
+        ),
+        now,
+    )  # fmt: skip
+    await doorbell.ring_payloads(conn, events.encode_ring((j.company_id, j.id) for j in jobs))
+    return jobs
+
+
+async def _pgjobs_copy(dsn: str, batches: int, size: int) -> dict[str, float]:
+    from pgjobs import db
+    from pgjobs.jobspec import JobSpec
+
+    async with await db.connect(dsn) as conn:
+        backend = conn.info.backend_pid
+        await copy_many(conn, [JobSpec("bench", "noop") for _ in range(size)])  # warm-up
+        b0, c0, t0 = cpu_seconds(backend), time.process_time(), time.monotonic()
+        for _ in range(batches):
+            await copy_many(conn, [JobSpec("bench", "noop") for _ in range(size)])
+        c1, t1, b1 = time.process_time(), time.monotonic(), cpu_seconds(backend)
+    jobs = batches * size
+    return {
+        "server_us": (b1 - b0) / jobs * 1e6,
+        "client_us": (c1 - c0) / jobs * 1e6,
+        "jobs_per_s": jobs / (t1 - t0),
+    }
 
 
 async def _pgjobs(dsn: str, batches: int, size: int) -> dict[str, float]:
@@ -139,7 +209,7 @@ def _one(server_dsn: str, name: str, batches: int, size: int) -> dict[str, float
             with psycopg.connect(dsn, autocommit=True) as conn:
                 conn.execute(sql.SQL(setup))  # constant SQL of this module
         pg.checkpoint(dsn)
-        measure = _pgqueuer if system == "pgqueuer" else _pgjobs
+        measure = {"pgqueuer": _pgqueuer, "COPY": _pgjobs_copy}.get(name, _pgjobs)
         return asyncio.run(measure(dsn, batches, size))
 
 
