@@ -39,6 +39,7 @@ import asyncio
 import json
 import statistics
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import psycopg
@@ -141,23 +142,35 @@ async def copy_many(conn: Any, specs: list[Any]) -> list[Any]:
     return jobs
 
 
-async def _pgjobs_copy(dsn: str, batches: int, size: int) -> dict[str, float]:
-    from pgjobs import db
-    from pgjobs.jobspec import JobSpec
-
-    async with await db.connect(dsn) as conn:
-        backend = conn.info.backend_pid
-        await copy_many(conn, [JobSpec("bench", "noop") for _ in range(size)])  # warm-up
-        b0, c0, t0 = cpu_seconds(backend), time.process_time(), time.monotonic()
-        for _ in range(batches):
-            await copy_many(conn, [JobSpec("bench", "noop") for _ in range(size)])
-        c1, t1, b1 = time.process_time(), time.monotonic(), cpu_seconds(backend)
+async def _per_job(
+    call: Callable[[], Awaitable[object]], backend: int, batches: int, size: int
+) -> dict[str, float]:
+    """``batches`` calls of ``call`` (``size`` jobs each) after a warm-up call: per job, the
+    CPU of the backend ``backend`` and of this client, and the wall rate."""
+    await call()
+    b0, c0, t0 = cpu_seconds(backend), time.process_time(), time.monotonic()
+    for _ in range(batches):
+        await call()
+    c1, t1, b1 = time.process_time(), time.monotonic(), cpu_seconds(backend)
     jobs = batches * size
     return {
         "server_us": (b1 - b0) / jobs * 1e6,
         "client_us": (c1 - c0) / jobs * 1e6,
         "jobs_per_s": jobs / (t1 - t0),
     }
+
+
+async def _pgjobs_copy(dsn: str, batches: int, size: int) -> dict[str, float]:
+    from pgjobs import db
+    from pgjobs.jobspec import JobSpec
+
+    async with await db.connect(dsn) as conn:
+        return await _per_job(
+            lambda: copy_many(conn, [JobSpec("bench", "noop") for _ in range(size)]),
+            conn.info.backend_pid,
+            batches,
+            size,
+        )
 
 
 async def _pgjobs(dsn: str, batches: int, size: int) -> dict[str, float]:
@@ -167,17 +180,12 @@ async def _pgjobs(dsn: str, batches: int, size: int) -> dict[str, float]:
     async with await Client.connect(dsn, max_size=1) as client:
         async with client.pool.connection() as conn:
             backend = conn.info.backend_pid
-        await client.enqueue_many(JobSpec("bench", "noop") for _ in range(size))  # warm-up
-        b0, c0, t0 = cpu_seconds(backend), time.process_time(), time.monotonic()
-        for _ in range(batches):
-            await client.enqueue_many(JobSpec("bench", "noop") for _ in range(size))
-        c1, t1, b1 = time.process_time(), time.monotonic(), cpu_seconds(backend)
-    jobs = batches * size
-    return {
-        "server_us": (b1 - b0) / jobs * 1e6,
-        "client_us": (c1 - c0) / jobs * 1e6,
-        "jobs_per_s": jobs / (t1 - t0),
-    }
+        return await _per_job(
+            lambda: client.enqueue_many(JobSpec("bench", "noop") for _ in range(size)),
+            backend,
+            batches,
+            size,
+        )
 
 
 async def _pgqueuer(dsn: str, batches: int, size: int) -> dict[str, float]:
