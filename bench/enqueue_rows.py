@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import time
 from collections.abc import Awaitable, Callable
@@ -105,12 +104,12 @@ COPY_PIECE = 250  # rows per write: as Client.enqueue_many's first chunk
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 
 
-def _copy_line(spec: Any, now: Any) -> str:
+def _copy_line(spec: Any, input_json: str, now: Any) -> str:
     """One job row in COPY's text format (its backslashes, tabs and line ends escaped)."""
     source = "\\N" if spec.source_task_id is None else spec.source_task_id.translate(_COPY_ESCAPES)
     return (
         f"{spec.id}\t{spec.company_id.translate(_COPY_ESCAPES)}\t"
-        f"{spec.job_type.translate(_COPY_ESCAPES)}\t{spec.input_json().translate(_COPY_ESCAPES)}\t"
+        f"{spec.job_type.translate(_COPY_ESCAPES)}\t{input_json.translate(_COPY_ESCAPES)}\t"
         f"{source}\t{spec.priority}\t{(spec.run_at or now).isoformat()}\t{spec.max_attempts}\n"
     )
 
@@ -119,26 +118,22 @@ async def copy_many(conn: Any, specs: list[Any]) -> list[Any]:
     """What ``Client.enqueue_many`` does for ``specs`` (none with a unique key), the job
     rows sent by COPY: one transaction begun by ``job_insert_many_begin`` (the doorbell
     on, the transaction's time), the same statement triggers (queue rows, audit rows),
-    the Jobs built from what was sent, one ring after the commit."""
-    from pgjobs import doorbell, events
+    the Jobs built from what was sent (``client.inserted_jobs``), one ring after the
+    commit."""
+    from pgjobs import doorbell
+    from pgjobs.client import inserted_jobs
     from pgjobs.queries import QUERIES
-    from pgjobs.types import enqueued_jobs
 
+    inputs = [s.input_json() for s in specs]
     async with conn.transaction():
         cur = await conn.execute(QUERIES["job_insert_many_begin"])
         now = (await cur.fetchone())["now"]
         async with conn.cursor().copy(COPY_JOBS) as copy:
             for i in range(0, len(specs), COPY_PIECE):
-                await copy.write("".join(_copy_line(s, now) for s in specs[i : i + COPY_PIECE]))
-    jobs = enqueued_jobs(
-        (
-            (s.id, s.company_id, s.job_type, json.loads(s.input_json()) if s.input else {},
-             s.priority, s.run_at, s.max_attempts, s.source_task_id)
-            for s in specs
-        ),
-        now,
-    )  # fmt: skip
-    await doorbell.ring_payloads(conn, events.encode_ring((j.company_id, j.id) for j in jobs))
+                piece = range(i, min(i + COPY_PIECE, len(specs)))
+                await copy.write("".join(_copy_line(specs[k], inputs[k], now) for k in piece))
+    jobs = inserted_jobs(specs, {"inputs": inputs}, now)
+    await doorbell.ring(conn, ((j.company_id, j.id) for j in jobs))
     return jobs
 
 
