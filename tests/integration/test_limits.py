@@ -115,6 +115,11 @@ async def _all_done(dsn: str, count: int) -> bool:
     return bool(rows[0]["n"] == count)
 
 
+async def _registered(dsn: str, count: int) -> bool:
+    rows = await fetch(dsn, "SELECT count(*) AS n FROM pgjobs.workers")
+    return bool(rows[0]["n"] == count)
+
+
 async def test_a_company_limited_to_two_renders_never_runs_more_across_workers(
     dsn: str, client: Client, storage_dir: Path
 ) -> None:
@@ -137,11 +142,11 @@ async def test_three_worker_processes_never_run_more_than_a_companys_limit(
     demo's `sleep` handler), acme may run 2 sleeps at once; 50 of acme's queued and 30 of
     beta's: never more than 2 of acme's running at once (the audit log's running
     intervals), all 80 finish, and beta's flow meanwhile (all started before acme's
-    last). Nothing coordinates the processes but the database."""
+    last). Nothing coordinates the processes but the database. The jobs are enqueued once
+    all three have registered: a process that started late on a loaded machine could find
+    the work done already, and the test would not show three."""
     await _set(dsn, company_id="acme", job_type="sleep", max_running=2)
     nap = {"seconds": 0.05}
-    await client.enqueue_many(JobSpec("acme", "sleep", input=nap) for _ in range(50))
-    await client.enqueue_many(JobSpec("beta", "sleep", input=nap) for _ in range(30))
     procs = [
         start_worker_process(
             dsn,
@@ -153,6 +158,9 @@ async def test_three_worker_processes_never_run_more_than_a_companys_limit(
         for i in range(3)
     ]
     try:
+        await wait_until(lambda: _registered(dsn, 3), within=60, message="three workers up")
+        await client.enqueue_many(JobSpec("acme", "sleep", input=nap) for _ in range(50))
+        await client.enqueue_many(JobSpec("beta", "sleep", input=nap) for _ in range(30))
         await wait_until(lambda: _all_done(dsn, 80), within=120, message="all 80 jobs done")
     finally:
         logs = [stop_worker_process(proc) for proc in procs]
