@@ -136,15 +136,17 @@ class Listener:
     async def _check_delivery(self, conn: db.AsyncConn) -> None:
         """Raise ListenUndeliveredError unless a NOTIFY sent from another connection
         reaches ``conn`` within ``probe_seconds``. Notifications of the listener's own
-        channel that arrive meanwhile are handed on, and prove delivery as well."""
+        channel that arrive meanwhile are handed on but prove nothing: through a pooler in
+        transaction mode one can reach ``conn`` by chance (queued on the server connection
+        that ran one of its statements, such as the LISTEN), and the next is lost."""
         probe = f"pgjobs_probe_{uuid.uuid4().hex}"
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
         async with await db.connect(self.dsn, application_name=f"{self.name} probe"[:63]) as other:
             await other.execute(QUERIES["listener_notify_probe"], {"channel": probe})
         arrived = False
         async for notify in conn.notifies(timeout=self.probe_seconds):
-            arrived = True
             if notify.channel == probe:
+                arrived = True
                 break
             self.on_notify(notify.payload)
         if not arrived:

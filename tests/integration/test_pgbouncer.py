@@ -26,7 +26,7 @@ from pgjobs import worker as worker_module
 from pgjobs.client import Client
 from pgjobs.errors import ConfigurationError
 from pgjobs.jobspec import JobSpec
-from pgjobs.notifier import Listener
+from pgjobs.notifier import Listener, ListenUndeliveredError
 from pgjobs.sync import SyncClient
 from pgjobs.worker import Worker
 
@@ -209,6 +209,29 @@ async def test_undeliverable_listen_is_rechecked_and_reported_once(
     assert len(messages) == 1, messages
     assert messages[0].endswith("; advice")
     assert listener.unavailable is not None
+
+
+async def test_a_stray_notification_during_the_delivery_check_proves_nothing(
+    dsn: str, pgbouncer: Bouncer
+) -> None:
+    """Through the bouncer a notification of the listener's own channel can reach it once
+    by chance: sent on the server connection that runs one of its statements (here its
+    own LISTEN and NOTIFY in one statement; in the worker, a job enqueued as the listener
+    connects). The check hands it on but still finds LISTEN undeliverable: it counted as
+    proof once, and a worker behind PgBouncer then went on waiting for notifications that
+    never came (the likely cause of a flake of the test above)."""
+    handed_on: list[str] = []
+    listener = Listener(
+        pgbouncer.dsn(dsn), handed_on.append, channel="pgjobs_work", probe_seconds=0.5
+    )
+    async with await db.connect(pgbouncer.dsn(dsn)) as conn:
+        assert await db.behind_pooler(conn)
+        # One statement, so one server connection: the notification comes back to conn
+        # with the statement's result, and psycopg keeps it for conn.notifies().
+        await conn.execute("LISTEN pgjobs_work; NOTIFY pgjobs_work, 'stray'")
+        with pytest.raises(ListenUndeliveredError, match="receives no notifications"):
+            await listener._check_delivery(conn)
+    assert handed_on == ["stray"]
 
 
 async def test_a_cancel_as_the_listener_lets_go_of_its_connection_ends_it(
