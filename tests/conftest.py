@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import signal
 import tempfile
 import threading
 import uuid
@@ -233,6 +234,11 @@ def pytest_configure(config: pytest.Config) -> None:
         "quiet_databases: no test database is cloned or dropped while the test runs "
         "(its transaction would hold the horizon the gateway's streams read below)",
     )
+    # Tests send SIGINT to the commands they start, as Ctrl-C would. A run started in the
+    # background by a non-interactive shell (`make test &` in a script) has SIGINT ignored,
+    # and so would every command it starts, which then never stops on it.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(wrapper=True)
