@@ -15,6 +15,10 @@ gateway's streams read below, and so would change what a test of them observes (
 company feed polled). Holding every test off made each test wait for the next one's
 clone, ~0.15 s each, over a minute a run.
 
+``make test`` runs the tests two at a time (pytest-xdist): each of its two processes has
+its own session, so its own embedded server, template and databases; the tests under
+``HEAVY_DIRS`` all go to one of them.
+
 The embedded server, private to the run and never stopped by a test (tests that restart
 PostgreSQL start their own), runs without fsync: only an OS crash could lose what fsync
 protects.
@@ -228,6 +232,13 @@ def databases(pg_server_dsn: str, template_db: str) -> Iterator[Databases]:
     factory.close()
 
 
+# Directories whose tests load the machine themselves (drains of thousands of jobs, worker
+# processes killed and restarted, PostgreSQL stopped for seconds, benchmarks). Run two at a
+# time (make test), they go to one pytest process, one after another, so that two of them
+# never share the two cores.
+HEAVY_DIRS = ("bench", "chaos", "fault")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
@@ -239,6 +250,13 @@ def pytest_configure(config: pytest.Config) -> None:
     # and so would every command it starts, which then never stops on it.
     if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = Path(__file__).parent
+    for item in items:
+        if item.path.is_relative_to(tests) and item.path.relative_to(tests).parts[0] in HEAVY_DIRS:
+            item.add_marker(pytest.mark.xdist_group("heavy"))
 
 
 @pytest.hookimpl(wrapper=True)

@@ -69,7 +69,11 @@ async def test_missing_job_type_is_400(gateway: RunningGateway, body: dict[str, 
     assert r.json() == {"error": "jobType is required"}
 
 
-@pytest.mark.parametrize("job_id", [str(uuid.uuid4()), "not-a-uuid", "1", "%00", "x" * 300])
+# A fixed id, not uuid4(): make test's two pytest processes must collect the same test ids.
+UNKNOWN_JOB_ID = "2ed93efa-4e7e-4c6a-8581-cc195f758583"
+
+
+@pytest.mark.parametrize("job_id", [UNKNOWN_JOB_ID, "not-a-uuid", "1", "%00", "x" * 300])
 async def test_unknown_or_malformed_job_id_is_404(gateway: RunningGateway, job_id: str) -> None:
     async with gateway.http() as http:
         for method, suffix in (("GET", ""), ("POST", "/cancel"), ("POST", "/retry")):
