@@ -219,7 +219,8 @@ async def test_a_stray_notification_during_the_delivery_check_proves_nothing(
     own LISTEN and NOTIFY in one statement; in the worker, a job enqueued as the listener
     connects). The check hands it on but still finds LISTEN undeliverable: it counted as
     proof once, and a worker behind PgBouncer then went on waiting for notifications that
-    never came (the likely cause of a flake of the test above)."""
+    never came (the likely cause of a flake of
+    test_worker_through_pgbouncer_without_listen_dsn_polls)."""
     handed_on: list[str] = []
     listener = Listener(
         pgbouncer.dsn(dsn), handed_on.append, channel="pgjobs_work", probe_seconds=0.5
