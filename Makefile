@@ -35,7 +35,7 @@ pgbouncer: ## install Debian's pgbouncer for the PgBouncer tests (skipped if pre
 # see no other session creating databases (tests/conftest.py, quiet_databases).
 PYTEST_WORKERS ?= 2
 test: $(STAMP) chromium pgbouncer ## run the test suite against real PostgreSQL
-	$(PY) -m pytest -n $(PYTEST_WORKERS) --dist loadgroup
+	$(PY) -m pytest -n $(PYTEST_WORKERS)
 
 lint: $(STAMP) ## ruff check + format check
 	$(PY) -m ruff check src tests

@@ -17,7 +17,7 @@ clone, ~0.15 s each, over a minute a run.
 
 ``make test`` runs the tests two at a time (pytest-xdist): each of its two processes has
 its own session, so its own embedded server, template and databases; the tests under
-``HEAVY_DIRS`` all go to one of them.
+``HEAVY_DIRS`` all go to one of them, one after another.
 
 The embedded server, private to the run and never stopped by a test (tests that restart
 PostgreSQL start their own), runs without fsync: only an OS crash could lose what fsync
@@ -36,6 +36,7 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -232,11 +233,13 @@ def databases(pg_server_dsn: str, template_db: str) -> Iterator[Databases]:
     factory.close()
 
 
-# Directories whose tests load the machine themselves (drains of thousands of jobs, worker
-# processes killed and restarted, PostgreSQL stopped for seconds, benchmarks). Run two at a
-# time (make test), they go to one pytest process, one after another, so that two of them
-# never share the two cores.
+# Tests that make test, running two at a time, still runs in one process one after another
+# (tests/conftest.py's pytest_xdist_make_scheduler): those under these directories load the
+# machine themselves (drains of thousands of jobs, worker processes killed and restarted,
+# PostgreSQL stopped for seconds, benchmarks), so two of them must not share the two cores;
+# the tests of each of these files depend on running in order.
 HEAVY_DIRS = ("bench", "chaos", "fault")
+IN_ORDER_FILES = ("tests/integration/test_test_databases.py",)
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -252,11 +255,25 @@ def pytest_configure(config: pytest.Config) -> None:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    tests = Path(__file__).parent
-    for item in items:
-        if item.path.is_relative_to(tests) and item.path.relative_to(tests).parts[0] in HEAVY_DIRS:
-            item.add_marker(pytest.mark.xdist_group("heavy"))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """pytest-xdist's load scheduling, but every heavy test in one unit and each in-order
+    file in one (a unit goes to one process, its tests in collection order). Not
+    ``--dist loadgroup``: under pytest 9 its xdist_group marks group nothing (xdist 3.8
+    renames ``item._nodeid``, which pytest 9 no longer reads)."""
+    if config.getvalue("dist") != "load":  # -n alone; another --dist asked is kept
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            parts = path.split("/")
+            if len(parts) > 2 and parts[0] == "tests" and parts[1] in HEAVY_DIRS:
+                return "heavy"
+            return path if path in IN_ORDER_FILES else nodeid
+
+    return Scheduling(config, log)
 
 
 @pytest.hookimpl(wrapper=True)
