@@ -234,8 +234,8 @@ def databases(pg_server_dsn: str, template_db: str) -> Iterator[Databases]:
 
 
 # Tests that make test, running two at a time, still runs in one process one after another
-# (tests/conftest.py's pytest_xdist_make_scheduler): those under these directories load the
-# machine themselves (drains of thousands of jobs, worker processes killed and restarted,
+# (pytest_xdist_make_scheduler below): those under these directories load the machine
+# themselves (drains of thousands of jobs, worker processes killed and restarted,
 # PostgreSQL stopped for seconds, benchmarks), so two of them must not share the two cores;
 # the tests of each of these files depend on running in order.
 HEAVY_DIRS = ("bench", "chaos", "fault")
