@@ -28,11 +28,8 @@ chromium: ## install Debian's chromium for the gateway's browser test (skipped i
 pgbouncer: ## install Debian's pgbouncer for the PgBouncer tests (skipped if present)
 	@test -x /usr/sbin/pgbouncer || { apt-get update < /dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y pgbouncer < /dev/null; }
 
-# Two tests at a time (pytest-xdist: two processes, each with its own embedded PostgreSQL;
-# the tests that load the machine themselves, tests/bench, chaos and fault, all in one of
-# them: tests/conftest.py). PYTEST_WORKERS=0 runs one at a time: needed with
-# PGJOBS_TEST_DSN, where both processes would share one server and the gateway's tests must
-# see no other session creating databases (tests/conftest.py, quiet_databases).
+# Two tests at a time (pytest-xdist; how tests/conftest.py shares them out). PYTEST_WORKERS=0
+# runs one at a time: needed with PGJOBS_TEST_DSN, one server both processes would share.
 PYTEST_WORKERS ?= 2
 test: $(STAMP) chromium pgbouncer ## run the test suite against real PostgreSQL
 	$(PY) -m pytest -n $(PYTEST_WORKERS)

@@ -143,13 +143,11 @@ class Listener:
         await conn.execute(sql.SQL("LISTEN {}").format(sql.Identifier(probe)))
         async with await db.connect(self.dsn, application_name=f"{self.name} probe"[:63]) as other:
             await other.execute(QUERIES["listener_notify_probe"], {"channel": probe})
-        arrived = False
         async for notify in conn.notifies(timeout=self.probe_seconds):
             if notify.channel == probe:
-                arrived = True
                 break
             self.on_notify(notify.payload)
-        if not arrived:
+        else:  # probe_seconds passed without the probe
             raise ListenUndeliveredError(
                 f"LISTEN through {db.redact(self.dsn)} receives no notifications (a pooler in "
                 "transaction mode, such as PgBouncer's pool_mode = transaction, in between)"
