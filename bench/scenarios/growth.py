@@ -6,7 +6,13 @@ One database for the whole scenario, grown in stages. The first non-empty stage 
 reached by real churn: jobs enqueued and run by pgjobs workers, so its sizes
 include whatever bloat the lifecycle leaves. Later stages add finished jobs (3 events
 each) with set-based SQL (bench/growth_sql.py), indexes dropped and rebuilt around the
-load. Quick mode uses far smaller stages (see bench/context.py)."""
+load. Quick mode uses far smaller stages (see bench/context.py).
+
+Each stage with finished rows is compared with drains of a fresh, empty database run side
+by side with its own (one of each per round, their order alternating), not with the first
+stage's: the stages take tens of minutes apart, and a host whose load changed meanwhile
+moved the ratio more than the rows did (a 10M stage measured 0.67x the empty one early in
+a full run and 1.15x rerun alone right after)."""
 
 from __future__ import annotations
 
@@ -105,23 +111,40 @@ def run(ctx: Ctx) -> dict[str, Any]:
             stage["actual_finished_rows"] = have
             stage["sizes"] = sizes(dsn)
             stage["audit"] = audit_times(dsn)
-            rates = []
-            for _ in range(ctx.repeat):
-                asyncio.run(_fill("pgjobs", dsn, n))
-                settle(dsn)
-                rates.append(drain(ctx, "pgjobs", dsn, n, PROCESSES)["jobs_per_s"])
+            rates, empty = [], []
+            for round_ in range(ctx.repeat):
+                # The stage's drain and an empty database's, in turn (the stage with no
+                # finished rows is its own empty one).
+                for grown in (True, False) if round_ % 2 == 0 else (False, True):
+                    if grown:
+                        rates.append(_drain_new_jobs(ctx, dsn, n))
+                    elif have:
+                        empty.append(_drain_in_empty_database(ctx, n))
             have = finished_rows(dsn)
             stage["jobs_per_s"] = summary(rates)
+            stage["empty_jobs_per_s"] = summary(empty or rates)
+            stage["vs_empty"] = stage["jobs_per_s"]["median"] / stage["empty_jobs_per_s"]["median"]
             ctx.log(
                 f"growth {target:,} finished: {stage['jobs_per_s']['median']:,.0f} jobs/s, "
+                f"{stage['vs_empty']:.2f}x an empty database's, "
                 f"timeline {stage['audit']['timeline_ms'] or 0:.1f} ms, "
                 f"hourly {stage['audit']['hourly_ms']:.0f} ms"
             )
             out["stages"].append(stage)
-    base = out["stages"][0]["jobs_per_s"]["median"]
-    for stage in out["stages"]:
-        stage["vs_empty"] = stage["jobs_per_s"]["median"] / base
     return out
+
+
+def _drain_new_jobs(ctx: Ctx, dsn: str, n: int) -> float:
+    """Jobs/s of PROCESSES workers draining n jobs enqueued into ``dsn`` just before."""
+    asyncio.run(_fill("pgjobs", dsn, n))
+    settle(dsn)
+    return float(drain(ctx, "pgjobs", dsn, n, PROCESSES)["jobs_per_s"])
+
+
+def _drain_in_empty_database(ctx: Ctx, n: int) -> float:
+    """_drain_new_jobs in a fresh database: the empty reference for a stage."""
+    with pg.database(ctx.server_dsn) as dsn:
+        return _drain_new_jobs(ctx, dsn, n)
 
 
 def _mib(b: int) -> str:
@@ -133,10 +156,14 @@ def markdown(res: dict[str, Any]) -> str:
         f"Drain of {res['jobs']:,} new jobs by {res['processes']} worker processes on top of "
         "the finished rows (each with 3 events).",
         "",
-        "| finished jobs | claim + complete (jobs/s) | vs empty | one job's timeline (ms) "
+        "An empty database's drains ran side by side with each stage's (one of each per "
+        "round); vs empty compares their medians.",
+        "",
+        "| finished jobs | claim + complete (jobs/s) | empty database, side by side (jobs/s) "
+        "| vs empty | one job's timeline (ms) "
         "| counts per type per hour (ms) | jobs, heap + indexes (MiB) "
         "| events, heap + indexes (MiB) |",
-        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for s in res["stages"]:
         sz = s["sizes"]
@@ -144,7 +171,8 @@ def markdown(res: dict[str, Any]) -> str:
         events = sum(v for k, v in sz.items() if k.startswith("job_events"))
         a = s["audit"]
         lines.append(
-            f"| {s['actual_finished_rows']:,} | {fmt(s['jobs_per_s'])} | {s['vs_empty']:.2f}× "
+            f"| {s['actual_finished_rows']:,} | {fmt(s['jobs_per_s'])} "
+            f"| {fmt(s['empty_jobs_per_s'])} | {s['vs_empty']:.2f}× "
             f"| {a['timeline_ms'] or 0:.1f} | {a['hourly_ms']:,.0f} ({a['hourly_groups']} groups) "
             f"| {_mib(jobs)} | {_mib(events)} |"
         )
