@@ -34,12 +34,14 @@ class WorkerConfig:
     """One worker process's settings. concurrency: jobs in flight (awa: the queue's
     max_workers); batch: pgqueuer's batch_size, awa's claim_batch_size (pgjobs sizes its
     claims from free slots, procrastinate claims one job); claimers: awa's claim loops
-    per queue (0: its default)."""
+    per queue (0: its default); claim: pgjobs' "plain" claim, without fairness
+    (bench.plain_claim; "": the fair claim, as shipped)."""
 
     concurrency: int
     batch: int = 0
     driver: str = ""
     claimers: int = 0
+    claim: str = ""
 
     def label(self) -> str:
         parts = [f"concurrency {self.concurrency or 'unbounded'}"]
@@ -49,6 +51,8 @@ class WorkerConfig:
             parts.append(f"claimers {self.claimers}")
         if self.driver:
             parts.append(self.driver)
+        if self.claim:
+            parts.append(f"{self.claim} claim")
         return ", ".join(parts)
 
 
@@ -303,4 +307,6 @@ def argv_for(config: WorkerConfig) -> Sequence[str]:
         argv += ["--driver", config.driver]
     if config.claimers:
         argv += ["--claimers", str(config.claimers)]
+    if config.claim:
+        argv += ["--claim", config.claim]
     return argv

@@ -1,7 +1,7 @@
 """One worker process of one queue, started by the harness:
 
     python -m bench.worker SYSTEM DSN [--concurrency N] [--batch B] [--driver D]
-        [--claimers K] [--mode M] [--expect C]
+        [--claimers K] [--claim plain] [--mode M] [--expect C]
 
 Protocol on stdin/stdout, so that every queue is timed the same way: the process imports
 its library and builds its worker, prints ``ready``, waits for a ``go`` line, runs, and
@@ -55,6 +55,10 @@ async def run_pgjobs(args: argparse.Namespace) -> None:
     from pgjobs.config import WorkerSettings
     from pgjobs.worker import Worker
 
+    if args.claim == "plain":
+        from bench.plain_claim import use_plain_claim
+
+        use_plain_claim()  # pgjobs' claim without fairness (scenario 9)
     settings = WorkerSettings.from_env(concurrency=args.concurrency)
     # As `pgjobs worker` runs it (collector settings included).
     worker = Worker(args.dsn, registry, settings, burst=args.mode == "drain", tune_gc=True)
@@ -203,6 +207,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--driver", default="")
     parser.add_argument("--claimers", type=int, default=0)
+    parser.add_argument("--claim", choices=("fair", "plain"), default="fair", help="pgjobs")
     parser.add_argument("--mode", choices=("drain", "serve"), default="drain")
     parser.add_argument("--expect", type=int, help="awa drain: completed count at the end")
     args = parser.parse_args()
