@@ -35,7 +35,7 @@ import psycopg
 
 from bench import pg, stamps, systems
 from bench.context import Ctx
-from bench.drain import drain, queue_db, settle
+from bench.drain import STALL_SECONDS, drain, queue_db, settle
 from bench.procs import WorkerGroup
 from bench.stats import fmt, latency, summary
 
@@ -44,7 +44,6 @@ SKEW = (1000, 1000, 1000, 10, 10, 10, 1, 1, 1, 1)
 ENQUEUE_CHUNK = 10_000
 WAIT_SECONDS = 300.0  # for the jobs a measurement needs; a hang guard, not a timing
 ONE_COMPANY_PROCESSES = (1, 2)
-STALL_SECONDS = 60.0  # a drain with no job finished for this long failed (as scenario 1's)
 
 
 async def _fill(dsn: str, backlogs: dict[str, int]) -> None:
@@ -184,8 +183,8 @@ def one_company(ctx: Ctx) -> dict[str, Any]:
             for claim in ("fair", "plain") if round_ % 2 == 0 else ("plain", "fair"):
                 with queue_db(ctx, "pgjobs", n) as dsn:
                     r = drain(ctx, "pgjobs", dsn, n, procs, configs[claim], stall=STALL_SECONDS)
-                rates.setdefault((claim, procs), []).append(r["jobs_per_s"])
                 rate = r["jobs_per_s"]
+                rates.setdefault((claim, procs), []).append(rate)
                 ctx.log(f"fairness one company, {claim} claim x{procs}: {rate:,.0f} jobs/s")
     out: dict[str, Any] = {"jobs": n, "processes": {}}
     for procs in ONE_COMPANY_PROCESSES:

@@ -10,7 +10,7 @@ load. Quick mode uses far smaller stages (see bench/context.py).
 
 Each stage with finished rows is compared with drains of a fresh, empty database run side
 by side with its own (one of each per round, their order alternating), not with the first
-stage's: the stages take tens of minutes apart, and a host whose load changed meanwhile
+stage's: the stages are tens of minutes apart, and a host whose load changed meanwhile
 moved the ratio more than the rows did (a 10M stage measured 0.67x the empty one early in
 a full run and 1.15x rerun alone right after)."""
 
