@@ -17,7 +17,8 @@ figure is the largest deviation from an equal share.
 
 One company: what fairness costs a queue with a single tenant. Drains of N no-op jobs of
 one company with 1 and 2 worker processes, the worker's fair claim against the claim
-without fairness (bench.plain_claim: one walk in the global claim order, the same UPDATE),
+without fairness (bench.plain_claim: every batch by job_claim_batch_oldest, the oldest due
+jobs whatever their company, as the worker claims only while one company has work),
 interleaved (one of each per round, their order alternating), each in a fresh database.
 """
 

@@ -12,7 +12,9 @@ Guarantees (see the README's "Delivery guarantees"):
   queued rather than failing on a worker that happens to see it.
 * Fair between companies. Within a priority level a claim shares its batch round-robin
   across the companies with queued work, starting after the company this worker served
-  last (the rotation cursor the claim returns and the next claim passes back).
+  last (the rotation cursor the claim returns and the next claim passes back). While
+  the last fair claim came back full of one company's jobs, claims take the oldest jobs
+  instead (the same jobs then, for less work; ``FAIR_CLAIM_EVERY_SECONDS``).
 * Exactly once for a handler's writes to the same database, if it wants: a job completed
   in ``ctx.transaction()`` commits with those writes or rolls back with them
   (``pgjobs.txcomplete``); the completer then records nothing more for the attempt.
@@ -136,6 +138,13 @@ log = logging.getLogger(__name__)
 # 400: behind after 2 rounds; one claim out at 4 processes: 0.95x, PostgreSQL +2.6 µs per job.
 MAX_CLAIM_BATCH = 200
 CLAIMS_IN_FLIGHT = 2
+# After a fair claim that came back full of one company's jobs, the claims sent within
+# this many seconds take the oldest jobs instead (job_claim_batch_oldest: the same jobs
+# while no other company has any due, for less PostgreSQL CPU with claims beside it).
+# A NOTIFY of due work, a short claim or a failed one ends that at once; this bounds how
+# long another company's job that became due without a NOTIFY (a retry's or a scheduled
+# job's run_at reached; a listener behind a pooler) waits for the next fair claim.
+FAIR_CLAIM_EVERY_SECONDS = 0.25
 
 
 def retry_delay(attempt: int, settings: WorkerSettings) -> float:
@@ -324,6 +333,10 @@ class Worker:
         # The fair claim's rotation cursor: the company it served last, so the next claim
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
+        # Until when (loop time) claims take the oldest jobs (FAIR_CLAIM_EVERY_SECONDS),
+        # and how many have.
+        self._oldest_until = 0.0
+        self.oldest_claims = 0
         # _claimed_rows' makers, by the column names of the claim's result.
         self._claim_shapes: dict[tuple[bytes | None, ...], _ClaimShape] = {}
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
@@ -695,6 +708,7 @@ class Worker:
     def _back_off(self, reason: str, say: Any = log.warning) -> None:
         """No claim before an exponentially growing, jittered delay (at most 5 s)."""
         self._claim_failures += 1
+        self._oldest_until = 0.0
         delay = min(5.0, 0.1 * 2**self._claim_failures) * random.uniform(0.5, 1.0)
         say("%s; retrying in %.2fs", reason, delay)
         self._retry_at = asyncio.get_running_loop().time() + delay
@@ -747,13 +761,17 @@ class Worker:
                 # With the doorbell on, the statement sets it itself (doorbell.ringing).
                 # Pipelined after transaction_plans_by_index, in one transaction: planned
                 # by index whatever job_queue's statistics say (that query's comment).
+                oldest = asyncio.get_running_loop().time() < self._oldest_until
+                claim = QUERIES["job_claim_batch_oldest" if oldest else "job_claim_batch"]
                 async with conn.pipeline():
                     await conn.execute(QUERIES["transaction_plans_by_index"])
-                    await _execute_positional(cur, QUERIES["job_claim_batch"], params, ring=ring)
+                    await _execute_positional(cur, claim, params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur, note)
                 if not note.limited:
+                    self._after_claim(limit, jobs, oldest)
                     return jobs, note.id_texts
                 self._limited = True
+                self._oldest_until = 0.0
             # Some limit may cover these jobs (pgjobs.limits): take the limits' locks,
             # then claim within the rooms they leave (counted in a snapshot taken under
             # them), sent together as one pipeline: one round trip, one transaction (the
@@ -774,6 +792,22 @@ class Worker:
         elif window_ends_in is not None and len(jobs) < limit:
             self._wake_at_window_end(float(window_ends_in))
         return jobs, note.id_texts
+
+    def _after_claim(self, limit: int, jobs: list[Job], oldest: bool) -> None:
+        """Whether the next claims may take the oldest jobs: after a fair claim of more
+        than one job that came back full of one company's (a fair share of a batch gives
+        each company with due jobs some of it), until FAIR_CLAIM_EVERY_SECONDS from now;
+        never after a short claim (the queue ran low: share what is left fairly)."""
+        if oldest:
+            self.oldest_claims += 1
+            if len(jobs) < limit:
+                self._oldest_until = 0.0
+            return
+        company = jobs[0].company_id if jobs else None
+        if limit > 1 and len(jobs) == limit and all(j.company_id == company for j in jobs):
+            self._oldest_until = asyncio.get_running_loop().time() + FAIR_CLAIM_EVERY_SECONDS
+        else:
+            self._oldest_until = 0.0
 
     async def _fetch_claimed(
         self, conn: db.AsyncConn, cur: psycopg.AsyncCursor[Job], note: _ClaimNote
@@ -937,10 +971,12 @@ class Worker:
             elif item.job_type in self._claims_types and (
                 item.run_at is None or item.run_at <= datetime.now(UTC)
             ):
+                self._oldest_until = 0.0  # maybe another company's: claim fairly
                 self._wake()
 
     async def _on_listener_connect(self) -> None:
-        # Anything announced while the listener was down is in the table: look now.
+        # Anything announced while the listener was down is in the table: look now, fairly.
+        self._oldest_until = 0.0
         self._wake()
 
     # -- running -----------------------------------------------------------------------

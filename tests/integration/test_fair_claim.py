@@ -6,10 +6,13 @@ follow the claims' commits), never from timings."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs.client import Client
@@ -17,6 +20,7 @@ from pgjobs.context import JobContext
 from pgjobs.jobspec import JobSpec
 from pgjobs.queries import QUERIES
 from pgjobs.registry import Registry
+from pgjobs.worker import Worker
 
 
 def _noop_registry() -> Registry:
@@ -173,3 +177,81 @@ async def test_run_at_still_gates_and_job_types_still_filter(client: Client, dsn
     # An hour later b's scheduled jobs are due, and shared with a's backlog.
     batch = await _claim(dsn, 4, "b", job_types=["echo"], now=later + dt.timedelta(seconds=1))
     assert Counter(r["company_id"] for r in batch) == {"a": 2, "b": 2}
+
+
+def test_the_oldest_claim_is_the_fair_claims_statement_from_its_update_on() -> None:
+    """job_claim_batch_oldest chooses its own jobs; what it writes and returns is the fair
+    claim's text (queries.sql)."""
+    fair, oldest = QUERIES["job_claim_batch"], QUERIES["job_claim_batch_oldest"]
+    mark = "), claimed AS ("
+    assert fair.count(mark) == oldest.count(mark) == 1
+    assert oldest[oldest.index(mark) :] == fair[fair.index(mark) :]
+
+
+async def test_the_oldest_claim_takes_the_oldest_jobs_whatever_their_company(
+    dsn: str, client: Client
+) -> None:
+    older = await client.enqueue_many(JobSpec("a", "echo") for _ in range(30))
+    await client.enqueue_many(JobSpec("b", "echo") for _ in range(5))
+    params = {
+        "now": None,
+        "limit": 10,
+        "worker_id": "w",
+        "lease_seconds": 30.0,
+        "job_types": None,
+        "after_company": "b",
+    }
+    rows = await fetch(dsn, QUERIES["job_claim_batch_oldest"], params)
+    assert [r["id"] for r in rows] == [job.id for job in older[:10]]
+    assert {r["after_company"] for r in rows} == {"b"}  # the rotation left where it was
+    events = await fetch(
+        dsn,
+        "SELECT count(*) AS n FROM pgjobs.job_events "
+        "WHERE type = 'content_job.running' AND job_id = ANY(%s)",
+        [[r["id"] for r in rows]],
+    )
+    assert events == [{"n": 10}]
+
+
+async def test_a_worker_draining_one_companys_backlog_claims_the_oldest_jobs(
+    dsn: str, client: Client, storage_dir: Path
+) -> None:
+    """After a fair claim full of one company's jobs the worker claims the oldest jobs
+    (job_claim_batch_oldest), a fair claim again every FAIR_CLAIM_EVERY_SECONDS; every
+    job runs once."""
+    await client.enqueue_many(JobSpec("a", "echo") for _ in range(3000))
+    worker = Worker(dsn, _noop_registry(), fast_settings(storage_dir, concurrency=400), burst=True)
+    await asyncio.wait_for(worker.run(), timeout=120)
+    assert worker.oldest_claims > 0
+    rows = await fetch(dsn, "SELECT status, attempts, count(*) AS n FROM pgjobs.jobs GROUP BY 1, 2")
+    assert rows == [{"status": "done", "attempts": 1, "n": 3000}]
+
+
+@pytest.mark.parametrize("due_in", [0.0, 0.5], ids=["announced", "due-later"])
+async def test_another_companys_job_is_not_left_behind_the_oldest_claims(
+    dsn: str, client: Client, storage_dir: Path, due_in: float
+) -> None:
+    """Company b's job arrives while the worker takes the oldest of company a's backlog:
+    due at once (its NOTIFY makes the next claim fair), or due half a second later (its
+    NOTIFY said not yet, so nothing announces it when it is due: the fair claim every
+    FAIR_CLAIM_EVERY_SECONDS takes it). Either way it starts long before a's backlog is
+    done, although in the oldest-first order it comes after all of it."""
+    await client.enqueue_many(JobSpec("a", "echo") for _ in range(20_000))
+    async with running_worker(
+        dsn, _noop_registry(), fast_settings(storage_dir, concurrency=400)
+    ) as worker:
+
+        async def oldest_claims() -> bool:
+            return worker.oldest_claims > 0
+
+        await wait_until(oldest_claims, message="the worker claiming the oldest jobs")
+        run_at = dt.datetime.now(dt.UTC) + dt.timedelta(seconds=due_in)
+        b_job = await client.enqueue("b", "echo", run_at=run_at)
+
+        async def b_done() -> bool:
+            return (await client.get("b", b_job.id)).status.value == "done"
+
+        await wait_until(b_done, within=60, message="b's job done")
+    running = await _running_companies(dsn)
+    a_before_b = running[: running.index("b")].count("a")
+    assert a_before_b < 15_000, f"b's job started after {a_before_b} of a's 20,000"
