@@ -334,9 +334,10 @@ class Worker:
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
         # Until when (loop time) claims take the oldest jobs (FAIR_CLAIM_EVERY_SECONDS),
-        # and how many have.
+        # how many have, and how many NOTIFYs of due work (or listener connects) came.
         self._oldest_until = 0.0
         self.oldest_claims = 0
+        self._announcements = 0
         # _claimed_rows' makers, by the column names of the claim's result.
         self._claim_shapes: dict[tuple[bytes | None, ...], _ClaimShape] = {}
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
@@ -762,13 +763,14 @@ class Worker:
                 # Pipelined after transaction_plans_by_index, in one transaction: planned
                 # by index whatever job_queue's statistics say (that query's comment).
                 oldest = asyncio.get_running_loop().time() < self._oldest_until
+                announcements = self._announcements
                 claim = QUERIES["job_claim_batch_oldest" if oldest else "job_claim_batch"]
                 async with conn.pipeline():
                     await conn.execute(QUERIES["transaction_plans_by_index"])
                     await _execute_positional(cur, claim, params, ring=ring)
                 jobs = await self._fetch_claimed(conn, cur, note)
                 if not note.limited:
-                    self._after_claim(limit, jobs, oldest)
+                    self._after_claim(limit, jobs, oldest, announcements)
                     return jobs, note.id_texts
                 self._limited = True
                 self._oldest_until = 0.0
@@ -793,18 +795,25 @@ class Worker:
             self._wake_at_window_end(float(window_ends_in))
         return jobs, note.id_texts
 
-    def _after_claim(self, limit: int, jobs: list[Job], oldest: bool) -> None:
+    def _after_claim(self, limit: int, jobs: list[Job], oldest: bool, announcements: int) -> None:
         """Whether the next claims may take the oldest jobs: after a fair claim of more
         than one job that came back full of one company's (a fair share of a batch gives
         each company with due jobs some of it), until FAIR_CLAIM_EVERY_SECONDS from now;
-        never after a short claim (the queue ran low: share what is left fairly)."""
+        never after a short claim (the queue ran low: share what is left fairly), nor
+        after one that was out when due work was announced (``announcements``, counted
+        when it was sent: its snapshot may have missed that work)."""
         if oldest:
             self.oldest_claims += 1
             if len(jobs) < limit:
                 self._oldest_until = 0.0
             return
         company = jobs[0].company_id if jobs else None
-        if limit > 1 and len(jobs) == limit and all(j.company_id == company for j in jobs):
+        if (
+            limit > 1
+            and len(jobs) == limit
+            and announcements == self._announcements
+            and all(j.company_id == company for j in jobs)
+        ):
             self._oldest_until = asyncio.get_running_loop().time() + FAIR_CLAIM_EVERY_SECONDS
         else:
             self._oldest_until = 0.0
@@ -972,11 +981,13 @@ class Worker:
                 item.run_at is None or item.run_at <= datetime.now(UTC)
             ):
                 self._oldest_until = 0.0  # maybe another company's: claim fairly
+                self._announcements += 1
                 self._wake()
 
     async def _on_listener_connect(self) -> None:
         # Anything announced while the listener was down is in the table: look now, fairly.
         self._oldest_until = 0.0
+        self._announcements += 1
         self._wake()
 
     # -- running -----------------------------------------------------------------------
