@@ -333,11 +333,13 @@ class Worker:
         # The fair claim's rotation cursor: the company it served last, so the next claim
         # starts its round-robin after it (job_claim_batch in queries.sql).
         self._after_company: str | None = None
-        # Until when (loop time) claims take the oldest jobs (FAIR_CLAIM_EVERY_SECONDS),
-        # how many have, and how many NOTIFYs of due work (or listener connects) came.
-        self._oldest_until = 0.0
-        self.oldest_claims = 0
+        # How many NOTIFYs of due work (and listener connects) came; until when (loop
+        # time) claims take the oldest jobs (FAIR_CLAIM_EVERY_SECONDS), as long as none
+        # came since the fair claim that allowed it (_oldest_announcements); how many have.
         self._announcements = 0
+        self._oldest_until = 0.0
+        self._oldest_announcements = 0
+        self.oldest_claims = 0
         # _claimed_rows' makers, by the column names of the claim's result.
         self._claim_shapes: dict[tuple[bytes | None, ...], _ClaimShape] = {}
         # Limits (pgjobs.limits): the timer that looks again when a rate window ends, and
@@ -762,8 +764,11 @@ class Worker:
                 # With the doorbell on, the statement sets it itself (doorbell.ringing).
                 # Pipelined after transaction_plans_by_index, in one transaction: planned
                 # by index whatever job_queue's statistics say (that query's comment).
-                oldest = asyncio.get_running_loop().time() < self._oldest_until
                 announcements = self._announcements
+                oldest = (
+                    announcements == self._oldest_announcements
+                    and asyncio.get_running_loop().time() < self._oldest_until
+                )
                 claim = QUERIES["job_claim_batch_oldest" if oldest else "job_claim_batch"]
                 async with conn.pipeline():
                     await conn.execute(QUERIES["transaction_plans_by_index"])
@@ -799,22 +804,18 @@ class Worker:
         """Whether the next claims may take the oldest jobs: after a fair claim of more
         than one job that came back full of one company's (a fair share of a batch gives
         each company with due jobs some of it), until FAIR_CLAIM_EVERY_SECONDS from now;
-        never after a short claim (the queue ran low: share what is left fairly), nor
-        after one that was out when due work was announced (``announcements``, counted
-        when it was sent: its snapshot may have missed that work)."""
+        never after a short claim (the queue ran low: share what is left fairly), and
+        only while no due work is announced after ``announcements`` (counted when this
+        claim was sent: its snapshot may have missed what came later)."""
         if oldest:
             self.oldest_claims += 1
             if len(jobs) < limit:
                 self._oldest_until = 0.0
             return
         company = jobs[0].company_id if jobs else None
-        if (
-            limit > 1
-            and len(jobs) == limit
-            and announcements == self._announcements
-            and all(j.company_id == company for j in jobs)
-        ):
+        if limit > 1 and len(jobs) == limit and all(j.company_id == company for j in jobs):
             self._oldest_until = asyncio.get_running_loop().time() + FAIR_CLAIM_EVERY_SECONDS
+            self._oldest_announcements = announcements
         else:
             self._oldest_until = 0.0
 
@@ -980,13 +981,11 @@ class Worker:
             elif item.job_type in self._claims_types and (
                 item.run_at is None or item.run_at <= datetime.now(UTC)
             ):
-                self._oldest_until = 0.0  # maybe another company's: claim fairly
-                self._announcements += 1
+                self._announcements += 1  # maybe another company's: claim fairly
                 self._wake()
 
     async def _on_listener_connect(self) -> None:
         # Anything announced while the listener was down is in the table: look now, fairly.
-        self._oldest_until = 0.0
         self._announcements += 1
         self._wake()
 
