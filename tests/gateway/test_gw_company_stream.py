@@ -65,6 +65,33 @@ async def test_late_committing_transaction_is_neither_skipped_nor_repeated(
     assert {e.event for e in [*first, *rest]} == {"status"}
 
 
+async def test_a_jobs_events_arrive_in_seq_order_when_an_older_transaction_writes_the_later(
+    gateway: RunningGateway, dsn: str
+) -> None:
+    """A transaction that took its xid first (here by an enqueue; in a worker, a finish
+    batch that waited on the job's lock) writes a job's later event after a younger one
+    wrote the earlier: the company stream still sends that job's events in seq order."""
+    client = gateway.state.client
+    job = await client.enqueue("acme", "echo", {"n": 0})
+    first = await collect(gateway, EVENTS, last_event_id="0-0", stop_after=1)
+    async with (
+        await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn_a,
+        await psycopg.AsyncConnection.connect(dsn, row_factory=dict_row) as conn_b,
+    ):
+        await client.enqueue("acme", "echo", {"tx": "A"}, conn=conn_a)  # A's xid, the older
+        await client.cancel("acme", job.id, conn=conn_b)  # seq 2, by the younger B
+        await conn_b.commit()
+        await client.retry("acme", job.id, conn=conn_a)  # seq 3, by the older A
+        await conn_a.commit()
+    rest = await collect(gateway, EVENTS, last_event_id=first[0].id, stop_after=3)
+    seqs = [e.data["seq"] for e in rest if e.data["jobId"] == str(job.id)]
+    assert seqs == [2, 3]
+    in_cursor_order = await fetch(
+        dsn, "SELECT seq FROM pgjobs.job_events WHERE job_id = %s ORDER BY xid, id", [job.id]
+    )
+    assert [r["seq"] for r in in_cursor_order] == [1, 2, 3]
+
+
 async def collect_for(gateway: RunningGateway, *, last_event_id: str, seconds: float) -> list[Sse]:
     events: list[Sse] = []
     try:

@@ -775,3 +775,35 @@ async def test_notify_items_plan_migration_notifies_as_before_and_rolls_back(
 
     assert migrate.apply(dsn) == ["0026_notify_items_plan"]
     assert await cancel_notifies() == after
+
+
+async def test_event_order_migration_keeps_a_jobs_rows_in_seq_order_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    """0027: an audit row's xid is at least the job's previous row's, so a transaction that
+    took its xid first and wrote a job's later transition after a younger one wrote the
+    earlier still stores them in seq order under (xid, id); rolled back, the rows take the
+    writer's own xid again (the order the company stream used to send)."""
+    dsn = empty_dsn
+    migrate.apply(dsn)
+
+    async def cursor_order() -> list[int]:
+        async with await Client.connect(dsn) as client:
+            job = await client.enqueue("acme", "echo", {})
+            async with (
+                await psycopg.AsyncConnection.connect(dsn) as older,
+                await psycopg.AsyncConnection.connect(dsn) as younger,
+            ):
+                await client.enqueue("acme", "echo", {}, conn=older)  # its xid, first
+                await client.cancel("acme", job.id, conn=younger)  # seq 2
+                await younger.commit()
+                await client.retry("acme", job.id, conn=older)  # seq 3
+                await older.commit()
+        query = "SELECT seq FROM pgjobs.job_events WHERE job_id = %s ORDER BY xid, id"
+        return [r["seq"] for r in await fetch(dsn, query, [job.id])]
+
+    assert await cursor_order() == [1, 2, 3]
+    _roll_back(dsn, "0027_event_order")
+    assert await cursor_order() == [1, 3, 2]
+    assert migrate.apply(dsn) == ["0027_event_order"]
+    assert await cursor_order() == [1, 2, 3]

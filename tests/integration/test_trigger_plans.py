@@ -32,12 +32,18 @@ CLAIM_LIKE = """
 
 
 @pytest.fixture(scope="module")
-def debian_dsn() -> Iterator[str]:
+def debian_server() -> Iterator[str]:
     from bench.pgss import private_server
 
+    with private_server(BUILDS[-1].parents[1] / "bin") as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def debian_dsn(debian_server: str) -> Iterator[str]:
     from bench import pg
 
-    with private_server(BUILDS[-1].parents[1] / "bin") as server, pg.database(server) as dsn:
+    with pg.database(debian_server) as dsn:
         yield dsn
 
 
@@ -135,3 +141,40 @@ def test_the_items_read_the_audit_log_by_its_key_however_small_it_was_when_plann
     (lookup,) = [p for p in plans if "Function Scan on k" in p]
     assert "Index Scan using job_events_pkey on job_events e" in lookup, lookup
     assert "Seq Scan" not in lookup, lookup
+
+
+@pytest.mark.skipif(not BUILDS, reason="no PostgreSQL build with auto_explain here")
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("transition", ["claim", "cancel"])
+def test_the_order_key_reads_the_previous_audit_row_by_its_key_however_small_the_log_was(
+    debian_server: str, transition: str
+) -> None:
+    """A transition's audit row takes its order key from the job's previous row (sql/0027),
+    looked up by (job_id, seq) in a plan the triggers keep for the session: planned in a
+    new database whose log held three rows (analysed), it still probes the key once the log holds
+    20,000 (a scan of the log per transition would grow with it)."""
+    from bench import pg
+
+    insert = """INSERT INTO pgjobs.jobs (id, company_id, job_type)
+                SELECT gen_random_uuid(), 'acme', 'render' FROM generate_series(1, %s)
+                RETURNING id"""
+    update = CLAIM_LIKE if transition == "claim" else CANCEL_BY_HAND.replace("= %s", "= ANY(%s)")
+    with pg.database(debian_server) as dsn:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            first = [r[0] for r in conn.execute(insert, (3,)).fetchall()]
+            conn.execute("ANALYZE pgjobs.job_events")  # as autovacuum would: one page
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("LOAD 'auto_explain'")
+            conn.execute("SET auto_explain.log_min_duration = 0")
+            conn.execute("SET auto_explain.log_nested_statements = on")
+            conn.execute("SET auto_explain.log_level = notice")
+            conn.execute(update, (first[:1],))  # planned now, the log nearly empty
+            with psycopg.connect(dsn, autocommit=True) as other:
+                later = [r[0] for r in other.execute(insert, (20_000,)).fetchall()]
+            plans: list[str] = []
+            conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
+            conn.execute(update, (later[:100],))
+    inserts = [p for p in plans if "Insert on job_events" in p]
+    assert inserts
+    assert all("Index Scan using job_events_pkey on job_events p" in p for p in inserts), inserts
+    assert not any("Seq Scan on job_events" in p for p in inserts), inserts
