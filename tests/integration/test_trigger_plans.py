@@ -150,9 +150,10 @@ def test_the_order_key_reads_the_previous_audit_row_by_its_key_however_small_the
     debian_server: str, transition: str
 ) -> None:
     """A transition's audit row takes its order key from the job's previous row (sql/0027),
-    looked up by (job_id, seq) in a plan the triggers keep for the session: planned in a
-    new database whose log held three rows (analysed), it still probes the key once the log holds
-    20,000 (a scan of the log per transition would grow with it)."""
+    looked up by (job_id, seq) in plans the triggers keep for the session (here, after a
+    younger transaction ended, as in the inversion the key is for): planned in a new database whose log held three rows
+    (analysed), it still probes the key once the log holds 20,000 (a scan of the log per
+    transition would grow with it)."""
     from bench import pg
 
     insert = """INSERT INTO pgjobs.jobs (id, company_id, job_type)
@@ -169,11 +170,13 @@ def test_the_order_key_reads_the_previous_audit_row_by_its_key_however_small_the
             conn.execute("SET auto_explain.log_nested_statements = on")
             conn.execute("SET auto_explain.log_level = notice")
             conn.execute(update, (first[:1],))  # planned now, the log nearly empty
-            with psycopg.connect(dsn, autocommit=True) as other:
-                later = [r[0] for r in other.execute(insert, (20_000,)).fetchall()]
             plans: list[str] = []
             conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
-            conn.execute(update, (later[:100],))
+            with conn.transaction():
+                conn.execute("SELECT pg_current_xact_id()")  # this transaction's xid first
+                with psycopg.connect(dsn, autocommit=True) as other:  # a younger one ends
+                    later = [r[0] for r in other.execute(insert, (20_000,)).fetchall()]
+                conn.execute(update, (later[:100],))
     inserts = [p for p in plans if "Insert on job_events" in p]
     assert inserts
     assert all("Index Scan using job_events_pkey on job_events p" in p for p in inserts), inserts
