@@ -150,10 +150,10 @@ def test_the_order_key_reads_the_previous_audit_row_by_its_key_however_small_the
     debian_server: str, transition: str
 ) -> None:
     """A transition's audit row takes its order key from the job's previous row (sql/0027),
-    looked up by (job_id, seq) in plans the triggers keep for the session (here, after a
-    younger transaction ended, as in the inversion the key is for): planned in a new database whose log held three rows
-    (analysed), it still probes the key once the log holds 20,000 (a scan of the log per
-    transition would grow with it)."""
+    looked up by (job_id, seq) in plans the triggers keep for the session (here after a
+    younger transaction ended, as in the inversion the key is for): planned in a new
+    database whose log held three rows (analysed), it still probes the key once the log
+    holds 20,000 (a scan of the log per transition would grow with it)."""
     from bench import pg
 
     insert = """INSERT INTO pgjobs.jobs (id, company_id, job_type)
