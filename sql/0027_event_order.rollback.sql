@@ -199,3 +199,5 @@ BEGIN
     RETURN NULL;
 END;
 $$;
+
+DROP FUNCTION pgjobs.younger_transaction_ended();

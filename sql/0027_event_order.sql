@@ -18,14 +18,30 @@
 -- equal, its id is larger (ids are taken at insert, in order).
 --
 -- The cost: one lookup of the previous row by the audit log's key (job_id, seq) per
--- transition, in the pages the new row goes to. The lookup is an index scan whatever the
--- log's size when PL/pgSQL planned the trigger (seq scans off while it runs: a plan made
--- while the log held a few rows, then kept, would otherwise scan the whole log per row;
--- see sql/0026). A job's first row (its insert) has no previous row and is unchanged.
---
+-- transition, in the pages the new row goes to, and only in a statement that a younger
+-- transaction ended before (pgjobs.younger_transaction_ended: one snapshot per statement);
+-- without one, no previous row can have a larger xid. The lookup is an index scan
+-- whatever the log's size when PL/pgSQL planned the trigger (seq scans off while it runs:
+-- a plan made while the log held a few rows, then kept, would otherwise scan the whole
+-- log per row; see sql/0026). A job's first row (its insert) has no previous row and is
+-- unchanged.
+
 -- Everything else is sql/0023's job_rows_updated and job_queue_updated unchanged.
 -- Deploying: no stop; two functions replaced in one transaction; sessions plan them anew;
 -- workers and gateways of either version keep working. Rows written before keep their xid.
+
+-- Whether a transaction with a larger xid than this one's has ended: only such a writer
+-- can have left a job's previous audit row with a larger xid than this transaction's (it
+-- wrote and committed the job after this one took its xid). Every xid between this one's
+-- and the snapshot's xmax was handed out, and those not listed as running have ended (a
+-- running subtransaction's xid is not listed either: it counts as ended, which costs the
+-- lookups, never the order).
+CREATE FUNCTION pgjobs.younger_transaction_ended() RETURNS boolean
+LANGUAGE sql VOLATILE AS $$
+    SELECT (SELECT count(*) FROM pg_snapshot_xip(s) AS x WHERE x > me)
+           < pg_snapshot_xmax(s)::text::numeric - me::text::numeric - 1
+    FROM pg_current_snapshot() AS s, pg_current_xact_id() AS me
+$$;
 
 CREATE OR REPLACE FUNCTION pgjobs.job_rows_updated() RETURNS trigger
 LANGUAGE plpgsql
@@ -38,10 +54,12 @@ DECLARE
     queued_again boolean;
     cancelled_running uuid[];
     ring boolean := current_setting('pgjobs.doorbell', true) IS NOT DISTINCT FROM 'on';
+    younger_ended boolean;
 BEGIN
     IF NOT EXISTS (SELECT FROM new_rows) THEN
         RETURN NULL;  -- an UPDATE of no rows (a finish batch of retries only): nothing moved
     END IF;
+    younger_ended := pgjobs.younger_transaction_ended();
     WITH pairs AS MATERIALIZED (
         -- FULL JOIN, materialised: see sql/0017_trigger_plans.sql. Only the columns an
         -- event needs (whole job rows would be copied for nothing).
@@ -71,9 +89,11 @@ BEGIN
         INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt, worker_id, xid, payload)
         SELECT c.id, c.company_id, c.event_seq, c.last_event, c.status, c.attempts, c.worker_id,
                -- The company stream's order key (see the top of this file).
-               greatest(pg_current_xact_id(),
-                        (SELECT p.xid FROM pgjobs.job_events p
-                         WHERE p.job_id = c.id AND p.seq = c.event_seq - 1)),
+               CASE WHEN younger_ended
+                    THEN greatest(pg_current_xact_id(),
+                                  (SELECT p.xid FROM pgjobs.job_events p
+                                   WHERE p.job_id = c.id AND p.seq = c.event_seq - 1))
+                    ELSE pg_current_xact_id() END,
                CASE WHEN c.last_event IN ('content_job.running', 'content_job.queued', 'content_job.cancelled')
                          OR (c.last_event = 'content_job.done' AND c.result_asset_id IS NULL)
                     THEN '{}'::jsonb
@@ -161,10 +181,12 @@ DECLARE
     sent bigint;
     wake_workers boolean;
     ring boolean := current_setting('pgjobs.doorbell', true) IS NOT DISTINCT FROM 'on';
+    younger_ended boolean;
 BEGIN
     IF NOT EXISTS (SELECT FROM new_rows) THEN
         RETURN NULL;  -- an UPDATE of no rows (every finish's retries, mostly none): nothing moved
     END IF;
+    younger_ended := pgjobs.younger_transaction_ended();
     WITH pairs AS MATERIALIZED (
         -- FULL JOIN, materialised: see sql/0017_trigger_plans.sql.
         SELECT coalesce(n.job_id, o.job_id) AS id, n.company_id, n.event_seq, n.last_event,
@@ -184,9 +206,11 @@ BEGIN
         INSERT INTO pgjobs.job_events (job_id, company_id, seq, type, status, attempt, worker_id, xid, payload)
         SELECT c.id, c.company_id, c.event_seq, c.last_event, c.status, c.attempts, c.worker_id,
                -- The company stream's order key (see the top of this file).
-               greatest(pg_current_xact_id(),
-                        (SELECT p.xid FROM pgjobs.job_events p
-                         WHERE p.job_id = c.id AND p.seq = c.event_seq - 1)),
+               CASE WHEN younger_ended
+                    THEN greatest(pg_current_xact_id(),
+                                  (SELECT p.xid FROM pgjobs.job_events p
+                                   WHERE p.job_id = c.id AND p.seq = c.event_seq - 1))
+                    ELSE pg_current_xact_id() END,
                CASE WHEN c.last_event IN ('content_job.running', 'content_job.queued')
                     THEN '{}'::jsonb
                     WHEN c.error_traceback IS NOT NULL AND c.last_event = 'content_job.retrying'
