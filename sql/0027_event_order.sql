@@ -25,7 +25,7 @@
 -- a plan made while the log held a few rows, then kept, would otherwise scan the whole
 -- log per row; see sql/0026). A job's first row (its insert) has no previous row and is
 -- unchanged.
-
+--
 -- Everything else is sql/0023's job_rows_updated and job_queue_updated unchanged.
 -- Deploying: no stop; two functions replaced in one transaction; sessions plan them anew;
 -- workers and gateways of either version keep working. Rows written before keep their xid.
