@@ -47,6 +47,15 @@ def debian_dsn(debian_server: str) -> Iterator[str]:
         yield dsn
 
 
+def _explain_nested_statements(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Every statement of this session, the triggers' own included, logged with its plan
+    as a NOTICE (auto_explain)."""
+    conn.execute("LOAD 'auto_explain'")
+    conn.execute("SET auto_explain.log_min_duration = 0")
+    conn.execute("SET auto_explain.log_nested_statements = on")
+    conn.execute("SET auto_explain.log_level = notice")
+
+
 def _trigger_plans(conn: psycopg.Connection[tuple[object, ...]], ids: list[uuid.UUID]) -> list[str]:
     """The plans of the statements the triggers ran for one claim-like UPDATE of ids."""
     plans: list[str] = []
@@ -71,10 +80,7 @@ def test_a_small_first_update_does_not_leave_a_nested_loop_for_later_batches(
             (ids,),
         )
     with psycopg.connect(debian_dsn, autocommit=True) as conn:
-        conn.execute("LOAD 'auto_explain'")
-        conn.execute("SET auto_explain.log_min_duration = 0")
-        conn.execute("SET auto_explain.log_nested_statements = on")
-        conn.execute("SET auto_explain.log_level = notice")
+        _explain_nested_statements(conn)
         # The session's first UPDATE of jobs: none or one row (an empty claim, one progress
         # report). The triggers' statements are planned now and kept.
         conn.execute(CLAIM_LIKE, (ids[100 : 100 + first_rows],))
@@ -128,10 +134,7 @@ def test_the_items_read_the_audit_log_by_its_key_however_small_it_was_when_plann
     with psycopg.connect(debian_dsn, autocommit=True) as conn:
         first, *_ = [r[0] for r in conn.execute(insert, (company, 3)).fetchall()]
     with psycopg.connect(debian_dsn, autocommit=True) as conn:
-        conn.execute("LOAD 'auto_explain'")
-        conn.execute("SET auto_explain.log_min_duration = 0")
-        conn.execute("SET auto_explain.log_nested_statements = on")
-        conn.execute("SET auto_explain.log_level = notice")
+        _explain_nested_statements(conn)
         conn.execute(CANCEL_BY_HAND, (first,))  # planned now, the log nearly empty
         with psycopg.connect(debian_dsn, autocommit=True) as other:
             later = other.execute(insert, (company, 20_000)).fetchall()[-1][0]
@@ -165,10 +168,7 @@ def test_the_order_key_reads_the_previous_audit_row_by_its_key_however_small_the
             first = [r[0] for r in conn.execute(insert, (3,)).fetchall()]
             conn.execute("ANALYZE pgjobs.job_events")  # as autovacuum would: one page
         with psycopg.connect(dsn, autocommit=True) as conn:
-            conn.execute("LOAD 'auto_explain'")
-            conn.execute("SET auto_explain.log_min_duration = 0")
-            conn.execute("SET auto_explain.log_nested_statements = on")
-            conn.execute("SET auto_explain.log_level = notice")
+            _explain_nested_statements(conn)
             conn.execute(update, (first[:1],))  # planned now, the log nearly empty
             plans: list[str] = []
             conn.add_notice_handler(lambda diag: plans.append(diag.message_primary or ""))
