@@ -90,6 +90,12 @@ async def fetch(dsn: str, query: Any, params: Any = None) -> list[dict[str, Any]
         return await cur.fetchall() if cur.description else []
 
 
+async def seqs_in_company_stream_order(dsn: str, job_id: object) -> list[int]:
+    """A job's audit rows' seqs in the company stream's order, (xid, id)."""
+    query = "SELECT seq FROM pgjobs.job_events WHERE job_id = %s ORDER BY xid, id"
+    return [r["seq"] for r in await fetch(dsn, query, [job_id])]
+
+
 def _load_queries(path: Path) -> dict[str, str]:
     parts = re.split(r"^-- name: (\w+)\s*$", path.read_text(encoding="utf-8"), flags=re.MULTILINE)
     return {n: b.strip().rstrip(";") for n, b in zip(parts[1::2], parts[2::2], strict=True)}

@@ -22,7 +22,7 @@ from gateway_helpers import (
 )
 from psycopg.rows import dict_row
 
-from helpers import fetch
+from helpers import fetch, seqs_in_company_stream_order
 from pgjobs.client import Client
 
 EVENTS = "/api/companies/acme/events"
@@ -86,10 +86,7 @@ async def test_a_jobs_events_arrive_in_seq_order_when_an_older_transaction_write
     rest = await collect(gateway, EVENTS, last_event_id=first[0].id, stop_after=3)
     seqs = [e.data["seq"] for e in rest if e.data["jobId"] == str(job.id)]
     assert seqs == [2, 3]
-    in_cursor_order = await fetch(
-        dsn, "SELECT seq FROM pgjobs.job_events WHERE job_id = %s ORDER BY xid, id", [job.id]
-    )
-    assert [r["seq"] for r in in_cursor_order] == [1, 2, 3]
+    assert await seqs_in_company_stream_order(dsn, job.id) == [1, 2, 3]
 
 
 async def collect_for(gateway: RunningGateway, *, last_event_id: str, seconds: float) -> list[Sse]:

@@ -8,14 +8,9 @@ import asyncio
 
 import psycopg
 
-from helpers import claim_one, fetch
+from helpers import claim_one, seqs_in_company_stream_order
 from pgjobs.client import Client
 from pgjobs.queries import QUERIES
-
-
-async def cursor_order(dsn: str, job_id: object) -> list[int]:
-    query = "SELECT seq FROM pgjobs.job_events WHERE job_id = %s ORDER BY xid, id"
-    return [r["seq"] for r in await fetch(dsn, query, [job_id])]
 
 
 async def test_a_younger_transaction_that_ended_is_seen(dsn: str) -> None:
@@ -60,4 +55,4 @@ async def test_a_transition_that_waited_on_the_jobs_lock_comes_after_the_one_it_
             await younger.commit()
             assert (await cancel).event_seq == 4
             await older.commit()
-    assert await cursor_order(dsn, job.id) == [1, 2, 3, 4]
+    assert await seqs_in_company_stream_order(dsn, job.id) == [1, 2, 3, 4]

@@ -18,6 +18,7 @@ from helpers import (
     claim_one,
     fetch,
     finish_params,
+    seqs_in_company_stream_order,
 )
 from pgjobs import migrate
 from pgjobs.client import Client, plan_insert
@@ -799,8 +800,7 @@ async def test_event_order_migration_keeps_a_jobs_rows_in_seq_order_and_rolls_ba
                 await younger.commit()
                 await client.retry("acme", job.id, conn=older)  # seq 3
                 await older.commit()
-        query = "SELECT seq FROM pgjobs.job_events WHERE job_id = %s ORDER BY xid, id"
-        return [r["seq"] for r in await fetch(dsn, query, [job.id])]
+        return await seqs_in_company_stream_order(dsn, job.id)
 
     assert await cursor_order() == [1, 2, 3]
     _roll_back(dsn, "0027_event_order")
