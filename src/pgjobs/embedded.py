@@ -8,13 +8,29 @@ shares it, and the last one to exit stops it. Production deployments set PGJOBS_
 The DSN it prints (``pgjobs dsn``) names the data directory as its socket directory, so a
 process given that DSN explicitly is recognised (``data_dir_of``) and starts or joins the
 server as well, instead of failing once the process that printed it has stopped it.
+
+"The last one to exit" is counted by pgserver: each process adds its pid to a list in the
+data directory and removes it in an ``atexit`` handler, and the one that finds only itself
+left stops the server. Two things would leave the server running for good (every later
+process then joins it and none is ever last): a process ended by SIGTERM's default action,
+which skips ``atexit`` (uvicorn re-raises the SIGTERM it handled, so a gateway stopped by
+``make run``'s Ctrl-C ended so), and a process killed outright. So a process that joins
+turns SIGTERM's default action into a normal exit, and on exit drops from the list the
+pids of processes that no longer exist before pgserver counts.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import os
+import signal
+import sys
+import threading
 import warnings
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
@@ -49,9 +65,58 @@ def start(root: Path | None = None) -> str:
                 f"could not start the embedded PostgreSQL in {data}: {exc}; "
                 f"see {data / 'log'} or set PGJOBS_DSN to use your own server"
             ) from exc
+    _leave_when_done(server)
     dsn: str = server.get_uri()
     log.debug("embedded PostgreSQL at %s", dsn)
     return dsn
+
+
+_leaving: set[Path] = set()
+
+
+def _leave_when_done(server: Any) -> None:
+    """Make this process leave the server's list of users on every normal way out (see the
+    module's docstring). Once per data directory and process; pgserver's own handler is
+    registered before this one, so ``atexit`` runs this one first."""
+    if server.pgdata in _leaving:
+        return
+    _leaving.add(server.pgdata)
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    atexit.register(_forget_ended_processes, server)
+
+
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    # SystemExit unwinds the program (finally blocks, then atexit) where SIG_DFL would end
+    # it at once; 128 + the signal's number is the status a shell reports for it.
+    sys.exit(128 + signum)
+
+
+def _forget_ended_processes(server: Any) -> None:
+    """Remove from pgserver's list the pids of processes that have ended without removing
+    themselves, so that the last live user still stops the server. Under pgserver's own
+    lock: a process joining meanwhile is alive, so it is never removed."""
+    try:
+        with server._lock:
+            users = server.global_process_id_list
+            for pid in users.get():
+                if pid != os.getpid() and not _alive(pid):
+                    users.get_and_remove(pid)
+    except Exception:  # leaving must never fail the process's exit
+        log.warning("could not tidy the embedded server's list of users", exc_info=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def data_dir_of(dsn: str) -> Path | None:

@@ -154,6 +154,96 @@ def test_no_dsn_means_embedded_postgres_under_dot_pgjobs(tmp_path: Path) -> None
     assert audit.stdout.strip() == "content_job.queued"
 
 
+def _postmaster_pid(home: Path) -> int:
+    return int((home / ".pgjobs" / "pgdata" / "postmaster.pid").read_text().split()[0])
+
+
+def _wait_until_ended(pid: int, timeout: float = 30) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def _no_dsn_env(home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PGJOBS_DSN"}
+    env.update(PYTHONPATH=str(ROOT / "src"), PGJOBS_STORAGE_DIR=str(home / "storage"))
+    return env
+
+
+def test_ctrl_c_on_make_run_stops_the_embedded_postgres(tmp_path: Path) -> None:
+    """Ctrl-C in the terminal of `make run` (SIGINT to its whole process group: the demo,
+    its workers and its gateway) leaves nothing running, the embedded server included."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pgjobs", "demo", "--port", str(_free_port())],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=_no_dsn_env(tmp_path),
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        deadline = time.monotonic() + 180
+        for line in proc.stdout:
+            if "press Ctrl-C" in line or time.monotonic() > deadline:
+                break
+        postmaster = _postmaster_pid(tmp_path)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert _wait_until_ended(postmaster), "the embedded PostgreSQL is still running"
+
+
+def test_the_last_process_stops_the_embedded_postgres_after_a_sigterm_or_a_kill(
+    tmp_path: Path,
+) -> None:
+    """A gateway on the embedded server stopped by SIGTERM (uvicorn re-raises it) still
+    leaves it, and a user of it that was killed outright does not keep it running."""
+    env = _no_dsn_env(tmp_path)
+    assert pgjobs("migrate", cwd=tmp_path, env=env, timeout=120).returncode == 0
+    gateway = subprocess.Popen(
+        [sys.executable, "-m", "pgjobs", "gateway", "--port", str(_free_port())],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    try:
+        assert gateway.stderr is not None
+        for line in gateway.stderr:
+            if "Application startup complete" in line:
+                break
+        # A user of the server that was killed: its pid stays in pgserver's list.
+        killed = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+        users = tmp_path / ".pgjobs" / "pgdata" / ".handle_pids.json"
+        users.write_text(json.dumps([*json.loads(users.read_text()), killed.pid]))
+        killed.kill()
+        killed.wait()
+        postmaster = _postmaster_pid(tmp_path)
+        gateway.send_signal(signal.SIGTERM)
+        gateway.communicate(timeout=60)
+    finally:
+        if gateway.poll() is None:
+            gateway.kill()
+    assert gateway.returncode == 128 + signal.SIGTERM
+    assert _wait_until_ended(postmaster), "the embedded PostgreSQL is still running"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def test_make_run_demo_end_to_end(dsn: str, tmp_path: Path) -> None:
     """What `make run` runs: workers + gateway, a job over HTTP, the rest in bulk."""
     out = pgjobs(
