@@ -30,6 +30,11 @@ from pgjobs.worker import Worker
 TESTS = Path(__file__).resolve().parent
 ROOT = TESTS.parent
 
+# Debian's PostgreSQL builds (postgresql-15 is on this machine kind, so they run here and in
+# CI): with auto_explain, pg_stat_statements and JIT, which the embedded pgserver lacks.
+# tests/integration/conftest.py starts one (debian_server).
+DEBIAN_BUILDS = sorted(Path("/usr/lib/postgresql").glob("*/lib/auto_explain.so"))
+
 # Fast settings so tests exercise leases and retries in seconds, not minutes.
 FAST = {
     "lease_seconds": 2.0,

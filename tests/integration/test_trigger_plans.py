@@ -12,13 +12,11 @@ installed (postgresql-15 is on this machine kind, so it runs here and in CI).
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
 
-BUILDS = sorted(Path("/usr/lib/postgresql").glob("*/lib/auto_explain.so"))
+from helpers import DEBIAN_BUILDS as BUILDS
 
 # A transition that moves every row it touches: audit rows, NOTIFY items and queue rows.
 CLAIM_LIKE = """
@@ -29,22 +27,6 @@ CLAIM_LIKE = """
         updated_at = now()
     WHERE id = ANY(%s)
 """
-
-
-@pytest.fixture(scope="module")
-def debian_server() -> Iterator[str]:
-    from bench.pgss import private_server
-
-    with private_server(BUILDS[-1].parents[1] / "bin") as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
-def debian_dsn(debian_server: str) -> Iterator[str]:
-    from bench import pg
-
-    with pg.database(debian_server) as dsn:
-        yield dsn
 
 
 def _explain_nested_statements(conn: psycopg.Connection[tuple[object, ...]]) -> None:
