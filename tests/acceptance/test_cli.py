@@ -14,6 +14,7 @@ import urllib.request
 import uuid
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import psycopg
 import pytest
@@ -175,16 +176,21 @@ def _no_dsn_env(home: Path) -> dict[str, str]:
     return env
 
 
+def _serving(command: str, home: Path, **popen: Any) -> subprocess.Popen[str]:
+    """`pgjobs COMMAND --port (a free one)` started in ``home`` with no DSN (the embedded
+    server under it)."""
+    args = [sys.executable, "-m", "pgjobs", command, "--port", str(_free_port())]
+    return subprocess.Popen(args, text=True, cwd=home, env=_no_dsn_env(home), **popen)
+
+
 def test_ctrl_c_on_make_run_stops_the_embedded_postgres(tmp_path: Path) -> None:
     """Ctrl-C in the terminal of `make run` (SIGINT to its whole process group: the demo,
     its workers and its gateway) leaves nothing running, the embedded server included."""
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pgjobs", "demo", "--port", str(_free_port())],
+    proc = _serving(
+        "demo",
+        home=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        text=True,
-        cwd=tmp_path,
-        env=_no_dsn_env(tmp_path),
         start_new_session=True,
     )
     try:
@@ -209,13 +215,11 @@ def test_the_last_process_stops_the_embedded_postgres_after_a_sigterm_or_a_kill(
     leaves it, and a user of it that was killed outright does not keep it running."""
     env = _no_dsn_env(tmp_path)
     assert pgjobs("migrate", cwd=tmp_path, env=env, timeout=120).returncode == 0
-    gateway = subprocess.Popen(
-        [sys.executable, "-m", "pgjobs", "gateway", "--port", str(_free_port())],
+    gateway = _serving(
+        "gateway",
+        home=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
-        text=True,
-        cwd=tmp_path,
-        env=env,
     )
     try:
         assert gateway.stderr is not None
