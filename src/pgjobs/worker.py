@@ -403,9 +403,11 @@ class Worker:
         self._pool = pool
         background: list[asyncio.Task[None]] = []
         ringer_task: asyncio.Task[None] | None = None
+        registered = False
         try:
             async with pool.connection() as conn:
                 await db.ensure_migrated(conn)
+                registered = True  # the schema is there: leaving deregisters (below)
                 await conn.execute(
                     QUERIES["worker_register"],
                     {
@@ -522,9 +524,12 @@ class Worker:
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            # Not before the schema check passed: on a database not migrated yet there is
+            # no table to deregister from, and its error would hide the check's message.
             with contextlib.suppress(*db.TRANSIENT):
-                async with pool.connection(timeout=2.0) as conn:
-                    await conn.execute(QUERIES["worker_deregister"], {"id": self.id})
+                if registered:
+                    async with pool.connection(timeout=2.0) as conn:
+                        await conn.execute(QUERIES["worker_deregister"], {"id": self.id})
             await pool.close()
             self._threads.shutdown(wait=False, cancel_futures=True)
             log.info("worker %s stopped", self.id, extra={"worker_id": self.id})

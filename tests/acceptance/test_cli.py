@@ -125,6 +125,24 @@ def test_unreachable_bad_and_unmigrated_databases(empty_dsn: str) -> None:
     assert "hunter2" not in password.stderr
 
 
+@pytest.mark.parametrize(
+    "command", [["worker", "--handlers", "pgjobs.demo:registry"], ["gateway", "--port", "1"]]
+)
+def test_a_server_command_on_a_database_not_migrated_says_so_in_one_line(
+    empty_dsn: str, command: list[str]
+) -> None:
+    """Started before `pgjobs migrate` (the usual first deploy mistake): the reason and what
+    to do, not a traceback (the worker's deregistration failed on the missing table and
+    hid it; the gateway's came from uvicorn's lifespan)."""
+    out = pgjobs(*command, dsn=empty_dsn)
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr
+    errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]
+    assert errors == [
+        "pgjobs: error: the database has no pgjobs schema: run `pgjobs migrate` first"
+    ], out.stderr
+
+
 def test_migrate_is_idempotent(empty_dsn: str) -> None:
     first = pgjobs("migrate", dsn=empty_dsn)
     assert first.returncode == 0, first.stderr

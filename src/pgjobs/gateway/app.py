@@ -4,6 +4,7 @@ LISTEN connection and the fan-out for as long as the server runs.
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -22,7 +23,7 @@ from pgjobs.gateway.protocol import protocol_class
 from pgjobs.gateway.responses import EXCEPTION_HANDLERS
 from pgjobs.gateway.routes import Api, routes
 from pgjobs.gateway.settings import GatewaySettings
-from pgjobs.gateway.state import GatewayState
+from pgjobs.gateway.state import GatewayState, check_database
 from pgjobs.storage import Storage, from_settings
 
 
@@ -127,7 +128,12 @@ def serve(
     settings: GatewaySettings | None = None,
 ) -> int:
     """Run the gateway with uvicorn until SIGINT/SIGTERM. Returns the exit status: 3 when
-    it could not start (the reason is in the log), as ``uvicorn`` does."""
+    it could not start (the reason is in the log), as ``uvicorn`` does. A database that
+    cannot be reached or is not migrated raises its error (DatabaseUnavailableError,
+    NotMigratedError) before uvicorn starts, so the command says it in one line instead of
+    uvicorn logging the lifespan's traceback."""
+    dsn = db.resolve_dsn(dsn)
+    asyncio.run(check_database(dsn))
     app = create_app(dsn, settings)
     # log_config=None: uvicorn's lines go through the command's handler (pgjobs.logs),
     # in its format, instead of uvicorn's own text handlers.

@@ -39,6 +39,22 @@ LISTEN_ADVICE = (
 )
 
 
+async def check_schema(conn: db.AsyncConn) -> None:
+    """Raise NotMigratedError unless the database has pgjobs' schema, the gateway's tables
+    included."""
+    await db.ensure_migrated(conn)
+    row = await (await conn.execute(GATEWAY_QUERIES["gateway_check_ready"])).fetchone()
+    if not row or not row["migrated"]:
+        raise NotMigratedError()
+
+
+async def check_database(dsn: str) -> None:
+    """Before serving: the database answers and is migrated, or the error that says which
+    (DatabaseUnavailableError, NotMigratedError), on one connection that is then closed."""
+    async with await db.connect(dsn) as conn:
+        await check_schema(conn)
+
+
 class GatewayState:
     def __init__(
         self,
@@ -114,10 +130,7 @@ class GatewayState:
         )
         try:
             async with pool.connection() as conn:
-                await db.ensure_migrated(conn)
-                row = await (await conn.execute(GATEWAY_QUERIES["gateway_check_ready"])).fetchone()
-                if not row or not row["migrated"]:
-                    raise NotMigratedError()
+                await check_schema(conn)
         except BaseException:
             await pool.close()
             raise
