@@ -14,7 +14,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import IO, Any
 
@@ -338,3 +338,20 @@ def running_job(job_type: str, lease_token: int = 1) -> Job:
         worker_id="w", lease_token=lease_token, lease_expires_at=now, event_seq=2,
         started_at=now, finished_at=None, created_at=now, updated_at=now,
     )  # fmt: skip
+
+
+def roll_back_migrations(dsn: str, ids: Iterable[str]) -> None:
+    """Roll back the applied migrations among ``ids`` (newest first), as yoyo does."""
+    from yoyo import read_migrations
+
+    from pgjobs import migrate
+
+    chosen_ids = set(ids)
+    backend = migrate._backend(dsn)
+    try:
+        migrations = read_migrations(str(migrate.migrations_dir()))
+        with backend.lock():
+            chosen = migrations.filter(lambda m: m.id in chosen_ids)
+            backend.rollback_migrations(backend.to_rollback(chosen))
+    finally:
+        backend.connection.close()

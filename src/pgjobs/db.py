@@ -33,7 +33,7 @@ import os
 import re
 import select
 import socket
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any, LiteralString
 
 import psycopg
@@ -44,8 +44,14 @@ from psycopg.pq import Format
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
 
-from pgjobs.config import env_float
-from pgjobs.errors import ConfigurationError, DatabaseUnavailableError, NotMigratedError
+from pgjobs import schema
+from pgjobs.config import env_bool, env_float
+from pgjobs.errors import (
+    ConfigurationError,
+    DatabaseUnavailableError,
+    NotMigratedError,
+    SchemaBehindError,
+)
 from pgjobs.queries import QUERIES
 from pgjobs.types import Job, UnreadableTime, job_rows
 
@@ -331,9 +337,27 @@ def connect_sync(dsn: str, **kwargs: Any) -> SyncConn:
 
 
 async def ensure_migrated(conn: AsyncConn) -> None:
+    """Raise NotMigratedError where pgjobs' schema is absent, SchemaBehindError where it
+    lacks a migration this pgjobs needs (pgjobs.schema)."""
     row = await (await conn.execute(QUERIES["schema_check"])).fetchone()
     if not row or not row["migrated"]:
         raise NotMigratedError()
+    if row["tracked"]:
+        applied = await (await conn.execute(QUERIES["schema_migrations_applied"])).fetchall()
+        check_applied(r["migration_id"] for r in applied)
+
+
+def check_applied(applied: Iterable[str]) -> None:
+    """Raise SchemaBehindError unless every migration this pgjobs needs is in ``applied``;
+    with PGJOBS_SCHEMA_CHECK=off, log it as a warning and go on (for a database migrated
+    by hand, or tests that run this version on an older schema on purpose)."""
+    behind = schema.missing(applied)
+    if not behind:
+        return
+    error = SchemaBehindError(behind)
+    if env_bool("PGJOBS_SCHEMA_CHECK", True):
+        raise error
+    log.warning("%s (going on: PGJOBS_SCHEMA_CHECK=off)", error)
 
 
 CHECK_TIMEOUT_SECONDS = 10.0

@@ -26,6 +26,18 @@ class NotMigratedError(PgjobsError):
         super().__init__("the database has no pgjobs schema: run `pgjobs migrate` first")
 
 
+class SchemaBehindError(PgjobsError):
+    """The database has pgjobs' schema, without migrations this pgjobs needs."""
+
+    def __init__(self, missing: list[str]) -> None:
+        self.missing = missing
+        named = missing[0] if len(missing) == 1 else f"{missing[0]} to {missing[-1]}"
+        super().__init__(
+            f"the database's pgjobs schema is older than this pgjobs (missing migration"
+            f"{'s' if len(missing) > 1 else ''} {named}): run `pgjobs migrate`"
+        )
+
+
 class JobNotFoundError(PgjobsError):
     """No job with that id exists for that company."""
 

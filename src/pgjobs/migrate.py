@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from importlib import resources
-from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -12,17 +10,9 @@ from yoyo.backends.core.postgresql import PostgresqlPsycopgBackend
 from yoyo.connections import parse_uri
 
 from pgjobs.errors import DatabaseUnavailableError
+from pgjobs.schema import migrations_dir
 
-
-def migrations_dir() -> Path:
-    """The migrations: inside the installed wheel, else the checkout's top-level sql/."""
-    packaged = Path(str(resources.files("pgjobs"))) / "sql"
-    if packaged.is_dir():
-        return packaged
-    checkout = Path(__file__).resolve().parents[2] / "sql"
-    if checkout.is_dir():
-        return checkout
-    raise FileNotFoundError("pgjobs migrations not found (expected pgjobs/sql or ./sql)")
+__all__ = ["apply", "migrations_dir"]
 
 
 def _backend(dsn: str) -> Any:

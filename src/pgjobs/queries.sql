@@ -753,7 +753,13 @@ DELETE FROM pgjobs.workers
 WHERE last_heartbeat_at < coalesce(%(now)s::timestamptz, now()) - make_interval(secs => %(stale_seconds)s::float8);
 
 -- name: schema_check
-SELECT to_regclass('pgjobs.jobs') IS NOT NULL AND to_regclass('pgjobs.job_events') IS NOT NULL AS migrated;
+-- migrated: pgjobs' tables are there; tracked: yoyo's record of the applied migrations is
+-- (schema_migrations_applied may be read: pgjobs.schema).
+SELECT to_regclass('pgjobs.jobs') IS NOT NULL AND to_regclass('pgjobs.job_events') IS NOT NULL AS migrated,
+       to_regclass('_yoyo_migration') IS NOT NULL AS tracked;
+
+-- name: schema_migrations_applied
+SELECT migration_id FROM _yoyo_migration;
 
 -- name: connection_backend_pid
 -- The server process this statement runs on. A connection whose BackendKeyData names

@@ -78,10 +78,16 @@ class SyncClient:
         except Exception as exc:
             self.pool.close()
             raise db.unavailable(dsn, exc) from None
-        rows = self._fetch(QUERIES["schema_check"], {}, None)
-        if not rows[0]["migrated"]:
+        try:
+            rows = self._fetch(QUERIES["schema_check"], {}, None)
+            if not rows[0]["migrated"]:
+                raise NotMigratedError()
+            if rows[0]["tracked"]:
+                applied = self._fetch(QUERIES["schema_migrations_applied"], {}, None)
+                db.check_applied(r["migration_id"] for r in applied)
+        except BaseException:
             self.pool.close()
-            raise NotMigratedError()
+            raise
 
     def close(self) -> None:
         self.pool.close()
