@@ -150,6 +150,7 @@ async def prune(
     prune stops if another session holds it longer."""
     if isinstance(dsn_or_conn, str):
         async with await db.connect(dsn_or_conn) as conn:
+            await db.ensure_migrated(conn)
             return await prune(
                 conn,
                 jobs_older_than=jobs_older_than,

@@ -46,6 +46,7 @@ async def test_the_client_says_which_migration_is_missing(behind_dsn: str) -> No
         ["enqueue", "acme", "echo"],
         ["worker", "--handlers", "pgjobs.demo:registry"],
         ["gateway", "--port", "1"],
+        ["prune", "--jobs-older-than", "30d"],
     ],
 )
 def test_commands_say_it_in_one_line(behind_dsn: str, command: list[str]) -> None:
