@@ -347,6 +347,31 @@ async def ensure_migrated(conn: AsyncConn) -> None:
         check_applied(r["migration_id"] for r in applied)
 
 
+async def warn_unless_read_committed(conn: AsyncConn, who: str) -> bool:
+    """Log a warning, once per call, where this session's transactions default to an
+    isolation above READ COMMITTED; True if so. pgjobs' statements are written for READ
+    COMMITTED (PostgreSQL's default): a claim's SKIP LOCKED walk and the guarded updates
+    re-check a row changed since their snapshot and go on, where REPEATABLE READ and
+    SERIALIZABLE fail with a serialization error instead. The work still gets done (each
+    such claim or finish is retried after a backoff), slower and with a warning each
+    time, so this says why at the start. Not changed for the session here: through a
+    pooler a session setting would stay with whichever client gets the connection next,
+    and a handler's own transaction (ctx.transaction) keeps the database's default."""
+    row = await (await conn.execute(QUERIES["connection_isolation_default"])).fetchone()
+    if not row or row["isolation"] == "read committed":
+        return False
+    log.warning(
+        "%s: transactions here default to %s (default_transaction_isolation); pgjobs' "
+        "claims and updates need read committed and will fail with serialization errors "
+        "and be retried; give pgjobs' role the default: ALTER ROLE %s SET "
+        "default_transaction_isolation = 'read committed'",
+        who,
+        row["isolation"],
+        row["role_name"],
+    )
+    return True
+
+
 def check_applied(applied: Iterable[str]) -> None:
     """Raise SchemaBehindError unless every migration this pgjobs needs is in ``applied``;
     with PGJOBS_SCHEMA_CHECK=off, log it as a warning and go on (for a database migrated

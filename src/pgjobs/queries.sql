@@ -761,6 +761,11 @@ SELECT to_regclass('pgjobs.jobs') IS NOT NULL AND to_regclass('pgjobs.job_events
 -- name: schema_migrations_applied
 SELECT migration_id FROM _yoyo_migration;
 
+-- name: connection_isolation_default
+-- The isolation a transaction of this session gets when it does not ask for one (the
+-- database's or the role's default_transaction_isolation): pgjobs.db.warn_unless_read_committed.
+SELECT current_setting('default_transaction_isolation') AS isolation, current_user AS role_name;
+
 -- name: connection_backend_pid
 -- The server process this statement runs on. A connection whose BackendKeyData names
 -- another pid goes through a pooler (PgBouncer sends a key of its own): pgjobs.db then

@@ -408,6 +408,7 @@ class Worker:
             async with pool.connection() as conn:
                 await db.ensure_migrated(conn)
                 registered = True  # the schema is there: leaving deregisters (below)
+                await db.warn_unless_read_committed(conn, f"worker {self.id}")
                 await conn.execute(
                     QUERIES["worker_register"],
                     {

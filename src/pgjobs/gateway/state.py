@@ -131,6 +131,7 @@ class GatewayState:
         try:
             async with pool.connection() as conn:
                 await check_schema(conn)
+                await db.warn_unless_read_committed(conn, "gateway")
         except BaseException:
             await pool.close()
             raise
