@@ -129,9 +129,9 @@ def serve(
 ) -> int:
     """Run the gateway with uvicorn until SIGINT/SIGTERM. Returns the exit status: 3 when
     it could not start (the reason is in the log), as ``uvicorn`` does. A database that
-    cannot be reached or is not migrated raises its error (DatabaseUnavailableError,
-    NotMigratedError) before uvicorn starts, so the command says it in one line instead of
-    uvicorn logging the lifespan's traceback."""
+    cannot be reached or is not migrated raises its error (``check_database``) before
+    uvicorn starts, so the command says it in one line instead of uvicorn logging the
+    lifespan's traceback."""
     dsn = db.resolve_dsn(dsn)
     asyncio.run(check_database(dsn))
     app = create_app(dsn, settings)

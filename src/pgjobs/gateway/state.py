@@ -41,7 +41,7 @@ LISTEN_ADVICE = (
 
 async def check_schema(conn: db.AsyncConn) -> None:
     """Raise NotMigratedError unless the database has pgjobs' schema, the gateway's tables
-    included."""
+    included, and SchemaBehindError where it lacks a migration (db.ensure_migrated)."""
     await db.ensure_migrated(conn)
     row = await (await conn.execute(GATEWAY_QUERIES["gateway_check_ready"])).fetchone()
     if not row or not row["migrated"]:
@@ -50,7 +50,8 @@ async def check_schema(conn: db.AsyncConn) -> None:
 
 async def check_database(dsn: str) -> None:
     """Before serving: the database answers and is migrated, or the error that says which
-    (DatabaseUnavailableError, NotMigratedError), on one connection that is then closed."""
+    (DatabaseUnavailableError, NotMigratedError, SchemaBehindError), on one connection
+    that is then closed."""
     async with await db.connect(dsn) as conn:
         await check_schema(conn)
 
