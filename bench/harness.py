@@ -1,7 +1,9 @@
-"""``python -m bench [--quick] [--only SCENARIO ...] [--repeat N] [--out DIR]``
+"""``python -m bench [--quick] [--only SCENARIO ...] [--repeat N] [--out DIR] [--server-dsn DSN]``
 
-Starts one PostgreSQL for the whole run, runs the scenarios in order (each in fresh
-databases on that server), and writes ``bench/results/<timestamp>/``: ``<scenario>.json``,
+Starts one PostgreSQL for the whole run (or uses the server ``--server-dsn`` names, as it
+is configured: a packaged build with JIT, another version; a role that may create
+databases), runs the scenarios in order (each in fresh databases on that server), and
+writes ``bench/results/<timestamp>/``: ``<scenario>.json``,
 ``summary.md`` and ``*.png``. A scenario that fails is recorded as failed in the summary
 and the run goes on; the exit status is 1 if any failed.
 """
@@ -42,6 +44,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeat", type=int, help="runs per measurement (default 3, quick 3)")
     p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS))
     p.add_argument("--out", type=Path, help="results directory (default results/<time>)")
+    p.add_argument(
+        "--server-dsn", help="an existing server instead of the embedded one (left as it is)"
+    )
     return p.parse_args(argv)
 
 
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = [s for s in SCENARIOS if not args.only or s in args.only]
     failed = []
-    with pg.server() as server_dsn:
+    with pg.server(args.server_dsn) as server_dsn:
         ctx = Ctx(server_dsn, sizes, mode, repeat, out, tuple(args.systems))
         meta = {
             "started_at": stamp,

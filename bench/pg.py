@@ -38,8 +38,12 @@ REPORTED_SETTINGS = (
 
 
 @contextmanager
-def server() -> Iterator[str]:
-    """Start a private PostgreSQL in a temporary directory; stop and delete it after."""
+def server(existing: str | None = None) -> Iterator[str]:
+    """Start a private PostgreSQL in a temporary directory; stop and delete it after. With
+    ``existing`` (a DSN), that server instead, its settings as they are."""
+    if existing:
+        yield existing
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
         import pgserver
