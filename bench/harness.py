@@ -66,6 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             "started_at": stamp,
             **ctx.meta(),
             "machine": pg.machine(server_dsn),
+            "server": "given by --server-dsn" if args.server_dsn else "embedded pgserver",
             "scenarios": names,
         }
         ctx.log(f"{mode} run, {repeat} repeat(s), results in {out}")

@@ -138,6 +138,10 @@ def machine(dsn: str) -> dict[str, Any]:
             name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()[0]  # type: ignore[index]
             for name in REPORTED_SETTINGS
         }
+        # "jit on" where the build has no JIT provider (pgserver's) compiles nothing
+        (available,) = conn.execute("SELECT pg_jit_available()").fetchone()  # type: ignore[misc]
+        jit = conn.execute("SHOW jit").fetchone()[0]  # type: ignore[index]
+        settings["jit"] = jit if available else "not built in"
     import importlib.metadata as md
 
     versions = {}
