@@ -313,6 +313,7 @@ async def connect(dsn: str, **kwargs: Any) -> AsyncConn:
         raise unavailable(dsn, exc) from None
     try:
         conn.prepare_threshold = prepare_threshold(await behind_pooler(conn))
+        await dates_iso(conn)
     except BaseException:
         await conn.close()
         raise
@@ -330,6 +331,7 @@ def connect_sync(dsn: str, **kwargs: Any) -> SyncConn:
         raise unavailable(dsn, exc) from None
     try:
         conn.prepare_threshold = prepare_threshold(behind_pooler_sync(conn))
+        dates_iso_sync(conn)
     except BaseException:
         conn.close()
         raise
@@ -421,6 +423,28 @@ async def lock_timeout_for_transaction(conn: CallerAsyncConn, seconds: float) ->
     )
 
 
+def _dates_not_iso(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    # The server reports DateStyle at connect (and at every change): no round trip.
+    return not (conn.info.parameter_status("DateStyle") or "ISO").startswith("ISO")
+
+
+async def dates_iso(conn: AsyncConn) -> None:
+    """Every pgjobs connection's setting where the server's differs: ``DateStyle = ISO``.
+    psycopg reads times in ISO text only (NotImplementedError: "can't parse timestamptz
+    with DateStyle 'SQL, DMY'"): a database or role set to another style could not read a
+    job. Where the server's style is ISO already (the default), nothing is sent. Through
+    PgBouncer too: it keeps each client's DateStyle and sets it on whichever server
+    connection the client gets."""
+    if _dates_not_iso(conn):
+        await conn.execute(QUERIES["connection_dates_iso"])
+
+
+def dates_iso_sync(conn: SyncConn) -> None:
+    """dates_iso() for a blocking connection."""
+    if _dates_not_iso(conn):
+        conn.execute(QUERIES["connection_dates_iso"])
+
+
 async def plans_generic(conn: AsyncConn) -> None:
     """A new pool connection's setting: ``plan_cache_mode = force_generic_plan``.
 
@@ -435,6 +459,7 @@ async def plans_generic(conn: AsyncConn) -> None:
     interleaved rounds, medians). The generic claim walks the same indexes as the custom ones
     (EXPLAIN ANALYZE on 100,000 queued and 1,000,000 finished jobs): its plan does not
     depend on the values."""
+    await dates_iso(conn)
     await conn.execute(QUERIES["connection_plans_generic"])
 
 
@@ -612,7 +637,9 @@ async def open_pool(
     threshold = prepare_threshold(pooled)
     # Not through a pooler: a session setting would stay on the server connection for
     # whichever client gets it next (transaction pooling).
-    configure = plans_generic if generic_plans and threshold is not None and not pooled else None
+    configure = (
+        plans_generic if generic_plans and threshold is not None and not pooled else dates_iso
+    )
     pool = GuardedPool(
         dsn,
         min_size=min_size,

@@ -772,6 +772,11 @@ SELECT current_setting('default_transaction_isolation') AS isolation, current_us
 -- turns off prepared statements and the listener checks that LISTEN delivers.
 SELECT pg_backend_pid() AS pid;
 
+-- name: connection_dates_iso
+-- For the session, where the server's DateStyle is not ISO (pgjobs.db.dates_iso): times
+-- come back as ISO text, the only text form psycopg reads. The order part stays as it was.
+SELECT set_config('datestyle', 'ISO', false) AS datestyle;
+
 -- name: connection_plans_generic
 -- For the session: a prepared statement planned once, generically, instead of five custom
 -- plans before the plan cache considers a generic one (pgjobs.db.open_pool's

@@ -71,6 +71,7 @@ class SyncClient:
                 "prepare_threshold": threshold,
             },
             check=ConnectionPool.check_connection,
+            configure=db.dates_iso_sync,
             open=False,
         )
         try:
