@@ -350,8 +350,8 @@ async def ensure_migrated(conn: AsyncConn) -> None:
 
 
 async def warn_unless_read_committed(conn: AsyncConn, who: str) -> bool:
-    """Log a warning, once per call, where this session's transactions default to an
-    isolation above READ COMMITTED; True if so. pgjobs' statements are written for READ
+    """Log a warning where this session's transactions default to an isolation above
+    READ COMMITTED; True if so. pgjobs' statements are written for READ
     COMMITTED (PostgreSQL's default): a claim's SKIP LOCKED walk and the guarded updates
     re-check a row changed since their snapshot and go on, where REPEATABLE READ and
     SERIALIZABLE fail with a serialization error instead. The work still gets done (each
@@ -635,8 +635,9 @@ async def open_pool(
     finally:
         await probe.close()
     threshold = prepare_threshold(pooled)
-    # Not through a pooler: a session setting would stay on the server connection for
-    # whichever client gets it next (transaction pooling).
+    # The plan mode not through a pooler: a session setting would stay on the server
+    # connection for whichever client gets it next (transaction pooling). DateStyle
+    # either way (dates_iso: PgBouncer keeps it per client).
     configure = (
         plans_generic if generic_plans and threshold is not None and not pooled else dates_iso
     )
