@@ -127,6 +127,9 @@ WITH RECURSIVE room AS MATERIALIZED (
          ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
         LIMIT 1
     ) first
+    -- The ring's switch: pgjobs.queries.oldest_first makes it false (no ring, so no heads
+    -- and no fair share: fill takes the oldest due jobs).
+    WHERE true /* ring */
     UNION ALL
     SELECT nx.company_id, nx.priority, nx.run_at, nx.job_id,
            r.cpos + (nx.company_id <> r.company_id)::int, r.n + 1, nx.wrapped
@@ -324,9 +327,11 @@ WITH RECURSIVE room AS MATERIALIZED (
 SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts,
     j.max_attempts, j.result, j.result_asset_id, c.error_message, j.source_task_id,
     c.lease_token, c.event_seq, c.started_at, j.finished_at, j.created_at,
-    -- the company served last in the fair order (the ring's last if fair took none)
+    -- the company served last in the fair order (the ring's last if fair took none; with
+    -- no ring, the one given: the rotation goes on where the last fair claim left it)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
-             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
+             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1),
+             %(after_company)s::text) AS after_company,
     (SELECT count(*) FROM held) AS held_back
 FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id;
 

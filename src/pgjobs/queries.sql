@@ -202,6 +202,9 @@ WITH RECURSIVE scope AS (
          ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
         LIMIT 1
     ) first
+    -- The ring's switch: pgjobs.queries.oldest_first makes it false (no ring, so no heads
+    -- and no fair share: fill takes the oldest due jobs).
+    WHERE true /* ring */
     UNION ALL
     SELECT nx.company_id, nx.priority, nx.run_at, nx.job_id,
            r.cpos + (nx.company_id <> r.company_id)::int, r.n + 1, nx.wrapped
@@ -343,78 +346,11 @@ WITH RECURSIVE scope AS (
 SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts,
     j.max_attempts, j.result, j.result_asset_id, c.error_message, j.source_task_id,
     c.lease_token, c.event_seq, c.started_at, j.finished_at, j.created_at,
-    -- the company served last in the fair order (the ring's last if fair took none)
+    -- the company served last in the fair order (the ring's last if fair took none; with
+    -- no ring, the one given: the rotation goes on where the last fair claim left it)
     coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
-             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
-    false AS limited
-FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id
-UNION ALL
--- A limit refused the claim: a row of NULLs (the 17 job columns and after_company)
--- saying so. (UNION ALL: a LEFT JOIN of claimed to scope cost ~1 µs more per job.)
-SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL,
-       NULL, NULL, NULL, NULL, true
-FROM scope WHERE scope.limited;
-
--- name: job_claim_batch_oldest
--- job_claim_batch without its sharing between companies: its oldest due jobs (priority, then
--- run_at, job_id: job_queue_claim_idx's order) in one SKIP LOCKED walk, then the same
--- UPDATE, audit rows and result (from its claimed CTE on, the text is job_claim_batch's:
--- test_fair_claim.py). The worker sends it instead of job_claim_batch only while its last
--- fair claim came back full of one company's jobs: then the two take the same jobs, and
--- this costs PostgreSQL ~5 µs less per job with claims beside it (computing the ring of
--- companies, docs/benchmarks.md "What fairness costs one company"). ring returns
--- %(after_company)s unchanged, so the rotation goes on where the fair claim left it.
-WITH scope AS (
-    SELECT EXISTS (SELECT 1 FROM pgjobs.limits l
-                   WHERE pgjobs.limit_scope(l.job_type, %(job_types)s::text[])) AS limited
-), ring AS (
-    SELECT %(after_company)s::text AS company_id, 1 AS n
-), fair AS (
-    SELECT NULL::uuid AS job_id, NULL::text AS company_id, NULL::tid AS ctid, 1 AS n WHERE false
-), fill AS (
-    SELECT q.job_id, q.ctid FROM pgjobs.job_queue q
-    WHERE q.lease_expires_at IS NULL
-      AND q.run_at <= coalesce(%(now)s::timestamptz, now())
-      AND (%(job_types)s::text[] IS NULL OR q.job_type = ANY(%(job_types)s::text[]))
-    ORDER BY q.priority DESC, q.run_at, q.job_id
-    LIMIT %(limit)s::int
-    FOR UPDATE OF q SKIP LOCKED
-), claimed AS (
-    UPDATE pgjobs.job_queue q
-    SET status = 'running',
-        attempts = q.attempts + 1,
-        worker_id = %(worker_id)s::text,
-        lease_token = q.lease_token + 1,
-        lease_expires_at = coalesce(%(now)s::timestamptz, now()) + make_interval(secs => %(lease_seconds)s::float8),
-        started_at = coalesce(%(now)s::timestamptz, now()),
-        progress_fraction = NULL,
-        progress_message = NULL,
-        event_seq = q.event_seq + 1,
-        last_event = 'content_job.running',
-        updated_at = coalesce(%(now)s::timestamptz, now())
-    -- The rows the CTEs locked (re-checking their WHERE on the newest version), by the
-    -- ctid of that version: nobody can have changed them since, so it is still theirs, and
-    -- a TID scan fetches each without walking job_queue_pkey (~0.8 µs per job, perf).
-    WHERE q.ctid = ANY(ARRAY(SELECT ctid FROM fair UNION ALL SELECT ctid FROM fill))
-      AND NOT (SELECT limited FROM scope)
-      -- With the doorbell on, the worker runs this statement with events_doorbell_on here
-      -- (pgjobs.doorbell.ringing): set once, before the statement's triggers.
-      AND (SELECT true /* doorbell */)
-    RETURNING q.job_id, q.priority, q.run_at, q.attempts, q.error_message, q.lease_token,
-              q.event_seq, q.started_at
-)
--- What the worker's Job needs that this statement does not set itself (pgjobs.types
--- CLAIMED_COLUMNS: status, worker_id, progress and updated_at it knows, and
--- lease_expires_at it computes from started_at); not the audit columns (last_event,
--- error_traceback, up to 16 KiB on a retry). Every column decoded costs the worker CPU
--- per job. job_claim_batch_limited returns the same. The job row is read by primary key,
--- not locked: what is read of it does not change while it is live.
-SELECT j.id, j.company_id, j.job_type, j.input, c.priority, c.run_at, c.attempts,
-    j.max_attempts, j.result, j.result_asset_id, c.error_message, j.source_task_id,
-    c.lease_token, c.event_seq, c.started_at, j.finished_at, j.created_at,
-    -- the company served last in the fair order (the ring's last if fair took none)
-    coalesce((SELECT company_id FROM fair ORDER BY n DESC LIMIT 1),
-             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1)) AS after_company,
+             (SELECT company_id FROM ring ORDER BY n DESC LIMIT 1),
+             %(after_company)s::text) AS after_company,
     false AS limited
 FROM claimed c JOIN pgjobs.job_rows j ON j.id = c.job_id
 UNION ALL

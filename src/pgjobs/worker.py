@@ -139,7 +139,7 @@ log = logging.getLogger(__name__)
 MAX_CLAIM_BATCH = 200
 CLAIMS_IN_FLIGHT = 2
 # After a fair claim that came back full of one company's jobs, the claims sent within
-# this many seconds take the oldest jobs instead (job_claim_batch_oldest: the same jobs
+# this many seconds take the oldest jobs instead (queries.oldest_first: the same jobs
 # while no other company has any due, for less PostgreSQL CPU with claims beside it).
 # A NOTIFY of due work, a short claim or a failed one ends that at once; this bounds how
 # long another company's job that became due without a NOTIFY (a retry's or a scheduled
@@ -761,6 +761,13 @@ class Worker:
                 conn, row_factory=functools.partial(self._claimed_rows, note=note)
             )
             db.strict_times(cur)  # a time Python cannot represent raises (handled below)
+            # Oldest-first (queries.oldest_first) while the last fair claim allowed it and no
+            # due work was announced since (_after_claim).
+            announcements = self._announcements
+            oldest = (
+                announcements == self._oldest_announcements
+                and asyncio.get_running_loop().time() < self._oldest_until
+            )
             if not self._limited:
                 # job_claim_batch claims nothing where a limit can cover these jobs, and
                 # then says so (its row of NULLs, limited): no statement asks before it,
@@ -770,11 +777,6 @@ class Worker:
                 # With the doorbell on, the statement sets it itself (doorbell.ringing).
                 # Pipelined after transaction_plans_by_index, in one transaction: planned
                 # by index whatever job_queue's statistics say (that query's comment).
-                announcements = self._announcements
-                oldest = (
-                    announcements == self._oldest_announcements
-                    and asyncio.get_running_loop().time() < self._oldest_until
-                )
                 claim = QUERIES["job_claim_batch_oldest" if oldest else "job_claim_batch"]
                 async with conn.pipeline():
                     await conn.execute(QUERIES["transaction_plans_by_index"])
@@ -785,6 +787,7 @@ class Worker:
                     return jobs, note.id_texts
                 self._limited = True
                 self._oldest_until = 0.0
+                oldest = False
             # Some limit may cover these jobs (pgjobs.limits): take the limits' locks,
             # then claim within the rooms they leave (counted in a snapshot taken under
             # them), sent together as one pipeline: one round trip, one transaction (the
@@ -794,10 +797,13 @@ class Worker:
             async with conn.pipeline():
                 await conn.execute(QUERIES["transaction_plans_by_index"])
                 locked = await conn.execute(QUERIES["limit_lock_for_types"], params)
-                claim = QUERIES["job_claim_batch_limited"]
+                claim = QUERIES[
+                    "job_claim_batch_limited_oldest" if oldest else "job_claim_batch_limited"
+                ]
                 await _execute_positional(cur, claim, params, ring=ring)
             locks = await locked.fetchone() or {}
             jobs = await self._fetch_claimed(conn, cur, note)
+        self._after_claim(limit, jobs, oldest, announcements)
         self._limited = bool(locks.get("locked"))  # none: no limit covers these jobs now
         window_ends_in = locks.get("window_ends_in")
         if note.held_back:

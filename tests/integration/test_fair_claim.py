@@ -18,7 +18,7 @@ from helpers import fast_settings, fetch, running_worker, wait_until
 from pgjobs.client import Client
 from pgjobs.context import JobContext
 from pgjobs.jobspec import JobSpec
-from pgjobs.queries import QUERIES
+from pgjobs.queries import QUERIES, oldest_first
 from pgjobs.registry import Registry
 from pgjobs.worker import Worker
 
@@ -179,13 +179,16 @@ async def test_run_at_still_gates_and_job_types_still_filter(client: Client, dsn
     assert Counter(r["company_id"] for r in batch) == {"a": 2, "b": 2}
 
 
-def test_the_oldest_claim_is_the_fair_claims_statement_from_its_update_on() -> None:
-    """job_claim_batch_oldest chooses its own jobs; what it writes and returns is the fair
-    claim's text (queries.sql)."""
-    fair, oldest = QUERIES["job_claim_batch"], QUERIES["job_claim_batch_oldest"]
-    mark = "), claimed AS ("
-    assert fair.count(mark) == oldest.count(mark) == 1
-    assert oldest[oldest.index(mark) :] == fair[fair.index(mark) :]
+@pytest.mark.parametrize("name", ["job_claim_batch", "job_claim_batch_limited"])
+def test_the_oldest_claims_are_the_claims_with_their_ring_switched_off(name: str) -> None:
+    """job_claim_batch_oldest and job_claim_batch_limited_oldest are not texts of their
+    own (queries.oldest_first): the claim's text but for its ring's switch, so what they
+    write and return cannot drift from the fair claim's."""
+    claim, oldest = QUERIES[name], QUERIES[f"{name}_oldest"]
+    assert oldest != claim
+    assert oldest.replace("WHERE false /* ring */", "WHERE true /* ring */") == claim
+    with pytest.raises(ValueError, match="no ring switch"):
+        oldest_first(QUERIES["job_finish_many_if_leased"])
 
 
 async def test_the_oldest_claim_takes_the_oldest_jobs_whatever_their_company(
