@@ -40,7 +40,11 @@ def _merged(*files: Mapping[str, LiteralString]) -> Mapping[str, LiteralString]:
 
 
 _RING_ON: LiteralString = "WHERE true /* ring */"
-_RING_OFF: LiteralString = "WHERE false /* ring */"
+# NOT true rather than false, and a first line of its own: pg_stat_statements, which reads
+# true and false as constants like any other, and pg_stat_activity, which shows a query's
+# start, then tell the two claims apart (bench.pgss, bench.waits).
+_RING_OFF: LiteralString = "WHERE NOT true /* ring */"
+_OLDEST_FIRST: LiteralString = "/* oldest first: the claim with its ring switched off */\n"
 
 
 def oldest_first(claim: LiteralString) -> LiteralString:
@@ -52,10 +56,12 @@ def oldest_first(claim: LiteralString) -> LiteralString:
     only while its last fair claim came back full of one company's jobs: then the two take
     the same jobs, and this one costs PostgreSQL ~5 µs less per job with claims beside it
     (computing the ring, docs/benchmarks.md "What fairness costs one company"). The ring
-    is switched off by a constant, so PostgreSQL plans none of it."""
+    is switched off by a constant (NOT true): its anchor is planned as empty, so none of
+    its probes, nor the heads' walks from it, ever run (EXPLAIN ANALYZE: "never
+    executed"; a claim of 200 on 20,000 queued jobs 8.2 against 12.9 ms)."""
     if claim.count(_RING_ON) != 1:
         raise ValueError("oldest_first: the claim has no ring switch")
-    return claim.replace(_RING_ON, _RING_OFF)
+    return _OLDEST_FIRST + claim.replace(_RING_ON, _RING_OFF)
 
 
 def _with_oldest_first(queries: Mapping[str, LiteralString]) -> Mapping[str, LiteralString]:
