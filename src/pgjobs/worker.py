@@ -533,7 +533,8 @@ class Worker:
                         await conn.execute(QUERIES["worker_deregister"], {"id": self.id})
             await pool.close()
             self._threads.shutdown(wait=False, cancel_futures=True)
-            log.info("worker %s stopped", self.id, extra={"worker_id": self.id})
+            if registered:  # (a worker that never started says only why, elsewhere)
+                log.info("worker %s stopped", self.id, extra={"worker_id": self.id})
 
     def _listening(self) -> bool:
         return self.listener is not None and self.listener.connected.is_set()
