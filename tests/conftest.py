@@ -353,3 +353,10 @@ async def s3_bucket(s3_server: MotoServer) -> str:
     bucket = f"pgjobs-{uuid.uuid4().hex[:16]}"
     await s3_server.create_bucket(bucket)
     return bucket
+
+
+@pytest.fixture
+def older_schemas_allowed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This version's clients, workers and gateway run on a schema behind it, which they
+    otherwise refuse (pgjobs.schema): for tests that roll migrations back on purpose."""
+    monkeypatch.setenv("PGJOBS_SCHEMA_CHECK", "off")

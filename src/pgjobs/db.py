@@ -349,6 +349,16 @@ async def ensure_migrated(conn: AsyncConn) -> None:
         check_applied(r["migration_id"] for r in applied)
 
 
+def ensure_migrated_sync(conn: SyncConn) -> None:
+    """ensure_migrated() for a blocking connection."""
+    row = conn.execute(QUERIES["schema_check"]).fetchone()
+    if not row or not row["migrated"]:
+        raise NotMigratedError()
+    if row["tracked"]:
+        applied = conn.execute(QUERIES["schema_migrations_applied"]).fetchall()
+        check_applied(r["migration_id"] for r in applied)
+
+
 async def warn_unless_read_committed(conn: AsyncConn, who: str) -> bool:
     """Log a warning where this session's transactions default to an isolation above
     READ COMMITTED; True if so. pgjobs' statements are written for READ
@@ -459,8 +469,12 @@ async def plans_generic(conn: AsyncConn) -> None:
     interleaved rounds, medians). The generic claim walks the same indexes as the custom ones
     (EXPLAIN ANALYZE on 100,000 queued and 1,000,000 finished jobs): its plan does not
     depend on the values."""
-    await dates_iso(conn)
     await conn.execute(QUERIES["connection_plans_generic"])
+
+
+async def _dates_iso_and_plans_generic(conn: AsyncConn) -> None:
+    await dates_iso(conn)
+    await plans_generic(conn)
 
 
 # How long one round of reconnection attempts lasts (psycopg_pool doubles the delay
@@ -638,9 +652,8 @@ async def open_pool(
     # The plan mode not through a pooler: a session setting would stay on the server
     # connection for whichever client gets it next (transaction pooling). DateStyle
     # either way (dates_iso: PgBouncer keeps it per client).
-    configure = (
-        plans_generic if generic_plans and threshold is not None and not pooled else dates_iso
-    )
+    generic = generic_plans and threshold is not None and not pooled
+    configure = _dates_iso_and_plans_generic if generic else dates_iso
     pool = GuardedPool(
         dsn,
         min_size=min_size,

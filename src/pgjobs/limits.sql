@@ -127,8 +127,8 @@ WITH RECURSIVE room AS MATERIALIZED (
          ORDER BY q.company_id, q.priority DESC, q.run_at, q.job_id LIMIT 1)
         LIMIT 1
     ) first
-    -- The ring's switch: pgjobs.queries.oldest_first makes it false (no ring, so no heads
-    -- and no fair share: fill takes the oldest due jobs).
+    -- The ring's switch: pgjobs.queries.oldest_first turns it off (NOT true: no ring, so no
+    -- heads and no fair share: fill takes the oldest due jobs).
     WHERE true /* ring */
     UNION ALL
     SELECT nx.company_id, nx.priority, nx.run_at, nx.job_id,

@@ -34,7 +34,7 @@ from pgjobs.client import (
     spec_chunks,
     transition_error,
 )
-from pgjobs.errors import JobNotFoundError, NotMigratedError
+from pgjobs.errors import JobNotFoundError
 from pgjobs.jobspec import DEFAULT_MAX_ATTEMPTS, DEFAULT_UNIQUE_WHILE, JobSpec
 from pgjobs.queries import QUERIES
 from pgjobs.types import Asset, Job, JobEvent
@@ -80,12 +80,8 @@ class SyncClient:
             self.pool.close()
             raise db.unavailable(dsn, exc) from None
         try:
-            rows = self._fetch(QUERIES["schema_check"], {}, None)
-            if not rows[0]["migrated"]:
-                raise NotMigratedError()
-            if rows[0]["tracked"]:
-                applied = self._fetch(QUERIES["schema_migrations_applied"], {}, None)
-                db.check_applied(r["migration_id"] for r in applied)
+            with self.pool.connection() as conn:
+                db.ensure_migrated_sync(conn)
         except BaseException:
             self.pool.close()
             raise

@@ -33,12 +33,8 @@ from pgjobs.queries import QUERIES
 
 ALL = list(schema.required())
 
-
-@pytest.fixture(autouse=True)
-def _this_version_on_older_schemas(monkeypatch: pytest.MonkeyPatch) -> None:
-    """These tests run this version's client, workers and gateway on schemas rolled back
-    on purpose, which they would otherwise refuse (pgjobs.schema)."""
-    monkeypatch.setenv("PGJOBS_SCHEMA_CHECK", "off")
+# These tests run this version's client, workers and gateway on schemas rolled back on purpose.
+pytestmark = pytest.mark.usefixtures("older_schemas_allowed")
 
 
 # sql/0021 and every migration after it: the upgrade from the statements before 0021.
