@@ -40,9 +40,13 @@ REPORTED_SETTINGS = (
 @contextmanager
 def server(existing: str | None = None) -> Iterator[str]:
     """Start a private PostgreSQL in a temporary directory; stop and delete it after. With
-    ``existing`` (a DSN), that server instead, its settings as they are."""
+    ``existing`` (a DSN), that server instead, its settings as they are, and the migrated
+    template ``database`` made there dropped after (the private server goes whole)."""
     if existing:
-        yield existing
+        try:
+            yield existing
+        finally:
+            drop_template(existing)
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs: XDG_RUNTIME_DIR unset
@@ -84,6 +88,14 @@ def _migrated_template(server_dsn: str) -> str:
         pgjobs_migrate.apply(make_conninfo(server_dsn, dbname=name))
         _MIGRATED[server_dsn] = name
     return name
+
+
+def drop_template(server_dsn: str) -> None:
+    """Drop the migrated template made on this server, if any."""
+    name = _MIGRATED.pop(server_dsn, None)
+    if name is not None:
+        with psycopg.connect(server_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP DATABASE IF EXISTS {}").format(sql.Identifier(name)))
 
 
 @contextmanager

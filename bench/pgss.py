@@ -271,11 +271,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/results/pgss"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    server = (
-        private_server(args.pg_bin)
-        if args.pg_bin is not None
-        else contextlib.nullcontext(args.server_dsn)
-    )
+    server = private_server(args.pg_bin) if args.pg_bin is not None else pg.server(args.server_dsn)
     with server as server_dsn:
         runs = [
             profile(server_dsn, args.jobs, args.processes, args.out) for _ in range(args.repeat)
