@@ -25,6 +25,7 @@ class Proxy:
         self.to_clients: list[asyncio.StreamWriter] = []  # each connection's client side
         self.frozen = False  # existing connections stop passing bytes, silently
         self.refusing = False  # new connections are closed at once
+        self.silent = False  # new connections are accepted and never answered
         self.port = 0
 
     @property
@@ -63,6 +64,9 @@ class Proxy:
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.refusing:
             writer.close()
+            return
+        if self.silent:
+            self._writers.add(writer)
             return
         if self._unix:
             up_reader, up_writer = await asyncio.open_unix_connection(self._unix)

@@ -40,6 +40,7 @@ import psycopg
 from psycopg import abc
 from psycopg.abc import AdaptContext, Buffer
 from psycopg.adapt import AdaptersMap, Loader
+from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Format
 from psycopg.rows import DictRow, dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -420,8 +421,12 @@ async def check_if_suspect(conn: AsyncConn) -> None:
     if readable:
         # Bounded: outside any checkout's use limit, and a socket with bytes to read can
         # still be half-open (the start of a reply whose rest never comes).
-        async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
-            await AsyncConnectionPool.check_connection(conn)
+        try:
+            async with asyncio.timeout(CHECK_TIMEOUT_SECONDS):
+                await AsyncConnectionPool.check_connection(conn)
+        except TimeoutError:
+            await conn.close()  # the pool discards it; its socket goes now, not at GC
+            raise
 
 
 async def lock_timeout_for_transaction(conn: CallerAsyncConn, seconds: float) -> None:
@@ -546,6 +551,17 @@ async def transaction_ending_in_time(conn: AsyncConn) -> AsyncIterator[None]:
                 raise
 
 
+def pool_connect_timeout(dsn: str, seconds: float) -> dict[str, int]:
+    """A pool's connection arguments that end each of its connection attempts after
+    ``seconds``, unless ``dsn`` sets its own connect_timeout. psycopg's default is 130
+    s, through which a server that accepted the connection and never answered (a
+    half-open proxy or balancer) held one of an async pool's three maintenance workers
+    (the pool could not grow), or a blocking pool's caller."""
+    if "connect_timeout" in conninfo_to_dict(dsn):
+        return {}
+    return {"connect_timeout": max(1, round(seconds))}
+
+
 class GuardedPool(AsyncConnectionPool[AsyncConn]):
     """A pool whose connections may be used for at most ``use_timeout`` seconds per
     checkout (None: no limit).
@@ -592,6 +608,16 @@ class GuardedPool(AsyncConnectionPool[AsyncConn]):
                 watchdog.arm(conn, self.use_timeout + USE_GRACE_SECONDS)
                 async with asyncio.timeout(self.use_timeout):
                     yield conn
+
+    @staticmethod
+    async def check_connection(conn: AsyncConn) -> None:
+        """How ``check()`` tests each idle connection: ``check_if_suspect``, as at
+        checkout. psycopg_pool's own, a round trip without a time limit, waited forever
+        on a half-open connection; ``check()`` had taken every idle connection out of
+        the pool first and runs in one of its maintenance workers (``reconnect_failed``
+        below), so the pool lost its idle connections and, after a few outages, the
+        workers that add new ones: every checkout timed out from then on."""
+        await check_if_suspect(conn)
 
     def unbounded_connection(
         self, timeout: float | None = None
@@ -664,6 +690,7 @@ async def open_pool(
             "application_name": name,
             "context": ADAPTERS,
             "prepare_threshold": threshold,
+            **pool_connect_timeout(dsn, connect_timeout),
         },
         connection_class=psycopg.AsyncConnection[DictRow],
         check=check_if_suspect,

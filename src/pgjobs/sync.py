@@ -69,6 +69,7 @@ class SyncClient:
                 "row_factory": dict_row,
                 "context": db.ADAPTERS,
                 "prepare_threshold": threshold,
+                **db.pool_connect_timeout(dsn, 10.0),
             },
             check=ConnectionPool.check_connection,
             configure=db.dates_iso_sync,

@@ -266,6 +266,69 @@ async def test_checkout_check_of_a_half_open_socket_with_bytes_to_read_gives_up(
             await pool.close()
 
 
+async def test_pool_check_passes_half_open_idle_connections(dsn: str) -> None:
+    """psycopg_pool's ``check()`` takes every idle connection out of the pool and checks
+    each with a round trip, without a time limit; GuardedPool.reconnect_failed runs it,
+    in one of the pool's maintenance workers, after a round of failed reconnection
+    attempts. With a half-open idle connection (a cut network, a NAT that forgot the
+    connection) it waited forever: the other idle connections stayed out of the pool,
+    and each later outage stuck another worker, until the pool had none left to add a
+    connection and every checkout timed out for good (a worker of the chaos run, after
+    its half-open cut and the outage: PoolTimeout for 300 s). The pool's check is now
+    db.check_if_suspect, bounded, and the pool serves again."""
+    async with proxied(dsn) as proxy:
+        pool = await db.open_pool(
+            proxy.dsn, min_size=3, max_size=3, checkout_timeout=5, use_timeout=1.0
+        )
+        try:
+            await pool.wait()
+            proxy.freeze_existing()
+            async with asyncio.timeout(15):
+                await pool.check()
+            assert pool.get_stats()["pool_available"] == 3  # none held back
+
+            async def served() -> bool:
+                with contextlib.suppress(TimeoutError, psycopg.OperationalError):
+                    async with pool.connection() as conn:
+                        await conn.execute("SELECT 1")
+                        return True
+                return False
+
+            # Each frozen connection fails its first use (the use limit) and is replaced.
+            await wait_until(served, within=60, message="a checkout served after the check")
+        finally:
+            await pool.close()
+
+
+async def test_pool_connection_attempts_give_up_on_a_silent_server(
+    dsn: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A server that accepts the TCP connection and never answers (a half-open proxy or
+    load balancer): the pool's own connection attempts end after open_pool's
+    connect_timeout, not psycopg's default 130 s, during which the attempt held one of
+    the pool's three maintenance workers and the pool could not grow."""
+    caplog.set_level(logging.WARNING, logger="psycopg.pool")
+    async with proxied(dsn) as proxy:
+        pool = await db.open_pool(proxy.dsn, max_size=1, connect_timeout=2.0)
+        try:
+            proxy.silent = True
+            proxy.freeze_existing()
+            started = time.monotonic()
+            await pool.check()  # no round trip: the frozen socket has nothing to read
+            with contextlib.suppress(TimeoutError, psycopg.OperationalError):
+                async with pool.connection(timeout=1) as conn:
+                    conn.pgconn.finish()  # gone: the pool connects again, to silence
+                    raise psycopg.OperationalError("dropped")
+
+            async def gave_up() -> bool:
+                return any("error connecting" in r.getMessage() for r in caplog.records)
+
+            await wait_until(gave_up, within=30, message="the attempt on silence ended")
+            assert time.monotonic() - started < 20
+        finally:
+            await pool.close()
+
+
 async def test_pool_serves_again_after_an_outage_longer_than_its_reconnect_timeout(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
