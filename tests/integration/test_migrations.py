@@ -775,6 +775,23 @@ async def test_notify_items_plan_migration_notifies_as_before_and_rolls_back(
     assert await cancel_notifies() == after
 
 
+async def _late_writer_order(dsn: str) -> list[int]:
+    """A job's seqs in the company stream's order, where a transaction that took its xid
+    first wrote the job's seq 3 after a younger one wrote (and committed) its seq 2."""
+    async with await Client.connect(dsn) as client:
+        job = await client.enqueue("acme", "echo", {})
+        async with (
+            await psycopg.AsyncConnection.connect(dsn) as older,
+            await psycopg.AsyncConnection.connect(dsn) as younger,
+        ):
+            await client.enqueue("acme", "echo", {}, conn=older)  # its xid, first
+            await client.cancel("acme", job.id, conn=younger)  # seq 2
+            await younger.commit()
+            await client.retry("acme", job.id, conn=older)  # seq 3
+            await older.commit()
+    return await seqs_in_company_stream_order(dsn, job.id)
+
+
 async def test_event_order_migration_keeps_a_jobs_rows_in_seq_order_and_rolls_back(
     empty_dsn: str,
 ) -> None:
@@ -784,23 +801,28 @@ async def test_event_order_migration_keeps_a_jobs_rows_in_seq_order_and_rolls_ba
     writer's own xid again (the order the company stream used to send)."""
     dsn = empty_dsn
     migrate.apply(dsn)
+    assert await _late_writer_order(dsn) == [1, 2, 3]
+    _roll_back(dsn, "0028_order_check_plan", "0027_event_order")
+    assert await _late_writer_order(dsn) == [1, 3, 2]
+    assert migrate.apply(dsn) == ["0027_event_order", "0028_order_check_plan"]
+    assert await _late_writer_order(dsn) == [1, 2, 3]
 
-    async def cursor_order() -> list[int]:
-        async with await Client.connect(dsn) as client:
-            job = await client.enqueue("acme", "echo", {})
-            async with (
-                await psycopg.AsyncConnection.connect(dsn) as older,
-                await psycopg.AsyncConnection.connect(dsn) as younger,
-            ):
-                await client.enqueue("acme", "echo", {}, conn=older)  # its xid, first
-                await client.cancel("acme", job.id, conn=younger)  # seq 2
-                await younger.commit()
-                await client.retry("acme", job.id, conn=older)  # seq 3
-                await older.commit()
-        return await seqs_in_company_stream_order(dsn, job.id)
 
-    assert await cursor_order() == [1, 2, 3]
-    _roll_back(dsn, "0027_event_order")
-    assert await cursor_order() == [1, 3, 2]
-    assert migrate.apply(dsn) == ["0027_event_order"]
-    assert await cursor_order() == [1, 2, 3]
+async def test_order_check_plan_migration_keeps_the_order_and_rolls_back(
+    empty_dsn: str,
+) -> None:
+    """0028 makes younger_transaction_ended PL/pgSQL (a plan kept per session); the late
+    writer's transitions keep their seq order under it, rolled back (SQL again) and
+    applied again."""
+    dsn = empty_dsn
+    migrate.apply(dsn)
+    language = """
+        SELECT l.lanname FROM pg_proc p JOIN pg_language l ON l.oid = p.prolang
+        WHERE p.oid = 'pgjobs.younger_transaction_ended'::regproc"""
+    assert await fetch(dsn, language) == [{"lanname": "plpgsql"}]
+    assert await _late_writer_order(dsn) == [1, 2, 3]
+    _roll_back(dsn, "0028_order_check_plan")
+    assert await fetch(dsn, language) == [{"lanname": "sql"}]
+    assert await _late_writer_order(dsn) == [1, 2, 3]
+    assert migrate.apply(dsn) == ["0028_order_check_plan"]
+    assert await fetch(dsn, language) == [{"lanname": "plpgsql"}]
