@@ -43,7 +43,7 @@ from psycopg.adapt import AdaptersMap, Loader
 from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import Format
 from psycopg.rows import DictRow, dict_row
-from psycopg_pool import AsyncConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from pgjobs import schema
 from pgjobs.config import env_bool, env_float
@@ -280,14 +280,19 @@ def unavailable(dsn: str, exc: Exception) -> DatabaseUnavailableError:
     )
 
 
-def probe_sync(dsn: str, *, connect_timeout: float = 10.0) -> int | None:
+CONNECT_TIMEOUT_SECONDS = 10.0
+"""How long a connection attempt of pgjobs' may take where the DSN does not say
+(``connect_timeout``): psycopg's own default is 130 s."""
+
+
+def probe_sync(dsn: str, *, connect_timeout: float = CONNECT_TIMEOUT_SECONDS) -> int | None:
     """Connect once and close: a bad host, a stopped server or a wrong password fails at
     once with the server's own message, where a pool would retry until its timeout and
     say only "timeout". Returns the ``prepare_threshold`` for this DSN's connections."""
     check_dsn(dsn)
     try:
         with psycopg.Connection.connect(
-            dsn, connect_timeout=max(1, int(connect_timeout)), autocommit=True
+            dsn, autocommit=True, **connect_timeout_unless_set(dsn, connect_timeout)
         ) as probe:
             return prepare_threshold(behind_pooler_sync(probe))
     except psycopg.OperationalError as exc:
@@ -304,8 +309,10 @@ def check_dsn(dsn: str) -> None:
 
 async def connect(dsn: str, **kwargs: Any) -> AsyncConn:
     """A dedicated autocommit connection (listeners, one-off CLI commands), with prepared
-    statements off when it goes through a pooler (``prepare_threshold``)."""
+    statements off when it goes through a pooler (``prepare_threshold``), made within
+    ``CONNECT_TIMEOUT_SECONDS`` unless the DSN or ``kwargs`` give a connect_timeout."""
     check_dsn(dsn)
+    kwargs = {**connect_timeout_unless_set(dsn, CONNECT_TIMEOUT_SECONDS), **kwargs}
     try:
         conn = await psycopg.AsyncConnection.connect(
             dsn, autocommit=True, row_factory=dict_row, context=ADAPTERS, **kwargs
@@ -324,6 +331,7 @@ async def connect(dsn: str, **kwargs: Any) -> AsyncConn:
 def connect_sync(dsn: str, **kwargs: Any) -> SyncConn:
     """connect() for blocking code."""
     check_dsn(dsn)
+    kwargs = {**connect_timeout_unless_set(dsn, CONNECT_TIMEOUT_SECONDS), **kwargs}
     try:
         conn = psycopg.Connection.connect(
             dsn, autocommit=True, row_factory=dict_row, context=ADAPTERS, **kwargs
@@ -414,11 +422,7 @@ async def check_if_suspect(conn: AsyncConn) -> None:
     if conn.closed or conn.broken:
         await AsyncConnectionPool.check_connection(conn)  # raises: the pool discards it
         return
-    try:
-        readable, _, _ = select.select([conn.fileno()], [], [], 0)
-    except (OSError, ValueError, psycopg.Error):
-        readable = [True]
-    if readable:
+    if _has_something_to_read(conn):
         # Bounded: outside any checkout's use limit, and a socket with bytes to read can
         # still be half-open (the start of a reply whose rest never comes).
         try:
@@ -427,6 +431,25 @@ async def check_if_suspect(conn: AsyncConn) -> None:
         except TimeoutError:
             await conn.close()  # the pool discards it; its socket goes now, not at GC
             raise
+
+
+def check_if_suspect_sync(conn: SyncConn) -> None:
+    """``check_if_suspect`` for a blocking pool (the SyncClient's): an idle connection
+    with nothing to read is handed out as it is, so a call makes one round trip, not two;
+    one the server wrote to is checked with a round trip (the server has answered: its
+    error, or the end of the connection, is there to read)."""
+    if conn.closed or conn.broken or _has_something_to_read(conn):
+        ConnectionPool.check_connection(conn)
+
+
+def _has_something_to_read(conn: psycopg.Connection[Any] | psycopg.AsyncConnection[Any]) -> bool:
+    """Whether an idle connection's socket is readable (or cannot be asked): the server
+    closed it or sent something (an error before closing it, a notice)."""
+    try:
+        readable, _, _ = select.select([conn.fileno()], [], [], 0)
+    except (OSError, ValueError, psycopg.Error):
+        return True
+    return bool(readable)
 
 
 async def lock_timeout_for_transaction(conn: CallerAsyncConn, seconds: float) -> None:
@@ -551,12 +574,12 @@ async def transaction_ending_in_time(conn: AsyncConn) -> AsyncIterator[None]:
                 raise
 
 
-def pool_connect_timeout(dsn: str, seconds: float) -> dict[str, int]:
-    """A pool's connection arguments that end each of its connection attempts after
-    ``seconds``, unless ``dsn`` sets its own connect_timeout. psycopg's default is 130
-    s, through which a server that accepted the connection and never answered (a
-    half-open proxy or balancer) held one of an async pool's three maintenance workers
-    (the pool could not grow), or a blocking pool's caller."""
+def connect_timeout_unless_set(dsn: str, seconds: float) -> dict[str, Any]:
+    """Connection arguments that end a connection attempt after ``seconds``, unless
+    ``dsn`` sets its own connect_timeout. psycopg's default is 130 s, through which a
+    server that accepted the connection and never answered (a half-open proxy or
+    balancer) held one of an async pool's three maintenance workers (the pool could not
+    grow), a blocking pool's caller, or a listener's reconnection."""
     if "connect_timeout" in conninfo_to_dict(dsn):
         return {}
     return {"connect_timeout": max(1, round(seconds))}
@@ -638,7 +661,7 @@ async def open_pool(
     min_size: int = 1,
     max_size: int = 10,
     name: str = "pgjobs",
-    connect_timeout: float = 10.0,
+    connect_timeout: float = CONNECT_TIMEOUT_SECONDS,
     checkout_timeout: float = 30.0,
     max_waiting: int = 0,
     use_timeout: float | None = None,
@@ -664,7 +687,7 @@ async def open_pool(
     # message, instead of after the pool's retries with only "timeout".
     try:
         probe = await psycopg.AsyncConnection.connect(
-            dsn, connect_timeout=int(connect_timeout), autocommit=True
+            dsn, autocommit=True, **connect_timeout_unless_set(dsn, connect_timeout)
         )
     except psycopg.OperationalError as exc:
         raise unavailable(dsn, exc) from None
@@ -690,7 +713,7 @@ async def open_pool(
             "application_name": name,
             "context": ADAPTERS,
             "prepare_threshold": threshold,
-            **pool_connect_timeout(dsn, connect_timeout),
+            **connect_timeout_unless_set(dsn, connect_timeout),
         },
         connection_class=psycopg.AsyncConnection[DictRow],
         check=check_if_suspect,

@@ -23,7 +23,7 @@ from helpers import (
 )
 from pgjobs import db, demo
 from pgjobs.client import Client
-from pgjobs.errors import ConfigurationError
+from pgjobs.errors import ConfigurationError, DatabaseUnavailableError
 from pgjobs.jobspec import JobSpec
 from pgjobs.notifier import Listener
 from pgjobs.txcomplete import TransactionalCompletion
@@ -266,6 +266,16 @@ async def test_checkout_check_of_a_half_open_socket_with_bytes_to_read_gives_up(
             await pool.close()
 
 
+async def _serves(pool: db.GuardedPool) -> bool:
+    """Whether a checkout from ``pool`` runs a query now (a checkout that times out, a
+    connection lost or past its use limit: not yet)."""
+    with contextlib.suppress(TimeoutError, psycopg.OperationalError, TooManyRequests):
+        async with pool.connection() as conn:
+            await conn.execute("SELECT 1")
+            return True
+    return False
+
+
 async def test_pool_check_passes_half_open_idle_connections(dsn: str) -> None:
     """psycopg_pool's ``check()`` takes every idle connection out of the pool and checks
     each with a round trip, without a time limit; GuardedPool.reconnect_failed runs it,
@@ -287,15 +297,10 @@ async def test_pool_check_passes_half_open_idle_connections(dsn: str) -> None:
                 await pool.check()
             assert pool.get_stats()["pool_available"] == 3  # none held back
 
-            async def served() -> bool:
-                with contextlib.suppress(TimeoutError, psycopg.OperationalError):
-                    async with pool.connection() as conn:
-                        await conn.execute("SELECT 1")
-                        return True
-                return False
-
             # Each frozen connection fails its first use (the use limit) and is replaced.
-            await wait_until(served, within=60, message="a checkout served after the check")
+            await wait_until(
+                lambda: _serves(pool), within=60, message="a checkout served after the check"
+            )
         finally:
             await pool.close()
 
@@ -329,6 +334,21 @@ async def test_pool_connection_attempts_give_up_on_a_silent_server(
             await pool.close()
 
 
+async def test_a_listeners_connection_gives_up_on_a_silent_server(
+    dsn: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """db.connect (the listeners', the commands') on a server that accepts and never
+    answers fails after CONNECT_TIMEOUT_SECONDS, where psycopg's default would wait 130 s
+    before the listener tried again."""
+    monkeypatch.setattr(db, "CONNECT_TIMEOUT_SECONDS", 2.0)
+    async with proxied(dsn) as proxy:
+        proxy.silent = True
+        started = time.monotonic()
+        with pytest.raises(DatabaseUnavailableError):
+            await db.connect(proxy.dsn)
+        assert time.monotonic() - started < 15
+
+
 async def test_pool_serves_again_after_an_outage_longer_than_its_reconnect_timeout(
     dsn: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -356,14 +376,9 @@ async def test_pool_serves_again_after_an_outage_longer_than_its_reconnect_timeo
             await wait_until(gave_up, within=60, message="the pool gave its connections up")
             proxy.restore()
 
-            async def served() -> bool:
-                with contextlib.suppress(PoolTimeout, TooManyRequests):
-                    async with pool.connection() as conn:
-                        await conn.execute("SELECT 1")
-                        return True
-                return False
-
-            await wait_until(served, within=60, message="a request served after the outage")
+            await wait_until(
+                lambda: _serves(pool), within=60, message="a request served after the outage"
+            )
         finally:
             await pool.close()
 

@@ -1,4 +1,4 @@
-"""A pool's connection attempts are bounded (db.pool_connect_timeout); a DSN's own
+"""A pool's connection attempts are bounded (db.connect_timeout_unless_set); a DSN's own
 connect_timeout wins."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from pgjobs import db
 
 
 def test_a_pool_connects_within_its_timeout_unless_the_dsn_says_otherwise() -> None:
-    assert db.pool_connect_timeout("postgresql://u@h/d", 10.0) == {"connect_timeout": 10}
-    assert db.pool_connect_timeout("host=h dbname=d", 0.2) == {"connect_timeout": 1}
-    assert db.pool_connect_timeout("postgresql://u@h/d?connect_timeout=60", 10.0) == {}
-    assert db.pool_connect_timeout("host=h connect_timeout=3", 10.0) == {}
+    assert db.connect_timeout_unless_set("postgresql://u@h/d", 10.0) == {"connect_timeout": 10}
+    assert db.connect_timeout_unless_set("host=h dbname=d", 0.2) == {"connect_timeout": 1}
+    assert db.connect_timeout_unless_set("postgresql://u@h/d?connect_timeout=60", 10.0) == {}
+    assert db.connect_timeout_unless_set("host=h connect_timeout=3", 10.0) == {}
