@@ -69,9 +69,9 @@ class SyncClient:
                 "row_factory": dict_row,
                 "context": db.ADAPTERS,
                 "prepare_threshold": threshold,
-                **db.pool_connect_timeout(dsn, 10.0),
+                **db.connect_timeout_unless_set(dsn, db.CONNECT_TIMEOUT_SECONDS),
             },
-            check=ConnectionPool.check_connection,
+            check=db.check_if_suspect_sync,
             configure=db.dates_iso_sync,
             open=False,
         )
