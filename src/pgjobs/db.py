@@ -634,12 +634,12 @@ class GuardedPool(AsyncConnectionPool[AsyncConn]):
 
     @staticmethod
     async def check_connection(conn: AsyncConn) -> None:
-        """How ``check()`` tests each idle connection: ``check_if_suspect``, as at
-        checkout. psycopg_pool's own, a round trip without a time limit, waited forever
-        on a half-open connection; ``check()`` had taken every idle connection out of
-        the pool first and runs in one of its maintenance workers (``reconnect_failed``
-        below), so the pool lost its idle connections and, after a few outages, the
-        workers that add new ones: every checkout timed out from then on."""
+        """How ``check()`` tests each idle connection: ``check_if_suspect``, bounded, as
+        at checkout. ``check()`` takes every idle connection out of the pool first and
+        runs in one of the pool's three maintenance workers (``reconnect_failed``
+        below); psycopg_pool's own test, a round trip without a time limit, would wait
+        forever on a half-open one, keeping that worker and those connections from the
+        pool for good."""
         await check_if_suspect(conn)
 
     def unbounded_connection(
