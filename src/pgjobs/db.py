@@ -435,9 +435,10 @@ async def check_if_suspect(conn: AsyncConn) -> None:
 
 def check_if_suspect_sync(conn: SyncConn) -> None:
     """``check_if_suspect`` for a blocking pool (the SyncClient's): an idle connection
-    with nothing to read is handed out as it is, so a call makes one round trip, not two;
-    one the server wrote to is checked with a round trip (the server has answered: its
-    error, or the end of the connection, is there to read)."""
+    with nothing to read is handed out as it is, a round trip fewer per call (a single
+    enqueue: one instead of two); one the server wrote to is checked with a round trip
+    (the server has answered: its error, or the end of the connection, is there to
+    read)."""
     if conn.closed or conn.broken or _has_something_to_read(conn):
         ConnectionPool.check_connection(conn)
 
