@@ -684,12 +684,12 @@ async def open_pool(
         reconnect_timeout = env_float(
             "PGJOBS_DB_RECONNECT_SECONDS", RECONNECT_TIMEOUT_SECONDS, minimum=1.0
         )
+    # The probe's attempt and each of the pool's end after connect_timeout (a DSN's wins).
+    timeout = connect_timeout_unless_set(dsn, connect_timeout)
     # Probe once first: a bad host or password then fails at once with the server's own
     # message, instead of after the pool's retries with only "timeout".
     try:
-        probe = await psycopg.AsyncConnection.connect(
-            dsn, autocommit=True, **connect_timeout_unless_set(dsn, connect_timeout)
-        )
+        probe = await psycopg.AsyncConnection.connect(dsn, autocommit=True, **timeout)
     except psycopg.OperationalError as exc:
         raise unavailable(dsn, exc) from None
     try:
@@ -714,7 +714,7 @@ async def open_pool(
             "application_name": name,
             "context": ADAPTERS,
             "prepare_threshold": threshold,
-            **connect_timeout_unless_set(dsn, connect_timeout),
+            **timeout,
         },
         connection_class=psycopg.AsyncConnection[DictRow],
         check=check_if_suspect,
